@@ -1,0 +1,306 @@
+package hsm
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"strings"
+
+	"github.com/miekg/pkcs11"
+)
+
+// GCM sizes shared with the ciphertext format.
+const (
+	GCMNonceSize = 12
+	GCMTagSize   = 16
+	// HMACKeySize is the size of the HMAC secret kept beside each version (as Transit's 32-byte HMAC keys).
+	HMACKeySize = 32
+)
+
+// GenerateVersionKeys creates, with CKA_ID id, the AES key (bits 128 or 256) and the HMAC secret of one key
+// version. It is idempotent: an object already carrying id (from an attempt interrupted after the token
+// created it) is kept, so a retried call never leaves two objects with one CKA_ID. If the second object cannot be
+// made, the first is destroyed again.
+func (t *Token) GenerateVersionKeys(ctx context.Context, id []byte, label string, bits int) error {
+	if bits != 128 && bits != 256 {
+		return fmt.Errorf("%w: AES key size %d", ErrInvalidArgument, bits)
+	}
+	if len(id) == 0 {
+		return fmt.Errorf("%w: empty CKA_ID", ErrInvalidArgument)
+	}
+	if err := t.generateSecret(ctx, kindAES, pkcs11.CKM_AES_KEY_GEN, aesKeyTemplate(bits, id, label)); err != nil {
+		return err
+	}
+	err := t.generateSecret(ctx, kindHMAC, pkcs11.CKM_GENERIC_SECRET_KEY_GEN, hmacKeyTemplate(HMACKeySize, id, label+"/hmac"))
+	if err != nil {
+		if _, derr := t.DestroyKeys(ctx, id); derr != nil {
+			t.log.Warn("could not remove half-created key version; the WAL rollback will", "error", derr)
+		}
+		return err
+	}
+	return nil
+}
+
+func (t *Token) generateSecret(ctx context.Context, kind keyKind, mech uint, tmpl []*pkcs11.Attribute) error {
+	var id []byte
+	for _, a := range tmpl {
+		if a.Type == pkcs11.CKA_ID {
+			id = a.Value
+		}
+	}
+	return t.do(ctx, "C_GenerateKey "+kind.String(), func(p *pkcs11.Ctx, s pooledSession) error {
+		existing, err := findObjects(p, s.h, kind.searchTemplate(id), 2)
+		if err != nil {
+			return err
+		}
+		if len(existing) > 0 {
+			return nil
+		}
+		_, err = p.GenerateKey(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, tmpl)
+		return err
+	})
+}
+
+// EncryptGCM encrypts with the AES key of CKA_ID id under AES-GCM with the given 96-bit nonce and returns the
+// nonce actually used (some HSMs substitute their own) and ciphertext‖tag.
+func (t *Token) EncryptGCM(ctx context.Context, id, nonce, aad, plaintext []byte) (usedNonce, sealed []byte, err error) {
+	if len(nonce) != GCMNonceSize {
+		return nil, nil, fmt.Errorf("%w: GCM nonce must be %d bytes", ErrInvalidArgument, GCMNonceSize)
+	}
+	err = t.do(ctx, "AES-GCM encrypt", func(p *pkcs11.Ctx, s pooledSession) error {
+		h, err := t.findKey(p, s, kindAES, id)
+		if err != nil {
+			return err
+		}
+		params := pkcs11.NewGCMParams(nonce, nonEmpty(aad), GCMTagSize*8)
+		defer params.Free()
+		if err := p.EncryptInit(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, h); err != nil {
+			return err
+		}
+		out, err := p.Encrypt(s.h, plaintext)
+		if err != nil {
+			return err
+		}
+		usedNonce = nonce
+		if iv := params.IV(); len(iv) == GCMNonceSize && !bytes.Equal(iv, nonce) {
+			usedNonce = iv
+		}
+		sealed = out
+		return nil
+	})
+	return usedNonce, sealed, err
+}
+
+// DecryptGCM authenticates and decrypts ciphertext‖tag. A ciphertext the key does not authenticate gives
+// ErrInvalidCiphertext (SoftHSM 2.6 reports it as CKR_GENERAL_ERROR, later versions as ENCRYPTED_DATA_INVALID).
+func (t *Token) DecryptGCM(ctx context.Context, id, nonce, aad, sealed []byte) ([]byte, error) {
+	if len(nonce) != GCMNonceSize {
+		return nil, fmt.Errorf("%w: GCM nonce must be %d bytes", ErrInvalidArgument, GCMNonceSize)
+	}
+	if len(sealed) < GCMTagSize {
+		return nil, ErrInvalidCiphertext
+	}
+	var plaintext []byte
+	err := t.do(ctx, "AES-GCM decrypt", func(p *pkcs11.Ctx, s pooledSession) error {
+		h, err := t.findKey(p, s, kindAES, id)
+		if err != nil {
+			return err
+		}
+		params := pkcs11.NewGCMParams(nonce, nonEmpty(aad), GCMTagSize*8)
+		defer params.Free()
+		if err := p.DecryptInit(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, h); err != nil {
+			return err
+		}
+		out, err := p.Decrypt(s.h, sealed)
+		if rv, ok := rvOf(err); ok {
+			switch rv {
+			case pkcs11.CKR_GENERAL_ERROR, pkcs11.CKR_ENCRYPTED_DATA_INVALID, pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE:
+				return ErrInvalidCiphertext
+			}
+		}
+		plaintext = out
+		return err
+	})
+	return plaintext, err
+}
+
+// nonEmpty turns an empty slice into nil: SoftHSM asserts on a non-NULL pointer with zero length.
+func nonEmpty(b []byte) []byte {
+	if len(b) == 0 {
+		return nil
+	}
+	return b
+}
+
+// GenerateRandom returns n bytes from the token's RNG.
+func (t *Token) GenerateRandom(ctx context.Context, n int) ([]byte, error) {
+	if n <= 0 {
+		return nil, fmt.Errorf("%w: random length %d", ErrInvalidArgument, n)
+	}
+	var out []byte
+	err := t.do(ctx, "C_GenerateRandom", func(p *pkcs11.Ctx, s pooledSession) error {
+		b, err := p.GenerateRandom(s.h, n)
+		out = b
+		return err
+	})
+	return out, err
+}
+
+// DestroyKeys destroys every object carrying CKA_ID id and returns how many there were. Destroying what is
+// already gone is not an error, so the call can be repeated safely.
+func (t *Token) DestroyKeys(ctx context.Context, id []byte) (int, error) {
+	if len(id) == 0 {
+		return 0, fmt.Errorf("%w: empty CKA_ID", ErrInvalidArgument)
+	}
+	n := 0
+	err := t.do(ctx, "C_DestroyObject", func(p *pkcs11.Ctx, s pooledSession) error {
+		hs, err := findObjects(p, s.h, []*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_ID, id), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 0)
+		if err != nil {
+			return err
+		}
+		for _, h := range hs {
+			if err := p.DestroyObject(s.h, h); err != nil {
+				if rv, ok := rvOf(err); ok && rv == pkcs11.CKR_OBJECT_HANDLE_INVALID {
+					continue
+				}
+				return err
+			}
+			n++
+		}
+		return nil
+	})
+	t.forgetHandles(id)
+	return n, err
+}
+
+// ObjectInfo describes a key object as the token reports it. It never holds key material.
+type ObjectInfo struct {
+	ID               []byte
+	Label            string
+	Class            string
+	KeyType          string
+	Token            bool
+	Private          bool
+	Sensitive        bool
+	AlwaysSensitive  bool
+	Extractable      bool
+	NeverExtractable bool
+	Modifiable       bool
+	Usage            []string // the CKA_ usage flags that are true: encrypt, decrypt, sign, verify, wrap, unwrap, derive
+}
+
+var usageAttrs = []struct {
+	attr uint
+	name string
+}{
+	{pkcs11.CKA_ENCRYPT, "encrypt"}, {pkcs11.CKA_DECRYPT, "decrypt"}, {pkcs11.CKA_SIGN, "sign"},
+	{pkcs11.CKA_VERIFY, "verify"}, {pkcs11.CKA_WRAP, "wrap"}, {pkcs11.CKA_UNWRAP, "unwrap"},
+	{pkcs11.CKA_DERIVE, "derive"},
+}
+
+// ListObjects reads the attributes of every token object whose label starts with labelPrefix. It searches the
+// whole token, so it is for audits, recovery passes and tests, never for a request's hot path.
+func (t *Token) ListObjects(ctx context.Context, labelPrefix string) ([]ObjectInfo, error) {
+	var out []ObjectInfo
+	err := t.do(ctx, "list objects", func(p *pkcs11.Ctx, s pooledSession) error {
+		out = out[:0]
+		hs, err := findObjects(p, s.h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 0)
+		if err != nil {
+			return err
+		}
+		for _, h := range hs {
+			info, err := objectInfo(p, s.h, h)
+			if err != nil {
+				return err
+			}
+			if strings.HasPrefix(info.Label, labelPrefix) {
+				out = append(out, info)
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
+func objectInfo(p *pkcs11.Ctx, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle) (ObjectInfo, error) {
+	basic, err := p.GetAttributeValue(sh, h, []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, nil), pkcs11.NewAttribute(pkcs11.CKA_ID, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, nil), pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, nil),
+	})
+	if err != nil {
+		return ObjectInfo{}, err
+	}
+	info := ObjectInfo{
+		Class: className(ulong(basic[0].Value)), ID: basic[1].Value, Label: string(basic[2].Value),
+		Token: boolean(basic[3].Value), Private: boolean(basic[4].Value), Modifiable: boolean(basic[5].Value),
+	}
+	if info.Class != "secret_key" && info.Class != "private_key" && info.Class != "public_key" {
+		return info, nil
+	}
+	key, err := p.GetAttributeValue(sh, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, nil)})
+	if err == nil {
+		info.KeyType = keyTypeName(ulong(key[0].Value))
+	}
+	if info.Class != "public_key" {
+		flags, err := p.GetAttributeValue(sh, h, []*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, nil), pkcs11.NewAttribute(pkcs11.CKA_ALWAYS_SENSITIVE, nil),
+			pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, nil), pkcs11.NewAttribute(pkcs11.CKA_NEVER_EXTRACTABLE, nil),
+		})
+		if err != nil {
+			return ObjectInfo{}, err
+		}
+		info.Sensitive, info.AlwaysSensitive = boolean(flags[0].Value), boolean(flags[1].Value)
+		info.Extractable, info.NeverExtractable = boolean(flags[2].Value), boolean(flags[3].Value)
+	}
+	for _, u := range usageAttrs {
+		a, err := p.GetAttributeValue(sh, h, []*pkcs11.Attribute{pkcs11.NewAttribute(u.attr, nil)})
+		if err == nil && boolean(a[0].Value) {
+			info.Usage = append(info.Usage, u.name)
+		}
+	}
+	return info, nil
+}
+
+func boolean(b []byte) bool { return len(b) > 0 && b[0] != 0 }
+
+func ulong(b []byte) uint {
+	var v uint
+	for i := len(b) - 1; i >= 0; i-- { // little-endian native unsigned long
+		v = v<<8 | uint(b[i])
+	}
+	return v
+}
+
+func className(c uint) string {
+	switch c {
+	case pkcs11.CKO_SECRET_KEY:
+		return "secret_key"
+	case pkcs11.CKO_PRIVATE_KEY:
+		return "private_key"
+	case pkcs11.CKO_PUBLIC_KEY:
+		return "public_key"
+	case pkcs11.CKO_DATA:
+		return "data"
+	case pkcs11.CKO_CERTIFICATE:
+		return "certificate"
+	}
+	return fmt.Sprintf("class 0x%x", c)
+}
+
+func keyTypeName(k uint) string {
+	switch k {
+	case pkcs11.CKK_AES:
+		return "aes"
+	case pkcs11.CKK_GENERIC_SECRET:
+		return "generic_secret"
+	case pkcs11.CKK_RSA:
+		return "rsa"
+	case pkcs11.CKK_EC:
+		return "ec"
+	case 0x40: // CKK_EC_EDWARDS (PKCS#11 3.0)
+		return "ec_edwards"
+	}
+	return fmt.Sprintf("key type 0x%x", k)
+}
