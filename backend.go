@@ -1,0 +1,208 @@
+// Package cmk is a Vault secrets engine for customer-managed keys whose material lives in a PKCS#11 HSM. Its API is
+// Transit's; every operation on key material is a PKCS#11 call, and Vault storage holds metadata only.
+package cmk
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/helper/locksutil"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
+)
+
+// LibraryEnv names the environment variable that holds the PKCS#11 module path. Only the operator sets it, at
+// plugin registration: a path taken from a request would let a caller load arbitrary code into the plugin.
+const LibraryEnv = "CMK_PKCS11_LIBRARY"
+
+// hsmToken is what the backend needs of the HSM: *hsm.Token, or a fault-injecting wrapper in unit tests.
+type hsmToken interface {
+	GenerateVersionKeys(ctx context.Context, id []byte, label string, bits int) error
+	EncryptGCM(ctx context.Context, id, nonce, aad, plaintext []byte) (usedNonce, sealed []byte, err error)
+	DecryptGCM(ctx context.Context, id, nonce, aad, sealed []byte) ([]byte, error)
+	GenerateRandom(ctx context.Context, n int) ([]byte, error)
+	DestroyKeys(ctx context.Context, id []byte) (int, error)
+	Mechanisms(ctx context.Context) (offered, missing []string, err error)
+	Info() hsm.TokenInfo
+	Status() (connected bool, lastErr error)
+	PoolSize() int
+	Close()
+}
+
+type backend struct {
+	*framework.Backend
+	logger  hclog.Logger
+	library string // PKCS#11 module path from LibraryEnv
+	mountID string // the mount's backend UUID, in HSM object labels
+
+	// openToken connects to the HSM; tests replace it to wrap the real token.
+	openToken func(hsm.Config, hclog.Logger) (hsmToken, error)
+
+	tokenMu     sync.Mutex
+	token       hsmToken
+	nonces      *nonceSource
+	openErr     error // last failure to connect, returned without retrying until openRetryAt
+	openRetryAt time.Time
+
+	keyLocks []*locksutil.LockEntry
+	keys     sync.Map // key name → *keyPolicy, an immutable snapshot of what storage holds
+
+	configMu   sync.RWMutex
+	keysConfig *keysConfig // nil until loaded
+}
+
+// Factory builds the backend for one mount. The plugin is served multiplexed: every mount in the process shares
+// the PKCS#11 module, never its sessions' state or its keys.
+func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend, error) {
+	b := newBackend(conf)
+	if err := b.Setup(ctx, conf); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+func newBackend(conf *logical.BackendConfig) *backend {
+	b := &backend{
+		logger:   conf.Logger,
+		library:  os.Getenv(LibraryEnv),
+		mountID:  conf.BackendUUID,
+		keyLocks: locksutil.CreateLocks(),
+		openToken: func(c hsm.Config, l hclog.Logger) (hsmToken, error) {
+			return hsm.Open(c, l)
+		},
+	}
+	if b.logger == nil {
+		b.logger = hclog.NewNullLogger()
+	}
+	if b.mountID == "" {
+		b.mountID = "unmounted"
+	}
+	b.Backend = &framework.Backend{
+		Help:        backendHelp,
+		BackendType: logical.TypeLogical,
+		PathsSpecial: &logical.Paths{
+			// The PIN is kept in config/hsm: seal-wrap it where Vault offers seal wrapping.
+			SealWrapStorage: []string{"config/hsm"},
+		},
+		Paths: framework.PathAppend(
+			[]*framework.Path{b.pathConfigHSM(), b.pathConfigKeys()},
+			b.pathKeys(),
+			[]*framework.Path{b.pathRotate()},
+			b.pathCrypto(),
+			b.pathRefused(),
+		),
+		Invalidate:        b.invalidate,
+		Clean:             b.clean,
+		WALRollback:       b.walRollback,
+		WALRollbackMinAge: walRollbackMinAge,
+	}
+	return b
+}
+
+// invalidate drops what another node changed in storage (performance standbys and replicas).
+func (b *backend) invalidate(_ context.Context, key string) {
+	switch {
+	case key == configHSMPath:
+		b.resetToken()
+	case key == configKeysPath:
+		b.configMu.Lock()
+		b.keysConfig = nil
+		b.configMu.Unlock()
+	case strings.HasPrefix(key, policyPrefix):
+		name := strings.TrimPrefix(key, policyPrefix)
+		lock := locksutil.LockForKey(b.keyLocks, name)
+		lock.Lock()
+		b.keys.Delete(name)
+		lock.Unlock()
+	}
+}
+
+func (b *backend) clean(_ context.Context) {
+	b.resetToken()
+}
+
+func (b *backend) resetToken() {
+	b.tokenMu.Lock()
+	defer b.tokenMu.Unlock()
+	if b.token != nil {
+		b.token.Close()
+	}
+	b.token, b.nonces, b.openErr = nil, nil, nil
+}
+
+// errNotConfigured is returned until an operator writes config/hsm.
+var errNotConfigured = errors.New("the HSM is not configured: write config/hsm (token_label and pin) first")
+
+// openRetryDelay keeps a failing first connection from re-initialising the module on every request.
+const openRetryDelay = 2 * time.Second
+
+// getToken returns the connected token, connecting on first use from config/hsm.
+func (b *backend) getToken(ctx context.Context, s logical.Storage) (hsmToken, *nonceSource, error) {
+	b.tokenMu.Lock()
+	defer b.tokenMu.Unlock()
+	if b.token != nil {
+		return b.token, b.nonces, nil
+	}
+	if b.openErr != nil && time.Now().Before(b.openRetryAt) {
+		return nil, nil, b.openErr
+	}
+	cfg, err := readHSMConfig(ctx, s)
+	if err != nil {
+		return nil, nil, err
+	}
+	if cfg == nil {
+		return nil, nil, errNotConfigured
+	}
+	tok, err := b.openToken(b.tokenConfig(cfg), b.logger.Named("hsm"))
+	if err != nil {
+		b.openErr, b.openRetryAt = fmt.Errorf("%w: %v", hsm.ErrUnavailable, err), time.Now().Add(openRetryDelay)
+		return nil, nil, b.openErr
+	}
+	b.token, b.nonces, b.openErr = tok, newNonceSource(cfg.IVSource, tok), nil
+	return b.token, b.nonces, nil
+}
+
+// setToken installs a token connected by a config write, closing the previous one.
+func (b *backend) setToken(tok hsmToken, ivSource string) {
+	b.tokenMu.Lock()
+	defer b.tokenMu.Unlock()
+	if b.token != nil {
+		b.token.Close()
+	}
+	b.token, b.nonces, b.openErr = tok, newNonceSource(ivSource, tok), nil
+}
+
+func (b *backend) tokenConfig(c *hsmConfig) hsm.Config {
+	return hsm.Config{Library: b.library, TokenLabel: c.TokenLabel, Slot: c.Slot, PIN: c.PIN, PoolSize: c.PoolSize}
+}
+
+// hsmErrorResponse turns an HSM-side failure into what the caller should see: 503 while the HSM is unreachable
+// (retry later), 400 for a ciphertext the key does not authenticate, 500 for the rest.
+func hsmErrorResponse(err error) (*logical.Response, error) {
+	switch {
+	case errors.Is(err, errNotConfigured):
+		return nil, logical.CodedError(503, err.Error())
+	case errors.Is(err, hsm.ErrUnavailable):
+		return nil, logical.CodedError(503, err.Error())
+	case errors.Is(err, hsm.ErrInvalidCiphertext):
+		return logical.ErrorResponse("invalid ciphertext: " + hsm.ErrInvalidCiphertext.Error()), logical.ErrInvalidRequest
+	}
+	return nil, err
+}
+
+const backendHelp = `
+The cmk secrets engine gives Vault customer-managed keys whose material is generated and kept inside a PKCS#11
+HSM as sensitive, non-extractable objects. Its API is Transit's: encrypt, decrypt, rewrap, datakey, random and
+hash behave as they do in Transit, and a Transit client works by changing only the mount path. Key material
+never leaves the HSM, so export and plaintext backup are refused.
+
+Configure the token with config/hsm, then create keys with keys/<name>.
+`

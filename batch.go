@@ -1,0 +1,242 @@
+package cmk
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"net/http"
+	"strconv"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
+)
+
+// batchItem is one element of batch_input (or the single request's fields), as Transit names them.
+type batchItem struct {
+	Plaintext      string
+	Ciphertext     string
+	AssociatedData string
+	Context        string
+	Nonce          string
+	KeyVersion     int
+	Reference      string
+	hasPlaintext   bool
+	hasCiphertext  bool
+	err            string // why this item could not be read; it fails alone
+}
+
+// readBatch reads batch_input, or nil when the request has none. A batch that is not a list, is empty or
+// exceeds max fails the request; an element of the wrong shape fails only itself.
+func readBatch(d *framework.FieldData, max int) ([]batchItem, *logical.Response) {
+	raw, ok := d.Raw["batch_input"]
+	if !ok || raw == nil {
+		return nil, nil
+	}
+	list, ok := raw.([]interface{})
+	if !ok {
+		return nil, logical.ErrorResponse("batch_input must be a list of objects, got %s", jsonKind(raw))
+	}
+	if len(list) == 0 {
+		return nil, logical.ErrorResponse("missing batch input to process")
+	}
+	if len(list) > max {
+		return nil, logical.ErrorResponse("batch_input has %d items; max_batch_size is %d (config/keys)", len(list), max)
+	}
+	items := make([]batchItem, len(list))
+	for i, e := range list {
+		m, ok := e.(map[string]interface{})
+		if !ok {
+			items[i].err = fmt.Sprintf("batch_input[%d] must be an object, got %s", i, jsonKind(e))
+			continue
+		}
+		items[i] = itemFromMap(i, m)
+	}
+	return items, nil
+}
+
+func itemFromMap(i int, m map[string]interface{}) batchItem {
+	var it batchItem
+	var errs []error
+	str := func(field string, dst *string) bool {
+		v, ok := m[field]
+		if !ok || v == nil {
+			return false
+		}
+		s, isStr := v.(string)
+		if !isStr {
+			errs = append(errs, fmt.Errorf("batch_input[%d].%s must be a string, got %s", i, field, jsonKind(v)))
+			return false
+		}
+		*dst = s
+		return true
+	}
+	it.hasPlaintext = str("plaintext", &it.Plaintext)
+	it.hasCiphertext = str("ciphertext", &it.Ciphertext)
+	str("associated_data", &it.AssociatedData)
+	str("context", &it.Context)
+	str("nonce", &it.Nonce)
+	str("reference", &it.Reference)
+	if v, ok := m["key_version"]; ok && v != nil {
+		n, err := toInt(v)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("batch_input[%d].key_version: %v", i, err))
+		}
+		it.KeyVersion = n
+	}
+	if len(errs) > 0 {
+		it.err = errors.Join(errs...).Error()
+	}
+	return it
+}
+
+func toInt(v interface{}) (int, error) {
+	switch n := v.(type) {
+	case int:
+		return n, nil
+	case json.Number:
+		i, err := n.Int64()
+		if err != nil || i > math.MaxInt32 || i < math.MinInt32 {
+			return 0, fmt.Errorf("%q is not a whole number in range", n.String())
+		}
+		return int(i), nil
+	case float64:
+		if n != math.Trunc(n) || n > math.MaxInt32 || n < math.MinInt32 {
+			return 0, fmt.Errorf("%v is not a whole number in range", n)
+		}
+		return int(n), nil
+	case string:
+		i, err := strconv.Atoi(n)
+		if err != nil {
+			return 0, fmt.Errorf("%q is not a whole number", n)
+		}
+		return i, nil
+	}
+	return 0, fmt.Errorf("must be a number, got %s", jsonKind(v))
+}
+
+func jsonKind(v interface{}) string {
+	switch v.(type) {
+	case nil:
+		return "null"
+	case string:
+		return "a string"
+	case bool:
+		return "a boolean"
+	case json.Number, float64, int, int64:
+		return "a number"
+	case []interface{}:
+		return "a list"
+	case map[string]interface{}:
+		return "an object"
+	}
+	return fmt.Sprintf("%T", v)
+}
+
+// errClass says how an item's failure counts toward the response status.
+type errClass int
+
+const (
+	errNone        errClass = iota
+	errUser                 // the caller's input: 400
+	errUnavailable          // the HSM cannot be reached: 503
+	errInternal             // anything else: 500
+)
+
+// itemError is an item's failure with its class.
+type itemError struct {
+	class errClass
+	msg   string
+}
+
+func userError(format string, args ...interface{}) *itemError {
+	return &itemError{class: errUser, msg: fmt.Sprintf(format, args...)}
+}
+
+// hsmItemError classes a failure of an HSM call for one item.
+func hsmItemError(err error) *itemError {
+	switch {
+	case errors.Is(err, hsm.ErrInvalidCiphertext):
+		return &itemError{class: errUser, msg: "invalid ciphertext: " + hsm.ErrInvalidCiphertext.Error()}
+	case errors.Is(err, hsm.ErrUnavailable), errors.Is(err, errNotConfigured):
+		return &itemError{class: errUnavailable, msg: err.Error()}
+	}
+	return &itemError{class: errInternal, msg: err.Error()}
+}
+
+// batchOutcome tallies a batch's results to decide its single HTTP status, as Transit does: any caller error
+// gives 400 (or partial_failure_response_code when some items succeeded); otherwise an unreachable HSM gives 503
+// and any other failure 500.
+type batchOutcome struct {
+	successes             bool
+	user, unavail, intern bool
+}
+
+func (o *batchOutcome) add(e *itemError) {
+	if e == nil {
+		o.successes = true
+		return
+	}
+	switch e.class {
+	case errUser:
+		o.user = true
+	case errUnavailable:
+		o.unavail = true
+	default:
+		o.intern = true
+	}
+}
+
+// respond returns the batch response with its status.
+func (o *batchOutcome) respond(d *framework.FieldData, req *logical.Request, resp *logical.Response) (*logical.Response, error) {
+	var code int
+	switch {
+	case o.user:
+		code = http.StatusBadRequest
+	case o.unavail:
+		code = http.StatusServiceUnavailable
+	case o.intern:
+		code = http.StatusInternalServerError
+	default:
+		return resp, nil
+	}
+	if raw, ok := d.GetOk("partial_failure_response_code"); ok && o.successes {
+		if c := raw.(int); c >= 1 && c <= 599 {
+			code = c
+		} else {
+			resp.AddWarning(fmt.Sprintf("invalid HTTP response code override from partial_failure_response_code, reverting to %d", code))
+		}
+	}
+	return logical.RespondWithStatusCode(resp, req, code)
+}
+
+// singleError turns the failure of a non-batch request into the response Transit gives.
+func singleError(e *itemError) (*logical.Response, error) {
+	switch e.class {
+	case errUser:
+		return logical.ErrorResponse("%s", e.msg), logical.ErrInvalidRequest
+	case errUnavailable:
+		return nil, logical.CodedError(http.StatusServiceUnavailable, e.msg)
+	}
+	return nil, errors.New(e.msg)
+}
+
+// batchFields are the request fields every batch-capable path shares.
+func batchFields() map[string]*framework.FieldSchema {
+	return map[string]*framework.FieldSchema{
+		"batch_input": {
+			Type:        framework.TypeSlice,
+			Description: "List of items to process in one request; each takes the single-request fields plus reference. Results keep the input's order.",
+		},
+		"partial_failure_response_code": {
+			Type:        framework.TypeInt,
+			Description: "HTTP status to return instead of 400 when some batch items fail on bad input and others succeed. If all fail, 400 is returned.",
+		},
+		"reference": {
+			Type:        framework.TypeString,
+			Description: "Caller's value echoed in the batch result, to match results to inputs.",
+		},
+	}
+}

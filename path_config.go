@@ -1,0 +1,330 @@
+package cmk
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
+)
+
+const (
+	configHSMPath  = "config/hsm"
+	configKeysPath = "config/keys"
+
+	defaultPoolSize = 4
+	maxPoolSize     = 256
+	// defaultMaxBatchSize matches Vault's own listener cap of 10,000 JSON array elements.
+	defaultMaxBatchSize = 10000
+	maxMaxBatchSize     = 100000
+)
+
+// hsmConfig selects the token. The library path is not here: it comes from the plugin's environment only.
+type hsmConfig struct {
+	TokenLabel string `json:"token_label"`
+	Slot       uint   `json:"slot"`
+	UseSlot    bool   `json:"use_slot"` // select by Slot because no label was given
+	PIN        string `json:"pin"`
+	PoolSize   int    `json:"pool_size"`
+	IVSource   string `json:"iv_source"`
+}
+
+func readHSMConfig(ctx context.Context, s logical.Storage) (*hsmConfig, error) {
+	e, err := s.Get(ctx, configHSMPath)
+	if err != nil || e == nil {
+		return nil, err
+	}
+	var c hsmConfig
+	if err := e.DecodeJSON(&c); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+func (b *backend) pathConfigHSM() *framework.Path {
+	return &framework.Path{
+		Pattern: "config/hsm",
+		DisplayAttrs: &framework.DisplayAttributes{
+			OperationPrefix: "cmk",
+			OperationSuffix: "hsm-configuration",
+		},
+		Fields: map[string]*framework.FieldSchema{
+			"token_label": {
+				Type:        framework.TypeString,
+				Description: "Label of the PKCS#11 token that holds the keys. Preferred over slot: slots are renumbered when tokens are initialised.",
+			},
+			"slot": {
+				Type:        framework.TypeInt,
+				Description: "Slot ID of the token, used only when token_label is empty.",
+			},
+			"pin": {
+				Type:         framework.TypeString,
+				Description:  "User PIN of the token. Write-only: never returned or logged. Required on the first write; kept when omitted later.",
+				DisplayAttrs: &framework.DisplayAttributes{Sensitive: true},
+			},
+			"pool_size": {
+				Type:        framework.TypeInt,
+				Default:     defaultPoolSize,
+				Description: fmt.Sprintf("Sessions used for operations at once (1 to %d); capped by the token's own session limit.", maxPoolSize),
+			},
+			"iv_source": {
+				Type:          framework.TypeString,
+				Default:       ivSourceHSM,
+				AllowedValues: []interface{}{ivSourceHSM, ivSourceOS},
+				Description:   `Where AES-GCM nonces come from: "hsm" (the token's RNG, fetched in blocks) or "os" (the operating system's RNG).`,
+			},
+		},
+		Operations: map[logical.Operation]framework.OperationHandler{
+			logical.ReadOperation: &framework.PathOperation{
+				Callback: b.pathConfigHSMRead,
+				Summary:  "Show the token selection, connection state, token information and supported mechanisms (never the PIN).",
+			},
+			logical.UpdateOperation: &framework.PathOperation{
+				Callback: b.pathConfigHSMWrite,
+				Summary:  "Select the token and log in; the configuration is stored only if the login succeeds.",
+			},
+		},
+		ExistenceCheck:  b.pathConfigHSMExists,
+		HelpSynopsis:    "Connect the engine to its PKCS#11 token.",
+		HelpDescription: configHSMHelp,
+	}
+}
+
+func (b *backend) pathConfigHSMExists(ctx context.Context, req *logical.Request, _ *framework.FieldData) (bool, error) {
+	c, err := readHSMConfig(ctx, req.Storage)
+	return c != nil, err
+}
+
+func (b *backend) pathConfigHSMWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	if b.library == "" {
+		return logical.ErrorResponse("%s is not set in the plugin's environment: register the plugin with -env=%s=/path/to/pkcs11-module.so", LibraryEnv, LibraryEnv), logical.ErrInvalidRequest
+	}
+	prev, err := readHSMConfig(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	c := hsmConfig{PoolSize: defaultPoolSize, IVSource: ivSourceHSM}
+	if prev != nil {
+		c = *prev
+	}
+	if v, ok := d.GetOk("slot"); ok {
+		if v.(int) < 0 {
+			return logical.ErrorResponse("slot must not be negative"), logical.ErrInvalidRequest
+		}
+		c.Slot, c.UseSlot, c.TokenLabel = uint(v.(int)), true, ""
+	}
+	if v, ok := d.GetOk("token_label"); ok {
+		c.TokenLabel, c.UseSlot = v.(string), false
+	}
+	if v, ok := d.GetOk("pin"); ok {
+		c.PIN = v.(string)
+	}
+	if v, ok := d.GetOk("pool_size"); ok {
+		c.PoolSize = v.(int)
+	}
+	if v, ok := d.GetOk("iv_source"); ok {
+		c.IVSource = v.(string)
+	}
+	switch {
+	case c.TokenLabel == "" && !c.UseSlot:
+		return logical.ErrorResponse("token_label (or slot) is required"), logical.ErrInvalidRequest
+	case c.PIN == "":
+		return logical.ErrorResponse("pin is required"), logical.ErrInvalidRequest
+	case c.PoolSize < 1 || c.PoolSize > maxPoolSize:
+		return logical.ErrorResponse("pool_size must be between 1 and %d", maxPoolSize), logical.ErrInvalidRequest
+	case c.IVSource != ivSourceHSM && c.IVSource != ivSourceOS:
+		return logical.ErrorResponse("iv_source must be %q or %q", ivSourceHSM, ivSourceOS), logical.ErrInvalidRequest
+	}
+
+	tok, err := b.openToken(b.tokenConfig(&c), b.logger.Named("hsm"))
+	switch {
+	case errors.Is(err, hsm.ErrPINIncorrect):
+		return logical.ErrorResponse("login to the token failed: %s", hsm.ErrPINIncorrect), logical.ErrInvalidRequest
+	case errors.Is(err, hsm.ErrTokenNotFound):
+		return logical.ErrorResponse("%s", err.Error()), logical.ErrInvalidRequest
+	case err != nil:
+		return hsmErrorResponse(fmt.Errorf("%w: %v", hsm.ErrUnavailable, err))
+	}
+	e, err := logical.StorageEntryJSON(configHSMPath, &c)
+	if err == nil {
+		err = req.Storage.Put(ctx, e)
+	}
+	if err != nil {
+		tok.Close()
+		return nil, err
+	}
+	b.setToken(tok, c.IVSource)
+	info := tok.Info()
+	b.logger.Info("connected to the HSM token", "token", info.Label, "serial", info.SerialNumber, "pool_size", tok.PoolSize())
+	resp := &logical.Response{}
+	if prev != nil && (prev.TokenLabel != c.TokenLabel || prev.UseSlot != c.UseSlot || prev.Slot != c.Slot) {
+		if keys, _ := req.Storage.List(ctx, policyPrefix); len(keys) > 0 {
+			resp.AddWarning(fmt.Sprintf("the token changed while %d keys exist: their versions are usable only if their objects are on the new token", len(keys)))
+		}
+	}
+	if tok.PoolSize() != c.PoolSize {
+		resp.AddWarning(fmt.Sprintf("pool_size %d exceeds the token's session limit; %d sessions are used", c.PoolSize, tok.PoolSize()))
+	}
+	if len(resp.Warnings) == 0 {
+		return nil, nil
+	}
+	return resp, nil
+}
+
+func (b *backend) pathConfigHSMRead(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	c, err := readHSMConfig(ctx, req.Storage)
+	if err != nil || c == nil {
+		return nil, err
+	}
+	data := map[string]interface{}{
+		"token_label": c.TokenLabel,
+		"slot":        c.Slot,
+		"pool_size":   c.PoolSize,
+		"iv_source":   c.IVSource,
+		"pin_set":     c.PIN != "",
+		"library":     b.library,
+	}
+	tok, _, err := b.getToken(ctx, req.Storage)
+	if err != nil {
+		data["connected"] = false
+		data["error"] = err.Error()
+		return &logical.Response{Data: data}, nil
+	}
+	connected, lastErr := tok.Status()
+	data["connected"] = connected
+	if lastErr != nil {
+		data["error"] = lastErr.Error()
+	}
+	info := tok.Info()
+	data["token"] = map[string]interface{}{
+		"label":             info.Label,
+		"slot":              info.Slot,
+		"manufacturer_id":   info.ManufacturerID,
+		"model":             info.Model,
+		"serial_number":     info.SerialNumber,
+		"hardware_version":  info.HardwareVersion,
+		"firmware_version":  info.FirmwareVersion,
+		"max_session_count": info.MaxSessionCount,
+	}
+	data["pool_size_in_use"] = tok.PoolSize()
+	if offered, missing, err := tok.Mechanisms(ctx); err == nil {
+		data["mechanisms"] = offered
+		data["missing_mechanisms"] = missing
+	} else {
+		data["connected"] = false
+		data["error"] = err.Error()
+	}
+	return &logical.Response{Data: data}, nil
+}
+
+// keysConfig holds mount-wide defaults for keys.
+type keysConfig struct {
+	DisableUpsert bool `json:"disable_upsert"`
+	MaxBatchSize  int  `json:"max_batch_size"`
+}
+
+func (b *backend) readKeysConfig(ctx context.Context, s logical.Storage) (*keysConfig, error) {
+	b.configMu.RLock()
+	c := b.keysConfig
+	b.configMu.RUnlock()
+	if c != nil {
+		return c, nil
+	}
+	c = &keysConfig{MaxBatchSize: defaultMaxBatchSize}
+	e, err := s.Get(ctx, configKeysPath)
+	if err != nil {
+		return nil, err
+	}
+	if e != nil {
+		if err := e.DecodeJSON(c); err != nil {
+			return nil, err
+		}
+	}
+	b.configMu.Lock()
+	b.keysConfig = c
+	b.configMu.Unlock()
+	return c, nil
+}
+
+func (b *backend) pathConfigKeys() *framework.Path {
+	return &framework.Path{
+		Pattern: "config/keys",
+		DisplayAttrs: &framework.DisplayAttributes{
+			OperationPrefix: "cmk",
+			OperationSuffix: "keys-configuration",
+		},
+		Fields: map[string]*framework.FieldSchema{
+			"disable_upsert": {
+				Type:        framework.TypeBool,
+				Description: "If true, encrypting with a key that does not exist fails instead of creating it (as Transit's disable_upsert).",
+			},
+			"max_batch_size": {
+				Type:        framework.TypeInt,
+				Default:     defaultMaxBatchSize,
+				Description: fmt.Sprintf("Largest batch_input accepted by one request (1 to %d). Vault's listener also caps JSON arrays at 10,000 elements by default.", maxMaxBatchSize),
+			},
+		},
+		Operations: map[logical.Operation]framework.OperationHandler{
+			logical.ReadOperation: &framework.PathOperation{
+				Callback: b.pathConfigKeysRead,
+				Summary:  "Show the mount's key defaults.",
+			},
+			logical.UpdateOperation: &framework.PathOperation{
+				Callback: b.pathConfigKeysWrite,
+				Summary:  "Set the mount's key defaults.",
+			},
+		},
+		HelpSynopsis:    "Mount-wide defaults for keys: upsert and batch limits.",
+		HelpDescription: "disable_upsert stops encrypt from creating missing keys; max_batch_size bounds batch_input on every path.",
+	}
+}
+
+func (b *backend) pathConfigKeysRead(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	c, err := b.readKeysConfig(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	return &logical.Response{Data: map[string]interface{}{
+		"disable_upsert": c.DisableUpsert,
+		"max_batch_size": c.MaxBatchSize,
+	}}, nil
+}
+
+func (b *backend) pathConfigKeysWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	cur, err := b.readKeysConfig(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	c := *cur
+	if v, ok := d.GetOk("disable_upsert"); ok {
+		c.DisableUpsert = v.(bool)
+	}
+	if v, ok := d.GetOk("max_batch_size"); ok {
+		c.MaxBatchSize = v.(int)
+	}
+	if c.MaxBatchSize < 1 || c.MaxBatchSize > maxMaxBatchSize {
+		return logical.ErrorResponse("max_batch_size must be between 1 and %d", maxMaxBatchSize), logical.ErrInvalidRequest
+	}
+	e, err := logical.StorageEntryJSON(configKeysPath, &c)
+	if err != nil {
+		return nil, err
+	}
+	if err := req.Storage.Put(ctx, e); err != nil {
+		return nil, err
+	}
+	b.configMu.Lock()
+	b.keysConfig = &c
+	b.configMu.Unlock()
+	return b.pathConfigKeysRead(ctx, req, d)
+}
+
+const configHSMHelp = `
+Names the token that holds this mount's keys (by token_label, or slot) and the user PIN to log in with. The
+PKCS#11 module itself is set by the operator in the plugin's environment (CMK_PKCS11_LIBRARY, at registration),
+never through this API. A write connects and logs in before anything is stored, so a wrong label or PIN is
+refused. Reading shows the connection state, what the token says of itself and which of the mechanisms the
+engine uses it offers; the PIN is never returned.
+`

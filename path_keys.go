@@ -1,0 +1,342 @@
+package cmk
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// Transit features the HSM makes impossible; each is refused with a message that says why.
+const (
+	msgNonExtractable = "key material is non-extractable: it never leaves the HSM"
+	msgNoDerivation   = "key derivation (derived/context) is not supported with HSM keys: the HSM holds one key per version and derives none"
+	msgNoConvergent   = "convergent encryption (convergent_encryption/nonce) is not supported with HSM keys: nonces are always random"
+	msgNoAutoRotate   = "auto_rotate_period is not supported yet by this engine; rotate with keys/<name>/rotate"
+)
+
+func (b *backend) pathKeys() []*framework.Path {
+	return []*framework.Path{
+		{
+			Pattern: "keys/?$",
+			DisplayAttrs: &framework.DisplayAttributes{
+				OperationPrefix: "cmk",
+				OperationSuffix: "keys",
+			},
+			Operations: map[logical.Operation]framework.OperationHandler{
+				logical.ListOperation: &framework.PathOperation{
+					Callback: b.pathKeysList,
+					Summary:  "List the names of the mount's keys.",
+				},
+			},
+			HelpSynopsis:    "List the keys.",
+			HelpDescription: "Lists the names of the keys of this mount, as Transit's keys LIST does.",
+		},
+		{
+			Pattern: "keys/" + framework.GenericNameRegex("name"),
+			DisplayAttrs: &framework.DisplayAttributes{
+				OperationPrefix: "cmk",
+				OperationSuffix: "key",
+			},
+			Fields: map[string]*framework.FieldSchema{
+				"name": {Type: framework.TypeString, Required: true, Description: "Name of the key."},
+				"type": {
+					Type:          framework.TypeString,
+					Default:       string(typeAES256GCM96),
+					AllowedValues: []interface{}{string(typeAES256GCM96), string(typeAES128GCM96)},
+					Description:   "Type of key to create: aes256-gcm96 (default) or aes128-gcm96, generated inside the HSM.",
+				},
+				"derived": {
+					Type:        framework.TypeBool,
+					Description: "Transit's key derivation. Only false is accepted: " + msgNoDerivation + ".",
+				},
+				"convergent_encryption": {
+					Type:        framework.TypeBool,
+					Description: "Transit's convergent encryption. Only false is accepted: " + msgNoConvergent + ".",
+				},
+				"exportable": {
+					Type:        framework.TypeBool,
+					Description: "Only false is accepted: " + msgNonExtractable + ".",
+				},
+				"allow_plaintext_backup": {
+					Type:        framework.TypeBool,
+					Description: "Only false is accepted: " + msgNonExtractable + ".",
+				},
+				"auto_rotate_period": {
+					Type:        framework.TypeDurationSecond,
+					Description: "Only 0 is accepted for now: " + msgNoAutoRotate + ".",
+				},
+			},
+			Operations: map[logical.Operation]framework.OperationHandler{
+				logical.UpdateOperation: &framework.PathOperation{
+					Callback: b.pathKeyWrite,
+					Summary:  "Create a key whose first version is generated in the HSM (no change if it exists).",
+				},
+				logical.ReadOperation: &framework.PathOperation{
+					Callback: b.pathKeyRead,
+					Summary:  "Read a key's settings and versions, with each version's HSM object identity.",
+				},
+				logical.DeleteOperation: &framework.PathOperation{
+					Callback: b.pathKeyDelete,
+					Summary:  "Delete a key and destroy its HSM objects (needs deletion_allowed).",
+				},
+			},
+			HelpSynopsis:    "Create, read or delete an HSM-backed key.",
+			HelpDescription: keysHelp,
+		},
+		{
+			Pattern: "keys/" + framework.GenericNameRegex("name") + "/config",
+			DisplayAttrs: &framework.DisplayAttributes{
+				OperationPrefix: "cmk",
+				OperationVerb:   "configure",
+				OperationSuffix: "key",
+			},
+			Fields: map[string]*framework.FieldSchema{
+				"name": {Type: framework.TypeString, Required: true, Description: "Name of the key."},
+				"min_decryption_version": {
+					Type:        framework.TypeInt,
+					Description: "Lowest version that may decrypt; older ciphertexts are refused. 0 means 1.",
+				},
+				"min_encryption_version": {
+					Type:        framework.TypeInt,
+					Description: "Lowest version that may encrypt when key_version is given; 0 means any. Must not be below min_decryption_version.",
+				},
+				"deletion_allowed": {
+					Type:        framework.TypeBool,
+					Description: "Whether DELETE keys/<name> may destroy the key.",
+				},
+				"exportable": {
+					Type:        framework.TypeBool,
+					Description: "Only false is accepted: " + msgNonExtractable + ".",
+				},
+				"allow_plaintext_backup": {
+					Type:        framework.TypeBool,
+					Description: "Only false is accepted: " + msgNonExtractable + ".",
+				},
+				"auto_rotate_period": {
+					Type:        framework.TypeDurationSecond,
+					Description: "Only 0 is accepted for now: " + msgNoAutoRotate + ".",
+				},
+			},
+			Operations: map[logical.Operation]framework.OperationHandler{
+				logical.UpdateOperation: &framework.PathOperation{
+					Callback: b.pathKeyConfigWrite,
+					Summary:  "Change a key's version bounds and deletion setting.",
+				},
+			},
+			HelpSynopsis:    "Configure a key's version bounds and deletion.",
+			HelpDescription: "Sets min_decryption_version, min_encryption_version and deletion_allowed as Transit does. Settings that would expose material are refused.",
+		},
+	}
+}
+
+func (b *backend) pathKeysList(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	names, err := req.Storage.List(ctx, policyPrefix)
+	if err != nil {
+		return nil, err
+	}
+	return logical.ListResponse(names), nil
+}
+
+// refuseUnsupported checks the Transit options that cannot hold for HSM keys.
+func refuseUnsupported(d *framework.FieldData) *logical.Response {
+	for field, msg := range map[string]string{
+		"derived": msgNoDerivation, "convergent_encryption": msgNoConvergent,
+		"exportable": msgNonExtractable, "allow_plaintext_backup": msgNonExtractable,
+	} {
+		if v, ok := d.GetOk(field); ok && v.(bool) {
+			return logical.ErrorResponse("%s=true is not possible: %s", field, msg)
+		}
+	}
+	if v, ok := d.GetOk("auto_rotate_period"); ok && v.(int) != 0 {
+		return logical.ErrorResponse("%s", msgNoAutoRotate)
+	}
+	return nil
+}
+
+func (b *backend) pathKeyWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	name := d.Get("name").(string)
+	if resp := refuseUnsupported(d); resp != nil {
+		return resp, logical.ErrInvalidRequest
+	}
+	typ, err := parseKeyType(d.Get("type").(string))
+	if err != nil {
+		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
+	}
+	p, created, err := b.createKey(ctx, req.Storage, name, typ, requester(req))
+	if err != nil {
+		return hsmErrorResponse(err)
+	}
+	resp := b.formatKey(p)
+	if !created {
+		resp.AddWarning(fmt.Sprintf("key %s already existed", name))
+	}
+	return resp, nil
+}
+
+func (b *backend) pathKeyRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	p, err := b.policy(ctx, req.Storage, d.Get("name").(string))
+	if err != nil || p == nil {
+		return nil, err
+	}
+	return b.formatKey(p), nil
+}
+
+// formatKey gives Transit's key read response, plus where each version lives in the HSM.
+func (b *backend) formatKey(p *keyPolicy) *logical.Response {
+	keys := map[string]int64{}
+	versions := map[string]interface{}{}
+	for n, v := range p.Versions {
+		s := strconv.Itoa(n)
+		keys[s] = v.CreatedAt.Unix()
+		versions[s] = map[string]interface{}{
+			"state":         p.versionState(n),
+			"hsm_id":        v.HSMID,
+			"label":         v.Label,
+			"creation_time": v.CreatedAt.Format(time.RFC3339Nano),
+			"created_by":    v.CreatedBy,
+		}
+	}
+	data := map[string]interface{}{
+		"name":                   p.Name,
+		"type":                   string(p.Type),
+		"derived":                false,
+		"exportable":             false,
+		"allow_plaintext_backup": false,
+		"deletion_allowed":       p.DeletionAllowed,
+		"min_available_version":  0,
+		"min_decryption_version": p.MinDecryptionVersion,
+		"min_encryption_version": p.MinEncryptionVersion,
+		"latest_version":         p.LatestVersion,
+		"supports_encryption":    true,
+		"supports_decryption":    true,
+		"supports_signing":       false,
+		"supports_derivation":    false,
+		"auto_rotate_period":     0,
+		"imported_key":           false,
+		"keys":                   keys,
+		"protection_level":       "hsm",
+		"versions":               versions,
+		"creation_time":          p.CreatedAt.Format(time.RFC3339Nano),
+	}
+	if p.Deleting {
+		data["deletion_in_progress"] = true
+	}
+	return &logical.Response{Data: data}
+}
+
+func (b *backend) pathKeyDelete(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	err := b.deleteKey(ctx, req.Storage, d.Get("name").(string))
+	if errors.Is(err, errDeletionNotAllowed) {
+		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
+	}
+	if err != nil {
+		return hsmErrorResponse(err)
+	}
+	return nil, nil
+}
+
+func (b *backend) pathKeyConfigWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	name := d.Get("name").(string)
+	if resp := refuseUnsupported(d); resp != nil {
+		return resp, logical.ErrInvalidRequest
+	}
+	lock := b.lockKey(name)
+	lock.Lock()
+	defer lock.Unlock()
+	cur, err := b.policyLocked(ctx, req.Storage, name)
+	if err != nil {
+		return nil, err
+	}
+	if cur == nil {
+		return logical.ErrorResponse("key %q not found", name), logical.ErrInvalidRequest
+	}
+	p := cur.clone()
+	if v, ok := d.GetOk("min_decryption_version"); ok {
+		p.MinDecryptionVersion = v.(int)
+		if p.MinDecryptionVersion == 0 {
+			p.MinDecryptionVersion = 1
+		}
+	}
+	if v, ok := d.GetOk("min_encryption_version"); ok {
+		p.MinEncryptionVersion = v.(int)
+	}
+	if v, ok := d.GetOk("deletion_allowed"); ok {
+		p.DeletionAllowed = v.(bool)
+	}
+	switch {
+	case p.MinDecryptionVersion < 1 || p.MinDecryptionVersion > p.LatestVersion:
+		return logical.ErrorResponse("min_decryption_version must be between 1 and the latest version %d", p.LatestVersion), logical.ErrInvalidRequest
+	case p.MinEncryptionVersion < 0 || p.MinEncryptionVersion > p.LatestVersion:
+		return logical.ErrorResponse("min_encryption_version must be between 0 and the latest version %d", p.LatestVersion), logical.ErrInvalidRequest
+	case p.MinEncryptionVersion != 0 && p.MinEncryptionVersion < p.MinDecryptionVersion:
+		return logical.ErrorResponse("min_encryption_version %d must not be below min_decryption_version %d", p.MinEncryptionVersion, p.MinDecryptionVersion), logical.ErrInvalidRequest
+	}
+	if err := b.storePolicy(ctx, req.Storage, p); err != nil {
+		return nil, err
+	}
+	b.logger.Info("key configuration changed", "key", name, "min_decryption_version", p.MinDecryptionVersion,
+		"min_encryption_version", p.MinEncryptionVersion, "deletion_allowed", p.DeletionAllowed, "by", requester(req))
+	return b.formatKey(p), nil
+}
+
+// pathRefused answers Transit's paths that would reveal key material with a 400 that says why.
+func (b *backend) pathRefused() []*framework.Path {
+	refuse := func(msg string) framework.OperationFunc {
+		return func(context.Context, *logical.Request, *framework.FieldData) (*logical.Response, error) {
+			return logical.ErrorResponse("%s", msg), logical.ErrInvalidRequest
+		}
+	}
+	exportOps := map[logical.Operation]framework.OperationHandler{
+		logical.ReadOperation: &framework.PathOperation{Callback: refuse(msgNonExtractable), Summary: "Refused: " + msgNonExtractable + "."},
+	}
+	return []*framework.Path{
+		{
+			Pattern: "export/" + framework.GenericNameRegex("type") + "/" + framework.GenericNameRegex("name") + framework.OptionalParamRegex("version"),
+			Fields: map[string]*framework.FieldSchema{
+				"type":    {Type: framework.TypeString, Description: "Transit's export type (encryption-key, hmac-key, …)."},
+				"name":    {Type: framework.TypeString, Description: "Name of the key."},
+				"version": {Type: framework.TypeString, Description: "Version of the key."},
+			},
+			Operations:      exportOps,
+			HelpSynopsis:    "Refused: " + msgNonExtractable + ".",
+			HelpDescription: "Transit's export returns key material. Here the material is a non-extractable HSM object, so every export request fails with HTTP 400.",
+		},
+		{
+			Pattern: "backup/" + framework.GenericNameRegex("name"),
+			Fields: map[string]*framework.FieldSchema{
+				"name": {Type: framework.TypeString, Description: "Name of the key."},
+			},
+			Operations:      exportOps,
+			HelpSynopsis:    "Refused: " + msgNonExtractable + ".",
+			HelpDescription: "Transit's backup returns the key's material in plaintext. Back up the HSM token with the HSM's own tools instead; this path fails with HTTP 400.",
+		},
+		{
+			Pattern: "restore" + framework.OptionalParamRegex("name"),
+			Fields: map[string]*framework.FieldSchema{
+				"name":   {Type: framework.TypeString, Description: "Name of the key."},
+				"backup": {Type: framework.TypeString, Description: "Transit backup data."},
+				"force":  {Type: framework.TypeBool, Description: "Transit's overwrite flag."},
+			},
+			Operations: map[logical.Operation]framework.OperationHandler{
+				logical.UpdateOperation: &framework.PathOperation{Callback: refuse("restore is not possible: " + msgNonExtractable + ", so no plaintext backup exists to restore"), Summary: "Refused."},
+			},
+			HelpSynopsis:    "Refused: there are no plaintext backups to restore.",
+			HelpDescription: "Transit restores keys from plaintext backups; this engine never makes any, so this path fails with HTTP 400.",
+		},
+	}
+}
+
+const keysHelp = `
+Creates a key whose first version is generated inside the HSM as sensitive, non-extractable token objects: an
+AES-GCM key and, beside it, an HMAC secret, as Transit keys carry. Reading a key returns Transit's fields plus
+protection_level "hsm" and, per version, its state, HSM object ID (CKA_ID), label and creation time. Deleting a
+key requires deletion_allowed and destroys its objects on the token.
+
+Transit options that need the material outside the HSM (exportable, allow_plaintext_backup) or derived keys
+(derived, convergent_encryption) are refused with HTTP 400.
+`
