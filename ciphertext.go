@@ -37,7 +37,11 @@ func parseCiphertext(s string) (version int, nonce, sealed []byte, err error) {
 	if err != nil || version < 1 || rest[0] == '+' || rest[0] == '0' {
 		return 0, nil, nil, errors.New("invalid ciphertext: version is not a positive number")
 	}
-	raw, err := base64.StdEncoding.DecodeString(rest[colon+1:])
+	payload := rest[colon+1:]
+	if strings.ContainsAny(payload, "\r\n") { // the decoder would skip them: one ciphertext, one spelling
+		return 0, nil, nil, errors.New("invalid ciphertext: line breaks in base64")
+	}
+	raw, err := base64.StdEncoding.Strict().DecodeString(payload)
 	if err != nil {
 		return 0, nil, nil, fmt.Errorf("invalid ciphertext: %v", err)
 	}

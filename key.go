@@ -213,7 +213,7 @@ func (b *backend) addVersion(ctx context.Context, s logical.Storage, tok hsmToke
 		CreatedAt: time.Now().UTC(),
 		CreatedBy: by,
 	}
-	walID, err := framework.PutWAL(ctx, s, walKindVersion, &walVersion{Name: p.Name, Version: v, HSMID: ver.HSMID})
+	walID, err := b.walPut(ctx, s, p.Name, v, rawID)
 	if err != nil {
 		return fmt.Errorf("write WAL: %w", err)
 	}
@@ -248,6 +248,11 @@ func (b *backend) addVersion(ctx context.Context, s logical.Storage, tok hsmToke
 	}
 	b.logger.Info("key version created in the HSM", "key", p.Name, "version", v, "label", ver.Label, "by", by)
 	return nil
+}
+
+// walPut records that version v of key name is about to get HSM objects with CKA_ID id.
+func (b *backend) walPut(ctx context.Context, s logical.Storage, name string, v int, id []byte) (string, error) {
+	return framework.PutWAL(ctx, s, walKindVersion, &walVersion{Name: name, Version: v, HSMID: hex.EncodeToString(id)})
 }
 
 // walRollback destroys the HSM objects of a version whose metadata never reached storage. Nothing that storage

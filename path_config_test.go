@@ -1,0 +1,115 @@
+package cmk
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+)
+
+func TestConfigHSM(t *testing.T) {
+	e := newUnconfiguredBackend(t)
+	label := "config-test"
+	if err := softhsm.CreateToken(label, testPIN); err != nil {
+		t.Fatal(err)
+	}
+
+	// Before configuration, key operations say what to do.
+	resp, err := e.write("keys/k", nil)
+	if got := status(resp, err); got != 503 || !strings.Contains(err.Error(), "config/hsm") {
+		t.Fatalf("unconfigured: status %d, err %v", got, err)
+	}
+
+	cases := []struct {
+		name   string
+		data   map[string]interface{}
+		status int
+		want   string
+	}{
+		{"no token", map[string]interface{}{"pin": testPIN}, 400, "token_label"},
+		{"no pin", map[string]interface{}{"token_label": label}, 400, "pin is required"},
+		{"wrong pin", map[string]interface{}{"token_label": label, "pin": "bad-pin-0000"}, 400, "PIN incorrect"},
+		{"unknown token", map[string]interface{}{"token_label": "nope", "pin": testPIN}, 400, "no initialised token"},
+		{"bad pool", map[string]interface{}{"token_label": label, "pin": testPIN, "pool_size": 0}, 400, "pool_size"},
+		{"bad iv source", map[string]interface{}{"token_label": label, "pin": testPIN, "iv_source": "dice"}, 400, "iv_source"},
+		{"good", map[string]interface{}{"token_label": label, "pin": testPIN, "pool_size": 3}, 204, ""},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			resp, err := e.write("config/hsm", c.data)
+			if got := status(resp, err); got != c.status {
+				t.Fatalf("status %d, want %d (%v %s)", got, c.status, err, respText(resp))
+			}
+			text := respText(resp)
+			if err != nil {
+				text += err.Error()
+			}
+			if !strings.Contains(text, c.want) {
+				t.Fatalf("response %q does not mention %q", text, c.want)
+			}
+			if strings.Contains(text, testPIN) || strings.Contains(text, "bad-pin-0000") {
+				t.Fatalf("response carries a PIN: %s", text)
+			}
+		})
+	}
+
+	resp = e.ok(e.read("config/hsm"))
+	for k, v := range resp.Data {
+		if strings.Contains(fmt.Sprint(v), testPIN) {
+			t.Fatalf("config read reveals the PIN in %s", k)
+		}
+	}
+	if _, has := resp.Data["pin"]; has {
+		t.Fatal("config read has a pin field")
+	}
+	if resp.Data["connected"] != true || resp.Data["pin_set"] != true || resp.Data["token_label"] != label {
+		t.Fatalf("config read: %v", resp.Data)
+	}
+	token := resp.Data["token"].(map[string]interface{})
+	if token["manufacturer_id"] != "SoftHSM project" {
+		t.Fatalf("token info: %v", token)
+	}
+	if !strings.Contains(strings.Join(resp.Data["mechanisms"].([]string), " "), "CKM_AES_GCM") {
+		t.Fatalf("mechanisms: %v", resp.Data["mechanisms"])
+	}
+
+	// A later write may omit the PIN: it is kept.
+	e.ok(e.write("config/hsm", map[string]interface{}{"pool_size": 2}))
+	e.ok(e.write("keys/k", nil))
+}
+
+func TestConfigHSMNeedsLibraryFromEnvironment(t *testing.T) {
+	old := os.Getenv(LibraryEnv)
+	os.Unsetenv(LibraryEnv)
+	e := newUnconfiguredBackend(t)
+	os.Setenv(LibraryEnv, old)
+	resp, err := e.write("config/hsm", map[string]interface{}{"token_label": "x", "pin": "y", "library": "/tmp/evil.so"})
+	if status(resp, err) != 400 || !strings.Contains(respText(resp), LibraryEnv) {
+		t.Fatalf("without %s: %v %s", LibraryEnv, err, respText(resp))
+	}
+	// No request field can name a library.
+	if _, ok := e.b.Route("config/hsm").Fields["library"]; ok {
+		t.Fatal("config/hsm accepts a library field")
+	}
+}
+
+func TestConfigKeys(t *testing.T) {
+	e := newTestBackend(t)
+	resp := e.ok(e.read("config/keys"))
+	if resp.Data["max_batch_size"] != defaultMaxBatchSize || resp.Data["disable_upsert"] != false {
+		t.Fatalf("defaults: %v", resp.Data)
+	}
+	if got := status(e.write("config/keys", map[string]interface{}{"max_batch_size": 0})); got != 400 {
+		t.Fatalf("max_batch_size 0: %d", got)
+	}
+	resp = e.ok(e.write("config/keys", map[string]interface{}{"disable_upsert": true, "max_batch_size": 5}))
+	if resp.Data["max_batch_size"] != 5 || resp.Data["disable_upsert"] != true {
+		t.Fatalf("after write: %v", resp.Data)
+	}
+	// Invalidate (another node wrote it) reloads from storage.
+	e.b.invalidate(context.Background(), configKeysPath)
+	if c, _ := e.b.readKeysConfig(t.Context(), e.storage); c.MaxBatchSize != 5 {
+		t.Fatalf("reloaded: %+v", c)
+	}
+}

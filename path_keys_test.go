@@ -1,0 +1,301 @@
+package cmk
+
+import (
+	"context"
+	"encoding/base64"
+	"errors"
+	"sort"
+	"strings"
+	"testing"
+
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+func TestKeyCreateReadListDelete(t *testing.T) {
+	e := newTestBackend(t)
+	resp := e.ok(e.write("keys/default", nil))
+	if resp.Data["type"] != "aes256-gcm96" || resp.Data["latest_version"] != 1 {
+		t.Fatalf("create: %v", resp.Data)
+	}
+	e.ok(e.write("keys/small", map[string]interface{}{"type": "aes128-gcm96"}))
+
+	resp = e.ok(e.read("keys/default"))
+	want := map[string]interface{}{
+		"name": "default", "type": "aes256-gcm96", "derived": false, "exportable": false,
+		"allow_plaintext_backup": false, "deletion_allowed": false, "min_decryption_version": 1,
+		"min_encryption_version": 0, "latest_version": 1, "supports_encryption": true,
+		"supports_decryption": true, "supports_signing": false, "supports_derivation": false,
+		"protection_level": "hsm", "imported_key": false, "auto_rotate_period": 0, "min_available_version": 0,
+	}
+	for k, v := range want {
+		if resp.Data[k] != v {
+			t.Errorf("%s = %v, want %v", k, resp.Data[k], v)
+		}
+	}
+	if keys := resp.Data["keys"].(map[string]int64); len(keys) != 1 || keys["1"] == 0 {
+		t.Errorf("keys: %v", keys)
+	}
+	v1 := resp.Data["versions"].(map[string]interface{})["1"].(map[string]interface{})
+	if v1["state"] != "active" || len(v1["hsm_id"].(string)) != 32 ||
+		v1["label"] != "cmk/"+e.b.mountID+"/default/v1" || !strings.Contains(v1["created_by"].(string), "accessor-test") {
+		t.Errorf("version 1: %v", v1)
+	}
+
+	// Creating again changes nothing and says so.
+	resp = e.ok(e.write("keys/default", nil))
+	if resp.Data["latest_version"] != 1 || len(resp.Warnings) != 1 {
+		t.Fatalf("second create: %v %v", resp.Data, resp.Warnings)
+	}
+
+	resp = e.ok(e.request(logical.ListOperation, "keys/", nil))
+	names := resp.Data["keys"].([]string)
+	sort.Strings(names)
+	if strings.Join(names, ",") != "default,small" {
+		t.Fatalf("list: %v", names)
+	}
+	if n := len(e.tokenObjects()); n != 4 {
+		t.Fatalf("%d objects on the token, want 4", n)
+	}
+
+	// Deletion needs deletion_allowed, then destroys the objects on the token.
+	if got := status(e.request(logical.DeleteOperation, "keys/default", nil)); got != 400 {
+		t.Fatalf("delete without deletion_allowed: %d", got)
+	}
+	e.ok(e.write("keys/default/config", map[string]interface{}{"deletion_allowed": true}))
+	e.ok(e.request(logical.DeleteOperation, "keys/default", nil))
+	if resp, _ := e.read("keys/default"); resp != nil {
+		t.Fatalf("read after delete: %v", resp.Data)
+	}
+	for _, o := range e.tokenObjects() {
+		if strings.Contains(o.Label, "/default/") {
+			t.Fatalf("object %q left on the token after delete", o.Label)
+		}
+	}
+	// Deleting what is gone is not an error (Vault may retry a request after a plugin crash).
+	e.ok(e.request(logical.DeleteOperation, "keys/default", nil))
+}
+
+func TestKeyCreateRefusesWhatTheHSMCannotDo(t *testing.T) {
+	e := newTestBackend(t)
+	cases := []struct {
+		name string
+		data map[string]interface{}
+		want string
+	}{
+		{"unknown type", map[string]interface{}{"type": "chacha20-poly1305"}, "unsupported key type"},
+		{"exportable", map[string]interface{}{"exportable": true}, "never leaves the HSM"},
+		{"plaintext backup", map[string]interface{}{"allow_plaintext_backup": true}, "never leaves the HSM"},
+		{"derived", map[string]interface{}{"derived": true}, "derivation"},
+		{"convergent", map[string]interface{}{"convergent_encryption": true}, "convergent"},
+		{"auto rotate", map[string]interface{}{"auto_rotate_period": "24h"}, "auto_rotate_period"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			resp, err := e.write("keys/refused", c.data)
+			if status(resp, err) != 400 || !strings.Contains(respText(resp), c.want) {
+				t.Fatalf("got %d %s, want 400 mentioning %q", status(resp, err), respText(resp), c.want)
+			}
+		})
+	}
+	if resp, _ := e.read("keys/refused"); resp != nil {
+		t.Fatal("a refused create left a key")
+	}
+	if n := len(e.tokenObjects()); n != 0 {
+		t.Fatalf("a refused create left %d objects on the token", n)
+	}
+	for _, path := range []string{"export/encryption-key/k", "export/hmac-key/k/1", "backup/k"} {
+		resp, err := e.read(path)
+		if status(resp, err) != 400 || !strings.Contains(respText(resp), "non-extractable") {
+			t.Errorf("%s: %d %s", path, status(resp, err), respText(resp))
+		}
+	}
+	if got := status(e.write("restore/k", map[string]interface{}{"backup": "x"})); got != 400 {
+		t.Errorf("restore: %d", got)
+	}
+}
+
+func TestRotateAndVersionBounds(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/k", nil))
+	ct1 := encryptOK(t, e, "k", "one")
+	resp := e.ok(e.write("keys/k/rotate", nil))
+	if resp.Data["latest_version"] != 2 {
+		t.Fatalf("rotate: %v", resp.Data)
+	}
+	e.ok(e.write("keys/k/rotate", nil))
+	ct3 := encryptOK(t, e, "k", "three")
+	if !strings.HasPrefix(ct3, "vault:v3:") {
+		t.Fatalf("new encryptions use the latest version: %s", ct3)
+	}
+	if decryptOK(t, e, "k", ct1) != "one" {
+		t.Fatal("old version no longer decrypts after rotation")
+	}
+
+	bad := []struct {
+		name string
+		data map[string]interface{}
+	}{
+		{"min_decryption above latest", map[string]interface{}{"min_decryption_version": 4}},
+		{"min_encryption above latest", map[string]interface{}{"min_encryption_version": 4}},
+		{"min_encryption below min_decryption", map[string]interface{}{"min_decryption_version": 3, "min_encryption_version": 2}},
+		{"exportable", map[string]interface{}{"exportable": true}},
+	}
+	for _, c := range bad {
+		if got := status(e.write("keys/k/config", c.data)); got != 400 {
+			t.Errorf("%s: status %d", c.name, got)
+		}
+	}
+	resp = e.ok(e.write("keys/k/config", map[string]interface{}{"min_decryption_version": 2, "min_encryption_version": 3}))
+	vs := resp.Data["versions"].(map[string]interface{})
+	states := []string{vs["1"].(map[string]interface{})["state"].(string), vs["2"].(map[string]interface{})["state"].(string), vs["3"].(map[string]interface{})["state"].(string)}
+	if strings.Join(states, ",") != "disabled,decrypt_only,active" {
+		t.Fatalf("states: %v", states)
+	}
+	resp, err := e.write("decrypt/k", map[string]interface{}{"ciphertext": ct1})
+	if status(resp, err) != 400 || !strings.Contains(respText(resp), "min_decryption_version") {
+		t.Fatalf("decrypt below min_decryption_version: %d %s", status(resp, err), respText(resp))
+	}
+	resp, err = e.write("encrypt/k", map[string]interface{}{"plaintext": b64("x"), "key_version": 2})
+	if status(resp, err) != 400 || !strings.Contains(respText(resp), "min_encryption_version") {
+		t.Fatalf("encrypt below min_encryption_version: %d %s", status(resp, err), respText(resp))
+	}
+	if got := status(e.write("keys/missing/rotate", nil)); got != 400 {
+		t.Fatalf("rotate unknown key: %d", got)
+	}
+}
+
+// A failed storage write leaves neither a new version in memory nor an orphan object on the token.
+func TestRotateWithFailingStorage(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/k", nil))
+	before := len(e.tokenObjects())
+	e.inmem.Underlying().FailPut(true)
+	resp, err := e.write("keys/k/rotate", nil)
+	e.inmem.Underlying().FailPut(false)
+	if err == nil && !resp.IsError() {
+		t.Fatal("rotate succeeded with failing storage")
+	}
+	if resp := e.ok(e.read("keys/k")); resp.Data["latest_version"] != 1 {
+		t.Fatalf("in-memory key changed by a failed rotation: %v", resp.Data["latest_version"])
+	}
+	if after := len(e.tokenObjects()); after != before {
+		t.Fatalf("token objects %d → %d after a failed rotation", before, after)
+	}
+	e.ok(e.write("keys/k/rotate", nil))
+	if resp := e.ok(e.read("keys/k")); resp.Data["latest_version"] != 2 {
+		t.Fatalf("rotation after recovery: %v", resp.Data["latest_version"])
+	}
+}
+
+// The WAL rollback destroys objects whose version never reached storage, and never one storage references.
+func TestWALRollbackDestroysOnlyUncommittedObjects(t *testing.T) {
+	e := newTestBackend(t)
+	ctx := context.Background()
+	e.ok(e.write("keys/k", nil))
+	ct := encryptOK(t, e, "k", "kept")
+
+	// A crash between the HSM call and the storage write: objects and WAL entry exist, metadata does not.
+	tok, _, err := e.b.getToken(ctx, e.storage)
+	if err != nil {
+		t.Fatal(err)
+	}
+	orphan := []byte("0123456789abcdef")
+	if _, err := e.b.walPut(ctx, e.storage, "k", 2, orphan); err != nil {
+		t.Fatal(err)
+	}
+	if err := tok.GenerateVersionKeys(ctx, orphan, "cmk/"+e.b.mountID+"/k/v2", 256); err != nil {
+		t.Fatal(err)
+	}
+	// And a WAL entry left behind for a version that did commit.
+	p, _ := e.b.policy(ctx, e.storage, "k")
+	if _, err := e.b.walPut(ctx, e.storage, "k", 1, p.Versions[1].id()); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(e.tokenObjects()); n != 4 {
+		t.Fatalf("%d objects before rollback, want 4", n)
+	}
+	resp, err := e.b.HandleRequest(ctx, &logical.Request{
+		Operation: logical.RollbackOperation, Path: "", Storage: e.storage, Data: map[string]interface{}{"immediate": true},
+	})
+	if err != nil || (resp != nil && resp.IsError()) {
+		t.Fatalf("rollback: %v %s", err, respText(resp))
+	}
+	if n := len(e.tokenObjects()); n != 2 {
+		t.Fatalf("%d objects after rollback, want 2 (the committed version's)", n)
+	}
+	if decryptOK(t, e, "k", ct) != "kept" {
+		t.Fatal("committed version damaged by rollback")
+	}
+	if _, _, err := tok.EncryptGCM(ctx, orphan, make([]byte, 12), nil, nil); err == nil {
+		t.Fatal("orphan object still usable")
+	}
+}
+
+func TestKeyCacheAndInvalidate(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/k", nil))
+	encryptOK(t, e, "k", "warm")
+	before := e.storage.gets.Load()
+	for i := 0; i < 20; i++ {
+		decryptOK(t, e, "k", encryptOK(t, e, "k", "x"))
+	}
+	// Only config/keys is read per request until cached; key metadata never.
+	if reads := e.storage.gets.Load() - before; reads != 0 {
+		t.Fatalf("%d storage reads on the encrypt/decrypt hot path", reads)
+	}
+	// Another node rotated the key: storage changes, Invalidate drops the cached copy.
+	ctx := context.Background()
+	p, _ := loadPolicy(ctx, e.storage, "k")
+	p.MinEncryptionVersion = 1
+	entry, _ := logical.StorageEntryJSON(policyPrefix+"k", p)
+	if err := e.inmem.Put(ctx, entry); err != nil {
+		t.Fatal(err)
+	}
+	if resp := e.ok(e.read("keys/k")); resp.Data["min_encryption_version"] != 0 {
+		t.Fatal("cache bypassed before invalidation")
+	}
+	e.b.invalidate(ctx, policyPrefix+"k")
+	if resp := e.ok(e.read("keys/k")); resp.Data["min_encryption_version"] != 1 {
+		t.Fatalf("invalidate did not reload: %v", resp.Data["min_encryption_version"])
+	}
+}
+
+// Every object the engine creates is sensitive and never extractable, as the token reports it.
+func TestTokenObjectsAreSensitiveAndNeverExtractable(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/a", nil))
+	e.ok(e.write("keys/b", map[string]interface{}{"type": "aes128-gcm96"}))
+	e.ok(e.write("keys/a/rotate", nil))
+	encryptOK(t, e, "upserted", "x")
+	objs := e.tokenObjects()
+	if len(objs) != 8 {
+		t.Fatalf("%d objects, want 8", len(objs))
+	}
+	for _, o := range objs {
+		if !o.Token || !o.Private || !o.Sensitive || !o.AlwaysSensitive || o.Extractable || !o.NeverExtractable {
+			t.Errorf("%s: %+v", o.Label, o)
+		}
+	}
+}
+
+func b64(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
+
+func encryptOK(t *testing.T, e *testEnv, key, plaintext string) string {
+	t.Helper()
+	var op logical.Operation = logical.UpdateOperation
+	if p, _ := e.b.policy(context.Background(), e.storage, key); p == nil {
+		op = logical.CreateOperation
+	}
+	resp := e.ok(e.request(op, "encrypt/"+key, map[string]interface{}{"plaintext": b64(plaintext)}))
+	return resp.Data["ciphertext"].(string)
+}
+
+func decryptOK(t *testing.T, e *testEnv, key, ct string) string {
+	t.Helper()
+	resp := e.ok(e.write("decrypt/"+key, map[string]interface{}{"ciphertext": ct}))
+	pt, err := base64.StdEncoding.DecodeString(resp.Data["plaintext"].(string))
+	if err != nil {
+		t.Fatal(errors.New("plaintext is not base64"))
+	}
+	return string(pt)
+}
