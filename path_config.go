@@ -82,9 +82,13 @@ func (b *backend) pathConfigHSM() *framework.Path {
 				Callback: b.pathConfigHSMRead,
 				Summary:  "Show the token selection, connection state, token information and supported mechanisms (never the PIN).",
 			},
-			logical.UpdateOperation: &framework.PathOperation{
+			logical.CreateOperation: &framework.PathOperation{
 				Callback: b.pathConfigHSMWrite,
 				Summary:  "Select the token and log in; the configuration is stored only if the login succeeds.",
+			},
+			logical.UpdateOperation: &framework.PathOperation{
+				Callback: b.pathConfigHSMWrite,
+				Summary:  "Change the token selection, PIN or pool; the change is stored only if the login succeeds.",
 			},
 		},
 		ExistenceCheck:  b.pathConfigHSMExists,

@@ -6,6 +6,8 @@ import (
 	"os"
 	"strings"
 	"testing"
+
+	"github.com/hashicorp/vault/sdk/logical"
 )
 
 func TestConfigHSM(t *testing.T) {
@@ -111,5 +113,21 @@ func TestConfigKeys(t *testing.T) {
 	e.b.invalidate(context.Background(), configKeysPath)
 	if c, _ := e.b.readKeysConfig(t.Context(), e.storage); c.MaxBatchSize != 5 {
 		t.Fatalf("reloaded: %+v", c)
+	}
+}
+
+// Vault sends a write to a path with an existence check as "create" when the thing does not exist yet: every
+// such path must handle both.
+func TestExistenceCheckedPathsHandleCreate(t *testing.T) {
+	e := newUnconfiguredBackend(t)
+	for _, p := range e.b.Paths {
+		if p.ExistenceCheck == nil {
+			continue
+		}
+		_, create := p.Operations[logical.CreateOperation]
+		_, update := p.Operations[logical.UpdateOperation]
+		if !create || !update {
+			t.Errorf("%s: existence check without both create (%v) and update (%v)", p.Pattern, create, update)
+		}
 	}
 }

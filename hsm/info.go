@@ -88,7 +88,7 @@ func (t *Token) Mechanisms(ctx context.Context) (offered, missing []string, err 
 				offered = append(offered, name)
 			}
 		}
-		missing = missing[:0]
+		missing = []string{}
 		for _, m := range requiredMechanisms {
 			if !have[m] {
 				missing = append(missing, mechanismNames[m])

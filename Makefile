@@ -1,0 +1,50 @@
+# Make targets are the interface for people and CI.
+SHELL := /bin/bash
+GO    ?= go
+PLUGIN := .build/plugins/vault-plugin-secrets-cmk
+VAULT  := .build/vault/vault
+FUZZTIME ?= 10s
+
+.PHONY: all build deps vault dev test unit e2e fuzz lint fmt clean
+
+all: build
+
+build:
+	$(GO) build -trimpath -o $(PLUGIN) ./cmd/vault-plugin-secrets-cmk
+
+# Debian packages the tokens need (softhsm2, opensc), installed when missing.
+deps:
+	@scripts/install-deps.sh
+
+# Vault v1.21.0 built from source, reused when present.
+vault:
+	@scripts/build-vault.sh
+
+# A Vault dev server with the engine mounted at cmk/ on a SoftHSM token; Ctrl-C stops it.
+dev: deps build vault
+	@scripts/dev.sh
+
+# Unit tests, short fuzzing, then the end-to-end suite against a real Vault server.
+test: deps build vault unit fuzz e2e
+
+unit:
+	$(GO) test -race -count=1 -v ./... 2>&1 | scripts/test-summary.sh
+
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzParseCiphertext$$' -fuzztime $(FUZZTIME) .
+
+e2e: deps build vault
+	CMK_E2E_VAULT=$(CURDIR)/$(VAULT) CMK_E2E_PLUGIN=$(CURDIR)/$(PLUGIN) \
+	  $(GO) test -race -count=1 -v -timeout 30m ./tests/ 2>&1 | scripts/test-summary.sh
+
+lint:
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed: make fmt"; exit 1; }
+	$(GO) vet ./...
+	@command -v staticcheck >/dev/null || $(GO) install honnef.co/go/tools/cmd/staticcheck@latest
+	PATH="$$PATH:$$($(GO) env GOPATH)/bin" staticcheck ./...
+
+fmt:
+	gofmt -w $$(git ls-files '*.go')
+
+clean:
+	rm -rf .build/plugins .dev
