@@ -28,7 +28,7 @@ dev: deps build vault
 test: deps build vault unit fuzz e2e
 
 unit:
-	$(GO) test -race -count=1 -v ./... 2>&1 | scripts/test-summary.sh
+	$(GO) test -race -count=1 -v $$($(GO) list ./... | grep -v /tests$$) 2>&1 | scripts/test-summary.sh
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseCiphertext$$' -fuzztime $(FUZZTIME) .

@@ -1,0 +1,104 @@
+package tests
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/hashicorp/vault/api"
+)
+
+// policyToken loads an example policy from examples/policies, rewritten for mount path m (the examples use
+// cmk/), and returns a client holding a token with only that policy.
+func policyToken(t *testing.T, m mount, file string) *api.Client {
+	t.Helper()
+	body, err := os.ReadFile(filepath.Join("..", "examples", "policies", file))
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := m.path + "-" + strings.TrimSuffix(file, ".hcl")
+	rules := strings.ReplaceAll(string(body), `"cmk/`, `"`+m.path+`/`)
+	if err := dev.client.Sys().PutPolicy(name, rules); err != nil {
+		t.Fatalf("policy %s: %v", file, err)
+	}
+	secret, err := dev.client.Auth().Token().Create(&api.TokenCreateRequest{Policies: []string{name}, NoDefaultPolicy: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := dev.client.Clone()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetToken(secret.Auth.ClientToken)
+	return c
+}
+
+func TestLeastPrivilegePolicies(t *testing.T) {
+	m := dev.newMount(t)
+	root := dev.client
+	mustWrite(t, root, m.path+"/keys/app", nil)
+	mustWrite(t, root, m.path+"/keys/other", nil)
+	other := encrypt(t, root, m, "other", "not yours")
+
+	type call struct {
+		name   string
+		path   string
+		data   map[string]interface{}
+		status int // 0 = allowed and succeeds
+	}
+	pt := map[string]interface{}{"plaintext": b64("x")}
+	appCT := map[string]interface{}{"ciphertext": encrypt(t, root, m, "app", "x")}
+	cases := map[string][]call{
+		"cmk-encrypt-app.hcl": {
+			{"encrypt with app", "/encrypt/app", pt, 0},
+			{"decrypt with app", "/decrypt/app", appCT, 403},
+			{"encrypt with another key", "/encrypt/other", pt, 403},
+			{"create a key by upsert", "/encrypt/new", pt, 403},
+			{"rotate", "/keys/app/rotate", nil, 403},
+			{"read the key", "/keys/app", nil, 403},
+		},
+		"cmk-decrypt-app.hcl": {
+			{"decrypt with app", "/decrypt/app", appCT, 0},
+			{"rewrap with app", "/rewrap/app", appCT, 0},
+			{"encrypt with app", "/encrypt/app", pt, 403},
+			{"decrypt another key's ciphertext", "/decrypt/other", map[string]interface{}{"ciphertext": other}, 403},
+		},
+		"cmk-key-admin.hcl": {
+			{"create a key", "/keys/admin-made", nil, 0},
+			{"rotate", "/keys/app/rotate", nil, 0},
+			{"configure", "/keys/app/config", map[string]interface{}{"deletion_allowed": false}, 0},
+			{"decrypt", "/decrypt/app", appCT, 403},
+			{"encrypt", "/encrypt/app", pt, 403},
+			{"data key", "/datakey/plaintext/app", nil, 403},
+			{"reconfigure the HSM", "/config/hsm", map[string]interface{}{"pin": "x"}, 403},
+		},
+		"cmk-auditor.hcl": {
+			{"rotate", "/keys/app/rotate", nil, 403},
+			{"encrypt", "/encrypt/app", pt, 403},
+			{"decrypt", "/decrypt/app", appCT, 403},
+		},
+	}
+	for file, calls := range cases {
+		c := policyToken(t, m, file)
+		for _, call := range calls {
+			t.Run(strings.TrimSuffix(file, ".hcl")+"/"+call.name, func(t *testing.T) {
+				_, err := c.Logical().Write(m.path+call.path, call.data)
+				if got := statusOf(err); got != call.status {
+					t.Fatalf("status %d, want %d (%v)", got, call.status, err)
+				}
+			})
+		}
+	}
+	// Reads the auditor may and the encrypter may not make.
+	auditor := policyToken(t, m, "cmk-auditor.hcl")
+	if s, err := auditor.Logical().Read(m.path + "/keys/app"); err != nil || s.Data["protection_level"] != "hsm" {
+		t.Fatalf("auditor reads the key: %v", err)
+	}
+	if s, err := auditor.Logical().Read(m.path + "/config/hsm"); err != nil || s.Data["connected"] != true {
+		t.Fatalf("auditor reads the HSM state: %v", err)
+	}
+	if _, err := auditor.Logical().List(m.path + "/keys"); err != nil {
+		t.Fatalf("auditor lists keys: %v", err)
+	}
+}

@@ -1,0 +1,214 @@
+package tests
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/hashicorp/vault/api"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
+)
+
+// TestPluginReloadAndUpgrade: reloading the plugin and moving a mount to a newly registered version keep every
+// key and ciphertext working.
+func TestPluginReloadAndUpgrade(t *testing.T) {
+	c := dev.client
+	m := dev.newMount(t)
+	mustWrite(t, c, m.path+"/keys/k", nil)
+	before := encrypt(t, c, m, "k", "before reload")
+
+	if out, err := dev.vaultCLI(dev.rootToken, "plugin", "reload", "-plugin="+pluginName); err != nil {
+		t.Fatalf("plugin reload: %v\n%s", err, out)
+	}
+	if decrypt(t, c, m, "k", before) != "before reload" {
+		t.Fatal("decrypt after reload")
+	}
+	afterReload := encrypt(t, c, m, "k", "after reload")
+
+	// A new version in the catalog: a different binary (same code, a few bytes appended, so its SHA-256 differs
+	// as a rebuilt release's would), registered under a version, the mount tuned to it, then reloaded.
+	v2 := filepath.Join(t.TempDir(), pluginName)
+	if err := copyFile(pluginBin, v2); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(v2, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprint(f, "\nrelease v0.2.0\n")
+	f.Close()
+	if err := dev.registerPlugin(v2, "v0.2.0"); err != nil {
+		t.Fatalf("register v0.2.0: %v", err)
+	}
+	if out, err := dev.vaultCLI(dev.rootToken, "secrets", "tune", "-plugin-version=v0.2.0", m.path); err != nil {
+		t.Fatalf("tune: %v\n%s", err, out)
+	}
+	if out, err := dev.vaultCLI(dev.rootToken, "plugin", "reload", "-plugin="+pluginName); err != nil {
+		t.Fatalf("reload: %v\n%s", err, out)
+	}
+	mounts, err := c.Sys().ListMounts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mounts[m.path+"/"].RunningVersion; got != "v0.2.0" {
+		t.Fatalf("mount runs %q, want v0.2.0", got)
+	}
+	for ct, want := range map[string]string{before: "before reload", afterReload: "after reload"} {
+		if decrypt(t, c, m, "k", ct) != want {
+			t.Fatalf("decrypt after upgrade: %s", want)
+		}
+	}
+	mustWrite(t, c, m.path+"/keys/k/rotate", nil)
+	if decrypt(t, c, m, "k", encrypt(t, c, m, "k", "v2")) != "v2" {
+		t.Fatal("round trip on the new version")
+	}
+}
+
+// TestTwoMountsOnOneToken: mounts sharing a token (and the plugin process) cannot see or use each other's keys,
+// and a mount cannot ride on another's login with a wrong PIN.
+func TestTwoMountsOnOneToken(t *testing.T) {
+	c := dev.client
+	a := dev.newMount(t)
+	b := mount{path: a.path + "-b", label: a.label, pin: a.pin}
+	dev.mountOn(t, b)
+
+	mustWrite(t, c, a.path+"/keys/shared", nil)
+	mustWrite(t, c, b.path+"/keys/shared", nil)
+	mustWrite(t, c, a.path+"/keys/only-a", nil)
+	ctA := encrypt(t, c, a, "shared", "for a")
+	if _, err := c.Logical().Write(b.path+"/decrypt/shared", map[string]interface{}{"ciphertext": ctA}); statusOf(err) != 400 {
+		t.Fatalf("mount b decrypted mount a's ciphertext: %v", err)
+	}
+	if _, err := c.Logical().Write(b.path+"/decrypt/only-a", map[string]interface{}{"ciphertext": ctA}); statusOf(err) != 400 {
+		t.Fatalf("mount b used mount a's key: %v", err)
+	}
+	list, err := c.Logical().List(b.path + "/keys")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := fmt.Sprint(list.Data["keys"]); got != "[shared]" {
+		t.Fatalf("mount b lists %s", got)
+	}
+
+	// On the token, each mount's objects carry its own label prefix and distinct CKA_IDs.
+	ka, _ := c.Logical().Read(a.path + "/keys/shared")
+	kb, _ := c.Logical().Read(b.path + "/keys/shared")
+	va := ka.Data["versions"].(map[string]interface{})["1"].(map[string]interface{})
+	vb := kb.Data["versions"].(map[string]interface{})["1"].(map[string]interface{})
+	if va["hsm_id"] == vb["hsm_id"] || va["label"] == vb["label"] {
+		t.Fatalf("mounts share HSM identity: %v / %v", va, vb)
+	}
+	tok, err := hsm.Open(hsm.Config{Library: softhsm.Library, TokenLabel: a.label, PIN: a.pin, PoolSize: 1}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tok.Close()
+	objs, err := tok.ListObjects(context.Background(), "cmk/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	prefixes := map[string]int{}
+	for _, o := range objs {
+		prefixes[strings.Join(strings.SplitN(o.Label, "/", 3)[:2], "/")]++
+		if !o.Sensitive || o.Extractable || !o.NeverExtractable {
+			t.Errorf("%s is not protected: %+v", o.Label, o)
+		}
+	}
+	if len(prefixes) != 2 || len(objs) != 6 {
+		t.Fatalf("objects by mount: %v (%d objects)", prefixes, len(objs))
+	}
+
+	// A third mount naming the same token with a wrong PIN is refused, although the plugin process is logged in.
+	bad := mount{path: a.path + "-c", label: a.label, pin: "not-the-pin"}
+	if err := c.Sys().Mount(bad.path, &api.MountInput{Type: pluginName}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.Logical().Write(bad.path+"/config/hsm", map[string]interface{}{"token_label": bad.label, "pin": bad.pin})
+	if statusOf(err) != 400 || !strings.Contains(err.Error(), "PIN") {
+		t.Fatalf("wrong PIN on a shared token: %v", err)
+	}
+}
+
+// TestRestartWithPersistentStorage: a Vault server with file storage, stopped and started again and unsealed,
+// still decrypts every ciphertext it issued.
+func TestRestartWithPersistentStorage(t *testing.T) {
+	dir := t.TempDir()
+	addr, err := freeAddr()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pdir, err := preparePluginDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conf := filepath.Join(dir, "vault.hcl")
+	hcl := fmt.Sprintf(`
+storage "file" {
+  path = %q
+}
+listener "tcp" {
+  address     = %q
+  tls_disable = true
+}
+api_addr         = "http://%s"
+plugin_directory = %q
+disable_mlock    = true
+`, filepath.Join(dir, "data"), addr, addr, pdir)
+	if err := os.WriteFile(conf, []byte(hcl), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s := &vaultServer{dir: dir, addr: addr, pluginDir: pdir, logPath: filepath.Join(dir, "vault.log"), args: []string{"server", "-config=" + conf}}
+	if err := s.start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { s.stop() }()
+	init, err := s.client.Sys().Init(&api.InitRequest{SecretShares: 1, SecretThreshold: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	unseal := func() {
+		t.Helper()
+		if st, err := s.client.Sys().Unseal(init.Keys[0]); err != nil || st.Sealed {
+			t.Fatalf("unseal: %v", err)
+		}
+	}
+	unseal()
+	s.rootToken = init.RootToken
+	s.client.SetToken(init.RootToken)
+	if err := s.registerPlugin(pluginBin, ""); err != nil {
+		t.Fatal(err)
+	}
+	m := s.newMount(t)
+	c := s.client
+	mustWrite(t, c, m.path+"/keys/durable", nil)
+	issued := map[string]string{}
+	for i := 0; i < 30; i++ {
+		if i%10 == 9 {
+			mustWrite(t, c, m.path+"/keys/durable/rotate", nil)
+		}
+		pt := fmt.Sprintf("record %d", i)
+		issued[encrypt(t, c, m, "durable", pt)] = pt
+	}
+
+	s.stop()
+	if err := s.start(); err != nil {
+		t.Fatal(err)
+	}
+	unseal()
+	s.client.SetToken(init.RootToken)
+	for ct, pt := range issued {
+		if got := decrypt(t, c, m, "durable", ct); got != pt {
+			t.Fatalf("after restart %s decrypts to %q, want %q", ct[:12], got, pt)
+		}
+	}
+	if cfg, err := c.Logical().Read(m.path + "/config/hsm"); err != nil || cfg.Data["connected"] != true {
+		t.Fatalf("config/hsm after restart: %v %v", cfg, err)
+	}
+	if k, _ := c.Logical().Read(m.path + "/keys/durable"); fmt.Sprint(k.Data["latest_version"]) != "4" {
+		t.Fatalf("latest_version after restart: %v", k.Data["latest_version"])
+	}
+}
