@@ -142,10 +142,3 @@ func (m *module) checkLogin(serial, pin string, alreadyLoggedIn bool) error {
 	}
 	return nil
 }
-
-// forgetLogin is called when a login is known to be gone (user not logged in).
-func (m *module) forgetLogin(serial string) {
-	modulesMu.Lock()
-	defer modulesMu.Unlock()
-	delete(m.logins, serial)
-}
