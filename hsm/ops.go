@@ -13,53 +13,10 @@ import (
 const (
 	GCMNonceSize = 12
 	GCMTagSize   = 16
-	// HMACKeySize is the size of the HMAC secret kept beside each version (as Transit's 32-byte HMAC keys).
-	HMACKeySize = 32
+	// HMACKeySize is the size of the HMAC secret kept beside each version. Transit uses 32 bytes; tokens such as
+	// SoftHSM refuse an HMAC key shorter than the hash output, so 64 bytes serve every SHA-2 HMAC up to SHA-512.
+	HMACKeySize = 64
 )
-
-// GenerateVersionKeys creates, with CKA_ID id, the AES key (bits 128 or 256) and the HMAC secret of one key
-// version. It is idempotent: an object already carrying id (from an attempt interrupted after the token
-// created it) is kept, so a retried call never leaves two objects with one CKA_ID. If the second object cannot be
-// made, the first is destroyed again.
-func (t *Token) GenerateVersionKeys(ctx context.Context, id []byte, label string, bits int) error {
-	if bits != 128 && bits != 256 {
-		return fmt.Errorf("%w: AES key size %d", ErrInvalidArgument, bits)
-	}
-	if len(id) == 0 {
-		return fmt.Errorf("%w: empty CKA_ID", ErrInvalidArgument)
-	}
-	if err := t.generateSecret(ctx, kindAES, pkcs11.CKM_AES_KEY_GEN, aesKeyTemplate(bits, id, label)); err != nil {
-		return err
-	}
-	err := t.generateSecret(ctx, kindHMAC, pkcs11.CKM_GENERIC_SECRET_KEY_GEN, hmacKeyTemplate(HMACKeySize, id, label+"/hmac"))
-	if err != nil {
-		if _, derr := t.DestroyKeys(ctx, id); derr != nil {
-			t.log.Warn("could not remove half-created key version; the WAL rollback will", "error", derr)
-		}
-		return err
-	}
-	return nil
-}
-
-func (t *Token) generateSecret(ctx context.Context, kind keyKind, mech uint, tmpl []*pkcs11.Attribute) error {
-	var id []byte
-	for _, a := range tmpl {
-		if a.Type == pkcs11.CKA_ID {
-			id = a.Value
-		}
-	}
-	return t.do(ctx, "C_GenerateKey "+kind.String(), func(p *pkcs11.Ctx, s pooledSession) error {
-		existing, err := findObjects(p, s.h, kind.searchTemplate(id), 2)
-		if err != nil {
-			return err
-		}
-		if len(existing) > 0 {
-			return nil
-		}
-		_, err = p.GenerateKey(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, tmpl)
-		return err
-	})
-}
 
 // EncryptGCM encrypts with the AES key of CKA_ID id under AES-GCM with the given 96-bit nonce and returns the
 // nonce actually used (some HSMs substitute their own) and ciphertext‖tag.

@@ -55,6 +55,8 @@ type Token struct {
 
 	hmu     sync.RWMutex
 	handles map[handleKey]cachedHandle
+
+	rawOAEP sync.Map // crypto.Hash → true when the token's CKM_RSA_PKCS_OAEP refuses that hash
 }
 
 type pooledSession struct {
