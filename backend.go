@@ -4,6 +4,7 @@ package cmk
 
 import (
 	"context"
+	"crypto"
 	"errors"
 	"fmt"
 	"os"
@@ -25,9 +26,15 @@ const LibraryEnv = "CMK_PKCS11_LIBRARY"
 
 // hsmToken is what the backend needs of the HSM: *hsm.Token, or a fault-injecting wrapper in unit tests.
 type hsmToken interface {
-	GenerateVersionKeys(ctx context.Context, id []byte, label string, bits int) error
+	GenerateVersion(ctx context.Context, alg hsm.Algorithm, id []byte, label string, hmacBytes int) (crypto.PublicKey, error)
 	EncryptGCM(ctx context.Context, id, nonce, aad, plaintext []byte) (usedNonce, sealed []byte, err error)
 	DecryptGCM(ctx context.Context, id, nonce, aad, sealed []byte) ([]byte, error)
+	SignPKCS1v15(ctx context.Context, id []byte, h crypto.Hash, digest []byte) ([]byte, error)
+	SignPSS(ctx context.Context, id []byte, h crypto.Hash, digest []byte, saltLen int) ([]byte, error)
+	SignECDSA(ctx context.Context, id, digest []byte) ([]byte, error)
+	SignEd25519(ctx context.Context, id, message []byte) ([]byte, error)
+	HMAC(ctx context.Context, id []byte, h crypto.Hash, data []byte) ([]byte, error)
+	DecryptRSA(ctx context.Context, id []byte, h crypto.Hash, ciphertext []byte) ([]byte, error)
 	GenerateRandom(ctx context.Context, n int) ([]byte, error)
 	DestroyKeys(ctx context.Context, id []byte) (int, error)
 	Mechanisms(ctx context.Context) (offered, missing []string, err error)

@@ -23,6 +23,11 @@ type batchItem struct {
 	Nonce          string
 	KeyVersion     int
 	Reference      string
+	PaddingScheme  string
+	Input          string // sign, verify, hmac
+	Signature      string // verify
+	HMAC           string // verify
+	hasInput       bool
 	hasPlaintext   bool
 	hasCiphertext  bool
 	err            string // why this item could not be read; it fails alone
@@ -79,6 +84,10 @@ func itemFromMap(i int, m map[string]interface{}) batchItem {
 	str("context", &it.Context)
 	str("nonce", &it.Nonce)
 	str("reference", &it.Reference)
+	str("padding_scheme", &it.PaddingScheme)
+	it.hasInput = str("input", &it.Input)
+	str("signature", &it.Signature)
+	str("hmac", &it.HMAC)
 	if v, ok := m["key_version"]; ok && v != nil {
 		n, err := toInt(v)
 		if err != nil {
@@ -160,6 +169,8 @@ func hsmItemError(err error) *itemError {
 	switch {
 	case errors.Is(err, hsm.ErrInvalidCiphertext):
 		return &itemError{class: errUser, msg: "invalid ciphertext: " + hsm.ErrInvalidCiphertext.Error()}
+	case errors.Is(err, hsm.ErrInvalidArgument), errors.Is(err, hsm.ErrMechanismUnsupported):
+		return &itemError{class: errUser, msg: err.Error()}
 	case errors.Is(err, hsm.ErrUnavailable), errors.Is(err, errNotConfigured):
 		return &itemError{class: errUnavailable, msg: err.Error()}
 	}

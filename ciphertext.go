@@ -19,31 +19,45 @@ const ciphertextPrefix = "vault:v"
 func formatCiphertext(version int, nonce, sealed []byte) string {
 	buf := make([]byte, 0, len(nonce)+len(sealed))
 	buf = append(append(buf, nonce...), sealed...)
-	return ciphertextPrefix + strconv.Itoa(version) + ":" + base64.StdEncoding.EncodeToString(buf)
+	return formatVersioned(version, buf, base64.StdEncoding)
 }
 
-// parseCiphertext splits a ciphertext into version, nonce and ciphertext‖tag. Every malformed input gives an
-// error that names the problem; nothing reaches the HSM unless its shape is right.
-func parseCiphertext(s string) (version int, nonce, sealed []byte, err error) {
+// parseVersioned splits Transit's "vault:v<N>:" + encoded form (ciphertexts, signatures, HMACs) into the version
+// and the decoded bytes. Only the canonical encoding is accepted: one value, one spelling.
+func parseVersioned(what, s string, enc *base64.Encoding) (int, []byte, error) {
 	if !strings.HasPrefix(s, ciphertextPrefix) {
-		return 0, nil, nil, errors.New("invalid ciphertext: no vault:v<N>: prefix")
+		return 0, nil, fmt.Errorf("invalid %s: no vault:v<N>: prefix", what)
 	}
 	rest := s[len(ciphertextPrefix):]
 	colon := strings.IndexByte(rest, ':')
 	if colon <= 0 {
-		return 0, nil, nil, errors.New("invalid ciphertext: no version")
+		return 0, nil, fmt.Errorf("invalid %s: no version", what)
 	}
-	version, err = strconv.Atoi(rest[:colon])
+	version, err := strconv.Atoi(rest[:colon])
 	if err != nil || version < 1 || rest[0] == '+' || rest[0] == '0' {
-		return 0, nil, nil, errors.New("invalid ciphertext: version is not a positive number")
+		return 0, nil, fmt.Errorf("invalid %s: version is not a positive number", what)
 	}
 	payload := rest[colon+1:]
-	if strings.ContainsAny(payload, "\r\n") { // the decoder would skip them: one ciphertext, one spelling
-		return 0, nil, nil, errors.New("invalid ciphertext: line breaks in base64")
+	if strings.ContainsAny(payload, "\r\n") { // the decoder would skip them
+		return 0, nil, fmt.Errorf("invalid %s: line breaks in base64", what)
 	}
-	raw, err := base64.StdEncoding.Strict().DecodeString(payload)
+	raw, err := enc.Strict().DecodeString(payload)
 	if err != nil {
-		return 0, nil, nil, fmt.Errorf("invalid ciphertext: %v", err)
+		return 0, nil, fmt.Errorf("invalid %s: %v", what, err)
+	}
+	return version, raw, nil
+}
+
+func formatVersioned(version int, raw []byte, enc *base64.Encoding) string {
+	return ciphertextPrefix + strconv.Itoa(version) + ":" + enc.EncodeToString(raw)
+}
+
+// parseCiphertext splits an AES-GCM ciphertext into version, nonce and ciphertext‖tag. Every malformed input
+// gives an error that names the problem; nothing reaches the HSM unless its shape is right.
+func parseCiphertext(s string) (version int, nonce, sealed []byte, err error) {
+	version, raw, err := parseVersioned("ciphertext", s, base64.StdEncoding)
+	if err != nil {
+		return 0, nil, nil, err
 	}
 	if len(raw) < hsm.GCMNonceSize+hsm.GCMTagSize {
 		return 0, nil, nil, errors.New("invalid ciphertext: too short")

@@ -2,17 +2,25 @@ package cmk
 
 import (
 	"context"
+	"crypto"
+	"crypto/ed25519"
 	"crypto/rand"
+	"crypto/x509"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"maps"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/helper/locksutil"
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
 )
 
 const (
@@ -30,26 +38,86 @@ type keyType string
 const (
 	typeAES256GCM96 keyType = "aes256-gcm96"
 	typeAES128GCM96 keyType = "aes128-gcm96"
+	typeHMAC        keyType = "hmac"
+	typeRSA2048     keyType = "rsa-2048"
+	typeRSA3072     keyType = "rsa-3072"
+	typeRSA4096     keyType = "rsa-4096"
+	typeECDSAP256   keyType = "ecdsa-p256"
+	typeECDSAP384   keyType = "ecdsa-p384"
+	typeECDSAP521   keyType = "ecdsa-p521"
+	typeEd25519     keyType = "ed25519"
 )
 
-func (t keyType) aesBits() int {
+// keyTypeInfo is what a key type is in the HSM and what it can do.
+type keyTypeInfo struct {
+	alg     hsm.Algorithm
+	encrypt bool // encrypt and decrypt (AES-GCM, or RSA-OAEP)
+	sign    bool // sign and verify
+}
+
+var keyTypes = map[keyType]keyTypeInfo{
+	typeAES256GCM96: {hsm.AES256, true, false},
+	typeAES128GCM96: {hsm.AES128, true, false},
+	typeHMAC:        {hsm.HMACOnly, false, false},
+	typeRSA2048:     {hsm.RSA2048, true, true},
+	typeRSA3072:     {hsm.RSA3072, true, true},
+	typeRSA4096:     {hsm.RSA4096, true, true},
+	typeECDSAP256:   {hsm.ECDSAP256, false, true},
+	typeECDSAP384:   {hsm.ECDSAP384, false, true},
+	typeECDSAP521:   {hsm.ECDSAP521, false, true},
+	typeEd25519:     {hsm.Ed25519, false, true},
+}
+
+// keyTypeNames lists the types in the order the docs give them.
+var keyTypeNames = []string{"aes256-gcm96", "aes128-gcm96", "hmac", "rsa-2048", "rsa-3072", "rsa-4096",
+	"ecdsa-p256", "ecdsa-p384", "ecdsa-p521", "ed25519"}
+
+func (t keyType) info() keyTypeInfo { return keyTypes[t] }
+func (t keyType) isAES() bool       { return t == typeAES256GCM96 || t == typeAES128GCM96 }
+func (t keyType) isRSA() bool       { return t == typeRSA2048 || t == typeRSA3072 || t == typeRSA4096 }
+func (t keyType) isECDSA() bool {
+	return t == typeECDSAP256 || t == typeECDSAP384 || t == typeECDSAP521
+}
+func (t keyType) asymmetric() bool { return t.isRSA() || t.isECDSA() || t == typeEd25519 }
+
+// publicKeyName is the "name" Transit gives an asymmetric version's public key.
+func (t keyType) publicKeyName() string {
 	switch t {
-	case typeAES128GCM96:
-		return 128
-	case typeAES256GCM96:
-		return 256
+	case typeECDSAP256:
+		return "P-256"
+	case typeECDSAP384:
+		return "P-384"
+	case typeECDSAP521:
+		return "P-521"
 	}
-	return 0
+	return string(t)
+}
+
+// capabilities names what the type supports, for error messages.
+func (t keyType) capabilities() string {
+	var c []string
+	if t.info().encrypt {
+		c = append(c, "encrypt/decrypt")
+	}
+	if t.info().sign {
+		c = append(c, "sign/verify")
+	}
+	return strings.Join(append(c, "hmac"), ", ")
+}
+
+// unsupported is the 400 for an operation the key's type cannot do.
+func (t keyType) unsupported(op string) error {
+	return fmt.Errorf("key type %s does not support %s; it supports %s", t, op, t.capabilities())
 }
 
 func parseKeyType(s string) (keyType, error) {
-	switch keyType(s) {
-	case typeAES256GCM96, typeAES128GCM96:
-		return keyType(s), nil
-	case "":
+	if s == "" {
 		return typeAES256GCM96, nil
 	}
-	return "", fmt.Errorf("unsupported key type %q: this engine creates aes256-gcm96 (default) and aes128-gcm96 keys", s)
+	if _, ok := keyTypes[keyType(s)]; ok {
+		return keyType(s), nil
+	}
+	return "", fmt.Errorf("unsupported key type %q: this engine creates %s", s, strings.Join(keyTypeNames, ", "))
 }
 
 // keyPolicy is a key's metadata as stored in Vault: settings and versions, never material. A *keyPolicy in the
@@ -64,6 +132,11 @@ type keyPolicy struct {
 	DeletionAllowed      bool                `json:"deletion_allowed"`
 	Versions             map[int]*keyVersion `json:"versions"`
 	CreatedAt            time.Time           `json:"created_at"`
+	// HMACKeySize is the size in bytes of each version's HMAC secret (key_size for hmac keys).
+	HMACKeySize int `json:"hmac_key_size,omitempty"`
+	// Imported keys were brought in with import; rotation then needs AllowRotation, as in Transit.
+	Imported      bool `json:"imported,omitempty"`
+	AllowRotation bool `json:"allow_rotation,omitempty"`
 	// Deleting is set before a deletion destroys HSM objects, so that an interrupted deletion is finished by
 	// the next attempt and the key serves nothing meanwhile.
 	Deleting bool `json:"deleting,omitempty"`
@@ -71,10 +144,23 @@ type keyPolicy struct {
 
 // keyVersion is one version's metadata. Its material is on the token, found by HSMID.
 type keyVersion struct {
-	HSMID     string    `json:"hsm_id"` // hex CKA_ID shared by the version's AES and HMAC objects
+	HSMID     string    `json:"hsm_id"` // hex CKA_ID shared by the version's objects
 	Label     string    `json:"label"`  // CKA_LABEL, for people reading the token
 	CreatedAt time.Time `json:"created_at"`
 	CreatedBy string    `json:"created_by,omitempty"`
+	// PublicKey of an asymmetric version as Transit shows it: PEM (PKIX) for RSA and ECDSA, base64 for Ed25519.
+	PublicKey string `json:"public_key,omitempty"`
+	// ImportMethod says how imported material reached the token (see BYOK); empty for generated versions.
+	ImportMethod string `json:"import_method,omitempty"`
+
+	pub crypto.PublicKey // PublicKey parsed, set when the version is loaded or created
+}
+
+func (p *keyPolicy) hmacKeySize() int {
+	if p.HMACKeySize > 0 {
+		return p.HMACKeySize
+	}
+	return hsm.HMACKeySize
 }
 
 func (v *keyVersion) id() []byte {
@@ -176,7 +262,42 @@ func loadPolicy(ctx context.Context, s logical.Storage, name string) (*keyPolicy
 	if err := e.DecodeJSON(&p); err != nil {
 		return nil, fmt.Errorf("decode key %q: %w", name, err)
 	}
+	for n, v := range p.Versions {
+		if v.PublicKey == "" {
+			continue
+		}
+		if v.pub, err = parsePublicKey(p.Type, v.PublicKey); err != nil {
+			return nil, fmt.Errorf("key %q version %d: %w", name, n, err)
+		}
+	}
 	return &p, nil
+}
+
+// formatPublicKey renders a public key as Transit does.
+func formatPublicKey(pub crypto.PublicKey) (string, error) {
+	if ed, ok := pub.(ed25519.PublicKey); ok {
+		return base64.StdEncoding.EncodeToString(ed), nil
+	}
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return "", err
+	}
+	return string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})), nil
+}
+
+func parsePublicKey(t keyType, s string) (crypto.PublicKey, error) {
+	if t == typeEd25519 {
+		raw, err := base64.StdEncoding.DecodeString(s)
+		if err != nil || len(raw) != ed25519.PublicKeySize {
+			return nil, fmt.Errorf("stored Ed25519 public key is malformed")
+		}
+		return ed25519.PublicKey(raw), nil
+	}
+	block, _ := pem.Decode([]byte(s))
+	if block == nil {
+		return nil, fmt.Errorf("stored public key is not PEM")
+	}
+	return x509.ParsePKIXPublicKey(block.Bytes)
 }
 
 // storePolicy persists p and publishes it to the cache. Called with the key's lock held.
@@ -227,8 +348,15 @@ func (b *backend) addVersion(ctx context.Context, s logical.Storage, tok hsmToke
 		}
 		return cause
 	}
-	if err := tok.GenerateVersionKeys(ctx, rawID, ver.Label, p.Type.aesBits()); err != nil {
+	pub, err := tok.GenerateVersion(ctx, p.Type.info().alg, rawID, ver.Label, p.hmacKeySize())
+	if err != nil {
 		return undo(fmt.Errorf("create key %q version %d in the HSM: %w", p.Name, v, err))
+	}
+	if pub != nil {
+		if ver.PublicKey, err = formatPublicKey(pub); err != nil {
+			return undo(err)
+		}
+		ver.pub = pub
 	}
 	p.Versions = maps.Clone(p.Versions)
 	if p.Versions == nil {
@@ -300,7 +428,7 @@ func (b *backend) walRollback(ctx context.Context, req *logical.Request, kind st
 }
 
 // createKey creates key name with its first version unless it exists. It reports whether it created it.
-func (b *backend) createKey(ctx context.Context, s logical.Storage, name string, typ keyType, by string) (*keyPolicy, bool, error) {
+func (b *backend) createKey(ctx context.Context, s logical.Storage, name string, typ keyType, hmacSize int, by string) (*keyPolicy, bool, error) {
 	lock := b.lockKey(name)
 	lock.Lock()
 	defer lock.Unlock()
@@ -312,7 +440,7 @@ func (b *backend) createKey(ctx context.Context, s logical.Storage, name string,
 	if err != nil {
 		return nil, false, err
 	}
-	p = &keyPolicy{Name: name, Type: typ, CreatedAt: time.Now().UTC()}
+	p = &keyPolicy{Name: name, Type: typ, CreatedAt: time.Now().UTC(), HMACKeySize: hmacSize}
 	if err := b.addVersion(ctx, s, tok, p, by); err != nil {
 		return nil, false, err
 	}

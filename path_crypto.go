@@ -2,6 +2,9 @@ package cmk
 
 import (
 	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/sha3"
 	"crypto/sha512"
@@ -31,7 +34,8 @@ type decryptResult struct {
 }
 
 func (b *backend) pathCrypto() []*framework.Path {
-	return []*framework.Path{b.pathEncrypt(), b.pathDecrypt(), b.pathRewrap(), b.pathDatakey(), b.pathRandom(), b.pathHash()}
+	return []*framework.Path{b.pathEncrypt(), b.pathDecrypt(), b.pathRewrap(), b.pathDatakey(), b.pathRandom(), b.pathHash(),
+		b.pathSign(), b.pathVerify(), b.pathHMAC()}
 }
 
 func withBatch(fields map[string]*framework.FieldSchema) map[string]*framework.FieldSchema {
@@ -48,6 +52,10 @@ var (
 	fieldContext = &framework.FieldSchema{
 		Type:        framework.TypeString,
 		Description: "Transit's key derivation context. Not supported: " + msgNoDerivation + ".",
+	}
+	fieldPadding = &framework.FieldSchema{
+		Type:        framework.TypeString,
+		Description: `RSA keys only: "oaep" (default, with SHA-256) or "pkcs1v15".`,
 	}
 	fieldNonce = &framework.FieldSchema{
 		Type:        framework.TypeString,
@@ -69,6 +77,7 @@ func (b *backend) pathEncrypt() *framework.Path {
 			"associated_data": fieldAAD,
 			"context":         fieldContext,
 			"nonce":           fieldNonce,
+			"padding_scheme":  fieldPadding,
 			"type": {
 				Type:        framework.TypeString,
 				Default:     string(typeAES256GCM96),
@@ -132,6 +141,10 @@ func singleItem(d *framework.FieldData) batchItem {
 	it.Context, _ = get("context")
 	it.Nonce, _ = get("nonce")
 	it.Reference, _ = get("reference")
+	it.PaddingScheme, _ = get("padding_scheme")
+	it.Input, it.hasInput = get("input")
+	it.Signature, _ = get("signature")
+	it.HMAC, _ = get("hmac")
 	if _, ok := d.Schema["key_version"]; ok {
 		it.KeyVersion = d.Get("key_version").(int)
 	}
@@ -156,11 +169,37 @@ func checkCommon(it *batchItem) ([]byte, *itemError) {
 	return aad, nil
 }
 
-// encrypt seals plaintext under version requested (0 = latest) of p.
-func encrypt(ctx context.Context, tok hsmToken, nonces *nonceSource, p *keyPolicy, requested int, plaintext, aad []byte) (string, int, *itemError) {
-	v, ver, err := p.encryptionVersion(requested)
+// encrypt seals plaintext under version requested (0 = latest) of p: AES-GCM in the HSM, or RSA with the
+// version's public key (no secret is involved, so the standard library does it; decryption is in the HSM).
+func encrypt(ctx context.Context, tok hsmToken, nonces *nonceSource, p *keyPolicy, it *batchItem, plaintext, aad []byte) (string, int, *itemError) {
+	if !p.Type.info().encrypt {
+		return "", 0, userError("%s", p.Type.unsupported("encryption"))
+	}
+	v, ver, err := p.encryptionVersion(it.KeyVersion)
 	if err != nil {
 		return "", 0, userError("%s", err.Error())
+	}
+	if p.Type.isRSA() {
+		if len(aad) > 0 {
+			return "", 0, userError("associated_data provided for non-AEAD key type %s", p.Type)
+		}
+		pub := ver.pub.(*rsa.PublicKey)
+		var ct []byte
+		switch it.PaddingScheme {
+		case "", "oaep":
+			ct, err = rsa.EncryptOAEP(sha256.New(), rand.Reader, pub, plaintext, nil)
+		case "pkcs1v15":
+			ct, err = rsa.EncryptPKCS1v15(rand.Reader, pub, plaintext)
+		default:
+			return "", 0, userError("padding_scheme must be oaep or pkcs1v15, not %q", it.PaddingScheme)
+		}
+		if err != nil {
+			return "", 0, userError("cannot encrypt with %s: %v", p.Type, err)
+		}
+		return formatVersioned(v, ct, base64.StdEncoding), v, nil
+	}
+	if it.PaddingScheme != "" {
+		return "", 0, userError("padding_scheme applies to RSA keys only, not %s", p.Type)
 	}
 	nonce, err := nonces.next(ctx)
 	if err != nil {
@@ -173,9 +212,35 @@ func encrypt(ctx context.Context, tok hsmToken, nonces *nonceSource, p *keyPolic
 	return formatCiphertext(v, used, sealed), v, nil
 }
 
-// decrypt opens a ciphertext of p.
-func decrypt(ctx context.Context, tok hsmToken, p *keyPolicy, ciphertext string, aad []byte) ([]byte, *itemError) {
-	v, nonce, sealed, err := parseCiphertext(ciphertext)
+// decrypt opens a ciphertext of p in the HSM.
+func decrypt(ctx context.Context, tok hsmToken, p *keyPolicy, it *batchItem, aad []byte) ([]byte, *itemError) {
+	if !p.Type.info().encrypt {
+		return nil, userError("%s", p.Type.unsupported("decryption"))
+	}
+	if p.Type.isRSA() {
+		v, raw, err := parseVersioned("ciphertext", it.Ciphertext, base64.StdEncoding)
+		if err != nil {
+			return nil, userError("%s", err.Error())
+		}
+		ver, err := p.decryptionVersion(v)
+		if err != nil {
+			return nil, userError("%s", err.Error())
+		}
+		var h crypto.Hash
+		switch it.PaddingScheme {
+		case "", "oaep":
+			h = crypto.SHA256
+		case "pkcs1v15":
+		default:
+			return nil, userError("padding_scheme must be oaep or pkcs1v15, not %q", it.PaddingScheme)
+		}
+		pt, err := tok.DecryptRSA(ctx, ver.id(), h, raw)
+		if err != nil {
+			return nil, hsmItemError(fmt.Errorf("decrypt with %s v%d: %w", p.Name, v, err))
+		}
+		return pt, nil
+	}
+	v, nonce, sealed, err := parseCiphertext(it.Ciphertext)
 	if err != nil {
 		return nil, userError("%s", err.Error())
 	}
@@ -234,7 +299,7 @@ func (b *backend) pathEncryptWrite(ctx context.Context, req *logical.Request, d 
 			if err != nil {
 				return userError("plaintext is not valid base64: %v", err)
 			}
-			ct, v, ierr := encrypt(ctx, tok, nonces, p, it.KeyVersion, pt, aad)
+			ct, v, ierr := encrypt(ctx, tok, nonces, p, it, pt, aad)
 			clear(pt)
 			results[i].Ciphertext, results[i].KeyVersion = ct, v
 			return ierr
@@ -282,7 +347,10 @@ func (b *backend) upsert(ctx context.Context, req *logical.Request, d *framework
 	if err != nil {
 		return userError("%s", err.Error())
 	}
-	if _, _, err := b.createKey(ctx, req.Storage, name, typ, requester(req)); err != nil {
+	if !typ.info().encrypt {
+		return userError("key type %s not supported for this operation: encrypt creates aes256-gcm96, aes128-gcm96 or rsa keys", typ)
+	}
+	if _, _, err := b.createKey(ctx, req.Storage, name, typ, 0, requester(req)); err != nil {
 		return hsmItemError(err)
 	}
 	return nil
@@ -298,6 +366,7 @@ func (b *backend) pathDecrypt() *framework.Path {
 			"associated_data": fieldAAD,
 			"context":         fieldContext,
 			"nonce":           fieldNonce,
+			"padding_scheme":  fieldPadding,
 		}),
 		Operations: map[logical.Operation]framework.OperationHandler{
 			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathDecryptWrite, Summary: "Decrypt a ciphertext or a batch of ciphertexts in the HSM."},
@@ -341,7 +410,7 @@ func (b *backend) pathDecryptWrite(ctx context.Context, req *logical.Request, d 
 			if !it.hasCiphertext {
 				return userError("batch_input[%d]: missing ciphertext to decrypt", i)
 			}
-			pt, ierr := decrypt(ctx, tok, p, it.Ciphertext, aad)
+			pt, ierr := decrypt(ctx, tok, p, it, aad)
 			if ierr == nil {
 				results[i].Plaintext = base64.StdEncoding.EncodeToString(pt)
 				clear(pt)
@@ -376,6 +445,7 @@ func (b *backend) pathRewrap() *framework.Path {
 			"associated_data": fieldAAD,
 			"context":         fieldContext,
 			"nonce":           fieldNonce,
+			"padding_scheme":  fieldPadding,
 		}),
 		Operations: map[logical.Operation]framework.OperationHandler{
 			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathRewrapWrite, Summary: "Re-encrypt ciphertexts under a newer version without returning the plaintext."},
@@ -419,12 +489,12 @@ func (b *backend) pathRewrapWrite(ctx context.Context, req *logical.Request, d *
 			if !it.hasCiphertext {
 				return userError("batch_input[%d]: missing ciphertext to decrypt", i)
 			}
-			pt, ierr := decrypt(ctx, tok, p, it.Ciphertext, aad)
+			pt, ierr := decrypt(ctx, tok, p, it, aad)
 			if ierr != nil {
 				return ierr
 			}
 			defer clear(pt)
-			ct, v, ierr := encrypt(ctx, tok, nonces, p, it.KeyVersion, pt, aad)
+			ct, v, ierr := encrypt(ctx, tok, nonces, p, it, pt, aad)
 			results[i].Ciphertext, results[i].KeyVersion = ct, v
 			return ierr
 		}()
@@ -469,6 +539,7 @@ func (b *backend) pathDatakey() *framework.Path {
 			"associated_data": fieldAAD,
 			"context":         fieldContext,
 			"nonce":           fieldNonce,
+			"padding_scheme":  fieldPadding,
 		},
 		Operations: map[logical.Operation]framework.OperationHandler{
 			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathDatakeyWrite, Summary: "Generate a data key from the HSM's RNG, wrapped by the named key."},
@@ -501,7 +572,7 @@ func (b *backend) pathDatakeyWrite(ctx context.Context, req *logical.Request, d 
 		return hsmErrorResponse(err)
 	}
 	defer clear(dataKey)
-	ct, v, ierr := encrypt(ctx, tok, nonces, p, it.KeyVersion, dataKey, aad)
+	ct, v, ierr := encrypt(ctx, tok, nonces, p, &it, dataKey, aad)
 	if ierr != nil {
 		return singleError(ierr)
 	}

@@ -2,6 +2,7 @@ package cmk
 
 import (
 	"context"
+	"crypto"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
@@ -337,11 +338,11 @@ func (f *faultyToken) DecryptGCM(ctx context.Context, id, nonce, aad, ct []byte)
 	return f.hsmToken.DecryptGCM(ctx, id, nonce, aad, ct)
 }
 
-func (f *faultyToken) GenerateVersionKeys(ctx context.Context, id []byte, label string, bits int) error {
+func (f *faultyToken) GenerateVersion(ctx context.Context, alg hsm.Algorithm, id []byte, label string, hmacBytes int) (crypto.PublicKey, error) {
 	if err := f.err(); err != nil {
-		return err
+		return nil, err
 	}
-	return f.hsmToken.GenerateVersionKeys(ctx, id, label, bits)
+	return f.hsmToken.GenerateVersion(ctx, alg, id, label, hmacBytes)
 }
 
 func TestUnavailableHSMIs503AndRecovers(t *testing.T) {

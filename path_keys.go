@@ -5,10 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
 )
 
 // Transit features the HSM makes impossible; each is refused with a message that says why.
@@ -47,8 +50,12 @@ func (b *backend) pathKeys() []*framework.Path {
 				"type": {
 					Type:          framework.TypeString,
 					Default:       string(typeAES256GCM96),
-					AllowedValues: []interface{}{string(typeAES256GCM96), string(typeAES128GCM96)},
-					Description:   "Type of key to create: aes256-gcm96 (default) or aes128-gcm96, generated inside the HSM.",
+					AllowedValues: allowedKeyTypes(),
+					Description:   "Type of key to create, generated inside the HSM: " + strings.Join(keyTypeNames, ", ") + ".",
+				},
+				"key_size": {
+					Type:        framework.TypeInt,
+					Description: fmt.Sprintf("hmac keys only: size of the HMAC secret in bytes, %d to %d (default %d). The token may refuse a key shorter than the hash output.", minHMACKeySize, maxHMACKeySize, hsm.HMACKeySize),
 				},
 				"derived": {
 					Type:        framework.TypeBool,
@@ -167,7 +174,17 @@ func (b *backend) pathKeyWrite(ctx context.Context, req *logical.Request, d *fra
 	if err != nil {
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
-	p, created, err := b.createKey(ctx, req.Storage, name, typ, requester(req))
+	hmacSize := 0
+	if v, ok := d.GetOk("key_size"); ok {
+		hmacSize = v.(int)
+		if typ != typeHMAC {
+			return logical.ErrorResponse("key_size is valid for hmac keys only, not %s", typ), logical.ErrInvalidRequest
+		}
+		if hmacSize < minHMACKeySize || hmacSize > maxHMACKeySize {
+			return logical.ErrorResponse("key_size must be between %d and %d bytes", minHMACKeySize, maxHMACKeySize), logical.ErrInvalidRequest
+		}
+	}
+	p, created, err := b.createKey(ctx, req.Storage, name, typ, hmacSize, requester(req))
 	if err != nil {
 		return hsmErrorResponse(err)
 	}
@@ -188,18 +205,35 @@ func (b *backend) pathKeyRead(ctx context.Context, req *logical.Request, d *fram
 
 // formatKey gives Transit's key read response, plus where each version lives in the HSM.
 func (b *backend) formatKey(p *keyPolicy) *logical.Response {
-	keys := map[string]int64{}
+	symmetric := map[string]int64{}
+	asymmetric := map[string]interface{}{}
 	versions := map[string]interface{}{}
 	for n, v := range p.Versions {
 		s := strconv.Itoa(n)
-		keys[s] = v.CreatedAt.Unix()
-		versions[s] = map[string]interface{}{
+		if p.Type.asymmetric() {
+			asymmetric[s] = map[string]interface{}{
+				"name":          p.Type.publicKeyName(),
+				"public_key":    v.PublicKey,
+				"creation_time": v.CreatedAt.Format(time.RFC3339Nano),
+			}
+		} else {
+			symmetric[s] = v.CreatedAt.Unix()
+		}
+		info := map[string]interface{}{
 			"state":         p.versionState(n),
 			"hsm_id":        v.HSMID,
 			"label":         v.Label,
 			"creation_time": v.CreatedAt.Format(time.RFC3339Nano),
 			"created_by":    v.CreatedBy,
 		}
+		if v.ImportMethod != "" {
+			info["import_method"] = v.ImportMethod
+		}
+		versions[s] = info
+	}
+	var keys interface{} = symmetric
+	if p.Type.asymmetric() {
+		keys = asymmetric
 	}
 	data := map[string]interface{}{
 		"name":                   p.Name,
@@ -212,12 +246,12 @@ func (b *backend) formatKey(p *keyPolicy) *logical.Response {
 		"min_decryption_version": p.MinDecryptionVersion,
 		"min_encryption_version": p.MinEncryptionVersion,
 		"latest_version":         p.LatestVersion,
-		"supports_encryption":    true,
-		"supports_decryption":    true,
-		"supports_signing":       false,
+		"supports_encryption":    p.Type.info().encrypt,
+		"supports_decryption":    p.Type.info().encrypt,
+		"supports_signing":       p.Type.info().sign,
 		"supports_derivation":    false,
 		"auto_rotate_period":     0,
-		"imported_key":           false,
+		"imported_key":           p.Imported,
 		"keys":                   keys,
 		"protection_level":       "hsm",
 		"versions":               versions,
@@ -225,6 +259,12 @@ func (b *backend) formatKey(p *keyPolicy) *logical.Response {
 	}
 	if p.Deleting {
 		data["deletion_in_progress"] = true
+	}
+	if p.Type == typeHMAC {
+		data["key_size"] = p.hmacKeySize()
+	}
+	if p.Imported {
+		data["imported_key_allow_rotation"] = p.AllowRotation
 	}
 	return &logical.Response{Data: data}
 }
@@ -331,9 +371,24 @@ func (b *backend) pathRefused() []*framework.Path {
 	}
 }
 
+// HMAC secret sizes accepted for hmac keys, in bytes.
+const (
+	minHMACKeySize = 16
+	maxHMACKeySize = 512
+)
+
+func allowedKeyTypes() []interface{} {
+	out := make([]interface{}, len(keyTypeNames))
+	for i, n := range keyTypeNames {
+		out[i] = n
+	}
+	return out
+}
+
 const keysHelp = `
-Creates a key whose first version is generated inside the HSM as sensitive, non-extractable token objects: an
-AES-GCM key and, beside it, an HMAC secret, as Transit keys carry. Reading a key returns Transit's fields plus
+Creates a key whose first version is generated inside the HSM as sensitive, non-extractable token objects: the
+AES-GCM key or the private half of an RSA, ECDSA or Ed25519 pair and, beside it, an HMAC secret, as Transit keys
+carry (hmac keys have the HMAC secret only). Asymmetric versions show their public key as Transit does. Reading a key returns Transit's fields plus
 protection_level "hsm" and, per version, its state, HSM object ID (CKA_ID), label and creation time. Deleting a
 key requires deletion_allowed and destroys its objects on the token.
 

@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
 )
 
 func TestKeyCreateReadListDelete(t *testing.T) {
@@ -203,7 +205,7 @@ func TestWALRollbackDestroysOnlyUncommittedObjects(t *testing.T) {
 	if _, err := e.b.walPut(ctx, e.storage, "k", 2, orphan); err != nil {
 		t.Fatal(err)
 	}
-	if err := tok.GenerateVersionKeys(ctx, orphan, "cmk/"+e.b.mountID+"/k/v2", 256); err != nil {
+	if _, err := tok.GenerateVersion(ctx, hsm.AES256, orphan, "cmk/"+e.b.mountID+"/k/v2", hsm.HMACKeySize); err != nil {
 		t.Fatal(err)
 	}
 	// And a WAL entry left behind for a version that did commit.

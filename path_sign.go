@@ -1,0 +1,548 @@
+package cmk
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/hmac"
+	"crypto/rsa"
+	"encoding/asn1"
+	"encoding/base64"
+	"fmt"
+	"math/big"
+	"strconv"
+	"strings"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// Transit's hash names for sign, verify and hmac.
+var signHashes = map[string]crypto.Hash{
+	"sha1": crypto.SHA1, "sha2-224": crypto.SHA224, "sha2-256": crypto.SHA256, "sha2-384": crypto.SHA384,
+	"sha2-512": crypto.SHA512, "sha3-224": crypto.SHA3_224, "sha3-256": crypto.SHA3_256, "sha3-384": crypto.SHA3_384,
+	"sha3-512": crypto.SHA3_512,
+}
+
+type signResult struct {
+	Signature  string `json:"signature,omitempty"`
+	KeyVersion int    `json:"key_version"`
+	Error      string `json:"error,omitempty"`
+	Reference  string `json:"reference"`
+}
+
+type verifyResult struct {
+	Valid     bool   `json:"valid"`
+	Error     string `json:"error,omitempty"`
+	Reference string `json:"reference"`
+}
+
+type hmacResult struct {
+	HMAC      string `json:"hmac,omitempty"`
+	Valid     bool   `json:"valid"`
+	Error     string `json:"error,omitempty"`
+	Reference string `json:"reference"`
+}
+
+func signatureFields() map[string]*framework.FieldSchema {
+	return withBatch(map[string]*framework.FieldSchema{
+		"name":         fieldName,
+		"input":        {Type: framework.TypeString, Description: "Base64 input (or its digest, with prehashed)."},
+		"urlalgorithm": {Type: framework.TypeString, Description: "Hash algorithm, in the URL."},
+		"hash_algorithm": {
+			Type:        framework.TypeString,
+			Default:     "sha2-256",
+			Description: "sha1, sha2-224, sha2-256 (default), sha2-384, sha2-512, sha3-224, sha3-256, sha3-384, sha3-512. Ignored for ed25519.",
+		},
+		"algorithm": {Type: framework.TypeString, Description: "Deprecated alias of hash_algorithm."},
+		"key_version": {
+			Type:        framework.TypeInt,
+			Description: "Version to sign with: 0 (latest) or at least min_encryption_version.",
+		},
+		"prehashed": {Type: framework.TypeBool, Description: "The input is already the digest (not for ed25519)."},
+		"signature_algorithm": {
+			Type:        framework.TypeString,
+			Description: `RSA keys: "pss" (default) or "pkcs1v15".`,
+		},
+		"marshaling_algorithm": {
+			Type:          framework.TypeString,
+			Default:       "asn1",
+			AllowedValues: []interface{}{"asn1", "jws"},
+			Description:   `"asn1" (default; base64) or "jws" (ECDSA r‖s, base64url without padding).`,
+		},
+		"salt_length": {
+			Type:        framework.TypeString,
+			Default:     "auto",
+			Description: `RSA-PSS salt: "auto" (default: the largest when signing, any when verifying), "hash", or a number of bytes.`,
+		},
+		"context": fieldContext,
+	})
+}
+
+func (b *backend) pathSign() *framework.Path {
+	return &framework.Path{
+		Pattern:      "sign/" + framework.GenericNameRegex("name") + framework.OptionalParamRegex("urlalgorithm"),
+		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "sign"},
+		Fields:       signatureFields(),
+		Operations: map[logical.Operation]framework.OperationHandler{
+			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathSignWrite, Summary: "Sign input with the key's private half, inside the HSM."},
+		},
+		HelpSynopsis:    "Sign input, or a batch, with an RSA, ECDSA or Ed25519 key held in the HSM.",
+		HelpDescription: "The digest is computed here (no secret is involved) and signed in the HSM; Ed25519 signs the input itself. Signatures are Transit's vault:v<N>:<base64> and verify with the version's public key in any standard library.",
+	}
+}
+
+func (b *backend) pathVerify() *framework.Path {
+	fields := signatureFields()
+	fields["signature"] = &framework.FieldSchema{Type: framework.TypeString, Description: "Signature to check, as returned by sign."}
+	fields["hmac"] = &framework.FieldSchema{Type: framework.TypeString, Description: "HMAC to check, as returned by hmac (instead of signature)."}
+	return &framework.Path{
+		Pattern:      "verify/" + framework.GenericNameRegex("name") + framework.OptionalParamRegex("urlalgorithm"),
+		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "verify"},
+		Fields:       fields,
+		Operations: map[logical.Operation]framework.OperationHandler{
+			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathVerifyWrite, Summary: "Check a signature or an HMAC."},
+		},
+		HelpSynopsis:    "Check a signature (with the version's public key) or an HMAC (recomputed in the HSM).",
+		HelpDescription: "Returns valid true or false. A malformed signature or HMAC, or a version below min_decryption_version, is a 400. HMACs are compared in constant time.",
+	}
+}
+
+func (b *backend) pathHMAC() *framework.Path {
+	return &framework.Path{
+		Pattern:      "hmac/" + framework.GenericNameRegex("name") + framework.OptionalParamRegex("urlalgorithm"),
+		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "generate", OperationSuffix: "hmac"},
+		Fields: withBatch(map[string]*framework.FieldSchema{
+			"name":         fieldName,
+			"input":        {Type: framework.TypeString, Description: "Base64 input."},
+			"urlalgorithm": {Type: framework.TypeString, Description: "Hash algorithm, in the URL."},
+			"algorithm": {
+				Type:        framework.TypeString,
+				Default:     "sha2-256",
+				Description: "sha2-224, sha2-256 (default), sha2-384 or sha2-512 (and sha3-* where the token offers them).",
+			},
+			"key_version": {Type: framework.TypeInt, Description: "Version whose HMAC secret to use: 0 (latest) or at least min_encryption_version."},
+		}),
+		Operations: map[logical.Operation]framework.OperationHandler{
+			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathHMACWrite, Summary: "HMAC input with the version's HMAC secret, inside the HSM."},
+		},
+		HelpSynopsis:    "Compute an HMAC in the HSM with the key version's HMAC secret.",
+		HelpDescription: "Every version of every key carries an HMAC secret in the HSM, as Transit keys do. The result is vault:v<N>:<base64>.",
+	}
+}
+
+// signOptions are a request's signature settings.
+type signOptions struct {
+	hash       crypto.Hash
+	prehashed  bool
+	rsaPSS     bool
+	jws        bool
+	saltLength string
+}
+
+func readSignOptions(d *framework.FieldData, p *keyPolicy) (signOptions, *itemError) {
+	o := signOptions{prehashed: d.Get("prehashed").(bool), saltLength: d.Get("salt_length").(string)}
+	name := d.Get("hash_algorithm").(string)
+	if v, ok := d.GetOk("algorithm"); ok {
+		name = v.(string)
+	}
+	if v, ok := d.Raw["urlalgorithm"].(string); ok && v != "" {
+		name = v
+	}
+	h, ok := signHashes[name]
+	if !ok {
+		return o, userError("unsupported hash algorithm %q", name)
+	}
+	o.hash = h
+	switch d.Get("marshaling_algorithm").(string) {
+	case "asn1":
+	case "jws":
+		o.jws = true
+	default:
+		return o, userError("marshaling_algorithm must be asn1 or jws")
+	}
+	switch v, _ := d.Get("signature_algorithm").(string); v {
+	case "", "pss":
+		o.rsaPSS = true
+	case "pkcs1v15":
+	default:
+		return o, userError("signature_algorithm must be pss or pkcs1v15, not %q", v)
+	}
+	if p.Type == typeEd25519 && o.prehashed {
+		return o, userError("prehashed is not supported with ed25519: it signs the input itself")
+	}
+	return o, nil
+}
+
+func (o signOptions) encoding() *base64.Encoding {
+	if o.jws {
+		return base64.RawURLEncoding
+	}
+	return base64.StdEncoding
+}
+
+// digest is what gets signed: the input's hash, or the input itself when prehashed.
+func (o signOptions) digest(input []byte) ([]byte, *itemError) {
+	if o.prehashed {
+		if len(input) != o.hash.Size() {
+			return nil, userError("prehashed input is %d bytes; %v digests are %d", len(input), o.hash, o.hash.Size())
+		}
+		return input, nil
+	}
+	h := o.hash.New()
+	h.Write(input)
+	return h.Sum(nil), nil
+}
+
+// pssSalt resolves salt_length for an RSA key of the given size. auto means the largest salt when signing and
+// any salt when verifying, as Go's (and Transit's) rsa.PSSSaltLengthAuto.
+func (o signOptions) pssSalt(pub *rsa.PublicKey, signing bool) (int, *itemError) {
+	maxSalt := (pub.N.BitLen()-1+7)/8 - o.hash.Size() - 2
+	switch strings.ToLower(o.saltLength) {
+	case "", "auto":
+		if signing {
+			return maxSalt, nil
+		}
+		return rsa.PSSSaltLengthAuto, nil
+	case "hash":
+		return o.hash.Size(), nil
+	}
+	n, err := strconv.Atoi(o.saltLength)
+	if err != nil {
+		return 0, userError("salt_length must be auto, hash or a number, not %q", o.saltLength)
+	}
+	if n == rsa.PSSSaltLengthEqualsHash {
+		return o.hash.Size(), nil
+	}
+	if n < 0 || n > maxSalt {
+		return 0, userError("salt_length %d is invalid: 0 to %d for this key and hash", n, maxSalt)
+	}
+	return n, nil
+}
+
+func (b *backend) pathSignWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	items, batch, bad := b.signatureItems(ctx, req, d, false)
+	if bad != nil {
+		return bad, logical.ErrInvalidRequest
+	}
+	p, tok, _, kerr := b.usableKey(ctx, req.Storage, d.Get("name").(string))
+	if kerr != nil {
+		return singleError(kerr)
+	}
+	if !p.Type.info().sign {
+		return singleError(userError("%s", p.Type.unsupported("signing")))
+	}
+	opts, oerr := readSignOptions(d, p)
+	if oerr != nil {
+		return singleError(oerr)
+	}
+	results := make([]signResult, len(items))
+	var out batchOutcome
+	for i := range items {
+		it := &items[i]
+		results[i].Reference = it.Reference
+		ierr := func() *itemError {
+			if it.err != "" {
+				return userError("%s", it.err)
+			}
+			if it.Context != "" {
+				return userError("%s", msgNoDerivation)
+			}
+			input, err := base64.StdEncoding.DecodeString(it.Input)
+			if err != nil {
+				return userError("input is not valid base64: %v", err)
+			}
+			v, ver, err := p.encryptionVersion(it.KeyVersion)
+			if err != nil {
+				return userError("%s", err.Error())
+			}
+			sig, ierr := sign(ctx, tok, p, ver, opts, input)
+			if ierr != nil {
+				return ierr
+			}
+			results[i].Signature, results[i].KeyVersion = formatVersioned(v, sig, opts.encoding()), v
+			return nil
+		}()
+		if ierr != nil {
+			results[i].Error = ierr.msg
+		}
+		out.add(ierr)
+	}
+	if !batch {
+		if results[0].Error != "" {
+			return singleError(&itemError{class: classOf(out), msg: results[0].Error})
+		}
+		return &logical.Response{Data: map[string]interface{}{"signature": results[0].Signature, "key_version": results[0].KeyVersion}}, nil
+	}
+	return out.respond(d, req, &logical.Response{Data: map[string]interface{}{"batch_results": results}})
+}
+
+// sign makes the signature bytes in the HSM.
+func sign(ctx context.Context, tok hsmToken, p *keyPolicy, ver *keyVersion, o signOptions, input []byte) ([]byte, *itemError) {
+	if p.Type == typeEd25519 {
+		sig, err := tok.SignEd25519(ctx, ver.id(), input)
+		if err != nil {
+			return nil, hsmItemError(err)
+		}
+		return sig, nil
+	}
+	digest, ierr := o.digest(input)
+	if ierr != nil {
+		return nil, ierr
+	}
+	switch {
+	case p.Type.isRSA() && o.rsaPSS:
+		salt, ierr := o.pssSalt(ver.pub.(*rsa.PublicKey), true)
+		if ierr != nil {
+			return nil, ierr
+		}
+		sig, err := tok.SignPSS(ctx, ver.id(), o.hash, digest, salt)
+		if err != nil {
+			return nil, hsmItemError(err)
+		}
+		return sig, nil
+	case p.Type.isRSA():
+		sig, err := tok.SignPKCS1v15(ctx, ver.id(), o.hash, digest)
+		if err != nil {
+			return nil, hsmItemError(err)
+		}
+		return sig, nil
+	}
+	raw, err := tok.SignECDSA(ctx, ver.id(), digest)
+	if err != nil {
+		return nil, hsmItemError(err)
+	}
+	if o.jws {
+		return raw, nil
+	}
+	half := len(raw) / 2
+	der, err := asn1.Marshal(struct{ R, S *big.Int }{new(big.Int).SetBytes(raw[:half]), new(big.Int).SetBytes(raw[half:])})
+	if err != nil {
+		return nil, &itemError{class: errInternal, msg: err.Error()}
+	}
+	return der, nil
+}
+
+// signatureItems reads the single request or the batch for sign, verify and hmac.
+func (b *backend) signatureItems(ctx context.Context, req *logical.Request, d *framework.FieldData, verify bool) ([]batchItem, bool, *logical.Response) {
+	cfg, err := b.readKeysConfig(ctx, req.Storage)
+	if err != nil {
+		return nil, false, logical.ErrorResponse("%s", err.Error())
+	}
+	items, bad := readBatch(d, cfg.MaxBatchSize)
+	if bad != nil {
+		return nil, false, bad
+	}
+	if items != nil {
+		for i := range items {
+			if items[i].err == "" && !items[i].hasInput {
+				items[i].err = fmt.Sprintf("batch_input[%d]: missing input", i)
+			}
+		}
+		return items, true, nil
+	}
+	it := singleItem(d)
+	if !it.hasInput {
+		return nil, false, logical.ErrorResponse("missing input")
+	}
+	if verify && it.Signature == "" && it.HMAC == "" {
+		return nil, false, logical.ErrorResponse("signature or hmac is required")
+	}
+	return []batchItem{it}, false, nil
+}
+
+func (b *backend) pathVerifyWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	items, batch, bad := b.signatureItems(ctx, req, d, true)
+	if bad != nil {
+		return bad, logical.ErrInvalidRequest
+	}
+	p, tok, _, kerr := b.usableKey(ctx, req.Storage, d.Get("name").(string))
+	if kerr != nil {
+		return singleError(kerr)
+	}
+	results := make([]verifyResult, len(items))
+	var out batchOutcome
+	var opts signOptions
+	var oerr *itemError
+	for i := range items {
+		it := &items[i]
+		results[i].Reference = it.Reference
+		ierr := func() *itemError {
+			if it.err != "" {
+				return userError("%s", it.err)
+			}
+			if it.Context != "" {
+				return userError("%s", msgNoDerivation)
+			}
+			input, err := base64.StdEncoding.DecodeString(it.Input)
+			if err != nil {
+				return userError("input is not valid base64: %v", err)
+			}
+			switch {
+			case it.HMAC != "" && it.Signature != "":
+				return userError("give signature or hmac, not both")
+			case it.HMAC != "":
+				valid, ierr := verifyHMAC(ctx, tok, p, hmacHash(d), it.HMAC, input)
+				results[i].Valid = valid
+				return ierr
+			case it.Signature == "":
+				return userError("missing signature or hmac")
+			}
+			if !p.Type.info().sign {
+				return userError("%s", p.Type.unsupported("signature verification"))
+			}
+			if opts.hash == 0 && oerr == nil {
+				opts, oerr = readSignOptions(d, p)
+			}
+			if oerr != nil {
+				return oerr
+			}
+			valid, ierr := verifySignature(p, opts, it.Signature, input)
+			results[i].Valid = valid
+			return ierr
+		}()
+		if ierr != nil {
+			results[i].Error = ierr.msg
+		}
+		out.add(ierr)
+	}
+	if !batch {
+		if results[0].Error != "" {
+			return singleError(&itemError{class: classOf(out), msg: results[0].Error})
+		}
+		return &logical.Response{Data: map[string]interface{}{"valid": results[0].Valid}}, nil
+	}
+	return out.respond(d, req, &logical.Response{Data: map[string]interface{}{"batch_results": results}})
+}
+
+// verifySignature checks a signature with the version's public key. Checking needs no secret, so the standard
+// library does it.
+func verifySignature(p *keyPolicy, o signOptions, signature string, input []byte) (bool, *itemError) {
+	v, sig, err := parseVersioned("signature", signature, o.encoding())
+	if err != nil {
+		return false, userError("%s", err.Error())
+	}
+	ver, err := p.decryptionVersion(v)
+	if err != nil {
+		return false, userError("%s", strings.Replace(err.Error(), "ciphertext", "signature", 1))
+	}
+	if p.Type == typeEd25519 {
+		return ed25519.Verify(ver.pub.(ed25519.PublicKey), input, sig), nil
+	}
+	digest, ierr := o.digest(input)
+	if ierr != nil {
+		return false, ierr
+	}
+	switch pub := ver.pub.(type) {
+	case *rsa.PublicKey:
+		if !o.rsaPSS {
+			return rsa.VerifyPKCS1v15(pub, o.hash, digest, sig) == nil, nil
+		}
+		salt, ierr := o.pssSalt(pub, false)
+		if ierr != nil {
+			return false, ierr
+		}
+		return rsa.VerifyPSS(pub, o.hash, digest, sig, &rsa.PSSOptions{SaltLength: salt}) == nil, nil
+	case *ecdsa.PublicKey:
+		if !o.jws {
+			return ecdsa.VerifyASN1(pub, digest, sig), nil
+		}
+		size := (pub.Curve.Params().BitSize + 7) / 8
+		if len(sig) != 2*size {
+			return false, nil
+		}
+		return ecdsa.Verify(pub, digest, new(big.Int).SetBytes(sig[:size]), new(big.Int).SetBytes(sig[size:])), nil
+	}
+	return false, &itemError{class: errInternal, msg: fmt.Sprintf("version %d has no public key", v)}
+}
+
+// hmacHash is the hash named by the hmac request (algorithm, or hash_algorithm on verify, or the URL).
+func hmacHash(d *framework.FieldData) string {
+	if v, ok := d.Raw["urlalgorithm"].(string); ok && v != "" {
+		return v
+	}
+	if v, ok := d.GetOk("algorithm"); ok {
+		return v.(string)
+	}
+	if _, ok := d.Schema["hash_algorithm"]; ok {
+		return d.Get("hash_algorithm").(string)
+	}
+	return "sha2-256"
+}
+
+func computeHMAC(ctx context.Context, tok hsmToken, ver *keyVersion, hashName string, input []byte) ([]byte, *itemError) {
+	h, ok := signHashes[hashName]
+	if !ok {
+		return nil, userError("unsupported hash algorithm %q", hashName)
+	}
+	mac, err := tok.HMAC(ctx, ver.id(), h, input)
+	if err != nil {
+		return nil, hsmItemError(err)
+	}
+	return mac, nil
+}
+
+// verifyHMAC recomputes the HMAC in the HSM and compares in constant time.
+func verifyHMAC(ctx context.Context, tok hsmToken, p *keyPolicy, hashName, given string, input []byte) (bool, *itemError) {
+	v, mac, err := parseVersioned("hmac", given, base64.StdEncoding)
+	if err != nil {
+		return false, userError("%s", err.Error())
+	}
+	ver, err := p.decryptionVersion(v)
+	if err != nil {
+		return false, userError("%s", strings.Replace(err.Error(), "ciphertext", "hmac", 1))
+	}
+	want, ierr := computeHMAC(ctx, tok, ver, hashName, input)
+	if ierr != nil {
+		return false, ierr
+	}
+	return hmac.Equal(want, mac), nil
+}
+
+func (b *backend) pathHMACWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	items, batch, bad := b.signatureItems(ctx, req, d, false)
+	if bad != nil {
+		return bad, logical.ErrInvalidRequest
+	}
+	p, tok, _, kerr := b.usableKey(ctx, req.Storage, d.Get("name").(string))
+	if kerr != nil {
+		return singleError(kerr)
+	}
+	hashName := hmacHash(d)
+	results := make([]hmacResult, len(items))
+	var out batchOutcome
+	for i := range items {
+		it := &items[i]
+		results[i].Reference = it.Reference
+		ierr := func() *itemError {
+			if it.err != "" {
+				return userError("%s", it.err)
+			}
+			input, err := base64.StdEncoding.DecodeString(it.Input)
+			if err != nil {
+				return userError("input is not valid base64: %v", err)
+			}
+			v, ver, err := p.encryptionVersion(it.KeyVersion)
+			if err != nil {
+				return userError("%s", err.Error())
+			}
+			mac, ierr := computeHMAC(ctx, tok, ver, hashName, input)
+			if ierr == nil {
+				results[i].HMAC = formatVersioned(v, mac, base64.StdEncoding)
+			}
+			return ierr
+		}()
+		if ierr != nil {
+			results[i].Error = ierr.msg
+		}
+		out.add(ierr)
+	}
+	if !batch {
+		if results[0].Error != "" {
+			return singleError(&itemError{class: classOf(out), msg: results[0].Error})
+		}
+		return &logical.Response{Data: map[string]interface{}{"hmac": results[0].HMAC}}, nil
+	}
+	return out.respond(d, req, &logical.Response{Data: map[string]interface{}{"batch_results": results}})
+}
