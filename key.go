@@ -73,7 +73,6 @@ var keyTypeNames = []string{"aes256-gcm96", "aes128-gcm96", "hmac", "rsa-2048", 
 	"ecdsa-p256", "ecdsa-p384", "ecdsa-p521", "ed25519"}
 
 func (t keyType) info() keyTypeInfo { return keyTypes[t] }
-func (t keyType) isAES() bool       { return t == typeAES256GCM96 || t == typeAES128GCM96 }
 func (t keyType) isRSA() bool       { return t == typeRSA2048 || t == typeRSA3072 || t == typeRSA4096 }
 func (t keyType) isECDSA() bool {
 	return t == typeECDSAP256 || t == typeECDSAP384 || t == typeECDSAP521
