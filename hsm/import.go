@@ -1,0 +1,274 @@
+package hsm
+
+import (
+	"context"
+	"crypto"
+	"crypto/rsa"
+	"errors"
+	"fmt"
+
+	"github.com/miekg/pkcs11"
+)
+
+// Key wrap with padding (RFC 5649) has two codes: SoftHSM 2.6 offers it as the deprecated CKM_AES_KEY_WRAP_PAD,
+// current HSMs as CKM_AES_KEY_WRAP_KWP.
+const (
+	MechAESKeyWrapPad uint = 0x210A
+	MechAESKeyWrapKWP uint = 0x210B
+)
+
+// How an imported key reached the token, recorded on the key version.
+const (
+	// ImportUnwrappedInHSM: both unwraps were C_UnwrapKey calls; no key existed in plugin memory.
+	ImportUnwrappedInHSM = "hsm-unwrap"
+	// ImportEphemeralInPlugin: the token's RSA-OAEP lacks the hash, so the ephemeral AES key was recovered with raw
+	// RSA in the HSM and OAEP-decoded in the plugin, held only as a session object for the target's C_UnwrapKey,
+	// and zeroised. The target key itself was unwrapped inside the HSM.
+	ImportEphemeralInPlugin = "raw-rsa-oaep-decoded-in-plugin"
+)
+
+// GenerateWrappingKey creates the RSA-4096 key whose public half clients wrap import keys with. Its private half
+// may only unwrap (RSA-OAEP) and decrypt raw RSA (for tokens whose OAEP lacks SHA-2).
+func (t *Token) GenerateWrappingKey(ctx context.Context, id []byte, label string) (*rsa.PublicKey, error) {
+	pubT := sessionPublicKey(pkcs11.CKK_RSA,
+		pkcs11.NewAttribute(pkcs11.CKA_WRAP, true),
+		pkcs11.NewAttribute(pkcs11.CKA_MODULUS_BITS, 4096),
+		pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, []byte{1, 0, 1}))
+	privT := protectedPrivateKey(pkcs11.CKK_RSA, id, label,
+		map[uint]bool{pkcs11.CKA_UNWRAP: true, pkcs11.CKA_DECRYPT: true},
+		[]uint{pkcs11.CKM_RSA_PKCS_OAEP, pkcs11.CKM_RSA_X_509})
+	var pub *rsa.PublicKey
+	err := t.do(ctx, "C_GenerateKeyPair wrapping key", func(p *pkcs11.Ctx, s pooledSession) error {
+		pubH, _, err := p.GenerateKeyPair(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, nil)}, pubT, privT)
+		if err != nil {
+			return err
+		}
+		defer func() { _ = p.DestroyObject(s.h, pubH) }()
+		k, err := readPublicKey(p, s.h, pubH, RSA4096)
+		pub, _ = k.(*rsa.PublicKey)
+		return err
+	})
+	return pub, err
+}
+
+// ImportRequest is one import: wrapped material and where it goes.
+type ImportRequest struct {
+	Algorithm   Algorithm   // what the target is
+	WrappingID  []byte      // CKA_ID of the wrapping key
+	OAEPHash    crypto.Hash // hash of the RSA-OAEP that wraps the ephemeral key
+	WrappedKey  []byte      // RSA-OAEP(ephemeral AES-256 key) ‖ AES-KWP(ephemeral, target)
+	KeyWrapMech uint        // MechAESKeyWrapPad or MechAESKeyWrapKWP
+	ID          []byte      // CKA_ID of the new version
+	Label       string
+	HMACBytes   int
+}
+
+// ImportVersion unwraps an imported key into a token object with the same protection as a generated one, adds
+// its HMAC secret, and returns its public key (asymmetric keys) and the import method used. The target key is
+// never in plugin memory; the ephemeral key is only on tokens whose OAEP lacks the requested hash.
+func (t *Token) ImportVersion(ctx context.Context, r ImportRequest) (crypto.PublicKey, string, error) {
+	info, err := lookupHash(r.OAEPHash)
+	if err != nil {
+		return nil, "", err
+	}
+	kind := r.Algorithm.kind()
+	var pub crypto.PublicKey
+	method := ImportUnwrappedInHSM
+	err = t.do(ctx, "import key", func(p *pkcs11.Ctx, s pooledSession) error {
+		wrapping, err := t.findKey(p, s, kindRSA, r.WrappingID)
+		if err != nil {
+			return err
+		}
+		// The wrapped ephemeral key is as long as the wrapping key's modulus.
+		mod, err := p.GetAttributeValue(s.h, wrapping, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_MODULUS, nil)})
+		if err != nil {
+			return err
+		}
+		k := len(trimLeadingZeros(mod[0].Value))
+		if len(r.WrappedKey) <= k {
+			return fmt.Errorf("%w: ciphertext is %d bytes; it must hold the %d-byte wrapped ephemeral key and the wrapped target key", ErrInvalidArgument, len(r.WrappedKey), k)
+		}
+		wrappedEphemeral, wrappedTarget := r.WrappedKey[:k], r.WrappedKey[k:]
+		if err := checkWrappedSize(r.Algorithm, len(wrappedTarget)); err != nil {
+			return err
+		}
+
+		ephemeral, how, err := t.unwrapEphemeral(p, s.h, wrapping, info, r.OAEPHash, wrappedEphemeral)
+		if err != nil {
+			return err
+		}
+		method = how
+		defer func() { _ = p.DestroyObject(s.h, ephemeral) }()
+
+		target, err := p.UnwrapKey(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(r.KeyWrapMech, nil)}, ephemeral, wrappedTarget, importTemplate(r))
+		if err != nil {
+			if rv, ok := rvOf(err); ok && (rv == pkcs11.CKR_WRAPPED_KEY_INVALID || rv == pkcs11.CKR_WRAPPED_KEY_LEN_RANGE ||
+				rv == pkcs11.CKR_ENCRYPTED_DATA_INVALID || rv == pkcs11.CKR_GENERAL_ERROR || rv == pkcs11.CKR_TEMPLATE_INCONSISTENT ||
+				rv == pkcs11.CKR_FUNCTION_FAILED) {
+				// SoftHSM 2.6 answers CKR_FUNCTION_FAILED both to a malformed PKCS#8 and to Ed25519 keys it cannot import.
+				return fmt.Errorf("%w: the token could not unwrap the key as %s (wrong ephemeral key, corrupt data, wrong type, or a key type this token cannot import): %v", ErrInvalidArgument, r.Algorithm, err)
+			}
+			return err
+		}
+		pub, err = t.checkImported(p, s.h, target, r.Algorithm)
+		if err != nil {
+			_ = p.DestroyObject(s.h, target)
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, "", err
+	}
+	if kind != kindHMAC {
+		err = t.generateSecret(ctx, kindHMAC, pkcs11.CKM_GENERIC_SECRET_KEY_GEN, hmacKeyTemplate(r.HMACBytes, r.ID, r.Label+"/hmac"))
+		if err != nil {
+			if _, derr := t.DestroyKeys(ctx, r.ID); derr != nil {
+				t.log.Warn("could not remove half-imported key version; the WAL rollback will", "error", derr)
+			}
+			return nil, "", err
+		}
+	}
+	return pub, method, nil
+}
+
+// unwrapEphemeral recovers the ephemeral AES key as a session object that can only unwrap.
+func (t *Token) unwrapEphemeral(p *pkcs11.Ctx, sh pkcs11.SessionHandle, wrapping pkcs11.ObjectHandle, info hashInfo, h crypto.Hash, wrapped []byte) (pkcs11.ObjectHandle, string, error) {
+	tmpl := []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false),
+		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, true),
+		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, false),
+		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, false),
+	}
+	if _, raw := t.rawOAEP.Load(h); !raw {
+		params := pkcs11.NewOAEPParams(info.mech, info.mgf, pkcs11.CKZ_DATA_SPECIFIED, nil)
+		eph, err := p.UnwrapKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_OAEP, params)}, wrapping, wrapped, tmpl)
+		if err == nil {
+			return eph, ImportUnwrappedInHSM, nil
+		}
+		rv, _ := rvOf(err)
+		switch rv {
+		case pkcs11.CKR_ARGUMENTS_BAD, pkcs11.CKR_MECHANISM_INVALID, pkcs11.CKR_MECHANISM_PARAM_INVALID:
+			t.rawOAEP.Store(h, true)
+		case pkcs11.CKR_WRAPPED_KEY_INVALID, pkcs11.CKR_ENCRYPTED_DATA_INVALID, pkcs11.CKR_GENERAL_ERROR, pkcs11.CKR_WRAPPED_KEY_LEN_RANGE:
+			return 0, "", fmt.Errorf("%w: the ephemeral key does not unwrap with the wrapping key (wrong wrapping key or hash_function?)", ErrInvalidArgument)
+		default:
+			return 0, "", err
+		}
+	}
+	if err := p.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_X_509, nil)}, wrapping); err != nil {
+		return 0, "", err
+	}
+	em, err := p.Decrypt(sh, wrapped)
+	if rv, ok := rvOf(err); ok && (rv == pkcs11.CKR_GENERAL_ERROR || rv == pkcs11.CKR_ENCRYPTED_DATA_INVALID || rv == pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE) {
+		// SoftHSM reports a ciphertext larger than the modulus as CKR_GENERAL_ERROR.
+		return 0, "", fmt.Errorf("%w: the ephemeral key does not unwrap with the wrapping key (wrong wrapping key?)", ErrInvalidArgument)
+	}
+	if err != nil {
+		return 0, "", err
+	}
+	keyBytes, err := oaepUnpad(h.New(), leftPad(em, len(wrapped)))
+	clear(em)
+	if err != nil {
+		return 0, "", fmt.Errorf("%w: the ephemeral key does not unwrap with the wrapping key (wrong wrapping key or hash_function?)", ErrInvalidArgument)
+	}
+	defer clear(keyBytes)
+	if len(keyBytes) != 32 {
+		return 0, "", fmt.Errorf("%w: the ephemeral key is %d bytes, not 32 (AES-256)", ErrInvalidArgument, len(keyBytes))
+	}
+	eph, err := p.CreateObject(sh, append(tmpl, pkcs11.NewAttribute(pkcs11.CKA_VALUE, keyBytes)))
+	if err != nil {
+		return 0, "", err
+	}
+	return eph, ImportEphemeralInPlugin, nil
+}
+
+// importTemplate is the unwrapped target's template: the same protection and usage as a generated version.
+func importTemplate(r ImportRequest) []*pkcs11.Attribute {
+	var tmpl []*pkcs11.Attribute
+	switch r.Algorithm.kind() {
+	case kindAES:
+		bits := 128
+		if r.Algorithm == AES256 {
+			bits = 256
+		}
+		tmpl = aesKeyTemplate(bits, r.ID, r.Label)
+	case kindHMAC:
+		tmpl = hmacKeyTemplate(0, r.ID, r.Label)
+	case kindRSA:
+		_, tmpl = rsaKeyTemplates(r.Algorithm.rsaBits(), r.ID, r.Label)
+	case kindEC:
+		_, params := r.Algorithm.curve()
+		_, tmpl = ecKeyTemplates(params, r.ID, r.Label)
+	case kindEd25519:
+		_, tmpl = ed25519KeyTemplates(r.ID, r.Label)
+	}
+	// The length comes from the unwrapped data (checked afterwards), the EC curve from the PKCS#8 structure.
+	// SoftHSM refuses CKA_MODIFIABLE in an unwrap template (CKR_ATTRIBUTE_READ_ONLY), so imported objects keep
+	// the default; the token still never lets them become extractable or non-sensitive.
+	out := tmpl[:0:0]
+	for _, a := range tmpl {
+		if a.Type != pkcs11.CKA_VALUE_LEN && a.Type != pkcs11.CKA_EC_PARAMS && a.Type != pkcs11.CKA_MODIFIABLE {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// checkImported checks that the unwrapped object is what the key type says, and reads its public key.
+func (t *Token) checkImported(p *pkcs11.Ctx, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle, alg Algorithm) (crypto.PublicKey, error) {
+	switch alg.kind() {
+	case kindAES, kindHMAC:
+		return nil, nil // sizes checked from the wrapped length before unwrapping
+	case kindRSA:
+		pub, err := readPublicKey(p, sh, h, alg)
+		if err != nil {
+			return nil, err
+		}
+		if bits := pub.(*rsa.PublicKey).N.BitLen(); bits != alg.rsaBits() {
+			return nil, fmt.Errorf("%w: imported RSA key has %d bits; %s needs %d", ErrInvalidArgument, bits, alg, alg.rsaBits())
+		}
+		return pub, nil
+	case kindEC, kindEd25519:
+		return t.importedCurvePublicKey(p, sh, h, alg)
+	}
+	return nil, errors.New("unknown key kind")
+}
+
+// checkWrappedSize checks a secret key's size before unwrapping, from the wrapped length: RFC 5649 output is
+// 8 bytes plus the key padded to a multiple of 8, and AES accepts only 16, 24 or 32-byte keys, so 24 bytes
+// wrapped is an AES-128 key and 40 an AES-256 one. (SoftHSM leaves CKA_VALUE_LEN empty on unwrapped keys.)
+func checkWrappedSize(alg Algorithm, wrapped int) error {
+	switch alg {
+	case AES128, AES256:
+		want := map[Algorithm]int{AES128: 16, AES256: 32}[alg]
+		if wrapped != 8+want {
+			return fmt.Errorf("%w: the wrapped key is %d bytes; an %s key wraps to %d (is the key %d bytes?)", ErrInvalidArgument, wrapped, alg, 8+want, want)
+		}
+	case HMACOnly:
+		if wrapped < 8+16 || wrapped > 8+512 {
+			return fmt.Errorf("%w: imported HMAC keys must be 16 to 512 bytes", ErrInvalidArgument)
+		}
+	}
+	return nil
+}
+
+func trimLeadingZeros(b []byte) []byte {
+	for len(b) > 1 && b[0] == 0 {
+		b = b[1:]
+	}
+	return b
+}
+
+func leftPad(b []byte, n int) []byte {
+	if len(b) >= n {
+		return b
+	}
+	out := make([]byte, n)
+	copy(out[n-len(b):], b)
+	return out
+}
