@@ -5,6 +5,7 @@ package cmk
 import (
 	"context"
 	"crypto"
+	"crypto/rsa"
 	"errors"
 	"fmt"
 	"os"
@@ -35,6 +36,8 @@ type hsmToken interface {
 	SignEd25519(ctx context.Context, id, message []byte) ([]byte, error)
 	HMAC(ctx context.Context, id []byte, h crypto.Hash, data []byte) ([]byte, error)
 	DecryptRSA(ctx context.Context, id []byte, h crypto.Hash, ciphertext []byte) ([]byte, error)
+	GenerateWrappingKey(ctx context.Context, id []byte, label string) (*rsa.PublicKey, error)
+	ImportVersion(ctx context.Context, r hsm.ImportRequest) (crypto.PublicKey, string, error)
 	GenerateRandom(ctx context.Context, n int) ([]byte, error)
 	DestroyKeys(ctx context.Context, id []byte) (int, error)
 	Mechanisms(ctx context.Context) (offered, missing []string, err error)
@@ -64,6 +67,8 @@ type backend struct {
 
 	configMu   sync.RWMutex
 	keysConfig *keysConfig // nil until loaded
+
+	wrappingMu sync.Mutex // serialises the creation of the mount's wrapping key
 }
 
 // Factory builds the backend for one mount. The plugin is served multiplexed: every mount in the process shares
@@ -102,7 +107,7 @@ func newBackend(conf *logical.BackendConfig) *backend {
 		Paths: framework.PathAppend(
 			[]*framework.Path{b.pathConfigHSM(), b.pathConfigKeys()},
 			b.pathKeys(),
-			[]*framework.Path{b.pathRotate()},
+			[]*framework.Path{b.pathRotate(), b.pathWrappingKey(), b.pathImport(false), b.pathImport(true)},
 			b.pathCrypto(),
 			b.pathRefused(),
 		),

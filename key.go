@@ -27,6 +27,8 @@ const (
 	policyPrefix = "policy/"
 	// walKindVersion brackets the creation of a version's HSM objects until its metadata is stored.
 	walKindVersion = "hsm_key_version"
+	// walKindWrappingKey brackets the creation of the mount's wrapping key.
+	walKindWrappingKey = "hsm_wrapping_key"
 	// walRollbackMinAge is long enough for any key generation to finish; the rollback also takes the key's
 	// lock, so it can never race a creation still in progress.
 	walRollbackMinAge = 2 * time.Minute
@@ -318,10 +320,22 @@ type walVersion struct {
 	HSMID   string `json:"hsm_id"`
 }
 
-// addVersion creates the next version's objects in the HSM and persists p (a clone, with the key's lock held)
+// materialFunc puts a version's material on the token under CKA_ID id and returns its public key (asymmetric
+// types) and, for imports, how the material got there.
+type materialFunc func(id []byte, label string) (pub crypto.PublicKey, importMethod string, err error)
+
+// generated is the materialFunc of a key version generated in the HSM.
+func generated(ctx context.Context, tok hsmToken, p *keyPolicy) materialFunc {
+	return func(id []byte, label string) (crypto.PublicKey, string, error) {
+		pub, err := tok.GenerateVersion(ctx, p.Type.info().alg, id, label, p.hmacKeySize())
+		return pub, "", err
+	}
+}
+
+// addVersion puts the next version's material on the token and persists p (a clone, with the key's lock held)
 // with it. The WAL entry written first lets the rollback destroy objects whose metadata never reached storage;
 // on a failure here they are destroyed at once when the HSM allows.
-func (b *backend) addVersion(ctx context.Context, s logical.Storage, tok hsmToken, p *keyPolicy, by string) error {
+func (b *backend) addVersion(ctx context.Context, s logical.Storage, tok hsmToken, p *keyPolicy, by string, material materialFunc) error {
 	rawID := make([]byte, 16) // an identifier, not a secret: the standard library's RNG is fine here
 	if _, err := rand.Read(rawID); err != nil {
 		return err
@@ -333,7 +347,7 @@ func (b *backend) addVersion(ctx context.Context, s logical.Storage, tok hsmToke
 		CreatedAt: time.Now().UTC(),
 		CreatedBy: by,
 	}
-	walID, err := b.walPut(ctx, s, p.Name, v, rawID)
+	walID, err := b.walPut(ctx, s, walKindVersion, p.Name, v, rawID)
 	if err != nil {
 		return fmt.Errorf("write WAL: %w", err)
 	}
@@ -347,10 +361,11 @@ func (b *backend) addVersion(ctx context.Context, s logical.Storage, tok hsmToke
 		}
 		return cause
 	}
-	pub, err := tok.GenerateVersion(ctx, p.Type.info().alg, rawID, ver.Label, p.hmacKeySize())
+	pub, method, err := material(rawID, ver.Label)
 	if err != nil {
-		return undo(fmt.Errorf("create key %q version %d in the HSM: %w", p.Name, v, err))
+		return undo(fmt.Errorf("key %q version %d in the HSM: %w", p.Name, v, err))
 	}
+	ver.ImportMethod = method
 	if pub != nil {
 		if ver.PublicKey, err = formatPublicKey(pub); err != nil {
 			return undo(err)
@@ -373,19 +388,24 @@ func (b *backend) addVersion(ctx context.Context, s logical.Storage, tok hsmToke
 		// Harmless: the rollback finds the version referenced and destroys nothing.
 		b.logger.Warn("could not delete WAL entry", "error", err)
 	}
-	b.logger.Info("key version created in the HSM", "key", p.Name, "version", v, "label", ver.Label, "by", by)
+	event := "key version created in the HSM"
+	if method != "" {
+		event = "key version imported into the HSM"
+	}
+	b.logger.Info(event, "key", p.Name, "version", v, "label", ver.Label, "by", by, "import_method", method)
 	return nil
 }
 
-// walPut records that version v of key name is about to get HSM objects with CKA_ID id.
-func (b *backend) walPut(ctx context.Context, s logical.Storage, name string, v int, id []byte) (string, error) {
-	return framework.PutWAL(ctx, s, walKindVersion, &walVersion{Name: name, Version: v, HSMID: hex.EncodeToString(id)})
+// walPut records that HSM objects with CKA_ID id are about to be made: version v of key name, or the mount's
+// wrapping key.
+func (b *backend) walPut(ctx context.Context, s logical.Storage, kind, name string, v int, id []byte) (string, error) {
+	return framework.PutWAL(ctx, s, kind, &walVersion{Name: name, Version: v, HSMID: hex.EncodeToString(id)})
 }
 
 // walRollback destroys the HSM objects of a version whose metadata never reached storage. Nothing that storage
 // references is ever destroyed here.
 func (b *backend) walRollback(ctx context.Context, req *logical.Request, kind string, data interface{}) error {
-	if kind != walKindVersion {
+	if kind != walKindVersion && kind != walKindWrappingKey {
 		return fmt.Errorf("unknown WAL entry kind %q", kind)
 	}
 	raw, err := json.Marshal(data)
@@ -400,19 +420,10 @@ func (b *backend) walRollback(ctx context.Context, req *logical.Request, kind st
 	if err != nil || len(id) == 0 {
 		return nil // nothing that could be on the token
 	}
-	lock := b.lockKey(w.Name)
-	lock.Lock()
-	defer lock.Unlock()
-	p, err := loadPolicy(ctx, req.Storage, w.Name)
-	if err != nil {
+	committed, unlock, err := b.walCommitted(ctx, req.Storage, kind, w)
+	defer unlock()
+	if err != nil || committed {
 		return err
-	}
-	if p != nil {
-		for _, v := range p.Versions {
-			if v.HSMID == w.HSMID {
-				return nil // committed
-			}
-		}
 	}
 	tok, _, err := b.getToken(ctx, req.Storage)
 	if err != nil {
@@ -424,6 +435,28 @@ func (b *backend) walRollback(ctx context.Context, req *logical.Request, kind st
 	}
 	b.logger.Info("WAL rollback destroyed uncommitted HSM objects", "key", w.Name, "version", w.Version, "objects", n)
 	return nil
+}
+
+// walCommitted reports whether storage references the objects of a WAL entry. It holds the lock that guards
+// their creation until unlock is called, so the rollback never races a creation still in progress.
+func (b *backend) walCommitted(ctx context.Context, s logical.Storage, kind string, w walVersion) (bool, func(), error) {
+	if kind == walKindWrappingKey {
+		b.wrappingMu.Lock()
+		wk, err := readWrappingKey(ctx, s)
+		return err == nil && wk != nil && wk.HSMID == w.HSMID, b.wrappingMu.Unlock, err
+	}
+	lock := b.lockKey(w.Name)
+	lock.Lock()
+	p, err := loadPolicy(ctx, s, w.Name)
+	if err != nil || p == nil {
+		return false, lock.Unlock, err
+	}
+	for _, v := range p.Versions {
+		if v.HSMID == w.HSMID {
+			return true, lock.Unlock, nil
+		}
+	}
+	return false, lock.Unlock, nil
 }
 
 // createKey creates key name with its first version unless it exists. It reports whether it created it.
@@ -440,7 +473,7 @@ func (b *backend) createKey(ctx context.Context, s logical.Storage, name string,
 		return nil, false, err
 	}
 	p = &keyPolicy{Name: name, Type: typ, CreatedAt: time.Now().UTC(), HMACKeySize: hmacSize}
-	if err := b.addVersion(ctx, s, tok, p, by); err != nil {
+	if err := b.addVersion(ctx, s, tok, p, by, generated(ctx, tok, p)); err != nil {
 		return nil, false, err
 	}
 	return p, true, nil

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
+	"strings"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -30,6 +32,30 @@ type hsmConfig struct {
 	PIN        string `json:"pin"`
 	PoolSize   int    `json:"pool_size"`
 	IVSource   string `json:"iv_source"`
+	// KeyWrapMech is the PKCS#11 code of AES key wrap with padding (RFC 5649) used to unwrap imports.
+	KeyWrapMech uint `json:"key_wrap_mechanism,omitempty"`
+}
+
+// Names of the key-wrap-with-padding mechanism codes, for config/hsm.
+var keyWrapMechanisms = map[string]uint{
+	"CKM_AES_KEY_WRAP_PAD": hsm.MechAESKeyWrapPad,
+	"CKM_AES_KEY_WRAP_KWP": hsm.MechAESKeyWrapKWP,
+}
+
+func (c *hsmConfig) keyWrapMechanism() uint {
+	if c == nil || c.KeyWrapMech == 0 {
+		return hsm.MechAESKeyWrapPad
+	}
+	return c.KeyWrapMech
+}
+
+func keyWrapMechanismName(m uint) string {
+	for name, code := range keyWrapMechanisms {
+		if code == m {
+			return name
+		}
+	}
+	return fmt.Sprintf("0x%X", m)
 }
 
 func readHSMConfig(ctx context.Context, s logical.Storage) (*hsmConfig, error) {
@@ -69,6 +95,11 @@ func (b *backend) pathConfigHSM() *framework.Path {
 				Type:        framework.TypeInt,
 				Default:     defaultPoolSize,
 				Description: fmt.Sprintf("Sessions used for operations at once (1 to %d); capped by the token's own session limit.", maxPoolSize),
+			},
+			"key_wrap_mechanism": {
+				Type:        framework.TypeString,
+				Default:     "CKM_AES_KEY_WRAP_PAD",
+				Description: "Mechanism for AES key wrap with padding (RFC 5649), used by key import: CKM_AES_KEY_WRAP_PAD (0x210A, default; SoftHSM 2.6) or CKM_AES_KEY_WRAP_KWP (0x210B, current HSMs), or a number such as 0x210B.",
 			},
 			"iv_source": {
 				Type:          framework.TypeString,
@@ -132,6 +163,18 @@ func (b *backend) pathConfigHSMWrite(ctx context.Context, req *logical.Request, 
 	if v, ok := d.GetOk("iv_source"); ok {
 		c.IVSource = v.(string)
 	}
+	if v, ok := d.GetOk("key_wrap_mechanism"); ok {
+		name := strings.ToUpper(strings.TrimSpace(v.(string)))
+		code, known := keyWrapMechanisms[name]
+		if !known {
+			n, err := strconv.ParseUint(strings.TrimPrefix(strings.ToLower(name), "0x"), 16, 32)
+			if err != nil || !strings.HasPrefix(strings.ToLower(name), "0x") {
+				return logical.ErrorResponse("key_wrap_mechanism must be CKM_AES_KEY_WRAP_PAD, CKM_AES_KEY_WRAP_KWP or a hex code such as 0x210B"), logical.ErrInvalidRequest
+			}
+			code = uint(n)
+		}
+		c.KeyWrapMech = code
+	}
 	switch {
 	case c.TokenLabel == "" && !c.UseSlot:
 		return logical.ErrorResponse("token_label (or slot) is required"), logical.ErrInvalidRequest
@@ -184,12 +227,13 @@ func (b *backend) pathConfigHSMRead(ctx context.Context, req *logical.Request, _
 		return nil, err
 	}
 	data := map[string]interface{}{
-		"token_label": c.TokenLabel,
-		"slot":        c.Slot,
-		"pool_size":   c.PoolSize,
-		"iv_source":   c.IVSource,
-		"pin_set":     c.PIN != "",
-		"library":     b.library,
+		"token_label":        c.TokenLabel,
+		"slot":               c.Slot,
+		"pool_size":          c.PoolSize,
+		"iv_source":          c.IVSource,
+		"pin_set":            c.PIN != "",
+		"key_wrap_mechanism": keyWrapMechanismName(c.keyWrapMechanism()),
+		"library":            b.library,
 	}
 	tok, _, err := b.getToken(ctx, req.Storage)
 	if err != nil {

@@ -202,7 +202,7 @@ func TestWALRollbackDestroysOnlyUncommittedObjects(t *testing.T) {
 		t.Fatal(err)
 	}
 	orphan := []byte("0123456789abcdef")
-	if _, err := e.b.walPut(ctx, e.storage, "k", 2, orphan); err != nil {
+	if _, err := e.b.walPut(ctx, e.storage, walKindVersion, "k", 2, orphan); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := tok.GenerateVersion(ctx, hsm.AES256, orphan, "cmk/"+e.b.mountID+"/k/v2", hsm.HMACKeySize); err != nil {
@@ -210,7 +210,7 @@ func TestWALRollbackDestroysOnlyUncommittedObjects(t *testing.T) {
 	}
 	// And a WAL entry left behind for a version that did commit.
 	p, _ := e.b.policy(ctx, e.storage, "k")
-	if _, err := e.b.walPut(ctx, e.storage, "k", 1, p.Versions[1].id()); err != nil {
+	if _, err := e.b.walPut(ctx, e.storage, walKindVersion, "k", 1, p.Versions[1].id()); err != nil {
 		t.Fatal(err)
 	}
 	if n := len(e.tokenObjects()); n != 4 {

@@ -48,8 +48,11 @@ func (b *backend) pathRotateWrite(ctx context.Context, req *logical.Request, d *
 	if err != nil {
 		return hsmErrorResponse(err)
 	}
+	if cur.Imported && !cur.AllowRotation {
+		return logical.ErrorResponse("imported key %q does not allow rotation: it was imported without allow_rotation; use import_version to add a version", name), logical.ErrInvalidRequest
+	}
 	p := cur.clone()
-	if err := b.addVersion(ctx, req.Storage, tok, p, requester(req)); err != nil {
+	if err := b.addVersion(ctx, req.Storage, tok, p, requester(req), generated(ctx, tok, p)); err != nil {
 		return hsmErrorResponse(err)
 	}
 	return b.formatKey(p), nil

@@ -1,0 +1,261 @@
+package cmk
+
+import (
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
+)
+
+const wrappingKeyPath = "wrapping_key"
+
+// wrappingKey is the mount's RSA-4096 import key; its private half is on the token.
+type wrappingKey struct {
+	HSMID     string    `json:"hsm_id"`
+	PublicKey string    `json:"public_key"` // PEM, PKIX
+	CreatedAt time.Time `json:"created_at"`
+}
+
+func readWrappingKey(ctx context.Context, s logical.Storage) (*wrappingKey, error) {
+	e, err := s.Get(ctx, wrappingKeyPath)
+	if err != nil || e == nil {
+		return nil, err
+	}
+	var w wrappingKey
+	if err := e.DecodeJSON(&w); err != nil {
+		return nil, err
+	}
+	return &w, nil
+}
+
+// getWrappingKey returns the mount's wrapping key, creating it in the HSM on first use (as Transit does).
+func (b *backend) getWrappingKey(ctx context.Context, s logical.Storage, tok hsmToken) (*wrappingKey, error) {
+	if w, err := readWrappingKey(ctx, s); err != nil || w != nil {
+		return w, err
+	}
+	b.wrappingMu.Lock()
+	defer b.wrappingMu.Unlock()
+	if w, err := readWrappingKey(ctx, s); err != nil || w != nil {
+		return w, err
+	}
+	id := make([]byte, 16)
+	if _, err := rand.Read(id); err != nil {
+		return nil, err
+	}
+	walID, err := b.walPut(ctx, s, walKindWrappingKey, "", 0, id)
+	if err != nil {
+		return nil, err
+	}
+	pub, err := tok.GenerateWrappingKey(ctx, id, fmt.Sprintf("cmk/%s/wrapping_key", b.mountID))
+	if err != nil {
+		return nil, fmt.Errorf("create the wrapping key in the HSM: %w", err)
+	}
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return nil, err
+	}
+	w := &wrappingKey{HSMID: hex.EncodeToString(id), PublicKey: string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})), CreatedAt: time.Now().UTC()}
+	e, err := logical.StorageEntryJSON(wrappingKeyPath, w)
+	if err == nil {
+		err = s.Put(ctx, e)
+	}
+	if err != nil {
+		if _, derr := tok.DestroyKeys(ctx, id); derr == nil {
+			_ = framework.DeleteWAL(ctx, s, walID)
+		}
+		return nil, err
+	}
+	_ = framework.DeleteWAL(ctx, s, walID)
+	b.logger.Info("wrapping key created in the HSM", "hsm_id", w.HSMID)
+	return w, nil
+}
+
+func (b *backend) pathWrappingKey() *framework.Path {
+	return &framework.Path{
+		Pattern:      "wrapping_key",
+		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "read", OperationSuffix: "wrapping-key"},
+		Operations: map[logical.Operation]framework.OperationHandler{
+			logical.ReadOperation: &framework.PathOperation{Callback: b.pathWrappingKeyRead, Summary: "The public half of the mount's RSA-4096 import key."},
+		},
+		HelpSynopsis:    "Read the public key that wraps keys for import.",
+		HelpDescription: "Returns, as Transit does, the PEM public key of an RSA-4096 key whose private half lives in the HSM. It is created on first read. `vault transit import` reads it and wraps the key to import with it.",
+	}
+}
+
+func (b *backend) pathWrappingKeyRead(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	tok, _, err := b.getToken(ctx, req.Storage)
+	if err != nil {
+		return hsmErrorResponse(err)
+	}
+	w, err := b.getWrappingKey(ctx, req.Storage, tok)
+	if err != nil {
+		return hsmErrorResponse(err)
+	}
+	return &logical.Response{Data: map[string]interface{}{"public_key": w.PublicKey}}, nil
+}
+
+// oaepHashes are Transit's hash_function values.
+var oaepHashes = map[string]crypto.Hash{
+	"SHA1": crypto.SHA1, "SHA224": crypto.SHA224, "SHA256": crypto.SHA256, "SHA384": crypto.SHA384, "SHA512": crypto.SHA512,
+}
+
+func (b *backend) pathImport(version bool) *framework.Path {
+	fields := map[string]*framework.FieldSchema{
+		"name":       fieldName,
+		"ciphertext": {Type: framework.TypeString, Description: "Base64 of RSA-OAEP(wrapping key, ephemeral AES-256 key) ‖ AES-KWP(ephemeral key, key to import): what `vault transit import` sends."},
+		"hash_function": {
+			Type:        framework.TypeString,
+			Default:     "SHA256",
+			Description: "Hash of the RSA-OAEP that wraps the ephemeral key: SHA1, SHA224, SHA256 (default), SHA384 or SHA512.",
+		},
+		"public_key": {Type: framework.TypeString, Description: "Transit's public-key-only import. Not supported: versions here always hold their private half in the HSM."},
+	}
+	pattern, summary := "keys/"+framework.GenericNameRegex("name")+"/import", "Import a key: it is unwrapped inside the HSM."
+	if version {
+		pattern, summary = "keys/"+framework.GenericNameRegex("name")+"/import_version", "Import a new version of an imported key."
+		fields["version"] = &framework.FieldSchema{Type: framework.TypeInt, Description: "Transit's update of a public-key-only version. Not supported: a new version is always added."}
+	} else {
+		fields["type"] = &framework.FieldSchema{
+			Type:        framework.TypeString,
+			Default:     string(typeAES256GCM96),
+			Description: "Type of the imported key: " + strings.Join(keyTypeNames, ", ") + ". AES and HMAC keys are raw bytes; RSA, ECDSA and Ed25519 keys PKCS#8.",
+		}
+		fields["allow_rotation"] = &framework.FieldSchema{Type: framework.TypeBool, Description: "Allow keys/<name>/rotate to add generated versions to the imported key."}
+		for _, f := range []string{"derived", "exportable", "allow_plaintext_backup"} {
+			fields[f] = &framework.FieldSchema{Type: framework.TypeBool, Description: "Only false is accepted."}
+		}
+		fields["context"] = fieldContext
+		fields["auto_rotate_period"] = &framework.FieldSchema{Type: framework.TypeDurationSecond, Description: "Only 0 is accepted for now: " + msgNoAutoRotate + "."}
+	}
+	verb := "import"
+	if version {
+		verb = "import-version"
+	}
+	return &framework.Path{
+		Pattern:      pattern,
+		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: verb, OperationSuffix: "key"},
+		Fields:       fields,
+		Operations: map[logical.Operation]framework.OperationHandler{
+			logical.UpdateOperation: &framework.PathOperation{Callback: b.importHandler(version), Summary: summary},
+		},
+		HelpSynopsis:    "Bring your own key: " + summary,
+		HelpDescription: importHelp,
+	}
+}
+
+func (b *backend) importHandler(version bool) framework.OperationFunc {
+	return func(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+		name := d.Get("name").(string)
+		if v, ok := d.GetOk("public_key"); ok && v.(string) != "" {
+			return logical.ErrorResponse("public_key imports are not supported: every version here holds its private half in the HSM"), logical.ErrInvalidRequest
+		}
+		if _, ok := d.Raw["convergent_encryption"]; ok {
+			return logical.ErrorResponse("%s", msgNoConvergent), logical.ErrInvalidRequest
+		}
+		raw, ok := d.GetOk("ciphertext")
+		if !ok || raw.(string) == "" {
+			return logical.ErrorResponse("ciphertext is required"), logical.ErrInvalidRequest
+		}
+		wrapped, err := base64.StdEncoding.DecodeString(raw.(string))
+		if err != nil {
+			return logical.ErrorResponse("ciphertext is not valid base64: %v", err), logical.ErrInvalidRequest
+		}
+		hashName := strings.ToUpper(d.Get("hash_function").(string))
+		h, ok := oaepHashes[hashName]
+		if !ok {
+			return logical.ErrorResponse("unsupported hash_function %q: SHA1, SHA224, SHA256, SHA384 or SHA512", hashName), logical.ErrInvalidRequest
+		}
+
+		lock := b.lockKey(name)
+		lock.Lock()
+		defer lock.Unlock()
+		cur, err := b.policyLocked(ctx, req.Storage, name)
+		if err != nil {
+			return nil, err
+		}
+		var p *keyPolicy
+		if version {
+			if _, ok := d.GetOk("version"); ok {
+				return logical.ErrorResponse("version is not supported: import_version always adds a new version (versions in the HSM are never overwritten)"), logical.ErrInvalidRequest
+			}
+			switch {
+			case cur == nil:
+				return logical.ErrorResponse("no key found with name %s; to import a new key, use the import endpoint", name), logical.ErrInvalidRequest
+			case !cur.Imported:
+				return logical.ErrorResponse("the import_version endpoint can only be used with an imported key"), logical.ErrInvalidRequest
+			}
+			if err := cur.usable(); err != nil {
+				return logical.ErrorResponse("%s", err.Error()), logical.ErrInvalidRequest
+			}
+			p = cur.clone()
+		} else {
+			if cur != nil {
+				return logical.ErrorResponse("key %q already exists: the import path cannot be used with an existing key; use import_version", name), logical.ErrInvalidRequest
+			}
+			if resp := refuseUnsupported(d); resp != nil {
+				return resp, logical.ErrInvalidRequest
+			}
+			if d.Get("context").(string) != "" {
+				return logical.ErrorResponse("%s", msgNoDerivation), logical.ErrInvalidRequest
+			}
+			typ, err := parseKeyType(strings.ToLower(d.Get("type").(string)))
+			if err != nil {
+				return logical.ErrorResponse("%s", err.Error()), logical.ErrInvalidRequest
+			}
+			p = &keyPolicy{Name: name, Type: typ, CreatedAt: time.Now().UTC(), Imported: true, AllowRotation: d.Get("allow_rotation").(bool)}
+		}
+
+		tok, _, err := b.getToken(ctx, req.Storage)
+		if err != nil {
+			return hsmErrorResponse(err)
+		}
+		w, err := readWrappingKey(ctx, req.Storage)
+		if err != nil {
+			return nil, err
+		}
+		if w == nil {
+			return logical.ErrorResponse("no wrapping key yet: read %s first and wrap the key with it", wrappingKeyPath), logical.ErrInvalidRequest
+		}
+		cfg, err := readHSMConfig(ctx, req.Storage)
+		if err != nil {
+			return nil, err
+		}
+		wrappingID, _ := hex.DecodeString(w.HSMID)
+		material := func(id []byte, label string) (crypto.PublicKey, string, error) {
+			return tok.ImportVersion(ctx, hsm.ImportRequest{
+				Algorithm: p.Type.info().alg, WrappingID: wrappingID, OAEPHash: h, WrappedKey: wrapped,
+				KeyWrapMech: cfg.keyWrapMechanism(), ID: id, Label: label, HMACBytes: p.hmacKeySize(),
+			})
+		}
+		err = b.addVersion(ctx, req.Storage, tok, p, requester(req), material)
+		switch {
+		case errors.Is(err, hsm.ErrInvalidArgument), errors.Is(err, hsm.ErrMechanismUnsupported), errors.Is(err, hsm.ErrInvalidCiphertext):
+			return logical.ErrorResponse("import failed: %s", err.Error()), logical.ErrInvalidRequest
+		case err != nil:
+			return hsmErrorResponse(err)
+		}
+		return nil, nil
+	}
+}
+
+const importHelp = `
+Imports key material the caller holds, in the format of Transit's BYOK and of 'vault transit import': the key is
+wrapped with AES key wrap with padding (RFC 5649) under an ephemeral AES-256 key, which is wrapped with RSA-OAEP
+under this mount's wrapping_key. Both unwraps happen in the HSM where the token allows: the imported key becomes a
+sensitive, non-extractable token object and never exists in plaintext in the plugin. Tokens whose RSA-OAEP lacks
+the requested hash (SoftHSM 2.6 offers SHA-1 only) recover the ephemeral key with raw RSA in the HSM and decode
+its OAEP padding in the plugin; it is then held only as a session object for the unwrap, and zeroised. Each
+version records which path was used (import_method on keys/<name>). The key wrap mechanism is set in config/hsm.
+`

@@ -1,0 +1,182 @@
+package cmk
+
+import (
+	"crypto"
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/pem"
+	"strings"
+	"testing"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/byoktest"
+)
+
+func wrappingPublicKey(t *testing.T, e *testEnv) *rsa.PublicKey {
+	t.Helper()
+	resp := e.ok(e.read("wrapping_key"))
+	block, _ := pem.Decode([]byte(resp.Data["public_key"].(string)))
+	if block == nil {
+		t.Fatal("wrapping_key is not PEM")
+	}
+	pub, err := x509.ParsePKIXPublicKey(block.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pub.(*rsa.PublicKey)
+}
+
+func wrapFor(t *testing.T, e *testEnv, h crypto.Hash, material []byte) string {
+	t.Helper()
+	wrapped, err := byoktest.Wrap(wrappingPublicKey(t, e), h, material)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return base64.StdEncoding.EncodeToString(wrapped)
+}
+
+func TestImportAESAndUseItOutside(t *testing.T) {
+	e := newTestBackend(t)
+	pub := wrappingPublicKey(t, e)
+	if pub.N.BitLen() != 4096 || !pub.Equal(wrappingPublicKey(t, e)) {
+		t.Fatal("wrapping key is not a stable RSA-4096 key")
+	}
+	material := make([]byte, 32)
+	rand.Read(material)
+	for _, c := range []struct{ key, hash, method string }{
+		{"imported-sha256", "", "raw-rsa-oaep-decoded-in-plugin"}, // the CLI's default
+		{"imported-sha1", "SHA1", "hsm-unwrap"},
+	} {
+		h := crypto.SHA256
+		data := map[string]interface{}{"ciphertext": ""}
+		if c.hash != "" {
+			h, data["hash_function"] = crypto.SHA1, c.hash
+		}
+		data["ciphertext"] = wrapFor(t, e, h, material)
+		if resp := e.ok(e.write("keys/"+c.key+"/import", data)); resp != nil {
+			t.Fatalf("import answered %v", resp.Data)
+		}
+		key := e.ok(e.read("keys/" + c.key))
+		v1 := key.Data["versions"].(map[string]interface{})["1"].(map[string]interface{})
+		if key.Data["imported_key"] != true || v1["import_method"] != c.method {
+			t.Fatalf("%s: %v", c.key, key.Data)
+		}
+		// The engine's ciphertext opens with the imported material in a standard AES-GCM…
+		ct := encryptOK(t, e, c.key, "engine wrote this")
+		raw, _ := base64.StdEncoding.DecodeString(strings.TrimPrefix(ct, "vault:v1:"))
+		block, _ := aes.NewCipher(material)
+		gcm, _ := cipher.NewGCM(block)
+		if pt, err := gcm.Open(nil, raw[:12], raw[12:], nil); err != nil || string(pt) != "engine wrote this" {
+			t.Fatalf("%s: standard AES-GCM cannot open the engine's ciphertext: %v", c.key, err)
+		}
+		// …and a standard AES-GCM ciphertext in Transit's layout decrypts in the engine.
+		nonce := make([]byte, 12)
+		rand.Read(nonce)
+		theirs := "vault:v1:" + base64.StdEncoding.EncodeToString(append(nonce, gcm.Seal(nil, nonce, []byte("outside wrote this"), nil)...))
+		if got := decryptOK(t, e, c.key, theirs); got != "outside wrote this" {
+			t.Fatalf("%s: %q", c.key, got)
+		}
+	}
+
+	// Rotation of an imported key needs allow_rotation; import_version adds versions.
+	if got := status(e.write("keys/imported-sha1/rotate", nil)); got != 400 {
+		t.Fatalf("rotate without allow_rotation: %d", got)
+	}
+	e.ok(e.write("keys/imported-sha1/import_version", map[string]interface{}{"ciphertext": wrapFor(t, e, crypto.SHA256, material)}))
+	if r := e.ok(e.read("keys/imported-sha1")); r.Data["latest_version"] != 2 {
+		t.Fatalf("import_version: %v", r.Data["latest_version"])
+	}
+	e.ok(e.write("keys/rotatable/import", map[string]interface{}{"ciphertext": wrapFor(t, e, crypto.SHA256, material), "allow_rotation": true}))
+	e.ok(e.write("keys/rotatable/rotate", nil))
+	for _, o := range e.tokenObjects() {
+		if !o.Sensitive || o.Extractable {
+			t.Errorf("%s: %+v", o.Label, o)
+		}
+	}
+}
+
+// A standard signature made outside with the imported private key verifies in the engine, and the engine's
+// signatures verify outside.
+func TestImportSigningKeys(t *testing.T) {
+	e := newTestBackend(t)
+	msg := []byte("signed outside")
+	digest := sha256.Sum256(msg)
+
+	rsaKey, _ := rsa.GenerateKey(rand.Reader, 2048)
+	der, _ := x509.MarshalPKCS8PrivateKey(rsaKey)
+	e.ok(e.write("keys/rsa/import", map[string]interface{}{"type": "rsa-2048", "ciphertext": wrapFor(t, e, crypto.SHA256, der)}))
+	if !publicKeyOf(t, e, "rsa", 1).(*rsa.PublicKey).Equal(&rsaKey.PublicKey) {
+		t.Fatal("imported RSA public key differs")
+	}
+	sig, _ := rsa.SignPKCS1v15(rand.Reader, rsaKey, crypto.SHA256, digest[:])
+	if !verifyOK(t, e, "rsa", map[string]interface{}{"input": b64(string(msg)), "signature_algorithm": "pkcs1v15", "signature": "vault:v1:" + base64.StdEncoding.EncodeToString(sig)}) {
+		t.Fatal("standard PKCS#1 v1.5 signature does not verify in the engine")
+	}
+	pss, _ := rsa.SignPSS(rand.Reader, rsaKey, crypto.SHA256, digest[:], nil)
+	if !verifyOK(t, e, "rsa", map[string]interface{}{"input": b64(string(msg)), "signature": "vault:v1:" + base64.StdEncoding.EncodeToString(pss)}) {
+		t.Fatal("standard PSS signature does not verify in the engine")
+	}
+
+	ecKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	der, _ = x509.MarshalPKCS8PrivateKey(ecKey)
+	e.ok(e.write("keys/ec/import", map[string]interface{}{"type": "ecdsa-p256", "ciphertext": wrapFor(t, e, crypto.SHA256, der)}))
+	if !publicKeyOf(t, e, "ec", 1).(*ecdsa.PublicKey).Equal(&ecKey.PublicKey) {
+		t.Fatal("imported ECDSA public key differs")
+	}
+	esig, _ := ecdsa.SignASN1(rand.Reader, ecKey, digest[:])
+	if !verifyOK(t, e, "ec", map[string]interface{}{"input": b64(string(msg)), "signature": "vault:v1:" + base64.StdEncoding.EncodeToString(esig)}) {
+		t.Fatal("standard ECDSA signature does not verify in the engine")
+	}
+	engineSig := e.ok(e.write("sign/ec", map[string]interface{}{"input": b64(string(msg))})).Data["signature"].(string)
+	if !ecdsa.VerifyASN1(&ecKey.PublicKey, digest[:], signatureBytes(t, engineSig, base64.StdEncoding)) {
+		t.Fatal("engine signature with the imported key does not verify outside")
+	}
+}
+
+func TestImportRefusals(t *testing.T) {
+	e := newTestBackend(t)
+	// Before the wrapping key exists nothing can have been wrapped for it.
+	resp, err := e.write("keys/k/import", map[string]interface{}{"ciphertext": b64("x")})
+	if status(resp, err) != 400 || !strings.Contains(respText(resp), "wrapping_key") {
+		t.Fatalf("import before wrapping_key: %d %s", status(resp, err), respText(resp))
+	}
+	material := make([]byte, 32)
+	good := wrapFor(t, e, crypto.SHA256, material)
+	e.ok(e.write("keys/generated", nil))
+	cases := []struct {
+		path string
+		data map[string]interface{}
+		want string
+	}{
+		{"keys/k/import", map[string]interface{}{}, "ciphertext is required"},
+		{"keys/k/import", map[string]interface{}{"ciphertext": "%%"}, "base64"},
+		{"keys/k/import", map[string]interface{}{"ciphertext": good, "hash_function": "MD5"}, "hash_function"},
+		{"keys/k/import", map[string]interface{}{"ciphertext": good, "type": "chacha20-poly1305"}, "unsupported key type"},
+		{"keys/k/import", map[string]interface{}{"ciphertext": good, "type": "aes128-gcm96"}, "wraps to"},
+		{"keys/k/import", map[string]interface{}{"ciphertext": good, "hash_function": "SHA512"}, "does not unwrap"},
+		{"keys/k/import", map[string]interface{}{"ciphertext": good, "type": "rsa-2048"}, "could not unwrap"},
+		{"keys/k/import", map[string]interface{}{"ciphertext": good, "exportable": true}, "never leaves the HSM"},
+		{"keys/k/import", map[string]interface{}{"ciphertext": good, "public_key": "x"}, "public_key"},
+		{"keys/generated/import", map[string]interface{}{"ciphertext": good}, "already exists"},
+		{"keys/generated/import_version", map[string]interface{}{"ciphertext": good}, "imported key"},
+		{"keys/none/import_version", map[string]interface{}{"ciphertext": good}, "no key found"},
+	}
+	for _, c := range cases {
+		resp, err := e.write(c.path, c.data)
+		if status(resp, err) != 400 || !strings.Contains(respText(resp), c.want) {
+			t.Errorf("%s %v: %d %s, want 400 with %q", c.path, c.data["type"], status(resp, err), respText(resp), c.want)
+		}
+	}
+	if r, _ := e.read("keys/k"); r != nil {
+		t.Fatal("a refused import left a key")
+	}
+	if n := len(e.tokenObjects()); n != 3 { // wrapping key + the generated key's two objects
+		t.Fatalf("refused imports left objects: %d", n)
+	}
+}
