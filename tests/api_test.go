@@ -180,6 +180,18 @@ func TestCLI(t *testing.T) {
 	if out := run("read", m.path+"/keys/cli"); !strings.Contains(out, "protection_level") || !strings.Contains(out, "hsm") {
 		t.Fatalf("key read:\n%s", out)
 	}
+	mac := run("write", "-field=hmac", m.path+"/hmac/cli/sha2-512", "input="+b64("mac me"))
+	if v := run("write", "-field=valid", m.path+"/verify/cli/sha2-512", "input="+b64("mac me"), "hmac="+mac); v != "true" {
+		t.Fatalf("hmac verify: %q", v)
+	}
+	run("write", m.path+"/keys/cli-rsa", "type=rsa-3072")
+	rsaCT := run("write", "-field=ciphertext", m.path+"/encrypt/cli-rsa", "plaintext="+b64("rsa via cli"))
+	if pt := run("write", "-field=plaintext", m.path+"/decrypt/cli-rsa", "ciphertext="+rsaCT); pt != b64("rsa via cli") {
+		t.Fatalf("rsa round trip: %q", pt)
+	}
+	if out, err := dev.vaultCLI(dev.rootToken, "write", m.path+"/sign/cli", "input="+b64("x")); err == nil || !strings.Contains(out, "does not support signing") {
+		t.Fatalf("sign with an AES key: %v\n%s", err, out)
+	}
 	if out := run("list", m.path+"/keys"); !strings.Contains(out, "cli") {
 		t.Fatalf("list:\n%s", out)
 	}
