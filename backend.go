@@ -69,6 +69,9 @@ type backend struct {
 	keysConfig *keysConfig // nil until loaded
 
 	wrappingMu sync.Mutex // serialises the creation of the mount's wrapping key
+
+	sched schedule     // when each key's next lifecycle event is due
+	usage usageTracker // encryptions per AES key version
 }
 
 // Factory builds the backend for one mount. The plugin is served multiplexed: every mount in the process shares
@@ -108,9 +111,11 @@ func newBackend(conf *logical.BackendConfig) *backend {
 			[]*framework.Path{b.pathConfigHSM(), b.pathConfigKeys()},
 			b.pathKeys(),
 			[]*framework.Path{b.pathRotate(), b.pathWrappingKey(), b.pathImport(false), b.pathImport(true)},
+			b.pathLifecycle(),
 			b.pathCrypto(),
 			b.pathRefused(),
 		),
+		PeriodicFunc:      b.periodic,
 		Invalidate:        b.invalidate,
 		Clean:             b.clean,
 		WALRollback:       b.walRollback,
@@ -128,12 +133,18 @@ func (b *backend) invalidate(_ context.Context, key string) {
 		b.configMu.Lock()
 		b.keysConfig = nil
 		b.configMu.Unlock()
-	case strings.HasPrefix(key, policyPrefix):
-		name := strings.TrimPrefix(key, policyPrefix)
+	case strings.HasPrefix(key, policyPrefix), strings.HasPrefix(key, versionsPrefix):
+		name := strings.TrimPrefix(strings.TrimPrefix(key, policyPrefix), versionsPrefix)
+		if i := strings.IndexByte(name, '/'); i >= 0 {
+			name = name[:i]
+		}
 		lock := locksutil.LockForKey(b.keyLocks, name)
 		lock.Lock()
 		b.keys.Delete(name)
 		lock.Unlock()
+		b.sched.invalidate()
+	case strings.HasPrefix(key, usagePrefix):
+		b.usage.forget(strings.TrimPrefix(key, usagePrefix))
 	}
 }
 

@@ -41,7 +41,13 @@ func TestMain(m *testing.M) {
 // countingStorage counts reads, to prove the hot path does none once a key is cached.
 type countingStorage struct {
 	logical.Storage
-	gets atomic.Int64
+	gets  atomic.Int64
+	lists atomic.Int64
+}
+
+func (c *countingStorage) List(ctx context.Context, prefix string) ([]string, error) {
+	c.lists.Add(1)
+	return c.Storage.List(ctx, prefix)
 }
 
 func (c *countingStorage) Get(ctx context.Context, key string) (*logical.StorageEntry, error) {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -272,7 +273,17 @@ func (b *backend) pathConfigHSMRead(ctx context.Context, req *logical.Request, _
 type keysConfig struct {
 	DisableUpsert bool `json:"disable_upsert"`
 	MaxBatchSize  int  `json:"max_batch_size"`
+	// AutoRotatePeriod is given to keys created without one.
+	AutoRotatePeriod time.Duration `json:"auto_rotate_period"`
+	// DeletionGracePeriod delays the destruction of deleted keys and versions; 0 destroys at once.
+	DeletionGracePeriod time.Duration `json:"deletion_grace_period"`
 }
+
+// defaultDeletionGracePeriod is how long a deleted key or version can be restored, unless config/keys says.
+const defaultDeletionGracePeriod = 7 * 24 * time.Hour
+
+// minAutoRotatePeriod is Transit's lower bound for auto_rotate_period.
+const minAutoRotatePeriod = time.Hour
 
 func (b *backend) readKeysConfig(ctx context.Context, s logical.Storage) (*keysConfig, error) {
 	b.configMu.RLock()
@@ -281,7 +292,7 @@ func (b *backend) readKeysConfig(ctx context.Context, s logical.Storage) (*keysC
 	if c != nil {
 		return c, nil
 	}
-	c = &keysConfig{MaxBatchSize: defaultMaxBatchSize}
+	c = &keysConfig{MaxBatchSize: defaultMaxBatchSize, DeletionGracePeriod: defaultDeletionGracePeriod}
 	e, err := s.Get(ctx, configKeysPath)
 	if err != nil {
 		return nil, err
@@ -309,6 +320,15 @@ func (b *backend) pathConfigKeys() *framework.Path {
 				Type:        framework.TypeBool,
 				Description: "If true, encrypting with a key that does not exist fails instead of creating it (as Transit's disable_upsert).",
 			},
+			"auto_rotate_period": {
+				Type:        framework.TypeDurationSecond,
+				Description: "auto_rotate_period given to keys created without one: 0 (default, none) or at least 1h.",
+			},
+			"deletion_grace_period": {
+				Type:        framework.TypeDurationSecond,
+				Default:     int(defaultDeletionGracePeriod.Seconds()),
+				Description: "How long a deleted key, or a version whose destruction is requested, waits before its HSM objects are destroyed; it can be restored meanwhile. 0 destroys at once (as Transit). Default 7 days.",
+			},
 			"max_batch_size": {
 				Type:        framework.TypeInt,
 				Default:     defaultMaxBatchSize,
@@ -325,8 +345,8 @@ func (b *backend) pathConfigKeys() *framework.Path {
 				Summary:  "Set the mount's key defaults.",
 			},
 		},
-		HelpSynopsis:    "Mount-wide defaults for keys: upsert and batch limits.",
-		HelpDescription: "disable_upsert stops encrypt from creating missing keys; max_batch_size bounds batch_input on every path.",
+		HelpSynopsis:    "Mount-wide defaults for keys: upsert, batch limit, rotation period, deletion grace period.",
+		HelpDescription: "disable_upsert stops encrypt from creating missing keys; max_batch_size bounds batch_input on every path; auto_rotate_period is given to new keys; deletion_grace_period delays the destruction of deleted keys and versions.",
 	}
 }
 
@@ -336,8 +356,10 @@ func (b *backend) pathConfigKeysRead(ctx context.Context, req *logical.Request, 
 		return nil, err
 	}
 	return &logical.Response{Data: map[string]interface{}{
-		"disable_upsert": c.DisableUpsert,
-		"max_batch_size": c.MaxBatchSize,
+		"disable_upsert":        c.DisableUpsert,
+		"max_batch_size":        c.MaxBatchSize,
+		"auto_rotate_period":    int64(c.AutoRotatePeriod.Seconds()),
+		"deletion_grace_period": int64(c.DeletionGracePeriod.Seconds()),
 	}}, nil
 }
 
@@ -352,6 +374,18 @@ func (b *backend) pathConfigKeysWrite(ctx context.Context, req *logical.Request,
 	}
 	if v, ok := d.GetOk("max_batch_size"); ok {
 		c.MaxBatchSize = v.(int)
+	}
+	if v, ok := d.GetOk("auto_rotate_period"); ok {
+		c.AutoRotatePeriod = time.Duration(v.(int)) * time.Second
+	}
+	if v, ok := d.GetOk("deletion_grace_period"); ok {
+		c.DeletionGracePeriod = time.Duration(v.(int)) * time.Second
+	}
+	if c.AutoRotatePeriod != 0 && c.AutoRotatePeriod < minAutoRotatePeriod {
+		return logical.ErrorResponse("auto_rotate_period must be 0 to disable or at least an hour"), logical.ErrInvalidRequest
+	}
+	if c.DeletionGracePeriod < 0 {
+		return logical.ErrorResponse("deletion_grace_period must not be negative"), logical.ErrInvalidRequest
 	}
 	if c.MaxBatchSize < 1 || c.MaxBatchSize > maxMaxBatchSize {
 		return logical.ErrorResponse("max_batch_size must be between 1 and %d", maxMaxBatchSize), logical.ErrInvalidRequest

@@ -10,10 +10,12 @@ import (
 	"crypto/sha512"
 	"encoding/base64"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"hash"
 	"maps"
 	"strconv"
+	"strings"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -171,7 +173,7 @@ func checkCommon(it *batchItem) ([]byte, *itemError) {
 
 // encrypt seals plaintext under version requested (0 = latest) of p: AES-GCM in the HSM, or RSA with the
 // version's public key (no secret is involved, so the standard library does it; decryption is in the HSM).
-func encrypt(ctx context.Context, tok hsmToken, nonces *nonceSource, p *keyPolicy, it *batchItem, plaintext, aad []byte) (string, int, *itemError) {
+func (b *backend) encrypt(ctx context.Context, s logical.Storage, tok hsmToken, nonces *nonceSource, p *keyPolicy, it *batchItem, plaintext, aad []byte) (string, int, *itemError) {
 	if !p.Type.info().encrypt {
 		return "", 0, userError("%s", p.Type.unsupported("encryption"))
 	}
@@ -200,6 +202,34 @@ func encrypt(ctx context.Context, tok hsmToken, nonces *nonceSource, p *keyPolic
 	}
 	if it.PaddingScheme != "" {
 		return "", 0, userError("padding_scheme applies to RSA keys only, not %s", p.Type)
+	}
+	last, err := b.countEncryption(ctx, s, p, v)
+	switch {
+	case errors.Is(err, errVersionExhausted) && (it.KeyVersion == 0 || it.KeyVersion == p.LatestVersion):
+		// Another request used the last encryption; rotate (or find it rotated) and use the new version.
+		np, rerr := b.rotateForUsage(ctx, s, p.Name, v)
+		switch {
+		case errors.Is(rerr, errCallerMistake):
+			return "", 0, userError("key version %d has reached its encryption limit and %s", v, strings.TrimPrefix(rerr.Error(), errCallerMistake.Error()+": "))
+		case rerr != nil:
+			return "", 0, hsmItemError(rerr)
+		case np == nil || np.LatestVersion == v:
+			return "", 0, userError("key version %d has reached its encryption limit", v)
+		}
+		retry := *it
+		retry.KeyVersion = 0
+		return b.encrypt(ctx, s, tok, nonces, np, &retry, plaintext, aad)
+	case errors.Is(err, errVersionExhausted):
+		return "", 0, userError("key version %d has reached its encryption limit (%d)", v, p.encryptionLimit())
+	case err != nil:
+		return "", 0, &itemError{class: errInternal, msg: err.Error()}
+	}
+	if last {
+		defer func() {
+			if _, err := b.rotateForUsage(ctx, s, p.Name, v); err != nil {
+				b.logger.Warn("usage rotation failed; the next encryption retries it", "key", p.Name, "version", v, "error", err)
+			}
+		}()
 	}
 	nonce, err := nonces.next(ctx)
 	if err != nil {
@@ -299,7 +329,7 @@ func (b *backend) pathEncryptWrite(ctx context.Context, req *logical.Request, d 
 			if err != nil {
 				return userError("plaintext is not valid base64: %v", err)
 			}
-			ct, v, ierr := encrypt(ctx, tok, nonces, p, it, pt, aad)
+			ct, v, ierr := b.encrypt(ctx, req.Storage, tok, nonces, p, it, pt, aad)
 			clear(pt)
 			results[i].Ciphertext, results[i].KeyVersion = ct, v
 			return ierr
@@ -350,7 +380,8 @@ func (b *backend) upsert(ctx context.Context, req *logical.Request, d *framework
 	if !typ.info().encrypt {
 		return userError("key type %s not supported for this operation: encrypt creates aes256-gcm96, aes128-gcm96 or rsa keys", typ)
 	}
-	if _, _, err := b.createKey(ctx, req.Storage, name, typ, 0, requester(req)); err != nil {
+	p := &keyPolicy{Name: name, Type: typ, AutoRotatePeriod: cfg.AutoRotatePeriod}
+	if _, _, err := b.createKey(ctx, req.Storage, p, actorOf(req)); err != nil {
 		return hsmItemError(err)
 	}
 	return nil
@@ -494,7 +525,7 @@ func (b *backend) pathRewrapWrite(ctx context.Context, req *logical.Request, d *
 				return ierr
 			}
 			defer clear(pt)
-			ct, v, ierr := encrypt(ctx, tok, nonces, p, it, pt, aad)
+			ct, v, ierr := b.encrypt(ctx, req.Storage, tok, nonces, p, it, pt, aad)
 			results[i].Ciphertext, results[i].KeyVersion = ct, v
 			return ierr
 		}()
@@ -572,7 +603,7 @@ func (b *backend) pathDatakeyWrite(ctx context.Context, req *logical.Request, d 
 		return hsmErrorResponse(err)
 	}
 	defer clear(dataKey)
-	ct, v, ierr := encrypt(ctx, tok, nonces, p, &it, dataKey, aad)
+	ct, v, ierr := b.encrypt(ctx, req.Storage, tok, nonces, p, &it, dataKey, aad)
 	if ierr != nil {
 		return singleError(ierr)
 	}

@@ -137,7 +137,7 @@ func (b *backend) pathImport(version bool) *framework.Path {
 			fields[f] = &framework.FieldSchema{Type: framework.TypeBool, Description: "Only false is accepted."}
 		}
 		fields["context"] = fieldContext
-		fields["auto_rotate_period"] = &framework.FieldSchema{Type: framework.TypeDurationSecond, Description: "Only 0 is accepted for now: " + msgNoAutoRotate + "."}
+		fields["auto_rotate_period"] = &framework.FieldSchema{Type: framework.TypeDurationSecond, Description: "Rotate automatically this often (needs allow_rotation): 0 disables, else at least 1h."}
 	}
 	verb := "import"
 	if version {
@@ -215,6 +215,15 @@ func (b *backend) importHandler(version bool) framework.OperationFunc {
 				return logical.ErrorResponse("%s", err.Error()), logical.ErrInvalidRequest
 			}
 			p = &keyPolicy{Name: name, Type: typ, CreatedAt: time.Now().UTC(), Imported: true, AllowRotation: d.Get("allow_rotation").(bool)}
+			if v, ok := d.GetOk("auto_rotate_period"); ok && v.(int) != 0 {
+				if !p.AllowRotation {
+					return logical.ErrorResponse("allow_rotation must be set to true if auto-rotation is enabled"), logical.ErrInvalidRequest
+				}
+				if p.AutoRotatePeriod = time.Duration(v.(int)) * time.Second; p.AutoRotatePeriod < minAutoRotatePeriod {
+					return logical.ErrorResponse("auto_rotate_period must be 0 to disable or at least an hour"), logical.ErrInvalidRequest
+				}
+				p.NextRotation = p.CreatedAt.Add(p.AutoRotatePeriod)
+			}
 		}
 
 		tok, _, err := b.getToken(ctx, req.Storage)
@@ -239,13 +248,19 @@ func (b *backend) importHandler(version bool) framework.OperationFunc {
 				KeyWrapMech: cfg.keyWrapMechanism(), ID: id, Label: label, HMACBytes: p.hmacKeySize(),
 			})
 		}
-		err = b.addVersion(ctx, req.Storage, tok, p, requester(req), material)
+		who := actorOf(req)
+		err = b.addVersion(ctx, req.Storage, tok, p, who, material)
 		switch {
 		case errors.Is(err, hsm.ErrInvalidArgument), errors.Is(err, hsm.ErrMechanismUnsupported), errors.Is(err, hsm.ErrInvalidCiphertext):
 			return logical.ErrorResponse("import failed: %s", err.Error()), logical.ErrInvalidRequest
 		case err != nil:
 			return hsmErrorResponse(err)
 		}
+		kind := "imported"
+		if version {
+			kind = "version_imported"
+		}
+		b.record(ctx, req.Storage, name, who.event(kind, p.LatestVersion, "", "import_method "+p.Versions[p.LatestVersion].ImportMethod))
 		return nil, nil
 	}
 }

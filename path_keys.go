@@ -19,7 +19,6 @@ const (
 	msgNonExtractable = "key material is non-extractable: it never leaves the HSM"
 	msgNoDerivation   = "key derivation (derived/context) is not supported with HSM keys: the HSM holds one key per version and derives none"
 	msgNoConvergent   = "convergent encryption (convergent_encryption/nonce) is not supported with HSM keys: nonces are always random"
-	msgNoAutoRotate   = "auto_rotate_period is not supported yet by this engine; rotate with keys/<name>/rotate"
 )
 
 func (b *backend) pathKeys() []*framework.Path {
@@ -75,7 +74,11 @@ func (b *backend) pathKeys() []*framework.Path {
 				},
 				"auto_rotate_period": {
 					Type:        framework.TypeDurationSecond,
-					Description: "Only 0 is accepted for now: " + msgNoAutoRotate + ".",
+					Description: "Rotate the key automatically this often: 0 disables, else at least 1h. Defaults to config/keys' auto_rotate_period.",
+				},
+				"max_encryptions_per_version": {
+					Type:        framework.TypeInt,
+					Description: "Rotate after this many encryptions with one version (AES keys). 0 means the AES-GCM random-nonce limit of 2^32, which always applies.",
 				},
 			},
 			Operations: map[logical.Operation]framework.OperationHandler{
@@ -126,7 +129,15 @@ func (b *backend) pathKeys() []*framework.Path {
 				},
 				"auto_rotate_period": {
 					Type:        framework.TypeDurationSecond,
-					Description: "Only 0 is accepted for now: " + msgNoAutoRotate + ".",
+					Description: "Rotate the key automatically this often: 0 disables, else at least 1h. Defaults to config/keys' auto_rotate_period.",
+				},
+				"max_encryptions_per_version": {
+					Type:        framework.TypeInt,
+					Description: "Rotate after this many encryptions with one version (AES keys). 0 means the AES-GCM random-nonce limit of 2^32, which always applies.",
+				},
+				"next_rotation_time": {
+					Type:        framework.TypeString,
+					Description: "RFC 3339 time of the next rotation; it then continues every auto_rotate_period. Empty string clears it.",
 				},
 			},
 			Operations: map[logical.Operation]framework.OperationHandler{
@@ -159,8 +170,28 @@ func refuseUnsupported(d *framework.FieldData) *logical.Response {
 			return logical.ErrorResponse("%s=true is not possible: %s", field, msg)
 		}
 	}
-	if v, ok := d.GetOk("auto_rotate_period"); ok && v.(int) != 0 {
-		return logical.ErrorResponse("%s", msgNoAutoRotate)
+	return nil
+}
+
+// readLifecycleFields applies auto_rotate_period and max_encryptions_per_version to p.
+func readLifecycleFields(d *framework.FieldData, p *keyPolicy) *logical.Response {
+	if v, ok := d.GetOk("auto_rotate_period"); ok {
+		p.AutoRotatePeriod = time.Duration(v.(int)) * time.Second
+	}
+	if p.AutoRotatePeriod != 0 && p.AutoRotatePeriod < minAutoRotatePeriod {
+		return logical.ErrorResponse("auto_rotate_period must be 0 to disable or at least an hour")
+	}
+	if v, ok := d.GetOk("max_encryptions_per_version"); ok {
+		if v.(int) < 0 {
+			return logical.ErrorResponse("max_encryptions_per_version must not be negative")
+		}
+		if v.(int) > 0 && !p.Type.isAES() {
+			return logical.ErrorResponse("max_encryptions_per_version applies to AES keys, not %s", p.Type)
+		}
+		p.MaxEncryptions = uint64(v.(int))
+	}
+	if p.Imported && !p.AllowRotation && (p.AutoRotatePeriod > 0 || p.MaxEncryptions > 0) {
+		return logical.ErrorResponse("imported key %q does not allow rotation: it was imported without allow_rotation", p.Name)
 	}
 	return nil
 }
@@ -184,7 +215,15 @@ func (b *backend) pathKeyWrite(ctx context.Context, req *logical.Request, d *fra
 			return logical.ErrorResponse("key_size must be between %d and %d bytes", minHMACKeySize, maxHMACKeySize), logical.ErrInvalidRequest
 		}
 	}
-	p, created, err := b.createKey(ctx, req.Storage, name, typ, hmacSize, requester(req))
+	cfg, err := b.readKeysConfig(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	p := &keyPolicy{Name: name, Type: typ, HMACKeySize: hmacSize, AutoRotatePeriod: cfg.AutoRotatePeriod}
+	if resp := readLifecycleFields(d, p); resp != nil {
+		return resp, logical.ErrInvalidRequest
+	}
+	p, created, err := b.createKey(ctx, req.Storage, p, actorOf(req))
 	if err != nil {
 		return hsmErrorResponse(err)
 	}
@@ -203,6 +242,42 @@ func (b *backend) pathKeyRead(ctx context.Context, req *logical.Request, d *fram
 	return b.formatKey(p), nil
 }
 
+// formatVersion describes one version: its state, where it lives in the HSM, its history and use.
+func (b *backend) formatVersion(p *keyPolicy, n int) map[string]interface{} {
+	v := p.Versions[n]
+	info := map[string]interface{}{
+		"version":       n,
+		"state":         p.versionState(n),
+		"hsm_id":        v.HSMID,
+		"label":         v.Label,
+		"creation_time": v.CreatedAt.Format(time.RFC3339Nano),
+		"created_by":    v.CreatedBy,
+	}
+	if v.ImportMethod != "" {
+		info["import_method"] = v.ImportMethod
+	}
+	if !v.DestroyAt.IsZero() {
+		info["destruction_scheduled_time"] = formatTime(v.DestroyAt)
+	}
+	if !v.DestroyedAt.IsZero() {
+		info["destroyed_time"] = formatTime(v.DestroyedAt)
+	}
+	if p.Type.isAES() {
+		if used, ok := b.usage.count(p.Name, n); ok {
+			info["encryptions"] = used
+		}
+	}
+	return info
+}
+
+// formatTime renders a time for responses: RFC 3339, or "" for none.
+func formatTime(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.UTC().Format(time.RFC3339)
+}
+
 // formatKey gives Transit's key read response, plus where each version lives in the HSM.
 func (b *backend) formatKey(p *keyPolicy) *logical.Response {
 	symmetric := map[string]int64{}
@@ -219,46 +294,44 @@ func (b *backend) formatKey(p *keyPolicy) *logical.Response {
 		} else {
 			symmetric[s] = v.CreatedAt.Unix()
 		}
-		info := map[string]interface{}{
-			"state":         p.versionState(n),
-			"hsm_id":        v.HSMID,
-			"label":         v.Label,
-			"creation_time": v.CreatedAt.Format(time.RFC3339Nano),
-			"created_by":    v.CreatedBy,
-		}
-		if v.ImportMethod != "" {
-			info["import_method"] = v.ImportMethod
-		}
-		versions[s] = info
+		versions[s] = b.formatVersion(p, n)
 	}
 	var keys interface{} = symmetric
 	if p.Type.asymmetric() {
 		keys = asymmetric
 	}
 	data := map[string]interface{}{
-		"name":                   p.Name,
-		"type":                   string(p.Type),
-		"derived":                false,
-		"exportable":             false,
-		"allow_plaintext_backup": false,
-		"deletion_allowed":       p.DeletionAllowed,
-		"min_available_version":  0,
-		"min_decryption_version": p.MinDecryptionVersion,
-		"min_encryption_version": p.MinEncryptionVersion,
-		"latest_version":         p.LatestVersion,
-		"supports_encryption":    p.Type.info().encrypt,
-		"supports_decryption":    p.Type.info().encrypt,
-		"supports_signing":       p.Type.info().sign,
-		"supports_derivation":    false,
-		"auto_rotate_period":     0,
-		"imported_key":           p.Imported,
-		"keys":                   keys,
-		"protection_level":       "hsm",
-		"versions":               versions,
-		"creation_time":          p.CreatedAt.Format(time.RFC3339Nano),
+		"name":                        p.Name,
+		"type":                        string(p.Type),
+		"derived":                     false,
+		"exportable":                  false,
+		"allow_plaintext_backup":      false,
+		"deletion_allowed":            p.DeletionAllowed,
+		"min_available_version":       p.MinAvailableVersion,
+		"min_decryption_version":      p.MinDecryptionVersion,
+		"min_encryption_version":      p.MinEncryptionVersion,
+		"latest_version":              p.LatestVersion,
+		"supports_encryption":         p.Type.info().encrypt,
+		"supports_decryption":         p.Type.info().encrypt,
+		"supports_signing":            p.Type.info().sign,
+		"supports_derivation":         false,
+		"auto_rotate_period":          int64(p.AutoRotatePeriod.Seconds()),
+		"imported_key":                p.Imported,
+		"next_rotation_time":          formatTime(p.NextRotation),
+		"last_rotated":                formatTime(p.LastRotated),
+		"max_encryptions_per_version": p.encryptionLimit(),
+		"disabled":                    p.Disabled,
+		"deletion_scheduled_time":     formatTime(p.DeleteAt),
+		"keys":                        keys,
+		"protection_level":            "hsm",
+		"versions":                    versions,
+		"creation_time":               p.CreatedAt.Format(time.RFC3339Nano),
 	}
 	if p.Deleting {
 		data["deletion_in_progress"] = true
+	}
+	if !p.Type.isAES() {
+		delete(data, "max_encryptions_per_version")
 	}
 	if p.Type == typeHMAC {
 		data["key_size"] = p.hmacKeySize()
@@ -270,14 +343,20 @@ func (b *backend) formatKey(p *keyPolicy) *logical.Response {
 }
 
 func (b *backend) pathKeyDelete(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	err := b.deleteKey(ctx, req.Storage, d.Get("name").(string))
+	at, err := b.deleteKey(ctx, req.Storage, d.Get("name").(string), actorOf(req))
 	if errors.Is(err, errDeletionNotAllowed) {
 		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
 	if err != nil {
 		return hsmErrorResponse(err)
 	}
-	return nil, nil
+	if at.IsZero() {
+		return nil, nil
+	}
+	return &logical.Response{
+		Data:     map[string]interface{}{"deletion_scheduled_time": formatTime(at)},
+		Warnings: []string{fmt.Sprintf("the key serves nothing from now on and is destroyed at %s; keys/%s/cancel-deletion restores it until then", formatTime(at), d.Get("name"))},
+	}, nil
 }
 
 func (b *backend) pathKeyConfigWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
@@ -308,6 +387,35 @@ func (b *backend) pathKeyConfigWrite(ctx context.Context, req *logical.Request, 
 	if v, ok := d.GetOk("deletion_allowed"); ok {
 		p.DeletionAllowed = v.(bool)
 	}
+	_, periodGiven := d.GetOk("auto_rotate_period")
+	if resp := readLifecycleFields(d, p); resp != nil {
+		return resp, logical.ErrInvalidRequest
+	}
+	if periodGiven {
+		p.NextRotation = time.Time{}
+		if p.AutoRotatePeriod > 0 {
+			base := p.LastRotated
+			if base.IsZero() {
+				base = p.CreatedAt
+			}
+			p.NextRotation = base.Add(p.AutoRotatePeriod)
+		}
+	}
+	if v, ok := d.GetOk("next_rotation_time"); ok {
+		switch raw := v.(string); raw {
+		case "":
+			p.NextRotation = time.Time{}
+		default:
+			t, err := time.Parse(time.RFC3339, raw)
+			if err != nil {
+				return logical.ErrorResponse("next_rotation_time must be an RFC 3339 time such as 2026-01-02T15:04:05Z: %v", err), logical.ErrInvalidRequest
+			}
+			if p.Imported && !p.AllowRotation {
+				return logical.ErrorResponse("imported key %q does not allow rotation: it was imported without allow_rotation", name), logical.ErrInvalidRequest
+			}
+			p.NextRotation = t.UTC()
+		}
+	}
 	switch {
 	case p.MinDecryptionVersion < 1 || p.MinDecryptionVersion > p.LatestVersion:
 		return logical.ErrorResponse("min_decryption_version must be between 1 and the latest version %d", p.LatestVersion), logical.ErrInvalidRequest
@@ -319,9 +427,31 @@ func (b *backend) pathKeyConfigWrite(ctx context.Context, req *logical.Request, 
 	if err := b.storePolicy(ctx, req.Storage, p); err != nil {
 		return nil, err
 	}
-	b.logger.Info("key configuration changed", "key", name, "min_decryption_version", p.MinDecryptionVersion,
-		"min_encryption_version", p.MinEncryptionVersion, "deletion_allowed", p.DeletionAllowed, "by", requester(req))
+	who := actorOf(req)
+	changes := configChanges(cur, p)
+	b.logger.Info("key configuration changed", "key", name, "changes", changes, "by", who.String())
+	b.record(ctx, req.Storage, name, who.event("config_changed", 0, "", changes))
 	return b.formatKey(p), nil
+}
+
+// configChanges describes what a config write changed, for the key's history.
+func configChanges(a, b *keyPolicy) string {
+	var out []string
+	add := func(field string, from, to interface{}) {
+		if fmt.Sprint(from) != fmt.Sprint(to) {
+			out = append(out, fmt.Sprintf("%s %v → %v", field, from, to))
+		}
+	}
+	add("min_decryption_version", a.MinDecryptionVersion, b.MinDecryptionVersion)
+	add("min_encryption_version", a.MinEncryptionVersion, b.MinEncryptionVersion)
+	add("deletion_allowed", a.DeletionAllowed, b.DeletionAllowed)
+	add("auto_rotate_period", a.AutoRotatePeriod, b.AutoRotatePeriod)
+	add("next_rotation_time", formatTime(a.NextRotation), formatTime(b.NextRotation))
+	add("max_encryptions_per_version", a.encryptionLimit(), b.encryptionLimit())
+	if len(out) == 0 {
+		return "no change"
+	}
+	return strings.Join(out, "; ")
 }
 
 // pathRefused answers Transit's paths that would reveal key material with a 400 that says why.

@@ -27,7 +27,7 @@ func TestKeyCreateReadListDelete(t *testing.T) {
 		"allow_plaintext_backup": false, "deletion_allowed": false, "min_decryption_version": 1,
 		"min_encryption_version": 0, "latest_version": 1, "supports_encryption": true,
 		"supports_decryption": true, "supports_signing": false, "supports_derivation": false,
-		"protection_level": "hsm", "imported_key": false, "auto_rotate_period": 0, "min_available_version": 0,
+		"protection_level": "hsm", "imported_key": false, "auto_rotate_period": int64(0), "min_available_version": 0,
 	}
 	for k, v := range want {
 		if resp.Data[k] != v {
@@ -59,7 +59,8 @@ func TestKeyCreateReadListDelete(t *testing.T) {
 		t.Fatalf("%d objects on the token, want 4", n)
 	}
 
-	// Deletion needs deletion_allowed, then destroys the objects on the token.
+	// Deletion needs deletion_allowed, then (with no grace period, as Transit) destroys the objects on the token.
+	e.ok(e.write("config/keys", map[string]interface{}{"deletion_grace_period": 0}))
 	if got := status(e.request(logical.DeleteOperation, "keys/default", nil)); got != 400 {
 		t.Fatalf("delete without deletion_allowed: %d", got)
 	}
@@ -89,7 +90,8 @@ func TestKeyCreateRefusesWhatTheHSMCannotDo(t *testing.T) {
 		{"plaintext backup", map[string]interface{}{"allow_plaintext_backup": true}, "never leaves the HSM"},
 		{"derived", map[string]interface{}{"derived": true}, "derivation"},
 		{"convergent", map[string]interface{}{"convergent_encryption": true}, "convergent"},
-		{"auto rotate", map[string]interface{}{"auto_rotate_period": "24h"}, "auto_rotate_period"},
+		{"auto rotate under an hour", map[string]interface{}{"auto_rotate_period": "30m"}, "at least an hour"},
+		{"usage limit on a signing key", map[string]interface{}{"type": "ecdsa-p256", "max_encryptions_per_version": 10}, "AES keys"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

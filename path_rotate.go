@@ -2,6 +2,8 @@ package cmk
 
 import (
 	"context"
+	"errors"
+	"strings"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -48,11 +50,11 @@ func (b *backend) pathRotateWrite(ctx context.Context, req *logical.Request, d *
 	if err != nil {
 		return hsmErrorResponse(err)
 	}
-	if cur.Imported && !cur.AllowRotation {
-		return logical.ErrorResponse("imported key %q does not allow rotation: it was imported without allow_rotation; use import_version to add a version", name), logical.ErrInvalidRequest
+	p, err := b.rotateLocked(ctx, req.Storage, tok, cur, actorOf(req), "manual")
+	if errors.Is(err, errCallerMistake) {
+		return logical.ErrorResponse("%s", strings.TrimPrefix(err.Error(), errCallerMistake.Error()+": ")), logical.ErrInvalidRequest
 	}
-	p := cur.clone()
-	if err := b.addVersion(ctx, req.Storage, tok, p, requester(req), generated(ctx, tok, p)); err != nil {
+	if err != nil {
 		return hsmErrorResponse(err)
 	}
 	return b.formatKey(p), nil
