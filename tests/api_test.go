@@ -101,7 +101,8 @@ func TestKeyAndCryptoAPI(t *testing.T) {
 		}
 	}
 
-	// Deletion destroys the key.
+	// Deletion with no grace period destroys the key at once, as Transit.
+	mustWrite(t, c, p+"/config/keys", map[string]interface{}{"deletion_grace_period": 0})
 	mustWrite(t, c, p+"/keys/k128/config", map[string]interface{}{"deletion_allowed": true})
 	if _, err := c.Logical().Delete(p + "/keys/k128"); err != nil {
 		t.Fatal(err)
