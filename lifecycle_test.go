@@ -139,7 +139,7 @@ func TestUsageLimitRotates(t *testing.T) {
 		t.Fatalf("the 11th encryption used %s", ct[:9])
 	}
 	ev := lastEvent(e.history("k"))
-	if ev["event"] != "rotated" || ev["cause"] != "usage" || ev["version"] != 2 {
+	if ev["event"] != "rotated" || ev["cause"] != "usage" || ev["version"] != 2 || ev["display_name"] != "token-test" {
 		t.Fatalf("history: %v", ev)
 	}
 	v1 := e.ok(e.read("keys/k/versions/1")).Data

@@ -173,7 +173,8 @@ func checkCommon(it *batchItem) ([]byte, *itemError) {
 
 // encrypt seals plaintext under version requested (0 = latest) of p: AES-GCM in the HSM, or RSA with the
 // version's public key (no secret is involved, so the standard library does it; decryption is in the HSM).
-func (b *backend) encrypt(ctx context.Context, s logical.Storage, tok hsmToken, nonces *nonceSource, p *keyPolicy, it *batchItem, plaintext, aad []byte) (string, int, *itemError) {
+func (b *backend) encrypt(ctx context.Context, req *logical.Request, tok hsmToken, nonces *nonceSource, p *keyPolicy, it *batchItem, plaintext, aad []byte) (string, int, *itemError) {
+	s := req.Storage
 	if !p.Type.info().encrypt {
 		return "", 0, userError("%s", p.Type.unsupported("encryption"))
 	}
@@ -207,7 +208,7 @@ func (b *backend) encrypt(ctx context.Context, s logical.Storage, tok hsmToken, 
 	switch {
 	case errors.Is(err, errVersionExhausted) && (it.KeyVersion == 0 || it.KeyVersion == p.LatestVersion):
 		// Another request used the last encryption; rotate (or find it rotated) and use the new version.
-		np, rerr := b.rotateForUsage(ctx, s, p.Name, v)
+		np, rerr := b.rotateForUsage(ctx, s, p.Name, v, actorOf(req))
 		switch {
 		case errors.Is(rerr, errCallerMistake):
 			return "", 0, userError("key version %d has reached its encryption limit and %s", v, strings.TrimPrefix(rerr.Error(), errCallerMistake.Error()+": "))
@@ -218,7 +219,7 @@ func (b *backend) encrypt(ctx context.Context, s logical.Storage, tok hsmToken, 
 		}
 		retry := *it
 		retry.KeyVersion = 0
-		return b.encrypt(ctx, s, tok, nonces, np, &retry, plaintext, aad)
+		return b.encrypt(ctx, req, tok, nonces, np, &retry, plaintext, aad)
 	case errors.Is(err, errVersionExhausted):
 		return "", 0, userError("key version %d has reached its encryption limit (%d)", v, p.encryptionLimit())
 	case err != nil:
@@ -226,7 +227,7 @@ func (b *backend) encrypt(ctx context.Context, s logical.Storage, tok hsmToken, 
 	}
 	if last {
 		defer func() {
-			if _, err := b.rotateForUsage(ctx, s, p.Name, v); err != nil {
+			if _, err := b.rotateForUsage(ctx, s, p.Name, v, actorOf(req)); err != nil {
 				b.logger.Warn("usage rotation failed; the next encryption retries it", "key", p.Name, "version", v, "error", err)
 			}
 		}()
@@ -329,7 +330,7 @@ func (b *backend) pathEncryptWrite(ctx context.Context, req *logical.Request, d 
 			if err != nil {
 				return userError("plaintext is not valid base64: %v", err)
 			}
-			ct, v, ierr := b.encrypt(ctx, req.Storage, tok, nonces, p, it, pt, aad)
+			ct, v, ierr := b.encrypt(ctx, req, tok, nonces, p, it, pt, aad)
 			clear(pt)
 			results[i].Ciphertext, results[i].KeyVersion = ct, v
 			return ierr
@@ -525,7 +526,7 @@ func (b *backend) pathRewrapWrite(ctx context.Context, req *logical.Request, d *
 				return ierr
 			}
 			defer clear(pt)
-			ct, v, ierr := b.encrypt(ctx, req.Storage, tok, nonces, p, it, pt, aad)
+			ct, v, ierr := b.encrypt(ctx, req, tok, nonces, p, it, pt, aad)
 			results[i].Ciphertext, results[i].KeyVersion = ct, v
 			return ierr
 		}()
@@ -603,7 +604,7 @@ func (b *backend) pathDatakeyWrite(ctx context.Context, req *logical.Request, d 
 		return hsmErrorResponse(err)
 	}
 	defer clear(dataKey)
-	ct, v, ierr := b.encrypt(ctx, req.Storage, tok, nonces, p, &it, dataKey, aad)
+	ct, v, ierr := b.encrypt(ctx, req, tok, nonces, p, &it, dataKey, aad)
 	if ierr != nil {
 		return singleError(ierr)
 	}

@@ -176,8 +176,8 @@ func (b *backend) countEncryption(ctx context.Context, s logical.Storage, p *key
 }
 
 // rotateForUsage rotates key name if version v is still its latest: called when v has used its last allowed
-// encryption, so that the next one uses a fresh key.
-func (b *backend) rotateForUsage(ctx context.Context, s logical.Storage, name string, v int) (*keyPolicy, error) {
+// encryption, so that the next one uses a fresh key. who is the requester whose encryption used it up.
+func (b *backend) rotateForUsage(ctx context.Context, s logical.Storage, name string, v int, who actor) (*keyPolicy, error) {
 	lock := b.lockKey(name)
 	lock.Lock()
 	defer lock.Unlock()
@@ -189,5 +189,5 @@ func (b *backend) rotateForUsage(ctx context.Context, s logical.Storage, name st
 	if err != nil {
 		return nil, err
 	}
-	return b.rotateLocked(ctx, s, tok, cur, schedulerActor, "usage")
+	return b.rotateLocked(ctx, s, tok, cur, who, "usage")
 }
