@@ -17,16 +17,16 @@ func policyToken(t *testing.T, m mount, file string) *api.Client {
 	if err != nil {
 		t.Fatal(err)
 	}
-	name := m.path + "-" + strings.TrimSuffix(file, ".hcl")
-	rules := strings.ReplaceAll(string(body), `"cmk/`, `"`+m.path+`/`)
-	if err := dev.client.Sys().PutPolicy(name, rules); err != nil {
+	name := m.Path + "-" + strings.TrimSuffix(file, ".hcl")
+	rules := strings.ReplaceAll(string(body), `"cmk/`, `"`+m.Path+`/`)
+	if err := dev.Client.Sys().PutPolicy(name, rules); err != nil {
 		t.Fatalf("policy %s: %v", file, err)
 	}
-	secret, err := dev.client.Auth().Token().Create(&api.TokenCreateRequest{Policies: []string{name}, NoDefaultPolicy: true})
+	secret, err := dev.Client.Auth().Token().Create(&api.TokenCreateRequest{Policies: []string{name}, NoDefaultPolicy: true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := dev.client.Clone()
+	c, err := dev.Client.Clone()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -35,10 +35,10 @@ func policyToken(t *testing.T, m mount, file string) *api.Client {
 }
 
 func TestLeastPrivilegePolicies(t *testing.T) {
-	m := dev.newMount(t)
-	root := dev.client
-	mustWrite(t, root, m.path+"/keys/app", nil)
-	mustWrite(t, root, m.path+"/keys/other", nil)
+	m := newMount(t, dev)
+	root := dev.Client
+	mustWrite(t, root, m.Path+"/keys/app", nil)
+	mustWrite(t, root, m.Path+"/keys/other", nil)
 	other := encrypt(t, root, m, "other", "not yours")
 
 	type call struct {
@@ -83,7 +83,7 @@ func TestLeastPrivilegePolicies(t *testing.T) {
 		c := policyToken(t, m, file)
 		for _, call := range calls {
 			t.Run(strings.TrimSuffix(file, ".hcl")+"/"+call.name, func(t *testing.T) {
-				_, err := c.Logical().Write(m.path+call.path, call.data)
+				_, err := c.Logical().Write(m.Path+call.path, call.data)
 				if got := statusOf(err); got != call.status {
 					t.Fatalf("status %d, want %d (%v)", got, call.status, err)
 				}
@@ -92,13 +92,13 @@ func TestLeastPrivilegePolicies(t *testing.T) {
 	}
 	// Reads the auditor may and the encrypter may not make.
 	auditor := policyToken(t, m, "cmk-auditor.hcl")
-	if s, err := auditor.Logical().Read(m.path + "/keys/app"); err != nil || s.Data["protection_level"] != "hsm" {
+	if s, err := auditor.Logical().Read(m.Path + "/keys/app"); err != nil || s.Data["protection_level"] != "hsm" {
 		t.Fatalf("auditor reads the key: %v", err)
 	}
-	if s, err := auditor.Logical().Read(m.path + "/config/hsm"); err != nil || s.Data["connected"] != true {
+	if s, err := auditor.Logical().Read(m.Path + "/config/hsm"); err != nil || s.Data["connected"] != true {
 		t.Fatalf("auditor reads the HSM state: %v", err)
 	}
-	if _, err := auditor.Logical().List(m.path + "/keys"); err != nil {
+	if _, err := auditor.Logical().List(m.Path + "/keys"); err != nil {
 		t.Fatalf("auditor lists keys: %v", err)
 	}
 }

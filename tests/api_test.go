@@ -12,12 +12,12 @@ import (
 
 // TestKeyAndCryptoAPI drives the foundation API through Vault's HTTP API with the official Go client.
 func TestKeyAndCryptoAPI(t *testing.T) {
-	c := dev.client
-	m := dev.newMount(t)
-	p := m.path
+	c := dev.Client
+	m := newMount(t, dev)
+	p := m.Path
 
 	cfg, err := c.Logical().Read(p + "/config/hsm")
-	if err != nil || cfg.Data["connected"] != true || cfg.Data["token_label"] != m.label {
+	if err != nil || cfg.Data["connected"] != true || cfg.Data["token_label"] != m.Label {
 		t.Fatalf("config/hsm: %v %v", err, cfg)
 	}
 	if _, has := cfg.Data["pin"]; has {
@@ -113,14 +113,14 @@ func TestKeyAndCryptoAPI(t *testing.T) {
 }
 
 func TestBatchOf1000ThroughVault(t *testing.T) {
-	c := dev.client
-	m := dev.newMount(t)
-	mustWrite(t, c, m.path+"/keys/batch", nil)
+	c := dev.Client
+	m := newMount(t, dev)
+	mustWrite(t, c, m.Path+"/keys/batch", nil)
 	in := make([]interface{}, 1000)
 	for i := range in {
 		in[i] = map[string]interface{}{"plaintext": b64(fmt.Sprintf("item %d", i)), "reference": fmt.Sprint(i)}
 	}
-	enc := mustWrite(t, c, m.path+"/encrypt/batch", map[string]interface{}{"batch_input": in})
+	enc := mustWrite(t, c, m.Path+"/encrypt/batch", map[string]interface{}{"batch_input": in})
 	results := enc.Data["batch_results"].([]interface{})
 	if len(results) != 1000 {
 		t.Fatalf("%d results", len(results))
@@ -135,7 +135,7 @@ func TestBatchOf1000ThroughVault(t *testing.T) {
 	}
 	// One bad item fails alone; partial_failure_response_code lets the caller take the rest as a success.
 	dec = append(dec, map[string]interface{}{"ciphertext": "vault:v1:AAAA", "reference": "bad"})
-	out := mustWrite(t, c, m.path+"/decrypt/batch", map[string]interface{}{"batch_input": dec, "partial_failure_response_code": 200})
+	out := mustWrite(t, c, m.Path+"/decrypt/batch", map[string]interface{}{"batch_input": dec, "partial_failure_response_code": 200})
 	results = out.Data["batch_results"].([]interface{})
 	for i, r := range results[:1000] {
 		item := r.(map[string]interface{})
@@ -148,7 +148,7 @@ func TestBatchOf1000ThroughVault(t *testing.T) {
 		t.Fatalf("bad item: %v", last)
 	}
 	// Without the override, a partial failure is a 400 carrying every result.
-	_, err := c.Logical().Write(m.path+"/decrypt/batch", map[string]interface{}{"batch_input": dec})
+	_, err := c.Logical().Write(m.Path+"/decrypt/batch", map[string]interface{}{"batch_input": dec})
 	if statusOf(err) != 400 {
 		t.Fatalf("partial failure status: %v", err)
 	}
@@ -156,55 +156,55 @@ func TestBatchOf1000ThroughVault(t *testing.T) {
 
 // TestCLI uses the vault command as a person at a shell would.
 func TestCLI(t *testing.T) {
-	m := dev.newMount(t)
+	m := newMount(t, dev)
 	run := func(args ...string) string {
 		t.Helper()
-		out, err := dev.vaultCLI(dev.rootToken, args...)
+		out, err := dev.CLI(dev.RootToken, args...)
 		if err != nil {
 			t.Fatalf("vault %s: %v\n%s", strings.Join(args, " "), err, out)
 		}
 		return strings.TrimSpace(out)
 	}
-	run("write", "-f", m.path+"/keys/cli")
-	ct := run("write", "-field=ciphertext", m.path+"/encrypt/cli", "plaintext="+b64("from the shell"))
+	run("write", "-f", m.Path+"/keys/cli")
+	ct := run("write", "-field=ciphertext", m.Path+"/encrypt/cli", "plaintext="+b64("from the shell"))
 	if !strings.HasPrefix(ct, "vault:v1:") {
 		t.Fatalf("ciphertext %q", ct)
 	}
-	pt := run("write", "-field=plaintext", m.path+"/decrypt/cli", "ciphertext="+ct)
+	pt := run("write", "-field=plaintext", m.Path+"/decrypt/cli", "ciphertext="+ct)
 	if raw, _ := base64.StdEncoding.DecodeString(pt); string(raw) != "from the shell" {
 		t.Fatalf("plaintext %q", pt)
 	}
-	run("write", "-f", m.path+"/keys/cli/rotate")
-	if v := run("read", "-field=latest_version", m.path+"/keys/cli"); v != "2" {
+	run("write", "-f", m.Path+"/keys/cli/rotate")
+	if v := run("read", "-field=latest_version", m.Path+"/keys/cli"); v != "2" {
 		t.Fatalf("latest_version %q", v)
 	}
-	if out := run("read", m.path+"/keys/cli"); !strings.Contains(out, "protection_level") || !strings.Contains(out, "hsm") {
+	if out := run("read", m.Path+"/keys/cli"); !strings.Contains(out, "protection_level") || !strings.Contains(out, "hsm") {
 		t.Fatalf("key read:\n%s", out)
 	}
-	mac := run("write", "-field=hmac", m.path+"/hmac/cli/sha2-512", "input="+b64("mac me"))
-	if v := run("write", "-field=valid", m.path+"/verify/cli/sha2-512", "input="+b64("mac me"), "hmac="+mac); v != "true" {
+	mac := run("write", "-field=hmac", m.Path+"/hmac/cli/sha2-512", "input="+b64("mac me"))
+	if v := run("write", "-field=valid", m.Path+"/verify/cli/sha2-512", "input="+b64("mac me"), "hmac="+mac); v != "true" {
 		t.Fatalf("hmac verify: %q", v)
 	}
-	run("write", m.path+"/keys/cli-rsa", "type=rsa-3072")
-	rsaCT := run("write", "-field=ciphertext", m.path+"/encrypt/cli-rsa", "plaintext="+b64("rsa via cli"))
-	if pt := run("write", "-field=plaintext", m.path+"/decrypt/cli-rsa", "ciphertext="+rsaCT); pt != b64("rsa via cli") {
+	run("write", m.Path+"/keys/cli-rsa", "type=rsa-3072")
+	rsaCT := run("write", "-field=ciphertext", m.Path+"/encrypt/cli-rsa", "plaintext="+b64("rsa via cli"))
+	if pt := run("write", "-field=plaintext", m.Path+"/decrypt/cli-rsa", "ciphertext="+rsaCT); pt != b64("rsa via cli") {
 		t.Fatalf("rsa round trip: %q", pt)
 	}
-	if out, err := dev.vaultCLI(dev.rootToken, "write", m.path+"/sign/cli", "input="+b64("x")); err == nil || !strings.Contains(out, "does not support signing") {
+	if out, err := dev.CLI(dev.RootToken, "write", m.Path+"/sign/cli", "input="+b64("x")); err == nil || !strings.Contains(out, "does not support signing") {
 		t.Fatalf("sign with an AES key: %v\n%s", err, out)
 	}
-	if out := run("list", m.path+"/keys"); !strings.Contains(out, "cli") {
+	if out := run("list", m.Path+"/keys"); !strings.Contains(out, "cli") {
 		t.Fatalf("list:\n%s", out)
 	}
-	if out := run("path-help", m.path+"/encrypt/cli"); !strings.Contains(out, "batch_input") || !strings.Contains(out, "associated_data") {
+	if out := run("path-help", m.Path+"/encrypt/cli"); !strings.Contains(out, "batch_input") || !strings.Contains(out, "associated_data") {
 		t.Fatalf("path-help:\n%s", out)
 	}
-	if out, err := dev.vaultCLI(dev.rootToken, "read", m.path+"/export/encryption-key/cli"); err == nil || !strings.Contains(out, "never leaves the HSM") {
+	if out, err := dev.CLI(dev.RootToken, "read", m.Path+"/export/encryption-key/cli"); err == nil || !strings.Contains(out, "never leaves the HSM") {
 		t.Fatalf("export: %v\n%s", err, out)
 	}
 	// The OpenAPI document describes the engine's paths.
 	doc := run("read", "-format=json", "sys/internal/specs/openapi")
-	for _, path := range []string{"/" + m.path + "/encrypt/{name}", "/" + m.path + "/config/hsm", "/" + m.path + "/keys/{name}/rotate"} {
+	for _, path := range []string{"/" + m.Path + "/encrypt/{name}", "/" + m.Path + "/config/hsm", "/" + m.Path + "/keys/{name}/rotate"} {
 		if !strings.Contains(doc, path) {
 			t.Errorf("OpenAPI lacks %s", path)
 		}

@@ -14,7 +14,7 @@ import (
 // TestAuditLogHidesPlaintextAndPIN: Vault's own file audit device records every request to the engine, with
 // the plaintext HMAC'd, never in clear; no PIN appears in the audit log or in the server's log.
 func TestAuditLogHidesPlaintextAndPIN(t *testing.T) {
-	c := dev.client
+	c := dev.Client
 	logPath := filepath.Join(t.TempDir(), "audit.log")
 	device := "file-" + strings.ReplaceAll(t.Name(), "/", "-")
 	if err := c.Sys().EnableAuditWithOptions(device, &api.EnableAuditOptions{
@@ -24,9 +24,9 @@ func TestAuditLogHidesPlaintextAndPIN(t *testing.T) {
 	}
 	defer c.Sys().DisableAudit(device)
 
-	m := dev.newMount(t) // config/hsm with the PIN is written while the audit device is on
+	m := newMount(t, dev) // config/hsm with the PIN is written while the audit device is on
 	secret := "audit-me-plaintext-4f1c"
-	mustWrite(t, c, m.path+"/keys/audited", nil)
+	mustWrite(t, c, m.Path+"/keys/audited", nil)
 	ct := encrypt(t, c, m, "audited", secret)
 	decrypt(t, c, m, "audited", ct)
 
@@ -34,7 +34,7 @@ func TestAuditLogHidesPlaintextAndPIN(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, leak := range []string{secret, b64(secret), m.pin} {
+	for _, leak := range []string{secret, b64(secret), m.PIN} {
 		if strings.Contains(string(raw), leak) {
 			t.Fatalf("audit log contains %q in clear", leak)
 		}
@@ -57,12 +57,12 @@ func TestAuditLogHidesPlaintextAndPIN(t *testing.T) {
 			continue
 		}
 		switch entry.Request.Path {
-		case m.path + "/encrypt/audited":
+		case m.Path + "/encrypt/audited":
 			sawEncrypt = true
 			if v, _ := entry.Request.Data["plaintext"].(string); !strings.HasPrefix(v, "hmac-sha256:") {
 				t.Fatalf("plaintext in the audit entry is not HMAC'd: %q", v)
 			}
-		case m.path + "/config/hsm":
+		case m.Path + "/config/hsm":
 			sawConfig = true
 			if v, _ := entry.Request.Data["pin"].(string); !strings.HasPrefix(v, "hmac-sha256:") {
 				t.Fatalf("PIN in the audit entry is not HMAC'd: %q", v)
@@ -72,11 +72,11 @@ func TestAuditLogHidesPlaintextAndPIN(t *testing.T) {
 	if !sawEncrypt || !sawConfig {
 		t.Fatalf("audit log lacks the encrypt (%v) or config/hsm (%v) request", sawEncrypt, sawConfig)
 	}
-	serverLog, err := os.ReadFile(dev.logPath)
+	serverLog, err := os.ReadFile(dev.LogPath)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if strings.Contains(string(serverLog), m.pin) || strings.Contains(string(serverLog), secret) {
+	if strings.Contains(string(serverLog), m.PIN) || strings.Contains(string(serverLog), secret) {
 		t.Fatal("the server log contains the PIN or a plaintext")
 	}
 }

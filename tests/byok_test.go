@@ -18,15 +18,15 @@ import (
 // TestTransitImportCommand runs the real `vault transit import` and `import-version` against this mount, then
 // proves with a standard AES-GCM that the engine's ciphertexts open with the imported material, and the reverse.
 func TestTransitImportCommand(t *testing.T) {
-	c := dev.client
-	m := dev.newMount(t)
+	c := dev.Client
+	m := newMount(t, dev)
 	material := make([]byte, 32)
 	rand.Read(material)
-	out, err := dev.vaultCLI(dev.rootToken, "transit", "import", m.path+"/keys/byok", base64.StdEncoding.EncodeToString(material), "type=aes256-gcm96")
+	out, err := dev.CLI(dev.RootToken, "transit", "import", m.Path+"/keys/byok", base64.StdEncoding.EncodeToString(material), "type=aes256-gcm96")
 	if err != nil || !strings.Contains(out, "Success!") {
 		t.Fatalf("vault transit import: %v\n%s", err, out)
 	}
-	key, err := c.Logical().Read(m.path + "/keys/byok")
+	key, err := c.Logical().Read(m.Path + "/keys/byok")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -51,7 +51,7 @@ func TestTransitImportCommand(t *testing.T) {
 
 	second := make([]byte, 32)
 	rand.Read(second)
-	out, err = dev.vaultCLI(dev.rootToken, "transit", "import-version", m.path+"/keys/byok", base64.StdEncoding.EncodeToString(second))
+	out, err = dev.CLI(dev.RootToken, "transit", "import-version", m.Path+"/keys/byok", base64.StdEncoding.EncodeToString(second))
 	if err != nil || !strings.Contains(out, "Success!") {
 		t.Fatalf("vault transit import-version: %v\n%s", err, out)
 	}
@@ -60,7 +60,7 @@ func TestTransitImportCommand(t *testing.T) {
 	if pt, err := newGCM(t, second).Open(nil, raw[:12], raw[12:], nil); err != nil || string(pt) != "version two" {
 		t.Fatalf("version 2 is not the material imported: %v (%s)", err, ct2[:10])
 	}
-	if _, err := c.Logical().Write(m.path+"/keys/byok/rotate", nil); statusOf(err) != 400 {
+	if _, err := c.Logical().Write(m.Path+"/keys/byok/rotate", nil); statusOf(err) != 400 {
 		t.Fatalf("rotating an imported key without allow_rotation: %v", err)
 	}
 }
@@ -84,8 +84,8 @@ func TestSignaturesAgainstOpenSSL(t *testing.T) {
 	if _, err := exec.LookPath("openssl"); err != nil {
 		t.Skip("openssl not installed")
 	}
-	c := dev.client
-	m := dev.newMount(t)
+	c := dev.Client
+	m := newMount(t, dev)
 	dir := t.TempDir()
 	msg := filepath.Join(dir, "msg.txt")
 	if err := os.WriteFile(msg, []byte("verify me with openssl"), 0o600); err != nil {
@@ -109,7 +109,7 @@ func TestSignaturesAgainstOpenSSL(t *testing.T) {
 	}
 	sigFile := func(key string, data map[string]interface{}) string {
 		data["input"] = input
-		s := mustWrite(t, c, m.path+"/sign/"+key, data).Data["signature"].(string)
+		s := mustWrite(t, c, m.Path+"/sign/"+key, data).Data["signature"].(string)
 		raw, err := base64.StdEncoding.DecodeString(s[strings.LastIndex(s, ":")+1:])
 		if err != nil {
 			t.Fatal(err)
@@ -117,7 +117,7 @@ func TestSignaturesAgainstOpenSSL(t *testing.T) {
 		return write(key+".sig", raw)
 	}
 	pubFile := func(key string) string {
-		k, err := c.Logical().Read(m.path + "/keys/" + key)
+		k, err := c.Logical().Read(m.Path + "/keys/" + key)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -131,7 +131,7 @@ func TestSignaturesAgainstOpenSSL(t *testing.T) {
 	}
 
 	for _, typ := range []string{"ecdsa-p256", "ecdsa-p384", "rsa-2048", "ed25519"} {
-		mustWrite(t, c, m.path+"/keys/"+typ, map[string]interface{}{"type": typ})
+		mustWrite(t, c, m.Path+"/keys/"+typ, map[string]interface{}{"type": typ})
 	}
 	openssl("dgst", "-sha256", "-verify", pubFile("ecdsa-p256"), "-signature", sigFile("ecdsa-p256", map[string]interface{}{}), msg)
 	openssl("dgst", "-sha384", "-verify", pubFile("ecdsa-p384"), "-signature", sigFile("ecdsa-p384", map[string]interface{}{"hash_algorithm": "sha2-384"}), msg)
@@ -145,14 +145,14 @@ func TestSignaturesAgainstOpenSSL(t *testing.T) {
 	keyPEM := filepath.Join(dir, "openssl-ec.pem")
 	openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", keyPEM)
 	der := openssl("pkcs8", "-topk8", "-nocrypt", "-in", keyPEM, "-outform", "DER")
-	out, err := dev.vaultCLI(dev.rootToken, "transit", "import", m.path+"/keys/openssl-ec", base64.StdEncoding.EncodeToString([]byte(der)), "type=ecdsa-p256")
+	out, err := dev.CLI(dev.RootToken, "transit", "import", m.Path+"/keys/openssl-ec", base64.StdEncoding.EncodeToString([]byte(der)), "type=ecdsa-p256")
 	if err != nil {
 		t.Fatalf("import openssl key: %v\n%s", err, out)
 	}
 	theirSig := filepath.Join(dir, "openssl.sig")
 	openssl("dgst", "-sha256", "-sign", keyPEM, "-out", theirSig, msg)
 	sig, _ := os.ReadFile(theirSig)
-	v := mustWrite(t, c, m.path+"/verify/openssl-ec", map[string]interface{}{"input": input, "signature": "vault:v1:" + base64.StdEncoding.EncodeToString(sig)})
+	v := mustWrite(t, c, m.Path+"/verify/openssl-ec", map[string]interface{}{"input": input, "signature": "vault:v1:" + base64.StdEncoding.EncodeToString(sig)})
 	if v.Data["valid"] != true {
 		t.Fatal("openssl's signature does not verify in the engine")
 	}

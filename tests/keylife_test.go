@@ -15,16 +15,16 @@ import (
 // own periodic function (which Vault runs about once a minute).
 func TestScheduledRotationOnLiveServer(t *testing.T) {
 	t.Parallel()
-	c := dev.client
-	m := dev.newMount(t)
-	mustWrite(t, c, m.path+"/keys/sched", map[string]interface{}{"auto_rotate_period": "24h"})
+	c := dev.Client
+	m := newMount(t, dev)
+	mustWrite(t, c, m.Path+"/keys/sched", map[string]interface{}{"auto_rotate_period": "24h"})
 	when := time.Now().Add(3 * time.Second).UTC().Format(time.RFC3339)
-	if out, err := dev.vaultCLI(dev.rootToken, "write", m.path+"/keys/sched/config", "next_rotation_time="+when); err != nil {
+	if out, err := dev.CLI(dev.RootToken, "write", m.Path+"/keys/sched/config", "next_rotation_time="+when); err != nil {
 		t.Fatalf("set next_rotation_time: %v\n%s", err, out)
 	}
 	deadline := time.Now().Add(150 * time.Second)
 	for {
-		k, err := c.Logical().Read(m.path + "/keys/sched")
+		k, err := c.Logical().Read(m.Path + "/keys/sched")
 		if err == nil && fmt.Sprint(k.Data["latest_version"]) == "2" {
 			next, _ := time.Parse(time.RFC3339, fmt.Sprint(k.Data["next_rotation_time"]))
 			if next.Before(time.Now().Add(23 * time.Hour)) {
@@ -37,7 +37,7 @@ func TestScheduledRotationOnLiveServer(t *testing.T) {
 		}
 		time.Sleep(2 * time.Second)
 	}
-	h, err := c.Logical().Read(m.path + "/keys/sched/history")
+	h, err := c.Logical().Read(m.Path + "/keys/sched/history")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -49,9 +49,9 @@ func TestScheduledRotationOnLiveServer(t *testing.T) {
 }
 
 func TestKeyLifecycleOnLiveServer(t *testing.T) {
-	c := dev.client
-	m := dev.newMount(t)
-	p := m.path
+	c := dev.Client
+	m := newMount(t, dev)
+	p := m.Path
 
 	// Usage limit: the 10th encryption is the last with version 1.
 	mustWrite(t, c, p+"/keys/limited", map[string]interface{}{"max_encryptions_per_version": 10})
@@ -69,7 +69,7 @@ func TestKeyLifecycleOnLiveServer(t *testing.T) {
 	ct := encrypt(t, c, m, "k", "secret")
 	run := func(args ...string) string {
 		t.Helper()
-		out, err := dev.vaultCLI(dev.rootToken, args...)
+		out, err := dev.CLI(dev.RootToken, args...)
 		if err != nil {
 			t.Fatalf("vault %s: %v\n%s", strings.Join(args, " "), err, out)
 		}
@@ -138,7 +138,7 @@ func TestKeyLifecycleOnLiveServer(t *testing.T) {
 // objectsLabelled counts the objects on m's token whose label is label or label/hmac, as the token reports them.
 func objectsLabelled(t *testing.T, m mount, label string) int {
 	t.Helper()
-	tok, err := hsm.Open(hsm.Config{Library: softhsm.Library, TokenLabel: m.label, PIN: m.pin, PoolSize: 1}, nil)
+	tok, err := hsm.Open(hsm.Config{Library: softhsm.Library, TokenLabel: m.Label, PIN: m.PIN, PoolSize: 1}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,17 +11,18 @@ import (
 	"github.com/hashicorp/vault/api"
 
 	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/vaulttest"
 )
 
 // TestPluginReloadAndUpgrade: reloading the plugin and moving a mount to a newly registered version keep every
 // key and ciphertext working.
 func TestPluginReloadAndUpgrade(t *testing.T) {
-	c := dev.client
-	m := dev.newMount(t)
-	mustWrite(t, c, m.path+"/keys/k", nil)
+	c := dev.Client
+	m := newMount(t, dev)
+	mustWrite(t, c, m.Path+"/keys/k", nil)
 	before := encrypt(t, c, m, "k", "before reload")
 
-	if out, err := dev.vaultCLI(dev.rootToken, "plugin", "reload", "-plugin="+pluginName); err != nil {
+	if out, err := dev.CLI(dev.RootToken, "plugin", "reload", "-plugin="+pluginName); err != nil {
 		t.Fatalf("plugin reload: %v\n%s", err, out)
 	}
 	if decrypt(t, c, m, "k", before) != "before reload" {
@@ -32,7 +33,7 @@ func TestPluginReloadAndUpgrade(t *testing.T) {
 	// A new version in the catalog: a different binary (same code, a few bytes appended, so its SHA-256 differs
 	// as a rebuilt release's would), registered under a version, the mount tuned to it, then reloaded.
 	v2 := filepath.Join(t.TempDir(), pluginName)
-	if err := copyFile(pluginBin, v2); err != nil {
+	if err := vaulttest.CopyFile(pluginBin, v2); err != nil {
 		t.Fatal(err)
 	}
 	f, err := os.OpenFile(v2, os.O_APPEND|os.O_WRONLY, 0)
@@ -41,20 +42,20 @@ func TestPluginReloadAndUpgrade(t *testing.T) {
 	}
 	fmt.Fprint(f, "\nrelease v0.2.0\n")
 	f.Close()
-	if err := dev.registerPlugin(v2, "v0.2.0"); err != nil {
+	if err := dev.RegisterPlugin(v2, "v0.2.0", ""); err != nil {
 		t.Fatalf("register v0.2.0: %v", err)
 	}
-	if out, err := dev.vaultCLI(dev.rootToken, "secrets", "tune", "-plugin-version=v0.2.0", m.path); err != nil {
+	if out, err := dev.CLI(dev.RootToken, "secrets", "tune", "-plugin-version=v0.2.0", m.Path); err != nil {
 		t.Fatalf("tune: %v\n%s", err, out)
 	}
-	if out, err := dev.vaultCLI(dev.rootToken, "plugin", "reload", "-plugin="+pluginName); err != nil {
+	if out, err := dev.CLI(dev.RootToken, "plugin", "reload", "-plugin="+pluginName); err != nil {
 		t.Fatalf("reload: %v\n%s", err, out)
 	}
 	mounts, err := c.Sys().ListMounts()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := mounts[m.path+"/"].RunningVersion; got != "v0.2.0" {
+	if got := mounts[m.Path+"/"].RunningVersion; got != "v0.2.0" {
 		t.Fatalf("mount runs %q, want v0.2.0", got)
 	}
 	for ct, want := range map[string]string{before: "before reload", afterReload: "after reload"} {
@@ -62,7 +63,7 @@ func TestPluginReloadAndUpgrade(t *testing.T) {
 			t.Fatalf("decrypt after upgrade: %s", want)
 		}
 	}
-	mustWrite(t, c, m.path+"/keys/k/rotate", nil)
+	mustWrite(t, c, m.Path+"/keys/k/rotate", nil)
 	if decrypt(t, c, m, "k", encrypt(t, c, m, "k", "v2")) != "v2" {
 		t.Fatal("round trip on the new version")
 	}
@@ -71,22 +72,22 @@ func TestPluginReloadAndUpgrade(t *testing.T) {
 // TestTwoMountsOnOneToken: mounts sharing a token (and the plugin process) cannot see or use each other's keys,
 // and a mount cannot ride on another's login with a wrong PIN.
 func TestTwoMountsOnOneToken(t *testing.T) {
-	c := dev.client
-	a := dev.newMount(t)
-	b := mount{path: a.path + "-b", label: a.label, pin: a.pin}
-	dev.mountOn(t, b)
+	c := dev.Client
+	a := newMount(t, dev)
+	b := mount{Path: a.Path + "-b", Label: a.Label, PIN: a.PIN}
+	mountOn(t, dev, b)
 
-	mustWrite(t, c, a.path+"/keys/shared", nil)
-	mustWrite(t, c, b.path+"/keys/shared", nil)
-	mustWrite(t, c, a.path+"/keys/only-a", nil)
+	mustWrite(t, c, a.Path+"/keys/shared", nil)
+	mustWrite(t, c, b.Path+"/keys/shared", nil)
+	mustWrite(t, c, a.Path+"/keys/only-a", nil)
 	ctA := encrypt(t, c, a, "shared", "for a")
-	if _, err := c.Logical().Write(b.path+"/decrypt/shared", map[string]interface{}{"ciphertext": ctA}); statusOf(err) != 400 {
+	if _, err := c.Logical().Write(b.Path+"/decrypt/shared", map[string]interface{}{"ciphertext": ctA}); statusOf(err) != 400 {
 		t.Fatalf("mount b decrypted mount a's ciphertext: %v", err)
 	}
-	if _, err := c.Logical().Write(b.path+"/decrypt/only-a", map[string]interface{}{"ciphertext": ctA}); statusOf(err) != 400 {
+	if _, err := c.Logical().Write(b.Path+"/decrypt/only-a", map[string]interface{}{"ciphertext": ctA}); statusOf(err) != 400 {
 		t.Fatalf("mount b used mount a's key: %v", err)
 	}
-	list, err := c.Logical().List(b.path + "/keys")
+	list, err := c.Logical().List(b.Path + "/keys")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -95,14 +96,14 @@ func TestTwoMountsOnOneToken(t *testing.T) {
 	}
 
 	// On the token, each mount's objects carry its own label prefix and distinct CKA_IDs.
-	ka, _ := c.Logical().Read(a.path + "/keys/shared")
-	kb, _ := c.Logical().Read(b.path + "/keys/shared")
+	ka, _ := c.Logical().Read(a.Path + "/keys/shared")
+	kb, _ := c.Logical().Read(b.Path + "/keys/shared")
 	va := ka.Data["versions"].(map[string]interface{})["1"].(map[string]interface{})
 	vb := kb.Data["versions"].(map[string]interface{})["1"].(map[string]interface{})
 	if va["hsm_id"] == vb["hsm_id"] || va["label"] == vb["label"] {
 		t.Fatalf("mounts share HSM identity: %v / %v", va, vb)
 	}
-	tok, err := hsm.Open(hsm.Config{Library: softhsm.Library, TokenLabel: a.label, PIN: a.pin, PoolSize: 1}, nil)
+	tok, err := hsm.Open(hsm.Config{Library: softhsm.Library, TokenLabel: a.Label, PIN: a.PIN, PoolSize: 1}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,11 +124,11 @@ func TestTwoMountsOnOneToken(t *testing.T) {
 	}
 
 	// A third mount naming the same token with a wrong PIN is refused, although the plugin process is logged in.
-	bad := mount{path: a.path + "-c", label: a.label, pin: "not-the-pin"}
-	if err := c.Sys().Mount(bad.path, &api.MountInput{Type: pluginName}); err != nil {
+	bad := mount{Path: a.Path + "-c", Label: a.Label, PIN: "not-the-pin"}
+	if err := c.Sys().Mount(bad.Path, &api.MountInput{Type: pluginName}); err != nil {
 		t.Fatal(err)
 	}
-	_, err = c.Logical().Write(bad.path+"/config/hsm", map[string]interface{}{"token_label": bad.label, "pin": bad.pin})
+	_, err = c.Logical().Write(bad.Path+"/config/hsm", map[string]interface{}{"token_label": bad.Label, "pin": bad.PIN})
 	if statusOf(err) != 400 || !strings.Contains(err.Error(), "PIN") {
 		t.Fatalf("wrong PIN on a shared token: %v", err)
 	}
@@ -137,14 +138,11 @@ func TestTwoMountsOnOneToken(t *testing.T) {
 // still decrypts every ciphertext it issued.
 func TestRestartWithPersistentStorage(t *testing.T) {
 	dir := t.TempDir()
-	addr, err := freeAddr()
+	s, err := vaulttest.NewServer(dir, vaultBin, pluginBin, softhsm)
 	if err != nil {
 		t.Fatal(err)
 	}
-	pdir, err := preparePluginDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	addr, pdir := s.Addr, s.PluginDir
 	conf := filepath.Join(dir, "vault.hcl")
 	hcl := fmt.Sprintf(`
 storage "file" {
@@ -161,54 +159,54 @@ disable_mlock    = true
 	if err := os.WriteFile(conf, []byte(hcl), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	s := &vaultServer{dir: dir, addr: addr, pluginDir: pdir, logPath: filepath.Join(dir, "vault.log"), args: []string{"server", "-config=" + conf}}
-	if err := s.start(); err != nil {
+	s.Args = []string{"server", "-config=" + conf}
+	if err := s.Start(); err != nil {
 		t.Fatal(err)
 	}
-	defer func() { s.stop() }()
-	init, err := s.client.Sys().Init(&api.InitRequest{SecretShares: 1, SecretThreshold: 1})
+	defer func() { s.Stop() }()
+	init, err := s.Client.Sys().Init(&api.InitRequest{SecretShares: 1, SecretThreshold: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
 	unseal := func() {
 		t.Helper()
-		if st, err := s.client.Sys().Unseal(init.Keys[0]); err != nil || st.Sealed {
+		if st, err := s.Client.Sys().Unseal(init.Keys[0]); err != nil || st.Sealed {
 			t.Fatalf("unseal: %v", err)
 		}
 	}
 	unseal()
-	s.rootToken = init.RootToken
-	s.client.SetToken(init.RootToken)
-	if err := s.registerPlugin(pluginBin, ""); err != nil {
+	s.RootToken = init.RootToken
+	s.Client.SetToken(init.RootToken)
+	if err := s.RegisterPlugin(pluginBin, "", ""); err != nil {
 		t.Fatal(err)
 	}
-	m := s.newMount(t)
-	c := s.client
-	mustWrite(t, c, m.path+"/keys/durable", nil)
+	m := newMount(t, s)
+	c := s.Client
+	mustWrite(t, c, m.Path+"/keys/durable", nil)
 	issued := map[string]string{}
 	for i := 0; i < 30; i++ {
 		if i%10 == 9 {
-			mustWrite(t, c, m.path+"/keys/durable/rotate", nil)
+			mustWrite(t, c, m.Path+"/keys/durable/rotate", nil)
 		}
 		pt := fmt.Sprintf("record %d", i)
 		issued[encrypt(t, c, m, "durable", pt)] = pt
 	}
 
-	s.stop()
-	if err := s.start(); err != nil {
+	s.Stop()
+	if err := s.Start(); err != nil {
 		t.Fatal(err)
 	}
 	unseal()
-	s.client.SetToken(init.RootToken)
+	s.Client.SetToken(init.RootToken)
 	for ct, pt := range issued {
 		if got := decrypt(t, c, m, "durable", ct); got != pt {
 			t.Fatalf("after restart %s decrypts to %q, want %q", ct[:12], got, pt)
 		}
 	}
-	if cfg, err := c.Logical().Read(m.path + "/config/hsm"); err != nil || cfg.Data["connected"] != true {
+	if cfg, err := c.Logical().Read(m.Path + "/config/hsm"); err != nil || cfg.Data["connected"] != true {
 		t.Fatalf("config/hsm after restart: %v %v", cfg, err)
 	}
-	if k, _ := c.Logical().Read(m.path + "/keys/durable"); fmt.Sprint(k.Data["latest_version"]) != "4" {
+	if k, _ := c.Logical().Read(m.Path + "/keys/durable"); fmt.Sprint(k.Data["latest_version"]) != "4" {
 		t.Fatalf("latest_version after restart: %v", k.Data["latest_version"])
 	}
 }
