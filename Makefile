@@ -5,7 +5,7 @@ PLUGIN := .build/plugins/vault-plugin-secrets-cmk
 VAULT  := .build/vault/vault
 FUZZTIME ?= 10s
 
-.PHONY: all build deps vault dev test unit e2e fuzz lint fmt clean
+.PHONY: all build deps vault dev test unit e2e fuzz bench bench-smoke reference lint fmt clean
 
 all: build
 
@@ -25,7 +25,7 @@ dev: deps build vault
 	@scripts/dev.sh
 
 # Unit tests, short fuzzing, then the end-to-end suite against a real Vault server.
-test: deps build vault unit fuzz e2e
+test: deps build vault unit fuzz e2e bench-smoke
 
 unit:
 	$(GO) test -race -count=1 -v $$($(GO) list ./... | grep -v /tests$$) 2>&1 | scripts/test-summary.sh
@@ -36,6 +36,19 @@ fuzz:
 e2e: deps build vault
 	CMK_E2E_VAULT=$(CURDIR)/$(VAULT) CMK_E2E_PLUGIN=$(CURDIR)/$(PLUGIN) \
 	  $(GO) test -race -count=1 -v -timeout 30m ./tests/ 2>&1 | scripts/test-summary.sh
+
+# HashiCorp's external KV plugin, built from the pinned Vault module: the benchmark's transport reference.
+reference:
+	@test -x .build/reference/vault-plugin-secrets-kv || (cd scripts/vault && $(GO) build -trimpath -ldflags "-s -w" \
+	  -o ../../.build/reference/vault-plugin-secrets-kv github.com/hashicorp/vault-plugin-secrets-kv/cmd/vault-plugin-secrets-kv)
+
+# Side-by-side measurements (not part of make test); results go to docs/BENCHMARKS.md.
+bench: deps build vault reference
+	$(GO) run ./tests/bench -out docs/BENCHMARKS.md $(BENCH_FLAGS)
+
+# The benchmark with tiny counts: checks that it runs, measures nothing.
+bench-smoke: deps build vault
+	$(GO) run ./tests/bench -quick -kv-plugin=/nonexistent
 
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed: make fmt"; exit 1; }

@@ -155,7 +155,7 @@ func (t *Token) generateSecret(ctx context.Context, kind keyKind, mech uint, tmp
 			id = a.Value
 		}
 	}
-	return t.do(ctx, "C_GenerateKey "+kind.String(), func(p *pkcs11.Ctx, s pooledSession) error {
+	return t.doObjects(ctx, "C_GenerateKey "+kind.String(), func(p *pkcs11.Ctx, s pooledSession) error {
 		existing, err := findObjects(p, s.h, kind.searchTemplate(id), 2)
 		if err != nil {
 			return err
@@ -184,7 +184,7 @@ func (t *Token) generatePair(ctx context.Context, alg Algorithm, id []byte, labe
 		mech = ckmEdwardsKeyPairGen
 	}
 	var pub crypto.PublicKey
-	err := t.do(ctx, "C_GenerateKeyPair "+string(alg), func(p *pkcs11.Ctx, s pooledSession) error {
+	err := t.doObjects(ctx, "C_GenerateKeyPair "+string(alg), func(p *pkcs11.Ctx, s pooledSession) error {
 		existing, err := findObjects(p, s.h, alg.kind().searchTemplate(id), 2)
 		if err != nil {
 			return err

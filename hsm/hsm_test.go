@@ -41,7 +41,7 @@ func TestMain(m *testing.M) {
 }
 
 // newToken creates a fresh token for one test and opens it.
-func newToken(t *testing.T, poolSize int) (*Token, Config) {
+func newToken(t testing.TB, poolSize int) (*Token, Config) {
 	t.Helper()
 	label := fmt.Sprintf("hsm-test-%d", tokenCount.Add(1))
 	if err := env.CreateToken(label, testPIN); err != nil {

@@ -38,7 +38,7 @@ func (t *Token) GenerateWrappingKey(ctx context.Context, id []byte, label string
 		map[uint]bool{pkcs11.CKA_UNWRAP: true, pkcs11.CKA_DECRYPT: true},
 		[]uint{pkcs11.CKM_RSA_PKCS_OAEP, pkcs11.CKM_RSA_X_509})
 	var pub *rsa.PublicKey
-	err := t.do(ctx, "C_GenerateKeyPair wrapping key", func(p *pkcs11.Ctx, s pooledSession) error {
+	err := t.doObjects(ctx, "C_GenerateKeyPair wrapping key", func(p *pkcs11.Ctx, s pooledSession) error {
 		pubH, _, err := p.GenerateKeyPair(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, nil)}, pubT, privT)
 		if err != nil {
 			return err
@@ -74,7 +74,7 @@ func (t *Token) ImportVersion(ctx context.Context, r ImportRequest) (crypto.Publ
 	kind := r.Algorithm.kind()
 	var pub crypto.PublicKey
 	method := ImportUnwrappedInHSM
-	err = t.do(ctx, "import key", func(p *pkcs11.Ctx, s pooledSession) error {
+	err = t.doObjects(ctx, "import key", func(p *pkcs11.Ctx, s pooledSession) error {
 		wrapping, err := t.findKey(p, s, kindRSA, r.WrappingID)
 		if err != nil {
 			return err

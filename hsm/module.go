@@ -29,6 +29,11 @@ type module struct {
 	generation atomic.Uint64
 	lastInit   time.Time
 
+	// objects serialises the creation and destruction of token objects: SoftHSM's file object store fails
+	// (CKR_GENERAL_ERROR) when sessions create objects in parallel. They are rare next to cryptographic
+	// operations, which stay parallel.
+	objects sync.Mutex
+
 	// refs and logins are guarded by modulesMu.
 	refs int
 	// logins remembers, per token serial, a keyed digest of the PIN that logged the process in. PKCS#11 login

@@ -110,7 +110,7 @@ func (t *Token) DestroyKeys(ctx context.Context, id []byte) (int, error) {
 		return 0, fmt.Errorf("%w: empty CKA_ID", ErrInvalidArgument)
 	}
 	n := 0
-	err := t.do(ctx, "C_DestroyObject", func(p *pkcs11.Ctx, s pooledSession) error {
+	err := t.doObjects(ctx, "C_DestroyObject", func(p *pkcs11.Ctx, s pooledSession) error {
 		hs, err := findObjects(p, s.h, []*pkcs11.Attribute{
 			pkcs11.NewAttribute(pkcs11.CKA_ID, id), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 0)
 		if err != nil {

@@ -387,6 +387,33 @@ func (t *Token) do(ctx context.Context, op string, fn func(p *pkcs11.Ctx, s pool
 	return opError(op, last)
 }
 
+// doObjects is do for operations that create or destroy token objects: one at a time per module, and, since
+// every such operation here is idempotent (creation keeps an object already carrying its CKA_ID; destruction
+// of what is gone succeeds), repeated after CKR_GENERAL_ERROR, which SoftHSM's file object store returns now
+// and then under load.
+func (t *Token) doObjects(ctx context.Context, op string, fn func(p *pkcs11.Ctx, s pooledSession) error) error {
+	t.mod.objects.Lock()
+	defer t.mod.objects.Unlock()
+	var err error
+	for attempt := 0; attempt < 3; attempt++ {
+		if err = t.do(ctx, op, fn); !isGeneralError(err) {
+			return err
+		}
+		t.log.Warn("token object operation failed with CKR_GENERAL_ERROR; repeating it", "op", op, "attempt", attempt+1)
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(time.Duration(attempt+1) * 20 * time.Millisecond):
+		}
+	}
+	return err
+}
+
+func isGeneralError(err error) bool {
+	rv, ok := rvOf(err)
+	return ok && rv == pkcs11.CKR_GENERAL_ERROR
+}
+
 func (t *Token) clearHandles() {
 	t.hmu.Lock()
 	t.handles = map[handleKey]cachedHandle{}

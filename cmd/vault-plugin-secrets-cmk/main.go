@@ -2,7 +2,10 @@
 package main
 
 import (
+	"net/http"
+	_ "net/http/pprof" // served only when CMK_PPROF_ADDR is set
 	"os"
+	"strings"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/vault/api"
@@ -12,6 +15,10 @@ import (
 )
 
 func main() {
+	// Profiling for benchmarks: only when the operator sets CMK_PPROF_ADDR at registration, only on loopback.
+	if addr := os.Getenv("CMK_PPROF_ADDR"); strings.HasPrefix(addr, "127.0.0.1:") {
+		go func() { _ = http.ListenAndServe(addr, nil) }()
+	}
 	meta := &api.PluginAPIClientMeta{}
 	flags := meta.FlagSet()
 	if err := flags.Parse(os.Args[1:]); err != nil {

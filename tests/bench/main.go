@@ -1,0 +1,467 @@
+// Command bench measures the engine on a real Vault server against references measured in the same run:
+// built-in Transit on the same server, the raw HSM ceiling (bare C_EncryptInit + C_Encrypt on the same token),
+// and HashiCorp's external KV plugin beside the built-in KV as the floor of Vault's plugin transport. It prints
+// one table of our figure, the reference and their ratio, and with -out writes it to a Markdown file.
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"flag"
+	"fmt"
+	"io"
+	"log"
+	"math"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/vault/api"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm/softhsmtest"
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/vaulttest"
+)
+
+var (
+	vaultBin   = flag.String("vault", ".build/vault/vault", "vault binary")
+	pluginBin  = flag.String("plugin", ".build/plugins/vault-plugin-secrets-cmk", "plugin binary")
+	kvBin      = flag.String("kv-plugin", ".build/reference/vault-plugin-secrets-kv", "HashiCorp's external KV plugin binary (optional)")
+	duration   = flag.Duration("duration", 5*time.Second, "length of each throughput measurement")
+	manyKeys   = flag.Int("keys", 10000, "keys on the token for the many-keys latency measurement")
+	quick      = flag.Bool("quick", false, "smoke run: tiny durations and counts (checks the benchmark works, measures nothing)")
+	out        = flag.String("out", "", "write the results as Markdown to this file")
+	poolSizes  = flag.String("pool-sizes", "1,2,4,8", "session pool sizes to compare for batch encryption")
+	cpuProfile = flag.String("cpuprofile", "", "write a CPU profile of the plugin under load to this file")
+	profLoad   = flag.String("profile-load", "batch", "load to profile: single or batch encryption")
+)
+
+type row struct {
+	name, ours, ref, ratio, target string
+	pass                           *bool
+}
+
+func main() {
+	flag.Parse()
+	log.SetFlags(0)
+	if *quick {
+		*duration, *manyKeys, *poolSizes = 300*time.Millisecond, 30, "1,2"
+	}
+	dir, err := os.MkdirTemp("", "cmk-bench-")
+	check(err)
+	defer os.RemoveAll(dir)
+	env, err := softhsmtest.Setup(filepath.Join(dir, "softhsm"))
+	check(err)
+	srv, err := vaulttest.NewServer(filepath.Join(dir, "vault"), abs(*vaultBin), abs(*pluginBin), env)
+	check(err)
+	srv.RootToken = "bench-root"
+	srv.Args = []string{"server", "-dev", "-dev-root-token-id=" + srv.RootToken, "-dev-listen-address=" + srv.Addr, "-dev-plugin-dir=" + srv.PluginDir}
+	check(srv.Start())
+	defer srv.Stop()
+	if *cpuProfile != "" {
+		check(registerWithProfiler(srv))
+	} else {
+		check(srv.RegisterPlugin(srv.PluginBin, "", ""))
+	}
+	c := srv.Client
+	cmk, err := srv.NewMount("cmk")
+	check(err)
+	check(c.Sys().Mount("transit", &api.MountInput{Type: "transit"}))
+	for _, p := range []string{cmk.Path, "transit"} {
+		write(c, p+"/keys/bench", nil)
+		write(c, p+"/keys/ec", map[string]interface{}{"type": "ecdsa-p256"})
+	}
+	log.Printf("Vault %s on %s; SoftHSM token %q; %s per measurement", "v1.21.0", srv.Addr, cmk.Label, *duration)
+
+	var rows []row
+	msg := base64.StdEncoding.EncodeToString(make([]byte, 64))
+
+	// Single requests, 16 clients.
+	encryptOne := func(p string) func(*api.Client) error {
+		return func(cl *api.Client) error {
+			_, err := cl.Logical().Write(p+"/encrypt/bench", map[string]interface{}{"plaintext": msg})
+			return err
+		}
+	}
+	if *cpuProfile != "" && *profLoad == "single" {
+		profile(srv, 16, encryptOne(cmk.Path))
+	}
+	ours := load(srv, 16, encryptOne(cmk.Path))
+	ref := load(srv, 16, encryptOne("transit"))
+	rows = append(rows, ratioRow("single encrypt, requests/s (16 clients)", ours.rate, "Transit", ref.rate, 0.35))
+	ctCMK := read(c, cmk.Path, "encrypt/bench", msg)
+	ctTransit := read(c, "transit", "encrypt/bench", msg)
+	decryptOne := func(p, ct string) func(*api.Client) error {
+		return func(cl *api.Client) error {
+			_, err := cl.Logical().Write(p+"/decrypt/bench", map[string]interface{}{"ciphertext": ct})
+			return err
+		}
+	}
+	ours = load(srv, 16, decryptOne(cmk.Path, ctCMK))
+	ref = load(srv, 16, decryptOne("transit", ctTransit))
+	rows = append(rows, ratioRow("single decrypt, requests/s (16 clients)", ours.rate, "Transit", ref.rate, 0))
+
+	// Batches of 1,000 × 64-byte items, 4 clients; the raw HSM ceiling on the same token.
+	tok, err := hsm.Open(hsm.Config{Library: env.Library, TokenLabel: cmk.Label, PIN: cmk.PIN, PoolSize: 1}, nil)
+	check(err)
+	rawID := make([]byte, 16)
+	_, _ = rand.Read(rawID)
+	check(tok.GenerateVersionKeys(context.Background(), rawID, "bench/raw", 256))
+	rawOps := 20000
+	if *quick {
+		rawOps = 200
+	}
+	raw, err := tok.MeasureRawGCM(context.Background(), rawID, make([]byte, 64), rawOps, 1)
+	check(err)
+	tok.Close()
+	batch := make([]interface{}, 1000)
+	for i := range batch {
+		batch[i] = map[string]interface{}{"plaintext": msg}
+	}
+	encryptBatch := func(p string) func(*api.Client) error {
+		return func(cl *api.Client) error {
+			_, err := cl.Logical().Write(p+"/encrypt/bench", map[string]interface{}{"batch_input": batch})
+			return err
+		}
+	}
+	if *cpuProfile != "" && *profLoad == "batch" {
+		profile(srv, 4, encryptBatch(cmk.Path))
+	}
+	ours = load(srv, 4, encryptBatch(cmk.Path))
+	ref = load(srv, 4, encryptBatch("transit"))
+	rows = append(rows, ratioRow("batch encrypt, items/s (1,000 × 64 B, 4 clients)", ours.rate*1000, "raw HSM, 1 session", raw, 0.8))
+	rows = append(rows, ratioRow("", ours.rate*1000, "Transit", ref.rate*1000, 0))
+	decBatch := func(p string) []interface{} {
+		s := write(c, p+"/encrypt/bench", map[string]interface{}{"batch_input": batch})
+		items := s.Data["batch_results"].([]interface{})
+		in := make([]interface{}, len(items))
+		for i, it := range items {
+			in[i] = map[string]interface{}{"ciphertext": it.(map[string]interface{})["ciphertext"]}
+		}
+		return in
+	}
+	decryptBatch := func(p string, in []interface{}) func(*api.Client) error {
+		return func(cl *api.Client) error {
+			_, err := cl.Logical().Write(p+"/decrypt/bench", map[string]interface{}{"batch_input": in})
+			return err
+		}
+	}
+	ours = load(srv, 4, decryptBatch(cmk.Path, decBatch(cmk.Path)))
+	ref = load(srv, 4, decryptBatch("transit", decBatch("transit")))
+	rows = append(rows, ratioRow("batch decrypt, items/s (1,000 × 64 B, 4 clients)", ours.rate*1000, "raw HSM, 1 session", raw, 0))
+	rows = append(rows, ratioRow("", ours.rate*1000, "Transit", ref.rate*1000, 0))
+
+	// Pool size: batch encryption at each size.
+	var poolRows []string
+	for _, f := range strings.Split(*poolSizes, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		check(err)
+		write(c, cmk.Path+"/config/hsm", map[string]interface{}{"pool_size": n})
+		r := load(srv, 4, encryptBatch(cmk.Path))
+		poolRows = append(poolRows, fmt.Sprintf("| %d | %.0f |", n, r.rate*1000))
+	}
+	write(c, cmk.Path+"/config/hsm", map[string]interface{}{"pool_size": 4})
+
+	// Signing.
+	signOne := func(p string) func(*api.Client) error {
+		return func(cl *api.Client) error {
+			_, err := cl.Logical().Write(p+"/sign/ec", map[string]interface{}{"input": msg})
+			return err
+		}
+	}
+	ours = load(srv, 16, signOne(cmk.Path))
+	ref = load(srv, 16, signOne("transit"))
+	rows = append(rows, ratioRow("sign ecdsa-p256, requests/s (16 clients)", ours.rate, "Transit", ref.rate, 0))
+
+	// Vault's plugin transport: external KV plugin against the built-in KV.
+	if kvPath := abs(*kvBin); fileExists(kvPath) {
+		check(srv.RegisterPlugin(kvPath, "", "vault-plugin-secrets-kv"))
+		check(c.Sys().Mount("kvext", &api.MountInput{Type: "vault-plugin-secrets-kv"}))
+		check(c.Sys().Mount("kvbuiltin", &api.MountInput{Type: "kv"}))
+		write(c, "kvext/bench", map[string]interface{}{"v": "x"})
+		write(c, "kvbuiltin/bench", map[string]interface{}{"v": "x"})
+		readKV := func(p string) func(*api.Client) error {
+			return func(cl *api.Client) error { _, err := cl.Logical().Read(p + "/bench"); return err }
+		}
+		ext := load(srv, 16, readKV("kvext"))
+		builtin := load(srv, 16, readKV("kvbuiltin"))
+		rows = append(rows, ratioRow("KV read, requests/s (16 clients): external KV plugin", ext.rate, "built-in KV", builtin.rate, 0))
+	}
+
+	// Latency with 10 keys and with many keys on the token (all warmed: handles cached).
+	few := latency(srv, cmk.Path, "few", 10, msg)
+	many := latency(srv, cmk.Path, "many", *manyKeys, msg)
+	rows = append(rows, ratioRow(fmt.Sprintf("encrypt p50 latency, ms: %d keys", *manyKeys), many.p50, "10 keys", few.p50, -1.25))
+	rows = append(rows, ratioRow(fmt.Sprintf("encrypt p99 latency, ms: %d keys", *manyKeys), many.p99, "10 keys", few.p99, 0))
+
+	rss := pluginRSS(srv)
+	pass := rss > 0 && rss <= 150
+	rows = append(rows, row{name: fmt.Sprintf("plugin RSS after the run, MB (%d keys)", *manyKeys+20), ours: fmt.Sprintf("%.0f", rss), ref: "", ratio: "", target: "≤ 150", pass: &pass})
+
+	report := render(rows, poolRows)
+	fmt.Println(report)
+	if *out != "" {
+		check(writeDoc(*out, report))
+	}
+}
+
+type result struct {
+	rate     float64
+	p50, p99 float64 // milliseconds
+	errors   int64
+}
+
+// load runs fn from clients goroutines for the measurement duration (after a short warm-up).
+func load(srv *vaulttest.Server, clients int, fn func(*api.Client) error) result {
+	warm := newClient(srv)
+	for i := 0; i < 3; i++ {
+		check(fn(warm))
+	}
+	var ops, errs atomic.Int64
+	var mu sync.Mutex
+	var lat []float64
+	deadline := time.Now().Add(*duration)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i := 0; i < clients; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cl := newClient(srv)
+			var mine []float64
+			for time.Now().Before(deadline) {
+				t0 := time.Now()
+				if err := fn(cl); err != nil {
+					if errs.Add(1) == 1 {
+						log.Printf("request error: %v", err)
+					}
+					continue
+				}
+				mine = append(mine, float64(time.Since(t0).Microseconds())/1000)
+				ops.Add(1)
+			}
+			mu.Lock()
+			lat = append(lat, mine...)
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	r := result{rate: float64(ops.Load()) / elapsed.Seconds(), errors: errs.Load()}
+	r.p50, r.p99 = percentile(lat, 0.5), percentile(lat, 0.99)
+	if r.errors > 0 {
+		log.Printf("%d errors in a measurement", r.errors)
+	}
+	return r
+}
+
+// latency creates n keys on a mount of their own, uses each once (so every handle is cached, as in steady
+// state), then measures single encrypts on random keys from 4 clients.
+func latency(srv *vaulttest.Server, _ string, name string, n int, msg string) result {
+	m, err := srv.NewMount("lat" + name)
+	check(err)
+	c := srv.Client
+	names := make([]string, n)
+	var wg sync.WaitGroup
+	work := make(chan int)
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cl := newClient(srv)
+			for i := range work {
+				names[i] = fmt.Sprintf("k%05d", i)
+				_, err := cl.Logical().Write(m.Path+"/keys/"+names[i], nil)
+				check(err)
+				_, err = cl.Logical().Write(m.Path+"/encrypt/"+names[i], map[string]interface{}{"plaintext": msg})
+				check(err)
+			}
+		}()
+	}
+	created := time.Now()
+	for i := 0; i < n; i++ {
+		work <- i
+	}
+	close(work)
+	wg.Wait()
+	log.Printf("%d keys created and warmed in %s", n, time.Since(created).Round(time.Second))
+	_ = c
+	var next atomic.Uint64
+	return load(srv, 4, func(cl *api.Client) error {
+		i := next.Add(7919) % uint64(n)
+		_, err := cl.Logical().Write(m.Path+"/encrypt/"+names[i], map[string]interface{}{"plaintext": msg})
+		return err
+	})
+}
+
+func newClient(srv *vaulttest.Server) *api.Client {
+	cfg := api.DefaultConfig()
+	cfg.Address = "http://" + srv.Addr
+	cfg.MaxRetries = 0
+	cl, err := api.NewClient(cfg)
+	check(err)
+	cl.SetToken(srv.RootToken)
+	return cl
+}
+
+func percentile(v []float64, q float64) float64 {
+	if len(v) == 0 {
+		return math.NaN()
+	}
+	sort.Float64s(v)
+	return v[int(math.Min(float64(len(v)-1), q*float64(len(v))))]
+}
+
+// ratioRow compares ours with the reference. target > 0: ours/ref must be at least target; target < 0: at
+// most -target; 0: no target.
+func ratioRow(name string, ours float64, refName string, ref, target float64) row {
+	r := row{name: name, ours: format(ours), ref: refName + ": " + format(ref), ratio: fmt.Sprintf("%.2f", ours/ref)}
+	switch {
+	case target > 0:
+		ok := ours/ref >= target
+		r.pass, r.target = &ok, fmt.Sprintf("≥ %.2f", target)
+	case target < 0:
+		ok := ours/ref <= -target
+		r.pass, r.target = &ok, fmt.Sprintf("≤ %.2f", -target)
+	}
+	return r
+}
+
+func format(v float64) string {
+	if v < 100 {
+		return fmt.Sprintf("%.2f", v)
+	}
+	return fmt.Sprintf("%.0f", v)
+}
+
+func render(rows []row, poolRows []string) string {
+	var b strings.Builder
+	b.WriteString("| measurement | cmk | reference (same run) | ratio | target |\n|---|---|---|---|---|\n")
+	for _, r := range rows {
+		mark := ""
+		if r.pass != nil {
+			mark = " ✗"
+			if *r.pass {
+				mark = " ✓"
+			}
+		}
+		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s%s |\n", r.name, r.ours, r.ref, r.ratio, r.target, mark)
+	}
+	b.WriteString("\nBatch encryption by session pool size (items/s, 1,000 × 64 B, 4 clients):\n\n| pool_size | items/s |\n|---|---|\n")
+	b.WriteString(strings.Join(poolRows, "\n") + "\n")
+	return b.String()
+}
+
+func writeDoc(path, report string) error {
+	doc := fmt.Sprintf(`# Benchmarks
+
+Measured by `+"`make bench`"+` on %s (%d cores), %s per throughput measurement. Every figure beside its
+reference was measured in the same run on the same Vault v1.21.0 dev server and SoftHSM 2.6 token: built-in
+Transit, the raw HSM (bare C_EncryptInit + C_Encrypt, hsm.MeasureRawGCM), and HashiCorp's external KV plugin
+beside the built-in KV (the cost of Vault's plugin transport). These machines are shared and noisy: compare
+ratios, not absolute figures.
+
+%s
+Reproduce: `+"`make bench`"+` (add `+"`BENCH_FLAGS=-duration=10s`"+` for longer runs).
+`, time.Now().UTC().Format("2006-01-02"), runtimeCPUs(), *duration, report)
+	return os.WriteFile(path, []byte(doc), 0o644)
+}
+
+func pluginRSS(srv *vaulttest.Server) float64 {
+	var total float64
+	for _, pid := range srv.PluginPIDs() {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		if err != nil {
+			continue
+		}
+		exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+		if !strings.HasSuffix(exe, vaulttest.PluginName) {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(line, "VmRSS:") {
+				kb, _ := strconv.ParseFloat(strings.Fields(line)[1], 64)
+				total += kb / 1024
+			}
+		}
+	}
+	return total
+}
+
+// registerWithProfiler registers the plugin with a loopback pprof listener (CMK_PPROF_ADDR) in its environment.
+func registerWithProfiler(srv *vaulttest.Server) error {
+	addr, err := vaulttest.FreeAddr()
+	if err != nil {
+		return err
+	}
+	sum, err := vaulttest.FileSHA256(filepath.Join(srv.PluginDir, vaulttest.PluginName))
+	if err != nil {
+		return err
+	}
+	os.Setenv("CMK_BENCH_PPROF", addr)
+	return srv.Client.Sys().RegisterPluginWithContext(context.Background(), &api.RegisterPluginInput{
+		Name: vaulttest.PluginName, Type: api.PluginTypeSecrets, Command: vaulttest.PluginName, SHA256: sum,
+		Env: []string{"CMK_PKCS11_LIBRARY=" + srv.SoftHSM.Library, "SOFTHSM2_CONF=" + srv.SoftHSM.Conf, "CMK_PPROF_ADDR=" + addr},
+	})
+}
+
+// profile takes a CPU profile of the plugin while fn runs under load.
+func profile(srv *vaulttest.Server, clients int, fn func(*api.Client) error) {
+	addr := os.Getenv("CMK_BENCH_PPROF")
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", addr, int(duration.Seconds())))
+		if err != nil {
+			log.Printf("profile: %v", err)
+			return
+		}
+		defer resp.Body.Close()
+		f, err := os.Create(*cpuProfile)
+		check(err)
+		_, _ = io.Copy(f, resp.Body)
+		f.Close()
+	}()
+	load(srv, clients, fn)
+	<-done
+	log.Printf("CPU profile of the plugin written to %s", *cpuProfile)
+}
+
+func write(c *api.Client, path string, data map[string]interface{}) *api.Secret {
+	s, err := c.Logical().Write(path, data)
+	check(err)
+	return s
+}
+
+func read(c *api.Client, mount, path, msg string) string {
+	return write(c, mount+"/"+path, map[string]interface{}{"plaintext": msg}).Data["ciphertext"].(string)
+}
+
+func abs(p string) string {
+	a, err := filepath.Abs(p)
+	check(err)
+	return a
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}
+
+func runtimeCPUs() int {
+	b, _ := os.ReadFile("/proc/cpuinfo")
+	return strings.Count(string(b), "processor\t:")
+}
+
+func check(err error) {
+	if err != nil {
+		log.Fatal(err)
+	}
+}
