@@ -122,29 +122,23 @@ func (e *testEnv) ok(resp *logical.Response, err error) *logical.Response {
 	return resp
 }
 
-// status is the HTTP status a Vault server would send for this outcome.
+// status is the HTTP status a Vault server would send for this outcome: Vault's own mapping of errors
+// (logical.RespondErrorCommon, then AdjustErrorStatusCode), 200 or 204 on success.
 func status(resp *logical.Response, err error) int {
 	if resp != nil && resp.Data != nil {
 		if c, ok := resp.Data[logical.HTTPStatusCode].(int); ok {
 			return c
 		}
 	}
-	if err != nil {
-		if coded, ok := err.(logical.HTTPCodedError); ok {
-			return coded.Code()
+	if err == nil && (resp == nil || !resp.IsError()) {
+		if resp == nil {
+			return 204
 		}
-		if err == logical.ErrInvalidRequest {
-			return 400
-		}
-		return 500
+		return 200
 	}
-	if resp != nil && resp.IsError() {
-		return 400
-	}
-	if resp == nil {
-		return 204
-	}
-	return 200
+	code, err := logical.RespondErrorCommon(&logical.Request{Operation: logical.UpdateOperation}, resp, err)
+	logical.AdjustErrorStatusCode(&code, err) // as Vault's HTTP layer: coded errors keep their code
+	return code
 }
 
 func respText(resp *logical.Response) string {

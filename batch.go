@@ -6,7 +6,10 @@ import (
 	"fmt"
 	"math"
 	"net/http"
+	"runtime"
 	"strconv"
+	"sync"
+	"sync/atomic"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -221,6 +224,68 @@ func (o *batchOutcome) respond(d *framework.FieldData, req *logical.Request, res
 		}
 	}
 	return logical.RespondWithStatusCode(resp, req, code)
+}
+
+// batchResult is what every result type carries besides its data: the caller's reference and the item's error.
+type batchResult interface{ setOutcome(reference, err string) }
+
+// minItemsPerWorker keeps small batches on one goroutine: spreading them costs more than it saves.
+const minItemsPerWorker = 64
+
+// runBatch applies fn to every item, each failing alone, and answers as Transit does: a single request gets
+// single(result), or its failure's status; a batch gets batch_results, in input order, under one status.
+// Items are spread over up to workers goroutines (the HSM session pool), so that a batch keeps several sessions
+// busy where the token scales.
+func runBatch[R any, P interface {
+	*R
+	batchResult
+}](d *framework.FieldData, req *logical.Request, items []batchItem, batch bool, workers int,
+	fn func(i int, it *batchItem) (R, *itemError), single func(R) map[string]interface{}) (*logical.Response, error) {
+	results := make([]R, len(items))
+	errs := make([]*itemError, len(items))
+	run := func(i int) {
+		it := &items[i]
+		if it.err != "" {
+			errs[i] = userError("%s", it.err)
+		} else {
+			results[i], errs[i] = fn(i, it)
+		}
+		msg := ""
+		if errs[i] != nil {
+			msg = errs[i].msg
+		}
+		P(&results[i]).setOutcome(it.Reference, msg)
+	}
+	workers = min(workers, runtime.GOMAXPROCS(0), len(items)/minItemsPerWorker)
+	if workers <= 1 {
+		for i := range items {
+			run(i)
+		}
+	} else {
+		var next atomic.Int64
+		var wg sync.WaitGroup
+		for w := 0; w < workers; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := int(next.Add(1) - 1); i < len(items); i = int(next.Add(1) - 1) {
+					run(i)
+				}
+			}()
+		}
+		wg.Wait()
+	}
+	if !batch {
+		if errs[0] != nil {
+			return singleError(errs[0])
+		}
+		return &logical.Response{Data: single(results[0])}, nil
+	}
+	var out batchOutcome
+	for _, e := range errs {
+		out.add(e)
+	}
+	return out.respond(d, req, &logical.Response{Data: map[string]interface{}{"batch_results": results}})
 }
 
 // singleError turns the failure of a non-batch request into the response Transit gives.

@@ -35,6 +35,13 @@ type decryptResult struct {
 	Reference string `json:"reference"`
 }
 
+func (r *encryptResult) setOutcome(ref, err string) { r.Reference, r.Error = ref, err }
+func (r *decryptResult) setOutcome(ref, err string) { r.Reference, r.Error = ref, err }
+
+func singleEncryptResult(r encryptResult) map[string]interface{} {
+	return map[string]interface{}{"ciphertext": r.Ciphertext, "key_version": r.KeyVersion}
+}
+
 func (b *backend) pathCrypto() []*framework.Path {
 	return []*framework.Path{b.pathEncrypt(), b.pathDecrypt(), b.pathRewrap(), b.pathDatakey(), b.pathRandom(), b.pathHash(),
 		b.pathSign(), b.pathVerify(), b.pathHMAC()}
@@ -313,43 +320,22 @@ func (b *backend) pathEncryptWrite(ctx context.Context, req *logical.Request, d 
 	if kerr != nil {
 		return singleError(kerr)
 	}
-	results := make([]encryptResult, len(items))
-	var out batchOutcome
-	for i := range items {
-		it := &items[i]
-		results[i].Reference = it.Reference
-		ierr := func() *itemError {
-			aad, ierr := checkCommon(it)
-			if ierr != nil {
-				return ierr
-			}
-			if !it.hasPlaintext {
-				return userError("batch_input[%d]: missing plaintext to encrypt", i)
-			}
-			pt, err := base64.StdEncoding.DecodeString(it.Plaintext)
-			if err != nil {
-				return userError("plaintext is not valid base64: %v", err)
-			}
-			ct, v, ierr := b.encrypt(ctx, req, tok, nonces, p, it, pt, aad)
-			clear(pt)
-			results[i].Ciphertext, results[i].KeyVersion = ct, v
-			return ierr
-		}()
+	return runBatch(d, req, items, batch, tok.PoolSize(), func(i int, it *batchItem) (encryptResult, *itemError) {
+		aad, ierr := checkCommon(it)
 		if ierr != nil {
-			results[i].Error = ierr.msg
+			return encryptResult{}, ierr
 		}
-		out.add(ierr)
-	}
-	if !batch {
-		if results[0].Error != "" {
-			return singleError(&itemError{class: classOf(out), msg: results[0].Error})
+		if !it.hasPlaintext {
+			return encryptResult{}, userError("batch_input[%d]: missing plaintext to encrypt", i)
 		}
-		return &logical.Response{Data: map[string]interface{}{
-			"ciphertext":  results[0].Ciphertext,
-			"key_version": results[0].KeyVersion,
-		}}, nil
-	}
-	return out.respond(d, req, &logical.Response{Data: map[string]interface{}{"batch_results": results}})
+		pt, err := base64.StdEncoding.DecodeString(it.Plaintext)
+		if err != nil {
+			return encryptResult{}, userError("plaintext is not valid base64: %v", err)
+		}
+		defer clear(pt)
+		ct, v, ierr := b.encrypt(ctx, req, tok, nonces, p, it, pt, aad)
+		return encryptResult{Ciphertext: ct, KeyVersion: v}, ierr
+	}, singleEncryptResult)
 }
 
 // classOf gives the class of a single request's only failure.
@@ -429,38 +415,21 @@ func (b *backend) pathDecryptWrite(ctx context.Context, req *logical.Request, d 
 	if kerr != nil {
 		return singleError(kerr)
 	}
-	results := make([]decryptResult, len(items))
-	var out batchOutcome
-	for i := range items {
-		it := &items[i]
-		results[i].Reference = it.Reference
-		ierr := func() *itemError {
-			aad, ierr := checkCommon(it)
-			if ierr != nil {
-				return ierr
-			}
-			if !it.hasCiphertext {
-				return userError("batch_input[%d]: missing ciphertext to decrypt", i)
-			}
-			pt, ierr := decrypt(ctx, tok, p, it, aad)
-			if ierr == nil {
-				results[i].Plaintext = base64.StdEncoding.EncodeToString(pt)
-				clear(pt)
-			}
-			return ierr
-		}()
+	return runBatch(d, req, items, batch, tok.PoolSize(), func(i int, it *batchItem) (decryptResult, *itemError) {
+		aad, ierr := checkCommon(it)
 		if ierr != nil {
-			results[i].Error = ierr.msg
+			return decryptResult{}, ierr
 		}
-		out.add(ierr)
-	}
-	if !batch {
-		if results[0].Error != "" {
-			return singleError(&itemError{class: classOf(out), msg: results[0].Error})
+		if !it.hasCiphertext {
+			return decryptResult{}, userError("batch_input[%d]: missing ciphertext to decrypt", i)
 		}
-		return &logical.Response{Data: map[string]interface{}{"plaintext": results[0].Plaintext}}, nil
-	}
-	return out.respond(d, req, &logical.Response{Data: map[string]interface{}{"batch_results": results}})
+		pt, ierr := decrypt(ctx, tok, p, it, aad)
+		if ierr != nil {
+			return decryptResult{}, ierr
+		}
+		defer clear(pt)
+		return decryptResult{Plaintext: base64.StdEncoding.EncodeToString(pt)}, nil
+	}, func(r decryptResult) map[string]interface{} { return map[string]interface{}{"plaintext": r.Plaintext} })
 }
 
 func (b *backend) pathRewrap() *framework.Path {
@@ -508,43 +477,22 @@ func (b *backend) pathRewrapWrite(ctx context.Context, req *logical.Request, d *
 	if kerr != nil {
 		return singleError(kerr)
 	}
-	results := make([]encryptResult, len(items))
-	var out batchOutcome
-	for i := range items {
-		it := &items[i]
-		results[i].Reference = it.Reference
-		ierr := func() *itemError {
-			aad, ierr := checkCommon(it)
-			if ierr != nil {
-				return ierr
-			}
-			if !it.hasCiphertext {
-				return userError("batch_input[%d]: missing ciphertext to decrypt", i)
-			}
-			pt, ierr := decrypt(ctx, tok, p, it, aad)
-			if ierr != nil {
-				return ierr
-			}
-			defer clear(pt)
-			ct, v, ierr := b.encrypt(ctx, req, tok, nonces, p, it, pt, aad)
-			results[i].Ciphertext, results[i].KeyVersion = ct, v
-			return ierr
-		}()
+	return runBatch(d, req, items, batch, tok.PoolSize(), func(i int, it *batchItem) (encryptResult, *itemError) {
+		aad, ierr := checkCommon(it)
 		if ierr != nil {
-			results[i].Error = ierr.msg
+			return encryptResult{}, ierr
 		}
-		out.add(ierr)
-	}
-	if !batch {
-		if results[0].Error != "" {
-			return singleError(&itemError{class: classOf(out), msg: results[0].Error})
+		if !it.hasCiphertext {
+			return encryptResult{}, userError("batch_input[%d]: missing ciphertext to decrypt", i)
 		}
-		return &logical.Response{Data: map[string]interface{}{
-			"ciphertext":  results[0].Ciphertext,
-			"key_version": results[0].KeyVersion,
-		}}, nil
-	}
-	return out.respond(d, req, &logical.Response{Data: map[string]interface{}{"batch_results": results}})
+		pt, ierr := decrypt(ctx, tok, p, it, aad)
+		if ierr != nil {
+			return encryptResult{}, ierr
+		}
+		defer clear(pt)
+		ct, v, ierr := b.encrypt(ctx, req, tok, nonces, p, it, pt, aad)
+		return encryptResult{Ciphertext: ct, KeyVersion: v}, ierr
+	}, singleEncryptResult)
 }
 
 func (b *backend) pathDatakey() *framework.Path {

@@ -45,6 +45,10 @@ type hmacResult struct {
 	Reference string `json:"reference"`
 }
 
+func (r *signResult) setOutcome(ref, err string)   { r.Reference, r.Error = ref, err }
+func (r *verifyResult) setOutcome(ref, err string) { r.Reference, r.Error = ref, err }
+func (r *hmacResult) setOutcome(ref, err string)   { r.Reference, r.Error = ref, err }
+
 func signatureFields() map[string]*framework.FieldSchema {
 	return withBatch(map[string]*framework.FieldSchema{
 		"name":         fieldName,
@@ -237,45 +241,26 @@ func (b *backend) pathSignWrite(ctx context.Context, req *logical.Request, d *fr
 	if oerr != nil {
 		return singleError(oerr)
 	}
-	results := make([]signResult, len(items))
-	var out batchOutcome
-	for i := range items {
-		it := &items[i]
-		results[i].Reference = it.Reference
-		ierr := func() *itemError {
-			if it.err != "" {
-				return userError("%s", it.err)
-			}
-			if it.Context != "" {
-				return userError("%s", msgNoDerivation)
-			}
-			input, err := base64.StdEncoding.DecodeString(it.Input)
-			if err != nil {
-				return userError("input is not valid base64: %v", err)
-			}
-			v, ver, err := p.encryptionVersion(it.KeyVersion)
-			if err != nil {
-				return userError("%s", err.Error())
-			}
-			sig, ierr := sign(ctx, tok, p, ver, opts, input)
-			if ierr != nil {
-				return ierr
-			}
-			results[i].Signature, results[i].KeyVersion = formatVersioned(v, sig, opts.encoding()), v
-			return nil
-		}()
+	return runBatch(d, req, items, batch, tok.PoolSize(), func(i int, it *batchItem) (signResult, *itemError) {
+		if it.Context != "" {
+			return signResult{}, userError("%s", msgNoDerivation)
+		}
+		input, err := base64.StdEncoding.DecodeString(it.Input)
+		if err != nil {
+			return signResult{}, userError("input is not valid base64: %v", err)
+		}
+		v, ver, err := p.encryptionVersion(it.KeyVersion)
+		if err != nil {
+			return signResult{}, userError("%s", err.Error())
+		}
+		sig, ierr := sign(ctx, tok, p, ver, opts, input)
 		if ierr != nil {
-			results[i].Error = ierr.msg
+			return signResult{}, ierr
 		}
-		out.add(ierr)
-	}
-	if !batch {
-		if results[0].Error != "" {
-			return singleError(&itemError{class: classOf(out), msg: results[0].Error})
-		}
-		return &logical.Response{Data: map[string]interface{}{"signature": results[0].Signature, "key_version": results[0].KeyVersion}}, nil
-	}
-	return out.respond(d, req, &logical.Response{Data: map[string]interface{}{"batch_results": results}})
+		return signResult{Signature: formatVersioned(v, sig, opts.encoding()), KeyVersion: v}, nil
+	}, func(r signResult) map[string]interface{} {
+		return map[string]interface{}{"signature": r.Signature, "key_version": r.KeyVersion}
+	})
 }
 
 // sign makes the signature bytes in the HSM.
@@ -361,59 +346,40 @@ func (b *backend) pathVerifyWrite(ctx context.Context, req *logical.Request, d *
 	if kerr != nil {
 		return singleError(kerr)
 	}
-	results := make([]verifyResult, len(items))
-	var out batchOutcome
+	// Signature options are read once, before the items (which may run in parallel), if any item needs them.
 	var opts signOptions
 	var oerr *itemError
-	for i := range items {
-		it := &items[i]
-		results[i].Reference = it.Reference
-		ierr := func() *itemError {
-			if it.err != "" {
-				return userError("%s", it.err)
-			}
-			if it.Context != "" {
-				return userError("%s", msgNoDerivation)
-			}
-			input, err := base64.StdEncoding.DecodeString(it.Input)
-			if err != nil {
-				return userError("input is not valid base64: %v", err)
-			}
-			switch {
-			case it.HMAC != "" && it.Signature != "":
-				return userError("give signature or hmac, not both")
-			case it.HMAC != "":
-				valid, ierr := verifyHMAC(ctx, tok, p, hmacHash(d), it.HMAC, input)
-				results[i].Valid = valid
-				return ierr
-			case it.Signature == "":
-				return userError("missing signature or hmac")
-			}
-			if !p.Type.info().sign {
-				return userError("%s", p.Type.unsupported("signature verification"))
-			}
-			if opts.hash == 0 && oerr == nil {
-				opts, oerr = readSignOptions(d, p)
-			}
-			if oerr != nil {
-				return oerr
-			}
-			valid, ierr := verifySignature(p, opts, it.Signature, input)
-			results[i].Valid = valid
-			return ierr
-		}()
-		if ierr != nil {
-			results[i].Error = ierr.msg
+	for _, it := range items {
+		if it.Signature != "" && p.Type.info().sign {
+			opts, oerr = readSignOptions(d, p)
+			break
 		}
-		out.add(ierr)
 	}
-	if !batch {
-		if results[0].Error != "" {
-			return singleError(&itemError{class: classOf(out), msg: results[0].Error})
+	return runBatch(d, req, items, batch, tok.PoolSize(), func(i int, it *batchItem) (verifyResult, *itemError) {
+		if it.Context != "" {
+			return verifyResult{}, userError("%s", msgNoDerivation)
 		}
-		return &logical.Response{Data: map[string]interface{}{"valid": results[0].Valid}}, nil
-	}
-	return out.respond(d, req, &logical.Response{Data: map[string]interface{}{"batch_results": results}})
+		input, err := base64.StdEncoding.DecodeString(it.Input)
+		if err != nil {
+			return verifyResult{}, userError("input is not valid base64: %v", err)
+		}
+		switch {
+		case it.HMAC != "" && it.Signature != "":
+			return verifyResult{}, userError("give signature or hmac, not both")
+		case it.HMAC != "":
+			valid, ierr := verifyHMAC(ctx, tok, p, hmacHash(d), it.HMAC, input)
+			return verifyResult{Valid: valid}, ierr
+		case it.Signature == "":
+			return verifyResult{}, userError("missing signature or hmac")
+		case !p.Type.info().sign:
+			return verifyResult{}, userError("%s", p.Type.unsupported("signature verification"))
+		}
+		if oerr != nil {
+			return verifyResult{}, oerr
+		}
+		valid, ierr := verifySignature(p, opts, it.Signature, input)
+		return verifyResult{Valid: valid}, ierr
+	}, func(r verifyResult) map[string]interface{} { return map[string]interface{}{"valid": r.Valid} })
 }
 
 // verifySignature checks a signature with the version's public key. Checking needs no secret, so the standard
@@ -510,39 +476,19 @@ func (b *backend) pathHMACWrite(ctx context.Context, req *logical.Request, d *fr
 		return singleError(kerr)
 	}
 	hashName := hmacHash(d)
-	results := make([]hmacResult, len(items))
-	var out batchOutcome
-	for i := range items {
-		it := &items[i]
-		results[i].Reference = it.Reference
-		ierr := func() *itemError {
-			if it.err != "" {
-				return userError("%s", it.err)
-			}
-			input, err := base64.StdEncoding.DecodeString(it.Input)
-			if err != nil {
-				return userError("input is not valid base64: %v", err)
-			}
-			v, ver, err := p.encryptionVersion(it.KeyVersion)
-			if err != nil {
-				return userError("%s", err.Error())
-			}
-			mac, ierr := computeHMAC(ctx, tok, ver, hashName, input)
-			if ierr == nil {
-				results[i].HMAC = formatVersioned(v, mac, base64.StdEncoding)
-			}
-			return ierr
-		}()
+	return runBatch(d, req, items, batch, tok.PoolSize(), func(i int, it *batchItem) (hmacResult, *itemError) {
+		input, err := base64.StdEncoding.DecodeString(it.Input)
+		if err != nil {
+			return hmacResult{}, userError("input is not valid base64: %v", err)
+		}
+		v, ver, err := p.encryptionVersion(it.KeyVersion)
+		if err != nil {
+			return hmacResult{}, userError("%s", err.Error())
+		}
+		mac, ierr := computeHMAC(ctx, tok, ver, hashName, input)
 		if ierr != nil {
-			results[i].Error = ierr.msg
+			return hmacResult{}, ierr
 		}
-		out.add(ierr)
-	}
-	if !batch {
-		if results[0].Error != "" {
-			return singleError(&itemError{class: classOf(out), msg: results[0].Error})
-		}
-		return &logical.Response{Data: map[string]interface{}{"hmac": results[0].HMAC}}, nil
-	}
-	return out.respond(d, req, &logical.Response{Data: map[string]interface{}{"batch_results": results}})
+		return hmacResult{HMAC: formatVersioned(v, mac, base64.StdEncoding)}, nil
+	}, func(r hmacResult) map[string]interface{} { return map[string]interface{}{"hmac": r.HMAC} })
 }

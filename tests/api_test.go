@@ -112,6 +112,19 @@ func TestKeyAndCryptoAPI(t *testing.T) {
 	}
 }
 
+// An engine whose HSM is not configured answers 503 with what to do, through the real server.
+func TestUnconfiguredMountIs503(t *testing.T) {
+	c := dev.Client
+	path := "cmk-unconfigured"
+	if err := c.Sys().Mount(path, &api.MountInput{Type: pluginName}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := c.Logical().Write(path+"/encrypt/k", map[string]interface{}{"plaintext": b64("x")})
+	if statusOf(err) != 503 || !strings.Contains(err.Error(), "config/hsm") {
+		t.Fatalf("encrypt on an unconfigured mount: %v", err)
+	}
+}
+
 func TestBatchOf1000ThroughVault(t *testing.T) {
 	c := dev.Client
 	m := newMount(t, dev)
@@ -210,5 +223,3 @@ func TestCLI(t *testing.T) {
 		}
 	}
 }
-
-var _ = api.DefaultConfig

@@ -371,6 +371,12 @@ ratios, not absolute figures.
 %s
 Reproduce: `+"`make bench`"+` (add `+"`BENCH_FLAGS=-duration=10s`"+` for longer runs).
 `, time.Now().UTC().Format("2006-01-02"), runtimeCPUs(), *duration, report)
+	// Keep the hand-written analysis of the previous file, if any: only the measurements are regenerated.
+	if old, err := os.ReadFile(path); err == nil {
+		if i := strings.Index(string(old), "\n## Analysis"); i >= 0 {
+			doc += string(old[i:])
+		}
+	}
 	return os.WriteFile(path, []byte(doc), 0o644)
 }
 
