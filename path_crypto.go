@@ -338,17 +338,6 @@ func (b *backend) pathEncryptWrite(ctx context.Context, req *logical.Request, d 
 	}, singleEncryptResult)
 }
 
-// classOf gives the class of a single request's only failure.
-func classOf(o batchOutcome) errClass {
-	switch {
-	case o.user:
-		return errUser
-	case o.unavail:
-		return errUnavailable
-	}
-	return errInternal
-}
-
 // upsert creates the key on an encrypt to a missing key, as Transit does, unless config/keys forbids it.
 func (b *backend) upsert(ctx context.Context, req *logical.Request, d *framework.FieldData, cfg *keysConfig, name string, items []batchItem) *itemError {
 	if cfg.DisableUpsert {
