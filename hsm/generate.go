@@ -94,10 +94,10 @@ func (a Algorithm) rsaBits() int {
 
 // GenerateVersion creates, with CKA_ID id, the material of one key version: for AES the key, for key pairs the
 // private key (the public half is returned and not kept on the token), and in every case an HMAC secret of
-// hmacBytes. It is idempotent: objects already carrying id (from an attempt interrupted after the token made
-// them) are kept, so a retried call never leaves two objects with one CKA_ID; an asymmetric key found that way
-// has its public key read back from the private object where the token allows, else the pair is made anew.
-// If the second object cannot be made, the first is destroyed again.
+// hmacBytes. id must be fresh (callers draw it at random). Attempts repeated inside the call after a session,
+// login or device error first look for what the failed attempt may have made, so a retry never leaves two
+// objects with one CKA_ID. If the second object cannot be made, the first is destroyed again. The new objects'
+// handles are cached, so the version's first use searches nothing.
 func (t *Token) GenerateVersion(ctx context.Context, alg Algorithm, id []byte, label string, hmacBytes int) (crypto.PublicKey, error) {
 	if len(id) == 0 {
 		return nil, fmt.Errorf("%w: empty CKA_ID", ErrInvalidArgument)
@@ -155,15 +155,20 @@ func (t *Token) generateSecret(ctx context.Context, kind keyKind, mech uint, tmp
 			id = a.Value
 		}
 	}
+	attempts := 0
 	return t.doObjects(ctx, "C_GenerateKey "+kind.String(), func(p *pkcs11.Ctx, s pooledSession) error {
-		existing, err := findObjects(p, s.h, kind.searchTemplate(id), 2)
-		if err != nil {
-			return err
+		// Only a repeated attempt searches for an object the failed one may have made: searching a token with
+		// many objects is slow (SoftHSM re-indexes), and a fresh CKA_ID cannot exist yet.
+		if attempts++; attempts > 1 {
+			existing, err := findObjects(p, s.h, kind.searchTemplate(id), 2)
+			if err != nil || len(existing) > 0 {
+				return err
+			}
 		}
-		if len(existing) > 0 {
-			return nil
+		h, err := p.GenerateKey(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, tmpl)
+		if err == nil {
+			t.cacheHandle(kind, id, h, s.epoch) // the version's first use needs no search either
 		}
-		_, err = p.GenerateKey(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, tmpl)
 		return err
 	})
 }
@@ -184,21 +189,25 @@ func (t *Token) generatePair(ctx context.Context, alg Algorithm, id []byte, labe
 		mech = ckmEdwardsKeyPairGen
 	}
 	var pub crypto.PublicKey
+	attempts := 0
 	err := t.doObjects(ctx, "C_GenerateKeyPair "+string(alg), func(p *pkcs11.Ctx, s pooledSession) error {
-		existing, err := findObjects(p, s.h, alg.kind().searchTemplate(id), 2)
-		if err != nil {
-			return err
-		}
-		for _, h := range existing {
-			// An earlier attempt made the pair but its public half is gone with that session: start again.
-			if err := p.DestroyObject(s.h, h); err != nil {
+		if attempts++; attempts > 1 {
+			existing, err := findObjects(p, s.h, alg.kind().searchTemplate(id), 2)
+			if err != nil {
 				return err
 			}
+			for _, h := range existing {
+				// An earlier attempt made the pair but its public half is gone with that session: start again.
+				if err := p.DestroyObject(s.h, h); err != nil {
+					return err
+				}
+			}
 		}
-		pubH, _, err := p.GenerateKeyPair(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, pubT, privT)
+		pubH, privH, err := p.GenerateKeyPair(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, pubT, privT)
 		if err != nil {
 			return err
 		}
+		t.cacheHandle(alg.kind(), id, privH, s.epoch)
 		defer func() { _ = p.DestroyObject(s.h, pubH) }()
 		pub, err = readPublicKey(p, s.h, pubH, alg)
 		return err

@@ -115,6 +115,7 @@ func (t *Token) ImportVersion(ctx context.Context, r ImportRequest) (crypto.Publ
 			_ = p.DestroyObject(s.h, target)
 			return err
 		}
+		t.cacheHandle(kind, r.ID, target, s.epoch)
 		return nil
 	})
 	if err != nil {

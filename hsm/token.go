@@ -441,10 +441,15 @@ func (t *Token) findKey(p *pkcs11.Ctx, s pooledSession, kind keyKind, id []byte)
 	default:
 		return 0, fmt.Errorf("several %s objects share CKA_ID %x", kind, id)
 	}
-	t.hmu.Lock()
-	t.handles[k] = cachedHandle{h: hs[0], epoch: s.epoch}
-	t.hmu.Unlock()
+	t.cacheHandle(kind, id, hs[0], s.epoch)
 	return hs[0], nil
+}
+
+// cacheHandle remembers the handle of an object this Token just made.
+func (t *Token) cacheHandle(kind keyKind, id []byte, h pkcs11.ObjectHandle, epoch uint64) {
+	t.hmu.Lock()
+	t.handles[handleKey{kind, string(id)}] = cachedHandle{h: h, epoch: epoch}
+	t.hmu.Unlock()
 }
 
 func (t *Token) forgetHandles(id []byte) {

@@ -121,6 +121,8 @@ func (s *Server) Start() error {
 	s.cmd = exec.Command(s.VaultBin, s.Args...)
 	s.cmd.Stdout, s.cmd.Stderr = logf, logf
 	s.cmd.Env = append(os.Environ(), "VAULT_ADDR=", "VAULT_TOKEN=", "SOFTHSM2_CONF="+s.SoftHSM.Conf)
+	// The server dies with the process that started it, even if that one is killed or exits without Stop.
+	s.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 	if err := s.cmd.Start(); err != nil {
 		logf.Close()
 		return err
