@@ -74,6 +74,10 @@ type keyPolicy struct {
 	// the next attempt and the key serves nothing meanwhile.
 	Deleting bool `json:"deleting,omitempty"`
 
+	// LastRequestID is the Vault request that added the latest version. Vault retries a request once when the
+	// plugin dies under it; a retry of a rotation or import that did complete must not add a second version.
+	LastRequestID string `json:"last_request_id,omitempty"`
+
 	Versions map[int]*keyVersion `json:"-"` // stored in chunks under versions/<name>/
 }
 

@@ -80,6 +80,7 @@ func (b *backend) addVersion(ctx context.Context, s logical.Storage, tok hsmToke
 	}
 	p.Versions[v] = ver
 	p.LatestVersion = v
+	p.LastRequestID = who.RequestID
 	if p.MinDecryptionVersion == 0 {
 		p.MinDecryptionVersion = 1
 	}
@@ -188,6 +189,9 @@ func (b *backend) createKey(ctx context.Context, s logical.Storage, p *keyPolicy
 // rotateLocked adds a generated version to cur (with the key's lock held) and moves the schedule on. cause is
 // manual, scheduled or usage.
 func (b *backend) rotateLocked(ctx context.Context, s logical.Storage, tok hsmToken, cur *keyPolicy, who actor, cause string) (*keyPolicy, error) {
+	if who.RequestID != "" && cur.LastRequestID == who.RequestID {
+		return cur, nil // Vault's retry of a rotation that completed before the plugin died
+	}
 	if cur.Imported && !cur.AllowRotation {
 		return nil, fmt.Errorf("%w: imported key %q does not allow rotation: it was imported without allow_rotation; use import_version to add a version", errCallerMistake, cur.Name)
 	}
@@ -302,6 +306,7 @@ type actor struct {
 	EntityID    string
 	DisplayName string
 	Accessor    string
+	RequestID   string // the Vault request, to recognise its retry
 }
 
 // schedulerActor is the cause of what the periodic function does on its own.
@@ -311,7 +316,7 @@ func actorOf(req *logical.Request) actor {
 	if req == nil {
 		return actor{}
 	}
-	return actor{EntityID: req.EntityID, DisplayName: req.DisplayName, Accessor: req.ClientTokenAccessor}
+	return actor{EntityID: req.EntityID, DisplayName: req.DisplayName, Accessor: req.ClientTokenAccessor, RequestID: req.ID}
 }
 
 func (a actor) String() string {

@@ -2,6 +2,7 @@ package cmk
 
 import (
 	"context"
+	"crypto"
 	"encoding/json"
 	"fmt"
 	"strings"
@@ -404,5 +405,49 @@ func TestVersionsAreStoredInChunks(t *testing.T) {
 	}
 	if r := again.ok(again.read("keys/k")); r.Data["latest_version"] != versionChunk+5 {
 		t.Fatalf("latest %v", r.Data["latest_version"])
+	}
+}
+
+// Vault retries a request once, unchanged, when the plugin process dies under it: a retried rotation or import
+// that had completed adds no second version, and repeating a state change answers with the state.
+func TestRetriedRequestsChangeNothingTwice(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/k", nil))
+	retry := func(path string, data map[string]interface{}) {
+		t.Helper()
+		for i := 0; i < 2; i++ {
+			e.ok(e.b.HandleRequest(context.Background(), &logical.Request{
+				ID: "req-" + path, Operation: logical.UpdateOperation, Path: path, Data: data, Storage: e.storage,
+			}))
+		}
+	}
+	retry("keys/k/rotate", nil)
+	if r := e.ok(e.read("keys/k")); r.Data["latest_version"] != 2 {
+		t.Fatalf("a retried rotation made version %v", r.Data["latest_version"])
+	}
+	e.ok(e.write("keys/k/rotate", nil)) // another request rotates again
+	if r := e.ok(e.read("keys/k")); r.Data["latest_version"] != 3 {
+		t.Fatalf("a new request did not rotate: %v", r.Data["latest_version"])
+	}
+	material := make([]byte, 32)
+	retry("keys/imp/import", map[string]interface{}{"ciphertext": wrapFor(t, e, crypto.SHA256, material)})
+	retry("keys/imp/import_version", map[string]interface{}{"ciphertext": wrapFor(t, e, crypto.SHA256, material)})
+	if r := e.ok(e.read("keys/imp")); r.Data["latest_version"] != 2 {
+		t.Fatalf("retried imports made version %v", r.Data["latest_version"])
+	}
+	e.ok(e.write("config/keys", map[string]interface{}{"deletion_grace_period": "1h"}))
+	retry("keys/k/versions/1/destroy", nil)
+	retry("keys/k/versions/2/disable", nil)
+	if s := e.ok(e.read("keys/k/versions/1")).Data["state"]; s != "destroy_scheduled" {
+		t.Fatalf("state %v", s)
+	}
+	n := 0
+	for _, o := range e.tokenObjects() {
+		if strings.Contains(o.Label, "/imp/") {
+			n++
+		}
+	}
+	if n != 4 { // two versions × (AES + HMAC): no orphan of the retried imports
+		t.Fatalf("%d objects for the imported key", n)
 	}
 }

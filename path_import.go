@@ -199,8 +199,14 @@ func (b *backend) importHandler(version bool) framework.OperationFunc {
 			if err := cur.usable(); err != nil {
 				return logical.ErrorResponse("%s", err.Error()), logical.ErrInvalidRequest
 			}
+			if req.ID != "" && cur.LastRequestID == req.ID {
+				return nil, nil // Vault's retry of an import that completed before the plugin died
+			}
 			p = cur.clone()
 		} else {
+			if cur != nil && req.ID != "" && cur.LastRequestID == req.ID {
+				return nil, nil // Vault's retry of an import that completed before the plugin died
+			}
 			if cur != nil {
 				return logical.ErrorResponse("key %q already exists: the import path cannot be used with an existing key; use import_version", name), logical.ErrInvalidRequest
 			}

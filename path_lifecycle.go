@@ -147,13 +147,19 @@ func (b *backend) pathVersionAction(ctx context.Context, req *logical.Request, d
 	}
 	who := actorOf(req)
 	var ev event
-	var destroyNow bool
+	var destroyNow, unchanged bool
 	p, resp, err := b.changeKey(ctx, req, name, func(p *keyPolicy) ([]int, *logical.Response) {
 		v := p.Versions[n]
 		if v == nil {
 			return nil, logical.ErrorResponse("key %q has no version %d", name, n)
 		}
 		state := p.versionState(n)
+		// Repeating what already happened changes nothing (Vault retries a request once if the plugin died).
+		if (action == "disable" && v.State == stateDisabled) || (action == "destroy" && (state == stateDestroyScheduled || state == stateDestroyed)) ||
+			(action == "enable" && v.State == "" && (state == stateActive || state == stateDecryptOnly)) {
+			unchanged = true
+			return nil, nil
+		}
 		if state == stateDestroyed {
 			return nil, logical.ErrorResponse("version %d is destroyed: its HSM objects are gone", n)
 		}
@@ -181,9 +187,6 @@ func (b *backend) pathVersionAction(ctx context.Context, req *logical.Request, d
 			if n == p.LatestVersion {
 				return nil, logical.ErrorResponse("version %d is the latest: rotate first", n)
 			}
-			if v.State == stateDestroyScheduled {
-				return nil, logical.ErrorResponse("version %d is already scheduled for destruction at %s", n, formatTime(v.DestroyAt))
-			}
 			at := time.Now().UTC().Add(cfg.DeletionGracePeriod)
 			p.withVersion(n, func(v *keyVersion) { v.State, v.DestroyAt = stateDestroyScheduled, at })
 			ev = who.event("version_destroy_scheduled", n, "", "destruction at "+formatTime(at))
@@ -193,6 +196,9 @@ func (b *backend) pathVersionAction(ctx context.Context, req *logical.Request, d
 	})
 	if err != nil || resp != nil {
 		return resp, errOrInvalid(err, resp)
+	}
+	if unchanged {
+		return &logical.Response{Data: b.formatVersion(p, n)}, nil
 	}
 	b.record(ctx, req.Storage, name, ev)
 	b.logger.Info("key version state changed", "key", name, "version", n, "action", action, "by", who.String())
