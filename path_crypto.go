@@ -383,26 +383,38 @@ func (b *backend) pathDecrypt() *framework.Path {
 	}
 }
 
-func (b *backend) pathDecryptWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+// ciphertextRequest reads what decrypt and rewrap share: the batch, or the single request's item (which must
+// carry a ciphertext), and the key with its HSM. A non-nil response or error is the answer to give instead.
+func (b *backend) ciphertextRequest(ctx context.Context, req *logical.Request, d *framework.FieldData) (
+	[]batchItem, bool, *keyPolicy, hsmToken, *nonceSource, *logical.Response, error) {
 	cfg, err := b.readKeysConfig(ctx, req.Storage)
 	if err != nil {
-		return nil, err
+		return nil, false, nil, nil, nil, nil, err
 	}
 	items, bad := readBatch(d, cfg.MaxBatchSize)
 	if bad != nil {
-		return bad, logical.ErrInvalidRequest
+		return nil, false, nil, nil, nil, bad, logical.ErrInvalidRequest
 	}
 	batch := items != nil
 	if !batch {
 		it := singleItem(d)
 		if !it.hasCiphertext {
-			return logical.ErrorResponse("missing ciphertext to decrypt"), logical.ErrInvalidRequest
+			return nil, false, nil, nil, nil, logical.ErrorResponse("missing ciphertext to decrypt"), logical.ErrInvalidRequest
 		}
 		items = []batchItem{it}
 	}
-	p, tok, _, kerr := b.usableKey(ctx, req.Storage, d.Get("name").(string))
+	p, tok, nonces, kerr := b.usableKey(ctx, req.Storage, d.Get("name").(string))
 	if kerr != nil {
-		return singleError(kerr)
+		resp, err := singleError(kerr)
+		return nil, false, nil, nil, nil, resp, err
+	}
+	return items, batch, p, tok, nonces, nil, nil
+}
+
+func (b *backend) pathDecryptWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	items, batch, p, tok, _, resp, err := b.ciphertextRequest(ctx, req, d)
+	if resp != nil || err != nil {
+		return resp, err
 	}
 	return runBatch(d, req, items, batch, tok.PoolSize(), func(i int, it *batchItem) (decryptResult, *itemError) {
 		aad, ierr := checkCommon(it)
@@ -446,25 +458,9 @@ func (b *backend) pathRewrap() *framework.Path {
 }
 
 func (b *backend) pathRewrapWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	cfg, err := b.readKeysConfig(ctx, req.Storage)
-	if err != nil {
-		return nil, err
-	}
-	items, bad := readBatch(d, cfg.MaxBatchSize)
-	if bad != nil {
-		return bad, logical.ErrInvalidRequest
-	}
-	batch := items != nil
-	if !batch {
-		it := singleItem(d)
-		if !it.hasCiphertext {
-			return logical.ErrorResponse("missing ciphertext to decrypt"), logical.ErrInvalidRequest
-		}
-		items = []batchItem{it}
-	}
-	p, tok, nonces, kerr := b.usableKey(ctx, req.Storage, d.Get("name").(string))
-	if kerr != nil {
-		return singleError(kerr)
+	items, batch, p, tok, nonces, resp, err := b.ciphertextRequest(ctx, req, d)
+	if resp != nil || err != nil {
+		return resp, err
 	}
 	return runBatch(d, req, items, batch, tok.PoolSize(), func(i int, it *batchItem) (encryptResult, *itemError) {
 		aad, ierr := checkCommon(it)
