@@ -132,11 +132,14 @@ func TestKillDashNine(t *testing.T) {
 
 	// The WAL rollback (entries older than 2 minutes, about once a minute) removes objects storage never
 	// referenced; until then they may exist. Nothing referenced is ever missing.
+	// This mount's objects: labels start with cmk/<mount uuid>/ (other mounts may share the token).
+	v1 := versions["1"].(map[string]interface{})["label"].(string)
+	prefix := v1[:strings.Index(v1[len("cmk/"):], "/")+len("cmk/")+1]
 	referenced := 2 * latest
 	start, orphans := time.Now(), 0
 	deadline := start.Add(5 * time.Minute)
 	for {
-		onToken := objectsLabelled2(t, m, "cmk/")
+		onToken := objectsLabelled2(t, m, prefix)
 		if onToken < referenced {
 			t.Fatalf("%d objects on the token, storage references %d: a referenced object is gone", onToken, referenced)
 		}

@@ -41,10 +41,13 @@ type Server struct {
 	Args      []string
 	Client    *api.Client
 
-	cmd    *exec.Cmd
-	done   chan struct{}
-	mounts atomic.Int32
+	cmd  *exec.Cmd
+	done chan struct{}
 }
+
+// mounts numbers mounts and their tokens across every server of the process: token labels must be unique in
+// the token directory, which all servers of a run share.
+var mounts atomic.Int32
 
 // FreeAddr returns a loopback address nothing listens on.
 func FreeAddr() (string, error) {
@@ -262,7 +265,7 @@ type Mount struct {
 
 // NewMount creates a token and mounts the engine, configured on it, at a fresh path starting with prefix.
 func (s *Server) NewMount(prefix string) (Mount, error) {
-	n := s.mounts.Add(1)
+	n := mounts.Add(1)
 	m := Mount{Path: fmt.Sprintf("%s%d", prefix, n), Label: fmt.Sprintf("%s-%d-%d", prefix, os.Getpid(), n), PIN: fmt.Sprintf("pin-%d-7Qx", n)}
 	if err := s.SoftHSM.CreateToken(m.Label, m.PIN); err != nil {
 		return m, err
