@@ -44,7 +44,7 @@ func (b *backend) pathKeys() []*framework.Path {
 				OperationPrefix: "cmk",
 				OperationSuffix: "key",
 			},
-			Fields: map[string]*framework.FieldSchema{
+			Fields: withKeyOptions(map[string]*framework.FieldSchema{
 				"name": {Type: framework.TypeString, Required: true, Description: "Name of the key."},
 				"type": {
 					Type:          framework.TypeString,
@@ -64,23 +64,7 @@ func (b *backend) pathKeys() []*framework.Path {
 					Type:        framework.TypeBool,
 					Description: "Transit's convergent encryption. Only false is accepted: " + msgNoConvergent + ".",
 				},
-				"exportable": {
-					Type:        framework.TypeBool,
-					Description: "Only false is accepted: " + msgNonExtractable + ".",
-				},
-				"allow_plaintext_backup": {
-					Type:        framework.TypeBool,
-					Description: "Only false is accepted: " + msgNonExtractable + ".",
-				},
-				"auto_rotate_period": {
-					Type:        framework.TypeDurationSecond,
-					Description: "Rotate the key automatically this often: 0 disables, else at least 1h. Defaults to config/keys' auto_rotate_period.",
-				},
-				"max_encryptions_per_version": {
-					Type:        framework.TypeInt,
-					Description: "Rotate after this many encryptions with one version (AES keys). 0 means the AES-GCM random-nonce limit of 2^32, which always applies.",
-				},
-			},
+			}),
 			Operations: map[logical.Operation]framework.OperationHandler{
 				logical.UpdateOperation: &framework.PathOperation{
 					Callback: b.pathKeyWrite,
@@ -105,7 +89,7 @@ func (b *backend) pathKeys() []*framework.Path {
 				OperationVerb:   "configure",
 				OperationSuffix: "key",
 			},
-			Fields: map[string]*framework.FieldSchema{
+			Fields: withKeyOptions(map[string]*framework.FieldSchema{
 				"name": {Type: framework.TypeString, Required: true, Description: "Name of the key."},
 				"min_decryption_version": {
 					Type:        framework.TypeInt,
@@ -119,35 +103,19 @@ func (b *backend) pathKeys() []*framework.Path {
 					Type:        framework.TypeBool,
 					Description: "Whether DELETE keys/<name> may destroy the key.",
 				},
-				"exportable": {
-					Type:        framework.TypeBool,
-					Description: "Only false is accepted: " + msgNonExtractable + ".",
-				},
-				"allow_plaintext_backup": {
-					Type:        framework.TypeBool,
-					Description: "Only false is accepted: " + msgNonExtractable + ".",
-				},
-				"auto_rotate_period": {
-					Type:        framework.TypeDurationSecond,
-					Description: "Rotate the key automatically this often: 0 disables, else at least 1h. Defaults to config/keys' auto_rotate_period.",
-				},
-				"max_encryptions_per_version": {
-					Type:        framework.TypeInt,
-					Description: "Rotate after this many encryptions with one version (AES keys). 0 means the AES-GCM random-nonce limit of 2^32, which always applies.",
-				},
 				"next_rotation_time": {
 					Type:        framework.TypeString,
 					Description: "RFC 3339 time of the next rotation; it then continues every auto_rotate_period. Empty string clears it.",
 				},
-			},
+			}),
 			Operations: map[logical.Operation]framework.OperationHandler{
 				logical.UpdateOperation: &framework.PathOperation{
 					Callback: b.pathKeyConfigWrite,
 					Summary:  "Change a key's version bounds and deletion setting.",
 				},
 			},
-			HelpSynopsis:    "Configure a key's version bounds and deletion.",
-			HelpDescription: "Sets min_decryption_version, min_encryption_version and deletion_allowed as Transit does. Settings that would expose material are refused.",
+			HelpSynopsis:    "Configure a key's version bounds, deletion, rotation schedule and usage limit.",
+			HelpDescription: "Sets min_decryption_version, min_encryption_version and deletion_allowed as Transit does, and the rotation schedule (auto_rotate_period, next_rotation_time) and max_encryptions_per_version. Settings that would expose material are refused.",
 		},
 	}
 }
@@ -158,6 +126,22 @@ func (b *backend) pathKeysList(ctx context.Context, req *logical.Request, _ *fra
 		return nil, err
 	}
 	return logical.ListResponse(names), nil
+}
+
+// withKeyOptions adds the options that keys/<name> and keys/<name>/config share.
+func withKeyOptions(fields map[string]*framework.FieldSchema) map[string]*framework.FieldSchema {
+	for _, f := range []string{"exportable", "allow_plaintext_backup"} {
+		fields[f] = &framework.FieldSchema{Type: framework.TypeBool, Description: "Only false is accepted: " + msgNonExtractable + "."}
+	}
+	fields["auto_rotate_period"] = &framework.FieldSchema{
+		Type:        framework.TypeDurationSecond,
+		Description: "Rotate the key automatically this often: 0 disables, else at least 1h. Defaults to config/keys' auto_rotate_period.",
+	}
+	fields["max_encryptions_per_version"] = &framework.FieldSchema{
+		Type:        framework.TypeInt,
+		Description: "Rotate after this many encryptions with one version (AES keys). 0 means the AES-GCM random-nonce limit of 2^32, which always applies.",
+	}
+	return fields
 }
 
 // refuseUnsupported checks the Transit options that cannot hold for HSM keys.
