@@ -70,13 +70,12 @@ func (k keyKind) searchTemplate(id []byte) []*pkcs11.Attribute {
 	}
 }
 
-// protectedSecretKey is what every secret key the engine creates shares: stored on the token, readable only
-// after login, never revealed, never wrapped out, never changed, and no usage beyond what usage grants.
-func protectedSecretKey(keyType uint, valueLen int, id []byte, label string, usage map[uint]bool, mechs []uint) []*pkcs11.Attribute {
+// protected is what every key object the engine keeps shares: stored on the token, readable only after login,
+// never revealed, never wrapped out, never changed, and every usage flag in flags false unless usage grants it.
+func protected(class, keyType uint, id []byte, label string, flags []uint, usage map[uint]bool, mechs []uint) []*pkcs11.Attribute {
 	attrs := []*pkcs11.Attribute{
-		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, class),
 		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, keyType),
-		pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, valueLen),
 		pkcs11.NewAttribute(pkcs11.CKA_ID, id),
 		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
 		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
@@ -86,11 +85,22 @@ func protectedSecretKey(keyType uint, valueLen int, id []byte, label string, usa
 		pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, false),
 		pkcs11.NewAttribute(pkcs11.CKA_ALLOWED_MECHANISMS, mechanismList(mechs)),
 	}
-	for _, a := range []uint{pkcs11.CKA_ENCRYPT, pkcs11.CKA_DECRYPT, pkcs11.CKA_SIGN, pkcs11.CKA_VERIFY,
-		pkcs11.CKA_WRAP, pkcs11.CKA_UNWRAP, pkcs11.CKA_DERIVE} {
+	for _, a := range flags {
 		attrs = append(attrs, pkcs11.NewAttribute(a, usage[a]))
 	}
 	return attrs
+}
+
+// Usage flags each object class has.
+var (
+	secretKeyFlags  = []uint{pkcs11.CKA_ENCRYPT, pkcs11.CKA_DECRYPT, pkcs11.CKA_SIGN, pkcs11.CKA_VERIFY, pkcs11.CKA_WRAP, pkcs11.CKA_UNWRAP, pkcs11.CKA_DERIVE}
+	privateKeyFlags = []uint{pkcs11.CKA_DECRYPT, pkcs11.CKA_SIGN, pkcs11.CKA_UNWRAP, pkcs11.CKA_DERIVE, pkcs11.CKA_SIGN_RECOVER}
+)
+
+// protectedSecretKey is a secret key of valueLen bytes with the protection above.
+func protectedSecretKey(keyType uint, valueLen int, id []byte, label string, usage map[uint]bool, mechs []uint) []*pkcs11.Attribute {
+	return append(protected(pkcs11.CKO_SECRET_KEY, keyType, id, label, secretKeyFlags, usage, mechs),
+		pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, valueLen))
 }
 
 // aesKeyTemplate: AES-GCM encryption and decryption, nothing else.
@@ -124,24 +134,9 @@ func mechanismList(mechs []uint) []byte {
 	return out
 }
 
-// protectedPrivateKey is the private half of every key pair: the same protection as protectedSecretKey.
+// protectedPrivateKey is the private half of every key pair, with the same protection.
 func protectedPrivateKey(keyType uint, id []byte, label string, usage map[uint]bool, mechs []uint) []*pkcs11.Attribute {
-	attrs := []*pkcs11.Attribute{
-		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
-		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, keyType),
-		pkcs11.NewAttribute(pkcs11.CKA_ID, id),
-		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
-		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
-		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
-		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
-		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_ALLOWED_MECHANISMS, mechanismList(mechs)),
-	}
-	for _, a := range []uint{pkcs11.CKA_DECRYPT, pkcs11.CKA_SIGN, pkcs11.CKA_UNWRAP, pkcs11.CKA_DERIVE, pkcs11.CKA_SIGN_RECOVER} {
-		attrs = append(attrs, pkcs11.NewAttribute(a, usage[a]))
-	}
-	return attrs
+	return protected(pkcs11.CKO_PRIVATE_KEY, keyType, id, label, privateKeyFlags, usage, mechs)
 }
 
 // sessionPublicKey is the public half of a generated pair: a session object, read once into metadata and
