@@ -142,17 +142,7 @@ type batchResultJSON struct {
 // batchResults reads batch_results as a client would see them, through JSON.
 func batchResults(t *testing.T, resp *logical.Response) []batchResultJSON {
 	t.Helper()
-	var data interface{} = resp.Data["batch_results"]
-	if body, ok := resp.Data[logical.HTTPRawBody].(string); ok {
-		var wrapped struct {
-			Data map[string]json.RawMessage `json:"data"`
-		}
-		if err := json.Unmarshal([]byte(body), &wrapped); err != nil {
-			t.Fatal(err)
-		}
-		data = wrapped.Data["batch_results"]
-	}
-	raw, err := json.Marshal(data)
+	raw, err := json.Marshal(rawBatch(t, resp))
 	if err != nil {
 		t.Fatal(err)
 	}
