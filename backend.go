@@ -28,6 +28,7 @@ const LibraryEnv = "CMK_PKCS11_LIBRARY"
 // hsmToken is what the backend needs of the HSM: *hsm.Token, or a fault-injecting wrapper in unit tests.
 type hsmToken interface {
 	GenerateVersion(ctx context.Context, alg hsm.Algorithm, id []byte, label string, hmacBytes int) (crypto.PublicKey, error)
+	EnsureHMACKey(ctx context.Context, id []byte, versionLabel string, hmacBytes int) error
 	EncryptGCM(ctx context.Context, id, nonce, aad, plaintext []byte) (usedNonce, sealed []byte, err error)
 	DecryptGCM(ctx context.Context, id, nonce, aad, sealed []byte) ([]byte, error)
 	SignPKCS1v15(ctx context.Context, id []byte, h crypto.Hash, digest []byte) ([]byte, error)

@@ -91,6 +91,9 @@ type keyVersion struct {
 	PublicKey string `json:"public_key,omitempty"`
 	// ImportMethod says how imported material reached the token (see BYOK); empty for generated versions.
 	ImportMethod string `json:"import_method,omitempty"`
+	// HMACDeferred: the version's HMAC secret is not on the token yet; it is made on first use. False for
+	// versions created with one (hmac keys, imports, and every version made before secrets were deferred).
+	HMACDeferred bool `json:"hmac_deferred,omitempty"`
 	// State is disabled, destroy_scheduled or destroyed; empty otherwise.
 	State       string    `json:"state,omitempty"`
 	DestroyAt   time.Time `json:"destroy_at,omitempty"`

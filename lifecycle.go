@@ -28,9 +28,41 @@ type materialFunc func(id []byte, label string) (pub crypto.PublicKey, importMet
 // generated is the materialFunc of a key version generated in the HSM.
 func generated(ctx context.Context, tok hsmToken, p *keyPolicy) materialFunc {
 	return func(id []byte, label string) (crypto.PublicKey, string, error) {
-		pub, err := tok.GenerateVersion(ctx, p.Type.info().alg, id, label, p.hmacKeySize())
+		hmacBytes := 0 // made on the version's first HMAC: most keys are never used for one (ensureHMACSecret)
+		if p.Type == typeHMAC {
+			hmacBytes = p.hmacKeySize()
+		}
+		pub, err := tok.GenerateVersion(ctx, p.Type.info().alg, id, label, hmacBytes)
 		return pub, "", err
 	}
+}
+
+// ensureHMACSecret gives version v of key name the HMAC secret it was created without, and records that it has
+// one. The token is searched first, so a secret made by an attempt that failed before the record was stored is
+// adopted rather than made twice; it shares the version's CKA_ID, so it is destroyed with the version whatever
+// storage says. Once recorded, a missing secret is reported as missing, never silently replaced.
+func (b *backend) ensureHMACSecret(ctx context.Context, s logical.Storage, tok hsmToken, name string, v int) error {
+	lock := b.lockKey(name)
+	lock.Lock()
+	defer lock.Unlock()
+	cur, err := b.policyLocked(ctx, s, name)
+	if err != nil {
+		return err
+	}
+	if cur == nil || cur.Versions[v] == nil || !cur.Versions[v].HMACDeferred {
+		return nil // made meanwhile by another request (or the key is gone: the HMAC call says so)
+	}
+	ver := cur.Versions[v]
+	if err := tok.EnsureHMACKey(ctx, ver.id(), ver.Label, cur.hmacKeySize()); err != nil {
+		return fmt.Errorf("HMAC secret of key %q version %d: %w", name, v, err)
+	}
+	p := cur.clone()
+	p.withVersion(v, func(x *keyVersion) { x.HMACDeferred = false })
+	if err := b.storePolicy(ctx, s, p, v); err != nil {
+		return err
+	}
+	b.logger.Info("HMAC secret created in the HSM on first use", "key", name, "version", v)
+	return nil
 }
 
 // addVersion puts the next version's material on the token and persists p (a clone, with the key's lock held)
@@ -68,6 +100,7 @@ func (b *backend) addVersion(ctx context.Context, s logical.Storage, tok hsmToke
 		return undo(fmt.Errorf("key %q version %d in the HSM: %w", p.Name, v, err))
 	}
 	ver.ImportMethod = method
+	ver.HMACDeferred = method == "" && p.Type != typeHMAC // see generated
 	if pub != nil {
 		if ver.PublicKey, err = formatPublicKey(pub); err != nil {
 			return undo(err)

@@ -228,13 +228,13 @@ func TestVersionStates(t *testing.T) {
 	}
 	refused("destroy_scheduled")
 	e.tick()
-	if state(1) != "destroy_scheduled" || len(e.tokenObjects()) != 4 {
+	if state(1) != "destroy_scheduled" || len(e.tokenObjects()) != 2 {
 		t.Fatal("destroyed before the grace period")
 	}
 	// A restart does not destroy it early either.
 	again := e.reopen()
 	again.tick()
-	if len(e.tokenObjects()) != 4 {
+	if len(e.tokenObjects()) != 2 {
 		t.Fatal("destroyed early after a restart")
 	}
 	e.ok(e.write("keys/k/versions/1/enable", nil))
@@ -331,7 +331,7 @@ func TestKeyDisableAndDeletion(t *testing.T) {
 	}
 	again := e.reopen()
 	again.tick()
-	if len(e.tokenObjects()) != 4 {
+	if len(e.tokenObjects()) != 2 {
 		t.Fatal("objects destroyed before the grace period")
 	}
 	e.ok(e.write("keys/k/cancel-deletion", nil))
@@ -364,7 +364,7 @@ func TestTrim(t *testing.T) {
 	}
 	e.ok(e.write("keys/k/config", map[string]interface{}{"min_decryption_version": 3}))
 	resp := e.ok(e.write("keys/k/trim", map[string]interface{}{"min_available_version": 3}))
-	if resp.Data["min_available_version"] != 3 || len(e.tokenObjects()) != 2 {
+	if resp.Data["min_available_version"] != 3 || len(e.tokenObjects()) != 1 {
 		t.Fatalf("trim: %v, %d objects", resp.Data["min_available_version"], len(e.tokenObjects()))
 	}
 	e.ok(e.write("keys/k/config", map[string]interface{}{"min_decryption_version": 1}))

@@ -135,6 +135,7 @@ type batchResultJSON struct {
 	Ciphertext string `json:"ciphertext"`
 	Plaintext  string `json:"plaintext"`
 	KeyVersion int    `json:"key_version"`
+	HMAC       string `json:"hmac"`
 	Error      string `json:"error"`
 	Reference  string `json:"reference"`
 }
@@ -418,7 +419,7 @@ func TestConcurrentUseAndRotation(t *testing.T) {
 			t.Fatalf("version %d missing of %d", v, p.LatestVersion)
 		}
 	}
-	if p.LatestVersion != 6 || len(e.tokenObjects()) != 12 {
+	if p.LatestVersion != 6 || len(e.tokenObjects()) != 6 {
 		t.Fatalf("latest %d, %d objects", p.LatestVersion, len(e.tokenObjects()))
 	}
 }

@@ -236,6 +236,9 @@ func (b *backend) formatVersion(p *keyPolicy, n int) map[string]interface{} {
 		"label":         v.Label,
 		"creation_time": v.CreatedAt.Format(time.RFC3339Nano),
 		"created_by":    v.CreatedBy,
+		// Whether the version's HMAC secret is on the token yet (it is made with the version's first HMAC), so
+		// that an operator counting objects on the token knows what to expect.
+		"hmac_secret_on_token": !v.HMACDeferred,
 	}
 	if v.ImportMethod != "" {
 		info["import_method"] = v.ImportMethod

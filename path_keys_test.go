@@ -55,8 +55,8 @@ func TestKeyCreateReadListDelete(t *testing.T) {
 	if strings.Join(names, ",") != "default,small" {
 		t.Fatalf("list: %v", names)
 	}
-	if n := len(e.tokenObjects()); n != 4 {
-		t.Fatalf("%d objects on the token, want 4", n)
+	if n := len(e.tokenObjects()); n != 2 {
+		t.Fatalf("%d objects on the token, want 2 (HMAC secrets come with the first HMAC)", n)
 	}
 
 	// Deletion needs deletion_allowed, then (with no grace period, as Transit) destroys the objects on the token.
@@ -215,8 +215,8 @@ func TestWALRollbackDestroysOnlyUncommittedObjects(t *testing.T) {
 	if _, err := e.b.walPut(ctx, e.storage, walKindVersion, "k", 1, p.Versions[1].id()); err != nil {
 		t.Fatal(err)
 	}
-	if n := len(e.tokenObjects()); n != 4 {
-		t.Fatalf("%d objects before rollback, want 4", n)
+	if n := len(e.tokenObjects()); n != 3 {
+		t.Fatalf("%d objects before rollback, want 3 (the orphan's key and HMAC secret, the committed version's key)", n)
 	}
 	resp, err := e.b.HandleRequest(ctx, &logical.Request{
 		Operation: logical.RollbackOperation, Path: "", Storage: e.storage, Data: map[string]interface{}{"immediate": true},
@@ -224,8 +224,8 @@ func TestWALRollbackDestroysOnlyUncommittedObjects(t *testing.T) {
 	if err != nil || (resp != nil && resp.IsError()) {
 		t.Fatalf("rollback: %v %s", err, respText(resp))
 	}
-	if n := len(e.tokenObjects()); n != 2 {
-		t.Fatalf("%d objects after rollback, want 2 (the committed version's)", n)
+	if n := len(e.tokenObjects()); n != 1 {
+		t.Fatalf("%d objects after rollback, want 1 (the committed version's)", n)
 	}
 	if decryptOK(t, e, "k", ct) != "kept" {
 		t.Fatal("committed version damaged by rollback")
@@ -271,6 +271,10 @@ func TestTokenObjectsAreSensitiveAndNeverExtractable(t *testing.T) {
 	e.ok(e.write("keys/b", map[string]interface{}{"type": "aes128-gcm96"}))
 	e.ok(e.write("keys/a/rotate", nil))
 	encryptOK(t, e, "upserted", "x")
+	for _, k := range []string{"a", "b", "upserted"} { // every version's HMAC secret is made on its first HMAC
+		e.ok(e.write("hmac/"+k, map[string]interface{}{"input": b64("x")}))
+	}
+	e.ok(e.write("hmac/a", map[string]interface{}{"input": b64("x"), "key_version": 1}))
 	objs := e.tokenObjects()
 	if len(objs) != 8 {
 		t.Fatalf("%d objects, want 8", len(objs))

@@ -132,7 +132,7 @@ func (b *backend) pathHMAC() *framework.Path {
 			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathHMACWrite, Summary: "HMAC input with the version's HMAC secret, inside the HSM."},
 		},
 		HelpSynopsis:    "Compute an HMAC in the HSM with the key version's HMAC secret.",
-		HelpDescription: "Every version of every key carries an HMAC secret in the HSM, as Transit keys do. The result is vault:v<N>:<base64>.",
+		HelpDescription: "Every version of every key has an HMAC secret in the HSM, as Transit keys do; for key types other than hmac it is generated in the HSM with the version's first HMAC (so keys never used for HMAC take one object on the token, not two). The result is vault:v<N>:<base64>.",
 	}
 }
 
@@ -367,7 +367,7 @@ func (b *backend) pathVerifyWrite(ctx context.Context, req *logical.Request, d *
 		case it.HMAC != "" && it.Signature != "":
 			return verifyResult{}, userError("give signature or hmac, not both")
 		case it.HMAC != "":
-			valid, ierr := verifyHMAC(ctx, tok, p, hmacHash(d), it.HMAC, input)
+			valid, ierr := b.verifyHMAC(ctx, req.Storage, tok, p, hmacHash(d), it.HMAC, input)
 			return verifyResult{Valid: valid}, ierr
 		case it.Signature == "":
 			return verifyResult{}, userError("missing signature or hmac")
@@ -437,10 +437,17 @@ func hmacHash(d *framework.FieldData) string {
 	return "sha2-256"
 }
 
-func computeHMAC(ctx context.Context, tok hsmToken, ver *keyVersion, hashName string, input []byte) ([]byte, *itemError) {
+// computeHMAC computes the HMAC of input with version v's HMAC secret, making the secret first if the version
+// has none yet.
+func (b *backend) computeHMAC(ctx context.Context, s logical.Storage, tok hsmToken, p *keyPolicy, v int, ver *keyVersion, hashName string, input []byte) ([]byte, *itemError) {
 	h, ok := signHashes[hashName]
 	if !ok {
 		return nil, userError("unsupported hash algorithm %q", hashName)
+	}
+	if ver.HMACDeferred {
+		if err := b.ensureHMACSecret(ctx, s, tok, p.Name, v); err != nil {
+			return nil, hsmItemError(err)
+		}
 	}
 	mac, err := tok.HMAC(ctx, ver.id(), h, input)
 	if err != nil {
@@ -450,7 +457,7 @@ func computeHMAC(ctx context.Context, tok hsmToken, ver *keyVersion, hashName st
 }
 
 // verifyHMAC recomputes the HMAC in the HSM and compares in constant time.
-func verifyHMAC(ctx context.Context, tok hsmToken, p *keyPolicy, hashName, given string, input []byte) (bool, *itemError) {
+func (b *backend) verifyHMAC(ctx context.Context, s logical.Storage, tok hsmToken, p *keyPolicy, hashName, given string, input []byte) (bool, *itemError) {
 	v, mac, err := parseVersioned("hmac", given, base64.StdEncoding)
 	if err != nil {
 		return false, userError("%s", err.Error())
@@ -459,7 +466,7 @@ func verifyHMAC(ctx context.Context, tok hsmToken, p *keyPolicy, hashName, given
 	if err != nil {
 		return false, userError("%s", strings.Replace(err.Error(), "ciphertext", "hmac", 1))
 	}
-	want, ierr := computeHMAC(ctx, tok, ver, hashName, input)
+	want, ierr := b.computeHMAC(ctx, s, tok, p, v, ver, hashName, input)
 	if ierr != nil {
 		return false, ierr
 	}
@@ -485,7 +492,7 @@ func (b *backend) pathHMACWrite(ctx context.Context, req *logical.Request, d *fr
 		if err != nil {
 			return hmacResult{}, userError("%s", err.Error())
 		}
-		mac, ierr := computeHMAC(ctx, tok, ver, hashName, input)
+		mac, ierr := b.computeHMAC(ctx, req.Storage, tok, p, v, ver, hashName, input)
 		if ierr != nil {
 			return hmacResult{}, ierr
 		}

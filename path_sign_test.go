@@ -1,6 +1,7 @@
 package cmk
 
 import (
+	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/ed25519"
@@ -254,6 +255,57 @@ func TestHMAC(t *testing.T) {
 	}
 }
 
+// A version's HMAC secret is made on its first HMAC: exactly once under concurrent first use, adopted (not made
+// twice) when recording it failed, and the same secret after a restart.
+func TestHMACSecretMadeOnFirstUse(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/k", nil))
+	if n := len(e.tokenObjects()); n != 1 {
+		t.Fatalf("%d objects for a new AES key, want 1", n)
+	}
+	if on := e.ok(e.read("keys/k/versions/1")).Data["hmac_secret_on_token"]; on != false {
+		t.Fatalf("hmac_secret_on_token before any HMAC: %v", on)
+	}
+	// The first HMAC fails while storage refuses writes: the secret is on the token but not recorded.
+	e.inmem.Underlying().FailPut(true)
+	if got := status(e.write("hmac/k", map[string]interface{}{"input": b64("x")})); got != 500 {
+		t.Fatalf("hmac with failing storage: %d", got)
+	}
+	e.inmem.Underlying().FailPut(false)
+	if n := len(e.tokenObjects()); n != 2 {
+		t.Fatalf("%d objects after the failed first HMAC, want 2", n)
+	}
+	// A batch spread over the session pool: every item uses the one secret, adopted from the token.
+	items := make([]interface{}, 200)
+	for i := range items {
+		items[i] = map[string]interface{}{"input": b64("same")}
+	}
+	rs := batchResults(t, e.ok(e.write("hmac/k", map[string]interface{}{"batch_input": items})))
+	for _, r := range rs {
+		if r.Error != "" || r.HMAC != rs[0].HMAC {
+			t.Fatalf("batch item: %+v, first %q", r, rs[0].HMAC)
+		}
+	}
+	if n := len(e.tokenObjects()); n != 2 {
+		t.Fatalf("%d objects after first use, want 2", n)
+	}
+	if p, _ := loadPolicy(context.Background(), e.storage, "k"); p.Versions[1].HMACDeferred {
+		t.Fatal("the HMAC secret is not recorded in storage")
+	}
+	if on := e.ok(e.read("keys/k/versions/1")).Data["hmac_secret_on_token"]; on != true {
+		t.Fatalf("hmac_secret_on_token after the first HMAC: %v", on)
+	}
+	// A restarted backend uses the same secret, and the next version defers its own.
+	again := e.reopen()
+	if mac := again.ok(again.write("hmac/k", map[string]interface{}{"input": b64("same")})).Data["hmac"]; mac != rs[0].HMAC {
+		t.Fatalf("HMAC after restart %v, before %v", mac, rs[0].HMAC)
+	}
+	again.ok(again.write("keys/k/rotate", nil))
+	if n := len(e.tokenObjects()); n != 3 {
+		t.Fatalf("%d objects after rotation, want 3", n)
+	}
+}
+
 func TestRSAEncryption(t *testing.T) {
 	e := newTestBackend(t)
 	e.ok(e.write("keys/rsa", map[string]interface{}{"type": "rsa-3072"}))
@@ -334,6 +386,7 @@ func TestAsymmetricObjectsOnTheToken(t *testing.T) {
 	e := newTestBackend(t)
 	for _, typ := range []string{"rsa-2048", "ecdsa-p521", "ed25519", "hmac"} {
 		e.ok(e.write("keys/"+typ, map[string]interface{}{"type": typ}))
+		e.ok(e.write("hmac/"+typ, map[string]interface{}{"input": b64("x")}))
 	}
 	objs := e.tokenObjects()
 	if len(objs) != 7 { // three private keys, four HMAC secrets; public halves are not kept on the token

@@ -93,8 +93,9 @@ func (a Algorithm) rsaBits() int {
 }
 
 // GenerateVersion creates, with CKA_ID id, the material of one key version: for AES the key, for key pairs the
-// private key (the public half is returned and not kept on the token), and in every case an HMAC secret of
-// hmacBytes. id must be fresh (callers draw it at random). Attempts repeated inside the call after a session,
+// private key (the public half is returned and not kept on the token), and an HMAC secret of hmacBytes — always
+// for HMACOnly, whose key it is; for the others only when hmacBytes > 0 (0 defers it to EnsureHMACKey, so that
+// keys never used for HMAC take one object on the token, not two). id must be fresh (callers draw it at random). Attempts repeated inside the call after a session,
 // login or device error first look for what the failed attempt may have made, so a retry never leaves two
 // objects with one CKA_ID. If the second object cannot be made, the first is destroyed again. The new objects'
 // handles are cached, so the version's first use searches nothing.
@@ -102,7 +103,7 @@ func (t *Token) GenerateVersion(ctx context.Context, alg Algorithm, id []byte, l
 	if len(id) == 0 {
 		return nil, fmt.Errorf("%w: empty CKA_ID", ErrInvalidArgument)
 	}
-	if hmacBytes < 16 || hmacBytes > 512 {
+	if (hmacBytes != 0 || alg == HMACOnly) && (hmacBytes < 16 || hmacBytes > 512) {
 		return nil, fmt.Errorf("%w: HMAC key size %d", ErrInvalidArgument, hmacBytes)
 	}
 	var pub crypto.PublicKey
@@ -121,8 +122,8 @@ func (t *Token) GenerateVersion(ctx context.Context, alg Algorithm, id []byte, l
 			return nil, fmt.Errorf("%w: algorithm %q", ErrInvalidArgument, alg)
 		}
 	}
-	if err != nil {
-		return nil, err
+	if err != nil || hmacBytes == 0 {
+		return pub, err
 	}
 	hmacLabel := label + "/hmac"
 	if alg == HMACOnly {
@@ -146,6 +147,32 @@ func (t *Token) GenerateVersionKeys(ctx context.Context, id []byte, label string
 	}
 	_, err := t.GenerateVersion(ctx, alg, id, label, HMACKeySize)
 	return err
+}
+
+// EnsureHMACKey gives the version with CKA_ID id its HMAC secret of hmacBytes, unless the token already holds
+// one with that CKA_ID (made by an earlier call whose caller did not get to record it). It searches the token,
+// so it belongs on a version's first HMAC, not on every one. The object shares the version's CKA_ID, so it is
+// destroyed with the version.
+func (t *Token) EnsureHMACKey(ctx context.Context, id []byte, versionLabel string, hmacBytes int) error {
+	if len(id) == 0 || hmacBytes < 16 || hmacBytes > 512 {
+		return fmt.Errorf("%w: CKA_ID of %d bytes, HMAC key size %d", ErrInvalidArgument, len(id), hmacBytes)
+	}
+	tmpl := hmacKeyTemplate(hmacBytes, id, versionLabel+"/hmac")
+	return t.doObjects(ctx, "C_GenerateKey "+kindHMAC.String(), func(p *pkcs11.Ctx, s pooledSession) error {
+		existing, err := findObjects(p, s.h, kindHMAC.searchTemplate(id), 2)
+		if err != nil {
+			return err
+		}
+		if len(existing) > 0 {
+			t.cacheHandle(kindHMAC, id, existing[0], s.epoch)
+			return nil
+		}
+		h, err := p.GenerateKey(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_GENERIC_SECRET_KEY_GEN, nil)}, tmpl)
+		if err == nil {
+			t.cacheHandle(kindHMAC, id, h, s.epoch)
+		}
+		return err
+	})
 }
 
 func (t *Token) generateSecret(ctx context.Context, kind keyKind, mech uint, tmpl []*pkcs11.Attribute) error {

@@ -135,7 +135,7 @@ func TestKillDashNine(t *testing.T) {
 	// This mount's objects: labels start with cmk/<mount uuid>/ (other mounts may share the token).
 	v1 := versions["1"].(map[string]interface{})["label"].(string)
 	prefix := v1[:strings.Index(v1[len("cmk/"):], "/")+len("cmk/")+1]
-	referenced := 2 * latest
+	referenced := latest // one object per version: nothing here computes an HMAC, whose secret would be a second
 	start, orphans := time.Now(), 0
 	deadline := start.Add(5 * time.Minute)
 	for {

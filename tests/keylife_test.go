@@ -86,6 +86,7 @@ func TestKeyLifecycleOnLiveServer(t *testing.T) {
 
 	// Version destruction (no grace period on this mount): the objects are gone from the token itself.
 	run("write", p+"/config/keys", "deletion_grace_period=0")
+	run("write", p+"/hmac/k", "input="+b64("x")) // makes v1's HMAC secret, whose destruction is checked too
 	run("write", "-f", p+"/keys/k/rotate")
 	k, _ := c.Logical().Read(p + "/keys/k")
 	label := k.Data["versions"].(map[string]interface{})["1"].(map[string]interface{})["label"].(string)
