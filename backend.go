@@ -41,6 +41,7 @@ type hsmToken interface {
 	ImportVersion(ctx context.Context, r hsm.ImportRequest) (crypto.PublicKey, string, error)
 	GenerateRandom(ctx context.Context, n int) ([]byte, error)
 	DestroyKeys(ctx context.Context, id []byte) (int, error)
+	MissingObjects(id []byte) map[string]time.Time
 	Mechanisms(ctx context.Context) (offered, missing []string, err error)
 	Info() hsm.TokenInfo
 	Status() (connected bool, lastErr error)
@@ -192,6 +193,13 @@ func (b *backend) getToken(ctx context.Context, s logical.Storage) (hsmToken, *n
 	}
 	b.token, b.nonces, b.openErr = tok, newNonceSource(cfg.IVSource, tok), nil
 	return b.token, b.nonces, nil
+}
+
+// connectedToken is the token if this mount has connected to it, else nil; it never connects.
+func (b *backend) connectedToken() hsmToken {
+	b.tokenMu.Lock()
+	defer b.tokenMu.Unlock()
+	return b.token
 }
 
 // setToken installs a token connected by a config write, closing the previous one.

@@ -176,6 +176,10 @@ func hsmItemError(err error) *itemError {
 		return &itemError{class: errUser, msg: err.Error()}
 	case errors.Is(err, hsm.ErrUnavailable), errors.Is(err, errNotConfigured):
 		return &itemError{class: errUnavailable, msg: err.Error()}
+	case errors.Is(err, hsm.ErrObjectNotFound):
+		// Not the caller's mistake and not a passing fault: the material was destroyed outside Vault. The
+		// version is reported on the key (hsm_objects_missing) until the object is back.
+		return &itemError{class: errInternal, msg: "this key version's material is missing from the HSM token (destroyed outside Vault?): " + err.Error()}
 	}
 	return &itemError{class: errInternal, msg: err.Error()}
 }

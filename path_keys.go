@@ -240,6 +240,15 @@ func (b *backend) formatVersion(p *keyPolicy, n int) map[string]interface{} {
 		// that an operator counting objects on the token knows what to expect.
 		"hmac_secret_on_token": !v.HMACDeferred,
 	}
+	if tok := b.connectedToken(); tok != nil && v.State != stateDestroyed {
+		if missing := tok.MissingObjects(v.id()); len(missing) > 0 {
+			m := map[string]interface{}{}
+			for kind, since := range missing {
+				m[kind] = formatTime(since)
+			}
+			info["hsm_objects_missing"] = m
+		}
+	}
 	if v.ImportMethod != "" {
 		info["import_method"] = v.ImportMethod
 	}

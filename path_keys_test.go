@@ -4,6 +4,9 @@ import (
 	"context"
 	"encoding/base64"
 	"errors"
+	"fmt"
+	"os"
+	"os/exec"
 	"sort"
 	"strings"
 	"testing"
@@ -306,4 +309,56 @@ func decryptOK(t *testing.T, e *testEnv, key, ct string) string {
 		t.Fatal(errors.New("plaintext is not base64"))
 	}
 	return string(pt)
+}
+
+// A version whose object is deleted from the token behind the engine's back (here by another process, OpenSC's
+// pkcs11-tool): its operations fail with a message that says so and the key reports it, while the key's other
+// versions and other keys keep working.
+func TestObjectDeletedBehindOurBack(t *testing.T) {
+	tool, err := exec.LookPath("pkcs11-tool")
+	if err != nil {
+		t.Fatalf("pkcs11-tool (Debian's opensc, installed by make deps): %v", err)
+	}
+	e := newTestBackend(t)
+	e.ok(e.write("keys/k", nil))
+	e.ok(e.write("keys/other", nil))
+	ct1 := encryptOK(t, e, "k", "v1 data")
+	e.ok(e.write("keys/k/rotate", nil))
+	ct2 := encryptOK(t, e, "k", "v2 data")
+	other := encryptOK(t, e, "other", "other data")
+
+	p, _ := e.b.policy(context.Background(), e.storage, "k")
+	cmd := exec.Command(tool, "--module", softhsm.Library, "--token-label", e.label, "--login", "--pin", testPIN,
+		"--delete-object", "--type", "secrkey", "--id", p.Versions[1].HSMID)
+	cmd.Env = append(os.Environ(), "SOFTHSM2_CONF="+softhsm.Conf)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("pkcs11-tool --delete-object: %v: %s", err, out)
+	}
+
+	resp, err := e.write("decrypt/k", map[string]interface{}{"ciphertext": ct1})
+	if status(resp, err) != 500 || !strings.Contains(fmt.Sprint(err), "missing from the HSM token") {
+		t.Fatalf("decrypt with the deleted version: %d %v %s", status(resp, err), err, respText(resp))
+	}
+	v1 := e.ok(e.read("keys/k")).Data["versions"].(map[string]interface{})["1"].(map[string]interface{})
+	if missing, ok := v1["hsm_objects_missing"].(map[string]interface{}); !ok || missing["AES key"] == "" {
+		t.Fatalf("version 1 does not report its missing object: %v", v1)
+	}
+	v2 := e.ok(e.read("keys/k/versions/2")).Data
+	if _, reported := v2["hsm_objects_missing"]; reported {
+		t.Fatalf("version 2 reported missing: %v", v2)
+	}
+	if decryptOK(t, e, "k", ct2) != "v2 data" || decryptOK(t, e, "other", other) != "other data" {
+		t.Fatal("other versions or keys stopped working")
+	}
+	if decryptOK(t, e, "k", encryptOK(t, e, "k", "still")) != "still" {
+		t.Fatal("encryption with the latest version stopped working")
+	}
+	// A batch keeps its other items.
+	rs := batchResults(t, e.ok(e.write("decrypt/k", map[string]interface{}{
+		"batch_input":                   []interface{}{map[string]interface{}{"ciphertext": ct1}, map[string]interface{}{"ciphertext": ct2}},
+		"partial_failure_response_code": 207,
+	})))
+	if !strings.Contains(rs[0].Error, "missing from the HSM token") || rs[1].Error != "" || rs[1].Plaintext != b64("v2 data") {
+		t.Fatalf("batch: %+v", rs)
+	}
 }

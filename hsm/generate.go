@@ -158,7 +158,7 @@ func (t *Token) EnsureHMACKey(ctx context.Context, id []byte, versionLabel strin
 		return fmt.Errorf("%w: CKA_ID of %d bytes, HMAC key size %d", ErrInvalidArgument, len(id), hmacBytes)
 	}
 	tmpl := hmacKeyTemplate(hmacBytes, id, versionLabel+"/hmac")
-	return t.doObjects(ctx, "C_GenerateKey "+kindHMAC.String(), func(p *pkcs11.Ctx, s pooledSession) error {
+	return t.doObjects(ctx, "C_GenerateKey "+kindHMAC.String(), func(p pkcs11API, s pooledSession) error {
 		existing, err := findObjects(p, s.h, kindHMAC.searchTemplate(id), 2)
 		if err != nil {
 			return err
@@ -183,7 +183,7 @@ func (t *Token) generateSecret(ctx context.Context, kind keyKind, mech uint, tmp
 		}
 	}
 	attempts := 0
-	return t.doObjects(ctx, "C_GenerateKey "+kind.String(), func(p *pkcs11.Ctx, s pooledSession) error {
+	return t.doObjects(ctx, "C_GenerateKey "+kind.String(), func(p pkcs11API, s pooledSession) error {
 		// Only a repeated attempt searches for an object the failed one may have made: searching a token with
 		// many objects is slow (SoftHSM re-indexes), and a fresh CKA_ID cannot exist yet.
 		if attempts++; attempts > 1 {
@@ -217,7 +217,7 @@ func (t *Token) generatePair(ctx context.Context, alg Algorithm, id []byte, labe
 	}
 	var pub crypto.PublicKey
 	attempts := 0
-	err := t.doObjects(ctx, "C_GenerateKeyPair "+string(alg), func(p *pkcs11.Ctx, s pooledSession) error {
+	err := t.doObjects(ctx, "C_GenerateKeyPair "+string(alg), func(p pkcs11API, s pooledSession) error {
 		if attempts++; attempts > 1 {
 			existing, err := findObjects(p, s.h, alg.kind().searchTemplate(id), 2)
 			if err != nil {
@@ -243,7 +243,7 @@ func (t *Token) generatePair(ctx context.Context, alg Algorithm, id []byte, labe
 }
 
 // readPublicKey converts a public key object into Go's type for the algorithm.
-func readPublicKey(p *pkcs11.Ctx, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle, alg Algorithm) (crypto.PublicKey, error) {
+func readPublicKey(p pkcs11API, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle, alg Algorithm) (crypto.PublicKey, error) {
 	switch alg.kind() {
 	case kindRSA:
 		a, err := p.GetAttributeValue(sh, h, []*pkcs11.Attribute{

@@ -171,7 +171,7 @@ func TestKeyObjectsAreProtected(t *testing.T) {
 		}
 	}
 	// The value itself must be refused by the token.
-	err = tok.do(ctx, "read value", func(p *pkcs11.Ctx, s pooledSession) error {
+	err = tok.do(ctx, "read value", func(p pkcs11API, s pooledSession) error {
 		hs, err := findObjects(p, s.h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 0)
 		if err != nil {
 			return err

@@ -38,7 +38,7 @@ func (t *Token) GenerateWrappingKey(ctx context.Context, id []byte, label string
 		map[uint]bool{pkcs11.CKA_UNWRAP: true, pkcs11.CKA_DECRYPT: true},
 		[]uint{pkcs11.CKM_RSA_PKCS_OAEP, pkcs11.CKM_RSA_X_509})
 	var pub *rsa.PublicKey
-	err := t.doObjects(ctx, "C_GenerateKeyPair wrapping key", func(p *pkcs11.Ctx, s pooledSession) error {
+	err := t.doObjects(ctx, "C_GenerateKeyPair wrapping key", func(p pkcs11API, s pooledSession) error {
 		pubH, _, err := p.GenerateKeyPair(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, nil)}, pubT, privT)
 		if err != nil {
 			return err
@@ -74,7 +74,7 @@ func (t *Token) ImportVersion(ctx context.Context, r ImportRequest) (crypto.Publ
 	kind := r.Algorithm.kind()
 	var pub crypto.PublicKey
 	method := ImportUnwrappedInHSM
-	err = t.doObjects(ctx, "import key", func(p *pkcs11.Ctx, s pooledSession) error {
+	err = t.doObjects(ctx, "import key", func(p pkcs11API, s pooledSession) error {
 		wrapping, err := t.findKey(p, s, kindRSA, r.WrappingID)
 		if err != nil {
 			return err
@@ -134,7 +134,7 @@ func (t *Token) ImportVersion(ctx context.Context, r ImportRequest) (crypto.Publ
 }
 
 // unwrapEphemeral recovers the ephemeral AES key as a session object that can only unwrap.
-func (t *Token) unwrapEphemeral(p *pkcs11.Ctx, sh pkcs11.SessionHandle, wrapping pkcs11.ObjectHandle, info hashInfo, h crypto.Hash, wrapped []byte) (pkcs11.ObjectHandle, string, error) {
+func (t *Token) unwrapEphemeral(p pkcs11API, sh pkcs11.SessionHandle, wrapping pkcs11.ObjectHandle, info hashInfo, h crypto.Hash, wrapped []byte) (pkcs11.ObjectHandle, string, error) {
 	tmpl := []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
 		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
@@ -221,7 +221,7 @@ func importTemplate(r ImportRequest) []*pkcs11.Attribute {
 }
 
 // checkImported checks that the unwrapped object is what the key type says, and reads its public key.
-func (t *Token) checkImported(p *pkcs11.Ctx, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle, alg Algorithm) (crypto.PublicKey, error) {
+func (t *Token) checkImported(p pkcs11API, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle, alg Algorithm) (crypto.PublicKey, error) {
 	switch alg.kind() {
 	case kindAES, kindHMAC:
 		return nil, nil // sizes checked from the wrapped length before unwrapping

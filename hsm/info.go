@@ -75,7 +75,7 @@ var requiredMechanisms = []uint{pkcs11.CKM_AES_KEY_GEN, pkcs11.CKM_AES_GCM, pkcs
 // it lacks.
 func (t *Token) Mechanisms(ctx context.Context) (offered, missing []string, err error) {
 	slot := t.Info().Slot // read before do: no token lock may be taken under a PKCS#11 call
-	err = t.do(ctx, "C_GetMechanismList", func(p *pkcs11.Ctx, s pooledSession) error {
+	err = t.do(ctx, "C_GetMechanismList", func(p pkcs11API, s pooledSession) error {
 		ms, err := p.GetMechanismList(slot)
 		if err != nil {
 			return err

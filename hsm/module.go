@@ -19,8 +19,9 @@ import (
 // module is one loaded PKCS#11 library. The plugin is multiplexed, so every mount in the process shares it;
 // it is finalized only when the last Token using it closes.
 type module struct {
-	path string
-	ctx  *pkcs11.Ctx
+	path  string
+	ctx   *pkcs11.Ctx // the module's lifetime: C_Initialize, C_Finalize
+	calls pkcs11API   // every other call: ctx itself, or a fault-injecting wrapper in tests
 
 	// mu is held for reading by every PKCS#11 call and for writing by re-initialisation, so that C_Finalize
 	// never runs under another goroutine's call.
@@ -76,7 +77,7 @@ func acquireModule(path string) (*module, error) {
 		ctx.Destroy()
 		return nil, fmt.Errorf("%w: C_Initialize: %v", ErrUnavailable, err)
 	}
-	m := &module{path: path, ctx: ctx, refs: 1, lastInit: time.Now(), logins: map[string][]byte{}}
+	m := &module{path: path, ctx: ctx, calls: ctx, refs: 1, lastInit: time.Now(), logins: map[string][]byte{}}
 	m.generation.Store(1)
 	modules[path] = m
 	return m, nil

@@ -24,7 +24,7 @@ func (t *Token) EncryptGCM(ctx context.Context, id, nonce, aad, plaintext []byte
 	if len(nonce) != GCMNonceSize {
 		return nil, nil, fmt.Errorf("%w: GCM nonce must be %d bytes", ErrInvalidArgument, GCMNonceSize)
 	}
-	err = t.do(ctx, "AES-GCM encrypt", func(p *pkcs11.Ctx, s pooledSession) error {
+	err = t.do(ctx, "AES-GCM encrypt", func(p pkcs11API, s pooledSession) error {
 		h, err := t.findKey(p, s, kindAES, id)
 		if err != nil {
 			return err
@@ -58,7 +58,7 @@ func (t *Token) DecryptGCM(ctx context.Context, id, nonce, aad, sealed []byte) (
 		return nil, ErrInvalidCiphertext
 	}
 	var plaintext []byte
-	err := t.do(ctx, "AES-GCM decrypt", func(p *pkcs11.Ctx, s pooledSession) error {
+	err := t.do(ctx, "AES-GCM decrypt", func(p pkcs11API, s pooledSession) error {
 		h, err := t.findKey(p, s, kindAES, id)
 		if err != nil {
 			return err
@@ -95,7 +95,7 @@ func (t *Token) GenerateRandom(ctx context.Context, n int) ([]byte, error) {
 		return nil, fmt.Errorf("%w: random length %d", ErrInvalidArgument, n)
 	}
 	var out []byte
-	err := t.do(ctx, "C_GenerateRandom", func(p *pkcs11.Ctx, s pooledSession) error {
+	err := t.do(ctx, "C_GenerateRandom", func(p pkcs11API, s pooledSession) error {
 		b, err := p.GenerateRandom(s.h, n)
 		out = b
 		return err
@@ -110,7 +110,7 @@ func (t *Token) DestroyKeys(ctx context.Context, id []byte) (int, error) {
 		return 0, fmt.Errorf("%w: empty CKA_ID", ErrInvalidArgument)
 	}
 	n := 0
-	err := t.doObjects(ctx, "C_DestroyObject", func(p *pkcs11.Ctx, s pooledSession) error {
+	err := t.doObjects(ctx, "C_DestroyObject", func(p pkcs11API, s pooledSession) error {
 		hs, err := findObjects(p, s.h, []*pkcs11.Attribute{
 			pkcs11.NewAttribute(pkcs11.CKA_ID, id), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 0)
 		if err != nil {
@@ -160,7 +160,7 @@ var usageAttrs = []struct {
 // whole token, so it is for audits, recovery passes and tests, never for a request's hot path.
 func (t *Token) ListObjects(ctx context.Context, labelPrefix string) ([]ObjectInfo, error) {
 	var out []ObjectInfo
-	err := t.do(ctx, "list objects", func(p *pkcs11.Ctx, s pooledSession) error {
+	err := t.do(ctx, "list objects", func(p pkcs11API, s pooledSession) error {
 		out = out[:0]
 		hs, err := findObjects(p, s.h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 0)
 		if err != nil {
@@ -180,7 +180,7 @@ func (t *Token) ListObjects(ctx context.Context, labelPrefix string) ([]ObjectIn
 	return out, err
 }
 
-func objectInfo(p *pkcs11.Ctx, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle) (ObjectInfo, error) {
+func objectInfo(p pkcs11API, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle) (ObjectInfo, error) {
 	basic, err := p.GetAttributeValue(sh, h, []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, nil), pkcs11.NewAttribute(pkcs11.CKA_ID, nil),
 		pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, nil),

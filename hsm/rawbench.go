@@ -17,7 +17,7 @@ func (t *Token) MeasureRawGCM(ctx context.Context, id, msg []byte, n, sessions i
 		return 0, fmt.Errorf("%w: %d operations over %d sessions", ErrInvalidArgument, n, sessions)
 	}
 	var key pkcs11.ObjectHandle
-	err := t.do(ctx, "find key", func(p *pkcs11.Ctx, s pooledSession) error {
+	err := t.do(ctx, "find key", func(p pkcs11API, s pooledSession) error {
 		h, err := t.findKey(p, s, kindAES, id)
 		key = h
 		return err

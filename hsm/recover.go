@@ -17,7 +17,7 @@ import (
 // importedCurvePublicKey finds the public key of an imported EC or Ed25519 private key. It checks the curve,
 // then reads CKA_EC_POINT where the token keeps it on the private object; otherwise, for ECDSA, it recovers the
 // point from two signatures made by the key (public arithmetic only: no secret leaves the token).
-func (t *Token) importedCurvePublicKey(p *pkcs11.Ctx, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle, alg Algorithm) (crypto.PublicKey, error) {
+func (t *Token) importedCurvePublicKey(p pkcs11API, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle, alg Algorithm) (crypto.PublicKey, error) {
 	want := oidEd25519DER
 	if alg != Ed25519 {
 		_, want = alg.curve()

@@ -67,7 +67,7 @@ func digestInfo(h crypto.Hash, digest []byte) ([]byte, error) {
 // sign runs C_SignInit + C_Sign with the version's object of kind.
 func (t *Token) sign(ctx context.Context, op string, kind keyKind, id []byte, mech *pkcs11.Mechanism, data []byte) ([]byte, error) {
 	var sig []byte
-	err := t.do(ctx, op, func(p *pkcs11.Ctx, s pooledSession) error {
+	err := t.do(ctx, op, func(p pkcs11API, s pooledSession) error {
 		h, err := t.findKey(p, s, kind, id)
 		if err != nil {
 			return err
@@ -164,7 +164,7 @@ func isArgumentsBad(err error) bool {
 
 func (t *Token) rsaDecrypt(ctx context.Context, id []byte, mech *pkcs11.Mechanism, ciphertext []byte) ([]byte, error) {
 	var out []byte
-	err := t.do(ctx, "RSA decrypt", func(p *pkcs11.Ctx, s pooledSession) error {
+	err := t.do(ctx, "RSA decrypt", func(p pkcs11API, s pooledSession) error {
 		h, err := t.findKey(p, s, kindRSA, id)
 		if err != nil {
 			return err

@@ -57,6 +57,10 @@ type Token struct {
 	handles map[handleKey]cachedHandle
 
 	rawOAEP sync.Map // crypto.Hash → true when the token's CKM_RSA_PKCS_OAEP refuses that hash
+
+	// missing records, per handleKey, when an object this Token looked for was not on the token: a version
+	// whose material was destroyed outside Vault. Cleared when the object is found again.
+	missing sync.Map
 }
 
 type pooledSession struct {
@@ -143,10 +147,10 @@ func (t *Token) closeSessionsLocked() {
 	live := t.connected && t.gen == t.mod.generation.Load()
 	if live {
 		for _, s := range t.idle {
-			_ = t.mod.ctx.CloseSession(s.h)
+			_ = t.mod.calls.CloseSession(s.h)
 		}
 		if t.loginSession != 0 {
-			_ = t.mod.ctx.CloseSession(t.loginSession)
+			_ = t.mod.calls.CloseSession(t.loginSession)
 		}
 	}
 	t.idle = nil
@@ -179,7 +183,7 @@ func (t *Token) reconnectLocked(first bool) error {
 	t.mod.mu.RLock()
 	defer t.mod.mu.RUnlock()
 	gen := t.mod.generation.Load()
-	ctx := t.mod.ctx
+	ctx := t.mod.calls
 	ti, err := ctx.GetTokenInfo(slot)
 	if err != nil {
 		return opError("C_GetTokenInfo", err)
@@ -220,7 +224,7 @@ func slotKey(lib, serial, label string) string {
 func (t *Token) findSlot() (uint, error) {
 	t.mod.mu.RLock()
 	defer t.mod.mu.RUnlock()
-	slots, err := t.mod.ctx.GetSlotList(true)
+	slots, err := t.mod.calls.GetSlotList(true)
 	if err != nil {
 		return 0, opError("C_GetSlotList", err)
 	}
@@ -231,7 +235,7 @@ func (t *Token) findSlot() (uint, error) {
 			}
 			continue
 		}
-		ti, err := t.mod.ctx.GetTokenInfo(s)
+		ti, err := t.mod.calls.GetTokenInfo(s)
 		if err != nil {
 			continue
 		}
@@ -300,7 +304,7 @@ func (t *Token) getSession() (pooledSession, error) {
 	t.mu.Unlock()
 	t.mod.mu.RLock()
 	defer t.mod.mu.RUnlock()
-	h, err := t.mod.ctx.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	h, err := t.mod.calls.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
 	if err != nil {
 		return pooledSession{}, err
 	}
@@ -316,7 +320,7 @@ func (t *Token) putSession(s pooledSession) {
 	}
 	if t.gen == t.mod.generation.Load() && !t.closed {
 		t.mod.mu.RLock()
-		_ = t.mod.ctx.CloseSession(s.h)
+		_ = t.mod.calls.CloseSession(s.h)
 		t.mod.mu.RUnlock()
 	}
 }
@@ -330,14 +334,14 @@ func (t *Token) dropSession(s pooledSession) {
 	t.mod.mu.RLock()
 	defer t.mod.mu.RUnlock()
 	if t.mod.generation.Load() == t.gen && !t.closed {
-		_ = t.mod.ctx.CloseSession(s.h)
+		_ = t.mod.calls.CloseSession(s.h)
 	}
 }
 
 // do runs fn on a pooled session, applying the recovery rules: a dead session is replaced, a lost login is
 // restored, a stale handle is looked up again, a lost device is re-initialised; each at most once per call.
 // fn must be safe to repeat after any of those errors (they mean the operation did not happen).
-func (t *Token) do(ctx context.Context, op string, fn func(p *pkcs11.Ctx, s pooledSession) error) error {
+func (t *Token) do(ctx context.Context, op string, fn func(p pkcs11API, s pooledSession) error) error {
 	select {
 	case t.slots <- struct{}{}:
 	case <-ctx.Done():
@@ -353,7 +357,7 @@ func (t *Token) do(ctx context.Context, op string, fn func(p *pkcs11.Ctx, s pool
 		s, err := t.getSession()
 		if err == nil {
 			t.mod.mu.RLock()
-			err = fn(t.mod.ctx, s)
+			err = fn(t.mod.calls, s)
 			t.mod.mu.RUnlock()
 			if err == nil {
 				t.putSession(s)
@@ -391,7 +395,7 @@ func (t *Token) do(ctx context.Context, op string, fn func(p *pkcs11.Ctx, s pool
 // every such operation here is idempotent (creation keeps an object already carrying its CKA_ID; destruction
 // of what is gone succeeds), repeated after CKR_GENERAL_ERROR, which SoftHSM's file object store returns now
 // and then under load.
-func (t *Token) doObjects(ctx context.Context, op string, fn func(p *pkcs11.Ctx, s pooledSession) error) error {
+func (t *Token) doObjects(ctx context.Context, op string, fn func(p pkcs11API, s pooledSession) error) error {
 	t.mod.objects.Lock()
 	defer t.mod.objects.Unlock()
 	var err error
@@ -422,7 +426,7 @@ func (t *Token) clearHandles() {
 
 // findKey returns the handle of the key object of this kind with CKA_ID id, from the cache when possible:
 // searching the token per request is slow on SoftHSM once it holds many objects.
-func (t *Token) findKey(p *pkcs11.Ctx, s pooledSession, kind keyKind, id []byte) (pkcs11.ObjectHandle, error) {
+func (t *Token) findKey(p pkcs11API, s pooledSession, kind keyKind, id []byte) (pkcs11.ObjectHandle, error) {
 	k := handleKey{kind, string(id)}
 	t.hmu.RLock()
 	c, ok := t.handles[k]
@@ -436,8 +440,12 @@ func (t *Token) findKey(p *pkcs11.Ctx, s pooledSession, kind keyKind, id []byte)
 	}
 	switch len(hs) {
 	case 0:
+		if _, seen := t.missing.LoadOrStore(k, time.Now().UTC()); !seen {
+			t.log.Error("key object missing from the token: destroyed outside Vault?", "kind", kind.String(), "id", fmt.Sprintf("%x", id))
+		}
 		return 0, fmt.Errorf("%w: %s with CKA_ID %x", ErrObjectNotFound, kind, id)
 	case 1:
+		t.missing.Delete(k)
 	default:
 		return 0, fmt.Errorf("several %s objects share CKA_ID %x", kind, id)
 	}
@@ -452,6 +460,22 @@ func (t *Token) cacheHandle(kind keyKind, id []byte, h pkcs11.ObjectHandle, epoc
 	t.hmu.Unlock()
 }
 
+// MissingObjects names the objects with CKA_ID id (kinds: "aes key", "hmac secret", …) that this Token looked
+// for and did not find on the token, with when that was first seen. It makes no PKCS#11 call.
+func (t *Token) MissingObjects(id []byte) map[string]time.Time {
+	var out map[string]time.Time
+	t.missing.Range(func(k, v any) bool {
+		if hk := k.(handleKey); hk.id == string(id) {
+			if out == nil {
+				out = map[string]time.Time{}
+			}
+			out[hk.kind.String()] = v.(time.Time)
+		}
+		return true
+	})
+	return out
+}
+
 func (t *Token) forgetHandles(id []byte) {
 	t.hmu.Lock()
 	for k := range t.handles {
@@ -460,9 +484,15 @@ func (t *Token) forgetHandles(id []byte) {
 		}
 	}
 	t.hmu.Unlock()
+	t.missing.Range(func(k, _ any) bool {
+		if k.(handleKey).id == string(id) {
+			t.missing.Delete(k)
+		}
+		return true
+	})
 }
 
-func findObjects(p *pkcs11.Ctx, sh pkcs11.SessionHandle, tmpl []*pkcs11.Attribute, max int) ([]pkcs11.ObjectHandle, error) {
+func findObjects(p pkcs11API, sh pkcs11.SessionHandle, tmpl []*pkcs11.Attribute, max int) ([]pkcs11.ObjectHandle, error) {
 	if err := p.FindObjectsInit(sh, tmpl); err != nil {
 		return nil, err
 	}
