@@ -7,26 +7,11 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/miekg/pkcs11"
 )
-
-// faultyCalls wraps the real module's calls and makes chosen functions return a PKCS#11 error, once or until
-// cleared, as a failing HSM would. Everything else reaches the real token.
-type faultyCalls struct {
-	pkcs11API
-	mu     sync.Mutex
-	faults map[string]fault
-	calls  map[string]int
-}
-
-type fault struct {
-	rv    uint
-	times int // how many more calls fail; -1: until cleared
-}
 
 // injectFaults routes tok's module through a faultyCalls until the test ends.
 func injectFaults(t *testing.T, tok *Token) *faultyCalls {
@@ -34,7 +19,7 @@ func injectFaults(t *testing.T, tok *Token) *faultyCalls {
 	m := tok.mod
 	m.mu.Lock()
 	real := m.calls
-	f := &faultyCalls{pkcs11API: real, faults: map[string]fault{}, calls: map[string]int{}}
+	f := newFaultyCalls(real)
 	m.calls = f
 	m.mu.Unlock()
 	t.Cleanup(func() {
@@ -43,109 +28,6 @@ func injectFaults(t *testing.T, tok *Token) *faultyCalls {
 		m.mu.Unlock()
 	})
 	return f
-}
-
-// fail makes the named functions return rv for the next times calls each (-1: until clear).
-func (f *faultyCalls) fail(rv uint, times int, fns ...string) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	for _, fn := range fns {
-		f.faults[fn] = fault{rv, times}
-	}
-}
-
-func (f *faultyCalls) clear() {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.faults = map[string]fault{}
-}
-
-func (f *faultyCalls) count(fn string) int {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.calls[fn]
-}
-
-func (f *faultyCalls) total() int {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	n := 0
-	for _, c := range f.calls {
-		n += c
-	}
-	return n
-}
-
-// hit records a call of fn and returns the error it is to fail with, if any.
-func (f *faultyCalls) hit(fn string) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.calls[fn]++
-	ft, ok := f.faults[fn]
-	if !ok || ft.times == 0 {
-		return nil
-	}
-	if ft.times > 0 {
-		ft.times--
-		f.faults[fn] = ft
-	}
-	return pkcs11.Error(ft.rv)
-}
-
-func (f *faultyCalls) GetSlotList(present bool) ([]uint, error) {
-	if err := f.hit("GetSlotList"); err != nil {
-		return nil, err
-	}
-	return f.pkcs11API.GetSlotList(present)
-}
-
-func (f *faultyCalls) OpenSession(slot uint, flags uint) (pkcs11.SessionHandle, error) {
-	if err := f.hit("OpenSession"); err != nil {
-		return 0, err
-	}
-	return f.pkcs11API.OpenSession(slot, flags)
-}
-
-func (f *faultyCalls) Login(sh pkcs11.SessionHandle, userType uint, pin string) error {
-	if err := f.hit("Login"); err != nil {
-		return err
-	}
-	return f.pkcs11API.Login(sh, userType, pin)
-}
-
-func (f *faultyCalls) GenerateKey(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, tmpl []*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
-	if err := f.hit("GenerateKey"); err != nil {
-		return 0, err
-	}
-	return f.pkcs11API.GenerateKey(sh, m, tmpl)
-}
-
-func (f *faultyCalls) EncryptInit(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, o pkcs11.ObjectHandle) error {
-	if err := f.hit("EncryptInit"); err != nil {
-		return err
-	}
-	return f.pkcs11API.EncryptInit(sh, m, o)
-}
-
-func (f *faultyCalls) DecryptInit(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, o pkcs11.ObjectHandle) error {
-	if err := f.hit("DecryptInit"); err != nil {
-		return err
-	}
-	return f.pkcs11API.DecryptInit(sh, m, o)
-}
-
-func (f *faultyCalls) SignInit(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, o pkcs11.ObjectHandle) error {
-	if err := f.hit("SignInit"); err != nil {
-		return err
-	}
-	return f.pkcs11API.SignInit(sh, m, o)
-}
-
-func (f *faultyCalls) GenerateRandom(sh pkcs11.SessionHandle, n int) ([]byte, error) {
-	if err := f.hit("GenerateRandom"); err != nil {
-		return nil, err
-	}
-	return f.pkcs11API.GenerateRandom(sh, n)
 }
 
 // recoverable are the error classes of the recovery rules, each with what recovering from it must involve.
@@ -293,6 +175,32 @@ func TestLostDeviceFailsFastAndRecovers(t *testing.T) {
 	}
 	if ok, _ := tok.Status(); !ok {
 		t.Fatal("status not connected after recovery")
+	}
+}
+
+// A recoverable fault that comes back on the repeated call means the token is not serving now: ErrUnavailable
+// (503), never a bare error (500); the call after that succeeds.
+func TestRepeatedFaultIsUnavailable(t *testing.T) {
+	tok, _ := newToken(t, 1)
+	id := newVersion(t, tok, 256)
+	f := injectFaults(t, tok)
+	for _, rv := range []uint{pkcs11.CKR_SESSION_CLOSED, pkcs11.CKR_USER_NOT_LOGGED_IN, pkcs11.CKR_DEVICE_ERROR} {
+		f.fail(rv, 2, "EncryptInit")
+		_, _, err := tok.EncryptGCM(context.Background(), id, make([]byte, 12), nil, []byte("x"))
+		if !errors.Is(err, ErrUnavailable) {
+			t.Fatalf("%#x twice: %v", rv, err)
+		}
+		deadline := time.Now().Add(time.Minute) // a device fault leaves a reconnection backoff behind
+		for {
+			_, _, err = tok.EncryptGCM(context.Background(), id, make([]byte, 12), nil, []byte("x"))
+			if err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("after %#x twice, not recovered: %v", rv, err)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
 	}
 }
 

@@ -43,6 +43,9 @@ type module struct {
 	logins map[string][]byte
 }
 
+// wrapCalls is the identity, except in the soak test's plugin build (failpoints.go).
+var wrapCalls = func(c pkcs11API) pkcs11API { return c }
+
 var (
 	modulesMu sync.Mutex
 	modules   = map[string]*module{}
@@ -77,7 +80,7 @@ func acquireModule(path string) (*module, error) {
 		ctx.Destroy()
 		return nil, fmt.Errorf("%w: C_Initialize: %v", ErrUnavailable, err)
 	}
-	m := &module{path: path, ctx: ctx, calls: ctx, refs: 1, lastInit: time.Now(), logins: map[string][]byte{}}
+	m := &module{path: path, ctx: ctx, calls: wrapCalls(ctx), refs: 1, lastInit: time.Now(), logins: map[string][]byte{}}
 	m.generation.Store(1)
 	modules[path] = m
 	return m, nil

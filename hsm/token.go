@@ -388,6 +388,10 @@ func (t *Token) do(ctx context.Context, op string, fn func(p pkcs11API, s pooled
 		last = err
 		t.log.Debug("retrying HSM operation after recoverable error", "op", op, "error", err)
 	}
+	if c := classify(last); c == classSession || c == classLogin {
+		// Failed again after its recovery: the token is not serving now, and a later call may succeed.
+		return fmt.Errorf("%s: %w: %v", op, ErrUnavailable, last)
+	}
 	return opError(op, last)
 }
 

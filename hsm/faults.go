@@ -1,0 +1,140 @@
+package hsm
+
+import (
+	"math/rand/v2"
+	"sync"
+
+	"github.com/miekg/pkcs11"
+)
+
+// faultyCalls wraps the real module's calls and makes chosen functions return a PKCS#11 error, as a failing HSM
+// would: named functions once or until cleared (unit tests), or any of them at random at a given rate (the
+// soak test's plugin, built with the cmkfaults tag). Everything else reaches the real token. A production build
+// never wraps its calls.
+type faultyCalls struct {
+	pkcs11API
+	mu     sync.Mutex
+	faults map[string]fault
+	calls  map[string]int
+	rate   float64 // chance that any wrapped call fails with one of randomFaults
+	rng    *rand.Rand
+}
+
+// randomFaults are what the random mode injects: each class the recovery rules cover.
+var randomFaults = []uint{pkcs11.CKR_SESSION_HANDLE_INVALID, pkcs11.CKR_SESSION_CLOSED, pkcs11.CKR_USER_NOT_LOGGED_IN,
+	pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_DEVICE_ERROR, pkcs11.CKR_TOKEN_NOT_PRESENT}
+
+func newFaultyCalls(real pkcs11API) *faultyCalls {
+	return &faultyCalls{pkcs11API: real, faults: map[string]fault{}, calls: map[string]int{}, rng: rand.New(rand.NewPCG(1, 2))}
+}
+
+type fault struct {
+	rv    uint
+	times int // how many more calls fail; -1: until cleared
+}
+
+// fail makes the named functions return rv for the next times calls each (-1: until clear).
+func (f *faultyCalls) fail(rv uint, times int, fns ...string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, fn := range fns {
+		f.faults[fn] = fault{rv, times}
+	}
+}
+
+func (f *faultyCalls) clear() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.faults = map[string]fault{}
+}
+
+func (f *faultyCalls) count(fn string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.calls[fn]
+}
+
+func (f *faultyCalls) total() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n := 0
+	for _, c := range f.calls {
+		n += c
+	}
+	return n
+}
+
+// hit records a call of fn and returns the error it is to fail with, if any.
+func (f *faultyCalls) hit(fn string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls[fn]++
+	if f.rate > 0 && f.rng.Float64() < f.rate {
+		return pkcs11.Error(randomFaults[f.rng.IntN(len(randomFaults))])
+	}
+	ft, ok := f.faults[fn]
+	if !ok || ft.times == 0 {
+		return nil
+	}
+	if ft.times > 0 {
+		ft.times--
+		f.faults[fn] = ft
+	}
+	return pkcs11.Error(ft.rv)
+}
+
+func (f *faultyCalls) GetSlotList(present bool) ([]uint, error) {
+	if err := f.hit("GetSlotList"); err != nil {
+		return nil, err
+	}
+	return f.pkcs11API.GetSlotList(present)
+}
+
+func (f *faultyCalls) OpenSession(slot uint, flags uint) (pkcs11.SessionHandle, error) {
+	if err := f.hit("OpenSession"); err != nil {
+		return 0, err
+	}
+	return f.pkcs11API.OpenSession(slot, flags)
+}
+
+func (f *faultyCalls) Login(sh pkcs11.SessionHandle, userType uint, pin string) error {
+	if err := f.hit("Login"); err != nil {
+		return err
+	}
+	return f.pkcs11API.Login(sh, userType, pin)
+}
+
+func (f *faultyCalls) GenerateKey(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, tmpl []*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
+	if err := f.hit("GenerateKey"); err != nil {
+		return 0, err
+	}
+	return f.pkcs11API.GenerateKey(sh, m, tmpl)
+}
+
+func (f *faultyCalls) EncryptInit(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, o pkcs11.ObjectHandle) error {
+	if err := f.hit("EncryptInit"); err != nil {
+		return err
+	}
+	return f.pkcs11API.EncryptInit(sh, m, o)
+}
+
+func (f *faultyCalls) DecryptInit(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, o pkcs11.ObjectHandle) error {
+	if err := f.hit("DecryptInit"); err != nil {
+		return err
+	}
+	return f.pkcs11API.DecryptInit(sh, m, o)
+}
+
+func (f *faultyCalls) SignInit(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, o pkcs11.ObjectHandle) error {
+	if err := f.hit("SignInit"); err != nil {
+		return err
+	}
+	return f.pkcs11API.SignInit(sh, m, o)
+}
+
+func (f *faultyCalls) GenerateRandom(sh pkcs11.SessionHandle, n int) ([]byte, error) {
+	if err := f.hit("GenerateRandom"); err != nil {
+		return nil, err
+	}
+	return f.pkcs11API.GenerateRandom(sh, n)
+}
