@@ -4,8 +4,10 @@ GO    ?= go
 PLUGIN := .build/plugins/vault-plugin-secrets-cmk
 VAULT  := .build/vault/vault
 FUZZTIME ?= 10s
+SOAK_DURATION ?= 5m
+SOAK_PLUGIN := .build/soak/vault-plugin-secrets-cmk
 
-.PHONY: all build deps vault dev test unit e2e fuzz bench bench-smoke reference lint fmt clean
+.PHONY: all build deps vault dev test unit e2e fuzz bench bench-smoke reference soak soak-smoke soak-plugin cluster lint fmt clean
 
 all: build
 
@@ -25,13 +27,15 @@ dev: deps build vault
 	@scripts/dev.sh
 
 # Unit tests, short fuzzing, then the end-to-end suite against a real Vault server.
-test: deps build vault unit fuzz e2e bench-smoke
+test: deps build vault unit fuzz e2e bench-smoke soak-smoke
 
 unit:
 	$(GO) test -race -count=1 -v $$($(GO) list ./... | grep -v /tests$$) 2>&1 | scripts/test-summary.sh
 
+# Go's fuzzer takes one target per run.
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseCiphertext$$' -fuzztime $(FUZZTIME) .
+	$(GO) test -run '^$$' -fuzz '^FuzzRequestData$$' -fuzztime $(FUZZTIME) .
 
 e2e: deps build vault
 	CMK_E2E_VAULT=$(CURDIR)/$(VAULT) CMK_E2E_PLUGIN=$(CURDIR)/$(PLUGIN) \
@@ -49,6 +53,22 @@ bench: deps build vault reference
 # The benchmark with tiny counts: checks that it runs, measures nothing.
 bench-smoke: deps build vault
 	$(GO) run ./tests/bench -quick -kv-plugin=/nonexistent
+
+# The plugin with PKCS#11 failpoints compiled in (-tags cmkfaults): for the soak only, never a release.
+soak-plugin:
+	$(GO) build -trimpath -tags cmkfaults -o $(SOAK_PLUGIN) ./cmd/vault-plugin-secrets-cmk
+
+# Mixed load with injected PKCS#11 faults and a plugin kill; reports errors by class and lost ciphertexts (must be 0).
+soak: deps vault soak-plugin
+	$(GO) run ./tests/soak -plugin $(SOAK_PLUGIN) -duration $(SOAK_DURATION)
+
+# The soak, short: part of make test.
+soak-smoke: deps vault soak-plugin
+	$(GO) run ./tests/soak -plugin $(SOAK_PLUGIN) -duration 40s
+
+# A 3-node Vault cluster with raft storage on loopback, the engine on one shared SoftHSM token (.cluster/).
+cluster: deps build vault
+	@scripts/cluster.sh start
 
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed: make fmt"; exit 1; }

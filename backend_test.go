@@ -56,7 +56,7 @@ func (c *countingStorage) Get(ctx context.Context, key string) (*logical.Storage
 }
 
 type testEnv struct {
-	t       *testing.T
+	t       testing.TB
 	b       *backend
 	inmem   *logical.InmemStorage
 	storage *countingStorage
@@ -64,7 +64,7 @@ type testEnv struct {
 }
 
 // newTestBackend mounts a backend on a token of its own and writes config/hsm.
-func newTestBackend(t *testing.T) *testEnv {
+func newTestBackend(t testing.TB) *testEnv {
 	t.Helper()
 	e := newUnconfiguredBackend(t)
 	e.label = fmt.Sprintf("backend-test-%d", tokenCount.Add(1))
@@ -75,7 +75,7 @@ func newTestBackend(t *testing.T) *testEnv {
 	return e
 }
 
-func newUnconfiguredBackend(t *testing.T) *testEnv {
+func newUnconfiguredBackend(t testing.TB) *testEnv {
 	t.Helper()
 	conf := logical.TestBackendConfig()
 	conf.BackendUUID = fmt.Sprintf("mount-%d", tokenCount.Add(1))
@@ -91,7 +91,7 @@ func newUnconfiguredBackend(t *testing.T) *testEnv {
 	return &testEnv{t: t, b: b, inmem: inmem, storage: st}
 }
 
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimSpace(string(p)))

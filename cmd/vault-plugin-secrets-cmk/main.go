@@ -6,6 +6,7 @@ import (
 	_ "net/http/pprof" // served only when CMK_PPROF_ADDR is set
 	"os"
 	"strings"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/vault/api"
@@ -19,6 +20,7 @@ func main() {
 	if addr := os.Getenv("CMK_PPROF_ADDR"); strings.HasPrefix(addr, "127.0.0.1:") {
 		go func() { _ = http.ListenAndServe(addr, nil) }()
 	}
+	exitWhenOrphaned()
 	meta := &api.PluginAPIClientMeta{}
 	flags := meta.FlagSet()
 	if err := flags.Parse(os.Args[1:]); err != nil {
@@ -31,6 +33,21 @@ func main() {
 	if err != nil {
 		fatal(err)
 	}
+}
+
+// exitWhenOrphaned ends the plugin once Vault, its parent, is gone. Vault stops its plugins itself, but not
+// always: a node killed outright, or stopped while it was starting the plugin, leaves it running, with HSM
+// sessions and a login open for no one.
+func exitWhenOrphaned() {
+	parent := os.Getppid()
+	go func() {
+		for range time.Tick(2 * time.Second) {
+			if os.Getppid() != parent {
+				hclog.New(&hclog.LoggerOptions{}).Warn("Vault, the parent process, is gone: plugin exiting", "parent_pid", parent)
+				os.Exit(0)
+			}
+		}
+	}()
 }
 
 func fatal(err error) {

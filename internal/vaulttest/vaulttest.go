@@ -40,6 +40,7 @@ type Server struct {
 	PluginDir string
 	Args      []string
 	Client    *api.Client
+	PluginEnv []string // more environment for the plugin, given at registration (the soak's fault rate)
 
 	cmd  *exec.Cmd
 	done chan struct{}
@@ -206,6 +207,28 @@ func (s *Server) PluginPIDs() []int {
 	return pids
 }
 
+// PluginRSSMB is the resident memory of this server's cmk plugin processes, in MB.
+func (s *Server) PluginRSSMB() float64 {
+	var total float64
+	for _, pid := range s.PluginPIDs() {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		if err != nil {
+			continue
+		}
+		exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+		if !strings.HasSuffix(exe, PluginName) {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(line, "VmRSS:") {
+				kb, _ := strconv.ParseFloat(strings.Fields(line)[1], 64)
+				total += kb / 1024
+			}
+		}
+	}
+	return total
+}
+
 // Tail returns the last n lines of a file.
 func Tail(path string, n int) string {
 	b, _ := os.ReadFile(path)
@@ -252,7 +275,7 @@ func (s *Server) RegisterPlugin(src, version, name string) error {
 		Command: command,
 		SHA256:  sum,
 		Version: version,
-		Env:     []string{"CMK_PKCS11_LIBRARY=" + s.SoftHSM.Library, "SOFTHSM2_CONF=" + s.SoftHSM.Conf},
+		Env:     append([]string{"CMK_PKCS11_LIBRARY=" + s.SoftHSM.Library, "SOFTHSM2_CONF=" + s.SoftHSM.Conf}, s.PluginEnv...),
 	})
 }
 

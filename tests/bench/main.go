@@ -208,7 +208,7 @@ func main() {
 	rows = append(rows, ratioRow(fmt.Sprintf("encrypt p50 latency, ms: %d keys", *manyKeys), many.p50, "10 keys", few.p50, -1.25))
 	rows = append(rows, ratioRow(fmt.Sprintf("encrypt p99 latency, ms: %d keys", *manyKeys), many.p99, "10 keys", few.p99, 0))
 
-	rss := pluginRSS(srv)
+	rss := srv.PluginRSSMB()
 	pass := rss > 0 && rss <= 150
 	heap, sys := pluginGoMemory()
 	rows = append(rows, row{name: fmt.Sprintf("plugin RSS after the run, MB (%d keys)", *manyKeys+20), ours: fmt.Sprintf("%.0f", rss),
@@ -392,26 +392,6 @@ Reproduce: `+"`make bench`"+` (add `+"`BENCH_FLAGS=-duration=10s`"+` for longer 
 	return os.WriteFile(path, []byte(doc), 0o644)
 }
 
-func pluginRSS(srv *vaulttest.Server) float64 {
-	var total float64
-	for _, pid := range srv.PluginPIDs() {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-		if err != nil {
-			continue
-		}
-		exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
-		if !strings.HasSuffix(exe, vaulttest.PluginName) {
-			continue
-		}
-		for _, line := range strings.Split(string(b), "\n") {
-			if strings.HasPrefix(line, "VmRSS:") {
-				kb, _ := strconv.ParseFloat(strings.Fields(line)[1], 64)
-				total += kb / 1024
-			}
-		}
-	}
-	return total
-}
 
 // pluginGoMemory reads the plugin's Go heap in use and the Go runtime's total memory, in MB, from its pprof
 // endpoint, to tell the Go side from the PKCS#11 library's (SoftHSM keeps every object in the plugin process).

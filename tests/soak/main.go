@@ -1,0 +1,374 @@
+// Command soak runs mixed load (encrypt, decrypt, rewrap, rotate, sign, verify) against a real Vault server for a
+// set time, with PKCS#11 faults injected at random inside the plugin (a build with -tags cmkfaults) and the
+// plugin process killed with SIGKILL half-way, then checks that every ciphertext and signature a client received
+// still decrypts or verifies. It prints operations and errors by class, and exits non-zero if anything was lost,
+// if a decryption returned other data, or if a 500 came from anything but the plugin kill. make soak runs it.
+package main
+
+import (
+	"encoding/base64"
+	"errors"
+	"flag"
+	"fmt"
+	"log"
+	"math/rand/v2"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/vault/api"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm/softhsmtest"
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/vaulttest"
+)
+
+var (
+	vaultBin  = flag.String("vault", ".build/vault/vault", "vault binary")
+	pluginBin = flag.String("plugin", ".build/soak/vault-plugin-secrets-cmk", "plugin binary built with -tags cmkfaults")
+	duration  = flag.Duration("duration", 5*time.Minute, "how long the load runs")
+	faultRate = flag.Float64("fault-rate", 0.003, "chance that a PKCS#11 call in the plugin fails with a recoverable error")
+)
+
+// tally counts outcomes of one kind of operation.
+type tally struct {
+	ok, user, unavailable, internal, killWindow, transport atomic.Int64
+}
+
+type soak struct {
+	srv   *vaulttest.Server
+	path  string
+	tally map[string]*tally
+
+	mu         sync.Mutex
+	issued     map[string]string // ciphertext → plaintext, for every encryption or rewrap a client got back
+	order      []string          // issued's ciphertexts, to pick from
+	signatures map[string]string // signature → signed input
+	wrong      []string          // decryptions that returned other data than was encrypted
+	internal   []string          // 500s outside the plugin kill, with their message
+
+	killedAt atomic.Int64 // unix nanoseconds of the plugin kill
+}
+
+func main() {
+	flag.Parse()
+	log.SetFlags(0)
+	dir, err := os.MkdirTemp("", "cmk-soak-")
+	check(err)
+	defer os.RemoveAll(dir)
+	env, err := softhsmtest.Setup(filepath.Join(dir, "softhsm"))
+	check(err)
+	srv, err := vaulttest.NewServer(filepath.Join(dir, "vault"), abs(*vaultBin), abs(*pluginBin), env)
+	check(err)
+	srv.RootToken = "soak-root"
+	srv.Args = []string{"server", "-dev", "-dev-root-token-id=" + srv.RootToken, "-dev-listen-address=" + srv.Addr, "-dev-plugin-dir=" + srv.PluginDir}
+	srv.PluginEnv = []string{fmt.Sprintf("CMK_FAULT_RATE=%g", *faultRate)}
+	check(srv.Start())
+	defer srv.Stop()
+	signals := make(chan os.Signal, 1)
+	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-signals
+		srv.Stop()
+		os.Exit(130)
+	}()
+	check(srv.RegisterPlugin(abs(*pluginBin), "", ""))
+	m, err := srv.NewMount("soak")
+	check(err)
+	s := &soak{srv: srv, path: m.Path, issued: map[string]string{}, signatures: map[string]string{}, tally: map[string]*tally{}}
+	for _, op := range []string{"encrypt", "encrypt batch", "decrypt", "rewrap", "rotate", "sign", "verify"} {
+		s.tally[op] = &tally{}
+	}
+	s.must("keys/aes", nil)
+	s.must("keys/ec", map[string]interface{}{"type": "ecdsa-p256"})
+	log.Printf("soak: %s of mixed load on Vault %s, PKCS#11 fault rate %g, the plugin killed once half-way", *duration, srv.Addr, *faultRate)
+
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	worker := func(every time.Duration, fn func(c *api.Client, n int)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, _ := srv.Client.Clone()
+			c.SetToken(srv.RootToken)
+			for n := 0; ; n++ {
+				select {
+				case <-stop:
+					return
+				case <-time.After(every):
+				}
+				fn(c, n)
+			}
+		}()
+	}
+	for w := range 2 {
+		worker(0, func(c *api.Client, n int) { s.encrypt(c, fmt.Sprintf("w%d-%d", w, n)) })
+	}
+	worker(0, func(c *api.Client, n int) { s.encryptBatch(c, fmt.Sprintf("b-%d", n)) })
+	worker(0, func(c *api.Client, _ int) { s.decrypt(c) })
+	worker(5*time.Millisecond, func(c *api.Client, _ int) { s.rewrap(c) })
+	worker(5*time.Millisecond, func(c *api.Client, n int) { s.sign(c, fmt.Sprintf("s-%d", n)) })
+	worker(2*time.Second, func(c *api.Client, n int) {
+		key := "aes"
+		if n%3 == 2 {
+			key = "ec"
+		}
+		_, err := c.Logical().Write(s.path+"/keys/"+key+"/rotate", nil)
+		s.count("rotate", err)
+	})
+
+	start := time.Now()
+	time.Sleep(*duration / 2)
+	pids := srv.PluginPIDs()
+	for _, pid := range pids {
+		s.killedAt.Store(time.Now().UnixNano())
+		check(syscall.Kill(pid, syscall.SIGKILL))
+	}
+	log.Printf("killed the plugin (pids %v) after %s", pids, time.Since(start).Round(time.Second))
+	time.Sleep(*duration - time.Since(start))
+	close(stop)
+	wg.Wait()
+
+	lost, checked := s.checkEverything()
+	s.report(lost, checked, time.Since(start), len(pids))
+	if lost > 0 || len(s.wrong) > 0 || len(s.internal) > 0 || len(pids) == 0 {
+		os.Exit(1)
+	}
+}
+
+// count files an operation's outcome under its class. A 500 within 20 s of the plugin kill is Vault's own
+// answer while the plugin restarts; any other 500 is a defect.
+func (s *soak) count(op string, err error) bool {
+	t := s.tally[op]
+	var re *api.ResponseError
+	switch {
+	case err == nil:
+		t.ok.Add(1)
+		return true
+	case errors.As(err, &re) && re.StatusCode == 400:
+		t.user.Add(1)
+	case errors.As(err, &re) && re.StatusCode == 503:
+		t.unavailable.Add(1)
+	case errors.As(err, &re) && re.StatusCode == 500:
+		if k := s.killedAt.Load(); k != 0 && time.Since(time.Unix(0, k)) < 20*time.Second {
+			t.killWindow.Add(1)
+			break
+		}
+		t.internal.Add(1)
+		s.mu.Lock()
+		if len(s.internal) < 10 {
+			s.internal = append(s.internal, op+": "+strings.Join(re.Errors, "; "))
+		} else {
+			s.internal = append(s.internal, "")
+		}
+		s.mu.Unlock()
+	default:
+		t.transport.Add(1)
+	}
+	return false
+}
+
+func (s *soak) encrypt(c *api.Client, pt string) {
+	r, err := c.Logical().Write(s.path+"/encrypt/aes", map[string]interface{}{"plaintext": b64(pt)})
+	if s.count("encrypt", err) {
+		s.keep(r.Data["ciphertext"].(string), pt)
+	}
+}
+
+func (s *soak) encryptBatch(c *api.Client, prefix string) {
+	in := make([]interface{}, 20)
+	for i := range in {
+		in[i] = map[string]interface{}{"plaintext": b64(fmt.Sprintf("%s-%d", prefix, i))}
+	}
+	r, err := c.Logical().Write(s.path+"/encrypt/aes", map[string]interface{}{"batch_input": in})
+	if !s.count("encrypt batch", err) {
+		return
+	}
+	for i, item := range r.Data["batch_results"].([]interface{}) {
+		if ct, _ := item.(map[string]interface{})["ciphertext"].(string); ct != "" {
+			s.keep(ct, fmt.Sprintf("%s-%d", prefix, i))
+		}
+	}
+}
+
+func (s *soak) keep(ct, pt string) {
+	s.mu.Lock()
+	if _, dup := s.issued[ct]; !dup {
+		s.order = append(s.order, ct)
+	}
+	s.issued[ct] = pt
+	s.mu.Unlock()
+}
+
+// pick returns a random issued ciphertext.
+func (s *soak) pick() (string, string, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.order) == 0 {
+		return "", "", false
+	}
+	ct := s.order[rand.IntN(len(s.order))]
+	return ct, s.issued[ct], true
+}
+
+func (s *soak) decrypt(c *api.Client) {
+	ct, pt, ok := s.pick()
+	if !ok {
+		return
+	}
+	r, err := c.Logical().Write(s.path+"/decrypt/aes", map[string]interface{}{"ciphertext": ct})
+	if s.count("decrypt", err) && r.Data["plaintext"] != b64(pt) {
+		s.mu.Lock()
+		s.wrong = append(s.wrong, ct)
+		s.mu.Unlock()
+	}
+}
+
+func (s *soak) rewrap(c *api.Client) {
+	ct, pt, ok := s.pick()
+	if !ok {
+		return
+	}
+	r, err := c.Logical().Write(s.path+"/rewrap/aes", map[string]interface{}{"ciphertext": ct})
+	if s.count("rewrap", err) {
+		s.keep(r.Data["ciphertext"].(string), pt)
+	}
+}
+
+func (s *soak) sign(c *api.Client, input string) {
+	r, err := c.Logical().Write(s.path+"/sign/ec", map[string]interface{}{"input": b64(input)})
+	if !s.count("sign", err) {
+		return
+	}
+	sig := r.Data["signature"].(string)
+	s.mu.Lock()
+	s.signatures[sig] = input
+	s.mu.Unlock()
+	r, err = c.Logical().Write(s.path+"/verify/ec", map[string]interface{}{"input": b64(input), "signature": sig})
+	if s.count("verify", err) && r.Data["valid"] != true {
+		s.mu.Lock()
+		s.wrong = append(s.wrong, sig)
+		s.mu.Unlock()
+	}
+}
+
+// checkEverything decrypts every issued ciphertext and verifies every signature, in batches; an item that fails
+// for a passing reason (503, or a 500 while the faults hit twice) is tried again, up to ten times. What still
+// fails, or decrypts to other data, is lost.
+func (s *soak) checkEverything() (lost, checked int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	type item struct{ ref, input, want string }
+	var decrypts, verifies []item
+	for ct, pt := range s.issued {
+		decrypts = append(decrypts, item{ref: ct, want: b64(pt)})
+	}
+	for sig, in := range s.signatures {
+		verifies = append(verifies, item{ref: sig, input: b64(in)})
+	}
+	run := func(path string, items []item, body func(it item) map[string]interface{}, good func(r map[string]interface{}, it item) bool) {
+		for attempt := 0; attempt < 10 && len(items) > 0; attempt++ {
+			var retry []item
+			for i := 0; i < len(items); i += 250 {
+				chunk := items[i:min(i+250, len(items))]
+				in := make([]interface{}, len(chunk))
+				for j, it := range chunk {
+					in[j] = body(it)
+				}
+				r, err := s.srv.Client.Logical().Write(s.path+path, map[string]interface{}{"batch_input": in, "partial_failure_response_code": 207})
+				if err != nil {
+					retry = append(retry, chunk...)
+					continue
+				}
+				for j, res := range r.Data["batch_results"].([]interface{}) {
+					res := res.(map[string]interface{})
+					switch {
+					case good(res, chunk[j]):
+						checked++
+					case res["error"] != nil && res["error"] != "" && !strings.Contains(res["error"].(string), "invalid"):
+						retry = append(retry, chunk[j])
+					default:
+						lost++
+						s.wrong = append(s.wrong, chunk[j].ref)
+					}
+				}
+			}
+			items = retry
+			if len(items) > 0 {
+				time.Sleep(time.Second)
+			}
+		}
+		lost += len(items)
+	}
+	run("/decrypt/aes", decrypts, func(it item) map[string]interface{} { return map[string]interface{}{"ciphertext": it.ref} },
+		func(r map[string]interface{}, it item) bool { return r["plaintext"] == it.want })
+	run("/verify/ec", verifies, func(it item) map[string]interface{} {
+		return map[string]interface{}{"input": it.input, "signature": it.ref}
+	}, func(r map[string]interface{}, _ item) bool { return r["valid"] == true })
+	return lost, checked
+}
+
+func (s *soak) report(lost, checked int, elapsed time.Duration, kills int) {
+	fmt.Printf("\nsoak: %s, PKCS#11 fault rate %g, plugin killed %d time(s)\n\n", elapsed.Round(time.Second), *faultRate, kills)
+	fmt.Printf("| operation | ok | 400 | 503 | 500 (plugin restarting) | 500 (other) | transport |\n|---|---|---|---|---|---|---|\n")
+	ops := make([]string, 0, len(s.tally))
+	for op := range s.tally {
+		ops = append(ops, op)
+	}
+	sort.Strings(ops)
+	for _, op := range ops {
+		t := s.tally[op]
+		fmt.Printf("| %s | %d | %d | %d | %d | %d | %d |\n", op, t.ok.Load(), t.user.Load(), t.unavailable.Load(),
+			t.killWindow.Load(), t.internal.Load(), t.transport.Load())
+	}
+	logText, _ := os.ReadFile(s.srv.LogPath)
+	fmt.Printf("\nrecoveries in the server log: %d connection losses, %d reconnections, %d object retries\n",
+		strings.Count(string(logText), "HSM connection lost"), strings.Count(string(logText), "reconnected to the HSM token"),
+		strings.Count(string(logText), "repeating it"))
+	k, err := s.srv.Client.Logical().Read(s.path + "/keys/aes")
+	if err == nil && k != nil {
+		latest := k.Data["latest_version"]
+		fmt.Printf("key aes: latest version %v, %d versions stored\n", latest, len(k.Data["versions"].(map[string]interface{})))
+		if fmt.Sprint(len(k.Data["versions"].(map[string]interface{}))) != fmt.Sprint(latest) {
+			fmt.Println("VERSIONS NOT CONTIGUOUS")
+			lost++
+		}
+	}
+	fmt.Printf("ciphertexts and signatures checked: %d; lost: %d; decrypted to other data: %d; unexplained 500s: %d\n",
+		checked, lost, len(s.wrong), len(s.internal))
+	for _, msg := range s.internal {
+		if msg != "" {
+			fmt.Println("  500:", msg)
+		}
+	}
+	if lost == 0 && len(s.wrong) == 0 && len(s.internal) == 0 {
+		fmt.Println("PASS: nothing lost")
+	} else {
+		fmt.Println("FAIL")
+	}
+}
+
+func (s *soak) must(path string, data map[string]interface{}) {
+	if _, err := s.srv.Client.Logical().Write(s.path+"/"+path, data); err != nil {
+		log.Fatalf("write %s: %v", path, err)
+	}
+}
+
+func b64(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
+
+func abs(p string) string {
+	a, err := filepath.Abs(p)
+	check(err)
+	return a
+}
+
+func check(err error) {
+	if err != nil {
+		log.Fatal(err)
+	}
+}
