@@ -184,7 +184,7 @@ func TestRepeatedFaultIsUnavailable(t *testing.T) {
 	tok, _ := newToken(t, 1)
 	id := newVersion(t, tok, 256)
 	f := injectFaults(t, tok)
-	for _, rv := range []uint{pkcs11.CKR_SESSION_CLOSED, pkcs11.CKR_USER_NOT_LOGGED_IN, pkcs11.CKR_DEVICE_ERROR} {
+	for _, rv := range []uint{pkcs11.CKR_SESSION_CLOSED, pkcs11.CKR_USER_NOT_LOGGED_IN, pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_DEVICE_ERROR} {
 		f.fail(rv, 2, "EncryptInit")
 		_, _, err := tok.EncryptGCM(context.Background(), id, make([]byte, 12), nil, []byte("x"))
 		if !errors.Is(err, ErrUnavailable) {

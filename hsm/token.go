@@ -388,8 +388,9 @@ func (t *Token) do(ctx context.Context, op string, fn func(p pkcs11API, s pooled
 		last = err
 		t.log.Debug("retrying HSM operation after recoverable error", "op", op, "error", err)
 	}
-	if c := classify(last); c == classSession || c == classLogin {
-		// Failed again after its recovery: the token is not serving now, and a later call may succeed.
+	if c := classify(last); c == classSession || c == classLogin || c == classHandle {
+		// Failed again after its recovery (a fresh session, login or lookup): the token is not serving now,
+		// and a later call may succeed. An object that is gone fails the lookup instead (ErrObjectNotFound).
 		return fmt.Errorf("%s: %w: %v", op, ErrUnavailable, last)
 	}
 	return opError(op, last)

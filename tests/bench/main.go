@@ -392,7 +392,6 @@ Reproduce: `+"`make bench`"+` (add `+"`BENCH_FLAGS=-duration=10s`"+` for longer 
 	return os.WriteFile(path, []byte(doc), 0o644)
 }
 
-
 // pluginGoMemory reads the plugin's Go heap in use and the Go runtime's total memory, in MB, from its pprof
 // endpoint, to tell the Go side from the PKCS#11 library's (SoftHSM keeps every object in the plugin process).
 func pluginGoMemory() (heapInuse, sys float64) {

@@ -49,7 +49,7 @@ type soak struct {
 	issued     map[string]string // ciphertext → plaintext, for every encryption or rewrap a client got back
 	order      []string          // issued's ciphertexts, to pick from
 	signatures map[string]string // signature → signed input
-	wrong      []string          // decryptions that returned other data than was encrypted
+	wrong      []string          // decryptions during the load that returned other data, and signatures that did not verify
 	internal   []string          // 500s outside the plugin kill, with their message
 
 	killedAt atomic.Int64 // unix nanoseconds of the plugin kill
@@ -67,7 +67,9 @@ func main() {
 	check(err)
 	srv.RootToken = "soak-root"
 	srv.Args = []string{"server", "-dev", "-dev-root-token-id=" + srv.RootToken, "-dev-listen-address=" + srv.Addr, "-dev-plugin-dir=" + srv.PluginDir}
-	srv.PluginEnv = []string{fmt.Sprintf("CMK_FAULT_RATE=%g", *faultRate)}
+	faultFile := filepath.Join(dir, "fault-rate")
+	check(os.WriteFile(faultFile, []byte(fmt.Sprint(*faultRate)), 0o600))
+	srv.PluginEnv = []string{"CMK_FAULT_RATE_FILE=" + faultFile}
 	check(srv.Start())
 	defer srv.Stop()
 	signals := make(chan os.Signal, 1)
@@ -133,6 +135,8 @@ func main() {
 	time.Sleep(*duration - time.Since(start))
 	close(stop)
 	wg.Wait()
+	check(os.WriteFile(faultFile, []byte("0"), 0o600)) // the HSM is well again: everything issued must decrypt
+	time.Sleep(time.Second)
 
 	lost, checked := s.checkEverything()
 	s.report(lost, checked, time.Since(start), len(pids))
@@ -257,13 +261,14 @@ func (s *soak) sign(c *api.Client, input string) {
 	}
 }
 
-// checkEverything decrypts every issued ciphertext and verifies every signature, in batches; an item that fails
-// for a passing reason (503, or a 500 while the faults hit twice) is tried again, up to ten times. What still
-// fails, or decrypts to other data, is lost.
+// checkEverything decrypts every issued ciphertext and verifies every signature, in batches. An item answered
+// with an error is tried again, up to ten times a second apart: the injected faults pass, an undecryptable
+// ciphertext does not. What still fails then is lost; an answer with other data (or "valid": false) is lost at
+// once.
 func (s *soak) checkEverything() (lost, checked int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	type item struct{ ref, input, want string }
+	type item struct{ ref, input, want, lastErr string }
 	var decrypts, verifies []item
 	for ct, pt := range s.issued {
 		decrypts = append(decrypts, item{ref: ct, want: b64(pt)})
@@ -271,8 +276,17 @@ func (s *soak) checkEverything() (lost, checked int) {
 	for sig, in := range s.signatures {
 		verifies = append(verifies, item{ref: sig, input: b64(in)})
 	}
+	lose := func(path string, it item, why interface{}) {
+		lost++
+		if lost <= 5 {
+			log.Printf("lost: %s %.60s… → %v", path, it.ref, why)
+		}
+	}
 	run := func(path string, items []item, body func(it item) map[string]interface{}, good func(r map[string]interface{}, it item) bool) {
 		for attempt := 0; attempt < 10 && len(items) > 0; attempt++ {
+			if attempt > 0 {
+				time.Sleep(time.Second)
+			}
 			var retry []item
 			for i := 0; i < len(items); i += 250 {
 				chunk := items[i:min(i+250, len(items))]
@@ -282,28 +296,30 @@ func (s *soak) checkEverything() (lost, checked int) {
 				}
 				r, err := s.srv.Client.Logical().Write(s.path+path, map[string]interface{}{"batch_input": in, "partial_failure_response_code": 207})
 				if err != nil {
-					retry = append(retry, chunk...)
+					for _, it := range chunk {
+						it.lastErr = err.Error()
+						retry = append(retry, it)
+					}
 					continue
 				}
 				for j, res := range r.Data["batch_results"].([]interface{}) {
-					res := res.(map[string]interface{})
-					switch {
-					case good(res, chunk[j]):
+					res, it := res.(map[string]interface{}), chunk[j]
+					switch msg, _ := res["error"].(string); {
+					case msg != "":
+						it.lastErr = msg
+						retry = append(retry, it)
+					case good(res, it):
 						checked++
-					case res["error"] != nil && res["error"] != "" && !strings.Contains(res["error"].(string), "invalid"):
-						retry = append(retry, chunk[j])
 					default:
-						lost++
-						s.wrong = append(s.wrong, chunk[j].ref)
+						lose(path, it, res)
 					}
 				}
 			}
 			items = retry
-			if len(items) > 0 {
-				time.Sleep(time.Second)
-			}
 		}
-		lost += len(items)
+		for _, it := range items {
+			lose(path, it, it.lastErr)
+		}
 	}
 	run("/decrypt/aes", decrypts, func(it item) map[string]interface{} { return map[string]interface{}{"ciphertext": it.ref} },
 		func(r map[string]interface{}, it item) bool { return r["plaintext"] == it.want })
@@ -339,7 +355,7 @@ func (s *soak) report(lost, checked int, elapsed time.Duration, kills int) {
 			lost++
 		}
 	}
-	fmt.Printf("ciphertexts and signatures checked: %d; lost: %d; decrypted to other data: %d; unexplained 500s: %d\n",
+	fmt.Printf("ciphertexts and signatures checked: %d; lost: %d; wrong answers during the load: %d; unexplained 500s: %d\n",
 		checked, lost, len(s.wrong), len(s.internal))
 	for _, msg := range s.internal {
 		if msg != "" {
