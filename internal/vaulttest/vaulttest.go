@@ -13,6 +13,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -83,9 +84,7 @@ func StartDev(dir, vaultBin, pluginBin string, env *softhsmtest.Env) (*Server, e
 	if err != nil {
 		return nil, err
 	}
-	s.RootToken = "e2e-root"
-	s.Args = []string{"server", "-dev", "-dev-root-token-id=" + s.RootToken, "-dev-listen-address=" + s.Addr, "-dev-plugin-dir=" + s.PluginDir}
-	if err := s.Start(); err != nil {
+	if err := s.StartDevMode("e2e-root"); err != nil {
 		return nil, err
 	}
 	if err := s.RegisterPlugin(pluginBin, "", ""); err != nil {
@@ -93,6 +92,25 @@ func StartDev(dir, vaultBin, pluginBin string, env *softhsmtest.Env) (*Server, e
 		return nil, err
 	}
 	return s, nil
+}
+
+// StartDevMode starts the prepared server as `vault server -dev` with the given root token, the plugin not yet
+// registered (callers that register it with more environment do so themselves).
+func (s *Server) StartDevMode(rootToken string) error {
+	s.RootToken = rootToken
+	s.Args = []string{"server", "-dev", "-dev-root-token-id=" + s.RootToken, "-dev-listen-address=" + s.Addr, "-dev-plugin-dir=" + s.PluginDir}
+	return s.Start()
+}
+
+// StopOnInterrupt stops the server and exits when the process is interrupted (Ctrl-C in make bench or soak).
+func (s *Server) StopOnInterrupt() {
+	signals := make(chan os.Signal, 1)
+	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-signals
+		s.Stop()
+		os.Exit(130)
+	}()
 }
 
 // CopyFile copies src to dst (executable), replacing dst atomically.
@@ -211,22 +229,26 @@ func (s *Server) PluginPIDs() []int {
 func (s *Server) PluginRSSMB() float64 {
 	var total float64
 	for _, pid := range s.PluginPIDs() {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-		if err != nil {
-			continue
-		}
-		exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
-		if !strings.HasSuffix(exe, PluginName) {
-			continue
-		}
-		for _, line := range strings.Split(string(b), "\n") {
-			if strings.HasPrefix(line, "VmRSS:") {
-				kb, _ := strconv.ParseFloat(strings.Fields(line)[1], 64)
-				total += kb / 1024
-			}
+		if exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid)); strings.HasSuffix(exe, PluginName) {
+			total += ProcessRSSMB(pid)
 		}
 	}
 	return total
+}
+
+// ProcessRSSMB is a process's resident memory (VmRSS) in MB, 0 if it cannot be read.
+func ProcessRSSMB(pid int) float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, "VmRSS:") {
+			kb, _ := strconv.ParseFloat(strings.Fields(line)[1], 64)
+			return kb / 1024
+		}
+	}
+	return 0
 }
 
 // Tail returns the last n lines of a file.

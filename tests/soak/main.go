@@ -13,7 +13,6 @@ import (
 	"log"
 	"math/rand/v2"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -65,20 +64,12 @@ func main() {
 	check(err)
 	srv, err := vaulttest.NewServer(filepath.Join(dir, "vault"), abs(*vaultBin), abs(*pluginBin), env)
 	check(err)
-	srv.RootToken = "soak-root"
-	srv.Args = []string{"server", "-dev", "-dev-root-token-id=" + srv.RootToken, "-dev-listen-address=" + srv.Addr, "-dev-plugin-dir=" + srv.PluginDir}
 	faultFile := filepath.Join(dir, "fault-rate")
 	check(os.WriteFile(faultFile, []byte(fmt.Sprint(*faultRate)), 0o600))
 	srv.PluginEnv = []string{"CMK_FAULT_RATE_FILE=" + faultFile}
-	check(srv.Start())
+	check(srv.StartDevMode("soak-root"))
 	defer srv.Stop()
-	signals := make(chan os.Signal, 1)
-	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
-	go func() {
-		<-signals
-		srv.Stop()
-		os.Exit(130)
-	}()
+	srv.StopOnInterrupt()
 	check(srv.RegisterPlugin(abs(*pluginBin), "", ""))
 	m, err := srv.NewMount("soak")
 	check(err)
