@@ -95,8 +95,8 @@ func (a Algorithm) rsaBits() int {
 // GenerateVersion creates, with CKA_ID id, the material of one key version: for AES the key, for key pairs the
 // private key (the public half is returned and not kept on the token), and an HMAC secret of hmacBytes — always
 // for HMACOnly, whose key it is; for the others only when hmacBytes > 0 (0 defers it to EnsureHMACKey, so that
-// keys never used for HMAC take one object on the token, not two). id must be fresh (callers draw it at random). Attempts repeated inside the call after a session,
-// login or device error first look for what the failed attempt may have made, so a retry never leaves two
+// keys never used for HMAC take one object on the token, not two). id must be fresh (callers draw it at random).
+// Attempts repeated inside the call after a session, login or device error first look for what the failed attempt may have made, so a retry never leaves two
 // objects with one CKA_ID. If the second object cannot be made, the first is destroyed again. The new objects'
 // handles are cached, so the version's first use searches nothing.
 func (t *Token) GenerateVersion(ctx context.Context, alg Algorithm, id []byte, label string, hmacBytes int) (crypto.PublicKey, error) {
@@ -114,7 +114,7 @@ func (t *Token) GenerateVersion(ctx context.Context, alg Algorithm, id []byte, l
 		if alg == AES256 {
 			bits = 256
 		}
-		err = t.generateSecret(ctx, kindAES, pkcs11.CKM_AES_KEY_GEN, aesKeyTemplate(bits, id, label))
+		err = t.generateSecret(ctx, kindAES, pkcs11.CKM_AES_KEY_GEN, aesKeyTemplate(bits, id, label), false)
 	case kindRSA, kindEC, kindEd25519:
 		pub, err = t.generatePair(ctx, alg, id, label)
 	case kindHMAC:
@@ -129,7 +129,7 @@ func (t *Token) GenerateVersion(ctx context.Context, alg Algorithm, id []byte, l
 	if alg == HMACOnly {
 		hmacLabel = label
 	}
-	err = t.generateSecret(ctx, kindHMAC, pkcs11.CKM_GENERIC_SECRET_KEY_GEN, hmacKeyTemplate(hmacBytes, id, hmacLabel))
+	err = t.generateSecret(ctx, kindHMAC, pkcs11.CKM_GENERIC_SECRET_KEY_GEN, hmacKeyTemplate(hmacBytes, id, hmacLabel), false)
 	if err != nil {
 		if _, derr := t.DestroyKeys(ctx, id); derr != nil {
 			t.log.Warn("could not remove half-created key version; the WAL rollback will", "error", derr)
@@ -157,25 +157,13 @@ func (t *Token) EnsureHMACKey(ctx context.Context, id []byte, versionLabel strin
 	if len(id) == 0 || hmacBytes < 16 || hmacBytes > 512 {
 		return fmt.Errorf("%w: CKA_ID of %d bytes, HMAC key size %d", ErrInvalidArgument, len(id), hmacBytes)
 	}
-	tmpl := hmacKeyTemplate(hmacBytes, id, versionLabel+"/hmac")
-	return t.doObjects(ctx, "C_GenerateKey "+kindHMAC.String(), func(p pkcs11API, s pooledSession) error {
-		existing, err := findObjects(p, s.h, kindHMAC.searchTemplate(id), 2)
-		if err != nil {
-			return err
-		}
-		if len(existing) > 0 {
-			t.cacheHandle(kindHMAC, id, existing[0], s.epoch)
-			return nil
-		}
-		h, err := p.GenerateKey(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_GENERIC_SECRET_KEY_GEN, nil)}, tmpl)
-		if err == nil {
-			t.cacheHandle(kindHMAC, id, h, s.epoch)
-		}
-		return err
-	})
+	return t.generateSecret(ctx, kindHMAC, pkcs11.CKM_GENERIC_SECRET_KEY_GEN, hmacKeyTemplate(hmacBytes, id, versionLabel+"/hmac"), true)
 }
 
-func (t *Token) generateSecret(ctx context.Context, kind keyKind, mech uint, tmpl []*pkcs11.Attribute) error {
+// generateSecret makes a secret key object from tmpl, unless one of its kind and CKA_ID is already on the token:
+// that is looked for first when searchFirst is set, and otherwise only by a repeated attempt (a fresh CKA_ID
+// cannot exist yet, and searching a token with many objects is slow: SoftHSM re-indexes).
+func (t *Token) generateSecret(ctx context.Context, kind keyKind, mech uint, tmpl []*pkcs11.Attribute, searchFirst bool) error {
 	var id []byte
 	for _, a := range tmpl {
 		if a.Type == pkcs11.CKA_ID {
@@ -184,12 +172,14 @@ func (t *Token) generateSecret(ctx context.Context, kind keyKind, mech uint, tmp
 	}
 	attempts := 0
 	return t.doObjects(ctx, "C_GenerateKey "+kind.String(), func(p pkcs11API, s pooledSession) error {
-		// Only a repeated attempt searches for an object the failed one may have made: searching a token with
-		// many objects is slow (SoftHSM re-indexes), and a fresh CKA_ID cannot exist yet.
-		if attempts++; attempts > 1 {
+		if attempts++; searchFirst || attempts > 1 {
 			existing, err := findObjects(p, s.h, kind.searchTemplate(id), 2)
-			if err != nil || len(existing) > 0 {
+			if err != nil {
 				return err
+			}
+			if len(existing) > 0 {
+				t.cacheHandle(kind, id, existing[0], s.epoch)
+				return nil
 			}
 		}
 		h, err := p.GenerateKey(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, tmpl)

@@ -122,7 +122,7 @@ func (t *Token) ImportVersion(ctx context.Context, r ImportRequest) (crypto.Publ
 		return nil, "", err
 	}
 	if kind != kindHMAC {
-		err = t.generateSecret(ctx, kindHMAC, pkcs11.CKM_GENERIC_SECRET_KEY_GEN, hmacKeyTemplate(r.HMACBytes, r.ID, r.Label+"/hmac"))
+		err = t.generateSecret(ctx, kindHMAC, pkcs11.CKM_GENERIC_SECRET_KEY_GEN, hmacKeyTemplate(r.HMACBytes, r.ID, r.Label+"/hmac"), false)
 		if err != nil {
 			if _, derr := t.DestroyKeys(ctx, r.ID); derr != nil {
 				t.log.Warn("could not remove half-imported key version; the WAL rollback will", "error", derr)
