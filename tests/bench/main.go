@@ -42,6 +42,7 @@ var (
 	poolSizes  = flag.String("pool-sizes", "1,2,4,8", "session pool sizes to compare for batch encryption")
 	cpuProfile = flag.String("cpuprofile", "", "write a CPU profile of the plugin under load to this file")
 	profLoad   = flag.String("profile-load", "batch", "load to profile: single or batch encryption")
+	rounds     = flag.Int("rounds", 3, "windows per figure, taken in turn with the reference's; rows report medians")
 	holdToken  = flag.String("token-rss", "", "internal: open the token with this label, read every object, print this process's RSS in MB")
 )
 
@@ -58,7 +59,7 @@ func main() {
 		return
 	}
 	if *quick {
-		*duration, *manyKeys, *poolSizes = 300*time.Millisecond, 30, "1,2"
+		*duration, *manyKeys, *poolSizes, *rounds = 300*time.Millisecond, 30, "1,2", 1
 	}
 	dir, err := os.MkdirTemp("", "cmk-bench-")
 	check(err)
@@ -96,9 +97,8 @@ func main() {
 	if *cpuProfile != "" && *profLoad == "single" {
 		profile(srv, 16, encryptOne(cmk.Path))
 	}
-	ours := load(srv, 16, encryptOne(cmk.Path))
-	ref := load(srv, 16, encryptOne("transit"))
-	rows = append(rows, ratioRow("single encrypt, requests/s (16 clients)", ours.rate, "Transit", ref.rate, 0.35))
+	w := alternate(window(srv, 16, encryptOne(cmk.Path)), window(srv, 16, encryptOne("transit")))
+	rows = append(rows, ratioRow("single encrypt, requests/s (16 clients)", w[0], "Transit", w[1], rate, 0.35))
 	ctCMK := read(c, cmk.Path, "encrypt/bench", msg)
 	ctTransit := read(c, "transit", "encrypt/bench", msg)
 	decryptOne := func(p, ct string) func(*api.Client) error {
@@ -107,9 +107,8 @@ func main() {
 			return err
 		}
 	}
-	ours = load(srv, 16, decryptOne(cmk.Path, ctCMK))
-	ref = load(srv, 16, decryptOne("transit", ctTransit))
-	rows = append(rows, ratioRow("single decrypt, requests/s (16 clients)", ours.rate, "Transit", ref.rate, 0))
+	w = alternate(window(srv, 16, decryptOne(cmk.Path, ctCMK)), window(srv, 16, decryptOne("transit", ctTransit)))
+	rows = append(rows, ratioRow("single decrypt, requests/s (16 clients)", w[0], "Transit", w[1], rate, 0))
 
 	// Batches of 1,000 × 64-byte items, 4 clients; the raw HSM ceiling on the same token.
 	tok, err := hsm.Open(hsm.Config{Library: env.Library, TokenLabel: cmk.Label, PIN: cmk.PIN, PoolSize: 1}, nil)
@@ -121,9 +120,12 @@ func main() {
 	if *quick {
 		rawOps = 200
 	}
-	raw, err := tok.MeasureRawGCM(context.Background(), rawID, make([]byte, 64), rawOps, 1)
-	check(err)
-	tok.Close()
+	defer tok.Close()
+	raw := func() result {
+		ops, err := tok.MeasureRawGCM(context.Background(), rawID, make([]byte, 64), rawOps, 1)
+		check(err)
+		return result{rate: ops / 1000} // per 1,000 items, as the batch windows count requests
+	}
 	batch := make([]interface{}, 1000)
 	for i := range batch {
 		batch[i] = map[string]interface{}{"plaintext": msg}
@@ -137,10 +139,9 @@ func main() {
 	if *cpuProfile != "" && *profLoad == "batch" {
 		profile(srv, 4, encryptBatch(cmk.Path))
 	}
-	ours = load(srv, 4, encryptBatch(cmk.Path))
-	ref = load(srv, 4, encryptBatch("transit"))
-	rows = append(rows, ratioRow("batch encrypt, items/s (1,000 × 64 B, 4 clients)", ours.rate*1000, "raw HSM, 1 session", raw, 0.8))
-	rows = append(rows, ratioRow("", ours.rate*1000, "Transit", ref.rate*1000, 0))
+	w = alternate(window(srv, 4, encryptBatch(cmk.Path)), raw, window(srv, 4, encryptBatch("transit")))
+	rows = append(rows, ratioRow("batch encrypt, items/s (1,000 × 64 B, 4 clients)", w[0], "raw HSM, 1 session", w[1], items, 0.8))
+	rows = append(rows, ratioRow("", w[0], "Transit", w[2], items, 0))
 	decBatch := func(p string) []interface{} {
 		s := write(c, p+"/encrypt/bench", map[string]interface{}{"batch_input": batch})
 		items := s.Data["batch_results"].([]interface{})
@@ -156,10 +157,9 @@ func main() {
 			return err
 		}
 	}
-	ours = load(srv, 4, decryptBatch(cmk.Path, decBatch(cmk.Path)))
-	ref = load(srv, 4, decryptBatch("transit", decBatch("transit")))
-	rows = append(rows, ratioRow("batch decrypt, items/s (1,000 × 64 B, 4 clients)", ours.rate*1000, "raw HSM, 1 session", raw, 0))
-	rows = append(rows, ratioRow("", ours.rate*1000, "Transit", ref.rate*1000, 0))
+	w = alternate(window(srv, 4, decryptBatch(cmk.Path, decBatch(cmk.Path))), raw, window(srv, 4, decryptBatch("transit", decBatch("transit"))))
+	rows = append(rows, ratioRow("batch decrypt, items/s (1,000 × 64 B, 4 clients)", w[0], "raw HSM, 1 session", w[1], items, 0))
+	rows = append(rows, ratioRow("", w[0], "Transit", w[2], items, 0))
 
 	// Pool size: batch encryption at each size.
 	var poolRows []string
@@ -179,9 +179,8 @@ func main() {
 			return err
 		}
 	}
-	ours = load(srv, 16, signOne(cmk.Path))
-	ref = load(srv, 16, signOne("transit"))
-	rows = append(rows, ratioRow("sign ecdsa-p256, requests/s (16 clients)", ours.rate, "Transit", ref.rate, 0))
+	w = alternate(window(srv, 16, signOne(cmk.Path)), window(srv, 16, signOne("transit")))
+	rows = append(rows, ratioRow("sign ecdsa-p256, requests/s (16 clients)", w[0], "Transit", w[1], rate, 0))
 
 	// Vault's plugin transport: external KV plugin against the built-in KV.
 	if kvPath := abs(*kvBin); fileExists(kvPath) {
@@ -193,16 +192,16 @@ func main() {
 		readKV := func(p string) func(*api.Client) error {
 			return func(cl *api.Client) error { _, err := cl.Logical().Read(p + "/bench"); return err }
 		}
-		ext := load(srv, 16, readKV("kvext"))
-		builtin := load(srv, 16, readKV("kvbuiltin"))
-		rows = append(rows, ratioRow("KV read, requests/s (16 clients): external KV plugin", ext.rate, "built-in KV", builtin.rate, 0))
+		w = alternate(window(srv, 16, readKV("kvext")), window(srv, 16, readKV("kvbuiltin")))
+		rows = append(rows, ratioRow("KV read, requests/s (16 clients): external KV plugin", w[0], "built-in KV", w[1], rate, 0))
 	}
 
 	// Latency with 10 keys and with many keys on the token (all warmed: handles cached).
-	few := latency(srv, cmk.Path, "few", 10, msg)
-	many := latency(srv, cmk.Path, "many", *manyKeys, msg)
-	rows = append(rows, ratioRow(fmt.Sprintf("encrypt p50 latency, ms: %d keys", *manyKeys), many.p50, "10 keys", few.p50, -1.25))
-	rows = append(rows, ratioRow(fmt.Sprintf("encrypt p99 latency, ms: %d keys", *manyKeys), many.p99, "10 keys", few.p99, 0))
+	few := latency(srv, "few", 10, msg)
+	many := latency(srv, "many", *manyKeys, msg)
+	w = alternate(many, few)
+	rows = append(rows, ratioRow(fmt.Sprintf("encrypt p50 latency, ms: %d keys", *manyKeys), w[0], "10 keys", w[1], p50, -1.25))
+	rows = append(rows, ratioRow(fmt.Sprintf("encrypt p99 latency, ms: %d keys", *manyKeys), w[0], "10 keys", w[1], p99, 0))
 
 	// Memory: right after the load, and once the idle plugin has settled (Go collects at least every two
 	// minutes and returns freed pages in the background); beside it, a bare process holding the same token, which
@@ -283,7 +282,9 @@ func load(srv *vaulttest.Server, clients int, fn func(*api.Client) error) result
 
 // latency creates n keys on a mount of their own, uses each once (so every handle is cached, as in steady
 // state), then measures single encrypts on random keys from 4 clients.
-func latency(srv *vaulttest.Server, _ string, name string, n int, msg string) result {
+// latency creates n keys on a mount of their own, uses each once, and returns a measurement window of encryptions
+// spread over all of them.
+func latency(srv *vaulttest.Server, name string, n int, msg string) func() result {
 	m, err := srv.NewMount("lat" + name)
 	check(err)
 	c := srv.Client
@@ -313,12 +314,37 @@ func latency(srv *vaulttest.Server, _ string, name string, n int, msg string) re
 	log.Printf("%d keys created and warmed in %s", n, time.Since(created).Round(time.Second))
 	_ = c
 	var next atomic.Uint64
-	return load(srv, 4, func(cl *api.Client) error {
+	return window(srv, 4, func(cl *api.Client) error {
 		i := next.Add(7919) % uint64(n)
 		_, err := cl.Logical().Write(m.Path+"/encrypt/"+names[i], map[string]interface{}{"plaintext": msg})
 		return err
 	})
 }
+
+// window is one measurement window of load, to be taken in turn with others by alternate.
+func window(srv *vaulttest.Server, clients int, fn func(*api.Client) error) func() result {
+	return func() result { return load(srv, clients, fn) }
+}
+
+// alternate takes each window -rounds times, in turn and in a rotating order, and returns every window's results:
+// these machines are shared, their speed drifts between windows, and a figure taken once beside its reference
+// can be off by half. Rows report medians.
+func alternate(windows ...func() result) [][]result {
+	out := make([][]result, len(windows))
+	for r := 0; r < *rounds; r++ {
+		for k := range windows {
+			i := (k + r) % len(windows)
+			out[i] = append(out[i], windows[i]())
+		}
+	}
+	return out
+}
+
+// Figures a row can compare.
+func rate(r result) float64  { return r.rate }
+func items(r result) float64 { return r.rate * 1000 }
+func p50(r result) float64   { return r.p50 }
+func p99(r result) float64   { return r.p99 }
 
 func newClient(srv *vaulttest.Server) *api.Client {
 	cfg := api.DefaultConfig()
@@ -340,17 +366,37 @@ func percentile(v []float64, q float64) float64 {
 
 // ratioRow compares ours with the reference. target > 0: ours/ref must be at least target; target < 0: at
 // most -target; 0: no target.
-func ratioRow(name string, ours float64, refName string, ref, target float64) row {
-	r := row{name: name, ours: format(ours), ref: refName + ": " + format(ref), ratio: fmt.Sprintf("%.2f", ours/ref)}
+// ratioRow compares figure f of our windows with the reference's: the medians of each, and the median of the
+// rounds' ratios (each round's two windows were taken close together).
+func ratioRow(name string, ours []result, refName string, ref []result, f func(result) float64, target float64) row {
+	var o, rf, ratios []float64
+	for i := range ours {
+		o, rf = append(o, f(ours[i])), append(rf, f(ref[i]))
+		ratios = append(ratios, f(ours[i])/f(ref[i]))
+	}
+	ratio := median(ratios)
+	r := row{name: name, ours: format(median(o)), ref: refName + ": " + format(median(rf)), ratio: fmt.Sprintf("%.2f", ratio)}
 	switch {
 	case target > 0:
-		ok := ours/ref >= target
+		ok := ratio >= target
 		r.pass, r.target = &ok, fmt.Sprintf("≥ %.2f", target)
 	case target < 0:
-		ok := ours/ref <= -target
+		ok := ratio <= -target
 		r.pass, r.target = &ok, fmt.Sprintf("≤ %.2f", -target)
 	}
 	return r
+}
+
+func median(v []float64) float64 {
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	if len(s) == 0 {
+		return 0
+	}
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
 func format(v float64) string {
@@ -381,15 +427,16 @@ func render(rows []row, poolRows []string) string {
 func writeDoc(path, report string) error {
 	doc := fmt.Sprintf(`# Benchmarks
 
-Measured by `+"`make bench`"+` on %s (%d cores), %s per throughput measurement. Every figure beside its
+Measured by `+"`make bench`"+` on %s (%d cores): windows of %s, each figure taken %d times in turn with its
+reference (rotating order), rows showing medians and the median of the rounds' ratios. Every figure beside its
 reference was measured in the same run on the same Vault v1.21.0 dev server and SoftHSM 2.6 token: built-in
 Transit, the raw HSM (bare C_EncryptInit + C_Encrypt, hsm.MeasureRawGCM), and HashiCorp's external KV plugin
 beside the built-in KV (the cost of Vault's plugin transport). These machines are shared and noisy: compare
 ratios, not absolute figures.
 
 %s
-Reproduce: `+"`make bench`"+` (add `+"`BENCH_FLAGS=-duration=10s`"+` for longer runs).
-`, time.Now().UTC().Format("2006-01-02"), runtimeCPUs(), *duration, report)
+Reproduce: `+"`make bench`"+` (add `+"`BENCH_FLAGS=-duration=10s`"+` for longer windows, `+"`-rounds=5`"+` for more of them).
+`, time.Now().UTC().Format("2006-01-02"), runtimeCPUs(), *duration, *rounds, report)
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return err
 	}
