@@ -3,7 +3,7 @@
 # registered on every node, the engine mounted at cmk/ on one SoftHSM token that all nodes share. For trying
 # failover by hand and for the end-to-end failover test.
 #
-#   scripts/cluster.sh start [DIR]    build nothing; start, initialise, unseal, join, register, mount
+#   scripts/cluster.sh start [DIR]    start the built binaries; initialise, unseal, join, register, mount
 #   scripts/cluster.sh status [DIR]   each node's address, process and HA state
 #   scripts/cluster.sh stop [DIR]     stop every node this script started (by the process ids it recorded)
 #
@@ -41,8 +41,10 @@ start() {
     while read -r _ _ pid; do
       kill -0 "$pid" 2>/dev/null && die "a cluster from $DIR is running: scripts/cluster.sh stop $DIR"
     done <"$DIR/nodes"
+    rm -rf "$DIR" # an earlier cluster of this script's: its storage and token go with it
+  elif [ -e "$DIR" ] && [ -n "$(ls -A "$DIR")" ]; then
+    die "$DIR exists and is not a cluster directory of this script: name a new or empty one"
   fi
-  rm -rf "$DIR"
   mkdir -p "$DIR/softhsm/tokens"
   chmod 700 "$DIR"
   export SOFTHSM2_CONF="$DIR/softhsm/softhsm2.conf"
