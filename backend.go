@@ -25,6 +25,11 @@ import (
 // plugin registration: a path taken from a request would let a caller load arbitrary code into the plugin.
 const LibraryEnv = "CMK_PKCS11_LIBRARY"
 
+// InitParamsEnv names the environment variable that holds the module's C_Initialize parameters, which some
+// modules need (NSS softokn: configdir='sql:/path' certPrefix=” keyPrefix=” secmod=” flags=). Set by the
+// operator at registration, like the library path; never from the API.
+const InitParamsEnv = "CMK_PKCS11_INIT_PARAMS"
+
 // hsmToken is what the backend needs of the HSM: *hsm.Token, or a fault-injecting wrapper in unit tests.
 type hsmToken interface {
 	GenerateVersion(ctx context.Context, alg hsm.Algorithm, id []byte, label string, hmacBytes int) (crypto.PublicKey, error)
@@ -42,7 +47,7 @@ type hsmToken interface {
 	GenerateRandom(ctx context.Context, n int) ([]byte, error)
 	DestroyKeys(ctx context.Context, id []byte) (int, error)
 	MissingObjects(id []byte) map[string]time.Time
-	Mechanisms(ctx context.Context) (offered, missing []string, err error)
+	Capabilities(ctx context.Context) (*hsm.Capabilities, error)
 	Info() hsm.TokenInfo
 	Status() (connected bool, lastErr error)
 	PoolSize() int
@@ -51,9 +56,10 @@ type hsmToken interface {
 
 type backend struct {
 	*framework.Backend
-	logger  hclog.Logger
-	library string // PKCS#11 module path from LibraryEnv
-	mountID string // the mount's backend UUID, in HSM object labels
+	logger     hclog.Logger
+	library    string // PKCS#11 module path from LibraryEnv
+	initParams string // its C_Initialize parameters, from InitParamsEnv
+	mountID    string // the mount's backend UUID, in HSM object labels
 
 	// openToken connects to the HSM; tests replace it to wrap the real token.
 	openToken func(hsm.Config, hclog.Logger) (hsmToken, error)
@@ -88,10 +94,11 @@ func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend,
 
 func newBackend(conf *logical.BackendConfig) *backend {
 	b := &backend{
-		logger:   conf.Logger,
-		library:  os.Getenv(LibraryEnv),
-		mountID:  conf.BackendUUID,
-		keyLocks: locksutil.CreateLocks(),
+		logger:     conf.Logger,
+		library:    os.Getenv(LibraryEnv),
+		initParams: os.Getenv(InitParamsEnv),
+		mountID:    conf.BackendUUID,
+		keyLocks:   locksutil.CreateLocks(),
 		openToken: func(c hsm.Config, l hclog.Logger) (hsmToken, error) {
 			return hsm.Open(c, l)
 		},
@@ -213,7 +220,8 @@ func (b *backend) setToken(tok hsmToken, ivSource string) {
 }
 
 func (b *backend) tokenConfig(c *hsmConfig) hsm.Config {
-	return hsm.Config{Library: b.library, TokenLabel: c.TokenLabel, Slot: c.Slot, PIN: c.PIN, PoolSize: c.PoolSize}
+	return hsm.Config{Library: b.library, InitParams: b.initParams, TokenLabel: c.TokenLabel, Slot: c.Slot, PIN: c.PIN,
+		PoolSize: c.PoolSize, Mount: b.mountID, RawRSAOAEPFallback: c.RawRSAOAEPFallback}
 }
 
 // hsmErrorResponse turns an HSM-side failure into what the caller should see: 503 while the HSM is unreachable
@@ -226,6 +234,8 @@ func hsmErrorResponse(err error) (*logical.Response, error) {
 		return nil, logical.CodedError(503, err.Error())
 	case errors.Is(err, hsm.ErrInvalidCiphertext):
 		return logical.ErrorResponse("invalid ciphertext: " + hsm.ErrInvalidCiphertext.Error()), logical.ErrInvalidRequest
+	case errors.Is(err, hsm.ErrMechanismUnsupported), errors.Is(err, hsm.ErrInvalidArgument):
+		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
 	}
 	return nil, err
 }

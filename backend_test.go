@@ -75,6 +75,15 @@ func newTestBackend(t testing.TB) *testEnv {
 	return e
 }
 
+// newImportBackend is newTestBackend with the raw-RSA OAEP fallback that SoftHSM 2.6 needs for imports wrapped
+// with RSA-OAEP-SHA-256 (vault transit import's default): its OAEP takes SHA-1 only.
+func newImportBackend(t testing.TB) *testEnv {
+	t.Helper()
+	e := newTestBackend(t)
+	e.ok(e.write("config/hsm", map[string]interface{}{"raw_rsa_oaep_fallback": true}))
+	return e
+}
+
 func newUnconfiguredBackend(t testing.TB) *testEnv {
 	t.Helper()
 	conf := logical.TestBackendConfig()

@@ -411,7 +411,7 @@ func TestVersionsAreStoredInChunks(t *testing.T) {
 // Vault retries a request once, unchanged, when the plugin process dies under it: a retried rotation or import
 // that had completed adds no second version, and repeating a state change answers with the state.
 func TestRetriedRequestsChangeNothingTwice(t *testing.T) {
-	e := newTestBackend(t)
+	e := newImportBackend(t)
 	e.ok(e.write("keys/k", nil))
 	retry := func(path string, data map[string]interface{}) {
 		t.Helper()

@@ -33,8 +33,12 @@ type hsmConfig struct {
 	PIN        string `json:"pin"`
 	PoolSize   int    `json:"pool_size"`
 	IVSource   string `json:"iv_source"`
-	// KeyWrapMech is the PKCS#11 code of AES key wrap with padding (RFC 5649) used to unwrap imports.
+	// KeyWrapMech is the PKCS#11 code of AES key wrap with padding (RFC 5649) used to unwrap imports; 0 chooses it
+	// from the token's mechanism list.
 	KeyWrapMech uint `json:"key_wrap_mechanism,omitempty"`
+	// RawRSAOAEPFallback is the operator's choice to let imports wrapped with an RSA-OAEP hash the token lacks
+	// recover the ephemeral key with raw RSA in the HSM and decode OAEP in the plugin (SoftHSM 2.6 and SHA-256).
+	RawRSAOAEPFallback bool `json:"raw_rsa_oaep_fallback,omitempty"`
 }
 
 // Names of the key-wrap-with-padding mechanism codes, for config/hsm.
@@ -43,14 +47,18 @@ var keyWrapMechanisms = map[string]uint{
 	"CKM_AES_KEY_WRAP_KWP": hsm.MechAESKeyWrapKWP,
 }
 
+// keyWrapMechanism is the configured mechanism, 0 for the token's choice.
 func (c *hsmConfig) keyWrapMechanism() uint {
-	if c == nil || c.KeyWrapMech == 0 {
-		return hsm.MechAESKeyWrapPad
+	if c == nil {
+		return 0
 	}
 	return c.KeyWrapMech
 }
 
 func keyWrapMechanismName(m uint) string {
+	if m == 0 {
+		return "auto"
+	}
 	for name, code := range keyWrapMechanisms {
 		if code == m {
 			return name
@@ -99,8 +107,13 @@ func (b *backend) pathConfigHSM() *framework.Path {
 			},
 			"key_wrap_mechanism": {
 				Type:        framework.TypeString,
-				Default:     "CKM_AES_KEY_WRAP_PAD",
-				Description: "Mechanism for AES key wrap with padding (RFC 5649), used by key import: CKM_AES_KEY_WRAP_PAD (0x210A, default; SoftHSM 2.6) or CKM_AES_KEY_WRAP_KWP (0x210B, current HSMs), or a number such as 0x210B.",
+				Default:     "auto",
+				Description: "Mechanism for AES key wrap with padding (RFC 5649), used by key import: auto (default: CKM_AES_KEY_WRAP_KWP, 0x210B, when the token lists it; 0x210A on SoftHSM 2.6, where it means RFC 5649), CKM_AES_KEY_WRAP_PAD, CKM_AES_KEY_WRAP_KWP, or a hex code such as 0x210B.",
+			},
+			"raw_rsa_oaep_fallback": {
+				Type:        framework.TypeBool,
+				Default:     false,
+				Description: "Let imports wrapped with an RSA-OAEP hash the token's OAEP lacks (SoftHSM 2.6 offers only SHA-1; vault transit import uses SHA-256) recover the ephemeral AES key by raw RSA in the HSM and decode the OAEP padding in the plugin. The ephemeral key is then in plugin memory for a moment (the imported key itself never is). Off by default. Takes effect for wrapping keys created after it is set.",
 			},
 			"iv_source": {
 				Type:          framework.TypeString,
@@ -164,13 +177,19 @@ func (b *backend) pathConfigHSMWrite(ctx context.Context, req *logical.Request, 
 	if v, ok := d.GetOk("iv_source"); ok {
 		c.IVSource = v.(string)
 	}
+	if v, ok := d.GetOk("raw_rsa_oaep_fallback"); ok {
+		c.RawRSAOAEPFallback = v.(bool)
+	}
 	if v, ok := d.GetOk("key_wrap_mechanism"); ok {
 		name := strings.ToUpper(strings.TrimSpace(v.(string)))
 		code, known := keyWrapMechanisms[name]
+		if name == "AUTO" || name == "" {
+			code, known = 0, true
+		}
 		if !known {
 			n, err := strconv.ParseUint(strings.TrimPrefix(strings.ToLower(name), "0x"), 16, 32)
 			if err != nil || !strings.HasPrefix(strings.ToLower(name), "0x") {
-				return logical.ErrorResponse("key_wrap_mechanism must be CKM_AES_KEY_WRAP_PAD, CKM_AES_KEY_WRAP_KWP or a hex code such as 0x210B"), logical.ErrInvalidRequest
+				return logical.ErrorResponse("key_wrap_mechanism must be auto, CKM_AES_KEY_WRAP_PAD, CKM_AES_KEY_WRAP_KWP or a hex code such as 0x210B"), logical.ErrInvalidRequest
 			}
 			code = uint(n)
 		}
@@ -228,13 +247,14 @@ func (b *backend) pathConfigHSMRead(ctx context.Context, req *logical.Request, _
 		return nil, err
 	}
 	data := map[string]interface{}{
-		"token_label":        c.TokenLabel,
-		"slot":               c.Slot,
-		"pool_size":          c.PoolSize,
-		"iv_source":          c.IVSource,
-		"pin_set":            c.PIN != "",
-		"key_wrap_mechanism": keyWrapMechanismName(c.keyWrapMechanism()),
-		"library":            b.library,
+		"token_label":           c.TokenLabel,
+		"slot":                  c.Slot,
+		"pool_size":             c.PoolSize,
+		"iv_source":             c.IVSource,
+		"pin_set":               c.PIN != "",
+		"key_wrap_mechanism":    keyWrapMechanismName(c.keyWrapMechanism()),
+		"raw_rsa_oaep_fallback": c.RawRSAOAEPFallback,
+		"library":               b.library,
 	}
 	tok, _, err := b.getToken(ctx, req.Storage)
 	if err != nil {
@@ -259,13 +279,32 @@ func (b *backend) pathConfigHSMRead(ctx context.Context, req *logical.Request, _
 		"max_session_count": info.MaxSessionCount,
 	}
 	data["pool_size_in_use"] = tok.PoolSize()
-	if offered, missing, err := tok.Mechanisms(ctx); err == nil {
-		data["mechanisms"] = offered
-		data["missing_mechanisms"] = missing
-	} else {
+	caps, err := tok.Capabilities(ctx)
+	if err != nil {
 		data["connected"] = false
 		data["error"] = err.Error()
+		return &logical.Response{Data: data}, nil
 	}
+	data["mechanisms"] = caps.MechanismNames()
+	data["allowed_mechanisms_stored"] = caps.AllowedMechanisms
+	data["oaep_sha256"] = caps.OAEPSHA256
+	wrap := c.keyWrapMechanism()
+	if wrap == 0 {
+		wrap = caps.KeyWrap
+	}
+	if wrap != 0 {
+		data["key_wrap_mechanism_in_use"] = keyWrapMechanismName(wrap)
+	}
+	keyTypes := map[string]interface{}{}
+	for _, name := range keyTypeNames {
+		ok, missing := caps.Serves(keyType(name).info().alg)
+		entry := map[string]interface{}{"supported": ok}
+		if !ok {
+			entry["missing"] = missing
+		}
+		keyTypes[name] = entry
+	}
+	data["key_types"] = keyTypes
 	return &logical.Response{Data: data}, nil
 }
 

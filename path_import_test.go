@@ -42,7 +42,7 @@ func wrapFor(t *testing.T, e *testEnv, h crypto.Hash, material []byte) string {
 }
 
 func TestImportAESAndUseItOutside(t *testing.T) {
-	e := newTestBackend(t)
+	e := newImportBackend(t)
 	pub := wrappingPublicKey(t, e)
 	if pub.N.BitLen() != 4096 || !pub.Equal(wrappingPublicKey(t, e)) {
 		t.Fatal("wrapping key is not a stable RSA-4096 key")
@@ -104,7 +104,7 @@ func TestImportAESAndUseItOutside(t *testing.T) {
 // A standard signature made outside with the imported private key verifies in the engine, and the engine's
 // signatures verify outside.
 func TestImportSigningKeys(t *testing.T) {
-	e := newTestBackend(t)
+	e := newImportBackend(t)
 	msg := []byte("signed outside")
 	digest := sha256.Sum256(msg)
 
@@ -140,7 +140,7 @@ func TestImportSigningKeys(t *testing.T) {
 }
 
 func TestImportRefusals(t *testing.T) {
-	e := newTestBackend(t)
+	e := newImportBackend(t)
 	// Before the wrapping key exists nothing can have been wrapped for it.
 	resp, err := e.write("keys/k/import", map[string]interface{}{"ciphertext": b64("x")})
 	if status(resp, err) != 400 || !strings.Contains(respText(resp), "wrapping_key") {

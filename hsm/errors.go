@@ -25,46 +25,15 @@ var (
 	// ErrInvalidArgument: the caller passed something the operation cannot take (checked before any call, so
 	// that bad input never reaches the library: SoftHSM crashes on some of it).
 	ErrInvalidArgument = errors.New("invalid argument")
+	// ErrLoginBackoff: too many wrong PINs for the token in a row; logins with a PIN other than the one the
+	// process is logged in with wait. It is an ErrPINIncorrect.
+	ErrLoginBackoff = fmt.Errorf("%w: login attempts delayed", ErrPINIncorrect)
 )
 
-// errorClass says what recovery a PKCS#11 return value calls for.
-type errorClass int
-
-const (
-	classOther   errorClass = iota
-	classSession            // the session is unusable: drop it and use another
-	classLogin              // the token forgot our login: log in again
-	classHandle             // a cached object handle went stale: look the object up again
-	classDevice             // the module, slot or token went away: re-initialise with backoff
-)
-
-func rvOf(err error) (uint, bool) {
-	var e pkcs11.Error
-	if errors.As(err, &e) {
-		return uint(e), true
-	}
-	return 0, false
-}
-
-func classify(err error) errorClass {
-	rv, ok := rvOf(err)
-	if !ok {
-		return classOther
-	}
-	switch rv {
-	case pkcs11.CKR_SESSION_HANDLE_INVALID, pkcs11.CKR_SESSION_CLOSED, pkcs11.CKR_OPERATION_ACTIVE:
-		return classSession
-	case pkcs11.CKR_USER_NOT_LOGGED_IN:
-		return classLogin
-	case pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_KEY_HANDLE_INVALID:
-		return classHandle
-	case pkcs11.CKR_DEVICE_ERROR, pkcs11.CKR_DEVICE_REMOVED, pkcs11.CKR_TOKEN_NOT_PRESENT,
-		pkcs11.CKR_TOKEN_NOT_RECOGNIZED, pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED, pkcs11.CKR_SLOT_ID_INVALID,
-		pkcs11.CKR_DEVICE_MEMORY:
-		return classDevice
-	}
-	return classOther
-}
+// errAmbiguousVerdict: the token refused a ciphertext with a code it also gives for faults (SoftHSM 2.6 reports a
+// GCM tag mismatch as CKR_GENERAL_ERROR). The call is asked once more on another session; the same answer twice
+// is ErrInvalidCiphertext.
+var errAmbiguousVerdict = errors.New("ciphertext refused with an ambiguous code")
 
 // opError wraps a PKCS#11 failure with the operation's name and, where one applies, a sentinel.
 func opError(op string, err error) error {

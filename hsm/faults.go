@@ -1,3 +1,5 @@
+//go:build cmkfaults
+
 package hsm
 
 import (
@@ -9,13 +11,16 @@ import (
 
 // faultyCalls wraps the real module's calls and makes chosen functions return a PKCS#11 error, as a failing HSM
 // would: named functions once or until cleared (unit tests), or any of them at random at a given rate (the
-// soak test's plugin, built with the cmkfaults tag). Everything else reaches the real token. A production build
-// never wraps its calls.
+// soak test's plugin, built with the cmkfaults tag). Everything else reaches the real token. Only builds with
+// the cmkfaults tag have it (the unit tests and the soak's plugin): a release never wraps its calls.
 type faultyCalls struct {
 	pkcs11API
 	mu     sync.Mutex
 	faults map[string]fault
+	holds  map[string]chan struct{} // calls that wait, before reaching the module, until the channel closes
+	held   map[string]int           // calls waiting now
 	calls  map[string]int
+	faulty int     // faults injected
 	rate   float64 // chance that any wrapped call fails with one of randomFaults
 	rng    *rand.Rand
 }
@@ -25,7 +30,7 @@ var randomFaults = []uint{pkcs11.CKR_SESSION_HANDLE_INVALID, pkcs11.CKR_SESSION_
 	pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_DEVICE_ERROR, pkcs11.CKR_TOKEN_NOT_PRESENT}
 
 func newFaultyCalls(real pkcs11API) *faultyCalls {
-	return &faultyCalls{pkcs11API: real, faults: map[string]fault{}, calls: map[string]int{}, rng: rand.New(rand.NewPCG(1, 2))}
+	return &faultyCalls{pkcs11API: real, faults: map[string]fault{}, holds: map[string]chan struct{}{}, held: map[string]int{}, calls: map[string]int{}, rng: rand.New(rand.NewPCG(1, 2))}
 }
 
 type fault struct {
@@ -54,6 +59,12 @@ func (f *faultyCalls) count(fn string) int {
 	return f.calls[fn]
 }
 
+func (f *faultyCalls) injected() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.faulty
+}
+
 func (f *faultyCalls) total() int {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -64,12 +75,41 @@ func (f *faultyCalls) total() int {
 	return n
 }
 
+// hold makes calls of fn wait until release is called, as a slow HSM operation would.
+func (f *faultyCalls) hold(fn string) (release func()) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	ch := make(chan struct{})
+	f.holds[fn] = ch
+	return func() {
+		f.mu.Lock()
+		delete(f.holds, fn)
+		f.mu.Unlock()
+		close(ch)
+	}
+}
+
+// waiting is how many calls of fn are held now.
+func (f *faultyCalls) waiting(fn string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.held[fn]
+}
+
 // hit records a call of fn and returns the error it is to fail with, if any.
 func (f *faultyCalls) hit(fn string) error {
 	f.mu.Lock()
+	if ch, ok := f.holds[fn]; ok {
+		f.held[fn]++
+		f.mu.Unlock()
+		<-ch
+		f.mu.Lock()
+		f.held[fn]--
+	}
 	defer f.mu.Unlock()
 	f.calls[fn]++
 	if f.rate > 0 && f.rng.Float64() < f.rate {
+		f.faulty++
 		return pkcs11.Error(randomFaults[f.rng.IntN(len(randomFaults))])
 	}
 	ft, ok := f.faults[fn]
@@ -80,6 +120,7 @@ func (f *faultyCalls) hit(fn string) error {
 		ft.times--
 		f.faults[fn] = ft
 	}
+	f.faulty++
 	return pkcs11.Error(ft.rv)
 }
 
@@ -102,6 +143,13 @@ func (f *faultyCalls) Login(sh pkcs11.SessionHandle, userType uint, pin string) 
 		return err
 	}
 	return f.pkcs11API.Login(sh, userType, pin)
+}
+
+func (f *faultyCalls) GenerateKeyPair(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, public, private []*pkcs11.Attribute) (pkcs11.ObjectHandle, pkcs11.ObjectHandle, error) {
+	if err := f.hit("GenerateKeyPair"); err != nil {
+		return 0, 0, err
+	}
+	return f.pkcs11API.GenerateKeyPair(sh, m, public, private)
 }
 
 func (f *faultyCalls) GenerateKey(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, tmpl []*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
@@ -137,4 +185,32 @@ func (f *faultyCalls) GenerateRandom(sh pkcs11.SessionHandle, n int) ([]byte, er
 		return nil, err
 	}
 	return f.pkcs11API.GenerateRandom(sh, n)
+}
+
+func (f *faultyCalls) FindObjectsInit(sh pkcs11.SessionHandle, tmpl []*pkcs11.Attribute) error {
+	if err := f.hit("FindObjectsInit"); err != nil {
+		return err
+	}
+	return f.pkcs11API.FindObjectsInit(sh, tmpl)
+}
+
+func (f *faultyCalls) EncryptSized(sh pkcs11.SessionHandle, message []byte, size int) ([]byte, error) {
+	if err := f.hit("Encrypt"); err != nil {
+		return nil, err
+	}
+	return f.pkcs11API.EncryptSized(sh, message, size)
+}
+
+func (f *faultyCalls) Decrypt(sh pkcs11.SessionHandle, cipher []byte) ([]byte, error) {
+	if err := f.hit("Decrypt"); err != nil {
+		return nil, err
+	}
+	return f.pkcs11API.Decrypt(sh, cipher)
+}
+
+func (f *faultyCalls) Sign(sh pkcs11.SessionHandle, message []byte) ([]byte, error) {
+	if err := f.hit("Sign"); err != nil {
+		return nil, err
+	}
+	return f.pkcs11API.Sign(sh, message)
 }

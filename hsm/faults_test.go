@@ -1,12 +1,19 @@
+//go:build cmkfaults
+
 package hsm
 
 import (
+	"bytes"
 	"context"
 	"crypto"
+	"crypto/ecdsa"
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"math/big"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -214,5 +221,181 @@ func TestOtherFaultsAreNotRetried(t *testing.T) {
 	_, _, err := tok.EncryptGCM(context.Background(), id, make([]byte, 12), nil, []byte("x"))
 	if !errors.Is(err, ErrMechanismUnsupported) || f.count("EncryptInit") != 1 {
 		t.Fatalf("got %v after %d calls", err, f.count("EncryptInit"))
+	}
+}
+
+// Concurrent operations while random faults of every recovery class, device faults among them, keep forcing the
+// module to be re-initialised: the process survives (the race detector watches), no call of a finished
+// generation reaches the library, every ciphertext and signature issued decrypts or verifies afterwards with the
+// right key, and no valid ciphertext is ever refused as tampered during the faults.
+func TestNoCrashNoLossUnderFaultStorm(t *testing.T) {
+	tok, _ := newToken(t, 4)
+	ctx := context.Background()
+	aesIDs := [][]byte{newVersion(t, tok, 256), newVersion(t, tok, 256), newVersion(t, tok, 128)}
+	ecID := randomID(t)
+	ecPub, err := tok.GenerateVersion(ctx, ECDSAP256, ecID, "cmk/test/storm-ec/v1", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	type sealed struct {
+		id, nonce, ct, pt []byte
+	}
+	type signed struct{ digest, sig []byte }
+	var mu sync.Mutex
+	var issued []sealed
+	var signatures []signed
+	var refused atomic.Int64
+	f := injectFaults(t, tok)
+	f.mu.Lock()
+	f.rate = 0.03
+	f.mu.Unlock()
+	gen0 := tok.mod.generation.Load()
+	deadline := time.Now().Add(4 * time.Second)
+	var wg sync.WaitGroup
+	for g := 0; g < 8; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			for i := 0; time.Now().Before(deadline); i++ {
+				id := aesIDs[(g+i)%len(aesIDs)]
+				pt := []byte(fmt.Sprintf("%d-%d", g, i))
+				nonce := make([]byte, GCMNonceSize)
+				copy(nonce, pt)
+				used, ct, err := tok.EncryptGCM(ctx, id, nonce, nil, pt)
+				if err == nil {
+					mu.Lock()
+					issued = append(issued, sealed{id, used, ct, pt})
+					mu.Unlock()
+					got, err := tok.DecryptGCM(ctx, id, used, nil, ct)
+					if errors.Is(err, ErrInvalidCiphertext) {
+						refused.Add(1)
+					} else if err == nil && !bytes.Equal(got, pt) {
+						t.Errorf("decrypted %q, want %q", got, pt)
+					}
+				} else if !errors.Is(err, ErrUnavailable) {
+					t.Errorf("encrypt: %v", err)
+				}
+				d := sha256.Sum256(pt)
+				if sig, err := tok.SignECDSA(ctx, ecID, d[:]); err == nil {
+					mu.Lock()
+					signatures = append(signatures, signed{d[:], sig})
+					mu.Unlock()
+				} else if !errors.Is(err, ErrUnavailable) {
+					t.Errorf("sign: %v", err)
+				}
+			}
+		}(g)
+	}
+	wg.Wait()
+	f.mu.Lock()
+	f.rate = 0
+	f.mu.Unlock()
+	if n := tok.mod.generation.Load() - gen0; n < 3 {
+		t.Fatalf("only %d re-initialisations: the storm did not exercise the module's lifetime", n)
+	}
+	if n := refused.Load(); n > 0 {
+		t.Errorf("%d valid ciphertexts refused as tampered during the faults", n)
+	}
+	lost := 0
+	for _, s := range issued {
+		var got []byte
+		var err error
+		for attempt := 0; attempt < 20; attempt++ {
+			if got, err = tok.DecryptGCM(ctx, s.id, s.nonce, nil, s.ct); !errors.Is(err, ErrUnavailable) {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		if err != nil || !bytes.Equal(got, s.pt) {
+			lost++
+		}
+	}
+	pub := ecPub.(*ecdsa.PublicKey)
+	badSigs := 0
+	for _, s := range signatures {
+		r, ss := new(big.Int).SetBytes(s.sig[:32]), new(big.Int).SetBytes(s.sig[32:])
+		if !ecdsa.Verify(pub, s.digest, r, ss) {
+			badSigs++
+		}
+	}
+	t.Logf("%d ciphertexts and %d signatures issued over %d re-initialisations; %d faults injected in %d calls",
+		len(issued), len(signatures), tok.mod.generation.Load()-gen0, f.injected(), f.total())
+	if lost > 0 || badSigs > 0 {
+		t.Fatalf("%d of %d ciphertexts lost, %d of %d signatures invalid", lost, len(issued), badSigs, len(signatures))
+	}
+}
+
+// SoftHSM 2.6 answers a GCM tag mismatch with CKR_GENERAL_ERROR, which is also what a failing device says. One
+// such answer on a valid ciphertext is a fault: asked again on another session, the ciphertext decrypts. The same
+// answer twice is a bad ciphertext.
+func TestAmbiguousRefusalIsAskedAgain(t *testing.T) {
+	tok, _ := newToken(t, 2)
+	ctx := context.Background()
+	id := newVersion(t, tok, 256)
+	nonce, ct, err := tok.EncryptGCM(ctx, id, make([]byte, 12), nil, []byte("valid"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := injectFaults(t, tok)
+	f.fail(pkcs11.CKR_GENERAL_ERROR, 1, "Decrypt")
+	if pt, err := tok.DecryptGCM(ctx, id, nonce, nil, ct); err != nil || string(pt) != "valid" {
+		t.Fatalf("valid ciphertext after one ambiguous refusal: %q, %v", pt, err)
+	}
+	f.fail(pkcs11.CKR_GENERAL_ERROR, 2, "Decrypt")
+	if _, err := tok.DecryptGCM(ctx, id, nonce, nil, ct); !errors.Is(err, ErrInvalidCiphertext) {
+		t.Fatalf("the same refusal twice: %v", err)
+	}
+}
+
+// Defect F: object creation used to be serialised by one lock for the whole process, which ignored cancellation:
+// one slow key-pair generation (RSA-4096 takes seconds) held up key creation on every other token and mount. A
+// generation held inside the module here stands for the slow one: another token's creations go on meanwhile, and
+// on the same token, where SoftHSM's object store needs writes one at a time, a waiting creation gives up when its
+// context ends.
+func TestSlowKeyCreationBlocksNoOtherToken(t *testing.T) {
+	slow, _ := newToken(t, 2)
+	other, _ := newToken(t, 2)
+	ctx := context.Background()
+	for _, tok := range []*Token{slow, other} { // probe both tokens before the module is held
+		if _, err := tok.Capabilities(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f := injectFaults(t, slow) // the module is shared: other's calls pass through f as well
+	release := f.hold("GenerateKeyPair")
+	done := make(chan error, 1)
+	go func() {
+		_, err := slow.GenerateVersion(ctx, RSA4096, randomID(t), "cmk/test/slow/v1", 0)
+		done <- err
+	}()
+	for f.waiting("GenerateKeyPair") == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	created := make(chan error, 1)
+	go func() {
+		_, err := other.GenerateVersion(ctx, AES256, randomID(t), "cmk/test/other/v1", 0)
+		created <- err
+	}()
+	select {
+	case err := <-created:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		release()
+		t.Fatal("a key creation on another token waited for a slow generation on this one")
+	}
+	if slow.quirks().serialObjectWrites {
+		short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+		_, err := slow.GenerateVersion(short, AES256, randomID(t), "cmk/test/waiting/v1", 0)
+		cancel()
+		if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "context deadline exceeded") {
+			release()
+			t.Fatalf("creation waiting behind a slow one on the same token, with its context ended: %v", err)
+		}
+	}
+	release()
+	if err := <-done; err != nil {
+		t.Fatal(err)
 	}
 }

@@ -15,12 +15,6 @@ import (
 	"github.com/miekg/pkcs11"
 )
 
-// Mechanisms of PKCS#11 3.0 that miekg/pkcs11 does not name.
-const (
-	ckmEdwardsKeyPairGen = 0x1055
-	ckmEdDSA             = 0x1057
-)
-
 // Algorithm is the kind of material one key version holds on the token, besides its HMAC secret.
 type Algorithm string
 
@@ -96,9 +90,10 @@ func (a Algorithm) rsaBits() int {
 // private key (the public half is returned and not kept on the token), and an HMAC secret of hmacBytes — always
 // for HMACOnly, whose key it is; for the others only when hmacBytes > 0 (0 defers it to EnsureHMACKey, so that
 // keys never used for HMAC take one object on the token, not two). id must be fresh (callers draw it at random).
-// Attempts repeated inside the call after a session, login or device error first look for what the failed attempt may have made, so a retry never leaves two
-// objects with one CKA_ID. If the second object cannot be made, the first is destroyed again. The new objects'
-// handles are cached, so the version's first use searches nothing.
+// An algorithm the token cannot serve is refused before anything is made (ErrMechanismUnsupported, naming what
+// the token lacks). Attempts repeated inside the call after a fault first look for what the failed attempt may
+// have made, so a retry never leaves two objects with one CKA_ID. If the HMAC secret cannot be made, the first
+// object is destroyed again. The new objects' handles are cached, so the version's first use searches nothing.
 func (t *Token) GenerateVersion(ctx context.Context, alg Algorithm, id []byte, label string, hmacBytes int) (crypto.PublicKey, error) {
 	if len(id) == 0 {
 		return nil, fmt.Errorf("%w: empty CKA_ID", ErrInvalidArgument)
@@ -106,31 +101,35 @@ func (t *Token) GenerateVersion(ctx context.Context, alg Algorithm, id []byte, l
 	if (hmacBytes != 0 || alg == HMACOnly) && (hmacBytes < 16 || hmacBytes > 512) {
 		return nil, fmt.Errorf("%w: HMAC key size %d", ErrInvalidArgument, hmacBytes)
 	}
+	caps, err := t.Capabilities(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if ok, missing := caps.Serves(alg); !ok {
+		return nil, unsupported(string(alg)+" keys", missing)
+	}
+	o := templateOptions{allowedMechanisms: caps.AllowedMechanisms}
 	var pub crypto.PublicKey
-	var err error
 	switch alg.kind() {
 	case kindAES:
 		bits := 128
 		if alg == AES256 {
 			bits = 256
 		}
-		err = t.generateSecret(ctx, kindAES, pkcs11.CKM_AES_KEY_GEN, aesKeyTemplate(bits, id, label), false)
+		err = t.generateSecret(ctx, kindAES, id, pkcs11.CKM_AES_KEY_GEN, aesKeyTemplate(o, bits, id, label), false)
 	case kindRSA, kindEC, kindEd25519:
-		pub, err = t.generatePair(ctx, alg, id, label)
+		pub, err = t.generatePair(ctx, caps, alg, id, label)
 	case kindHMAC:
 		if alg != HMACOnly {
 			return nil, fmt.Errorf("%w: algorithm %q", ErrInvalidArgument, alg)
 		}
+		err = t.generateSecret(ctx, kindHMAC, id, pkcs11.CKM_GENERIC_SECRET_KEY_GEN, hmacKeyTemplate(o, hmacBytes, id, label), false)
+		return nil, err
 	}
 	if err != nil || hmacBytes == 0 {
 		return pub, err
 	}
-	hmacLabel := label + "/hmac"
-	if alg == HMACOnly {
-		hmacLabel = label
-	}
-	err = t.generateSecret(ctx, kindHMAC, pkcs11.CKM_GENERIC_SECRET_KEY_GEN, hmacKeyTemplate(hmacBytes, id, hmacLabel), false)
-	if err != nil {
+	if err := t.makeHMACSecret(ctx, caps, id, label, hmacBytes, false); err != nil {
 		if _, derr := t.DestroyKeys(ctx, id); derr != nil {
 			t.log.Warn("could not remove half-created key version; the WAL rollback will", "error", derr)
 		}
@@ -139,97 +138,155 @@ func (t *Token) GenerateVersion(ctx context.Context, alg Algorithm, id []byte, l
 	return pub, nil
 }
 
-// GenerateVersionKeys creates an AES version (bits 128 or 256) with a 32-byte HMAC secret.
-func (t *Token) GenerateVersionKeys(ctx context.Context, id []byte, label string, bits int) error {
-	alg := map[int]Algorithm{128: AES128, 256: AES256}[bits]
-	if alg == "" {
-		return fmt.Errorf("%w: AES key size %d", ErrInvalidArgument, bits)
-	}
-	_, err := t.GenerateVersion(ctx, alg, id, label, HMACKeySize)
-	return err
-}
-
 // EnsureHMACKey gives the version with CKA_ID id its HMAC secret of hmacBytes, unless the token already holds
-// one with that CKA_ID (made by an earlier call whose caller did not get to record it). It searches the token,
-// so it belongs on a version's first HMAC, not on every one. The object shares the version's CKA_ID, so it is
-// destroyed with the version.
+// one (made by an earlier call whose caller did not get to record it, or by an earlier engine under the version's
+// own CKA_ID). It searches the token, so it belongs on a version's first HMAC, not on every one.
 func (t *Token) EnsureHMACKey(ctx context.Context, id []byte, versionLabel string, hmacBytes int) error {
 	if len(id) == 0 || hmacBytes < 16 || hmacBytes > 512 {
 		return fmt.Errorf("%w: CKA_ID of %d bytes, HMAC key size %d", ErrInvalidArgument, len(id), hmacBytes)
 	}
-	return t.generateSecret(ctx, kindHMAC, pkcs11.CKM_GENERIC_SECRET_KEY_GEN, hmacKeyTemplate(hmacBytes, id, versionLabel+"/hmac"), true)
-}
-
-// generateSecret makes a secret key object from tmpl, unless one of its kind and CKA_ID is already on the token:
-// that is looked for first when searchFirst is set, and otherwise only by a repeated attempt (a fresh CKA_ID
-// cannot exist yet, and searching a token with many objects is slow: SoftHSM re-indexes).
-func (t *Token) generateSecret(ctx context.Context, kind keyKind, mech uint, tmpl []*pkcs11.Attribute, searchFirst bool) error {
-	var id []byte
-	for _, a := range tmpl {
-		if a.Type == pkcs11.CKA_ID {
-			id = a.Value
-		}
-	}
-	attempts := 0
-	return t.doObjects(ctx, "C_GenerateKey "+kind.String(), func(p pkcs11API, s pooledSession) error {
-		if attempts++; searchFirst || attempts > 1 {
-			existing, err := findObjects(p, s.h, kind.searchTemplate(id), 2)
-			if err != nil {
-				return err
-			}
-			if len(existing) > 0 {
-				t.cacheHandle(kind, id, existing[0], s.epoch)
-				return nil
-			}
-		}
-		h, err := p.GenerateKey(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, tmpl)
-		if err == nil {
-			t.cacheHandle(kind, id, h, s.epoch) // the version's first use needs no search either
-		}
+	caps, err := t.Capabilities(ctx)
+	if err != nil {
 		return err
-	})
+	}
+	return t.makeHMACSecret(ctx, caps, id, versionLabel, hmacBytes, true)
 }
 
-func (t *Token) generatePair(ctx context.Context, alg Algorithm, id []byte, label string) (crypto.PublicKey, error) {
-	var pubT, privT []*pkcs11.Attribute
-	var mech uint
-	switch alg.kind() {
-	case kindRSA:
-		pubT, privT = rsaKeyTemplates(alg.rsaBits(), id, label)
-		mech = pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN
-	case kindEC:
-		_, params := alg.curve()
-		pubT, privT = ecKeyTemplates(params, id, label)
-		mech = pkcs11.CKM_EC_KEY_PAIR_GEN
-	case kindEd25519:
-		pubT, privT = ed25519KeyTemplates(id, label)
-		mech = ckmEdwardsKeyPairGen
+// makeHMACSecret makes the HMAC secret beside version id, under its own CKA_ID.
+func (t *Token) makeHMACSecret(ctx context.Context, caps *Capabilities, id []byte, versionLabel string, hmacBytes int, searchFirst bool) error {
+	if ok, missing := caps.Serves(HMACOnly); !ok {
+		return unsupported("HMAC", missing)
 	}
-	var pub crypto.PublicKey
+	o := templateOptions{allowedMechanisms: caps.AllowedMechanisms}
+	tmpl := hmacKeyTemplate(o, hmacBytes, hmacSecretID(id), versionLabel+"/hmac")
+	return t.generateSecret(ctx, kindHMAC, id, pkcs11.CKM_GENERIC_SECRET_KEY_GEN, tmpl, searchFirst)
+}
+
+// generateSecret makes a secret key object from tmpl for version id, unless one of its kind is already on the
+// token: that is looked for first when searchFirst is set, and otherwise only by a repeated attempt (a fresh
+// CKA_ID cannot exist yet, and searching a token with many objects is slow: SoftHSM re-indexes).
+func (t *Token) generateSecret(ctx context.Context, kind keyKind, id []byte, mech uint, tmpl []*pkcs11.Attribute, searchFirst bool) error {
 	attempts := 0
-	err := t.doObjects(ctx, "C_GenerateKeyPair "+string(alg), func(p pkcs11API, s pooledSession) error {
-		if attempts++; attempts > 1 {
-			existing, err := findObjects(p, s.h, alg.kind().searchTemplate(id), 2)
-			if err != nil {
-				return err
-			}
-			for _, h := range existing {
-				// An earlier attempt made the pair but its public half is gone with that session: start again.
-				if err := p.DestroyObject(s.h, h); err != nil {
+	return t.doObjects(ctx, "C_GenerateKey "+kind.String(), func(c pkcs11API, s session) error {
+		if attempts++; searchFirst || attempts > 1 {
+			for _, oid := range kind.objectIDs(id) {
+				existing, err := findObjects(c, s.h, kind.searchTemplate(oid), 2)
+				if err != nil {
 					return err
+				}
+				if len(existing) > 0 {
+					t.handles.put(kind, id, existing[0], s)
+					return nil
 				}
 			}
 		}
-		pubH, privH, err := p.GenerateKeyPair(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, pubT, privT)
+		h, err := c.GenerateKey(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, tmpl)
+		if err == nil {
+			t.handles.put(kind, id, h, s) // the version's first use needs no search either
+		}
+		return err
+	})
+}
+
+// generatePair makes a key pair, keeps the private half on the token and returns the public one.
+func (t *Token) generatePair(ctx context.Context, caps *Capabilities, alg Algorithm, id []byte, label string) (crypto.PublicKey, error) {
+	templates := func(o templateOptions) (mech uint, pubT, privT []*pkcs11.Attribute) {
+		switch alg.kind() {
+		case kindRSA:
+			pubT, privT = rsaKeyTemplates(o, caps.AllowedMechanisms && !caps.OAEPSHA256, alg.rsaBits(), id, label)
+			return pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, pubT, privT
+		case kindEC:
+			_, params := alg.curve()
+			pubT, privT = ecKeyTemplates(o, params, id, label)
+			return pkcs11.CKM_EC_KEY_PAIR_GEN, pubT, privT
+		}
+		pubT, privT = ed25519KeyTemplates(o, id, label)
+		return ckmEdwardsKeyPairGen, pubT, privT
+	}
+	var pub crypto.PublicKey
+	err := t.generatePairWith(ctx, caps, "C_GenerateKeyPair "+string(alg), id, templates, func(c pkcs11API, s session, pubH, privH pkcs11.ObjectHandle) error {
+		var err error
+		if pub, err = readPublicKey(c, s.h, pubH, alg); err != nil {
+			// A pair whose public half is not a key of the algorithm (tpm2-pkcs11 answers P-521 with a point of
+			// another curve): the token cannot make such keys. Nothing of it stays.
+			_ = c.DestroyObject(s.h, privH)
+			why := fmt.Sprintf("a valid %s key pair (it returned one whose public key is unusable: %v)", alg, err)
+			caps.refused.Store(alg, why)
+			return unsupported(string(alg)+" keys", []string{why})
+		}
+		t.handles.put(alg.kind(), id, privH, s)
+		return nil
+	})
+	return pub, err
+}
+
+// generatePairWith runs C_GenerateKeyPair with templates made for what the token accepts, then done with both
+// handles, and destroys the public half. A token that refuses the templates is asked again with the public half
+// as a token object (tpm2-pkcs11 refuses session objects), then also without the usage flags that have no meaning
+// for the key type; what works is remembered for the token. A repeated attempt after a fault first destroys what
+// an earlier one made: its public half is gone with that attempt.
+func (t *Token) generatePairWith(ctx context.Context, caps *Capabilities, op string, id []byte,
+	templates func(templateOptions) (uint, []*pkcs11.Attribute, []*pkcs11.Attribute),
+	done func(c pkcs11API, s session, pubH, privH pkcs11.ObjectHandle) error) error {
+	state := t.pool.tokenState()
+	attempts := 0
+	return t.doObjects(ctx, op, func(c pkcs11API, s session) error {
+		if attempts++; attempts > 1 {
+			if err := destroyAll(c, s, id); err != nil {
+				return err
+			}
+		}
+		learnt := pairTemplateOptions(state.pairTemplates.Load())
+		tries := []pairTemplateOptions{learnt, learnt | publicOnToken, learnt | publicOnToken | omitMeaningless}
+		var pubH, privH pkcs11.ObjectHandle
+		var err error
+		for i, try := range tries {
+			if i > 0 && !refusesTemplate(err) {
+				break
+			}
+			if i > 0 && try == tries[i-1] {
+				continue
+			}
+			o := templateOptions{allowedMechanisms: caps.AllowedMechanisms, publicOnToken: try&publicOnToken != 0, omitMeaningless: try&omitMeaningless != 0}
+			mech, pubT, privT := templates(o)
+			pubH, privH, err = c.GenerateKeyPair(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, pubT, privT)
+			if err == nil {
+				if try != learnt {
+					state.pairTemplates.Store(uint32(try))
+					t.log.Info("the token refused the key-pair template; it is asked with what it accepts from now on",
+						"public_key_on_token", o.publicOnToken, "meaningless_flags_omitted", o.omitMeaningless)
+				}
+				break
+			}
+		}
 		if err != nil {
 			return err
 		}
-		t.cacheHandle(alg.kind(), id, privH, s.epoch)
-		defer func() { _ = p.DestroyObject(s.h, pubH) }()
-		pub, err = readPublicKey(p, s.h, pubH, alg)
-		return err
+		defer func() { _ = c.DestroyObject(s.h, pubH) }()
+		return done(c, s, pubH, privH)
 	})
-	return pub, err
+}
+
+// pairTemplateOptions are what a token was found to need in key-pair templates.
+type pairTemplateOptions uint32
+
+const (
+	publicOnToken pairTemplateOptions = 1 << iota
+	omitMeaningless
+)
+
+// refusesTemplate: the token refused an attribute or value of the template (not a fault).
+func refusesTemplate(err error) bool {
+	rv, ok := rvOf(err)
+	if !ok {
+		return false
+	}
+	switch rv {
+	case pkcs11.CKR_TEMPLATE_INCONSISTENT, pkcs11.CKR_TEMPLATE_INCOMPLETE, pkcs11.CKR_ATTRIBUTE_VALUE_INVALID,
+		pkcs11.CKR_ATTRIBUTE_TYPE_INVALID, pkcs11.CKR_ATTRIBUTE_READ_ONLY, pkcs11.CKR_FUNCTION_FAILED, pkcs11.CKR_GENERAL_ERROR:
+		return true
+	}
+	return false
 }
 
 // readPublicKey converts a public key object into Go's type for the algorithm.

@@ -6,48 +6,26 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
-	"os"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/miekg/pkcs11"
-
-	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm/softhsmtest"
 )
 
-const testPIN = "1234-test"
-
-var (
-	env        *softhsmtest.Env
-	tokenCount atomic.Int32
-)
-
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "cmk-hsm-test-")
-	if err != nil {
-		panic(err)
-	}
-	env, err = softhsmtest.Setup(dir)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
-
-// newToken creates a fresh token for one test and opens it.
-func newToken(t testing.TB, poolSize int) (*Token, Config) {
+// newToken creates a fresh token for one test and opens it, with the options given.
+func newToken(t testing.TB, poolSize int, opts ...func(*Config)) (*Token, Config) {
 	t.Helper()
 	label := fmt.Sprintf("hsm-test-%d", tokenCount.Add(1))
 	if err := env.CreateToken(label, testPIN); err != nil {
 		t.Fatal(err)
 	}
-	cfg := Config{Library: env.Library, TokenLabel: label, PIN: testPIN, PoolSize: poolSize}
+	cfg := Config{Library: env.Library, TokenLabel: label, PIN: testPIN, PoolSize: poolSize, Mount: t.Name()}
+	for _, o := range opts {
+		o(&cfg)
+	}
 	tok, err := Open(cfg, hclog.NewNullLogger())
 	if err != nil {
 		t.Fatalf("open %s: %v", label, err)
@@ -67,7 +45,8 @@ func randomID(t *testing.T) []byte {
 func newVersion(t *testing.T, tok *Token, bits int) []byte {
 	t.Helper()
 	id := randomID(t)
-	if err := tok.GenerateVersionKeys(context.Background(), id, "cmk/test/key/v1", bits); err != nil {
+	alg := map[int]Algorithm{128: AES128, 256: AES256}[bits]
+	if _, err := tok.GenerateVersion(context.Background(), alg, id, "cmk/test/key/v1", HMACKeySize); err != nil {
 		t.Fatal(err)
 	}
 	return id
@@ -171,7 +150,7 @@ func TestKeyObjectsAreProtected(t *testing.T) {
 		}
 	}
 	// The value itself must be refused by the token.
-	err = tok.do(ctx, "read value", func(p pkcs11API, s pooledSession) error {
+	err = tok.do(ctx, "read value", func(p pkcs11API, s session) error {
 		hs, err := findObjects(p, s.h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 0)
 		if err != nil {
 			return err
@@ -259,13 +238,13 @@ func TestRecoversFromClosedSession(t *testing.T) {
 	ctx := context.Background()
 	id := newVersion(t, tok, 256)
 	// Close the pooled session behind the pool's back.
-	tok.mu.Lock()
-	if len(tok.idle) != 1 {
-		tok.mu.Unlock()
-		t.Fatalf("%d idle sessions, want 1", len(tok.idle))
+	tok.pool.mu.Lock()
+	if len(tok.pool.idle) != 1 {
+		tok.pool.mu.Unlock()
+		t.Fatalf("%d idle sessions, want 1", len(tok.pool.idle))
 	}
-	_ = tok.mod.ctx.CloseSession(tok.idle[0].h)
-	tok.mu.Unlock()
+	_ = tok.mod.ctx.CloseSession(tok.pool.idle[0].h)
+	tok.pool.mu.Unlock()
 	if _, _, err := tok.EncryptGCM(ctx, id, make([]byte, 12), nil, []byte("x")); err != nil {
 		t.Fatalf("after a closed session: %v", err)
 	}
@@ -288,17 +267,45 @@ func TestRecoversFromModuleLoss(t *testing.T) {
 	}
 }
 
+// SoftHSM lists only the tokens that existed at C_Initialize. A token created later is found by re-initialising
+// the module, which makes every other user of it reconnect: so a lookup that finds nothing that way keeps the next
+// ones from re-initialising for a while, and the other users keep working throughout.
 func TestTokenCreatedAfterInitialize(t *testing.T) {
-	newToken(t, 1) // the module is initialised by now
+	other, _ := newToken(t, 1) // the module is initialised, and another mount uses it
+	id := newVersion(t, other, 256)
 	label := "hsm-test-late"
 	if err := env.CreateToken(label, testPIN); err != nil {
 		t.Fatal(err)
 	}
+	other.mod.tokensMu.Lock()
+	other.mod.findByReinitAfter = time.Time{} // the module outlives tests: forget earlier tests' lookups
+	other.mod.tokensMu.Unlock()
+	gen := other.mod.generation.Load()
 	tok, err := Open(Config{Library: env.Library, TokenLabel: label, PIN: testPIN, PoolSize: 1}, nil)
 	if err != nil {
 		t.Fatalf("token created after C_Initialize: %v", err)
 	}
 	tok.Close()
+	if other.mod.generation.Load() != gen+1 {
+		t.Fatalf("generation %d, want one re-initialisation after %d", other.mod.generation.Load(), gen)
+	}
+	// Unknown labels, one after another: one re-initialisation at most, and the other mount is undisturbed.
+	gen = other.mod.generation.Load()
+	for i := 0; i < 5; i++ {
+		_, err := Open(Config{Library: env.Library, TokenLabel: "no-such-token", PIN: testPIN, PoolSize: 1}, nil)
+		if !errors.Is(err, ErrTokenNotFound) {
+			t.Fatalf("unknown label: %v", err)
+		}
+		if i > 0 && !strings.Contains(err.Error(), "looked for again in") {
+			t.Fatalf("unknown label again: %v", err)
+		}
+		if _, _, err := other.EncryptGCM(context.Background(), id, make([]byte, 12), nil, []byte("x")); err != nil {
+			t.Fatalf("the other mount during unknown-label lookups: %v", err)
+		}
+	}
+	if n := other.mod.generation.Load() - gen; n > 1 {
+		t.Fatalf("%d re-initialisations for 5 lookups of an unknown label", n)
+	}
 }
 
 func TestConcurrentUse(t *testing.T) {
@@ -339,17 +346,22 @@ func TestConcurrentUse(t *testing.T) {
 	}
 }
 
-func TestMechanisms(t *testing.T) {
+func TestCapabilities(t *testing.T) {
 	tok, _ := newToken(t, 1)
-	offered, missing, err := tok.Mechanisms(context.Background())
+	caps, err := tok.Capabilities(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(missing) != 0 {
-		t.Fatalf("SoftHSM lacks required mechanisms: %v", missing)
+	for _, alg := range []Algorithm{AES256, HMACOnly, RSA2048, ECDSAP256} {
+		if ok, missing := caps.Serves(alg); !ok {
+			t.Errorf("SoftHSM cannot serve %s: lacks %v", alg, missing)
+		}
 	}
-	if !strings.Contains(strings.Join(offered, " "), "CKM_AES_GCM") {
-		t.Fatalf("offered: %v", offered)
+	if !strings.Contains(strings.Join(caps.MechanismNames(), " "), "CKM_AES_GCM") {
+		t.Fatalf("offered: %v", caps.MechanismNames())
+	}
+	if !caps.AllowedMechanisms || caps.OAEPSHA256 || caps.KeyWrap != MechAESKeyWrapPad {
+		t.Fatalf("SoftHSM 2.6 probed as %+v", caps)
 	}
 	if info := tok.Info(); info.ManufacturerID == "" || info.Label == "" {
 		t.Fatalf("token info: %+v", info)

@@ -10,13 +10,6 @@ import (
 	"github.com/miekg/pkcs11"
 )
 
-// Key wrap with padding (RFC 5649) has two codes: SoftHSM 2.6 offers it as the deprecated CKM_AES_KEY_WRAP_PAD,
-// current HSMs as CKM_AES_KEY_WRAP_KWP.
-const (
-	MechAESKeyWrapPad uint = 0x210A
-	MechAESKeyWrapKWP uint = 0x210B
-)
-
 // How an imported key reached the token, recorded on the key version.
 const (
 	// ImportUnwrappedInHSM: both unwraps were C_UnwrapKey calls; no key existed in plugin memory.
@@ -28,23 +21,28 @@ const (
 )
 
 // GenerateWrappingKey creates the RSA-4096 key whose public half clients wrap import keys with. Its private half
-// may only unwrap (RSA-OAEP) and decrypt raw RSA (for tokens whose OAEP lacks SHA-2).
+// may only unwrap (RSA-OAEP), and decrypt with raw RSA only where the operator chose the raw-RSA fallback for a
+// token whose OAEP lacks SHA-256.
 func (t *Token) GenerateWrappingKey(ctx context.Context, id []byte, label string) (*rsa.PublicKey, error) {
-	pubT := sessionPublicKey(pkcs11.CKK_RSA,
-		pkcs11.NewAttribute(pkcs11.CKA_WRAP, true),
-		pkcs11.NewAttribute(pkcs11.CKA_MODULUS_BITS, 4096),
-		pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, []byte{1, 0, 1}))
-	privT := protectedPrivateKey(pkcs11.CKK_RSA, id, label,
-		map[uint]bool{pkcs11.CKA_UNWRAP: true, pkcs11.CKA_DECRYPT: true},
-		[]uint{pkcs11.CKM_RSA_PKCS_OAEP, pkcs11.CKM_RSA_X_509})
+	caps, err := t.Capabilities(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if ok, missing := caps.Serves(RSA4096); !ok {
+		return nil, unsupported("the BYOK wrapping key (RSA-4096)", missing)
+	}
+	if !caps.Offers(pkcs11.CKM_RSA_PKCS_OAEP) {
+		return nil, unsupported("BYOK", []string{mechanismName(pkcs11.CKM_RSA_PKCS_OAEP)})
+	}
+	rawRSA := t.cfg.RawRSAOAEPFallback && !caps.OAEPSHA256
+	templates := func(o templateOptions) (uint, []*pkcs11.Attribute, []*pkcs11.Attribute) {
+		pubT, privT := wrappingKeyTemplates(o, rawRSA, id, label)
+		return pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, pubT, privT
+	}
 	var pub *rsa.PublicKey
-	err := t.doObjects(ctx, "C_GenerateKeyPair wrapping key", func(p pkcs11API, s pooledSession) error {
-		pubH, _, err := p.GenerateKeyPair(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, nil)}, pubT, privT)
-		if err != nil {
-			return err
-		}
-		defer func() { _ = p.DestroyObject(s.h, pubH) }()
-		k, err := readPublicKey(p, s.h, pubH, RSA4096)
+	err = t.generatePairWith(ctx, caps, "C_GenerateKeyPair wrapping key", id, templates, func(c pkcs11API, s session, pubH, privH pkcs11.ObjectHandle) error {
+		t.handles.put(kindRSA, id, privH, s)
+		k, err := readPublicKey(c, s.h, pubH, RSA4096)
 		pub, _ = k.(*rsa.PublicKey)
 		return err
 	})
@@ -57,7 +55,7 @@ type ImportRequest struct {
 	WrappingID  []byte      // CKA_ID of the wrapping key
 	OAEPHash    crypto.Hash // hash of the RSA-OAEP that wraps the ephemeral key
 	WrappedKey  []byte      // RSA-OAEP(ephemeral AES-256 key) ‖ AES-KWP(ephemeral, target)
-	KeyWrapMech uint        // MechAESKeyWrapPad or MechAESKeyWrapKWP
+	KeyWrapMech uint        // RFC 5649's mechanism on this token; 0 chooses it from the token's mechanism list
 	ID          []byte      // CKA_ID of the new version
 	Label       string
 	HMACBytes   int
@@ -65,16 +63,33 @@ type ImportRequest struct {
 
 // ImportVersion unwraps an imported key into a token object with the same protection as a generated one, adds
 // its HMAC secret, and returns its public key (asymmetric keys) and the import method used. The target key is
-// never in plugin memory; the ephemeral key is only on tokens whose OAEP lacks the requested hash.
+// never in plugin memory; the ephemeral key is only where the token's OAEP lacks the requested hash and the
+// operator chose the raw-RSA fallback (Config.RawRSAOAEPFallback).
 func (t *Token) ImportVersion(ctx context.Context, r ImportRequest) (crypto.PublicKey, string, error) {
 	info, err := lookupHash(r.OAEPHash)
 	if err != nil {
 		return nil, "", err
 	}
+	caps, err := t.Capabilities(ctx)
+	if err != nil {
+		return nil, "", err
+	}
+	if ok, missing := caps.Serves(r.Algorithm); !ok {
+		return nil, "", unsupported(string(r.Algorithm)+" keys", missing)
+	}
+	if r.KeyWrapMech == 0 {
+		r.KeyWrapMech = caps.KeyWrap
+	}
+	if r.KeyWrapMech == 0 || !caps.Offers(r.KeyWrapMech) {
+		return nil, "", unsupported("BYOK imports", []string{"AES key wrap with padding (RFC 5649: CKM_AES_KEY_WRAP_KWP)"})
+	}
+	o := templateOptions{allowedMechanisms: caps.AllowedMechanisms,
+		omitMeaningless: pairTemplateOptions(t.pool.tokenState().pairTemplates.Load())&omitMeaningless != 0}
+	rawRSA := caps.AllowedMechanisms && !caps.OAEPSHA256
 	kind := r.Algorithm.kind()
 	var pub crypto.PublicKey
 	method := ImportUnwrappedInHSM
-	err = t.doObjects(ctx, "import key", func(p pkcs11API, s pooledSession) error {
+	err = t.doObjects(ctx, "import key", func(p pkcs11API, s session) error {
 		wrapping, err := t.findKey(p, s, kindRSA, r.WrappingID)
 		if err != nil {
 			return err
@@ -93,19 +108,31 @@ func (t *Token) ImportVersion(ctx context.Context, r ImportRequest) (crypto.Publ
 			return err
 		}
 
-		ephemeral, how, err := t.unwrapEphemeral(p, s.h, wrapping, info, r.OAEPHash, wrappedEphemeral)
+		ephemeral, how, err := t.unwrapEphemeral(p, s.h, wrapping, k, info, r.OAEPHash, wrappedEphemeral)
 		if err != nil {
 			return err
 		}
 		method = how
 		defer func() { _ = p.DestroyObject(s.h, ephemeral) }()
 
-		target, err := p.UnwrapKey(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(r.KeyWrapMech, nil)}, ephemeral, wrappedTarget, importTemplate(r))
+		// Tokens differ on whether the template of an unwrapped EC key names its curve (NSS requires it, others take
+		// it from the PKCS#8 structure and some refuse it): without first, then with.
+		var target pkcs11.ObjectHandle
+		for _, withCurve := range []bool{false, true} {
+			if withCurve && (kind != kindEC || !refusesTemplate(err)) {
+				break
+			}
+			target, err = p.UnwrapKey(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(r.KeyWrapMech, nil)}, ephemeral, wrappedTarget, importTemplate(o, rawRSA, withCurve, r))
+			if err == nil {
+				break
+			}
+		}
 		if err != nil {
 			if rv, ok := rvOf(err); ok && (rv == pkcs11.CKR_WRAPPED_KEY_INVALID || rv == pkcs11.CKR_WRAPPED_KEY_LEN_RANGE ||
 				rv == pkcs11.CKR_ENCRYPTED_DATA_INVALID || rv == pkcs11.CKR_GENERAL_ERROR || rv == pkcs11.CKR_TEMPLATE_INCONSISTENT ||
-				rv == pkcs11.CKR_FUNCTION_FAILED) {
-				// SoftHSM 2.6 answers CKR_FUNCTION_FAILED both to a malformed PKCS#8 and to Ed25519 keys it cannot import.
+				rv == pkcs11.CKR_TEMPLATE_INCOMPLETE || rv == pkcs11.CKR_FUNCTION_FAILED) {
+				// SoftHSM 2.6 answers CKR_FUNCTION_FAILED both to a malformed PKCS#8 and to Ed25519 keys it cannot
+				// import; NSS 3.87 answers CKR_TEMPLATE_INCOMPLETE to every PKCS#8 EC key.
 				return fmt.Errorf("%w: the token could not unwrap the key as %s (wrong ephemeral key, corrupt data, wrong type, or a key type this token cannot import): %v", ErrInvalidArgument, r.Algorithm, err)
 			}
 			return err
@@ -115,15 +142,14 @@ func (t *Token) ImportVersion(ctx context.Context, r ImportRequest) (crypto.Publ
 			_ = p.DestroyObject(s.h, target)
 			return err
 		}
-		t.cacheHandle(kind, r.ID, target, s.epoch)
+		t.handles.put(kind, r.ID, target, s)
 		return nil
 	})
 	if err != nil {
 		return nil, "", err
 	}
 	if kind != kindHMAC {
-		err = t.generateSecret(ctx, kindHMAC, pkcs11.CKM_GENERIC_SECRET_KEY_GEN, hmacKeyTemplate(r.HMACBytes, r.ID, r.Label+"/hmac"), false)
-		if err != nil {
+		if err := t.makeHMACSecret(ctx, caps, r.ID, r.Label, r.HMACBytes, false); err != nil {
 			if _, derr := t.DestroyKeys(ctx, r.ID); derr != nil {
 				t.log.Warn("could not remove half-imported key version; the WAL rollback will", "error", derr)
 			}
@@ -133,8 +159,9 @@ func (t *Token) ImportVersion(ctx context.Context, r ImportRequest) (crypto.Publ
 	return pub, method, nil
 }
 
-// unwrapEphemeral recovers the ephemeral AES key as a session object that can only unwrap.
-func (t *Token) unwrapEphemeral(p pkcs11API, sh pkcs11.SessionHandle, wrapping pkcs11.ObjectHandle, info hashInfo, h crypto.Hash, wrapped []byte) (pkcs11.ObjectHandle, string, error) {
+// unwrapEphemeral recovers the ephemeral AES key as a session object that can only unwrap. k is the wrapping
+// key's modulus size in bytes.
+func (t *Token) unwrapEphemeral(p pkcs11API, sh pkcs11.SessionHandle, wrapping pkcs11.ObjectHandle, k int, info hashInfo, h crypto.Hash, wrapped []byte) (pkcs11.ObjectHandle, string, error) {
 	tmpl := []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
 		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
@@ -161,6 +188,12 @@ func (t *Token) unwrapEphemeral(p pkcs11API, sh pkcs11.SessionHandle, wrapping p
 			return 0, "", err
 		}
 	}
+	if !t.cfg.RawRSAOAEPFallback {
+		return 0, "", fmt.Errorf("%w: this token's RSA-OAEP does not take %v, so the ephemeral key cannot be unwrapped inside the HSM; "+
+			"wrap it with a hash the token offers (hash_function), or let the plugin decode the OAEP padding after a raw RSA "+
+			"decryption in the HSM (config/hsm raw_rsa_oaep_fallback=true, which puts the ephemeral key in plugin memory for a moment)",
+			ErrMechanismUnsupported, h)
+	}
 	if err := p.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_X_509, nil)}, wrapping); err != nil {
 		return 0, "", err
 	}
@@ -172,8 +205,10 @@ func (t *Token) unwrapEphemeral(p pkcs11API, sh pkcs11.SessionHandle, wrapping p
 	if err != nil {
 		return 0, "", err
 	}
-	keyBytes, err := oaepUnpad(h.New(), leftPad(em, len(wrapped)))
+	padded := leftPad(em, k)
+	keyBytes, err := oaepUnpad(h.New(), padded)
 	clear(em)
+	clear(padded)
 	if err != nil {
 		return 0, "", fmt.Errorf("%w: the ephemeral key does not unwrap with the wrapping key (wrong wrapping key or hash_function?)", ErrInvalidArgument)
 	}
@@ -189,7 +224,7 @@ func (t *Token) unwrapEphemeral(p pkcs11API, sh pkcs11.SessionHandle, wrapping p
 }
 
 // importTemplate is the unwrapped target's template: the same protection and usage as a generated version.
-func importTemplate(r ImportRequest) []*pkcs11.Attribute {
+func importTemplate(o templateOptions, rawRSA, withCurve bool, r ImportRequest) []*pkcs11.Attribute {
 	var tmpl []*pkcs11.Attribute
 	switch r.Algorithm.kind() {
 	case kindAES:
@@ -197,25 +232,30 @@ func importTemplate(r ImportRequest) []*pkcs11.Attribute {
 		if r.Algorithm == AES256 {
 			bits = 256
 		}
-		tmpl = aesKeyTemplate(bits, r.ID, r.Label)
+		tmpl = aesKeyTemplate(o, bits, r.ID, r.Label)
 	case kindHMAC:
-		tmpl = hmacKeyTemplate(0, r.ID, r.Label)
+		tmpl = hmacKeyTemplate(o, 0, r.ID, r.Label)
 	case kindRSA:
-		_, tmpl = rsaKeyTemplates(r.Algorithm.rsaBits(), r.ID, r.Label)
+		_, tmpl = rsaKeyTemplates(o, rawRSA, r.Algorithm.rsaBits(), r.ID, r.Label)
 	case kindEC:
 		_, params := r.Algorithm.curve()
-		_, tmpl = ecKeyTemplates(params, r.ID, r.Label)
+		_, tmpl = ecKeyTemplates(o, params, r.ID, r.Label)
 	case kindEd25519:
-		_, tmpl = ed25519KeyTemplates(r.ID, r.Label)
+		_, tmpl = ed25519KeyTemplates(o, r.ID, r.Label)
 	}
-	// The length comes from the unwrapped data (checked afterwards), the EC curve from the PKCS#8 structure.
+	// The length comes from the unwrapped data (checked afterwards), the EC curve from the PKCS#8 structure (or
+	// from the template where the token requires it: withCurve).
 	// SoftHSM refuses CKA_MODIFIABLE in an unwrap template (CKR_ATTRIBUTE_READ_ONLY), so imported objects keep
 	// the default; the token still never lets them become extractable or non-sensitive.
 	out := tmpl[:0:0]
 	for _, a := range tmpl {
-		if a.Type != pkcs11.CKA_VALUE_LEN && a.Type != pkcs11.CKA_EC_PARAMS && a.Type != pkcs11.CKA_MODIFIABLE {
+		if a.Type != pkcs11.CKA_VALUE_LEN && a.Type != pkcs11.CKA_MODIFIABLE {
 			out = append(out, a)
 		}
+	}
+	if withCurve && r.Algorithm.kind() == kindEC {
+		_, params := r.Algorithm.curve()
+		out = append(out, pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, params))
 	}
 	return out
 }

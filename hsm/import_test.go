@@ -15,6 +15,7 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"errors"
+	"strings"
 	"testing"
 
 	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/byoktest"
@@ -34,8 +35,11 @@ func importKey(t *testing.T, tok *Token, wrappingID []byte, wrapping *rsa.Public
 	return id, pub, method, err
 }
 
+// rawRSAOAEPFallback is the operator's choice that SoftHSM 2.6 needs for imports wrapped with RSA-OAEP-SHA-256.
+func rawRSAOAEPFallback(c *Config) { c.RawRSAOAEPFallback = true }
+
 func TestImportAESBothPaths(t *testing.T) {
-	tok, _ := newToken(t, 1)
+	tok, _ := newToken(t, 1, rawRSAOAEPFallback)
 	ctx := context.Background()
 	wrappingID := randomID(t)
 	wrapping, err := tok.GenerateWrappingKey(ctx, wrappingID, "cmk/test/wrapping_key")
@@ -94,7 +98,7 @@ func TestImportAESBothPaths(t *testing.T) {
 }
 
 func TestImportAsymmetricAndHMAC(t *testing.T) {
-	tok, _ := newToken(t, 1)
+	tok, _ := newToken(t, 1, rawRSAOAEPFallback)
 	ctx := context.Background()
 	wrappingID := randomID(t)
 	wrapping, err := tok.GenerateWrappingKey(ctx, wrappingID, "cmk/test/wrapping_key")
@@ -170,7 +174,7 @@ func TestImportAsymmetricAndHMAC(t *testing.T) {
 }
 
 func TestImportRefusesBadInput(t *testing.T) {
-	tok, _ := newToken(t, 1)
+	tok, _ := newToken(t, 1, rawRSAOAEPFallback)
 	ctx := context.Background()
 	wrappingID := randomID(t)
 	wrapping, _ := tok.GenerateWrappingKey(ctx, wrappingID, "cmk/test/wrapping_key")
@@ -199,6 +203,34 @@ func TestImportRefusesBadInput(t *testing.T) {
 	objs, _ := tok.ListObjects(ctx, "")
 	if len(objs) != 1 {
 		t.Fatalf("failed imports left %d objects beside the wrapping key", len(objs)-1)
+	}
+}
+
+// Without the operator's choice, an import the token's OAEP cannot unwrap is refused with what to do, and the
+// wrapping key cannot decrypt with raw RSA at all.
+func TestRawRSAImportFallbackIsTheOperatorsChoice(t *testing.T) {
+	tok, _ := newToken(t, 1)
+	ctx := context.Background()
+	wrappingID := randomID(t)
+	wrapping, err := tok.GenerateWrappingKey(ctx, wrappingID, "cmk/test/wrapping_key")
+	if err != nil {
+		t.Fatal(err)
+	}
+	material := make([]byte, 32)
+	rand.Read(material)
+	_, _, _, err = importKey(t, tok, wrappingID, wrapping, AES256, crypto.SHA256, material)
+	if !errors.Is(err, ErrMechanismUnsupported) || !strings.Contains(err.Error(), "raw_rsa_oaep_fallback") {
+		t.Fatalf("SHA-256 import without the fallback: %v", err)
+	}
+	if _, _, method, err := importKey(t, tok, wrappingID, wrapping, AES256, crypto.SHA1, material); err != nil || method != ImportUnwrappedInHSM {
+		t.Fatalf("SHA-1 import, which the token's OAEP takes: %s, %v", method, err)
+	}
+	objs, err := tok.ListObjects(ctx, "cmk/test/wrapping_key")
+	if err != nil || len(objs) != 1 {
+		t.Fatalf("wrapping key: %v %v", objs, err)
+	}
+	if got := strings.Join(objs[0].Usage, ","); got != "unwrap" {
+		t.Fatalf("wrapping key usage %s, want unwrap only", got)
 	}
 }
 

@@ -1,12 +1,6 @@
-// Package hsm talks PKCS#11 to the token that holds the engine's keys: the module's lifetime (one C_Initialize
-// per process, shared by every mount), a bounded pool of logged-in sessions, attribute templates, operations and
-// error recovery. It never returns secret key material and knows nothing of Vault.
 package hsm
 
 import (
-	"crypto/hmac"
-	"crypto/rand"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"sync"
@@ -16,32 +10,47 @@ import (
 	"github.com/miekg/pkcs11"
 )
 
-// module is one loaded PKCS#11 library. The plugin is multiplexed, so every mount in the process shares it;
-// it is finalized only when the last Token using it closes.
+// module is one loaded PKCS#11 library. The plugin is multiplexed, so every mount in the process shares it; it
+// is finalised when the last Token using it closes, and initialised again by the next. It is never unloaded:
+// libraries are not all written to be unloaded and loaded again in one process (opencryptoki 3.8 crashes in its
+// next C_Initialize).
+//
+// Every call into the library passes through enter, which holds mu for reading until the call returns and first
+// checks that the caller's session belongs to the live generation and to its connection's current epoch. C_Finalize,
+// re-initialisation, unloading and the change of a connection's epoch hold mu for writing. So no call is ever inside
+// the library while it is finalised, and no session or object handle of a finished generation or connection is
+// ever passed to it: after a re-initialisation a module gives the same numbers to other sessions and objects, and
+// a stale number names another key (a ciphertext sealed with it is lost) or a session another goroutine is using
+// (SoftHSM then crashes the whole plugin process).
 type module struct {
-	path  string
-	ctx   *pkcs11.Ctx // the module's lifetime: C_Initialize, C_Finalize
-	calls pkcs11API   // every other call: ctx itself, or a fault-injecting wrapper in tests
+	path   string
+	params string // C_Initialize's pReserved: library parameters (NSS needs them); "" passes NULL
+	ctx    *pkcs11.Ctx
+	calls  pkcs11API // every call other than the lifetime's: ctx itself, or a fault-injecting wrapper
+	sized  sizedEncrypter
+	info   pkcs11.Info // what the library says of itself (C_GetInfo), read once
 
-	// mu is held for reading by every PKCS#11 call and for writing by re-initialisation, so that C_Finalize
-	// never runs under another goroutine's call.
-	mu sync.RWMutex
-	// generation counts (re)initialisations; sessions, handles and logins of an older generation are gone.
-	generation atomic.Uint64
-	lastInit   time.Time
+	mu         sync.RWMutex
+	generation atomic.Uint64 // changed only with mu held for writing
+	finalized  bool          // guarded by mu: no Token uses the module; C_Finalize has been called
+	lastInit   time.Time     // guarded by mu
 
-	// objects serialises the creation and destruction of token objects: SoftHSM's file object store fails
-	// (CKR_GENERAL_ERROR) when sessions create objects in parallel. They are rare next to cryptographic
-	// operations, which stay parallel.
-	objects sync.Mutex
+	refs int // guarded by modulesMu
 
-	// refs and logins are guarded by modulesMu.
-	refs int
-	// logins remembers, per token serial, a keyed digest of the PIN that logged the process in. PKCS#11 login
-	// is per application, so a second mount on the same token gets CKR_USER_ALREADY_LOGGED_IN whatever PIN
-	// it gives; comparing digests stops a mount without the right PIN from riding on another's login.
-	logins map[string][]byte
+	logins loginGuard // per token: the PIN that logged the process in, and failed attempts
+
+	// tokens holds, per token serial, what was learnt of the token once (capabilities, object-write lock).
+	tokensMu          sync.Mutex
+	tokens            map[string]*tokenState
+	findByReinitAfter time.Time // guarded by tokensMu: see mayReinitializeToFind
 }
+
+// errStale: the caller's session belongs to a module generation or a connection epoch that has ended. The call
+// was not made; the caller takes a session of the current connection and tries again.
+var errStale = errors.New("session of a finished connection")
+
+// errFinalized: the last user closed the module.
+var errFinalized = fmt.Errorf("%w: the PKCS#11 module has been closed", ErrUnavailable)
 
 // wrapCalls is the identity, except in the soak test's plugin build (failpoints.go).
 var wrapCalls = func(c pkcs11API) pkcs11API { return c }
@@ -49,26 +58,31 @@ var wrapCalls = func(c pkcs11API) pkcs11API { return c }
 var (
 	modulesMu sync.Mutex
 	modules   = map[string]*module{}
-	pinKey    = func() []byte {
-		k := make([]byte, 32)
-		if _, err := rand.Read(k); err != nil {
-			panic(err)
-		}
-		return k
-	}()
 )
 
-func pinDigest(pin string) []byte {
-	m := hmac.New(sha256.New, pinKey)
-	m.Write([]byte(pin))
-	return m.Sum(nil)
-}
-
-// acquireModule loads and initialises the library at path, or returns the process's existing instance.
-func acquireModule(path string) (*module, error) {
+// acquireModule loads and initialises the library at path with the given parameters, or returns the process's
+// instance, initialised again if its last user had closed it. A library is initialised once per process, so every
+// user must ask with the same parameters.
+func acquireModule(path, params string) (*module, error) {
 	modulesMu.Lock()
 	defer modulesMu.Unlock()
 	if m, ok := modules[path]; ok {
+		if m.params != params {
+			return nil, fmt.Errorf("%w: the module %q is already loaded with other library parameters", ErrInvalidArgument, path)
+		}
+		if m.refs == 0 {
+			err := m.exclusiveEvenFinalized(func() error {
+				if err := m.initialize(); err != nil {
+					return err
+				}
+				m.finalized = false
+				m.generation.Add(1)
+				return nil
+			})
+			if err != nil {
+				return nil, fmt.Errorf("%w: C_Initialize: %v", ErrUnavailable, err)
+			}
+		}
 		m.refs++
 		return m, nil
 	}
@@ -76,78 +90,156 @@ func acquireModule(path string) (*module, error) {
 	if ctx == nil {
 		return nil, fmt.Errorf("%w: cannot load PKCS#11 library %q", ErrUnavailable, path)
 	}
-	if err := initialize(ctx); err != nil {
+	m := &module{path: path, params: params, ctx: ctx, refs: 1, tokens: map[string]*tokenState{}}
+	if err := m.initialize(); err != nil {
 		ctx.Destroy()
 		return nil, fmt.Errorf("%w: C_Initialize: %v", ErrUnavailable, err)
 	}
-	m := &module{path: path, ctx: ctx, calls: wrapCalls(ctx), refs: 1, lastInit: time.Now(), logins: map[string][]byte{}}
+	sized, err := loadSizedEncrypter(path)
+	if err != nil {
+		_ = ctx.Finalize()
+		ctx.Destroy()
+		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	m.sized = sized
+	m.info, _ = ctx.GetInfo()
+	m.calls = wrapCalls(moduleCalls{Ctx: ctx, sized: sized})
 	m.generation.Store(1)
 	modules[path] = m
 	return m, nil
 }
 
-func initialize(ctx *pkcs11.Ctx) error {
-	err := ctx.Initialize()
+// initialize calls C_Initialize, with the library parameters when there are any. A module that another user in
+// the process initialised already is fine.
+func (m *module) initialize() error {
+	var err error
+	if m.params == "" {
+		err = m.ctx.Initialize()
+	} else {
+		p := newCString(m.params)
+		defer p.free()
+		err = m.ctx.Initialize(pkcs11.InitializeWithReserved(p.ptr()))
+	}
+	m.lastInit = time.Now()
 	if code, ok := rvOf(err); ok && code == pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED {
 		return nil
 	}
 	return err
 }
 
-// release drops one reference; the last one finalizes and unloads the library.
+// release drops one reference. The last one finalises the library, once every call in flight has returned;
+// calls made after that fail with errFinalized, never inside a finalised library.
 func (m *module) release() {
 	modulesMu.Lock()
-	defer modulesMu.Unlock()
+	defer modulesMu.Unlock() // held until C_Finalize returns: a new user must not initialise meanwhile
 	m.refs--
 	if m.refs > 0 {
 		return
 	}
-	delete(modules, m.path)
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	_ = m.ctx.Finalize()
-	m.ctx.Destroy()
+	_ = m.exclusive(func() error {
+		m.finalized = true
+		m.generation.Add(1)
+		return m.ctx.Finalize()
+	})
 }
 
-// reinitialize finalizes and initialises the library again, which is how PKCS#11 recovers from a lost device and
-// how SoftHSM notices tokens created after C_Initialize. seen is the generation the caller found broken: if
-// another caller has re-initialised since, nothing is done. Tokens notice the new generation and reconnect.
-func (m *module) reinitialize(seen uint64) error {
+// findByReinitPause is how long, after a re-initialisation that was made to find a token and found none, another
+// such re-initialisation waits when other users share the module: each one makes every mount of the process
+// reconnect and look its objects up again, and whoever may write config/hsm on one mount must not be able to do
+// that to the others at will. Re-initialisations that find the token are not limited: each new token is found once.
+const findByReinitPause = 30 * time.Second
+
+// mayReinitializeToFind reports whether a token missing from the slot list may be looked for by re-initialising.
+func (m *module) mayReinitializeToFind() bool {
+	modulesMu.Lock()
+	alone := m.refs <= 1
+	modulesMu.Unlock()
+	return alone || m.reinitializeToFindIn() == 0
+}
+
+func (m *module) foundNothingByReinitializing() {
+	m.tokensMu.Lock()
+	m.findByReinitAfter = time.Now().Add(findByReinitPause)
+	m.tokensMu.Unlock()
+}
+
+// reinitializeToFindIn is how long until a missing token may again be looked for by re-initialising.
+func (m *module) reinitializeToFindIn() time.Duration {
+	m.tokensMu.Lock()
+	defer m.tokensMu.Unlock()
+	return max(time.Until(m.findByReinitAfter), 0)
+}
+
+// enter runs fn with the library's calls if the session still belongs to the live generation and to its
+// connection's current epoch (valid, read under the same lock). fn must not take any Token lock.
+func (m *module) enter(gen uint64, valid func() bool, fn func(p pkcs11API) error) error {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	if m.finalized {
+		return errFinalized
+	}
+	if gen != m.generation.Load() || (valid != nil && !valid()) {
+		return errStale
+	}
+	return fn(m.calls)
+}
+
+// exclusive runs fn with no call inside the library: for re-initialisation and for ending a connection's epoch.
+func (m *module) exclusive(fn func() error) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.finalized {
+		return errFinalized
+	}
+	return fn()
+}
+
+// exclusiveEvenFinalized is exclusive for initialising the module again after its last user closed it.
+func (m *module) exclusiveEvenFinalized(fn func() error) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return fn()
+}
+
+// reinitializeLocked finalises and initialises the library again, which is how PKCS#11 recovers from a lost device
+// and how SoftHSM notices tokens created after C_Initialize. seen is the generation the caller found broken: if it
+// is no longer the live one, someone else has re-initialised since and nothing is done. Called within exclusive.
+func (m *module) reinitializeLocked(seen uint64) error {
 	if m.generation.Load() != seen {
 		return nil
 	}
 	_ = m.ctx.Finalize()
-	err := initialize(m.ctx)
+	err := m.initialize()
 	m.generation.Add(1)
-	m.lastInit = time.Now()
-	modulesMu.Lock()
-	m.logins = map[string][]byte{}
-	modulesMu.Unlock()
+	m.logins.forgetAll() // C_Finalize logged every token out
 	if err != nil {
 		return fmt.Errorf("%w: C_Initialize: %v", ErrUnavailable, err)
 	}
 	return nil
 }
 
-// checkLogin records or compares the PIN digest for a token serial. It reports whether this PIN is the one the
-// process is logged in with (or the first).
-func (m *module) checkLogin(serial, pin string, alreadyLoggedIn bool) error {
-	modulesMu.Lock()
-	defer modulesMu.Unlock()
-	d := pinDigest(pin)
-	prev, ok := m.logins[serial]
+// tokenState is what the process learns once about one token (by serial) and shares between its mounts.
+type tokenState struct {
+	capsMu sync.Mutex // held while the token is probed: one probe per token
+	caps   *Capabilities
+
+	// objectWrites serialises the creation and destruction of objects on tokens whose object store fails under
+	// parallel writes (SoftHSM's file store answers CKR_GENERAL_ERROR). A channel, so that waiting honours
+	// cancellation; per token, so that one token's slow key generation never holds up another's.
+	objectWrites chan struct{}
+
+	// pairTemplates is what the token was found to need in key-pair templates (pairTemplateOptions), learnt at
+	// the first key pair.
+	pairTemplates atomic.Uint32
+}
+
+func (m *module) token(serial string) *tokenState {
+	m.tokensMu.Lock()
+	defer m.tokensMu.Unlock()
+	ts, ok := m.tokens[serial]
 	if !ok {
-		if alreadyLoggedIn {
-			// Logged in by someone else in this process that we do not know of: we cannot vouch for the PIN.
-			return errors.New("token is already logged in by another user of the library; cannot verify the PIN")
-		}
-		m.logins[serial] = d
-		return nil
+		ts = &tokenState{objectWrites: make(chan struct{}, 1)}
+		m.tokens[serial] = ts
 	}
-	if !hmac.Equal(prev, d) {
-		return ErrPINIncorrect
-	}
-	return nil
+	return ts
 }

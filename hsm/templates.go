@@ -8,12 +8,12 @@ import (
 	"github.com/miekg/pkcs11"
 )
 
-// KeyKind is a kind of key object the engine keeps on the token.
+// keyKind is a kind of key object the engine keeps on the token.
 type keyKind int
 
 const (
 	kindAES     keyKind = iota + 1 // AES-GCM encryption key of a key version
-	kindHMAC                       // generic secret for HMAC beside each version, as Transit keys carry
+	kindHMAC                       // generic secret for HMAC: an hmac key's material, or the secret beside a version
 	kindRSA                        // RSA private key
 	kindEC                         // ECDSA private key
 	kindEd25519                    // Ed25519 private key
@@ -70,9 +70,50 @@ func (k keyKind) searchTemplate(id []byte) []*pkcs11.Attribute {
 	}
 }
 
+// hmacSecretID is the CKA_ID of the HMAC secret kept beside a version's main key (AES, RSA, EC): its own, because
+// tokens such as NSS keep one secret key per CKA_ID and a second one silently replaces the first. An hmac key's
+// material is its version's main key and carries the version's CKA_ID.
+func hmacSecretID(id []byte) []byte {
+	return append(append(make([]byte, 0, len(id)+5), id...), "/hmac"...)
+}
+
+// objectIDs are the CKA_IDs an object of this kind of version id may carry, the current layout first. Engines
+// before hmacSecretID gave the HMAC secret the version's own CKA_ID; such objects are still found and destroyed.
+func (k keyKind) objectIDs(id []byte) [][]byte {
+	if k == kindHMAC {
+		return [][]byte{hmacSecretID(id), id}
+	}
+	return [][]byte{id}
+}
+
+// usage is the usage flags of one kind of object: those granted, those denied, and those denied that have no
+// meaning for its key type. Tokens default usage flags as they like (SoftHSM makes an EC private key able to
+// decrypt and unwrap unless told otherwise), so every flag is set false explicitly; but some tokens
+// (tpm2-pkcs11) refuse an explicit CKA_DECRYPT=false on an EC key, and there the meaningless ones are left out.
+type usage struct {
+	granted     []uint
+	denied      []uint
+	meaningless []uint
+}
+
+var (
+	aesUsage  = usage{granted: []uint{pkcs11.CKA_ENCRYPT, pkcs11.CKA_DECRYPT}, denied: []uint{pkcs11.CKA_SIGN, pkcs11.CKA_VERIFY, pkcs11.CKA_WRAP, pkcs11.CKA_UNWRAP, pkcs11.CKA_DERIVE}}
+	hmacUsage = usage{granted: []uint{pkcs11.CKA_SIGN, pkcs11.CKA_VERIFY}, denied: []uint{pkcs11.CKA_ENCRYPT, pkcs11.CKA_DECRYPT, pkcs11.CKA_WRAP, pkcs11.CKA_UNWRAP, pkcs11.CKA_DERIVE}}
+	rsaUsage  = usage{granted: []uint{pkcs11.CKA_SIGN, pkcs11.CKA_DECRYPT}, denied: []uint{pkcs11.CKA_UNWRAP, pkcs11.CKA_SIGN_RECOVER}, meaningless: []uint{pkcs11.CKA_DERIVE}}
+	ecUsage   = usage{granted: []uint{pkcs11.CKA_SIGN}, denied: []uint{pkcs11.CKA_DERIVE}, meaningless: []uint{pkcs11.CKA_DECRYPT, pkcs11.CKA_UNWRAP, pkcs11.CKA_SIGN_RECOVER}}
+)
+
+// templateOptions are what a token's capabilities change in templates.
+type templateOptions struct {
+	allowedMechanisms bool // store CKA_ALLOWED_MECHANISMS (where the token can)
+	omitMeaningless   bool // leave flags without meaning for the key type out (where the token refuses them)
+	publicOnToken     bool // make a pair's public half a token object (where the token refuses session objects)
+}
+
 // protected is what every key object the engine keeps shares: stored on the token, readable only after login,
-// never revealed, never wrapped out, never changed, and every usage flag in flags false unless usage grants it.
-func protected(class, keyType uint, id []byte, label string, flags []uint, usage map[uint]bool, mechs []uint) []*pkcs11.Attribute {
+// never revealed, never wrapped out, never changed, the usage u grants and no other that applies, and (where the
+// token stores it) the mechanisms it may be used with.
+func protected(o templateOptions, class, keyType uint, id []byte, label string, u usage, mechs []uint) []*pkcs11.Attribute {
 	attrs := []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, class),
 		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, keyType),
@@ -83,41 +124,41 @@ func protected(class, keyType uint, id []byte, label string, flags []uint, usage
 		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
 		pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_ALLOWED_MECHANISMS, mechanismList(mechs)),
 	}
-	for _, a := range flags {
-		attrs = append(attrs, pkcs11.NewAttribute(a, usage[a]))
+	if o.allowedMechanisms {
+		attrs = append(attrs, pkcs11.NewAttribute(pkcs11.CKA_ALLOWED_MECHANISMS, mechanismList(mechs)))
+	}
+	for _, a := range u.granted {
+		attrs = append(attrs, pkcs11.NewAttribute(a, true))
+	}
+	for _, a := range u.denied {
+		attrs = append(attrs, pkcs11.NewAttribute(a, false))
+	}
+	if !o.omitMeaningless {
+		for _, a := range u.meaningless {
+			attrs = append(attrs, pkcs11.NewAttribute(a, false))
+		}
 	}
 	return attrs
 }
 
-// Usage flags each object class has.
-var (
-	secretKeyFlags  = []uint{pkcs11.CKA_ENCRYPT, pkcs11.CKA_DECRYPT, pkcs11.CKA_SIGN, pkcs11.CKA_VERIFY, pkcs11.CKA_WRAP, pkcs11.CKA_UNWRAP, pkcs11.CKA_DERIVE}
-	privateKeyFlags = []uint{pkcs11.CKA_DECRYPT, pkcs11.CKA_SIGN, pkcs11.CKA_UNWRAP, pkcs11.CKA_DERIVE, pkcs11.CKA_SIGN_RECOVER}
-)
-
 // protectedSecretKey is a secret key of valueLen bytes with the protection above.
-func protectedSecretKey(keyType uint, valueLen int, id []byte, label string, usage map[uint]bool, mechs []uint) []*pkcs11.Attribute {
-	return append(protected(pkcs11.CKO_SECRET_KEY, keyType, id, label, secretKeyFlags, usage, mechs),
+func protectedSecretKey(o templateOptions, keyType uint, valueLen int, id []byte, label string, u usage, mechs []uint) []*pkcs11.Attribute {
+	return append(protected(o, pkcs11.CKO_SECRET_KEY, keyType, id, label, u, mechs),
 		pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, valueLen))
 }
 
 // aesKeyTemplate: AES-GCM encryption and decryption, nothing else.
-func aesKeyTemplate(bits int, id []byte, label string) []*pkcs11.Attribute {
-	return protectedSecretKey(pkcs11.CKK_AES, bits/8, id, label,
-		map[uint]bool{pkcs11.CKA_ENCRYPT: true, pkcs11.CKA_DECRYPT: true},
-		[]uint{pkcs11.CKM_AES_GCM})
+func aesKeyTemplate(o templateOptions, bits int, id []byte, label string) []*pkcs11.Attribute {
+	return protectedSecretKey(o, pkcs11.CKK_AES, bits/8, id, label, aesUsage, []uint{pkcs11.CKM_AES_GCM})
 }
 
 // hmacMechanisms are the HMACs Transit offers (sha2-224 … sha2-512).
 var hmacMechanisms = []uint{pkcs11.CKM_SHA224_HMAC, pkcs11.CKM_SHA256_HMAC, pkcs11.CKM_SHA384_HMAC, pkcs11.CKM_SHA512_HMAC}
 
-// hmacKeyTemplate: a generic secret that can only compute and check HMACs.
-func hmacKeyTemplate(bytes int, id []byte, label string) []*pkcs11.Attribute {
-	return protectedSecretKey(pkcs11.CKK_GENERIC_SECRET, bytes, id, label,
-		map[uint]bool{pkcs11.CKA_SIGN: true, pkcs11.CKA_VERIFY: true},
-		hmacMechanisms)
+// hmacKeyTemplate: a generic secret that can only compute and check HMACs. id is the object's own CKA_ID.
+func hmacKeyTemplate(o templateOptions, bytes int, id []byte, label string) []*pkcs11.Attribute {
+	return protectedSecretKey(o, pkcs11.CKK_GENERIC_SECRET, bytes, id, label, hmacUsage, hmacMechanisms)
 }
 
 // mechanismList encodes a CK_MECHANISM_TYPE array as the library expects it: native unsigned longs.
@@ -135,43 +176,71 @@ func mechanismList(mechs []uint) []byte {
 }
 
 // protectedPrivateKey is the private half of every key pair, with the same protection.
-func protectedPrivateKey(keyType uint, id []byte, label string, usage map[uint]bool, mechs []uint) []*pkcs11.Attribute {
-	return protected(pkcs11.CKO_PRIVATE_KEY, keyType, id, label, privateKeyFlags, usage, mechs)
+func protectedPrivateKey(o templateOptions, keyType uint, id []byte, label string, u usage, mechs []uint) []*pkcs11.Attribute {
+	return protected(o, pkcs11.CKO_PRIVATE_KEY, keyType, id, label, u, mechs)
 }
 
-// sessionPublicKey is the public half of a generated pair: a session object, read once into metadata and
-// destroyed, so that only the private key lives on the token.
-func sessionPublicKey(keyType uint, extra ...*pkcs11.Attribute) []*pkcs11.Attribute {
-	return append([]*pkcs11.Attribute{
+// publicKeyTemplate is the public half of a generated pair, read once into metadata and destroyed, so that only
+// the private key lives on the token. It is a session object where the token allows (tpm2-pkcs11 refuses
+// session objects: there it is a token object for the moment it exists).
+func publicKeyTemplate(o templateOptions, keyType uint, id []byte, extra ...*pkcs11.Attribute) []*pkcs11.Attribute {
+	onToken := o.publicOnToken
+	t := []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY),
 		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, keyType),
-		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, onToken),
 		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, true),
-	}, extra...)
+	}
+	if onToken {
+		t = append(t, pkcs11.NewAttribute(pkcs11.CKA_ID, id), pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, false))
+	}
+	return append(t, extra...)
 }
 
-// rsaMechanisms: signing (PKCS#1 v1.5 and PSS over a digest) and decryption (OAEP; raw RSA for tokens whose
-// OAEP lacks SHA-2, whose padding is then checked in the plugin).
-var rsaMechanisms = []uint{pkcs11.CKM_RSA_PKCS, pkcs11.CKM_RSA_PKCS_PSS, pkcs11.CKM_RSA_PKCS_OAEP, pkcs11.CKM_RSA_X_509}
+// rsaMechanisms: signing (PKCS#1 v1.5 and PSS over a digest) and decryption (OAEP); raw RSA only where the token's
+// OAEP lacks SHA-256, because Transit's RSA decryption then decodes the padding in the plugin.
+func rsaMechanisms(rawRSA bool) []uint {
+	m := []uint{pkcs11.CKM_RSA_PKCS, pkcs11.CKM_RSA_PKCS_PSS, pkcs11.CKM_RSA_PKCS_OAEP}
+	if rawRSA {
+		m = append(m, pkcs11.CKM_RSA_X_509)
+	}
+	return m
+}
 
-func rsaKeyTemplates(bits int, id []byte, label string) (pub, priv []*pkcs11.Attribute) {
-	pub = sessionPublicKey(pkcs11.CKK_RSA,
+func rsaKeyTemplates(o templateOptions, rawRSA bool, bits int, id []byte, label string) (pub, priv []*pkcs11.Attribute) {
+	pub = publicKeyTemplate(o, pkcs11.CKK_RSA, id,
 		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
 		pkcs11.NewAttribute(pkcs11.CKA_MODULUS_BITS, bits),
 		pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, []byte{1, 0, 1}))
-	priv = protectedPrivateKey(pkcs11.CKK_RSA, id, label,
-		map[uint]bool{pkcs11.CKA_SIGN: true, pkcs11.CKA_DECRYPT: true}, rsaMechanisms)
+	priv = protectedPrivateKey(o, pkcs11.CKK_RSA, id, label, rsaUsage, rsaMechanisms(rawRSA))
 	return pub, priv
 }
 
-func ecKeyTemplates(params []byte, id []byte, label string) (pub, priv []*pkcs11.Attribute) {
-	pub = sessionPublicKey(pkcs11.CKK_EC, pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, params))
-	priv = protectedPrivateKey(pkcs11.CKK_EC, id, label, map[uint]bool{pkcs11.CKA_SIGN: true}, []uint{pkcs11.CKM_ECDSA})
+func ecKeyTemplates(o templateOptions, params []byte, id []byte, label string) (pub, priv []*pkcs11.Attribute) {
+	pub = publicKeyTemplate(o, pkcs11.CKK_EC, id, pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, params))
+	priv = protectedPrivateKey(o, pkcs11.CKK_EC, id, label, ecUsage, []uint{pkcs11.CKM_ECDSA})
 	return pub, priv
 }
 
-func ed25519KeyTemplates(id []byte, label string) (pub, priv []*pkcs11.Attribute) {
-	pub = sessionPublicKey(ckkECEdwards, pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, oidEd25519DER))
-	priv = protectedPrivateKey(ckkECEdwards, id, label, map[uint]bool{pkcs11.CKA_SIGN: true}, []uint{ckmEdDSA})
+func ed25519KeyTemplates(o templateOptions, id []byte, label string) (pub, priv []*pkcs11.Attribute) {
+	pub = publicKeyTemplate(o, ckkECEdwards, id, pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, oidEd25519DER))
+	priv = protectedPrivateKey(o, ckkECEdwards, id, label, ecUsage, []uint{ckmEdDSA})
+	return pub, priv
+}
+
+// wrappingKeyTemplates: the mount's RSA-4096 import key may only unwrap with RSA-OAEP, and, when the operator
+// chose the raw-RSA fallback for a token whose OAEP lacks the import's hash, decrypt with raw RSA.
+func wrappingKeyTemplates(o templateOptions, rawRSA bool, id []byte, label string) (pub, priv []*pkcs11.Attribute) {
+	pub = publicKeyTemplate(o, pkcs11.CKK_RSA, id,
+		pkcs11.NewAttribute(pkcs11.CKA_WRAP, true),
+		pkcs11.NewAttribute(pkcs11.CKA_MODULUS_BITS, 4096),
+		pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, []byte{1, 0, 1}))
+	u := usage{granted: []uint{pkcs11.CKA_UNWRAP}, denied: []uint{pkcs11.CKA_SIGN, pkcs11.CKA_SIGN_RECOVER, pkcs11.CKA_DECRYPT}}
+	mechs := []uint{pkcs11.CKM_RSA_PKCS_OAEP}
+	if rawRSA {
+		u = usage{granted: []uint{pkcs11.CKA_UNWRAP, pkcs11.CKA_DECRYPT}, denied: []uint{pkcs11.CKA_SIGN, pkcs11.CKA_SIGN_RECOVER}}
+		mechs = append(mechs, pkcs11.CKM_RSA_X_509)
+	}
+	priv = protectedPrivateKey(o, pkcs11.CKK_RSA, id, label, u, mechs)
 	return pub, priv
 }

@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# Installs what the dev environment and the tests need from Debian's packages, when missing:
-# softhsm2 (the PKCS#11 token) and opensc (pkcs11-tool, to look at tokens).
+# Installs what the dev environment and the tests need from Debian's packages, when missing: softhsm2 (the
+# PKCS#11 token of make dev) and opensc (pkcs11-tool, to look at tokens); and the other PKCS#11 implementations of
+# the test matrix: NSS softokn (libnss3, with certutil from libnss3-tools), opencryptoki's software token, and
+# tpm2-pkcs11 on a software TPM (swtpm) behind tpm2-abrmd on a D-Bus session bus of the test's own.
 source "$(dirname "$0")/lib.sh"
 
 missing=()
+have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 [ -e /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null || missing+=(softhsm2)
 command -v pkcs11-tool >/dev/null || missing+=(opensc)
+for p in libnss3 libnss3-tools opencryptoki libtpm2-pkcs11-1 libtpm2-pkcs11-tools swtpm swtpm-tools tpm2-abrmd \
+  libtss2-tcti-tabrmd0 dbus-daemon; do
+  have "$p" || missing+=("$p")
+done
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 SUDO=""

@@ -42,6 +42,9 @@ type Server struct {
 	Args      []string
 	Client    *api.Client
 	PluginEnv []string // more environment for the plugin, given at registration (the soak's fault rate)
+	// LogLevel is Vault's -log-level when set. At debug, Vault's log keeps the plugin's stderr, and so its crash
+	// traces.
+	LogLevel string
 
 	cmd  *exec.Cmd
 	done chan struct{}
@@ -99,6 +102,9 @@ func StartDev(dir, vaultBin, pluginBin string, env *softhsmtest.Env) (*Server, e
 func (s *Server) StartDevMode(rootToken string) error {
 	s.RootToken = rootToken
 	s.Args = []string{"server", "-dev", "-dev-root-token-id=" + s.RootToken, "-dev-listen-address=" + s.Addr, "-dev-plugin-dir=" + s.PluginDir}
+	if s.LogLevel != "" {
+		s.Args = append(s.Args, "-log-level="+s.LogLevel)
+	}
 	return s.Start()
 }
 

@@ -6,7 +6,6 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
 	"encoding/base64"
 	"flag"
 	"fmt"
@@ -28,6 +27,7 @@ import (
 
 	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
 	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm/softhsmtest"
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/rawhsm"
 	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/vaulttest"
 )
 
@@ -111,18 +111,15 @@ func main() {
 	rows = append(rows, ratioRow("single decrypt, requests/s (16 clients)", w[0], "Transit", w[1], rate, 0))
 
 	// Batches of 1,000 × 64-byte items, 4 clients; the raw HSM ceiling on the same token.
-	tok, err := hsm.Open(hsm.Config{Library: env.Library, TokenLabel: cmk.Label, PIN: cmk.PIN, PoolSize: 1}, nil)
+	rawTok, err := rawhsm.Open(env.Library, cmk.Label, cmk.PIN)
 	check(err)
-	rawID := make([]byte, 16)
-	_, _ = rand.Read(rawID)
-	check(tok.GenerateVersionKeys(context.Background(), rawID, "bench/raw", 256))
 	rawOps := 20000
 	if *quick {
 		rawOps = 200
 	}
-	defer tok.Close()
+	defer rawTok.Close()
 	raw := func() result {
-		ops, err := tok.MeasureRawGCM(context.Background(), rawID, make([]byte, 64), rawOps, 1)
+		ops, err := rawTok.MeasureGCM(make([]byte, 64), rawOps, 1)
 		check(err)
 		return result{rate: ops / 1000} // per 1,000 items, as the batch windows count requests
 	}
@@ -430,7 +427,7 @@ func writeDoc(path, report string) error {
 Measured by `+"`make bench`"+` on %s (%d cores): windows of %s, each figure taken %d times in turn with its
 reference (rotating order), rows showing medians and the median of the rounds' ratios. Every figure beside its
 reference was measured in the same run on the same Vault v1.21.0 dev server and SoftHSM 2.6 token: built-in
-Transit, the raw HSM (bare C_EncryptInit + C_Encrypt, hsm.MeasureRawGCM), and HashiCorp's external KV plugin
+Transit, the raw HSM (bare C_EncryptInit + C_Encrypt, internal/rawhsm), and HashiCorp's external KV plugin
 beside the built-in KV (the cost of Vault's plugin transport). These machines are shared and noisy: compare
 ratios, not absolute figures.
 

@@ -2,11 +2,14 @@
 // set time, with PKCS#11 faults injected at random inside the plugin (a build with -tags cmkfaults) and the
 // plugin process killed with SIGKILL half-way, then checks that every ciphertext and signature a client received
 // still decrypts or verifies. It prints operations and errors by class, and exits non-zero if anything was lost,
-// if a decryption returned other data, or if a 500 came from anything but the plugin kill. make soak runs it.
+// if a decryption returned other data, if a valid ciphertext or signature was refused with a 400, if a 500 came
+// from anything but the plugin kill, or if the plugin restarted for any other reason than the kill (a crash: its
+// trace is printed from Vault's log, which keeps the plugin's stderr at debug level). make soak runs it.
 package main
 
 import (
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -30,8 +33,8 @@ import (
 var (
 	vaultBin  = flag.String("vault", ".build/vault/vault", "vault binary")
 	pluginBin = flag.String("plugin", ".build/soak/vault-plugin-secrets-cmk", "plugin binary built with -tags cmkfaults")
-	duration  = flag.Duration("duration", 5*time.Minute, "how long the load runs")
-	faultRate = flag.Float64("fault-rate", 0.003, "chance that a PKCS#11 call in the plugin fails with a recoverable error")
+	duration  = flag.Duration("duration", 10*time.Minute, "how long the load runs")
+	faultRate = flag.Float64("fault-rate", 0.01, "chance that a PKCS#11 call in the plugin fails with a recoverable error")
 )
 
 // tally counts outcomes of one kind of operation.
@@ -50,6 +53,8 @@ type soak struct {
 	signatures map[string]string // signature → signed input
 	wrong      []string          // decryptions during the load that returned other data, and signatures that did not verify
 	internal   []string          // 500s outside the plugin kill, with their message
+	refused    []string          // 400s on ciphertexts and signatures this run issued, with their message
+	why503     map[string]int    // 503s by the cause their message names
 
 	killedAt atomic.Int64 // unix nanoseconds of the plugin kill
 }
@@ -67,13 +72,14 @@ func main() {
 	faultFile := filepath.Join(dir, "fault-rate")
 	check(os.WriteFile(faultFile, []byte(fmt.Sprint(*faultRate)), 0o600))
 	srv.PluginEnv = []string{"CMK_FAULT_RATE_FILE=" + faultFile}
+	srv.LogLevel = "debug" // keeps the plugin's stderr, and so any crash trace, in Vault's log
 	check(srv.StartDevMode("soak-root"))
 	defer srv.Stop()
 	srv.StopOnInterrupt()
 	check(srv.RegisterPlugin(abs(*pluginBin), "", ""))
 	m, err := srv.NewMount("soak")
 	check(err)
-	s := &soak{srv: srv, path: m.Path, issued: map[string]string{}, signatures: map[string]string{}, tally: map[string]*tally{}}
+	s := &soak{srv: srv, path: m.Path, issued: map[string]string{}, signatures: map[string]string{}, tally: map[string]*tally{}, why503: map[string]int{}}
 	for _, op := range []string{"encrypt", "encrypt batch", "decrypt", "rewrap", "rotate", "sign", "verify"} {
 		s.tally[op] = &tally{}
 	}
@@ -130,8 +136,8 @@ func main() {
 	time.Sleep(time.Second)
 
 	lost, checked := s.checkEverything()
-	s.report(lost, checked, time.Since(start), len(pids))
-	if lost > 0 || len(s.wrong) > 0 || len(s.internal) > 0 || len(pids) == 0 {
+	crashes := s.report(lost, checked, time.Since(start), len(pids))
+	if lost > 0 || len(s.wrong) > 0 || len(s.internal) > 0 || len(s.refused) > 0 || crashes > 0 || len(pids) == 0 {
 		os.Exit(1)
 	}
 }
@@ -147,8 +153,16 @@ func (s *soak) count(op string, err error) bool {
 		return true
 	case errors.As(err, &re) && re.StatusCode == 400:
 		t.user.Add(1)
+		if op == "decrypt" || op == "rewrap" || op == "verify" { // every input of theirs was issued by this run
+			s.mu.Lock()
+			s.refused = append(s.refused, op+": "+strings.Join(re.Errors, "; "))
+			s.mu.Unlock()
+		}
 	case errors.As(err, &re) && re.StatusCode == 503:
 		t.unavailable.Add(1)
+		s.mu.Lock()
+		s.why503[cause503(strings.Join(re.Errors, "; "))]++
+		s.mu.Unlock()
 	case errors.As(err, &re) && re.StatusCode == 500:
 		if k := s.killedAt.Load(); k != 0 && time.Since(time.Unix(0, k)) < 20*time.Second {
 			t.killWindow.Add(1)
@@ -270,7 +284,14 @@ func (s *soak) checkEverything() (lost, checked int) {
 	lose := func(path string, it item, why interface{}) {
 		lost++
 		if lost <= 5 {
-			log.Printf("lost: %s %.60s… → %v", path, it.ref, why)
+			// The item alone, once more: its own error, which a batch whose items all fail does not carry
+			// through the client library.
+			single := map[string]interface{}{"ciphertext": it.ref}
+			if it.input != "" {
+				single = map[string]interface{}{"input": it.input, "signature": it.ref}
+			}
+			_, err := s.srv.Client.Logical().Write(s.path+path, single)
+			log.Printf("lost: %s %.60s… → %v; alone: %v", path, it.ref, why, err)
 		}
 	}
 	run := func(path string, items []item, body func(it item) map[string]interface{}, good func(r map[string]interface{}, it item) bool) {
@@ -285,7 +306,7 @@ func (s *soak) checkEverything() (lost, checked int) {
 				for j, it := range chunk {
 					in[j] = body(it)
 				}
-				r, err := s.srv.Client.Logical().Write(s.path+path, map[string]interface{}{"batch_input": in, "partial_failure_response_code": 207})
+				results, err := s.batch(path, in)
 				if err != nil {
 					for _, it := range chunk {
 						it.lastErr = err.Error()
@@ -293,8 +314,8 @@ func (s *soak) checkEverything() (lost, checked int) {
 					}
 					continue
 				}
-				for j, res := range r.Data["batch_results"].([]interface{}) {
-					res, it := res.(map[string]interface{}), chunk[j]
+				for j, res := range results {
+					it := chunk[j]
 					switch msg, _ := res["error"].(string); {
 					case msg != "":
 						it.lastErr = msg
@@ -320,7 +341,71 @@ func (s *soak) checkEverything() (lost, checked int) {
 	return lost, checked
 }
 
-func (s *soak) report(lost, checked int, elapsed time.Duration, kills int) {
+// cause503 names what a 503's message says failed: the backoff after a failed reconnection, or the PKCS#11 error.
+func cause503(msg string) string {
+	switch {
+	case strings.Contains(msg, "next reconnection attempt"):
+		return "waiting for the next reconnection"
+	case strings.Contains(msg, "keeps being replaced"):
+		return "connection replaced under the call"
+	}
+	if i := strings.Index(msg, "CKR_"); i >= 0 {
+		end := i
+		for end < len(msg) && (msg[end] == '_' || msg[end] >= 'A' && msg[end] <= 'Z') {
+			end++
+		}
+		return msg[i:end]
+	}
+	if len(msg) > 60 {
+		msg = msg[:60]
+	}
+	return msg
+}
+
+// batch sends a batch request and returns its per-item results, also when Vault answers 400 because every item
+// failed (the client library then returns only the status).
+func (s *soak) batch(path string, in []interface{}) ([]map[string]interface{}, error) {
+	raw, err := json.Marshal(map[string]interface{}{"batch_input": in, "partial_failure_response_code": 207})
+	if err != nil {
+		return nil, err
+	}
+	resp, err := s.srv.Client.Logical().WriteRaw(s.path+path, raw)
+	if resp == nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	var body struct {
+		Data struct {
+			BatchResults []map[string]interface{} `json:"batch_results"`
+		} `json:"data"`
+		Errors []string `json:"errors"`
+	}
+	if derr := resp.DecodeJSON(&body); derr != nil || len(body.Data.BatchResults) != len(in) {
+		if err == nil {
+			err = fmt.Errorf("status %d: %v (%d results for %d items)", resp.StatusCode, body.Errors, len(body.Data.BatchResults), len(in))
+		}
+		return nil, err
+	}
+	return body.Data.BatchResults, nil
+}
+
+// crashes reads Vault's log for plugin processes that exited other than by the soak's kill, and prints the first
+// crash trace found.
+func (s *soak) crashes() (exits int, trace string) {
+	text, _ := os.ReadFile(s.srv.LogPath)
+	lines := strings.Split(string(text), "\n")
+	for i, l := range lines {
+		if strings.Contains(l, "plugin process exited") && strings.Contains(l, "error=") && !strings.Contains(l, "signal: killed") {
+			exits++
+		}
+		if trace == "" && (strings.Contains(l, "SIGSEGV") || strings.Contains(l, "panic:") || strings.Contains(l, "fatal error:")) {
+			trace = strings.Join(lines[max(i-10, 0):min(i+40, len(lines))], "\n")
+		}
+	}
+	return exits, trace
+}
+
+func (s *soak) report(lost, checked int, elapsed time.Duration, kills int) (crashes int) {
 	fmt.Printf("\nsoak: %s, PKCS#11 fault rate %g, plugin killed %d time(s)\n\n", elapsed.Round(time.Second), *faultRate, kills)
 	fmt.Printf("| operation | ok | 400 | 503 | 500 (plugin restarting) | 500 (other) | transport |\n|---|---|---|---|---|---|---|\n")
 	ops := make([]string, 0, len(s.tally))
@@ -346,18 +431,40 @@ func (s *soak) report(lost, checked int, elapsed time.Duration, kills int) {
 			lost++
 		}
 	}
-	fmt.Printf("ciphertexts and signatures checked: %d; lost: %d; wrong answers during the load: %d; unexplained 500s: %d\n",
-		checked, lost, len(s.wrong), len(s.internal))
+	if len(s.why503) > 0 {
+		fmt.Println("503s by cause:")
+		causes := make([]string, 0, len(s.why503))
+		for c := range s.why503 {
+			causes = append(causes, c)
+		}
+		sort.Slice(causes, func(i, j int) bool { return s.why503[causes[i]] > s.why503[causes[j]] })
+		for _, c := range causes {
+			fmt.Printf("  %7d  %s\n", s.why503[c], c)
+		}
+	}
+	crashes, trace := s.crashes()
+	fmt.Printf("ciphertexts and signatures checked: %d; lost: %d; wrong answers during the load: %d; "+
+		"400s on valid ciphertexts or signatures: %d; unexplained 500s: %d; plugin restarts other than the kill: %d\n",
+		checked, lost, len(s.wrong), len(s.refused), len(s.internal), crashes)
 	for _, msg := range s.internal {
 		if msg != "" {
 			fmt.Println("  500:", msg)
 		}
 	}
-	if lost == 0 && len(s.wrong) == 0 && len(s.internal) == 0 {
+	for i, msg := range s.refused {
+		if i < 10 {
+			fmt.Println("  400:", msg)
+		}
+	}
+	if trace != "" {
+		fmt.Printf("crash trace from Vault's log:\n%s\n", trace)
+	}
+	if lost == 0 && len(s.wrong) == 0 && len(s.internal) == 0 && len(s.refused) == 0 && crashes == 0 {
 		fmt.Println("PASS: nothing lost")
 	} else {
 		fmt.Println("FAIL")
 	}
+	return crashes
 }
 
 func (s *soak) must(path string, data map[string]interface{}) {

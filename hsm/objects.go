@@ -1,7 +1,6 @@
 package hsm
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"strings"
@@ -9,126 +8,48 @@ import (
 	"github.com/miekg/pkcs11"
 )
 
-// GCM sizes shared with the ciphertext format.
-const (
-	GCMNonceSize = 12
-	GCMTagSize   = 16
-	// HMACKeySize is the size of the HMAC secret kept beside each version. Transit uses 32 bytes; tokens such as
-	// SoftHSM refuse an HMAC key shorter than the hash output, so 64 bytes serve every SHA-2 HMAC up to SHA-512.
-	HMACKeySize = 64
-)
-
-// EncryptGCM encrypts with the AES key of CKA_ID id under AES-GCM with the given 96-bit nonce and returns the
-// nonce actually used (some HSMs substitute their own) and ciphertext‖tag.
-func (t *Token) EncryptGCM(ctx context.Context, id, nonce, aad, plaintext []byte) (usedNonce, sealed []byte, err error) {
-	if len(nonce) != GCMNonceSize {
-		return nil, nil, fmt.Errorf("%w: GCM nonce must be %d bytes", ErrInvalidArgument, GCMNonceSize)
-	}
-	err = t.do(ctx, "AES-GCM encrypt", func(p pkcs11API, s pooledSession) error {
-		h, err := t.findKey(p, s, kindAES, id)
-		if err != nil {
-			return err
-		}
-		params := pkcs11.NewGCMParams(nonce, nonEmpty(aad), GCMTagSize*8)
-		defer params.Free()
-		if err := p.EncryptInit(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, h); err != nil {
-			return err
-		}
-		out, err := p.Encrypt(s.h, plaintext)
-		if err != nil {
-			return err
-		}
-		usedNonce = nonce
-		if iv := params.IV(); len(iv) == GCMNonceSize && !bytes.Equal(iv, nonce) {
-			usedNonce = iv
-		}
-		sealed = out
-		return nil
-	})
-	return usedNonce, sealed, err
-}
-
-// DecryptGCM authenticates and decrypts ciphertext‖tag. A ciphertext the key does not authenticate gives
-// ErrInvalidCiphertext (SoftHSM 2.6 reports it as CKR_GENERAL_ERROR, later versions as ENCRYPTED_DATA_INVALID).
-func (t *Token) DecryptGCM(ctx context.Context, id, nonce, aad, sealed []byte) ([]byte, error) {
-	if len(nonce) != GCMNonceSize {
-		return nil, fmt.Errorf("%w: GCM nonce must be %d bytes", ErrInvalidArgument, GCMNonceSize)
-	}
-	if len(sealed) < GCMTagSize {
-		return nil, ErrInvalidCiphertext
-	}
-	var plaintext []byte
-	err := t.do(ctx, "AES-GCM decrypt", func(p pkcs11API, s pooledSession) error {
-		h, err := t.findKey(p, s, kindAES, id)
-		if err != nil {
-			return err
-		}
-		params := pkcs11.NewGCMParams(nonce, nonEmpty(aad), GCMTagSize*8)
-		defer params.Free()
-		if err := p.DecryptInit(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, h); err != nil {
-			return err
-		}
-		out, err := p.Decrypt(s.h, sealed)
-		if rv, ok := rvOf(err); ok {
-			switch rv {
-			case pkcs11.CKR_GENERAL_ERROR, pkcs11.CKR_ENCRYPTED_DATA_INVALID, pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE:
-				return ErrInvalidCiphertext
-			}
-		}
-		plaintext = out
-		return err
-	})
-	return plaintext, err
-}
-
-// nonEmpty turns an empty slice into nil: SoftHSM asserts on a non-NULL pointer with zero length.
-func nonEmpty(b []byte) []byte {
-	if len(b) == 0 {
-		return nil
-	}
-	return b
-}
-
-// GenerateRandom returns n bytes from the token's RNG.
-func (t *Token) GenerateRandom(ctx context.Context, n int) ([]byte, error) {
-	if n <= 0 {
-		return nil, fmt.Errorf("%w: random length %d", ErrInvalidArgument, n)
-	}
-	var out []byte
-	err := t.do(ctx, "C_GenerateRandom", func(p pkcs11API, s pooledSession) error {
-		b, err := p.GenerateRandom(s.h, n)
-		out = b
-		return err
-	})
-	return out, err
-}
-
-// DestroyKeys destroys every object carrying CKA_ID id and returns how many there were. Destroying what is
-// already gone is not an error, so the call can be repeated safely.
+// DestroyKeys destroys every object of version id (its main key, its HMAC secret, under every CKA_ID they may
+// carry) and returns how many there were. Destroying what is already gone is not an error, so the call can be
+// repeated safely.
 func (t *Token) DestroyKeys(ctx context.Context, id []byte) (int, error) {
 	if len(id) == 0 {
 		return 0, fmt.Errorf("%w: empty CKA_ID", ErrInvalidArgument)
 	}
 	n := 0
-	err := t.doObjects(ctx, "C_DestroyObject", func(p pkcs11API, s pooledSession) error {
-		hs, err := findObjects(p, s.h, []*pkcs11.Attribute{
-			pkcs11.NewAttribute(pkcs11.CKA_ID, id), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 0)
+	err := t.doObjects(ctx, "C_DestroyObject", func(c pkcs11API, s session) error {
+		var err error
+		n, err = destroyAllCounted(c, s, id)
+		return err
+	})
+	t.handles.forget(id)
+	return n, err
+}
+
+// destroyAll destroys the token objects of version id.
+func destroyAll(c pkcs11API, s session, id []byte) error {
+	_, err := destroyAllCounted(c, s, id)
+	return err
+}
+
+func destroyAllCounted(c pkcs11API, s session, id []byte) (int, error) {
+	n := 0
+	for _, oid := range [][]byte{id, hmacSecretID(id)} {
+		hs, err := findObjects(c, s.h, []*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_ID, oid), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 0)
 		if err != nil {
-			return err
+			return n, err
 		}
 		for _, h := range hs {
-			if err := p.DestroyObject(s.h, h); err != nil {
-				if rv, ok := rvOf(err); ok && rv == pkcs11.CKR_OBJECT_HANDLE_INVALID {
+			if err := c.DestroyObject(s.h, h); err != nil {
+				if rv, ok := rvOf(err); ok && (rv == pkcs11.CKR_OBJECT_HANDLE_INVALID || rv == pkcs11.CKR_KEY_HANDLE_INVALID) {
 					continue
 				}
-				return err
+				return n, err
 			}
 			n++
 		}
-		return nil
-	})
-	t.forgetHandles(id)
-	return n, err
+	}
+	return n, nil
 }
 
 // ObjectInfo describes a key object as the token reports it. It never holds key material.
@@ -160,14 +81,14 @@ var usageAttrs = []struct {
 // whole token, so it is for audits, recovery passes and tests, never for a request's hot path.
 func (t *Token) ListObjects(ctx context.Context, labelPrefix string) ([]ObjectInfo, error) {
 	var out []ObjectInfo
-	err := t.do(ctx, "list objects", func(p pkcs11API, s pooledSession) error {
+	err := t.do(ctx, "list objects", func(c pkcs11API, s session) error {
 		out = out[:0]
-		hs, err := findObjects(p, s.h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 0)
+		hs, err := findObjects(c, s.h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 0)
 		if err != nil {
 			return err
 		}
 		for _, h := range hs {
-			info, err := objectInfo(p, s.h, h)
+			info, err := objectInfo(c, s.h, h)
 			if err != nil {
 				return err
 			}

@@ -1,0 +1,380 @@
+package hsm
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/miekg/pkcs11"
+)
+
+// Reconnection backoff: after a failed reconnection, calls fail fast until the next attempt. It starts short
+// (a flaky network HSM fails one call in a hundred, reconnections among them) and doubles up to maxBackoff while
+// the token stays away.
+const (
+	minBackoff = 100 * time.Millisecond
+	maxBackoff = 30 * time.Second
+	// reconnectAttempts are made at once before the backoff starts: a reconnection is several calls, and one of
+	// them failing does not mean the token is gone.
+	reconnectAttempts = 2
+)
+
+// session is a PKCS#11 session of one connection: usable only while the module generation and the connection's
+// epoch it was opened in are current.
+type session struct {
+	h     pkcs11.SessionHandle
+	gen   uint64
+	epoch uint64
+}
+
+// pool is a Token's connection to its token: the slot, a login session kept open for the connection's life
+// (SoftHSM forgets logins and handles when an application's last session closes), and idle sessions for
+// operations. A reconnection ends the connection's epoch; sessions of an ended epoch are never used again.
+type pool struct {
+	mod   *module
+	cfg   Config
+	log   hclog.Logger
+	slots chan struct{} // a place in the pool; at most PoolSize operations at once
+
+	// epoch changes, with the module's lock held for writing, whenever the connection is replaced or closed.
+	epoch atomic.Uint64
+
+	mu           sync.Mutex // guards what follows; never held while waiting for a call in another connection
+	closed       bool
+	connected    bool
+	needReinit   bool   // the next reconnection re-initialises the module first
+	gen          uint64 // module generation of the current connection
+	slot         uint
+	info         TokenInfo
+	state        *tokenState
+	loginSession pkcs11.SessionHandle
+	idle         []session
+	lastErr      error
+	retryAt      time.Time
+	backoff      time.Duration
+}
+
+// current reports whether s belongs to the connection's current epoch. Read under the module's lock, it stays
+// true until the call made under that lock returns.
+func (p *pool) current(s session) bool { return s.epoch == p.epoch.Load() }
+
+// connect establishes the first connection; a wrong label, slot or PIN fails here.
+func (p *pool) connect() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.reconnectLocked(true)
+}
+
+// close ends the connection for good: the epoch ends under the module's lock, so calls of this Token still in
+// flight finish first and later ones fail cleanly; then the sessions are closed. Never C_Logout or
+// C_CloseAllSessions: other mounts may share the token.
+func (p *pool) close() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return
+	}
+	p.closed = true
+	p.endEpochLocked(false)
+}
+
+// endEpochLocked ends the current epoch (and with reinit, the module generation) and closes the connection's
+// sessions if the library still knows them. Sessions handed out and not yet returned are closed when they come
+// back (put).
+func (p *pool) endEpochLocked(reinit bool) error {
+	idle, login, gen := p.idle, p.loginSession, p.gen
+	p.idle, p.loginSession, p.connected = nil, 0, false
+	var rerr error
+	err := p.mod.exclusive(func() error {
+		p.epoch.Add(1)
+		if reinit {
+			rerr = p.mod.reinitializeLocked(gen)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	_ = p.mod.enter(gen, nil, func(c pkcs11API) error { // only if the generation is still live
+		for _, s := range idle {
+			_ = c.CloseSession(s.h)
+		}
+		if login != 0 {
+			_ = c.CloseSession(login)
+		}
+		return nil
+	})
+	return rerr
+}
+
+// reconnectLocked (re)establishes the connection: the old epoch ends (re-initialising the module first when a
+// device fault asked for it), then slot lookup by label, a login session, and the login.
+func (p *pool) reconnectLocked(first bool) error {
+	if err := p.endEpochLocked(p.needReinit); err != nil {
+		return err
+	}
+	p.needReinit = false
+	gen := p.mod.generation.Load()
+	slot, err := p.findSlot(gen)
+	if errors.Is(err, errStale) {
+		gen = p.mod.generation.Load()
+		slot, err = p.findSlot(gen)
+	}
+	if errors.Is(err, ErrTokenNotFound) && p.mod.mayReinitializeToFind() {
+		// SoftHSM (and some real modules) fix the slot list at C_Initialize: look again after re-initialising.
+		// Every other user of the module reconnects after that, so a lookup that finds nothing that way keeps
+		// further such lookups from re-initialising for a while (see mayReinitializeToFind).
+		if rerr := p.mod.exclusive(func() error { return p.mod.reinitializeLocked(gen) }); rerr != nil {
+			return rerr
+		}
+		gen = p.mod.generation.Load()
+		if slot, err = p.findSlot(gen); errors.Is(err, ErrTokenNotFound) {
+			p.mod.foundNothingByReinitializing()
+		}
+	}
+	if err != nil {
+		return err
+	}
+	var ti pkcs11.TokenInfo
+	var sh pkcs11.SessionHandle
+	err = p.mod.enter(gen, nil, func(c pkcs11API) error {
+		var err error
+		if ti, err = c.GetTokenInfo(slot); err != nil {
+			return opError("C_GetTokenInfo", err)
+		}
+		if sh, err = c.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION); err != nil {
+			return opError("C_OpenSession", err)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if err := p.loginLocked(gen, sh, slotKey(p.cfg.Library, ti)); err != nil {
+		_ = p.mod.enter(gen, nil, func(c pkcs11API) error { return c.CloseSession(sh) })
+		return err
+	}
+	p.slot, p.gen, p.loginSession, p.connected = slot, gen, sh, true
+	p.info = tokenInfoFrom(slot, ti)
+	p.state = p.mod.token(slotKey(p.cfg.Library, ti))
+	p.lastErr, p.backoff = nil, 0
+	if !first {
+		p.log.Warn("reconnected to the HSM token", "token", p.info.Label, "slot", slot)
+	}
+	return nil
+}
+
+// loginLocked logs the process in on the login session, through the module's guard of wrong PINs.
+func (p *pool) loginLocked(gen uint64, sh pkcs11.SessionHandle, token string) error {
+	loginErr := p.mod.logins.admit(token, p.cfg.PIN)
+	switch {
+	case errors.Is(loginErr, ErrLoginBackoff):
+		return loginErr
+	case loginErr == nil:
+		if err := p.mod.enter(gen, nil, func(c pkcs11API) error {
+			loginErr = c.Login(sh, pkcs11.CKU_USER, p.cfg.PIN)
+			return nil
+		}); err != nil {
+			return err
+		}
+	}
+	verdict, locked := p.mod.logins.result(token, p.cfg.PIN, loginErr)
+	if locked {
+		p.log.Warn("wrong PIN for the HSM token again: further login attempts with an unknown PIN are delayed",
+			"mount", p.cfg.Mount, "token", strings.TrimSpace(tokenLabel(token)))
+	}
+	switch {
+	case verdict == nil:
+		return nil
+	case errors.Is(verdict, ErrPINIncorrect):
+		return fmt.Errorf("C_Login: %w", ErrPINIncorrect)
+	}
+	return opError("C_Login", verdict)
+}
+
+// slotKey names a token within the process: the module, its serial and its label.
+func slotKey(lib string, ti pkcs11.TokenInfo) string {
+	return lib + "\x00" + strings.TrimSpace(ti.SerialNumber) + "\x00" + strings.TrimSpace(ti.Label)
+}
+
+func tokenLabel(key string) string {
+	parts := strings.Split(key, "\x00")
+	return parts[len(parts)-1]
+}
+
+func (p *pool) findSlot(gen uint64) (uint, error) {
+	var found uint
+	err := p.mod.enter(gen, nil, func(c pkcs11API) error {
+		slots, err := c.GetSlotList(true)
+		if err != nil {
+			return opError("C_GetSlotList", err)
+		}
+		for _, s := range slots {
+			if p.cfg.TokenLabel == "" {
+				if s == p.cfg.Slot {
+					found = s
+					return nil
+				}
+				continue
+			}
+			ti, err := c.GetTokenInfo(s)
+			if err != nil {
+				continue
+			}
+			if strings.TrimSpace(ti.Label) == p.cfg.TokenLabel && ti.Flags&pkcs11.CKF_TOKEN_INITIALIZED != 0 {
+				found = s
+				return nil
+			}
+		}
+		return ErrTokenNotFound
+	})
+	if err == ErrTokenNotFound {
+		err = p.slotMissing()
+	}
+	return found, err
+}
+
+// slotMissing says which token was not found. Never called within enter: onlyUser takes the modules' lock,
+// which release holds while it waits for calls to leave the library.
+func (p *pool) slotMissing() error {
+	hint := ""
+	if wait := p.mod.reinitializeToFindIn(); wait > 0 {
+		hint = fmt.Sprintf(" (the module's token list was re-read a moment ago for another unknown token; a token created since is looked for again in %s)", wait.Round(time.Second))
+	}
+	if p.cfg.TokenLabel != "" {
+		return fmt.Errorf("%w: no initialised token labelled %q%s", ErrTokenNotFound, p.cfg.TokenLabel, hint)
+	}
+	return fmt.Errorf("%w: no token in slot %d%s", ErrTokenNotFound, p.cfg.Slot, hint)
+}
+
+// ensure reconnects if the connection is gone, honouring the backoff.
+func (p *pool) ensure() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return fmt.Errorf("%w: connection closed", ErrUnavailable)
+	}
+	if p.connected && p.gen == p.mod.generation.Load() {
+		return nil
+	}
+	if p.lastErr != nil && time.Now().Before(p.retryAt) {
+		return fmt.Errorf("%w: %v (next reconnection attempt in %s)", ErrUnavailable, p.lastErr,
+			time.Until(p.retryAt).Round(100*time.Millisecond))
+	}
+	var err error
+	for attempt := 0; attempt < reconnectAttempts; attempt++ {
+		if err = p.reconnectLocked(false); err == nil || errors.Is(err, ErrPINIncorrect) {
+			break
+		}
+		p.needReinit = p.needReinit || errors.Is(err, ErrUnavailable) // a device fault: re-initialise this time
+	}
+	if err != nil {
+		p.backoff = min(max(2*p.backoff, minBackoff), maxBackoff)
+		p.lastErr, p.retryAt = err, time.Now().Add(p.backoff)
+		p.log.Warn("HSM reconnection failed", "error", err, "retry_in", p.backoff)
+		if errors.Is(err, ErrUnavailable) {
+			return err
+		}
+		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	return nil
+}
+
+// reinitialize re-initialises the module now and reconnects (quirks.reinitAfterDestroy); a failure is left to the
+// next call's reconnection.
+func (p *pool) reinitialize() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return
+	}
+	p.needReinit = true
+	if err := p.reconnectLocked(true); err != nil {
+		p.connected, p.lastErr = false, err
+		p.log.Warn("re-initialising the module after an object's destruction failed", "error", err)
+	}
+}
+
+// markLost records that the connection s belongs to is unusable; device-class faults also re-initialise the
+// module at the next reconnection.
+func (p *pool) markLost(s session, reinit bool, cause error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if s.epoch != p.epoch.Load() || !p.connected {
+		return // someone already reconnected or marked it
+	}
+	p.connected = false
+	p.needReinit = p.needReinit || reinit
+	p.lastErr = cause
+	p.log.Warn("HSM connection lost", "error", cause, "reinitialise", reinit)
+}
+
+// get returns an idle session of the current connection or opens one. On failure the returned session still
+// names the connection it was meant for, so that the failure is charged to that connection.
+func (p *pool) get() (session, error) {
+	p.mu.Lock()
+	if n := len(p.idle); n > 0 {
+		s := p.idle[n-1]
+		p.idle = p.idle[:n-1]
+		p.mu.Unlock()
+		return s, nil
+	}
+	s := session{gen: p.gen, epoch: p.epoch.Load()}
+	slot := p.slot
+	p.mu.Unlock()
+	err := p.mod.enter(s.gen, func() bool { return p.current(s) }, func(c pkcs11API) error {
+		h, err := c.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+		s.h = h
+		return err
+	})
+	return s, err
+}
+
+// run makes fn's calls on session s, if s still belongs to the current connection.
+func (p *pool) run(s session, fn func(c pkcs11API, s session) error) error {
+	return p.mod.enter(s.gen, func() bool { return p.current(s) }, func(c pkcs11API) error { return fn(c, s) })
+}
+
+// put returns a session after a call that left it usable.
+func (p *pool) put(s session) {
+	p.mu.Lock()
+	if p.current(s) && p.connected && !p.closed {
+		p.idle = append(p.idle, s)
+		p.mu.Unlock()
+		return
+	}
+	p.mu.Unlock()
+	p.discard(s)
+}
+
+// discard closes a session that must not be reused, if the library still knows it: a session of an ended epoch
+// in the live generation is still open, and nobody else holds its number.
+func (p *pool) discard(s session) {
+	if s.h == 0 {
+		return
+	}
+	_ = p.mod.enter(s.gen, nil, func(c pkcs11API) error { return c.CloseSession(s.h) })
+}
+
+// status says whether the connection is up now, and the last error if not.
+func (p *pool) status() (bool, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.connected && p.gen == p.mod.generation.Load(), p.lastErr
+}
+
+func (p *pool) tokenInfo() TokenInfo {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.info
+}
+
+func (p *pool) tokenState() *tokenState {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.state
+}

@@ -1,0 +1,218 @@
+package hsm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/miekg/pkcs11"
+)
+
+// errorClass says what recovery a failed call calls for.
+type errorClass int
+
+const (
+	classOther     errorClass = iota
+	classSession              // the session is unusable: drop it and use another
+	classLogin                // the token forgot our login: log in again
+	classHandle               // a cached object handle went stale: look the object up again
+	classDevice               // the module, slot or token went away: re-initialise with backoff
+	classStale                // the session belongs to a finished connection: the call was not made
+	classAmbiguous            // a verdict the token also gives for faults: ask once more on another session
+)
+
+func rvOf(err error) (uint, bool) {
+	var e pkcs11.Error
+	if errors.As(err, &e) {
+		return uint(e), true
+	}
+	return 0, false
+}
+
+func classify(err error) errorClass {
+	switch {
+	case errors.Is(err, errStale):
+		return classStale
+	case errors.Is(err, errAmbiguousVerdict):
+		return classAmbiguous
+	}
+	rv, ok := rvOf(err)
+	if !ok {
+		return classOther
+	}
+	switch rv {
+	case pkcs11.CKR_SESSION_HANDLE_INVALID, pkcs11.CKR_SESSION_CLOSED, pkcs11.CKR_OPERATION_ACTIVE:
+		return classSession
+	case pkcs11.CKR_USER_NOT_LOGGED_IN:
+		return classLogin
+	case pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_KEY_HANDLE_INVALID:
+		return classHandle
+	case pkcs11.CKR_DEVICE_ERROR, pkcs11.CKR_DEVICE_REMOVED, pkcs11.CKR_TOKEN_NOT_PRESENT,
+		pkcs11.CKR_TOKEN_NOT_RECOGNIZED, pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED, pkcs11.CKR_SLOT_ID_INVALID,
+		pkcs11.CKR_DEVICE_MEMORY:
+		return classDevice
+	}
+	return classOther
+}
+
+// mayMeanLoggedOut: answers that modules give, instead of CKR_USER_NOT_LOGGED_IN, once a C_Logout or
+// C_CloseAllSessions elsewhere has logged the application out: private objects are then invisible.
+func mayMeanLoggedOut(err error) bool {
+	rv, ok := rvOf(err)
+	if !ok {
+		return false
+	}
+	switch rv {
+	case pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_KEY_HANDLE_INVALID, pkcs11.CKR_MECHANISM_INVALID,
+		pkcs11.CKR_KEY_FUNCTION_NOT_PERMITTED, pkcs11.CKR_KEY_TYPE_INCONSISTENT:
+		return true
+	}
+	return false
+}
+
+// maxStaleRetries bounds the fresh sessions a call takes after connections ended under it.
+const maxStaleRetries = 3
+
+// do runs fn on a pooled session, applying the recovery rules: a dead session is replaced, a lost login is
+// restored, a stale handle is looked up again, a lost device is re-initialised, each at most once per call; a
+// session whose connection ended before its call is replaced without counting as a fault. fn must be safe to
+// repeat after any of those errors (they mean the operation did not happen).
+func (t *Token) do(ctx context.Context, op string, fn func(c pkcs11API, s session) error) error {
+	select {
+	case t.pool.slots <- struct{}{}:
+	case <-ctx.Done():
+		return fmt.Errorf("%s: %w: no HSM session free: %v", op, ErrUnavailable, ctx.Err())
+	}
+	defer func() { <-t.pool.slots }()
+
+	var last error
+	var recovered [classAmbiguous + 1]bool // each recovery at most once per call
+	stale := 0
+	for {
+		if err := t.pool.ensure(); err != nil {
+			return fmt.Errorf("%s: %w", op, err)
+		}
+		s, err := t.pool.get()
+		if err == nil {
+			if err = t.pool.run(s, fn); err == nil {
+				t.pool.put(s)
+				return nil
+			}
+		}
+		class := classify(err)
+		if class == classHandle || (class == classOther && mayMeanLoggedOut(err)) {
+			if t.loggedOut(s) {
+				class = classLogin
+			}
+		}
+		switch class {
+		case classStale:
+			if stale++; stale > maxStaleRetries {
+				return fmt.Errorf("%s: %w: the connection to the token keeps being replaced", op, ErrUnavailable)
+			}
+			continue // not a fault of this call's: get a session of the current connection
+		case classSession, classAmbiguous:
+			t.pool.discard(s)
+		case classLogin:
+			t.pool.put(s)
+			t.pool.markLost(s, false, err)
+		case classHandle:
+			t.handles.clear()
+			t.pool.put(s)
+		case classDevice:
+			t.pool.markLost(s, true, err)
+		default:
+			t.pool.put(s)
+			return opError(op, err)
+		}
+		last = err
+		if recovered[class] {
+			break
+		}
+		recovered[class] = true
+		t.log.Debug("retrying HSM operation after recoverable error", "op", op, "error", err)
+	}
+	switch classify(last) {
+	case classSession, classLogin, classHandle:
+		// Failed again after its recovery (a fresh session, login or lookup): the token is not serving now, and a
+		// later call may succeed. An object that is gone fails the lookup instead (ErrObjectNotFound).
+		return fmt.Errorf("%s: %w: %v", op, ErrUnavailable, last)
+	case classAmbiguous:
+		return fmt.Errorf("%s: %w", op, ErrInvalidCiphertext) // the same verdict twice: the ciphertext is bad
+	}
+	return opError(op, last)
+}
+
+// loggedOut reports whether session s has lost its login, asking the module on the session itself.
+func (t *Token) loggedOut(s session) bool {
+	if s.h == 0 {
+		return false
+	}
+	lost := false
+	_ = t.pool.run(s, func(c pkcs11API, s session) error {
+		var err error
+		lost, err = loginLost(c, s)
+		return err
+	})
+	return lost
+}
+
+// doObjects is do for operations that create or destroy token objects. On tokens whose object store fails under
+// parallel writes they run one at a time per token, and CKR_GENERAL_ERROR, which SoftHSM's file store returns
+// now and then under load, is repeated: every such operation here is idempotent (creation keeps an object
+// already carrying its CKA_ID; destruction of what is gone succeeds). Waiting honours ctx.
+func (t *Token) doObjects(ctx context.Context, op string, fn func(c pkcs11API, s session) error) error {
+	state := t.pool.tokenState()
+	q := t.quirks()
+	if q.serialObjectWrites && state != nil {
+		select {
+		case state.objectWrites <- struct{}{}:
+			defer func() { <-state.objectWrites }()
+		case <-ctx.Done():
+			return fmt.Errorf("%s: %w: waiting for another object write on the token: %v", op, ErrUnavailable, ctx.Err())
+		}
+	}
+	if q.reinitAfterDestroy {
+		var destroyed bool
+		inner := fn
+		fn = func(c pkcs11API, s session) error { return inner(destroyCounter{c, &destroyed}, s) }
+		defer func() {
+			if destroyed {
+				t.pool.reinitialize() // still holding the token's object-write turn: nothing is made meanwhile
+			}
+		}()
+	}
+	attempts := 1
+	if q.retryGeneralError {
+		attempts = 3
+	}
+	var err error
+	for attempt := 1; ; attempt++ {
+		if err = t.do(ctx, op, fn); !isGeneralError(err) || attempt >= attempts {
+			return err
+		}
+		t.log.Warn("token object operation failed with CKR_GENERAL_ERROR; repeating it", "op", op, "attempt", attempt)
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(time.Duration(attempt) * 20 * time.Millisecond):
+		}
+	}
+}
+
+func isGeneralError(err error) bool {
+	rv, ok := rvOf(err)
+	return ok && rv == pkcs11.CKR_GENERAL_ERROR
+}
+
+// destroyCounter notes that a call destroyed an object (for quirks.reinitAfterDestroy).
+type destroyCounter struct {
+	pkcs11API
+	destroyed *bool
+}
+
+func (d destroyCounter) DestroyObject(sh pkcs11.SessionHandle, oh pkcs11.ObjectHandle) error {
+	*d.destroyed = true
+	return d.pkcs11API.DestroyObject(sh, oh)
+}
