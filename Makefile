@@ -8,7 +8,7 @@ SOAK_DURATION ?= 10m
 SOAK_FAULT_RATE ?= 0.01
 SOAK_PLUGIN := .build/soak/vault-plugin-secrets-cmk
 
-.PHONY: all build deps vault dev test unit e2e fuzz bench bench-smoke reference soak soak-smoke soak-plugin cluster lint fmt clean
+.PHONY: all build deps vault dev test unit e2e fuzz bench bench-smoke reference soak soak-smoke soak-plugin cluster hsm-matrix lint fmt clean
 
 all: build
 
@@ -72,6 +72,10 @@ soak-smoke: deps vault soak-plugin
 # A 3-node Vault cluster with raft storage on loopback, the engine on one shared SoftHSM token (.cluster/).
 cluster: deps build vault
 	@scripts/cluster.sh start
+
+# The HSM package's tests on every PKCS#11 implementation, writing their capability table into docs/HSMS.md.
+hsm-matrix: deps
+	@scripts/hsm-matrix.sh
 
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed: make fmt"; exit 1; }

@@ -47,6 +47,9 @@ type quirks struct {
 	// the next signature put the TPM into its failure mode). After a destruction the module is re-initialised,
 	// which numbers every object afresh, before anything else is made on the token.
 	reinitAfterDestroy bool
+	// reinitAfterRefusal: an operation the module refuses (a bad ciphertext, a salt it does not take) leaves the
+	// key unable to be destroyed (tpm2-pkcs11 1.9: CKR_FUNCTION_FAILED) until the module is re-initialised.
+	reinitAfterRefusal bool
 	// oneSession: concurrent sessions interfere (tpm2-pkcs11 1.9 answers CKR_OPERATION_NOT_INITIALIZED to a C_Sign
 	// right after its C_SignInit when other sessions work meanwhile): operations use one session at a time.
 	oneSession bool
@@ -57,7 +60,7 @@ func quirksOf(lib pkcs11.Info, info TokenInfo) quirks {
 	case strings.HasPrefix(info.ManufacturerID, "SoftHSM"):
 		return quirks{serialObjectWrites: true, retryGeneralError: true, pad210A: true}
 	case strings.Contains(lib.ManufacturerID, "tpm2-software"):
-		return quirks{serialObjectWrites: true, reinitAfterDestroy: true, oneSession: true}
+		return quirks{serialObjectWrites: true, reinitAfterDestroy: true, reinitAfterRefusal: true, oneSession: true}
 	}
 	return quirks{}
 }

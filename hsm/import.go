@@ -21,8 +21,9 @@ const (
 )
 
 // GenerateWrappingKey creates the RSA-4096 key whose public half clients wrap import keys with. Its private half
-// may only unwrap (RSA-OAEP), and decrypt with raw RSA only where the operator chose the raw-RSA fallback for a
-// token whose OAEP lacks SHA-256.
+// may only unwrap (RSA-OAEP); on tokens whose OAEP lacks SHA-256 (the hash vault transit import uses), it may also
+// decrypt with raw RSA, so that the raw-RSA fallback works once the operator chooses it (Config.RawRSAOAEPFallback:
+// whether it is used is that choice, made at each import).
 func (t *Token) GenerateWrappingKey(ctx context.Context, id []byte, label string) (*rsa.PublicKey, error) {
 	caps, err := t.Capabilities(ctx)
 	if err != nil {
@@ -34,7 +35,7 @@ func (t *Token) GenerateWrappingKey(ctx context.Context, id []byte, label string
 	if !caps.Offers(pkcs11.CKM_RSA_PKCS_OAEP) {
 		return nil, unsupported("BYOK", []string{mechanismName(pkcs11.CKM_RSA_PKCS_OAEP)})
 	}
-	rawRSA := t.cfg.RawRSAOAEPFallback && !caps.OAEPSHA256
+	rawRSA := !caps.OAEPSHA256
 	templates := func(o templateOptions) (uint, []*pkcs11.Attribute, []*pkcs11.Attribute) {
 		pubT, privT := wrappingKeyTemplates(o, rawRSA, id, label)
 		return pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, pubT, privT

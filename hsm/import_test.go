@@ -206,10 +206,11 @@ func TestImportRefusesBadInput(t *testing.T) {
 	}
 }
 
-// Without the operator's choice, an import the token's OAEP cannot unwrap is refused with what to do, and the
-// wrapping key cannot decrypt with raw RSA at all.
+// Without the operator's choice, an import the token's OAEP cannot unwrap is refused with what to do; with it, the
+// same wrapping key takes the import. On a token whose OAEP takes SHA-256 the wrapping key could never decrypt
+// with raw RSA (TestEveryAlgorithmOnEveryToken, TestImportOnEveryToken).
 func TestRawRSAImportFallbackIsTheOperatorsChoice(t *testing.T) {
-	tok, _ := newToken(t, 1)
+	tok, cfg := newToken(t, 1)
 	ctx := context.Background()
 	wrappingID := randomID(t)
 	wrapping, err := tok.GenerateWrappingKey(ctx, wrappingID, "cmk/test/wrapping_key")
@@ -225,12 +226,14 @@ func TestRawRSAImportFallbackIsTheOperatorsChoice(t *testing.T) {
 	if _, _, method, err := importKey(t, tok, wrappingID, wrapping, AES256, crypto.SHA1, material); err != nil || method != ImportUnwrappedInHSM {
 		t.Fatalf("SHA-1 import, which the token's OAEP takes: %s, %v", method, err)
 	}
-	objs, err := tok.ListObjects(ctx, "cmk/test/wrapping_key")
-	if err != nil || len(objs) != 1 {
-		t.Fatalf("wrapping key: %v %v", objs, err)
+	cfg.RawRSAOAEPFallback = true // the operator chooses it: config/hsm reconnects
+	chosen, err := Open(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
 	}
-	if got := strings.Join(objs[0].Usage, ","); got != "unwrap" {
-		t.Fatalf("wrapping key usage %s, want unwrap only", got)
+	defer chosen.Close()
+	if _, _, method, err := importKey(t, chosen, wrappingID, wrapping, AES256, crypto.SHA256, material); err != nil || method != ImportEphemeralInPlugin {
+		t.Fatalf("SHA-256 import with the fallback chosen: %s, %v", method, err)
 	}
 }
 

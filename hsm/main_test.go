@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 
@@ -45,7 +47,14 @@ func TestMain(m *testing.M) {
 			defer p.Close()
 			matrix = append(matrix, p)
 		}
-		return m.Run()
+		code := m.Run()
+		if out := os.Getenv("CMK_MATRIX_OUT"); out != "" && code == 0 {
+			if err := os.WriteFile(out, []byte(capabilityTable()), 0o644); err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				return 1
+			}
+		}
+		return code
 	}()
 	os.RemoveAll(dir)
 	os.Exit(code)
@@ -117,6 +126,43 @@ func openToken(t *testing.T, tk tokentest.Token, poolSize int) *Token {
 	}
 	t.Cleanup(tok.Close)
 	return tok
+}
+
+// matrixResults records, per token kind and row, what a matrix test found: the capability table of docs/HSMS.md
+// is written from it (CMK_MATRIX_OUT, make hsm-matrix).
+var (
+	matrixMu      sync.Mutex
+	matrixResults = map[string]map[string]string{}
+	matrixRows    []string
+)
+
+func record(kind tokentest.Kind, row, result string) {
+	matrixMu.Lock()
+	defer matrixMu.Unlock()
+	if matrixResults[row] == nil {
+		matrixResults[row] = map[string]string{}
+		matrixRows = append(matrixRows, row)
+	}
+	matrixResults[row][string(kind)] = result
+}
+
+func capabilityTable() string {
+	matrixMu.Lock()
+	defer matrixMu.Unlock()
+	var b strings.Builder
+	b.WriteString("| | SoftHSM 2.6 | NSS softokn 3.87 | opencryptoki 3.8 (soft) | tpm2-pkcs11 1.9 (swtpm) |\n|---|---|---|---|---|\n")
+	for _, row := range matrixRows {
+		b.WriteString("| " + row)
+		for _, k := range tokentest.Kinds {
+			v := matrixResults[row][string(k)]
+			if v == "" {
+				v = "–"
+			}
+			b.WriteString(" | " + strings.ReplaceAll(v, "|", "\\|"))
+		}
+		b.WriteString(" |\n")
+	}
+	return b.String()
 }
 
 type testLog struct{ t *testing.T }

@@ -124,6 +124,9 @@ func (t *Token) do(ctx context.Context, op string, fn func(c pkcs11API, s sessio
 			t.pool.markLost(s, true, err)
 		default:
 			t.pool.put(s)
+			if t.quirks().reinitAfterRefusal {
+				t.pool.reinitialize()
+			}
 			return opError(op, err)
 		}
 		last = err
@@ -139,6 +142,9 @@ func (t *Token) do(ctx context.Context, op string, fn func(c pkcs11API, s sessio
 		// later call may succeed. An object that is gone fails the lookup instead (ErrObjectNotFound).
 		return fmt.Errorf("%s: %w: %v", op, ErrUnavailable, last)
 	case classAmbiguous:
+		if t.quirks().reinitAfterRefusal {
+			t.pool.reinitialize()
+		}
 		return fmt.Errorf("%s: %w", op, ErrInvalidCiphertext) // the same verdict twice: the ciphertext is bad
 	}
 	return opError(op, last)

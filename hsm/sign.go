@@ -8,6 +8,7 @@ import (
 	_ "crypto/sha3"
 	_ "crypto/sha512"
 	"encoding/asn1"
+	"errors"
 	"fmt"
 
 	"github.com/miekg/pkcs11"
@@ -104,7 +105,12 @@ func (t *Token) SignPSS(ctx context.Context, id []byte, h crypto.Hash, digest []
 		return nil, unsupported("RSA-PSS signatures", []string{mechanismName(pkcs11.CKM_RSA_PKCS_PSS)})
 	}
 	params := pkcs11.NewPSSParams(info.mech, info.mgf, uint(saltLen))
-	return t.sign(ctx, "RSA PSS sign", kindRSA, id, pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_PSS, params), digest)
+	sig, err := t.sign(ctx, "RSA PSS sign", kindRSA, id, pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_PSS, params), digest)
+	if errors.Is(err, ErrMechanismUnsupported) {
+		// The token lists PSS but not with these parameters (SoftHSM has no SHA-3 here, tpm2-pkcs11 none at all).
+		return nil, fmt.Errorf("%w: the token refuses RSA-PSS with %v and a %d-byte salt", ErrMechanismUnsupported, h, saltLen)
+	}
+	return sig, err
 }
 
 // SignECDSA signs a digest with the EC key of id and returns r‖s, each as long as the curve's order.

@@ -228,8 +228,8 @@ func ed25519KeyTemplates(o templateOptions, id []byte, label string) (pub, priv 
 	return pub, priv
 }
 
-// wrappingKeyTemplates: the mount's RSA-4096 import key may only unwrap with RSA-OAEP, and, when the operator
-// chose the raw-RSA fallback for a token whose OAEP lacks the import's hash, decrypt with raw RSA.
+// wrappingKeyTemplates: the mount's RSA-4096 import key may only unwrap with RSA-OAEP, and, on a token whose OAEP
+// lacks SHA-256, decrypt with raw RSA for the fallback the operator may choose.
 func wrappingKeyTemplates(o templateOptions, rawRSA bool, id []byte, label string) (pub, priv []*pkcs11.Attribute) {
 	pub = publicKeyTemplate(o, pkcs11.CKK_RSA, id,
 		pkcs11.NewAttribute(pkcs11.CKA_WRAP, true),

@@ -47,7 +47,9 @@ vault plugin register -sha256="$SHA" \
   -env="CMK_PKCS11_LIBRARY=$CMK_PKCS11_LIBRARY" -env="SOFTHSM2_CONF=$SOFTHSM2_CONF" \
   secret "$PLUGIN_NAME" >/dev/null
 vault secrets enable -path=cmk "$PLUGIN_NAME" >/dev/null
-vault write cmk/config/hsm token_label="$TOKEN_LABEL" pin="$PIN" >/dev/null
+# SoftHSM 2.6's RSA-OAEP lacks SHA-256, which vault transit import wraps with: let imports use the raw-RSA
+# fallback (README, BYOK on SoftHSM 2.6).
+vault write cmk/config/hsm token_label="$TOKEN_LABEL" pin="$PIN" raw_rsa_oaep_fallback=true >/dev/null
 vault write -f cmk/keys/demo >/dev/null
 
 cat > "$DEV/env" <<ENV

@@ -307,6 +307,22 @@ func (s *Server) RegisterPlugin(src, version, name string) error {
 	})
 }
 
+// RegisterPluginOn registers the plugin binary at src once more under name, with env as its whole module
+// environment (CMK_PKCS11_LIBRARY and what that module reads): one plugin process per PKCS#11 implementation, as
+// an operator with two HSMs would register it twice.
+func (s *Server) RegisterPluginOn(src, name string, env []string) error {
+	if err := CopyFile(src, filepath.Join(s.PluginDir, name)); err != nil {
+		return err
+	}
+	sum, err := FileSHA256(filepath.Join(s.PluginDir, name))
+	if err != nil {
+		return err
+	}
+	return s.Client.Sys().RegisterPluginWithContext(context.Background(), &api.RegisterPluginInput{
+		Name: name, Type: api.PluginTypeSecrets, Command: name, SHA256: sum, Env: env,
+	})
+}
+
 // Mount is one mount of the engine and the token it is configured on.
 type Mount struct {
 	Path  string // without trailing slash
