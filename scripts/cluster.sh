@@ -34,6 +34,55 @@ wait_for() {
   die "node at $addr: timed out waiting for $what"
 }
 
+# start_node NAME: write NAME's config on two free ports and start it. A port can still be taken between
+# the check and the bind by a process outside this script; then the node exits at once saying so, and it is
+# started again on other ports.
+start_node() {
+  local node=$1 api cluster attempt pid
+  mkdir -p "$DIR/$node/raft" "$DIR/$node/plugins"
+  cp "$PLUGIN_BIN" "$DIR/$node/plugins/$PLUGIN_NAME"
+  for attempt in 1 2 3 4 5; do
+    api=$(free_port)
+    cluster=$(CMK_PORTS_TAKEN="$api" free_port)
+    local leader_addr=""
+    [ "$node" != node1 ] && read -r _ leader_addr _ < <(head -1 "$DIR/nodes")
+    {
+      echo "storage \"raft\" {"
+      echo "  path    = \"$DIR/$node/raft\""
+      echo "  node_id = \"$node\""
+      [ -n "$leader_addr" ] && printf '  retry_join {\n    leader_api_addr = "%s"\n  }\n' "$leader_addr"
+      echo "}"
+      echo "listener \"tcp\" {"
+      echo "  address         = \"127.0.0.1:$api\""
+      echo "  cluster_address = \"127.0.0.1:$cluster\""
+      echo "  tls_disable     = true"
+      echo "}"
+      echo "api_addr         = \"http://127.0.0.1:$api\""
+      echo "cluster_addr     = \"https://127.0.0.1:$cluster\""
+      echo "plugin_directory = \"$DIR/$node/plugins\""
+      echo "disable_mlock    = true"
+      echo "log_level        = \"info\""
+    } >"$DIR/$node/config.hcl"
+    # setsid: the node outlives this script and is stopped by its pid (scripts/cluster.sh stop).
+    setsid "$VAULT_BIN" server -config="$DIR/$node/config.hcl" >"$DIR/$node/vault.log" 2>&1 </dev/null &
+    pid=$!
+    echo "$pid" >"$DIR/$node/pid"
+    # Listening, or gone: Vault binds its listeners before anything else, so a taken port shows within moments.
+    for _ in $(seq 1 100); do
+      kill -0 "$pid" 2>/dev/null || break
+      (exec 3<>"/dev/tcp/127.0.0.1/$api") 2>/dev/null && break
+      sleep 0.1
+    done
+    if ! kill -0 "$pid" 2>/dev/null && grep -q "address already in use" "$DIR/$node/vault.log"; then
+      log "$node: port $api or $cluster was taken before Vault bound it (attempt $attempt); trying others"
+      continue
+    fi
+    echo "$node http://127.0.0.1:$api $pid" >>"$DIR/nodes"
+    return 0
+  done
+  die "$node: could not find free ports in 5 attempts (log in $DIR/$node/vault.log)"
+}
+
 start() {
   [ -x "$PLUGIN_BIN" ] || die "plugin not built: run 'make build'"
   [ -x "$VAULT_BIN" ] || die "Vault not built: run 'make vault'"
@@ -55,33 +104,7 @@ start() {
   local leader="" i
   : >"$DIR/nodes"
   for i in $(seq 1 "$NODES"); do
-    local node="node$i" api cluster
-    api=$(free_port)
-    cluster=$(free_port)
-    mkdir -p "$DIR/$node/raft" "$DIR/$node/plugins"
-    cp "$PLUGIN_BIN" "$DIR/$node/plugins/$PLUGIN_NAME"
-    [ -z "$leader" ] && leader="http://127.0.0.1:$api"
-    {
-      echo "storage \"raft\" {"
-      echo "  path    = \"$DIR/$node/raft\""
-      echo "  node_id = \"$node\""
-      [ "$i" -gt 1 ] && printf '  retry_join {\n    leader_api_addr = "%s"\n  }\n' "$leader"
-      echo "}"
-      echo "listener \"tcp\" {"
-      echo "  address         = \"127.0.0.1:$api\""
-      echo "  cluster_address = \"127.0.0.1:$cluster\""
-      echo "  tls_disable     = true"
-      echo "}"
-      echo "api_addr         = \"http://127.0.0.1:$api\""
-      echo "cluster_addr     = \"https://127.0.0.1:$cluster\""
-      echo "plugin_directory = \"$DIR/$node/plugins\""
-      echo "disable_mlock    = true"
-      echo "log_level        = \"info\""
-    } >"$DIR/$node/config.hcl"
-    # setsid: the node outlives this script and is stopped by its pid (scripts/cluster.sh stop).
-    setsid "$VAULT_BIN" server -config="$DIR/$node/config.hcl" >"$DIR/$node/vault.log" 2>&1 </dev/null &
-    echo $! >"$DIR/$node/pid"
-    echo "$node http://127.0.0.1:$api $!" >>"$DIR/nodes"
+    start_node "node$i"
   done
 
   local addr pid key root

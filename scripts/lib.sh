@@ -12,11 +12,17 @@ PLUGIN_NAME="vault-plugin-secrets-cmk"
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
-# free_port prints a TCP port on 127.0.0.1 that nothing listens on.
+# free_port prints a TCP port on 127.0.0.1 that nothing listens on. It draws from below the kernel's
+# ephemeral range, so no port the kernel hands out (a client's, or a test server's bound to :0) can take it
+# between this check and the server's bind; ports named in CMK_PORTS_TAKEN (space-separated) are skipped.
 free_port() {
-  local port
-  for _ in $(seq 1 100); do
-    port=$(( 20000 + RANDOM % 40000 ))
+  local port low=20000 high=32767 first
+  if read -r first _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null && [ "$first" -gt $((low + 1000)) ]; then
+    high=$((first - 1))
+  fi
+  for _ in $(seq 1 200); do
+    port=$(( low + RANDOM % (high - low + 1) ))
+    case " ${CMK_PORTS_TAKEN:-} " in *" $port "*) continue ;; esac
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
       echo "$port"
       return 0
