@@ -6,19 +6,17 @@ import (
 	"context"
 	"crypto"
 	"crypto/rsa"
-	"errors"
 	"fmt"
 	"os"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/vault/sdk/framework"
-	"github.com/hashicorp/vault/sdk/helper/locksutil"
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/keys"
 )
 
 // LibraryEnv names the environment variable that holds the PKCS#11 module path. Only the operator sets it, at
@@ -70,16 +68,12 @@ type backend struct {
 	openErr     error // last failure to connect, returned without retrying until openRetryAt
 	openRetryAt time.Time
 
-	keyLocks []*locksutil.LockEntry
-	keys     sync.Map // key name → *keyPolicy, an immutable snapshot of what storage holds
+	keys *keys.Manager // the mount's keys: every change goes through its Update
 
 	configMu   sync.RWMutex
 	keysConfig *keysConfig // nil until loaded
 
 	wrappingMu sync.Mutex // serialises the creation of the mount's wrapping key
-
-	sched schedule     // when each key's next lifecycle event is due
-	usage usageTracker // encryptions per AES key version
 }
 
 // Factory builds the backend for one mount. The plugin is served multiplexed: every mount in the process shares
@@ -98,7 +92,6 @@ func newBackend(conf *logical.BackendConfig) *backend {
 		library:    os.Getenv(LibraryEnv),
 		initParams: os.Getenv(InitParamsEnv),
 		mountID:    conf.BackendUUID,
-		keyLocks:   locksutil.CreateLocks(),
 		openToken: func(c hsm.Config, l hclog.Logger) (hsmToken, error) {
 			return hsm.Open(c, l)
 		},
@@ -109,6 +102,10 @@ func newBackend(conf *logical.BackendConfig) *backend {
 	if b.mountID == "" {
 		b.mountID = "unmounted"
 	}
+	b.keys = keys.NewManager(b.logger, b.mountID, func(ctx context.Context, s logical.Storage) (keys.HSM, error) {
+		tok, _, err := b.getToken(ctx, s)
+		return tok, err
+	})
 	b.Backend = &framework.Backend{
 		Help:        backendHelp,
 		BackendType: logical.TypeLogical,
@@ -121,7 +118,8 @@ func newBackend(conf *logical.BackendConfig) *backend {
 			b.pathKeys(),
 			[]*framework.Path{b.pathRotate(), b.pathWrappingKey(), b.pathImport(false), b.pathImport(true)},
 			b.pathLifecycle(),
-			b.pathCrypto(),
+			[]*framework.Path{b.pathEncrypt(), b.pathDecrypt(), b.pathRewrap(), b.pathDatakey(), b.pathRandom(), b.pathHash(),
+				b.pathSign(), b.pathVerify(), b.pathHMAC()},
 			b.pathRefused(),
 		),
 		PeriodicFunc:      b.periodic,
@@ -135,25 +133,15 @@ func newBackend(conf *logical.BackendConfig) *backend {
 
 // invalidate drops what another node changed in storage (performance standbys and replicas).
 func (b *backend) invalidate(_ context.Context, key string) {
-	switch {
-	case key == configHSMPath:
+	switch key {
+	case configHSMPath:
 		b.resetToken()
-	case key == configKeysPath:
+	case configKeysPath:
 		b.configMu.Lock()
 		b.keysConfig = nil
 		b.configMu.Unlock()
-	case strings.HasPrefix(key, policyPrefix), strings.HasPrefix(key, versionsPrefix):
-		name := strings.TrimPrefix(strings.TrimPrefix(key, policyPrefix), versionsPrefix)
-		if i := strings.IndexByte(name, '/'); i >= 0 {
-			name = name[:i]
-		}
-		lock := locksutil.LockForKey(b.keyLocks, name)
-		lock.Lock()
-		b.keys.Delete(name)
-		lock.Unlock()
-		b.sched.invalidate()
-	case strings.HasPrefix(key, usagePrefix):
-		b.usage.forget(strings.TrimPrefix(key, usagePrefix))
+	default:
+		b.keys.Invalidate(key)
 	}
 }
 
@@ -169,9 +157,6 @@ func (b *backend) resetToken() {
 	}
 	b.token, b.nonces, b.openErr = nil, nil, nil
 }
-
-// errNotConfigured is returned until an operator writes config/hsm.
-var errNotConfigured = errors.New("the HSM is not configured: write config/hsm (token_label and pin) first")
 
 // openRetryDelay keeps a failing first connection from re-initialising the module on every request.
 const openRetryDelay = 2 * time.Second
@@ -224,20 +209,39 @@ func (b *backend) tokenConfig(c *hsmConfig) hsm.Config {
 		PoolSize: c.PoolSize, Mount: b.mountID, RawRSAOAEPFallback: c.RawRSAOAEPFallback}
 }
 
-// hsmErrorResponse turns an HSM-side failure into what the caller should see: 503 while the HSM is unreachable
-// (retry later), 400 for a ciphertext the key does not authenticate, 500 for the rest.
-func hsmErrorResponse(err error) (*logical.Response, error) {
-	switch {
-	case errors.Is(err, errNotConfigured):
-		return nil, logical.CodedError(503, err.Error())
-	case errors.Is(err, hsm.ErrUnavailable):
-		return nil, logical.CodedError(503, err.Error())
-	case errors.Is(err, hsm.ErrInvalidCiphertext):
-		return logical.ErrorResponse("invalid ciphertext: " + hsm.ErrInvalidCiphertext.Error()), logical.ErrInvalidRequest
-	case errors.Is(err, hsm.ErrMechanismUnsupported), errors.Is(err, hsm.ErrInvalidArgument):
-		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
+// periodic is Vault's periodic function: the keys' lifecycle work that is due.
+func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
+	if !b.WriteSafeReplicationState() {
+		return nil // a replica: the primary's active node manages the lifecycle
 	}
-	return nil, err
+	if cfg, err := readHSMConfig(ctx, req.Storage); err != nil || cfg == nil {
+		return err // nothing can be due before the HSM is configured
+	}
+	return b.keys.Tick(ctx, req.Storage, time.Now())
+}
+
+// walRollbackMinAge is long enough for any key generation to finish; the rollback also takes the key's lock, so
+// it can never race a creation still in progress.
+const walRollbackMinAge = 2 * time.Minute
+
+// walRollback destroys the HSM objects of a version (or wrapping key) whose metadata never reached storage.
+// Nothing that storage references is ever destroyed here.
+func (b *backend) walRollback(ctx context.Context, req *logical.Request, kind string, data interface{}) error {
+	switch kind {
+	case keys.WALKindVersion:
+		return b.keys.RollbackVersion(ctx, req.Storage, data)
+	case walKindWrappingKey:
+		return b.rollbackWrappingKey(ctx, req.Storage, data)
+	}
+	return fmt.Errorf("unknown WAL entry kind %q", kind)
+}
+
+// actorOf is who makes a request, for the keys' history: entity, display name, token accessor (never the token).
+func actorOf(req *logical.Request) keys.Actor {
+	if req == nil {
+		return keys.Actor{}
+	}
+	return keys.Actor{EntityID: req.EntityID, DisplayName: req.DisplayName, Accessor: req.ClientTokenAccessor, RequestID: req.ID}
 }
 
 const backendHelp = `

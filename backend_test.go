@@ -2,17 +2,24 @@ package cmk
 
 import (
 	"context"
+	"encoding/base64"
+	"encoding/hex"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
 	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm/softhsmtest"
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/keys"
 )
 
 const testPIN = "4321-backend"
@@ -38,11 +45,35 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// countingStorage counts reads, to prove the hot path does none once a key is cached.
+// countingStorage counts reads, to prove the hot path does none once a key is cached. Armed with a prefix, it
+// stores the next write of a key with that prefix and then reports an error, as a storage backend that timed out
+// after committing does.
 type countingStorage struct {
 	logical.Storage
 	gets  atomic.Int64
 	lists atomic.Int64
+
+	failMu     sync.Mutex
+	failStored string
+}
+
+func (c *countingStorage) failAfterStoring(prefix string) {
+	c.failMu.Lock()
+	c.failStored = prefix
+	c.failMu.Unlock()
+}
+
+func (c *countingStorage) Put(ctx context.Context, e *logical.StorageEntry) error {
+	if err := c.Storage.Put(ctx, e); err != nil {
+		return err
+	}
+	c.failMu.Lock()
+	defer c.failMu.Unlock()
+	if c.failStored != "" && strings.HasPrefix(e.Key, c.failStored) {
+		c.failStored = ""
+		return errors.New("storage timed out (the write may have happened)")
+	}
+	return nil
 }
 
 func (c *countingStorage) List(ctx context.Context, prefix string) ([]string, error) {
@@ -54,6 +85,9 @@ func (c *countingStorage) Get(ctx context.Context, key string) (*logical.Storage
 	c.gets.Add(1)
 	return c.Storage.Get(ctx, key)
 }
+
+// requestCount gives every request its own ID, as Vault does (a retried request keeps its ID).
+var requestCount atomic.Int64
 
 type testEnv struct {
 	t       testing.TB
@@ -109,7 +143,7 @@ func (w testWriter) Write(p []byte) (int, error) {
 
 func (e *testEnv) request(op logical.Operation, path string, data map[string]interface{}) (*logical.Response, error) {
 	return e.b.HandleRequest(context.Background(), &logical.Request{
-		Operation: op, Path: path, Data: data, Storage: e.storage,
+		ID: fmt.Sprint("req-", requestCount.Add(1)), Operation: op, Path: path, Data: data, Storage: e.storage,
 		DisplayName: "token-test", ClientTokenAccessor: "accessor-test",
 	})
 }
@@ -170,4 +204,213 @@ func (e *testEnv) tokenObjects() []hsm.ObjectInfo {
 		e.t.Fatal(err)
 	}
 	return objs
+}
+
+// tick runs Vault's periodic function once, as the rollback manager does about once a minute.
+func (e *testEnv) tick() {
+	e.t.Helper()
+	if err := e.b.periodic(context.Background(), &logical.Request{Storage: e.storage}); err != nil {
+		e.t.Fatalf("periodic: %v", err)
+	}
+}
+
+func (e *testEnv) history(name string) []map[string]interface{} {
+	e.t.Helper()
+	resp := e.ok(e.read("keys/" + name + "/history"))
+	return resp.Data["events"].([]map[string]interface{})
+}
+
+func lastEvent(events []map[string]interface{}) map[string]interface{} {
+	if len(events) == 0 {
+		return nil
+	}
+	return events[len(events)-1]
+}
+
+// reopen mounts a new backend on the same storage and token, as after a restart or failover.
+func (e *testEnv) reopen() *testEnv {
+	e.t.Helper()
+	conf := logical.TestBackendConfig()
+	conf.BackendUUID = e.b.mountID
+	conf.Logger = hclog.NewNullLogger()
+	conf.StorageView = e.storage
+	b := newBackend(conf)
+	if err := b.Setup(context.Background(), conf); err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { b.clean(context.Background()) })
+	return &testEnv{t: e.t, b: b, inmem: e.inmem, storage: e.storage, label: e.label}
+}
+
+func TestScheduledRotation(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/k", map[string]interface{}{"auto_rotate_period": "24h"}))
+	resp := e.ok(e.read("keys/k"))
+	if resp.Data["auto_rotate_period"] != int64(86400) || resp.Data["next_rotation_time"] == "" {
+		t.Fatalf("schedule: %v %v", resp.Data["auto_rotate_period"], resp.Data["next_rotation_time"])
+	}
+	e.tick()
+	if r := e.ok(e.read("keys/k")); r.Data["latest_version"] != 1 {
+		t.Fatal("rotated before its time")
+	}
+	// Fix the next rotation in the past: the next tick rotates, and the period takes over again.
+	past := time.Now().Add(-time.Second).UTC().Format(time.RFC3339)
+	e.ok(e.write("keys/k/config", map[string]interface{}{"next_rotation_time": past}))
+	e.tick()
+	resp = e.ok(e.read("keys/k"))
+	if resp.Data["latest_version"] != 2 || resp.Data["last_rotated"] == "" {
+		t.Fatalf("after the tick: %v, last_rotated %v", resp.Data["latest_version"], resp.Data["last_rotated"])
+	}
+	next, err := time.Parse(time.RFC3339, resp.Data["next_rotation_time"].(string))
+	if err != nil || next.Before(time.Now().Add(23*time.Hour)) {
+		t.Fatalf("next rotation %v after a scheduled one", resp.Data["next_rotation_time"])
+	}
+	ev := lastEvent(e.history("k"))
+	if ev["event"] != "rotated" || ev["cause"] != "scheduled" || ev["display_name"] != "cmk scheduler" {
+		t.Fatalf("history: %v", ev)
+	}
+	e.tick()
+	if r := e.ok(e.read("keys/k")); r.Data["latest_version"] != 2 {
+		t.Fatal("rotated twice for one due time")
+	}
+	// A one-off rotation time without a period.
+	e.ok(e.write("keys/once", nil))
+	e.ok(e.write("keys/once/config", map[string]interface{}{"next_rotation_time": past}))
+	e.tick()
+	if r := e.ok(e.read("keys/once")); r.Data["latest_version"] != 2 || r.Data["next_rotation_time"] != "" {
+		t.Fatalf("one-off rotation: %v %v", r.Data["latest_version"], r.Data["next_rotation_time"])
+	}
+	// Mount default.
+	e.ok(e.write("config/keys", map[string]interface{}{"auto_rotate_period": "48h"}))
+	if r := e.ok(e.write("keys/defaulted", nil)); r.Data["auto_rotate_period"] != int64(172800) {
+		t.Fatalf("mount default: %v", r.Data["auto_rotate_period"])
+	}
+	if got := status(e.write("keys/k/config", map[string]interface{}{"next_rotation_time": "tomorrow"})); got != 400 {
+		t.Fatalf("bad next_rotation_time: %d", got)
+	}
+}
+
+// The scheduler reads every key once per process, then only what is due: a tick's cost grows with the due
+// keys, not with all keys.
+func TestSchedulerDoesNotReadEveryKeyPerTick(t *testing.T) {
+	e := newTestBackend(t)
+	for i := 0; i < 40; i++ {
+		e.ok(e.write(fmt.Sprintf("keys/k%d", i), map[string]interface{}{"auto_rotate_period": "24h"}))
+	}
+	fresh := e.reopen() // a new process: nothing cached
+	fresh.tick()        // builds the schedule: reads every key once
+	gets, lists := fresh.storage.gets.Load(), fresh.storage.lists.Load()
+	for i := 0; i < 5; i++ {
+		fresh.tick()
+	}
+	// One read of config/hsm per tick; no listing and no key read.
+	if reads := fresh.storage.gets.Load() - gets; reads > 5 {
+		t.Fatalf("%d storage reads in 5 ticks with nothing due and 40 keys", reads)
+	}
+	if n := fresh.storage.lists.Load() - lists; n != 0 {
+		t.Fatalf("%d listings in 5 ticks with nothing due", n)
+	}
+	past := time.Now().Add(-time.Second).UTC().Format(time.RFC3339)
+	fresh.ok(fresh.write("keys/k7/config", map[string]interface{}{"next_rotation_time": past}))
+	fresh.tick()
+	if r := fresh.ok(fresh.read("keys/k7")); r.Data["latest_version"] != 2 {
+		t.Fatal("due key not rotated")
+	}
+	if r := fresh.ok(fresh.read("keys/k8")); r.Data["latest_version"] != 1 {
+		t.Fatal("a key not due was rotated")
+	}
+}
+
+// A destruction whose grace period has passed happens at the next tick.
+func TestGracePeriodElapses(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("config/keys", map[string]interface{}{"deletion_grace_period": 1}))
+	e.ok(e.write("keys/k", map[string]interface{}{}))
+	e.ok(e.write("keys/k/rotate", nil))
+	e.ok(e.write("keys/k/versions/1/destroy", nil))
+	e.ok(e.write("keys/gone", nil))
+	e.ok(e.write("keys/gone/config", map[string]interface{}{"deletion_allowed": true}))
+	e.ok(e.request(logical.DeleteOperation, "keys/gone", nil))
+	time.Sleep(1100 * time.Millisecond)
+	e.tick()
+	if s := e.ok(e.read("keys/k/versions/1")).Data["state"]; s != "destroyed" {
+		t.Fatalf("version state %v after its grace period", s)
+	}
+	if r, _ := e.read("keys/gone"); r != nil {
+		t.Fatal("deleted key still there after its grace period")
+	}
+	for _, o := range e.tokenObjects() {
+		if strings.Contains(o.Label, "/gone/") {
+			t.Fatalf("object %s of a deleted key left on the token", o.Label)
+		}
+	}
+	if ev := lastEvent(e.history("gone")); ev["event"] != "deleted" {
+		t.Fatalf("the deleted key's history: %v", ev)
+	}
+}
+
+// The WAL rollback destroys objects whose version never reached storage, and never one storage references.
+func TestWALRollbackDestroysOnlyUncommittedObjects(t *testing.T) {
+	e := newTestBackend(t)
+	ctx := context.Background()
+	e.ok(e.write("keys/k", nil))
+	ct := encryptOK(t, e, "k", "kept")
+
+	// A crash between the HSM call and the storage write: objects and WAL entry exist, metadata does not.
+	tok, _, err := e.b.getToken(ctx, e.storage)
+	if err != nil {
+		t.Fatal(err)
+	}
+	orphan := []byte("0123456789abcdef")
+	if _, err := framework.PutWAL(ctx, e.storage, keys.WALKindVersion, &keys.WALEntry{Name: "k", Version: 2, HSMID: hex.EncodeToString(orphan)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tok.GenerateVersion(ctx, hsm.AES256, orphan, "cmk/"+e.b.mountID+"/k/v2", hsm.HMACKeySize); err != nil {
+		t.Fatal(err)
+	}
+	// And a WAL entry left behind for a version that did commit.
+	p, _ := e.b.keys.Get(ctx, e.storage, "k")
+	if _, err := framework.PutWAL(ctx, e.storage, keys.WALKindVersion, &keys.WALEntry{Name: "k", Version: 1, HSMID: p.Versions[1].HSMID}); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(e.tokenObjects()); n != 3 {
+		t.Fatalf("%d objects before rollback, want 3 (the orphan's key and HMAC secret, the committed version's key)", n)
+	}
+	resp, err := e.b.HandleRequest(ctx, &logical.Request{
+		Operation: logical.RollbackOperation, Path: "", Storage: e.storage, Data: map[string]interface{}{"immediate": true},
+	})
+	if err != nil || (resp != nil && resp.IsError()) {
+		t.Fatalf("rollback: %v %s", err, respText(resp))
+	}
+	if n := len(e.tokenObjects()); n != 1 {
+		t.Fatalf("%d objects after rollback, want 1 (the committed version's)", n)
+	}
+	if decryptOK(t, e, "k", ct) != "kept" {
+		t.Fatal("committed version damaged by rollback")
+	}
+	if _, _, err := tok.EncryptGCM(ctx, orphan, make([]byte, 12), nil, nil); err == nil {
+		t.Fatal("orphan object still usable")
+	}
+}
+
+func b64(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
+
+func encryptOK(t *testing.T, e *testEnv, key, plaintext string) string {
+	t.Helper()
+	var op logical.Operation = logical.UpdateOperation
+	if p, _ := e.b.keys.Get(context.Background(), e.storage, key); p == nil {
+		op = logical.CreateOperation
+	}
+	resp := e.ok(e.request(op, "encrypt/"+key, map[string]interface{}{"plaintext": b64(plaintext)}))
+	return resp.Data["ciphertext"].(string)
+}
+
+func decryptOK(t *testing.T, e *testEnv, key, ct string) string {
+	t.Helper()
+	resp := e.ok(e.write("decrypt/"+key, map[string]interface{}{"ciphertext": ct}))
+	pt, err := base64.StdEncoding.DecodeString(resp.Data["plaintext"].(string))
+	if err != nil {
+		t.Fatal(errors.New("plaintext is not base64"))
+	}
+	return string(pt)
 }

@@ -13,8 +13,6 @@ import (
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
-
-	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
 )
 
 // batchItem is one element of batch_input (or the single request's fields), as Transit names them.
@@ -38,20 +36,20 @@ type batchItem struct {
 
 // readBatch reads batch_input, or nil when the request has none. A batch that is not a list, is empty or
 // exceeds max fails the request; an element of the wrong shape fails only itself.
-func readBatch(d *framework.FieldData, max int) ([]batchItem, *logical.Response) {
+func readBatch(d *framework.FieldData, max int) ([]batchItem, error) {
 	raw, ok := d.Raw["batch_input"]
 	if !ok || raw == nil {
 		return nil, nil
 	}
 	list, ok := raw.([]interface{})
 	if !ok {
-		return nil, logical.ErrorResponse("batch_input must be a list of objects, got %s", jsonKind(raw))
+		return nil, callerf("batch_input must be a list of objects, got %s", jsonKind(raw))
 	}
 	if len(list) == 0 {
-		return nil, logical.ErrorResponse("missing batch input to process")
+		return nil, callerf("missing batch input to process")
 	}
 	if len(list) > max {
-		return nil, logical.ErrorResponse("batch_input has %d items; max_batch_size is %d (config/keys)", len(list), max)
+		return nil, callerf("batch_input has %d items; max_batch_size is %d (config/keys)", len(list), max)
 	}
 	items := make([]batchItem, len(list))
 	for i, e := range list {
@@ -147,77 +145,31 @@ func jsonKind(v interface{}) string {
 	return fmt.Sprintf("%T", v)
 }
 
-// errClass says how an item's failure counts toward the response status.
-type errClass int
-
-const (
-	errNone        errClass = iota
-	errUser                 // the caller's input: 400
-	errUnavailable          // the HSM cannot be reached: 503
-	errInternal             // anything else: 500
-)
-
-// itemError is an item's failure with its class.
-type itemError struct {
-	class errClass
-	msg   string
-}
-
-func userError(format string, args ...interface{}) *itemError {
-	return &itemError{class: errUser, msg: fmt.Sprintf(format, args...)}
-}
-
-// hsmItemError classes a failure of an HSM call for one item.
-func hsmItemError(err error) *itemError {
-	switch {
-	case errors.Is(err, hsm.ErrInvalidCiphertext):
-		return &itemError{class: errUser, msg: "invalid ciphertext: " + hsm.ErrInvalidCiphertext.Error()}
-	case errors.Is(err, hsm.ErrInvalidArgument), errors.Is(err, hsm.ErrMechanismUnsupported):
-		return &itemError{class: errUser, msg: err.Error()}
-	case errors.Is(err, hsm.ErrUnavailable), errors.Is(err, errNotConfigured):
-		return &itemError{class: errUnavailable, msg: err.Error()}
-	case errors.Is(err, hsm.ErrObjectNotFound):
-		// Not the caller's mistake and not a passing fault: the material was destroyed outside Vault. The
-		// version is reported on the key (hsm_objects_missing) until the object is back.
-		return &itemError{class: errInternal, msg: "this key version's material is missing from the HSM token (destroyed outside Vault?): " + err.Error()}
-	}
-	return &itemError{class: errInternal, msg: err.Error()}
-}
-
 // batchOutcome tallies a batch's results to decide its single HTTP status, as Transit does: any caller error
 // gives 400 (or partial_failure_response_code when some items succeeded); otherwise an unreachable HSM gives 503
 // and any other failure 500.
 type batchOutcome struct {
-	successes             bool
-	user, unavail, intern bool
+	successes bool
+	worst     int // the status that decides: 400 over 503 over 500
 }
 
-func (o *batchOutcome) add(e *itemError) {
-	if e == nil {
+func (o *batchOutcome) add(status int) {
+	switch {
+	case status == 0:
 		o.successes = true
-		return
-	}
-	switch e.class {
-	case errUser:
-		o.user = true
-	case errUnavailable:
-		o.unavail = true
-	default:
-		o.intern = true
+	case status == http.StatusBadRequest:
+		o.worst = status
+	case status == http.StatusServiceUnavailable && o.worst != http.StatusBadRequest:
+		o.worst = status
+	case o.worst == 0:
+		o.worst = status
 	}
 }
 
 // respond returns the batch response with its status.
 func (o *batchOutcome) respond(d *framework.FieldData, req *logical.Request, resp *logical.Response) (*logical.Response, error) {
-	var code int
-	switch {
-	case o.user:
-		code = http.StatusBadRequest
-	case o.unavail:
-		code = http.StatusServiceUnavailable
-	case o.intern:
-		code = http.StatusInternalServerError
-	default:
+	code := o.worst
+	if code == 0 {
 		return resp, nil
 	}
 	if raw, ok := d.GetOk("partial_failure_response_code"); ok && o.successes {
@@ -244,19 +196,19 @@ func runBatch[R any, P interface {
 	*R
 	batchResult
 }](d *framework.FieldData, req *logical.Request, items []batchItem, batch bool, workers int,
-	fn func(i int, it *batchItem) (R, *itemError), single func(R) map[string]interface{}) (*logical.Response, error) {
+	fn func(i int, it *batchItem) (R, error), single func(R) map[string]interface{}) (*logical.Response, error) {
 	results := make([]R, len(items))
-	errs := make([]*itemError, len(items))
+	errs := make([]error, len(items))
 	run := func(i int) {
 		it := &items[i]
 		if it.err != "" {
-			errs[i] = userError("%s", it.err)
+			errs[i] = callerf("%s", it.err)
 		} else {
 			results[i], errs[i] = fn(i, it)
 		}
 		msg := ""
 		if errs[i] != nil {
-			msg = errs[i].msg
+			_, msg = classify(errs[i])
 		}
 		P(&results[i]).setOutcome(it.Reference, msg)
 	}
@@ -281,26 +233,19 @@ func runBatch[R any, P interface {
 	}
 	if !batch {
 		if errs[0] != nil {
-			return singleError(errs[0])
+			return respond(errs[0])
 		}
 		return &logical.Response{Data: single(results[0])}, nil
 	}
 	var out batchOutcome
 	for _, e := range errs {
-		out.add(e)
+		status := 0
+		if e != nil {
+			status, _ = classify(e)
+		}
+		out.add(status)
 	}
 	return out.respond(d, req, &logical.Response{Data: map[string]interface{}{"batch_results": results}})
-}
-
-// singleError turns the failure of a non-batch request into the response Transit gives.
-func singleError(e *itemError) (*logical.Response, error) {
-	switch e.class {
-	case errUser:
-		return logical.ErrorResponse("%s", e.msg), logical.ErrInvalidRequest
-	case errUnavailable:
-		return nil, logical.CodedError(http.StatusServiceUnavailable, e.msg)
-	}
-	return nil, errors.New(e.msg)
 }
 
 // batchFields are the request fields every batch-capable path shares.

@@ -12,6 +12,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/keys"
 )
 
 const (
@@ -148,8 +149,14 @@ func (b *backend) pathConfigHSMExists(ctx context.Context, req *logical.Request,
 }
 
 func (b *backend) pathConfigHSMWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	if _, ok := req.Data["library"]; ok {
+		return respond(callerf("library is not a config/hsm field: the PKCS#11 module's path comes only from %s in the plugin's environment, set by the operator when registering the plugin (vault plugin register -env=%s=…)", LibraryEnv, LibraryEnv))
+	}
+	if err := refuseUnknownFields(req, d); err != nil {
+		return respond(err)
+	}
 	if b.library == "" {
-		return logical.ErrorResponse("%s is not set in the plugin's environment: register the plugin with -env=%s=/path/to/pkcs11-module.so", LibraryEnv, LibraryEnv), logical.ErrInvalidRequest
+		return respond(callerf("%s is not set in the plugin's environment: register the plugin with -env=%s=/path/to/pkcs11-module.so", LibraryEnv, LibraryEnv))
 	}
 	prev, err := readHSMConfig(ctx, req.Storage)
 	if err != nil {
@@ -161,7 +168,7 @@ func (b *backend) pathConfigHSMWrite(ctx context.Context, req *logical.Request, 
 	}
 	if v, ok := d.GetOk("slot"); ok {
 		if v.(int) < 0 {
-			return logical.ErrorResponse("slot must not be negative"), logical.ErrInvalidRequest
+			return respond(callerf("slot must not be negative"))
 		}
 		c.Slot, c.UseSlot, c.TokenLabel = uint(v.(int)), true, ""
 	}
@@ -189,7 +196,7 @@ func (b *backend) pathConfigHSMWrite(ctx context.Context, req *logical.Request, 
 		if !known {
 			n, err := strconv.ParseUint(strings.TrimPrefix(strings.ToLower(name), "0x"), 16, 32)
 			if err != nil || !strings.HasPrefix(strings.ToLower(name), "0x") {
-				return logical.ErrorResponse("key_wrap_mechanism must be auto, CKM_AES_KEY_WRAP_PAD, CKM_AES_KEY_WRAP_KWP or a hex code such as 0x210B"), logical.ErrInvalidRequest
+				return respond(callerf("key_wrap_mechanism must be auto, CKM_AES_KEY_WRAP_PAD, CKM_AES_KEY_WRAP_KWP or a hex code such as 0x210B"))
 			}
 			code = uint(n)
 		}
@@ -197,23 +204,23 @@ func (b *backend) pathConfigHSMWrite(ctx context.Context, req *logical.Request, 
 	}
 	switch {
 	case c.TokenLabel == "" && !c.UseSlot:
-		return logical.ErrorResponse("token_label (or slot) is required"), logical.ErrInvalidRequest
+		return respond(callerf("token_label (or slot) is required"))
 	case c.PIN == "":
-		return logical.ErrorResponse("pin is required"), logical.ErrInvalidRequest
+		return respond(callerf("pin is required"))
 	case c.PoolSize < 1 || c.PoolSize > maxPoolSize:
-		return logical.ErrorResponse("pool_size must be between 1 and %d", maxPoolSize), logical.ErrInvalidRequest
+		return respond(callerf("pool_size must be between 1 and %d", maxPoolSize))
 	case c.IVSource != ivSourceHSM && c.IVSource != ivSourceOS:
-		return logical.ErrorResponse("iv_source must be %q or %q", ivSourceHSM, ivSourceOS), logical.ErrInvalidRequest
+		return respond(callerf("iv_source must be %q or %q", ivSourceHSM, ivSourceOS))
 	}
 
 	tok, err := b.openToken(b.tokenConfig(&c), b.logger.Named("hsm"))
 	switch {
 	case errors.Is(err, hsm.ErrPINIncorrect):
-		return logical.ErrorResponse("login to the token failed: %s", hsm.ErrPINIncorrect), logical.ErrInvalidRequest
-	case errors.Is(err, hsm.ErrTokenNotFound):
-		return logical.ErrorResponse("%s", err.Error()), logical.ErrInvalidRequest
+		return respond(callerf("login to the token failed: %v", err)) // the error never carries a PIN
+	case errors.Is(err, hsm.ErrTokenNotFound), errors.Is(err, hsm.ErrInvalidArgument):
+		return respond(err)
 	case err != nil:
-		return hsmErrorResponse(fmt.Errorf("%w: %v", hsm.ErrUnavailable, err))
+		return respond(fmt.Errorf("%w: %v", hsm.ErrUnavailable, err))
 	}
 	e, err := logical.StorageEntryJSON(configHSMPath, &c)
 	if err == nil {
@@ -228,8 +235,8 @@ func (b *backend) pathConfigHSMWrite(ctx context.Context, req *logical.Request, 
 	b.logger.Info("connected to the HSM token", "token", info.Label, "serial", info.SerialNumber, "pool_size", tok.PoolSize())
 	resp := &logical.Response{}
 	if prev != nil && (prev.TokenLabel != c.TokenLabel || prev.UseSlot != c.UseSlot || prev.Slot != c.Slot) {
-		if keys, _ := req.Storage.List(ctx, policyPrefix); len(keys) > 0 {
-			resp.AddWarning(fmt.Sprintf("the token changed while %d keys exist: their versions are usable only if their objects are on the new token", len(keys)))
+		if names, _ := keys.List(ctx, req.Storage); len(names) > 0 {
+			resp.AddWarning(fmt.Sprintf("the token changed while %d keys exist: their versions are usable only if their objects are on the new token", len(names)))
 		}
 	}
 	if tok.PoolSize() != c.PoolSize {
@@ -296,8 +303,8 @@ func (b *backend) pathConfigHSMRead(ctx context.Context, req *logical.Request, _
 		data["key_wrap_mechanism_in_use"] = keyWrapMechanismName(wrap)
 	}
 	keyTypes := map[string]interface{}{}
-	for _, name := range keyTypeNames {
-		ok, missing := caps.Serves(keyType(name).info().alg)
+	for _, name := range keys.TypeNames {
+		ok, missing := caps.Serves(keys.Type(name).Info().Alg)
 		entry := map[string]interface{}{"supported": ok}
 		if !ok {
 			entry["missing"] = missing
@@ -403,6 +410,9 @@ func (b *backend) pathConfigKeysRead(ctx context.Context, req *logical.Request, 
 }
 
 func (b *backend) pathConfigKeysWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	if err := refuseUnknownFields(req, d); err != nil {
+		return respond(err)
+	}
 	cur, err := b.readKeysConfig(ctx, req.Storage)
 	if err != nil {
 		return nil, err
@@ -421,13 +431,13 @@ func (b *backend) pathConfigKeysWrite(ctx context.Context, req *logical.Request,
 		c.DeletionGracePeriod = time.Duration(v.(int)) * time.Second
 	}
 	if c.AutoRotatePeriod != 0 && c.AutoRotatePeriod < minAutoRotatePeriod {
-		return logical.ErrorResponse("auto_rotate_period must be 0 to disable or at least an hour"), logical.ErrInvalidRequest
+		return respond(callerf("auto_rotate_period must be 0 to disable or at least an hour"))
 	}
 	if c.DeletionGracePeriod < 0 {
-		return logical.ErrorResponse("deletion_grace_period must not be negative"), logical.ErrInvalidRequest
+		return respond(callerf("deletion_grace_period must not be negative"))
 	}
 	if c.MaxBatchSize < 1 || c.MaxBatchSize > maxMaxBatchSize {
-		return logical.ErrorResponse("max_batch_size must be between 1 and %d", maxMaxBatchSize), logical.ErrInvalidRequest
+		return respond(callerf("max_batch_size must be between 1 and %d", maxMaxBatchSize))
 	}
 	e, err := logical.StorageEntryJSON(configKeysPath, &c)
 	if err != nil {

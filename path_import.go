@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/hex"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -17,6 +18,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/keys"
 )
 
 const wrappingKeyPath = "wrapping_key"
@@ -40,7 +42,12 @@ func readWrappingKey(ctx context.Context, s logical.Storage) (*wrappingKey, erro
 	return &w, nil
 }
 
-// getWrappingKey returns the mount's wrapping key, creating it in the HSM on first use (as Transit does).
+// walKindWrappingKey brackets the creation of the mount's wrapping key until it is stored.
+const walKindWrappingKey = "hsm_wrapping_key"
+
+// getWrappingKey returns the mount's wrapping key, creating it in the HSM on first use (as Transit does). The
+// creation is bracketed by a WAL entry: if the key cannot be stored, nothing is destroyed here (a failed write may
+// have stored it), and the rollback, which reads storage first, destroys it only if storage never came to hold it.
 func (b *backend) getWrappingKey(ctx context.Context, s logical.Storage, tok hsmToken) (*wrappingKey, error) {
 	if w, err := readWrappingKey(ctx, s); err != nil || w != nil {
 		return w, err
@@ -54,12 +61,15 @@ func (b *backend) getWrappingKey(ctx context.Context, s logical.Storage, tok hsm
 	if _, err := rand.Read(id); err != nil {
 		return nil, err
 	}
-	walID, err := b.walPut(ctx, s, walKindWrappingKey, "", 0, id)
+	walID, err := framework.PutWAL(ctx, s, walKindWrappingKey, &keys.WALEntry{HSMID: hex.EncodeToString(id)})
 	if err != nil {
 		return nil, err
 	}
 	pub, err := tok.GenerateWrappingKey(ctx, id, fmt.Sprintf("cmk/%s/wrapping_key", b.mountID))
 	if err != nil {
+		if _, derr := tok.DestroyKeys(ctx, id); derr == nil { // nothing was stored: what the failed call left can go
+			_ = framework.DeleteWAL(ctx, s, walID)
+		}
 		return nil, fmt.Errorf("create the wrapping key in the HSM: %w", err)
 	}
 	der, err := x509.MarshalPKIXPublicKey(pub)
@@ -72,14 +82,42 @@ func (b *backend) getWrappingKey(ctx context.Context, s logical.Storage, tok hsm
 		err = s.Put(ctx, e)
 	}
 	if err != nil {
-		if _, derr := tok.DestroyKeys(ctx, id); derr == nil {
-			_ = framework.DeleteWAL(ctx, s, walID)
-		}
-		return nil, err
+		return nil, err // the WAL rollback decides, from storage, whether the key is to go
 	}
 	_ = framework.DeleteWAL(ctx, s, walID)
 	b.logger.Info("wrapping key created in the HSM", "hsm_id", w.HSMID)
 	return w, nil
+}
+
+// rollbackWrappingKey destroys a wrapping key whose creation never reached storage.
+func (b *backend) rollbackWrappingKey(ctx context.Context, s logical.Storage, data interface{}) error {
+	raw, err := json.Marshal(data)
+	if err != nil {
+		return err
+	}
+	var entry keys.WALEntry
+	if err := json.Unmarshal(raw, &entry); err != nil {
+		return err
+	}
+	id, err := hex.DecodeString(entry.HSMID)
+	if err != nil || len(id) == 0 {
+		return nil
+	}
+	b.wrappingMu.Lock()
+	defer b.wrappingMu.Unlock()
+	w, err := readWrappingKey(ctx, s)
+	if err != nil || (w != nil && w.HSMID == entry.HSMID) {
+		return err
+	}
+	tok, _, err := b.getToken(ctx, s)
+	if err != nil {
+		return err
+	}
+	n, err := tok.DestroyKeys(ctx, id)
+	if err == nil {
+		b.logger.Info("WAL rollback destroyed an unstored wrapping key", "objects", n)
+	}
+	return err
 }
 
 func (b *backend) pathWrappingKey() *framework.Path {
@@ -97,11 +135,11 @@ func (b *backend) pathWrappingKey() *framework.Path {
 func (b *backend) pathWrappingKeyRead(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
 	tok, _, err := b.getToken(ctx, req.Storage)
 	if err != nil {
-		return hsmErrorResponse(err)
+		return respond(err)
 	}
 	w, err := b.getWrappingKey(ctx, req.Storage, tok)
 	if err != nil {
-		return hsmErrorResponse(err)
+		return respond(err)
 	}
 	return &logical.Response{Data: map[string]interface{}{"public_key": w.PublicKey}}, nil
 }
@@ -129,8 +167,8 @@ func (b *backend) pathImport(version bool) *framework.Path {
 	} else {
 		fields["type"] = &framework.FieldSchema{
 			Type:        framework.TypeString,
-			Default:     string(typeAES256GCM96),
-			Description: "Type of the imported key: " + strings.Join(keyTypeNames, ", ") + ". AES and HMAC keys are raw bytes; RSA, ECDSA and Ed25519 keys PKCS#8.",
+			Default:     string(keys.TypeAES256GCM96),
+			Description: "Type of the imported key: " + strings.Join(keys.TypeNames, ", ") + ". AES and HMAC keys are raw bytes; RSA, ECDSA and Ed25519 keys PKCS#8.",
 		}
 		fields["allow_rotation"] = &framework.FieldSchema{Type: framework.TypeBool, Description: "Allow keys/<name>/rotate to add generated versions to the imported key."}
 		for _, f := range []string{"derived", "exportable", "allow_plaintext_backup"} {
@@ -157,118 +195,99 @@ func (b *backend) pathImport(version bool) *framework.Path {
 
 func (b *backend) importHandler(version bool) framework.OperationFunc {
 	return func(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-		name := d.Get("name").(string)
-		if v, ok := d.GetOk("public_key"); ok && v.(string) != "" {
-			return logical.ErrorResponse("public_key imports are not supported: every version here holds its private half in the HSM"), logical.ErrInvalidRequest
-		}
-		if _, ok := d.Raw["convergent_encryption"]; ok {
-			return logical.ErrorResponse("%s", msgNoConvergent), logical.ErrInvalidRequest
-		}
-		raw, ok := d.GetOk("ciphertext")
-		if !ok || raw.(string) == "" {
-			return logical.ErrorResponse("ciphertext is required"), logical.ErrInvalidRequest
-		}
-		wrapped, err := base64.StdEncoding.DecodeString(raw.(string))
+		resp, err := b.importKey(ctx, req, d, version)
 		if err != nil {
-			return logical.ErrorResponse("ciphertext is not valid base64: %v", err), logical.ErrInvalidRequest
+			return respond(err)
 		}
-		hashName := strings.ToUpper(d.Get("hash_function").(string))
-		h, ok := oaepHashes[hashName]
-		if !ok {
-			return logical.ErrorResponse("unsupported hash_function %q: SHA1, SHA224, SHA256, SHA384 or SHA512", hashName), logical.ErrInvalidRequest
-		}
-
-		lock := b.lockKey(name)
-		lock.Lock()
-		defer lock.Unlock()
-		cur, err := b.policyLocked(ctx, req.Storage, name)
-		if err != nil {
-			return nil, err
-		}
-		var p *keyPolicy
-		if version {
-			if _, ok := d.GetOk("version"); ok {
-				return logical.ErrorResponse("version is not supported: import_version always adds a new version (versions in the HSM are never overwritten)"), logical.ErrInvalidRequest
-			}
-			switch {
-			case cur == nil:
-				return logical.ErrorResponse("no key found with name %s; to import a new key, use the import endpoint", name), logical.ErrInvalidRequest
-			case !cur.Imported:
-				return logical.ErrorResponse("the import_version endpoint can only be used with an imported key"), logical.ErrInvalidRequest
-			}
-			if err := cur.usable(); err != nil {
-				return logical.ErrorResponse("%s", err.Error()), logical.ErrInvalidRequest
-			}
-			if req.ID != "" && cur.LastRequestID == req.ID {
-				return nil, nil // Vault's retry of an import that completed before the plugin died
-			}
-			p = cur.clone()
-		} else {
-			if cur != nil && req.ID != "" && cur.LastRequestID == req.ID {
-				return nil, nil // Vault's retry of an import that completed before the plugin died
-			}
-			if cur != nil {
-				return logical.ErrorResponse("key %q already exists: the import path cannot be used with an existing key; use import_version", name), logical.ErrInvalidRequest
-			}
-			if resp := refuseUnsupported(d); resp != nil {
-				return resp, logical.ErrInvalidRequest
-			}
-			if d.Get("context").(string) != "" {
-				return logical.ErrorResponse("%s", msgNoDerivation), logical.ErrInvalidRequest
-			}
-			typ, err := parseKeyType(strings.ToLower(d.Get("type").(string)))
-			if err != nil {
-				return logical.ErrorResponse("%s", err.Error()), logical.ErrInvalidRequest
-			}
-			p = &keyPolicy{Name: name, Type: typ, CreatedAt: time.Now().UTC(), Imported: true, AllowRotation: d.Get("allow_rotation").(bool)}
-			if v, ok := d.GetOk("auto_rotate_period"); ok && v.(int) != 0 {
-				if !p.AllowRotation {
-					return logical.ErrorResponse("allow_rotation must be set to true if auto-rotation is enabled"), logical.ErrInvalidRequest
-				}
-				if p.AutoRotatePeriod = time.Duration(v.(int)) * time.Second; p.AutoRotatePeriod < minAutoRotatePeriod {
-					return logical.ErrorResponse("auto_rotate_period must be 0 to disable or at least an hour"), logical.ErrInvalidRequest
-				}
-				p.NextRotation = p.CreatedAt.Add(p.AutoRotatePeriod)
-			}
-		}
-
-		tok, _, err := b.getToken(ctx, req.Storage)
-		if err != nil {
-			return hsmErrorResponse(err)
-		}
-		w, err := readWrappingKey(ctx, req.Storage)
-		if err != nil {
-			return nil, err
-		}
-		if w == nil {
-			return logical.ErrorResponse("no wrapping key yet: read %s first and wrap the key with it", wrappingKeyPath), logical.ErrInvalidRequest
-		}
-		cfg, err := readHSMConfig(ctx, req.Storage)
-		if err != nil {
-			return nil, err
-		}
-		wrappingID, _ := hex.DecodeString(w.HSMID)
-		material := func(id []byte, label string) (crypto.PublicKey, string, error) {
-			return tok.ImportVersion(ctx, hsm.ImportRequest{
-				Algorithm: p.Type.info().alg, WrappingID: wrappingID, OAEPHash: h, WrappedKey: wrapped,
-				KeyWrapMech: cfg.keyWrapMechanism(), ID: id, Label: label, HMACBytes: p.hmacKeySize(),
-			})
-		}
-		who := actorOf(req)
-		err = b.addVersion(ctx, req.Storage, tok, p, who, material)
-		switch {
-		case errors.Is(err, hsm.ErrInvalidArgument), errors.Is(err, hsm.ErrMechanismUnsupported), errors.Is(err, hsm.ErrInvalidCiphertext):
-			return logical.ErrorResponse("import failed: %s", err.Error()), logical.ErrInvalidRequest
-		case err != nil:
-			return hsmErrorResponse(err)
-		}
-		kind := "imported"
-		if version {
-			kind = "version_imported"
-		}
-		b.record(ctx, req.Storage, name, who.event(kind, p.LatestVersion, "", "import_method "+p.Versions[p.LatestVersion].ImportMethod))
-		return nil, nil
+		return resp, nil
 	}
+}
+
+func (b *backend) importKey(ctx context.Context, req *logical.Request, d *framework.FieldData, version bool) (*logical.Response, error) {
+	name := d.Get("name").(string)
+	if v, ok := d.GetOk("public_key"); ok && v.(string) != "" {
+		return nil, callerf("public_key imports are not supported: every version here holds its private half in the HSM")
+	}
+	if _, ok := d.Raw["convergent_encryption"]; ok {
+		return nil, callerf("%s", msgNoConvergent)
+	}
+	raw, ok := d.GetOk("ciphertext")
+	if !ok || raw.(string) == "" {
+		return nil, callerf("ciphertext is required")
+	}
+	wrapped, err := base64.StdEncoding.DecodeString(raw.(string))
+	if err != nil {
+		return nil, callerf("ciphertext is not valid base64: %v", err)
+	}
+	hashName := strings.ToUpper(d.Get("hash_function").(string))
+	h, ok := oaepHashes[hashName]
+	if !ok {
+		return nil, callerf("unsupported hash_function %q: SHA1, SHA224, SHA256, SHA384 or SHA512", hashName)
+	}
+	w, err := readWrappingKey(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	if w == nil {
+		return nil, callerf("no wrapping key yet: read %s first and wrap the key with it", wrappingKeyPath)
+	}
+	cfg, err := readHSMConfig(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	wrappingID, _ := hex.DecodeString(w.HSMID)
+	material := func(k *keys.Key) keys.Material {
+		return func(ctx context.Context, tok keys.HSM, id []byte, label string) (crypto.PublicKey, string, error) {
+			pub, method, err := tok.ImportVersion(ctx, hsm.ImportRequest{
+				Algorithm: k.Type.Info().Alg, WrappingID: wrappingID, OAEPHash: h, WrappedKey: wrapped,
+				KeyWrapMech: cfg.keyWrapMechanism(), ID: id, Label: label, HMACBytes: k.HMACKeyBytes(),
+			})
+			if errors.Is(err, hsm.ErrInvalidArgument) || errors.Is(err, hsm.ErrMechanismUnsupported) || errors.Is(err, hsm.ErrInvalidCiphertext) {
+				err = callerf("import failed: %v", err)
+			}
+			return pub, method, err
+		}
+	}
+	who := actorOf(req)
+	if version {
+		if _, ok := d.GetOk("version"); ok {
+			return nil, callerf("version is not supported: import_version always adds a new version (versions in the HSM are never overwritten)")
+		}
+		_, err := b.keys.Update(ctx, req.Storage, name, who, func(tx *keys.Tx) error { return tx.ImportVersion(material(tx.Key)) })
+		if errors.Is(err, keys.ErrNotFound) {
+			return nil, callerf("no key found with name %s; to import a new key, use the import endpoint", name)
+		}
+		return nil, err
+	}
+	if err := refuseUnsupported(d); err != nil {
+		return nil, err
+	}
+	if d.Get("context").(string) != "" {
+		return nil, callerf("%s", msgNoDerivation)
+	}
+	typ, err := keys.ParseType(strings.ToLower(d.Get("type").(string)))
+	if err != nil {
+		return nil, err
+	}
+	k := &keys.Key{Name: name, Type: typ, Imported: true, AllowRotation: d.Get("allow_rotation").(bool)}
+	if v, ok := d.GetOk("auto_rotate_period"); ok && v.(int) != 0 {
+		if !k.AllowRotation {
+			return nil, callerf("allow_rotation must be set to true if auto-rotation is enabled")
+		}
+		if k.AutoRotatePeriod = time.Duration(v.(int)) * time.Second; k.AutoRotatePeriod < keys.MinAutoRotatePeriod {
+			return nil, callerf("auto_rotate_period must be 0 to disable or at least an hour")
+		}
+	}
+	cur, created, err := b.keys.Create(ctx, req.Storage, k, who, material(k))
+	switch {
+	case err != nil:
+		return nil, err
+	case !created && req.ID != "" && cur.LastRequestID == req.ID:
+		return nil, nil // Vault's retry of an import that completed before the plugin died
+	case !created:
+		return nil, callerf("key %q already exists: the import path cannot be used with an existing key; use import_version", name)
+	}
+	return nil, nil
 }
 
 const importHelp = `

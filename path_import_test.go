@@ -1,6 +1,7 @@
 package cmk
 
 import (
+	"context"
 	"crypto"
 	"crypto/aes"
 	"crypto/cipher"
@@ -15,6 +16,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/hashicorp/vault/sdk/logical"
 	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/byoktest"
 )
 
@@ -178,5 +180,26 @@ func TestImportRefusals(t *testing.T) {
 	}
 	if n := len(e.tokenObjects()); n != 2 { // wrapping key + the generated key (its HMAC secret comes with its first HMAC)
 		t.Fatalf("refused imports left objects: %d", n)
+	}
+}
+
+// Defect a, for the mount's wrapping key: a write that fails after storing destroys nothing, and imports wrapped
+// with the stored key work.
+func TestWrappingKeyWhoseWriteFailedAfterStoring(t *testing.T) {
+	e := newImportBackend(t)
+	e.storage.failAfterStoring("wrapping_key")
+	if resp, err := e.read("wrapping_key"); err == nil && (resp == nil || !resp.IsError()) {
+		t.Fatal("the failed write was not reported")
+	}
+	resp, err := e.b.HandleRequest(context.Background(), &logical.Request{
+		Operation: logical.RollbackOperation, Storage: e.storage, Data: map[string]interface{}{"immediate": true},
+	})
+	if err != nil || (resp != nil && resp.IsError()) {
+		t.Fatalf("rollback: %v", err)
+	}
+	material := make([]byte, 32)
+	e.ok(e.write("keys/imported/import", map[string]interface{}{"ciphertext": wrapFor(t, e, crypto.SHA256, material)}))
+	if decryptOK(t, e, "imported", encryptOK(t, e, "imported", "x")) != "x" {
+		t.Fatal("round trip with the imported key")
 	}
 }

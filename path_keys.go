@@ -12,6 +12,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/keys"
 )
 
 // Transit features the HSM makes impossible; each is refused with a message that says why.
@@ -48,13 +49,13 @@ func (b *backend) pathKeys() []*framework.Path {
 				"name": {Type: framework.TypeString, Required: true, Description: "Name of the key."},
 				"type": {
 					Type:          framework.TypeString,
-					Default:       string(typeAES256GCM96),
+					Default:       string(keys.TypeAES256GCM96),
 					AllowedValues: allowedKeyTypes(),
-					Description:   "Type of key to create, generated inside the HSM: " + strings.Join(keyTypeNames, ", ") + ".",
+					Description:   "Type of key to create, generated inside the HSM: " + strings.Join(keys.TypeNames, ", ") + ".",
 				},
 				"key_size": {
 					Type:        framework.TypeInt,
-					Description: fmt.Sprintf("hmac keys only: size of the HMAC secret in bytes, %d to %d (default %d). The token may refuse a key shorter than the hash output.", minHMACKeySize, maxHMACKeySize, hsm.HMACKeySize),
+					Description: fmt.Sprintf("hmac keys only: size of the HMAC secret in bytes, %d to %d (0 or unset: %d). The token may refuse a key shorter than the hash output.", minHMACKeySize, maxHMACKeySize, hsm.HMACKeySize),
 				},
 				"derived": {
 					Type:        framework.TypeBool,
@@ -121,7 +122,7 @@ func (b *backend) pathKeys() []*framework.Path {
 }
 
 func (b *backend) pathKeysList(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
-	names, err := req.Storage.List(ctx, policyPrefix)
+	names, err := keys.List(ctx, req.Storage)
 	if err != nil {
 		return nil, err
 	}
@@ -144,74 +145,100 @@ func withKeyOptions(fields map[string]*framework.FieldSchema) map[string]*framew
 	return fields
 }
 
+// Fields Transit's keys/<name> knows and this engine has no use for; they are accepted and ignored, as Transit
+// ignores them for the key types here (managed keys, ML-DSA parameter sets and hybrid keys are not types here;
+// context matters only for derived keys).
+var transitKeyFields = []string{"context", "managed_key_name", "managed_key_id", "parameter_set", "hybrid_key_type_pqc", "hybrid_key_type_ec"}
+
 // refuseUnsupported checks the Transit options that cannot hold for HSM keys.
-func refuseUnsupported(d *framework.FieldData) *logical.Response {
-	for field, msg := range map[string]string{
-		"derived": msgNoDerivation, "convergent_encryption": msgNoConvergent,
-		"exportable": msgNonExtractable, "allow_plaintext_backup": msgNonExtractable,
-	} {
+func refuseUnsupported(d *framework.FieldData) error {
+	for _, field := range []string{"derived", "convergent_encryption", "exportable", "allow_plaintext_backup"} {
+		msg := map[string]string{"derived": msgNoDerivation, "convergent_encryption": msgNoConvergent}[field]
+		if msg == "" {
+			msg = msgNonExtractable
+		}
 		if v, ok := d.GetOk(field); ok && v.(bool) {
-			return logical.ErrorResponse("%s=true is not possible: %s", field, msg)
+			return callerf("%s=true is not possible: %s", field, msg)
 		}
 	}
 	return nil
 }
 
-// readLifecycleFields applies auto_rotate_period and max_encryptions_per_version to p.
-func readLifecycleFields(d *framework.FieldData, p *keyPolicy) *logical.Response {
-	if v, ok := d.GetOk("auto_rotate_period"); ok {
-		p.AutoRotatePeriod = time.Duration(v.(int)) * time.Second
+// settingsFrom reads the fields of keys/<name>/config (and of a key's creation) that change its settings.
+func settingsFrom(d *framework.FieldData) (keys.Settings, error) {
+	var c keys.Settings
+	if v, ok := d.GetOk("min_decryption_version"); ok {
+		n := v.(int)
+		c.MinDecryptionVersion = &n
 	}
-	if p.AutoRotatePeriod != 0 && p.AutoRotatePeriod < minAutoRotatePeriod {
-		return logical.ErrorResponse("auto_rotate_period must be 0 to disable or at least an hour")
+	if v, ok := d.GetOk("min_encryption_version"); ok {
+		n := v.(int)
+		c.MinEncryptionVersion = &n
+	}
+	if v, ok := d.GetOk("deletion_allowed"); ok {
+		b := v.(bool)
+		c.DeletionAllowed = &b
+	}
+	if v, ok := d.GetOk("auto_rotate_period"); ok {
+		p := time.Duration(v.(int)) * time.Second
+		c.AutoRotatePeriod = &p
 	}
 	if v, ok := d.GetOk("max_encryptions_per_version"); ok {
-		if v.(int) < 0 {
-			return logical.ErrorResponse("max_encryptions_per_version must not be negative")
-		}
-		if v.(int) > 0 && !p.Type.isAES() {
-			return logical.ErrorResponse("max_encryptions_per_version applies to AES keys, not %s", p.Type)
-		}
-		p.MaxEncryptions = uint64(v.(int))
+		n := v.(int)
+		c.MaxEncryptions = &n
 	}
-	if p.Imported && !p.AllowRotation && (p.AutoRotatePeriod > 0 || p.MaxEncryptions > 0) {
-		return logical.ErrorResponse("imported key %q does not allow rotation: it was imported without allow_rotation", p.Name)
+	if v, ok := d.GetOk("next_rotation_time"); ok {
+		var t time.Time
+		if raw := v.(string); raw != "" {
+			var err error
+			if t, err = time.Parse(time.RFC3339, raw); err != nil {
+				return c, callerf("next_rotation_time must be an RFC 3339 time such as 2026-01-02T15:04:05Z: %v", err)
+			}
+		}
+		c.NextRotation = &t
 	}
-	return nil
+	return c, nil
 }
 
 func (b *backend) pathKeyWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name := d.Get("name").(string)
-	if resp := refuseUnsupported(d); resp != nil {
-		return resp, logical.ErrInvalidRequest
+	if err := refuseUnknownFields(req, d, transitKeyFields...); err != nil {
+		return respond(err)
 	}
-	typ, err := parseKeyType(d.Get("type").(string))
+	if err := refuseUnsupported(d); err != nil {
+		return respond(err)
+	}
+	typ, err := keys.ParseType(d.Get("type").(string))
 	if err != nil {
-		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
+		return respond(err)
 	}
-	hmacSize := 0
-	if v, ok := d.GetOk("key_size"); ok {
-		hmacSize = v.(int)
-		if typ != typeHMAC {
-			return logical.ErrorResponse("key_size is valid for hmac keys only, not %s", typ), logical.ErrInvalidRequest
+	// key_size 0 is "unset", as in Transit: Terraform's vault_transit_secret_backend_key always sends it.
+	hmacSize := d.Get("key_size").(int)
+	if hmacSize != 0 {
+		if typ != keys.TypeHMAC {
+			return respond(callerf("key_size is valid for hmac keys only, not %s", typ))
 		}
 		if hmacSize < minHMACKeySize || hmacSize > maxHMACKeySize {
-			return logical.ErrorResponse("key_size must be between %d and %d bytes", minHMACKeySize, maxHMACKeySize), logical.ErrInvalidRequest
+			return respond(callerf("key_size must be between %d and %d bytes", minHMACKeySize, maxHMACKeySize))
 		}
 	}
 	cfg, err := b.readKeysConfig(ctx, req.Storage)
 	if err != nil {
 		return nil, err
 	}
-	p := &keyPolicy{Name: name, Type: typ, HMACKeySize: hmacSize, AutoRotatePeriod: cfg.AutoRotatePeriod}
-	if resp := readLifecycleFields(d, p); resp != nil {
-		return resp, logical.ErrInvalidRequest
+	k := &keys.Key{Name: name, Type: typ, HMACKeySize: hmacSize, AutoRotatePeriod: cfg.AutoRotatePeriod}
+	settings, err := settingsFrom(d)
+	if err == nil {
+		err = k.Apply(settings)
 	}
-	p, created, err := b.createKey(ctx, req.Storage, p, actorOf(req))
 	if err != nil {
-		return hsmErrorResponse(err)
+		return respond(err)
 	}
-	resp := b.formatKey(p)
+	k, created, err := b.keys.Create(ctx, req.Storage, k, actorOf(req), nil)
+	if err != nil {
+		return respond(err)
+	}
+	resp := b.formatKey(k)
 	if !created {
 		resp.AddWarning(fmt.Sprintf("key %s already existed", name))
 	}
@@ -219,19 +246,19 @@ func (b *backend) pathKeyWrite(ctx context.Context, req *logical.Request, d *fra
 }
 
 func (b *backend) pathKeyRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	p, err := b.policy(ctx, req.Storage, d.Get("name").(string))
-	if err != nil || p == nil {
+	k, err := b.keys.Get(ctx, req.Storage, d.Get("name").(string))
+	if err != nil || k == nil {
 		return nil, err
 	}
-	return b.formatKey(p), nil
+	return b.formatKey(k), nil
 }
 
 // formatVersion describes one version: its state, where it lives in the HSM, its history and use.
-func (b *backend) formatVersion(p *keyPolicy, n int) map[string]interface{} {
-	v := p.Versions[n]
+func (b *backend) formatVersion(k *keys.Key, n int) map[string]interface{} {
+	v := k.Versions[n]
 	info := map[string]interface{}{
 		"version":       n,
-		"state":         p.versionState(n),
+		"state":         k.VersionState(n),
 		"hsm_id":        v.HSMID,
 		"label":         v.Label,
 		"creation_time": v.CreatedAt.Format(time.RFC3339Nano),
@@ -240,11 +267,11 @@ func (b *backend) formatVersion(p *keyPolicy, n int) map[string]interface{} {
 		// that an operator counting objects on the token knows what to expect.
 		"hmac_secret_on_token": !v.HMACDeferred,
 	}
-	if tok := b.connectedToken(); tok != nil && v.State != stateDestroyed {
-		if missing := tok.MissingObjects(v.id()); len(missing) > 0 {
+	if tok := b.connectedToken(); tok != nil && v.State != keys.StateDestroyed {
+		if missing := tok.MissingObjects(v.ID()); len(missing) > 0 {
 			m := map[string]interface{}{}
 			for kind, since := range missing {
-				m[kind] = formatTime(since)
+				m[kind] = keys.FormatTime(since)
 			}
 			info["hsm_objects_missing"] = m
 		}
@@ -253,208 +280,132 @@ func (b *backend) formatVersion(p *keyPolicy, n int) map[string]interface{} {
 		info["import_method"] = v.ImportMethod
 	}
 	if !v.DestroyAt.IsZero() {
-		info["destruction_scheduled_time"] = formatTime(v.DestroyAt)
+		info["destruction_scheduled_time"] = keys.FormatTime(v.DestroyAt)
 	}
 	if !v.DestroyedAt.IsZero() {
-		info["destroyed_time"] = formatTime(v.DestroyedAt)
+		info["destroyed_time"] = keys.FormatTime(v.DestroyedAt)
 	}
-	if p.Type.isAES() {
-		if used, ok := b.usage.count(p.Name, n); ok {
+	if k.Type.IsAES() {
+		if used, ok := b.keys.EncryptionCount(k.Name, n); ok {
 			info["encryptions"] = used
 		}
 	}
 	return info
 }
 
-// formatTime renders a time for responses: RFC 3339, or "" for none.
-func formatTime(t time.Time) string {
-	if t.IsZero() {
-		return ""
-	}
-	return t.UTC().Format(time.RFC3339)
-}
-
 // formatKey gives Transit's key read response, plus where each version lives in the HSM.
-func (b *backend) formatKey(p *keyPolicy) *logical.Response {
+func (b *backend) formatKey(k *keys.Key) *logical.Response {
 	symmetric := map[string]int64{}
 	asymmetric := map[string]interface{}{}
 	versions := map[string]interface{}{}
-	for n, v := range p.Versions {
+	for n, v := range k.Versions {
 		s := strconv.Itoa(n)
-		if p.Type.asymmetric() {
+		if k.Type.Asymmetric() {
 			asymmetric[s] = map[string]interface{}{
-				"name":          p.Type.publicKeyName(),
+				"name":          k.Type.PublicKeyName(),
 				"public_key":    v.PublicKey,
 				"creation_time": v.CreatedAt.Format(time.RFC3339Nano),
 			}
 		} else {
 			symmetric[s] = v.CreatedAt.Unix()
 		}
-		versions[s] = b.formatVersion(p, n)
+		versions[s] = b.formatVersion(k, n)
 	}
-	var keys interface{} = symmetric
-	if p.Type.asymmetric() {
-		keys = asymmetric
+	var keyMap interface{} = symmetric
+	if k.Type.Asymmetric() {
+		keyMap = asymmetric
 	}
 	data := map[string]interface{}{
-		"name":                        p.Name,
-		"type":                        string(p.Type),
+		"name":                        k.Name,
+		"type":                        string(k.Type),
 		"derived":                     false,
 		"exportable":                  false,
 		"allow_plaintext_backup":      false,
-		"deletion_allowed":            p.DeletionAllowed,
-		"min_available_version":       p.MinAvailableVersion,
-		"min_decryption_version":      p.MinDecryptionVersion,
-		"min_encryption_version":      p.MinEncryptionVersion,
-		"latest_version":              p.LatestVersion,
-		"supports_encryption":         p.Type.info().encrypt,
-		"supports_decryption":         p.Type.info().encrypt,
-		"supports_signing":            p.Type.info().sign,
+		"deletion_allowed":            k.DeletionAllowed,
+		"min_available_version":       k.MinAvailableVersion,
+		"min_decryption_version":      k.MinDecryptionVersion,
+		"min_encryption_version":      k.MinEncryptionVersion,
+		"latest_version":              k.LatestVersion,
+		"supports_encryption":         k.Type.Info().Encrypt,
+		"supports_decryption":         k.Type.Info().Encrypt,
+		"supports_signing":            k.Type.Info().Sign,
 		"supports_derivation":         false,
-		"auto_rotate_period":          int64(p.AutoRotatePeriod.Seconds()),
-		"imported_key":                p.Imported,
-		"next_rotation_time":          formatTime(p.NextRotation),
-		"last_rotated":                formatTime(p.LastRotated),
-		"max_encryptions_per_version": p.encryptionLimit(),
-		"disabled":                    p.Disabled,
-		"deletion_scheduled_time":     formatTime(p.DeleteAt),
-		"keys":                        keys,
+		"auto_rotate_period":          int64(k.AutoRotatePeriod.Seconds()),
+		"imported_key":                k.Imported,
+		"next_rotation_time":          keys.FormatTime(k.NextRotation),
+		"last_rotated":                keys.FormatTime(k.LastRotated),
+		"max_encryptions_per_version": k.EncryptionLimit(),
+		"disabled":                    k.Disabled,
+		"deletion_scheduled_time":     keys.FormatTime(k.DeleteAt),
+		"keys":                        keyMap,
 		"protection_level":            "hsm",
 		"versions":                    versions,
-		"creation_time":               p.CreatedAt.Format(time.RFC3339Nano),
+		"creation_time":               k.CreatedAt.Format(time.RFC3339Nano),
 	}
-	if p.Deleting {
+	if k.Deleting {
 		data["deletion_in_progress"] = true
 	}
-	if !p.Type.isAES() {
+	if !k.Type.IsAES() {
 		delete(data, "max_encryptions_per_version")
 	}
-	if p.Type == typeHMAC {
-		data["key_size"] = p.hmacKeySize()
+	if k.Type == keys.TypeHMAC {
+		data["key_size"] = k.HMACKeyBytes()
 	}
-	if p.Imported {
-		data["imported_key_allow_rotation"] = p.AllowRotation
+	if k.Imported {
+		data["imported_key_allow_rotation"] = k.AllowRotation
 	}
 	return &logical.Response{Data: data}
 }
 
 func (b *backend) pathKeyDelete(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	at, err := b.deleteKey(ctx, req.Storage, d.Get("name").(string), actorOf(req))
-	if errors.Is(err, errDeletionNotAllowed) {
-		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
-	}
+	name := d.Get("name").(string)
+	cfg, err := b.readKeysConfig(ctx, req.Storage)
 	if err != nil {
-		return hsmErrorResponse(err)
+		return nil, err
 	}
-	if at.IsZero() {
+	k, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), func(tx *keys.Tx) error { return tx.Delete(cfg.DeletionGracePeriod) })
+	switch {
+	case errors.Is(err, keys.ErrNotFound):
+		return nil, nil // as Transit: deleting what is not there succeeds
+	case err != nil:
+		return respond(err)
+	case k == nil || k.DeleteAt.IsZero():
 		return nil, nil
 	}
+	at := keys.FormatTime(k.DeleteAt)
 	return &logical.Response{
-		Data:     map[string]interface{}{"deletion_scheduled_time": formatTime(at)},
-		Warnings: []string{fmt.Sprintf("the key serves nothing from now on and is destroyed at %s; keys/%s/cancel-deletion restores it until then", formatTime(at), d.Get("name"))},
+		Data:     map[string]interface{}{"deletion_scheduled_time": at},
+		Warnings: []string{fmt.Sprintf("the key serves nothing from now on and is destroyed at %s; keys/%s/cancel-deletion restores it until then", at, name)},
 	}, nil
 }
 
 func (b *backend) pathKeyConfigWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	name := d.Get("name").(string)
-	if resp := refuseUnsupported(d); resp != nil {
-		return resp, logical.ErrInvalidRequest
+	if err := refuseUnknownFields(req, d); err != nil {
+		return respond(err)
 	}
-	lock := b.lockKey(name)
-	lock.Lock()
-	defer lock.Unlock()
-	cur, err := b.policyLocked(ctx, req.Storage, name)
+	if err := refuseUnsupported(d); err != nil {
+		return respond(err)
+	}
+	settings, err := settingsFrom(d)
 	if err != nil {
-		return nil, err
+		return respond(err)
 	}
-	if cur == nil {
-		return logical.ErrorResponse("key %q not found", name), logical.ErrInvalidRequest
+	k, err := b.keys.Update(ctx, req.Storage, d.Get("name").(string), actorOf(req), func(tx *keys.Tx) error { return tx.Configure(settings) })
+	if err != nil {
+		return respond(err)
 	}
-	p := cur.clone()
-	if v, ok := d.GetOk("min_decryption_version"); ok {
-		p.MinDecryptionVersion = v.(int)
-		if p.MinDecryptionVersion == 0 {
-			p.MinDecryptionVersion = 1
-		}
+	resp := b.formatKey(k)
+	if settings.NextRotation != nil && !settings.NextRotation.IsZero() && settings.NextRotation.Before(time.Now()) {
+		resp.AddWarning(fmt.Sprintf("next_rotation_time %s is in the past: the key is rotated at the next periodic run (within about a minute)", keys.FormatTime(*settings.NextRotation)))
 	}
-	if v, ok := d.GetOk("min_encryption_version"); ok {
-		p.MinEncryptionVersion = v.(int)
-	}
-	if v, ok := d.GetOk("deletion_allowed"); ok {
-		p.DeletionAllowed = v.(bool)
-	}
-	_, periodGiven := d.GetOk("auto_rotate_period")
-	if resp := readLifecycleFields(d, p); resp != nil {
-		return resp, logical.ErrInvalidRequest
-	}
-	if periodGiven {
-		p.NextRotation = time.Time{}
-		if p.AutoRotatePeriod > 0 {
-			base := p.LastRotated
-			if base.IsZero() {
-				base = p.CreatedAt
-			}
-			p.NextRotation = base.Add(p.AutoRotatePeriod)
-		}
-	}
-	if v, ok := d.GetOk("next_rotation_time"); ok {
-		switch raw := v.(string); raw {
-		case "":
-			p.NextRotation = time.Time{}
-		default:
-			t, err := time.Parse(time.RFC3339, raw)
-			if err != nil {
-				return logical.ErrorResponse("next_rotation_time must be an RFC 3339 time such as 2026-01-02T15:04:05Z: %v", err), logical.ErrInvalidRequest
-			}
-			if p.Imported && !p.AllowRotation {
-				return logical.ErrorResponse("imported key %q does not allow rotation: it was imported without allow_rotation", name), logical.ErrInvalidRequest
-			}
-			p.NextRotation = t.UTC()
-		}
-	}
-	switch {
-	case p.MinDecryptionVersion < 1 || p.MinDecryptionVersion > p.LatestVersion:
-		return logical.ErrorResponse("min_decryption_version must be between 1 and the latest version %d", p.LatestVersion), logical.ErrInvalidRequest
-	case p.MinEncryptionVersion < 0 || p.MinEncryptionVersion > p.LatestVersion:
-		return logical.ErrorResponse("min_encryption_version must be between 0 and the latest version %d", p.LatestVersion), logical.ErrInvalidRequest
-	case p.MinEncryptionVersion != 0 && p.MinEncryptionVersion < p.MinDecryptionVersion:
-		return logical.ErrorResponse("min_encryption_version %d must not be below min_decryption_version %d", p.MinEncryptionVersion, p.MinDecryptionVersion), logical.ErrInvalidRequest
-	}
-	if err := b.storePolicy(ctx, req.Storage, p); err != nil {
-		return nil, err
-	}
-	who := actorOf(req)
-	changes := configChanges(cur, p)
-	b.logger.Info("key configuration changed", "key", name, "changes", changes, "by", who.String())
-	b.record(ctx, req.Storage, name, who.event("config_changed", 0, "", changes))
-	return b.formatKey(p), nil
-}
-
-// configChanges describes what a config write changed, for the key's history.
-func configChanges(a, b *keyPolicy) string {
-	var out []string
-	add := func(field string, from, to interface{}) {
-		if fmt.Sprint(from) != fmt.Sprint(to) {
-			out = append(out, fmt.Sprintf("%s %v → %v", field, from, to))
-		}
-	}
-	add("min_decryption_version", a.MinDecryptionVersion, b.MinDecryptionVersion)
-	add("min_encryption_version", a.MinEncryptionVersion, b.MinEncryptionVersion)
-	add("deletion_allowed", a.DeletionAllowed, b.DeletionAllowed)
-	add("auto_rotate_period", a.AutoRotatePeriod, b.AutoRotatePeriod)
-	add("next_rotation_time", formatTime(a.NextRotation), formatTime(b.NextRotation))
-	add("max_encryptions_per_version", a.encryptionLimit(), b.encryptionLimit())
-	if len(out) == 0 {
-		return "no change"
-	}
-	return strings.Join(out, "; ")
+	return resp, nil
 }
 
 // pathRefused answers Transit's paths that would reveal key material with a 400 that says why.
 func (b *backend) pathRefused() []*framework.Path {
 	refuse := func(msg string) framework.OperationFunc {
 		return func(context.Context, *logical.Request, *framework.FieldData) (*logical.Response, error) {
-			return logical.ErrorResponse("%s", msg), logical.ErrInvalidRequest
+			return respond(callerf("%s", msg))
 		}
 	}
 	exportOps := map[logical.Operation]framework.OperationHandler{
@@ -504,8 +455,8 @@ const (
 )
 
 func allowedKeyTypes() []interface{} {
-	out := make([]interface{}, len(keyTypeNames))
-	for i, n := range keyTypeNames {
+	out := make([]interface{}, len(keys.TypeNames))
+	for i, n := range keys.TypeNames {
 		out[i] = n
 	}
 	return out

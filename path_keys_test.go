@@ -2,8 +2,7 @@ package cmk
 
 import (
 	"context"
-	"encoding/base64"
-	"errors"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -13,7 +12,7 @@ import (
 
 	"github.com/hashicorp/vault/sdk/logical"
 
-	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/keys"
 )
 
 func TestKeyCreateReadListDelete(t *testing.T) {
@@ -121,123 +120,6 @@ func TestKeyCreateRefusesWhatTheHSMCannotDo(t *testing.T) {
 	}
 }
 
-func TestRotateAndVersionBounds(t *testing.T) {
-	e := newTestBackend(t)
-	e.ok(e.write("keys/k", nil))
-	ct1 := encryptOK(t, e, "k", "one")
-	resp := e.ok(e.write("keys/k/rotate", nil))
-	if resp.Data["latest_version"] != 2 {
-		t.Fatalf("rotate: %v", resp.Data)
-	}
-	e.ok(e.write("keys/k/rotate", nil))
-	ct3 := encryptOK(t, e, "k", "three")
-	if !strings.HasPrefix(ct3, "vault:v3:") {
-		t.Fatalf("new encryptions use the latest version: %s", ct3)
-	}
-	if decryptOK(t, e, "k", ct1) != "one" {
-		t.Fatal("old version no longer decrypts after rotation")
-	}
-
-	bad := []struct {
-		name string
-		data map[string]interface{}
-	}{
-		{"min_decryption above latest", map[string]interface{}{"min_decryption_version": 4}},
-		{"min_encryption above latest", map[string]interface{}{"min_encryption_version": 4}},
-		{"min_encryption below min_decryption", map[string]interface{}{"min_decryption_version": 3, "min_encryption_version": 2}},
-		{"exportable", map[string]interface{}{"exportable": true}},
-	}
-	for _, c := range bad {
-		if got := status(e.write("keys/k/config", c.data)); got != 400 {
-			t.Errorf("%s: status %d", c.name, got)
-		}
-	}
-	resp = e.ok(e.write("keys/k/config", map[string]interface{}{"min_decryption_version": 2, "min_encryption_version": 3}))
-	vs := resp.Data["versions"].(map[string]interface{})
-	states := []string{vs["1"].(map[string]interface{})["state"].(string), vs["2"].(map[string]interface{})["state"].(string), vs["3"].(map[string]interface{})["state"].(string)}
-	if strings.Join(states, ",") != "disabled,decrypt_only,active" {
-		t.Fatalf("states: %v", states)
-	}
-	resp, err := e.write("decrypt/k", map[string]interface{}{"ciphertext": ct1})
-	if status(resp, err) != 400 || !strings.Contains(respText(resp), "min_decryption_version") {
-		t.Fatalf("decrypt below min_decryption_version: %d %s", status(resp, err), respText(resp))
-	}
-	resp, err = e.write("encrypt/k", map[string]interface{}{"plaintext": b64("x"), "key_version": 2})
-	if status(resp, err) != 400 || !strings.Contains(respText(resp), "min_encryption_version") {
-		t.Fatalf("encrypt below min_encryption_version: %d %s", status(resp, err), respText(resp))
-	}
-	if got := status(e.write("keys/missing/rotate", nil)); got != 400 {
-		t.Fatalf("rotate unknown key: %d", got)
-	}
-}
-
-// A failed storage write leaves neither a new version in memory nor an orphan object on the token.
-func TestRotateWithFailingStorage(t *testing.T) {
-	e := newTestBackend(t)
-	e.ok(e.write("keys/k", nil))
-	before := len(e.tokenObjects())
-	e.inmem.Underlying().FailPut(true)
-	resp, err := e.write("keys/k/rotate", nil)
-	e.inmem.Underlying().FailPut(false)
-	if err == nil && !resp.IsError() {
-		t.Fatal("rotate succeeded with failing storage")
-	}
-	if resp := e.ok(e.read("keys/k")); resp.Data["latest_version"] != 1 {
-		t.Fatalf("in-memory key changed by a failed rotation: %v", resp.Data["latest_version"])
-	}
-	if after := len(e.tokenObjects()); after != before {
-		t.Fatalf("token objects %d → %d after a failed rotation", before, after)
-	}
-	e.ok(e.write("keys/k/rotate", nil))
-	if resp := e.ok(e.read("keys/k")); resp.Data["latest_version"] != 2 {
-		t.Fatalf("rotation after recovery: %v", resp.Data["latest_version"])
-	}
-}
-
-// The WAL rollback destroys objects whose version never reached storage, and never one storage references.
-func TestWALRollbackDestroysOnlyUncommittedObjects(t *testing.T) {
-	e := newTestBackend(t)
-	ctx := context.Background()
-	e.ok(e.write("keys/k", nil))
-	ct := encryptOK(t, e, "k", "kept")
-
-	// A crash between the HSM call and the storage write: objects and WAL entry exist, metadata does not.
-	tok, _, err := e.b.getToken(ctx, e.storage)
-	if err != nil {
-		t.Fatal(err)
-	}
-	orphan := []byte("0123456789abcdef")
-	if _, err := e.b.walPut(ctx, e.storage, walKindVersion, "k", 2, orphan); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := tok.GenerateVersion(ctx, hsm.AES256, orphan, "cmk/"+e.b.mountID+"/k/v2", hsm.HMACKeySize); err != nil {
-		t.Fatal(err)
-	}
-	// And a WAL entry left behind for a version that did commit.
-	p, _ := e.b.policy(ctx, e.storage, "k")
-	if _, err := e.b.walPut(ctx, e.storage, walKindVersion, "k", 1, p.Versions[1].id()); err != nil {
-		t.Fatal(err)
-	}
-	if n := len(e.tokenObjects()); n != 3 {
-		t.Fatalf("%d objects before rollback, want 3 (the orphan's key and HMAC secret, the committed version's key)", n)
-	}
-	resp, err := e.b.HandleRequest(ctx, &logical.Request{
-		Operation: logical.RollbackOperation, Path: "", Storage: e.storage, Data: map[string]interface{}{"immediate": true},
-	})
-	if err != nil || (resp != nil && resp.IsError()) {
-		t.Fatalf("rollback: %v %s", err, respText(resp))
-	}
-	if n := len(e.tokenObjects()); n != 1 {
-		t.Fatalf("%d objects after rollback, want 1 (the committed version's)", n)
-	}
-	if decryptOK(t, e, "k", ct) != "kept" {
-		t.Fatal("committed version damaged by rollback")
-	}
-	if _, _, err := tok.EncryptGCM(ctx, orphan, make([]byte, 12), nil, nil); err == nil {
-		t.Fatal("orphan object still usable")
-	}
-}
-
 func TestKeyCacheAndInvalidate(t *testing.T) {
 	e := newTestBackend(t)
 	e.ok(e.write("keys/k", nil))
@@ -252,16 +134,16 @@ func TestKeyCacheAndInvalidate(t *testing.T) {
 	}
 	// Another node rotated the key: storage changes, Invalidate drops the cached copy.
 	ctx := context.Background()
-	p, _ := loadPolicy(ctx, e.storage, "k")
+	p, _ := keys.Load(ctx, e.storage, "k")
 	p.MinEncryptionVersion = 1
-	entry, _ := logical.StorageEntryJSON(policyPrefix+"k", p)
+	entry, _ := logical.StorageEntryJSON(keys.PolicyPrefix+"k", p)
 	if err := e.inmem.Put(ctx, entry); err != nil {
 		t.Fatal(err)
 	}
 	if resp := e.ok(e.read("keys/k")); resp.Data["min_encryption_version"] != 0 {
 		t.Fatal("cache bypassed before invalidation")
 	}
-	e.b.invalidate(ctx, policyPrefix+"k")
+	e.b.invalidate(ctx, keys.PolicyPrefix+"k")
 	if resp := e.ok(e.read("keys/k")); resp.Data["min_encryption_version"] != 1 {
 		t.Fatalf("invalidate did not reload: %v", resp.Data["min_encryption_version"])
 	}
@@ -289,28 +171,6 @@ func TestTokenObjectsAreSensitiveAndNeverExtractable(t *testing.T) {
 	}
 }
 
-func b64(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
-
-func encryptOK(t *testing.T, e *testEnv, key, plaintext string) string {
-	t.Helper()
-	var op logical.Operation = logical.UpdateOperation
-	if p, _ := e.b.policy(context.Background(), e.storage, key); p == nil {
-		op = logical.CreateOperation
-	}
-	resp := e.ok(e.request(op, "encrypt/"+key, map[string]interface{}{"plaintext": b64(plaintext)}))
-	return resp.Data["ciphertext"].(string)
-}
-
-func decryptOK(t *testing.T, e *testEnv, key, ct string) string {
-	t.Helper()
-	resp := e.ok(e.write("decrypt/"+key, map[string]interface{}{"ciphertext": ct}))
-	pt, err := base64.StdEncoding.DecodeString(resp.Data["plaintext"].(string))
-	if err != nil {
-		t.Fatal(errors.New("plaintext is not base64"))
-	}
-	return string(pt)
-}
-
 // A version whose object is deleted from the token behind the engine's back (here by another process, OpenSC's
 // pkcs11-tool): its operations fail with a message that says so and the key reports it, while the key's other
 // versions and other keys keep working.
@@ -327,7 +187,7 @@ func TestObjectDeletedBehindOurBack(t *testing.T) {
 	ct2 := encryptOK(t, e, "k", "v2 data")
 	other := encryptOK(t, e, "other", "other data")
 
-	p, _ := e.b.policy(context.Background(), e.storage, "k")
+	p, _ := e.b.keys.Get(context.Background(), e.storage, "k")
 	cmd := exec.Command(tool, "--module", softhsm.Library, "--token-label", e.label, "--login", "--pin", testPIN,
 		"--delete-object", "--type", "secrkey", "--id", p.Versions[1].HSMID)
 	cmd.Env = append(os.Environ(), "SOFTHSM2_CONF="+softhsm.Conf)
@@ -360,5 +220,85 @@ func TestObjectDeletedBehindOurBack(t *testing.T) {
 	})))
 	if !strings.Contains(rs[0].Error, "missing from the HSM token") || rs[1].Error != "" || rs[1].Plaintext != b64("v2 data") {
 		t.Fatalf("batch: %+v", rs)
+	}
+}
+
+// Versions are stored in chunks, so that no storage entry grows with the key's life.
+func TestVersionsAreStoredInChunks(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/k", nil))
+	first := encryptOK(t, e, "k", "first")
+	for i := 0; i < keys.VersionChunk+4; i++ {
+		e.ok(e.write("keys/k/rotate", nil))
+	}
+	ctx := context.Background()
+	for _, key := range []string{keys.PolicyPrefix + "k", keys.VersionsKey("k", 0), keys.VersionsKey("k", 1)} {
+		entry, err := e.inmem.Get(ctx, key)
+		if err != nil || entry == nil {
+			t.Fatalf("%s: %v", key, err)
+		}
+		if len(entry.Value) > 256*1024 {
+			t.Fatalf("%s is %d bytes", key, len(entry.Value))
+		}
+	}
+	var policy map[string]interface{}
+	entry, _ := e.inmem.Get(ctx, keys.PolicyPrefix+"k")
+	_ = json.Unmarshal(entry.Value, &policy)
+	if _, has := policy["versions"]; has {
+		t.Fatal("versions stored in the policy entry")
+	}
+	again := e.reopen()
+	again.ok(again.write("config/hsm", map[string]interface{}{"token_label": e.label, "pin": testPIN}))
+	if decryptOK(t, again, "k", first) != "first" {
+		t.Fatal("version 1 lost across chunks")
+	}
+	if r := again.ok(again.read("keys/k")); r.Data["latest_version"] != keys.VersionChunk+5 {
+		t.Fatalf("latest %v", r.Data["latest_version"])
+	}
+}
+
+// Defect g: key_size=0 is "unset" for every type, as in Transit: Terraform's vault_transit_secret_backend_key
+// always sends it.
+func TestKeySizeZeroForEveryType(t *testing.T) {
+	e := newTestBackend(t)
+	for _, typ := range keys.TypeNames {
+		resp := e.ok(e.write("keys/zero-"+typ, map[string]interface{}{"type": typ, "key_size": 0}))
+		if resp.Data["type"] != typ {
+			t.Fatalf("%s: %v", typ, resp.Data)
+		}
+	}
+	if got := status(e.write("keys/sized", map[string]interface{}{"type": "aes256-gcm96", "key_size": 32})); got != 400 {
+		t.Fatalf("key_size on an AES key: %d", got)
+	}
+}
+
+// Defect h: fields neither this engine nor Transit knows are refused with a 400 naming them (a typo must not
+// silently create an AES key or change nothing); the fields Transit knows keep their handling.
+func TestUnknownFieldsAreRefused(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/k", nil))
+	for _, c := range []struct {
+		path  string
+		data  map[string]interface{}
+		names string
+	}{
+		{"keys/typo", map[string]interface{}{"typ": "rsa-2048"}, "typ"},
+		{"keys/k/config", map[string]interface{}{"allow_deletion": true}, "allow_deletion"},
+		{"config/keys", map[string]interface{}{"deletion_grace": "0s"}, "deletion_grace"},
+		{"config/hsm", map[string]interface{}{"tokenlabel": "x"}, "tokenlabel"},
+		{"config/hsm", map[string]interface{}{"library": "/tmp/evil.so"}, "CMK_PKCS11_LIBRARY"},
+	} {
+		resp, err := e.write(c.path, c.data)
+		if status(resp, err) != 400 || !strings.Contains(respText(resp), c.names) {
+			t.Errorf("%s %v: %d %s", c.path, c.data, status(resp, err), respText(resp))
+		}
+	}
+	if k, _ := e.b.keys.Get(context.Background(), e.storage, "typo"); k != nil {
+		t.Fatal("the typo made a key")
+	}
+	// Transit's own fields: accepted as Transit accepts them.
+	e.ok(e.write("keys/transit-fields", map[string]interface{}{"type": "aes256-gcm96", "context": "", "managed_key_name": ""}))
+	if r := e.ok(e.read("keys/k")); r.Data["deletion_allowed"] != false {
+		t.Fatal("a refused config write changed the key")
 	}
 }

@@ -2,11 +2,12 @@ package cmk
 
 import (
 	"context"
-	"strconv"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/keys"
 )
 
 func (b *backend) pathLifecycle() []*framework.Path {
@@ -100,40 +101,18 @@ func (b *backend) pathLifecycle() []*framework.Path {
 	}
 }
 
-// changeKey runs f on a clone of the key under its lock and persists the result.
-func (b *backend) changeKey(ctx context.Context, req *logical.Request, name string, f func(p *keyPolicy) (changed []int, resp *logical.Response)) (*keyPolicy, *logical.Response, error) {
-	lock := b.lockKey(name)
-	lock.Lock()
-	defer lock.Unlock()
-	cur, err := b.policyLocked(ctx, req.Storage, name)
-	if err != nil {
-		return nil, nil, err
-	}
-	if cur == nil {
-		return nil, logical.ErrorResponse("key %q not found", name), nil
-	}
-	p := cur.clone()
-	changed, resp := f(p)
-	if resp != nil {
-		return nil, resp, nil
-	}
-	if err := b.storePolicy(ctx, req.Storage, p, changed...); err != nil {
-		return nil, nil, err
-	}
-	return p, nil, nil
-}
-
 func (b *backend) pathVersionRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	p, err := b.policy(ctx, req.Storage, d.Get("name").(string))
-	if err != nil || p == nil {
+	k, err := b.keys.Get(ctx, req.Storage, d.Get("name").(string))
+	if err != nil || k == nil {
 		return nil, err
 	}
 	n := d.Get("version").(int)
-	if p.Versions[n] == nil {
+	v := k.Versions[n]
+	if v == nil {
 		return nil, nil
 	}
-	info := b.formatVersion(p, n)
-	if v := p.Versions[n]; v.PublicKey != "" {
+	info := b.formatVersion(k, n)
+	if v.PublicKey != "" {
 		info["public_key"] = v.PublicKey
 	}
 	return &logical.Response{Data: info}, nil
@@ -145,192 +124,57 @@ func (b *backend) pathVersionAction(ctx context.Context, req *logical.Request, d
 	if err != nil {
 		return nil, err
 	}
-	who := actorOf(req)
-	var ev event
-	var destroyNow, unchanged bool
-	p, resp, err := b.changeKey(ctx, req, name, func(p *keyPolicy) ([]int, *logical.Response) {
-		v := p.Versions[n]
-		if v == nil {
-			return nil, logical.ErrorResponse("key %q has no version %d", name, n)
-		}
-		state := p.versionState(n)
-		// Repeating what already happened changes nothing (Vault retries a request once if the plugin died).
-		if (action == "disable" && v.State == stateDisabled) || (action == "destroy" && (state == stateDestroyScheduled || state == stateDestroyed)) ||
-			(action == "enable" && v.State == "" && (state == stateActive || state == stateDecryptOnly)) {
-			unchanged = true
-			return nil, nil
-		}
-		if state == stateDestroyed {
-			return nil, logical.ErrorResponse("version %d is destroyed: its HSM objects are gone", n)
-		}
-		switch action {
-		case "disable":
-			if n == p.LatestVersion {
-				return nil, logical.ErrorResponse("version %d is the latest: rotate first, or disable the whole key with keys/%s/disable", n, name)
-			}
-			if v.State == stateDestroyScheduled {
-				return nil, logical.ErrorResponse("version %d is scheduled for destruction; enable it first to cancel that", n)
-			}
-			p.withVersion(n, func(v *keyVersion) { v.State = stateDisabled })
-			ev = who.event("version_disabled", n, "", "")
-		case "enable":
-			if v.State == "" {
-				return nil, logical.ErrorResponse("version %d is not disabled nor scheduled for destruction (state %s); its key's min_*_version bounds decide the rest", n, state)
-			}
-			detail := ""
-			if v.State == stateDestroyScheduled {
-				detail = "destruction cancelled"
-			}
-			p.withVersion(n, func(v *keyVersion) { v.State, v.DestroyAt = "", time.Time{} })
-			ev = who.event("version_enabled", n, "", detail)
-		case "destroy":
-			if n == p.LatestVersion {
-				return nil, logical.ErrorResponse("version %d is the latest: rotate first", n)
-			}
-			at := time.Now().UTC().Add(cfg.DeletionGracePeriod)
-			p.withVersion(n, func(v *keyVersion) { v.State, v.DestroyAt = stateDestroyScheduled, at })
-			ev = who.event("version_destroy_scheduled", n, "", "destruction at "+formatTime(at))
-			destroyNow = cfg.DeletionGracePeriod == 0
-		}
-		return []int{n}, nil
+	at := time.Now().UTC().Add(cfg.DeletionGracePeriod)
+	k, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), func(tx *keys.Tx) error {
+		return tx.SetVersionState(n, action, at, cfg.DeletionGracePeriod == 0)
 	})
-	if err != nil || resp != nil {
-		return resp, errOrInvalid(err, resp)
-	}
-	if unchanged {
-		return &logical.Response{Data: b.formatVersion(p, n)}, nil
-	}
-	b.record(ctx, req.Storage, name, ev)
-	b.logger.Info("key version state changed", "key", name, "version", n, "action", action, "by", who.String())
-	if destroyNow {
-		if p, err = b.destroyScheduledNow(ctx, req, name, n); err != nil {
-			return hsmErrorResponse(err)
-		}
-	}
-	return &logical.Response{Data: b.formatVersion(p, n)}, nil
-}
-
-// destroyScheduledNow destroys a version scheduled with no grace period, in the request.
-func (b *backend) destroyScheduledNow(ctx context.Context, req *logical.Request, name string, n int) (*keyPolicy, error) {
-	lock := b.lockKey(name)
-	lock.Lock()
-	defer lock.Unlock()
-	cur, err := b.policyLocked(ctx, req.Storage, name)
 	if err != nil {
-		return nil, err
+		return respond(err)
 	}
-	if cur == nil || cur.Versions[n] == nil || cur.Versions[n].State != stateDestroyScheduled {
-		return cur, nil
-	}
-	tok, _, err := b.getToken(ctx, req.Storage)
-	if err != nil {
-		return nil, err
-	}
-	return b.destroyVersionLocked(ctx, req.Storage, tok, cur, n, actorOf(req), "destroyed without grace period")
-}
-
-// errOrInvalid pairs an error response with ErrInvalidRequest (400).
-func errOrInvalid(err error, resp *logical.Response) error {
-	if err == nil && resp != nil {
-		return logical.ErrInvalidRequest
-	}
-	return err
+	b.logger.Info("key version state changed", "key", name, "version", n, "action", action, "by", actorOf(req).String())
+	return &logical.Response{Data: b.formatVersion(k, n)}, nil
 }
 
 func (b *backend) pathKeyAction(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name, action := d.Get("name").(string), d.Get("action").(string)
-	who := actorOf(req)
-	p, resp, err := b.changeKey(ctx, req, name, func(p *keyPolicy) ([]int, *logical.Response) {
-		p.Disabled = action == "disable"
-		return nil, nil
+	k, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), func(tx *keys.Tx) error {
+		tx.SetDisabled(action == "disable")
+		return nil
 	})
-	if err != nil || resp != nil {
-		return resp, errOrInvalid(err, resp)
+	if err != nil {
+		return respond(err)
 	}
-	kind := "disabled"
-	if action == "enable" {
-		kind = "enabled"
-	}
-	b.record(ctx, req.Storage, name, who.event(kind, 0, "", ""))
-	b.logger.Info("key "+kind, "key", name, "by", who.String())
-	return b.formatKey(p), nil
+	b.logger.Info("key "+action+"d", "key", name, "by", actorOf(req).String())
+	return b.formatKey(k), nil
 }
 
 func (b *backend) pathCancelDeletion(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name := d.Get("name").(string)
-	who := actorOf(req)
-	p, resp, err := b.changeKey(ctx, req, name, func(p *keyPolicy) ([]int, *logical.Response) {
-		switch {
-		case p.Deleting:
-			return nil, logical.ErrorResponse("key %q is already being destroyed", name)
-		case p.DeleteAt.IsZero():
-			return nil, logical.ErrorResponse("key %q is not scheduled for deletion", name)
-		}
-		p.DeleteAt = time.Time{}
-		return nil, nil
-	})
-	if err != nil || resp != nil {
-		return resp, errOrInvalid(err, resp)
+	k, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), func(tx *keys.Tx) error { return tx.CancelDeletion() })
+	if err != nil {
+		return respond(err)
 	}
-	b.record(ctx, req.Storage, name, who.event("deletion_cancelled", 0, "", ""))
-	b.logger.Info("key deletion cancelled", "key", name, "by", who.String())
-	return b.formatKey(p), nil
+	b.logger.Info("key deletion cancelled", "key", name, "by", actorOf(req).String())
+	return b.formatKey(k), nil
 }
 
 func (b *backend) pathTrim(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	name := d.Get("name").(string)
 	minAvail := d.Get("min_available_version").(int)
-	lock := b.lockKey(name)
-	lock.Lock()
-	defer lock.Unlock()
-	cur, err := b.policyLocked(ctx, req.Storage, name)
+	k, err := b.keys.Update(ctx, req.Storage, d.Get("name").(string), actorOf(req), func(tx *keys.Tx) error { return tx.Trim(minAvail) })
 	if err != nil {
-		return nil, err
+		return respond(err)
 	}
-	if cur == nil {
-		return logical.ErrorResponse("key %q not found", name), logical.ErrInvalidRequest
-	}
-	switch {
-	case minAvail < 1:
-		return logical.ErrorResponse("min_available_version must be at least 1"), logical.ErrInvalidRequest
-	case minAvail < cur.MinAvailableVersion:
-		return logical.ErrorResponse("min_available_version cannot go down: it is %d", cur.MinAvailableVersion), logical.ErrInvalidRequest
-	case minAvail > cur.MinDecryptionVersion:
-		return logical.ErrorResponse("min_available_version %d must not exceed min_decryption_version %d", minAvail, cur.MinDecryptionVersion), logical.ErrInvalidRequest
-	case cur.MinEncryptionVersion > 0 && minAvail > cur.MinEncryptionVersion:
-		return logical.ErrorResponse("min_available_version %d must not exceed min_encryption_version %d", minAvail, cur.MinEncryptionVersion), logical.ErrInvalidRequest
-	}
-	tok, _, err := b.getToken(ctx, req.Storage)
-	if err != nil {
-		return hsmErrorResponse(err)
-	}
-	who := actorOf(req)
-	// Raise the bound first, so no version about to be destroyed is used meanwhile.
-	p := cur.clone()
-	p.MinAvailableVersion = minAvail
-	if err := b.storePolicy(ctx, req.Storage, p); err != nil {
-		return nil, err
-	}
-	for n := 1; n < minAvail; n++ {
-		if p.Versions[n].State == stateDestroyed {
-			continue
-		}
-		if p, err = b.destroyVersionLocked(ctx, req.Storage, tok, p, n, who, "trim"); err != nil {
-			return hsmErrorResponse(err)
-		}
-	}
-	b.record(ctx, req.Storage, name, who.event("trimmed", 0, "", "min_available_version "+strconv.Itoa(minAvail)))
-	return b.formatKey(p), nil
+	return b.formatKey(k), nil
 }
 
 func (b *backend) pathHistoryRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name := d.Get("name").(string)
-	events, err := readHistory(ctx, req.Storage, name, d.Get("limit").(int))
+	events, err := keys.ReadHistory(ctx, req.Storage, name, d.Get("limit").(int))
 	if err != nil {
 		return nil, err
 	}
 	if len(events) == 0 {
-		if p, err := b.policy(ctx, req.Storage, name); err != nil || p == nil {
+		if k, err := b.keys.Get(ctx, req.Storage, name); err != nil || k == nil {
 			return nil, err
 		}
 	}

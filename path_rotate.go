@@ -2,11 +2,11 @@ package cmk
 
 import (
 	"context"
-	"errors"
-	"strings"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/keys"
 )
 
 func (b *backend) pathRotate() *framework.Path {
@@ -32,30 +32,14 @@ func (b *backend) pathRotate() *framework.Path {
 }
 
 func (b *backend) pathRotateWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	name := d.Get("name").(string)
-	lock := b.lockKey(name)
-	lock.Lock()
-	defer lock.Unlock()
-	cur, err := b.policyLocked(ctx, req.Storage, name)
+	k, err := b.keys.Update(ctx, req.Storage, d.Get("name").(string), actorOf(req), func(tx *keys.Tx) error {
+		if err := tx.Key.Usable(); err != nil {
+			return err
+		}
+		return tx.Rotate("manual")
+	})
 	if err != nil {
-		return nil, err
+		return respond(err)
 	}
-	if cur == nil {
-		return logical.ErrorResponse("key %q not found", name), logical.ErrInvalidRequest
-	}
-	if err := cur.usable(); err != nil {
-		return logical.ErrorResponse(err.Error()), logical.ErrInvalidRequest
-	}
-	tok, _, err := b.getToken(ctx, req.Storage)
-	if err != nil {
-		return hsmErrorResponse(err)
-	}
-	p, err := b.rotateLocked(ctx, req.Storage, tok, cur, actorOf(req), "manual")
-	if errors.Is(err, errCallerMistake) {
-		return logical.ErrorResponse("%s", strings.TrimPrefix(err.Error(), errCallerMistake.Error()+": ")), logical.ErrInvalidRequest
-	}
-	if err != nil {
-		return hsmErrorResponse(err)
-	}
-	return b.formatKey(p), nil
+	return b.formatKey(k), nil
 }

@@ -16,6 +16,8 @@ import (
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/keys"
 )
 
 // Transit's hash names for sign, verify and hmac.
@@ -145,7 +147,7 @@ type signOptions struct {
 	saltLength string
 }
 
-func readSignOptions(d *framework.FieldData, p *keyPolicy) (signOptions, *itemError) {
+func readSignOptions(d *framework.FieldData, p *keys.Key) (signOptions, error) {
 	o := signOptions{prehashed: d.Get("prehashed").(bool), saltLength: d.Get("salt_length").(string)}
 	name := d.Get("hash_algorithm").(string)
 	if v, ok := d.GetOk("algorithm"); ok {
@@ -156,7 +158,7 @@ func readSignOptions(d *framework.FieldData, p *keyPolicy) (signOptions, *itemEr
 	}
 	h, ok := signHashes[name]
 	if !ok {
-		return o, userError("unsupported hash algorithm %q", name)
+		return o, callerf("unsupported hash algorithm %q", name)
 	}
 	o.hash = h
 	switch d.Get("marshaling_algorithm").(string) {
@@ -164,17 +166,17 @@ func readSignOptions(d *framework.FieldData, p *keyPolicy) (signOptions, *itemEr
 	case "jws":
 		o.jws = true
 	default:
-		return o, userError("marshaling_algorithm must be asn1 or jws")
+		return o, callerf("marshaling_algorithm must be asn1 or jws")
 	}
 	switch v, _ := d.Get("signature_algorithm").(string); v {
 	case "", "pss":
 		o.rsaPSS = true
 	case "pkcs1v15":
 	default:
-		return o, userError("signature_algorithm must be pss or pkcs1v15, not %q", v)
+		return o, callerf("signature_algorithm must be pss or pkcs1v15, not %q", v)
 	}
-	if p.Type == typeEd25519 && o.prehashed {
-		return o, userError("prehashed is not supported with ed25519: it signs the input itself")
+	if p.Type == keys.TypeEd25519 && o.prehashed {
+		return o, callerf("prehashed is not supported with ed25519: it signs the input itself")
 	}
 	return o, nil
 }
@@ -187,10 +189,10 @@ func (o signOptions) encoding() *base64.Encoding {
 }
 
 // digest is what gets signed: the input's hash, or the input itself when prehashed.
-func (o signOptions) digest(input []byte) ([]byte, *itemError) {
+func (o signOptions) digest(input []byte) ([]byte, error) {
 	if o.prehashed {
 		if len(input) != o.hash.Size() {
-			return nil, userError("prehashed input is %d bytes; %v digests are %d", len(input), o.hash, o.hash.Size())
+			return nil, callerf("prehashed input is %d bytes; %v digests are %d", len(input), o.hash, o.hash.Size())
 		}
 		return input, nil
 	}
@@ -201,7 +203,7 @@ func (o signOptions) digest(input []byte) ([]byte, *itemError) {
 
 // pssSalt resolves salt_length for an RSA key of the given size. auto means the largest salt when signing and
 // any salt when verifying, as Go's (and Transit's) rsa.PSSSaltLengthAuto.
-func (o signOptions) pssSalt(pub *rsa.PublicKey, signing bool) (int, *itemError) {
+func (o signOptions) pssSalt(pub *rsa.PublicKey, signing bool) (int, error) {
 	maxSalt := (pub.N.BitLen()-1+7)/8 - o.hash.Size() - 2
 	switch strings.ToLower(o.saltLength) {
 	case "", "auto":
@@ -214,44 +216,44 @@ func (o signOptions) pssSalt(pub *rsa.PublicKey, signing bool) (int, *itemError)
 	}
 	n, err := strconv.Atoi(o.saltLength)
 	if err != nil {
-		return 0, userError("salt_length must be auto, hash or a number, not %q", o.saltLength)
+		return 0, callerf("salt_length must be auto, hash or a number, not %q", o.saltLength)
 	}
 	if n == rsa.PSSSaltLengthEqualsHash {
 		return o.hash.Size(), nil
 	}
 	if n < 0 || n > maxSalt {
-		return 0, userError("salt_length %d is invalid: 0 to %d for this key and hash", n, maxSalt)
+		return 0, callerf("salt_length %d is invalid: 0 to %d for this key and hash", n, maxSalt)
 	}
 	return n, nil
 }
 
 func (b *backend) pathSignWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	items, batch, bad := b.signatureItems(ctx, req, d, false)
-	if bad != nil {
-		return bad, logical.ErrInvalidRequest
+	items, batch, err := b.signatureItems(ctx, req, d, false)
+	if err != nil {
+		return respond(err)
 	}
-	p, tok, _, kerr := b.usableKey(ctx, req.Storage, d.Get("name").(string))
-	if kerr != nil {
-		return singleError(kerr)
+	p, tok, _, err := b.usableKey(ctx, req.Storage, d.Get("name").(string))
+	if err != nil {
+		return respond(err)
 	}
-	if !p.Type.info().sign {
-		return singleError(userError("%s", p.Type.unsupported("signing")))
+	if !p.Type.Info().Sign {
+		return respond(p.Type.Unsupported("signing"))
 	}
 	opts, oerr := readSignOptions(d, p)
 	if oerr != nil {
-		return singleError(oerr)
+		return respond(oerr)
 	}
-	return runBatch(d, req, items, batch, tok.PoolSize(), func(i int, it *batchItem) (signResult, *itemError) {
+	return runBatch(d, req, items, batch, tok.PoolSize(), func(i int, it *batchItem) (signResult, error) {
 		if it.Context != "" {
-			return signResult{}, userError("%s", msgNoDerivation)
+			return signResult{}, callerf("%s", msgNoDerivation)
 		}
 		input, err := base64.StdEncoding.DecodeString(it.Input)
 		if err != nil {
-			return signResult{}, userError("input is not valid base64: %v", err)
+			return signResult{}, callerf("input is not valid base64: %v", err)
 		}
-		v, ver, err := p.encryptionVersion(it.KeyVersion)
+		v, ver, err := p.EncryptionVersion(it.KeyVersion)
 		if err != nil {
-			return signResult{}, userError("%s", err.Error())
+			return signResult{}, err
 		}
 		sig, ierr := sign(ctx, tok, p, ver, opts, input)
 		if ierr != nil {
@@ -264,60 +266,44 @@ func (b *backend) pathSignWrite(ctx context.Context, req *logical.Request, d *fr
 }
 
 // sign makes the signature bytes in the HSM.
-func sign(ctx context.Context, tok hsmToken, p *keyPolicy, ver *keyVersion, o signOptions, input []byte) ([]byte, *itemError) {
-	if p.Type == typeEd25519 {
-		sig, err := tok.SignEd25519(ctx, ver.id(), input)
-		if err != nil {
-			return nil, hsmItemError(err)
-		}
-		return sig, nil
+func sign(ctx context.Context, tok hsmToken, p *keys.Key, ver *keys.Version, o signOptions, input []byte) ([]byte, error) {
+	if p.Type == keys.TypeEd25519 {
+		return tok.SignEd25519(ctx, ver.ID(), input)
 	}
 	digest, ierr := o.digest(input)
 	if ierr != nil {
 		return nil, ierr
 	}
 	switch {
-	case p.Type.isRSA() && o.rsaPSS:
-		salt, ierr := o.pssSalt(ver.pub.(*rsa.PublicKey), true)
+	case p.Type.IsRSA() && o.rsaPSS:
+		salt, ierr := o.pssSalt(ver.Public().(*rsa.PublicKey), true)
 		if ierr != nil {
 			return nil, ierr
 		}
-		sig, err := tok.SignPSS(ctx, ver.id(), o.hash, digest, salt)
-		if err != nil {
-			return nil, hsmItemError(err)
-		}
-		return sig, nil
-	case p.Type.isRSA():
-		sig, err := tok.SignPKCS1v15(ctx, ver.id(), o.hash, digest)
-		if err != nil {
-			return nil, hsmItemError(err)
-		}
-		return sig, nil
+		return tok.SignPSS(ctx, ver.ID(), o.hash, digest, salt)
+	case p.Type.IsRSA():
+		return tok.SignPKCS1v15(ctx, ver.ID(), o.hash, digest)
 	}
-	raw, err := tok.SignECDSA(ctx, ver.id(), digest)
+	raw, err := tok.SignECDSA(ctx, ver.ID(), digest)
 	if err != nil {
-		return nil, hsmItemError(err)
+		return nil, err
 	}
 	if o.jws {
 		return raw, nil
 	}
 	half := len(raw) / 2
-	der, err := asn1.Marshal(struct{ R, S *big.Int }{new(big.Int).SetBytes(raw[:half]), new(big.Int).SetBytes(raw[half:])})
-	if err != nil {
-		return nil, &itemError{class: errInternal, msg: err.Error()}
-	}
-	return der, nil
+	return asn1.Marshal(struct{ R, S *big.Int }{new(big.Int).SetBytes(raw[:half]), new(big.Int).SetBytes(raw[half:])})
 }
 
 // signatureItems reads the single request or the batch for sign, verify and hmac.
-func (b *backend) signatureItems(ctx context.Context, req *logical.Request, d *framework.FieldData, verify bool) ([]batchItem, bool, *logical.Response) {
+func (b *backend) signatureItems(ctx context.Context, req *logical.Request, d *framework.FieldData, verify bool) ([]batchItem, bool, error) {
 	cfg, err := b.readKeysConfig(ctx, req.Storage)
 	if err != nil {
-		return nil, false, logical.ErrorResponse("%s", err.Error())
+		return nil, false, err
 	}
-	items, bad := readBatch(d, cfg.MaxBatchSize)
-	if bad != nil {
-		return nil, false, bad
+	items, err := readBatch(d, cfg.MaxBatchSize)
+	if err != nil {
+		return nil, false, err
 	}
 	if items != nil {
 		for i := range items {
@@ -329,50 +315,50 @@ func (b *backend) signatureItems(ctx context.Context, req *logical.Request, d *f
 	}
 	it := singleItem(d)
 	if !it.hasInput {
-		return nil, false, logical.ErrorResponse("missing input")
+		return nil, false, callerf("missing input")
 	}
 	if verify && it.Signature == "" && it.HMAC == "" {
-		return nil, false, logical.ErrorResponse("signature or hmac is required")
+		return nil, false, callerf("signature or hmac is required")
 	}
 	return []batchItem{it}, false, nil
 }
 
 func (b *backend) pathVerifyWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	items, batch, bad := b.signatureItems(ctx, req, d, true)
-	if bad != nil {
-		return bad, logical.ErrInvalidRequest
+	items, batch, err := b.signatureItems(ctx, req, d, true)
+	if err != nil {
+		return respond(err)
 	}
-	p, tok, _, kerr := b.usableKey(ctx, req.Storage, d.Get("name").(string))
-	if kerr != nil {
-		return singleError(kerr)
+	p, tok, _, err := b.usableKey(ctx, req.Storage, d.Get("name").(string))
+	if err != nil {
+		return respond(err)
 	}
 	// Signature options are read once, before the items (which may run in parallel), if any item needs them.
 	var opts signOptions
-	var oerr *itemError
+	var oerr error
 	for _, it := range items {
-		if it.Signature != "" && p.Type.info().sign {
+		if it.Signature != "" && p.Type.Info().Sign {
 			opts, oerr = readSignOptions(d, p)
 			break
 		}
 	}
-	return runBatch(d, req, items, batch, tok.PoolSize(), func(i int, it *batchItem) (verifyResult, *itemError) {
+	return runBatch(d, req, items, batch, tok.PoolSize(), func(i int, it *batchItem) (verifyResult, error) {
 		if it.Context != "" {
-			return verifyResult{}, userError("%s", msgNoDerivation)
+			return verifyResult{}, callerf("%s", msgNoDerivation)
 		}
 		input, err := base64.StdEncoding.DecodeString(it.Input)
 		if err != nil {
-			return verifyResult{}, userError("input is not valid base64: %v", err)
+			return verifyResult{}, callerf("input is not valid base64: %v", err)
 		}
 		switch {
 		case it.HMAC != "" && it.Signature != "":
-			return verifyResult{}, userError("give signature or hmac, not both")
+			return verifyResult{}, callerf("give signature or hmac, not both")
 		case it.HMAC != "":
-			valid, ierr := b.verifyHMAC(ctx, req.Storage, tok, p, hmacHash(d), it.HMAC, input)
+			valid, ierr := b.verifyHMAC(ctx, req, tok, p, hmacHash(d), it.HMAC, input)
 			return verifyResult{Valid: valid}, ierr
 		case it.Signature == "":
-			return verifyResult{}, userError("missing signature or hmac")
-		case !p.Type.info().sign:
-			return verifyResult{}, userError("%s", p.Type.unsupported("signature verification"))
+			return verifyResult{}, callerf("missing signature or hmac")
+		case !p.Type.Info().Sign:
+			return verifyResult{}, p.Type.Unsupported("signature verification")
 		}
 		if oerr != nil {
 			return verifyResult{}, oerr
@@ -384,23 +370,23 @@ func (b *backend) pathVerifyWrite(ctx context.Context, req *logical.Request, d *
 
 // verifySignature checks a signature with the version's public key. Checking needs no secret, so the standard
 // library does it.
-func verifySignature(p *keyPolicy, o signOptions, signature string, input []byte) (bool, *itemError) {
+func verifySignature(p *keys.Key, o signOptions, signature string, input []byte) (bool, error) {
 	v, sig, err := parseVersioned("signature", signature, o.encoding())
 	if err != nil {
-		return false, userError("%s", err.Error())
+		return false, callerf("%s", err.Error())
 	}
-	ver, err := p.decryptionVersion(v)
+	ver, err := p.DecryptionVersion(v, "signature")
 	if err != nil {
-		return false, userError("%s", strings.Replace(err.Error(), "ciphertext", "signature", 1))
+		return false, err
 	}
-	if p.Type == typeEd25519 {
-		return ed25519.Verify(ver.pub.(ed25519.PublicKey), input, sig), nil
+	if p.Type == keys.TypeEd25519 {
+		return ed25519.Verify(ver.Public().(ed25519.PublicKey), input, sig), nil
 	}
 	digest, ierr := o.digest(input)
 	if ierr != nil {
 		return false, ierr
 	}
-	switch pub := ver.pub.(type) {
+	switch pub := ver.Public().(type) {
 	case *rsa.PublicKey:
 		if !o.rsaPSS {
 			return rsa.VerifyPKCS1v15(pub, o.hash, digest, sig) == nil, nil
@@ -420,7 +406,7 @@ func verifySignature(p *keyPolicy, o signOptions, signature string, input []byte
 		}
 		return ecdsa.Verify(pub, digest, new(big.Int).SetBytes(sig[:size]), new(big.Int).SetBytes(sig[size:])), nil
 	}
-	return false, &itemError{class: errInternal, msg: fmt.Sprintf("version %d has no public key", v)}
+	return false, fmt.Errorf("version %d of key %q has no public key", v, p.Name)
 }
 
 // hmacHash is the hash named by the hmac request (algorithm, or hash_algorithm on verify, or the URL).
@@ -438,61 +424,57 @@ func hmacHash(d *framework.FieldData) string {
 }
 
 // computeHMAC computes the HMAC of input with version v's HMAC secret, making the secret first if the version
-// has none yet.
-func (b *backend) computeHMAC(ctx context.Context, s logical.Storage, tok hsmToken, p *keyPolicy, v int, ver *keyVersion, hashName string, input []byte) ([]byte, *itemError) {
+// has none yet (under the key's lock, where the version's state is checked again).
+func (b *backend) computeHMAC(ctx context.Context, req *logical.Request, tok hsmToken, p *keys.Key, v int, ver *keys.Version, hashName string, input []byte) ([]byte, error) {
 	h, ok := signHashes[hashName]
 	if !ok {
-		return nil, userError("unsupported hash algorithm %q", hashName)
+		return nil, callerf("unsupported hash algorithm %q", hashName)
 	}
 	if ver.HMACDeferred {
-		if err := b.ensureHMACSecret(ctx, s, tok, p.Name, v); err != nil {
-			return nil, hsmItemError(err)
+		if _, err := b.keys.Update(ctx, req.Storage, p.Name, actorOf(req), func(tx *keys.Tx) error { return tx.EnsureHMACSecret(v) }); err != nil {
+			return nil, err
 		}
 	}
-	mac, err := tok.HMAC(ctx, ver.id(), h, input)
-	if err != nil {
-		return nil, hsmItemError(err)
-	}
-	return mac, nil
+	return tok.HMAC(ctx, ver.ID(), h, input)
 }
 
 // verifyHMAC recomputes the HMAC in the HSM and compares in constant time.
-func (b *backend) verifyHMAC(ctx context.Context, s logical.Storage, tok hsmToken, p *keyPolicy, hashName, given string, input []byte) (bool, *itemError) {
+func (b *backend) verifyHMAC(ctx context.Context, req *logical.Request, tok hsmToken, p *keys.Key, hashName, given string, input []byte) (bool, error) {
 	v, mac, err := parseVersioned("hmac", given, base64.StdEncoding)
 	if err != nil {
-		return false, userError("%s", err.Error())
+		return false, callerf("%s", err.Error())
 	}
-	ver, err := p.decryptionVersion(v)
+	ver, err := p.DecryptionVersion(v, "hmac")
 	if err != nil {
-		return false, userError("%s", strings.Replace(err.Error(), "ciphertext", "hmac", 1))
+		return false, err
 	}
-	want, ierr := b.computeHMAC(ctx, s, tok, p, v, ver, hashName, input)
-	if ierr != nil {
-		return false, ierr
+	want, err := b.computeHMAC(ctx, req, tok, p, v, ver, hashName, input)
+	if err != nil {
+		return false, err
 	}
 	return hmac.Equal(want, mac), nil
 }
 
 func (b *backend) pathHMACWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	items, batch, bad := b.signatureItems(ctx, req, d, false)
-	if bad != nil {
-		return bad, logical.ErrInvalidRequest
+	items, batch, err := b.signatureItems(ctx, req, d, false)
+	if err != nil {
+		return respond(err)
 	}
-	p, tok, _, kerr := b.usableKey(ctx, req.Storage, d.Get("name").(string))
-	if kerr != nil {
-		return singleError(kerr)
+	p, tok, _, err := b.usableKey(ctx, req.Storage, d.Get("name").(string))
+	if err != nil {
+		return respond(err)
 	}
 	hashName := hmacHash(d)
-	return runBatch(d, req, items, batch, tok.PoolSize(), func(i int, it *batchItem) (hmacResult, *itemError) {
+	return runBatch(d, req, items, batch, tok.PoolSize(), func(i int, it *batchItem) (hmacResult, error) {
 		input, err := base64.StdEncoding.DecodeString(it.Input)
 		if err != nil {
-			return hmacResult{}, userError("input is not valid base64: %v", err)
+			return hmacResult{}, callerf("input is not valid base64: %v", err)
 		}
-		v, ver, err := p.encryptionVersion(it.KeyVersion)
+		v, ver, err := p.EncryptionVersion(it.KeyVersion)
 		if err != nil {
-			return hmacResult{}, userError("%s", err.Error())
+			return hmacResult{}, err
 		}
-		mac, ierr := b.computeHMAC(ctx, req.Storage, tok, p, v, ver, hashName, input)
+		mac, ierr := b.computeHMAC(ctx, req, tok, p, v, ver, hashName, input)
 		if ierr != nil {
 			return hmacResult{}, ierr
 		}

@@ -19,6 +19,8 @@ import (
 	"testing"
 
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/keys"
 )
 
 // publicKeyOf reads version v's public key from keys/<name> as a client would.
@@ -289,7 +291,7 @@ func TestHMACSecretMadeOnFirstUse(t *testing.T) {
 	if n := len(e.tokenObjects()); n != 2 {
 		t.Fatalf("%d objects after first use, want 2", n)
 	}
-	if p, _ := loadPolicy(context.Background(), e.storage, "k"); p.Versions[1].HMACDeferred {
+	if p, _ := keys.Load(context.Background(), e.storage, "k"); p.Versions[1].HMACDeferred {
 		t.Fatal("the HMAC secret is not recorded in storage")
 	}
 	if on := e.ok(e.read("keys/k/versions/1")).Data["hmac_secret_on_token"]; on != true {
@@ -441,4 +443,42 @@ func rawBatch(t *testing.T, resp *logical.Response) []map[string]interface{} {
 		t.Fatal(err)
 	}
 	return out
+}
+
+// Defect c: a version scheduled for destruction, or destroyed, never gets an HMAC secret made on its first HMAC;
+// hmac and verify with it are 400, and nothing is left on the token.
+func TestNoHMACSecretForAVersionOnItsWayOut(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("config/keys", map[string]interface{}{"deletion_grace_period": "1h"}))
+	e.ok(e.write("keys/k", nil))
+	e.ok(e.write("keys/k/rotate", nil))
+	e.ok(e.write("keys/k/rotate", nil))
+	e.ok(e.write("keys/k/versions/1/destroy", nil)) // scheduled, in an hour
+	e.ok(e.write("config/keys", map[string]interface{}{"deletion_grace_period": 0}))
+	e.ok(e.write("keys/k/versions/2/destroy", nil)) // destroyed at once
+	objects := len(e.tokenObjects())
+	for v, state := range map[int]string{1: "destroy_scheduled", 2: "destroyed"} {
+		resp, err := e.write("hmac/k", map[string]interface{}{"input": b64("x"), "key_version": v})
+		if status(resp, err) != 400 || !strings.Contains(respText(resp), state) {
+			t.Fatalf("hmac with a %s version: %d %s", state, status(resp, err), respText(resp))
+		}
+		resp, err = e.write("verify/k", map[string]interface{}{"input": b64("x"), "hmac": fmt.Sprintf("vault:v%d:AAAA", v)})
+		if status(resp, err) != 400 {
+			t.Fatalf("verify with a %s version: %d %s", state, status(resp, err), respText(resp))
+		}
+	}
+	if n := len(e.tokenObjects()); n != objects {
+		t.Fatalf("%d objects on the token, %d before: an HMAC secret was made", n, objects)
+	}
+}
+
+// Defect e: a combination the token refuses because of the caller's choice (SoftHSM has no PSS with SHA-3) is a
+// 400 naming it, never a 500 with PKCS#11 details.
+func TestRefusedSignatureCombinationIsA400(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/rsa", map[string]interface{}{"type": "rsa-2048"}))
+	resp, err := e.write("sign/rsa/sha3-256", map[string]interface{}{"input": b64("x"), "signature_algorithm": "pss"})
+	if status(resp, err) != 400 || !strings.Contains(respText(resp), "RSA-PSS with SHA3-256") {
+		t.Fatalf("PSS with SHA3-256 on SoftHSM: %d %s", status(resp, err), respText(resp))
+	}
 }

@@ -35,7 +35,8 @@ var (
 // is ErrInvalidCiphertext.
 var errAmbiguousVerdict = errors.New("ciphertext refused with an ambiguous code")
 
-// opError wraps a PKCS#11 failure with the operation's name and, where one applies, a sentinel.
+// opError wraps a PKCS#11 failure with the operation's name and, where one applies, a sentinel; the PKCS#11
+// error stays in the chain (rvOf finds it).
 func opError(op string, err error) error {
 	if err == nil {
 		return nil
@@ -43,12 +44,15 @@ func opError(op string, err error) error {
 	if rv, ok := rvOf(err); ok {
 		switch {
 		case classify(err) == classDevice:
-			return fmt.Errorf("%s: %w: %v", op, ErrUnavailable, err)
+			return fmt.Errorf("%s: %w: %w", op, ErrUnavailable, err)
 		case rv == pkcs11.CKR_MECHANISM_INVALID || rv == pkcs11.CKR_MECHANISM_PARAM_INVALID:
-			return fmt.Errorf("%s: %w: %v", op, ErrMechanismUnsupported, err)
+			return fmt.Errorf("%s: %w: %w", op, ErrMechanismUnsupported, err)
+		case rv == pkcs11.CKR_ARGUMENTS_BAD || rv == pkcs11.CKR_DATA_LEN_RANGE || rv == pkcs11.CKR_KEY_SIZE_RANGE:
+			// What the caller chose (a hash, a salt, a message length) is not one the token takes with this key.
+			return fmt.Errorf("%s: %w: %w", op, ErrInvalidArgument, err)
 		case rv == pkcs11.CKR_PIN_INCORRECT || rv == pkcs11.CKR_PIN_LOCKED || rv == pkcs11.CKR_PIN_INVALID ||
 			rv == pkcs11.CKR_PIN_LEN_RANGE || rv == pkcs11.CKR_PIN_EXPIRED:
-			return fmt.Errorf("%s: %w: %v", op, ErrPINIncorrect, err)
+			return fmt.Errorf("%s: %w: %w", op, ErrPINIncorrect, err)
 		}
 	}
 	return fmt.Errorf("%s: %w", op, err)

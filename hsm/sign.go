@@ -106,8 +106,9 @@ func (t *Token) SignPSS(ctx context.Context, id []byte, h crypto.Hash, digest []
 	}
 	params := pkcs11.NewPSSParams(info.mech, info.mgf, uint(saltLen))
 	sig, err := t.sign(ctx, "RSA PSS sign", kindRSA, id, pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_PSS, params), digest)
-	if errors.Is(err, ErrMechanismUnsupported) {
-		// The token lists PSS but not with these parameters (SoftHSM has no SHA-3 here, tpm2-pkcs11 none at all).
+	if errors.Is(err, ErrMechanismUnsupported) || errors.Is(err, ErrInvalidArgument) {
+		// The token lists PSS but not with these parameters (SoftHSM 2.6 has no SHA-3 here and answers
+		// CKR_ARGUMENTS_BAD; tpm2-pkcs11 takes no salt longer than the digest).
 		return nil, fmt.Errorf("%w: the token refuses RSA-PSS with %v and a %d-byte salt", ErrMechanismUnsupported, h, saltLen)
 	}
 	return sig, err

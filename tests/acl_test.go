@@ -1,6 +1,7 @@
 package tests
 
 import (
+	"encoding/base64"
 	"os"
 	"path/filepath"
 	"strings"
@@ -72,6 +73,13 @@ func TestLeastPrivilegePolicies(t *testing.T) {
 			{"encrypt", "/encrypt/app", pt, 403},
 			{"data key", "/datakey/plaintext/app", nil, 403},
 			{"reconfigure the HSM", "/config/hsm", map[string]interface{}{"pin": "x"}, 403},
+			{"change the mount's key defaults (deletion grace period)", "/config/keys", map[string]interface{}{"deletion_grace_period": 0}, 403},
+		},
+		"cmk-mount-admin.hcl": {
+			{"change the deletion grace period", "/config/keys", map[string]interface{}{"deletion_grace_period": "168h"}, 0},
+			{"rotate", "/keys/app/rotate", nil, 403},
+			{"create a key", "/keys/mount-admin-made", nil, 403},
+			{"encrypt", "/encrypt/app", pt, 403},
 		},
 		"cmk-auditor.hcl": {
 			{"rotate", "/keys/app/rotate", nil, 403},
@@ -100,5 +108,15 @@ func TestLeastPrivilegePolicies(t *testing.T) {
 	}
 	if _, err := auditor.Logical().List(m.Path + "/keys"); err != nil {
 		t.Fatalf("auditor lists keys: %v", err)
+	}
+	// The key administrator can read the wrapping key, so vault transit import works with its token.
+	admin := policyToken(t, m, "cmk-key-admin.hcl")
+	if s, err := admin.Logical().Read(m.Path + "/wrapping_key"); err != nil || s == nil || s.Data["public_key"] == "" {
+		t.Fatalf("key admin reads the wrapping key: %v", err)
+	}
+	mustWrite(t, root, m.Path+"/config/hsm", map[string]interface{}{"raw_rsa_oaep_fallback": true}) // SoftHSM 2.6
+	material := base64.StdEncoding.EncodeToString(make([]byte, 32))
+	if out, err := dev.CLI(admin.Token(), "transit", "import", m.Path+"/keys/admin-imported", material, "type=aes256-gcm96"); err != nil {
+		t.Fatalf("vault transit import with the key admin's token: %v\n%s", err, out)
 	}
 }

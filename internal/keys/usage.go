@@ -1,4 +1,4 @@
-package cmk
+package keys
 
 import (
 	"context"
@@ -12,22 +12,12 @@ import (
 
 const (
 	usagePrefix = "usage/" // usage/<name>: reserved encryption counts per version
-	// gcmEncryptionLimit is NIST SP 800-38D's bound for AES-GCM with random 96-bit nonces: at most 2^32
-	// encryptions under one key.
-	gcmEncryptionLimit = uint64(1) << 32
 	// maxReservationBlock bounds how many encryptions one storage write reserves.
 	maxReservationBlock = 1 << 20
 )
 
-var errVersionExhausted = errors.New("key version has reached its encryption limit")
-
-// encryptionLimit is how many encryptions one version of p may make.
-func (p *keyPolicy) encryptionLimit() uint64 {
-	if p.MaxEncryptions > 0 && p.MaxEncryptions < gcmEncryptionLimit {
-		return p.MaxEncryptions
-	}
-	return gcmEncryptionLimit
-}
+// ErrVersionExhausted: the version has made every encryption it may; the next one needs a new version.
+var ErrVersionExhausted = errors.New("key version has reached its encryption limit")
 
 // usageTracker counts AES-GCM encryptions per key version without a storage write per request: counts are
 // reserved in blocks, and only the reservation is persisted. After a crash a version resumes at its reserved
@@ -148,46 +138,4 @@ func (u *usageTracker) forget(name string) {
 		}
 		return true
 	})
-}
-
-// countEncryption counts one encryption with version v of p. It reports whether this was the version's last
-// allowed encryption, and fails with errVersionExhausted once the limit is passed.
-func (b *backend) countEncryption(ctx context.Context, s logical.Storage, p *keyPolicy, v int) (last bool, err error) {
-	if !p.Type.isAES() {
-		return false, nil // the GCM nonce limit is what is counted
-	}
-	c, err := b.usage.counter(ctx, s, p.Name, v)
-	if err != nil {
-		return false, err
-	}
-	limit := p.encryptionLimit()
-	n := c.used.Add(1)
-	if n > limit {
-		c.used.Add(^uint64(0))
-		return false, errVersionExhausted
-	}
-	if n > c.reserved.Load() {
-		if err := b.usage.reserve(ctx, s, p.Name, v, c, n, limit); err != nil {
-			c.used.Add(^uint64(0))
-			return false, err
-		}
-	}
-	return n == limit, nil
-}
-
-// rotateForUsage rotates key name if version v is still its latest: called when v has used its last allowed
-// encryption, so that the next one uses a fresh key. who is the requester whose encryption used it up.
-func (b *backend) rotateForUsage(ctx context.Context, s logical.Storage, name string, v int, who actor) (*keyPolicy, error) {
-	lock := b.lockKey(name)
-	lock.Lock()
-	defer lock.Unlock()
-	cur, err := b.policyLocked(ctx, s, name)
-	if err != nil || cur == nil || cur.LatestVersion != v {
-		return cur, err
-	}
-	tok, _, err := b.getToken(ctx, s)
-	if err != nil {
-		return nil, err
-	}
-	return b.rotateLocked(ctx, s, tok, cur, who, "usage")
 }

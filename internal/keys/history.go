@@ -1,4 +1,4 @@
-package cmk
+package keys
 
 import (
 	"context"
@@ -18,8 +18,8 @@ const (
 	historyPageSize = 100
 )
 
-// event is one lifecycle event: what happened, to which version, why, and who caused it.
-type event struct {
+// Event is one lifecycle event: what happened, to which version, why, and who caused it.
+type Event struct {
 	Time        time.Time `json:"time"`
 	Event       string    `json:"event"`
 	Version     int       `json:"version,omitempty"`
@@ -30,8 +30,32 @@ type event struct {
 	Details     string    `json:"details,omitempty"`
 }
 
-func (a actor) event(kind string, version int, cause, details string) event {
-	return event{Time: time.Now().UTC(), Event: kind, Version: version, Cause: cause,
+// Actor is who caused a lifecycle event, from the request: the entity and display name, and the token's
+// accessor (never the token itself).
+type Actor struct {
+	EntityID    string
+	DisplayName string
+	Accessor    string
+	RequestID   string // the Vault request, to recognise its retry
+}
+
+// SchedulerActor is the cause of what the periodic function does on its own.
+var SchedulerActor = Actor{DisplayName: "cmk scheduler"}
+
+func (a Actor) String() string {
+	switch {
+	case a.EntityID != "" && a.DisplayName != "":
+		return a.DisplayName + " (entity " + a.EntityID + ")"
+	case a.EntityID != "":
+		return "entity " + a.EntityID
+	case a.Accessor != "":
+		return a.DisplayName + " (token accessor " + a.Accessor + ")"
+	}
+	return a.DisplayName
+}
+
+func (a Actor) event(kind string, version int, cause, details string) Event {
+	return Event{Time: time.Now().UTC(), Event: kind, Version: version, Cause: cause,
 		EntityID: a.EntityID, DisplayName: a.DisplayName, Accessor: a.Accessor, Details: details}
 }
 
@@ -39,21 +63,15 @@ func historyPageKey(name string, page int) string {
 	return fmt.Sprintf("%s%s/%08d", historyPrefix, name, page)
 }
 
-// record appends ev to the key's history (with the key's lock held). A failure is logged, not returned: the
-// change it records has already been made, and Vault's audit device has the request either way.
-func (b *backend) record(ctx context.Context, s logical.Storage, name string, ev event) {
-	if err := appendHistory(ctx, s, name, ev); err != nil {
-		b.logger.Error("could not record lifecycle event", "key", name, "event", ev.Event, "error", err)
-	}
-}
-
-func appendHistory(ctx context.Context, s logical.Storage, name string, ev event) error {
+// appendHistory adds ev to the key's last page. The caller holds the key's lock: the read-modify-write of the
+// page is never concurrent for one key.
+func appendHistory(ctx context.Context, s logical.Storage, name string, ev Event) error {
 	pages, err := historyPages(ctx, s, name)
 	if err != nil {
 		return err
 	}
 	page := 0
-	var events []event
+	var events []Event
 	if len(pages) > 0 {
 		page = pages[len(pages)-1]
 		if events, err = readHistoryPage(ctx, s, name, page); err != nil {
@@ -85,22 +103,22 @@ func historyPages(ctx context.Context, s logical.Storage, name string) ([]int, e
 	return pages, nil
 }
 
-func readHistoryPage(ctx context.Context, s logical.Storage, name string, page int) ([]event, error) {
+func readHistoryPage(ctx context.Context, s logical.Storage, name string, page int) ([]Event, error) {
 	e, err := s.Get(ctx, historyPageKey(name, page))
 	if err != nil || e == nil {
 		return nil, err
 	}
-	var events []event
+	var events []Event
 	return events, json.Unmarshal(e.Value, &events)
 }
 
-// readHistory returns the key's events, oldest first, at most limit of the newest ones (0: all).
-func readHistory(ctx context.Context, s logical.Storage, name string, limit int) ([]event, error) {
+// ReadHistory returns the key's events, oldest first, at most limit of the newest ones (0: all).
+func ReadHistory(ctx context.Context, s logical.Storage, name string, limit int) ([]Event, error) {
 	pages, err := historyPages(ctx, s, name)
 	if err != nil {
 		return nil, err
 	}
-	var out []event
+	var out []Event
 	for i := len(pages) - 1; i >= 0; i-- {
 		events, err := readHistoryPage(ctx, s, name, pages[i])
 		if err != nil {

@@ -1,0 +1,222 @@
+// Package keys is the engine's key model: a key, its versions and their states, the rules of its lifecycle as plain
+// methods, and the storage of keys, versions, history and usage counts. A Manager holds the keys' locks and cached
+// snapshots; its Update funnel is the only way a key changes. Key material is never here: the model reaches the
+// HSM through the small HSM interface (generate, import, destroy) and knows no PKCS#11.
+package keys
+
+import (
+	"crypto"
+	"encoding/hex"
+	"fmt"
+	"maps"
+	"time"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
+)
+
+// Explicit version states; a version without one is active or decrypt_only by the key's bounds.
+const (
+	StateActive           = "active"
+	StateDecryptOnly      = "decrypt_only"
+	StateDisabled         = "disabled"
+	StateDestroyScheduled = "destroy_scheduled"
+	StateDestroyed        = "destroyed"
+)
+
+// Key is a key's metadata as stored in Vault: settings and versions, never material. A *Key from the Manager is a
+// snapshot that nobody modifies: changes are made on a clone inside Update, persisted, then published, so that
+// encrypt and decrypt read it without locks and never wait for a rotation.
+type Key struct {
+	Name                 string    `json:"name"`
+	Type                 Type      `json:"type"`
+	LatestVersion        int       `json:"latest_version"`
+	MinDecryptionVersion int       `json:"min_decryption_version"`
+	MinEncryptionVersion int       `json:"min_encryption_version"`
+	MinAvailableVersion  int       `json:"min_available_version,omitempty"`
+	DeletionAllowed      bool      `json:"deletion_allowed"`
+	CreatedAt            time.Time `json:"created_at"`
+	// HMACKeySize is the size in bytes of each version's HMAC secret (key_size for hmac keys).
+	HMACKeySize int `json:"hmac_key_size,omitempty"`
+	// Imported keys were brought in with import; rotation then needs AllowRotation, as in Transit.
+	Imported      bool `json:"imported,omitempty"`
+	AllowRotation bool `json:"allow_rotation,omitempty"`
+
+	// Rotation schedule: every AutoRotatePeriod (0: none), next at NextRotation (zero: none).
+	AutoRotatePeriod time.Duration `json:"auto_rotate_period,omitempty"`
+	NextRotation     time.Time     `json:"next_rotation_time,omitempty"`
+	LastRotated      time.Time     `json:"last_rotated,omitempty"`
+	// MaxEncryptions per version before it is rotated; 0 means the AES-GCM random-nonce limit.
+	MaxEncryptions uint64 `json:"max_encryptions_per_version,omitempty"`
+
+	// Disabled keys serve no operation (emergency revoke).
+	Disabled bool `json:"disabled,omitempty"`
+	// DeleteAt is when a scheduled deletion destroys the key; zero when none is scheduled.
+	DeleteAt time.Time `json:"delete_at,omitempty"`
+	// Deleting is set before the deletion destroys HSM objects, so that an interrupted deletion is finished by
+	// the next attempt and the key serves nothing meanwhile.
+	Deleting bool `json:"deleting,omitempty"`
+
+	// LastRequestID is the Vault request that added the latest version by rotation or import. Vault retries a
+	// request once when the plugin dies under it; a retry of one that completed must not add a second version.
+	LastRequestID string `json:"last_request_id,omitempty"`
+
+	Versions map[int]*Version `json:"-"` // stored in chunks under versions/<name>/
+}
+
+// Version is one version's metadata. Its material is on the token, found by HSMID.
+type Version struct {
+	HSMID     string    `json:"hsm_id"` // hex CKA_ID of the version's objects
+	Label     string    `json:"label"`  // CKA_LABEL, for people reading the token
+	CreatedAt time.Time `json:"created_at"`
+	CreatedBy string    `json:"created_by,omitempty"`
+	// PublicKey of an asymmetric version as Transit shows it: PEM (PKIX) for RSA and ECDSA, base64 for Ed25519.
+	PublicKey string `json:"public_key,omitempty"`
+	// ImportMethod says how imported material reached the token (see BYOK); empty for generated versions.
+	ImportMethod string `json:"import_method,omitempty"`
+	// HMACDeferred: the version's HMAC secret is not on the token yet; it is made on first use. False for versions
+	// created with one (hmac keys, imports, and every version made before secrets were deferred).
+	HMACDeferred bool `json:"hmac_deferred,omitempty"`
+	// State is disabled, destroy_scheduled or destroyed; empty otherwise.
+	State       string    `json:"state,omitempty"`
+	DestroyAt   time.Time `json:"destroy_at,omitempty"`
+	DestroyedAt time.Time `json:"destroyed_at,omitempty"`
+
+	pub crypto.PublicKey // PublicKey parsed, set when the version is loaded or created
+}
+
+// ID is the version's CKA_ID.
+func (v *Version) ID() []byte {
+	b, _ := hex.DecodeString(v.HSMID)
+	return b
+}
+
+// Public is the version's public key (asymmetric types), nil for the others.
+func (v *Version) Public() crypto.PublicKey { return v.pub }
+
+// HMACKeyBytes is the size of each version's HMAC secret.
+func (k *Key) HMACKeyBytes() int {
+	if k.HMACKeySize > 0 {
+		return k.HMACKeySize
+	}
+	return hsm.HMACKeySize
+}
+
+// Clone copies k for a change; versions are shared until withVersion replaces one.
+func (k *Key) Clone() *Key {
+	c := *k
+	c.Versions = maps.Clone(k.Versions)
+	return &c
+}
+
+// withVersion replaces version n with a copy changed by f (versions are never modified in place: snapshots
+// share them).
+func (k *Key) withVersion(n int, f func(v *Version)) {
+	v := *k.Versions[n]
+	f(&v)
+	k.Versions[n] = &v
+}
+
+// VersionState is the lifecycle state of version n ("" if there is none).
+func (k *Key) VersionState(n int) string {
+	ver := k.Versions[n]
+	switch {
+	case ver == nil:
+		return ""
+	case ver.State != "":
+		return ver.State
+	case n < k.MinDecryptionVersion || n < k.MinAvailableVersion:
+		return StateDisabled // below the key's bounds: serves nothing until they are lowered
+	case n < k.MinEncryptionVersion:
+		return StateDecryptOnly
+	}
+	return StateActive
+}
+
+// EncryptionVersion resolves a requested key_version (0 = latest) for encryption, signing and HMAC.
+func (k *Key) EncryptionVersion(requested int) (int, *Version, error) {
+	v := requested
+	if v == 0 {
+		v = k.LatestVersion
+	}
+	switch {
+	case v < 0 || v > k.LatestVersion:
+		return 0, nil, Callerf("invalid key version %d: key %q has versions 1 to %d", requested, k.Name, k.LatestVersion)
+	case v < k.MinEncryptionVersion:
+		return 0, nil, Callerf("key version %d of key %q is below min_encryption_version %d", v, k.Name, k.MinEncryptionVersion)
+	}
+	if s := k.VersionState(v); s != StateActive && s != StateDecryptOnly {
+		return 0, nil, Callerf("key version %d of key %q is %s", v, k.Name, s)
+	}
+	return v, k.Versions[v], nil
+}
+
+// DecryptionVersion checks that version v may decrypt (or verify) what names it: a "ciphertext", "signature" or
+// "hmac", named so in the messages.
+func (k *Key) DecryptionVersion(v int, what string) (*Version, error) {
+	switch {
+	case v < 1 || v > k.LatestVersion:
+		return nil, Callerf("invalid %s: version %d of key %q does not exist (latest is %d)", what, v, k.Name, k.LatestVersion)
+	case v < k.MinDecryptionVersion:
+		return nil, Callerf("%s version %d is disallowed by policy: below min_decryption_version %d of key %q", what, v, k.MinDecryptionVersion, k.Name)
+	case v < k.MinAvailableVersion:
+		return nil, Callerf("%s version %d was trimmed: below min_available_version %d of key %q", what, v, k.MinAvailableVersion, k.Name)
+	}
+	if s := k.VersionState(v); s != StateActive && s != StateDecryptOnly {
+		return nil, Callerf("key version %d of key %q is %s", v, k.Name, s)
+	}
+	return k.Versions[v], nil
+}
+
+// Usable reports why a key serves no operation, if it does not.
+func (k *Key) Usable() error {
+	switch {
+	case k.Deleting:
+		return Callerf("key %q is being deleted", k.Name)
+	case !k.DeleteAt.IsZero():
+		return Callerf("key %q is scheduled for deletion at %s and serves nothing; restore it with keys/%s/cancel-deletion",
+			k.Name, k.DeleteAt.Format(time.RFC3339), k.Name)
+	case k.Disabled:
+		return Callerf("key %q is disabled: it serves no operation until keys/%s/enable", k.Name, k.Name)
+	}
+	return nil
+}
+
+// GCMEncryptionLimit is NIST SP 800-38D's bound for AES-GCM with random 96-bit nonces: at most 2^32 encryptions
+// under one key.
+const GCMEncryptionLimit = uint64(1) << 32
+
+// EncryptionLimit is how many encryptions one version of k may make.
+func (k *Key) EncryptionLimit() uint64 {
+	if k.MaxEncryptions > 0 && k.MaxEncryptions < GCMEncryptionLimit {
+		return k.MaxEncryptions
+	}
+	return GCMEncryptionLimit
+}
+
+// NextDue is the earliest lifecycle event of k, zero when none.
+func (k *Key) NextDue() time.Time {
+	var at time.Time
+	consider := func(t time.Time) {
+		if !t.IsZero() && (at.IsZero() || t.Before(at)) {
+			at = t
+		}
+	}
+	consider(k.DeleteAt)
+	if k.Deleting {
+		consider(time.Unix(0, 0)) // an interrupted deletion: finish it at once
+	}
+	if !k.Disabled && k.DeleteAt.IsZero() {
+		consider(k.NextRotation)
+	}
+	for _, v := range k.Versions {
+		if v.State == StateDestroyScheduled {
+			consider(v.DestroyAt)
+		}
+	}
+	return at
+}
+
+// versionLabel is the CKA_LABEL of version n of key name on mount mountID: for people reading the token.
+func versionLabel(mountID, name string, n int) string {
+	return fmt.Sprintf("cmk/%s/%s/v%d", mountID, name, n)
+}

@@ -1,0 +1,251 @@
+package keys
+
+import (
+	"fmt"
+	"strings"
+	"time"
+)
+
+// The rules of a key's lifecycle, as plain methods on a Key being changed (a clone inside Update). They touch
+// neither storage nor the HSM, so they are table-tested alone (lifecycle_test.go). Each reports whether it changed
+// anything: repeating a change that already happened changes nothing, as Vault retries a request once when the
+// plugin dies under it.
+
+// MinAutoRotatePeriod is Transit's lower bound for auto_rotate_period.
+const MinAutoRotatePeriod = time.Hour
+
+// canRotate says why a new generated version may not be added.
+func (k *Key) canRotate() error {
+	if k.Imported && !k.AllowRotation {
+		return Callerf("imported key %q does not allow rotation: it was imported without allow_rotation; use import_version to add a version", k.Name)
+	}
+	return nil
+}
+
+// rotated moves the schedule on after a rotation at now.
+func (k *Key) rotated(now time.Time) {
+	k.LastRotated = now
+	k.NextRotation = time.Time{}
+	if k.AutoRotatePeriod > 0 {
+		k.NextRotation = now.Add(k.AutoRotatePeriod)
+	}
+}
+
+// addVersion makes v the latest version.
+func (k *Key) addVersion(v *Version) int {
+	n := k.LatestVersion + 1
+	if k.Versions == nil {
+		k.Versions = map[int]*Version{}
+	}
+	k.Versions[n] = v
+	k.LatestVersion = n
+	if k.MinDecryptionVersion == 0 {
+		k.MinDecryptionVersion = 1
+	}
+	return n
+}
+
+// DisableVersion stops version n from serving anything until it is enabled.
+func (k *Key) DisableVersion(n int) (bool, error) {
+	v := k.Versions[n]
+	switch {
+	case v == nil:
+		return false, Callerf("key %q has no version %d", k.Name, n)
+	case v.State == StateDisabled:
+		return false, nil
+	case v.State == StateDestroyed:
+		return false, Callerf("version %d of key %q is destroyed: its HSM objects are gone", n, k.Name)
+	case n == k.LatestVersion:
+		return false, Callerf("version %d is the latest of key %q: rotate first, or disable the whole key with keys/%s/disable", n, k.Name, k.Name)
+	case v.State == StateDestroyScheduled:
+		return false, Callerf("version %d of key %q is scheduled for destruction; enable it first to cancel that", n, k.Name)
+	}
+	k.withVersion(n, func(v *Version) { v.State = StateDisabled })
+	return true, nil
+}
+
+// EnableVersion restores a disabled version, or cancels its scheduled destruction (cancelled reports which).
+func (k *Key) EnableVersion(n int) (changed, cancelled bool, err error) {
+	v := k.Versions[n]
+	switch {
+	case v == nil:
+		return false, false, Callerf("key %q has no version %d", k.Name, n)
+	case v.State == StateDestroyed:
+		return false, false, Callerf("version %d of key %q is destroyed: its HSM objects are gone", n, k.Name)
+	case v.State == "":
+		if s := k.VersionState(n); s == StateActive || s == StateDecryptOnly {
+			return false, false, nil
+		}
+		return false, false, Callerf("version %d of key %q is not disabled nor scheduled for destruction (state %s); its key's min_*_version bounds decide the rest", n, k.Name, k.VersionState(n))
+	}
+	cancelled = v.State == StateDestroyScheduled
+	k.withVersion(n, func(v *Version) { v.State, v.DestroyAt = "", time.Time{} })
+	return true, cancelled, nil
+}
+
+// ScheduleVersionDestruction schedules version n's destruction at at.
+func (k *Key) ScheduleVersionDestruction(n int, at time.Time) (bool, error) {
+	v := k.Versions[n]
+	switch {
+	case v == nil:
+		return false, Callerf("key %q has no version %d", k.Name, n)
+	case v.State == StateDestroyScheduled || v.State == StateDestroyed:
+		return false, nil
+	case n == k.LatestVersion:
+		return false, Callerf("version %d is the latest of key %q: rotate first", n, k.Name)
+	}
+	k.withVersion(n, func(v *Version) { v.State, v.DestroyAt = StateDestroyScheduled, at.UTC() })
+	return true, nil
+}
+
+// markDestroyed records that version n's objects are gone; its metadata stays as a tombstone.
+func (k *Key) markDestroyed(n int, now time.Time) {
+	k.withVersion(n, func(v *Version) { v.State, v.DestroyAt, v.DestroyedAt = StateDestroyed, time.Time{}, now.UTC() })
+}
+
+// SetDisabled revokes (or restores) every use of the key at once.
+func (k *Key) SetDisabled(disabled bool) bool {
+	if k.Disabled == disabled {
+		return false
+	}
+	k.Disabled = disabled
+	return true
+}
+
+// ScheduleDeletion schedules the key's destruction at at (deletion_allowed needed).
+func (k *Key) ScheduleDeletion(at time.Time) (bool, error) {
+	switch {
+	case !k.DeletionAllowed:
+		return false, Callerf("deletion is not allowed for key %q: set deletion_allowed=true on keys/%s/config first", k.Name, k.Name)
+	case !k.DeleteAt.IsZero() || k.Deleting:
+		return false, nil
+	}
+	k.DeleteAt = at.UTC()
+	return true, nil
+}
+
+// CancelDeletion restores a key whose deletion is scheduled.
+func (k *Key) CancelDeletion() error {
+	switch {
+	case k.Deleting:
+		return Callerf("key %q is already being destroyed", k.Name)
+	case k.DeleteAt.IsZero():
+		return Callerf("key %q is not scheduled for deletion", k.Name)
+	}
+	k.DeleteAt = time.Time{}
+	return nil
+}
+
+// Trim raises min_available_version; the versions below it are then destroyed by the caller. As Transit, it is
+// refused while min_encryption_version is not set, and may exceed neither bound.
+func (k *Key) Trim(minAvail int) error {
+	switch {
+	case k.MinEncryptionVersion == 0:
+		return Callerf("cannot trim key %q while min_encryption_version is not set: set it with keys/%s/config first", k.Name, k.Name)
+	case minAvail < 1:
+		return Callerf("min_available_version must be at least 1")
+	case minAvail < k.MinAvailableVersion:
+		return Callerf("min_available_version of key %q cannot go down: it is %d", k.Name, k.MinAvailableVersion)
+	case minAvail > k.MinDecryptionVersion:
+		return Callerf("min_available_version %d must not exceed min_decryption_version %d", minAvail, k.MinDecryptionVersion)
+	case minAvail > k.MinEncryptionVersion:
+		return Callerf("min_available_version %d must not exceed min_encryption_version %d", minAvail, k.MinEncryptionVersion)
+	}
+	k.MinAvailableVersion = minAvail
+	return nil
+}
+
+// Settings are what keys/<name>/config and a key's creation may change; nil fields are left as they are.
+type Settings struct {
+	MinDecryptionVersion *int
+	MinEncryptionVersion *int
+	DeletionAllowed      *bool
+	AutoRotatePeriod     *time.Duration
+	MaxEncryptions       *int
+	// NextRotation: a time, or the zero time to clear it.
+	NextRotation *time.Time
+}
+
+// Apply changes k's settings and checks the result; on an error k is left unusable (it is a clone).
+func (k *Key) Apply(c Settings) error {
+	if c.MinDecryptionVersion != nil {
+		k.MinDecryptionVersion = max(*c.MinDecryptionVersion, 1)
+	}
+	if c.MinEncryptionVersion != nil {
+		k.MinEncryptionVersion = *c.MinEncryptionVersion
+	}
+	if c.DeletionAllowed != nil {
+		k.DeletionAllowed = *c.DeletionAllowed
+	}
+	if c.AutoRotatePeriod != nil {
+		k.AutoRotatePeriod = *c.AutoRotatePeriod
+		if k.AutoRotatePeriod != 0 && k.AutoRotatePeriod < MinAutoRotatePeriod {
+			return Callerf("auto_rotate_period must be 0 to disable or at least an hour")
+		}
+		k.NextRotation = time.Time{}
+		if base := k.LastRotated; k.AutoRotatePeriod > 0 && k.LatestVersion > 0 {
+			if base.IsZero() {
+				base = k.CreatedAt
+			}
+			k.NextRotation = base.Add(k.AutoRotatePeriod)
+		} // a key being created is scheduled from its creation (Manager.Create)
+	}
+	if c.MaxEncryptions != nil {
+		switch {
+		case *c.MaxEncryptions < 0:
+			return Callerf("max_encryptions_per_version must not be negative")
+		case *c.MaxEncryptions > 0 && !k.Type.IsAES():
+			return Callerf("max_encryptions_per_version applies to AES keys, not %s", k.Type)
+		}
+		k.MaxEncryptions = uint64(*c.MaxEncryptions)
+	}
+	if c.NextRotation != nil {
+		k.NextRotation = c.NextRotation.UTC()
+		if c.NextRotation.IsZero() {
+			k.NextRotation = time.Time{}
+		}
+	}
+	if k.Imported && !k.AllowRotation && (k.AutoRotatePeriod > 0 || k.MaxEncryptions > 0 || !k.NextRotation.IsZero()) {
+		return Callerf("imported key %q does not allow rotation: it was imported without allow_rotation", k.Name)
+	}
+	if k.LatestVersion == 0 {
+		return nil // a key being created: bounds are set with its first version
+	}
+	switch {
+	case k.MinDecryptionVersion < 1 || k.MinDecryptionVersion > k.LatestVersion:
+		return Callerf("min_decryption_version must be between 1 and the latest version %d", k.LatestVersion)
+	case k.MinEncryptionVersion < 0 || k.MinEncryptionVersion > k.LatestVersion:
+		return Callerf("min_encryption_version must be between 0 and the latest version %d", k.LatestVersion)
+	case k.MinEncryptionVersion != 0 && k.MinEncryptionVersion < k.MinDecryptionVersion:
+		return Callerf("min_encryption_version %d must not be below min_decryption_version %d", k.MinEncryptionVersion, k.MinDecryptionVersion)
+	}
+	return nil
+}
+
+// settingsChanges describes what a settings change did, for the key's history.
+func settingsChanges(a, b *Key) string {
+	var out []string
+	add := func(field string, from, to interface{}) {
+		if fmt.Sprint(from) != fmt.Sprint(to) {
+			out = append(out, fmt.Sprintf("%s %v → %v", field, from, to))
+		}
+	}
+	add("min_decryption_version", a.MinDecryptionVersion, b.MinDecryptionVersion)
+	add("min_encryption_version", a.MinEncryptionVersion, b.MinEncryptionVersion)
+	add("deletion_allowed", a.DeletionAllowed, b.DeletionAllowed)
+	add("auto_rotate_period", a.AutoRotatePeriod, b.AutoRotatePeriod)
+	add("next_rotation_time", FormatTime(a.NextRotation), FormatTime(b.NextRotation))
+	add("max_encryptions_per_version", a.EncryptionLimit(), b.EncryptionLimit())
+	if len(out) == 0 {
+		return "no change"
+	}
+	return strings.Join(out, "; ")
+}
+
+// FormatTime renders a time for responses and history: RFC 3339, or "" for none.
+func FormatTime(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.UTC().Format(time.RFC3339)
+}

@@ -1,0 +1,601 @@
+package keys
+
+import (
+	"context"
+	"crypto"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/helper/locksutil"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
+)
+
+// HSM is what the model needs of the token: make a version's material, import it, give a version its HMAC
+// secret, destroy a version's objects. *hsm.Token is one.
+type HSM interface {
+	GenerateVersion(ctx context.Context, alg hsm.Algorithm, id []byte, label string, hmacBytes int) (crypto.PublicKey, error)
+	ImportVersion(ctx context.Context, r hsm.ImportRequest) (crypto.PublicKey, string, error)
+	EnsureHMACKey(ctx context.Context, id []byte, versionLabel string, hmacBytes int) error
+	DestroyKeys(ctx context.Context, id []byte) (int, error)
+}
+
+// WALKindVersion brackets the creation of a version's HSM objects until its metadata is stored.
+const WALKindVersion = "hsm_key_version"
+
+// WALEntry names the objects a WAL entry brackets.
+type WALEntry struct {
+	Name    string `json:"name"`
+	Version int    `json:"version"`
+	HSMID   string `json:"hsm_id"`
+}
+
+// Manager holds a mount's keys: the lock of each, its cached snapshot, the schedule of what is due, and usage
+// counts. Update is the only door through which a key changes.
+type Manager struct {
+	log     hclog.Logger
+	mountID string
+	token   func(context.Context, logical.Storage) (HSM, error)
+
+	locks []*locksutil.LockEntry
+	cache sync.Map // name → *Key, an immutable snapshot of what storage holds
+	sched schedule
+	usage usageTracker
+}
+
+// NewManager makes the manager of a mount's keys. token connects to the mount's HSM when a change needs it.
+func NewManager(log hclog.Logger, mountID string, token func(context.Context, logical.Storage) (HSM, error)) *Manager {
+	return &Manager{log: log, mountID: mountID, token: token, locks: locksutil.CreateLocks()}
+}
+
+func (m *Manager) lock(name string) *locksutil.LockEntry { return locksutil.LockForKey(m.locks, name) }
+
+// Get returns the key's current snapshot, nil if it does not exist. Once cached, no storage read happens.
+func (m *Manager) Get(ctx context.Context, s logical.Storage, name string) (*Key, error) {
+	if k, ok := m.cache.Load(name); ok {
+		return k.(*Key), nil
+	}
+	l := m.lock(name)
+	l.Lock()
+	defer l.Unlock()
+	return m.getLocked(ctx, s, name)
+}
+
+func (m *Manager) getLocked(ctx context.Context, s logical.Storage, name string) (*Key, error) {
+	if k, ok := m.cache.Load(name); ok {
+		return k.(*Key), nil
+	}
+	k, err := load(ctx, s, name)
+	if err != nil || k == nil {
+		return nil, err
+	}
+	m.cache.Store(name, k)
+	return k, nil
+}
+
+// Invalidate forgets what is cached of the key a storage entry belongs to (another node changed it).
+func (m *Manager) Invalidate(storageKey string) {
+	name, usage, ok := NameOf(storageKey)
+	if !ok {
+		return
+	}
+	if usage {
+		m.usage.forget(name)
+		return
+	}
+	l := m.lock(name)
+	l.Lock()
+	m.cache.Delete(name)
+	l.Unlock()
+	m.sched.invalidate()
+}
+
+// Tx is one change of one key, inside Update: the snapshot before it (Cur), the clone being changed (Key), and
+// what the change did (versions changed, HSM objects made, events). Only Update persists it.
+type Tx struct {
+	ctx context.Context
+	m   *Manager
+	s   logical.Storage
+	who Actor
+
+	Cur *Key // the key before the change; nil when it is being created
+	Key *Key // the clone being changed
+
+	changed []int
+	made    [][]byte // CKA_IDs of objects made by this change, destroyed again if it fails before persisting
+	wals    []string
+	events  []Event
+	dirty   bool
+	deleted bool // the key's metadata is to be removed (its deletion destroyed its objects)
+	tok     HSM
+}
+
+// Update is the one way a key changes: lock, load, clone, change, persist, record the history events, tell the
+// schedule, unlock. change works on tx.Key and reports changes with the Tx's methods; a change that returns an
+// error or marks nothing leaves storage untouched. The result is the key's new snapshot (nil once deleted).
+//
+// A storage write that fails may have stored nothing or everything: then nothing is destroyed (objects a stored
+// version may reference must survive), the cached snapshot is dropped so that the next use reads storage, and
+// the WAL rollback, which reads storage first, removes what storage never came to reference.
+func (m *Manager) Update(ctx context.Context, s logical.Storage, name string, who Actor, change func(tx *Tx) error) (*Key, error) {
+	l := m.lock(name)
+	l.Lock()
+	defer l.Unlock()
+	cur, err := m.getLocked(ctx, s, name)
+	if err != nil {
+		return nil, err
+	}
+	if cur == nil {
+		return nil, notFound(name)
+	}
+	return m.commit(ctx, s, who, cur, cur.Clone(), change)
+}
+
+// Create adds key k with its first version, whose material is made by material (nil: generated in the HSM), unless
+// a key of that name exists: then it returns the existing one and created false.
+func (m *Manager) Create(ctx context.Context, s logical.Storage, k *Key, who Actor, material Material) (key *Key, created bool, err error) {
+	l := m.lock(k.Name)
+	l.Lock()
+	defer l.Unlock()
+	cur, err := m.getLocked(ctx, s, k.Name)
+	if err != nil || cur != nil {
+		return cur, false, err
+	}
+	if k.CreatedAt.IsZero() {
+		k.CreatedAt = time.Now().UTC()
+	}
+	if k.AutoRotatePeriod > 0 && k.NextRotation.IsZero() {
+		k.NextRotation = k.CreatedAt.Add(k.AutoRotatePeriod)
+	}
+	key, err = m.commit(ctx, s, who, nil, k, func(tx *Tx) error {
+		if material == nil {
+			material = tx.generated()
+		}
+		n, method, err := tx.AddVersion(material, "")
+		if err != nil {
+			return err
+		}
+		kind, details := "created", fmt.Sprintf("type %s", k.Type)
+		if method != "" {
+			kind, details = "imported", "import_method "+method
+		}
+		tx.Key.LastRequestID = who.RequestID
+		tx.Record(kind, n, "", details)
+		return nil
+	})
+	return key, err == nil, err
+}
+
+func (m *Manager) commit(ctx context.Context, s logical.Storage, who Actor, cur, next *Key, change func(tx *Tx) error) (*Key, error) {
+	tx := &Tx{ctx: ctx, m: m, s: s, who: who, Cur: cur, Key: next}
+	if err := change(tx); err != nil {
+		tx.undo()
+		return nil, err
+	}
+	if !tx.dirty {
+		return cur, nil
+	}
+	if tx.deleted {
+		if err := remove(ctx, s, tx.Key); err != nil {
+			m.cache.Delete(tx.Key.Name)
+			return nil, err
+		}
+		m.cache.Delete(tx.Key.Name)
+		m.sched.remove(tx.Key.Name)
+		m.usage.forget(tx.Key.Name)
+		tx.recordEvents()
+		return nil, nil
+	}
+	if err := store(ctx, s, tx.Key, tx.changed); err != nil {
+		m.cache.Delete(tx.Key.Name) // storage may hold the change or not: read it again
+		m.log.Warn("storing a key change failed; nothing is destroyed: the WAL rollback removes what storage never came to reference",
+			"key", tx.Key.Name, "error", err)
+		return nil, err
+	}
+	for _, id := range tx.wals {
+		if err := framework.DeleteWAL(ctx, s, id); err != nil {
+			m.log.Warn("could not delete WAL entry; the rollback finds the version stored and destroys nothing", "error", err)
+		}
+	}
+	m.cache.Store(tx.Key.Name, tx.Key)
+	m.sched.update(tx.Key)
+	for n, v := range tx.Key.Versions {
+		if v.State == StateDestroyed && (cur == nil || cur.Versions[n] == nil || cur.Versions[n].State != StateDestroyed) {
+			m.usage.forgetVersion(tx.Key.Name, n)
+		}
+	}
+	tx.recordEvents()
+	return tx.Key, nil
+}
+
+// undo destroys the objects a failed change made before anything was stored.
+func (tx *Tx) undo() {
+	for i, id := range tx.made {
+		if _, err := tx.tok.DestroyKeys(tx.ctx, id); err != nil {
+			tx.m.log.Warn("could not destroy the objects of an unstored version; the WAL rollback will", "key", tx.Key.Name, "error", err)
+			continue
+		}
+		if err := framework.DeleteWAL(tx.ctx, tx.s, tx.wals[i]); err != nil {
+			tx.m.log.Warn("could not delete WAL entry", "error", err)
+		}
+	}
+}
+
+// recordEvents appends the change's events to the key's history, still under the key's lock, so that no
+// concurrent change's event is lost. A failure is logged: the change it records is made, and Vault's audit device
+// has the request either way.
+func (tx *Tx) recordEvents() {
+	for _, ev := range tx.events {
+		if err := appendHistory(tx.ctx, tx.s, tx.Key.Name, ev); err != nil {
+			tx.m.log.Error("could not record lifecycle event", "key", tx.Key.Name, "event", ev.Event, "error", err)
+		}
+	}
+}
+
+// Changed marks versions whose metadata the change modified (and the key itself as modified).
+func (tx *Tx) Changed(versions ...int) {
+	tx.dirty = true
+	tx.changed = append(tx.changed, versions...)
+}
+
+// Record adds a lifecycle event, written with the change.
+func (tx *Tx) Record(kind string, version int, cause, details string) {
+	tx.dirty = true
+	tx.events = append(tx.events, tx.who.event(kind, version, cause, details))
+}
+
+// Who is the change's actor.
+func (tx *Tx) Who() Actor { return tx.who }
+
+// hsm connects to the token once per change.
+func (tx *Tx) hsm() (HSM, error) {
+	if tx.tok == nil {
+		t, err := tx.m.token(tx.ctx, tx.s)
+		if err != nil {
+			return nil, err
+		}
+		tx.tok = t
+	}
+	return tx.tok, nil
+}
+
+// Material puts a version's material on the token under CKA_ID id and returns its public key (asymmetric types)
+// and, for imports, how the material got there.
+type Material func(ctx context.Context, tok HSM, id []byte, label string) (crypto.PublicKey, string, error)
+
+// generated is the Material of a version generated in the HSM. Versions of all but hmac keys make their HMAC
+// secret on first use (EnsureHMACSecret): most keys are never used for one.
+func (tx *Tx) generated() Material {
+	k := tx.Key
+	return func(ctx context.Context, tok HSM, id []byte, label string) (crypto.PublicKey, string, error) {
+		hmacBytes := 0
+		if k.Type == TypeHMAC {
+			hmacBytes = k.HMACKeyBytes()
+		}
+		pub, err := tok.GenerateVersion(ctx, k.Type.Info().Alg, id, label, hmacBytes)
+		return pub, "", err
+	}
+}
+
+// AddVersion puts the next version's material on the token, under a WAL entry written first, and makes it the
+// latest. requestID, when set, is remembered so that Vault's retry of the request adds no second version. It
+// returns the version's number and the import method (empty when generated).
+func (tx *Tx) AddVersion(material Material, requestID string) (int, string, error) {
+	tok, err := tx.hsm()
+	if err != nil {
+		return 0, "", err
+	}
+	k := tx.Key
+	rawID := make([]byte, 16) // an identifier, not a secret: the standard library's RNG is fine here
+	if _, err := rand.Read(rawID); err != nil {
+		return 0, "", err
+	}
+	n := k.LatestVersion + 1
+	ver := &Version{HSMID: hex.EncodeToString(rawID), Label: versionLabel(tx.m.mountID, k.Name, n), CreatedAt: time.Now().UTC(), CreatedBy: tx.who.String()}
+	walID, err := framework.PutWAL(tx.ctx, tx.s, WALKindVersion, &WALEntry{Name: k.Name, Version: n, HSMID: ver.HSMID})
+	if err != nil {
+		return 0, "", fmt.Errorf("write WAL: %w", err)
+	}
+	pub, method, err := material(tx.ctx, tok, rawID, ver.Label)
+	if err != nil {
+		tx.made, tx.wals = append(tx.made, rawID), append(tx.wals, walID) // whatever the failed call left: undo
+		return 0, "", fmt.Errorf("key %q version %d in the HSM: %w", k.Name, n, err)
+	}
+	tx.made, tx.wals = append(tx.made, rawID), append(tx.wals, walID)
+	ver.ImportMethod = method
+	ver.HMACDeferred = method == "" && k.Type != TypeHMAC
+	if pub != nil {
+		if ver.PublicKey, err = FormatPublicKey(pub); err != nil {
+			return 0, "", err
+		}
+		ver.pub = pub
+	}
+	k.addVersion(ver)
+	if requestID != "" {
+		k.LastRequestID = requestID
+	}
+	tx.Changed(n)
+	event := "key version created in the HSM"
+	if method != "" {
+		event = "key version imported into the HSM"
+	}
+	tx.m.log.Info(event, "key", k.Name, "version", n, "label", ver.Label, "by", tx.who.String(), "import_method", method)
+	return n, method, nil
+}
+
+// Rotate adds a generated version. cause is manual, scheduled or usage. A manual rotation that Vault retries
+// after the plugin died under it adds nothing the second time.
+func (tx *Tx) Rotate(cause string) error {
+	k := tx.Key
+	requestID := ""
+	if cause == "manual" {
+		if tx.who.RequestID != "" && k.LastRequestID == tx.who.RequestID {
+			return nil
+		}
+		requestID = tx.who.RequestID
+	}
+	if err := k.canRotate(); err != nil {
+		return err
+	}
+	n, _, err := tx.AddVersion(tx.generated(), requestID)
+	if err != nil {
+		return err
+	}
+	k.rotated(time.Now().UTC())
+	tx.Record("rotated", n, cause, "")
+	return nil
+}
+
+// DestroyVersion destroys version n's objects on the token now and keeps its metadata as a tombstone.
+func (tx *Tx) DestroyVersion(n int, cause string) error {
+	k := tx.Key
+	v := k.Versions[n]
+	if v == nil || v.State == StateDestroyed {
+		return nil
+	}
+	tok, err := tx.hsm()
+	if err != nil {
+		return err
+	}
+	if _, err := tok.DestroyKeys(tx.ctx, v.ID()); err != nil {
+		return fmt.Errorf("destroy key %q version %d: %w", k.Name, n, err)
+	}
+	k.markDestroyed(n, time.Now())
+	tx.Changed(n)
+	tx.Record("version_destroyed", n, cause, "")
+	tx.m.log.Info("key version destroyed in the HSM", "key", k.Name, "version", n, "cause", cause)
+	return nil
+}
+
+// DeleteKey destroys every version's objects, then the key's metadata (its history stays). The key is first
+// stored as being deleted, so that a deletion cut short by a crash or an HSM fault is completed by the next
+// attempt and the key serves nothing meanwhile.
+func (tx *Tx) DeleteKey(cause string) error {
+	k := tx.Key
+	if !k.Deleting {
+		k.Deleting = true
+		if err := store(tx.ctx, tx.s, k, nil); err != nil {
+			return err
+		}
+		tx.m.cache.Store(k.Name, k)
+	}
+	tok, err := tx.hsm()
+	if err != nil {
+		return err
+	}
+	for n, v := range k.Versions {
+		if v.State == StateDestroyed {
+			continue
+		}
+		if _, err := tok.DestroyKeys(tx.ctx, v.ID()); err != nil {
+			return fmt.Errorf("destroy key %q version %d: %w", k.Name, n, err)
+		}
+	}
+	tx.deleted = true
+	tx.Record("deleted", 0, cause, fmt.Sprintf("%d versions destroyed", len(k.Versions)))
+	tx.m.log.Info("key deleted and its HSM objects destroyed", "key", k.Name, "versions", len(k.Versions), "cause", cause)
+	return nil
+}
+
+// Configure applies settings and records what they changed.
+func (tx *Tx) Configure(c Settings) error {
+	if err := tx.Key.Apply(c); err != nil {
+		return err
+	}
+	changes := settingsChanges(tx.Cur, tx.Key)
+	if changes == "no change" {
+		return nil
+	}
+	tx.Record("config_changed", 0, "", changes)
+	return nil
+}
+
+// SetVersionState disables, enables or schedules the destruction of version n (at at; now destroys it at once).
+func (tx *Tx) SetVersionState(n int, action string, at time.Time, now bool) error {
+	k := tx.Key
+	var changed bool
+	var err error
+	switch action {
+	case "disable":
+		if changed, err = k.DisableVersion(n); changed {
+			tx.Record("version_disabled", n, "", "")
+		}
+	case "enable":
+		var cancelled bool
+		if changed, cancelled, err = k.EnableVersion(n); changed {
+			detail := ""
+			if cancelled {
+				detail = "destruction cancelled"
+			}
+			tx.Record("version_enabled", n, "", detail)
+		}
+	case "destroy":
+		if changed, err = k.ScheduleVersionDestruction(n, at); changed {
+			tx.Record("version_destroy_scheduled", n, "", "destruction at "+FormatTime(at))
+			if now {
+				return tx.DestroyVersion(n, "destroyed without grace period")
+			}
+		}
+	default:
+		return Callerf("unknown action %q", action)
+	}
+	if changed {
+		tx.Changed(n)
+	}
+	return err
+}
+
+// SetDisabled revokes or restores the whole key.
+func (tx *Tx) SetDisabled(disabled bool) {
+	if tx.Key.SetDisabled(disabled) {
+		kind := "enabled"
+		if disabled {
+			kind = "disabled"
+		}
+		tx.Record(kind, 0, "", "")
+	}
+}
+
+// Delete deletes the key after grace: at once when it is 0 (as Transit), else the key is marked for deletion,
+// serves nothing, and can be restored until then.
+func (tx *Tx) Delete(grace time.Duration) error {
+	k := tx.Key
+	if !k.DeletionAllowed {
+		_, err := k.ScheduleDeletion(time.Time{})
+		return err
+	}
+	if grace == 0 || k.Deleting {
+		return tx.DeleteKey("deleted without grace period")
+	}
+	at := time.Now().UTC().Add(grace)
+	if changed, err := k.ScheduleDeletion(at); err != nil || !changed {
+		return err
+	}
+	tx.Record("deletion_scheduled", 0, "", "destruction at "+FormatTime(at))
+	return nil
+}
+
+// CancelDeletion restores a key whose deletion is scheduled.
+func (tx *Tx) CancelDeletion() error {
+	if err := tx.Key.CancelDeletion(); err != nil {
+		return err
+	}
+	tx.Record("deletion_cancelled", 0, "", "")
+	return nil
+}
+
+// Trim raises min_available_version, stores that first (so no version about to be destroyed is used meanwhile),
+// then destroys the versions below it.
+func (tx *Tx) Trim(minAvail int) error {
+	k := tx.Key
+	if err := k.Trim(minAvail); err != nil {
+		return err
+	}
+	if err := store(tx.ctx, tx.s, k, nil); err != nil {
+		return err
+	}
+	tx.m.cache.Store(k.Name, k)
+	for n := 1; n < minAvail; n++ {
+		if err := tx.DestroyVersion(n, "trim"); err != nil {
+			return err
+		}
+	}
+	tx.Record("trimmed", 0, "", fmt.Sprintf("min_available_version %d", minAvail))
+	return nil
+}
+
+// ImportVersion adds an imported version to an imported key; Vault's retry of the same request adds nothing.
+func (tx *Tx) ImportVersion(material Material) error {
+	k := tx.Key
+	if tx.who.RequestID != "" && k.LastRequestID == tx.who.RequestID {
+		return nil
+	}
+	if !k.Imported {
+		return Callerf("the import_version endpoint can only be used with an imported key")
+	}
+	if err := k.Usable(); err != nil {
+		return err
+	}
+	n, method, err := tx.AddVersion(material, tx.who.RequestID)
+	if err != nil {
+		return err
+	}
+	tx.Record("version_imported", n, "", "import_method "+method)
+	return nil
+}
+
+// EnsureHMACSecret gives version n its HMAC secret, made on first use. The version's state is checked here, under
+// the key's lock: a version disabled or scheduled for destruction meanwhile never gets one.
+func (tx *Tx) EnsureHMACSecret(n int) error {
+	k := tx.Key
+	v := k.Versions[n]
+	if v == nil {
+		return Callerf("key %q has no version %d", k.Name, n)
+	}
+	if s := k.VersionState(n); s != StateActive && s != StateDecryptOnly {
+		return Callerf("key version %d of key %q is %s", n, k.Name, s)
+	}
+	if !v.HMACDeferred {
+		return nil // made meanwhile by another request
+	}
+	tok, err := tx.hsm()
+	if err != nil {
+		return err
+	}
+	if err := tok.EnsureHMACKey(tx.ctx, v.ID(), v.Label, k.HMACKeyBytes()); err != nil {
+		return fmt.Errorf("HMAC secret of key %q version %d: %w", k.Name, n, err)
+	}
+	k.withVersion(n, func(x *Version) { x.HMACDeferred = false })
+	tx.Changed(n)
+	tx.m.log.Info("HMAC secret created in the HSM on first use", "key", k.Name, "version", n)
+	return nil
+}
+
+// RollbackVersion is the WAL rollback of a version's creation: it destroys the HSM objects of a version that storage
+// never came to reference, and nothing that storage references. It holds the key's lock throughout, so that it
+// never races a creation still in progress.
+func (m *Manager) RollbackVersion(ctx context.Context, s logical.Storage, data interface{}) error {
+	raw, err := json.Marshal(data)
+	if err != nil {
+		return err
+	}
+	var w WALEntry
+	if err := json.Unmarshal(raw, &w); err != nil {
+		return err
+	}
+	id, err := hex.DecodeString(w.HSMID)
+	if err != nil || len(id) == 0 {
+		return nil // nothing that could be on the token
+	}
+	l := m.lock(w.Name)
+	l.Lock()
+	defer l.Unlock()
+	k, err := load(ctx, s, w.Name)
+	if err != nil {
+		return err
+	}
+	if k != nil {
+		for _, v := range k.Versions {
+			if v.HSMID == w.HSMID {
+				return nil
+			}
+		}
+	}
+	tok, err := m.token(ctx, s)
+	if err != nil {
+		return err // the entry stays; the next rollback pass tries again
+	}
+	n, err := tok.DestroyKeys(ctx, id)
+	if err != nil {
+		return err
+	}
+	m.log.Info("WAL rollback destroyed uncommitted HSM objects", "key", w.Name, "version", w.Version, "objects", n)
+	return nil
+}

@@ -1,0 +1,268 @@
+package keys
+
+import (
+	"context"
+	"crypto"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
+)
+
+// fakeHSM keeps the objects the model asks for, by CKA_ID, in memory: enough to test the funnel's bookkeeping
+// without a token (the real tokens are tested in the hsm package and, through the backend, in the root package).
+type fakeHSM struct {
+	mu      sync.Mutex
+	objects map[string]bool
+	hmac    map[string]bool
+}
+
+func newFakeHSM() *fakeHSM { return &fakeHSM{objects: map[string]bool{}, hmac: map[string]bool{}} }
+
+func (f *fakeHSM) GenerateVersion(_ context.Context, _ hsm.Algorithm, id []byte, _ string, _ int) (crypto.PublicKey, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.objects[hex.EncodeToString(id)] = true
+	return nil, nil
+}
+
+func (f *fakeHSM) ImportVersion(context.Context, hsm.ImportRequest) (crypto.PublicKey, string, error) {
+	return nil, "", errors.New("not in these tests")
+}
+
+func (f *fakeHSM) EnsureHMACKey(_ context.Context, id []byte, _ string, _ int) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.hmac[hex.EncodeToString(id)] = true
+	return nil
+}
+
+func (f *fakeHSM) DestroyKeys(_ context.Context, id []byte) (int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n := 0
+	if f.objects[hex.EncodeToString(id)] {
+		n++
+	}
+	delete(f.objects, hex.EncodeToString(id))
+	delete(f.hmac, hex.EncodeToString(id))
+	return n, nil
+}
+
+func (f *fakeHSM) has(id string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.objects[id]
+}
+
+// storedButFailing stores every write and then, for keys with the prefix while armed, reports an error: a write
+// whose outcome the caller cannot know (a storage backend that timed out after committing).
+type storedButFailing struct {
+	logical.Storage
+	mu     sync.Mutex
+	prefix string
+}
+
+func (s *storedButFailing) arm(prefix string) { s.mu.Lock(); s.prefix = prefix; s.mu.Unlock() }
+
+func (s *storedButFailing) Put(ctx context.Context, e *logical.StorageEntry) error {
+	if err := s.Storage.Put(ctx, e); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.prefix != "" && strings.HasPrefix(e.Key, s.prefix) {
+		s.prefix = ""
+		return errors.New("storage timed out (the write may have happened)")
+	}
+	return nil
+}
+
+func newManager(t *testing.T) (*Manager, *fakeHSM, *storedButFailing) {
+	f := newFakeHSM()
+	m := NewManager(hclog.NewNullLogger(), "mount", func(context.Context, logical.Storage) (HSM, error) { return f, nil })
+	return m, f, &storedButFailing{Storage: &logical.InmemStorage{}}
+}
+
+var who = Actor{DisplayName: "test", RequestID: "req-1"}
+
+// Defect a: a rotation whose key write reports an error after storing destroyed the new version's objects, so
+// every later encryption under it failed. Now nothing is destroyed, the cache is dropped, the next read sees what
+// storage holds, and the WAL rollback (which reads storage first) keeps what is referenced.
+func TestFailedWriteThatStoredDestroysNothing(t *testing.T) {
+	m, f, s := newManager(t)
+	ctx := context.Background()
+	if _, _, err := m.Create(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96}, who, nil); err != nil {
+		t.Fatal(err)
+	}
+	s.arm(PolicyPrefix + "k")
+	_, err := m.Update(ctx, s, "k", Actor{RequestID: "req-2"}, func(tx *Tx) error { return tx.Rotate("manual") })
+	if err == nil {
+		t.Fatal("the failed write was not reported")
+	}
+	k, err := m.Get(ctx, s, "k")
+	if err != nil || k.LatestVersion != 2 {
+		t.Fatalf("after the failed write storage holds version 2, the manager says %v (%v)", k, err)
+	}
+	if !f.has(k.Versions[2].HSMID) {
+		t.Fatal("version 2's objects were destroyed though storage references them")
+	}
+	// The WAL rollback, later, destroys nothing that storage references.
+	entries, err := framework.ListWAL(ctx, s)
+	if err != nil || len(entries) != 1 {
+		t.Fatalf("WAL entries %v, %v", entries, err)
+	}
+	w, err := framework.GetWAL(ctx, s, entries[0])
+	if err != nil || w == nil {
+		t.Fatal(err)
+	}
+	if err := m.RollbackVersion(ctx, s, w.Data); err != nil {
+		t.Fatal(err)
+	}
+	if !f.has(k.Versions[2].HSMID) {
+		t.Fatal("the rollback destroyed a stored version's objects")
+	}
+}
+
+// The same rollback destroys the objects of a version storage never came to hold.
+func TestRollbackDestroysWhatStorageNeverHeld(t *testing.T) {
+	m, f, s := newManager(t)
+	ctx := context.Background()
+	if _, _, err := m.Create(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96}, who, nil); err != nil {
+		t.Fatal(err)
+	}
+	orphan := "0123456789abcdef0123456789abcdef"
+	f.objects[orphan] = true
+	if err := m.RollbackVersion(ctx, s, &WALEntry{Name: "k", Version: 2, HSMID: orphan}); err != nil {
+		t.Fatal(err)
+	}
+	if f.has(orphan) {
+		t.Fatal("an unreferenced version's objects survived the rollback")
+	}
+}
+
+// Defect b: history was recorded after the key's lock was released, so concurrent changes lost events (each
+// appends to the same page by read, append, write). Twenty parallel state changes on one key leave twenty events.
+func TestNoHistoryEventIsLost(t *testing.T) {
+	m, _, s := newManager(t)
+	ctx := context.Background()
+	if _, _, err := m.Create(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96}, who, nil); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 20; i++ {
+		if _, err := m.Update(ctx, s, "k", Actor{RequestID: fmt.Sprint("rotate-", i)}, func(tx *Tx) error { return tx.Rotate("manual") }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var wg sync.WaitGroup
+	for i := 1; i <= 20; i++ {
+		wg.Add(1)
+		go func(n int) {
+			defer wg.Done()
+			action := map[bool]string{true: "disable", false: "destroy"}[n%2 == 0]
+			if _, err := m.Update(ctx, s, "k", who, func(tx *Tx) error { return tx.SetVersionState(n, action, time.Now().Add(time.Hour), false) }); err != nil {
+				t.Error(err)
+			}
+		}(i)
+	}
+	wg.Wait()
+	events, err := ReadHistory(ctx, s, "k", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	changes := 0
+	for _, ev := range events {
+		if ev.Event == "version_disabled" || ev.Event == "version_destroy_scheduled" {
+			changes++
+		}
+	}
+	if changes != 20 {
+		t.Fatalf("%d state-change events for 20 parallel changes", changes)
+	}
+}
+
+// Defect c: a version scheduled for destruction (or destroyed) got an HMAC secret made on its first HMAC. The
+// state is checked under the key's lock, and nothing is made.
+func TestNoHMACSecretForAVersionOnItsWayOut(t *testing.T) {
+	m, f, s := newManager(t)
+	ctx := context.Background()
+	if _, _, err := m.Create(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96}, who, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Update(ctx, s, "k", Actor{RequestID: "r2"}, func(tx *Tx) error { return tx.Rotate("manual") }); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Update(ctx, s, "k", who, func(tx *Tx) error {
+		return tx.SetVersionState(1, "destroy", time.Now().Add(time.Hour), false)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := m.Update(ctx, s, "k", who, func(tx *Tx) error { return tx.EnsureHMACSecret(1) })
+	if !IsCaller(err) || !strings.Contains(err.Error(), StateDestroyScheduled) {
+		t.Fatalf("HMAC secret for a destroy-scheduled version: %v", err)
+	}
+	if len(f.hmac) != 0 {
+		t.Fatal("an HMAC secret was made")
+	}
+	k, _ := m.Get(ctx, s, "k")
+	if !k.Versions[1].HMACDeferred {
+		t.Fatal("the version records a secret it has not")
+	}
+}
+
+// Defect d: with a per-version limit, one request crossing several limits rotates each time; the same request's
+// rotations for one exhausted version add one version however often they are asked (batch items, Vault's retry).
+func TestUsageRotationsOfOneRequest(t *testing.T) {
+	m, _, s := newManager(t)
+	ctx := context.Background()
+	if _, _, err := m.Create(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96}, who, nil); err != nil {
+		t.Fatal(err)
+	}
+	req := Actor{RequestID: "encrypt-batch"}
+	for v := 1; v <= 3; v++ {
+		for i := 0; i < 2; i++ { // twice for the same version: once
+			k, err := m.RotateForUsage(ctx, s, "k", v, req)
+			if err != nil || k.LatestVersion != v+1 {
+				t.Fatalf("usage rotation of version %d (call %d): latest %v, %v", v, i, k.LatestVersion, err)
+			}
+		}
+	}
+	// A manual rotation retried by Vault (the same request ID) adds one version.
+	for i := 0; i < 2; i++ {
+		k, err := m.Update(ctx, s, "k", Actor{RequestID: "manual-1"}, func(tx *Tx) error { return tx.Rotate("manual") })
+		if err != nil || k.LatestVersion != 5 {
+			t.Fatalf("retried manual rotation: %d, %v", k.LatestVersion, err)
+		}
+	}
+}
+
+// A change that fails after making material, before anything was stored, destroys what it made.
+func TestFailedChangeDestroysItsMaterial(t *testing.T) {
+	m, f, s := newManager(t)
+	ctx := context.Background()
+	if _, _, err := m.Create(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96}, who, nil); err != nil {
+		t.Fatal(err)
+	}
+	before := len(f.objects)
+	_, err := m.Update(ctx, s, "k", Actor{RequestID: "x"}, func(tx *Tx) error {
+		if err := tx.Rotate("manual"); err != nil {
+			return err
+		}
+		return Callerf("changed my mind")
+	})
+	if !IsCaller(err) || len(f.objects) != before {
+		t.Fatalf("%v; %d objects, %d before", err, len(f.objects), before)
+	}
+	if k, _ := m.Get(ctx, s, "k"); k.LatestVersion != 1 {
+		t.Fatalf("latest %d after a failed change", k.LatestVersion)
+	}
+}

@@ -1,0 +1,140 @@
+package keys
+
+import (
+	"container/heap"
+	"context"
+	"errors"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// Tick runs what the schedule says is due: deletions, version destructions, rotations. Vault calls the periodic
+// function about once a minute on the active node; the schedule is built from storage once per process (and again
+// after another node changed keys), then kept up to date by every change, so a tick's cost grows with the due keys,
+// not with all keys.
+func (m *Manager) Tick(ctx context.Context, s logical.Storage, now time.Time) error {
+	m.sched.mu.Lock()
+	ready := m.sched.ready
+	m.sched.mu.Unlock()
+	if !ready {
+		if err := m.buildSchedule(ctx, s); err != nil {
+			return err
+		}
+	}
+	for _, name := range m.sched.popDue(now) {
+		if err := m.runDue(ctx, s, name, now); err != nil {
+			m.log.Warn("scheduled lifecycle work failed; retrying at the next tick", "key", name, "error", err)
+			m.sched.set(name, now.Add(time.Minute))
+		}
+	}
+	return nil
+}
+
+// buildSchedule reads every key once and fills the schedule.
+func (m *Manager) buildSchedule(ctx context.Context, s logical.Storage) error {
+	names, err := List(ctx, s)
+	if err != nil {
+		return err
+	}
+	next := map[string]time.Time{}
+	var queue dueQueue
+	for _, name := range names {
+		k, err := m.Get(ctx, s, name)
+		if err != nil {
+			return err
+		}
+		if k == nil {
+			continue
+		}
+		if at := k.NextDue(); !at.IsZero() {
+			next[name] = at
+			queue = append(queue, dueEntry{at: at, name: name})
+		}
+	}
+	heap.Init(&queue)
+	m.sched.mu.Lock()
+	m.sched.next, m.sched.queue, m.sched.ready = next, queue, true
+	m.sched.mu.Unlock()
+	m.log.Debug("lifecycle schedule built", "keys", len(names), "scheduled", len(next))
+	return nil
+}
+
+// runDue does what is due for key name at now.
+func (m *Manager) runDue(ctx context.Context, s logical.Storage, name string, now time.Time) error {
+	_, err := m.Update(ctx, s, name, SchedulerActor, func(tx *Tx) error {
+		k := tx.Key
+		if k.Deleting || (!k.DeleteAt.IsZero() && !now.Before(k.DeleteAt)) {
+			return tx.DeleteKey("deletion grace period elapsed")
+		}
+		for n := 1; n <= k.LatestVersion; n++ {
+			if v := k.Versions[n]; v.State == StateDestroyScheduled && !now.Before(v.DestroyAt) {
+				if err := tx.DestroyVersion(n, "destruction grace period elapsed"); err != nil {
+					return err
+				}
+			}
+		}
+		if !k.NextRotation.IsZero() && !now.Before(k.NextRotation) && !k.Disabled && k.DeleteAt.IsZero() {
+			if k.Imported && !k.AllowRotation {
+				m.log.Warn("scheduled rotation skipped: imported key without allow_rotation", "key", name)
+				k.NextRotation = time.Time{}
+				tx.Changed()
+				return nil
+			}
+			return tx.Rotate("scheduled")
+		}
+		return nil
+	})
+	if errors.Is(err, ErrNotFound) {
+		return nil
+	}
+	if err == nil {
+		if k, _ := m.Get(ctx, s, name); k != nil {
+			m.sched.update(k) // anything still pending, also when nothing changed
+		}
+	}
+	return err
+}
+
+// CountEncryption counts one encryption with version v of k. It reports whether this was the version's last
+// allowed encryption, and fails with ErrVersionExhausted once the limit is passed.
+func (m *Manager) CountEncryption(ctx context.Context, s logical.Storage, k *Key, v int) (last bool, err error) {
+	if !k.Type.IsAES() {
+		return false, nil // the GCM nonce limit is what is counted
+	}
+	c, err := m.usage.counter(ctx, s, k.Name, v)
+	if err != nil {
+		return false, err
+	}
+	limit := k.EncryptionLimit()
+	n := c.used.Add(1)
+	if n > limit {
+		c.used.Add(^uint64(0))
+		return false, ErrVersionExhausted
+	}
+	if n > c.reserved.Load() {
+		if err := m.usage.reserve(ctx, s, k.Name, v, c, n, limit); err != nil {
+			c.used.Add(^uint64(0))
+			return false, err
+		}
+	}
+	return n == limit, nil
+}
+
+// EncryptionCount returns the encryptions counted for a version, for reads (no storage access when unknown).
+func (m *Manager) EncryptionCount(name string, v int) (uint64, bool) { return m.usage.count(name, v) }
+
+// RotateForUsage rotates key name if version v is still its latest: called when v has used its last allowed
+// encryption, so that the next one uses a fresh key. who is the requester whose encryption used it up. However
+// often it is called for v (items of one batch, Vault's retry of the request), it adds one version.
+func (m *Manager) RotateForUsage(ctx context.Context, s logical.Storage, name string, v int, who Actor) (*Key, error) {
+	return m.Update(ctx, s, name, who, func(tx *Tx) error {
+		if tx.Key.LatestVersion != v {
+			return nil
+		}
+		return tx.Rotate("usage")
+	})
+}
+
+// ForgetUsage drops a key's usage counters (after invalidation by another node).
+func (m *Manager) ForgetUsage(name string) { m.usage.forget(name) }

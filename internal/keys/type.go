@@ -1,0 +1,128 @@
+package keys
+
+import (
+	"crypto"
+	"crypto/ed25519"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/pem"
+	"fmt"
+	"strings"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
+)
+
+// Type is a kind of key, named as in Transit.
+type Type string
+
+const (
+	TypeAES256GCM96 Type = "aes256-gcm96"
+	TypeAES128GCM96 Type = "aes128-gcm96"
+	TypeHMAC        Type = "hmac"
+	TypeRSA2048     Type = "rsa-2048"
+	TypeRSA3072     Type = "rsa-3072"
+	TypeRSA4096     Type = "rsa-4096"
+	TypeECDSAP256   Type = "ecdsa-p256"
+	TypeECDSAP384   Type = "ecdsa-p384"
+	TypeECDSAP521   Type = "ecdsa-p521"
+	TypeEd25519     Type = "ed25519"
+)
+
+// TypeInfo is what a key type is in the HSM and what it can do.
+type TypeInfo struct {
+	Alg     hsm.Algorithm
+	Encrypt bool // encrypt and decrypt (AES-GCM, or RSA-OAEP)
+	Sign    bool // sign and verify
+}
+
+var types = map[Type]TypeInfo{
+	TypeAES256GCM96: {hsm.AES256, true, false},
+	TypeAES128GCM96: {hsm.AES128, true, false},
+	TypeHMAC:        {hsm.HMACOnly, false, false},
+	TypeRSA2048:     {hsm.RSA2048, true, true},
+	TypeRSA3072:     {hsm.RSA3072, true, true},
+	TypeRSA4096:     {hsm.RSA4096, true, true},
+	TypeECDSAP256:   {hsm.ECDSAP256, false, true},
+	TypeECDSAP384:   {hsm.ECDSAP384, false, true},
+	TypeECDSAP521:   {hsm.ECDSAP521, false, true},
+	TypeEd25519:     {hsm.Ed25519, false, true},
+}
+
+// TypeNames lists the types in the order the docs give them.
+var TypeNames = []string{"aes256-gcm96", "aes128-gcm96", "hmac", "rsa-2048", "rsa-3072", "rsa-4096",
+	"ecdsa-p256", "ecdsa-p384", "ecdsa-p521", "ed25519"}
+
+func (t Type) Info() TypeInfo { return types[t] }
+func (t Type) IsAES() bool    { return t == TypeAES256GCM96 || t == TypeAES128GCM96 }
+func (t Type) IsRSA() bool    { return t == TypeRSA2048 || t == TypeRSA3072 || t == TypeRSA4096 }
+func (t Type) IsECDSA() bool {
+	return t == TypeECDSAP256 || t == TypeECDSAP384 || t == TypeECDSAP521
+}
+func (t Type) Asymmetric() bool { return t.IsRSA() || t.IsECDSA() || t == TypeEd25519 }
+
+// publicKeyName is the "name" Transit gives an asymmetric version's public key.
+func (t Type) PublicKeyName() string {
+	switch t {
+	case TypeECDSAP256:
+		return "P-256"
+	case TypeECDSAP384:
+		return "P-384"
+	case TypeECDSAP521:
+		return "P-521"
+	}
+	return string(t)
+}
+
+// capabilities names what the type supports, for error messages.
+func (t Type) Capabilities() string {
+	var c []string
+	if t.Info().Encrypt {
+		c = append(c, "encrypt/decrypt")
+	}
+	if t.Info().Sign {
+		c = append(c, "sign/verify")
+	}
+	return strings.Join(append(c, "hmac"), ", ")
+}
+
+// unsupported is the 400 for an operation the key's type cannot do.
+func (t Type) Unsupported(op string) error {
+	return Callerf("key type %s does not support %s; it supports %s", t, op, t.Capabilities())
+}
+
+func ParseType(s string) (Type, error) {
+	if s == "" {
+		return TypeAES256GCM96, nil
+	}
+	if _, ok := types[Type(s)]; ok {
+		return Type(s), nil
+	}
+	return "", Callerf("unsupported key type %q: this engine creates %s", s, strings.Join(TypeNames, ", "))
+}
+
+// FormatPublicKey renders a public key as Transit does.
+func FormatPublicKey(pub crypto.PublicKey) (string, error) {
+	if ed, ok := pub.(ed25519.PublicKey); ok {
+		return base64.StdEncoding.EncodeToString(ed), nil
+	}
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return "", err
+	}
+	return string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})), nil
+}
+
+func parsePublicKey(t Type, s string) (crypto.PublicKey, error) {
+	if t == TypeEd25519 {
+		raw, err := base64.StdEncoding.DecodeString(s)
+		if err != nil || len(raw) != ed25519.PublicKeySize {
+			return nil, fmt.Errorf("stored Ed25519 public key is malformed")
+		}
+		return ed25519.PublicKey(raw), nil
+	}
+	block, _ := pem.Decode([]byte(s))
+	if block == nil {
+		return nil, fmt.Errorf("stored public key is not PEM")
+	}
+	return x509.ParsePKIXPublicKey(block.Bytes)
+}

@@ -1,0 +1,204 @@
+package cmk
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"encoding/base64"
+	"errors"
+	"fmt"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/keys"
+)
+
+// Transit-compatible result items; field names and omitempty exactly as Transit's.
+type encryptResult struct {
+	Ciphertext string `json:"ciphertext,omitempty"`
+	KeyVersion int    `json:"key_version,omitempty"`
+	Error      string `json:"error,omitempty"`
+	Reference  string `json:"reference"`
+}
+
+func (r *encryptResult) setOutcome(ref, err string) { r.Reference, r.Error = ref, err }
+
+func singleEncryptResult(r encryptResult) map[string]interface{} {
+	return map[string]interface{}{"ciphertext": r.Ciphertext, "key_version": r.KeyVersion}
+}
+
+func (b *backend) pathEncrypt() *framework.Path {
+	return &framework.Path{
+		Pattern:      "encrypt/" + framework.GenericNameRegex("name"),
+		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "encrypt"},
+		Fields: withBatch(map[string]*framework.FieldSchema{
+			"name":      fieldName,
+			"plaintext": {Type: framework.TypeString, Description: "Base64 plaintext to encrypt."},
+			"key_version": {
+				Type:        framework.TypeInt,
+				Description: "Version to encrypt with: 0 (latest) or at least min_encryption_version.",
+			},
+			"associated_data": fieldAAD,
+			"context":         fieldContext,
+			"nonce":           fieldNonce,
+			"padding_scheme":  fieldPadding,
+			"type": {
+				Type:        framework.TypeString,
+				Default:     string(keys.TypeAES256GCM96),
+				Description: "Type of the key to create when it does not exist (upsert): aes256-gcm96 or aes128-gcm96.",
+			},
+			"convergent_encryption": {
+				Type:        framework.TypeBool,
+				Description: "For upsert. Only false is accepted: " + msgNoConvergent + ".",
+			},
+		}),
+		Operations: map[logical.Operation]framework.OperationHandler{
+			logical.CreateOperation: &framework.PathOperation{Callback: b.pathEncryptWrite, Summary: "Encrypt, creating the key first if it does not exist (needs create capability)."},
+			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathEncryptWrite, Summary: "Encrypt a plaintext or a batch of plaintexts in the HSM."},
+		},
+		ExistenceCheck:  b.keyExists,
+		HelpSynopsis:    "Encrypt a base64 plaintext, or a batch of them, with the named key inside the HSM.",
+		HelpDescription: "AES-GCM with a random 96-bit nonce, computed by the HSM. The ciphertext is Transit's vault:v<N>:base64(nonce‖ciphertext‖tag). As in Transit, a missing key is created unless config/keys disables upsert.",
+	}
+}
+
+// encrypt seals plaintext under version it.KeyVersion (0 = latest) of k: AES-GCM in the HSM, or RSA with the
+// version's public key (no secret is involved, so the standard library does it; decryption is in the HSM). An AES
+// version that has made its last allowed encryption is rotated, and the next encryption uses the new version: a
+// batch may cross several rotations.
+func (b *backend) encrypt(ctx context.Context, req *logical.Request, tok hsmToken, nonces *nonceSource, k *keys.Key, it *batchItem, plaintext, aad []byte) (string, int, error) {
+	s := req.Storage
+	if !k.Type.Info().Encrypt {
+		return "", 0, k.Type.Unsupported("encryption")
+	}
+	v, ver, err := k.EncryptionVersion(it.KeyVersion)
+	if err != nil {
+		return "", 0, err
+	}
+	if k.Type.IsRSA() {
+		if len(aad) > 0 {
+			return "", 0, callerf("associated_data provided for non-AEAD key type %s", k.Type)
+		}
+		pub := ver.Public().(*rsa.PublicKey)
+		var ct []byte
+		switch it.PaddingScheme {
+		case "", "oaep":
+			ct, err = rsa.EncryptOAEP(sha256.New(), rand.Reader, pub, plaintext, nil)
+		case "pkcs1v15":
+			ct, err = rsa.EncryptPKCS1v15(rand.Reader, pub, plaintext)
+		default:
+			return "", 0, callerf("padding_scheme must be oaep or pkcs1v15, not %q", it.PaddingScheme)
+		}
+		if err != nil {
+			return "", 0, callerf("cannot encrypt with %s key %q: %v", k.Type, k.Name, err)
+		}
+		return formatVersioned(v, ct, base64.StdEncoding), v, nil
+	}
+	if it.PaddingScheme != "" {
+		return "", 0, callerf("padding_scheme applies to RSA keys only, not %s", k.Type)
+	}
+	last, err := b.keys.CountEncryption(ctx, s, k, v)
+	switch {
+	case errors.Is(err, keys.ErrVersionExhausted) && (it.KeyVersion == 0 || it.KeyVersion == k.LatestVersion):
+		// An earlier encryption used the version's last one: rotate (or find it rotated) and use the new version.
+		nk, err := b.keys.RotateForUsage(ctx, s, k.Name, v, actorOf(req))
+		switch {
+		case err != nil:
+			return "", 0, fmt.Errorf("key %q version %d has reached its encryption limit and rotating it failed: %w", k.Name, v, err)
+		case nk == nil || nk.LatestVersion == v:
+			return "", 0, callerf("key %q version %d has reached its encryption limit", k.Name, v)
+		}
+		retry := *it
+		retry.KeyVersion = 0
+		return b.encrypt(ctx, req, tok, nonces, nk, &retry, plaintext, aad)
+	case errors.Is(err, keys.ErrVersionExhausted):
+		return "", 0, callerf("key %q version %d has reached its encryption limit (%d)", k.Name, v, k.EncryptionLimit())
+	case err != nil:
+		return "", 0, err
+	}
+	if last {
+		defer func() {
+			if _, err := b.keys.RotateForUsage(ctx, s, k.Name, v, actorOf(req)); err != nil {
+				b.logger.Warn("usage rotation failed; the next encryption retries it", "key", k.Name, "version", v, "error", err)
+			}
+		}()
+	}
+	nonce, err := nonces.next(ctx)
+	if err != nil {
+		return "", 0, err
+	}
+	used, sealed, err := tok.EncryptGCM(ctx, ver.ID(), nonce, aad, plaintext)
+	if err != nil {
+		return "", 0, fmt.Errorf("encrypt with key %q version %d: %w", k.Name, v, err)
+	}
+	return formatCiphertext(v, used, sealed), v, nil
+}
+
+func (b *backend) pathEncryptWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	name := d.Get("name").(string)
+	cfg, err := b.readKeysConfig(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	items, err := readBatch(d, cfg.MaxBatchSize)
+	if err != nil {
+		return respond(err)
+	}
+	batch := items != nil
+	if !batch {
+		it := singleItem(d)
+		if !it.hasPlaintext {
+			return respond(callerf("missing plaintext to encrypt"))
+		}
+		items = []batchItem{it}
+	}
+	if req.Operation == logical.CreateOperation {
+		if err := b.upsert(ctx, req, d, cfg, name, items); err != nil {
+			return respond(err)
+		}
+	}
+	k, tok, nonces, err := b.usableKey(ctx, req.Storage, name)
+	if err != nil {
+		return respond(err)
+	}
+	return runBatch(d, req, items, batch, tok.PoolSize(), func(i int, it *batchItem) (encryptResult, error) {
+		aad, err := checkCommon(it)
+		if err != nil {
+			return encryptResult{}, err
+		}
+		if !it.hasPlaintext {
+			return encryptResult{}, callerf("batch_input[%d]: missing plaintext to encrypt", i)
+		}
+		pt, err := base64.StdEncoding.DecodeString(it.Plaintext)
+		if err != nil {
+			return encryptResult{}, callerf("plaintext is not valid base64: %v", err)
+		}
+		defer clear(pt)
+		ct, v, err := b.encrypt(ctx, req, tok, nonces, k, it, pt, aad)
+		return encryptResult{Ciphertext: ct, KeyVersion: v}, err
+	}, singleEncryptResult)
+}
+
+// upsert creates the key on an encrypt to a missing key, as Transit does, unless config/keys forbids it.
+func (b *backend) upsert(ctx context.Context, req *logical.Request, d *framework.FieldData, cfg *keysConfig, name string, items []batchItem) error {
+	if cfg.DisableUpsert {
+		return callerf("encryption key not found: no key named %q (upsert is disabled in config/keys)", name)
+	}
+	if d.Get("convergent_encryption").(bool) {
+		return callerf("%s", msgNoConvergent)
+	}
+	if items[0].Context != "" {
+		return callerf("%s", msgNoDerivation)
+	}
+	typ, err := keys.ParseType(d.Get("type").(string))
+	if err != nil {
+		return err
+	}
+	if !typ.Info().Encrypt {
+		return callerf("key type %s not supported for this operation: encrypt creates aes256-gcm96, aes128-gcm96 or rsa keys", typ)
+	}
+	_, _, err = b.keys.Create(ctx, req.Storage, &keys.Key{Name: name, Type: typ, AutoRotatePeriod: cfg.AutoRotatePeriod}, actorOf(req), nil)
+	return err
+}

@@ -1,0 +1,205 @@
+package cmk
+
+import (
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+func TestVersionStates(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("config/keys", map[string]interface{}{"deletion_grace_period": "1h"}))
+	e.ok(e.write("keys/k", nil))
+	ct1 := encryptOK(t, e, "k", "one")
+	e.ok(e.write("keys/k/rotate", nil))
+
+	state := func(v int) string {
+		return e.ok(e.read(fmt.Sprintf("keys/k/versions/%d", v))).Data["state"].(string)
+	}
+	refused := func(what string) {
+		t.Helper()
+		resp, err := e.write("decrypt/k", map[string]interface{}{"ciphertext": ct1})
+		if status(resp, err) != 400 || !strings.Contains(respText(resp), what) {
+			t.Fatalf("decrypt with v1 %s: %d %s", what, status(resp, err), respText(resp))
+		}
+	}
+	e.ok(e.write("keys/k/versions/1/disable", nil))
+	if state(1) != "disabled" {
+		t.Fatalf("state %s", state(1))
+	}
+	refused("disabled")
+	e.ok(e.write("keys/k/versions/1/enable", nil))
+	if decryptOK(t, e, "k", ct1) != "one" {
+		t.Fatal("enabled version does not decrypt")
+	}
+	for _, action := range []string{"disable", "destroy"} {
+		if got := status(e.write("keys/k/versions/2/"+action, nil)); got != 400 {
+			t.Fatalf("%s the latest version: %d", action, got)
+		}
+	}
+	// Destruction waits for the grace period and can be undone until then.
+	resp := e.ok(e.write("keys/k/versions/1/destroy", nil))
+	if resp.Data["state"] != "destroy_scheduled" || resp.Data["destruction_scheduled_time"] == "" {
+		t.Fatalf("destroy: %v", resp.Data)
+	}
+	refused("destroy_scheduled")
+	e.tick()
+	if state(1) != "destroy_scheduled" || len(e.tokenObjects()) != 2 {
+		t.Fatal("destroyed before the grace period")
+	}
+	// A restart does not destroy it early either.
+	again := e.reopen()
+	again.tick()
+	if len(e.tokenObjects()) != 2 {
+		t.Fatal("destroyed early after a restart")
+	}
+	e.ok(e.write("keys/k/versions/1/enable", nil))
+	if decryptOK(t, e, "k", ct1) != "one" {
+		t.Fatal("restored version does not decrypt")
+	}
+	// With no grace period the objects go at once; the metadata stays as a tombstone.
+	e.ok(e.write("config/keys", map[string]interface{}{"deletion_grace_period": 0}))
+	resp = e.ok(e.write("keys/k/versions/1/destroy", nil))
+	if resp.Data["state"] != "destroyed" || resp.Data["destroyed_time"] == "" {
+		t.Fatalf("immediate destroy: %v", resp.Data)
+	}
+	for _, o := range e.tokenObjects() {
+		if strings.HasSuffix(o.Label, "/k/v1") || strings.HasSuffix(o.Label, "/k/v1/hmac") {
+			t.Fatalf("object %s left on the token", o.Label)
+		}
+	}
+	refused("destroyed")
+	if got := status(e.write("keys/k/versions/1/enable", nil)); got != 400 {
+		t.Fatalf("enable a destroyed version: %d", got)
+	}
+	var kinds []string
+	for _, ev := range e.history("k") {
+		kinds = append(kinds, fmt.Sprint(ev["event"]))
+	}
+	want := "created rotated version_disabled version_enabled version_destroy_scheduled version_enabled version_destroy_scheduled version_destroyed"
+	if strings.Join(kinds, " ") != want {
+		t.Fatalf("history %v", kinds)
+	}
+}
+
+func TestKeyDisableAndDeletion(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/k", nil))
+	e.ok(e.write("keys/s", map[string]interface{}{"type": "ecdsa-p256"}))
+	ct := encryptOK(t, e, "k", "x")
+	e.ok(e.write("keys/k/disable", nil))
+	e.ok(e.write("keys/s/disable", nil))
+	for path, data := range map[string]map[string]interface{}{
+		"encrypt/k": {"plaintext": b64("x")}, "decrypt/k": {"ciphertext": ct}, "rewrap/k": {"ciphertext": ct},
+		"datakey/wrapped/k": {}, "hmac/k": {"input": b64("x")}, "sign/s": {"input": b64("x")}, "keys/k/rotate": {},
+	} {
+		resp, err := e.write(path, data)
+		if status(resp, err) != 400 || !strings.Contains(respText(resp), "disabled") {
+			t.Errorf("%s on a disabled key: %d %s", path, status(resp, err), respText(resp))
+		}
+	}
+	if r := e.ok(e.read("keys/k")); r.Data["disabled"] != true {
+		t.Fatal("read of a disabled key")
+	}
+	e.ok(e.read("keys/k/history"))
+	e.ok(e.write("keys/k/enable", nil))
+	if decryptOK(t, e, "k", ct) != "x" {
+		t.Fatal("enabled key does not decrypt")
+	}
+
+	// Deletion: scheduled (default grace 7 days), serves nothing, restorable, survives restarts.
+	e.ok(e.write("keys/k/config", map[string]interface{}{"deletion_allowed": true}))
+	resp := e.ok(e.request(logical.DeleteOperation, "keys/k", nil))
+	at, err := time.Parse(time.RFC3339, resp.Data["deletion_scheduled_time"].(string))
+	if err != nil || at.Before(time.Now().Add(6*24*time.Hour)) {
+		t.Fatalf("deletion scheduled at %v", resp.Data)
+	}
+	if got := status(e.write("decrypt/k", map[string]interface{}{"ciphertext": ct})); got != 400 {
+		t.Fatalf("decrypt with a key scheduled for deletion: %d", got)
+	}
+	again := e.reopen()
+	again.tick()
+	if len(e.tokenObjects()) != 2 {
+		t.Fatal("objects destroyed before the grace period")
+	}
+	e.ok(e.write("keys/k/cancel-deletion", nil))
+	if decryptOK(t, e, "k", ct) != "x" {
+		t.Fatal("restored key does not decrypt")
+	}
+	if got := status(e.write("keys/k/cancel-deletion", nil)); got != 400 {
+		t.Fatalf("cancel without a deletion: %d", got)
+	}
+	var kinds []string
+	for _, ev := range e.history("k") {
+		kinds = append(kinds, fmt.Sprint(ev["event"]))
+		if ev["display_name"] != "token-test" || ev["token_accessor"] != "accessor-test" {
+			t.Fatalf("event without its requester: %v", ev)
+		}
+	}
+	if strings.Join(kinds, " ") != "created disabled enabled config_changed deletion_scheduled deletion_cancelled" {
+		t.Fatalf("history %v", kinds)
+	}
+}
+
+func TestTrim(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/k", nil))
+	old := encryptOK(t, e, "k", "old")
+	e.ok(e.write("keys/k/rotate", nil))
+	e.ok(e.write("keys/k/rotate", nil))
+	// As Transit: refused while min_encryption_version is not set.
+	resp, err := e.write("keys/k/trim", map[string]interface{}{"min_available_version": 1})
+	if status(resp, err) != 400 || !strings.Contains(respText(resp), "min_encryption_version is not set") {
+		t.Fatalf("trim without min_encryption_version: %d %s", status(resp, err), respText(resp))
+	}
+	e.ok(e.write("keys/k/config", map[string]interface{}{"min_encryption_version": 3}))
+	if got := status(e.write("keys/k/trim", map[string]interface{}{"min_available_version": 2})); got != 400 {
+		t.Fatalf("trim above min_decryption_version: %d", got)
+	}
+	e.ok(e.write("keys/k/config", map[string]interface{}{"min_decryption_version": 3}))
+	resp = e.ok(e.write("keys/k/trim", map[string]interface{}{"min_available_version": 3}))
+	if resp.Data["min_available_version"] != 3 || len(e.tokenObjects()) != 1 {
+		t.Fatalf("trim: %v, %d objects", resp.Data["min_available_version"], len(e.tokenObjects()))
+	}
+	e.ok(e.write("keys/k/config", map[string]interface{}{"min_decryption_version": 1}))
+	resp2, err := e.write("decrypt/k", map[string]interface{}{"ciphertext": old})
+	if status(resp2, err) != 400 || !strings.Contains(respText(resp2), "trimmed") {
+		t.Fatalf("decrypt a trimmed version: %s", respText(resp2))
+	}
+}
+
+// Defect b: history was recorded after the key's lock was released, so concurrent lifecycle changes lost events.
+// Twenty parallel version state changes on one key leave twenty events.
+func TestParallelStateChangesEachRecorded(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("config/keys", map[string]interface{}{"deletion_grace_period": "1h"}))
+	e.ok(e.write("keys/k", nil))
+	for i := 0; i < 20; i++ {
+		e.ok(e.write("keys/k/rotate", nil))
+	}
+	var wg sync.WaitGroup
+	for n := 1; n <= 20; n++ {
+		wg.Add(1)
+		go func(n int) {
+			defer wg.Done()
+			action := map[bool]string{true: "disable", false: "destroy"}[n%2 == 0]
+			if resp, err := e.write(fmt.Sprintf("keys/k/versions/%d/%s", n, action), nil); err != nil || resp.IsError() {
+				t.Errorf("version %d %s: %v %s", n, action, err, respText(resp))
+			}
+		}(n)
+	}
+	wg.Wait()
+	changes := 0
+	for _, ev := range e.history("k") {
+		if ev["event"] == "version_disabled" || ev["event"] == "version_destroy_scheduled" {
+			changes++
+		}
+	}
+	if changes != 20 {
+		t.Fatalf("%d events for 20 parallel state changes", changes)
+	}
+}
