@@ -8,14 +8,19 @@ SOAK_DURATION ?= 10m
 SOAK_FAULT_RATE ?= 0.01
 SOAK_PLUGIN := .build/soak/vault-plugin-secrets-cmk
 
-.PHONY: all build deps vault dev test unit e2e fuzz bench bench-smoke reference soak soak-smoke soak-plugin cluster hsm-matrix lint fmt clean
+.PHONY: all help build deps vault dev test unit e2e fuzz bench bench-smoke reference soak soak-smoke soak-plugin cluster hsm-matrix lint fmt clean
 
 all: build
 
+# Every target with the comment above it.
+help:
+	@awk '/^# / { c = (c ? c " " : "") substr($$0, 3); next } /^[a-z][a-z0-9-]*:/ { t = $$1; sub(":.*", "", t); if (c) printf "  %-12s %s\n", t, c; c = ""; next } { c = "" }' $(MAKEFILE_LIST)
+
+# The plugin binary, .build/plugins/vault-plugin-secrets-cmk.
 build:
 	$(GO) build -trimpath -o $(PLUGIN) ./cmd/vault-plugin-secrets-cmk
 
-# Debian packages the tokens need (softhsm2, opensc), installed when missing.
+# Debian packages the tokens need (softhsm2, opensc, NSS, opencryptoki, tpm2-pkcs11 on swtpm), installed when missing.
 deps:
 	@scripts/install-deps.sh
 
@@ -30,15 +35,17 @@ dev: deps build vault
 # Unit tests, short fuzzing, then the end-to-end suite against a real Vault server.
 test: deps build vault unit fuzz e2e bench-smoke soak-smoke
 
-# -tags cmkfaults compiles the PKCS#11 fault injector the recovery tests use (never in a release build).
+# Unit tests under -race, on real SoftHSM, NSS, opencryptoki and tpm2-pkcs11 tokens (-tags cmkfaults compiles
+# the PKCS#11 fault injector the recovery tests use, never in a release build).
 unit:
 	$(GO) test -tags cmkfaults -race -count=1 -v $$($(GO) list ./... | grep -v /tests$$) 2>&1 | scripts/test-summary.sh
 
-# Go's fuzzer takes one target per run.
+# Short fuzzing of the ciphertext parser and of request decoding (Go's fuzzer takes one target per run).
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseCiphertext$$' -fuzztime $(FUZZTIME) .
 	$(GO) test -run '^$$' -fuzz '^FuzzRequestData$$' -fuzztime $(FUZZTIME) .
 
+# The end-to-end suite against real Vault servers (dev, raft, a 3-node cluster) with the built plugin.
 e2e: deps build vault
 	CMK_E2E_VAULT=$(CURDIR)/$(VAULT) CMK_E2E_PLUGIN=$(CURDIR)/$(PLUGIN) \
 	  $(GO) test -race -count=1 -v -timeout 30m ./tests/ 2>&1 | scripts/test-summary.sh
@@ -77,6 +84,7 @@ cluster: deps build vault
 hsm-matrix: deps
 	@scripts/hsm-matrix.sh
 
+# gofmt, go vet and staticcheck, with and without -tags cmkfaults.
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed: make fmt"; exit 1; }
 	$(GO) vet ./...
@@ -85,8 +93,10 @@ lint:
 	PATH="$$PATH:$$($(GO) env GOPATH)/bin" staticcheck ./...
 	PATH="$$PATH:$$($(GO) env GOPATH)/bin" staticcheck -tags cmkfaults ./...
 
+# gofmt every tracked Go file.
 fmt:
 	gofmt -w $$(git ls-files '*.go')
 
+# Remove the plugin build and the dev server's state (the Vault build in .build/vault is kept).
 clean:
 	rm -rf .build/plugins .dev

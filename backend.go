@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -44,6 +45,8 @@ type hsmToken interface {
 	ImportVersion(ctx context.Context, r hsm.ImportRequest) (crypto.PublicKey, string, error)
 	GenerateRandom(ctx context.Context, n int) ([]byte, error)
 	DestroyKeys(ctx context.Context, id []byte) (int, error)
+	FindVersion(ctx context.Context, alg hsm.Algorithm, label string, hmacBytes int) ([]hsm.Found, error)
+	ListObjects(ctx context.Context, labelPrefix string) ([]hsm.ObjectInfo, error)
 	MissingObjects(id []byte) map[string]time.Time
 	Capabilities(ctx context.Context) (*hsm.Capabilities, error)
 	Info() hsm.TokenInfo
@@ -74,6 +77,8 @@ type backend struct {
 	keysConfig *keysConfig // nil until loaded
 
 	wrappingMu sync.Mutex // serialises the creation of the mount's wrapping key
+
+	cacheConfigChanged atomic.Bool // another node changed cache-config
 }
 
 // Factory builds the backend for one mount. The plugin is served multiplexed: every mount in the process shares
@@ -114,14 +119,19 @@ func newBackend(conf *logical.BackendConfig) *backend {
 			SealWrapStorage: []string{"config/hsm"},
 		},
 		Paths: framework.PathAppend(
-			[]*framework.Path{b.pathConfigHSM(), b.pathConfigKeys()},
+			[]*framework.Path{b.pathConfigHSM(), b.pathConfigKeys(), b.pathCacheConfig()},
 			b.pathKeys(),
 			[]*framework.Path{b.pathRotate(), b.pathWrappingKey(), b.pathImport(false), b.pathImport(true)},
 			b.pathLifecycle(),
 			[]*framework.Path{b.pathEncrypt(), b.pathDecrypt(), b.pathRewrap(), b.pathDatakey(), b.pathRandom(), b.pathHash(),
 				b.pathSign(), b.pathVerify(), b.pathHMAC()},
+			[]*framework.Path{b.pathExport(), b.pathCSR(), b.pathSetCertificate()},
 			b.pathRefused(),
+			b.pathReconcile(),
 		),
+		InitializeFunc: func(ctx context.Context, req *logical.InitializationRequest) error {
+			return b.applyCacheConfig(ctx, req.Storage)
+		},
 		PeriodicFunc:      b.periodic,
 		Invalidate:        b.invalidate,
 		Clean:             b.clean,
@@ -140,6 +150,8 @@ func (b *backend) invalidate(_ context.Context, key string) {
 		b.configMu.Lock()
 		b.keysConfig = nil
 		b.configMu.Unlock()
+	case configCachePath:
+		b.cacheConfigChanged.Store(true) // applied by the next periodic pass, which has storage
 	default:
 		b.keys.Invalidate(key)
 	}
@@ -211,6 +223,12 @@ func (b *backend) tokenConfig(c *hsmConfig) hsm.Config {
 
 // periodic is Vault's periodic function: the keys' lifecycle work that is due.
 func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
+	if b.cacheConfigChanged.Swap(false) {
+		if err := b.applyCacheConfig(ctx, req.Storage); err != nil {
+			b.cacheConfigChanged.Store(true)
+			return err
+		}
+	}
 	if !b.WriteSafeReplicationState() {
 		return nil // a replica: the primary's active node manages the lifecycle
 	}

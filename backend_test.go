@@ -350,31 +350,40 @@ func TestGracePeriodElapses(t *testing.T) {
 }
 
 // The WAL rollback destroys objects whose version never reached storage, and never one storage references.
-func TestWALRollbackDestroysOnlyUncommittedObjects(t *testing.T) {
+// A crash between the HSM call and the storage write leaves material and a WAL entry, and no metadata. The
+// rollback adopts material generated on the token under the version's label (after a storage restore it may
+// already protect data), destroys what may not be adopted, and touches nothing storage references.
+func TestWALRollbackAdoptsOrDestroysOnlyUncommittedObjects(t *testing.T) {
 	e := newTestBackend(t)
 	ctx := context.Background()
 	e.ok(e.write("keys/k", nil))
 	ct := encryptOK(t, e, "k", "kept")
 
-	// A crash between the HSM call and the storage write: objects and WAL entry exist, metadata does not.
 	tok, _, err := e.b.getToken(ctx, e.storage)
 	if err != nil {
 		t.Fatal(err)
 	}
-	orphan := []byte("0123456789abcdef")
-	if _, err := framework.PutWAL(ctx, e.storage, keys.WALKindVersion, &keys.WALEntry{Name: "k", Version: 2, HSMID: hex.EncodeToString(orphan)}); err != nil {
-		t.Fatal(err)
+	made := func(id []byte, version int, label string) {
+		t.Helper()
+		if _, err := framework.PutWAL(ctx, e.storage, keys.WALKindVersion, &keys.WALEntry{Name: "k", Version: version, HSMID: hex.EncodeToString(id)}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tok.GenerateVersion(ctx, hsm.AES256, id, label, hsm.HMACKeySize); err != nil {
+			t.Fatal(err)
+		}
 	}
-	if _, err := tok.GenerateVersion(ctx, hsm.AES256, orphan, "cmk/"+e.b.mountID+"/k/v2", hsm.HMACKeySize); err != nil {
-		t.Fatal(err)
-	}
+	adoptable := []byte("0123456789abcdef")
+	made(adoptable, 2, "cmk/"+e.b.mountID+"/k/v2")
+	// Material the rule does not adopt: not under the label of the version its WAL entry names.
+	stray := []byte("fedcba9876543210")
+	made(stray, 3, "cmk/"+e.b.mountID+"/k/elsewhere")
 	// And a WAL entry left behind for a version that did commit.
 	p, _ := e.b.keys.Get(ctx, e.storage, "k")
 	if _, err := framework.PutWAL(ctx, e.storage, keys.WALKindVersion, &keys.WALEntry{Name: "k", Version: 1, HSMID: p.Versions[1].HSMID}); err != nil {
 		t.Fatal(err)
 	}
-	if n := len(e.tokenObjects()); n != 3 {
-		t.Fatalf("%d objects before rollback, want 3 (the orphan's key and HMAC secret, the committed version's key)", n)
+	if n := len(e.tokenObjects()); n != 5 {
+		t.Fatalf("%d objects before rollback, want 5 (two orphans' keys and HMAC secrets, the committed version's key)", n)
 	}
 	resp, err := e.b.HandleRequest(ctx, &logical.Request{
 		Operation: logical.RollbackOperation, Path: "", Storage: e.storage, Data: map[string]interface{}{"immediate": true},
@@ -382,14 +391,21 @@ func TestWALRollbackDestroysOnlyUncommittedObjects(t *testing.T) {
 	if err != nil || (resp != nil && resp.IsError()) {
 		t.Fatalf("rollback: %v %s", err, respText(resp))
 	}
-	if n := len(e.tokenObjects()); n != 1 {
-		t.Fatalf("%d objects after rollback, want 1 (the committed version's)", n)
+	if n := len(e.tokenObjects()); n != 3 {
+		t.Fatalf("%d objects after rollback, want 3 (the committed version's, the adopted version's two)", n)
 	}
 	if decryptOK(t, e, "k", ct) != "kept" {
 		t.Fatal("committed version damaged by rollback")
 	}
-	if _, _, err := tok.EncryptGCM(ctx, orphan, make([]byte, 12), nil, nil); err == nil {
-		t.Fatal("orphan object still usable")
+	k, _ := e.b.keys.Get(ctx, e.storage, "k")
+	if k.LatestVersion != 2 || k.Versions[2].HSMID != hex.EncodeToString(adoptable) || k.Versions[2].EncryptionsUnknown {
+		t.Fatalf("after rollback: latest %d, %+v", k.LatestVersion, k.Versions[2])
+	}
+	if ct := encryptOK(t, e, "k", "with the adopted version"); !strings.HasPrefix(ct, "vault:v2:") {
+		t.Fatalf("material of an interrupted rotation never encrypted anything and serves as the latest: %s", ct)
+	}
+	if _, _, err := tok.EncryptGCM(ctx, stray, make([]byte, 12), nil, nil); err == nil {
+		t.Fatal("the stray object is still usable")
 	}
 }
 

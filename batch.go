@@ -25,6 +25,8 @@ type batchItem struct {
 	KeyVersion     int
 	Reference      string
 	PaddingScheme  string
+	DecryptPadding string // rewrap: decrypt_padding_scheme
+	EncryptPadding string // rewrap: encrypt_padding_scheme
 	Input          string // sign, verify, hmac
 	Signature      string // verify
 	HMAC           string // verify
@@ -86,6 +88,8 @@ func itemFromMap(i int, m map[string]interface{}) batchItem {
 	str("nonce", &it.Nonce)
 	str("reference", &it.Reference)
 	str("padding_scheme", &it.PaddingScheme)
+	str("decrypt_padding_scheme", &it.DecryptPadding)
+	str("encrypt_padding_scheme", &it.EncryptPadding)
 	it.hasInput = str("input", &it.Input)
 	str("signature", &it.Signature)
 	str("hmac", &it.HMAC)

@@ -255,13 +255,16 @@ func (b *backend) pathConfigHSMRead(ctx context.Context, req *logical.Request, _
 	}
 	data := map[string]interface{}{
 		"token_label":           c.TokenLabel,
-		"slot":                  c.Slot,
 		"pool_size":             c.PoolSize,
 		"iv_source":             c.IVSource,
 		"pin_set":               c.PIN != "",
 		"key_wrap_mechanism":    keyWrapMechanismName(c.keyWrapMechanism()),
 		"raw_rsa_oaep_fallback": c.RawRSAOAEPFallback,
 		"library":               b.library,
+	}
+	if c.UseSlot {
+		// Only a slot the operator chose is configuration; the slot in use is the token's (token.slot).
+		data["slot"] = c.Slot
 	}
 	tok, _, err := b.getToken(ctx, req.Storage)
 	if err != nil {
@@ -294,6 +297,10 @@ func (b *backend) pathConfigHSMRead(ctx context.Context, req *logical.Request, _
 	}
 	data["mechanisms"] = caps.MechanismNames()
 	data["allowed_mechanisms_stored"] = caps.AllowedMechanisms
+	// Whether versions a storage restore lost can be found on the token by label and adopted (see reconcile).
+	data["label_search"] = caps.LabelSearch()
+	// Whether the token marks the keys it generates CKA_LOCAL, which automatic adoption relies on.
+	data["marks_generated_keys_local"] = caps.LocalMarks()
 	data["oaep_sha256"] = caps.OAEPSHA256
 	wrap := c.keyWrapMechanism()
 	if wrap == 0 {

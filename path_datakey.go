@@ -56,7 +56,7 @@ func (b *backend) pathDatakeyWrite(ctx context.Context, req *logical.Request, d 
 	if err != nil {
 		return respond(err)
 	}
-	k, tok, nonces, err := b.usableKey(ctx, req.Storage, d.Get("name").(string))
+	k, tok, nonces, err := b.usableKey(ctx, req.Storage, d.Get("name").(string), "encryption")
 	if err != nil {
 		return respond(err)
 	}

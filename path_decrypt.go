@@ -78,6 +78,9 @@ func decrypt(ctx context.Context, tok hsmToken, k *keys.Key, it *batchItem, aad 
 		if err != nil {
 			return nil, err
 		}
+		if err := k.Private(v, "decrypt"); err != nil {
+			return nil, err
+		}
 		var h crypto.Hash
 		switch it.PaddingScheme {
 		case "", "oaep":

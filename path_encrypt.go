@@ -45,9 +45,10 @@ func (b *backend) pathEncrypt() *framework.Path {
 			"nonce":           fieldNonce,
 			"padding_scheme":  fieldPadding,
 			"type": {
-				Type:        framework.TypeString,
-				Default:     string(keys.TypeAES256GCM96),
-				Description: "Type of the key to create when it does not exist (upsert): aes256-gcm96 or aes128-gcm96.",
+				Type:          framework.TypeString,
+				Default:       string(keys.TypeAES256GCM96),
+				AllowedValues: []interface{}{string(keys.TypeAES256GCM96), string(keys.TypeAES128GCM96)},
+				Description:   "Type of the key to create when it does not exist (upsert): aes256-gcm96 or aes128-gcm96.",
 			},
 			"convergent_encryption": {
 				Type:        framework.TypeBool,
@@ -159,7 +160,7 @@ func (b *backend) pathEncryptWrite(ctx context.Context, req *logical.Request, d 
 			return respond(err)
 		}
 	}
-	k, tok, nonces, err := b.usableKey(ctx, req.Storage, name)
+	k, tok, nonces, err := b.usableKey(ctx, req.Storage, name, "encryption")
 	if err != nil {
 		return respond(err)
 	}
@@ -184,7 +185,7 @@ func (b *backend) pathEncryptWrite(ctx context.Context, req *logical.Request, d 
 // upsert creates the key on an encrypt to a missing key, as Transit does, unless config/keys forbids it.
 func (b *backend) upsert(ctx context.Context, req *logical.Request, d *framework.FieldData, cfg *keysConfig, name string, items []batchItem) error {
 	if cfg.DisableUpsert {
-		return callerf("encryption key not found: no key named %q (upsert is disabled in config/keys)", name)
+		return callerf("encryption key %q not found (upsert is disabled in config/keys)", name)
 	}
 	if d.Get("convergent_encryption").(bool) {
 		return callerf("%s", msgNoConvergent)

@@ -154,16 +154,17 @@ func (b *backend) pathImport(version bool) *framework.Path {
 		"name":       fieldName,
 		"ciphertext": {Type: framework.TypeString, Description: "Base64 of RSA-OAEP(wrapping key, ephemeral AES-256 key) ‖ AES-KWP(ephemeral key, key to import): what `vault transit import` sends."},
 		"hash_function": {
-			Type:        framework.TypeString,
-			Default:     "SHA256",
-			Description: "Hash of the RSA-OAEP that wraps the ephemeral key: SHA1, SHA224, SHA256 (default), SHA384 or SHA512.",
+			Type:          framework.TypeString,
+			Default:       "SHA256",
+			AllowedValues: []interface{}{"SHA1", "SHA224", "SHA256", "SHA384", "SHA512"},
+			Description:   "Hash of the RSA-OAEP that wraps the ephemeral key: SHA1, SHA224, SHA256 (default), SHA384 or SHA512.",
 		},
-		"public_key": {Type: framework.TypeString, Description: "Transit's public-key-only import. Not supported: versions here always hold their private half in the HSM."},
+		"public_key": {Type: framework.TypeString, Description: "PEM public key (PKIX) of an RSA, ECDSA or Ed25519 key, instead of ciphertext: the version holds only this public key, verifies signatures (RSA: also encrypts), and nothing goes to the HSM until its private key is imported with import_version."},
 	}
 	pattern, summary := "keys/"+framework.GenericNameRegex("name")+"/import", "Import a key: it is unwrapped inside the HSM."
 	if version {
 		pattern, summary = "keys/"+framework.GenericNameRegex("name")+"/import_version", "Import a new version of an imported key."
-		fields["version"] = &framework.FieldSchema{Type: framework.TypeInt, Description: "Transit's update of a public-key-only version. Not supported: a new version is always added."}
+		fields["version"] = &framework.FieldSchema{Type: framework.TypeInt, Description: "A public-key-only version whose private key the ciphertext holds: it is imported into that version (checked against its public key). Without it, a private key goes to the latest version if that holds only a public key, else to a new version."}
 	} else {
 		fields["type"] = &framework.FieldSchema{
 			Type:        framework.TypeString,
@@ -205,15 +206,18 @@ func (b *backend) importHandler(version bool) framework.OperationFunc {
 
 func (b *backend) importKey(ctx context.Context, req *logical.Request, d *framework.FieldData, version bool) (*logical.Response, error) {
 	name := d.Get("name").(string)
-	if v, ok := d.GetOk("public_key"); ok && v.(string) != "" {
-		return nil, callerf("public_key imports are not supported: every version here holds its private half in the HSM")
-	}
 	if _, ok := d.Raw["convergent_encryption"]; ok {
 		return nil, callerf("%s", msgNoConvergent)
 	}
+	publicPEM := d.Get("public_key").(string)
 	raw, ok := d.GetOk("ciphertext")
-	if !ok || raw.(string) == "" {
-		return nil, callerf("ciphertext is required")
+	switch {
+	case publicPEM != "" && ok && raw.(string) != "":
+		return nil, callerf("give ciphertext (a wrapped private key) or public_key, not both")
+	case publicPEM != "":
+		return b.importPublicKey(ctx, req, d, name, publicPEM, version)
+	case !ok || raw.(string) == "":
+		return nil, callerf("ciphertext is required (or public_key, for a version that only verifies)")
 	}
 	wrapped, err := base64.StdEncoding.DecodeString(raw.(string))
 	if err != nil {
@@ -250,15 +254,22 @@ func (b *backend) importKey(ctx context.Context, req *logical.Request, d *framew
 	}
 	who := actorOf(req)
 	if version {
-		if _, ok := d.GetOk("version"); ok {
-			return nil, callerf("version is not supported: import_version always adds a new version (versions in the HSM are never overwritten)")
-		}
-		_, err := b.keys.Update(ctx, req.Storage, name, who, func(tx *keys.Tx) error { return tx.ImportVersion(material(tx.Key)) })
+		target, _ := d.Get("version").(int)
+		_, err := b.keys.Update(ctx, req.Storage, name, who, func(tx *keys.Tx) error { return tx.ImportVersion(material(tx.Key), false, target) })
 		if errors.Is(err, keys.ErrNotFound) {
 			return nil, callerf("no key found with name %s; to import a new key, use the import endpoint", name)
 		}
 		return nil, err
 	}
+	k, err := importedKey(d, name)
+	if err != nil {
+		return nil, err
+	}
+	return b.createImported(ctx, req, k, material(k))
+}
+
+// importedKey reads the settings of a key being imported.
+func importedKey(d *framework.FieldData, name string) (*keys.Key, error) {
 	if err := refuseUnsupported(d); err != nil {
 		return nil, err
 	}
@@ -278,7 +289,13 @@ func (b *backend) importKey(ctx context.Context, req *logical.Request, d *framew
 			return nil, callerf("auto_rotate_period must be 0 to disable or at least an hour")
 		}
 	}
-	cur, created, err := b.keys.Create(ctx, req.Storage, k, who, material(k))
+	return k, nil
+}
+
+// createImported creates imported key k with its first version from material.
+func (b *backend) createImported(ctx context.Context, req *logical.Request, k *keys.Key, material keys.Material) (*logical.Response, error) {
+	name := k.Name
+	cur, created, err := b.keys.Create(ctx, req.Storage, k, actorOf(req), material)
 	switch {
 	case err != nil:
 		return nil, err
@@ -288,6 +305,45 @@ func (b *backend) importKey(ctx context.Context, req *logical.Request, d *framew
 		return nil, callerf("key %q already exists: the import path cannot be used with an existing key; use import_version", name)
 	}
 	return nil, nil
+}
+
+// importPublicKey imports a version that holds only a public key: a new key, or a new version of one.
+func (b *backend) importPublicKey(ctx context.Context, req *logical.Request, d *framework.FieldData, name, publicPEM string, version bool) (*logical.Response, error) {
+	parse := func(typ keys.Type) (crypto.PublicKey, error) {
+		pub, err := keys.ParsePublicKeyPEM(typ, publicPEM)
+		if err != nil {
+			return nil, callerf("public_key: %v", err)
+		}
+		return pub, nil
+	}
+	if version {
+		if v, _ := d.Get("version").(int); v != 0 {
+			return nil, callerf("version names a public-key-only version whose private key to import: give ciphertext, not public_key")
+		}
+		_, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), func(tx *keys.Tx) error {
+			pub, err := parse(tx.Key.Type)
+			if err != nil {
+				return err
+			}
+			return tx.ImportVersion(keys.PublicKeyOnly(pub), true, 0)
+		})
+		if errors.Is(err, keys.ErrNotFound) {
+			return nil, callerf("no key found with name %s; to import a new key, use the import endpoint", name)
+		}
+		return nil, err
+	}
+	k, err := importedKey(d, name)
+	if err != nil {
+		return nil, err
+	}
+	if !k.Type.Asymmetric() {
+		return nil, callerf("public_key imports need an asymmetric type (rsa-2048, rsa-3072, rsa-4096, ecdsa-p256, ecdsa-p384, ecdsa-p521, ed25519), not %s", k.Type)
+	}
+	pub, err := parse(k.Type)
+	if err != nil {
+		return nil, err
+	}
+	return b.createImported(ctx, req, k, keys.PublicKeyOnly(pub))
 }
 
 const importHelp = `

@@ -151,6 +151,8 @@ func TestImportRefusals(t *testing.T) {
 	material := make([]byte, 32)
 	good := wrapFor(t, e, crypto.SHA256, material)
 	e.ok(e.write("keys/generated", nil))
+	ecKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	sec1, _ := x509.MarshalECPrivateKey(ecKey) // "EC PRIVATE KEY", not PKCS#8
 	cases := []struct {
 		path string
 		data map[string]interface{}
@@ -163,6 +165,7 @@ func TestImportRefusals(t *testing.T) {
 		{"keys/k/import", map[string]interface{}{"ciphertext": good, "type": "aes128-gcm96"}, "wraps to"},
 		{"keys/k/import", map[string]interface{}{"ciphertext": good, "hash_function": "SHA512"}, "does not unwrap"},
 		{"keys/k/import", map[string]interface{}{"ciphertext": good, "type": "rsa-2048"}, "could not unwrap"},
+		{"keys/k/import", map[string]interface{}{"ciphertext": wrapFor(t, e, crypto.SHA256, sec1), "type": "ecdsa-p256"}, "expected as PKCS#8"},
 		{"keys/k/import", map[string]interface{}{"ciphertext": good, "exportable": true}, "never leaves the HSM"},
 		{"keys/k/import", map[string]interface{}{"ciphertext": good, "public_key": "x"}, "public_key"},
 		{"keys/generated/import", map[string]interface{}{"ciphertext": good}, "already exists"},
@@ -172,7 +175,7 @@ func TestImportRefusals(t *testing.T) {
 	for _, c := range cases {
 		resp, err := e.write(c.path, c.data)
 		if status(resp, err) != 400 || !strings.Contains(respText(resp), c.want) {
-			t.Errorf("%s %v: %d %s, want 400 with %q", c.path, c.data["type"], status(resp, err), respText(resp), c.want)
+			t.Errorf("%s %v: %d %s %v, want 400 with %q", c.path, c.data["type"], status(resp, err), respText(resp), err, c.want)
 		}
 	}
 	if r, _ := e.read("keys/k"); r != nil {
@@ -201,5 +204,85 @@ func TestWrappingKeyWhoseWriteFailedAfterStoring(t *testing.T) {
 	e.ok(e.write("keys/imported/import", map[string]interface{}{"ciphertext": wrapFor(t, e, crypto.SHA256, material)}))
 	if decryptOK(t, e, "imported", encryptOK(t, e, "imported", "x")) != "x" {
 		t.Fatal("round trip with the imported key")
+	}
+}
+
+// A public key imports as a version that verifies (and, RSA, encrypts) with nothing on the token; its private
+// key, imported later into that version, must match it, and then it signs in the HSM.
+func TestPublicKeyImportThenItsPrivateKey(t *testing.T) {
+	e := newImportBackend(t)
+	customer, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader) // the customer's key, outside the HSM
+	pubDER, _ := x509.MarshalPKIXPublicKey(&customer.PublicKey)
+	pubPEM := string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pubDER}))
+	wrappingPublicKey(t, e) // the mount's wrapping key is made on its first read
+	objects := len(e.tokenObjects())
+
+	if code := status(e.write("keys/pub/import", map[string]interface{}{"public_key": pubPEM, "type": "ecdsa-p384"})); code != 400 {
+		t.Fatalf("a P-256 key imported as ecdsa-p384: %d", code)
+	}
+	e.ok(e.write("keys/pub/import", map[string]interface{}{"public_key": pubPEM, "type": "ecdsa-p256"}))
+	v1 := e.ok(e.read("keys/pub")).Data["versions"].(map[string]interface{})["1"].(map[string]interface{})
+	if v1["public_key_only"] != true || v1["hsm_id"] != "" || len(e.tokenObjects()) != objects {
+		t.Fatalf("public-key-only version: %v", v1)
+	}
+	msg := []byte("signed outside")
+	digest := sha256.Sum256(msg)
+	sig, _ := ecdsa.SignASN1(rand.Reader, customer, digest[:])
+	if !verifyOK(t, e, "pub", map[string]interface{}{"input": b64(string(msg)), "signature": "vault:v1:" + base64.StdEncoding.EncodeToString(sig)}) {
+		t.Fatal("a signature by the imported public key's owner does not verify")
+	}
+	for _, c := range []struct {
+		path string
+		data map[string]interface{}
+	}{{"sign/pub", map[string]interface{}{"input": b64("x")}}, {"hmac/pub", map[string]interface{}{"input": b64("x")}}, {"keys/pub/csr", nil}} {
+		resp, err := e.write(c.path, c.data)
+		if status(resp, err) != 400 || !strings.Contains(respText(resp), "only a public key") {
+			t.Fatalf("%s on a public-key-only version: %d %s", c.path, status(resp, err), respText(resp))
+		}
+	}
+
+	// Another key's private half is refused for version 1, and leaves nothing on the token.
+	other, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	otherDER, _ := x509.MarshalPKCS8PrivateKey(other)
+	resp, err := e.write("keys/pub/import_version", map[string]interface{}{"ciphertext": wrapFor(t, e, crypto.SHA256, otherDER), "version": 1})
+	if status(resp, err) != 400 || !strings.Contains(respText(resp), "does not match") {
+		t.Fatalf("a mismatching private key: %d %s", status(resp, err), respText(resp))
+	}
+	if n := len(e.tokenObjects()); n != objects {
+		t.Fatalf("the refused import left objects: %d, want %d", n, objects)
+	}
+	// The matching one, without version: it goes to the latest version, which holds only a public key.
+	privDER, _ := x509.MarshalPKCS8PrivateKey(customer)
+	e.ok(e.write("keys/pub/import_version", map[string]interface{}{"ciphertext": wrapFor(t, e, crypto.SHA256, privDER)}))
+	key := e.ok(e.read("keys/pub")).Data
+	if key["latest_version"] != 1 {
+		t.Fatalf("the private key made a new version: latest %v", key["latest_version"])
+	}
+	signed := e.ok(e.write("sign/pub", map[string]interface{}{"input": b64("signed in the HSM")})).Data["signature"].(string)
+	raw, _ := base64.StdEncoding.DecodeString(strings.TrimPrefix(signed, "vault:v1:"))
+	d2 := sha256.Sum256([]byte("signed in the HSM"))
+	if !ecdsa.VerifyASN1(&customer.PublicKey, d2[:], raw) {
+		t.Fatal("the HSM's signature does not verify with the customer's public key")
+	}
+	if ev := lastEvent(e.history("pub")); ev["event"] != "private_key_imported" {
+		t.Fatalf("history: %v", ev)
+	}
+	// A second public key adds version 2.
+	e.ok(e.write("keys/pub/import_version", map[string]interface{}{"public_key": pubPEM}))
+	if v := e.ok(e.read("keys/pub")).Data["latest_version"]; v != 2 {
+		t.Fatalf("public_key import_version: latest %v", v)
+	}
+
+	// RSA: a public-key-only version encrypts (no secret involved) and cannot decrypt.
+	rsaKey, _ := rsa.GenerateKey(rand.Reader, 2048)
+	rsaDER, _ := x509.MarshalPKIXPublicKey(&rsaKey.PublicKey)
+	e.ok(e.write("keys/rsapub/import", map[string]interface{}{"type": "rsa-2048", "public_key": string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: rsaDER}))}))
+	ct := e.ok(e.write("encrypt/rsapub", map[string]interface{}{"plaintext": b64("to the key owner")})).Data["ciphertext"].(string)
+	rawCT, _ := base64.StdEncoding.DecodeString(strings.TrimPrefix(ct, "vault:v1:"))
+	if pt, err := rsa.DecryptOAEP(sha256.New(), nil, rsaKey, rawCT, nil); err != nil || string(pt) != "to the key owner" {
+		t.Fatalf("the owner cannot decrypt: %v", err)
+	}
+	if code := status(e.write("decrypt/rsapub", map[string]interface{}{"ciphertext": ct})); code != 400 {
+		t.Fatalf("decrypt with a public-key-only version: %d", code)
 	}
 }

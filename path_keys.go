@@ -279,6 +279,15 @@ func (b *backend) formatVersion(k *keys.Key, n int) map[string]interface{} {
 	if v.ImportMethod != "" {
 		info["import_method"] = v.ImportMethod
 	}
+	if v.PublicOnly() {
+		info["public_key_only"] = true // nothing on the token until its private key is imported
+	}
+	if !v.AdoptedAt.IsZero() {
+		info["adopted_time"] = keys.FormatTime(v.AdoptedAt)
+	}
+	if v.EncryptionsUnknown {
+		info["encryptions_unknown"] = true
+	}
 	if !v.DestroyAt.IsZero() {
 		info["destruction_scheduled_time"] = keys.FormatTime(v.DestroyAt)
 	}
@@ -302,9 +311,10 @@ func (b *backend) formatKey(k *keys.Key) *logical.Response {
 		s := strconv.Itoa(n)
 		if k.Type.Asymmetric() {
 			asymmetric[s] = map[string]interface{}{
-				"name":          k.Type.PublicKeyName(),
-				"public_key":    v.PublicKey,
-				"creation_time": v.CreatedAt.Format(time.RFC3339Nano),
+				"name":              k.Type.PublicKeyName(),
+				"public_key":        v.PublicKey,
+				"certificate_chain": v.CertificateChain,
+				"creation_time":     v.CreatedAt.Format(time.RFC3339Nano),
 			}
 		} else {
 			symmetric[s] = v.CreatedAt.Unix()
@@ -412,17 +422,6 @@ func (b *backend) pathRefused() []*framework.Path {
 		logical.ReadOperation: &framework.PathOperation{Callback: refuse(msgNonExtractable), Summary: "Refused: " + msgNonExtractable + "."},
 	}
 	return []*framework.Path{
-		{
-			Pattern: "export/" + framework.GenericNameRegex("type") + "/" + framework.GenericNameRegex("name") + framework.OptionalParamRegex("version"),
-			Fields: map[string]*framework.FieldSchema{
-				"type":    {Type: framework.TypeString, Description: "Transit's export type (encryption-key, hmac-key, …)."},
-				"name":    {Type: framework.TypeString, Description: "Name of the key."},
-				"version": {Type: framework.TypeString, Description: "Version of the key."},
-			},
-			Operations:      exportOps,
-			HelpSynopsis:    "Refused: " + msgNonExtractable + ".",
-			HelpDescription: "Transit's export returns key material. Here the material is a non-extractable HSM object, so every export request fails with HTTP 400.",
-		},
 		{
 			Pattern: "backup/" + framework.GenericNameRegex("name"),
 			Fields: map[string]*framework.FieldSchema{

@@ -35,7 +35,7 @@ func (b *backend) pathLifecycle() []*framework.Path {
 			Fields: map[string]*framework.FieldSchema{
 				"name":    fieldName,
 				"version": {Type: framework.TypeInt, Required: true, Description: "Key version."},
-				"action":  {Type: framework.TypeString, Required: true, Description: "disable, enable or destroy."},
+				"action":  {Type: framework.TypeString, Required: true, AllowedValues: []interface{}{"disable", "enable", "destroy"}, Description: "disable, enable or destroy."},
 			},
 			Operations: map[logical.Operation]framework.OperationHandler{
 				logical.UpdateOperation: &framework.PathOperation{Callback: b.pathVersionAction, Summary: "Disable, enable or destroy one version."},
@@ -49,7 +49,7 @@ func (b *backend) pathLifecycle() []*framework.Path {
 			DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "change-state", OperationSuffix: "key"},
 			Fields: map[string]*framework.FieldSchema{
 				"name":   fieldName,
-				"action": {Type: framework.TypeString, Required: true, Description: "disable or enable."},
+				"action": {Type: framework.TypeString, Required: true, AllowedValues: []interface{}{"disable", "enable"}, Description: "disable or enable."},
 			},
 			Operations: map[logical.Operation]framework.OperationHandler{
 				logical.UpdateOperation: &framework.PathOperation{Callback: b.pathKeyAction, Summary: "Revoke (disable) or restore (enable) every use of the key at once."},
@@ -89,7 +89,7 @@ func (b *backend) pathLifecycle() []*framework.Path {
 			DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "read", OperationSuffix: "key-history"},
 			Fields: map[string]*framework.FieldSchema{
 				"name":  fieldName,
-				"limit": {Type: framework.TypeInt, Description: "Return only the newest events, at most this many (0: all)."},
+				"limit": {Type: framework.TypeInt, Query: true, Description: "Return only the newest events, at most this many (0: all)."},
 			},
 			Operations: map[logical.Operation]framework.OperationHandler{
 				logical.ReadOperation: &framework.PathOperation{Callback: b.pathHistoryRead, Summary: "The key's lifecycle events, oldest first."},

@@ -34,9 +34,10 @@ func (b *backend) pathRandom() *framework.Path {
 				Description:   `Encoding of the result: "base64" (default) or "hex".`,
 			},
 			"source": {
-				Type:        framework.TypeString,
-				Default:     "platform",
-				Description: `Accepted for Transit compatibility ("platform", "seal", "all"): the bytes always come from the HSM's RNG (C_GenerateRandom).`,
+				Type:          framework.TypeString,
+				Default:       "platform",
+				AllowedValues: []interface{}{"platform", "seal", "all"},
+				Description:   `Accepted for Transit compatibility ("platform", "seal", "all"): the bytes always come from the HSM's RNG (C_GenerateRandom).`,
 			},
 		},
 		Operations: map[logical.Operation]framework.OperationHandler{
@@ -109,9 +110,10 @@ func (b *backend) pathHash() *framework.Path {
 			"input":        {Type: framework.TypeString, Description: "Base64 input to hash."},
 			"urlalgorithm": {Type: framework.TypeString, Description: "Algorithm, in the URL."},
 			"algorithm": {
-				Type:        framework.TypeString,
-				Default:     "sha2-256",
-				Description: "sha2-224, sha2-256 (default), sha2-384, sha2-512, sha3-224, sha3-256, sha3-384 or sha3-512.",
+				Type:          framework.TypeString,
+				Default:       "sha2-256",
+				AllowedValues: []interface{}{"sha2-224", "sha2-256", "sha2-384", "sha2-512", "sha3-224", "sha3-256", "sha3-384", "sha3-512"},
+				Description:   "sha2-224, sha2-256 (default), sha2-384, sha2-512, sha3-224, sha3-256, sha3-384 or sha3-512.",
 			},
 			"format": {
 				Type:          framework.TypeString,

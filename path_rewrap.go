@@ -22,6 +22,16 @@ func (b *backend) pathRewrap() *framework.Path {
 			"context":         fieldContext,
 			"nonce":           fieldNonce,
 			"padding_scheme":  fieldPadding,
+			"decrypt_padding_scheme": {
+				Type:          framework.TypeString,
+				AllowedValues: fieldPadding.AllowedValues,
+				Description:   "RSA keys only: the padding the ciphertext was made with, \"oaep\" or \"pkcs1v15\"; padding_scheme when not set.",
+			},
+			"encrypt_padding_scheme": {
+				Type:          framework.TypeString,
+				AllowedValues: fieldPadding.AllowedValues,
+				Description:   "RSA keys only: the padding of the new ciphertext, \"oaep\" or \"pkcs1v15\"; padding_scheme when not set.",
+			},
 		}),
 		Operations: map[logical.Operation]framework.OperationHandler{
 			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathRewrapWrite, Summary: "Re-encrypt ciphertexts under a newer version without returning the plaintext."},
@@ -44,12 +54,19 @@ func (b *backend) pathRewrapWrite(ctx context.Context, req *logical.Request, d *
 		if !it.hasCiphertext {
 			return encryptResult{}, callerf("batch_input[%d]: missing ciphertext to decrypt", i)
 		}
-		pt, err := decrypt(ctx, tok, k, it, aad)
+		in, out := *it, *it // RSA keys may decrypt with one padding and encrypt with another
+		if it.DecryptPadding != "" {
+			in.PaddingScheme = it.DecryptPadding
+		}
+		if it.EncryptPadding != "" {
+			out.PaddingScheme = it.EncryptPadding
+		}
+		pt, err := decrypt(ctx, tok, k, &in, aad)
 		if err != nil {
 			return encryptResult{}, err
 		}
 		defer clear(pt)
-		ct, v, err := b.encrypt(ctx, req, tok, nonces, k, it, pt, aad)
+		ct, v, err := b.encrypt(ctx, req, tok, nonces, k, &out, pt, aad)
 		return encryptResult{Ciphertext: ct, KeyVersion: v}, err
 	}, singleEncryptResult)
 }

@@ -57,9 +57,10 @@ func signatureFields() map[string]*framework.FieldSchema {
 		"input":        {Type: framework.TypeString, Description: "Base64 input (or its digest, with prehashed)."},
 		"urlalgorithm": {Type: framework.TypeString, Description: "Hash algorithm, in the URL."},
 		"hash_algorithm": {
-			Type:        framework.TypeString,
-			Default:     "sha2-256",
-			Description: "sha1, sha2-224, sha2-256 (default), sha2-384, sha2-512, sha3-224, sha3-256, sha3-384, sha3-512. Ignored for ed25519.",
+			Type:          framework.TypeString,
+			Default:       "sha2-256",
+			AllowedValues: []interface{}{"sha1", "sha2-224", "sha2-256", "sha2-384", "sha2-512", "sha3-224", "sha3-256", "sha3-384", "sha3-512"},
+			Description:   "sha1, sha2-224, sha2-256 (default), sha2-384, sha2-512, sha3-224, sha3-256, sha3-384, sha3-512. Ignored for ed25519.",
 		},
 		"algorithm": {Type: framework.TypeString, Description: "Deprecated alias of hash_algorithm."},
 		"key_version": {
@@ -68,8 +69,9 @@ func signatureFields() map[string]*framework.FieldSchema {
 		},
 		"prehashed": {Type: framework.TypeBool, Description: "The input is already the digest (not for ed25519)."},
 		"signature_algorithm": {
-			Type:        framework.TypeString,
-			Description: `RSA keys: "pss" (default) or "pkcs1v15".`,
+			Type:          framework.TypeString,
+			AllowedValues: []interface{}{"pss", "pkcs1v15"},
+			Description:   `RSA keys: "pss" (default) or "pkcs1v15".`,
 		},
 		"marshaling_algorithm": {
 			Type:          framework.TypeString,
@@ -124,9 +126,10 @@ func (b *backend) pathHMAC() *framework.Path {
 			"input":        {Type: framework.TypeString, Description: "Base64 input."},
 			"urlalgorithm": {Type: framework.TypeString, Description: "Hash algorithm, in the URL."},
 			"algorithm": {
-				Type:        framework.TypeString,
-				Default:     "sha2-256",
-				Description: "sha2-224, sha2-256 (default), sha2-384 or sha2-512 (and sha3-* where the token offers them).",
+				Type:          framework.TypeString,
+				Default:       "sha2-256",
+				AllowedValues: []interface{}{"sha2-224", "sha2-256", "sha2-384", "sha2-512", "sha3-224", "sha3-256", "sha3-384", "sha3-512"},
+				Description:   "sha2-224, sha2-256 (default), sha2-384 or sha2-512 (and sha3-* where the token offers them).",
 			},
 			"key_version": {Type: framework.TypeInt, Description: "Version whose HMAC secret to use: 0 (latest) or at least min_encryption_version."},
 		}),
@@ -232,7 +235,7 @@ func (b *backend) pathSignWrite(ctx context.Context, req *logical.Request, d *fr
 	if err != nil {
 		return respond(err)
 	}
-	p, tok, _, err := b.usableKey(ctx, req.Storage, d.Get("name").(string))
+	p, tok, _, err := b.usableKey(ctx, req.Storage, d.Get("name").(string), "signing")
 	if err != nil {
 		return respond(err)
 	}
@@ -253,6 +256,9 @@ func (b *backend) pathSignWrite(ctx context.Context, req *logical.Request, d *fr
 		}
 		v, ver, err := p.EncryptionVersion(it.KeyVersion)
 		if err != nil {
+			return signResult{}, err
+		}
+		if err := p.Private(v, "sign"); err != nil {
 			return signResult{}, err
 		}
 		sig, ierr := sign(ctx, tok, p, ver, opts, input)
@@ -291,6 +297,11 @@ func sign(ctx context.Context, tok hsmToken, p *keys.Key, ver *keys.Version, o s
 	if o.jws {
 		return raw, nil
 	}
+	return ecdsaASN1(raw)
+}
+
+// ecdsaASN1 turns the token's r‖s into the ASN.1 SEQUENCE Transit and X.509 use.
+func ecdsaASN1(raw []byte) ([]byte, error) {
 	half := len(raw) / 2
 	return asn1.Marshal(struct{ R, S *big.Int }{new(big.Int).SetBytes(raw[:half]), new(big.Int).SetBytes(raw[half:])})
 }
@@ -328,8 +339,11 @@ func (b *backend) pathVerifyWrite(ctx context.Context, req *logical.Request, d *
 	if err != nil {
 		return respond(err)
 	}
-	p, tok, _, err := b.usableKey(ctx, req.Storage, d.Get("name").(string))
+	p, tok, _, err := b.usableKey(ctx, req.Storage, d.Get("name").(string), "verification")
 	if err != nil {
+		return respond(err)
+	}
+	if p, err = b.adoptNamed(ctx, req, p, items); err != nil {
 		return respond(err)
 	}
 	// Signature options are read once, before the items (which may run in parallel), if any item needs them.
@@ -430,6 +444,9 @@ func (b *backend) computeHMAC(ctx context.Context, req *logical.Request, tok hsm
 	if !ok {
 		return nil, callerf("unsupported hash algorithm %q", hashName)
 	}
+	if err := p.Private(v, "compute an HMAC"); err != nil {
+		return nil, err
+	}
 	if ver.HMACDeferred {
 		if _, err := b.keys.Update(ctx, req.Storage, p.Name, actorOf(req), func(tx *keys.Tx) error { return tx.EnsureHMACSecret(v) }); err != nil {
 			return nil, err
@@ -460,7 +477,7 @@ func (b *backend) pathHMACWrite(ctx context.Context, req *logical.Request, d *fr
 	if err != nil {
 		return respond(err)
 	}
-	p, tok, _, err := b.usableKey(ctx, req.Storage, d.Get("name").(string))
+	p, tok, _, err := b.usableKey(ctx, req.Storage, d.Get("name").(string), "HMAC")
 	if err != nil {
 		return respond(err)
 	}

@@ -33,8 +33,9 @@ var (
 		Description: "Transit's key derivation context. Not supported: " + msgNoDerivation + ".",
 	}
 	fieldPadding = &framework.FieldSchema{
-		Type:        framework.TypeString,
-		Description: `RSA keys only: "oaep" (default, with SHA-256) or "pkcs1v15".`,
+		Type:          framework.TypeString,
+		AllowedValues: []interface{}{"oaep", "pkcs1v15"},
+		Description:   `RSA keys only: "oaep" (default, with SHA-256) or "pkcs1v15".`,
 	}
 	fieldNonce = &framework.FieldSchema{
 		Type:        framework.TypeString,
@@ -47,14 +48,15 @@ func (b *backend) keyExists(ctx context.Context, req *logical.Request, d *framew
 	return k != nil, err
 }
 
-// usableKey returns the key and the HSM for an operation on key name.
-func (b *backend) usableKey(ctx context.Context, s logical.Storage, name string) (*keys.Key, hsmToken, *nonceSource, error) {
+// usableKey returns the key and the HSM for an operation on key name; role names the key in the error for a
+// missing key, as Transit does ("encryption", "signing", "HMAC").
+func (b *backend) usableKey(ctx context.Context, s logical.Storage, name, role string) (*keys.Key, hsmToken, *nonceSource, error) {
 	k, err := b.keys.Get(ctx, s, name)
 	if err != nil {
 		return nil, nil, nil, err
 	}
 	if k == nil {
-		return nil, nil, nil, callerf("encryption key not found: no key named %q", name)
+		return nil, nil, nil, callerf("%s key %q not found", role, name)
 	}
 	if err := k.Usable(); err != nil {
 		return nil, nil, nil, err
@@ -86,6 +88,8 @@ func singleItem(d *framework.FieldData) batchItem {
 	it.Nonce, _ = get("nonce")
 	it.Reference, _ = get("reference")
 	it.PaddingScheme, _ = get("padding_scheme")
+	it.DecryptPadding, _ = get("decrypt_padding_scheme")
+	it.EncryptPadding, _ = get("encrypt_padding_scheme")
 	it.Input, it.hasInput = get("input")
 	it.Signature, _ = get("signature")
 	it.HMAC, _ = get("hmac")
@@ -132,8 +136,38 @@ func (b *backend) ciphertextRequest(ctx context.Context, req *logical.Request, d
 		}
 		items = []batchItem{it}
 	}
-	k, tok, nonces, err = b.usableKey(ctx, req.Storage, d.Get("name").(string))
+	if k, tok, nonces, err = b.usableKey(ctx, req.Storage, d.Get("name").(string), "encryption"); err != nil {
+		return nil, false, nil, nil, nil, err
+	}
+	k, err = b.adoptNamed(ctx, req, k, items)
 	return items, batch, k, tok, nonces, err
+}
+
+// adoptNamed makes k know the newest version the items' ciphertexts, signatures or HMACs name. One newer than
+// storage knows may be on the token (storage restored from an older snapshot): it is adopted if the rule allows
+// (internal/keys/adopt.go), so that what clients were given before the restore still decrypts and verifies. A
+// version that is nowhere leaves k as it is, and the item fails as naming an unknown version.
+func (b *backend) adoptNamed(ctx context.Context, req *logical.Request, k *keys.Key, items []batchItem) (*keys.Key, error) {
+	newest := 0
+	for _, it := range items {
+		for _, s := range []string{it.Ciphertext, it.Signature, it.HMAC} {
+			if v, _, err := parseVersioned("", s, base64.StdEncoding); err == nil && v > newest {
+				newest = v
+			}
+		}
+	}
+	if newest <= k.LatestVersion {
+		return k, nil
+	}
+	nk, adopted, err := b.keys.Adopt(ctx, req.Storage, k.Name, newest, actorOf(req))
+	if err != nil {
+		return nil, err
+	}
+	if len(adopted) > 0 {
+		b.logger.Warn("versions adopted from the HSM: a request named them and storage did not know them (restored from an older snapshot?)",
+			"key", k.Name, "versions", adopted)
+	}
+	return nk, nil
 }
 
 // refuseUnknownFields refuses a request field that neither the path nor Transit's path of the same name knows, so

@@ -38,7 +38,7 @@ func TestBadInputIsA400(t *testing.T) {
 		{"negative version", "encrypt/k", map[string]interface{}{"plaintext": b64("x"), "key_version": -1}, "invalid key version"},
 		{"context (derivation)", "encrypt/k", map[string]interface{}{"plaintext": b64("x"), "context": b64("c")}, "derivation"},
 		{"nonce (convergent)", "encrypt/k", map[string]interface{}{"plaintext": b64("x"), "nonce": b64("123456789012")}, "convergent"},
-		{"unknown key", "decrypt/nope", map[string]interface{}{"ciphertext": ct}, "encryption key not found"},
+		{"unknown key", "decrypt/nope", map[string]interface{}{"ciphertext": ct}, `encryption key "nope" not found`},
 		{"missing ciphertext", "decrypt/k", map[string]interface{}{}, "missing ciphertext"},
 		{"no prefix", "decrypt/k", map[string]interface{}{"ciphertext": "abc"}, "prefix"},
 		{"version 0", "decrypt/k", map[string]interface{}{"ciphertext": "vault:v0:" + base64.StdEncoding.EncodeToString(raw)}, "version"},

@@ -21,6 +21,7 @@ type faultyCalls struct {
 	held   map[string]int           // calls waiting now
 	calls  map[string]int
 	faulty int     // faults injected
+	blind  int     // searches (C_FindObjects) still to answer with nothing, as a module that lost sight of objects
 	rate   float64 // chance that any wrapped call fails with one of randomFaults
 	rng    *rand.Rand
 }
@@ -185,6 +186,27 @@ func (f *faultyCalls) GenerateRandom(sh pkcs11.SessionHandle, n int) ([]byte, er
 		return nil, err
 	}
 	return f.pkcs11API.GenerateRandom(sh, n)
+}
+
+// hideFromSearches makes the next n searches find nothing, whatever the token holds.
+func (f *faultyCalls) hideFromSearches(n int) {
+	f.mu.Lock()
+	f.blind = n
+	f.mu.Unlock()
+}
+
+func (f *faultyCalls) FindObjects(sh pkcs11.SessionHandle, max int) ([]pkcs11.ObjectHandle, bool, error) {
+	f.mu.Lock()
+	blind := f.blind > 0
+	if blind {
+		f.blind--
+	}
+	f.mu.Unlock()
+	hs, more, err := f.pkcs11API.FindObjects(sh, max)
+	if blind && err == nil {
+		return nil, false, nil
+	}
+	return hs, more, err
 }
 
 func (f *faultyCalls) FindObjectsInit(sh pkcs11.SessionHandle, tmpl []*pkcs11.Attribute) error {

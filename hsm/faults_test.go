@@ -399,3 +399,64 @@ func TestSlowKeyCreationBlocksNoOtherToken(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// The soak's first 10-minute run: SoftHSM answered CKR_TEMPLATE_INCONSISTENT to the AES template it takes every
+// other time (a 500 on a rotation), and a passing refusal of the key-pair template was learnt as the token's
+// need for good, after which its EC keys were made without the flags denying decryption. Now such an answer is
+// repeated and nothing is learnt from it.
+func TestPassingTemplateRefusalIsRepeatedNotLearnt(t *testing.T) {
+	tok, _ := newToken(t, 2)
+	ctx := context.Background()
+	f := injectFaults(t, tok)
+	f.fail(pkcs11.CKR_TEMPLATE_INCONSISTENT, 1, "GenerateKey")
+	if _, err := tok.GenerateVersion(ctx, AES256, randomID(t), "cmk/faults/aes", 0); err != nil {
+		t.Fatalf("a passing template refusal of an AES key: %v", err)
+	}
+	f.fail(pkcs11.CKR_TEMPLATE_INCONSISTENT, 1, "GenerateKeyPair")
+	id := randomID(t)
+	if _, err := tok.GenerateVersion(ctx, ECDSAP256, id, "cmk/faults/ec", 0); err != nil {
+		t.Fatalf("a passing template refusal of an EC pair: %v", err)
+	}
+	if learnt := tok.pool.tokenState().pairTemplates.Load(); learnt != 0 {
+		t.Fatalf("a passing refusal was learnt as the token's need: %b", learnt)
+	}
+	objs, err := tok.ListObjects(ctx, "cmk/faults/ec")
+	if err != nil || len(objs) != 1 {
+		t.Fatalf("objects %v, %v", objs, err)
+	}
+	if u := strings.Join(objs[0].Usage, ","); u != "sign" {
+		t.Fatalf("the EC key's usage is %q, want sign only", u)
+	}
+}
+
+// The soak's first 10-minute run: a search found nothing, for several seconds, for a key pair made a moment earlier
+// and present on the token. A search that finds nothing is asked again on a re-initialised module before the
+// object is called missing, and at most once per pause per token, so that material really gone does not reset the
+// connection on every request.
+func TestUnseenObjectIsLookedForAgain(t *testing.T) {
+	tok, _ := newToken(t, 2)
+	ctx := context.Background()
+	id := newVersion(t, tok, 256)
+	f := injectFaults(t, tok)
+	gen := tok.mod.generation.Load()
+	tok.handles.clear()
+	f.hideFromSearches(1)
+	if _, _, err := tok.EncryptGCM(ctx, id, make([]byte, 12), nil, []byte("x")); err != nil {
+		t.Fatalf("an object the first search missed: %v", err)
+	}
+	if tok.mod.generation.Load() == gen {
+		t.Fatal("the module was not re-initialised before the object was looked for again")
+	}
+	if _, err := tok.DestroyKeys(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	gen = tok.mod.generation.Load()
+	for i := 0; i < 5; i++ {
+		if _, _, err := tok.EncryptGCM(ctx, id, make([]byte, 12), nil, []byte("x")); !errors.Is(err, ErrObjectNotFound) {
+			t.Fatalf("destroyed material: %v", err)
+		}
+	}
+	if g := tok.mod.generation.Load(); g > gen+1 {
+		t.Fatalf("%d re-initialisations for 5 requests on destroyed material", g-gen)
+	}
+}

@@ -1,6 +1,7 @@
 package hsm
 
 import (
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -132,10 +133,34 @@ func (t *Token) findKey(c pkcs11API, s session, kind keyKind, id []byte) (pkcs11
 		}
 		return 0, pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN)
 	}
-	if t.handles.noteMissing(k) {
-		t.log.Error("key object missing from the token: destroyed outside Vault?", "kind", kind.String(), "id", fmt.Sprintf("%x", id))
+	return 0, &unseenError{kind: kind, id: id, note: func() {
+		if t.handles.noteMissing(k) {
+			t.log.Error("key object missing from the token: destroyed outside Vault?", "kind", kind.String(), "id", fmt.Sprintf("%x", id))
+		}
+	}}
+}
+
+// unseenError is a search that found nothing: errUnseen until the object is looked for again (see classUnseen),
+// then ErrObjectNotFound.
+type unseenError struct {
+	kind keyKind
+	id   []byte
+	note func()
+}
+
+func (e *unseenError) Error() string {
+	return fmt.Sprintf("%s with CKA_ID %x not found by the search", e.kind, e.id)
+}
+func (e *unseenError) Is(target error) bool { return target == errUnseen }
+
+// unseenAsMissing turns a search that found nothing, after it was looked for again, into ErrObjectNotFound.
+func unseenAsMissing(err error) error {
+	var u *unseenError
+	if !errors.As(err, &u) {
+		return err
 	}
-	return 0, fmt.Errorf("%w: %s with CKA_ID %x", ErrObjectNotFound, kind, id)
+	u.note()
+	return fmt.Errorf("%w: %s with CKA_ID %x", ErrObjectNotFound, u.kind, u.id)
 }
 
 // loginLost reports whether session s is no longer logged in (its state is a public one).

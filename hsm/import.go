@@ -41,7 +41,7 @@ func (t *Token) GenerateWrappingKey(ctx context.Context, id []byte, label string
 		return pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, pubT, privT
 	}
 	var pub *rsa.PublicKey
-	err = t.generatePairWith(ctx, caps, "C_GenerateKeyPair wrapping key", id, templates, func(c pkcs11API, s session, pubH, privH pkcs11.ObjectHandle) error {
+	err = t.generatePairWith(ctx, caps, "C_GenerateKeyPair wrapping key", id, false, templates, func(c pkcs11API, s session, pubH, privH pkcs11.ObjectHandle) error {
 		t.handles.put(kindRSA, id, privH, s)
 		k, err := readPublicKey(c, s.h, pubH, RSA4096)
 		pub, _ = k.(*rsa.PublicKey)
@@ -119,6 +119,7 @@ func (t *Token) ImportVersion(ctx context.Context, r ImportRequest) (crypto.Publ
 		// Tokens differ on whether the template of an unwrapped EC key names its curve (NSS requires it, others take
 		// it from the PKCS#8 structure and some refuse it): without first, then with.
 		var target pkcs11.ObjectHandle
+		var firstErr error
 		for _, withCurve := range []bool{false, true} {
 			if withCurve && (kind != kindEC || !refusesTemplate(err)) {
 				break
@@ -127,6 +128,13 @@ func (t *Token) ImportVersion(ctx context.Context, r ImportRequest) (crypto.Publ
 			if err == nil {
 				break
 			}
+			if firstErr == nil {
+				firstErr = err
+			} else if refusesTemplate(err) {
+				// The curve in the template was refused too (SoftHSM: CKR_ATTRIBUTE_READ_ONLY): the first answer says
+				// more about the data.
+				err = firstErr
+			}
 		}
 		if err != nil {
 			if rv, ok := rvOf(err); ok && (rv == pkcs11.CKR_WRAPPED_KEY_INVALID || rv == pkcs11.CKR_WRAPPED_KEY_LEN_RANGE ||
@@ -134,7 +142,13 @@ func (t *Token) ImportVersion(ctx context.Context, r ImportRequest) (crypto.Publ
 				rv == pkcs11.CKR_TEMPLATE_INCOMPLETE || rv == pkcs11.CKR_FUNCTION_FAILED) {
 				// SoftHSM 2.6 answers CKR_FUNCTION_FAILED both to a malformed PKCS#8 and to Ed25519 keys it cannot
 				// import; NSS 3.87 answers CKR_TEMPLATE_INCOMPLETE to every PKCS#8 EC key.
-				return fmt.Errorf("%w: the token could not unwrap the key as %s (wrong ephemeral key, corrupt data, wrong type, or a key type this token cannot import): %v", ErrInvalidArgument, r.Algorithm, err)
+				expected := ""
+				if kind != kindAES && kind != kindHMAC {
+					// What people most often send instead: an EC key in SEC1 form ("EC PRIVATE KEY"), an RSA key
+					// in PKCS#1 ("RSA PRIVATE KEY"). Transit takes PKCS#8 too.
+					expected = "; private keys are expected as PKCS#8 DER, as Transit expects them (an EC key in SEC1 form, 'EC PRIVATE KEY', or an RSA key in PKCS#1 form is converted with: openssl pkcs8 -topk8 -nocrypt -outform DER)"
+				}
+				return fmt.Errorf("%w: the token could not unwrap the key as %s (wrong ephemeral key, corrupt data, wrong type, or a key type this token cannot import): %v%s", ErrInvalidArgument, r.Algorithm, err, expected)
 			}
 			return err
 		}

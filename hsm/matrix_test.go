@@ -76,10 +76,11 @@ func TestEveryAlgorithmOnEveryToken(t *testing.T) {
 				t.Cleanup(func() { _, _ = tok.DestroyKeys(ctx, id) })
 				checkProtected(t, tok, label, alg)
 				useVersion(t, tok, caps, alg, id, pub)
+				adoption := checkFoundByLabel(t, tok, alg, id, label, hmacBytes, pub, true)
 				if n, err := tok.DestroyKeys(ctx, id); err != nil || n == 0 {
 					t.Fatalf("destroy: %d objects, %v", n, err)
 				}
-				record(tk.Kind, string(alg), "✓ "+operationsOf(alg, caps, tok))
+				record(tk.Kind, string(alg), "✓ "+operationsOf(alg, caps, tok)+"; "+adoption)
 				if objs, _ := tok.ListObjects(ctx, label); len(objs) != 0 {
 					t.Fatalf("%d objects left after destruction", len(objs))
 				}
@@ -113,6 +114,42 @@ func TestEveryAlgorithmOnEveryToken(t *testing.T) {
 	})
 }
 
+// checkFoundByLabel finds the version's material by its label, as the engine does when storage has lost the
+// version (a restore from an older snapshot), and checks the verdict: generated material is adoptable with the
+// public key it was made with, where the token marks the keys it generates CKA_LOCAL (probed), and on an
+// operator's word elsewhere; imported material only on an operator's word. It returns the matrix's note.
+func checkFoundByLabel(t *testing.T, tok *Token, alg Algorithm, id []byte, label string, hmacBytes int, pub crypto.PublicKey, generated bool) string {
+	t.Helper()
+	ctx := context.Background()
+	found, err := tok.FindVersion(ctx, alg, label, hmacBytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(found) != 1 || !bytes.Equal(found[0].ID, id) {
+		t.Fatalf("found by label %q: %d objects (%+v)", label, len(found), found)
+	}
+	caps, _ := tok.Capabilities(ctx)
+	auto, reason := found[0].Adoptable()
+	onWord, wordReason := found[0].AdoptableOnWord()
+	if want := generated && caps.LocalMarks() == "yes"; auto != want || !onWord {
+		t.Fatalf("adoptable %v (%s), on an operator's word %v (%s), for material generated=%v on a token marking CKA_LOCAL: %s",
+			auto, reason, onWord, wordReason, generated, caps.LocalMarks())
+	}
+	if pub != nil {
+		if eq, isEq := found[0].Public.(interface{ Equal(crypto.PublicKey) bool }); !isEq || !eq.Equal(pub) {
+			t.Fatalf("the public key read back for adoption differs from the one made")
+		}
+	}
+	switch {
+	case !generated:
+		t.Logf("imported material found by label; not adopted automatically: %s", reason)
+		return ""
+	case auto:
+		return "adoptable after a restore"
+	}
+	return "adopted after a restore on the engine's WAL or an operator's word (the token leaves CKA_LOCAL false)"
+}
+
 // checkProtected reads the version's objects back: on the token, private, sensitive since creation, never
 // extractable, and with the usage the engine grants (where the token reports it).
 func checkProtected(t *testing.T, tok *Token, label string, alg Algorithm) {
@@ -125,6 +162,12 @@ func checkProtected(t *testing.T, tok *Token, label string, alg Algorithm) {
 		t.Fatal("no object with the version's label")
 	}
 	for _, o := range objs {
+		if o.Class == "public_key" { // an Ed25519 version keeps its public half: it verifies and does nothing else
+			if u := strings.Join(o.Usage, ","); u != "verify" || o.Modifiable {
+				t.Errorf("%s (public half) has usage %q, modifiable %v; want verify only, not modifiable", o.Label, u, o.Modifiable)
+			}
+			continue
+		}
 		if !o.Token || !o.Private || !o.Sensitive || !o.AlwaysSensitive || o.Extractable || !o.NeverExtractable {
 			t.Errorf("%s is not protected as required: %+v", o.Label, o)
 		}
@@ -322,7 +365,8 @@ func TestImportOnEveryToken(t *testing.T) {
 					}
 					useVersion(t, tok, caps, c.alg, id, pub)
 				}
-				record(tk.Kind, row, "✓ unwrapped in the HSM")
+				checkFoundByLabel(t, tok, c.alg, id, "cmk/matrix/imported/"+string(c.alg), 64, pub, false)
+				record(tk.Kind, row, "✓ unwrapped in the HSM; after a restore adopted only on an operator's word")
 			})
 		}
 	})

@@ -231,6 +231,10 @@ type tokenState struct {
 	// pairTemplates is what the token was found to need in key-pair templates (pairTemplateOptions), learnt at
 	// the first key pair.
 	pairTemplates atomic.Uint32
+
+	// lookAgainAfter: when an object a search did not find may next be looked for after re-initialising the
+	// module (see classUnseen), in UnixNano.
+	lookAgainAfter atomic.Int64
 }
 
 func (m *module) token(serial string) *tokenState {

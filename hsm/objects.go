@@ -88,13 +88,20 @@ func (t *Token) ListObjects(ctx context.Context, labelPrefix string) ([]ObjectIn
 			return err
 		}
 		for _, h := range hs {
+			if labelPrefix != "" { // the label first: most of a shared token's objects are not asked for
+				a, err := c.GetAttributeValue(s.h, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
+				if err != nil {
+					return err
+				}
+				if !strings.HasPrefix(string(a[0].Value), labelPrefix) {
+					continue
+				}
+			}
 			info, err := objectInfo(c, s.h, h)
 			if err != nil {
 				return err
 			}
-			if strings.HasPrefix(info.Label, labelPrefix) {
-				out = append(out, info)
-			}
+			out = append(out, info)
 		}
 		return nil
 	})

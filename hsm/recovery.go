@@ -20,7 +20,18 @@ const (
 	classDevice               // the module, slot or token went away: re-initialise with backoff
 	classStale                // the session belongs to a finished connection: the call was not made
 	classAmbiguous            // a verdict the token also gives for faults: ask once more on another session
+	classUnseen               // a search found nothing for an object the caller knows: look again on a fresh module
 )
+
+// errUnseen: a search for a version's object found nothing. SoftHSM's file store has been seen (under the soak's
+// heavy parallel object writes and re-initialisations) to answer a search with nothing for an object it holds; a
+// re-initialised module reads the token afresh. So the object is looked for once more that way, at most every
+// lookAgainPause per token, before it is called missing.
+var errUnseen = errors.New("object not seen by the token's search")
+
+// lookAgainPause bounds how often a search that found nothing re-initialises the module, so that a version whose
+// material really is gone (destroyed outside Vault) cannot make every request reset the token's connection.
+const lookAgainPause = 5 * time.Second
 
 func rvOf(err error) (uint, bool) {
 	var e pkcs11.Error
@@ -36,6 +47,8 @@ func classify(err error) errorClass {
 		return classStale
 	case errors.Is(err, errAmbiguousVerdict):
 		return classAmbiguous
+	case errors.Is(err, errUnseen):
+		return classUnseen
 	}
 	rv, ok := rvOf(err)
 	if !ok {
@@ -87,7 +100,7 @@ func (t *Token) do(ctx context.Context, op string, fn func(c pkcs11API, s sessio
 	defer func() { <-t.pool.slots }()
 
 	var last error
-	var recovered [classAmbiguous + 1]bool // each recovery at most once per call
+	var recovered [classUnseen + 1]bool // each recovery at most once per call
 	stale := 0
 	for {
 		if err := t.pool.ensure(); err != nil {
@@ -122,6 +135,16 @@ func (t *Token) do(ctx context.Context, op string, fn func(c pkcs11API, s sessio
 			t.pool.put(s)
 		case classDevice:
 			t.pool.markLost(s, true, err)
+		case classUnseen:
+			t.pool.put(s)
+			state := t.pool.tokenState()
+			now := time.Now()
+			if recovered[classUnseen] || state == nil || now.UnixNano() < state.lookAgainAfter.Load() {
+				return opError(op, unseenAsMissing(err))
+			}
+			state.lookAgainAfter.Store(now.Add(lookAgainPause).UnixNano())
+			t.log.Warn("a search found nothing for a key object; looking again on a re-initialised module", "op", op)
+			t.pool.reinitialize()
 		default:
 			t.pool.put(s)
 			if t.quirks().reinitAfterRefusal {
@@ -165,8 +188,8 @@ func (t *Token) loggedOut(s session) bool {
 }
 
 // doObjects is do for operations that create or destroy token objects. On tokens whose object store fails under
-// parallel writes they run one at a time per token, and CKR_GENERAL_ERROR, which SoftHSM's file store returns
-// now and then under load, is repeated: every such operation here is idempotent (creation keeps an object
+// parallel writes they run one at a time per token, and CKR_GENERAL_ERROR (or a template error), which SoftHSM's
+// file store returns now and then under load, is repeated: every such operation here is idempotent (creation keeps an object
 // already carrying its CKA_ID; destruction of what is gone succeeds). Waiting honours ctx.
 func (t *Token) doObjects(ctx context.Context, op string, fn func(c pkcs11API, s session) error) error {
 	state := t.pool.tokenState()
@@ -195,10 +218,13 @@ func (t *Token) doObjects(ctx context.Context, op string, fn func(c pkcs11API, s
 	}
 	var err error
 	for attempt := 1; ; attempt++ {
-		if err = t.do(ctx, op, fn); !isGeneralError(err) || attempt >= attempts {
+		// SoftHSM's file store also answers, now and then under parallel writes, a template error to a template it
+		// takes every other time (CKR_TEMPLATE_INCONSISTENT to the AES template of every version, twice in a
+		// 10-minute soak): repeated like CKR_GENERAL_ERROR. A template it really refuses fails every attempt.
+		if err = t.do(ctx, op, fn); !(isGeneralError(err) || (q.retryGeneralError && refusesTemplate(err))) || attempt >= attempts {
 			return err
 		}
-		t.log.Warn("token object operation failed with CKR_GENERAL_ERROR; repeating it", "op", op, "attempt", attempt)
+		t.log.Warn("token object operation failed with an error the module gives to passing faults; repeating it", "op", op, "attempt", attempt, "error", err)
 		select {
 		case <-ctx.Done():
 			return err

@@ -223,7 +223,11 @@ func ecKeyTemplates(o templateOptions, params []byte, id []byte, label string) (
 }
 
 func ed25519KeyTemplates(o templateOptions, id []byte, label string) (pub, priv []*pkcs11.Attribute) {
-	pub = publicKeyTemplate(o, ckkECEdwards, id, pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, oidEd25519DER))
+	// The public half stays on the token (see generatePair): it verifies, and nothing else, and is never changed.
+	pub = publicKeyTemplate(o, ckkECEdwards, id, pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, oidEd25519DER),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label+"/public"), pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, false),
+		pkcs11.NewAttribute(pkcs11.CKA_WRAP, false), pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, false))
 	priv = protectedPrivateKey(o, ckkECEdwards, id, label, ecUsage, []uint{ckmEdDSA})
 	return pub, priv
 }

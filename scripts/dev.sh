@@ -55,6 +55,7 @@ vault write -f cmk/keys/demo >/dev/null
 cat > "$DEV/env" <<ENV
 export VAULT_ADDR=$VAULT_ADDR
 export VAULT_TOKEN=$ROOT_TOKEN
+export SOFTHSM2_CONF=$SOFTHSM2_CONF
 export PATH="$(dirname "$VAULT_BIN"):\$PATH"
 ENV
 
@@ -64,18 +65,18 @@ Vault $VAULT_VERSION dev server with the cmk engine at cmk/, on SoftHSM token "$
 In another terminal:
 
     source .dev/env        # or:
-    export VAULT_ADDR=$VAULT_ADDR VAULT_TOKEN=$ROOT_TOKEN
+    export VAULT_ADDR=$VAULT_ADDR VAULT_TOKEN=$ROOT_TOKEN SOFTHSM2_CONF=$SOFTHSM2_CONF
     export PATH="$(dirname "$VAULT_BIN"):\$PATH"
 
 Then, for example:
 
     vault read cmk/config/hsm
     vault read cmk/keys/demo
-    vault write cmk/encrypt/demo plaintext=\$(echo -n "hello" | base64)
-    vault write cmk/decrypt/demo ciphertext=vault:v1:...
+    CT=\$(vault write -field=ciphertext cmk/encrypt/demo plaintext=\$(echo -n "hello" | base64))
+    vault write -field=plaintext cmk/decrypt/demo ciphertext="\$CT" | base64 -d; echo
     vault write -f cmk/keys/demo/rotate
-    pkcs11-tool --module $CMK_PKCS11_LIBRARY --token-label $TOKEN_LABEL --login --pin $PIN --list-objects   # with SOFTHSM2_CONF=$SOFTHSM2_CONF
+    pkcs11-tool --module $CMK_PKCS11_LIBRARY --token-label $TOKEN_LABEL --login --pin $PIN --list-objects
 
-Server log: .dev/vault.log. Press Ctrl-C to stop the server.
+Server log: .dev/vault.log. Ctrl-C stops the server, as does SIGINT or SIGTERM to this script (pid $$).
 MSG
 wait "$VAULT_PID"

@@ -74,17 +74,21 @@ func TestLeastPrivilegePolicies(t *testing.T) {
 			{"data key", "/datakey/plaintext/app", nil, 403},
 			{"reconfigure the HSM", "/config/hsm", map[string]interface{}{"pin": "x"}, 403},
 			{"change the mount's key defaults (deletion grace period)", "/config/keys", map[string]interface{}{"deletion_grace_period": 0}, 403},
+			{"adopt what a storage restore lost, key by key", "/keys/app/reconcile", map[string]interface{}{"adopt": true}, 0},
 		},
 		"cmk-mount-admin.hcl": {
 			{"change the deletion grace period", "/config/keys", map[string]interface{}{"deletion_grace_period": "168h"}, 0},
 			{"rotate", "/keys/app/rotate", nil, 403},
 			{"create a key", "/keys/mount-admin-made", nil, 403},
 			{"encrypt", "/encrypt/app", pt, 403},
+			{"reconcile the mount and adopt", "/reconcile", map[string]interface{}{"adopt": true}, 0},
 		},
 		"cmk-auditor.hcl": {
 			{"rotate", "/keys/app/rotate", nil, 403},
 			{"encrypt", "/encrypt/app", pt, 403},
 			{"decrypt", "/decrypt/app", appCT, 403},
+			{"adopt", "/keys/app/reconcile", map[string]interface{}{"adopt": true}, 403},
+			{"adopt mount-wide", "/reconcile", map[string]interface{}{"adopt": true}, 403},
 		},
 	}
 	for file, calls := range cases {
@@ -105,6 +109,9 @@ func TestLeastPrivilegePolicies(t *testing.T) {
 	}
 	if s, err := auditor.Logical().Read(m.Path + "/config/hsm"); err != nil || s.Data["connected"] != true {
 		t.Fatalf("auditor reads the HSM state: %v", err)
+	}
+	if s, err := auditor.Logical().Read(m.Path + "/reconcile"); err != nil || s.Data["keys"] == nil {
+		t.Fatalf("auditor reads the reconciliation report: %v", err)
 	}
 	if _, err := auditor.Logical().List(m.Path + "/keys"); err != nil {
 		t.Fatalf("auditor lists keys: %v", err)

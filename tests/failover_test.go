@@ -1,27 +1,13 @@
 package tests
 
 import (
-	"encoding/json"
 	"fmt"
 	"math/rand"
-	"os"
-	"os/exec"
-	"path/filepath"
-	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/hashicorp/vault/api"
 )
-
-// clusterNode is one line of the nodes file scripts/cluster.sh writes.
-type clusterNode struct {
-	name, addr string
-	pid        int
-	client     *api.Client
-}
 
 // TestRaftFailover runs a three-node Vault cluster with integrated storage, built by scripts/cluster.sh (as an
 // operator would), every node's plugin on one shared SoftHSM token. Under encryption and rotation load the active
@@ -29,49 +15,7 @@ type clusterNode struct {
 // contiguous, and a rotation scheduled for after the failover happens exactly once.
 func TestRaftFailover(t *testing.T) {
 	t.Parallel()
-	dir := filepath.Join(t.TempDir(), "cluster")
-	script, err := filepath.Abs("../scripts/cluster.sh")
-	if err != nil {
-		t.Fatal(err)
-	}
-	runScript := func(args ...string) {
-		cmd := exec.Command(script, args...)
-		cmd.Env = append(os.Environ(), "CMK_E2E_VAULT="+vaultBin, "CMK_E2E_PLUGIN="+pluginBin, "VAULT_ADDR=", "VAULT_TOKEN=")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("cluster.sh %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-	}
-	runScript("start", dir)
-	t.Cleanup(func() { runScript("stop", dir) })
-
-	var init struct {
-		RootToken string `json:"root_token"`
-	}
-	raw, err := os.ReadFile(filepath.Join(dir, "init.json"))
-	if err != nil || json.Unmarshal(raw, &init) != nil {
-		t.Fatalf("init.json: %v", err)
-	}
-	nodesFile, err := os.ReadFile(filepath.Join(dir, "nodes"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var nodes []*clusterNode
-	for _, line := range strings.Split(strings.TrimSpace(string(nodesFile)), "\n") {
-		n := &clusterNode{}
-		if _, err := fmt.Sscan(line, &n.name, &n.addr, &n.pid); err != nil {
-			t.Fatalf("nodes line %q: %v", line, err)
-		}
-		cfg := api.DefaultConfig()
-		cfg.Address, cfg.MaxRetries, cfg.Timeout = n.addr, 0, 20*time.Second
-		if n.client, err = api.NewClient(cfg); err != nil {
-			t.Fatal(err)
-		}
-		n.client.SetToken(init.RootToken)
-		nodes = append(nodes, n)
-	}
-	if len(nodes) != 3 {
-		t.Fatalf("%d nodes", len(nodes))
-	}
+	nodes, _ := startCluster(t, 3)
 	active := activeNode(t, nodes, nil)
 	c := active.client
 	mustWrite(t, c, "cmk/keys/k", nil)
@@ -196,38 +140,5 @@ func TestRaftFailover(t *testing.T) {
 	}
 	if scheduled != 1 {
 		t.Fatalf("%d scheduled rotations in the history, want 1: %v", scheduled, h.Data["events"])
-	}
-}
-
-// activeNode waits (up to a minute) for a node other than skip to report itself the active one.
-func activeNode(t *testing.T, nodes []*clusterNode, skip *clusterNode) *clusterNode {
-	t.Helper()
-	deadline := time.Now().Add(time.Minute)
-	for time.Now().Before(deadline) {
-		for _, n := range nodes {
-			if n == skip {
-				continue
-			}
-			if l, err := n.client.Sys().Leader(); err == nil && l.IsSelf {
-				if h, err := n.client.Sys().Health(); err == nil && !h.Sealed && !h.Standby {
-					return n
-				}
-			}
-		}
-		time.Sleep(250 * time.Millisecond)
-	}
-	t.Fatal("no active node within a minute")
-	return nil
-}
-
-// waitExit waits for a process this test signalled to end.
-func waitExit(t *testing.T, pid int) {
-	t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
-	for syscall.Kill(pid, 0) == nil {
-		if time.Now().After(deadline) {
-			t.Fatalf("pid %d still running a minute after SIGTERM", pid)
-		}
-		time.Sleep(200 * time.Millisecond)
 	}
 }

@@ -1,4 +1,5 @@
-# An auditor: reads key settings, versions and HSM metadata and the HSM connection state; changes and uses nothing.
+# An auditor: reads key settings, versions, history and HSM metadata, the HSM connection state, and how storage
+# and the token differ (reconcile, read-only); changes and uses nothing.
 path "cmk/keys" {
   capabilities = ["list"]
 }
@@ -8,5 +9,9 @@ path "cmk/keys/*" {
 }
 
 path "cmk/config/*" {
+  capabilities = ["read"]
+}
+
+path "cmk/reconcile" {
   capabilities = ["read"]
 }

@@ -71,11 +71,21 @@ type Version struct {
 	CreatedBy string    `json:"created_by,omitempty"`
 	// PublicKey of an asymmetric version as Transit shows it: PEM (PKIX) for RSA and ECDSA, base64 for Ed25519.
 	PublicKey string `json:"public_key,omitempty"`
-	// ImportMethod says how imported material reached the token (see BYOK); empty for generated versions.
+	// CertificateChain is the PEM chain an operator set for the version (keys/:name/set-certificate), leaf first;
+	// its leaf certifies the version's public key.
+	CertificateChain string `json:"certificate_chain,omitempty"`
+	// ImportMethod says how imported material reached the token (see BYOK); empty for generated versions;
+	// MethodPublicKeyOnly for a version that holds only a public key.
 	ImportMethod string `json:"import_method,omitempty"`
 	// HMACDeferred: the version's HMAC secret is not on the token yet; it is made on first use. False for versions
 	// created with one (hmac keys, imports, and every version made before secrets were deferred).
 	HMACDeferred bool `json:"hmac_deferred,omitempty"`
+	// AdoptedAt: the version's material was found on the token after storage had lost (or never stored) its
+	// metadata, and taken back as this version (see adopt.go).
+	AdoptedAt time.Time `json:"adopted_at,omitempty"`
+	// EncryptionsUnknown: how many encryptions the version made is unknown (adopted after a storage restore), so
+	// it makes no more: the GCM nonce limit could not be kept.
+	EncryptionsUnknown bool `json:"encryptions_unknown,omitempty"`
 	// State is disabled, destroy_scheduled or destroyed; empty otherwise.
 	State       string    `json:"state,omitempty"`
 	DestroyAt   time.Time `json:"destroy_at,omitempty"`
@@ -83,6 +93,20 @@ type Version struct {
 
 	pub crypto.PublicKey // PublicKey parsed, set when the version is loaded or created
 }
+
+// referenced reports whether a version of k has the HSM ID id.
+func (k *Key) referenced(id string) bool {
+	for _, v := range k.Versions {
+		if v.HSMID == id {
+			return true
+		}
+	}
+	return false
+}
+
+// PublicOnly: the version holds a public key and no material on the token (Transit's public-key import): it
+// verifies signatures (and RSA versions encrypt) until its private key is imported.
+func (v *Version) PublicOnly() bool { return v.HSMID == "" }
 
 // ID is the version's CKA_ID.
 func (v *Version) ID() []byte {
@@ -165,6 +189,14 @@ func (k *Key) DecryptionVersion(v int, what string) (*Version, error) {
 		return nil, Callerf("key version %d of key %q is %s", v, k.Name, s)
 	}
 	return k.Versions[v], nil
+}
+
+// Private checks that version n has its private half on the token, for an operation (op) that needs it.
+func (k *Key) Private(n int, op string) error {
+	if v := k.Versions[n]; v != nil && v.PublicOnly() {
+		return Callerf("version %d of key %q holds only a public key: it cannot %s until its private key is imported (import_version with version=%d)", n, k.Name, op, n)
+	}
+	return nil
 }
 
 // Usable reports why a key serves no operation, if it does not.

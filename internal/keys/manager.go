@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -19,12 +20,13 @@ import (
 )
 
 // HSM is what the model needs of the token: make a version's material, import it, give a version its HMAC
-// secret, destroy a version's objects. *hsm.Token is one.
+// secret, destroy a version's objects, find a version's material by its label. *hsm.Token is one.
 type HSM interface {
 	GenerateVersion(ctx context.Context, alg hsm.Algorithm, id []byte, label string, hmacBytes int) (crypto.PublicKey, error)
 	ImportVersion(ctx context.Context, r hsm.ImportRequest) (crypto.PublicKey, string, error)
 	EnsureHMACKey(ctx context.Context, id []byte, versionLabel string, hmacBytes int) error
 	DestroyKeys(ctx context.Context, id []byte) (int, error)
+	FindVersion(ctx context.Context, alg hsm.Algorithm, label string, hmacBytes int) ([]hsm.Found, error)
 }
 
 // WALKindVersion brackets the creation of a version's HSM objects until its metadata is stored.
@@ -32,9 +34,13 @@ const WALKindVersion = "hsm_key_version"
 
 // WALEntry names the objects a WAL entry brackets.
 type WALEntry struct {
-	Name    string `json:"name"`
-	Version int    `json:"version"`
-	HSMID   string `json:"hsm_id"`
+	Name      string `json:"name"`
+	Version   int    `json:"version"`
+	HSMID     string `json:"hsm_id"`
+	RequestID string `json:"request_id,omitempty"` // the request that made it, to recognise its retry
+	// Generated: the material is generated on the token by this engine (not imported). With the entry, it vouches
+	// for the material's origin where the token cannot (see adopt.go).
+	Generated bool `json:"generated,omitempty"`
 }
 
 // Manager holds a mount's keys: the lock of each, its cached snapshot, the schedule of what is due, and usage
@@ -45,9 +51,11 @@ type Manager struct {
 	token   func(context.Context, logical.Storage) (HSM, error)
 
 	locks []*locksutil.LockEntry
-	cache sync.Map // name → *Key, an immutable snapshot of what storage holds
+	cache snapshots // name → *Key, an immutable snapshot of what storage holds
 	sched schedule
 	usage usageTracker
+
+	absent sync.Map // name → absentMark: the token held no version after the latest (see Adopt)
 }
 
 // NewManager makes the manager of a mount's keys. token connects to the mount's HSM when a change needs it.
@@ -60,7 +68,7 @@ func (m *Manager) lock(name string) *locksutil.LockEntry { return locksutil.Lock
 // Get returns the key's current snapshot, nil if it does not exist. Once cached, no storage read happens.
 func (m *Manager) Get(ctx context.Context, s logical.Storage, name string) (*Key, error) {
 	if k, ok := m.cache.Load(name); ok {
-		return k.(*Key), nil
+		return k, nil
 	}
 	l := m.lock(name)
 	l.Lock()
@@ -70,7 +78,7 @@ func (m *Manager) Get(ctx context.Context, s logical.Storage, name string) (*Key
 
 func (m *Manager) getLocked(ctx context.Context, s logical.Storage, name string) (*Key, error) {
 	if k, ok := m.cache.Load(name); ok {
-		return k.(*Key), nil
+		return k, nil
 	}
 	k, err := load(ctx, s, name)
 	if err != nil || k == nil {
@@ -128,6 +136,10 @@ func (m *Manager) Update(ctx context.Context, s logical.Storage, name string, wh
 	l := m.lock(name)
 	l.Lock()
 	defer l.Unlock()
+	return m.updateLocked(ctx, s, name, who, change)
+}
+
+func (m *Manager) updateLocked(ctx context.Context, s logical.Storage, name string, who Actor, change func(tx *Tx) error) (*Key, error) {
 	cur, err := m.getLocked(ctx, s, name)
 	if err != nil {
 		return nil, err
@@ -155,10 +167,11 @@ func (m *Manager) Create(ctx context.Context, s logical.Storage, k *Key, who Act
 		k.NextRotation = k.CreatedAt.Add(k.AutoRotatePeriod)
 	}
 	key, err = m.commit(ctx, s, who, nil, k, func(tx *Tx) error {
-		if material == nil {
+		generated := material == nil
+		if generated {
 			material = tx.generated()
 		}
-		n, method, err := tx.AddVersion(material, "")
+		n, method, err := tx.AddVersion(material, "", generated)
 		if err != nil {
 			return err
 		}
@@ -270,6 +283,16 @@ func (tx *Tx) hsm() (HSM, error) {
 // and, for imports, how the material got there.
 type Material func(ctx context.Context, tok HSM, id []byte, label string) (crypto.PublicKey, string, error)
 
+// MethodPublicKeyOnly is the import method of a version that holds only a public key.
+const MethodPublicKeyOnly = "public-key-only"
+
+// PublicKeyOnly is the Material of a version that holds only pub: nothing goes to the token.
+func PublicKeyOnly(pub crypto.PublicKey) Material {
+	return func(context.Context, HSM, []byte, string) (crypto.PublicKey, string, error) {
+		return pub, MethodPublicKeyOnly, nil
+	}
+}
+
 // generated is the Material of a version generated in the HSM. Versions of all but hmac keys make their HMAC
 // secret on first use (EnsureHMACSecret): most keys are never used for one.
 func (tx *Tx) generated() Material {
@@ -285,21 +308,37 @@ func (tx *Tx) generated() Material {
 }
 
 // AddVersion puts the next version's material on the token, under a WAL entry written first, and makes it the
-// latest. requestID, when set, is remembered so that Vault's retry of the request adds no second version. It
-// returns the version's number and the import method (empty when generated).
-func (tx *Tx) AddVersion(material Material, requestID string) (int, string, error) {
+// latest. requestID, when set, is remembered so that Vault's retry of the request adds no second version;
+// generated says that material generates the key on the token (recorded in the WAL entry). It returns the
+// version's number and the import method (empty when generated).
+func (tx *Tx) AddVersion(material Material, requestID string, generated bool) (int, string, error) {
 	tok, err := tx.hsm()
 	if err != nil {
 		return 0, "", err
 	}
 	k := tx.Key
+	// Numbers whose material the token holds are adopted, never reused. One made by this very request (its
+	// earlier attempt ended before the version was stored: Vault retries a request the plugin died under) is
+	// the request's result.
+	adopted, err := tx.adoptPending(0, false)
+	if err != nil {
+		return 0, "", err
+	}
+	for n, madeBy := range adopted {
+		if tx.who.RequestID != "" && madeBy == tx.who.RequestID {
+			if requestID != "" {
+				k.LastRequestID = requestID
+			}
+			return n, "", nil
+		}
+	}
 	rawID := make([]byte, 16) // an identifier, not a secret: the standard library's RNG is fine here
 	if _, err := rand.Read(rawID); err != nil {
 		return 0, "", err
 	}
 	n := k.LatestVersion + 1
 	ver := &Version{HSMID: hex.EncodeToString(rawID), Label: versionLabel(tx.m.mountID, k.Name, n), CreatedAt: time.Now().UTC(), CreatedBy: tx.who.String()}
-	walID, err := framework.PutWAL(tx.ctx, tx.s, WALKindVersion, &WALEntry{Name: k.Name, Version: n, HSMID: ver.HSMID})
+	walID, err := framework.PutWAL(tx.ctx, tx.s, WALKindVersion, &WALEntry{Name: k.Name, Version: n, HSMID: ver.HSMID, RequestID: tx.who.RequestID, Generated: generated})
 	if err != nil {
 		return 0, "", fmt.Errorf("write WAL: %w", err)
 	}
@@ -309,6 +348,9 @@ func (tx *Tx) AddVersion(material Material, requestID string) (int, string, erro
 		return 0, "", fmt.Errorf("key %q version %d in the HSM: %w", k.Name, n, err)
 	}
 	tx.made, tx.wals = append(tx.made, rawID), append(tx.wals, walID)
+	if method == MethodPublicKeyOnly {
+		ver.HSMID, ver.Label = "", "" // nothing on the token
+	}
 	ver.ImportMethod = method
 	ver.HMACDeferred = method == "" && k.Type != TypeHMAC
 	if pub != nil {
@@ -344,7 +386,7 @@ func (tx *Tx) Rotate(cause string) error {
 	if err := k.canRotate(); err != nil {
 		return err
 	}
-	n, _, err := tx.AddVersion(tx.generated(), requestID)
+	n, _, err := tx.AddVersion(tx.generated(), requestID, true)
 	if err != nil {
 		return err
 	}
@@ -360,12 +402,14 @@ func (tx *Tx) DestroyVersion(n int, cause string) error {
 	if v == nil || v.State == StateDestroyed {
 		return nil
 	}
-	tok, err := tx.hsm()
-	if err != nil {
-		return err
-	}
-	if _, err := tok.DestroyKeys(tx.ctx, v.ID()); err != nil {
-		return fmt.Errorf("destroy key %q version %d: %w", k.Name, n, err)
+	if !v.PublicOnly() {
+		tok, err := tx.hsm()
+		if err != nil {
+			return err
+		}
+		if _, err := tok.DestroyKeys(tx.ctx, v.ID()); err != nil {
+			return fmt.Errorf("destroy key %q version %d: %w", k.Name, n, err)
+		}
 	}
 	k.markDestroyed(n, time.Now())
 	tx.Changed(n)
@@ -391,7 +435,7 @@ func (tx *Tx) DeleteKey(cause string) error {
 		return err
 	}
 	for n, v := range k.Versions {
-		if v.State == StateDestroyed {
+		if v.State == StateDestroyed || v.PublicOnly() {
 			continue
 		}
 		if _, err := tok.DestroyKeys(tx.ctx, v.ID()); err != nil {
@@ -511,8 +555,10 @@ func (tx *Tx) Trim(minAvail int) error {
 	return nil
 }
 
-// ImportVersion adds an imported version to an imported key; Vault's retry of the same request adds nothing.
-func (tx *Tx) ImportVersion(material Material) error {
+// ImportVersion adds an imported version to an imported key; Vault's retry of the same request adds nothing. A
+// private key (publicOnly false) for version (or, when version is 0, for a latest version that holds only a
+// public key) is imported into that version instead, as Transit's import_version does.
+func (tx *Tx) ImportVersion(material Material, publicOnly bool, version int) error {
 	k := tx.Key
 	if tx.who.RequestID != "" && k.LastRequestID == tx.who.RequestID {
 		return nil
@@ -523,11 +569,87 @@ func (tx *Tx) ImportVersion(material Material) error {
 	if err := k.Usable(); err != nil {
 		return err
 	}
-	n, method, err := tx.AddVersion(material, tx.who.RequestID)
+	switch {
+	case publicOnly && version != 0:
+		return Callerf("version names a public-key-only version whose private key to import; a public_key import always adds a version")
+	case !publicOnly && version == 0 && k.Versions[k.LatestVersion] != nil && k.Versions[k.LatestVersion].PublicOnly():
+		version = k.LatestVersion
+	}
+	if version != 0 {
+		return tx.importPrivate(version, material)
+	}
+	n, method, err := tx.AddVersion(material, tx.who.RequestID, false)
 	if err != nil {
 		return err
 	}
 	tx.Record("version_imported", n, "", "import_method "+method)
+	return nil
+}
+
+// importPrivate puts the private key of public-key-only version n on the token, checked against its public key.
+func (tx *Tx) importPrivate(n int, material Material) error {
+	k := tx.Key
+	v := k.Versions[n]
+	switch {
+	case v == nil:
+		return Callerf("key %q has no version %d", k.Name, n)
+	case !v.PublicOnly():
+		return Callerf("version %d of key %q already holds its private key in the HSM; import_version without version adds a new version", n, k.Name)
+	case v.State == StateDestroyed:
+		return Callerf("version %d of key %q is destroyed", n, k.Name)
+	}
+	tok, err := tx.hsm()
+	if err != nil {
+		return err
+	}
+	label := versionLabel(tx.m.mountID, k.Name, n)
+	found, err := tok.FindVersion(tx.ctx, k.Type.Info().Alg, label, k.HMACKeyBytes())
+	if err != nil {
+		return err
+	}
+	if len(found) > 0 {
+		return &NumberTakenError{Key: k.Name, Version: n, Label: label, Reason: "material is already on the token under this version's label"}
+	}
+	rawID := make([]byte, 16)
+	if _, err := rand.Read(rawID); err != nil {
+		return err
+	}
+	walID, err := framework.PutWAL(tx.ctx, tx.s, WALKindVersion, &WALEntry{Name: k.Name, Version: n, HSMID: hex.EncodeToString(rawID), RequestID: tx.who.RequestID})
+	if err != nil {
+		return fmt.Errorf("write WAL: %w", err)
+	}
+	tx.made, tx.wals = append(tx.made, rawID), append(tx.wals, walID) // destroyed again if anything below fails
+	pub, method, err := material(tx.ctx, tok, rawID, label)
+	if err != nil {
+		return fmt.Errorf("key %q version %d in the HSM: %w", k.Name, n, err)
+	}
+	if eq, ok := pub.(interface{ Equal(crypto.PublicKey) bool }); !ok || !eq.Equal(v.pub) {
+		return Callerf("the imported private key does not match the public key of version %d of key %q", n, k.Name)
+	}
+	k.withVersion(n, func(x *Version) {
+		x.HSMID, x.Label, x.ImportMethod, x.HMACDeferred = hex.EncodeToString(rawID), label, method, false
+	})
+	if tx.who.RequestID != "" {
+		k.LastRequestID = tx.who.RequestID
+	}
+	tx.Changed(n)
+	tx.Record("private_key_imported", n, "", "import_method "+method)
+	return nil
+}
+
+// SetCertificateChain records the certificate chain of version n, whose leaf the caller has checked against the
+// version's public key.
+func (tx *Tx) SetCertificateChain(n int, chainPEM string, subject string) error {
+	k := tx.Key
+	if k.Versions[n] == nil {
+		return Callerf("key %q has no version %d", k.Name, n)
+	}
+	if s := k.VersionState(n); s != StateActive && s != StateDecryptOnly {
+		return Callerf("key version %d of key %q is %s", n, k.Name, s)
+	}
+	k.withVersion(n, func(v *Version) { v.CertificateChain = chainPEM })
+	tx.Changed(n)
+	tx.Record("certificate_chain_set", n, "", "leaf subject "+subject)
 	return nil
 }
 
@@ -541,6 +663,9 @@ func (tx *Tx) EnsureHMACSecret(n int) error {
 	}
 	if s := k.VersionState(n); s != StateActive && s != StateDecryptOnly {
 		return Callerf("key version %d of key %q is %s", n, k.Name, s)
+	}
+	if v.PublicOnly() {
+		return Callerf("version %d of key %q holds only a public key: it has no HMAC secret", n, k.Name)
 	}
 	if !v.HMACDeferred {
 		return nil // made meanwhile by another request
@@ -558,9 +683,11 @@ func (tx *Tx) EnsureHMACSecret(n int) error {
 	return nil
 }
 
-// RollbackVersion is the WAL rollback of a version's creation: it destroys the HSM objects of a version that storage
-// never came to reference, and nothing that storage references. It holds the key's lock throughout, so that it
-// never races a creation still in progress.
+// RollbackVersion is the WAL rollback of a version's creation, for a version that storage never came to
+// reference: the change that made its material ended first (the plugin died, storage failed), or storage was
+// restored from a snapshot taken meanwhile. Material the rule lets the engine adopt is adopted as that version
+// (after a restore it may already protect data); anything else is destroyed. Nothing storage references is
+// touched. It holds the key's lock throughout, so that it never races a change in progress.
 func (m *Manager) RollbackVersion(ctx context.Context, s logical.Storage, data interface{}) error {
 	raw, err := json.Marshal(data)
 	if err != nil {
@@ -577,20 +704,45 @@ func (m *Manager) RollbackVersion(ctx context.Context, s logical.Storage, data i
 	l := m.lock(w.Name)
 	l.Lock()
 	defer l.Unlock()
-	k, err := load(ctx, s, w.Name)
+	m.cache.Delete(w.Name) // storage first: a failed write may have stored what the cache does not show
+	k, err := m.getLocked(ctx, s, w.Name)
 	if err != nil {
 		return err
 	}
 	if k != nil {
-		for _, v := range k.Versions {
-			if v.HSMID == w.HSMID {
-				return nil
+		if k.referenced(w.HSMID) {
+			return nil
+		}
+		who := Actor{DisplayName: "cmk WAL rollback", RequestID: w.RequestID}
+		k, err = m.updateLocked(ctx, s, w.Name, who, func(tx *Tx) error {
+			_, err := tx.adoptPending(w.Version, false)
+			var taken *NumberTakenError
+			if errors.As(err, &taken) {
+				return nil // reported by reconcile; what is below is decided by the object alone
 			}
+			return err
+		})
+		if err != nil {
+			return err // the entry stays; the next rollback pass tries again
+		}
+		if k != nil && k.referenced(w.HSMID) {
+			return nil
 		}
 	}
 	tok, err := m.token(ctx, s)
 	if err != nil {
-		return err // the entry stays; the next rollback pass tries again
+		return err
+	}
+	if k != nil && w.Version > k.LatestVersion {
+		// Not adopted in a row after the latest; if it could be adopted on its own, it may hold data: leave it
+		// to the operator (reconcile reports it) rather than destroy it.
+		if found, err := tok.FindVersion(ctx, k.Type.Info().Alg, versionLabel(m.mountID, w.Name, w.Version), k.HMACKeyBytes()); err == nil {
+			if f, reason := adoptable(found, false); reason == "" && f.IDHex() == w.HSMID {
+				m.log.Warn("WAL rollback left material on the token that may protect data; keys/:name/reconcile reports it",
+					"key", w.Name, "version", w.Version)
+				return nil
+			}
+		}
 	}
 	n, err := tok.DestroyKeys(ctx, id)
 	if err != nil {

@@ -21,22 +21,33 @@ import (
 // fakeHSM keeps the objects the model asks for, by CKA_ID, in memory: enough to test the funnel's bookkeeping
 // without a token (the real tokens are tested in the hsm package and, through the backend, in the root package).
 type fakeHSM struct {
-	mu      sync.Mutex
-	objects map[string]bool
-	hmac    map[string]bool
+	mu       sync.Mutex
+	objects  map[string]bool
+	hmac     map[string]bool
+	labels   map[string]string // CKA_ID → CKA_LABEL
+	imported map[string]bool   // not generated on the token
+	finds    int               // FindVersion calls
+	noLocal  bool              // the token leaves CKA_LOCAL false on what it generates (NSS)
 }
 
-func newFakeHSM() *fakeHSM { return &fakeHSM{objects: map[string]bool{}, hmac: map[string]bool{}} }
+func newFakeHSM() *fakeHSM {
+	return &fakeHSM{objects: map[string]bool{}, hmac: map[string]bool{}, labels: map[string]string{}, imported: map[string]bool{}}
+}
 
-func (f *fakeHSM) GenerateVersion(_ context.Context, _ hsm.Algorithm, id []byte, _ string, _ int) (crypto.PublicKey, error) {
+func (f *fakeHSM) GenerateVersion(_ context.Context, _ hsm.Algorithm, id []byte, label string, _ int) (crypto.PublicKey, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.objects[hex.EncodeToString(id)] = true
+	f.labels[hex.EncodeToString(id)] = label
 	return nil, nil
 }
 
-func (f *fakeHSM) ImportVersion(context.Context, hsm.ImportRequest) (crypto.PublicKey, string, error) {
-	return nil, "", errors.New("not in these tests")
+func (f *fakeHSM) ImportVersion(_ context.Context, r hsm.ImportRequest) (crypto.PublicKey, string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	id := hex.EncodeToString(r.ID)
+	f.objects[id], f.labels[id], f.imported[id] = true, r.Label, true
+	return nil, "fake", nil
 }
 
 func (f *fakeHSM) EnsureHMACKey(_ context.Context, id []byte, _ string, _ int) error {
@@ -55,7 +66,39 @@ func (f *fakeHSM) DestroyKeys(_ context.Context, id []byte) (int, error) {
 	}
 	delete(f.objects, hex.EncodeToString(id))
 	delete(f.hmac, hex.EncodeToString(id))
+	delete(f.labels, hex.EncodeToString(id))
 	return n, nil
+}
+
+// FindVersion describes the objects labelled label as a real token would: generated ones are local and never
+// extractable, imported ones are not local.
+func (f *fakeHSM) FindVersion(_ context.Context, _ hsm.Algorithm, label string, _ int) ([]hsm.Found, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.finds++
+	var out []hsm.Found
+	for id, l := range f.labels {
+		if l != label {
+			continue
+		}
+		raw, _ := hex.DecodeString(id)
+		out = append(out, hsm.Found{ID: raw, Label: l, Class: "secret_key", KeyType: "aes", Local: !f.imported[id] && !f.noLocal, LocalReported: true,
+			TokenMarksLocal: !f.noLocal, Sensitive: true, NeverExtractable: true, HMACSecret: f.hmac[id]})
+	}
+	return out, nil
+}
+
+func (f *fakeHSM) ListObjects(_ context.Context, prefix string) ([]hsm.ObjectInfo, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []hsm.ObjectInfo
+	for id, l := range f.labels {
+		if strings.HasPrefix(l, prefix) {
+			raw, _ := hex.DecodeString(id)
+			out = append(out, hsm.ObjectInfo{ID: raw, Label: l, Class: "secret_key", KeyType: "aes", Token: true})
+		}
+	}
+	return out, nil
 }
 
 func (f *fakeHSM) has(id string) bool {

@@ -4,6 +4,7 @@ import (
 	"container/heap"
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
@@ -101,6 +102,9 @@ func (m *Manager) runDue(ctx context.Context, s logical.Storage, name string, no
 func (m *Manager) CountEncryption(ctx context.Context, s logical.Storage, k *Key, v int) (last bool, err error) {
 	if !k.Type.IsAES() {
 		return false, nil // the GCM nonce limit is what is counted
+	}
+	if ver := k.Versions[v]; ver != nil && ver.EncryptionsUnknown {
+		return false, fmt.Errorf("%w: version %d was adopted after a storage restore and how many encryptions it made is unknown", ErrVersionExhausted, v)
 	}
 	c, err := m.usage.counter(ctx, s, k.Name, v)
 	if err != nil {

@@ -2,7 +2,9 @@ package keys
 
 import (
 	"crypto"
+	"crypto/ecdsa"
 	"crypto/ed25519"
+	"crypto/rsa"
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/pem"
@@ -125,4 +127,31 @@ func parsePublicKey(t Type, s string) (crypto.PublicKey, error) {
 		return nil, fmt.Errorf("stored public key is not PEM")
 	}
 	return x509.ParsePKIXPublicKey(block.Bytes)
+}
+
+// ParsePublicKeyPEM reads a public key given for import (PEM, PKIX) and checks that it is one of type t.
+func ParsePublicKeyPEM(t Type, s string) (crypto.PublicKey, error) {
+	block, _ := pem.Decode([]byte(s))
+	if block == nil || block.Type != "PUBLIC KEY" {
+		return nil, fmt.Errorf("expected a PEM PUBLIC KEY block (PKIX, as openssl pkey -pubout writes)")
+	}
+	pub, err := x509.ParsePKIXPublicKey(block.Bytes)
+	if err != nil {
+		return nil, err
+	}
+	var got string
+	switch p := pub.(type) {
+	case *rsa.PublicKey:
+		got = fmt.Sprintf("rsa-%d", p.N.BitLen())
+	case *ecdsa.PublicKey:
+		got = "ecdsa-p" + strings.TrimPrefix(p.Curve.Params().Name, "P-")
+	case ed25519.PublicKey:
+		got = string(TypeEd25519)
+	default:
+		return nil, fmt.Errorf("unsupported public key %T", pub)
+	}
+	if got != string(t) {
+		return nil, fmt.Errorf("the key is %s, not %s", got, t)
+	}
+	return pub, nil
 }

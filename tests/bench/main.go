@@ -194,8 +194,8 @@ func main() {
 	}
 
 	// Latency with 10 keys and with many keys on the token (all warmed: handles cached).
-	few := latency(srv, "few", 10, msg)
-	many := latency(srv, "many", *manyKeys, msg)
+	few, _ := latency(srv, "few", 10, msg)
+	many, manyMount := latency(srv, "many", *manyKeys, msg)
 	w = alternate(many, few)
 	rows = append(rows, ratioRow(fmt.Sprintf("encrypt p50 latency, ms: %d keys", *manyKeys), w[0], "10 keys", w[1], p50, -1.25))
 	rows = append(rows, ratioRow(fmt.Sprintf("encrypt p99 latency, ms: %d keys", *manyKeys), w[0], "10 keys", w[1], p99, 0))
@@ -203,9 +203,19 @@ func main() {
 	// Memory: right after the load, and once the idle plugin has settled (Go collects at least every two
 	// minutes and returns freed pages in the background); beside it, a bare process holding the same token, which
 	// is SoftHSM's own share: a software token keeps every object in the process that uses it.
+	// Mount-wide reconcile: every object on the token and every key in storage, beside the raw listing of the same
+	// token's objects (their attributes) from a bare process: the HSM's own share of the cost.
+	t0 := time.Now()
+	rec, err := c.Logical().Read(manyMount.Path + "/reconcile")
+	check(err)
+	reconcile := time.Since(t0)
+	_, rawList := tokenRSS(env, manyMount.Label, manyMount.PIN)
+	rows = append(rows, row{name: fmt.Sprintf("mount-wide reconcile, s (%d keys, %v objects)", *manyKeys, rec.Data["objects"]),
+		ours: fmt.Sprintf("%.1f", reconcile.Seconds()), ref: fmt.Sprintf("raw listing of the token's objects, bare process: %.1f", rawList.Seconds())})
+
 	rss := srv.PluginRSSMB()
 	heap, sys := pluginGoMemory()
-	tokenOnly := tokenRSS(env, cmk.Label, cmk.PIN)
+	tokenOnly, _ := tokenRSS(env, cmk.Label, cmk.PIN)
 	rows = append(rows, row{name: fmt.Sprintf("plugin RSS right after the load, MB (%d keys)", *manyKeys+20), ours: fmt.Sprintf("%.0f", rss),
 		ref: fmt.Sprintf("bare process holding the same token: %.0f; plugin Go heap in use %.0f, Go runtime total %.0f", tokenOnly, heap, sys)})
 	settled := rss
@@ -277,11 +287,9 @@ func load(srv *vaulttest.Server, clients int, fn func(*api.Client) error) result
 	return r
 }
 
-// latency creates n keys on a mount of their own, uses each once (so every handle is cached, as in steady
-// state), then measures single encrypts on random keys from 4 clients.
 // latency creates n keys on a mount of their own, uses each once, and returns a measurement window of encryptions
 // spread over all of them.
-func latency(srv *vaulttest.Server, name string, n int, msg string) func() result {
+func latency(srv *vaulttest.Server, name string, n int, msg string) (func() result, vaulttest.Mount) {
 	m, err := srv.NewMount("lat" + name)
 	check(err)
 	c := srv.Client
@@ -315,7 +323,7 @@ func latency(srv *vaulttest.Server, name string, n int, msg string) func() resul
 		i := next.Add(7919) % uint64(n)
 		_, err := cl.Logical().Write(m.Path+"/encrypt/"+names[i], map[string]interface{}{"plaintext": msg})
 		return err
-	})
+	}), m
 }
 
 // window is one measurement window of load, to be taken in turn with others by alternate.
@@ -450,17 +458,17 @@ Reproduce: `+"`make bench`"+` (add `+"`BENCH_FLAGS=-duration=10s`"+` for longer 
 // endpoint, to tell the Go side from the PKCS#11 library's (SoftHSM keeps every object in the plugin process).
 // tokenRSS runs this program again as a bare process that opens the token, reads every object's attributes (so
 // SoftHSM holds them all, as in the plugin) and reports its own resident memory in MB.
-func tokenRSS(env *softhsmtest.Env, label, pin string) float64 {
+func tokenRSS(env *softhsmtest.Env, label, pin string) (float64, time.Duration) {
 	cmd := exec.Command(os.Args[0], "-token-rss", label)
 	cmd.Env = append(os.Environ(), "SOFTHSM2_CONF="+env.Conf, "CMK_BENCH_TOKEN_PIN="+pin)
 	out, err := cmd.Output()
 	if err != nil {
 		log.Printf("bare token process: %v", err)
-		return 0
+		return 0, 0
 	}
-	var mb float64
-	_, _ = fmt.Sscan(string(out), &mb)
-	return mb
+	var mb, seconds float64
+	_, _ = fmt.Sscan(string(out), &mb, &seconds)
+	return mb, time.Duration(seconds * float64(time.Second))
 }
 
 // holdTokenAndReportRSS is the bare process of tokenRSS.
@@ -468,10 +476,12 @@ func holdTokenAndReportRSS(label string) {
 	tok, err := hsm.Open(hsm.Config{Library: softhsmtest.Library(), TokenLabel: label, PIN: os.Getenv("CMK_BENCH_TOKEN_PIN"), PoolSize: 1}, nil)
 	check(err)
 	defer tok.Close()
+	t0 := time.Now()
 	objs, err := tok.ListObjects(context.Background(), "")
 	check(err)
+	listed := time.Since(t0)
 	log.Printf("bare process: %d objects on the token", len(objs))
-	fmt.Printf("%.1f\n", vaulttest.ProcessRSSMB(os.Getpid()))
+	fmt.Printf("%.1f %.3f\n", vaulttest.ProcessRSSMB(os.Getpid()), listed.Seconds())
 }
 
 func pluginGoMemory() (heapInuse, sys float64) {

@@ -1,0 +1,363 @@
+package hsm
+
+import (
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/rsa"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/miekg/pkcs11"
+)
+
+// Found is a key object the token holds under a version's label, and what decides whether the engine may take
+// it as that version without an operator's word. Storage restored from an older snapshot forgets versions whose
+// material is still on the token: finding them by label is how the engine serves them again instead of giving
+// their number to new material.
+type Found struct {
+	ID      []byte
+	Label   string
+	Class   string // secret_key or private_key
+	KeyType string
+
+	// What the token says of the object's origin. Reported is false when the token does not answer CKA_LOCAL;
+	// TokenMarksLocal is false when the token leaves CKA_LOCAL false even on keys it generated (probed), so that
+	// CKA_LOCAL tells nothing there.
+	Local            bool
+	LocalReported    bool
+	TokenMarksLocal  bool
+	Sensitive        bool
+	Extractable      bool
+	NeverExtractable bool
+
+	// Mismatch says how the object differs from the algorithm looked for (another key type or size); empty if it
+	// is one.
+	Mismatch string
+	// SizeUnknown: the token does not report the secret key's size (SoftHSM, for unwrapped keys).
+	SizeUnknown bool
+	// Public is a key pair's public half, read from the token or recovered from it; PublicErr says why not.
+	Public    crypto.PublicKey
+	PublicErr string
+	// HMACSecret: the secret kept beside the version for HMAC is on the token as well.
+	HMACSecret bool
+	// Created is CKA_START_DATE where the token keeps one; zero otherwise.
+	Created time.Time
+}
+
+// Adoptable says whether the object may serve as the version it is labelled as, and if not, why. Only material
+// generated on the token that never left it qualifies: an imported object or one planted by someone who holds
+// the PIN is of unknown provenance, so it is reported and left to the operator.
+func (f Found) Adoptable() (bool, string) {
+	switch {
+	case !f.LocalReported:
+		return false, "the token does not report CKA_LOCAL for it, so it cannot be told from imported material"
+	case !f.TokenMarksLocal:
+		return false, "this token leaves CKA_LOCAL false even on the keys it generates (probed), so generated and imported material cannot be told apart"
+	case !f.Local:
+		return false, "it was not generated on the token (CKA_LOCAL is false): imported, or created outside the engine"
+	case !f.NeverExtractable:
+		return false, "its material was extractable once (CKA_NEVER_EXTRACTABLE is false)"
+	case f.SizeUnknown:
+		return false, "the token does not report its size (CKA_VALUE_LEN), so it cannot be checked against the key's type"
+	}
+	return f.AdoptableOnWord()
+}
+
+// AdoptableOnWord says whether the object may serve as its version on an operator's word that it is that
+// version's material, whatever its origin: it must be protected now (sensitive, not extractable; an imported
+// key was never "never extractable") and a key of the version's algorithm.
+func (f Found) AdoptableOnWord() (bool, string) {
+	switch {
+	case !f.Sensitive || f.Extractable:
+		return false, "its material can be read or extracted (CKA_SENSITIVE false or CKA_EXTRACTABLE true)"
+	case f.Mismatch != "":
+		return false, f.Mismatch
+	case f.Class == "private_key" && f.Public == nil:
+		return false, "its public key cannot be read or recovered from the token: " + f.PublicErr
+	}
+	return true, ""
+}
+
+// IDHex is the object's CKA_ID as storage records it.
+func (f Found) IDHex() string { return hex.EncodeToString(f.ID) }
+
+// FindVersion looks on the token for the main objects labelled label (a version's CKA_LABEL) and describes each
+// as a version of algorithm alg whose HMAC secret, if any, has hmacBytes. It finds nothing on a token that cannot
+// search by label (probed, see labelSearch); callers treat that as "nothing to adopt".
+func (t *Token) FindVersion(ctx context.Context, alg Algorithm, label string, hmacBytes int) ([]Found, error) {
+	if label == "" {
+		return nil, fmt.Errorf("%w: empty label", ErrInvalidArgument)
+	}
+	ok, err := t.labelSearch(ctx)
+	if err != nil || !ok {
+		return nil, err
+	}
+	marks, err := t.localMarks(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var out []Found
+	err = t.do(ctx, "find key version by label", func(c pkcs11API, s session) error {
+		out = out[:0]
+		hs, err := findObjects(c, s.h, []*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_LABEL, label), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 0)
+		if err != nil {
+			return err
+		}
+		for _, h := range hs {
+			f, keep, err := t.describe(c, s.h, h, alg, hmacBytes)
+			if err != nil {
+				return err
+			}
+			if keep {
+				f.Label, f.TokenMarksLocal = label, marks
+				out = append(out, f)
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
+// describe reads what decides adoption from object h; keep is false for objects that are not a version's main
+// object (a key pair's public half).
+func (t *Token) describe(c pkcs11API, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle, alg Algorithm, hmacBytes int) (Found, bool, error) {
+	a, err := c.GetAttributeValue(sh, h, []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, nil), pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_ID, nil),
+	})
+	if err != nil {
+		return Found{}, false, err
+	}
+	class, keyType := ulong(a[0].Value), ulong(a[1].Value)
+	if class != pkcs11.CKO_SECRET_KEY && class != pkcs11.CKO_PRIVATE_KEY {
+		return Found{}, false, nil
+	}
+	f := Found{ID: a[2].Value, Class: className(class), KeyType: keyTypeName(keyType)}
+	// Attributes a token may not know are read one at a time: one unknown type fails the whole call.
+	flag := func(attr uint) (bool, bool) {
+		v, err := c.GetAttributeValue(sh, h, []*pkcs11.Attribute{pkcs11.NewAttribute(attr, nil)})
+		if err != nil || len(v[0].Value) == 0 {
+			return false, false
+		}
+		return boolean(v[0].Value), true
+	}
+	f.Local, f.LocalReported = flag(pkcs11.CKA_LOCAL)
+	f.Sensitive, _ = flag(pkcs11.CKA_SENSITIVE)
+	f.Extractable, _ = flag(pkcs11.CKA_EXTRACTABLE)
+	f.NeverExtractable, _ = flag(pkcs11.CKA_NEVER_EXTRACTABLE)
+	if v, err := c.GetAttributeValue(sh, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_START_DATE, nil)}); err == nil {
+		if d, err := time.Parse("20060102", string(v[0].Value)); err == nil {
+			f.Created = d.UTC()
+		}
+	}
+
+	kind := alg.kind()
+	if class != kind.class() || keyType != kind.keyType() {
+		f.Mismatch = fmt.Sprintf("it is a %s of key type %s, not an %s", strings.ReplaceAll(f.Class, "_", " "), f.KeyType, kind)
+		return f, true, nil
+	}
+	switch kind {
+	case kindAES, kindHMAC:
+		want := hmacBytes
+		if kind == kindAES {
+			want = map[Algorithm]int{AES128: 16, AES256: 32}[alg]
+		}
+		v, err := c.GetAttributeValue(sh, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, nil)})
+		switch {
+		case err != nil || len(v[0].Value) == 0 || ulong(v[0].Value) == 0: // SoftHSM: 0 on unwrapped keys
+			f.SizeUnknown = true
+		case int(ulong(v[0].Value)) != want:
+			f.Mismatch = fmt.Sprintf("it is a %d-byte key; %s versions are %d bytes", ulong(v[0].Value), alg, want)
+		}
+	case kindRSA, kindEC, kindEd25519:
+		f.Public, err = t.versionPublicKey(c, sh, h, f.ID, alg)
+		if err != nil {
+			f.PublicErr = err.Error()
+			if errors.Is(err, ErrInvalidArgument) {
+				f.Mismatch = err.Error()
+			}
+		} else if rsaPub, ok := f.Public.(*rsa.PublicKey); ok && rsaPub.N.BitLen() != alg.rsaBits() {
+			f.Mismatch = fmt.Sprintf("it is a %d-bit RSA key; %s versions are %d bits", rsaPub.N.BitLen(), alg, alg.rsaBits())
+		}
+	}
+	if kind != kindHMAC {
+		hs, err := findObjects(c, sh, kindHMAC.searchTemplate(hmacSecretID(f.ID)), 1)
+		if err != nil {
+			return Found{}, false, err
+		}
+		f.HMACSecret = len(hs) > 0
+	}
+	return f, true, nil
+}
+
+// versionPublicKey finds the public half of private key h: from a public-key object with the same CKA_ID where
+// the token keeps one (tpm2-pkcs11), else from the private object's attributes, else (ECDSA) recovered from
+// signatures the key makes.
+func (t *Token) versionPublicKey(c pkcs11API, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle, id []byte, alg Algorithm) (crypto.PublicKey, error) {
+	kind := alg.kind()
+	pubs, err := findObjects(c, sh, []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY), pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, kind.keyType()),
+		pkcs11.NewAttribute(pkcs11.CKA_ID, id), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 1)
+	if err == nil && len(pubs) == 1 {
+		if pub, err := readPublicKey(c, sh, pubs[0], alg); err == nil {
+			return pub, nil
+		}
+	}
+	if kind == kindRSA {
+		return readPublicKey(c, sh, h, alg)
+	}
+	return t.importedCurvePublicKey(c, sh, h, alg)
+}
+
+// labelSearch reports whether C_FindObjects matches CKA_LABEL on this token, learnt once per token from an
+// object it holds: search by that object's label, and the object must be among the results. A token that holds
+// no labelled object has nothing to adopt either, and is asked again next time.
+func (t *Token) labelSearch(ctx context.Context) (bool, error) {
+	caps, err := t.Capabilities(ctx)
+	if err != nil {
+		return false, err
+	}
+	switch caps.labelSearch.Load() {
+	case labelSearchWorks:
+		return true, nil
+	case labelSearchFails:
+		return false, nil
+	}
+	verdict := int32(0)
+	err = t.do(ctx, "probe label search", func(c pkcs11API, s session) error {
+		hs, err := findObjects(c, s.h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 20)
+		if err != nil {
+			return err
+		}
+		for _, h := range hs {
+			a, err := c.GetAttributeValue(s.h, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
+			if err != nil || len(a[0].Value) == 0 {
+				continue
+			}
+			found, err := findObjects(c, s.h, []*pkcs11.Attribute{
+				pkcs11.NewAttribute(pkcs11.CKA_LABEL, a[0].Value), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 0)
+			if err != nil {
+				return err
+			}
+			verdict = labelSearchFails
+			for _, f := range found {
+				if f == h {
+					verdict = labelSearchWorks
+				}
+			}
+			return nil
+		}
+		return nil
+	})
+	if err != nil {
+		return false, err
+	}
+	if verdict == 0 {
+		return false, nil // nothing labelled on the token: nothing to find either
+	}
+	caps.labelSearch.Store(verdict)
+	if verdict == labelSearchFails {
+		t.log.Warn("the token does not find objects by CKA_LABEL: versions whose metadata a storage restore lost cannot be found and adopted; keys/:name/reconcile lists the token's objects instead")
+	}
+	return verdict == labelSearchWorks, nil
+}
+
+const (
+	labelSearchWorks int32 = 1
+	labelSearchFails int32 = 2
+)
+
+// localMarks reports whether the token sets CKA_LOCAL on the keys it generates, learnt once per token by
+// generating a throw-away key, reading it back and destroying it (NSS softokn 3.87 reads back false). Where it
+// does not, CKA_LOCAL cannot tell generated material from imported, and nothing is adopted without an operator.
+func (t *Token) localMarks(ctx context.Context) (bool, error) {
+	caps, err := t.Capabilities(ctx)
+	if err != nil {
+		return false, err
+	}
+	switch caps.localMarks.Load() {
+	case probeYes:
+		return true, nil
+	case probeNo:
+		return false, nil
+	}
+	var alg Algorithm
+	for _, a := range []Algorithm{AES256, HMACOnly, ECDSAP256, RSA2048} {
+		if ok, _ := caps.Serves(a); ok {
+			alg = a
+			break
+		}
+	}
+	if alg == "" {
+		return false, nil // the token makes no key the engine uses: nothing of ours to adopt either
+	}
+	id := make([]byte, 16)
+	if _, err := rand.Read(id); err != nil {
+		return false, err
+	}
+	hmacBytes := 0
+	if alg == HMACOnly {
+		hmacBytes = 32
+	}
+	if _, err := t.GenerateVersion(ctx, alg, id, "cmk-probe/local/"+hex.EncodeToString(id), hmacBytes); err != nil {
+		return false, fmt.Errorf("probe whether the token marks generated keys CKA_LOCAL: %w", err)
+	}
+	defer func() {
+		if _, err := t.DestroyKeys(ctx, id); err != nil {
+			t.log.Warn("could not destroy the CKA_LOCAL probe's key (label cmk-probe/local/…)", "error", err)
+		}
+	}()
+	local := false
+	err = t.do(ctx, "probe CKA_LOCAL", func(c pkcs11API, s session) error {
+		hs, err := findObjects(c, s.h, alg.kind().searchTemplate(id), 1)
+		if err != nil || len(hs) == 0 {
+			return err
+		}
+		a, err := c.GetAttributeValue(s.h, hs[0], []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LOCAL, nil)})
+		local = err == nil && boolean(a[0].Value)
+		return nil
+	})
+	if err != nil {
+		return false, err
+	}
+	verdict := probeNo
+	if local {
+		verdict = probeYes
+	} else {
+		t.log.Warn("the token leaves CKA_LOCAL false on keys it generates: versions a storage restore lost are adopted only on an operator's word (reconcile adopt_unverified)")
+	}
+	caps.localMarks.Store(verdict)
+	return local, nil
+}
+
+const (
+	probeYes int32 = 1
+	probeNo  int32 = 2
+)
+
+// LocalMarks reports what the CKA_LOCAL probe found: "yes", "no" or "not probed yet".
+func (c *Capabilities) LocalMarks() string {
+	switch c.localMarks.Load() {
+	case probeYes:
+		return "yes"
+	case probeNo:
+		return "no"
+	}
+	return "not probed yet"
+}
+
+// LabelSearch reports what the label-search probe found: "works", "fails" or "not probed yet".
+func (c *Capabilities) LabelSearch() string {
+	switch c.labelSearch.Load() {
+	case labelSearchWorks:
+		return "works"
+	case labelSearchFails:
+		return "fails"
+	}
+	return "not probed yet"
+}

@@ -1,0 +1,453 @@
+package keys
+
+import (
+	"context"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
+)
+
+// Adopt, never reuse. A version's material lives on the token, its metadata in Vault's storage. Storage restored
+// from an older snapshot forgets the versions made since, while their material, and the ciphertexts and
+// signatures clients hold, remain. Before a version number is given to new material, and when a request names a
+// version newer than storage knows, the token is searched for that version's object by its label; one generated
+// on the token and never extractable is taken back as that version ("adopted"), anything else is reported and
+// blocks the number. So no ciphertext issued before a restore is lost, and no number ever names two keys.
+
+// Adoption causes, as history records them.
+const (
+	CauseRestore     = "storage restore"
+	CauseInterrupted = "interrupted"
+	CauseOperator    = "operator"
+)
+
+// NumberTakenError: the token holds, under the label of the version number a change needs, material that may not
+// be adopted. Nothing may take the number until an operator decides (keys/:name/reconcile says what is there).
+type NumberTakenError struct {
+	Key     string
+	Version int
+	Label   string
+	Reason  string
+}
+
+func (e *NumberTakenError) Error() string {
+	return fmt.Sprintf("version %d of key %q cannot be created: the HSM token holds an object labelled %q that is not adopted as that version (%s); no other material may take its number. keys/%s/reconcile lists it; an operator who knows its origin removes it from the token",
+		e.Version, e.Key, e.Label, e.Reason, e.Key)
+}
+
+// adoptedWAL is the WAL entry, if any, of the change that made an adopted object: that change ended (the plugin
+// died, storage failed) before its metadata was stored.
+type adoptedWAL struct {
+	id    string
+	entry WALEntry
+}
+
+// adoptPending adopts, in order from the version after the latest, each version whose object the token holds and
+// the rule allows, up to through (0: as far as there are). It stops at the first number the token holds nothing
+// under; a number held by material that may not be adopted ends it with a NumberTakenError. It returns the numbers
+// adopted, with the request ID of the change that made each when a WAL entry names it.
+//
+// onWord: an operator has vouched for what the token holds under these labels, so material whose origin the
+// token cannot prove (imported, or on a token that does not mark generated keys) is adopted too, if it is still
+// protected and of the key's type.
+func (tx *Tx) adoptPending(through int, onWord bool) (map[int]string, error) {
+	k := tx.Key
+	alg := k.Type.Info().Alg
+	if alg == "" {
+		return nil, nil
+	}
+	tok, err := tx.hsm()
+	if err != nil {
+		return nil, err
+	}
+	var wals map[string]adoptedWAL // by HSM ID, read once if anything is found
+	adopted := map[int]string{}
+	for n := k.LatestVersion + 1; through <= 0 || n <= through; n++ {
+		label := versionLabel(tx.m.mountID, k.Name, n)
+		found, err := tok.FindVersion(tx.ctx, alg, label, k.HMACKeyBytes())
+		if err != nil {
+			return adopted, fmt.Errorf("look for version %d of key %q on the token: %w", n, k.Name, err)
+		}
+		if len(found) == 0 {
+			return adopted, nil
+		}
+		if wals == nil {
+			if wals, err = versionWALs(tx.ctx, tx.s); err != nil {
+				return adopted, err
+			}
+		}
+		f, reason := adoptable(found, onWord)
+		automatic, _ := f.Adoptable()
+		if reason != "" && len(found) == 1 && wals[found[0].IDHex()].vouchesFor(k.Name, n) {
+			// This engine's own WAL entry says it generated this material for this version: provenance the token
+			// itself may not give (NSS leaves CKA_LOCAL false). It must still be protected and of the key's type.
+			if ok, why := found[0].AdoptableOnWord(); ok {
+				f, reason, automatic = found[0], "", true
+			} else {
+				reason = why
+			}
+		}
+		if reason != "" {
+			return adopted, &NumberTakenError{Key: k.Name, Version: n, Label: label, Reason: reason}
+		}
+		w, made := wals[f.IDHex()]
+		if err := tx.adopt(n, f, w, made, !automatic); err != nil {
+			return adopted, err
+		}
+		adopted[n] = w.entry.RequestID
+	}
+	return adopted, nil
+}
+
+// adoptable picks the one object that may be adopted among those found under a version's label, or says why none.
+func adoptable(found []hsm.Found, onWord bool) (hsm.Found, string) {
+	if len(found) == 0 {
+		return hsm.Found{}, "the token holds nothing under that label"
+	}
+	if len(found) > 1 {
+		ids := make([]string, len(found))
+		for i, f := range found {
+			ids[i] = f.IDHex()
+		}
+		return hsm.Found{}, fmt.Sprintf("%d objects carry that label (CKA_IDs %s): which one ciphertexts name cannot be told", len(found), strings.Join(ids, ", "))
+	}
+	check := found[0].Adoptable
+	if onWord {
+		check = found[0].AdoptableOnWord
+	}
+	if ok, reason := check(); !ok {
+		return hsm.Found{}, reason
+	}
+	return found[0], ""
+}
+
+// adopt adds f as version n; onWord when only an operator's word vouches for it.
+func (tx *Tx) adopt(n int, f hsm.Found, w adoptedWAL, made, onWord bool) error {
+	k := tx.Key
+	now := time.Now().UTC()
+	ver := &Version{HSMID: f.IDHex(), Label: f.Label, CreatedAt: f.Created, AdoptedAt: now,
+		HMACDeferred: k.Type != TypeHMAC && !f.HMACSecret, EncryptionsUnknown: !made}
+	if ver.CreatedAt.IsZero() {
+		ver.CreatedAt = now // the token keeps no creation time: the adoption's is the earliest known
+	}
+	if f.Public != nil {
+		pem, err := FormatPublicKey(f.Public)
+		if err != nil {
+			return err
+		}
+		ver.PublicKey, ver.pub = pem, f.Public
+	}
+	k.addVersion(ver)
+	tx.Changed(n)
+	cause, details := CauseRestore, "adopted from the HSM after a storage restore: storage did not know this version, the token held its material (generated on the token, never extractable)"
+	if onWord {
+		_, why := f.Adoptable()
+		cause, details = CauseOperator, "adopted from the HSM on an operator's word (reconcile adopt_unverified), the token not showing it was generated there: "+why
+	} else if made {
+		cause = CauseInterrupted
+		details = "adopted from the HSM: made by a change that ended before its metadata was stored"
+		if w.entry.RequestID != "" {
+			details += " (request " + w.entry.RequestID + ")"
+		}
+		tx.wals = append(tx.wals, w.id) // deleted once stored; never in tx.made: adopted material is not undone
+	}
+	tx.Record("version_adopted", n, cause, details)
+	tx.m.log.Warn("key version adopted from the HSM", "key", k.Name, "version", n, "label", f.Label, "cause", cause)
+	return nil
+}
+
+// vouchesFor: the entry records material this engine generated for version n of key name.
+func (w adoptedWAL) vouchesFor(name string, n int) bool {
+	return w.id != "" && w.entry.Generated && w.entry.Name == name && w.entry.Version == n
+}
+
+// versionWALs reads the WAL entries of version creations, by the HSM ID they bracket.
+func versionWALs(ctx context.Context, s logical.Storage) (map[string]adoptedWAL, error) {
+	ids, err := framework.ListWAL(ctx, s)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]adoptedWAL{}
+	for _, id := range ids {
+		e, err := framework.GetWAL(ctx, s, id)
+		if err != nil || e == nil || e.Kind != WALKindVersion {
+			continue
+		}
+		raw, err := json.Marshal(e.Data)
+		if err != nil {
+			continue
+		}
+		var w WALEntry
+		if json.Unmarshal(raw, &w) == nil && w.HSMID != "" {
+			out[w.HSMID] = adoptedWAL{id: id, entry: w}
+		}
+	}
+	return out, nil
+}
+
+// Adopt takes into key name the versions after its latest that the token holds and the rule allows, up to
+// through (0: as many as there are in a row). It returns the key and the numbers adopted; a number the token
+// holds material under that may not be adopted is a NumberTakenError.
+//
+// A request naming a version that exists nowhere (a forged or corrupted ciphertext) costs one search of the
+// token per key and absentFor at most: the answer "nothing after version N" is remembered that long.
+func (m *Manager) Adopt(ctx context.Context, s logical.Storage, name string, through int, who Actor) (*Key, []int, error) {
+	return m.adopt(ctx, s, name, through, false, who)
+}
+
+func (m *Manager) adopt(ctx context.Context, s logical.Storage, name string, through int, onWord bool, who Actor) (*Key, []int, error) {
+	if k, err := m.Get(ctx, s, name); err == nil && k != nil && through > k.LatestVersion {
+		if a, ok := m.absent.Load(name); ok && a.(absentMark).latest == k.LatestVersion && time.Since(a.(absentMark).at) < absentFor {
+			return k, nil, nil
+		}
+	}
+	var numbers []int
+	k, err := m.Update(ctx, s, name, who, func(tx *Tx) error {
+		if through > 0 && through <= tx.Key.LatestVersion {
+			return nil
+		}
+		adopted, err := tx.adoptPending(through, onWord)
+		for n := range adopted {
+			numbers = append(numbers, n)
+		}
+		if err == nil && len(adopted) == 0 {
+			m.absent.Store(name, absentMark{latest: tx.Key.LatestVersion, at: time.Now()})
+		}
+		return err
+	})
+	sort.Ints(numbers)
+	return k, numbers, err
+}
+
+// absentMark remembers that the token held nothing after version latest of a key, at a time.
+type absentMark struct {
+	latest int
+	at     time.Time
+}
+
+// absentFor is how long "nothing after the latest version" is believed before the token is searched again.
+const absentFor = 2 * time.Second
+
+// Orphan is a token object under a key's labels that no stored version references.
+type Orphan struct {
+	Key       string `json:"key"`
+	Version   int    `json:"version"`
+	Label     string `json:"label"`
+	HSMID     string `json:"hsm_id"`
+	Class     string `json:"class"`
+	KeyType   string `json:"key_type,omitempty"`
+	Adoptable bool   `json:"adoptable"`
+	Reason    string `json:"reason,omitempty"` // why it is not adopted
+	// AdoptableByOperator: reconcile with adopt_unverified would adopt it (protected, of the key's type, in a row
+	// after the latest), though the token cannot show it was generated there.
+	AdoptableByOperator bool `json:"adoptable_by_operator"`
+}
+
+// Missing is a stored version whose material the token lacks.
+type Missing struct {
+	Key     string `json:"key"`
+	Version int    `json:"version"`
+	HSMID   string `json:"hsm_id"`
+	Label   string `json:"label"`
+}
+
+// Reconciliation compares storage with the token for a key, or a mount.
+type Reconciliation struct {
+	Keys         int       `json:"keys"`
+	Objects      int       `json:"objects"`
+	Unreferenced []Orphan  `json:"unreferenced_objects"`
+	Missing      []Missing `json:"missing_objects"`
+	Adopted      []Missing `json:"adopted"`
+}
+
+// Lister lists the token's objects by label prefix; *hsm.Token is one.
+type Lister interface {
+	ListObjects(ctx context.Context, labelPrefix string) ([]hsm.ObjectInfo, error)
+}
+
+// Reconcile compares what storage references with what the token holds under the mount's labels, for key name or
+// (name empty) every key. With adopt, it first adopts what the rule allows (keys storage knows, numbers after
+// their latest, in a row), and with onWord also what the token cannot show it generated; otherwise it changes
+// nothing.
+func (m *Manager) Reconcile(ctx context.Context, s logical.Storage, name string, adopt, onWord bool, who Actor) (*Reconciliation, error) {
+	tokAny, err := m.token(ctx, s)
+	if err != nil {
+		return nil, err
+	}
+	tok, ok := tokAny.(Lister)
+	if !ok {
+		return nil, fmt.Errorf("the token cannot list its objects")
+	}
+	prefix := "cmk/" + m.mountID + "/"
+	if name != "" {
+		prefix += name + "/"
+	}
+	names := []string{name}
+	if name == "" {
+		if names, err = List(ctx, s); err != nil {
+			return nil, err
+		}
+	}
+	r := &Reconciliation{Unreferenced: []Orphan{}, Missing: []Missing{}, Adopted: []Missing{}}
+	objects, err := tok.ListObjects(ctx, prefix)
+	if err != nil {
+		return nil, err
+	}
+	if adopt {
+		for _, n := range adoptionCandidates(objects, m.mountID) {
+			if name != "" && n != name {
+				continue
+			}
+			k, numbers, err := m.adopt(ctx, s, n, 0, onWord, who)
+			if err != nil && !errors.Is(err, ErrNotFound) {
+				return nil, fmt.Errorf("adopt versions of key %q: %w", n, err)
+			}
+			for _, v := range numbers {
+				ver := k.Versions[v]
+				r.Adopted = append(r.Adopted, Missing{Key: n, Version: v, HSMID: ver.HSMID, Label: ver.Label})
+			}
+		}
+	}
+	byID := map[string]bool{}   // versions with any object on the token
+	mainID := map[string]bool{} // versions whose main object (not an HMAC secret or public half) is there
+	for _, o := range objects {
+		id := strings.TrimSuffix(hex.EncodeToString(o.ID), hmacSuffixHex)
+		byID[id] = true
+		if o.Class != "public_key" && !strings.HasSuffix(o.Label, "/hmac") {
+			mainID[id] = true
+		}
+	}
+	referenced := map[string]bool{}
+	known := map[string]*Key{}
+	for _, n := range names {
+		k, err := m.Get(ctx, s, n)
+		if err != nil {
+			return nil, err
+		}
+		if k == nil {
+			if name != "" {
+				return nil, notFound(name)
+			}
+			continue
+		}
+		known[n] = k
+		r.Keys++
+		for v, ver := range k.Versions {
+			if ver.PublicOnly() {
+				continue // nothing on the token
+			}
+			referenced[ver.HSMID] = true
+			if ver.State != StateDestroyed && !mainID[ver.HSMID] && !(k.Type == TypeHMAC && byID[ver.HSMID]) {
+				r.Missing = append(r.Missing, Missing{Key: n, Version: v, HSMID: ver.HSMID, Label: ver.Label})
+			}
+		}
+	}
+	for _, o := range objects {
+		r.Objects++
+		id := strings.TrimSuffix(hex.EncodeToString(o.ID), hmacSuffixHex)
+		if referenced[id] {
+			continue
+		}
+		keyName, v, ok := parseVersionLabel(o.Label, m.mountID)
+		isMain := o.Class != "public_key" && !strings.HasSuffix(o.Label, "/hmac")
+		if !ok || (!isMain && mainID[id]) {
+			continue // the mount's wrapping key; a public half or HMAC secret is reported with its main object
+		}
+		orphan := Orphan{Key: keyName, Version: v, Label: o.Label, HSMID: hex.EncodeToString(o.ID), Class: o.Class, KeyType: o.KeyType}
+		orphan.Adoptable, orphan.AdoptableByOperator, orphan.Reason = m.judge(ctx, tokAny, known[keyName], v, o)
+		r.Unreferenced = append(r.Unreferenced, orphan)
+	}
+	sort.Slice(r.Missing, func(i, j int) bool {
+		return less(r.Missing[i].Key, r.Missing[i].Version, r.Missing[j].Key, r.Missing[j].Version)
+	})
+	sort.Slice(r.Unreferenced, func(i, j int) bool {
+		a, b := r.Unreferenced[i], r.Unreferenced[j]
+		if a.Key != b.Key || a.Version != b.Version {
+			return less(a.Key, a.Version, b.Key, b.Version)
+		}
+		return a.Label < b.Label
+	})
+	return r, nil
+}
+
+// hmacSuffixHex ends the CKA_ID of a version's HMAC secret (hex), after the version's own.
+var hmacSuffixHex = hex.EncodeToString([]byte("/hmac"))
+
+// judge says whether an unreferenced object would be adopted automatically, or on an operator's word, and if
+// not automatically, why.
+func (m *Manager) judge(ctx context.Context, tok HSM, k *Key, v int, o hsm.ObjectInfo) (auto, onWord bool, reason string) {
+	switch {
+	case k == nil:
+		return false, false, "storage holds no key of this name: only versions of known keys are adopted"
+	case strings.HasSuffix(o.Label, "/hmac"):
+		return false, false, "an HMAC secret whose version's main object is not referenced either"
+	case v <= k.LatestVersion:
+		return false, false, fmt.Sprintf("version %d is stored with other material: a number names one key only", v)
+	}
+	found, err := tok.FindVersion(ctx, k.Type.Info().Alg, o.Label, k.HMACKeyBytes())
+	if err != nil {
+		return false, false, "could not be examined: " + err.Error()
+	}
+	if len(found) == 0 {
+		return false, false, "the token does not find it by its label"
+	}
+	_, reason = adoptable(found, false)
+	_, wordReason := adoptable(found, true)
+	auto, onWord = reason == "", wordReason == ""
+	if !onWord {
+		reason = wordReason
+	}
+	if (auto || onWord) && v > k.LatestVersion+1 {
+		reason = strings.TrimPrefix(reason+"; ", "; ") + fmt.Sprintf("adopted only once the versions before it are: adoption takes numbers in a row after the latest (%d)", k.LatestVersion)
+	}
+	return auto, onWord, reason
+}
+
+// adoptionCandidates are the keys with an object labelled as a version: those adopt may take something for.
+func adoptionCandidates(objects []hsm.ObjectInfo, mountID string) []string {
+	seen := map[string]bool{}
+	var out []string
+	for _, o := range objects {
+		if n, _, ok := parseVersionLabel(o.Label, mountID); ok && !seen[n] {
+			seen[n] = true
+			out = append(out, n)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// parseVersionLabel reads the key name and version from a label made by versionLabel (or its HMAC secret's).
+func parseVersionLabel(label, mountID string) (string, int, bool) {
+	rest, ok := strings.CutPrefix(label, "cmk/"+mountID+"/")
+	if !ok {
+		return "", 0, false
+	}
+	rest = strings.TrimSuffix(rest, "/hmac")
+	i := strings.LastIndex(rest, "/v")
+	if i <= 0 {
+		return "", 0, false
+	}
+	v, err := strconv.Atoi(rest[i+2:])
+	if err != nil || v < 1 {
+		return "", 0, false
+	}
+	return rest[:i], v, true
+}
+
+func less(ka string, va int, kb string, vb int) bool {
+	if ka != kb {
+		return ka < kb
+	}
+	return va < vb
+}

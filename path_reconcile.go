@@ -1,0 +1,138 @@
+package cmk
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+const reconcileHelp = `Compares what Vault's storage references with what the HSM token holds under this mount's labels
+(cmk/<mount>/<key>/v<N>), for one key or the whole mount:
+
+  unreferenced_objects  token objects no stored version references, each with whether it may be adopted and,
+                        if not, why (imported or planted material, a number already stored, an unknown key)
+  missing_objects       stored versions whose material the token lacks (destroyed outside Vault, or the token
+                        is not the one the keys were made on)
+  adopted               versions adopted by this call (adopt=true)
+
+Storage restored from an older snapshot forgets versions made since; their material stays on the token. The
+engine adopts such a version by itself when a request names it or before a rotation would take its number. A
+version is adopted only if it was generated on the token and never extractable (CKA_LOCAL, CKA_SENSITIVE,
+CKA_NEVER_EXTRACTABLE; or the engine's own WAL entry says it generated it, where the token leaves CKA_LOCAL
+false), and only in a row after the key's latest. adopt_unverified adopts, on the operator's word, protected
+material whose origin the token cannot show (imported versions; NSS), recorded as such in the key's history.
+Reading, or writing without adopt, changes nothing. Nothing is ever destroyed here.
+
+The mount-wide form reads every object on the token and every key in storage: with many keys it takes time (see
+the README's backup and recovery section for a measurement).`
+
+func (b *backend) pathReconcile() []*framework.Path {
+	adopt := &framework.FieldSchema{
+		Type:        framework.TypeBool,
+		Default:     false,
+		Description: "Adopt the versions the rule allows (generated on the token, never extractable, in a row after the key's latest). Without it the call only reports.",
+	}
+	unverified := &framework.FieldSchema{
+		Type:    framework.TypeBool,
+		Default: false,
+		Description: "With adopt: also adopt material whose origin the token cannot show (imported, or on a token that leaves CKA_LOCAL false on the keys it generates, such as NSS), if it is sensitive, never extractable and of the key's type. " +
+			"Use it only for material you know is that version's (your own BYOK import, a key this engine generated): the key's history records it as adopted on your word.",
+	}
+	return []*framework.Path{
+		{
+			Pattern: "keys/" + framework.GenericNameRegex("name") + "/reconcile",
+			DisplayAttrs: &framework.DisplayAttributes{
+				OperationPrefix: "cmk",
+				OperationSuffix: "key-reconciliation",
+			},
+			Fields: map[string]*framework.FieldSchema{
+				"name":             {Type: framework.TypeString, Required: true, Description: "Name of the key."},
+				"adopt":            adopt,
+				"adopt_unverified": unverified,
+			},
+			Operations: map[logical.Operation]framework.OperationHandler{
+				logical.ReadOperation: &framework.PathOperation{
+					Callback:     b.pathReconcileRun,
+					Summary:      "Report how the key's stored versions and the token's objects differ.",
+					DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "read"},
+				},
+				logical.UpdateOperation: &framework.PathOperation{
+					Callback:     b.pathReconcileRun,
+					Summary:      "Report, and with adopt=true adopt what the rule allows.",
+					DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "reconcile"},
+				},
+			},
+			HelpSynopsis:    "Compare a key's stored versions with the HSM token's objects, and adopt versions a storage restore lost.",
+			HelpDescription: reconcileHelp,
+		},
+		{
+			Pattern: "reconcile",
+			DisplayAttrs: &framework.DisplayAttributes{
+				OperationPrefix: "cmk",
+				OperationSuffix: "mount-reconciliation",
+			},
+			Fields: map[string]*framework.FieldSchema{"adopt": adopt, "adopt_unverified": unverified},
+			Operations: map[logical.Operation]framework.OperationHandler{
+				logical.ReadOperation: &framework.PathOperation{
+					Callback:     b.pathReconcileRun,
+					Summary:      "Report how the mount's stored keys and the token's objects differ.",
+					DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "read"},
+				},
+				logical.UpdateOperation: &framework.PathOperation{
+					Callback:     b.pathReconcileRun,
+					Summary:      "Report for the whole mount, and with adopt=true adopt what the rule allows.",
+					DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "reconcile"},
+				},
+			},
+			HelpSynopsis:    "Compare every stored key with the HSM token's objects, and adopt versions a storage restore lost.",
+			HelpDescription: reconcileHelp,
+		},
+	}
+}
+
+func (b *backend) pathReconcileRun(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	if err := refuseUnknownFields(req, d); err != nil {
+		return respond(err)
+	}
+	name := ""
+	if _, ok := d.Schema["name"]; ok {
+		name = d.Get("name").(string)
+	}
+	adopt := req.Operation == logical.UpdateOperation && d.Get("adopt").(bool)
+	onWord := req.Operation == logical.UpdateOperation && d.Get("adopt_unverified").(bool)
+	if onWord && !adopt {
+		return respond(callerf("adopt_unverified goes with adopt=true"))
+	}
+	if _, _, err := b.getToken(ctx, req.Storage); err != nil {
+		return respond(err)
+	}
+	r, err := b.keys.Reconcile(ctx, req.Storage, name, adopt, onWord, actorOf(req))
+	if err != nil {
+		return respond(err)
+	}
+	var data map[string]interface{}
+	raw, err := json.Marshal(r)
+	if err != nil {
+		return nil, err
+	}
+	if err := json.Unmarshal(raw, &data); err != nil {
+		return nil, err
+	}
+	resp := &logical.Response{Data: data}
+	if len(r.Adopted) > 0 {
+		resp.AddWarning("versions adopted from the HSM; each key's history records it")
+	}
+	blocked := 0
+	for _, o := range r.Unreferenced {
+		if !o.Adoptable {
+			blocked++
+		}
+	}
+	if blocked > 0 {
+		resp.AddWarning(fmt.Sprintf("the token holds %d object(s) under this mount's labels that are not adopted; unreferenced_objects says why for each", blocked))
+	}
+	return resp, nil
+}
