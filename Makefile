@@ -7,8 +7,11 @@ FUZZTIME ?= 10s
 SOAK_DURATION ?= 10m
 SOAK_FAULT_RATE ?= 0.01
 SOAK_PLUGIN := .build/soak/vault-plugin-secrets-cmk
+# The version the plugin reports to Vault (VERSION file); registration under another -version is refused by Vault.
+VERSION := $(shell cat VERSION)
+VERSION_FLAG := -ldflags "-X github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk.Version=$(VERSION)"
 
-.PHONY: all help build deps vault dev test unit e2e fuzz bench bench-smoke reference soak soak-smoke soak-plugin cluster hsm-matrix lint fmt clean
+.PHONY: all help api-doc clients build deps vault dev test unit e2e fuzz bench bench-smoke reference soak soak-smoke soak-plugin cluster hsm-matrix lint fmt clean
 
 all: build
 
@@ -18,11 +21,16 @@ help:
 
 # The plugin binary, .build/plugins/vault-plugin-secrets-cmk.
 build:
-	$(GO) build -trimpath -o $(PLUGIN) ./cmd/vault-plugin-secrets-cmk
+	$(GO) build -trimpath $(VERSION_FLAG) -o $(PLUGIN) ./cmd/vault-plugin-secrets-cmk
 
 # Debian packages the tokens need (softhsm2, opensc, NSS, opencryptoki, tpm2-pkcs11 on swtpm), installed when missing.
 deps:
 	@scripts/install-deps.sh
+
+# Third-party Transit clients for the end-to-end suite (SOPS, go-kms-wrapping, vault-client-go, sigstore), built
+# from the pinned module scripts/clients into .build/clients, reused when present.
+clients:
+	@scripts/build-clients.sh
 
 # Vault v1.21.0 built from source, reused when present.
 vault:
@@ -46,8 +54,8 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzRequestData$$' -fuzztime $(FUZZTIME) .
 
 # The end-to-end suite against real Vault servers (dev, raft, a 3-node cluster) with the built plugin.
-e2e: deps build vault
-	CMK_E2E_VAULT=$(CURDIR)/$(VAULT) CMK_E2E_PLUGIN=$(CURDIR)/$(PLUGIN) \
+e2e: deps build vault clients
+	CMK_E2E_VAULT=$(CURDIR)/$(VAULT) CMK_E2E_PLUGIN=$(CURDIR)/$(PLUGIN) CMK_E2E_CLIENTS=$(CURDIR)/.build/clients \
 	  $(GO) test -race -count=1 -v -timeout 30m ./tests/ 2>&1 | scripts/test-summary.sh
 
 # HashiCorp's external KV plugin, built from the pinned Vault module: the benchmark's transport reference.
@@ -83,6 +91,10 @@ cluster: deps build vault
 # The HSM package's tests on every PKCS#11 implementation, writing their capability table into docs/HSMS.md.
 hsm-matrix: deps
 	@scripts/hsm-matrix.sh
+
+# docs/API.md written again from the paths' schemas and sample requests on a SoftHSM token (make test checks it).
+api-doc: deps
+	CMK_UPDATE_API_DOC=1 $(GO) test -count=1 -run '^TestAPIReference$$' .
 
 # gofmt, go vet and staticcheck, with and without -tags cmkfaults.
 lint:

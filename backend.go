@@ -29,6 +29,11 @@ const LibraryEnv = "CMK_PKCS11_LIBRARY"
 // operator at registration, like the library path; never from the API.
 const InitParamsEnv = "CMK_PKCS11_INIT_PARAMS"
 
+// Version is the plugin's version, reported to Vault (`vault plugin list`, a mount's running_plugin_version). A
+// release sets it at build time (make build: -ldflags "-X …cmk.Version=v…", from the VERSION file); a build
+// without it reports v0.0.0-dev.
+var Version = "v0.0.0-dev"
+
 // hsmToken is what the backend needs of the HSM: *hsm.Token, or a fault-injecting wrapper in unit tests.
 type hsmToken interface {
 	GenerateVersion(ctx context.Context, alg hsm.Algorithm, id []byte, label string, hmacBytes int) (crypto.PublicKey, error)
@@ -114,6 +119,8 @@ func newBackend(conf *logical.BackendConfig) *backend {
 	b.Backend = &framework.Backend{
 		Help:        backendHelp,
 		BackendType: logical.TypeLogical,
+		// The version the binary reports to Vault: registering it under another -version fails, as Vault checks.
+		RunningVersion: Version,
 		PathsSpecial: &logical.Paths{
 			// The PIN is kept in config/hsm: seal-wrap it where Vault offers seal wrapping.
 			SealWrapStorage: []string{"config/hsm"},

@@ -299,8 +299,6 @@ func (b *backend) pathConfigHSMRead(ctx context.Context, req *logical.Request, _
 	data["allowed_mechanisms_stored"] = caps.AllowedMechanisms
 	// Whether versions a storage restore lost can be found on the token by label and adopted (see reconcile).
 	data["label_search"] = caps.LabelSearch()
-	// Whether the token marks the keys it generates CKA_LOCAL, which automatic adoption relies on.
-	data["marks_generated_keys_local"] = caps.LocalMarks()
 	data["oaep_sha256"] = caps.OAEPSHA256
 	wrap := c.keyWrapMechanism()
 	if wrap == 0 {

@@ -423,7 +423,8 @@ func (b *backend) pathRefused() []*framework.Path {
 	}
 	return []*framework.Path{
 		{
-			Pattern: "backup/" + framework.GenericNameRegex("name"),
+			Pattern:      "backup/" + framework.GenericNameRegex("name"),
+			DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "back-up", OperationSuffix: "key"},
 			Fields: map[string]*framework.FieldSchema{
 				"name": {Type: framework.TypeString, Description: "Name of the key."},
 			},
@@ -432,7 +433,8 @@ func (b *backend) pathRefused() []*framework.Path {
 			HelpDescription: "Transit's backup returns the key's material in plaintext. Back up the HSM token with the HSM's own tools instead; this path fails with HTTP 400.",
 		},
 		{
-			Pattern: "restore" + framework.OptionalParamRegex("name"),
+			Pattern:      "restore" + framework.OptionalParamRegex("name"),
+			DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "restore", OperationSuffix: "key|and-rename-key"},
 			Fields: map[string]*framework.FieldSchema{
 				"name":   {Type: framework.TypeString, Description: "Name of the key."},
 				"backup": {Type: framework.TypeString, Description: "Transit backup data."},

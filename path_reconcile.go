@@ -38,7 +38,7 @@ func (b *backend) pathReconcile() []*framework.Path {
 	unverified := &framework.FieldSchema{
 		Type:    framework.TypeBool,
 		Default: false,
-		Description: "With adopt: also adopt material whose origin the token cannot show (imported, or on a token that leaves CKA_LOCAL false on the keys it generates, such as NSS), if it is sensitive, never extractable and of the key's type. " +
+		Description: "With adopt: also adopt material whose origin the token cannot show (imported, or on a token that leaves CKA_LOCAL false on the keys it generates, such as NSS), if it is sensitive, not extractable, and of the key's type. " +
 			"Use it only for material you know is that version's (your own BYOK import, a key this engine generated): the key's history records it as adopted on your word.",
 	}
 	return []*framework.Path{

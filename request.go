@@ -161,7 +161,15 @@ func (b *backend) adoptNamed(ctx context.Context, req *logical.Request, k *keys.
 	}
 	nk, adopted, err := b.keys.Adopt(ctx, req.Storage, k.Name, newest, actorOf(req))
 	if err != nil {
-		return nil, err
+		if len(items) == 1 {
+			return nil, err // the one item's answer: why its version cannot be served (409, 503)
+		}
+		// In a batch only the items naming versions after the latest fail (as unknown versions); the others
+		// are served.
+		b.logger.Warn("versions named by a batch could not be adopted from the HSM", "key", k.Name, "through", newest, "error", err)
+		if nk == nil {
+			return k, nil
+		}
 	}
 	if len(adopted) > 0 {
 		b.logger.Warn("versions adopted from the HSM: a request named them and storage did not know them (restored from an older snapshot?)",

@@ -3,7 +3,6 @@ package hsm
 import (
 	"context"
 	"crypto"
-	"crypto/rand"
 	"crypto/rsa"
 	"encoding/hex"
 	"errors"
@@ -24,15 +23,16 @@ type Found struct {
 	Class   string // secret_key or private_key
 	KeyType string
 
-	// What the token says of the object's origin. Reported is false when the token does not answer CKA_LOCAL;
-	// TokenMarksLocal is false when the token leaves CKA_LOCAL false even on keys it generated (probed), so that
-	// CKA_LOCAL tells nothing there.
+	// What the token says of the object's origin. Reported is false when the token does not answer CKA_LOCAL.
 	Local            bool
 	LocalReported    bool
-	TokenMarksLocal  bool
 	Sensitive        bool
+	AlwaysSensitive  bool
 	Extractable      bool
 	NeverExtractable bool
+	// SharedID: another object of the same kind carries the same CKA_ID (a copy of a key, or another version's):
+	// destroying either would destroy both, and lookups by CKA_ID could not tell them apart.
+	SharedID bool
 
 	// Mismatch says how the object differs from the algorithm looked for (another key type or size); empty if it
 	// is one.
@@ -55,12 +55,10 @@ func (f Found) Adoptable() (bool, string) {
 	switch {
 	case !f.LocalReported:
 		return false, "the token does not report CKA_LOCAL for it, so it cannot be told from imported material"
-	case !f.TokenMarksLocal:
-		return false, "this token leaves CKA_LOCAL false even on the keys it generates (probed), so generated and imported material cannot be told apart"
 	case !f.Local:
-		return false, "it was not generated on the token (CKA_LOCAL is false): imported, or created outside the engine"
-	case !f.NeverExtractable:
-		return false, "its material was extractable once (CKA_NEVER_EXTRACTABLE is false)"
+		return false, "CKA_LOCAL is false: it was not generated on the token (imported, or created outside the engine), or the token does not mark the keys it generates (NSS softokn)"
+	case !f.NeverExtractable || !f.AlwaysSensitive:
+		return false, "its material was extractable or readable once (CKA_NEVER_EXTRACTABLE or CKA_ALWAYS_SENSITIVE is false)"
 	case f.SizeUnknown:
 		return false, "the token does not report its size (CKA_VALUE_LEN), so it cannot be checked against the key's type"
 	}
@@ -72,6 +70,10 @@ func (f Found) Adoptable() (bool, string) {
 // key was never "never extractable") and a key of the version's algorithm.
 func (f Found) AdoptableOnWord() (bool, string) {
 	switch {
+	case len(f.ID) != 16:
+		return false, fmt.Sprintf("its CKA_ID has %d bytes, not the 16 of the CKA_IDs this engine gives", len(f.ID))
+	case f.SharedID:
+		return false, "another object of its kind carries the same CKA_ID"
 	case !f.Sensitive || f.Extractable:
 		return false, "its material can be read or extracted (CKA_SENSITIVE false or CKA_EXTRACTABLE true)"
 	case f.Mismatch != "":
@@ -86,27 +88,38 @@ func (f Found) AdoptableOnWord() (bool, string) {
 func (f Found) IDHex() string { return hex.EncodeToString(f.ID) }
 
 // FindVersion looks on the token for the main objects labelled label (a version's CKA_LABEL) and describes each
-// as a version of algorithm alg whose HMAC secret, if any, has hmacBytes. It finds nothing on a token that cannot
-// search by label (probed, see labelSearch); callers treat that as "nothing to adopt".
+// as a version of algorithm alg whose HMAC secret, if any, has hmacBytes. It searches by label where the token can
+// (probed, see labelSearch), else reads every object's label. A search that finds nothing is believed only while
+// the session is still logged in: modules answer searches with nothing, not an error, once a C_Logout elsewhere
+// has made private objects invisible.
 func (t *Token) FindVersion(ctx context.Context, alg Algorithm, label string, hmacBytes int) ([]Found, error) {
 	if label == "" {
 		return nil, fmt.Errorf("%w: empty label", ErrInvalidArgument)
 	}
-	ok, err := t.labelSearch(ctx)
-	if err != nil || !ok {
-		return nil, err
-	}
-	marks, err := t.localMarks(ctx)
+	bySearch, err := t.labelSearch(ctx)
 	if err != nil {
 		return nil, err
 	}
 	var out []Found
 	err = t.do(ctx, "find key version by label", func(c pkcs11API, s session) error {
 		out = out[:0]
-		hs, err := findObjects(c, s.h, []*pkcs11.Attribute{
-			pkcs11.NewAttribute(pkcs11.CKA_LABEL, label), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 0)
-		if err != nil {
-			return err
+		var hs []pkcs11.ObjectHandle
+		if bySearch {
+			if hs, err = findObjects(c, s.h, []*pkcs11.Attribute{
+				pkcs11.NewAttribute(pkcs11.CKA_LABEL, label), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 0); err != nil {
+				return err
+			}
+		} else {
+			all, err := findObjects(c, s.h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 0)
+			if err != nil {
+				return err
+			}
+			for _, h := range all {
+				a, err := c.GetAttributeValue(s.h, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
+				if err == nil && string(a[0].Value) == label {
+					hs = append(hs, h)
+				}
+			}
 		}
 		for _, h := range hs {
 			f, keep, err := t.describe(c, s.h, h, alg, hmacBytes)
@@ -114,8 +127,16 @@ func (t *Token) FindVersion(ctx context.Context, alg Algorithm, label string, hm
 				return err
 			}
 			if keep {
-				f.Label, f.TokenMarksLocal = label, marks
+				f.Label = label
 				out = append(out, f)
+			}
+		}
+		if len(out) == 0 {
+			if lost, err := loginLost(c, s); err != nil || lost {
+				if err != nil {
+					return err
+				}
+				return pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN)
 			}
 		}
 		return nil
@@ -148,6 +169,7 @@ func (t *Token) describe(c pkcs11API, sh pkcs11.SessionHandle, h pkcs11.ObjectHa
 	}
 	f.Local, f.LocalReported = flag(pkcs11.CKA_LOCAL)
 	f.Sensitive, _ = flag(pkcs11.CKA_SENSITIVE)
+	f.AlwaysSensitive, _ = flag(pkcs11.CKA_ALWAYS_SENSITIVE)
 	f.Extractable, _ = flag(pkcs11.CKA_EXTRACTABLE)
 	f.NeverExtractable, _ = flag(pkcs11.CKA_NEVER_EXTRACTABLE)
 	if v, err := c.GetAttributeValue(sh, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_START_DATE, nil)}); err == nil {
@@ -157,6 +179,12 @@ func (t *Token) describe(c pkcs11API, sh pkcs11.SessionHandle, h pkcs11.ObjectHa
 	}
 
 	kind := alg.kind()
+	if same, err := findObjects(c, sh, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, class),
+		pkcs11.NewAttribute(pkcs11.CKA_ID, f.ID), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 2); err != nil {
+		return Found{}, false, err
+	} else if len(same) > 1 {
+		f.SharedID = true
+	}
 	if class != kind.class() || keyType != kind.keyType() {
 		f.Mismatch = fmt.Sprintf("it is a %s of key type %s, not an %s", strings.ReplaceAll(f.Class, "_", " "), f.KeyType, kind)
 		return f, true, nil
@@ -215,8 +243,8 @@ func (t *Token) versionPublicKey(c pkcs11API, sh pkcs11.SessionHandle, h pkcs11.
 }
 
 // labelSearch reports whether C_FindObjects matches CKA_LABEL on this token, learnt once per token from an
-// object it holds: search by that object's label, and the object must be among the results. A token that holds
-// no labelled object has nothing to adopt either, and is asked again next time.
+// object it holds: search by that object's label, and the object must be among the results. Until a labelled
+// object exists to learn from, objects are found by reading labels (FindVersion), which is always right.
 func (t *Token) labelSearch(ctx context.Context) (bool, error) {
 	caps, err := t.Capabilities(ctx)
 	if err != nil {
@@ -258,11 +286,11 @@ func (t *Token) labelSearch(ctx context.Context) (bool, error) {
 		return false, err
 	}
 	if verdict == 0 {
-		return false, nil // nothing labelled on the token: nothing to find either
+		return false, nil // nothing labelled to learn from: read labels meanwhile
 	}
 	caps.labelSearch.Store(verdict)
 	if verdict == labelSearchFails {
-		t.log.Warn("the token does not find objects by CKA_LABEL: versions whose metadata a storage restore lost cannot be found and adopted; keys/:name/reconcile lists the token's objects instead")
+		t.log.Warn("the token does not find objects by CKA_LABEL: versions are looked for by reading every object's label, which is slow with many objects")
 	}
 	return verdict == labelSearchWorks, nil
 }
@@ -272,86 +300,8 @@ const (
 	labelSearchFails int32 = 2
 )
 
-// localMarks reports whether the token sets CKA_LOCAL on the keys it generates, learnt once per token by
-// generating a throw-away key, reading it back and destroying it (NSS softokn 3.87 reads back false). Where it
-// does not, CKA_LOCAL cannot tell generated material from imported, and nothing is adopted without an operator.
-func (t *Token) localMarks(ctx context.Context) (bool, error) {
-	caps, err := t.Capabilities(ctx)
-	if err != nil {
-		return false, err
-	}
-	switch caps.localMarks.Load() {
-	case probeYes:
-		return true, nil
-	case probeNo:
-		return false, nil
-	}
-	var alg Algorithm
-	for _, a := range []Algorithm{AES256, HMACOnly, ECDSAP256, RSA2048} {
-		if ok, _ := caps.Serves(a); ok {
-			alg = a
-			break
-		}
-	}
-	if alg == "" {
-		return false, nil // the token makes no key the engine uses: nothing of ours to adopt either
-	}
-	id := make([]byte, 16)
-	if _, err := rand.Read(id); err != nil {
-		return false, err
-	}
-	hmacBytes := 0
-	if alg == HMACOnly {
-		hmacBytes = 32
-	}
-	if _, err := t.GenerateVersion(ctx, alg, id, "cmk-probe/local/"+hex.EncodeToString(id), hmacBytes); err != nil {
-		return false, fmt.Errorf("probe whether the token marks generated keys CKA_LOCAL: %w", err)
-	}
-	defer func() {
-		if _, err := t.DestroyKeys(ctx, id); err != nil {
-			t.log.Warn("could not destroy the CKA_LOCAL probe's key (label cmk-probe/local/…)", "error", err)
-		}
-	}()
-	local := false
-	err = t.do(ctx, "probe CKA_LOCAL", func(c pkcs11API, s session) error {
-		hs, err := findObjects(c, s.h, alg.kind().searchTemplate(id), 1)
-		if err != nil || len(hs) == 0 {
-			return err
-		}
-		a, err := c.GetAttributeValue(s.h, hs[0], []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LOCAL, nil)})
-		local = err == nil && boolean(a[0].Value)
-		return nil
-	})
-	if err != nil {
-		return false, err
-	}
-	verdict := probeNo
-	if local {
-		verdict = probeYes
-	} else {
-		t.log.Warn("the token leaves CKA_LOCAL false on keys it generates: versions a storage restore lost are adopted only on an operator's word (reconcile adopt_unverified)")
-	}
-	caps.localMarks.Store(verdict)
-	return local, nil
-}
-
-const (
-	probeYes int32 = 1
-	probeNo  int32 = 2
-)
-
-// LocalMarks reports what the CKA_LOCAL probe found: "yes", "no" or "not probed yet".
-func (c *Capabilities) LocalMarks() string {
-	switch c.localMarks.Load() {
-	case probeYes:
-		return "yes"
-	case probeNo:
-		return "no"
-	}
-	return "not probed yet"
-}
-
-// LabelSearch reports what the label-search probe found: "works", "fails" or "not probed yet".
+// LabelSearch reports what the label-search probe found: "works", "fails" (labels are read one by one) or
+// "not probed yet".
 func (c *Capabilities) LabelSearch() string {
 	switch c.labelSearch.Load() {
 	case labelSearchWorks:

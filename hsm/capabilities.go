@@ -32,9 +32,6 @@ type Capabilities struct {
 	// labelSearch: whether C_FindObjects matches CKA_LABEL here (labelSearchWorks or labelSearchFails; 0 until
 	// probed, see Token.labelSearch).
 	labelSearch atomic.Int32
-	// localMarks: whether the token sets CKA_LOCAL on keys it generates (probeYes or probeNo; 0 until probed,
-	// see Token.localMarks).
-	localMarks atomic.Int32
 
 	// refused records algorithms the token listed mechanisms for but failed to make a usable key of (tpm2-pkcs11
 	// lists EC key sizes up to 638 bits and answers P-521 with an unusable point): Algorithm → reason.

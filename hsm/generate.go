@@ -87,7 +87,7 @@ func (a Algorithm) rsaBits() int {
 }
 
 // GenerateVersion creates, with CKA_ID id, the material of one key version: for AES the key, for key pairs the
-// private key (the public half is returned and not kept on the token), and an HMAC secret of hmacBytes — always
+// private key (the public half is returned, and kept on the token for Ed25519 only: see generatePair), and an HMAC secret of hmacBytes — always
 // for HMACOnly, whose key it is; for the others only when hmacBytes > 0 (0 defers it to EnsureHMACKey, so that
 // keys never used for HMAC take one object on the token, not two). id must be fresh (callers draw it at random).
 // An algorithm the token cannot serve is refused before anything is made (ErrMechanismUnsupported, naming what
@@ -225,7 +225,7 @@ func (t *Token) generatePair(ctx context.Context, caps *Capabilities, alg Algori
 }
 
 // generatePairWith runs C_GenerateKeyPair with templates made for what the token accepts, then done with both
-// handles, and destroys the public half. A token that refuses the templates is asked again with the public half
+// handles, and destroys the public half unless keepPublic. A token that refuses the templates is asked again with the public half
 // as a token object (tpm2-pkcs11 refuses session objects), then also without the usage flags that have no meaning
 // for the key type; what works is remembered for the token. A repeated attempt after a fault first destroys what
 // an earlier one made: its public half is gone with that attempt.

@@ -43,6 +43,10 @@ type module struct {
 	tokensMu          sync.Mutex
 	tokens            map[string]*tokenState
 	findByReinitAfter time.Time // guarded by tokensMu: see mayReinitializeToFind
+
+	// lookAgainAfter: when an object a search did not find may next be looked for after re-initialising the
+	// module (see classUnseen), in UnixNano. Per module: re-initialising resets every token and mount using it.
+	lookAgainAfter atomic.Int64
 }
 
 // errStale: the caller's session belongs to a module generation or a connection epoch that has ended. The call
@@ -231,10 +235,6 @@ type tokenState struct {
 	// pairTemplates is what the token was found to need in key-pair templates (pairTemplateOptions), learnt at
 	// the first key pair.
 	pairTemplates atomic.Uint32
-
-	// lookAgainAfter: when an object a search did not find may next be looked for after re-initialising the
-	// module (see classUnseen), in UnixNano.
-	lookAgainAfter atomic.Int64
 }
 
 func (m *module) token(serial string) *tokenState {

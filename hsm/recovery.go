@@ -26,7 +26,8 @@ const (
 // errUnseen: a search for a version's object found nothing. SoftHSM's file store has been seen (under the soak's
 // heavy parallel object writes and re-initialisations) to answer a search with nothing for an object it holds; a
 // re-initialised module reads the token afresh. So the object is looked for once more that way, at most every
-// lookAgainPause per token, before it is called missing.
+// lookAgainPause per module (re-initialising it resets every token and mount using it), before it is called
+// missing.
 var errUnseen = errors.New("object not seen by the token's search")
 
 // lookAgainPause bounds how often a search that found nothing re-initialises the module, so that a version whose
@@ -137,12 +138,10 @@ func (t *Token) do(ctx context.Context, op string, fn func(c pkcs11API, s sessio
 			t.pool.markLost(s, true, err)
 		case classUnseen:
 			t.pool.put(s)
-			state := t.pool.tokenState()
-			now := time.Now()
-			if recovered[classUnseen] || state == nil || now.UnixNano() < state.lookAgainAfter.Load() {
+			now, after := time.Now().UnixNano(), t.mod.lookAgainAfter.Load()
+			if recovered[classUnseen] || now < after || !t.mod.lookAgainAfter.CompareAndSwap(after, now+int64(lookAgainPause)) {
 				return opError(op, unseenAsMissing(err))
 			}
-			state.lookAgainAfter.Store(now.Add(lookAgainPause).UnixNano())
 			t.log.Warn("a search found nothing for a key object; looking again on a re-initialised module", "op", op)
 			t.pool.reinitialize()
 		default:

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -30,18 +31,31 @@ func TestPluginReloadAndUpgrade(t *testing.T) {
 	}
 	afterReload := encrypt(t, c, m, "k", "after reload")
 
-	// A new version in the catalog: a different binary (same code, a few bytes appended, so its SHA-256 differs
-	// as a rebuilt release's would), registered under a version, the mount tuned to it, then reloaded.
-	v2 := filepath.Join(t.TempDir(), pluginName)
-	if err := vaulttest.CopyFile(pluginBin, v2); err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.OpenFile(v2, os.O_APPEND|os.O_WRONLY, 0)
+	// The binary reports its version (make build sets it from the VERSION file) and Vault shows it.
+	mounts, err := c.Sys().ListMounts()
 	if err != nil {
 		t.Fatal(err)
 	}
-	fmt.Fprint(f, "\nrelease v0.2.0\n")
-	f.Close()
+	want, err := os.ReadFile("../VERSION")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mounts[m.Path+"/"].RunningVersion; got != strings.TrimSpace(string(want)) {
+		t.Fatalf("the mount runs %q, want the VERSION file's %q", got, want)
+	}
+
+	// A release of a new version: the same code built as v0.2.0 (its version set at build time, as make build
+	// does), registered under that version, the mount tuned to it, then reloaded. Vault refuses to register it
+	// under a version other than the one it reports.
+	v2 := filepath.Join(t.TempDir(), pluginName)
+	build := exec.Command("go", "build", "-trimpath", "-ldflags", "-X github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk.Version=v0.2.0",
+		"-o", v2, "../cmd/vault-plugin-secrets-cmk")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build v0.2.0: %v\n%s", err, out)
+	}
+	if err := dev.RegisterPlugin(v2, "v9.9.9", ""); err == nil || !strings.Contains(err.Error(), "did not match") {
+		t.Fatalf("a binary reporting v0.2.0 registered as v9.9.9: %v", err)
+	}
 	if err := dev.RegisterPlugin(v2, "v0.2.0", ""); err != nil {
 		t.Fatalf("register v0.2.0: %v", err)
 	}
@@ -51,7 +65,7 @@ func TestPluginReloadAndUpgrade(t *testing.T) {
 	if out, err := dev.CLI(dev.RootToken, "plugin", "reload", "-plugin="+pluginName); err != nil {
 		t.Fatalf("reload: %v\n%s", err, out)
 	}
-	mounts, err := c.Sys().ListMounts()
+	mounts, err = c.Sys().ListMounts()
 	if err != nil {
 		t.Fatal(err)
 	}

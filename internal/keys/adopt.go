@@ -41,7 +41,7 @@ type NumberTakenError struct {
 }
 
 func (e *NumberTakenError) Error() string {
-	return fmt.Sprintf("version %d of key %q cannot be created: the HSM token holds an object labelled %q that is not adopted as that version (%s); no other material may take its number. keys/%s/reconcile lists it; an operator who knows its origin removes it from the token",
+	return fmt.Sprintf("version %d of key %q cannot take new material: the HSM token holds an object labelled %q that is not adopted as that version (%s); no other material may take its number. keys/%s/reconcile lists it; an operator who knows its origin adopts it (adopt_unverified) or removes it from the token",
 		e.Version, e.Key, e.Label, e.Reason, e.Key)
 }
 
@@ -86,9 +86,11 @@ func (tx *Tx) adoptPending(through int, onWord bool) (map[int]string, error) {
 				return adopted, err
 			}
 		}
+		w, made := wals[singleID(found)]
+		vouched := made && w.vouchesFor(k.Name, n)
 		f, reason := adoptable(found, onWord)
 		automatic, _ := f.Adoptable()
-		if reason != "" && len(found) == 1 && wals[found[0].IDHex()].vouchesFor(k.Name, n) {
+		if reason != "" && vouched {
 			// This engine's own WAL entry says it generated this material for this version: provenance the token
 			// itself may not give (NSS leaves CKA_LOCAL false). It must still be protected and of the key's type.
 			if ok, why := found[0].AdoptableOnWord(); ok {
@@ -97,16 +99,33 @@ func (tx *Tx) adoptPending(through int, onWord bool) (map[int]string, error) {
 				reason = why
 			}
 		}
+		switch {
+		case reason != "":
+		case tx.Cur == nil && !vouched:
+			// A key being created adopts only what its own interrupted creation made: anything else under its
+			// labels belongs to an earlier key of that name (deleted, or made after the snapshot storage was
+			// restored from), and becomes no new key's.
+			reason = "the token holds material under this label that no WAL entry of this key's creation made: an earlier key of this name (made after the snapshot storage was restored from?) is not given to a new key"
+		case k.referenced(f.IDHex()):
+			reason = "its CKA_ID is already another version's"
+		}
 		if reason != "" {
 			return adopted, &NumberTakenError{Key: k.Name, Version: n, Label: label, Reason: reason}
 		}
-		w, made := wals[f.IDHex()]
 		if err := tx.adopt(n, f, w, made, !automatic); err != nil {
 			return adopted, err
 		}
 		adopted[n] = w.entry.RequestID
 	}
 	return adopted, nil
+}
+
+// singleID is the CKA_ID (hex) of the one object found, empty when there are several.
+func singleID(found []hsm.Found) string {
+	if len(found) != 1 {
+		return ""
+	}
+	return found[0].IDHex()
 }
 
 // adoptable picks the one object that may be adopted among those found under a version's label, or says why none.
@@ -131,12 +150,16 @@ func adoptable(found []hsm.Found, onWord bool) (hsm.Found, string) {
 	return found[0], ""
 }
 
-// adopt adds f as version n; onWord when only an operator's word vouches for it.
+// adopt adds f as version n; made when a WAL entry of this engine brackets it, onWord when only an operator's
+// word vouches for it.
 func (tx *Tx) adopt(n int, f hsm.Found, w adoptedWAL, made, onWord bool) error {
 	k := tx.Key
 	now := time.Now().UTC()
+	// Only this very request's earlier attempt is known to have encrypted nothing with it: a version whose WAL
+	// entry came back with a restored snapshot may have been stored, and used, after the snapshot.
+	retry := made && w.entry.RequestID != "" && w.entry.RequestID == tx.who.RequestID
 	ver := &Version{HSMID: f.IDHex(), Label: f.Label, CreatedAt: f.Created, AdoptedAt: now,
-		HMACDeferred: k.Type != TypeHMAC && !f.HMACSecret, EncryptionsUnknown: !made}
+		HMACDeferred: k.Type != TypeHMAC && !f.HMACSecret, EncryptionsUnknown: !retry}
 	if ver.CreatedAt.IsZero() {
 		ver.CreatedAt = now // the token keeps no creation time: the adoption's is the earliest known
 	}
@@ -150,16 +173,18 @@ func (tx *Tx) adopt(n int, f hsm.Found, w adoptedWAL, made, onWord bool) error {
 	k.addVersion(ver)
 	tx.Changed(n)
 	cause, details := CauseRestore, "adopted from the HSM after a storage restore: storage did not know this version, the token held its material (generated on the token, never extractable)"
-	if onWord {
+	switch {
+	case onWord:
 		_, why := f.Adoptable()
 		cause, details = CauseOperator, "adopted from the HSM on an operator's word (reconcile adopt_unverified), the token not showing it was generated there: "+why
-	} else if made {
-		cause = CauseInterrupted
-		details = "adopted from the HSM: made by a change that ended before its metadata was stored"
+	case made:
+		cause, details = CauseInterrupted, "adopted from the HSM: made by this engine (its WAL entry says so) in a change whose metadata storage does not hold (the change ended first, or storage was restored)"
 		if w.entry.RequestID != "" {
-			details += " (request " + w.entry.RequestID + ")"
+			details += "; request " + w.entry.RequestID
 		}
-		tx.wals = append(tx.wals, w.id) // deleted once stored; never in tx.made: adopted material is not undone
+	}
+	if made {
+		tx.adopted = append(tx.adopted, w.id) // deleted once stored; never in tx.made: adopted material is not undone
 	}
 	tx.Record("version_adopted", n, cause, details)
 	tx.m.log.Warn("key version adopted from the HSM", "key", k.Name, "version", n, "label", f.Label, "cause", cause)
@@ -208,10 +233,11 @@ func (m *Manager) Adopt(ctx context.Context, s logical.Storage, name string, thr
 func (m *Manager) adopt(ctx context.Context, s logical.Storage, name string, through int, onWord bool, who Actor) (*Key, []int, error) {
 	if k, err := m.Get(ctx, s, name); err == nil && k != nil && through > k.LatestVersion {
 		if a, ok := m.absent.Load(name); ok && a.(absentMark).latest == k.LatestVersion && time.Since(a.(absentMark).at) < absentFor {
-			return k, nil, nil
+			return k, nil, a.(absentMark).err
 		}
 	}
 	var numbers []int
+	var blocked error
 	k, err := m.Update(ctx, s, name, who, func(tx *Tx) error {
 		if through > 0 && through <= tx.Key.LatestVersion {
 			return nil
@@ -220,12 +246,21 @@ func (m *Manager) adopt(ctx context.Context, s logical.Storage, name string, thr
 		for n := range adopted {
 			numbers = append(numbers, n)
 		}
-		if err == nil && len(adopted) == 0 {
-			m.absent.Store(name, absentMark{latest: tx.Key.LatestVersion, at: time.Now()})
+		var taken *NumberTakenError
+		if errors.As(err, &taken) && len(adopted) > 0 {
+			blocked, err = err, nil // keep what was adopted before the blocked number
+		}
+		if len(adopted) == 0 {
+			// Nothing (more) to adopt after this latest: believed for absentFor, whatever stopped it, so that
+			// requests naming versions that exist nowhere cost one search per key and period.
+			m.absent.Store(name, absentMark{latest: tx.Key.LatestVersion, at: time.Now(), err: err})
 		}
 		return err
 	})
 	sort.Ints(numbers)
+	if err == nil {
+		err = blocked
+	}
 	return k, numbers, err
 }
 
@@ -233,6 +268,7 @@ func (m *Manager) adopt(ctx context.Context, s logical.Storage, name string, thr
 type absentMark struct {
 	latest int
 	at     time.Time
+	err    error // what stopped the search, returned again meanwhile
 }
 
 // absentFor is how long "nothing after the latest version" is believed before the token is searched again.
@@ -270,23 +306,14 @@ type Reconciliation struct {
 	Adopted      []Missing `json:"adopted"`
 }
 
-// Lister lists the token's objects by label prefix; *hsm.Token is one.
-type Lister interface {
-	ListObjects(ctx context.Context, labelPrefix string) ([]hsm.ObjectInfo, error)
-}
-
 // Reconcile compares what storage references with what the token holds under the mount's labels, for key name or
 // (name empty) every key. With adopt, it first adopts what the rule allows (keys storage knows, numbers after
 // their latest, in a row), and with onWord also what the token cannot show it generated; otherwise it changes
 // nothing.
 func (m *Manager) Reconcile(ctx context.Context, s logical.Storage, name string, adopt, onWord bool, who Actor) (*Reconciliation, error) {
-	tokAny, err := m.token(ctx, s)
+	tok, err := m.token(ctx, s)
 	if err != nil {
 		return nil, err
-	}
-	tok, ok := tokAny.(Lister)
-	if !ok {
-		return nil, fmt.Errorf("the token cannot list its objects")
 	}
 	prefix := "cmk/" + m.mountID + "/"
 	if name != "" {
@@ -309,8 +336,15 @@ func (m *Manager) Reconcile(ctx context.Context, s logical.Storage, name string,
 				continue
 			}
 			k, numbers, err := m.adopt(ctx, s, n, 0, onWord, who)
-			if err != nil && !errors.Is(err, ErrNotFound) {
+			var taken *NumberTakenError
+			switch {
+			case errors.As(err, &taken), errors.Is(err, ErrNotFound):
+				// Reported below with why; the other keys go on.
+			case err != nil:
 				return nil, fmt.Errorf("adopt versions of key %q: %w", n, err)
+			}
+			if k == nil {
+				continue
 			}
 			for _, v := range numbers {
 				ver := k.Versions[v]
@@ -364,7 +398,7 @@ func (m *Manager) Reconcile(ctx context.Context, s logical.Storage, name string,
 			continue // the mount's wrapping key; a public half or HMAC secret is reported with its main object
 		}
 		orphan := Orphan{Key: keyName, Version: v, Label: o.Label, HSMID: hex.EncodeToString(o.ID), Class: o.Class, KeyType: o.KeyType}
-		orphan.Adoptable, orphan.AdoptableByOperator, orphan.Reason = m.judge(ctx, tokAny, known[keyName], v, o)
+		orphan.Adoptable, orphan.AdoptableByOperator, orphan.Reason = m.judge(ctx, tok, known[keyName], v, o)
 		r.Unreferenced = append(r.Unreferenced, orphan)
 	}
 	sort.Slice(r.Missing, func(i, j int) bool {

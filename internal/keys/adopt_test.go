@@ -178,8 +178,10 @@ func TestRetryAfterCrashAdoptsItsOwnMaterial(t *testing.T) {
 		if k.LatestVersion != tc.latest || k.Versions[2].HSMID != "30313233343536373839616263646566" {
 			t.Fatalf("retry by %s: latest %d", tc.retry, k.LatestVersion)
 		}
-		if k.Versions[2].EncryptionsUnknown {
-			t.Fatal("material of an interrupted change never encrypted anything, yet it is marked unknown")
+		// Only the request's own retry knows the material encrypted nothing: for another request, the WAL entry
+		// may have come back with a restored snapshot while the version was used after it.
+		if unknown := k.Versions[2].EncryptionsUnknown; unknown != (tc.retry != "req-crashed") {
+			t.Fatalf("retry by %s: encryptions_unknown %v", tc.retry, unknown)
 		}
 		if wals, _ := framework.ListWAL(ctx, s); len(wals) != 0 {
 			t.Fatalf("WAL entries left: %v", wals)
@@ -193,8 +195,9 @@ func TestRetryAfterCrashAdoptsItsOwnMaterial(t *testing.T) {
 }
 
 // The WAL rollback adopts generated material storage does not reference (it may protect data if storage was
-// restored from a snapshot taken during the rotation) and destroys imported material.
-func TestRollbackAdoptsGeneratedDestroysImported(t *testing.T) {
+// restored from a snapshot taken during the rotation), leaves imported material an operator could adopt (the
+// same, for an import), and destroys the rest.
+func TestRollbackAdoptsGeneratedLeavesImported(t *testing.T) {
 	m, f, s := newManager(t)
 	ctx := context.Background()
 	if _, _, err := m.Create(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96}, who, nil); err != nil {
@@ -202,7 +205,7 @@ func TestRollbackAdoptsGeneratedDestroysImported(t *testing.T) {
 	}
 	gen := "a0a1a2a3a4a5a6a7a8a9aaabacadaeaf"
 	f.objects[gen], f.labels[gen] = true, versionLabel("mount", "k", 2)
-	if err := m.RollbackVersion(ctx, s, &WALEntry{Name: "k", Version: 2, HSMID: gen}); err != nil {
+	if err := m.RollbackVersion(ctx, s, &WALEntry{Name: "k", Version: 2, HSMID: gen, Generated: true}); err != nil {
 		t.Fatal(err)
 	}
 	k, _ := m.Get(ctx, s, "k")
@@ -214,8 +217,16 @@ func TestRollbackAdoptsGeneratedDestroysImported(t *testing.T) {
 	if err := m.RollbackVersion(ctx, s, &WALEntry{Name: "k", Version: 3, HSMID: imp}); err != nil {
 		t.Fatal(err)
 	}
-	if k, _ := m.Get(ctx, s, "k"); f.has(imp) || k.LatestVersion != 2 {
+	if k, _ := m.Get(ctx, s, "k"); !f.has(imp) || k.LatestVersion != 2 {
 		t.Fatalf("imported material: on token %v, latest %d", f.has(imp), k.LatestVersion)
+	}
+	stray := "c0c1c2c3c4c5c6c7c8c9cacbcccdcecf" // not under the label of the version its WAL entry names
+	f.objects[stray], f.labels[stray] = true, "cmk/mount/k/elsewhere"
+	if err := m.RollbackVersion(ctx, s, &WALEntry{Name: "k", Version: 4, HSMID: stray}); err != nil {
+		t.Fatal(err)
+	}
+	if f.has(stray) {
+		t.Fatal("material no one could adopt survived the rollback")
 	}
 }
 
@@ -326,5 +337,87 @@ func TestTokenWithoutLocalMarks(t *testing.T) {
 	events, _ := ReadHistory(ctx, s2, "k", 0)
 	if last := events[len(events)-1]; last.Cause != CauseOperator || !strings.Contains(last.Details, "operator's word") {
 		t.Fatalf("history: %+v", last)
+	}
+}
+
+// A change that adopted interrupted material and then failed keeps that material's WAL entry (its evidence of
+// origin) and the material; only what the change itself made is undone.
+func TestFailedChangeKeepsAdoptedMaterialAndItsWAL(t *testing.T) {
+	m, f, s := newManager(t)
+	ctx := context.Background()
+	if _, _, err := m.Create(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96}, who, nil); err != nil {
+		t.Fatal(err)
+	}
+	interrupted := "d0d1d2d3d4d5d6d7d8d9dadbdcdddedf"
+	walID, err := framework.PutWAL(ctx, s, WALKindVersion, &WALEntry{Name: "k", Version: 2, HSMID: interrupted, Generated: true, RequestID: "req-x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.objects[interrupted], f.labels[interrupted] = true, versionLabel("mount", "k", 2)
+	f.failGen = true
+	if _, err := m.Update(ctx, s, "k", Actor{RequestID: "req-y"}, func(tx *Tx) error { return tx.Rotate("manual") }); err == nil {
+		t.Fatal("the rotation succeeded without generating")
+	}
+	if e, err := framework.GetWAL(ctx, s, walID); err != nil || e == nil {
+		t.Fatalf("the adopted material's WAL entry was deleted by the failed change: %v", err)
+	}
+	if !f.has(interrupted) {
+		t.Fatal("the failed change destroyed material it had adopted")
+	}
+}
+
+// Deleting a key destroys what the token holds under its labels, adopted or not, so that a later key of the same
+// name gets none of it; and a key being created adopts only what its own interrupted creation made.
+func TestDeletedKeysMaterialNeverComesBack(t *testing.T) {
+	m, f, s := newManager(t)
+	ctx := context.Background()
+	k := &Key{Name: "k", Type: TypeAES256GCM96, DeletionAllowed: true}
+	if _, _, err := m.Create(ctx, s, k, who, nil); err != nil {
+		t.Fatal(err)
+	}
+	lost := "e0e1e2e3e4e5e6e7e8e9eaebecedeeef" // a version a restore lost, never adopted
+	f.objects[lost], f.labels[lost] = true, versionLabel("mount", "k", 2)
+	if _, err := m.Update(ctx, s, "k", who, func(tx *Tx) error { return tx.Delete(0) }); err != nil {
+		t.Fatal(err)
+	}
+	if f.has(lost) {
+		t.Fatal("the deleted key's unadopted material is still on the token")
+	}
+	// Material of an earlier key of this name that storage never knew (made after a snapshot): not adopted.
+	earlier := "f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff"
+	f.objects[earlier], f.labels[earlier] = true, versionLabel("mount", "k", 1)
+	_, _, err := m.Create(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96}, Actor{RequestID: "req-new"}, nil)
+	var taken *NumberTakenError
+	if !errors.As(err, &taken) {
+		t.Fatalf("a new key took an earlier key's material (or its number): %v", err)
+	}
+}
+
+// Mount-wide reconcile with adopt goes on past a key whose next number is blocked, and keeps what it adopted
+// before a blocked number.
+func TestReconcileGoesOnPastBlockedKeys(t *testing.T) {
+	m, f, s := newManager(t)
+	ctx := context.Background()
+	for _, name := range []string{"a", "b"} {
+		if _, _, err := m.Create(ctx, s, &Key{Name: name, Type: TypeAES256GCM96}, who, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	snap := snapshot(t, s)
+	rotate(t, m, s, "a", "req-2") // a v2: adoptable after the restore
+	rotate(t, m, s, "b", "req-3") // b v2: adoptable
+	planted := "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+	f.objects[planted], f.labels[planted], f.imported[planted] = true, versionLabel("mount", "a", 3), true
+
+	m2, s2 := restored(f, snap)
+	r, err := m2.Reconcile(ctx, s2, "", true, false, who)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(r.Adopted) != 2 {
+		t.Fatalf("adopted %+v, want a v2 and b v2", r.Adopted)
+	}
+	if len(r.Unreferenced) != 1 || r.Unreferenced[0].HSMID != planted {
+		t.Fatalf("unreferenced %+v", r.Unreferenced)
 	}
 }

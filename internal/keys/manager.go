@@ -1,6 +1,7 @@
 package keys
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/rand"
@@ -27,6 +28,7 @@ type HSM interface {
 	EnsureHMACKey(ctx context.Context, id []byte, versionLabel string, hmacBytes int) error
 	DestroyKeys(ctx context.Context, id []byte) (int, error)
 	FindVersion(ctx context.Context, alg hsm.Algorithm, label string, hmacBytes int) ([]hsm.Found, error)
+	ListObjects(ctx context.Context, labelPrefix string) ([]hsm.ObjectInfo, error)
 }
 
 // WALKindVersion brackets the creation of a version's HSM objects until its metadata is stored.
@@ -117,8 +119,8 @@ type Tx struct {
 	Key *Key // the clone being changed
 
 	changed []int
-	made    [][]byte // CKA_IDs of objects made by this change, destroyed again if it fails before persisting
-	wals    []string
+	made    []madeObject // objects made by this change, destroyed again if it fails before persisting
+	adopted []string     // WAL entries of adopted material: deleted once stored, never undone
 	events  []Event
 	dirty   bool
 	deleted bool // the key's metadata is to be removed (its deletion destroyed its objects)
@@ -212,7 +214,7 @@ func (m *Manager) commit(ctx context.Context, s logical.Storage, who Actor, cur,
 			"key", tx.Key.Name, "error", err)
 		return nil, err
 	}
-	for _, id := range tx.wals {
+	for _, id := range tx.walIDs() {
 		if err := framework.DeleteWAL(ctx, s, id); err != nil {
 			m.log.Warn("could not delete WAL entry; the rollback finds the version stored and destroys nothing", "error", err)
 		}
@@ -228,14 +230,30 @@ func (m *Manager) commit(ctx context.Context, s logical.Storage, who Actor, cur,
 	return tx.Key, nil
 }
 
-// undo destroys the objects a failed change made before anything was stored.
+// madeObject is material a change put on the token, with the WAL entry that brackets it.
+type madeObject struct {
+	id    []byte
+	walID string
+}
+
+// walIDs are the WAL entries the change wrote or adopted from, all deleted once it is stored.
+func (tx *Tx) walIDs() []string {
+	ids := append([]string(nil), tx.adopted...)
+	for _, m := range tx.made {
+		ids = append(ids, m.walID)
+	}
+	return ids
+}
+
+// undo destroys the objects a failed change made before anything was stored. Adopted material is left alone:
+// it was there before the change, and its WAL entry stays for the rollback to judge.
 func (tx *Tx) undo() {
-	for i, id := range tx.made {
-		if _, err := tx.tok.DestroyKeys(tx.ctx, id); err != nil {
+	for _, m := range tx.made {
+		if _, err := tx.tok.DestroyKeys(tx.ctx, m.id); err != nil {
 			tx.m.log.Warn("could not destroy the objects of an unstored version; the WAL rollback will", "key", tx.Key.Name, "error", err)
 			continue
 		}
-		if err := framework.DeleteWAL(tx.ctx, tx.s, tx.wals[i]); err != nil {
+		if err := framework.DeleteWAL(tx.ctx, tx.s, m.walID); err != nil {
 			tx.m.log.Warn("could not delete WAL entry", "error", err)
 		}
 	}
@@ -344,10 +362,10 @@ func (tx *Tx) AddVersion(material Material, requestID string, generated bool) (i
 	}
 	pub, method, err := material(tx.ctx, tok, rawID, ver.Label)
 	if err != nil {
-		tx.made, tx.wals = append(tx.made, rawID), append(tx.wals, walID) // whatever the failed call left: undo
+		tx.made = append(tx.made, madeObject{rawID, walID}) // whatever the failed call left: undo
 		return 0, "", fmt.Errorf("key %q version %d in the HSM: %w", k.Name, n, err)
 	}
-	tx.made, tx.wals = append(tx.made, rawID), append(tx.wals, walID)
+	tx.made = append(tx.made, madeObject{rawID, walID})
 	if method == MethodPublicKeyOnly {
 		ver.HSMID, ver.Label = "", "" // nothing on the token
 	}
@@ -440,6 +458,18 @@ func (tx *Tx) DeleteKey(cause string) error {
 		}
 		if _, err := tok.DestroyKeys(tx.ctx, v.ID()); err != nil {
 			return fmt.Errorf("destroy key %q version %d: %w", k.Name, n, err)
+		}
+	}
+	// And whatever else is on the token under the key's labels (versions a storage restore lost and nobody
+	// adopted): a deleted key's material must not come back as a later key's of the same name.
+	rest, err := tok.ListObjects(tx.ctx, "cmk/"+tx.m.mountID+"/"+k.Name+"/")
+	if err != nil {
+		return fmt.Errorf("list what remains of key %q on the token: %w", k.Name, err)
+	}
+	for _, o := range rest {
+		id := bytes.TrimSuffix(o.ID, []byte("/hmac"))
+		if _, err := tok.DestroyKeys(tx.ctx, id); err != nil {
+			return fmt.Errorf("destroy %s of key %q: %w", o.Label, k.Name, err)
 		}
 	}
 	tx.deleted = true
@@ -618,7 +648,7 @@ func (tx *Tx) importPrivate(n int, material Material) error {
 	if err != nil {
 		return fmt.Errorf("write WAL: %w", err)
 	}
-	tx.made, tx.wals = append(tx.made, rawID), append(tx.wals, walID) // destroyed again if anything below fails
+	tx.made = append(tx.made, madeObject{rawID, walID}) // destroyed again if anything below fails
 	pub, method, err := material(tx.ctx, tok, rawID, label)
 	if err != nil {
 		return fmt.Errorf("key %q version %d in the HSM: %w", k.Name, n, err)
@@ -685,9 +715,9 @@ func (tx *Tx) EnsureHMACSecret(n int) error {
 
 // RollbackVersion is the WAL rollback of a version's creation, for a version that storage never came to
 // reference: the change that made its material ended first (the plugin died, storage failed), or storage was
-// restored from a snapshot taken meanwhile. Material the rule lets the engine adopt is adopted as that version
-// (after a restore it may already protect data); anything else is destroyed. Nothing storage references is
-// touched. It holds the key's lock throughout, so that it never races a change in progress.
+// restored from a snapshot taken meanwhile. Material the engine generated is adopted as that version (after a
+// restore it may already protect data); other material an operator could adopt (an import) is left on the token
+// for them, reported by reconcile; anything else is destroyed. Nothing storage references is touched. It holds the key's lock throughout, so that it never races a change in progress.
 func (m *Manager) RollbackVersion(ctx context.Context, s logical.Storage, data interface{}) error {
 	raw, err := json.Marshal(data)
 	if err != nil {
@@ -734,10 +764,11 @@ func (m *Manager) RollbackVersion(ctx context.Context, s logical.Storage, data i
 		return err
 	}
 	if k != nil && w.Version > k.LatestVersion {
-		// Not adopted in a row after the latest; if it could be adopted on its own, it may hold data: leave it
-		// to the operator (reconcile reports it) rather than destroy it.
+		// Not adopted automatically (imported material, or a number blocked before it). If an operator could adopt
+		// it, it may protect data (storage restored from a snapshot taken during its import): it is left for them,
+		// reported by reconcile, never destroyed here.
 		if found, err := tok.FindVersion(ctx, k.Type.Info().Alg, versionLabel(m.mountID, w.Name, w.Version), k.HMACKeyBytes()); err == nil {
-			if f, reason := adoptable(found, false); reason == "" && f.IDHex() == w.HSMID {
+			if f, reason := adoptable(found, true); reason == "" && f.IDHex() == w.HSMID {
 				m.log.Warn("WAL rollback left material on the token that may protect data; keys/:name/reconcile reports it",
 					"key", w.Name, "version", w.Version)
 				return nil

@@ -28,6 +28,7 @@ type fakeHSM struct {
 	imported map[string]bool   // not generated on the token
 	finds    int               // FindVersion calls
 	noLocal  bool              // the token leaves CKA_LOCAL false on what it generates (NSS)
+	failGen  bool              // GenerateVersion fails
 }
 
 func newFakeHSM() *fakeHSM {
@@ -37,6 +38,9 @@ func newFakeHSM() *fakeHSM {
 func (f *fakeHSM) GenerateVersion(_ context.Context, _ hsm.Algorithm, id []byte, label string, _ int) (crypto.PublicKey, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.failGen {
+		return nil, errors.New("the token refused")
+	}
 	f.objects[hex.EncodeToString(id)] = true
 	f.labels[hex.EncodeToString(id)] = label
 	return nil, nil
@@ -83,7 +87,7 @@ func (f *fakeHSM) FindVersion(_ context.Context, _ hsm.Algorithm, label string, 
 		}
 		raw, _ := hex.DecodeString(id)
 		out = append(out, hsm.Found{ID: raw, Label: l, Class: "secret_key", KeyType: "aes", Local: !f.imported[id] && !f.noLocal, LocalReported: true,
-			TokenMarksLocal: !f.noLocal, Sensitive: true, NeverExtractable: true, HMACSecret: f.hmac[id]})
+			Sensitive: true, AlwaysSensitive: true, NeverExtractable: !f.imported[id], HMACSecret: f.hmac[id]})
 	}
 	return out, nil
 }

@@ -194,12 +194,32 @@ func (s *soak) encryptBatch(c *api.Client, prefix string) {
 	for i := range in {
 		in[i] = map[string]interface{}{"plaintext": b64(fmt.Sprintf("%s-%d", prefix, i))}
 	}
-	r, err := c.Logical().Write(s.path+"/encrypt/aes", map[string]interface{}{"batch_input": in})
+	raw, _ := json.Marshal(map[string]interface{}{"batch_input": in})
+	resp, err := c.Logical().WriteRaw(s.path+"/encrypt/aes", raw)
+	var body struct {
+		Data struct {
+			BatchResults []map[string]interface{} `json:"batch_results"`
+		} `json:"data"`
+	}
+	if resp != nil {
+		defer resp.Body.Close()
+		_ = resp.DecodeJSON(&body)
+	}
+	var re *api.ResponseError
+	if errors.As(err, &re) && len(re.Errors) == 0 {
+		// Every item failed: the reasons are the items' own (the response has no top-level errors).
+		for _, item := range body.Data.BatchResults {
+			if e, _ := item["error"].(string); e != "" {
+				re.Errors = append(re.Errors, e)
+				break
+			}
+		}
+	}
 	if !s.count("encrypt batch", err) {
 		return
 	}
-	for i, item := range r.Data["batch_results"].([]interface{}) {
-		if ct, _ := item.(map[string]interface{})["ciphertext"].(string); ct != "" {
+	for i, item := range body.Data.BatchResults {
+		if ct, _ := item["ciphertext"].(string); ct != "" {
 			s.keep(ct, fmt.Sprintf("%s-%d", prefix, i))
 		}
 	}
