@@ -150,6 +150,11 @@ func withKeyOptions(fields map[string]*framework.FieldSchema) map[string]*framew
 // context matters only for derived keys).
 var transitKeyFields = []string{"context", "managed_key_name", "managed_key_id", "parameter_set", "hybrid_key_type_pqc", "hybrid_key_type_ec"}
 
+// providerConfigTypo is what Terraform's Vault provider sends on keys/<name>/config for every key its
+// vault_transit_secret_backend_key creates, instead of min_encryption_version (its update sends the right name).
+// Transit ignores it; refusing it would fail every key the provider creates. Accepted, ignored, and warned about.
+const providerConfigTypo = "min_encryption_versoin"
+
 // refuseUnsupported checks the Transit options that cannot hold for HSM keys.
 func refuseUnsupported(d *framework.FieldData) error {
 	for _, field := range []string{"derived", "convergent_encryption", "exportable", "allow_plaintext_backup"} {
@@ -390,7 +395,7 @@ func (b *backend) pathKeyDelete(ctx context.Context, req *logical.Request, d *fr
 }
 
 func (b *backend) pathKeyConfigWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	if err := refuseUnknownFields(req, d); err != nil {
+	if err := refuseUnknownFields(req, d, providerConfigTypo); err != nil {
 		return respond(err)
 	}
 	if err := refuseUnsupported(d); err != nil {
@@ -405,6 +410,9 @@ func (b *backend) pathKeyConfigWrite(ctx context.Context, req *logical.Request, 
 		return respond(err)
 	}
 	resp := b.formatKey(k)
+	if _, ok := req.Data[providerConfigTypo]; ok {
+		resp.AddWarning(providerConfigTypo + " is not a field (min_encryption_version is) and was ignored, as Transit ignores it")
+	}
 	if settings.NextRotation != nil && !settings.NextRotation.IsZero() && settings.NextRotation.Before(time.Now()) {
 		resp.AddWarning(fmt.Sprintf("next_rotation_time %s is in the past: the key is rotated at the next periodic run (within about a minute)", keys.FormatTime(*settings.NextRotation)))
 	}

@@ -301,4 +301,9 @@ func TestUnknownFieldsAreRefused(t *testing.T) {
 	if r := e.ok(e.read("keys/k")); r.Data["deletion_allowed"] != false {
 		t.Fatal("a refused config write changed the key")
 	}
+	// Terraform's Vault provider misspells min_encryption_version on every key it creates; Transit ignores it.
+	resp := e.ok(e.write("keys/k/config", map[string]interface{}{"min_encryption_versoin": 0, "deletion_allowed": true}))
+	if len(resp.Warnings) == 0 || !strings.Contains(resp.Warnings[0], "min_encryption_versoin") || resp.Data["deletion_allowed"] != true {
+		t.Fatalf("the provider's misspelt field: %v %v", resp.Warnings, resp.Data["deletion_allowed"])
+	}
 }

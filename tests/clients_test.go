@@ -309,3 +309,65 @@ func waitUnsealed(t *testing.T, s *vaulttest.Server, stage string) {
 	}
 	t.Fatalf("%s: the server did not unseal itself: %+v %v\nlog:\n%s", stage, last, lastErr, vaulttest.Tail(s.LogPath, 30))
 }
+
+// TestClientTerraformProviderRequests replays, against both engines, the requests Terraform's Vault provider makes
+// for vault_transit_secret_backend_key and vault_transit_secret_cache_config (neither Terraform nor OpenTofu's
+// Vault provider can be built from the module proxy here, see CLIENTS.md): read from the provider's source, they
+// include key_size 0 for every type and, on the key's first configuration, the misspelt min_encryption_versoin.
+func TestClientTerraformProviderRequests(t *testing.T) {
+	onBothEngines(t, func(t *testing.T, mount string) {
+		c := dev.Client
+		for _, typ := range []string{"aes256-gcm96", "rsa-2048", "ecdsa-p256", "hmac"} {
+			key := clientKey("tf")
+			path := mount + "/keys/" + key
+			size := 0
+			if typ == "hmac" {
+				size = 32
+			}
+			// resource create: the key, then its configuration.
+			mustWrite(t, c, path, map[string]interface{}{"convergent_encryption": false, "derived": false, "type": typ,
+				"auto_rotate_period": 0, "key_size": size})
+			mustWrite(t, c, path+"/config", map[string]interface{}{"min_decryption_version": 1, "min_encryption_versoin": 0,
+				"deletion_allowed": true, "exportable": false, "allow_plaintext_backup": false, "auto_rotate_period": 0})
+			// resource read: the fields the provider parses as numbers must be numbers.
+			s, err := c.Logical().Read(path)
+			if err != nil || s == nil {
+				t.Fatalf("%s: read: %v", typ, err)
+			}
+			for _, f := range []string{"latest_version", "min_available_version", "min_decryption_version", "min_encryption_version"} {
+				if _, ok := s.Data[f].(json.Number); !ok {
+					t.Fatalf("%s: %s is %T, the provider needs a number", typ, f, s.Data[f])
+				}
+			}
+			if s.Data["deletion_allowed"] != true || (s.Data["keys"] == nil && typ != "hmac") { // Transit shows no keys for hmac keys
+				t.Fatalf("%s: read after create: %v", typ, s.Data)
+			}
+			// resource update, then destroy.
+			mustWrite(t, c, path+"/rotate", nil)
+			mustWrite(t, c, path+"/config", map[string]interface{}{"min_decryption_version": 1, "min_encryption_version": 2,
+				"deletion_allowed": true, "exportable": false, "allow_plaintext_backup": false, "auto_rotate_period": 3600})
+			if s, _ = c.Logical().Read(path); s.Data["min_encryption_version"] != json.Number("2") || s.Data["auto_rotate_period"] != json.Number("3600") {
+				t.Fatalf("%s: read after update: %v", typ, s.Data)
+			}
+			if _, err := c.Logical().Delete(path); err != nil {
+				t.Fatalf("%s: delete: %v", typ, err)
+			}
+			// Gone at once on Transit; on cmk after the mount's deletion grace period (7 days by default), meanwhile
+			// serving nothing (the provider reads nothing after a destroy).
+			s, err = c.Logical().Read(path)
+			if err != nil || (s != nil && (mount == "transit" || s.Data["deletion_scheduled_time"] == "")) {
+				t.Fatalf("%s: after delete: %v %v", typ, s, err)
+			}
+		}
+		// vault_transit_secret_cache_config: write, read back, restore.
+		before, err := c.Logical().Read(mount + "/cache-config")
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustWrite(t, c, mount+"/cache-config", map[string]interface{}{"size": 500})
+		if s, _ := c.Logical().Read(mount + "/cache-config"); s == nil || s.Data["size"] != json.Number("500") {
+			t.Fatalf("cache-config read back: %v", s)
+		}
+		mustWrite(t, c, mount+"/cache-config", map[string]interface{}{"size": before.Data["size"]})
+	})
+}
