@@ -11,6 +11,8 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -426,6 +428,62 @@ func TestPassingTemplateRefusalIsRepeatedNotLearnt(t *testing.T) {
 	}
 	if u := strings.Join(objs[0].Usage, ","); u != "sign" {
 		t.Fatalf("the EC key's usage is %q, want sign only", u)
+	}
+}
+
+// abortDeadlocked ends the run when goroutines of a test wait for each other for good: the test's cleanups would
+// wait too (closing its token needs the locks they hold), so it prints every goroutine's stack, stops the matrix's
+// daemons, removes the run's tokens and exits.
+func abortDeadlocked(t *testing.T, what string) {
+	buf := make([]byte, 1<<20)
+	fmt.Fprintf(os.Stderr, "--- FAIL: %s: deadlock: %s\n%s\n", t.Name(), what, buf[:runtime.Stack(buf, true)])
+	for _, p := range matrix {
+		p.Close()
+	}
+	os.RemoveAll(testDir)
+	os.Exit(1)
+}
+
+// The fourth 10-minute soak: every request hung for three minutes, until the kill half-way replaced the plugin
+// process. A key-pair generation that SoftHSM refused once with a template error asked for the token's identity,
+// which took the pool's lock, from inside its library call, while another request's reconnection held that lock
+// and waited for every call to leave the library. Code inside a library call takes no pool lock now.
+func TestReconnectionDuringATemplateRefusalDoesNotDeadlock(t *testing.T) {
+	tok, _ := newToken(t, 2)
+	ctx := context.Background()
+	f := injectFaults(t, tok)
+	f.fail(pkcs11.CKR_TEMPLATE_INCONSISTENT, 1, "GenerateKeyPair")
+	release := f.hold("GenerateKeyPair")
+	generated := make(chan error, 1)
+	go func() {
+		_, err := tok.GenerateVersion(ctx, ECDSAP256, randomID(t), "cmk/faults/deadlock", 0)
+		generated <- err
+	}()
+	for f.waiting("GenerateKeyPair") == 0 { // the generation is inside the library call
+		time.Sleep(time.Millisecond)
+	}
+	// Another request meets a device fault: its reconnection takes the pool's lock and waits for the library.
+	tok.pool.mu.Lock()
+	s := session{gen: tok.pool.gen, epoch: tok.pool.epoch.Load()}
+	tok.pool.mu.Unlock()
+	tok.pool.markLost(s, true, pkcs11.Error(pkcs11.CKR_DEVICE_ERROR))
+	reconnected := make(chan error, 1)
+	go func() { reconnected <- tok.pool.ensure() }()
+	for tok.pool.mu.TryLock() { // until the reconnection holds the lock
+		tok.pool.mu.Unlock()
+		time.Sleep(time.Millisecond)
+	}
+	release() // the call comes back refused, while the reconnection waits for it to leave the library
+	deadline := time.After(time.Minute)
+	for _, ch := range []chan error{generated, reconnected} {
+		select {
+		case err := <-ch:
+			if err != nil {
+				t.Errorf("after a template refusal during a reconnection: %v", err)
+			}
+		case <-deadline:
+			abortDeadlocked(t, "a reconnection and a call inside the library wait for each other")
+		}
 	}
 }
 

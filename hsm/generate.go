@@ -233,6 +233,7 @@ func (t *Token) generatePairWith(ctx context.Context, caps *Capabilities, op str
 	templates func(templateOptions) (uint, []*pkcs11.Attribute, []*pkcs11.Attribute),
 	done func(c pkcs11API, s session, pubH, privH pkcs11.ObjectHandle) error) error {
 	state := t.pool.tokenState()
+	refusalsPass := t.quirks().retryGeneralError
 	attempts := 0
 	return t.doObjects(ctx, op, func(c pkcs11API, s session) error {
 		if attempts++; attempts > 1 {
@@ -248,7 +249,7 @@ func (t *Token) generatePairWith(ctx context.Context, caps *Capabilities, op str
 			// A module that also gives template errors to passing faults (SoftHSM under parallel writes: see
 			// doObjects, which repeats the call) teaches nothing by refusing: learning from it once made SoftHSM's EC
 			// keys able to decrypt for good (omitting the flags that have no meaning for them).
-			if i > 0 && (!refusesTemplate(err) || t.quirks().retryGeneralError) {
+			if i > 0 && (!refusesTemplate(err) || refusalsPass) {
 				break
 			}
 			if i > 0 && try == tries[i-1] {

@@ -23,6 +23,8 @@ var (
 	tokenCount atomic.Int32
 	// matrix holds a token maker for every PKCS#11 implementation of the run (tokentest.Selected).
 	matrix []*tokentest.Provider
+	// testDir holds every token of the run.
+	testDir string
 )
 
 func TestMain(m *testing.M) {
@@ -30,6 +32,7 @@ func TestMain(m *testing.M) {
 	if err != nil {
 		panic(err)
 	}
+	testDir = dir
 	code := func() int {
 		if env, err = softhsmtest.Setup(dir); err != nil {
 			fmt.Fprintln(os.Stderr, err)

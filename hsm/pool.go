@@ -34,6 +34,10 @@ type session struct {
 // pool is a Token's connection to its token: the slot, a login session kept open for the connection's life
 // (SoftHSM forgets logins and handles when an application's last session closes), and idle sessions for
 // operations. A reconnection ends the connection's epoch; sessions of an ended epoch are never used again.
+//
+// Lock order: pool.mu, then the module's lock (a reconnection holds mu while it waits for every call to leave the
+// library). So nothing that runs inside a library call (module.enter) may take mu: what such code needs to know
+// of the token (its info, its shared state) is read from found, which needs no lock.
 type pool struct {
 	mod   *module
 	cfg   Config
@@ -43,19 +47,26 @@ type pool struct {
 	// epoch changes, with the module's lock held for writing, whenever the connection is replaced or closed.
 	epoch atomic.Uint64
 
+	// found is the token the last connection found: set by each reconnection, read without a lock.
+	found atomic.Pointer[foundToken]
+
 	mu           sync.Mutex // guards what follows; never held while waiting for a call in another connection
 	closed       bool
 	connected    bool
 	needReinit   bool   // the next reconnection re-initialises the module first
 	gen          uint64 // module generation of the current connection
 	slot         uint
-	info         TokenInfo
-	state        *tokenState
 	loginSession pkcs11.SessionHandle
 	idle         []session
 	lastErr      error
 	retryAt      time.Time
 	backoff      time.Duration
+}
+
+// foundToken is what a connection learnt of its token.
+type foundToken struct {
+	info  TokenInfo
+	state *tokenState // what the process knows of the token, shared with other mounts on it
 }
 
 // current reports whether s belongs to the connection's current epoch. Read under the module's lock, it stays
@@ -159,11 +170,11 @@ func (p *pool) reconnectLocked(first bool) error {
 		return err
 	}
 	p.slot, p.gen, p.loginSession, p.connected = slot, gen, sh, true
-	p.info = tokenInfoFrom(slot, ti)
-	p.state = p.mod.token(slotKey(p.cfg.Library, ti))
+	info := tokenInfoFrom(slot, ti)
+	p.found.Store(&foundToken{info: info, state: p.mod.token(slotKey(p.cfg.Library, ti))})
 	p.lastErr, p.backoff = nil, 0
 	if !first {
-		p.log.Warn("reconnected to the HSM token", "token", p.info.Label, "slot", slot)
+		p.log.Warn("reconnected to the HSM token", "token", info.Label, "slot", slot)
 	}
 	return nil
 }
@@ -367,14 +378,17 @@ func (p *pool) status() (bool, error) {
 	return p.connected && p.gen == p.mod.generation.Load(), p.lastErr
 }
 
+// tokenInfo and tokenState take no lock: code inside a library call may use them (see pool's lock order).
 func (p *pool) tokenInfo() TokenInfo {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.info
+	if f := p.found.Load(); f != nil {
+		return f.info
+	}
+	return TokenInfo{}
 }
 
 func (p *pool) tokenState() *tokenState {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.state
+	if f := p.found.Load(); f != nil {
+		return f.state
+	}
+	return nil
 }

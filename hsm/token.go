@@ -59,14 +59,14 @@ func Open(cfg Config, log hclog.Logger) (*Token, error) {
 		mod.release()
 		return nil, err
 	}
-	if limit := p.info.MaxSessionCount; limit > 0 && uint(cfg.PoolSize)+1 > limit {
+	if limit := p.tokenInfo().MaxSessionCount; limit > 0 && uint(cfg.PoolSize)+1 > limit {
 		// Respect the token's session cap, keeping one for the login session.
 		capped := max(int(limit)-1, 1)
 		log.Warn("session pool capped by the token's session limit", "requested", cfg.PoolSize, "used", capped)
 		cfg.PoolSize = capped
 		p.cfg.PoolSize = capped
 	}
-	if quirksOf(mod.info, p.info).oneSession && cfg.PoolSize > 1 {
+	if quirksOf(mod.info, p.tokenInfo()).oneSession && cfg.PoolSize > 1 {
 		log.Warn("this token's module is not safe with concurrent sessions: operations use one session at a time",
 			"requested", cfg.PoolSize)
 		cfg.PoolSize, p.cfg.PoolSize = 1, 1

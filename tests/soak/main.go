@@ -2,9 +2,10 @@
 // set time, with PKCS#11 faults injected at random inside the plugin (a build with -tags cmkfaults) and the
 // plugin process killed with SIGKILL half-way, then checks that every ciphertext and signature a client received
 // still decrypts or verifies. It prints operations and errors by class, and exits non-zero if anything was lost,
-// if a decryption returned other data, if a valid ciphertext or signature was refused with a 400, if a 500 came
-// from anything but the plugin kill, or if the plugin restarted for any other reason than the kill (a crash: its
-// trace is printed from Vault's log, which keeps the plugin's stderr at debug level). make soak runs it.
+// if a decryption returned other data, if a valid ciphertext or signature was refused with a 400, if a request got
+// no HTTP answer at all, if a 500 came from anything but the plugin kill, or if the plugin restarted for any other
+// reason than the kill (a crash: its trace is printed from Vault's log, which keeps the plugin's stderr at debug
+// level). make soak runs it.
 package main
 
 import (
@@ -35,6 +36,7 @@ var (
 	pluginBin = flag.String("plugin", ".build/soak/vault-plugin-secrets-cmk", "plugin binary built with -tags cmkfaults")
 	duration  = flag.Duration("duration", 10*time.Minute, "how long the load runs")
 	faultRate = flag.Float64("fault-rate", 0.01, "chance that a PKCS#11 call in the plugin fails with a recoverable error")
+	keepLog   = flag.String("keep-log", "", "copy Vault's log (with the plugin's) to this file at the end")
 )
 
 // tally counts outcomes of one kind of operation.
@@ -54,9 +56,11 @@ type soak struct {
 	wrong      []string          // decryptions during the load that returned other data, and signatures that did not verify
 	internal   []string          // 500s outside the plugin kill, with their message
 	refused    []string          // 400s on ciphertexts and signatures this run issued, with their message
+	transport  []string          // requests that got no HTTP answer, with when and why
 	why503     map[string]int    // 503s by the cause their message names
 
 	killedAt atomic.Int64 // unix nanoseconds of the plugin kill
+	start    time.Time
 }
 
 func main() {
@@ -71,6 +75,9 @@ func main() {
 	check(err)
 	faultFile := filepath.Join(dir, "fault-rate")
 	check(os.WriteFile(faultFile, []byte(fmt.Sprint(*faultRate)), 0o600))
+	if *keepLog != "" {
+		defer func() { _ = copyFile(srv.LogPath, *keepLog) }()
+	}
 	srv.PluginEnv = []string{"CMK_FAULT_RATE_FILE=" + faultFile}
 	srv.LogLevel = "debug" // keeps the plugin's stderr, and so any crash trace, in Vault's log
 	check(srv.StartDevMode("soak-root"))
@@ -79,7 +86,7 @@ func main() {
 	check(srv.RegisterPlugin(abs(*pluginBin), "", ""))
 	m, err := srv.NewMount("soak")
 	check(err)
-	s := &soak{srv: srv, path: m.Path, issued: map[string]string{}, signatures: map[string]string{}, tally: map[string]*tally{}, why503: map[string]int{}}
+	s := &soak{srv: srv, path: m.Path, start: time.Now(), issued: map[string]string{}, signatures: map[string]string{}, tally: map[string]*tally{}, why503: map[string]int{}}
 	for _, op := range []string{"encrypt", "encrypt batch", "decrypt", "rewrap", "rotate", "sign", "verify"} {
 		s.tally[op] = &tally{}
 	}
@@ -137,7 +144,7 @@ func main() {
 
 	lost, checked := s.checkEverything()
 	crashes := s.report(lost, checked, time.Since(start), len(pids))
-	if lost > 0 || len(s.wrong) > 0 || len(s.internal) > 0 || len(s.refused) > 0 || crashes > 0 || len(pids) == 0 {
+	if lost > 0 || len(s.wrong) > 0 || len(s.internal) > 0 || len(s.refused) > 0 || len(s.transport) > 0 || crashes > 0 || len(pids) == 0 {
 		os.Exit(1)
 	}
 }
@@ -177,7 +184,11 @@ func (s *soak) count(op string, err error) bool {
 		}
 		s.mu.Unlock()
 	default:
+		// No HTTP answer at all (a timeout, a refused or reset connection): Vault itself should always answer.
 		t.transport.Add(1)
+		s.mu.Lock()
+		s.transport = append(s.transport, fmt.Sprintf("%s after %s: %v", op, time.Since(s.start).Round(time.Millisecond), err))
+		s.mu.Unlock()
 	}
 	return false
 }
@@ -464,8 +475,9 @@ func (s *soak) report(lost, checked int, elapsed time.Duration, kills int) (cras
 	}
 	crashes, trace := s.crashes()
 	fmt.Printf("ciphertexts and signatures checked: %d; lost: %d; wrong answers during the load: %d; "+
-		"400s on valid ciphertexts or signatures: %d; unexplained 500s: %d; plugin restarts other than the kill: %d\n",
-		checked, lost, len(s.wrong), len(s.refused), len(s.internal), crashes)
+		"400s on valid ciphertexts or signatures: %d; unexplained 500s: %d; requests without an answer: %d; "+
+		"plugin restarts other than the kill: %d\n",
+		checked, lost, len(s.wrong), len(s.refused), len(s.internal), len(s.transport), crashes)
 	for _, msg := range s.internal {
 		if msg != "" {
 			fmt.Println("  500:", msg)
@@ -476,10 +488,15 @@ func (s *soak) report(lost, checked int, elapsed time.Duration, kills int) (cras
 			fmt.Println("  400:", msg)
 		}
 	}
+	for i, msg := range s.transport {
+		if i < 30 {
+			fmt.Println("  no answer:", msg)
+		}
+	}
 	if trace != "" {
 		fmt.Printf("crash trace from Vault's log:\n%s\n", trace)
 	}
-	if lost == 0 && len(s.wrong) == 0 && len(s.internal) == 0 && len(s.refused) == 0 && crashes == 0 {
+	if lost == 0 && len(s.wrong) == 0 && len(s.internal) == 0 && len(s.refused) == 0 && len(s.transport) == 0 && crashes == 0 {
 		fmt.Println("PASS: nothing lost")
 	} else {
 		fmt.Println("FAIL")
@@ -491,6 +508,14 @@ func (s *soak) must(path string, data map[string]interface{}) {
 	if _, err := s.srv.Client.Logical().Write(s.path+"/"+path, data); err != nil {
 		log.Fatalf("write %s: %v", path, err)
 	}
+}
+
+func copyFile(from, to string) error {
+	b, err := os.ReadFile(from)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(to, b, 0o600)
 }
 
 func b64(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
