@@ -1,6 +1,11 @@
 package hsm
 
-import "github.com/miekg/pkcs11"
+import (
+	"strings"
+	"sync"
+
+	"github.com/miekg/pkcs11"
+)
 
 // pkcs11API is every PKCS#11 function this package calls on a loaded module, other than the module's own
 // lifetime (C_Initialize, C_Finalize). moduleCalls (miekg/pkcs11's Ctx and one call of our own) is the
@@ -38,3 +43,66 @@ type pkcs11API interface {
 }
 
 var _ pkcs11API = moduleCalls{}
+
+// storeGuard keeps searches and attribute reads out of the library while an object is created or destroyed, on
+// modules whose object store is not safe otherwise. SoftHSM 2.6.1 (what Debian 12 ships) re-reads its file store
+// on every C_FindObjectsInit, and a re-read racing an object's creation in another session (SoftHSMv2 issue 573,
+// fixed upstream after 2.6.1) fails the creation with CKR_GENERAL_ERROR or CKR_TEMPLATE_INCONSISTENT, hides
+// objects from searches, and in 10-minute soaks left a version's key unusable: refused as of another key type,
+// or gone from the token for good while storage referenced it. Cryptographic calls are not held up: they name
+// an object by handle and read no store. The lock is taken inside module.enter, around one call only, and waits
+// for nothing else, so it joins no cycle with the module's or the pool's locks.
+type storeGuard struct {
+	pkcs11API
+	mu *sync.RWMutex
+}
+
+// guardStore wraps calls with a storeGuard when the module is one that needs it.
+func guardStore(lib pkcs11.Info, calls pkcs11API) pkcs11API {
+	if !strings.HasPrefix(strings.TrimSpace(lib.ManufacturerID), "SoftHSM") {
+		return calls
+	}
+	return storeGuard{pkcs11API: calls, mu: &sync.RWMutex{}}
+}
+
+func (g storeGuard) FindObjectsInit(sh pkcs11.SessionHandle, temp []*pkcs11.Attribute) error {
+	g.mu.RLock()
+	defer g.mu.RUnlock()
+	return g.pkcs11API.FindObjectsInit(sh, temp)
+}
+
+func (g storeGuard) GetAttributeValue(sh pkcs11.SessionHandle, o pkcs11.ObjectHandle, a []*pkcs11.Attribute) ([]*pkcs11.Attribute, error) {
+	g.mu.RLock()
+	defer g.mu.RUnlock()
+	return g.pkcs11API.GetAttributeValue(sh, o, a)
+}
+
+func (g storeGuard) GenerateKey(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, temp []*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.pkcs11API.GenerateKey(sh, m, temp)
+}
+
+func (g storeGuard) GenerateKeyPair(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, public, private []*pkcs11.Attribute) (pkcs11.ObjectHandle, pkcs11.ObjectHandle, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.pkcs11API.GenerateKeyPair(sh, m, public, private)
+}
+
+func (g storeGuard) CreateObject(sh pkcs11.SessionHandle, temp []*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.pkcs11API.CreateObject(sh, temp)
+}
+
+func (g storeGuard) UnwrapKey(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, unwrappingKey pkcs11.ObjectHandle, wrappedKey []byte, a []*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.pkcs11API.UnwrapKey(sh, m, unwrappingKey, wrappedKey, a)
+}
+
+func (g storeGuard) DestroyObject(sh pkcs11.SessionHandle, oh pkcs11.ObjectHandle) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.pkcs11API.DestroyObject(sh, oh)
+}

@@ -107,7 +107,7 @@ func acquireModule(path, params string) (*module, error) {
 	}
 	m.sized = sized
 	m.info, _ = ctx.GetInfo()
-	m.calls = wrapCalls(moduleCalls{Ctx: ctx, sized: sized})
+	m.calls = wrapCalls(guardStore(m.info, moduleCalls{Ctx: ctx, sized: sized}))
 	m.generation.Store(1)
 	modules[path] = m
 	return m, nil

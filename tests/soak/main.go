@@ -66,9 +66,21 @@ type soak struct {
 func main() {
 	flag.Parse()
 	log.SetFlags(0)
+	os.Exit(run())
+}
+
+// run is the soak; its exit code is main's. On failure the run's directory (Vault's log, the SoftHSM token) is
+// kept for inspection with pkcs11-tool, and its path printed.
+func run() (code int) {
 	dir, err := os.MkdirTemp("", "cmk-soak-")
 	check(err)
-	defer os.RemoveAll(dir)
+	defer func() {
+		if code == 0 {
+			os.RemoveAll(dir)
+		} else {
+			fmt.Printf("kept for inspection: %s (Vault's log: vault/vault.log; the token: softhsm)\n", dir)
+		}
+	}()
 	env, err := softhsmtest.Setup(filepath.Join(dir, "softhsm"))
 	check(err)
 	srv, err := vaulttest.NewServer(filepath.Join(dir, "vault"), abs(*vaultBin), abs(*pluginBin), env)
@@ -76,7 +88,7 @@ func main() {
 	faultFile := filepath.Join(dir, "fault-rate")
 	check(os.WriteFile(faultFile, []byte(fmt.Sprint(*faultRate)), 0o600))
 	if *keepLog != "" {
-		defer func() { _ = copyFile(srv.LogPath, *keepLog) }()
+		defer func() { _ = copyFile(srv.LogPath, *keepLog) }() // after srv.Stop: the whole log
 	}
 	srv.PluginEnv = []string{"CMK_FAULT_RATE_FILE=" + faultFile}
 	srv.LogLevel = "debug" // keeps the plugin's stderr, and so any crash trace, in Vault's log
@@ -145,8 +157,9 @@ func main() {
 	lost, checked := s.checkEverything()
 	crashes := s.report(lost, checked, time.Since(start), len(pids))
 	if lost > 0 || len(s.wrong) > 0 || len(s.internal) > 0 || len(s.refused) > 0 || len(s.transport) > 0 || crashes > 0 || len(pids) == 0 {
-		os.Exit(1)
+		return 1
 	}
+	return 0
 }
 
 // count files an operation's outcome under its class. A 500 within 20 s of the plugin kill is Vault's own
