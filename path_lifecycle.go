@@ -75,14 +75,14 @@ func (b *backend) pathLifecycle() []*framework.Path {
 				"min_available_version": {
 					Type:        framework.TypeInt,
 					Required:    true,
-					Description: "Versions below this one are destroyed in the HSM now (as Transit's trim). Must not exceed min_decryption_version or min_encryption_version.",
+					Description: "Versions below this one serve nothing from now on and are destroyed in the HSM after config/keys' deletion_grace_period (at once when it is 0, as Transit's trim). Must not exceed min_decryption_version or min_encryption_version, and never goes down.",
 				},
 			},
 			Operations: map[logical.Operation]framework.OperationHandler{
-				logical.UpdateOperation: &framework.PathOperation{Callback: b.pathTrim, Summary: "Destroy the versions below min_available_version."},
+				logical.UpdateOperation: &framework.PathOperation{Callback: b.pathTrim, Summary: "Retire the versions below min_available_version and schedule their destruction."},
 			},
-			HelpSynopsis:    "Destroy old versions, as Transit's trim.",
-			HelpDescription: "Destroys the HSM objects of every version below min_available_version at once; their metadata stays as tombstones and ciphertexts of those versions can no longer be decrypted.",
+			HelpSynopsis:    "Retire old versions, as Transit's trim, under the mount's deletion grace period.",
+			HelpDescription: "Raises min_available_version: versions below it decrypt, verify and sign nothing from then on, and their HSM objects are destroyed when config/keys' deletion_grace_period has elapsed, as every other destruction (at once when it is 0). Their metadata stays as tombstones. min_available_version never goes down, so a trimmed version cannot be enabled again.",
 		},
 		{
 			Pattern:      "keys/" + name + "/history",
@@ -160,7 +160,14 @@ func (b *backend) pathCancelDeletion(ctx context.Context, req *logical.Request, 
 
 func (b *backend) pathTrim(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	minAvail := d.Get("min_available_version").(int)
-	k, err := b.keys.Update(ctx, req.Storage, d.Get("name").(string), actorOf(req), func(tx *keys.Tx) error { return tx.Trim(minAvail) })
+	cfg, err := b.readKeysConfig(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	at := time.Now().UTC().Add(cfg.DeletionGracePeriod)
+	k, err := b.keys.Update(ctx, req.Storage, d.Get("name").(string), actorOf(req), func(tx *keys.Tx) error {
+		return tx.Trim(minAvail, at, cfg.DeletionGracePeriod == 0)
+	})
 	if err != nil {
 		return respond(err)
 	}

@@ -1,6 +1,7 @@
 package cmk
 
 import (
+	"context"
 	"fmt"
 	"strings"
 	"sync"
@@ -145,8 +146,11 @@ func TestKeyDisableAndDeletion(t *testing.T) {
 	}
 }
 
+// Trim, as Transit's, with one difference (issue 19, item 22): the versions below min_available_version are
+// destroyed after the mount's deletion grace period, as every other destruction, not in the same second.
 func TestTrim(t *testing.T) {
 	e := newTestBackend(t)
+	e.ok(e.write("config/keys", map[string]interface{}{"deletion_grace_period": "1m"}))
 	e.ok(e.write("keys/k", nil))
 	old := encryptOK(t, e, "k", "old")
 	e.ok(e.write("keys/k/rotate", nil))
@@ -162,13 +166,44 @@ func TestTrim(t *testing.T) {
 	}
 	e.ok(e.write("keys/k/config", map[string]interface{}{"min_decryption_version": 3}))
 	resp = e.ok(e.write("keys/k/trim", map[string]interface{}{"min_available_version": 3}))
-	if resp.Data["min_available_version"] != 3 || len(e.tokenObjects()) != 1 {
-		t.Fatalf("trim: %v, %d objects", resp.Data["min_available_version"], len(e.tokenObjects()))
+	if resp.Data["min_available_version"] != 3 {
+		t.Fatalf("trim: %v", resp.Data["min_available_version"])
+	}
+	if n := len(e.tokenObjects()); n != 3 {
+		t.Fatalf("trim under a 1-minute grace period left %d of 3 objects on the token", n)
+	}
+	for v := 1; v <= 2; v++ {
+		r := e.ok(e.read(fmt.Sprintf("keys/k/versions/%d", v)))
+		if r.Data["state"] != "destroy_scheduled" {
+			t.Fatalf("trimmed version %d: %v", v, r.Data)
+		}
+		// min_available_version never goes down: a trimmed version's destruction cannot be cancelled.
+		if r, err := e.write(fmt.Sprintf("keys/k/versions/%d/enable", v), nil); status(r, err) != 400 || !strings.Contains(respText(r), "trimmed") {
+			t.Fatalf("enable trimmed version %d: %d %s", v, status(r, err), respText(r))
+		}
 	}
 	e.ok(e.write("keys/k/config", map[string]interface{}{"min_decryption_version": 1}))
 	resp2, err := e.write("decrypt/k", map[string]interface{}{"ciphertext": old})
 	if status(resp2, err) != 400 || !strings.Contains(respText(resp2), "trimmed") {
 		t.Fatalf("decrypt a trimmed version: %s", respText(resp2))
+	}
+	// Once the grace period has elapsed the scheduler destroys them.
+	if err := e.b.keys.Tick(context.Background(), e.storage, time.Now().Add(2*time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(e.tokenObjects()); n != 1 {
+		t.Fatalf("after the grace period %d objects remain, want 1", n)
+	}
+	// With no grace period, as Transit, a trim destroys at once.
+	e.ok(e.write("config/keys", map[string]interface{}{"deletion_grace_period": 0}))
+	e.ok(e.write("keys/k/rotate", nil))
+	e.ok(e.write("keys/k/config", map[string]interface{}{"min_encryption_version": 4, "min_decryption_version": 4}))
+	e.ok(e.write("keys/k/trim", map[string]interface{}{"min_available_version": 4}))
+	if n := len(e.tokenObjects()); n != 1 {
+		t.Fatalf("trim with no grace period left %d objects, want 1", n)
+	}
+	if r := e.ok(e.read("keys/k/versions/3")); r.Data["state"] != "destroyed" {
+		t.Fatalf("version 3 after an immediate trim: %v", r.Data)
 	}
 }
 

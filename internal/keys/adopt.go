@@ -45,11 +45,39 @@ func (e *NumberTakenError) Error() string {
 		e.Version, e.Key, e.Label, e.Reason, e.Key)
 }
 
-// adoptedWAL is the WAL entry, if any, of the change that made an adopted object: that change ended (the plugin
-// died, storage failed) before its metadata was stored.
+// adoptedWAL is the record, if any, of the change that made an adopted object: that change ended (the plugin
+// died, storage failed) before its metadata was stored, or storage was restored to before it. The record is its
+// WAL entry (id), or the claim the WAL rollback left in its place (claim: the claim's storage key).
 type adoptedWAL struct {
 	id    string
+	claim string
 	entry WALEntry
+}
+
+// claimsPrefix holds claims: what a WAL rollback knew of material it left on the token (claims/<hsm_id>), so that
+// the engine still vouches for material it generated once the WAL entry is gone.
+const claimsPrefix = "claims/"
+
+// storeClaim keeps a rolled-back WAL entry's record for the material it left on the token.
+func storeClaim(ctx context.Context, s logical.Storage, w WALEntry) error {
+	e, err := logical.StorageEntryJSON(claimsPrefix+w.HSMID, w)
+	if err != nil {
+		return err
+	}
+	return s.Put(ctx, e)
+}
+
+// forget deletes the record once the version it names is stored.
+func (w adoptedWAL) forget(ctx context.Context, s logical.Storage) error {
+	if w.claim != "" {
+		if err := s.Delete(ctx, w.claim); err != nil {
+			return err
+		}
+	}
+	if w.id != "" {
+		return framework.DeleteWAL(ctx, s, w.id)
+	}
+	return nil
 }
 
 // adoptPending adopts, in order from the version after the latest, each version whose object the token holds and
@@ -99,14 +127,10 @@ func (tx *Tx) adoptPending(through int, onWord bool) (map[int]string, error) {
 				reason = why
 			}
 		}
-		switch {
-		case reason != "":
-		case tx.Cur == nil && !vouched:
-			// A key being created adopts only what its own interrupted creation made: anything else under its
-			// labels belongs to an earlier key of that name (deleted, or made after the snapshot storage was
-			// restored from), and becomes no new key's.
-			reason = "the token holds material under this label that no WAL entry of this key's creation made: an earlier key of this name (made after the snapshot storage was restored from?) is not given to a new key"
-		case k.referenced(f.IDHex()):
+		// A key being created adopts, as any key, what the rule allows under its labels: its own interrupted
+		// creation's material, or an earlier key's of that name that storage lost to a restore (a deleted key's
+		// material is destroyed with it), whose ciphertexts then decrypt again.
+		if reason == "" && k.referenced(f.IDHex()) {
 			reason = "its CKA_ID is already another version's"
 		}
 		if reason != "" {
@@ -184,7 +208,7 @@ func (tx *Tx) adopt(n int, f hsm.Found, w adoptedWAL, made, onWord bool) error {
 		}
 	}
 	if made {
-		tx.adopted = append(tx.adopted, w.id) // deleted once stored; never in tx.made: adopted material is not undone
+		tx.adopted = append(tx.adopted, w) // forgotten once stored; never in tx.made: adopted material is not undone
 	}
 	tx.Record("version_adopted", n, cause, details)
 	tx.m.log.Warn("key version adopted from the HSM", "key", k.Name, "version", n, "label", f.Label, "cause", cause)
@@ -193,16 +217,30 @@ func (tx *Tx) adopt(n int, f hsm.Found, w adoptedWAL, made, onWord bool) error {
 
 // vouchesFor: the entry records material this engine generated for version n of key name.
 func (w adoptedWAL) vouchesFor(name string, n int) bool {
-	return w.id != "" && w.entry.Generated && w.entry.Name == name && w.entry.Version == n
+	return (w.id != "" || w.claim != "") && w.entry.Generated && w.entry.Name == name && w.entry.Version == n
 }
 
-// versionWALs reads the WAL entries of version creations, by the HSM ID they bracket.
+// versionWALs reads the WAL entries of version creations and the claims rollbacks left, by the HSM ID they name.
 func versionWALs(ctx context.Context, s logical.Storage) (map[string]adoptedWAL, error) {
+	out := map[string]adoptedWAL{}
+	claims, err := s.List(ctx, claimsPrefix)
+	if err != nil {
+		return nil, err
+	}
+	for _, c := range claims {
+		e, err := s.Get(ctx, claimsPrefix+c)
+		if err != nil {
+			return nil, err
+		}
+		var w WALEntry
+		if e != nil && e.DecodeJSON(&w) == nil && w.HSMID != "" {
+			out[w.HSMID] = adoptedWAL{claim: claimsPrefix + c, entry: w}
+		}
+	}
 	ids, err := framework.ListWAL(ctx, s)
 	if err != nil {
 		return nil, err
 	}
-	out := map[string]adoptedWAL{}
 	for _, id := range ids {
 		e, err := framework.GetWAL(ctx, s, id)
 		if err != nil || e == nil || e.Kind != WALKindVersion {
@@ -214,7 +252,9 @@ func versionWALs(ctx context.Context, s logical.Storage) (map[string]adoptedWAL,
 		}
 		var w WALEntry
 		if json.Unmarshal(raw, &w) == nil && w.HSMID != "" {
-			out[w.HSMID] = adoptedWAL{id: id, entry: w}
+			// A claim and its WAL entry are both there between the rollback's return and Vault's deletion of
+			// the entry: the record keeps both, and forgets both.
+			out[w.HSMID] = adoptedWAL{id: id, claim: out[w.HSMID].claim, entry: w}
 		}
 	}
 	return out, nil
@@ -336,6 +376,9 @@ func (m *Manager) Reconcile(ctx context.Context, s logical.Storage, name string,
 				continue
 			}
 			k, numbers, err := m.adopt(ctx, s, n, 0, onWord, who)
+			if errors.Is(err, ErrNotFound) {
+				k, numbers, err = m.recreate(ctx, s, n, who)
+			}
 			var taken *NumberTakenError
 			switch {
 			case errors.As(err, &taken), errors.Is(err, ErrNotFound):
@@ -422,7 +465,7 @@ var hmacSuffixHex = hex.EncodeToString([]byte("/hmac"))
 func (m *Manager) judge(ctx context.Context, tok HSM, k *Key, v int, o hsm.ObjectInfo) (auto, onWord bool, reason string) {
 	switch {
 	case k == nil:
-		return false, false, "storage holds no key of this name: only versions of known keys are adopted"
+		return false, false, "storage holds no key of this name: creating the key again adopts it if the rule allows (so does reconcile with adopt when the engine's record of the material names the key's type)"
 	case strings.HasSuffix(o.Label, "/hmac"):
 		return false, false, "an HMAC secret whose version's main object is not referenced either"
 	case v <= k.LatestVersion:
@@ -484,4 +527,48 @@ func less(ka string, va int, kb string, vb int) bool {
 		return ka < kb
 	}
 	return va < vb
+}
+
+// recreate makes key name again from its material on the token, when a claim left by a WAL rollback names the
+// key's type (storage was restored to before the key was stored, after data was protected under it): the versions
+// the rule allows are adopted, and nothing new is made. Settings are the defaults; history records the recreation.
+func (m *Manager) recreate(ctx context.Context, s logical.Storage, name string, who Actor) (*Key, []int, error) {
+	records, err := versionWALs(ctx, s)
+	if err != nil {
+		return nil, nil, err
+	}
+	var typ Type
+	for _, w := range records {
+		if w.entry.Name == name && w.entry.Version == 1 && w.entry.Type != "" {
+			typ = w.entry.Type
+		}
+	}
+	if typ == "" {
+		return nil, nil, notFound(name)
+	}
+	l := m.lock(name)
+	l.Lock()
+	defer l.Unlock()
+	if cur, err := m.getLocked(ctx, s, name); err != nil || cur != nil {
+		return cur, nil, err
+	}
+	var numbers []int
+	who.RequestID = "" // no retry of the creation: what it adopts has unknown usage
+	k := &Key{Name: name, Type: typ, CreatedAt: time.Now().UTC()}
+	key, err := m.commit(ctx, s, who, nil, k, func(tx *Tx) error {
+		adopted, err := tx.adoptPending(0, false)
+		if len(adopted) == 0 {
+			if err == nil {
+				err = notFound(name)
+			}
+			return err
+		}
+		for n := range adopted {
+			numbers = append(numbers, n)
+		}
+		tx.Record("created", 0, CauseRestore, fmt.Sprintf("type %s; made again from its material on the token by reconcile with adopt: storage did not hold the key", typ))
+		return nil
+	})
+	sort.Ints(numbers)
+	return key, numbers, err
 }

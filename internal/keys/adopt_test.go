@@ -383,13 +383,31 @@ func TestDeletedKeysMaterialNeverComesBack(t *testing.T) {
 	if f.has(lost) {
 		t.Fatal("the deleted key's unadopted material is still on the token")
 	}
-	// Material of an earlier key of this name that storage never knew (made after a snapshot): not adopted.
+	// Material of an earlier key of this name that storage never knew (made after the snapshot storage was
+	// restored from): a key made again under the name adopts it (issue 19, finding 1), so that what it protected
+	// decrypts again; its usage is unknown and the new key encrypts with a version of its own.
 	earlier := "f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff"
 	f.objects[earlier], f.labels[earlier] = true, versionLabel("mount", "k", 1)
-	_, _, err := m.Create(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96}, Actor{RequestID: "req-new"}, nil)
+	k, _, err := m.Create(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96}, Actor{RequestID: "req-new"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k.Versions[1].HSMID != earlier || !k.Versions[1].EncryptionsUnknown || k.LatestVersion != 2 {
+		t.Fatalf("key made again: v1 %+v, latest %d", k.Versions[1], k.LatestVersion)
+	}
+	// Material the token cannot show it generated (imported) is not given to the new key: the number is taken.
+	if _, err := m.Update(ctx, s, "k", who, func(tx *Tx) error { tx.Key.DeletionAllowed = true; tx.Changed(); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Update(ctx, s, "k", who, func(tx *Tx) error { return tx.Delete(0) }); err != nil {
+		t.Fatal(err)
+	}
+	planted := "d0d1d2d3d4d5d6d7d8d9dadbdcdddedf"
+	f.objects[planted], f.labels[planted], f.imported[planted] = true, versionLabel("mount", "k", 1), true
+	_, _, err = m.Create(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96}, Actor{RequestID: "req-third"}, nil)
 	var taken *NumberTakenError
 	if !errors.As(err, &taken) {
-		t.Fatalf("a new key took an earlier key's material (or its number): %v", err)
+		t.Fatalf("a new key took material the token cannot show it generated (or its number): %v", err)
 	}
 }
 

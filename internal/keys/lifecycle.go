@@ -72,6 +72,8 @@ func (k *Key) EnableVersion(n int) (changed, cancelled bool, err error) {
 		return false, false, Callerf("key %q has no version %d", k.Name, n)
 	case v.State == StateDestroyed:
 		return false, false, Callerf("version %d of key %q is destroyed: its HSM objects are gone", n, k.Name)
+	case n < k.MinAvailableVersion:
+		return false, false, Callerf("version %d of key %q was trimmed (below min_available_version %d, which never goes down): its destruction cannot be cancelled", n, k.Name, k.MinAvailableVersion)
 	case v.State == "":
 		if s := k.VersionState(n); s == StateActive || s == StateDecryptOnly {
 			return false, false, nil
@@ -136,7 +138,7 @@ func (k *Key) CancelDeletion() error {
 	return nil
 }
 
-// Trim raises min_available_version; the versions below it are then destroyed by the caller. As Transit, it is
+// Trim raises min_available_version; the versions below it are then scheduled for destruction by the caller. As Transit, it is
 // refused while min_encryption_version is not set, and may exceed neither bound.
 func (k *Key) Trim(minAvail int) error {
 	switch {

@@ -43,6 +43,8 @@ type WALEntry struct {
 	// Generated: the material is generated on the token by this engine (not imported). With the entry, it vouches
 	// for the material's origin where the token cannot (see adopt.go).
 	Generated bool `json:"generated,omitempty"`
+	// Type of the key, so that material a rollback leaves can make the key again (reconcile with adopt).
+	Type Type `json:"type,omitempty"`
 }
 
 // Manager holds a mount's keys: the lock of each, its cached snapshot, the schedule of what is due, and usage
@@ -120,7 +122,7 @@ type Tx struct {
 
 	changed []int
 	made    []madeObject // objects made by this change, destroyed again if it fails before persisting
-	adopted []string     // WAL entries of adopted material: deleted once stored, never undone
+	adopted []adoptedWAL // records of adopted material: forgotten once stored, never undone
 	events  []Event
 	dirty   bool
 	deleted bool // the key's metadata is to be removed (its deletion destroyed its objects)
@@ -214,8 +216,8 @@ func (m *Manager) commit(ctx context.Context, s logical.Storage, who Actor, cur,
 			"key", tx.Key.Name, "error", err)
 		return nil, err
 	}
-	for _, id := range tx.walIDs() {
-		if err := framework.DeleteWAL(ctx, s, id); err != nil {
+	for _, w := range tx.records() {
+		if err := w.forget(ctx, s); err != nil {
 			m.log.Warn("could not delete WAL entry; the rollback finds the version stored and destroys nothing", "error", err)
 		}
 	}
@@ -236,13 +238,14 @@ type madeObject struct {
 	walID string
 }
 
-// walIDs are the WAL entries the change wrote or adopted from, all deleted once it is stored.
-func (tx *Tx) walIDs() []string {
-	ids := append([]string(nil), tx.adopted...)
+// records are the WAL entries and claims of the material the change made or adopted, all forgotten once it is
+// stored.
+func (tx *Tx) records() []adoptedWAL {
+	out := append([]adoptedWAL(nil), tx.adopted...)
 	for _, m := range tx.made {
-		ids = append(ids, m.walID)
+		out = append(out, adoptedWAL{id: m.walID})
 	}
-	return ids
+	return out
 }
 
 // undo destroys the objects a failed change made before anything was stored. Adopted material is left alone:
@@ -284,6 +287,19 @@ func (tx *Tx) Record(kind string, version int, cause, details string) {
 
 // Who is the change's actor.
 func (tx *Tx) Who() Actor { return tx.who }
+
+// checkpoint persists the change so far and publishes it, for a change of several steps on the token whose first
+// step must be durable before the next (a deletion or a trim that a crash may cut short). What it publishes is a
+// copy: tx.Key goes on changing, and a snapshot others can read is never changed.
+func (tx *Tx) checkpoint() error {
+	snap := tx.Key.Clone()
+	if err := store(tx.ctx, tx.s, snap, tx.changed); err != nil {
+		tx.m.cache.Delete(snap.Name) // storage may hold the change or not: read it again
+		return err
+	}
+	tx.m.cache.Store(snap.Name, snap)
+	return nil
+}
 
 // hsm connects to the token once per change.
 func (tx *Tx) hsm() (HSM, error) {
@@ -356,7 +372,7 @@ func (tx *Tx) AddVersion(material Material, requestID string, generated bool) (i
 	}
 	n := k.LatestVersion + 1
 	ver := &Version{HSMID: hex.EncodeToString(rawID), Label: versionLabel(tx.m.mountID, k.Name, n), CreatedAt: time.Now().UTC(), CreatedBy: tx.who.String()}
-	walID, err := framework.PutWAL(tx.ctx, tx.s, WALKindVersion, &WALEntry{Name: k.Name, Version: n, HSMID: ver.HSMID, RequestID: tx.who.RequestID, Generated: generated})
+	walID, err := framework.PutWAL(tx.ctx, tx.s, WALKindVersion, &WALEntry{Name: k.Name, Version: n, HSMID: ver.HSMID, RequestID: tx.who.RequestID, Generated: generated, Type: k.Type})
 	if err != nil {
 		return 0, "", fmt.Errorf("write WAL: %w", err)
 	}
@@ -443,10 +459,9 @@ func (tx *Tx) DeleteKey(cause string) error {
 	k := tx.Key
 	if !k.Deleting {
 		k.Deleting = true
-		if err := store(tx.ctx, tx.s, k, nil); err != nil {
+		if err := tx.checkpoint(); err != nil {
 			return err
 		}
-		tx.m.cache.Store(k.Name, k)
 	}
 	tok, err := tx.hsm()
 	if err != nil {
@@ -470,6 +485,18 @@ func (tx *Tx) DeleteKey(cause string) error {
 		id := bytes.TrimSuffix(o.ID, []byte("/hmac"))
 		if _, err := tok.DestroyKeys(tx.ctx, id); err != nil {
 			return fmt.Errorf("destroy %s of key %q: %w", o.Label, k.Name, err)
+		}
+	}
+	// The claims rollbacks left for the key's material: it is destroyed.
+	records, err := versionWALs(tx.ctx, tx.s)
+	if err != nil {
+		return err
+	}
+	for _, w := range records {
+		if w.claim != "" && w.entry.Name == k.Name {
+			if err := w.forget(tx.ctx, tx.s); err != nil {
+				return err
+			}
 		}
 	}
 	tx.deleted = true
@@ -565,23 +592,37 @@ func (tx *Tx) CancelDeletion() error {
 	return nil
 }
 
-// Trim raises min_available_version, stores that first (so no version about to be destroyed is used meanwhile),
-// then destroys the versions below it.
-func (tx *Tx) Trim(minAvail int) error {
+// Trim raises min_available_version and schedules the destruction of the versions below it at at, as every
+// destruction is scheduled (now: destroyed at once, the grace period being 0). When they go at once, the raised
+// bound is stored first, so that a trim cut short serves none of them and the next attempt finishes it.
+func (tx *Tx) Trim(minAvail int, at time.Time, now bool) error {
 	k := tx.Key
 	if err := k.Trim(minAvail); err != nil {
 		return err
 	}
-	if err := store(tx.ctx, tx.s, k, nil); err != nil {
-		return err
-	}
-	tx.m.cache.Store(k.Name, k)
+	var scheduled []int
 	for n := 1; n < minAvail; n++ {
-		if err := tx.DestroyVersion(n, "trim"); err != nil {
+		if changed, err := k.ScheduleVersionDestruction(n, at); err != nil {
 			return err
+		} else if changed {
+			scheduled = append(scheduled, n)
 		}
 	}
-	tx.Record("trimmed", 0, "", fmt.Sprintf("min_available_version %d", minAvail))
+	tx.Changed(scheduled...)
+	tx.Record("trimmed", 0, "", fmt.Sprintf("min_available_version %d; versions below it destroyed at %s", minAvail, FormatTime(at)))
+	if !now {
+		return nil
+	}
+	if err := tx.checkpoint(); err != nil {
+		return err
+	}
+	for n := 1; n < minAvail; n++ {
+		if k.Versions[n].State == StateDestroyScheduled {
+			if err := tx.DestroyVersion(n, "trim"); err != nil {
+				return err
+			}
+		}
+	}
 	return nil
 }
 
@@ -644,7 +685,7 @@ func (tx *Tx) importPrivate(n int, material Material) error {
 	if _, err := rand.Read(rawID); err != nil {
 		return err
 	}
-	walID, err := framework.PutWAL(tx.ctx, tx.s, WALKindVersion, &WALEntry{Name: k.Name, Version: n, HSMID: hex.EncodeToString(rawID), RequestID: tx.who.RequestID})
+	walID, err := framework.PutWAL(tx.ctx, tx.s, WALKindVersion, &WALEntry{Name: k.Name, Version: n, HSMID: hex.EncodeToString(rawID), RequestID: tx.who.RequestID, Type: k.Type})
 	if err != nil {
 		return fmt.Errorf("write WAL: %w", err)
 	}
@@ -713,11 +754,14 @@ func (tx *Tx) EnsureHMACSecret(n int) error {
 	return nil
 }
 
-// RollbackVersion is the WAL rollback of a version's creation, for a version that storage never came to
-// reference: the change that made its material ended first (the plugin died, storage failed), or storage was
-// restored from a snapshot taken meanwhile. Material the engine generated is adopted as that version (after a
-// restore it may already protect data); other material an operator could adopt (an import) is left on the token
-// for them, reported by reconcile; anything else is destroyed. Nothing storage references is touched. It holds the key's lock throughout, so that it never races a change in progress.
+// RollbackVersion is the WAL rollback of a version's creation, for a version that storage does not reference: the
+// change that made its material ended first (the plugin died, storage failed), or storage was restored from a
+// snapshot taken before the version, or before its key, was stored. The two cannot be told apart from storage, and
+// after a restore the material may protect data: so a rollback destroys only what cannot be the version's material
+// (nothing under the version's label carries the entry's CKA_ID). Material the rule allows is adopted into the key
+// storage knows; anything else is left on the token with a claim that keeps the entry's record (reported by
+// reconcile, adopted when the key is created again or by reconcile with adopt). It holds the key's lock
+// throughout, so that it never races a change in progress.
 func (m *Manager) RollbackVersion(ctx context.Context, s logical.Storage, data interface{}) error {
 	raw, err := json.Marshal(data)
 	if err != nil {
@@ -743,7 +787,8 @@ func (m *Manager) RollbackVersion(ctx context.Context, s logical.Storage, data i
 		if k.referenced(w.HSMID) {
 			return nil
 		}
-		who := Actor{DisplayName: "cmk WAL rollback", RequestID: w.RequestID}
+		// The rollback is no retry of the request that wrote the entry: what it adopts has unknown usage.
+		who := Actor{DisplayName: "cmk WAL rollback"}
 		k, err = m.updateLocked(ctx, s, w.Name, who, func(tx *Tx) error {
 			_, err := tx.adoptPending(w.Version, false)
 			var taken *NumberTakenError
@@ -763,22 +808,25 @@ func (m *Manager) RollbackVersion(ctx context.Context, s logical.Storage, data i
 	if err != nil {
 		return err
 	}
-	if k != nil && w.Version > k.LatestVersion {
-		// Not adopted automatically (imported material, or a number blocked before it). If an operator could adopt
-		// it, it may protect data (storage restored from a snapshot taken during its import): it is left for them,
-		// reported by reconcile, never destroyed here.
-		if found, err := tok.FindVersion(ctx, k.Type.Info().Alg, versionLabel(m.mountID, w.Name, w.Version), k.HMACKeyBytes()); err == nil {
-			if f, reason := adoptable(found, true); reason == "" && f.IDHex() == w.HSMID {
-				m.log.Warn("WAL rollback left material on the token that may protect data; keys/:name/reconcile reports it",
-					"key", w.Name, "version", w.Version)
-				return nil
+	label := versionLabel(m.mountID, w.Name, w.Version)
+	objects, err := tok.ListObjects(ctx, label)
+	if err != nil {
+		return err
+	}
+	for _, o := range objects {
+		if o.Label == label && bytes.Equal(o.ID, id) {
+			if err := storeClaim(ctx, s, w); err != nil {
+				return err
 			}
+			m.log.Warn("WAL rollback left material on the token that storage does not reference: it may protect data (storage restored?); reconcile reports it",
+				"key", w.Name, "version", w.Version, "label", label)
+			return nil
 		}
 	}
 	n, err := tok.DestroyKeys(ctx, id)
 	if err != nil {
 		return err
 	}
-	m.log.Info("WAL rollback destroyed uncommitted HSM objects", "key", w.Name, "version", w.Version, "objects", n)
+	m.log.Info("WAL rollback destroyed HSM objects that carry no version's label", "key", w.Name, "version", w.Version, "objects", n)
 	return nil
 }

@@ -1,7 +1,6 @@
 package keys
 
 import (
-	"container/heap"
 	"context"
 	"errors"
 	"fmt"
@@ -39,7 +38,6 @@ func (m *Manager) buildSchedule(ctx context.Context, s logical.Storage) error {
 		return err
 	}
 	next := map[string]time.Time{}
-	var queue dueQueue
 	for _, name := range names {
 		k, err := m.Get(ctx, s, name)
 		if err != nil {
@@ -50,13 +48,9 @@ func (m *Manager) buildSchedule(ctx context.Context, s logical.Storage) error {
 		}
 		if at := k.NextDue(); !at.IsZero() {
 			next[name] = at
-			queue = append(queue, dueEntry{at: at, name: name})
 		}
 	}
-	heap.Init(&queue)
-	m.sched.mu.Lock()
-	m.sched.next, m.sched.queue, m.sched.ready = next, queue, true
-	m.sched.mu.Unlock()
+	m.sched.reset(next)
 	m.log.Debug("lifecycle schedule built", "keys", len(names), "scheduled", len(next))
 	return nil
 }

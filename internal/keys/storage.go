@@ -80,6 +80,9 @@ func load(ctx context.Context, s logical.Storage, name string) (*Key, error) {
 	}
 	for n := 1; n <= k.LatestVersion; n++ {
 		v := k.Versions[n]
+		if v == nil && k.Deleting {
+			continue // removed by a deletion cut short: the next attempt finishes it
+		}
 		if v == nil {
 			return nil, fmt.Errorf("key %q: version %d is missing from storage", name, n)
 		}
@@ -122,17 +125,25 @@ func store(ctx context.Context, s logical.Storage, k *Key, changed []int) error 
 	return nil
 }
 
-// remove deletes a key's metadata and usage counts; its history stays, as evidence.
+// remove deletes a key's metadata and usage counts; its history stays, as evidence. The key entry, stored with
+// Deleting set before anything was destroyed, goes last: a removal cut short leaves a key that serves nothing and
+// loads without the versions already removed, and the next attempt (the scheduler's, or a second delete) finishes.
 func remove(ctx context.Context, s logical.Storage, k *Key) error {
-	for c := 0; k.LatestVersion > 0 && c <= chunkOf(k.LatestVersion); c++ {
-		if err := s.Delete(ctx, versionsKey(k.Name, c)); err != nil {
-			return err
-		}
+	if !k.Deleting {
+		return fmt.Errorf("remove key %q: it is not marked as being deleted", k.Name)
 	}
 	if err := s.Delete(ctx, usagePrefix+k.Name); err != nil {
-		return err
+		return fmt.Errorf("remove key %q usage counts: %w", k.Name, err)
 	}
-	return s.Delete(ctx, PolicyPrefix+k.Name)
+	for c := 0; k.LatestVersion > 0 && c <= chunkOf(k.LatestVersion); c++ {
+		if err := s.Delete(ctx, versionsKey(k.Name, c)); err != nil {
+			return fmt.Errorf("remove key %q versions: %w", k.Name, err)
+		}
+	}
+	if err := s.Delete(ctx, PolicyPrefix+k.Name); err != nil {
+		return fmt.Errorf("remove key %q: %w", k.Name, err)
+	}
+	return nil
 }
 
 // List returns the names of the mount's keys.
