@@ -1,6 +1,7 @@
 package hsm
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"sync"
@@ -47,6 +48,30 @@ type module struct {
 	// lookAgainAfter: when an object a search did not find may next be looked for after re-initialising the
 	// module (see classUnseen), in UnixNano. Per module: re-initialising resets every token and mount using it.
 	lookAgainAfter atomic.Int64
+
+	// refusedSinceInit: an operation was refused since the module was last initialised (only noted on modules with
+	// quirks.reinitAfterRefusal); a destruction failing meanwhile is repeated after a re-initialisation.
+	refusedSinceInit atomic.Bool
+	// refusalReinitAfter: when such a destruction may next be repeated, in UnixNano (see refusalReinitPause).
+	refusalReinitAfter atomic.Int64
+}
+
+// waitRefusalReinitTurn waits until a destruction that met a refusal's leftover may be repeated, and takes the turn.
+func (m *module) waitRefusalReinitTurn(ctx context.Context) error {
+	for {
+		now, after := time.Now().UnixNano(), m.refusalReinitAfter.Load()
+		if now >= after {
+			if m.refusalReinitAfter.CompareAndSwap(after, now+int64(refusalReinitPause)) {
+				return nil
+			}
+			continue
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Duration(after - now)):
+		}
+	}
 }
 
 // errStale: the caller's session belongs to a module generation or a connection epoch that has ended. The call
@@ -216,6 +241,7 @@ func (m *module) reinitializeLocked(seen uint64) error {
 	err := m.initialize()
 	m.generation.Add(1)
 	m.logins.forgetAll() // C_Finalize logged every token out
+	m.refusedSinceInit.Store(false)
 	if err != nil {
 		return fmt.Errorf("%w: C_Initialize: %v", ErrUnavailable, err)
 	}
