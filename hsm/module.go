@@ -28,7 +28,7 @@ type module struct {
 	params string // C_Initialize's pReserved: library parameters (NSS needs them); "" passes NULL
 	ctx    *pkcs11.Ctx
 	calls  pkcs11API // every call other than the lifetime's: ctx itself, or a fault-injecting wrapper
-	sized  sizedEncrypter
+	own    ownCalls
 	info   pkcs11.Info // what the library says of itself (C_GetInfo), read once
 
 	mu         sync.RWMutex
@@ -124,15 +124,15 @@ func acquireModule(path, params string) (*module, error) {
 		ctx.Destroy()
 		return nil, fmt.Errorf("%w: C_Initialize: %v", ErrUnavailable, err)
 	}
-	sized, err := loadSizedEncrypter(path)
+	own, err := loadOwnCalls(path)
 	if err != nil {
 		_ = ctx.Finalize()
 		ctx.Destroy()
 		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
-	m.sized = sized
+	m.own = own
 	m.info, _ = ctx.GetInfo()
-	m.calls = wrapCalls(guardStore(m.info, moduleCalls{Ctx: ctx, sized: sized}))
+	m.calls = wrapCalls(guardStore(m.info, moduleCalls{Ctx: ctx, own: own}))
 	m.generation.Store(1)
 	modules[path] = m
 	return m, nil
