@@ -172,6 +172,52 @@ func (t *Token) do(ctx context.Context, op string, fn func(c pkcs11API, s sessio
 	return opError(op, last)
 }
 
+// doAside is do for long scans of the whole token: fn runs on a session opened for it and closed after, outside
+// the pool's places, so that data-plane calls never wait behind it. One scan at a time per Token; waiting honours
+// ctx. Where the module's sessions interfere (quirks.oneSession) or the token has no session to spare, it is do.
+func (t *Token) doAside(ctx context.Context, op string, fn func(c pkcs11API, s session) error) error {
+	if t.quirks().oneSession {
+		return t.do(ctx, op, fn)
+	}
+	select {
+	case t.scans <- struct{}{}:
+	case <-ctx.Done():
+		return fmt.Errorf("%s: %w: waiting for another scan of the token: %v", op, ErrUnavailable, ctx.Err())
+	}
+	defer func() { <-t.scans }()
+	recovered := false
+	for stale := 0; ; {
+		if err := t.pool.ensure(); err != nil {
+			return fmt.Errorf("%s: %w", op, err)
+		}
+		s, err := t.pool.open()
+		if rv, ok := rvOf(err); ok && rv == pkcs11.CKR_SESSION_COUNT {
+			return t.do(ctx, op, fn)
+		}
+		if err == nil {
+			err = t.pool.run(s, fn)
+		}
+		t.pool.discard(s)
+		if err == nil {
+			return nil
+		}
+		switch class := classify(err); {
+		case class == classStale && stale < maxStaleRetries:
+			stale++
+			continue
+		case (class == classSession || class == classLogin || class == classDevice) && !recovered:
+			recovered = true
+			if class != classSession {
+				t.pool.markLost(s, class == classDevice, err)
+			}
+			continue
+		case class == classSession || class == classLogin || class == classDevice || class == classStale:
+			return fmt.Errorf("%s: %w: %v", op, ErrUnavailable, err)
+		}
+		return opError(op, err)
+	}
+}
+
 // loggedOut reports whether session s has lost its login, asking the module on the session itself.
 func (t *Token) loggedOut(s session) bool {
 	if s.h == 0 {
