@@ -84,7 +84,7 @@ func (t *Token) ImportVersion(ctx context.Context, r ImportRequest) (crypto.Publ
 	if r.KeyWrapMech == 0 || !caps.Offers(r.KeyWrapMech) {
 		return nil, "", unsupported("BYOK imports", []string{"AES key wrap with padding (RFC 5649: CKM_AES_KEY_WRAP_KWP)"})
 	}
-	o := templateOptions{allowedMechanisms: caps.AllowedMechanisms,
+	o := templateOptions{allowedMechanisms: caps.AllowedMechanisms, nssDB: t.quirks().nssDBOnUnwrappedEC,
 		omitMeaningless: pairTemplateOptions(t.pool.tokenState().pairTemplates.Load())&omitMeaningless != 0}
 	rawRSA := caps.AllowedMechanisms && !caps.OAEPSHA256
 	kind := r.Algorithm.kind()
@@ -141,7 +141,7 @@ func (t *Token) ImportVersion(ctx context.Context, r ImportRequest) (crypto.Publ
 				rv == pkcs11.CKR_ENCRYPTED_DATA_INVALID || rv == pkcs11.CKR_GENERAL_ERROR || rv == pkcs11.CKR_TEMPLATE_INCONSISTENT ||
 				rv == pkcs11.CKR_TEMPLATE_INCOMPLETE || rv == pkcs11.CKR_FUNCTION_FAILED) {
 				// SoftHSM 2.6 answers CKR_FUNCTION_FAILED both to a malformed PKCS#8 and to Ed25519 keys it cannot
-				// import; NSS 3.87 answers CKR_TEMPLATE_INCOMPLETE to every PKCS#8 EC key.
+				// import.
 				expected := ""
 				if kind != kindAES && kind != kindHMAC {
 					// What people most often send instead: an EC key in SEC1 form ("EC PRIVATE KEY"), an RSA key
@@ -283,6 +283,9 @@ func importTemplate(o templateOptions, rawRSA, withCurve bool, r ImportRequest) 
 	if withCurve && r.Algorithm.kind() == kindEC {
 		_, params := r.Algorithm.curve()
 		out = append(out, pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, params))
+	}
+	if o.nssDB && r.Algorithm.kind() == kindEC {
+		out = append(out, pkcs11.NewAttribute(ckaNSSDB, r.ID)) // see quirks.nssDBOnUnwrappedEC
 	}
 	return out
 }
