@@ -52,6 +52,7 @@ type hsmToken interface {
 	DestroyKeys(ctx context.Context, id []byte) (int, error)
 	FindVersion(ctx context.Context, alg hsm.Algorithm, label string, hmacBytes int) ([]hsm.Found, error)
 	ListObjects(ctx context.Context, labelPrefix string) ([]hsm.ObjectInfo, error)
+	ObjectsLabelled(ctx context.Context, labels []string) ([]hsm.ObjectInfo, error)
 	MissingObjects(id []byte) map[string]time.Time
 	Capabilities(ctx context.Context) (*hsm.Capabilities, error)
 	Info() hsm.TokenInfo

@@ -58,12 +58,20 @@ type quirks struct {
 	// oneSession: concurrent sessions interfere (tpm2-pkcs11 1.9 answers CKR_OPERATION_NOT_INITIALIZED to a C_Sign
 	// right after its C_SignInit when other sessions work meanwhile): operations use one session at a time.
 	oneSession bool
+	// nssDBOnUnwrappedEC: an EC private key unwrapped onto the token needs CKA_NSS_DB in the template (NSS softokn
+	// 3.87 answers CKR_TEMPLATE_INCOMPLETE without it, whatever the PKCS#8 holds). softokn keeps the public value of
+	// a private key there; it does not check it, and nothing here reads it (the public key is recovered from
+	// signatures, see importedCurvePublicKey), so the version's CKA_ID stands in for the point, which the
+	// plugin cannot know before the key is unwrapped.
+	nssDBOnUnwrappedEC bool
 }
 
 func quirksOf(lib pkcs11.Info, info TokenInfo) quirks {
 	switch {
 	case strings.HasPrefix(info.ManufacturerID, "SoftHSM"):
 		return quirks{serialObjectWrites: true, retryGeneralError: true, pad210A: true}
+	case strings.HasPrefix(info.ManufacturerID, "Mozilla"):
+		return quirks{nssDBOnUnwrappedEC: true}
 	case strings.Contains(lib.ManufacturerID, "tpm2-software"):
 		return quirks{serialObjectWrites: true, reinitAfterDestroy: true, reinitAfterRefusal: true, oneSession: true}
 	}
@@ -74,8 +82,9 @@ func quirksOf(lib pkcs11.Info, info TokenInfo) quirks {
 const (
 	ckmEdwardsKeyPairGen = 0x1055
 	ckmEdDSA             = 0x1057
-	MechAESKeyWrapPad    = 0x210A // CKM_AES_KEY_WRAP_PAD
-	MechAESKeyWrapKWP    = 0x210B // CKM_AES_KEY_WRAP_KWP
+	MechAESKeyWrapPad    = 0x210A     // CKM_AES_KEY_WRAP_PAD
+	MechAESKeyWrapKWP    = 0x210B     // CKM_AES_KEY_WRAP_KWP
+	ckaNSSDB             = 0xD5A0DB00 // CKA_NSS_DB (CKA_NETSCAPE_DB): NSS's vendor attribute
 )
 
 // mechanismNames are the mechanisms the engine uses, by the names operators know from PKCS#11.

@@ -203,6 +203,10 @@ func (f *faultyCalls) FindObjects(sh pkcs11.SessionHandle, max int) ([]pkcs11.Ob
 	}
 	f.mu.Unlock()
 	hs, more, err := f.pkcs11API.FindObjects(sh, max)
+	f.mu.Lock()
+	f.calls["FindObjects"]++
+	f.calls["FindObjects objects"] += len(hs) // objects a search visited
+	f.mu.Unlock()
 	if blind && err == nil {
 		return nil, false, nil
 	}

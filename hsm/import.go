@@ -84,7 +84,7 @@ func (t *Token) ImportVersion(ctx context.Context, r ImportRequest) (crypto.Publ
 	if r.KeyWrapMech == 0 || !caps.Offers(r.KeyWrapMech) {
 		return nil, "", unsupported("BYOK imports", []string{"AES key wrap with padding (RFC 5649: CKM_AES_KEY_WRAP_KWP)"})
 	}
-	o := templateOptions{allowedMechanisms: caps.AllowedMechanisms,
+	o := templateOptions{allowedMechanisms: caps.AllowedMechanisms, nssDB: t.quirks().nssDBOnUnwrappedEC,
 		omitMeaningless: pairTemplateOptions(t.pool.tokenState().pairTemplates.Load())&omitMeaningless != 0}
 	rawRSA := caps.AllowedMechanisms && !caps.OAEPSHA256
 	kind := r.Algorithm.kind()
@@ -141,7 +141,7 @@ func (t *Token) ImportVersion(ctx context.Context, r ImportRequest) (crypto.Publ
 				rv == pkcs11.CKR_ENCRYPTED_DATA_INVALID || rv == pkcs11.CKR_GENERAL_ERROR || rv == pkcs11.CKR_TEMPLATE_INCONSISTENT ||
 				rv == pkcs11.CKR_TEMPLATE_INCOMPLETE || rv == pkcs11.CKR_FUNCTION_FAILED) {
 				// SoftHSM 2.6 answers CKR_FUNCTION_FAILED both to a malformed PKCS#8 and to Ed25519 keys it cannot
-				// import; NSS 3.87 answers CKR_TEMPLATE_INCOMPLETE to every PKCS#8 EC key.
+				// import.
 				expected := ""
 				if kind != kindAES && kind != kindHMAC {
 					// What people most often send instead: an EC key in SEC1 form ("EC PRIVATE KEY"), an RSA key
@@ -212,7 +212,13 @@ func (t *Token) unwrapEphemeral(p pkcs11API, sh pkcs11.SessionHandle, wrapping p
 	if err := p.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_X_509, nil)}, wrapping); err != nil {
 		return 0, "", err
 	}
+	// Every copy of the ephemeral key in plugin memory is zeroed before this returns: the raw decryption (written
+	// by the module straight into Go memory, see moduleCalls.Decrypt), its left-padded copy, the decoded key, the
+	// hash state that held the OAEP seed (oaepUnpad), and the C copy of the template's CKA_VALUE
+	// (moduleCalls.CreateObject). What the Go runtime copies on its own (stack copies made by the hash's Sum,
+	// stacks moved as they grow) is out of reach; the README says so.
 	em, err := p.Decrypt(sh, wrapped)
+	defer clear(em)
 	if rv, ok := rvOf(err); ok && (rv == pkcs11.CKR_GENERAL_ERROR || rv == pkcs11.CKR_ENCRYPTED_DATA_INVALID || rv == pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE) {
 		// SoftHSM reports a ciphertext larger than the modulus as CKR_GENERAL_ERROR.
 		return 0, "", fmt.Errorf("%w: the ephemeral key does not unwrap with the wrapping key (wrong wrapping key?)", ErrInvalidArgument)
@@ -221,22 +227,28 @@ func (t *Token) unwrapEphemeral(p pkcs11API, sh pkcs11.SessionHandle, wrapping p
 		return 0, "", err
 	}
 	padded := leftPad(em, k)
+	defer clear(padded)
 	keyBytes, err := oaepUnpad(h.New(), padded)
-	clear(em)
-	clear(padded)
 	if err != nil {
 		return 0, "", fmt.Errorf("%w: the ephemeral key does not unwrap with the wrapping key (wrong wrapping key or hash_function?)", ErrInvalidArgument)
 	}
 	defer clear(keyBytes)
+	if ephemeralCopies != nil {
+		ephemeralCopies(em, padded, keyBytes)
+	}
 	if len(keyBytes) != 32 {
 		return 0, "", fmt.Errorf("%w: the ephemeral key is %d bytes, not 32 (AES-256)", ErrInvalidArgument, len(keyBytes))
 	}
+	// miekg/pkcs11's NewAttribute keeps a []byte as it is: the attribute's value is keyBytes itself.
 	eph, err := p.CreateObject(sh, append(tmpl, pkcs11.NewAttribute(pkcs11.CKA_VALUE, keyBytes)))
 	if err != nil {
 		return 0, "", err
 	}
 	return eph, ImportEphemeralInPlugin, nil
 }
+
+// ephemeralCopies, set by tests only, is shown the plugin's Go copies of the ephemeral key while they are in use.
+var ephemeralCopies func(copies ...[]byte)
 
 // importTemplate is the unwrapped target's template: the same protection and usage as a generated version.
 func importTemplate(o templateOptions, rawRSA, withCurve bool, r ImportRequest) []*pkcs11.Attribute {
@@ -271,6 +283,9 @@ func importTemplate(o templateOptions, rawRSA, withCurve bool, r ImportRequest) 
 	if withCurve && r.Algorithm.kind() == kindEC {
 		_, params := r.Algorithm.curve()
 		out = append(out, pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, params))
+	}
+	if o.nssDB && r.Algorithm.kind() == kindEC {
+		out = append(out, pkcs11.NewAttribute(ckaNSSDB, r.ID)) // see quirks.nssDBOnUnwrappedEC
 	}
 	return out
 }

@@ -18,6 +18,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/miekg/pkcs11"
+
 	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/byoktest"
 )
 
@@ -241,4 +243,64 @@ func hmacSHA256(key, data []byte) []byte {
 	m := hmac.New(sha256.New, key)
 	m.Write(data)
 	return m.Sum(nil)
+}
+
+// The raw-RSA fallback leaves no copy of the ephemeral key it can reach: its Go copies (the raw decryption, the
+// padded block, the decoded key) are zero once the import returns, and the C copy of the CKA_VALUE that made the
+// session key is zeroed before it is freed.
+func TestRawOAEPFallbackWipesEphemeralKey(t *testing.T) {
+	tok, _ := newToken(t, 1, rawRSAOAEPFallback)
+	ctx := context.Background()
+	wrappingID := randomID(t)
+	wrapping, err := tok.GenerateWrappingKey(ctx, wrappingID, "cmk/test/wrapping_key")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var goCopies [][]byte
+	ephemeralCopies = func(copies ...[]byte) {
+		for _, c := range copies {
+			if allZero(c) {
+				t.Errorf("a copy of %d bytes is zero while in use: not the key's", len(c))
+			}
+		}
+		goCopies = append(goCopies, copies...)
+	}
+	type wiped struct {
+		size int
+		zero bool
+	}
+	var cValues []wiped
+	cValueWiped = func(attr uint, v []byte) {
+		if attr == pkcs11.CKA_VALUE {
+			cValues = append(cValues, wiped{len(v), allZero(v)})
+		}
+	}
+	t.Cleanup(func() { ephemeralCopies, cValueWiped = nil, nil })
+
+	material := make([]byte, 32)
+	rand.Read(material)
+	_, _, method, err := importKey(t, tok, wrappingID, wrapping, AES256, crypto.SHA256, material)
+	if err != nil || method != ImportEphemeralInPlugin {
+		t.Fatalf("import through the raw-RSA fallback: method %q, %v", method, err)
+	}
+	if len(goCopies) != 3 || len(goCopies[2]) != 32 {
+		t.Fatalf("saw %d Go copies; want the raw decryption, the padded block and the 32-byte key", len(goCopies))
+	}
+	for i, c := range goCopies {
+		if !allZero(c) {
+			t.Errorf("Go copy %d (%d bytes) of the ephemeral key was not zeroed after the import", i, len(c))
+		}
+	}
+	if len(cValues) != 1 || cValues[0].size != 32 || !cValues[0].zero {
+		t.Fatalf("C copies of CKA_VALUE: %+v; want one of 32 bytes, zeroed before it was freed", cValues)
+	}
+}
+
+func allZero(b []byte) bool {
+	for _, x := range b {
+		if x != 0 {
+			return false
+		}
+	}
+	return true
 }

@@ -1,6 +1,7 @@
 package hsm
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"sync"
@@ -27,7 +28,7 @@ type module struct {
 	params string // C_Initialize's pReserved: library parameters (NSS needs them); "" passes NULL
 	ctx    *pkcs11.Ctx
 	calls  pkcs11API // every call other than the lifetime's: ctx itself, or a fault-injecting wrapper
-	sized  sizedEncrypter
+	own    ownCalls
 	info   pkcs11.Info // what the library says of itself (C_GetInfo), read once
 
 	mu         sync.RWMutex
@@ -47,6 +48,30 @@ type module struct {
 	// lookAgainAfter: when an object a search did not find may next be looked for after re-initialising the
 	// module (see classUnseen), in UnixNano. Per module: re-initialising resets every token and mount using it.
 	lookAgainAfter atomic.Int64
+
+	// refusedSinceInit: an operation was refused since the module was last initialised (only noted on modules with
+	// quirks.reinitAfterRefusal); a destruction failing meanwhile is repeated after a re-initialisation.
+	refusedSinceInit atomic.Bool
+	// refusalReinitAfter: when such a destruction may next be repeated, in UnixNano (see refusalReinitPause).
+	refusalReinitAfter atomic.Int64
+}
+
+// waitRefusalReinitTurn waits until a destruction that met a refusal's leftover may be repeated, and takes the turn.
+func (m *module) waitRefusalReinitTurn(ctx context.Context) error {
+	for {
+		now, after := time.Now().UnixNano(), m.refusalReinitAfter.Load()
+		if now >= after {
+			if m.refusalReinitAfter.CompareAndSwap(after, now+int64(refusalReinitPause)) {
+				return nil
+			}
+			continue
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Duration(after - now)):
+		}
+	}
 }
 
 // errStale: the caller's session belongs to a module generation or a connection epoch that has ended. The call
@@ -99,15 +124,15 @@ func acquireModule(path, params string) (*module, error) {
 		ctx.Destroy()
 		return nil, fmt.Errorf("%w: C_Initialize: %v", ErrUnavailable, err)
 	}
-	sized, err := loadSizedEncrypter(path)
+	own, err := loadOwnCalls(path)
 	if err != nil {
 		_ = ctx.Finalize()
 		ctx.Destroy()
 		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
-	m.sized = sized
+	m.own = own
 	m.info, _ = ctx.GetInfo()
-	m.calls = wrapCalls(guardStore(m.info, moduleCalls{Ctx: ctx, sized: sized}))
+	m.calls = wrapCalls(guardStore(m.info, moduleCalls{Ctx: ctx, own: own}))
 	m.generation.Store(1)
 	modules[path] = m
 	return m, nil
@@ -216,6 +241,7 @@ func (m *module) reinitializeLocked(seen uint64) error {
 	err := m.initialize()
 	m.generation.Add(1)
 	m.logins.forgetAll() // C_Finalize logged every token out
+	m.refusedSinceInit.Store(false)
 	if err != nil {
 		return fmt.Errorf("%w: C_Initialize: %v", ErrUnavailable, err)
 	}

@@ -77,25 +77,76 @@ var usageAttrs = []struct {
 	{pkcs11.CKA_DERIVE, "derive"},
 }
 
-// ListObjects reads the attributes of every token object whose label starts with labelPrefix. It searches the
-// whole token, so it is for audits, recovery passes and tests, never for a request's hot path.
+// ListObjects reads the attributes of every token object whose label starts with labelPrefix. It visits every
+// object on the token, on a session of its own outside the pool (doAside), so it is for audits, recovery passes
+// and tests, never for a request's hot path; one key's objects are found with ObjectsLabelled.
 func (t *Token) ListObjects(ctx context.Context, labelPrefix string) ([]ObjectInfo, error) {
+	return t.scanObjects(ctx, "list objects", func(label string) bool { return strings.HasPrefix(label, labelPrefix) })
+}
+
+// ObjectsLabelled reads the attributes of the token objects labelled exactly one of labels. Where the token
+// matches CKA_LABEL in searches (probed, see labelSearch) it searches once per label, visiting none of the
+// token's other objects; elsewhere it reads every object's label, as ListObjects does. A search that finds
+// nothing is believed only while the session is still logged in (see FindVersion).
+func (t *Token) ObjectsLabelled(ctx context.Context, labels []string) ([]ObjectInfo, error) {
+	bySearch, err := t.labelSearch(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if !bySearch {
+		want := map[string]bool{}
+		for _, l := range labels {
+			want[l] = true
+		}
+		return t.scanObjects(ctx, "list objects by label", func(label string) bool { return want[label] })
+	}
 	var out []ObjectInfo
-	err := t.do(ctx, "list objects", func(c pkcs11API, s session) error {
+	err = t.do(ctx, "find objects by label", func(c pkcs11API, s session) error {
+		out = out[:0]
+		for _, l := range labels {
+			hs, err := findObjects(c, s.h, []*pkcs11.Attribute{
+				pkcs11.NewAttribute(pkcs11.CKA_LABEL, l), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 0)
+			if err != nil {
+				return err
+			}
+			for _, h := range hs {
+				info, err := objectInfo(c, s.h, h)
+				if err != nil {
+					return err
+				}
+				out = append(out, info)
+			}
+		}
+		if len(out) == 0 {
+			if lost, err := loginLost(c, s); err != nil || lost {
+				if err != nil {
+					return err
+				}
+				return pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN)
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
+// scanObjects reads the attributes of every token object whose label match accepts, visiting them all.
+func (t *Token) scanObjects(ctx context.Context, op string, match func(label string) bool) ([]ObjectInfo, error) {
+	var out []ObjectInfo
+	err := t.doAside(ctx, op, func(c pkcs11API, s session) error {
 		out = out[:0]
 		hs, err := findObjects(c, s.h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 0)
 		if err != nil {
 			return err
 		}
 		for _, h := range hs {
-			if labelPrefix != "" { // the label first: most of a shared token's objects are not asked for
-				a, err := c.GetAttributeValue(s.h, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
-				if err != nil {
-					return err
-				}
-				if !strings.HasPrefix(string(a[0].Value), labelPrefix) {
-					continue
-				}
+			// The label first: most of a shared token's objects are not asked for.
+			a, err := c.GetAttributeValue(s.h, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
+			if err != nil {
+				return err
+			}
+			if !match(string(a[0].Value)) {
+				continue
 			}
 			info, err := objectInfo(c, s.h, h)
 			if err != nil {

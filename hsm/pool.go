@@ -334,6 +334,14 @@ func (p *pool) get() (session, error) {
 		p.mu.Unlock()
 		return s, nil
 	}
+	p.mu.Unlock()
+	return p.open()
+}
+
+// open opens a session of the current connection, never an idle one. On failure the returned session still names
+// the connection it was meant for.
+func (p *pool) open() (session, error) {
+	p.mu.Lock()
 	s := session{gen: p.gen, epoch: p.epoch.Load()}
 	slot := p.slot
 	p.mu.Unlock()

@@ -147,7 +147,7 @@ func (t *Token) do(ctx context.Context, op string, fn func(c pkcs11API, s sessio
 		default:
 			t.pool.put(s)
 			if t.quirks().reinitAfterRefusal {
-				t.pool.reinitialize()
+				t.mod.refusedSinceInit.Store(true) // a later destruction may need a re-initialisation (doObjects)
 			}
 			return opError(op, err)
 		}
@@ -165,11 +165,57 @@ func (t *Token) do(ctx context.Context, op string, fn func(c pkcs11API, s sessio
 		return fmt.Errorf("%s: %w: %v", op, ErrUnavailable, last)
 	case classAmbiguous:
 		if t.quirks().reinitAfterRefusal {
-			t.pool.reinitialize()
+			t.mod.refusedSinceInit.Store(true)
 		}
 		return fmt.Errorf("%s: %w", op, ErrInvalidCiphertext) // the same verdict twice: the ciphertext is bad
 	}
 	return opError(op, last)
+}
+
+// doAside is do for long scans of the whole token: fn runs on a session opened for it and closed after, outside
+// the pool's places, so that data-plane calls never wait behind it. One scan at a time per Token; waiting honours
+// ctx. Where the module's sessions interfere (quirks.oneSession) or the token has no session to spare, it is do.
+func (t *Token) doAside(ctx context.Context, op string, fn func(c pkcs11API, s session) error) error {
+	if t.quirks().oneSession {
+		return t.do(ctx, op, fn)
+	}
+	select {
+	case t.scans <- struct{}{}:
+	case <-ctx.Done():
+		return fmt.Errorf("%s: %w: waiting for another scan of the token: %v", op, ErrUnavailable, ctx.Err())
+	}
+	defer func() { <-t.scans }()
+	recovered := false
+	for stale := 0; ; {
+		if err := t.pool.ensure(); err != nil {
+			return fmt.Errorf("%s: %w", op, err)
+		}
+		s, err := t.pool.open()
+		if rv, ok := rvOf(err); ok && rv == pkcs11.CKR_SESSION_COUNT {
+			return t.do(ctx, op, fn)
+		}
+		if err == nil {
+			err = t.pool.run(s, fn)
+		}
+		t.pool.discard(s)
+		if err == nil {
+			return nil
+		}
+		switch class := classify(err); {
+		case class == classStale && stale < maxStaleRetries:
+			stale++
+			continue
+		case (class == classSession || class == classLogin || class == classDevice) && !recovered:
+			recovered = true
+			if class != classSession {
+				t.pool.markLost(s, class == classDevice, err)
+			}
+			continue
+		case class == classSession || class == classLogin || class == classDevice || class == classStale:
+			return fmt.Errorf("%s: %w: %v", op, ErrUnavailable, err)
+		}
+		return opError(op, err)
+	}
 }
 
 // loggedOut reports whether session s has lost its login, asking the module on the session itself.
@@ -201,26 +247,30 @@ func (t *Token) doObjects(ctx context.Context, op string, fn func(c pkcs11API, s
 			return fmt.Errorf("%s: %w: waiting for another object write on the token: %v", op, ErrUnavailable, ctx.Err())
 		}
 	}
-	if q.reinitAfterDestroy {
-		var destroyed bool
-		inner := fn
-		fn = func(c pkcs11API, s session) error { return inner(destroyCounter{c, &destroyed}, s) }
-		defer func() {
-			if destroyed {
-				t.pool.reinitialize() // still holding the token's object-write turn: nothing is made meanwhile
-			}
-		}()
-	}
 	attempts := 1
 	if q.retryGeneralError {
 		attempts = 3
 	}
+	destroyRepeated := false
 	var err error
 	for attempt := 1; ; attempt++ {
+		err = t.doObjectsOnce(ctx, op, q, fn)
+		if errors.Is(err, errDestroyAfterRefusal) && !destroyRepeated {
+			// The destruction met a refusal's leftover; the module has been re-initialised since (doObjectsOnce):
+			// once more, no sooner than the pause allows, so that refusals cannot make destructions re-initialise
+			// the module under every mount at will.
+			destroyRepeated = true
+			if werr := t.mod.waitRefusalReinitTurn(ctx); werr != nil {
+				return fmt.Errorf("%s: %w: %v", op, ErrUnavailable, werr)
+			}
+			t.log.Warn("a destruction was refused after another operation's refusal; repeating it on the re-initialised module", "op", op)
+			attempt--
+			continue
+		}
 		// SoftHSM's file store also answers, now and then under parallel writes, a template error to a template it
 		// takes every other time (CKR_TEMPLATE_INCONSISTENT to the AES template of every version, twice in a
 		// 10-minute soak): repeated like CKR_GENERAL_ERROR. A template it really refuses fails every attempt.
-		if err = t.do(ctx, op, fn); !(isGeneralError(err) || (q.retryGeneralError && refusesTemplate(err))) || attempt >= attempts {
+		if !(isGeneralError(err) || (q.retryGeneralError && refusesTemplate(err))) || attempt >= attempts {
 			return err
 		}
 		t.log.Warn("token object operation failed with an error the module gives to passing faults; repeating it", "op", op, "attempt", attempt, "error", err)
@@ -232,18 +282,52 @@ func (t *Token) doObjects(ctx context.Context, op string, fn func(c pkcs11API, s
 	}
 }
 
+// doObjectsOnce runs fn through do once; on modules that renumber objects after a destruction
+// (quirks.reinitAfterDestroy), a call that destroyed anything (or tried to) re-initialises the module before the
+// token's object-write turn is given up, so nothing is made meanwhile.
+func (t *Token) doObjectsOnce(ctx context.Context, op string, q quirks, fn func(c pkcs11API, s session) error) error {
+	if !q.reinitAfterDestroy {
+		return t.do(ctx, op, fn)
+	}
+	var destroyed bool
+	err := t.do(ctx, op, func(c pkcs11API, s session) error {
+		return fn(destroyCounter{pkcs11API: c, destroyed: &destroyed, mod: t.mod, refusals: q.reinitAfterRefusal}, s)
+	})
+	if destroyed {
+		t.pool.reinitialize()
+	}
+	return err
+}
 func isGeneralError(err error) bool {
 	rv, ok := rvOf(err)
 	return ok && rv == pkcs11.CKR_GENERAL_ERROR
 }
 
-// destroyCounter notes that a call destroyed an object (for quirks.reinitAfterDestroy).
+// destroyCounter notes that a call destroyed an object, or tried to (for quirks.reinitAfterDestroy), and marks
+// a destruction that a refusal's leftover may have failed (quirks.reinitAfterRefusal) with errDestroyAfterRefusal.
 type destroyCounter struct {
 	pkcs11API
 	destroyed *bool
+	mod       *module
+	refusals  bool
 }
 
 func (d destroyCounter) DestroyObject(sh pkcs11.SessionHandle, oh pkcs11.ObjectHandle) error {
 	*d.destroyed = true
-	return d.pkcs11API.DestroyObject(sh, oh)
+	refused := d.refusals && d.mod.refusedSinceInit.Load()
+	err := d.pkcs11API.DestroyObject(sh, oh)
+	if rv, ok := rvOf(err); ok && rv == pkcs11.CKR_FUNCTION_FAILED && refused {
+		return fmt.Errorf("%w: %w", errDestroyAfterRefusal, err)
+	}
+	return err
 }
+
+// errDestroyAfterRefusal: C_DestroyObject failed (CKR_FUNCTION_FAILED) on a module where an operation was refused
+// since it was last initialised. tpm2-pkcs11 1.9 leaves the key of a refused operation undestroyable until the
+// module is re-initialised; refusals themselves re-initialise nothing (a batch of bad ciphertexts would otherwise
+// reset the module under every mount thousands of times), so only a destruction that meets one pays for it.
+var errDestroyAfterRefusal = errors.New("destruction refused after an earlier refused operation")
+
+// refusalReinitPause is the least time between two destructions repeated after a refusal (each one re-initialises
+// the module, resetting every mount's connection to it).
+const refusalReinitPause = 2 * time.Second

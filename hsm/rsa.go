@@ -72,6 +72,7 @@ func oaepUnpad(h hash.Hash, em []byte) ([]byte, error) {
 	if k < 2*hLen+2 {
 		return nil, ErrInvalidCiphertext
 	}
+	defer scrubHash(h) // mgf1XOR leaves the seed in the hash's partial block
 	h.Reset()
 	lHash := h.Sum(nil)
 	firstByteIsZero := subtle.ConstantTimeByteEq(em[0], 0)
@@ -99,6 +100,15 @@ func oaepUnpad(h hash.Hash, em []byte) ([]byte, error) {
 		return nil, ErrInvalidCiphertext
 	}
 	return append([]byte(nil), rest[index+1:]...), nil
+}
+
+// scrubHash overwrites the partial block a hash keeps of its last input (the OAEP seed here: with the masked
+// data, it gives the plaintext) for hashes that buffer it, as the standard library's do: after a Reset, a write
+// shorter than a block is copied to the start of the buffer.
+func scrubHash(h hash.Hash) {
+	h.Reset()
+	h.Write(make([]byte, h.BlockSize()-1))
+	h.Reset()
 }
 
 // mgf1XOR xors out with MGF1(seed) using h.

@@ -108,6 +108,7 @@ type templateOptions struct {
 	allowedMechanisms bool // store CKA_ALLOWED_MECHANISMS (where the token can)
 	omitMeaningless   bool // leave flags without meaning for the key type out (where the token refuses them)
 	publicOnToken     bool // make a pair's public half a token object (where the token refuses session objects)
+	nssDB             bool // give an unwrapped EC private key CKA_NSS_DB (quirks.nssDBOnUnwrappedEC)
 }
 
 // protected is what every key object the engine keeps shares: stored on the token, readable only after login,

@@ -32,6 +32,9 @@ type Token struct {
 	mod     *module
 	pool    *pool
 	handles handleCache
+	// scans is the one place for a session of its own outside the pool (doAside): whole-token scans run there, one
+	// at a time, so that they never hold a session the data plane is waiting for.
+	scans chan struct{}
 
 	rawOAEP   sync.Map // crypto.Hash → true when the token's CKM_RSA_PKCS_OAEP refuses that hash
 	closeOnce sync.Once
@@ -72,7 +75,7 @@ func Open(cfg Config, log hclog.Logger) (*Token, error) {
 		cfg.PoolSize, p.cfg.PoolSize = 1, 1
 	}
 	p.slots = make(chan struct{}, cfg.PoolSize)
-	return &Token{cfg: cfg, log: log, mod: mod, pool: p}, nil
+	return &Token{cfg: cfg, log: log, mod: mod, pool: p, scans: make(chan struct{}, 1)}, nil
 }
 
 // Close ends the connection: calls of this Token still inside the library finish first, later ones fail with

@@ -15,6 +15,7 @@ import (
 	"github.com/hashicorp/vault/api"
 
 	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm/tokentest"
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/keys"
 )
 
 // TestEveryOperationOnEveryToken mounts the engine on each PKCS#11 implementation of the matrix besides SoftHSM
@@ -53,10 +54,20 @@ func TestEveryOperationOnEveryToken(t *testing.T) {
 			if err != nil || cfg.Data["connected"] != true {
 				t.Fatalf("config/hsm: %v %v", err, cfg)
 			}
+			want, known := tokentest.Expected[kind]
+			if !known {
+				t.Fatalf("no known capabilities for %s: add them to tokentest.Expected", kind)
+			}
 			served := map[string]bool{}
 			for typ, v := range cfg.Data["key_types"].(map[string]interface{}) {
 				entry := v.(map[string]interface{})
 				served[typ] = entry["supported"] == true
+				// The engine's probe against what the token is known to serve: a probe that wrongly said
+				// "unsupported" must fail here, not pass as a refusal below.
+				alg := string(keys.Type(typ).Info().Alg)
+				if knownServed, listed := want.ServesAlgorithm(alg, false), want.ServesAlgorithm(alg, true); (knownServed && !served[typ]) || (!listed && served[typ]) {
+					t.Errorf("config/hsm says %s supported=%v on %s; it is known to serve it: %v (%v)", typ, served[typ], kind, knownServed, entry["missing"])
+				}
 				if !served[typ] {
 					// Refused at creation, naming what the token lacks: never a 500 at first use.
 					_, err := c.Logical().Write(path+"/keys/refused-"+typ, map[string]interface{}{"type": typ})
@@ -83,7 +94,7 @@ func TestEveryOperationOnEveryToken(t *testing.T) {
 			}
 			if served["ecdsa-p256"] {
 				t.Run("ecdsa", func(t *testing.T) { signOperations(t, m, "ecdsa-p256", false) })
-				if served["rsa-4096"] && kind != tokentest.NSS { // NSS 3.87 cannot unwrap PKCS#8 EC keys (docs/HSMS.md)
+				if served["rsa-4096"] {
 					t.Run("byok-ecdsa", func(t *testing.T) { importOnToken(t, m, "ecdsa-p256", cfg.Data["key_wrap_mechanism_in_use"] != nil) })
 				}
 			}

@@ -366,7 +366,12 @@ func (m *Manager) Reconcile(ctx context.Context, s logical.Storage, name string,
 		}
 	}
 	r := &Reconciliation{Unreferenced: []Orphan{}, Missing: []Missing{}, Adopted: []Missing{}}
-	objects, err := tok.ListObjects(ctx, prefix)
+	var objects []hsm.ObjectInfo
+	if name == "" {
+		objects, err = tok.ListObjects(ctx, prefix)
+	} else {
+		objects, err = m.keyObjects(ctx, s, tok, name)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -455,6 +460,52 @@ func (m *Manager) Reconcile(ctx context.Context, s logical.Storage, name string,
 		return a.Label < b.Label
 	})
 	return r, nil
+}
+
+// keyObjects finds the token objects of one key by its labels, without visiting the token's other objects: every
+// number up to the key's latest (and the labels storage records), then the numbers after it, up to the first
+// that the token holds nothing under (adoption takes numbers after the latest only in a row).
+func (m *Manager) keyObjects(ctx context.Context, s logical.Storage, tok HSM, name string) ([]hsm.ObjectInfo, error) {
+	k, err := m.Get(ctx, s, name)
+	if err != nil {
+		return nil, err
+	}
+	if k == nil {
+		return nil, notFound(name)
+	}
+	seen := map[string]bool{}
+	var labels []string
+	add := func(label string) {
+		for _, l := range []string{label, label + "/hmac"} {
+			if !seen[l] {
+				seen[l] = true
+				labels = append(labels, l)
+			}
+		}
+	}
+	for v := 1; v <= k.LatestVersion; v++ {
+		add(versionLabel(m.mountID, name, v))
+	}
+	for _, ver := range k.Versions {
+		if ver.Label != "" {
+			add(ver.Label)
+		}
+	}
+	objects, err := tok.ObjectsLabelled(ctx, labels)
+	if err != nil {
+		return nil, err
+	}
+	for v := k.LatestVersion + 1; ; v++ {
+		label := versionLabel(m.mountID, name, v)
+		more, err := tok.ObjectsLabelled(ctx, []string{label, label + "/hmac"})
+		if err != nil {
+			return nil, err
+		}
+		if len(more) == 0 {
+			return objects, nil
+		}
+		objects = append(objects, more...)
+	}
 }
 
 // hmacSuffixHex ends the CKA_ID of a version's HMAC secret (hex), after the version's own.

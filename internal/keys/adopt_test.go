@@ -3,6 +3,7 @@ package keys
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -437,5 +438,40 @@ func TestReconcileGoesOnPastBlockedKeys(t *testing.T) {
 	}
 	if len(r.Unreferenced) != 1 || r.Unreferenced[0].HSMID != planted {
 		t.Fatalf("unreferenced %+v", r.Unreferenced)
+	}
+}
+
+// A reconcile of one key looks for that key's labels only: on a token shared with many other keys' objects it
+// never scans the whole token, and still reports what the key's labels hold (a version after the latest that a
+// restore left unreferenced, in a row; a stored version whose material is gone).
+func TestReconcileOneKeyScansNothingElse(t *testing.T) {
+	m, f, s := newManager(t)
+	ctx := context.Background()
+	if _, _, err := m.Create(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96}, who, nil); err != nil {
+		t.Fatal(err)
+	}
+	snap := snapshot(t, s)
+	rotate(t, m, s, "k", "req-2")
+	for i := 0; i < 1000; i++ { // other keys' objects on the shared token
+		id := fmt.Sprintf("%032x", i+1)
+		f.objects[id], f.labels[id] = true, versionLabel("other-mount", fmt.Sprintf("key-%d", i), 1)
+	}
+	m2, s2 := restored(f, snap) // storage knows v1 only; v2 is on the token
+	k, _ := m2.Get(ctx, s2, "k")
+	f.mu.Lock()
+	delete(f.objects, k.Versions[1].HSMID)
+	delete(f.labels, k.Versions[1].HSMID) // v1's material is gone
+	f.scans, f.visited = 0, 0
+	f.mu.Unlock()
+
+	r, err := m2.Reconcile(ctx, s2, "k", false, false, who)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.scans != 0 || f.visited > 2 {
+		t.Fatalf("a reconcile of one key scanned the token %d times and looked at %d objects; want no scan and the key's own objects", f.scans, f.visited)
+	}
+	if len(r.Unreferenced) != 1 || r.Unreferenced[0].Version != 2 || len(r.Missing) != 1 || r.Missing[0].Version != 1 {
+		t.Fatalf("report: unreferenced %+v, missing %+v", r.Unreferenced, r.Missing)
 	}
 }

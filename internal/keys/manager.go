@@ -29,6 +29,7 @@ type HSM interface {
 	DestroyKeys(ctx context.Context, id []byte) (int, error)
 	FindVersion(ctx context.Context, alg hsm.Algorithm, label string, hmacBytes int) ([]hsm.Found, error)
 	ListObjects(ctx context.Context, labelPrefix string) ([]hsm.ObjectInfo, error)
+	ObjectsLabelled(ctx context.Context, labels []string) ([]hsm.ObjectInfo, error)
 }
 
 // WALKindVersion brackets the creation of a version's HSM objects until its metadata is stored.

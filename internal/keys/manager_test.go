@@ -27,6 +27,8 @@ type fakeHSM struct {
 	labels   map[string]string // CKA_ID → CKA_LABEL
 	imported map[string]bool   // not generated on the token
 	finds    int               // FindVersion calls
+	scans    int               // ListObjects calls: scans of the whole token
+	visited  int               // objects ListObjects and ObjectsLabelled looked at
 	noLocal  bool              // the token leaves CKA_LOCAL false on what it generates (NSS)
 	failGen  bool              // GenerateVersion fails
 }
@@ -95,11 +97,31 @@ func (f *fakeHSM) FindVersion(_ context.Context, _ hsm.Algorithm, label string, 
 func (f *fakeHSM) ListObjects(_ context.Context, prefix string) ([]hsm.ObjectInfo, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.scans++
+	f.visited += len(f.labels)
 	var out []hsm.ObjectInfo
 	for id, l := range f.labels {
 		if strings.HasPrefix(l, prefix) {
 			raw, _ := hex.DecodeString(id)
 			out = append(out, hsm.ObjectInfo{ID: raw, Label: l, Class: "secret_key", KeyType: "aes", Token: true})
+		}
+	}
+	return out, nil
+}
+
+// ObjectsLabelled finds objects by exact label, as a token that searches by CKA_LABEL does: it looks at the
+// matching objects only.
+func (f *fakeHSM) ObjectsLabelled(_ context.Context, labels []string) ([]hsm.ObjectInfo, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []hsm.ObjectInfo
+	for _, want := range labels {
+		for id, l := range f.labels {
+			if l == want {
+				f.visited++
+				raw, _ := hex.DecodeString(id)
+				out = append(out, hsm.ObjectInfo{ID: raw, Label: l, Class: "secret_key", KeyType: "aes", Token: true})
+			}
 		}
 	}
 	return out, nil
