@@ -36,8 +36,7 @@ var Version = "v0.0.0-dev"
 
 // hsmToken is what the backend needs of the HSM: *hsm.Token, or a fault-injecting wrapper in unit tests.
 type hsmToken interface {
-	GenerateVersion(ctx context.Context, alg hsm.Algorithm, id []byte, label string, hmacBytes int) (crypto.PublicKey, error)
-	EnsureHMACKey(ctx context.Context, id []byte, versionLabel string, hmacBytes int) error
+	keys.HSM // what the key model needs: versions made, imported, found, destroyed, their usage witnessed
 	EncryptGCM(ctx context.Context, id, nonce, aad, plaintext []byte) (usedNonce, sealed []byte, err error)
 	DecryptGCM(ctx context.Context, id, nonce, aad, sealed []byte) ([]byte, error)
 	SignPKCS1v15(ctx context.Context, id []byte, h crypto.Hash, digest []byte) ([]byte, error)
@@ -47,12 +46,7 @@ type hsmToken interface {
 	HMAC(ctx context.Context, id []byte, h crypto.Hash, data []byte) ([]byte, error)
 	DecryptRSA(ctx context.Context, id []byte, h crypto.Hash, ciphertext []byte) ([]byte, error)
 	GenerateWrappingKey(ctx context.Context, id []byte, label string) (*rsa.PublicKey, error)
-	ImportVersion(ctx context.Context, r hsm.ImportRequest) (crypto.PublicKey, string, error)
 	GenerateRandom(ctx context.Context, n int) ([]byte, error)
-	DestroyKeys(ctx context.Context, id []byte) (int, error)
-	FindVersion(ctx context.Context, alg hsm.Algorithm, label string, hmacBytes int) ([]hsm.Found, error)
-	ListObjects(ctx context.Context, labelPrefix string) ([]hsm.ObjectInfo, error)
-	ObjectsLabelled(ctx context.Context, labels []string) ([]hsm.ObjectInfo, error)
 	MissingObjects(id []byte) map[string]time.Time
 	Capabilities(ctx context.Context) (*hsm.Capabilities, error)
 	Info() hsm.TokenInfo

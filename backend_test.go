@@ -382,8 +382,8 @@ func TestWALRollbackAdoptsOrDestroysOnlyUncommittedObjects(t *testing.T) {
 	if _, err := framework.PutWAL(ctx, e.storage, keys.WALKindVersion, &keys.WALEntry{Name: "k", Version: 1, HSMID: p.Versions[1].HSMID}); err != nil {
 		t.Fatal(err)
 	}
-	if n := len(e.tokenObjects()); n != 5 {
-		t.Fatalf("%d objects before rollback, want 5 (two orphans' keys and HMAC secrets, the committed version's key)", n)
+	if n := len(e.tokenObjects()); n != 6 {
+		t.Fatalf("%d objects before rollback, want 6 (two orphans' keys and HMAC secrets, the committed version's key and usage witness)", n)
 	}
 	resp, err := e.b.HandleRequest(ctx, &logical.Request{
 		Operation: logical.RollbackOperation, Path: "", Storage: e.storage, Data: map[string]interface{}{"immediate": true},
@@ -391,8 +391,8 @@ func TestWALRollbackAdoptsOrDestroysOnlyUncommittedObjects(t *testing.T) {
 	if err != nil || (resp != nil && resp.IsError()) {
 		t.Fatalf("rollback: %v %s", err, respText(resp))
 	}
-	if n := len(e.tokenObjects()); n != 3 {
-		t.Fatalf("%d objects after rollback, want 3 (the committed version's, the adopted version's two)", n)
+	if n := len(e.tokenObjects()); n != 4 {
+		t.Fatalf("%d objects after rollback, want 4 (the committed version's two, the adopted version's two)", n)
 	}
 	if decryptOK(t, e, "k", ct) != "kept" {
 		t.Fatal("committed version damaged by rollback")

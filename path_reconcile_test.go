@@ -221,3 +221,31 @@ func importAESVersion(t *testing.T, e *testEnv, name string) {
 	rand.Read(material)
 	e.ok(e.write("keys/"+name+"/import_version", map[string]interface{}{"ciphertext": wrapFor(t, e, crypto.SHA256, material)}))
 }
+
+// Issue 19, finding 2: a restore rolled back the usage counts of every version storage kept, and a version that
+// had used its max_encryptions_per_version encrypted that many again. The token's usage witness keeps the count.
+func TestRestoreGivesNoVersionItsBudgetBack(t *testing.T) {
+	e := newTestBackend(t)
+	const limit = 10
+	e.ok(e.write("keys/k", map[string]interface{}{"max_encryptions_per_version": limit}))
+	encryptOK(t, e, "k", "before the snapshot")
+	snap := e.snapshotStorage()
+	const used = limit - 1 // one short of the limit: no rotation yet
+	for i := 1; i < used; i++ {
+		encryptOK(t, e, "k", "after the snapshot")
+	}
+	if r := e.ok(e.read("keys/k")); r.Data["latest_version"] != 1 {
+		t.Fatalf("rotated early: latest %v", r.Data["latest_version"])
+	}
+	// Storage forgets the encryptions made after the snapshot; version 1 may make only what is left of its limit.
+	r := e.restoredFrom(snap)
+	v1 := 0
+	for i := 0; i < limit; i++ {
+		if strings.HasPrefix(encryptOK(t, r, "k", "after the restore"), "vault:v1:") {
+			v1++
+		}
+	}
+	if v1 > limit-used {
+		t.Fatalf("after the restore version 1 made %d more encryptions; %d of its %d were used before", v1, used, limit)
+	}
+}

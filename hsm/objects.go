@@ -8,8 +8,8 @@ import (
 	"github.com/miekg/pkcs11"
 )
 
-// DestroyKeys destroys every object of version id (its main key, its HMAC secret, under every CKA_ID they may
-// carry) and returns how many there were. Destroying what is already gone is not an error, so the call can be
+// DestroyKeys destroys every object of version id (its main key, its HMAC secret, its usage witness, under every
+// CKA_ID they may carry) and returns how many there were. Destroying what is already gone is not an error, so the call can be
 // repeated safely.
 func (t *Token) DestroyKeys(ctx context.Context, id []byte) (int, error) {
 	if len(id) == 0 {
@@ -33,7 +33,7 @@ func destroyAll(c pkcs11API, s session, id []byte) error {
 
 func destroyAllCounted(c pkcs11API, s session, id []byte) (int, error) {
 	n := 0
-	for _, oid := range [][]byte{id, hmacSecretID(id)} {
+	for _, oid := range [][]byte{id, hmacSecretID(id), witnessID(id)} {
 		hs, err := findObjects(c, s.h, []*pkcs11.Attribute{
 			pkcs11.NewAttribute(pkcs11.CKA_ID, oid), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 0)
 		if err != nil {
@@ -160,21 +160,28 @@ func (t *Token) scanObjects(ctx context.Context, op string, match func(label str
 }
 
 func objectInfo(p pkcs11API, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle) (ObjectInfo, error) {
+	// Attributes every storage object has; CKA_ID only keys (and certificates) have: a data object, such as a
+	// usage witness, refuses it.
 	basic, err := p.GetAttributeValue(sh, h, []*pkcs11.Attribute{
-		pkcs11.NewAttribute(pkcs11.CKA_CLASS, nil), pkcs11.NewAttribute(pkcs11.CKA_ID, nil),
-		pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, nil),
-		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, nil), pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, nil), pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, nil), pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, nil),
 	})
 	if err != nil {
 		return ObjectInfo{}, err
 	}
 	info := ObjectInfo{
-		Class: className(ulong(basic[0].Value)), ID: basic[1].Value, Label: string(basic[2].Value),
-		Token: boolean(basic[3].Value), Private: boolean(basic[4].Value), Modifiable: boolean(basic[5].Value),
+		Class: className(ulong(basic[0].Value)), Label: string(basic[1].Value),
+		Token: boolean(basic[2].Value), Private: boolean(basic[3].Value), Modifiable: boolean(basic[4].Value),
 	}
 	if info.Class != "secret_key" && info.Class != "private_key" && info.Class != "public_key" {
 		return info, nil
 	}
+	id, err := p.GetAttributeValue(sh, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_ID, nil)})
+	if err != nil {
+		return ObjectInfo{}, err
+	}
+	info.ID = id[0].Value
 	key, err := p.GetAttributeValue(sh, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, nil)})
 	if err == nil {
 		info.KeyType = keyTypeName(ulong(key[0].Value))

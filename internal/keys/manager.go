@@ -21,7 +21,7 @@ import (
 )
 
 // HSM is what the model needs of the token: make a version's material, import it, give a version its HMAC
-// secret, destroy a version's objects, find a version's material by its label. *hsm.Token is one.
+// secret, destroy a version's objects, find a version's material by its label, witness its usage. *hsm.Token is one.
 type HSM interface {
 	GenerateVersion(ctx context.Context, alg hsm.Algorithm, id []byte, label string, hmacBytes int) (crypto.PublicKey, error)
 	ImportVersion(ctx context.Context, r hsm.ImportRequest) (crypto.PublicKey, string, error)
@@ -30,6 +30,9 @@ type HSM interface {
 	FindVersion(ctx context.Context, alg hsm.Algorithm, label string, hmacBytes int) ([]hsm.Found, error)
 	ListObjects(ctx context.Context, labelPrefix string) ([]hsm.ObjectInfo, error)
 	ObjectsLabelled(ctx context.Context, labels []string) ([]hsm.ObjectInfo, error)
+	// UsageWitness and RaiseUsageWitness keep a version's reserved encryption count on the token (see usage.go).
+	UsageWitness(ctx context.Context, id []byte) (uint64, bool, error)
+	RaiseUsageWitness(ctx context.Context, id []byte, versionLabel string, n uint64) error
 }
 
 // WALKindVersion brackets the creation of a version's HSM objects until its metadata is stored.

@@ -31,6 +31,7 @@ type fakeHSM struct {
 	visited  int               // objects ListObjects and ObjectsLabelled looked at
 	noLocal  bool              // the token leaves CKA_LOCAL false on what it generates (NSS)
 	failGen  bool              // GenerateVersion fails
+	uses     map[string]uint64 // CKA_ID → usage witness
 }
 
 func newFakeHSM() *fakeHSM {
@@ -125,6 +126,23 @@ func (f *fakeHSM) ObjectsLabelled(_ context.Context, labels []string) ([]hsm.Obj
 		}
 	}
 	return out, nil
+}
+
+func (f *fakeHSM) UsageWitness(_ context.Context, id []byte) (uint64, bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n, ok := f.uses[hex.EncodeToString(id)]
+	return n, ok, nil
+}
+
+func (f *fakeHSM) RaiseUsageWitness(_ context.Context, id []byte, _ string, n uint64) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.uses == nil {
+		f.uses = map[string]uint64{}
+	}
+	f.uses[hex.EncodeToString(id)] = max(f.uses[hex.EncodeToString(id)], n)
+	return nil
 }
 
 func (f *fakeHSM) has(id string) bool {

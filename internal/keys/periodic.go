@@ -97,10 +97,18 @@ func (m *Manager) CountEncryption(ctx context.Context, s logical.Storage, k *Key
 	if !k.Type.IsAES() {
 		return false, nil // the GCM nonce limit is what is counted
 	}
-	if ver := k.Versions[v]; ver != nil && ver.EncryptionsUnknown {
+	ver := k.Versions[v]
+	if ver == nil {
+		return false, Callerf("key %q has no version %d", k.Name, v)
+	}
+	if ver.EncryptionsUnknown {
 		return false, fmt.Errorf("%w: version %d was adopted after a storage restore and how many encryptions it made is unknown", ErrVersionExhausted, v)
 	}
-	c, err := m.usage.counter(ctx, s, k.Name, v)
+	tok, err := m.token(ctx, s)
+	if err != nil {
+		return false, err
+	}
+	c, err := m.usage.counter(ctx, s, tok, k.Name, v, ver)
 	if err != nil {
 		return false, err
 	}
@@ -111,7 +119,7 @@ func (m *Manager) CountEncryption(ctx context.Context, s logical.Storage, k *Key
 		return false, ErrVersionExhausted
 	}
 	if n > c.reserved.Load() {
-		if err := m.usage.reserve(ctx, s, k.Name, v, c, n, limit); err != nil {
+		if err := m.usage.reserve(ctx, s, tok, k.Name, v, ver, c, n, limit); err != nil {
 			c.used.Add(^uint64(0))
 			return false, err
 		}

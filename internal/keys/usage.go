@@ -3,6 +3,7 @@ package keys
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -22,6 +23,10 @@ var ErrVersionExhausted = errors.New("key version has reached its encryption lim
 // usageTracker counts AES-GCM encryptions per key version without a storage write per request: counts are
 // reserved in blocks, and only the reservation is persisted. After a crash a version resumes at its reserved
 // count, so it may over-count by up to a block but never under-counts: the nonce limit always holds.
+//
+// Each reservation is first witnessed on the token (hsm's usage witness), then stored. Storage restored from an
+// older snapshot forgets reservations made since; the token does not, and a version resumes at the higher of the
+// two, so a restore never gives a version back encryptions it has made.
 type usageTracker struct {
 	versions sync.Map // name + "\x00" + version → *versionUsage
 
@@ -40,7 +45,8 @@ type usageEntry struct {
 
 func usageKey(name string, v int) string { return name + "\x00" + strconv.Itoa(v) }
 
-func (u *usageTracker) counter(ctx context.Context, s logical.Storage, name string, v int) (*versionUsage, error) {
+// counter is version v's counter, loaded once: the higher of the stored reservation and the token's witness.
+func (u *usageTracker) counter(ctx context.Context, s logical.Storage, tok HSM, name string, v int, ver *Version) (*versionUsage, error) {
 	if c, ok := u.versions.Load(usageKey(name, v)); ok {
 		return c.(*versionUsage), nil
 	}
@@ -53,9 +59,13 @@ func (u *usageTracker) counter(ctx context.Context, s logical.Storage, name stri
 	if err != nil {
 		return nil, err
 	}
+	witnessed, _, err := tok.UsageWitness(ctx, ver.ID())
+	if err != nil {
+		return nil, fmt.Errorf("read the usage witness of key %q version %d: %w", name, v, err)
+	}
 	c := &versionUsage{}
-	c.used.Store(res[v])
-	c.reserved.Store(res[v])
+	c.used.Store(max(res[v], witnessed))
+	c.reserved.Store(max(res[v], witnessed))
 	u.versions.Store(usageKey(name, v), c)
 	return c, nil
 }
@@ -84,8 +94,9 @@ func (u *usageTracker) loadLocked(ctx context.Context, s logical.Storage, name s
 	return entry.Reserved, nil
 }
 
-// reserve persists a reservation that covers encryption number n.
-func (u *usageTracker) reserve(ctx context.Context, s logical.Storage, name string, v int, c *versionUsage, n, limit uint64) error {
+// reserve persists a reservation that covers encryption number n: witnessed on the token first, then stored, so
+// that neither a crash nor a restore of storage ever leaves a count below what was used.
+func (u *usageTracker) reserve(ctx context.Context, s logical.Storage, tok HSM, name string, v int, ver *Version, c *versionUsage, n, limit uint64) error {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if n <= c.reserved.Load() {
@@ -96,6 +107,9 @@ func (u *usageTracker) reserve(ctx context.Context, s logical.Storage, name stri
 	res, err := u.loadLocked(ctx, s, name)
 	if err != nil {
 		return err
+	}
+	if err := tok.RaiseUsageWitness(ctx, ver.ID(), ver.Label, next); err != nil {
+		return fmt.Errorf("witness the usage of key %q version %d on the token: %w", name, v, err)
 	}
 	updated := make(map[int]uint64, len(res)+1)
 	for k, val := range res {
