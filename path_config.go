@@ -21,9 +21,12 @@ const (
 
 	defaultPoolSize = 4
 	maxPoolSize     = 256
-	// defaultMaxBatchSize matches Vault's own listener cap of 10,000 JSON array elements.
-	defaultMaxBatchSize = 10000
-	maxMaxBatchSize     = 100000
+	// listenerMaxJSONArray is Vault's listener cap on a JSON array's elements (its max_json_array_element_count,
+	// 10,000 unless the operator changes it): a larger batch_input is answered by the listener with a 500 before
+	// it reaches the plugin, so a larger max_batch_size could never be used.
+	listenerMaxJSONArray = 10000
+	defaultMaxBatchSize  = listenerMaxJSONArray
+	maxMaxBatchSize      = listenerMaxJSONArray
 )
 
 // hsmConfig selects the token. The library path is not here: it comes from the plugin's environment only.
@@ -383,7 +386,7 @@ func (b *backend) pathConfigKeys() *framework.Path {
 			"max_batch_size": {
 				Type:        framework.TypeInt,
 				Default:     defaultMaxBatchSize,
-				Description: fmt.Sprintf("Largest batch_input accepted by one request (1 to %d). Vault's listener also caps JSON arrays at 10,000 elements by default.", maxMaxBatchSize),
+				Description: fmt.Sprintf("Largest batch_input accepted by one request (1 to %d, the default): Vault's listener refuses a larger JSON array before the plugin sees it.", maxMaxBatchSize),
 			},
 		},
 		Operations: map[logical.Operation]framework.OperationHandler{
@@ -442,7 +445,7 @@ func (b *backend) pathConfigKeysWrite(ctx context.Context, req *logical.Request,
 		return respond(callerf("deletion_grace_period must not be negative"))
 	}
 	if c.MaxBatchSize < 1 || c.MaxBatchSize > maxMaxBatchSize {
-		return respond(callerf("max_batch_size must be between 1 and %d", maxMaxBatchSize))
+		return respond(callerf("max_batch_size must be between 1 and %d: Vault's listener refuses a JSON array of more than %d elements (its max_json_array_element_count) with a 500 before the request reaches the plugin", maxMaxBatchSize, listenerMaxJSONArray))
 	}
 	e, err := logical.StorageEntryJSON(configKeysPath, &c)
 	if err != nil {
