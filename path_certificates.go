@@ -37,7 +37,7 @@ func (b *backend) pathCSR() *framework.Path {
 			},
 		},
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathCSRWrite, Summary: "Make a PKCS#10 CSR for a signing key's version, signed in the HSM."},
+			logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathCSRWrite), Summary: "Make a PKCS#10 CSR for a signing key's version, signed in the HSM."},
 		},
 		HelpSynopsis: "Make a certificate signing request for a signing key, signed inside the HSM.",
 		HelpDescription: `As Transit's keys/:name/csr: a PKCS#10 request carrying the version's public key, signed by its private key
@@ -64,7 +64,7 @@ func (b *backend) pathSetCertificate() *framework.Path {
 			},
 		},
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathSetCertificateWrite, Summary: "Set the certificate chain of a signing key's version."},
+			logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathSetCertificateWrite), Summary: "Set the certificate chain of a signing key's version."},
 		},
 		HelpSynopsis: "Set the certificate chain of a signing key's version.",
 		HelpDescription: `As Transit's keys/:name/set-certificate. The leaf must certify the version's public key, and each certificate
@@ -107,9 +107,6 @@ func (b *backend) signingVersion(ctx context.Context, req *logical.Request, d *f
 }
 
 func (b *backend) pathCSRWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	if err := refuseUnknownFields(req, d); err != nil {
-		return respond(err)
-	}
 	k, n, err := b.signingVersion(ctx, req, d, true)
 	if err != nil {
 		return respond(err)
@@ -153,9 +150,6 @@ func (b *backend) pathCSRWrite(ctx context.Context, req *logical.Request, d *fra
 var oidSubjectAltName = asn1.ObjectIdentifier{2, 5, 29, 17}
 
 func (b *backend) pathSetCertificateWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	if err := refuseUnknownFields(req, d); err != nil {
-		return respond(err)
-	}
 	k, n, err := b.signingVersion(ctx, req, d, false)
 	if err != nil {
 		return respond(err)

@@ -132,11 +132,11 @@ func (b *backend) pathConfigHSM() *framework.Path {
 				Summary:  "Show the token selection, connection state, token information and supported mechanisms (never the PIN).",
 			},
 			logical.CreateOperation: &framework.PathOperation{
-				Callback: b.pathConfigHSMWrite,
+				Callback: handle(b.pathConfigHSMWrite),
 				Summary:  "Select the token and log in; the configuration is stored only if the login succeeds.",
 			},
 			logical.UpdateOperation: &framework.PathOperation{
-				Callback: b.pathConfigHSMWrite,
+				Callback: handle(b.pathConfigHSMWrite),
 				Summary:  "Change the token selection, PIN or pool; the change is stored only if the login succeeds.",
 			},
 		},
@@ -152,12 +152,6 @@ func (b *backend) pathConfigHSMExists(ctx context.Context, req *logical.Request,
 }
 
 func (b *backend) pathConfigHSMWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	if _, ok := req.Data["library"]; ok {
-		return respond(callerf("library is not a config/hsm field: the PKCS#11 module's path comes only from %s in the plugin's environment, set by the operator when registering the plugin (vault plugin register -env=%s=…)", LibraryEnv, LibraryEnv))
-	}
-	if err := refuseUnknownFields(req, d); err != nil {
-		return respond(err)
-	}
 	if b.library == "" {
 		return respond(callerf("%s is not set in the plugin's environment: register the plugin with -env=%s=/path/to/pkcs11-module.so", LibraryEnv, LibraryEnv))
 	}
@@ -395,7 +389,7 @@ func (b *backend) pathConfigKeys() *framework.Path {
 				Summary:  "Show the mount's key defaults.",
 			},
 			logical.UpdateOperation: &framework.PathOperation{
-				Callback: b.pathConfigKeysWrite,
+				Callback: handle(b.pathConfigKeysWrite),
 				Summary:  "Set the mount's key defaults.",
 			},
 		},
@@ -418,9 +412,6 @@ func (b *backend) pathConfigKeysRead(ctx context.Context, req *logical.Request, 
 }
 
 func (b *backend) pathConfigKeysWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	if err := refuseUnknownFields(req, d); err != nil {
-		return respond(err)
-	}
 	cur, err := b.readKeysConfig(ctx, req.Storage)
 	if err != nil {
 		return nil, err

@@ -35,7 +35,7 @@ func (b *backend) pathDecrypt() *framework.Path {
 			"padding_scheme":  fieldPadding,
 		}),
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathDecryptWrite, Summary: "Decrypt a ciphertext or a batch of ciphertexts in the HSM."},
+			logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathDecryptWrite), Summary: "Decrypt a ciphertext or a batch of ciphertexts in the HSM."},
 		},
 		HelpSynopsis:    "Decrypt a ciphertext, or a batch of them, with the named key inside the HSM.",
 		HelpDescription: "Returns the base64 plaintext. A ciphertext that is malformed, tampered with, made by another key or below min_decryption_version is refused with HTTP 400.",

@@ -62,8 +62,8 @@ func (b *backend) pathEncrypt() *framework.Path {
 			},
 		}),
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.CreateOperation: &framework.PathOperation{Callback: b.pathEncryptWrite, Summary: "Encrypt, creating the key first if it does not exist (needs create capability)."},
-			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathEncryptWrite, Summary: "Encrypt a plaintext or a batch of plaintexts in the HSM."},
+			logical.CreateOperation: &framework.PathOperation{Callback: handle(b.pathEncryptWrite, "iv"), Summary: "Encrypt, creating the key first if it does not exist (needs create capability)."},
+			logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathEncryptWrite, "iv"), Summary: "Encrypt a plaintext or a batch of plaintexts in the HSM."},
 		},
 		ExistenceCheck:  b.keyExists,
 		HelpSynopsis:    "Encrypt a base64 plaintext, or a batch of them, with the named key inside the HSM.",

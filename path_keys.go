@@ -68,7 +68,7 @@ func (b *backend) pathKeys() []*framework.Path {
 			}),
 			Operations: map[logical.Operation]framework.OperationHandler{
 				logical.UpdateOperation: &framework.PathOperation{
-					Callback: b.pathKeyWrite,
+					Callback: handle(b.pathKeyWrite, transitKeyFields...),
 					Summary:  "Create a key whose first version is generated in the HSM (no change if it exists).",
 				},
 				logical.ReadOperation: &framework.PathOperation{
@@ -111,7 +111,7 @@ func (b *backend) pathKeys() []*framework.Path {
 			}),
 			Operations: map[logical.Operation]framework.OperationHandler{
 				logical.UpdateOperation: &framework.PathOperation{
-					Callback: b.pathKeyConfigWrite,
+					Callback: handle(b.pathKeyConfigWrite, providerConfigTypo),
 					Summary:  "Change a key's version bounds and deletion setting.",
 				},
 			},
@@ -207,9 +207,6 @@ func settingsFrom(d *framework.FieldData) (keys.Settings, error) {
 
 func (b *backend) pathKeyWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name := d.Get("name").(string)
-	if err := refuseUnknownFields(req, d, transitKeyFields...); err != nil {
-		return respond(err)
-	}
 	if err := refuseUnsupported(d); err != nil {
 		return respond(err)
 	}
@@ -395,9 +392,6 @@ func (b *backend) pathKeyDelete(ctx context.Context, req *logical.Request, d *fr
 }
 
 func (b *backend) pathKeyConfigWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	if err := refuseUnknownFields(req, d, providerConfigTypo); err != nil {
-		return respond(err)
-	}
 	if err := refuseUnsupported(d); err != nil {
 		return respond(err)
 	}
@@ -449,7 +443,7 @@ func (b *backend) pathRefused() []*framework.Path {
 				"force":  {Type: framework.TypeBool, Description: "Transit's overwrite flag."},
 			},
 			Operations: map[logical.Operation]framework.OperationHandler{
-				logical.UpdateOperation: &framework.PathOperation{Callback: refuse("restore is not possible: " + msgNonExtractable + ", so no plaintext backup exists to restore"), Summary: "Refused."},
+				logical.UpdateOperation: &framework.PathOperation{Callback: handle(refuse("restore is not possible: " + msgNonExtractable + ", so no plaintext backup exists to restore")), Summary: "Refused."},
 			},
 			HelpSynopsis:    "Refused: there are no plaintext backups to restore.",
 			HelpDescription: "Transit restores keys from plaintext backups; this engine never makes any, so this path fails with HTTP 400.",

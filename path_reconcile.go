@@ -55,12 +55,12 @@ func (b *backend) pathReconcile() []*framework.Path {
 			},
 			Operations: map[logical.Operation]framework.OperationHandler{
 				logical.ReadOperation: &framework.PathOperation{
-					Callback:     b.pathReconcileRun,
+					Callback:     handle(b.pathReconcileRun),
 					Summary:      "Report how the key's stored versions and the token's objects differ.",
 					DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "read"},
 				},
 				logical.UpdateOperation: &framework.PathOperation{
-					Callback:     b.pathReconcileRun,
+					Callback:     handle(b.pathReconcileRun),
 					Summary:      "Report, and with adopt=true adopt what the rule allows.",
 					DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "reconcile"},
 				},
@@ -77,12 +77,12 @@ func (b *backend) pathReconcile() []*framework.Path {
 			Fields: map[string]*framework.FieldSchema{"adopt": adopt, "adopt_unverified": unverified},
 			Operations: map[logical.Operation]framework.OperationHandler{
 				logical.ReadOperation: &framework.PathOperation{
-					Callback:     b.pathReconcileRun,
+					Callback:     handle(b.pathReconcileRun),
 					Summary:      "Report how the mount's stored keys and the token's objects differ.",
 					DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "read"},
 				},
 				logical.UpdateOperation: &framework.PathOperation{
-					Callback:     b.pathReconcileRun,
+					Callback:     handle(b.pathReconcileRun),
 					Summary:      "Report for the whole mount, and with adopt=true adopt what the rule allows.",
 					DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "reconcile"},
 				},
@@ -94,9 +94,6 @@ func (b *backend) pathReconcile() []*framework.Path {
 }
 
 func (b *backend) pathReconcileRun(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	if err := refuseUnknownFields(req, d); err != nil {
-		return respond(err)
-	}
 	name := ""
 	if _, ok := d.Schema["name"]; ok {
 		name = d.Get("name").(string)

@@ -34,7 +34,7 @@ func (b *backend) pathRewrap() *framework.Path {
 			},
 		}),
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathRewrapWrite, Summary: "Re-encrypt ciphertexts under a newer version without returning the plaintext."},
+			logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathRewrapWrite), Summary: "Re-encrypt ciphertexts under a newer version without returning the plaintext."},
 		},
 		HelpSynopsis:    "Re-encrypt a ciphertext, or a batch, under the latest (or given) key version.",
 		HelpDescription: "Decrypts and encrypts again inside the engine; the plaintext is never returned to the caller. The associated data, if any, must be given and is kept.",
