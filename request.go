@@ -210,7 +210,8 @@ var transitUnsupported = map[string]string{
 
 // notAField explains fields that callers try and that must never be fields.
 var notAField = map[string]string{
-	"library": "library is not a field: the PKCS#11 module's path comes only from " + LibraryEnv + " in the plugin's environment, set by the operator when registering the plugin (vault plugin register -env=" + LibraryEnv + "=…)",
+	"adopt_unverified": "adopt_unverified is not a field: adoption on an operator's word is the sudo path " + adoptUnverifiedPath + " (mount-wide) or " + adoptUnverifiedPath + "/<key>",
+	"library":          "library is not a field: the PKCS#11 module's path comes only from " + LibraryEnv + " in the plugin's environment, set by the operator when registering the plugin (vault plugin register -env=" + LibraryEnv + "=…)",
 }
 
 // refuseUnknownFields refuses a request field that neither the path nor Transit's path of the same name knows
