@@ -108,6 +108,10 @@ func (b *backend) pathKeys() []*framework.Path {
 					Type:        framework.TypeString,
 					Description: "RFC 3339 time of the next rotation; it then continues every auto_rotate_period. Empty string clears it.",
 				},
+				"allow_pkcs1v15_decryption": {
+					Type:        framework.TypeBool,
+					Description: "RSA keys: accept decrypt and rewrap with PKCS#1 v1.5 padding (default false: refused, as a padding oracle). When true, a ciphertext with invalid padding is answered with implicit rejection: a pseudo-random message derived from it under the version's HMAC secret, never an error.",
+				},
 			}),
 			Operations: map[logical.Operation]framework.OperationHandler{
 				logical.UpdateOperation: &framework.PathOperation{
@@ -191,6 +195,10 @@ func settingsFrom(d *framework.FieldData) (keys.Settings, error) {
 	if v, ok := d.GetOk("max_encryptions_per_version"); ok {
 		n := v.(int)
 		c.MaxEncryptions = &n
+	}
+	if v, ok := d.GetOk("allow_pkcs1v15_decryption"); ok {
+		allow := v.(bool)
+		c.AllowPKCS1v15Decryption = &allow
 	}
 	if v, ok := d.GetOk("next_rotation_time"); ok {
 		var t time.Time
@@ -359,6 +367,9 @@ func (b *backend) formatKey(k *keys.Key) *logical.Response {
 	}
 	if !k.Type.IsAES() {
 		delete(data, "max_encryptions_per_version")
+	}
+	if k.Type.IsRSA() {
+		data["allow_pkcs1v15_decryption"] = k.AllowPKCS1v15Decryption
 	}
 	if k.Type == keys.TypeHMAC {
 		data["key_size"] = k.HMACKeyBytes()

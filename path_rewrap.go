@@ -61,7 +61,7 @@ func (b *backend) pathRewrapWrite(ctx context.Context, req *logical.Request, d *
 		if it.EncryptPadding != "" {
 			out.PaddingScheme = it.EncryptPadding
 		}
-		pt, err := decrypt(ctx, tok, k, &in, aad)
+		pt, err := b.decrypt(ctx, req, tok, k, &in, aad)
 		if err != nil {
 			return encryptResult{}, err
 		}

@@ -47,6 +47,9 @@ type Key struct {
 	LastRotated      time.Time     `json:"last_rotated,omitempty"`
 	// MaxEncryptions per version before it is rotated; 0 means the AES-GCM random-nonce limit.
 	MaxEncryptions uint64 `json:"max_encryptions_per_version,omitempty"`
+	// AllowPKCS1v15Decryption opts an RSA key in to decrypt and rewrap with PKCS#1 v1.5 padding, answered with
+	// implicit rejection. Off, they are refused: the padding's validity is Bleichenbacher's oracle.
+	AllowPKCS1v15Decryption bool `json:"allow_pkcs1v15_decryption,omitempty"`
 
 	// Disabled keys serve no operation (emergency revoke).
 	Disabled bool `json:"disabled,omitempty"`
