@@ -258,6 +258,10 @@ func (b *backend) pathConfigHSMRead(ctx context.Context, req *logical.Request, _
 		"key_wrap_mechanism":    keyWrapMechanismName(c.keyWrapMechanism()),
 		"raw_rsa_oaep_fallback": c.RawRSAOAEPFallback,
 		"library":               b.library,
+		// Every object of this mount on the token is labelled under it (cmk/<mount's backend UUID>/<key>/v<N>):
+		// the UUID `vault secrets list -detailed` does not show, needed to find the mount's objects with the
+		// token's own tools.
+		"label_prefix": keys.LabelPrefix(b.mountID),
 	}
 	if c.UseSlot {
 		// Only a slot the operator chose is configuration; the slot in use is the token's (token.slot).

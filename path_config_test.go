@@ -145,3 +145,23 @@ func TestMaxBatchSizeAboveListenerCapRefused(t *testing.T) {
 	}
 	e.ok(e.write("config/keys", map[string]interface{}{"max_batch_size": 10000}))
 }
+
+// Issue 19 item 24: object labels carry the mount's backend UUID, which `vault secrets list -detailed` does not
+// show: config/hsm shows the label prefix, and every object of the mount on the token is under it.
+func TestConfigHSMShowsLabelPrefix(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/k", nil))
+	prefix, _ := e.ok(e.read("config/hsm")).Data["label_prefix"].(string)
+	if prefix != "cmk/"+e.b.mountID+"/" {
+		t.Fatalf("label_prefix %q", prefix)
+	}
+	objects := e.tokenObjects()
+	if len(objects) == 0 {
+		t.Fatal("no objects")
+	}
+	for _, o := range objects {
+		if !strings.HasPrefix(o.Label, prefix) {
+			t.Fatalf("object %q is not under %q", o.Label, prefix)
+		}
+	}
+}

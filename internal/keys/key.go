@@ -253,5 +253,8 @@ func (k *Key) NextDue() time.Time {
 
 // versionLabel is the CKA_LABEL of version n of key name on mount mountID: for people reading the token.
 func versionLabel(mountID, name string, n int) string {
-	return fmt.Sprintf("cmk/%s/%s/v%d", mountID, name, n)
+	return fmt.Sprintf("%s%s/v%d", LabelPrefix(mountID), name, n)
 }
+
+// LabelPrefix begins the label of every object of the mount mountID on the token.
+func LabelPrefix(mountID string) string { return "cmk/" + mountID + "/" }
