@@ -315,6 +315,12 @@ func (b *backend) pathConfigHSMRead(ctx context.Context, req *logical.Request, _
 		if !ok {
 			entry["missing"] = missing
 		}
+		// Serving a type (generating and using its keys) does not imply importing it (keys/<name>/import).
+		imports, why := caps.Imports(keys.Type(name).Info().Alg)
+		entry["import_supported"] = ok && imports
+		if ok && !imports {
+			entry["import_missing"] = why
+		}
 		keyTypes[name] = entry
 	}
 	data["key_types"] = keyTypes
