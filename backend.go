@@ -117,6 +117,10 @@ func newBackend(conf *logical.BackendConfig) *backend {
 		// The version the binary reports to Vault: registering it under another -version fails, as Vault checks.
 		RunningVersion: Version,
 		PathsSpecial: &logical.Paths{
+			// sudo in the caller's policy, beside the operation's capability: config/hsm chooses the token and
+			// PIN every key depends on; adoption on an operator's word takes material whose origin the token
+			// cannot show. Vault matches these exactly or by prefix.
+			Root: []string{configHSMPath, adoptUnverifiedPath, adoptUnverifiedPath + "/*"},
 			// The PIN is kept in config/hsm: seal-wrap it where Vault offers seal wrapping.
 			SealWrapStorage: []string{"config/hsm"},
 		},

@@ -7,7 +7,9 @@ import (
 	"math"
 	"net/http"
 	"runtime"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -53,6 +55,7 @@ func readBatch(d *framework.FieldData, max int) ([]batchItem, error) {
 	if len(list) > max {
 		return nil, callerf("batch_input has %d items; max_batch_size is %d (config/keys)", len(list), max)
 	}
+	known := itemFields(d.Schema)
 	items := make([]batchItem, len(list))
 	for i, e := range list {
 		m, ok := e.(map[string]interface{})
@@ -61,8 +64,64 @@ func readBatch(d *framework.FieldData, max int) ([]batchItem, error) {
 			continue
 		}
 		items[i] = itemFromMap(i, m)
+		if err := refuseUnknownItemFields(i, m, known); err != nil {
+			items[i].err = err.Error() // the item keeps its reference
+		}
 	}
 	return items, nil
+}
+
+// readItemFields are the fields itemFromMap reads.
+var readItemFields = []string{"plaintext", "ciphertext", "associated_data", "context", "nonce", "reference", "padding_scheme",
+	"decrypt_padding_scheme", "encrypt_padding_scheme", "input", "signature", "hmac", "key_version"}
+
+// transitCiphertextItem are the fields of Transit's batch item for encrypt, decrypt and rewrap (its
+// BatchRequestItem, one type for the three): each of those paths accepts them all in an item, as Transit does.
+var transitCiphertextItem = []string{"context", "plaintext", "ciphertext", "padding_scheme", "nonce", "key_version", "associated_data", "reference", "iv"}
+
+// itemFields are the fields a batch item of the path with this schema may carry: those of the single request
+// that are per item, and the ones Transit's item of the same path knows (key_version everywhere; sign and
+// verify's signature_context, verify's cmac). iv, signature_context and cmac are refused when set.
+func itemFields(schema map[string]*framework.FieldSchema) []string {
+	var known []string
+	for _, f := range readItemFields {
+		if _, ok := schema[f]; ok || f == "key_version" {
+			known = append(known, f)
+		}
+	}
+	_, plaintext := schema["plaintext"]
+	_, ciphertext := schema["ciphertext"]
+	_, signature := schema["signature_algorithm"]
+	_, verify := schema["signature"]
+	switch {
+	case plaintext || ciphertext:
+		known = append(known, transitCiphertextItem...)
+	case verify:
+		known = append(known, "signature_context", "cmac")
+	case signature:
+		known = append(known, "signature_context")
+	}
+	slices.Sort(known)
+	return slices.Compact(known)
+}
+
+// refuseUnknownItemFields fails an item that carries a field its path's items do not know (a misspelt
+// associated_data would otherwise encrypt without AAD), or a Transit field that asks for what cannot be done.
+func refuseUnknownItemFields(i int, m map[string]interface{}, known []string) error {
+	var unknown []string
+	for f, v := range m {
+		switch why, unsupported := transitUnsupported[f]; {
+		case !slices.Contains(known, f):
+			unknown = append(unknown, f)
+		case unsupported && isSet(v):
+			return fmt.Errorf("batch_input[%d]: %s", i, why)
+		}
+	}
+	if len(unknown) == 0 {
+		return nil
+	}
+	slices.Sort(unknown)
+	return fmt.Errorf("batch_input[%d]: unknown field %s; an item's fields are %s", i, strings.Join(unknown, ", "), strings.Join(known, ", "))
 }
 
 func itemFromMap(i int, m map[string]interface{}) batchItem {

@@ -34,7 +34,7 @@ func (b *backend) pathCacheConfig() *framework.Path {
 				DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "read", OperationSuffix: "cache-configuration"},
 			},
 			logical.UpdateOperation: &framework.PathOperation{
-				Callback:     b.pathCacheConfigWrite,
+				Callback:     handle(b.pathCacheConfigWrite),
 				Summary:      "Set the size of the key cache; it applies at once.",
 				DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "configure", OperationSuffix: "cache"},
 			},
@@ -65,9 +65,6 @@ func (b *backend) pathCacheConfigRead(ctx context.Context, req *logical.Request,
 }
 
 func (b *backend) pathCacheConfigWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	if err := refuseUnknownFields(req, d); err != nil {
-		return respond(err)
-	}
 	size := d.Get("size").(int)
 	if size != 0 && size < 10 {
 		return respond(callerf("size must be 0 (unbounded) or at least 10, not %d", size))

@@ -37,7 +37,7 @@ func (b *backend) pathCSR() *framework.Path {
 			},
 		},
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathCSRWrite, Summary: "Make a PKCS#10 CSR for a signing key's version, signed in the HSM."},
+			logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathCSRWrite), Summary: "Make a PKCS#10 CSR for a signing key's version, signed in the HSM."},
 		},
 		HelpSynopsis: "Make a certificate signing request for a signing key, signed inside the HSM.",
 		HelpDescription: `As Transit's keys/:name/csr: a PKCS#10 request carrying the version's public key, signed by its private key
@@ -64,7 +64,7 @@ func (b *backend) pathSetCertificate() *framework.Path {
 			},
 		},
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathSetCertificateWrite, Summary: "Set the certificate chain of a signing key's version."},
+			logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathSetCertificateWrite), Summary: "Set the certificate chain of a signing key's version."},
 		},
 		HelpSynopsis: "Set the certificate chain of a signing key's version.",
 		HelpDescription: `As Transit's keys/:name/set-certificate. The leaf must certify the version's public key, and each certificate
@@ -73,8 +73,10 @@ export/certificate-chain/:name, and recorded in the key's history.`,
 	}
 }
 
-// signingVersion is the key and version a CSR or certificate is for: a signing key's usable version.
-func (b *backend) signingVersion(ctx context.Context, req *logical.Request, d *framework.FieldData) (*keys.Key, int, error) {
+// signingVersion is the key and version a CSR or certificate is for: a signing key's version that may sign (a
+// CSR: sign's rule, keys.Key.EncryptionVersion, so nothing below min_encryption_version signs) or verify (a
+// certificate for an older version's public key: keys.Key.DecryptionVersion).
+func (b *backend) signingVersion(ctx context.Context, req *logical.Request, d *framework.FieldData, signs bool) (*keys.Key, int, error) {
 	name := d.Get("name").(string)
 	k, err := b.keys.Get(ctx, req.Storage, name)
 	if err != nil {
@@ -89,9 +91,14 @@ func (b *backend) signingVersion(ctx context.Context, req *logical.Request, d *f
 	if err := k.Usable(); err != nil {
 		return nil, 0, err
 	}
+	requested, _ := d.Get("version").(int)
+	if signs {
+		n, _, err := k.EncryptionVersion(requested)
+		return k, n, err
+	}
 	n := k.LatestVersion
-	if v, ok := d.GetOk("version"); ok && v.(int) != 0 {
-		n = v.(int)
+	if requested != 0 {
+		n = requested
 	}
 	if _, err := k.DecryptionVersion(n, "key"); err != nil {
 		return nil, 0, err
@@ -100,10 +107,7 @@ func (b *backend) signingVersion(ctx context.Context, req *logical.Request, d *f
 }
 
 func (b *backend) pathCSRWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	if err := refuseUnknownFields(req, d); err != nil {
-		return respond(err)
-	}
-	k, n, err := b.signingVersion(ctx, req, d)
+	k, n, err := b.signingVersion(ctx, req, d, true)
 	if err != nil {
 		return respond(err)
 	}
@@ -146,10 +150,7 @@ func (b *backend) pathCSRWrite(ctx context.Context, req *logical.Request, d *fra
 var oidSubjectAltName = asn1.ObjectIdentifier{2, 5, 29, 17}
 
 func (b *backend) pathSetCertificateWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	if err := refuseUnknownFields(req, d); err != nil {
-		return respond(err)
-	}
-	k, n, err := b.signingVersion(ctx, req, d)
+	k, n, err := b.signingVersion(ctx, req, d, false)
 	if err != nil {
 		return respond(err)
 	}

@@ -155,3 +155,21 @@ func TestSetCertificateAndExport(t *testing.T) {
 		t.Fatalf("public-key export of an AES key: %d", code)
 	}
 }
+
+// Issue 19 item 11: a CSR is a signature, so it follows sign's version rule: a version below
+// min_encryption_version signs no CSR, as it signs nothing else; the latest still does.
+func TestCSRRefusesVersionBelowMinEncryptionVersion(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/s", map[string]interface{}{"type": "ecdsa-p256"}))
+	e.ok(e.write("keys/s/rotate", nil))
+	e.ok(e.write("keys/s/config", map[string]interface{}{"min_encryption_version": 2}))
+	resp, err := e.write("sign/s", map[string]interface{}{"input": b64("x"), "key_version": 1})
+	if status(resp, err) != 400 || !strings.Contains(respText(resp), "min_encryption_version") {
+		t.Fatalf("sign with version 1: %d %s", status(resp, err), respText(resp))
+	}
+	resp, err = e.write("keys/s/csr", map[string]interface{}{"version": 1})
+	if status(resp, err) != 400 || !strings.Contains(respText(resp), "min_encryption_version") {
+		t.Fatalf("CSR with version 1: %d %s", status(resp, err), respText(resp))
+	}
+	e.ok(e.write("keys/s/csr", nil))
+}

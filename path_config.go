@@ -21,9 +21,12 @@ const (
 
 	defaultPoolSize = 4
 	maxPoolSize     = 256
-	// defaultMaxBatchSize matches Vault's own listener cap of 10,000 JSON array elements.
-	defaultMaxBatchSize = 10000
-	maxMaxBatchSize     = 100000
+	// listenerMaxJSONArray is Vault's listener cap on a JSON array's elements (its max_json_array_element_count,
+	// 10,000 unless the operator changes it): a larger batch_input is answered by the listener with a 500 before
+	// it reaches the plugin, so a larger max_batch_size could never be used.
+	listenerMaxJSONArray = 10000
+	defaultMaxBatchSize  = listenerMaxJSONArray
+	maxMaxBatchSize      = listenerMaxJSONArray
 )
 
 // hsmConfig selects the token. The library path is not here: it comes from the plugin's environment only.
@@ -129,11 +132,11 @@ func (b *backend) pathConfigHSM() *framework.Path {
 				Summary:  "Show the token selection, connection state, token information and supported mechanisms (never the PIN).",
 			},
 			logical.CreateOperation: &framework.PathOperation{
-				Callback: b.pathConfigHSMWrite,
+				Callback: handle(b.pathConfigHSMWrite),
 				Summary:  "Select the token and log in; the configuration is stored only if the login succeeds.",
 			},
 			logical.UpdateOperation: &framework.PathOperation{
-				Callback: b.pathConfigHSMWrite,
+				Callback: handle(b.pathConfigHSMWrite),
 				Summary:  "Change the token selection, PIN or pool; the change is stored only if the login succeeds.",
 			},
 		},
@@ -149,12 +152,6 @@ func (b *backend) pathConfigHSMExists(ctx context.Context, req *logical.Request,
 }
 
 func (b *backend) pathConfigHSMWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	if _, ok := req.Data["library"]; ok {
-		return respond(callerf("library is not a config/hsm field: the PKCS#11 module's path comes only from %s in the plugin's environment, set by the operator when registering the plugin (vault plugin register -env=%s=…)", LibraryEnv, LibraryEnv))
-	}
-	if err := refuseUnknownFields(req, d); err != nil {
-		return respond(err)
-	}
 	if b.library == "" {
 		return respond(callerf("%s is not set in the plugin's environment: register the plugin with -env=%s=/path/to/pkcs11-module.so", LibraryEnv, LibraryEnv))
 	}
@@ -261,6 +258,10 @@ func (b *backend) pathConfigHSMRead(ctx context.Context, req *logical.Request, _
 		"key_wrap_mechanism":    keyWrapMechanismName(c.keyWrapMechanism()),
 		"raw_rsa_oaep_fallback": c.RawRSAOAEPFallback,
 		"library":               b.library,
+		// Every object of this mount on the token is labelled under it (cmk/<mount's backend UUID>/<key>/v<N>):
+		// the UUID `vault secrets list -detailed` does not show, needed to find the mount's objects with the
+		// token's own tools.
+		"label_prefix": keys.LabelPrefix(b.mountID),
 	}
 	if c.UseSlot {
 		// Only a slot the operator chose is configuration; the slot in use is the token's (token.slot).
@@ -313,6 +314,12 @@ func (b *backend) pathConfigHSMRead(ctx context.Context, req *logical.Request, _
 		entry := map[string]interface{}{"supported": ok}
 		if !ok {
 			entry["missing"] = missing
+		}
+		// Serving a type (generating and using its keys) does not imply importing it (keys/<name>/import).
+		imports, why := caps.Imports(keys.Type(name).Info().Alg)
+		entry["import_supported"] = ok && imports
+		if ok && !imports {
+			entry["import_missing"] = why
 		}
 		keyTypes[name] = entry
 	}
@@ -383,7 +390,7 @@ func (b *backend) pathConfigKeys() *framework.Path {
 			"max_batch_size": {
 				Type:        framework.TypeInt,
 				Default:     defaultMaxBatchSize,
-				Description: fmt.Sprintf("Largest batch_input accepted by one request (1 to %d). Vault's listener also caps JSON arrays at 10,000 elements by default.", maxMaxBatchSize),
+				Description: fmt.Sprintf("Largest batch_input accepted by one request (1 to %d, the default): Vault's listener refuses a larger JSON array before the plugin sees it.", maxMaxBatchSize),
 			},
 		},
 		Operations: map[logical.Operation]framework.OperationHandler{
@@ -392,7 +399,7 @@ func (b *backend) pathConfigKeys() *framework.Path {
 				Summary:  "Show the mount's key defaults.",
 			},
 			logical.UpdateOperation: &framework.PathOperation{
-				Callback: b.pathConfigKeysWrite,
+				Callback: handle(b.pathConfigKeysWrite),
 				Summary:  "Set the mount's key defaults.",
 			},
 		},
@@ -415,9 +422,6 @@ func (b *backend) pathConfigKeysRead(ctx context.Context, req *logical.Request, 
 }
 
 func (b *backend) pathConfigKeysWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	if err := refuseUnknownFields(req, d); err != nil {
-		return respond(err)
-	}
 	cur, err := b.readKeysConfig(ctx, req.Storage)
 	if err != nil {
 		return nil, err
@@ -442,7 +446,7 @@ func (b *backend) pathConfigKeysWrite(ctx context.Context, req *logical.Request,
 		return respond(callerf("deletion_grace_period must not be negative"))
 	}
 	if c.MaxBatchSize < 1 || c.MaxBatchSize > maxMaxBatchSize {
-		return respond(callerf("max_batch_size must be between 1 and %d", maxMaxBatchSize))
+		return respond(callerf("max_batch_size must be between 1 and %d: Vault's listener refuses a JSON array of more than %d elements (its max_json_array_element_count) with a 500 before the request reaches the plugin", maxMaxBatchSize, listenerMaxJSONArray))
 	}
 	e, err := logical.StorageEntryJSON(configKeysPath, &c)
 	if err != nil {

@@ -131,3 +131,37 @@ func TestExistenceCheckedPathsHandleCreate(t *testing.T) {
 		}
 	}
 }
+
+// Issue 19 item 23: a max_batch_size above Vault's listener cap on JSON arrays (10,000 elements) could never be
+// used: the listener answers such a batch with a 500 before the plugin sees it. Refused, naming the cap.
+func TestMaxBatchSizeAboveListenerCapRefused(t *testing.T) {
+	e := newTestBackend(t)
+	resp, err := e.write("config/keys", map[string]interface{}{"max_batch_size": 20000})
+	if status(resp, err) != 400 || !strings.Contains(respText(resp), "10000") || !strings.Contains(respText(resp), "max_json_array_element_count") {
+		t.Fatalf("max_batch_size 20000: %d %s", status(resp, err), respText(resp))
+	}
+	if c := e.ok(e.read("config/keys")).Data["max_batch_size"]; c != defaultMaxBatchSize {
+		t.Fatalf("a refused write changed max_batch_size to %v", c)
+	}
+	e.ok(e.write("config/keys", map[string]interface{}{"max_batch_size": 10000}))
+}
+
+// Issue 19 item 24: object labels carry the mount's backend UUID, which `vault secrets list -detailed` does not
+// show: config/hsm shows the label prefix, and every object of the mount on the token is under it.
+func TestConfigHSMShowsLabelPrefix(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/k", nil))
+	prefix, _ := e.ok(e.read("config/hsm")).Data["label_prefix"].(string)
+	if prefix != "cmk/"+e.b.mountID+"/" {
+		t.Fatalf("label_prefix %q", prefix)
+	}
+	objects := e.tokenObjects()
+	if len(objects) == 0 {
+		t.Fatal("no objects")
+	}
+	for _, o := range objects {
+		if !strings.HasPrefix(o.Label, prefix) {
+			t.Fatalf("object %q is not under %q", o.Label, prefix)
+		}
+	}
+}

@@ -35,7 +35,7 @@ func (b *backend) pathDatakey() *framework.Path {
 			"padding_scheme":  fieldPadding,
 		},
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathDatakeyWrite, Summary: "Generate a data key from the HSM's RNG, wrapped by the named key."},
+			logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathDatakeyWrite), Summary: "Generate a data key from the HSM's RNG, wrapped by the named key."},
 		},
 		HelpSynopsis:    "Generate a data key from the HSM's RNG, wrapped (encrypted) by the named key.",
 		HelpDescription: "The data key's bytes come from C_GenerateRandom and are encrypted with the named key in the HSM. The wrapped form decrypts with decrypt/<name> to the base64 data key.",

@@ -1,9 +1,14 @@
 package cmk
 
 import (
+	"bytes"
 	"context"
 	"crypto"
+	"crypto/hmac"
+	"crypto/rsa"
+	"crypto/sha256"
 	"encoding/base64"
+	"encoding/binary"
 	"errors"
 	"fmt"
 
@@ -35,7 +40,7 @@ func (b *backend) pathDecrypt() *framework.Path {
 			"padding_scheme":  fieldPadding,
 		}),
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathDecryptWrite, Summary: "Decrypt a ciphertext or a batch of ciphertexts in the HSM."},
+			logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathDecryptWrite), Summary: "Decrypt a ciphertext or a batch of ciphertexts in the HSM."},
 		},
 		HelpSynopsis:    "Decrypt a ciphertext, or a batch of them, with the named key inside the HSM.",
 		HelpDescription: "Returns the base64 plaintext. A ciphertext that is malformed, tampered with, made by another key or below min_decryption_version is refused with HTTP 400.",
@@ -55,7 +60,7 @@ func (b *backend) pathDecryptWrite(ctx context.Context, req *logical.Request, d 
 		if !it.hasCiphertext {
 			return decryptResult{}, callerf("batch_input[%d]: missing ciphertext to decrypt", i)
 		}
-		pt, err := decrypt(ctx, tok, k, it, aad)
+		pt, err := b.decrypt(ctx, req, tok, k, it, aad)
 		if err != nil {
 			return decryptResult{}, err
 		}
@@ -65,7 +70,7 @@ func (b *backend) pathDecryptWrite(ctx context.Context, req *logical.Request, d 
 }
 
 // decrypt opens a ciphertext of k in the HSM.
-func decrypt(ctx context.Context, tok hsmToken, k *keys.Key, it *batchItem, aad []byte) ([]byte, error) {
+func (b *backend) decrypt(ctx context.Context, req *logical.Request, tok hsmToken, k *keys.Key, it *batchItem, aad []byte) ([]byte, error) {
 	if !k.Type.Info().Encrypt {
 		return nil, k.Type.Unsupported("decryption")
 	}
@@ -81,15 +86,14 @@ func decrypt(ctx context.Context, tok hsmToken, k *keys.Key, it *batchItem, aad 
 		if err := k.Private(v, "decrypt"); err != nil {
 			return nil, err
 		}
-		var h crypto.Hash
 		switch it.PaddingScheme {
 		case "", "oaep":
-			h = crypto.SHA256
 		case "pkcs1v15":
+			return b.decryptPKCS1v15(ctx, req, tok, k, v, ver, raw)
 		default:
 			return nil, callerf("padding_scheme must be oaep or pkcs1v15, not %q", it.PaddingScheme)
 		}
-		pt, err := tok.DecryptRSA(ctx, ver.ID(), h, raw)
+		pt, err := tok.DecryptRSA(ctx, ver.ID(), crypto.SHA256, raw)
 		if err != nil {
 			return nil, fmt.Errorf("decrypt with key %q version %d: %w", k.Name, v, err)
 		}
@@ -117,4 +121,68 @@ func decrypt(ctx context.Context, tok hsmToken, k *keys.Key, it *batchItem, aad 
 		return nil, fmt.Errorf("decrypt with key %q version %d: %w", k.Name, v, err)
 	}
 	return pt, nil
+}
+
+// implicitRejectionLabel separates the derivation of a ciphertext's implicit-rejection key from every other use of
+// the version's HMAC secret.
+const implicitRejectionLabel = "cmk PKCS#1 v1.5 implicit rejection\x00"
+
+// decryptPKCS1v15 decrypts an RSA PKCS#1 v1.5 ciphertext, for a key that opted in, with implicit rejection (the
+// idea of draft-irtf-cfrg-rsa-implicit-rejection): a ciphertext whose padding is invalid decrypts to a
+// pseudo-random message derived from the ciphertext under a secret of the version, never to an error, so that no
+// answer of decrypt or rewrap tells valid padding from invalid (Bleichenbacher's oracle). The draft derives its
+// key from the private exponent, which never leaves the HSM; here it is the version's HMAC secret, also in the
+// HSM: the derivation key is HMAC-SHA256(secret, label ‖ ciphertext), computed for every ciphertext, valid or
+// not, so that both make the same HSM calls.
+func (b *backend) decryptPKCS1v15(ctx context.Context, req *logical.Request, tok hsmToken, k *keys.Key, v int, ver *keys.Version, raw []byte) ([]byte, error) {
+	if !k.AllowPKCS1v15Decryption {
+		return nil, callerf("PKCS#1 v1.5 decryption is refused for key %q: the validity of its padding is an oracle (Bleichenbacher) on every ciphertext of the key, OAEP ones included; set allow_pkcs1v15_decryption=true in keys/%s/config to accept it, answered with implicit rejection", k.Name, k.Name)
+	}
+	modulus := ver.Public().(*rsa.PublicKey).Size()
+	if len(raw) != modulus { // public: says nothing of the padding
+		return nil, callerf("invalid ciphertext: %d bytes, key %q version %d takes %d", len(raw), k.Name, v, modulus)
+	}
+	kdk, err := b.computeHMAC(ctx, req, tok, k, v, ver, "sha2-256", append([]byte(implicitRejectionLabel), raw...))
+	if err != nil {
+		return nil, err
+	}
+	defer clear(kdk)
+	pt, err := tok.DecryptRSA(ctx, ver.ID(), 0, raw)
+	if errors.Is(err, hsm.ErrInvalidCiphertext) {
+		return syntheticMessage(kdk, modulus), nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("decrypt with key %q version %d: %w", k.Name, v, err)
+	}
+	return pt, nil
+}
+
+// syntheticMessage is the message an invalid PKCS#1 v1.5 ciphertext decrypts to: drawn from kdk exactly as the
+// message of a uniformly random block with valid padding (00 02, at least 8 non-zero bytes, a zero, the message),
+// so that its length, which rewrap can reveal (a message too long for OAEP cannot be encrypted again), has the
+// same distribution as the one a forged ciphertext with valid padding gives.
+func syntheticMessage(kdk []byte, modulus int) []byte {
+	const minPS = 8
+	stream := func(counter uint32, n int) []byte {
+		out := make([]byte, 0, n+sha256.Size)
+		for block := uint32(0); len(out) < n; block++ {
+			m := hmac.New(sha256.New, kdk)
+			var c [8]byte
+			binary.BigEndian.PutUint32(c[:4], counter)
+			binary.BigEndian.PutUint32(c[4:], block)
+			m.Write(c[:])
+			out = m.Sum(out)
+		}
+		return out[:n]
+	}
+	body := modulus - 2 // the bytes after 00 02
+	for counter := uint32(0); ; counter++ {
+		// The first 8 padding bytes (non-zero in a valid block) do not bear on the message: only where the first
+		// zero after them falls does.
+		ps := stream(counter, body)
+		if i := bytes.IndexByte(ps[minPS:], 0); i >= 0 {
+			return ps[minPS+i+1:]
+		}
+		// No separator: not a valid block; draw the next, as a valid block is a random one given that it is valid.
+	}
 }

@@ -172,3 +172,21 @@ func TestBatchCrossesSeveralUsageRotations(t *testing.T) {
 		t.Fatalf("ciphertexts by version %v, want 2, 2, 2, 1 over versions 1 to 4", versions)
 	}
 }
+
+// Issue 19 item 8: upsert makes only the types encrypt's type field lists (AES); anyone with create on encrypt/*
+// must not tie up the token with RSA-4096 generations.
+func TestUpsertMakesOnlyAESTypes(t *testing.T) {
+	e := newTestBackend(t)
+	for _, typ := range []string{"rsa-4096", "rsa-2048", "ecdsa-p256", "hmac"} {
+		resp, err := e.request(logical.CreateOperation, "encrypt/up-"+typ, map[string]interface{}{"plaintext": b64("x"), "type": typ})
+		if status(resp, err) != 400 || !strings.Contains(respText(resp), "aes256-gcm96, aes128-gcm96") {
+			t.Fatalf("upsert of %s: %d %s", typ, status(resp, err), respText(resp))
+		}
+		if r, _ := e.read("keys/up-" + typ); r != nil {
+			t.Fatalf("upsert of %s created the key: %v", typ, r.Data)
+		}
+	}
+	if len(e.tokenObjects()) != 0 {
+		t.Fatalf("refused upserts left objects on the token: %v", e.tokenObjects())
+	}
+}

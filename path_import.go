@@ -187,7 +187,7 @@ func (b *backend) pathImport(version bool) *framework.Path {
 		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: verb, OperationSuffix: "key"},
 		Fields:       fields,
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.UpdateOperation: &framework.PathOperation{Callback: b.importHandler(version), Summary: summary},
+			logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.importHandler(version), "convergent_encryption"), Summary: summary},
 		},
 		HelpSynopsis:    "Bring your own key: " + summary,
 		HelpDescription: importHelp,
@@ -196,11 +196,7 @@ func (b *backend) pathImport(version bool) *framework.Path {
 
 func (b *backend) importHandler(version bool) framework.OperationFunc {
 	return func(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-		resp, err := b.importKey(ctx, req, d, version)
-		if err != nil {
-			return respond(err)
-		}
-		return resp, nil
+		return b.importKey(ctx, req, d, version)
 	}
 }
 

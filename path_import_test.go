@@ -6,6 +6,7 @@ import (
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/ecdsa"
+	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
@@ -284,5 +285,37 @@ func TestPublicKeyImportThenItsPrivateKey(t *testing.T) {
 	}
 	if code := status(e.write("decrypt/rsapub", map[string]interface{}{"ciphertext": ct})); code != 400 {
 		t.Fatalf("decrypt with a public-key-only version: %d", code)
+	}
+}
+
+// Issue 19 item 24: config/hsm says per key type whether the token can import it, and an import the token cannot
+// do names the real limit. SoftHSM 2.6 generates and uses Ed25519 keys but cannot unwrap one: its import of a
+// valid PKCS#8 key used to fail with "private keys are expected as PKCS#8" while config/hsm said ed25519 was
+// supported. What the report says and what an import does must agree, on any token.
+func TestImportSupportReportMatchesImport(t *testing.T) {
+	e := newImportBackend(t)
+	e.ok(e.read("wrapping_key"))
+	types := e.ok(e.read("config/hsm")).Data["key_types"].(map[string]interface{})
+	if aes := types["aes256-gcm96"].(map[string]interface{}); aes["import_supported"] != true {
+		t.Fatalf("aes256-gcm96: %v", aes)
+	}
+	ed := types["ed25519"].(map[string]interface{})
+	if ed["supported"] != true {
+		t.Skip("this token does not serve ed25519 at all")
+	}
+	_, priv, _ := ed25519.GenerateKey(rand.Reader)
+	der, _ := x509.MarshalPKCS8PrivateKey(priv)
+	resp, err := e.write("keys/ed/import", map[string]interface{}{"type": "ed25519", "ciphertext": wrapFor(t, e, crypto.SHA256, der)})
+	switch ed["import_supported"] {
+	case true:
+		e.ok(resp, err)
+	case false:
+		why, _ := ed["import_missing"].(string)
+		if status(resp, err) != 400 || !strings.Contains(why, "cannot unwrap Ed25519") || !strings.Contains(respText(resp), "cannot unwrap Ed25519") ||
+			strings.Contains(respText(resp), "expected as PKCS#8") {
+			t.Fatalf("a valid PKCS#8 Ed25519 import where the report says %q: %d %s", why, status(resp, err), respText(resp))
+		}
+	default:
+		t.Fatalf("ed25519 import_supported: %v", ed)
 	}
 }

@@ -68,7 +68,7 @@ func (b *backend) pathKeys() []*framework.Path {
 			}),
 			Operations: map[logical.Operation]framework.OperationHandler{
 				logical.UpdateOperation: &framework.PathOperation{
-					Callback: b.pathKeyWrite,
+					Callback: handle(b.pathKeyWrite, transitKeyFields...),
 					Summary:  "Create a key whose first version is generated in the HSM (no change if it exists).",
 				},
 				logical.ReadOperation: &framework.PathOperation{
@@ -108,10 +108,14 @@ func (b *backend) pathKeys() []*framework.Path {
 					Type:        framework.TypeString,
 					Description: "RFC 3339 time of the next rotation; it then continues every auto_rotate_period. Empty string clears it.",
 				},
+				"allow_pkcs1v15_decryption": {
+					Type:        framework.TypeBool,
+					Description: "RSA keys: accept decrypt and rewrap with PKCS#1 v1.5 padding (default false: refused, as a padding oracle). When true, a ciphertext with invalid padding is answered with implicit rejection: a pseudo-random message derived from it under the version's HMAC secret, never an error.",
+				},
 			}),
 			Operations: map[logical.Operation]framework.OperationHandler{
 				logical.UpdateOperation: &framework.PathOperation{
-					Callback: b.pathKeyConfigWrite,
+					Callback: handle(b.pathKeyConfigWrite, providerConfigTypo),
 					Summary:  "Change a key's version bounds and deletion setting.",
 				},
 			},
@@ -192,6 +196,10 @@ func settingsFrom(d *framework.FieldData) (keys.Settings, error) {
 		n := v.(int)
 		c.MaxEncryptions = &n
 	}
+	if v, ok := d.GetOk("allow_pkcs1v15_decryption"); ok {
+		allow := v.(bool)
+		c.AllowPKCS1v15Decryption = &allow
+	}
 	if v, ok := d.GetOk("next_rotation_time"); ok {
 		var t time.Time
 		if raw := v.(string); raw != "" {
@@ -207,9 +215,6 @@ func settingsFrom(d *framework.FieldData) (keys.Settings, error) {
 
 func (b *backend) pathKeyWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name := d.Get("name").(string)
-	if err := refuseUnknownFields(req, d, transitKeyFields...); err != nil {
-		return respond(err)
-	}
 	if err := refuseUnsupported(d); err != nil {
 		return respond(err)
 	}
@@ -363,6 +368,9 @@ func (b *backend) formatKey(k *keys.Key) *logical.Response {
 	if !k.Type.IsAES() {
 		delete(data, "max_encryptions_per_version")
 	}
+	if k.Type.IsRSA() {
+		data["allow_pkcs1v15_decryption"] = k.AllowPKCS1v15Decryption
+	}
 	if k.Type == keys.TypeHMAC {
 		data["key_size"] = k.HMACKeyBytes()
 	}
@@ -395,9 +403,6 @@ func (b *backend) pathKeyDelete(ctx context.Context, req *logical.Request, d *fr
 }
 
 func (b *backend) pathKeyConfigWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	if err := refuseUnknownFields(req, d, providerConfigTypo); err != nil {
-		return respond(err)
-	}
 	if err := refuseUnsupported(d); err != nil {
 		return respond(err)
 	}
@@ -449,7 +454,7 @@ func (b *backend) pathRefused() []*framework.Path {
 				"force":  {Type: framework.TypeBool, Description: "Transit's overwrite flag."},
 			},
 			Operations: map[logical.Operation]framework.OperationHandler{
-				logical.UpdateOperation: &framework.PathOperation{Callback: refuse("restore is not possible: " + msgNonExtractable + ", so no plaintext backup exists to restore"), Summary: "Refused."},
+				logical.UpdateOperation: &framework.PathOperation{Callback: handle(refuse("restore is not possible: " + msgNonExtractable + ", so no plaintext backup exists to restore")), Summary: "Refused."},
 			},
 			HelpSynopsis:    "Refused: there are no plaintext backups to restore.",
 			HelpDescription: "Transit restores keys from plaintext backups; this engine never makes any, so this path fails with HTTP 400.",

@@ -38,7 +38,7 @@ func (b *backend) pathLifecycle() []*framework.Path {
 				"action":  {Type: framework.TypeString, Required: true, AllowedValues: []interface{}{"disable", "enable", "destroy"}, Description: "disable, enable or destroy."},
 			},
 			Operations: map[logical.Operation]framework.OperationHandler{
-				logical.UpdateOperation: &framework.PathOperation{Callback: b.pathVersionAction, Summary: "Disable, enable or destroy one version."},
+				logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathVersionAction), Summary: "Disable, enable or destroy one version."},
 			},
 			HelpSynopsis: "Disable, enable or destroy one key version.",
 			HelpDescription: "disable: the version serves nothing until enabled. destroy: its HSM objects are destroyed after config/keys' " +
@@ -52,7 +52,7 @@ func (b *backend) pathLifecycle() []*framework.Path {
 				"action": {Type: framework.TypeString, Required: true, AllowedValues: []interface{}{"disable", "enable"}, Description: "disable or enable."},
 			},
 			Operations: map[logical.Operation]framework.OperationHandler{
-				logical.UpdateOperation: &framework.PathOperation{Callback: b.pathKeyAction, Summary: "Revoke (disable) or restore (enable) every use of the key at once."},
+				logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathKeyAction), Summary: "Revoke (disable) or restore (enable) every use of the key at once."},
 			},
 			HelpSynopsis:    "Emergency revoke: a disabled key serves no operation until enabled.",
 			HelpDescription: "While disabled, encrypt, decrypt, sign, verify, hmac and every other use fail with HTTP 400; reads of the key, its versions and history still work, and nothing is destroyed. Scheduled rotations wait.",
@@ -62,7 +62,7 @@ func (b *backend) pathLifecycle() []*framework.Path {
 			DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "cancel-deletion", OperationSuffix: "key"},
 			Fields:       nameField,
 			Operations: map[logical.Operation]framework.OperationHandler{
-				logical.UpdateOperation: &framework.PathOperation{Callback: b.pathCancelDeletion, Summary: "Restore a key whose deletion is scheduled."},
+				logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathCancelDeletion), Summary: "Restore a key whose deletion is scheduled."},
 			},
 			HelpSynopsis:    "Restore a deleted key within its grace period.",
 			HelpDescription: "A deleted key is destroyed only after config/keys' deletion_grace_period. Until then this restores it, with every version as it was.",
@@ -79,7 +79,7 @@ func (b *backend) pathLifecycle() []*framework.Path {
 				},
 			},
 			Operations: map[logical.Operation]framework.OperationHandler{
-				logical.UpdateOperation: &framework.PathOperation{Callback: b.pathTrim, Summary: "Retire the versions below min_available_version and schedule their destruction."},
+				logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathTrim), Summary: "Retire the versions below min_available_version and schedule their destruction."},
 			},
 			HelpSynopsis:    "Retire old versions, as Transit's trim, under the mount's deletion grace period.",
 			HelpDescription: "Raises min_available_version: versions below it decrypt, verify and sign nothing from then on, and their HSM objects are destroyed when config/keys' deletion_grace_period has elapsed, as every other destruction (at once when it is 0). Their metadata stays as tombstones. min_available_version never goes down, so a trimmed version cannot be enabled again.",

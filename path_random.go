@@ -41,7 +41,7 @@ func (b *backend) pathRandom() *framework.Path {
 			},
 		},
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathRandomWrite, Summary: "Random bytes from the HSM's RNG."},
+			logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathRandomWrite), Summary: "Random bytes from the HSM's RNG."},
 		},
 		HelpSynopsis:    "Generate random bytes with the HSM's RNG.",
 		HelpDescription: "Returns random bytes from C_GenerateRandom on the configured token, base64 or hex encoded. The paths random/<bytes> and random/<source>/<bytes> work as in Transit.",
@@ -123,7 +123,7 @@ func (b *backend) pathHash() *framework.Path {
 			},
 		},
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathHashWrite, Summary: "Hash data, as Transit's hash."},
+			logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathHashWrite), Summary: "Hash data, as Transit's hash."},
 		},
 		HelpSynopsis:    "Hash base64 input with a SHA-2 or SHA-3 function.",
 		HelpDescription: "As Transit's hash: no key is involved, so it runs in software.",

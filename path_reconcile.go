@@ -22,8 +22,9 @@ Storage restored from an older snapshot forgets versions made since; their mater
 engine adopts such a version by itself when a request names it or before a rotation would take its number. A
 version is adopted only if it was generated on the token and never extractable (CKA_LOCAL, CKA_SENSITIVE,
 CKA_NEVER_EXTRACTABLE; or the engine's own WAL entry says it generated it, where the token leaves CKA_LOCAL
-false), and only in a row after the key's latest. adopt_unverified adopts, on the operator's word, protected
-material whose origin the token cannot show (imported versions; NSS), recorded as such in the key's history.
+false), and only in a row after the key's latest. reconcile/adopt-unverified(/<key>), a sudo path, adopts on
+the operator's word protected material whose origin the token cannot show (imported versions; NSS), recorded as
+such in the key's history.
 Reading, or writing without adopt, changes nothing. Nothing is ever destroyed here.
 
 The mount-wide form reads every object on the token and every key in storage: with many keys it takes time (see
@@ -35,12 +36,6 @@ func (b *backend) pathReconcile() []*framework.Path {
 		Default:     false,
 		Description: "Adopt the versions the rule allows (generated on the token, never extractable, in a row after the key's latest). Without it the call only reports.",
 	}
-	unverified := &framework.FieldSchema{
-		Type:    framework.TypeBool,
-		Default: false,
-		Description: "With adopt: also adopt material whose origin the token cannot show (imported, or on a token that leaves CKA_LOCAL false on the keys it generates, such as NSS), if it is sensitive, not extractable, and of the key's type. " +
-			"Use it only for material you know is that version's (your own BYOK import, a key this engine generated): the key's history records it as adopted on your word.",
-	}
 	return []*framework.Path{
 		{
 			Pattern: "keys/" + framework.GenericNameRegex("name") + "/reconcile",
@@ -49,18 +44,17 @@ func (b *backend) pathReconcile() []*framework.Path {
 				OperationSuffix: "key-reconciliation",
 			},
 			Fields: map[string]*framework.FieldSchema{
-				"name":             {Type: framework.TypeString, Required: true, Description: "Name of the key."},
-				"adopt":            adopt,
-				"adopt_unverified": unverified,
+				"name":  {Type: framework.TypeString, Required: true, Description: "Name of the key."},
+				"adopt": adopt,
 			},
 			Operations: map[logical.Operation]framework.OperationHandler{
 				logical.ReadOperation: &framework.PathOperation{
-					Callback:     b.pathReconcileRun,
+					Callback:     handle(b.reconcileHandler(false)),
 					Summary:      "Report how the key's stored versions and the token's objects differ.",
 					DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "read"},
 				},
 				logical.UpdateOperation: &framework.PathOperation{
-					Callback:     b.pathReconcileRun,
+					Callback:     handle(b.reconcileHandler(false)),
 					Summary:      "Report, and with adopt=true adopt what the rule allows.",
 					DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "reconcile"},
 				},
@@ -74,15 +68,15 @@ func (b *backend) pathReconcile() []*framework.Path {
 				OperationPrefix: "cmk",
 				OperationSuffix: "mount-reconciliation",
 			},
-			Fields: map[string]*framework.FieldSchema{"adopt": adopt, "adopt_unverified": unverified},
+			Fields: map[string]*framework.FieldSchema{"adopt": adopt},
 			Operations: map[logical.Operation]framework.OperationHandler{
 				logical.ReadOperation: &framework.PathOperation{
-					Callback:     b.pathReconcileRun,
+					Callback:     handle(b.reconcileHandler(false)),
 					Summary:      "Report how the mount's stored keys and the token's objects differ.",
 					DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "read"},
 				},
 				logical.UpdateOperation: &framework.PathOperation{
-					Callback:     b.pathReconcileRun,
+					Callback:     handle(b.reconcileHandler(false)),
 					Summary:      "Report for the whole mount, and with adopt=true adopt what the rule allows.",
 					DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "reconcile"},
 				},
@@ -90,22 +84,53 @@ func (b *backend) pathReconcile() []*framework.Path {
 			HelpSynopsis:    "Compare every stored key with the HSM token's objects, and adopt versions a storage restore lost.",
 			HelpDescription: reconcileHelp,
 		},
+		{
+			// A path of its own because Vault's sudo is per path (PathsSpecial.Root), never per field: reconcile
+			// with adopt=true stays a key administrator's, adoption on an operator's word needs sudo. Under
+			// reconcile/ rather than keys/<name>/ because a sudo path is matched exactly or by prefix only.
+			Pattern: adoptUnverifiedPath + "(/" + framework.GenericNameRegex("name") + ")?",
+			DisplayAttrs: &framework.DisplayAttributes{
+				OperationPrefix: "cmk",
+				OperationVerb:   "adopt-unverified",
+			},
+			Fields: map[string]*framework.FieldSchema{
+				"name": {Type: framework.TypeString, Description: "Name of the key; without it, every key of the mount."},
+			},
+			Operations: map[logical.Operation]framework.OperationHandler{
+				logical.UpdateOperation: &framework.PathOperation{
+					Callback: handle(b.reconcileHandler(true)),
+					Summary:  "Reconcile with adoption, adopting also, on the operator's word, protected material whose origin the token cannot show (needs sudo).",
+				},
+			},
+			HelpSynopsis:    "Adopt, on the operator's word, versions whose origin the token cannot show (a sudo path).",
+			HelpDescription: adoptUnverifiedHelp,
+		},
 	}
 }
 
-func (b *backend) pathReconcileRun(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	if err := refuseUnknownFields(req, d); err != nil {
-		return respond(err)
+// adoptUnverifiedPath is the sudo path for adoption on an operator's word, for one key (…/<name>) or the mount.
+const adoptUnverifiedPath = "reconcile/adopt-unverified"
+
+const adoptUnverifiedHelp = `Does what reconcile with adopt=true does, and also adopts material whose origin the token cannot
+show (imported with BYOK; a token that leaves CKA_LOCAL false on the keys it generates, such as NSS) if it is
+sensitive, never extractable, of the key's type, and in a row after the key's latest version. Use it only for
+material you know is that version's (your own import, a key this engine generated): the key's history records it
+as adopted on your word. It needs sudo in the caller's policy, beside update; reconcile's
+adoptable_by_operator says which objects it would take.`
+
+// reconcileHandler runs a reconciliation; onWord on the sudo path, which always adopts.
+func (b *backend) reconcileHandler(onWord bool) framework.OperationFunc {
+	return func(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+		return b.reconcile(ctx, req, d, onWord)
 	}
+}
+
+func (b *backend) reconcile(ctx context.Context, req *logical.Request, d *framework.FieldData, onWord bool) (*logical.Response, error) {
 	name := ""
 	if _, ok := d.Schema["name"]; ok {
 		name = d.Get("name").(string)
 	}
-	adopt := req.Operation == logical.UpdateOperation && d.Get("adopt").(bool)
-	onWord := req.Operation == logical.UpdateOperation && d.Get("adopt_unverified").(bool)
-	if onWord && !adopt {
-		return respond(callerf("adopt_unverified goes with adopt=true"))
-	}
+	adopt := onWord || (req.Operation == logical.UpdateOperation && d.Get("adopt").(bool))
 	if _, _, err := b.getToken(ctx, req.Storage); err != nil {
 		return respond(err)
 	}

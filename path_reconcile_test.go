@@ -175,7 +175,8 @@ func TestImportedVersionAfterRestoreBlocksItsNumber(t *testing.T) {
 	material := make([]byte, 32)
 	rand.Read(material)
 	resp, err := r.write("keys/imp/import_version", map[string]interface{}{"ciphertext": wrapFor(t, r, crypto.SHA256, material)})
-	if code := status(resp, err); code != 409 || !strings.Contains(fmt.Sprint(err), "reconcile") {
+	// The advice is what would work: the object is adoptable on the operator's word (reconcile says so below).
+	if code := status(resp, err); code != 409 || !strings.Contains(fmt.Sprint(err), "write reconcile/adopt-unverified/imp") {
 		t.Fatalf("an import over imported material: %d %v %s", code, err, respText(resp))
 	}
 	if len(r.tokenObjects()) != objects {
@@ -190,13 +191,18 @@ func TestImportedVersionAfterRestoreBlocksItsNumber(t *testing.T) {
 	if code := status(r.read("keys/imp/reconcile")); code != 200 {
 		t.Fatalf("reconcile read: %d", code)
 	}
-	if code := status(r.write("keys/imp/reconcile", map[string]interface{}{"adopt_unverified": true})); code != 400 {
-		t.Fatalf("adopt_unverified without adopt: %d", code)
+	// Adoption on the operator's word is a sudo path of its own, never a field of reconcile (sudo is per path).
+	resp, err = r.write("keys/imp/reconcile", map[string]interface{}{"adopt": true, "adopt_unverified": true})
+	if status(resp, err) != 400 || !strings.Contains(respText(resp), "reconcile/adopt-unverified") {
+		t.Fatalf("adopt_unverified as a field: %d %s", status(resp, err), respText(resp))
+	}
+	if resp := r.ok(r.write("keys/imp/reconcile", map[string]interface{}{"adopt": true})); len(resp.Data["adopted"].([]interface{})) != 0 {
+		t.Fatalf("adopt without the operator's word adopted imported material: %v", resp.Data)
 	}
 	// The operator knows it is their own import: on their word it is adopted, and the history says so.
-	resp = r.ok(r.write("keys/imp/reconcile", map[string]interface{}{"adopt": true, "adopt_unverified": true}))
+	resp = r.ok(r.write("reconcile/adopt-unverified/imp", nil))
 	if len(resp.Data["adopted"].([]interface{})) != 1 {
-		t.Fatalf("adopt_unverified: %v", resp.Data)
+		t.Fatalf("reconcile/adopt-unverified: %v", resp.Data)
 	}
 	if decryptOK(t, r, "imp", afterSnapshot) != "under the imported v2" {
 		t.Fatal("the adopted import does not decrypt what it encrypted")
@@ -248,4 +254,44 @@ func TestRestoreGivesNoVersionItsBudgetBack(t *testing.T) {
 	if v1 > limit-used {
 		t.Fatalf("after the restore version 1 made %d more encryptions; %d of its %d were used before", v1, used, limit)
 	}
+}
+
+// Issue 19 item 24: a 409 never advises an adoption that would do nothing. Here storage is restored to before a
+// key existed and the key is created again as another type: the old material under v1's label is no key of the
+// new type, so reconcile reports it adoptable_by_operator false, and the 409 says to remove it, not to adopt it.
+// (Created again as the same type, the key adopts it: TestKeyMadeAgainAfterRestoreAdoptsItsMaterial.)
+func TestNumberTakenAdviceMatchesReconcile(t *testing.T) {
+	e := newTestBackend(t)
+	snap := e.snapshotStorage()
+	e.ok(e.write("keys/k", map[string]interface{}{"type": "ecdsa-p256"}))
+	r := e.restoredFrom(snap)
+	resp, err := r.write("keys/k", nil)
+	if status(resp, err) != 409 || !strings.Contains(fmt.Sprint(err), "removes it from the token") ||
+		strings.Contains(fmt.Sprint(err), "adopt-unverified") || strings.Contains(fmt.Sprint(err), "adopt_unverified") {
+		t.Fatalf("creation over an earlier key's material: %d %v", status(resp, err), err)
+	}
+	unref := r.ok(r.read("reconcile")).Data["unreferenced_objects"].([]interface{})
+	if len(unref) != 1 || unref[0].(map[string]interface{})["adoptable_by_operator"] != false {
+		t.Fatalf("reconcile: %v", unref)
+	}
+	// And adopting on the operator's word indeed takes nothing.
+	if resp := r.ok(r.write("reconcile/adopt-unverified", nil)); len(resp.Data["adopted"].([]interface{})) != 0 {
+		t.Fatalf("adopted: %v", resp.Data)
+	}
+}
+
+// Issue 19, finding 1: storage restored to before a key existed, and the key made again under its name, as an
+// application's upsert does: the key adopts its material, so what was encrypted after the snapshot decrypts again.
+func TestKeyMadeAgainAfterRestoreAdoptsItsMaterial(t *testing.T) {
+	e := newTestBackend(t)
+	snap := e.snapshotStorage()
+	ct := encryptOK(t, e, "k", "after the snapshot") // upsert creates the key
+	r := e.restoredFrom(snap)
+	if again := encryptOK(t, r, "k", "after the restore"); !strings.HasPrefix(again, "vault:v2:") {
+		t.Fatalf("the key made again encrypts with %s, not a version of its own", again[:9])
+	}
+	if got := decryptOK(t, r, "k", ct); got != "after the snapshot" {
+		t.Fatalf("decrypted %q", got)
+	}
+	r.labelsOnce()
 }

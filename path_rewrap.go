@@ -34,7 +34,7 @@ func (b *backend) pathRewrap() *framework.Path {
 			},
 		}),
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathRewrapWrite, Summary: "Re-encrypt ciphertexts under a newer version without returning the plaintext."},
+			logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathRewrapWrite), Summary: "Re-encrypt ciphertexts under a newer version without returning the plaintext."},
 		},
 		HelpSynopsis:    "Re-encrypt a ciphertext, or a batch, under the latest (or given) key version.",
 		HelpDescription: "Decrypts and encrypts again inside the engine; the plaintext is never returned to the caller. The associated data, if any, must be given and is kept.",
@@ -61,7 +61,7 @@ func (b *backend) pathRewrapWrite(ctx context.Context, req *logical.Request, d *
 		if it.EncryptPadding != "" {
 			out.PaddingScheme = it.EncryptPadding
 		}
-		pt, err := decrypt(ctx, tok, k, &in, aad)
+		pt, err := b.decrypt(ctx, req, tok, k, &in, aad)
 		if err != nil {
 			return encryptResult{}, err
 		}

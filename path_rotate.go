@@ -22,7 +22,7 @@ func (b *backend) pathRotate() *framework.Path {
 		},
 		Operations: map[logical.Operation]framework.OperationHandler{
 			logical.UpdateOperation: &framework.PathOperation{
-				Callback: b.pathRotateWrite,
+				Callback: handle(b.pathRotateWrite, "managed_key_name", "managed_key_id"),
 				Summary:  "Create a new key version in the HSM; new encryptions use it.",
 			},
 		},

@@ -94,7 +94,7 @@ func (b *backend) pathSign() *framework.Path {
 		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "sign"},
 		Fields:       signatureFields(),
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathSignWrite, Summary: "Sign input with the key's private half, inside the HSM."},
+			logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathSignWrite, "signature_context"), Summary: "Sign input with the key's private half, inside the HSM."},
 		},
 		HelpSynopsis:    "Sign input, or a batch, with an RSA, ECDSA or Ed25519 key held in the HSM.",
 		HelpDescription: "The digest is computed here (no secret is involved) and signed in the HSM; Ed25519 signs the input itself. Signatures are Transit's vault:v<N>:<base64> and verify with the version's public key in any standard library.",
@@ -110,7 +110,7 @@ func (b *backend) pathVerify() *framework.Path {
 		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "verify"},
 		Fields:       fields,
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathVerifyWrite, Summary: "Check a signature or an HMAC."},
+			logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathVerifyWrite, "signature_context", "cmac", "mac_length"), Summary: "Check a signature or an HMAC."},
 		},
 		HelpSynopsis:    "Check a signature (with the version's public key) or an HMAC (recomputed in the HSM).",
 		HelpDescription: "Returns valid true or false. A malformed signature or HMAC, or a version below min_decryption_version, is a 400. HMACs are compared in constant time.",
@@ -134,7 +134,7 @@ func (b *backend) pathHMAC() *framework.Path {
 			"key_version": {Type: framework.TypeInt, Description: "Version whose HMAC secret to use: 0 (latest) or at least min_encryption_version."},
 		}),
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathHMACWrite, Summary: "HMAC input with the version's HMAC secret, inside the HSM."},
+			logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathHMACWrite), Summary: "HMAC input with the version's HMAC secret, inside the HSM."},
 		},
 		HelpSynopsis:    "Compute an HMAC in the HSM with the key version's HMAC secret.",
 		HelpDescription: "Every version of every key has an HMAC secret in the HSM, as Transit keys do; for key types other than hmac it is generated in the HSM with the version's first HMAC (so keys never used for HMAC take one object on the token, not two). The result is vault:v<N>:<base64>.",

@@ -311,6 +311,7 @@ func TestHMACSecretMadeOnFirstUse(t *testing.T) {
 func TestRSAEncryption(t *testing.T) {
 	e := newTestBackend(t)
 	e.ok(e.write("keys/rsa", map[string]interface{}{"type": "rsa-3072"}))
+	e.ok(e.write("keys/rsa/config", map[string]interface{}{"allow_pkcs1v15_decryption": true})) // for the pkcs1v15 round trip
 	pub := publicKeyOf(t, e, "rsa", 1).(*rsa.PublicKey)
 	for _, padding := range []string{"", "oaep", "pkcs1v15"} {
 		data := map[string]interface{}{"plaintext": b64("rsa secret")}

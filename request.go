@@ -3,6 +3,8 @@ package cmk
 import (
 	"context"
 	"encoding/base64"
+	"encoding/json"
+	"errors"
 	"maps"
 	"slices"
 	"sort"
@@ -178,26 +180,91 @@ func (b *backend) adoptNamed(ctx context.Context, req *logical.Request, k *keys.
 	return nk, nil
 }
 
-// refuseUnknownFields refuses a request field that neither the path nor Transit's path of the same name knows, so
-// that a typo (typ=rsa-2048) never silently falls back to a default. transitOnly lists the fields Transit knows
-// that this path accepts and ignores.
+// handle is how every operation that takes fields is registered (gcpkms's withFieldValidator): it refuses a field
+// that neither the path nor Transit's path of the same name knows, so that a typo (typ=rsa-2048, plaintxt,
+// asociated_data) never falls back to a default or drops a protection, then runs fn and turns an error fn
+// returns as it is into the caller's response (respond). transitOnly lists the fields Transit's path knows and
+// this one does not: accepted and ignored, or refused when set if transitUnsupported names them.
+func handle(fn framework.OperationFunc, transitOnly ...string) framework.OperationFunc {
+	return func(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+		if err := refuseUnknownFields(req, d, transitOnly...); err != nil {
+			return respond(err)
+		}
+		resp, err := fn(ctx, req, d)
+		var coded logical.HTTPCodedError
+		if err != nil && resp == nil && !errors.As(err, &coded) {
+			return respond(err)
+		}
+		return resp, err
+	}
+}
+
+// transitUnsupported are Transit fields accepted by name and refused when set: what they ask for cannot be done
+// with this engine's keys.
+var transitUnsupported = map[string]string{
+	"iv":                "iv is not supported: the HSM draws every nonce (Transit's iv applies to managed keys only)",
+	"signature_context": "signature_context is not supported: Ed25519ctx signatures are not offered",
+	"cmac":              "cmac is not supported: CMAC keys are not offered",
+	"mac_length":        "mac_length is not supported: CMAC keys are not offered",
+}
+
+// notAField explains fields that callers try and that must never be fields.
+var notAField = map[string]string{
+	"adopt_unverified": "adopt_unverified is not a field: adoption on an operator's word is the sudo path " + adoptUnverifiedPath + " (mount-wide) or " + adoptUnverifiedPath + "/<key>",
+	"library":          "library is not a field: the PKCS#11 module's path comes only from " + LibraryEnv + " in the plugin's environment, set by the operator when registering the plugin (vault plugin register -env=" + LibraryEnv + "=…)",
+}
+
+// refuseUnknownFields refuses a request field that neither the path nor Transit's path of the same name knows
+// (see handle), and a Transit field in transitOnly that asks for what cannot be done.
 func refuseUnknownFields(req *logical.Request, d *framework.FieldData, transitOnly ...string) error {
 	var unknown []string
-	for name := range req.Data {
-		if _, ok := d.Schema[name]; !ok && !slices.Contains(transitOnly, name) {
+	for name, v := range req.Data {
+		if _, ok := d.Schema[name]; ok {
+			continue
+		}
+		if why, ok := notAField[name]; ok {
+			return callerf("%s", why)
+		}
+		if !slices.Contains(transitOnly, name) {
 			unknown = append(unknown, name)
+		} else if why, ok := transitUnsupported[name]; ok && isSet(v) {
+			return callerf("%s", why)
 		}
 	}
 	if len(unknown) == 0 {
 		return nil
 	}
 	sort.Strings(unknown)
-	known := make([]string, 0, len(d.Schema))
-	for name := range d.Schema {
-		if name != "name" { // the URL's, not the body's
+	return callerf("unknown field %s for %s; its fields are %s", strings.Join(unknown, ", "), req.Path, strings.Join(bodyFields(d.Schema), ", "))
+}
+
+// bodyFields are the names of a path's fields a request body may carry, sorted.
+func bodyFields(schema map[string]*framework.FieldSchema) []string {
+	known := make([]string, 0, len(schema))
+	for name := range schema {
+		if name != "name" && !strings.HasPrefix(name, "url") { // the URL's, not the body's
 			known = append(known, name)
 		}
 	}
 	sort.Strings(known)
-	return callerf("unknown field %s for %s; its fields are %s", strings.Join(unknown, ", "), req.Path, strings.Join(known, ", "))
+	return known
+}
+
+// isSet says whether a field's value asks for something: not null, empty, false or zero.
+func isSet(v interface{}) bool {
+	switch x := v.(type) {
+	case nil:
+		return false
+	case string:
+		return x != ""
+	case bool:
+		return x
+	case json.Number:
+		return x.String() != "0"
+	case float64:
+		return x != 0
+	case int:
+		return x != 0
+	}
+	return true
 }

@@ -33,6 +33,9 @@ type Capabilities struct {
 	// probed, see Token.labelSearch).
 	labelSearch atomic.Int32
 
+	// importRefused: algorithms the token serves but cannot import (Imports), with why; set by the probe.
+	importRefused map[Algorithm]string
+
 	// refused records algorithms the token listed mechanisms for but failed to make a usable key of (tpm2-pkcs11
 	// lists EC key sizes up to 638 bits and answers P-521 with an unusable point): Algorithm → reason.
 	refused sync.Map
@@ -244,6 +247,16 @@ func (t *Token) probe(ctx context.Context) (*Capabilities, error) {
 	if c.AllowedMechanisms && c.Offers(pkcs11.CKM_RSA_PKCS_OAEP) {
 		if c.OAEPSHA256, err = t.probeOAEPSHA256(ctx); err != nil {
 			return nil, err
+		}
+	}
+	c.importRefused = map[Algorithm]string{}
+	if ok, _ := c.Serves(Ed25519); ok && c.KeyWrap != 0 && !c.quirks.reinitAfterRefusal {
+		why, err := t.probeEd25519Import(ctx, c)
+		if err != nil {
+			return nil, err
+		}
+		if why != "" {
+			c.importRefused[Ed25519] = why
 		}
 	}
 	wrap := "none"

@@ -84,6 +84,9 @@ func (t *Token) ImportVersion(ctx context.Context, r ImportRequest) (crypto.Publ
 	if r.KeyWrapMech == 0 || !caps.Offers(r.KeyWrapMech) {
 		return nil, "", unsupported("BYOK imports", []string{"AES key wrap with padding (RFC 5649: CKM_AES_KEY_WRAP_KWP)"})
 	}
+	if ok, why := caps.Imports(r.Algorithm); !ok {
+		return nil, "", fmt.Errorf("%w: %s", ErrMechanismUnsupported, why)
+	}
 	o := templateOptions{allowedMechanisms: caps.AllowedMechanisms, nssDB: t.quirks().nssDBOnUnwrappedEC,
 		omitMeaningless: pairTemplateOptions(t.pool.tokenState().pairTemplates.Load())&omitMeaningless != 0}
 	rawRSA := caps.AllowedMechanisms && !caps.OAEPSHA256

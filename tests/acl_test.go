@@ -2,6 +2,7 @@ package tests
 
 import (
 	"encoding/base64"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -75,6 +76,7 @@ func TestLeastPrivilegePolicies(t *testing.T) {
 			{"reconfigure the HSM", "/config/hsm", map[string]interface{}{"pin": "x"}, 403},
 			{"change the mount's key defaults (deletion grace period)", "/config/keys", map[string]interface{}{"deletion_grace_period": 0}, 403},
 			{"adopt what a storage restore lost, key by key", "/keys/app/reconcile", map[string]interface{}{"adopt": true}, 0},
+			{"adopt on the operator's word", "/reconcile/adopt-unverified/app", nil, 403},
 		},
 		"cmk-mount-admin.hcl": {
 			{"change the deletion grace period", "/config/keys", map[string]interface{}{"deletion_grace_period": "168h"}, 0},
@@ -82,6 +84,8 @@ func TestLeastPrivilegePolicies(t *testing.T) {
 			{"create a key", "/keys/mount-admin-made", nil, 403},
 			{"encrypt", "/encrypt/app", pt, 403},
 			{"reconcile the mount and adopt", "/reconcile", map[string]interface{}{"adopt": true}, 0},
+			{"adopt on the operator's word (sudo)", "/reconcile/adopt-unverified", nil, 0},
+			{"adopt one key on the operator's word (sudo)", "/reconcile/adopt-unverified/app", nil, 0},
 		},
 		"cmk-auditor.hcl": {
 			{"rotate", "/keys/app/rotate", nil, 403},
@@ -89,6 +93,7 @@ func TestLeastPrivilegePolicies(t *testing.T) {
 			{"decrypt", "/decrypt/app", appCT, 403},
 			{"adopt", "/keys/app/reconcile", map[string]interface{}{"adopt": true}, 403},
 			{"adopt mount-wide", "/reconcile", map[string]interface{}{"adopt": true}, 403},
+			{"reconfigure the HSM", "/config/hsm", map[string]interface{}{"pool_size": 2}, 403},
 		},
 	}
 	for file, calls := range cases {
@@ -125,5 +130,52 @@ func TestLeastPrivilegePolicies(t *testing.T) {
 	material := base64.StdEncoding.EncodeToString(make([]byte, 32))
 	if out, err := dev.CLI(admin.Token(), "transit", "import", m.Path+"/keys/admin-imported", material, "type=aes256-gcm96"); err != nil {
 		t.Fatalf("vault transit import with the key admin's token: %v\n%s", err, out)
+	}
+}
+
+// Issue 19 item 13: config/hsm and adoption on an operator's word are sudo paths. A policy with update (and
+// create) on them but no sudo is refused with 403 by Vault itself; the same policy with sudo is served. Reconcile
+// with adopt=true stays an ordinary path.
+func TestSudoPaths(t *testing.T) {
+	m := newMount(t, dev)
+	mustWrite(t, dev.Client, m.Path+"/keys/app", nil)
+	token := func(capabilities string) *api.Client {
+		name := m.Path + "-sudo-" + strings.ReplaceAll(strings.Trim(capabilities, `"`), `", "`, "-")
+		var rules strings.Builder
+		for _, p := range []string{"config/hsm", "reconcile/adopt-unverified", "reconcile/adopt-unverified/*", "keys/*"} {
+			fmt.Fprintf(&rules, "path %q {\n  capabilities = [%s]\n}\n", m.Path+"/"+p, capabilities)
+		}
+		if err := dev.Client.Sys().PutPolicy(name, rules.String()); err != nil {
+			t.Fatal(err)
+		}
+		secret, err := dev.Client.Auth().Token().Create(&api.TokenCreateRequest{Policies: []string{name}, NoDefaultPolicy: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := dev.Client.Clone()
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetToken(secret.Auth.ClientToken)
+		return c
+	}
+	without, with := token(`"create", "read", "update"`), token(`"create", "read", "update", "sudo"`)
+	for _, call := range []struct {
+		path string
+		data map[string]interface{}
+	}{
+		{"/config/hsm", map[string]interface{}{"pool_size": 2}},
+		{"/reconcile/adopt-unverified", nil},
+		{"/reconcile/adopt-unverified/app", nil},
+	} {
+		if _, err := without.Logical().Write(m.Path+call.path, call.data); statusOf(err) != 403 {
+			t.Errorf("%s with update and without sudo: %d (%v), want 403", call.path, statusOf(err), err)
+		}
+		if _, err := with.Logical().Write(m.Path+call.path, call.data); err != nil {
+			t.Errorf("%s with update and sudo: %v", call.path, err)
+		}
+	}
+	if _, err := without.Logical().Write(m.Path+"/keys/app/reconcile", map[string]interface{}{"adopt": true}); err != nil {
+		t.Errorf("reconcile with adopt=true needs no sudo: %v", err)
 	}
 }

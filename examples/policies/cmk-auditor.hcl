@@ -12,6 +12,12 @@ path "cmk/config/*" {
   capabilities = ["read"]
 }
 
+# config/hsm is a sudo path: Vault asks for sudo on every operation there, reads included. With read and no
+# update, sudo lets the auditor read the connection state and nothing more.
+path "cmk/config/hsm" {
+  capabilities = ["read", "sudo"]
+}
+
 path "cmk/reconcile" {
   capabilities = ["read"]
 }

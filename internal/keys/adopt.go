@@ -38,11 +38,19 @@ type NumberTakenError struct {
 	Version int
 	Label   string
 	Reason  string
+	// ByOperator: adoption on an operator's word would take it (reconcile reports it adoptable_by_operator).
+	ByOperator bool
 }
 
 func (e *NumberTakenError) Error() string {
-	return fmt.Sprintf("version %d of key %q cannot take new material: the HSM token holds an object labelled %q that is not adopted as that version (%s); no other material may take its number. keys/%s/reconcile lists it; an operator who knows its origin adopts it (adopt_unverified) or removes it from the token",
-		e.Version, e.Key, e.Label, e.Reason, e.Key)
+	// The advice names only what would work: adoption on the operator's word where it would take the object,
+	// else its removal from the token.
+	advice := "it cannot be adopted, not even on an operator's word: to free the number, an operator removes it from the token (once sure nothing it protects is needed)"
+	if e.ByOperator {
+		advice = fmt.Sprintf("an operator who knows it is this version's material adopts it on their word (write reconcile/adopt-unverified/%s, a sudo path), or else removes it from the token", e.Key)
+	}
+	return fmt.Sprintf("version %d of key %q cannot take new material: the HSM token holds an object labelled %q that is not adopted as that version (%s); no other material may take its number. keys/%s/reconcile lists it; %s",
+		e.Version, e.Key, e.Label, e.Reason, e.Key, advice)
 }
 
 // adoptedWAL is the record, if any, of the change that made an adopted object: that change ended (the plugin
@@ -134,7 +142,10 @@ func (tx *Tx) adoptPending(through int, onWord bool) (map[int]string, error) {
 			reason = "its CKA_ID is already another version's"
 		}
 		if reason != "" {
-			return adopted, &NumberTakenError{Key: k.Name, Version: n, Label: label, Reason: reason}
+			// As reconcile's adoptable_by_operator (judge): the operator's word would take it for a stored key.
+			fw, wordReason := adoptable(found, true)
+			byOperator := !onWord && tx.Cur != nil && wordReason == "" && !k.referenced(fw.IDHex())
+			return adopted, &NumberTakenError{Key: k.Name, Version: n, Label: label, Reason: reason, ByOperator: byOperator}
 		}
 		if err := tx.adopt(n, f, w, made, !automatic); err != nil {
 			return adopted, err
@@ -200,7 +211,7 @@ func (tx *Tx) adopt(n int, f hsm.Found, w adoptedWAL, made, onWord bool) error {
 	switch {
 	case onWord:
 		_, why := f.Adoptable()
-		cause, details = CauseOperator, "adopted from the HSM on an operator's word (reconcile adopt_unverified), the token not showing it was generated there: "+why
+		cause, details = CauseOperator, "adopted from the HSM on an operator's word (reconcile/adopt-unverified), the token not showing it was generated there: "+why
 	case made:
 		cause, details = CauseInterrupted, "adopted from the HSM: made by this engine (its WAL entry says so) in a change whose metadata storage does not hold (the change ended first, or storage was restored)"
 		if w.entry.RequestID != "" {
@@ -324,7 +335,7 @@ type Orphan struct {
 	KeyType   string `json:"key_type,omitempty"`
 	Adoptable bool   `json:"adoptable"`
 	Reason    string `json:"reason,omitempty"` // why it is not adopted
-	// AdoptableByOperator: reconcile with adopt_unverified would adopt it (protected, of the key's type, in a row
+	// AdoptableByOperator: reconcile/adopt-unverified would adopt it (protected, of the key's type, in a row
 	// after the latest), though the token cannot show it was generated there.
 	AdoptableByOperator bool `json:"adoptable_by_operator"`
 }

@@ -47,6 +47,9 @@ type Key struct {
 	LastRotated      time.Time     `json:"last_rotated,omitempty"`
 	// MaxEncryptions per version before it is rotated; 0 means the AES-GCM random-nonce limit.
 	MaxEncryptions uint64 `json:"max_encryptions_per_version,omitempty"`
+	// AllowPKCS1v15Decryption opts an RSA key in to decrypt and rewrap with PKCS#1 v1.5 padding, answered with
+	// implicit rejection. Off, they are refused: the padding's validity is Bleichenbacher's oracle.
+	AllowPKCS1v15Decryption bool `json:"allow_pkcs1v15_decryption,omitempty"`
 
 	// Disabled keys serve no operation (emergency revoke).
 	Disabled bool `json:"disabled,omitempty"`
@@ -250,5 +253,8 @@ func (k *Key) NextDue() time.Time {
 
 // versionLabel is the CKA_LABEL of version n of key name on mount mountID: for people reading the token.
 func versionLabel(mountID, name string, n int) string {
-	return fmt.Sprintf("cmk/%s/%s/v%d", mountID, name, n)
+	return fmt.Sprintf("%s%s/v%d", LabelPrefix(mountID), name, n)
 }
+
+// LabelPrefix begins the label of every object of the mount mountID on the token.
+func LabelPrefix(mountID string) string { return "cmk/" + mountID + "/" }

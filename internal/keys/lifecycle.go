@@ -166,6 +166,8 @@ type Settings struct {
 	MaxEncryptions       *int
 	// NextRotation: a time, or the zero time to clear it.
 	NextRotation *time.Time
+	// AllowPKCS1v15Decryption: RSA keys only.
+	AllowPKCS1v15Decryption *bool
 }
 
 // Apply changes k's settings and checks the result; on an error k is left unusable (it is a clone).
@@ -200,6 +202,12 @@ func (k *Key) Apply(c Settings) error {
 			return Callerf("max_encryptions_per_version applies to AES keys, not %s", k.Type)
 		}
 		k.MaxEncryptions = uint64(*c.MaxEncryptions)
+	}
+	if c.AllowPKCS1v15Decryption != nil {
+		if *c.AllowPKCS1v15Decryption && !k.Type.IsRSA() {
+			return Callerf("allow_pkcs1v15_decryption applies to RSA keys, not %s", k.Type)
+		}
+		k.AllowPKCS1v15Decryption = *c.AllowPKCS1v15Decryption
 	}
 	if c.NextRotation != nil {
 		k.NextRotation = c.NextRotation.UTC()
@@ -238,6 +246,7 @@ func settingsChanges(a, b *Key) string {
 	add("auto_rotate_period", a.AutoRotatePeriod, b.AutoRotatePeriod)
 	add("next_rotation_time", FormatTime(a.NextRotation), FormatTime(b.NextRotation))
 	add("max_encryptions_per_version", a.EncryptionLimit(), b.EncryptionLimit())
+	add("allow_pkcs1v15_decryption", a.AllowPKCS1v15Decryption, b.AllowPKCS1v15Decryption)
 	if len(out) == 0 {
 		return "no change"
 	}
