@@ -1,18 +1,32 @@
 package cmk
 
 import (
+	"cmp"
 	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/base64"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
+	"math/big"
 	"os"
 	"regexp"
 	"sort"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/byoktest"
 )
 
 // apiDocPath is the API reference, written from the paths' own schemas and from sample requests run against a
@@ -27,8 +41,10 @@ type apiSample struct {
 	data map[string]interface{}
 }
 
-// apiSamples are run in order: later ones use what earlier ones made. {ct}, {sig} and {hmac} stand for the last
-// ciphertext, signature and HMAC returned.
+// apiSamples are run in order: later ones use what earlier ones made. {ct}, {sig}, {hmac}, {csr} and
+// {public_key} stand for the last ciphertext, signature, HMAC, CSR and public key returned; {wrapped} for a fresh
+// AES-256 key wrapped as `vault transit import` wraps it, with the wrapping key last read; {certificate} for a
+// chain whose leaf certifies the last CSR's key, issued by a test CA.
 var apiSamples = []apiSample{
 	{logical.UpdateOperation, "config/hsm", map[string]interface{}{"token_label": "cmk-api-doc", "pin": "1234"}},
 	{logical.ReadOperation, "config/hsm", nil},
@@ -55,11 +71,17 @@ var apiSamples = []apiSample{
 	{logical.UpdateOperation, "verify/signer", map[string]interface{}{"input": "aGVsbG8gd29ybGQ=", "signature": "{sig}"}},
 	{logical.ReadOperation, "export/public-key/signer/1", nil},
 	{logical.UpdateOperation, "keys/signer/csr", nil},
+	{logical.UpdateOperation, "keys/signer/set-certificate", map[string]interface{}{"certificate_chain": "{certificate}"}},
 	{logical.UpdateOperation, "hmac/demo", map[string]interface{}{"input": "aGVsbG8gd29ybGQ="}},
 	{logical.UpdateOperation, "verify/demo", map[string]interface{}{"input": "aGVsbG8gd29ybGQ=", "hmac": "{hmac}"}},
 	{logical.UpdateOperation, "random/16", nil},
 	{logical.UpdateOperation, "hash/sha2-256", map[string]interface{}{"input": "aGVsbG8gd29ybGQ="}},
 	{logical.ReadOperation, "wrapping_key", nil},
+	// SoftHSM 2.6's OAEP has no SHA-256, which vault transit import uses: the operator's choice (README).
+	{logical.UpdateOperation, "config/hsm", map[string]interface{}{"raw_rsa_oaep_fallback": true}},
+	{logical.UpdateOperation, "keys/byok/import", map[string]interface{}{"ciphertext": "{wrapped}", "type": "aes256-gcm96", "allow_rotation": true}},
+	{logical.UpdateOperation, "keys/byok/import_version", map[string]interface{}{"ciphertext": "{wrapped}"}},
+	{logical.ReadOperation, "keys/byok/versions/2", nil},
 	{logical.ReadOperation, "keys/demo/reconcile", nil},
 	{logical.ReadOperation, "reconcile", nil},
 	{logical.UpdateOperation, "keys/demo/config", map[string]interface{}{"min_encryption_version": 2}},
@@ -67,6 +89,8 @@ var apiSamples = []apiSample{
 	{logical.UpdateOperation, "keys/demo/disable", nil},
 	{logical.UpdateOperation, "keys/demo/enable", nil},
 	{logical.ReadOperation, "export/encryption-key/demo", nil},
+	{logical.ReadOperation, "backup/demo", nil},
+	{logical.UpdateOperation, "restore/demo", map[string]interface{}{"backup": "eyJwb2xpY3kiOnt9fQ=="}},
 	{logical.UpdateOperation, "keys/signer/config", map[string]interface{}{"deletion_allowed": true}},
 	{logical.DeleteOperation, "keys/signer", nil},
 	{logical.UpdateOperation, "keys/signer/cancel-deletion", nil},
@@ -114,10 +138,13 @@ func apiReference(t *testing.T) string {
 	samples := map[*framework.Path][]string{}
 	last := map[string]string{}
 	for i, s := range apiSamples {
+		var err error
 		data := map[string]interface{}{}
 		for k, v := range s.data {
 			if str, ok := v.(string); ok && strings.HasPrefix(str, "{") {
-				v = last[strings.Trim(str, "{}")]
+				if v, err = placeholder(strings.Trim(str, "{}"), last); err != nil {
+					t.Fatalf("sample %s: %v", s.path, err)
+				}
 			}
 			data[k] = v
 		}
@@ -138,7 +165,7 @@ func apiReference(t *testing.T) string {
 			body = out
 		}
 		if resp != nil && resp.Data != nil {
-			for field, key := range map[string]string{"ciphertext": "ct", "signature": "sig", "hmac": "hmac"} {
+			for field, key := range map[string]string{"ciphertext": "ct", "signature": "sig", "hmac": "hmac", "csr": "csr", "public_key": "public_key"} {
 				if v, ok := resp.Data[field].(string); ok {
 					last[key] = v
 				}
@@ -209,6 +236,59 @@ func apiReference(t *testing.T) string {
 		}
 	}
 	return out.String()
+}
+
+// placeholder gives the value a sample's {name} stands for.
+func placeholder(name string, last map[string]string) (interface{}, error) {
+	switch name {
+	case "wrapped":
+		block, _ := pem.Decode([]byte(last["public_key"]))
+		if block == nil {
+			return nil, fmt.Errorf("no wrapping key read before {wrapped}")
+		}
+		pub, err := x509.ParsePKIXPublicKey(block.Bytes)
+		if err != nil {
+			return nil, err
+		}
+		material := make([]byte, 32)
+		if _, err := rand.Read(material); err != nil {
+			return nil, err
+		}
+		wrapped, err := byoktest.Wrap(pub.(*rsa.PublicKey), crypto.SHA256, material)
+		return base64.StdEncoding.EncodeToString(wrapped), err
+	case "certificate":
+		block, _ := pem.Decode([]byte(last["csr"]))
+		if block == nil {
+			return nil, fmt.Errorf("no CSR made before {certificate}")
+		}
+		csr, err := x509.ParseCertificateRequest(block.Bytes)
+		if err != nil {
+			return nil, err
+		}
+		caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			return nil, err
+		}
+		now := time.Now()
+		caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "example CA"}, NotBefore: now.Add(-time.Hour),
+			NotAfter: now.Add(24 * time.Hour), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+		caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+		if err != nil {
+			return nil, err
+		}
+		ca, _ := x509.ParseCertificate(caDER)
+		leafTmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: csr.Subject, NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour)}
+		leafDER, err := x509.CreateCertificate(rand.Reader, leafTmpl, ca, csr.PublicKey, caKey)
+		if err != nil {
+			return nil, err
+		}
+		return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: leafDER})) +
+			string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})), nil
+	}
+	if v, ok := last[name]; ok {
+		return v, nil
+	}
+	return nil, fmt.Errorf("{%s} stands for nothing returned before", name)
 }
 
 func pathFor(b *backend, path string) *framework.Path {
@@ -374,4 +454,225 @@ func httpMethod(op logical.Operation) string {
 		return "DELETE"
 	}
 	return "POST"
+}
+
+// The OpenAPI document the engine gives Vault (sys/internal/specs/openapi, and from it vault-client-go and other
+// generated clients) describes every path as the path declares it: every path is in it and nothing else; every
+// operation's id is the one its DisplayAttrs name (prefix, verb and, for each form of an optional part, that form's
+// suffix), never one the framework makes up from the path's words, and no two operations share one; every field with
+// a fixed set of values carries that set as its enum, as does every URL part that is a choice; every query field is
+// a query parameter of the operations that read.
+func TestOpenAPIDescribesEveryPath(t *testing.T) {
+	conf := logical.TestBackendConfig()
+	conf.Logger = hclog.NewNullLogger()
+	b := newBackend(conf)
+	resp, err := b.HandleRequest(context.Background(), &logical.Request{Operation: logical.HelpOperation, Path: "", Storage: &logical.InmemStorage{}})
+	if err != nil || resp == nil || resp.Data["openapi"] == nil {
+		t.Fatalf("no OpenAPI document: %v %v", err, resp)
+	}
+	var doc struct {
+		Paths      map[string]map[string]json.RawMessage `json:"paths"`
+		Components struct {
+			Schemas map[string]oasSchema `json:"schemas"`
+		} `json:"components"`
+	}
+	raw, _ := json.Marshal(resp.Data["openapi"])
+	if err := json.Unmarshal(raw, &doc); err != nil {
+		t.Fatal(err)
+	}
+
+	forms := map[*framework.Path][]string{} // each path's forms in the document
+	for docPath := range doc.Paths {
+		var owners []*framework.Path
+		for _, p := range b.Backend.Paths {
+			if regexp.MustCompile("^" + p.Pattern + "$").MatchString(concretePath(p, docPath)) {
+				owners = append(owners, p)
+			}
+		}
+		if len(owners) != 1 {
+			t.Errorf("OpenAPI path %s belongs to %d of the backend's paths, want 1", docPath, len(owners))
+			continue
+		}
+		forms[owners[0]] = append(forms[owners[0]], docPath)
+	}
+
+	ids := map[string]string{}
+	for _, p := range b.Backend.Paths {
+		if len(forms[p]) == 0 {
+			t.Errorf("path %s is not in the OpenAPI document", p.Pattern)
+			continue
+		}
+		choices := map[string][]string{}
+		for _, m := range reChoice.FindAllStringSubmatch(p.Pattern, -1) {
+			choices[m[1]] = strings.Split(m[2], "|")
+		}
+		for _, docPath := range forms[p] {
+			item := doc.Paths[docPath]
+			var common []oasParameter
+			if raw, ok := item["parameters"]; ok {
+				_ = json.Unmarshal(raw, &common)
+			}
+			for method, ops := range map[string][]logical.Operation{
+				"get":    {logical.ReadOperation, logical.ListOperation},
+				"post":   {logical.CreateOperation, logical.UpdateOperation},
+				"delete": {logical.DeleteOperation},
+			} {
+				var handler framework.OperationHandler
+				for _, op := range ops {
+					if h, ok := p.Operations[op]; ok && handler == nil {
+						handler = h
+					}
+				}
+				raw, inDoc := item[method]
+				if (handler != nil) != inDoc {
+					t.Errorf("%s %s: declared %v, in the document %v", method, docPath, handler != nil, inDoc)
+					continue
+				}
+				if !inDoc {
+					continue
+				}
+				var op struct {
+					OperationID string         `json:"operationId"`
+					Parameters  []oasParameter `json:"parameters"`
+					RequestBody struct {
+						Content map[string]struct {
+							Schema oasSchema `json:"schema"`
+						} `json:"content"`
+					} `json:"requestBody"`
+				}
+				if err := json.Unmarshal(raw, &op); err != nil {
+					t.Fatal(err)
+				}
+				var want []string
+				for _, o := range ops {
+					if h, ok := p.Operations[o]; ok {
+						want = append(want, operationIDs(p, o, h)...)
+					}
+				}
+				if !contains(want, op.OperationID) {
+					t.Errorf("%s %s: operation id %q, want one of %v (from DisplayAttrs)", method, docPath, op.OperationID, want)
+				}
+				if other, dup := ids[op.OperationID]; dup {
+					t.Errorf("operation id %q is both %s and %s %s", op.OperationID, other, method, docPath)
+				}
+				ids[op.OperationID] = method + " " + docPath
+
+				// Where each field shows, with the values it may take.
+				shown := map[string][]string{}
+				params := map[string]string{}
+				for _, prm := range append(append([]oasParameter{}, common...), op.Parameters...) {
+					shown[prm.Name] = enumStrings(prm.Schema.Enum)
+					params[prm.Name] = prm.In
+				}
+				for _, c := range op.RequestBody.Content {
+					body := c.Schema
+					if ref := strings.TrimPrefix(body.Ref, "#/components/schemas/"); ref != body.Ref {
+						body = doc.Components.Schemas[ref]
+					}
+					for name, prop := range body.Properties {
+						shown[name] = enumStrings(prop.Enum)
+					}
+				}
+				for name, f := range p.Fields {
+					enum, ok := shown[name]
+					if !ok {
+						continue // a URL part of another form of the path, or a body field of another operation
+					}
+					allowed := make([]string, len(f.AllowedValues))
+					for i, v := range f.AllowedValues {
+						allowed[i] = fmt.Sprint(v)
+					}
+					wantEnum := allowed
+					if c := choices[name]; len(c) > 0 {
+						wantEnum = c
+						if strings.Join(allowed, "|") != strings.Join(c, "|") {
+							t.Errorf("%s: field %s is a choice of %v in the URL, but its AllowedValues are %v", p.Pattern, name, c, allowed)
+						}
+					}
+					if strings.Join(enum, "|") != strings.Join(wantEnum, "|") {
+						t.Errorf("%s %s: field %s has enum %v, want %v", method, docPath, name, enum, wantEnum)
+					}
+				}
+				if method == "get" {
+					for name, f := range p.Fields {
+						if f.Query && params[name] != "query" {
+							t.Errorf("get %s: query field %s is not a query parameter (%q)", docPath, name, params[name])
+						}
+					}
+				}
+			}
+		}
+	}
+	if len(ids) < 30 {
+		t.Fatalf("only %d operations checked", len(ids))
+	}
+}
+
+type oasParameter struct {
+	Name   string    `json:"name"`
+	In     string    `json:"in"`
+	Schema oasSchema `json:"schema"`
+}
+
+type oasSchema struct {
+	Ref        string               `json:"$ref"`
+	Enum       []interface{}        `json:"enum"`
+	Properties map[string]oasSchema `json:"properties"`
+}
+
+func enumStrings(vals []interface{}) []string {
+	out := make([]string, len(vals))
+	for i, v := range vals {
+		out[i] = fmt.Sprint(v)
+	}
+	return out
+}
+
+// concretePath fills an OpenAPI path's {parameters} with values the path's pattern takes.
+func concretePath(p *framework.Path, docPath string) string {
+	return regexp.MustCompile(`\{(\w+)\}`).ReplaceAllStringFunc(strings.TrimPrefix(docPath, "/"), func(m string) string {
+		name := strings.Trim(m, "{}")
+		if c := regexp.MustCompile(`\(\?P<` + name + `>([a-z_|-]+)\)`).FindStringSubmatch(p.Pattern); c != nil {
+			return strings.Split(c[1], "|")[0]
+		}
+		if f := p.Fields[name]; f != nil && f.Type == framework.TypeInt {
+			return "1"
+		}
+		return "x1"
+	})
+}
+
+// operationIDs are the ids an operation's DisplayAttrs allow (the operation's own attributes before the path's):
+// prefix-verb-suffix, one for each suffix of a path with optional parts; the verb may be left to the operation
+// (read, write, list, delete) when a suffix is named. None when neither verb nor suffix is named: the framework
+// would make the id up from the path's words.
+func operationIDs(p *framework.Path, op logical.Operation, h framework.OperationHandler) []string {
+	var prefix, verb, suffix string
+	for _, attrs := range []*framework.DisplayAttributes{h.Properties().DisplayAttrs, p.DisplayAttrs} {
+		if attrs == nil {
+			continue
+		}
+		prefix = cmp.Or(prefix, attrs.OperationPrefix)
+		verb = cmp.Or(verb, attrs.OperationVerb)
+		suffix = cmp.Or(suffix, attrs.OperationSuffix)
+	}
+	switch {
+	case verb == "" && suffix == "":
+		return nil
+	case verb == "" && op == logical.UpdateOperation:
+		verb = "write"
+	case verb == "":
+		verb = string(op)
+	}
+	var out []string
+	for _, s := range strings.Split(suffix, "|") {
+		var parts []string
+		for _, part := range []string{prefix, verb, s} {
+			if part != "" {
+				parts = append(parts, part)
+			}
+		}
+		out = append(out, strings.ToLower(strings.Join(parts, "-")))
+	}
+	return out
 }
