@@ -182,7 +182,8 @@ func apiReference(t *testing.T) string {
 	out.WriteString("# API reference\n\n")
 	out.WriteString("Written by `make api-doc` (TestAPIReference) from each path's own schema and help, with sample requests run\n" +
 		"against a mount on a SoftHSM token; values that differ from run to run (ciphertexts, signatures, IDs, times) are\n" +
-		"shown as `…`. `make test` fails when this file and the code differ. The engine is mounted at `cmk/` here.\n\n")
+		"shown as `…`. `make test` fails when this file and the code differ. The engine is mounted at `cmk/` here.\n" +
+		"Parameters in the URL are written `:name`; the fields responses carry are described [at the end](#response-fields).\n\n")
 	out.WriteString("| path | operations | summary |\n|---|---|---|\n")
 	for _, p := range b.Backend.Paths {
 		fmt.Fprintf(&out, "| [`%s`](#%s) | %s | %s |\n", readablePattern(p.Pattern), anchor(readablePattern(p.Pattern)), strings.Join(operations(p), ", "), p.HelpSynopsis)
@@ -210,9 +211,10 @@ func apiReference(t *testing.T) string {
 			for _, n := range names {
 				f := p.Fields[n]
 				where := ""
+				shown := "`" + n + "`"
 				switch {
 				case strings.Contains(p.Pattern, "<"+n+">"):
-					where = " (in the URL)"
+					shown, where = "`:"+urlPart(n)+"`", " (in the URL)"
 				case f.Query:
 					where = " (query)"
 				}
@@ -228,12 +230,21 @@ func apiReference(t *testing.T) string {
 				if f.Default != nil {
 					def = fmt.Sprintf("`%v`", f.Default)
 				}
-				fmt.Fprintf(&out, "| `%s`%s | %s | %s | %s |\n", n, where, f.Type.String(), def, strings.ReplaceAll(desc, "\n", " "))
+				fmt.Fprintf(&out, "| %s%s | %s | %s | %s |\n", shown, where, f.Type.String(), def, strings.ReplaceAll(desc, "\n", " "))
 			}
 		}
 		for _, s := range samples[p] {
 			out.WriteString("\n" + s)
 		}
+	}
+	out.WriteString("\n## Response fields\n\nWhat responses carry besides the request fields described with each path above.\n\n| field | meaning |\n|---|---|\n")
+	fields := make([]string, 0, len(responseFieldDocs))
+	for name := range responseFieldDocs {
+		fields = append(fields, name)
+	}
+	sort.Strings(fields)
+	for _, name := range fields {
+		fmt.Fprintf(&out, "| `%s` | %s |\n", name, strings.ReplaceAll(responseFieldDocs[name], "|", "\\|"))
 	}
 	return out.String()
 }
@@ -409,7 +420,14 @@ func readablePattern(p string) string {
 	p = reNamed.ReplaceAllString(p, ":$1")
 	p = strings.ReplaceAll(p, `\/`, "/")
 	p = strings.ReplaceAll(p, ")?(", ")(")
+	p = regexp.MustCompile(`:(\w+)`).ReplaceAllStringFunc(p, func(m string) string { return ":" + urlPart(m[1:]) })
 	return strings.TrimSuffix(p, "/?")
+}
+
+// urlPart is the name Transit's documentation gives a URL part: the code's fields urlbytes and urlalgorithm are
+// :bytes and :algorithm in a path (the field names only keep them apart from the body fields of the same name).
+func urlPart(field string) string {
+	return cmp.Or(map[string]string{"urlbytes": "bytes", "urlalgorithm": "algorithm"}[field], field)
 }
 
 func anchor(s string) string {
@@ -675,4 +693,101 @@ func operationIDs(p *framework.Path, op logical.Operation, h framework.Operation
 		out = append(out, strings.ToLower(strings.Join(parts, "-")))
 	}
 	return out
+}
+
+// responseFieldDocs describes every field the engine's responses carry that is not also a request field (those are
+// described with their path above). TestResponseFieldsAreDescribed keeps it in step with the code.
+var responseFieldDocs = map[string]string{
+	"adoptable":                   "`reconcile`, per unreferenced object: `adopt=true` would adopt it by itself (generated on the token, never extractable, of the key's type, numbered right after the latest version).",
+	"adoptable_by_operator":       "`reconcile`, per unreferenced object: `adopt=true adopt_unverified=true` would adopt it on the operator's word (protected and of the key's type, in a row after the latest version), though the token cannot show it was generated there.",
+	"adopted":                     "`reconcile`: the versions this request adopted (`key`, `version`, `hsm_id`, `label`).",
+	"adopted_time":                "Key read, per version: when the version was adopted from the token after a storage restore lost it.",
+	"allowed_mechanisms_stored":   "`config/hsm`: whether the token keeps `CKA_ALLOWED_MECHANISMS` on the objects the engine makes (probed once per token).",
+	"batch_results":               "Batch requests: one result per `batch_input` item, in order, each with its own `error` when that item failed.",
+	"cached_keys":                 "`cache-config`: how many keys' metadata the cache holds now.",
+	"cause":                       "History event: why it happened, where more than one cause is possible: a rotation's \"manual\", \"scheduled\" or \"usage\"; an adoption's \"storage restore\", \"interrupted\" or \"operator\".",
+	"class":                       "`reconcile`, per unreferenced object: its PKCS#11 class (secret key, private key, public key).",
+	"connected":                   "`config/hsm`: whether the mount is logged in to its token now.",
+	"count":                       "History: how many events the response holds.",
+	"created_by":                  "Key read, per version: who made the version (display name and token accessor of the request).",
+	"creation_time":               "Key read: when the key (or, per version, the version) was made, RFC 3339.",
+	"deletion_in_progress":        "Key read: the key's deletion has begun and is being finished; the key serves nothing.",
+	"deletion_scheduled_time":     "Key read and delete: when a deleted key's objects are destroyed (after `deletion_grace_period`); until then `cancel-deletion` brings it back.",
+	"destroyed_time":              "Key read, per version: when the version's objects were destroyed on the token.",
+	"destruction_scheduled_time":  "Key read, per version: when a version in state `destroy_scheduled` is destroyed.",
+	"details":                     "History event: what else the event records (for example the import method).",
+	"disabled":                    "Key read: the whole key is disabled and serves no operation until enabled.",
+	"display_name":                "History event: the display name of the request's token.",
+	"encryptions":                 "Key read, per AES version: encryptions counted so far (counted in blocks reserved in storage, so it may run ahead of the real count, never behind).",
+	"encryptions_unknown":         "Key read, per version: the version's encryption count was lost (it was adopted after a storage restore), so it encrypts no more; the next encryption rotates.",
+	"entity_id":                   "History event: the entity of the request's token.",
+	"error":                       "`config/hsm`: why the mount is not connected, or the last connection error; in `batch_results`: why that item failed.",
+	"event":                       "History event: what happened (\"created\", \"rotated\", \"version_imported\", \"version_adopted\", \"version_disabled\", \"deletion_scheduled\", …).",
+	"events":                      "History: the key's events, oldest first.",
+	"firmware_version":            "`config/hsm`, `token`: the token's firmware version.",
+	"hardware_version":            "`config/hsm`, `token`: the token's hardware version.",
+	"hmac_secret_on_token":        "Key read, per version: whether the version's HMAC secret exists on the token yet; it is made with the version's first HMAC, not at creation.",
+	"hsm_id":                      "Key read, per version (and `reconcile`): the hex `CKA_ID` of the version's objects on the token.",
+	"hsm_objects_missing":         "Key read, per version: the version's objects the token no longer holds (destroyed outside Vault), each with when the engine first found it missing. Absent when nothing is missing.",
+	"import_method":               "Key read, per imported version: how the material was unwrapped: `hsm-unwrap` (both unwraps in the HSM) or `raw-rsa-oaep-decoded-in-plugin` (the operator's `raw_rsa_oaep_fallback`).",
+	"imported_key":                "Key read: the key's material was imported (BYOK), not generated on the token.",
+	"imported_key_allow_rotation": "Key read, imported keys: whether `rotate` may generate new versions in the HSM.",
+	"key":                         "`reconcile`, per object or version: the key it belongs to.",
+	"key_type":                    "`reconcile`, per unreferenced object: its key type as the token reports it.",
+	"key_types":                   "`config/hsm`: per key type, whether the token can serve it (`supported`) and, if not, which mechanisms it lacks (`missing`).",
+	"key_wrap_mechanism_in_use":   "`config/hsm`: the key-wrap mechanism imports use on this token (the configured one, or the one chosen from the token's list).",
+	"keys":                        "Key read: Transit's map of version to creation time (Unix seconds; asymmetric keys: to `name`, `public_key`, `certificate_chain`, `creation_time`); export: version to exported value; `reconcile`: how many keys were compared.",
+	"label":                       "Key read, per version (and `reconcile`): the `CKA_LABEL` of the version's objects, `cmk/<mount uuid>/<key>/v<N>`; in `config/hsm`'s `token`: the token's label.",
+	"label_search":                "`config/hsm`: whether the token finds objects by `CKA_LABEL`, which adopting versions a storage restore lost needs (probed on first need).",
+	"last_rotated":                "Key read: when the key was last rotated.",
+	"latest_version":              "Key read: the newest version's number.",
+	"library":                     "`config/hsm`: the PKCS#11 module in use, read-only: it is set by the operator in the plugin's environment (`CMK_PKCS11_LIBRARY`), never through the API.",
+	"manufacturer_id":             "`config/hsm`, `token`: the token's manufacturer.",
+	"max_session_count":           "`config/hsm`, `token`: how many sessions the token allows at once.",
+	"mechanisms":                  "`config/hsm`: the mechanisms the engine uses that the token offers.",
+	"missing":                     "`config/hsm`, per entry of `key_types`: the mechanisms the token lacks for that key type.",
+	"missing_objects":             "`reconcile`: stored versions whose material the token lacks (`key`, `version`, `hsm_id`, `label`).",
+	"model":                       "`config/hsm`, `token`: the token's model.",
+	"oaep_sha256":                 "`config/hsm`: whether the token's RSA-OAEP takes SHA-256, as `vault transit import` wraps; without it such imports need `raw_rsa_oaep_fallback`.",
+	"objects":                     "`reconcile`: how many objects the token holds under the labels compared.",
+	"pin_set":                     "`config/hsm`: whether a PIN is stored (the PIN itself is never returned).",
+	"pool_size_in_use":            "`config/hsm`: the size of the session pool the connection uses.",
+	"protection_level":            "Key read: always \"hsm\".",
+	"public_key_only":             "Key read, per version: the version holds only a public key (imported with `public_key`): it verifies (RSA: also encrypts), and nothing is on the token until its private key is imported with `import_version`.",
+	"random_bytes":                "`random`: the bytes from the HSM's generator, in the requested `format`.",
+	"reason":                      "`reconcile`, per unreferenced object: why it is not adopted by itself.",
+	"serial_number":               "`config/hsm`, `token`: the token's serial number.",
+	"state":                       "Key read, per version: \"active\", \"decrypt_only\", \"disabled\", \"destroy_scheduled\" or \"destroyed\".",
+	"sum":                         "`hash`: the digest, in the requested `format`.",
+	"supported":                   "`config/hsm`, per entry of `key_types`: whether the token serves that key type.",
+	"supports_decryption":         "Key read, as Transit: the key type decrypts.",
+	"supports_derivation":         "Key read, as Transit: always false (derived keys are refused).",
+	"supports_encryption":         "Key read, as Transit: the key type encrypts.",
+	"supports_signing":            "Key read, as Transit: the key type signs.",
+	"time":                        "History event: when it happened, RFC 3339.",
+	"token":                       "`config/hsm`: what the token says of itself (`label`, `slot`, `manufacturer_id`, `model`, `serial_number`, `hardware_version`, `firmware_version`, `max_session_count`).",
+	"token_accessor":              "History event: the accessor of the request's token.",
+	"unreferenced_objects":        "`reconcile`: objects on the token under the labels compared that no stored version references, each with `adoptable`, `adoptable_by_operator` and `reason`.",
+	"valid":                       "`verify`: whether the signature or HMAC is valid.",
+	"versions":                    "Key read: per version, where it lives in the HSM and its state (the fields marked \"per version\" here).",
+}
+
+// Every field the code puts into a response and that no path takes as a request field is described in
+// responseFieldDocs (and so in docs/API.md), and every description is of a field the code emits.
+func TestResponseFieldsAreDescribed(t *testing.T) {
+	request := requestFields(t)
+	for name := range responseFields(t) {
+		if !request[name] && responseFieldDocs[name] == "" {
+			t.Errorf("response field %s is not described in responseFieldDocs (api_doc_test.go)", name)
+		}
+	}
+	emitted := responseFields(t)
+	for name := range responseFieldDocs {
+		switch {
+		case !emitted[name]:
+			t.Errorf("responseFieldDocs describes %s, which no response carries", name)
+		case request[name]:
+			t.Errorf("responseFieldDocs describes %s, which is a request field, described with its path", name)
+		}
+	}
 }
