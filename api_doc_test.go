@@ -76,9 +76,10 @@ var apiSamples = []apiSample{
 	{logical.UpdateOperation, "verify/demo", map[string]interface{}{"input": "aGVsbG8gd29ybGQ=", "hmac": "{hmac}"}},
 	{logical.UpdateOperation, "random/16", nil},
 	{logical.UpdateOperation, "hash/sha2-256", map[string]interface{}{"input": "aGVsbG8gd29ybGQ="}},
-	{logical.ReadOperation, "wrapping_key", nil},
-	// SoftHSM 2.6's OAEP has no SHA-256, which vault transit import uses: the operator's choice (README).
+	// SoftHSM 2.6's OAEP has no SHA-256, which vault transit import uses: the operator's choice (README), made
+	// before the wrapping key is.
 	{logical.UpdateOperation, "config/hsm", map[string]interface{}{"raw_rsa_oaep_fallback": true}},
+	{logical.ReadOperation, "wrapping_key", nil},
 	{logical.UpdateOperation, "keys/byok/import", map[string]interface{}{"ciphertext": "{wrapped}", "type": "aes256-gcm96", "allow_rotation": true}},
 	{logical.UpdateOperation, "keys/byok/import_version", map[string]interface{}{"ciphertext": "{wrapped}"}},
 	{logical.ReadOperation, "keys/byok/versions/2", nil},
