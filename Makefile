@@ -23,7 +23,8 @@ help:
 build:
 	$(GO) build -trimpath $(VERSION_FLAG) -o $(PLUGIN) ./cmd/vault-plugin-secrets-cmk
 
-# Debian packages the tokens need (softhsm2, opensc, NSS, opencryptoki, tpm2-pkcs11 on swtpm), installed when missing.
+# Debian packages the tokens and tests need (softhsm2, opensc, openssl, NSS, opencryptoki, tpm2-pkcs11 on swtpm),
+# installed when missing.
 deps:
 	@scripts/install-deps.sh
 

@@ -1,18 +1,32 @@
 package cmk
 
 import (
+	"cmp"
 	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/base64"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
+	"math/big"
 	"os"
 	"regexp"
 	"sort"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/byoktest"
 )
 
 // apiDocPath is the API reference, written from the paths' own schemas and from sample requests run against a
@@ -27,8 +41,10 @@ type apiSample struct {
 	data map[string]interface{}
 }
 
-// apiSamples are run in order: later ones use what earlier ones made. {ct}, {sig} and {hmac} stand for the last
-// ciphertext, signature and HMAC returned.
+// apiSamples are run in order: later ones use what earlier ones made. {ct}, {sig}, {hmac}, {csr} and
+// {public_key} stand for the last ciphertext, signature, HMAC, CSR and public key returned; {wrapped} for a fresh
+// AES-256 key wrapped as `vault transit import` wraps it, with the wrapping key last read; {certificate} for a
+// chain whose leaf certifies the last CSR's key, issued by a test CA.
 var apiSamples = []apiSample{
 	{logical.UpdateOperation, "config/hsm", map[string]interface{}{"token_label": "cmk-api-doc", "pin": "1234"}},
 	{logical.ReadOperation, "config/hsm", nil},
@@ -55,11 +71,18 @@ var apiSamples = []apiSample{
 	{logical.UpdateOperation, "verify/signer", map[string]interface{}{"input": "aGVsbG8gd29ybGQ=", "signature": "{sig}"}},
 	{logical.ReadOperation, "export/public-key/signer/1", nil},
 	{logical.UpdateOperation, "keys/signer/csr", nil},
+	{logical.UpdateOperation, "keys/signer/set-certificate", map[string]interface{}{"certificate_chain": "{certificate}"}},
 	{logical.UpdateOperation, "hmac/demo", map[string]interface{}{"input": "aGVsbG8gd29ybGQ="}},
 	{logical.UpdateOperation, "verify/demo", map[string]interface{}{"input": "aGVsbG8gd29ybGQ=", "hmac": "{hmac}"}},
 	{logical.UpdateOperation, "random/16", nil},
 	{logical.UpdateOperation, "hash/sha2-256", map[string]interface{}{"input": "aGVsbG8gd29ybGQ="}},
+	// SoftHSM 2.6's OAEP has no SHA-256, which vault transit import uses: the operator's choice (README), made
+	// before the wrapping key is.
+	{logical.UpdateOperation, "config/hsm", map[string]interface{}{"raw_rsa_oaep_fallback": true}},
 	{logical.ReadOperation, "wrapping_key", nil},
+	{logical.UpdateOperation, "keys/byok/import", map[string]interface{}{"ciphertext": "{wrapped}", "type": "aes256-gcm96", "allow_rotation": true}},
+	{logical.UpdateOperation, "keys/byok/import_version", map[string]interface{}{"ciphertext": "{wrapped}"}},
+	{logical.ReadOperation, "keys/byok/versions/2", nil},
 	{logical.ReadOperation, "keys/demo/reconcile", nil},
 	{logical.ReadOperation, "reconcile", nil},
 	{logical.UpdateOperation, "keys/demo/config", map[string]interface{}{"min_encryption_version": 2}},
@@ -67,6 +90,8 @@ var apiSamples = []apiSample{
 	{logical.UpdateOperation, "keys/demo/disable", nil},
 	{logical.UpdateOperation, "keys/demo/enable", nil},
 	{logical.ReadOperation, "export/encryption-key/demo", nil},
+	{logical.ReadOperation, "backup/demo", nil},
+	{logical.UpdateOperation, "restore/demo", map[string]interface{}{"backup": "eyJwb2xpY3kiOnt9fQ=="}},
 	{logical.UpdateOperation, "keys/signer/config", map[string]interface{}{"deletion_allowed": true}},
 	{logical.DeleteOperation, "keys/signer", nil},
 	{logical.UpdateOperation, "keys/signer/cancel-deletion", nil},
@@ -114,10 +139,13 @@ func apiReference(t *testing.T) string {
 	samples := map[*framework.Path][]string{}
 	last := map[string]string{}
 	for i, s := range apiSamples {
+		var err error
 		data := map[string]interface{}{}
 		for k, v := range s.data {
 			if str, ok := v.(string); ok && strings.HasPrefix(str, "{") {
-				v = last[strings.Trim(str, "{}")]
+				if v, err = placeholder(strings.Trim(str, "{}"), last); err != nil {
+					t.Fatalf("sample %s: %v", s.path, err)
+				}
 			}
 			data[k] = v
 		}
@@ -138,7 +166,7 @@ func apiReference(t *testing.T) string {
 			body = out
 		}
 		if resp != nil && resp.Data != nil {
-			for field, key := range map[string]string{"ciphertext": "ct", "signature": "sig", "hmac": "hmac"} {
+			for field, key := range map[string]string{"ciphertext": "ct", "signature": "sig", "hmac": "hmac", "csr": "csr", "public_key": "public_key"} {
 				if v, ok := resp.Data[field].(string); ok {
 					last[key] = v
 				}
@@ -155,7 +183,8 @@ func apiReference(t *testing.T) string {
 	out.WriteString("# API reference\n\n")
 	out.WriteString("Written by `make api-doc` (TestAPIReference) from each path's own schema and help, with sample requests run\n" +
 		"against a mount on a SoftHSM token; values that differ from run to run (ciphertexts, signatures, IDs, times) are\n" +
-		"shown as `…`. `make test` fails when this file and the code differ. The engine is mounted at `cmk/` here.\n\n")
+		"shown as `…`. `make test` fails when this file and the code differ. The engine is mounted at `cmk/` here.\n" +
+		"Parameters in the URL are written `:name`; the fields responses carry are described [at the end](#response-fields).\n\n")
 	out.WriteString("| path | operations | summary |\n|---|---|---|\n")
 	for _, p := range b.Backend.Paths {
 		fmt.Fprintf(&out, "| [`%s`](#%s) | %s | %s |\n", readablePattern(p.Pattern), anchor(readablePattern(p.Pattern)), strings.Join(operations(p), ", "), p.HelpSynopsis)
@@ -183,9 +212,10 @@ func apiReference(t *testing.T) string {
 			for _, n := range names {
 				f := p.Fields[n]
 				where := ""
+				shown := "`" + n + "`"
 				switch {
 				case strings.Contains(p.Pattern, "<"+n+">"):
-					where = " (in the URL)"
+					shown, where = "`:"+urlPart(n)+"`", " (in the URL)"
 				case f.Query:
 					where = " (query)"
 				}
@@ -201,14 +231,76 @@ func apiReference(t *testing.T) string {
 				if f.Default != nil {
 					def = fmt.Sprintf("`%v`", f.Default)
 				}
-				fmt.Fprintf(&out, "| `%s`%s | %s | %s | %s |\n", n, where, f.Type.String(), def, strings.ReplaceAll(desc, "\n", " "))
+				fmt.Fprintf(&out, "| %s%s | %s | %s | %s |\n", shown, where, f.Type.String(), def, strings.ReplaceAll(desc, "\n", " "))
 			}
 		}
 		for _, s := range samples[p] {
 			out.WriteString("\n" + s)
 		}
 	}
+	out.WriteString("\n## Response fields\n\nWhat responses carry besides the request fields described with each path above.\n\n| field | meaning |\n|---|---|\n")
+	fields := make([]string, 0, len(responseFieldDocs))
+	for name := range responseFieldDocs {
+		fields = append(fields, name)
+	}
+	sort.Strings(fields)
+	for _, name := range fields {
+		fmt.Fprintf(&out, "| `%s` | %s |\n", name, strings.ReplaceAll(responseFieldDocs[name], "|", "\\|"))
+	}
 	return out.String()
+}
+
+// placeholder gives the value a sample's {name} stands for.
+func placeholder(name string, last map[string]string) (interface{}, error) {
+	switch name {
+	case "wrapped":
+		block, _ := pem.Decode([]byte(last["public_key"]))
+		if block == nil {
+			return nil, fmt.Errorf("no wrapping key read before {wrapped}")
+		}
+		pub, err := x509.ParsePKIXPublicKey(block.Bytes)
+		if err != nil {
+			return nil, err
+		}
+		material := make([]byte, 32)
+		if _, err := rand.Read(material); err != nil {
+			return nil, err
+		}
+		wrapped, err := byoktest.Wrap(pub.(*rsa.PublicKey), crypto.SHA256, material)
+		return base64.StdEncoding.EncodeToString(wrapped), err
+	case "certificate":
+		block, _ := pem.Decode([]byte(last["csr"]))
+		if block == nil {
+			return nil, fmt.Errorf("no CSR made before {certificate}")
+		}
+		csr, err := x509.ParseCertificateRequest(block.Bytes)
+		if err != nil {
+			return nil, err
+		}
+		caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			return nil, err
+		}
+		now := time.Now()
+		caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "example CA"}, NotBefore: now.Add(-time.Hour),
+			NotAfter: now.Add(24 * time.Hour), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+		caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+		if err != nil {
+			return nil, err
+		}
+		ca, _ := x509.ParseCertificate(caDER)
+		leafTmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: csr.Subject, NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour)}
+		leafDER, err := x509.CreateCertificate(rand.Reader, leafTmpl, ca, csr.PublicKey, caKey)
+		if err != nil {
+			return nil, err
+		}
+		return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: leafDER})) +
+			string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})), nil
+	}
+	if v, ok := last[name]; ok {
+		return v, nil
+	}
+	return nil, fmt.Errorf("{%s} stands for nothing returned before", name)
 }
 
 func pathFor(b *backend, path string) *framework.Path {
@@ -329,7 +421,14 @@ func readablePattern(p string) string {
 	p = reNamed.ReplaceAllString(p, ":$1")
 	p = strings.ReplaceAll(p, `\/`, "/")
 	p = strings.ReplaceAll(p, ")?(", ")(")
+	p = regexp.MustCompile(`:(\w+)`).ReplaceAllStringFunc(p, func(m string) string { return ":" + urlPart(m[1:]) })
 	return strings.TrimSuffix(p, "/?")
+}
+
+// urlPart is the name Transit's documentation gives a URL part: the code's fields urlbytes and urlalgorithm are
+// :bytes and :algorithm in a path (the field names only keep them apart from the body fields of the same name).
+func urlPart(field string) string {
+	return cmp.Or(map[string]string{"urlbytes": "bytes", "urlalgorithm": "algorithm"}[field], field)
 }
 
 func anchor(s string) string {
@@ -374,4 +473,322 @@ func httpMethod(op logical.Operation) string {
 		return "DELETE"
 	}
 	return "POST"
+}
+
+// The OpenAPI document the engine gives Vault (sys/internal/specs/openapi, and from it vault-client-go and other
+// generated clients) describes every path as the path declares it: every path is in it and nothing else; every
+// operation's id is the one its DisplayAttrs name (prefix, verb and, for each form of an optional part, that form's
+// suffix), never one the framework makes up from the path's words, and no two operations share one; every field with
+// a fixed set of values carries that set as its enum, as does every URL part that is a choice; every query field is
+// a query parameter of the operations that read.
+func TestOpenAPIDescribesEveryPath(t *testing.T) {
+	conf := logical.TestBackendConfig()
+	conf.Logger = hclog.NewNullLogger()
+	b := newBackend(conf)
+	resp, err := b.HandleRequest(context.Background(), &logical.Request{Operation: logical.HelpOperation, Path: "", Storage: &logical.InmemStorage{}})
+	if err != nil || resp == nil || resp.Data["openapi"] == nil {
+		t.Fatalf("no OpenAPI document: %v %v", err, resp)
+	}
+	var doc struct {
+		Paths      map[string]map[string]json.RawMessage `json:"paths"`
+		Components struct {
+			Schemas map[string]oasSchema `json:"schemas"`
+		} `json:"components"`
+	}
+	raw, _ := json.Marshal(resp.Data["openapi"])
+	if err := json.Unmarshal(raw, &doc); err != nil {
+		t.Fatal(err)
+	}
+
+	forms := map[*framework.Path][]string{} // each path's forms in the document
+	for docPath := range doc.Paths {
+		var owners []*framework.Path
+		for _, p := range b.Backend.Paths {
+			if regexp.MustCompile("^" + p.Pattern + "$").MatchString(concretePath(p, docPath)) {
+				owners = append(owners, p)
+			}
+		}
+		if len(owners) != 1 {
+			t.Errorf("OpenAPI path %s belongs to %d of the backend's paths, want 1", docPath, len(owners))
+			continue
+		}
+		forms[owners[0]] = append(forms[owners[0]], docPath)
+	}
+
+	ids := map[string]string{}
+	for _, p := range b.Backend.Paths {
+		if len(forms[p]) == 0 {
+			t.Errorf("path %s is not in the OpenAPI document", p.Pattern)
+			continue
+		}
+		choices := map[string][]string{}
+		for _, m := range reChoice.FindAllStringSubmatch(p.Pattern, -1) {
+			choices[m[1]] = strings.Split(m[2], "|")
+		}
+		for _, docPath := range forms[p] {
+			item := doc.Paths[docPath]
+			var common []oasParameter
+			if raw, ok := item["parameters"]; ok {
+				_ = json.Unmarshal(raw, &common)
+			}
+			for method, ops := range map[string][]logical.Operation{
+				"get":    {logical.ReadOperation, logical.ListOperation},
+				"post":   {logical.CreateOperation, logical.UpdateOperation},
+				"delete": {logical.DeleteOperation},
+			} {
+				var handler framework.OperationHandler
+				for _, op := range ops {
+					if h, ok := p.Operations[op]; ok && handler == nil {
+						handler = h
+					}
+				}
+				raw, inDoc := item[method]
+				if (handler != nil) != inDoc {
+					t.Errorf("%s %s: declared %v, in the document %v", method, docPath, handler != nil, inDoc)
+					continue
+				}
+				if !inDoc {
+					continue
+				}
+				var op struct {
+					OperationID string         `json:"operationId"`
+					Parameters  []oasParameter `json:"parameters"`
+					RequestBody struct {
+						Content map[string]struct {
+							Schema oasSchema `json:"schema"`
+						} `json:"content"`
+					} `json:"requestBody"`
+				}
+				if err := json.Unmarshal(raw, &op); err != nil {
+					t.Fatal(err)
+				}
+				var want []string
+				for _, o := range ops {
+					if h, ok := p.Operations[o]; ok {
+						want = append(want, operationIDs(p, o, h)...)
+					}
+				}
+				if !contains(want, op.OperationID) {
+					t.Errorf("%s %s: operation id %q, want one of %v (from DisplayAttrs)", method, docPath, op.OperationID, want)
+				}
+				if other, dup := ids[op.OperationID]; dup {
+					t.Errorf("operation id %q is both %s and %s %s", op.OperationID, other, method, docPath)
+				}
+				ids[op.OperationID] = method + " " + docPath
+
+				// Where each field shows, with the values it may take.
+				shown := map[string][]string{}
+				params := map[string]string{}
+				for _, prm := range append(append([]oasParameter{}, common...), op.Parameters...) {
+					shown[prm.Name] = enumStrings(prm.Schema.Enum)
+					params[prm.Name] = prm.In
+				}
+				for _, c := range op.RequestBody.Content {
+					body := c.Schema
+					if ref := strings.TrimPrefix(body.Ref, "#/components/schemas/"); ref != body.Ref {
+						body = doc.Components.Schemas[ref]
+					}
+					for name, prop := range body.Properties {
+						shown[name] = enumStrings(prop.Enum)
+					}
+				}
+				for name, f := range p.Fields {
+					enum, ok := shown[name]
+					if !ok {
+						continue // a URL part of another form of the path, or a body field of another operation
+					}
+					allowed := make([]string, len(f.AllowedValues))
+					for i, v := range f.AllowedValues {
+						allowed[i] = fmt.Sprint(v)
+					}
+					wantEnum := allowed
+					if c := choices[name]; len(c) > 0 {
+						wantEnum = c
+						if strings.Join(allowed, "|") != strings.Join(c, "|") {
+							t.Errorf("%s: field %s is a choice of %v in the URL, but its AllowedValues are %v", p.Pattern, name, c, allowed)
+						}
+					}
+					if strings.Join(enum, "|") != strings.Join(wantEnum, "|") {
+						t.Errorf("%s %s: field %s has enum %v, want %v", method, docPath, name, enum, wantEnum)
+					}
+				}
+				if method == "get" {
+					for name, f := range p.Fields {
+						if f.Query && params[name] != "query" {
+							t.Errorf("get %s: query field %s is not a query parameter (%q)", docPath, name, params[name])
+						}
+					}
+				}
+			}
+		}
+	}
+	if len(ids) < 30 {
+		t.Fatalf("only %d operations checked", len(ids))
+	}
+}
+
+type oasParameter struct {
+	Name   string    `json:"name"`
+	In     string    `json:"in"`
+	Schema oasSchema `json:"schema"`
+}
+
+type oasSchema struct {
+	Ref        string               `json:"$ref"`
+	Enum       []interface{}        `json:"enum"`
+	Properties map[string]oasSchema `json:"properties"`
+}
+
+func enumStrings(vals []interface{}) []string {
+	out := make([]string, len(vals))
+	for i, v := range vals {
+		out[i] = fmt.Sprint(v)
+	}
+	return out
+}
+
+// concretePath fills an OpenAPI path's {parameters} with values the path's pattern takes.
+func concretePath(p *framework.Path, docPath string) string {
+	return regexp.MustCompile(`\{(\w+)\}`).ReplaceAllStringFunc(strings.TrimPrefix(docPath, "/"), func(m string) string {
+		name := strings.Trim(m, "{}")
+		if c := regexp.MustCompile(`\(\?P<` + name + `>([a-z_|-]+)\)`).FindStringSubmatch(p.Pattern); c != nil {
+			return strings.Split(c[1], "|")[0]
+		}
+		if f := p.Fields[name]; f != nil && f.Type == framework.TypeInt {
+			return "1"
+		}
+		return "x1"
+	})
+}
+
+// operationIDs are the ids an operation's DisplayAttrs allow (the operation's own attributes before the path's):
+// prefix-verb-suffix, one for each suffix of a path with optional parts; the verb may be left to the operation
+// (read, write, list, delete) when a suffix is named. None when neither verb nor suffix is named: the framework
+// would make the id up from the path's words.
+func operationIDs(p *framework.Path, op logical.Operation, h framework.OperationHandler) []string {
+	var prefix, verb, suffix string
+	for _, attrs := range []*framework.DisplayAttributes{h.Properties().DisplayAttrs, p.DisplayAttrs} {
+		if attrs == nil {
+			continue
+		}
+		prefix = cmp.Or(prefix, attrs.OperationPrefix)
+		verb = cmp.Or(verb, attrs.OperationVerb)
+		suffix = cmp.Or(suffix, attrs.OperationSuffix)
+	}
+	switch {
+	case verb == "" && suffix == "":
+		return nil
+	case verb == "" && op == logical.UpdateOperation:
+		verb = "write"
+	case verb == "":
+		verb = string(op)
+	}
+	var out []string
+	for _, s := range strings.Split(suffix, "|") {
+		var parts []string
+		for _, part := range []string{prefix, verb, s} {
+			if part != "" {
+				parts = append(parts, part)
+			}
+		}
+		out = append(out, strings.ToLower(strings.Join(parts, "-")))
+	}
+	return out
+}
+
+// responseFieldDocs describes every field the engine's responses carry that is not also a request field (those are
+// described with their path above). TestResponseFieldsAreDescribed keeps it in step with the code.
+var responseFieldDocs = map[string]string{
+	"adoptable":                   "`reconcile`, per unreferenced object: `adopt=true` would adopt it by itself (generated on the token, never extractable, of the key's type, numbered right after the latest version).",
+	"adoptable_by_operator":       "`reconcile`, per unreferenced object: `adopt=true adopt_unverified=true` would adopt it on the operator's word (protected and of the key's type, in a row after the latest version), though the token cannot show it was generated there.",
+	"adopted":                     "`reconcile`: the versions this request adopted (`key`, `version`, `hsm_id`, `label`).",
+	"adopted_time":                "Key read, per version: when the version was adopted from the token after a storage restore lost it.",
+	"allowed_mechanisms_stored":   "`config/hsm`: whether the token keeps `CKA_ALLOWED_MECHANISMS` on the objects the engine makes (probed once per token).",
+	"batch_results":               "Batch requests: one result per `batch_input` item, in order, each with its own `error` when that item failed.",
+	"cached_keys":                 "`cache-config`: how many keys' metadata the cache holds now.",
+	"cause":                       "History event: why it happened, where more than one cause is possible: a rotation's \"manual\", \"scheduled\" or \"usage\"; an adoption's \"storage restore\", \"interrupted\" or \"operator\".",
+	"class":                       "`reconcile`, per unreferenced object: its PKCS#11 class (secret key, private key, public key).",
+	"connected":                   "`config/hsm`: whether the mount is logged in to its token now.",
+	"count":                       "History: how many events the response holds.",
+	"created_by":                  "Key read, per version: who made the version (display name and token accessor of the request).",
+	"creation_time":               "Key read: when the key (or, per version, the version) was made, RFC 3339.",
+	"deletion_in_progress":        "Key read: the key's deletion has begun and is being finished; the key serves nothing.",
+	"deletion_scheduled_time":     "Key read and delete: when a deleted key's objects are destroyed (after `deletion_grace_period`); until then `cancel-deletion` brings it back.",
+	"destroyed_time":              "Key read, per version: when the version's objects were destroyed on the token.",
+	"destruction_scheduled_time":  "Key read, per version: when a version in state `destroy_scheduled` is destroyed.",
+	"details":                     "History event: what else the event records (for example the import method).",
+	"disabled":                    "Key read: the whole key is disabled and serves no operation until enabled.",
+	"display_name":                "History event: the display name of the request's token.",
+	"encryptions":                 "Key read, per AES version: encryptions counted so far (counted in blocks reserved in storage, so it may run ahead of the real count, never behind).",
+	"encryptions_unknown":         "Key read, per version: the version's encryption count was lost (it was adopted after a storage restore), so it encrypts no more; the next encryption rotates.",
+	"entity_id":                   "History event: the entity of the request's token.",
+	"error":                       "`config/hsm`: why the mount is not connected, or the last connection error; in `batch_results`: why that item failed.",
+	"event":                       "History event: what happened (\"created\", \"rotated\", \"version_imported\", \"version_adopted\", \"version_disabled\", \"deletion_scheduled\", …).",
+	"events":                      "History: the key's events, oldest first.",
+	"firmware_version":            "`config/hsm`, `token`: the token's firmware version.",
+	"hardware_version":            "`config/hsm`, `token`: the token's hardware version.",
+	"hmac_secret_on_token":        "Key read, per version: whether the version's HMAC secret exists on the token yet; it is made with the version's first HMAC, not at creation.",
+	"hsm_id":                      "Key read, per version (and `reconcile`): the hex `CKA_ID` of the version's objects on the token.",
+	"hsm_objects_missing":         "Key read, per version: the version's objects the token no longer holds (destroyed outside Vault), each with when the engine first found it missing. Absent when nothing is missing.",
+	"import_method":               "Key read, per imported version: how the material was unwrapped: `hsm-unwrap` (both unwraps in the HSM) or `raw-rsa-oaep-decoded-in-plugin` (the operator's `raw_rsa_oaep_fallback`).",
+	"imported_key":                "Key read: the key's material was imported (BYOK), not generated on the token.",
+	"imported_key_allow_rotation": "Key read, imported keys: whether `rotate` may generate new versions in the HSM.",
+	"key":                         "`reconcile`, per object or version: the key it belongs to.",
+	"key_type":                    "`reconcile`, per unreferenced object: its key type as the token reports it.",
+	"key_types":                   "`config/hsm`: per key type, whether the token can serve it (`supported`) and, if not, which mechanisms it lacks (`missing`).",
+	"key_wrap_mechanism_in_use":   "`config/hsm`: the key-wrap mechanism imports use on this token (the configured one, or the one chosen from the token's list).",
+	"keys":                        "Key read: Transit's map of version to creation time (Unix seconds; asymmetric keys: to `name`, `public_key`, `certificate_chain`, `creation_time`); export: version to exported value; `reconcile`: how many keys were compared.",
+	"label":                       "Key read, per version (and `reconcile`): the `CKA_LABEL` of the version's objects, `cmk/<mount uuid>/<key>/v<N>`; in `config/hsm`'s `token`: the token's label.",
+	"label_search":                "`config/hsm`: whether the token finds objects by `CKA_LABEL`, which adopting versions a storage restore lost needs (probed on first need).",
+	"last_rotated":                "Key read: when the key was last rotated.",
+	"latest_version":              "Key read: the newest version's number.",
+	"library":                     "`config/hsm`: the PKCS#11 module in use, read-only: it is set by the operator in the plugin's environment (`CMK_PKCS11_LIBRARY`), never through the API.",
+	"manufacturer_id":             "`config/hsm`, `token`: the token's manufacturer.",
+	"max_session_count":           "`config/hsm`, `token`: how many sessions the token allows at once.",
+	"mechanisms":                  "`config/hsm`: the mechanisms the engine uses that the token offers.",
+	"missing":                     "`config/hsm`, per entry of `key_types`: the mechanisms the token lacks for that key type.",
+	"missing_objects":             "`reconcile`: stored versions whose material the token lacks (`key`, `version`, `hsm_id`, `label`).",
+	"model":                       "`config/hsm`, `token`: the token's model.",
+	"oaep_sha256":                 "`config/hsm`: whether the token's RSA-OAEP takes SHA-256, as `vault transit import` wraps; without it such imports need `raw_rsa_oaep_fallback`.",
+	"objects":                     "`reconcile`: how many objects the token holds under the labels compared.",
+	"pin_set":                     "`config/hsm`: whether a PIN is stored (the PIN itself is never returned).",
+	"pool_size_in_use":            "`config/hsm`: the size of the session pool the connection uses.",
+	"protection_level":            "Key read: always \"hsm\".",
+	"public_key_only":             "Key read, per version: the version holds only a public key (imported with `public_key`): it verifies (RSA: also encrypts), and nothing is on the token until its private key is imported with `import_version`.",
+	"random_bytes":                "`random`: the bytes from the HSM's generator, in the requested `format`.",
+	"reason":                      "`reconcile`, per unreferenced object: why it is not adopted by itself.",
+	"serial_number":               "`config/hsm`, `token`: the token's serial number.",
+	"state":                       "Key read, per version: \"active\", \"decrypt_only\", \"disabled\", \"destroy_scheduled\" or \"destroyed\".",
+	"sum":                         "`hash`: the digest, in the requested `format`.",
+	"supported":                   "`config/hsm`, per entry of `key_types`: whether the token serves that key type.",
+	"supports_decryption":         "Key read, as Transit: the key type decrypts.",
+	"supports_derivation":         "Key read, as Transit: always false (derived keys are refused).",
+	"supports_encryption":         "Key read, as Transit: the key type encrypts.",
+	"supports_signing":            "Key read, as Transit: the key type signs.",
+	"time":                        "History event: when it happened, RFC 3339.",
+	"token":                       "`config/hsm`: what the token says of itself (`label`, `slot`, `manufacturer_id`, `model`, `serial_number`, `hardware_version`, `firmware_version`, `max_session_count`).",
+	"token_accessor":              "History event: the accessor of the request's token.",
+	"unreferenced_objects":        "`reconcile`: objects on the token under the labels compared that no stored version references, each with `adoptable`, `adoptable_by_operator` and `reason`.",
+	"valid":                       "`verify`: whether the signature or HMAC is valid.",
+	"versions":                    "Key read: per version, where it lives in the HSM and its state (the fields marked \"per version\" here).",
+}
+
+// Every field the code puts into a response and that no path takes as a request field is described in
+// responseFieldDocs (and so in docs/API.md), and every description is of a field the code emits.
+func TestResponseFieldsAreDescribed(t *testing.T) {
+	request := requestFields(t)
+	for name := range responseFields(t) {
+		if !request[name] && responseFieldDocs[name] == "" {
+			t.Errorf("response field %s is not described in responseFieldDocs (api_doc_test.go)", name)
+		}
+	}
+	emitted := responseFields(t)
+	for name := range responseFieldDocs {
+		switch {
+		case !emitted[name]:
+			t.Errorf("responseFieldDocs describes %s, which no response carries", name)
+		case request[name]:
+			t.Errorf("responseFieldDocs describes %s, which is a request field, described with its path", name)
+		}
+	}
 }

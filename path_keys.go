@@ -478,10 +478,12 @@ func allowedKeyTypes() []interface{} {
 
 const keysHelp = `
 Creates a key whose first version is generated inside the HSM as sensitive, non-extractable token objects: the
-AES-GCM key or the private half of an RSA, ECDSA or Ed25519 pair and, beside it, an HMAC secret, as Transit keys
-carry (hmac keys have the HMAC secret only). Asymmetric versions show their public key as Transit does. Reading a key returns Transit's fields plus
-protection_level "hsm" and, per version, its state, HSM object ID (CKA_ID), label and creation time. Deleting a
-key requires deletion_allowed and destroys its objects on the token.
+AES-GCM key or the private half of an RSA, ECDSA or Ed25519 pair (hmac keys: the HMAC secret). A version of
+another type gets the HMAC secret Transit keys carry with its first HMAC, not at creation
+(hmac_secret_on_token says whether it has one yet). Asymmetric versions show their public key as Transit does.
+Reading a key returns Transit's fields plus protection_level "hsm" and, per version, its state, HSM object ID
+(CKA_ID), label and creation time (the response fields are described at the end of the API reference). Deleting
+a key requires deletion_allowed and destroys its objects on the token.
 
 Transit options that need the material outside the HSM (exportable, allow_plaintext_backup) or derived keys
 (derived, convergent_encryption) are refused with HTTP 400.

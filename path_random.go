@@ -23,7 +23,7 @@ const randomMaxBytes = 128 * 1024
 func (b *backend) pathRandom() *framework.Path {
 	return &framework.Path{
 		Pattern:      "random(/" + framework.GenericNameRegex("source") + ")?" + framework.OptionalParamRegex("urlbytes"),
-		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "generate", OperationSuffix: "random"},
+		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "generate", OperationSuffix: "random|random-with-source|random-with-bytes|random-with-source-and-bytes"},
 		Fields: map[string]*framework.FieldSchema{
 			"urlbytes": {Type: framework.TypeString, Description: "Number of bytes, in the URL."},
 			"bytes":    {Type: framework.TypeInt, Default: 32, Description: fmt.Sprintf("Number of bytes (1 to %d). Defaults to 32.", randomMaxBytes)},
@@ -105,7 +105,7 @@ var hashes = map[string]func() hash.Hash{
 func (b *backend) pathHash() *framework.Path {
 	return &framework.Path{
 		Pattern:      "hash" + framework.OptionalParamRegex("urlalgorithm"),
-		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "hash"},
+		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "hash", OperationSuffix: "|with-algorithm"},
 		Fields: map[string]*framework.FieldSchema{
 			"input":        {Type: framework.TypeString, Description: "Base64 input to hash."},
 			"urlalgorithm": {Type: framework.TypeString, Description: "Algorithm, in the URL."},

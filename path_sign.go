@@ -91,7 +91,7 @@ func signatureFields() map[string]*framework.FieldSchema {
 func (b *backend) pathSign() *framework.Path {
 	return &framework.Path{
 		Pattern:      "sign/" + framework.GenericNameRegex("name") + framework.OptionalParamRegex("urlalgorithm"),
-		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "sign"},
+		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "sign", OperationSuffix: "|with-algorithm"},
 		Fields:       signatureFields(),
 		Operations: map[logical.Operation]framework.OperationHandler{
 			logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathSignWrite, "signature_context"), Summary: "Sign input with the key's private half, inside the HSM."},
@@ -107,7 +107,7 @@ func (b *backend) pathVerify() *framework.Path {
 	fields["hmac"] = &framework.FieldSchema{Type: framework.TypeString, Description: "HMAC to check, as returned by hmac (instead of signature)."}
 	return &framework.Path{
 		Pattern:      "verify/" + framework.GenericNameRegex("name") + framework.OptionalParamRegex("urlalgorithm"),
-		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "verify"},
+		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "verify", OperationSuffix: "|with-algorithm"},
 		Fields:       fields,
 		Operations: map[logical.Operation]framework.OperationHandler{
 			logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathVerifyWrite, "signature_context", "cmac", "mac_length"), Summary: "Check a signature or an HMAC."},
@@ -120,7 +120,7 @@ func (b *backend) pathVerify() *framework.Path {
 func (b *backend) pathHMAC() *framework.Path {
 	return &framework.Path{
 		Pattern:      "hmac/" + framework.GenericNameRegex("name") + framework.OptionalParamRegex("urlalgorithm"),
-		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "generate", OperationSuffix: "hmac"},
+		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "generate", OperationSuffix: "hmac|hmac-with-algorithm"},
 		Fields: withBatch(map[string]*framework.FieldSchema{
 			"name":         fieldName,
 			"input":        {Type: framework.TypeString, Description: "Base64 input."},

@@ -38,7 +38,9 @@ stop() {
     wait "$VAULT_PID" 2>/dev/null || true
   fi
 }
-trap stop INT TERM EXIT
+trap stop EXIT
+# Ctrl-C, SIGINT or SIGTERM is how this script is meant to end: a clean stop exits 0, so make reports no error.
+trap 'stop; log "stopped"; exit 0' INT TERM
 wait_vault "$VAULT_ADDR" "$VAULT_PID" || { tail -20 "$DEV/vault.log" >&2; die "Vault did not start (log: $DEV/vault.log)"; }
 
 vault() { "$VAULT_BIN" "$@"; }

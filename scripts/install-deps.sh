@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the dev environment and the tests need from Debian's packages, when missing: softhsm2 (the
-# PKCS#11 token of make dev) and opensc (pkcs11-tool, to look at tokens); and the other PKCS#11 implementations of
+# PKCS#11 token of make dev), opensc (pkcs11-tool, to look at tokens and to delete an object behind the engine's
+# back in a test), openssl (the tests check CSRs and signatures with it and sign with imported keys), python3
+# (make hsm-matrix writes docs/HSMS.md with it); and the other PKCS#11 implementations of
 # the test matrix: NSS softokn (libnss3, with certutil from libnss3-tools), opencryptoki's software token, and
 # tpm2-pkcs11 on a software TPM (swtpm) behind tpm2-abrmd on a D-Bus session bus of the test's own.
 source "$(dirname "$0")/lib.sh"
@@ -9,6 +11,8 @@ missing=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 [ -e /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null || missing+=(softhsm2)
 command -v pkcs11-tool >/dev/null || missing+=(opensc)
+command -v openssl >/dev/null || missing+=(openssl)
+command -v python3 >/dev/null || missing+=(python3)
 for p in libnss3 libnss3-tools opencryptoki libtpm2-pkcs11-1 libtpm2-pkcs11-tools swtpm swtpm-tools tpm2-abrmd \
   libtss2-tcti-tabrmd0 dbus-daemon; do
   have "$p" || missing+=("$p")

@@ -1,13 +1,18 @@
 package tests
 
 import (
+	"context"
 	"encoding/base64"
+	"encoding/json"
 	"fmt"
 	"sort"
 	"strings"
 	"testing"
 
 	"github.com/hashicorp/vault/api"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	cmk "github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk"
 )
 
 // TestKeyAndCryptoAPI drives the foundation API through Vault's HTTP API with the official Go client.
@@ -215,11 +220,111 @@ func TestCLI(t *testing.T) {
 	if out, err := dev.CLI(dev.RootToken, "read", m.Path+"/export/encryption-key/cli"); err == nil || !strings.Contains(out, "never leaves the HSM") {
 		t.Fatalf("export: %v\n%s", err, out)
 	}
-	// The OpenAPI document describes the engine's paths.
-	doc := run("read", "-format=json", "sys/internal/specs/openapi")
-	for _, path := range []string{"/" + m.Path + "/encrypt/{name}", "/" + m.Path + "/config/hsm", "/" + m.Path + "/keys/{name}/rotate"} {
-		if !strings.Contains(doc, path) {
-			t.Errorf("OpenAPI lacks %s", path)
+	checkOpenAPI(t, m.Path)
+}
+
+// checkOpenAPI compares the OpenAPI document the real server gives for the mount with the one the engine makes of
+// its own paths (which TestOpenAPIDescribesEveryPath checks against the paths' declarations): every path of the
+// engine is there, with each operation's id, and each parameter where it goes, with its enum; and the server adds
+// no path of its own under the mount.
+func checkOpenAPI(t *testing.T, mount string) {
+	t.Helper()
+	conf := logical.TestBackendConfig()
+	conf.System.(*logical.StaticSystemView).PluginEnvironment = &logical.PluginEnvironment{VaultVersion: "1.21.0"} // the help path asks
+	b, err := cmk.Factory(context.Background(), conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	own, err := b.HandleRequest(context.Background(), &logical.Request{Operation: logical.HelpOperation, Path: "", Storage: &logical.InmemStorage{}})
+	if err != nil || own == nil || own.Data["openapi"] == nil {
+		t.Fatalf("the engine's own OpenAPI document: %v %v", err, own)
+	}
+	var want, served openAPIDoc
+	raw, _ := json.Marshal(own.Data["openapi"])
+	if err := json.Unmarshal(raw, &want); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := dev.Client.Logical().ReadRaw("sys/internal/specs/openapi")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if err := json.NewDecoder(resp.Body).Decode(&served); err != nil {
+		t.Fatal(err)
+	}
+	if len(want.Paths) < 30 {
+		t.Fatalf("the engine's document has %d paths", len(want.Paths))
+	}
+	prefix := "/" + strings.TrimSuffix(mount, "/")
+	for path, item := range want.Paths {
+		got, ok := served.Paths[prefix+path]
+		if !ok {
+			t.Errorf("the server's OpenAPI lacks %s%s", prefix, path)
+			continue
+		}
+		for method, op := range item.operations() {
+			g := got.operations()[method]
+			if g == nil {
+				t.Errorf("%s %s%s: missing", method, prefix, path)
+				continue
+			}
+			if g.OperationID != op.OperationID {
+				t.Errorf("%s %s%s: operation id %q, the engine's %q", method, prefix, path, g.OperationID, op.OperationID)
+			}
+			if w, s := op.parameters(item), g.parameters(got); w != s {
+				t.Errorf("%s %s%s: parameters %s, the engine's %s", method, prefix, path, s, w)
+			}
 		}
 	}
+	for path := range served.Paths {
+		if rest, ok := strings.CutPrefix(path, prefix+"/"); ok && want.Paths["/"+rest] == nil {
+			t.Errorf("the server's OpenAPI has %s, which the engine does not declare", path)
+		}
+	}
+}
+
+type openAPIDoc struct {
+	Paths map[string]*openAPIPath `json:"paths"`
+}
+
+type openAPIPath struct {
+	Parameters               []openAPIParameter `json:"parameters"`
+	Get, Post, Delete, Patch *openAPIOperation
+}
+
+type openAPIOperation struct {
+	OperationID string             `json:"operationId"`
+	Parameters  []openAPIParameter `json:"parameters"`
+}
+
+type openAPIParameter struct {
+	Name   string `json:"name"`
+	In     string `json:"in"`
+	Schema struct {
+		Enum []interface{} `json:"enum"`
+	} `json:"schema"`
+}
+
+func (p *openAPIPath) operations() map[string]*openAPIOperation {
+	out := map[string]*openAPIOperation{}
+	for method, op := range map[string]*openAPIOperation{"get": p.Get, "post": p.Post, "delete": p.Delete, "patch": p.Patch} {
+		if op != nil {
+			out[method] = op
+		}
+	}
+	return out
+}
+
+// parameters lists an operation's parameters and its path's in order, with where each goes and its enum; the
+// server's own parameters for the mount's path (…_mount_path) are left out.
+func (op *openAPIOperation) parameters(p *openAPIPath) string {
+	var out []string
+	for _, prm := range append(append([]openAPIParameter{}, p.Parameters...), op.Parameters...) {
+		if strings.HasSuffix(prm.Name, "_mount_path") {
+			continue
+		}
+		out = append(out, fmt.Sprintf("%s in %s %v", prm.Name, prm.In, prm.Schema.Enum))
+	}
+	sort.Strings(out)
+	return strings.Join(out, "; ")
 }
