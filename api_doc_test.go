@@ -699,6 +699,9 @@ func operationIDs(p *framework.Path, op logical.Operation, h framework.Operation
 // responseFieldDocs describes every field the engine's responses carry that is not also a request field (those are
 // described with their path above). TestResponseFieldsAreDescribed keeps it in step with the code.
 var responseFieldDocs = map[string]string{
+	"label_prefix":                "config/hsm: the prefix of the CKA_LABEL of every object of the mount, cmk/<mount uuid>/",
+	"import_supported":            "config/hsm key_types: whether the token can take an imported key of the type (BYOK)",
+	"import_missing":              "config/hsm key_types: why the token cannot take an imported key of the type",
 	"adoptable":                   "`reconcile`, per unreferenced object: `adopt=true` would adopt it by itself (generated on the token, never extractable, of the key's type, numbered right after the latest version).",
 	"adoptable_by_operator":       "`reconcile`, per unreferenced object: `adopt=true adopt_unverified=true` would adopt it on the operator's word (protected and of the key's type, in a row after the latest version), though the token cannot show it was generated there.",
 	"adopted":                     "`reconcile`: the versions this request adopted (`key`, `version`, `hsm_id`, `label`).",

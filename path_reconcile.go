@@ -84,28 +84,33 @@ func (b *backend) pathReconcile() []*framework.Path {
 			HelpSynopsis:    "Compare every stored key with the HSM token's objects, and adopt versions a storage restore lost.",
 			HelpDescription: reconcileHelp,
 		},
-		{
-			// A path of its own because Vault's sudo is per path (PathsSpecial.Root), never per field: reconcile
-			// with adopt=true stays a key administrator's, adoption on an operator's word needs sudo. Under
-			// reconcile/ rather than keys/<name>/ because a sudo path is matched exactly or by prefix only.
-			Pattern: adoptUnverifiedPath + "(/" + framework.GenericNameRegex("name") + ")?",
-			DisplayAttrs: &framework.DisplayAttributes{
-				OperationPrefix: "cmk",
-				OperationVerb:   "adopt-unverified",
-			},
-			Fields: map[string]*framework.FieldSchema{
-				"name": {Type: framework.TypeString, Description: "Name of the key; without it, every key of the mount."},
-			},
-			Operations: map[logical.Operation]framework.OperationHandler{
-				logical.UpdateOperation: &framework.PathOperation{
-					Callback: handle(b.reconcileHandler(true)),
-					Summary:  "Reconcile with adoption, adopting also, on the operator's word, protected material whose origin the token cannot show (needs sudo).",
-				},
-			},
-			HelpSynopsis:    "Adopt, on the operator's word, versions whose origin the token cannot show (a sudo path).",
-			HelpDescription: adoptUnverifiedHelp,
-		},
+		b.adoptUnverifiedPath(adoptUnverifiedPath, "mount", "every key of the mount"),
+		b.adoptUnverifiedPath(adoptUnverifiedPath+"/"+framework.GenericNameRegex("name"), "key", "one key"),
 	}
+}
+
+// adoptUnverifiedPath is reconcile with adoption on an operator's word, for one key or the mount: a path of its
+// own because Vault's sudo is per path (PathsSpecial.Root), never per field, so reconcile with adopt=true stays a
+// key administrator's while adoption on an operator's word needs sudo; under reconcile/ rather than keys/<name>/
+// because a sudo path is matched exactly or by prefix only.
+func (b *backend) adoptUnverifiedPath(pattern, suffix, what string) *framework.Path {
+	p := &framework.Path{
+		Pattern:      pattern,
+		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "adopt-unverified", OperationSuffix: suffix},
+		Fields:       map[string]*framework.FieldSchema{},
+		Operations: map[logical.Operation]framework.OperationHandler{
+			logical.UpdateOperation: &framework.PathOperation{
+				Callback: handle(b.reconcileHandler(true)),
+				Summary:  "Reconcile " + what + " with adoption, adopting also, on the operator's word, protected material whose origin the token cannot show (needs sudo).",
+			},
+		},
+		HelpSynopsis:    "Adopt, on the operator's word, versions whose origin the token cannot show (a sudo path).",
+		HelpDescription: adoptUnverifiedHelp,
+	}
+	if suffix == "key" {
+		p.Fields["name"] = &framework.FieldSchema{Type: framework.TypeString, Description: "Name of the key."}
+	}
+	return p
 }
 
 // adoptUnverifiedPath is the sudo path for adoption on an operator's word, for one key (…/<name>) or the mount.

@@ -199,9 +199,12 @@ func handle(fn framework.OperationFunc, transitOnly ...string) framework.Operati
 	}
 }
 
+// fieldRefusal is the message that refuses a request field, naming why.
+type fieldRefusal = string
+
 // transitUnsupported are Transit fields accepted by name and refused when set: what they ask for cannot be done
 // with this engine's keys.
-var transitUnsupported = map[string]string{
+var transitUnsupported = map[string]fieldRefusal{
 	"iv":                "iv is not supported: the HSM draws every nonce (Transit's iv applies to managed keys only)",
 	"signature_context": "signature_context is not supported: Ed25519ctx signatures are not offered",
 	"cmac":              "cmac is not supported: CMAC keys are not offered",
@@ -209,7 +212,7 @@ var transitUnsupported = map[string]string{
 }
 
 // notAField explains fields that callers try and that must never be fields.
-var notAField = map[string]string{
+var notAField = map[string]fieldRefusal{
 	"adopt_unverified": "adopt_unverified is not a field: adoption on an operator's word is the sudo path " + adoptUnverifiedPath + " (mount-wide) or " + adoptUnverifiedPath + "/<key>",
 	"library":          "library is not a field: the PKCS#11 module's path comes only from " + LibraryEnv + " in the plugin's environment, set by the operator when registering the plugin (vault plugin register -env=" + LibraryEnv + "=…)",
 }
