@@ -213,7 +213,12 @@ func (b *backend) pathConfigHSMWrite(ctx context.Context, req *logical.Request, 
 		return respond(callerf("iv_source must be %q or %q", ivSourceHSM, ivSourceOS))
 	}
 
-	tok, err := b.openToken(b.tokenConfig(&c), b.logger.Named("hsm"))
+	tcfg := b.tokenConfig(&c)
+	if _, pinGiven := d.GetOk("pin"); !pinGiven {
+		// The stored PIN, not the caller's: the mount's connection vouches for it during another mount's wait.
+		tcfg.Succeeds, _ = b.connectedToken().(*hsm.Token)
+	}
+	tok, err := b.openToken(tcfg, b.logger.Named("hsm"))
 	switch {
 	case errors.Is(err, hsm.ErrPINIncorrect):
 		return respond(callerf("login to the token failed: %v", err)) // the error never carries a PIN

@@ -63,7 +63,7 @@ type pool struct {
 	closed       bool
 	connected    bool
 	needReinit   bool   // the next reconnection re-initialises the module first
-	proven       bool   // a login of this connection's with its PIN succeeded: it is never held up by others' failures
+	provenFor    string // the token key this connection's PIN logged in to: such logins are never held up by others' failures
 	gen          uint64 // module generation of the current connection
 	slot         uint
 	loginSession pkcs11.SessionHandle
@@ -183,7 +183,8 @@ func (p *pool) reconnectLocked(first bool) error {
 		_ = p.mod.enter(gen, func(c pkcs11API) error { return c.CloseSession(sh) })
 		return err
 	}
-	p.slot, p.gen, p.loginSession, p.connected, p.proven = slot, gen, sh, true, true
+	p.slot, p.gen, p.loginSession, p.connected = slot, gen, sh, true
+	p.provenFor = slotKey(p.cfg.Library, ti)
 	info := tokenInfoFrom(slot, ti)
 	p.found.Store(&foundToken{info: info, state: p.mod.token(slotKey(p.cfg.Library, ti))})
 	p.lastErr, p.backoff = nil, 0
@@ -196,7 +197,7 @@ func (p *pool) reconnectLocked(first bool) error {
 // loginLocked logs the process in on the login session, through the module's guard of wrong PINs. flags are the
 // token's CKF_ flags.
 func (p *pool) loginLocked(gen uint64, sh pkcs11.SessionHandle, token string, flags uint) error {
-	loginErr := p.mod.logins.admit(token, p.cfg.PIN, p.proven, flags)
+	loginErr := p.mod.logins.admit(token, p.cfg.PIN, p.provenFor == token, flags)
 	switch {
 	case errors.Is(loginErr, ErrPINIncorrect):
 		return loginErr // the wait, or a token that must not see an unverified PIN: nothing to count
@@ -210,7 +211,7 @@ func (p *pool) loginLocked(gen uint64, sh pkcs11.SessionHandle, token string, fl
 	}
 	verdict, locked := p.mod.logins.result(token, p.cfg.PIN, loginErr)
 	if locked {
-		p.log.Warn("wrong PIN for the HSM token again: further login attempts with an unknown PIN are delayed",
+		p.log.Warn("wrong PIN for the HSM token again: further login attempts are delayed, but for connections already logged in with the PIN",
 			"mount", p.cfg.Mount, "token", strings.TrimSpace(tokenLabel(token)))
 	}
 	switch {
