@@ -369,11 +369,13 @@ func TestSlowKeyCreationBlocksNoOtherToken(t *testing.T) {
 	onSlow := newVersion(t, slow, 256)
 	f := injectFaults(t, slow) // the module is shared: other's calls pass through f as well
 	release := holdInside(t, f, "GenerateKeyPair")
-	done := make(chan error, 1)
+	done, finished := make(chan error, 1), make(chan struct{})
 	go func() {
+		defer close(finished)
 		_, err := slow.GenerateVersion(ctx, RSA4096, randomID(t), "cmk/test/slow/v1", 0)
 		done <- err
 	}()
+	t.Cleanup(func() { release(); <-finished }) // a failed test still waits for the generation to end
 	for f.waiting("GenerateKeyPair") == 0 {
 		time.Sleep(time.Millisecond)
 	}
@@ -446,11 +448,13 @@ func TestSlowGenerationHoldsUpNoOtherMount(t *testing.T) {
 		f := injectFaults(t, slow)
 		release := holdInside(t, f, "GenerateKeyPair")
 		slowID := randomID(t)
-		done := make(chan error, 1)
+		done, finished := make(chan error, 1), make(chan struct{})
 		go func() {
+			defer close(finished)
 			_, err := slow.GenerateVersion(ctx, pair, slowID, "cmk/test/slow-pair", 0)
 			done <- err
 		}()
+		t.Cleanup(func() { release(); <-finished }) // a failed test still waits for the generation to end
 		for f.waiting("GenerateKeyPair") == 0 {
 			time.Sleep(time.Millisecond)
 		}
