@@ -96,6 +96,7 @@ func TestLoggedOutBehindOurBack(t *testing.T) {
 // PIN before is never held up, even when a re-initialisation logged the process out meanwhile.
 func TestWrongPINsAreSlowedDown(t *testing.T) {
 	onEveryToken(t, 1, func(t *testing.T, tk tokentest.Token, tok *Token) {
+		defer endLoginWaits(tok) // later tests open the token anew
 		op := anyServedOp(t, tok)
 		id := op.version(t)
 		cfg := configFor(tk, 1)
@@ -144,7 +145,6 @@ func TestWrongPINsAreSlowedDown(t *testing.T) {
 		if !strings.Contains(out, "cmk-guesser/") || strings.Contains(out, "guess-") || strings.Contains(out, cfg.PIN) {
 			t.Fatalf("lockout warning should name the mount and no PIN:\n%s", out)
 		}
-		endLoginWaits(tok) // later tests open the token anew
 	})
 }
 

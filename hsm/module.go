@@ -162,18 +162,17 @@ const findByReinitPause = 30 * time.Second
 // (listedByFreshLibrary) is looked for that way: a configuration naming an absent token never re-initialises the
 // module under the other mounts, and an API caller cannot create tokens, so such re-initialisations are bounded
 // by the tokens an operator creates.
-func (m *module) mayReinitializeToFind(cfg Config) bool {
+func (m *module) mayReinitializeToFind(cfg Config) (bool, error) {
 	modulesMu.Lock()
 	alone := m.refs <= 1
 	modulesMu.Unlock()
 	if alone {
-		return true
+		return true, nil
 	}
 	if m.reinitializeToFindIn() > 0 {
-		return false
+		return false, nil
 	}
-	listed, err := listedByFreshLibrary(m.path, m.params, cfg)
-	return err == nil && listed
+	return listedByFreshLibrary(m.path, m.params, cfg)
 }
 
 func (m *module) foundNothingByReinitializing() {

@@ -149,7 +149,14 @@ func (p *pool) reconnectLocked(first bool) error {
 		gen = p.mod.generation.Load()
 		slot, err = p.findSlot(gen)
 	}
-	if errors.Is(err, ErrTokenNotFound) && p.mod.mayReinitializeToFind(p.cfg) {
+	reinitToFind := false
+	if errors.Is(err, ErrTokenNotFound) {
+		var lerr error
+		if reinitToFind, lerr = p.mod.mayReinitializeToFind(p.cfg); lerr != nil {
+			p.log.Warn("a token missing from the module's list is not looked for again: other mounts use the module, and a fresh copy of the library could not be asked whether the token exists", "error", lerr)
+		}
+	}
+	if reinitToFind {
 		// SoftHSM (and some real modules) fix the slot list at C_Initialize: look again after re-initialising.
 		// Every other user of the module reconnects after that, so that happens under them only for a token that
 		// exists (see mayReinitializeToFind).
