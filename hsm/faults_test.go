@@ -366,7 +366,7 @@ func TestSlowKeyCreationBlocksNoOtherToken(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	onSlow := newVersion(t, slow, 256)
+	onSlow, onOther := newVersion(t, slow, 256), newVersion(t, other, 256)
 	f := injectFaults(t, slow) // the module is shared: other's calls pass through f as well
 	release := holdInside(t, f, "GenerateKeyPair")
 	done, finished := make(chan error, 1), make(chan struct{})
@@ -382,6 +382,13 @@ func TestSlowKeyCreationBlocksNoOtherToken(t *testing.T) {
 	if slow.mod.storeRaces && slow.pool.tokenState().store.TryAcquire(1) {
 		t.Fatal("the held generation is not inside its token's store guard")
 	}
+	other.handles.clear() // the encrypt looks its key up: a search on the other token's store
+	encrypted := make(chan error, 1)
+	go func() {
+		_, _, err := other.EncryptGCM(ctx, onOther, make([]byte, GCMNonceSize), nil, []byte("x"))
+		encrypted <- err
+	}()
+	whileHeld(t, "an encrypt on another token", encrypted, release)
 	created := make(chan error, 1)
 	go func() {
 		_, err := other.GenerateVersion(ctx, AES256, randomID(t), "cmk/test/other/v1", 0)

@@ -64,6 +64,7 @@ func TestNoUnverifiedPINAtTheFinalTry(t *testing.T) {
 			t.Skip("only opencryptoki of the matrix counts wrong PINs in its token flags")
 		}
 		defer endLoginWaits(tok)
+		t.Cleanup(func() { loginOutside(t, tk) }) // whatever happens, the token's count is reset for later tests
 		// As in a process that never logged in to the token: logged out, and the PIN known to nobody here.
 		tok.pool.mu.Lock()
 		gen := tok.pool.gen
