@@ -210,7 +210,12 @@ func (b *backend) pathConfigHSMWrite(ctx context.Context, req *logical.Request, 
 		return respond(callerf("iv_source must be %q or %q", ivSourceHSM, ivSourceOS))
 	}
 
-	tok, err := b.openToken(b.tokenConfig(&c), b.logger.Named("hsm"))
+	tcfg := b.tokenConfig(&c)
+	if _, pinGiven := d.GetOk("pin"); !pinGiven {
+		// The stored PIN, not the caller's: the mount's connection vouches for it during another mount's wait.
+		tcfg.Succeeds, _ = b.connectedToken().(*hsm.Token)
+	}
+	tok, err := b.openToken(tcfg, b.logger.Named("hsm"))
 	switch {
 	case errors.Is(err, hsm.ErrPINIncorrect):
 		return respond(callerf("login to the token failed: %v", err)) // the error never carries a PIN
@@ -465,6 +470,8 @@ const configHSMHelp = `
 Names the token that holds this mount's keys (by token_label, or slot) and the user PIN to log in with. The
 PKCS#11 module itself is set by the operator in the plugin's environment (CMK_PKCS11_LIBRARY, at registration),
 never through this API. A write connects and logs in before anything is stored, so a wrong label or PIN is
-refused. Reading shows the connection state, what the token says of itself and which of the mechanisms the
-engine uses it offers; the PIN is never returned.
+refused. After three wrong PINs in a row for a token, writes that give a PIN wait (1 s, doubling up to 5
+minutes) and are refused alike whether the PIN is right or wrong; a write that keeps the stored PIN, and mounts
+already connected, go on. Reading shows the connection state, what the token says of itself and which of the
+mechanisms the engine uses it offers; the PIN is never returned.
 `

@@ -165,3 +165,40 @@ func TestConfigHSMShowsLabelPrefix(t *testing.T) {
 		}
 	}
 }
+
+// Issue 19 (6): a mount's config/hsm writes with wrong PINs start a wait, and during it the right PIN was accepted
+// (204) while wrong ones were refused: whoever could write config/hsm learnt the PIN at HTTP speed. The right PIN
+// given during the wait now gets the wrong one's answer, while the mount already connected with the PIN keeps its
+// configuration writes and its keys.
+func TestConfigHSMWaitTellsNothing(t *testing.T) {
+	owner := newTestBackend(t)
+	owner.ok(owner.write("keys/k", nil))
+	guesser := newUnconfiguredBackend(t)
+	guess := func(pin string) (int, string) {
+		resp, err := guesser.write("config/hsm", map[string]interface{}{"token_label": owner.label, "pin": pin})
+		text := respText(resp)
+		if err != nil {
+			text += err.Error()
+		}
+		return status(resp, err), text
+	}
+	for i := 0; ; i++ {
+		code, text := guess(fmt.Sprintf("guess-%d", i))
+		if code != 400 || !strings.Contains(text, "PIN incorrect") {
+			t.Fatalf("wrong PIN %d: %d %s", i, code, text)
+		}
+		if strings.Contains(text, "login attempts delayed") {
+			break
+		}
+		if i > 10 {
+			t.Fatal("no wait after 10 wrong PINs")
+		}
+	}
+	wrongCode, wrongText := guess("guess-x")
+	rightCode, rightText := guess(testPIN)
+	if rightCode != wrongCode || rightText != wrongText {
+		t.Fatalf("during the wait the right PIN is answered %d %q, a wrong one %d %q", rightCode, rightText, wrongCode, wrongText)
+	}
+	owner.ok(owner.write("config/hsm", map[string]interface{}{"pool_size": 3}))
+	owner.ok(owner.write("encrypt/k", map[string]interface{}{"plaintext": "aGk="}))
+}

@@ -1,10 +1,12 @@
 package hsm
 
 import (
+	"context"
+	"fmt"
 	"strings"
-	"sync"
 
 	"github.com/miekg/pkcs11"
+	"golang.org/x/sync/semaphore"
 )
 
 // pkcs11API is every PKCS#11 function this package calls on a loaded module, other than the module's own
@@ -44,65 +46,98 @@ type pkcs11API interface {
 
 var _ pkcs11API = moduleCalls{}
 
-// storeGuard keeps searches and attribute reads out of the library while an object is created or destroyed, on
-// modules whose object store is not safe otherwise. SoftHSM 2.6.1 (what Debian 12 ships) re-reads its file store
-// on every C_FindObjectsInit, and a re-read racing an object's creation in another session (SoftHSMv2 issue 573,
-// fixed upstream after 2.6.1) fails the creation with CKR_GENERAL_ERROR or CKR_TEMPLATE_INCONSISTENT, hides
-// objects from searches, and in 10-minute soaks left a version's key unusable: refused as of another key type,
-// or gone from the token for good while storage referenced it. Cryptographic calls are not held up: they name
-// an object by handle and read no store. The lock is taken inside module.enter, around one call only, and waits
-// for nothing else, so it joins no cycle with the module's or the pool's locks.
+// storeGuard keeps searches and attribute reads on a token out of the library while an object is created or
+// destroyed on the same token, on modules whose object store is not safe otherwise. SoftHSM 2.6.1 (what Debian 12
+// ships) re-reads a token's file store on every C_FindObjectsInit, and a re-read racing an object's creation in
+// another session (SoftHSMv2 issue 573, fixed upstream after 2.6.1) fails the creation with CKR_GENERAL_ERROR or
+// CKR_TEMPLATE_INCONSISTENT, hides objects from searches, and in 10-minute soaks left a version's key unusable:
+// refused as of another key type, or gone from the token for good while storage referenced it. The store is one
+// directory per token (OSToken: its object files and its index, re-read per search), so the guard is per token:
+// a slow generation on one token holds up nothing on another. Cryptographic calls are not held up: they name an
+// object by handle and read no store. The guard is taken inside the connection's calls lock (pool.run), around one
+// call only, waits for nothing else, and gives up when the request's context ends.
 type storeGuard struct {
 	pkcs11API
-	mu *sync.RWMutex
+	ctx  context.Context
+	lock *semaphore.Weighted // storeReaders places: a search takes one, an object write all of them
 }
 
-// guardStore wraps calls with a storeGuard when the module is one that needs it.
-func guardStore(lib pkcs11.Info, calls pkcs11API) pkcs11API {
-	if !strings.HasPrefix(strings.TrimSpace(lib.ManufacturerID), "SoftHSM") {
-		return calls
+// storeReaders bounds the searches one token's guard lets in at once; an object write takes every place.
+const storeReaders = 1 << 16
+
+func newStoreLock() *semaphore.Weighted { return semaphore.NewWeighted(storeReaders) }
+
+// storeRaces says whether the module's object store needs a storeGuard.
+func storeRaces(lib pkcs11.Info) bool {
+	return strings.HasPrefix(strings.TrimSpace(lib.ManufacturerID), "SoftHSM")
+}
+
+func (g storeGuard) enter(places int64) (func(), error) {
+	if err := g.lock.Acquire(g.ctx, places); err != nil {
+		return nil, fmt.Errorf("%w: waiting for an object write on the token: %v", ErrUnavailable, err)
 	}
-	return storeGuard{pkcs11API: calls, mu: &sync.RWMutex{}}
+	return func() { g.lock.Release(places) }, nil
 }
 
 func (g storeGuard) FindObjectsInit(sh pkcs11.SessionHandle, temp []*pkcs11.Attribute) error {
-	g.mu.RLock()
-	defer g.mu.RUnlock()
+	leave, err := g.enter(1)
+	if err != nil {
+		return err
+	}
+	defer leave()
 	return g.pkcs11API.FindObjectsInit(sh, temp)
 }
 
 func (g storeGuard) GetAttributeValue(sh pkcs11.SessionHandle, o pkcs11.ObjectHandle, a []*pkcs11.Attribute) ([]*pkcs11.Attribute, error) {
-	g.mu.RLock()
-	defer g.mu.RUnlock()
+	leave, err := g.enter(1)
+	if err != nil {
+		return nil, err
+	}
+	defer leave()
 	return g.pkcs11API.GetAttributeValue(sh, o, a)
 }
 
 func (g storeGuard) GenerateKey(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, temp []*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
+	leave, err := g.enter(storeReaders)
+	if err != nil {
+		return 0, err
+	}
+	defer leave()
 	return g.pkcs11API.GenerateKey(sh, m, temp)
 }
 
 func (g storeGuard) GenerateKeyPair(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, public, private []*pkcs11.Attribute) (pkcs11.ObjectHandle, pkcs11.ObjectHandle, error) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
+	leave, err := g.enter(storeReaders)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer leave()
 	return g.pkcs11API.GenerateKeyPair(sh, m, public, private)
 }
 
 func (g storeGuard) CreateObject(sh pkcs11.SessionHandle, temp []*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
+	leave, err := g.enter(storeReaders)
+	if err != nil {
+		return 0, err
+	}
+	defer leave()
 	return g.pkcs11API.CreateObject(sh, temp)
 }
 
 func (g storeGuard) UnwrapKey(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, unwrappingKey pkcs11.ObjectHandle, wrappedKey []byte, a []*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
+	leave, err := g.enter(storeReaders)
+	if err != nil {
+		return 0, err
+	}
+	defer leave()
 	return g.pkcs11API.UnwrapKey(sh, m, unwrappingKey, wrappedKey, a)
 }
 
 func (g storeGuard) DestroyObject(sh pkcs11.SessionHandle, oh pkcs11.ObjectHandle) error {
-	g.mu.Lock()
-	defer g.mu.Unlock()
+	leave, err := g.enter(storeReaders)
+	if err != nil {
+		return err
+	}
+	defer leave()
 	return g.pkcs11API.DestroyObject(sh, oh)
 }

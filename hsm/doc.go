@@ -6,6 +6,7 @@
 //     passes, which keeps calls out of the library while it is finalised and handles of a finished module
 //     generation out of the new one;
 //   - login.go: logins per token, and the brake on wrong PINs;
+//   - listing.go: the tokens a fresh copy of the library lists, asked of a child process;
 //   - pool.go: a Token's connection: slot, login session, pooled sessions;
 //   - handles.go: object handles cached per key version, and objects found missing;
 //   - recovery.go: what each PKCS#11 error means and the retry that recovers from it;

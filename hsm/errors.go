@@ -25,8 +25,8 @@ var (
 	// ErrInvalidArgument: the caller passed something the operation cannot take (checked before any call, so
 	// that bad input never reaches the library: SoftHSM crashes on some of it).
 	ErrInvalidArgument = errors.New("invalid argument")
-	// ErrLoginBackoff: too many wrong PINs for the token in a row; logins with a PIN other than the one the
-	// process is logged in with wait. It is an ErrPINIncorrect.
+	// ErrLoginBackoff: too many wrong PINs for the token in a row; every login waits, but those of connections
+	// that logged in with the PIN before. It is an ErrPINIncorrect.
 	ErrLoginBackoff = fmt.Errorf("%w: login attempts delayed", ErrPINIncorrect)
 )
 

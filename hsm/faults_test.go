@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"github.com/miekg/pkcs11"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm/tokentest"
 )
 
 // injectFaults routes tok's module through a faultyCalls until the test ends.
@@ -350,10 +352,11 @@ func TestAmbiguousRefusalIsAskedAgain(t *testing.T) {
 }
 
 // Defect F: object creation used to be serialised by one lock for the whole process, which ignored cancellation:
-// one slow key-pair generation (RSA-4096 takes seconds) held up key creation on every other token and mount. A
-// generation held inside the module here stands for the slow one: another token's creations go on meanwhile, and
-// on the same token, where SoftHSM's object store needs writes one at a time, a waiting creation gives up when its
-// context ends.
+// one slow key-pair generation (RSA-4096 takes seconds) held up key creation on every other token and mount. It
+// came back with SoftHSM's store guard, one per module (issue 19, 7). The generation is held here inside the
+// library call, so inside every lock it takes (the module's, its connection's, its token's store guard and
+// object-write turn): another token's creations go on meanwhile, and on the same token, where SoftHSM's object
+// store needs writes and searches apart, a waiting creation or search gives up when its context ends.
 func TestSlowKeyCreationBlocksNoOtherToken(t *testing.T) {
 	slow, _ := newToken(t, 2)
 	other, _ := newToken(t, 2)
@@ -363,42 +366,168 @@ func TestSlowKeyCreationBlocksNoOtherToken(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	onSlow, onOther := newVersion(t, slow, 256), newVersion(t, other, 256)
 	f := injectFaults(t, slow) // the module is shared: other's calls pass through f as well
-	release := f.hold("GenerateKeyPair")
-	done := make(chan error, 1)
+	release := holdInside(t, f, "GenerateKeyPair")
+	done, finished := make(chan error, 1), make(chan struct{})
 	go func() {
+		defer close(finished)
 		_, err := slow.GenerateVersion(ctx, RSA4096, randomID(t), "cmk/test/slow/v1", 0)
 		done <- err
 	}()
+	t.Cleanup(func() { release(); <-finished }) // a failed test still waits for the generation to end
 	for f.waiting("GenerateKeyPair") == 0 {
 		time.Sleep(time.Millisecond)
 	}
+	if slow.mod.storeRaces && slow.pool.tokenState().store.TryAcquire(1) {
+		t.Fatal("the held generation is not inside its token's store guard")
+	}
+	other.handles.clear() // the encrypt looks its key up: a search on the other token's store
+	encrypted := make(chan error, 1)
+	go func() {
+		_, _, err := other.EncryptGCM(ctx, onOther, make([]byte, GCMNonceSize), nil, []byte("x"))
+		encrypted <- err
+	}()
+	whileHeld(t, "an encrypt on another token", encrypted, release)
 	created := make(chan error, 1)
 	go func() {
 		_, err := other.GenerateVersion(ctx, AES256, randomID(t), "cmk/test/other/v1", 0)
 		created <- err
 	}()
-	select {
-	case err := <-created:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(10 * time.Second):
-		release()
-		t.Fatal("a key creation on another token waited for a slow generation on this one")
-	}
+	whileHeld(t, "a key creation on another token", created, release)
 	if slow.quirks().serialObjectWrites {
 		short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
 		_, err := slow.GenerateVersion(short, AES256, randomID(t), "cmk/test/waiting/v1", 0)
 		cancel()
 		if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "context deadline exceeded") {
-			release()
 			t.Fatalf("creation waiting behind a slow one on the same token, with its context ended: %v", err)
 		}
+	}
+	if slow.mod.storeRaces {
+		// A search on the same token waits for the generation to leave the store, until its context ends.
+		slow.handles.clear()
+		searched := make(chan error, 1)
+		go func() {
+			short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+			defer cancel()
+			_, _, err := slow.EncryptGCM(short, onSlow, make([]byte, GCMNonceSize), nil, []byte("x"))
+			if err == nil || !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "context deadline exceeded") {
+				err = fmt.Errorf("a search waiting for the store, with its context ended: %v", err)
+			} else {
+				err = nil
+			}
+			searched <- err
+		}()
+		whileHeld(t, "a search on the same token with its context ended", searched, release)
 	}
 	release()
 	if err := <-done; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// Issue 19 (7): an encrypt with a cached handle waited 6.1 s on a third mount while a second mount rewrote its
+// config/hsm during a slow key generation: connecting and closing took the module's lock for writing, which waits
+// for the generation to leave the library, and every new call waits behind it. A mount whose handles are cached
+// now waits for no other mount's configuration or key creation, on every token of the matrix.
+func TestSlowGenerationHoldsUpNoOtherMount(t *testing.T) {
+	onEveryToken(t, 1, func(t *testing.T, tk tokentest.Token, slow *Token) {
+		ctx := context.Background()
+		caps, err := slow.Capabilities(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pair := RSA2048
+		if ok, _ := caps.Serves(ECDSAP256); ok {
+			pair = ECDSAP256
+		}
+		cached := openToken(t, tk, 1) // the third mount: its handle is cached
+		op := anyServedOp(t, cached)
+		id := op.version(t)
+		if _, err := op.use(id); err != nil {
+			t.Fatal(err)
+		}
+		configured, err := Open(configFor(tk, 1), nil) // the second mount, whose configuration is rewritten
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(configured.Close)
+		f := injectFaults(t, slow)
+		release := holdInside(t, f, "GenerateKeyPair")
+		slowID := randomID(t)
+		done, finished := make(chan error, 1), make(chan struct{})
+		go func() {
+			defer close(finished)
+			_, err := slow.GenerateVersion(ctx, pair, slowID, "cmk/test/slow-pair", 0)
+			done <- err
+		}()
+		t.Cleanup(func() { release(); <-finished }) // a failed test still waits for the generation to end
+		for f.waiting("GenerateKeyPair") == 0 {
+			time.Sleep(time.Millisecond)
+		}
+		rewritten := make(chan error, 1)
+		go func() { // config/hsm written again: a new connection replaces the old one
+			tok, err := Open(configFor(tk, 1), nil)
+			if err == nil {
+				configured.Close()
+				tok.Close()
+			}
+			rewritten <- err
+		}()
+		for waiting := false; !waiting; { // until the rewrite is done, or waits for the module's lock
+			select {
+			case err := <-rewritten:
+				rewritten <- err
+				waiting = true
+			default:
+				if slow.mod.mu.TryRLock() {
+					slow.mod.mu.RUnlock()
+					time.Sleep(time.Millisecond)
+				} else {
+					waiting = true
+				}
+			}
+		}
+		used := make(chan error, 1)
+		go func() {
+			_, err := op.use(id)
+			used <- err
+		}()
+		whileHeld(t, "a cached-handle operation on a third mount", used, release)
+		whileHeld(t, "another mount's configuration write", rewritten, release)
+		release()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		if _, err := slow.DestroyKeys(ctx, slowID); err != nil {
+			t.Fatal(err)
+		}
+	})
+}
+
+// holdInside makes calls of fn wait inside the library call until the returned release (which the test's end calls
+// too) is called.
+func holdInside(t *testing.T, f *faultyCalls, fn string) (release func()) {
+	var once sync.Once
+	r := f.hold(fn)
+	release = func() { once.Do(r) }
+	t.Cleanup(release)
+	return release
+}
+
+// whileHeld fails the test unless done gives nil while a call is held; a call that never returns before the
+// release is found by a generous deadline, after which the held call is released.
+func whileHeld(t *testing.T, what string, done chan error, release func()) {
+	t.Helper()
+	select {
+	case err := <-done:
+		if err != nil {
+			release()
+			t.Fatalf("%s: %v", what, err)
+		}
+	case <-time.After(30 * time.Second):
+		release()
+		t.Fatalf("%s waited for a held call of another mount", what)
 	}
 }
 

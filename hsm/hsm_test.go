@@ -268,8 +268,9 @@ func TestRecoversFromModuleLoss(t *testing.T) {
 }
 
 // SoftHSM lists only the tokens that existed at C_Initialize. A token created later is found by re-initialising
-// the module, which makes every other user of it reconnect: so a lookup that finds nothing that way keeps the next
-// ones from re-initialising for a while, and the other users keep working throughout.
+// the module, which makes every other user of it reconnect. Issue 19 (6): a configuration naming a token that does
+// not exist never re-initialises a module other mounts use (each one did, every 30 s, and logged every mount out);
+// a fresh copy of the library, in a child process, says first whether the token exists.
 func TestTokenCreatedAfterInitialize(t *testing.T) {
 	other, _ := newToken(t, 1) // the module is initialised, and another mount uses it
 	id := newVersion(t, other, 256)
@@ -289,22 +290,19 @@ func TestTokenCreatedAfterInitialize(t *testing.T) {
 	if other.mod.generation.Load() != gen+1 {
 		t.Fatalf("generation %d, want one re-initialisation after %d", other.mod.generation.Load(), gen)
 	}
-	// Unknown labels, one after another: one re-initialisation at most, and the other mount is undisturbed.
+	// Unknown labels, one after another: no re-initialisation, and the other mount is undisturbed.
 	gen = other.mod.generation.Load()
 	for i := 0; i < 5; i++ {
-		_, err := Open(Config{Library: env.Library, TokenLabel: "no-such-token", PIN: testPIN, PoolSize: 1}, nil)
+		_, err := Open(Config{Library: env.Library, TokenLabel: fmt.Sprintf("no-such-token-%d", i), PIN: testPIN, PoolSize: 1}, nil)
 		if !errors.Is(err, ErrTokenNotFound) {
 			t.Fatalf("unknown label: %v", err)
-		}
-		if i > 0 && !strings.Contains(err.Error(), "looked for again in") {
-			t.Fatalf("unknown label again: %v", err)
 		}
 		if _, _, err := other.EncryptGCM(context.Background(), id, make([]byte, 12), nil, []byte("x")); err != nil {
 			t.Fatalf("the other mount during unknown-label lookups: %v", err)
 		}
 	}
-	if n := other.mod.generation.Load() - gen; n > 1 {
-		t.Fatalf("%d re-initialisations for 5 lookups of an unknown label", n)
+	if n := other.mod.generation.Load() - gen; n != 0 {
+		t.Fatalf("%d re-initialisations under another mount for 5 configurations naming absent tokens", n)
 	}
 }
 

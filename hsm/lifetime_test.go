@@ -90,10 +90,15 @@ func TestLoggedOutBehindOurBack(t *testing.T) {
 }
 
 // Defect D: once the process is logged in, C_Login answers CKR_USER_ALREADY_LOGGED_IN to any PIN, so guesses
-// cost nothing but a digest comparison. After a few wrong PINs in a row, attempts with a PIN other than the good
-// one wait, with a warning naming the mount; the good PIN is never held up.
+// cost nothing but a digest comparison. After a few wrong PINs in a row, attempts wait, with a warning naming the
+// mount. Issue 19 (6): during the wait the right PIN from a new connection (a config/hsm write) is refused exactly
+// as a wrong one, or the wait would tell the guesser which guess was right; a connection that logged in with the
+// PIN before is never held up, even when a re-initialisation logged the process out meanwhile.
 func TestWrongPINsAreSlowedDown(t *testing.T) {
-	onEveryToken(t, 1, func(t *testing.T, tk tokentest.Token, _ *Token) {
+	onEveryToken(t, 1, func(t *testing.T, tk tokentest.Token, tok *Token) {
+		defer endLoginWaits(tok) // later tests open the token anew
+		op := anyServedOp(t, tok)
+		id := op.version(t)
 		cfg := configFor(tk, 1)
 		var logs bytes.Buffer
 		var logMu sync.Mutex
@@ -117,11 +122,23 @@ func TestWrongPINsAreSlowedDown(t *testing.T) {
 				t.Fatalf("guess during the wait: %v", err)
 			}
 		}
-		good, err := Open(cfg, nil)
-		if err != nil {
-			t.Fatalf("the right PIN during the wait: %v", err)
+		bad.PIN = "fast-x"
+		_, wrongErr := Open(bad, log)
+		right := cfg
+		right.Mount = "cmk-guesser/"
+		good, rightErr := Open(right, log)
+		if rightErr == nil {
+			good.Close()
+			t.Fatal("the right PIN from a new connection was accepted during the wait: the wait tells a guesser the PIN")
 		}
-		good.Close()
+		if rightErr.Error() != wrongErr.Error() {
+			t.Fatalf("during the wait the right PIN is answered %q, a wrong one %q", rightErr, wrongErr)
+		}
+		// The mount that knows the PIN reconnects during the wait, after a re-initialisation logged it out.
+		tok.pool.reinitialize()
+		if _, err := op.use(id); err != nil {
+			t.Fatalf("a connection that knows the PIN, during another mount's wait: %v", err)
+		}
 		logMu.Lock()
 		out := logs.String()
 		logMu.Unlock()
@@ -129,6 +146,13 @@ func TestWrongPINsAreSlowedDown(t *testing.T) {
 			t.Fatalf("lockout warning should name the mount and no PIN:\n%s", out)
 		}
 	})
+}
+
+// endLoginWaits forgets wrong PINs counted on tok's module, as the end of their wait would.
+func endLoginWaits(tok *Token) {
+	tok.mod.logins.mu.Lock()
+	clear(tok.mod.logins.failing)
+	tok.mod.logins.mu.Unlock()
 }
 
 type writerFunc func([]byte) (int, error)

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/miekg/pkcs11"
+	"golang.org/x/sync/semaphore"
 )
 
 // module is one loaded PKCS#11 library. The plugin is multiplexed, so every mount in the process shares it; it
@@ -17,12 +18,13 @@ import (
 // next C_Initialize).
 //
 // Every call into the library passes through enter, which holds mu for reading until the call returns and first
-// checks that the caller's session belongs to the live generation and to its connection's current epoch. C_Finalize,
-// re-initialisation, unloading and the change of a connection's epoch hold mu for writing. So no call is ever inside
-// the library while it is finalised, and no session or object handle of a finished generation or connection is
-// ever passed to it: after a re-initialisation a module gives the same numbers to other sessions and objects, and
-// a stale number names another key (a ciphertext sealed with it is lost) or a session another goroutine is using
-// (SoftHSM then crashes the whole plugin process).
+// checks that the caller's session belongs to the live generation. C_Finalize, re-initialisation and unloading
+// hold mu for writing: so no call is ever inside the library while it is finalised, and no session or object
+// handle of a finished generation is ever passed to it: after a re-initialisation a module gives the same numbers
+// to other sessions and objects, and a stale number names another key (a ciphertext sealed with it is lost) or a
+// session another goroutine is using (SoftHSM then crashes the whole plugin process). A connection's own epoch is
+// guarded by the connection (pool.calls), never by mu: connecting, reconnecting and closing one mount holds up no
+// call of another; only a real re-initialisation does.
 type module struct {
 	path   string
 	params string // C_Initialize's pReserved: library parameters (NSS needs them); "" passes NULL
@@ -30,6 +32,8 @@ type module struct {
 	calls  pkcs11API // every call other than the lifetime's: ctx itself, or a fault-injecting wrapper
 	own    ownCalls
 	info   pkcs11.Info // what the library says of itself (C_GetInfo), read once
+	// storeRaces: the module's object store is not safe for searches during object writes (storeGuard).
+	storeRaces bool
 
 	mu         sync.RWMutex
 	generation atomic.Uint64 // changed only with mu held for writing
@@ -132,7 +136,8 @@ func acquireModule(path, params string) (*module, error) {
 	}
 	m.own = own
 	m.info, _ = ctx.GetInfo()
-	m.calls = wrapCalls(guardStore(m.info, moduleCalls{Ctx: ctx, own: own}))
+	m.calls = wrapCalls(moduleCalls{Ctx: ctx, own: own})
+	m.storeRaces = storeRaces(m.info)
 	m.generation.Store(1)
 	modules[path] = m
 	return m, nil
@@ -174,16 +179,25 @@ func (m *module) release() {
 
 // findByReinitPause is how long, after a re-initialisation that was made to find a token and found none, another
 // such re-initialisation waits when other users share the module: each one makes every mount of the process
-// reconnect and look its objects up again, and whoever may write config/hsm on one mount must not be able to do
-// that to the others at will. Re-initialisations that find the token are not limited: each new token is found once.
+// reconnect and look its objects up again.
 const findByReinitPause = 30 * time.Second
 
 // mayReinitializeToFind reports whether a token missing from the slot list may be looked for by re-initialising.
-func (m *module) mayReinitializeToFind() bool {
+// With no other user of the module, it may. With others, only a token that a fresh copy of the library lists
+// (listedByFreshLibrary) is looked for that way: a configuration naming an absent token never re-initialises the
+// module under the other mounts, and an API caller cannot create tokens, so such re-initialisations are bounded
+// by the tokens an operator creates.
+func (m *module) mayReinitializeToFind(cfg Config) (bool, error) {
 	modulesMu.Lock()
 	alone := m.refs <= 1
 	modulesMu.Unlock()
-	return alone || m.reinitializeToFindIn() == 0
+	if alone {
+		return true, nil
+	}
+	if m.reinitializeToFindIn() > 0 {
+		return false, nil
+	}
+	return listedByFreshLibrary(m.path, m.params, cfg)
 }
 
 func (m *module) foundNothingByReinitializing() {
@@ -199,21 +213,21 @@ func (m *module) reinitializeToFindIn() time.Duration {
 	return max(time.Until(m.findByReinitAfter), 0)
 }
 
-// enter runs fn with the library's calls if the session still belongs to the live generation and to its
-// connection's current epoch (valid, read under the same lock). fn must not take any Token lock.
-func (m *module) enter(gen uint64, valid func() bool, fn func(p pkcs11API) error) error {
+// enter runs fn with the library's calls if gen is still the live generation. fn must not take any pool's mu;
+// it may take its own connection's calls lock (pool.run), which is taken after mu, never before.
+func (m *module) enter(gen uint64, fn func(p pkcs11API) error) error {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
 	if m.finalized {
 		return errFinalized
 	}
-	if gen != m.generation.Load() || (valid != nil && !valid()) {
+	if gen != m.generation.Load() {
 		return errStale
 	}
 	return fn(m.calls)
 }
 
-// exclusive runs fn with no call inside the library: for re-initialisation and for ending a connection's epoch.
+// exclusive runs fn with no call inside the library: for re-initialisation.
 func (m *module) exclusive(fn func() error) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -239,8 +253,7 @@ func (m *module) reinitializeLocked(seen uint64) error {
 	}
 	_ = m.ctx.Finalize()
 	err := m.initialize()
-	m.generation.Add(1)
-	m.logins.forgetAll() // C_Finalize logged every token out
+	m.generation.Add(1) // C_Finalize logged every token out; the PINs the tokens accepted stay known (loginGuard)
 	m.refusedSinceInit.Store(false)
 	if err != nil {
 		return fmt.Errorf("%w: C_Initialize: %v", ErrUnavailable, err)
@@ -258,6 +271,9 @@ type tokenState struct {
 	// cancellation; per token, so that one token's slow key generation never holds up another's.
 	objectWrites chan struct{}
 
+	// store is the token's storeGuard lock, on modules whose object store needs one.
+	store *semaphore.Weighted
+
 	// pairTemplates is what the token was found to need in key-pair templates (pairTemplateOptions), learnt at
 	// the first key pair.
 	pairTemplates atomic.Uint32
@@ -268,7 +284,7 @@ func (m *module) token(serial string) *tokenState {
 	defer m.tokensMu.Unlock()
 	ts, ok := m.tokens[serial]
 	if !ok {
-		ts = &tokenState{objectWrites: make(chan struct{}, 1)}
+		ts = &tokenState{objectWrites: make(chan struct{}, 1), store: newStoreLock()}
 		m.tokens[serial] = ts
 	}
 	return ts

@@ -1,6 +1,7 @@
 package hsm
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -35,17 +36,25 @@ type session struct {
 // (SoftHSM forgets logins and handles when an application's last session closes), and idle sessions for
 // operations. A reconnection ends the connection's epoch; sessions of an ended epoch are never used again.
 //
-// Lock order: pool.mu, then the module's lock (a reconnection holds mu while it waits for every call to leave the
-// library). So nothing that runs inside a library call (module.enter) may take mu: what such code needs to know
-// of the token (its info, its shared state) is read from found, which needs no lock.
+// Lock order: pool.mu, then the module's lock, then calls, then the token's store guard (storeGuard). A
+// reconnection holds mu while it waits for this connection's calls to leave the library (calls, for writing), and
+// while a re-initialisation waits for every call of every connection to leave it (the module's lock, for writing).
+// So nothing that runs inside a library call (module.enter) may take mu: what such code needs to know of the token
+// (its info, its shared state) is read from found, which needs no lock. Connecting, reconnecting and closing take
+// no lock of the module's for writing, only a real re-initialisation does: a mount's configuration holds up no
+// other mount's calls.
 type pool struct {
 	mod   *module
 	cfg   Config
 	log   hclog.Logger
 	slots chan struct{} // a place in the pool; at most PoolSize operations at once
 
-	// epoch changes, with the module's lock held for writing, whenever the connection is replaced or closed.
+	// epoch changes, with calls held for writing, whenever the connection is replaced or closed.
 	epoch atomic.Uint64
+	// calls is held for reading by each of this connection's calls while it is inside the library (pool.run,
+	// pool.get), and for writing while the epoch changes: no session of an ended epoch is in use when its
+	// sessions are closed.
+	calls sync.RWMutex
 
 	// found is the token the last connection found: set by each reconnection, read without a lock.
 	found atomic.Pointer[foundToken]
@@ -54,6 +63,7 @@ type pool struct {
 	closed       bool
 	connected    bool
 	needReinit   bool   // the next reconnection re-initialises the module first
+	provenFor    string // the token key this connection's PIN logged in to: such logins are never held up by others' failures
 	gen          uint64 // module generation of the current connection
 	slot         uint
 	loginSession pkcs11.SessionHandle
@@ -69,8 +79,8 @@ type foundToken struct {
 	state *tokenState // what the process knows of the token, shared with other mounts on it
 }
 
-// current reports whether s belongs to the connection's current epoch. Read under the module's lock, it stays
-// true until the call made under that lock returns.
+// current reports whether s belongs to the connection's current epoch. Read with calls held, it stays true until
+// the call made under that lock returns.
 func (p *pool) current(s session) bool { return s.epoch == p.epoch.Load() }
 
 // connect establishes the first connection; a wrong label, slot or PIN fails here.
@@ -80,8 +90,8 @@ func (p *pool) connect() error {
 	return p.reconnectLocked(true)
 }
 
-// close ends the connection for good: the epoch ends under the module's lock, so calls of this Token still in
-// flight finish first and later ones fail cleanly; then the sessions are closed. Never C_Logout or
+// close ends the connection for good: the epoch ends under calls, so calls of this Token still in flight finish
+// first and later ones fail cleanly; then the sessions are closed. Never C_Logout or
 // C_CloseAllSessions: other mounts may share the token.
 func (p *pool) close() {
 	p.mu.Lock()
@@ -100,17 +110,21 @@ func (p *pool) endEpochLocked(reinit bool) error {
 	idle, login, gen := p.idle, p.loginSession, p.gen
 	p.idle, p.loginSession, p.connected = nil, 0, false
 	var rerr error
-	err := p.mod.exclusive(func() error {
-		p.epoch.Add(1)
-		if reinit {
+	if reinit {
+		err := p.mod.exclusive(func() error {
+			p.epoch.Add(1)
 			rerr = p.mod.reinitializeLocked(gen)
+			return nil
+		})
+		if err != nil {
+			return err
 		}
-		return nil
-	})
-	if err != nil {
-		return err
+	} else {
+		p.calls.Lock() // this connection's calls only: other connections' go on
+		p.epoch.Add(1)
+		p.calls.Unlock()
 	}
-	_ = p.mod.enter(gen, nil, func(c pkcs11API) error { // only if the generation is still live
+	_ = p.mod.enter(gen, func(c pkcs11API) error { // only if the generation is still live
 		for _, s := range idle {
 			_ = c.CloseSession(s.h)
 		}
@@ -135,10 +149,17 @@ func (p *pool) reconnectLocked(first bool) error {
 		gen = p.mod.generation.Load()
 		slot, err = p.findSlot(gen)
 	}
-	if errors.Is(err, ErrTokenNotFound) && p.mod.mayReinitializeToFind() {
+	reinitToFind := false
+	if errors.Is(err, ErrTokenNotFound) {
+		var lerr error
+		if reinitToFind, lerr = p.mod.mayReinitializeToFind(p.cfg); lerr != nil {
+			p.log.Warn("a token missing from the module's list is not looked for again: other mounts use the module, and a fresh copy of the library could not be asked whether the token exists", "error", lerr)
+		}
+	}
+	if reinitToFind {
 		// SoftHSM (and some real modules) fix the slot list at C_Initialize: look again after re-initialising.
-		// Every other user of the module reconnects after that, so a lookup that finds nothing that way keeps
-		// further such lookups from re-initialising for a while (see mayReinitializeToFind).
+		// Every other user of the module reconnects after that, so that happens under them only for a token that
+		// exists (see mayReinitializeToFind).
 		if rerr := p.mod.exclusive(func() error { return p.mod.reinitializeLocked(gen) }); rerr != nil {
 			return rerr
 		}
@@ -152,7 +173,7 @@ func (p *pool) reconnectLocked(first bool) error {
 	}
 	var ti pkcs11.TokenInfo
 	var sh pkcs11.SessionHandle
-	err = p.mod.enter(gen, nil, func(c pkcs11API) error {
+	err = p.mod.enter(gen, func(c pkcs11API) error {
 		var err error
 		if ti, err = c.GetTokenInfo(slot); err != nil {
 			return opError("C_GetTokenInfo", err)
@@ -165,11 +186,12 @@ func (p *pool) reconnectLocked(first bool) error {
 	if err != nil {
 		return err
 	}
-	if err := p.loginLocked(gen, sh, slotKey(p.cfg.Library, ti)); err != nil {
-		_ = p.mod.enter(gen, nil, func(c pkcs11API) error { return c.CloseSession(sh) })
+	if err := p.loginLocked(gen, sh, slotKey(p.cfg.Library, ti), ti.Flags); err != nil {
+		_ = p.mod.enter(gen, func(c pkcs11API) error { return c.CloseSession(sh) })
 		return err
 	}
 	p.slot, p.gen, p.loginSession, p.connected = slot, gen, sh, true
+	p.provenFor = slotKey(p.cfg.Library, ti)
 	info := tokenInfoFrom(slot, ti)
 	p.found.Store(&foundToken{info: info, state: p.mod.token(slotKey(p.cfg.Library, ti))})
 	p.lastErr, p.backoff = nil, 0
@@ -179,14 +201,15 @@ func (p *pool) reconnectLocked(first bool) error {
 	return nil
 }
 
-// loginLocked logs the process in on the login session, through the module's guard of wrong PINs.
-func (p *pool) loginLocked(gen uint64, sh pkcs11.SessionHandle, token string) error {
-	loginErr := p.mod.logins.admit(token, p.cfg.PIN)
+// loginLocked logs the process in on the login session, through the module's guard of wrong PINs. flags are the
+// token's CKF_ flags.
+func (p *pool) loginLocked(gen uint64, sh pkcs11.SessionHandle, token string, flags uint) error {
+	loginErr := p.mod.logins.admit(token, p.cfg.PIN, p.provenFor == token, flags)
 	switch {
-	case errors.Is(loginErr, ErrLoginBackoff):
-		return loginErr
+	case errors.Is(loginErr, ErrPINIncorrect):
+		return loginErr // the wait, or a token that must not see an unverified PIN: nothing to count
 	case loginErr == nil:
-		if err := p.mod.enter(gen, nil, func(c pkcs11API) error {
+		if err := p.mod.enter(gen, func(c pkcs11API) error {
 			loginErr = c.Login(sh, pkcs11.CKU_USER, p.cfg.PIN)
 			return nil
 		}); err != nil {
@@ -195,7 +218,7 @@ func (p *pool) loginLocked(gen uint64, sh pkcs11.SessionHandle, token string) er
 	}
 	verdict, locked := p.mod.logins.result(token, p.cfg.PIN, loginErr)
 	if locked {
-		p.log.Warn("wrong PIN for the HSM token again: further login attempts with an unknown PIN are delayed",
+		p.log.Warn("wrong PIN for the HSM token again: further login attempts are delayed, but for connections already logged in with the PIN",
 			"mount", p.cfg.Mount, "token", strings.TrimSpace(tokenLabel(token)))
 	}
 	switch {
@@ -219,7 +242,7 @@ func tokenLabel(key string) string {
 
 func (p *pool) findSlot(gen uint64) (uint, error) {
 	var found uint
-	err := p.mod.enter(gen, nil, func(c pkcs11API) error {
+	err := p.mod.enter(gen, func(c pkcs11API) error {
 		slots, err := c.GetSlotList(true)
 		if err != nil {
 			return opError("C_GetSlotList", err)
@@ -345,7 +368,7 @@ func (p *pool) open() (session, error) {
 	s := session{gen: p.gen, epoch: p.epoch.Load()}
 	slot := p.slot
 	p.mu.Unlock()
-	err := p.mod.enter(s.gen, func() bool { return p.current(s) }, func(c pkcs11API) error {
+	err := p.enterCurrent(s, func(c pkcs11API) error {
 		h, err := c.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
 		s.h = h
 		return err
@@ -353,9 +376,28 @@ func (p *pool) open() (session, error) {
 	return s, err
 }
 
-// run makes fn's calls on session s, if s still belongs to the current connection.
-func (p *pool) run(s session, fn func(c pkcs11API, s session) error) error {
-	return p.mod.enter(s.gen, func() bool { return p.current(s) }, func(c pkcs11API) error { return fn(c, s) })
+// run makes fn's calls on session s, if s still belongs to the current connection. On modules whose object store
+// races, the calls pass the token's store guard, which gives up waiting when ctx ends.
+func (p *pool) run(ctx context.Context, s session, fn func(c pkcs11API, s session) error) error {
+	return p.enterCurrent(s, func(c pkcs11API) error {
+		if state := p.tokenState(); p.mod.storeRaces && state != nil {
+			c = storeGuard{pkcs11API: c, ctx: ctx, lock: state.store}
+		}
+		return fn(c, s)
+	})
+}
+
+// enterCurrent runs fn inside the library if s belongs to the live generation and to the connection's current
+// epoch, holding calls for reading so that the epoch stays current until fn returns.
+func (p *pool) enterCurrent(s session, fn func(c pkcs11API) error) error {
+	return p.mod.enter(s.gen, func(c pkcs11API) error {
+		p.calls.RLock()
+		defer p.calls.RUnlock()
+		if !p.current(s) {
+			return errStale
+		}
+		return fn(c)
+	})
 }
 
 // put returns a session after a call that left it usable.
@@ -376,7 +418,7 @@ func (p *pool) discard(s session) {
 	if s.h == 0 {
 		return
 	}
-	_ = p.mod.enter(s.gen, nil, func(c pkcs11API) error { return c.CloseSession(s.h) })
+	_ = p.mod.enter(s.gen, func(c pkcs11API) error { return c.CloseSession(s.h) })
 }
 
 // status says whether the connection is up now, and the last error if not.

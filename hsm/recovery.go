@@ -109,14 +109,14 @@ func (t *Token) do(ctx context.Context, op string, fn func(c pkcs11API, s sessio
 		}
 		s, err := t.pool.get()
 		if err == nil {
-			if err = t.pool.run(s, fn); err == nil {
+			if err = t.pool.run(ctx, s, fn); err == nil {
 				t.pool.put(s)
 				return nil
 			}
 		}
 		class := classify(err)
 		if class == classHandle || (class == classOther && mayMeanLoggedOut(err)) {
-			if t.loggedOut(s) {
+			if t.loggedOut(ctx, s) {
 				class = classLogin
 			}
 		}
@@ -195,7 +195,7 @@ func (t *Token) doAside(ctx context.Context, op string, fn func(c pkcs11API, s s
 			return t.do(ctx, op, fn)
 		}
 		if err == nil {
-			err = t.pool.run(s, fn)
+			err = t.pool.run(ctx, s, fn)
 		}
 		t.pool.discard(s)
 		if err == nil {
@@ -219,12 +219,12 @@ func (t *Token) doAside(ctx context.Context, op string, fn func(c pkcs11API, s s
 }
 
 // loggedOut reports whether session s has lost its login, asking the module on the session itself.
-func (t *Token) loggedOut(s session) bool {
+func (t *Token) loggedOut(ctx context.Context, s session) bool {
 	if s.h == 0 {
 		return false
 	}
 	lost := false
-	_ = t.pool.run(s, func(c pkcs11API, s session) error {
+	_ = t.pool.run(ctx, s, func(c pkcs11API, s session) error {
 		var err error
 		lost, err = loginLost(c, s)
 		return err

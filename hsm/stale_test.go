@@ -1,6 +1,7 @@
 package hsm
 
 import (
+	"context"
 	"errors"
 	"testing"
 
@@ -37,7 +38,7 @@ func TestCallOfFinishedGenerationIsRefused(t *testing.T) {
 		}
 		// ...and the first request makes its call with the session and handle it had.
 		var out []byte
-		err = tok.pool.run(s, func(c pkcs11API, s session) error {
+		err = tok.pool.run(context.Background(), s, func(c pkcs11API, s session) error {
 			h, err := tok.findKey(c, s, op.kind(), a)
 			if err != nil {
 				return err

@@ -1,6 +1,7 @@
 package hsm
 
 import (
+	"crypto/subtle"
 	"fmt"
 	"sync"
 
@@ -21,6 +22,11 @@ type Config struct {
 	// RSA in the HSM and decode the OAEP padding in the plugin: the ephemeral key is then in plugin memory for
 	// a moment. Off unless the operator chooses it.
 	RawRSAOAEPFallback bool
+	// Succeeds is the connection this one replaces, when its PIN was not given by the caller (a config/hsm write
+	// that keeps the stored PIN): if it logged in to the same token with the same PIN, this one is not held up by
+	// other mounts' wrong PINs either. A PIN the caller gives is never vouched for that way, or a wait would tell
+	// the mount's writer when they guessed its PIN.
+	Succeeds *Token
 }
 
 // Token is a logged-in connection to one token: a pool of sessions, a cache of object handles, and what the
@@ -56,7 +62,14 @@ func Open(cfg Config, log hclog.Logger) (*Token, error) {
 	if err != nil {
 		return nil, err
 	}
+	prev := cfg.Succeeds
+	cfg.Succeeds = nil // not kept: the connection it replaces is closed
 	p := &pool{mod: mod, cfg: cfg, log: log}
+	if prev != nil && subtle.ConstantTimeCompare([]byte(prev.cfg.PIN), []byte(cfg.PIN)) == 1 {
+		prev.pool.mu.Lock()
+		p.provenFor = prev.pool.provenFor
+		prev.pool.mu.Unlock()
+	}
 	if err := p.connect(); err != nil {
 		p.close()
 		mod.release()

@@ -2,6 +2,7 @@ package tests
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -146,6 +147,48 @@ func TestTwoMountsOnOneToken(t *testing.T) {
 	if statusOf(err) != 400 || !strings.Contains(err.Error(), "PIN") {
 		t.Fatalf("wrong PIN on a shared token: %v", err)
 	}
+}
+
+// Issue 19 (6), over HTTP: a second mount's config/hsm with wrong PINs starts a wait, and during it the right PIN was
+// accepted (204): whoever could write config/hsm learnt the PIN at HTTP speed. Now the right PIN during the wait
+// gets the wrong one's status and message, and the mount that holds the PIN keeps serving.
+func TestConfigHSMWaitTellsNothingOverHTTP(t *testing.T) {
+	c := dev.Client
+	owner := newMount(t, dev)
+	mustWrite(t, c, owner.Path+"/keys/k", nil)
+	guesser := owner.Path + "-guesser"
+	if err := c.Sys().Mount(guesser, &api.MountInput{Type: pluginName}); err != nil {
+		t.Fatal(err)
+	}
+	guess := func(pin string) (int, string) {
+		_, err := c.Logical().Write(guesser+"/config/hsm", map[string]interface{}{"token_label": owner.Label, "pin": pin})
+		if err == nil {
+			return 204, ""
+		}
+		var re *api.ResponseError
+		if errors.As(err, &re) {
+			return re.StatusCode, strings.Join(re.Errors, "; ")
+		}
+		return 0, err.Error()
+	}
+	for i := 0; ; i++ {
+		code, msg := guess(fmt.Sprintf("guess-%d", i))
+		if code == 204 {
+			t.Fatalf("wrong PIN %d accepted", i)
+		}
+		if strings.Contains(msg, "login attempts delayed") {
+			break
+		}
+		if i > 10 {
+			t.Fatalf("no wait after 10 wrong PINs: %d %s", code, msg)
+		}
+	}
+	wrongCode, wrongMsg := guess("guess-x")
+	rightCode, rightMsg := guess(owner.PIN)
+	if rightCode != wrongCode || rightMsg != wrongMsg {
+		t.Fatalf("during the wait the right PIN is answered %d %q, a wrong one %d %q", rightCode, rightMsg, wrongCode, wrongMsg)
+	}
+	encrypt(t, c, owner, "k", "still served")
 }
 
 // TestRestartWithPersistentStorage: a Vault server with file storage, stopped and started again and unsealed,
