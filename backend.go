@@ -38,6 +38,7 @@ var Version = "v0.0.0-dev"
 type hsmToken interface {
 	GenerateVersion(ctx context.Context, alg hsm.Algorithm, id []byte, label string, hmacBytes int) (crypto.PublicKey, error)
 	EnsureHMACKey(ctx context.Context, id []byte, versionLabel string, hmacBytes int) error
+	CheckHMACSecret(ctx context.Context, id []byte, hmacBytes int) error
 	EncryptGCM(ctx context.Context, id, nonce, aad, plaintext []byte) (usedNonce, sealed []byte, err error)
 	DecryptGCM(ctx context.Context, id, nonce, aad, sealed []byte) ([]byte, error)
 	SignPKCS1v15(ctx context.Context, id []byte, h crypto.Hash, digest []byte) ([]byte, error)

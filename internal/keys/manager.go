@@ -21,11 +21,12 @@ import (
 )
 
 // HSM is what the model needs of the token: make a version's material, import it, give a version its HMAC
-// secret, destroy a version's objects, find a version's material by its label. *hsm.Token is one.
+// secret (or say why the one found cannot be trusted), destroy a version's objects, find a version's material by its label. *hsm.Token is one.
 type HSM interface {
 	GenerateVersion(ctx context.Context, alg hsm.Algorithm, id []byte, label string, hmacBytes int) (crypto.PublicKey, error)
 	ImportVersion(ctx context.Context, r hsm.ImportRequest) (crypto.PublicKey, string, error)
 	EnsureHMACKey(ctx context.Context, id []byte, versionLabel string, hmacBytes int) error
+	CheckHMACSecret(ctx context.Context, id []byte, hmacBytes int) error
 	DestroyKeys(ctx context.Context, id []byte) (int, error)
 	FindVersion(ctx context.Context, alg hsm.Algorithm, label string, hmacBytes int) ([]hsm.Found, error)
 	ListObjects(ctx context.Context, labelPrefix string) ([]hsm.ObjectInfo, error)

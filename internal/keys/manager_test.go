@@ -63,6 +63,8 @@ func (f *fakeHSM) EnsureHMACKey(_ context.Context, id []byte, _ string, _ int) e
 	return nil
 }
 
+func (f *fakeHSM) CheckHMACSecret(context.Context, []byte, int) error { return nil }
+
 func (f *fakeHSM) DestroyKeys(_ context.Context, id []byte) (int, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
