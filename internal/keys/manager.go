@@ -61,7 +61,8 @@ type Manager struct {
 	sched schedule
 	usage usageTracker
 
-	absent sync.Map // name → absentMark: the token held no version after the latest (see Adopt)
+	absent sync.Map  // name → absentMark: the token held no version after the latest (see Adopt)
+	salt   mountSalt // what token accessors are recorded under (actor.go)
 }
 
 // NewManager makes the manager of a mount's keys. token connects to the mount's HSM when a change needs it.
@@ -90,12 +91,19 @@ func (m *Manager) getLocked(ctx context.Context, s logical.Storage, name string)
 	if err != nil || k == nil {
 		return nil, err
 	}
+	if err := m.sealCreatedBy(ctx, s, k); err != nil {
+		return nil, err
+	}
 	m.cache.Store(name, k)
 	return k, nil
 }
 
 // Invalidate forgets what is cached of the key a storage entry belongs to (another node changed it).
 func (m *Manager) Invalidate(storageKey string) {
+	if storageKey == saltLocation {
+		m.salt.forget()
+		return
+	}
 	name, usage, ok := NameOf(storageKey)
 	if !ok {
 		return
@@ -193,6 +201,10 @@ func (m *Manager) Create(ctx context.Context, s logical.Storage, k *Key, who Act
 }
 
 func (m *Manager) commit(ctx context.Context, s logical.Storage, who Actor, cur, next *Key, change func(tx *Tx) error) (*Key, error) {
+	who, err := m.sealed(ctx, s, who) // what the change records and logs: never the accessor in clear
+	if err != nil {
+		return nil, err
+	}
 	tx := &Tx{ctx: ctx, m: m, s: s, who: who, Cur: cur, Key: next}
 	if err := change(tx); err != nil {
 		tx.undo()
@@ -269,7 +281,7 @@ func (tx *Tx) undo() {
 // has the request either way.
 func (tx *Tx) recordEvents() {
 	for _, ev := range tx.events {
-		if err := appendHistory(tx.ctx, tx.s, tx.Key.Name, ev); err != nil {
+		if err := tx.m.appendHistory(tx.ctx, tx.s, tx.Key.Name, ev); err != nil {
 			tx.m.log.Error("could not record lifecycle event", "key", tx.Key.Name, "event", ev.Event, "error", err)
 		}
 	}
