@@ -391,7 +391,7 @@ func redact(key string, v interface{}) interface{} {
 		case key == "library":
 			return "/usr/lib/softhsm/libsofthsm2.so"
 		}
-		return reTimeIn.ReplaceAllString(x, "…")
+		return reAccessorHMAC.ReplaceAllString(reTimeIn.ReplaceAllString(x, "…"), "hmac-sha256:…")
 	case json.Number:
 		isTime := reDigits.MatchString(key) || strings.HasSuffix(key, "_time") // Transit's keys map: version → Unix time
 		if n, err := x.Int64(); (err == nil && n > 1_000_000_000 && isTime) || reSerial.MatchString(key) {
@@ -404,6 +404,9 @@ func redact(key string, v interface{}) interface{} {
 	}
 	return v
 }
+
+// reAccessorHMAC is a token accessor's HMAC under the mount's salt, which differs per run.
+var reAccessorHMAC = regexp.MustCompile(`hmac-sha256:[0-9a-f]{64}`)
 
 var (
 	reOptional = regexp.MustCompile(`\(/\(\?P<(\w+)>\.\+\)\)\?`)

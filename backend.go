@@ -260,7 +260,8 @@ func (b *backend) walRollback(ctx context.Context, req *logical.Request, kind st
 	return fmt.Errorf("unknown WAL entry kind %q", kind)
 }
 
-// actorOf is who makes a request, for the keys' history: entity, display name, token accessor (never the token).
+// actorOf is who makes a request, for the keys' history: entity, display name, token accessor (never the token;
+// the accessor itself is recorded and logged only as its HMAC under the mount's salt, see internal/keys/actor.go).
 func actorOf(req *logical.Request) keys.Actor {
 	if req == nil {
 		return keys.Actor{}

@@ -96,7 +96,8 @@ func (b *backend) pathLifecycle() []*framework.Path {
 			},
 			HelpSynopsis: "Lifecycle events of a key: who did what, when and why.",
 			HelpDescription: "Each event (created, rotated with cause manual/scheduled/usage, imported, config_changed, disabled, enabled, version_disabled, version_enabled, " +
-				"version_destroy_scheduled, version_destroyed, deletion_scheduled, deletion_cancelled, deleted) carries its time, cause and the requester's entity ID, display name and token accessor. History outlives the key. Vault's audit devices still record every request.",
+				"version_destroy_scheduled, version_destroyed, deletion_scheduled, deletion_cancelled, deleted) carries its time, cause and the requester's entity_id and display_name, and token_accessor_hmac: the HMAC-SHA256 of the requester's token accessor under a salt of this mount's own (\"hmac-sha256:<hex>\"), never the accessor itself, as Vault's audit devices record accessors. " +
+				"One token's events carry one value on this mount, so events can be told apart by token; the value differs from an audit device's HMAC of the same accessor (each audit device has a salt of its own). Events stored in clear by earlier versions of the engine are shown the same way. History outlives the key. Vault's audit devices still record every request.",
 		},
 	}
 }
@@ -176,7 +177,7 @@ func (b *backend) pathTrim(ctx context.Context, req *logical.Request, d *framewo
 
 func (b *backend) pathHistoryRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name := d.Get("name").(string)
-	events, err := keys.ReadHistory(ctx, req.Storage, name, d.Get("limit").(int))
+	events, err := b.keys.History(ctx, req.Storage, name, d.Get("limit").(int))
 	if err != nil {
 		return nil, err
 	}
@@ -189,7 +190,7 @@ func (b *backend) pathHistoryRead(ctx context.Context, req *logical.Request, d *
 	for i, e := range events {
 		m := map[string]interface{}{"time": e.Time.Format(time.RFC3339Nano), "event": e.Event}
 		for k, v := range map[string]string{"cause": e.Cause, "entity_id": e.EntityID, "display_name": e.DisplayName,
-			"token_accessor": e.Accessor, "details": e.Details} {
+			"token_accessor_hmac": e.AccessorHMAC, "details": e.Details} {
 			if v != "" {
 				m[k] = v
 			}

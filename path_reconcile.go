@@ -17,6 +17,9 @@ const reconcileHelp = `Compares what Vault's storage references with what the HS
   missing_objects       stored versions whose material the token lacks (destroyed outside Vault, or the token
                         is not the one the keys were made on)
   adopted               versions adopted by this call (adopt=true)
+  untrusted_objects     objects where the engine makes its own (a version's HMAC secret, made on its first HMAC)
+                        that the token cannot show it generated and never let out: never used, since someone
+                        holding the PIN may have put a secret they know there; remove each from the token
 
 Storage restored from an older snapshot forgets versions made since; their material stays on the token. The
 engine adopts such a version by itself when a request names it or before a rotation would take its number. A
@@ -160,6 +163,9 @@ func (b *backend) reconcile(ctx context.Context, req *logical.Request, d *framew
 		if !o.Adoptable {
 			blocked++
 		}
+	}
+	if len(r.Untrusted) > 0 {
+		resp.AddWarning(fmt.Sprintf("the token holds %d object(s) of unproven origin where the engine makes its own; they are never used: untrusted_objects names them, remove them from the token", len(r.Untrusted)))
 	}
 	if blocked > 0 {
 		resp.AddWarning(fmt.Sprintf("the token holds %d object(s) under this mount's labels that are not adopted; unreferenced_objects says why for each", blocked))

@@ -13,7 +13,8 @@ import (
 // The one mapping from an error to what the caller sees, for single requests and batch items alike: 400 for what
 // the caller must change (a keys.CallerError, a ciphertext the key does not authenticate, an argument or mechanism
 // the HSM refuses for the caller's choice), 409 when a version number is held on the token by material that may
-// not be adopted (an operator decides), 503 while the HSM cannot be reached or is not configured, 500 for the
+// not be adopted, or where the engine would generate an object the token holds one it cannot trust (an operator
+// decides), 503 while the HSM cannot be reached or is not configured, 500 for the
 // rest.
 
 // errNotConfigured is returned until an operator writes config/hsm.
@@ -23,7 +24,7 @@ var errNotConfigured = errors.New("the HSM is not configured: write config/hsm (
 func classify(err error) (int, string) {
 	var taken *keys.NumberTakenError
 	switch {
-	case errors.As(err, &taken):
+	case errors.As(err, &taken), errors.Is(err, hsm.ErrUntrustedObject):
 		// Not the caller's mistake: the token holds material an operator must decide about.
 		return http.StatusConflict, err.Error()
 	case keys.IsCaller(err):

@@ -1,6 +1,7 @@
 package hsm
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/rsa"
@@ -42,7 +43,12 @@ type Found struct {
 	// Public is a key pair's public half, read from the token or recovered from it; PublicErr says why not.
 	Public    crypto.PublicKey
 	PublicErr string
-	// HMACSecret: the secret kept beside the version for HMAC is on the token as well.
+	// KeyGenMechanism is CKA_KEY_GEN_MECHANISM where the token reports it (KeyGenReported): the mechanism that
+	// generated the key.
+	KeyGenMechanism uint
+	KeyGenReported  bool
+	// HMACSecret: the secret kept beside the version for HMAC is on the token as well, and shown to be generated
+	// there (ProvenSecret); one that is not is left for the version's first HMAC to refuse and reconcile to report.
 	HMACSecret bool
 	// Created is CKA_START_DATE where the token keeps one; zero otherwise.
 	Created time.Time
@@ -84,6 +90,43 @@ func (f Found) AdoptableOnWord() (bool, string) {
 	return true, ""
 }
 
+// ProvenSecret says why a secret key found where the engine would have generated one (a version's HMAC secret,
+// under CKA_ID want) cannot be taken as one it generated; "" when it can. Nothing else vouches for such a secret (no
+// WAL entry brackets it), and one planted by someone holding the PIN, with a value they know, would let them forge
+// the version's HMACs for good. What the token reports decides, per token, as found on each (hsm tests,
+// TestPlantedHMACSecretIsRefused):
+//   - SoftHSM 2.6.1 and opencryptoki 3.8.1 mark generated keys CKA_LOCAL and created ones not; opencryptoki marks
+//     a created sensitive key ALWAYS_SENSITIVE and NEVER_EXTRACTABLE as well, so CKA_LOCAL is what tells there.
+//   - NSS softokn 3.87 leaves CKA_LOCAL false on every key. Its ALWAYS_SENSITIVE and NEVER_EXTRACTABLE tell a
+//     created key from a generated one, but its password-based key generation (C_GenerateKey with
+//     CKM_PBA_SHA1_WITH_SHA1_HMAC or CKM_PKCS5_PBKD2) makes a generic secret whose value anyone knowing the
+//     password computes, and that reads back exactly as a generated one: nothing found on NSS can be proven.
+//   - CKA_KEY_GEN_MECHANISM, where the token reports it (SoftHSM), must be CKM_GENERIC_SECRET_KEY_GEN; where it
+//     does not, a token offering password-based key generation (passwordKeyGen) cannot prove the mechanism.
+func (f Found) ProvenSecret(want []byte, passwordKeyGen bool) string {
+	switch {
+	case !bytes.Equal(f.ID, want):
+		return fmt.Sprintf("its CKA_ID is %x, not %x", f.ID, want)
+	case f.SharedID:
+		return "another object of its kind carries the same CKA_ID"
+	case !f.Sensitive || f.Extractable:
+		return "its material can be read or extracted (CKA_SENSITIVE false or CKA_EXTRACTABLE true)"
+	case !f.NeverExtractable || !f.AlwaysSensitive:
+		return "its material was extractable or readable once (CKA_NEVER_EXTRACTABLE or CKA_ALWAYS_SENSITIVE is false): created or imported, not generated on the token"
+	case !f.LocalReported || !f.Local:
+		return "CKA_LOCAL is not true: it was not generated on the token, or the token does not mark the keys it generates (NSS softokn, where a secret of known value can also be generated from a password and reads back like any other: nothing found there can be proven)"
+	case f.KeyGenReported && f.KeyGenMechanism != pkcs11.CKM_GENERIC_SECRET_KEY_GEN:
+		return fmt.Sprintf("it was generated with mechanism %#x, not CKM_GENERIC_SECRET_KEY_GEN", f.KeyGenMechanism)
+	case !f.KeyGenReported && passwordKeyGen:
+		return "the token offers password-based key generation (a secret of known value) and does not report which mechanism generated it (CKA_KEY_GEN_MECHANISM)"
+	case f.Mismatch != "":
+		return f.Mismatch
+	case f.SizeUnknown:
+		return "the token does not report its size (CKA_VALUE_LEN)"
+	}
+	return ""
+}
+
 // IDHex is the object's CKA_ID as storage records it.
 func (f Found) IDHex() string { return hex.EncodeToString(f.ID) }
 
@@ -95,6 +138,10 @@ func (f Found) IDHex() string { return hex.EncodeToString(f.ID) }
 func (t *Token) FindVersion(ctx context.Context, alg Algorithm, label string, hmacBytes int) ([]Found, error) {
 	if label == "" {
 		return nil, fmt.Errorf("%w: empty label", ErrInvalidArgument)
+	}
+	caps, err := t.Capabilities(ctx)
+	if err != nil {
+		return nil, err
 	}
 	bySearch, err := t.labelSearch(ctx)
 	if err != nil {
@@ -122,7 +169,7 @@ func (t *Token) FindVersion(ctx context.Context, alg Algorithm, label string, hm
 			}
 		}
 		for _, h := range hs {
-			f, keep, err := t.describe(c, s.h, h, alg, hmacBytes)
+			f, keep, err := t.describe(c, s.h, h, caps, alg, hmacBytes)
 			if err != nil {
 				return err
 			}
@@ -146,7 +193,7 @@ func (t *Token) FindVersion(ctx context.Context, alg Algorithm, label string, hm
 
 // describe reads what decides adoption from object h; keep is false for objects that are not a version's main
 // object (a key pair's public half).
-func (t *Token) describe(c pkcs11API, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle, alg Algorithm, hmacBytes int) (Found, bool, error) {
+func (t *Token) describe(c pkcs11API, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle, caps *Capabilities, alg Algorithm, hmacBytes int) (Found, bool, error) {
 	a, err := c.GetAttributeValue(sh, h, []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, nil), pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, nil),
 		pkcs11.NewAttribute(pkcs11.CKA_ID, nil),
@@ -172,6 +219,10 @@ func (t *Token) describe(c pkcs11API, sh pkcs11.SessionHandle, h pkcs11.ObjectHa
 	f.AlwaysSensitive, _ = flag(pkcs11.CKA_ALWAYS_SENSITIVE)
 	f.Extractable, _ = flag(pkcs11.CKA_EXTRACTABLE)
 	f.NeverExtractable, _ = flag(pkcs11.CKA_NEVER_EXTRACTABLE)
+	if v, err := c.GetAttributeValue(sh, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_KEY_GEN_MECHANISM, nil)}); err == nil &&
+		len(v[0].Value) > 0 && ulong(v[0].Value) != ^uint(0) /* CK_UNAVAILABLE_INFORMATION */ {
+		f.KeyGenMechanism, f.KeyGenReported = ulong(v[0].Value), true
+	}
 	if v, err := c.GetAttributeValue(sh, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_START_DATE, nil)}); err == nil {
 		if d, err := time.Parse("20060102", string(v[0].Value)); err == nil {
 			f.Created = d.UTC()
@@ -213,14 +264,38 @@ func (t *Token) describe(c pkcs11API, sh pkcs11.SessionHandle, h pkcs11.ObjectHa
 			f.Mismatch = fmt.Sprintf("it is a %d-bit RSA key; %s versions are %d bits", rsaPub.N.BitLen(), alg, alg.rsaBits())
 		}
 	}
-	if kind != kindHMAC {
-		hs, err := findObjects(c, sh, kindHMAC.searchTemplate(hmacSecretID(f.ID)), 1)
+	if kind != kindHMAC && hmacBytes > 0 {
+		_, why, err := t.examineHMACSecret(c, sh, caps, hmacSecretID(f.ID), hmacBytes, false)
 		if err != nil {
 			return Found{}, false, err
 		}
-		f.HMACSecret = len(hs) > 0
+		f.HMACSecret = why == ""
 	}
 	return f, true, nil
+}
+
+// examineHMACSecret looks for the generic secret under CKA_ID oid and says why it cannot be taken as an HMAC
+// secret of hmacBytes this engine generated ("" when it can); h is 0 when there is none, and then so is the reason.
+// besideMain: oid is also the version's main object's (the layout before hmacSecretID), which is then no other
+// object sharing it; no second generic secret may.
+func (t *Token) examineHMACSecret(c pkcs11API, sh pkcs11.SessionHandle, caps *Capabilities, oid []byte, hmacBytes int, besideMain bool) (pkcs11.ObjectHandle, string, error) {
+	hs, err := findObjects(c, sh, kindHMAC.searchTemplate(oid), 2)
+	switch {
+	case err != nil:
+		return 0, "", err
+	case len(hs) == 0:
+		return 0, "", nil
+	case len(hs) > 1:
+		return hs[0], "several generic secrets carry its CKA_ID", nil
+	}
+	f, _, err := t.describe(c, sh, hs[0], caps, HMACOnly, hmacBytes)
+	if err != nil {
+		return 0, "", err
+	}
+	if besideMain {
+		f.SharedID = false
+	}
+	return hs[0], f.ProvenSecret(oid, caps.passwordKeyGen()), nil
 }
 
 // versionPublicKey finds the public half of private key h: from a public-key object with the same CKA_ID where

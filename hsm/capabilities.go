@@ -167,6 +167,18 @@ func (c *Capabilities) Serves(alg Algorithm) (bool, []string) {
 	return len(missing) == 0, missing
 }
 
+// passwordKeyGen reports whether the token generates keys from a password (the PBE and PBKDF mechanisms,
+// CKM_PBE_MD2_DES_CBC 0x3A0 to CKM_PBA_SHA1_WITH_SHA1_HMAC 0x3C0, listed with CKF_GENERATE): such a key's value is
+// known to whoever chose the password, though the token reads it back as generated (NSS softokn offers them).
+func (c *Capabilities) passwordKeyGen() bool {
+	for m, info := range c.mechanisms {
+		if m >= 0x3A0 && m <= 0x3C0 && info.Flags&pkcs11.CKF_GENERATE != 0 {
+			return true
+		}
+	}
+	return false
+}
+
 // Offers reports whether the token lists mechanism m.
 func (c *Capabilities) Offers(m uint) bool {
 	_, ok := c.mechanisms[m]

@@ -28,7 +28,26 @@ var (
 	// ErrLoginBackoff: too many wrong PINs for the token in a row; every login waits, but those of connections
 	// that logged in with the PIN before. It is an ErrPINIncorrect.
 	ErrLoginBackoff = fmt.Errorf("%w: login attempts delayed", ErrPINIncorrect)
+	// ErrUntrustedObject: an object where the engine would generate one (a version's HMAC secret) cannot be shown
+	// to be generated on the token and never extractable, so it is never used: someone holding the PIN may have
+	// put a secret they know there. An *UntrustedObjectError says which object and why.
+	ErrUntrustedObject = errors.New("object of unproven origin on the token")
 )
+
+// UntrustedObjectError names an object of unproven origin (ErrUntrustedObject) and why it cannot be trusted.
+type UntrustedObjectError struct {
+	Kind   string // what the engine looked for, e.g. "HMAC key"
+	Label  string
+	ID     []byte
+	Reason string
+}
+
+func (e *UntrustedObjectError) Error() string {
+	return fmt.Sprintf("%s: the token holds a %s labelled %q with CKA_ID %x where this engine would generate one, and it cannot be shown to be generated on the token and never extractable (%s). It is never used: someone holding the token's PIN may have put a secret they know there. An operator removes it from the token (for instance pkcs11-tool --delete-object --type secrkey --id %x); the next use then makes a new one",
+		ErrUntrustedObject, e.Kind, e.Label, e.ID, e.Reason, e.ID)
+}
+
+func (e *UntrustedObjectError) Is(target error) bool { return target == ErrUntrustedObject }
 
 // errAmbiguousVerdict: the token refused a ciphertext with a code it also gives for faults (SoftHSM 2.6 reports a
 // GCM tag mismatch as CKR_GENERAL_ERROR). The call is asked once more on another session; the same answer twice

@@ -1,6 +1,7 @@
 package hsm
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/ecdh"
@@ -116,20 +117,20 @@ func (t *Token) GenerateVersion(ctx context.Context, alg Algorithm, id []byte, l
 		if alg == AES256 {
 			bits = 256
 		}
-		err = t.generateSecret(ctx, kindAES, id, pkcs11.CKM_AES_KEY_GEN, aesKeyTemplate(o, bits, id, label), false)
+		err = t.generateSecret(ctx, kindAES, id, pkcs11.CKM_AES_KEY_GEN, aesKeyTemplate(o, bits, id, label))
 	case kindRSA, kindEC, kindEd25519:
 		pub, err = t.generatePair(ctx, caps, alg, id, label)
 	case kindHMAC:
 		if alg != HMACOnly {
 			return nil, fmt.Errorf("%w: algorithm %q", ErrInvalidArgument, alg)
 		}
-		err = t.generateSecret(ctx, kindHMAC, id, pkcs11.CKM_GENERIC_SECRET_KEY_GEN, hmacKeyTemplate(o, hmacBytes, id, label), false)
+		err = t.generateSecret(ctx, kindHMAC, id, pkcs11.CKM_GENERIC_SECRET_KEY_GEN, hmacKeyTemplate(o, hmacBytes, id, label))
 		return nil, err
 	}
 	if err != nil || hmacBytes == 0 {
 		return pub, err
 	}
-	if err := t.makeHMACSecret(ctx, caps, id, label, hmacBytes, false); err != nil {
+	if err := t.makeHMACSecret(ctx, caps, id, label, hmacBytes); err != nil {
 		if _, derr := t.DestroyKeys(ctx, id); derr != nil {
 			t.log.Warn("could not remove half-created key version; the WAL rollback will", "error", derr)
 		}
@@ -140,7 +141,9 @@ func (t *Token) GenerateVersion(ctx context.Context, alg Algorithm, id []byte, l
 
 // EnsureHMACKey gives the version with CKA_ID id its HMAC secret of hmacBytes, unless the token already holds
 // one (made by an earlier call whose caller did not get to record it, or by an earlier engine under the version's
-// own CKA_ID). It searches the token, so it belongs on a version's first HMAC, not on every one.
+// own CKA_ID). One found is taken only when the token shows it generated it and never let it out (Found.ProvenSecret):
+// anything else is an *UntrustedObjectError and is never used. It searches the token, so it belongs on a
+// version's first HMAC, not on every one.
 func (t *Token) EnsureHMACKey(ctx context.Context, id []byte, versionLabel string, hmacBytes int) error {
 	if len(id) == 0 || hmacBytes < 16 || hmacBytes > 512 {
 		return fmt.Errorf("%w: CKA_ID of %d bytes, HMAC key size %d", ErrInvalidArgument, len(id), hmacBytes)
@@ -149,26 +152,71 @@ func (t *Token) EnsureHMACKey(ctx context.Context, id []byte, versionLabel strin
 	if err != nil {
 		return err
 	}
-	return t.makeHMACSecret(ctx, caps, id, versionLabel, hmacBytes, true)
+	if found, err := t.existingHMACSecret(ctx, caps, id, hmacBytes); err != nil || found {
+		return err
+	}
+	return t.makeHMACSecret(ctx, caps, id, versionLabel, hmacBytes)
+}
+
+// CheckHMACSecret says whether the HMAC secret the token holds for version id, if any, would be taken by
+// EnsureHMACKey: nil when there is none or it is proven, an *UntrustedObjectError otherwise. reconcile reports
+// with it what a version's first HMAC would refuse.
+func (t *Token) CheckHMACSecret(ctx context.Context, id []byte, hmacBytes int) error {
+	caps, err := t.Capabilities(ctx)
+	if err != nil {
+		return err
+	}
+	_, err = t.existingHMACSecret(ctx, caps, id, hmacBytes)
+	return err
+}
+
+// existingHMACSecret looks for version id's HMAC secret under each CKA_ID it may carry (objectIDs) and takes the
+// one found (its handle cached) only when it is proven (examineHMACSecret).
+func (t *Token) existingHMACSecret(ctx context.Context, caps *Capabilities, id []byte, hmacBytes int) (bool, error) {
+	found := false
+	err := t.do(ctx, "look for HMAC secret", func(c pkcs11API, s session) error {
+		found = false
+		for _, oid := range kindHMAC.objectIDs(id) {
+			h, why, err := t.examineHMACSecret(c, s.h, caps, oid, hmacBytes, bytes.Equal(oid, id))
+			if err != nil {
+				return err
+			}
+			if h == 0 {
+				continue
+			}
+			if why != "" {
+				label := ""
+				if a, err := c.GetAttributeValue(s.h, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)}); err == nil {
+					label = string(a[0].Value)
+				}
+				return &UntrustedObjectError{Kind: "generic secret (HMAC key)", Label: label, ID: oid, Reason: why}
+			}
+			t.handles.put(kindHMAC, id, h, s)
+			found = true
+			return nil
+		}
+		return nil
+	})
+	return found, err
 }
 
 // makeHMACSecret makes the HMAC secret beside version id, under its own CKA_ID.
-func (t *Token) makeHMACSecret(ctx context.Context, caps *Capabilities, id []byte, versionLabel string, hmacBytes int, searchFirst bool) error {
+func (t *Token) makeHMACSecret(ctx context.Context, caps *Capabilities, id []byte, versionLabel string, hmacBytes int) error {
 	if ok, missing := caps.Serves(HMACOnly); !ok {
 		return unsupported("HMAC", missing)
 	}
 	o := templateOptions{allowedMechanisms: caps.AllowedMechanisms}
 	tmpl := hmacKeyTemplate(o, hmacBytes, hmacSecretID(id), versionLabel+"/hmac")
-	return t.generateSecret(ctx, kindHMAC, id, pkcs11.CKM_GENERIC_SECRET_KEY_GEN, tmpl, searchFirst)
+	return t.generateSecret(ctx, kindHMAC, id, pkcs11.CKM_GENERIC_SECRET_KEY_GEN, tmpl)
 }
 
-// generateSecret makes a secret key object from tmpl for version id, unless one of its kind is already on the
-// token: that is looked for first when searchFirst is set, and otherwise only by a repeated attempt (a fresh
-// CKA_ID cannot exist yet, and searching a token with many objects is slow: SoftHSM re-indexes).
-func (t *Token) generateSecret(ctx context.Context, kind keyKind, id []byte, mech uint, tmpl []*pkcs11.Attribute, searchFirst bool) error {
+// generateSecret makes a secret key object from tmpl for version id. A repeated attempt after a fault first looks
+// for what the failed one may have made (a fresh CKA_ID cannot exist otherwise, and searching a token with many
+// objects is slow: SoftHSM re-indexes).
+func (t *Token) generateSecret(ctx context.Context, kind keyKind, id []byte, mech uint, tmpl []*pkcs11.Attribute) error {
 	attempts := 0
 	return t.doObjects(ctx, "C_GenerateKey "+kind.String(), func(c pkcs11API, s session) error {
-		if attempts++; searchFirst || attempts > 1 {
+		if attempts++; attempts > 1 {
 			for _, oid := range kind.objectIDs(id) {
 				existing, err := findObjects(c, s.h, kind.searchTemplate(oid), 2)
 				if err != nil {

@@ -167,7 +167,7 @@ func (t *Token) ImportVersion(ctx context.Context, r ImportRequest) (crypto.Publ
 		return nil, "", err
 	}
 	if kind != kindHMAC {
-		if err := t.makeHMACSecret(ctx, caps, r.ID, r.Label, r.HMACBytes, false); err != nil {
+		if err := t.makeHMACSecret(ctx, caps, r.ID, r.Label, r.HMACBytes); err != nil {
 			if _, derr := t.DestroyKeys(ctx, r.ID); derr != nil {
 				t.log.Warn("could not remove half-imported key version; the WAL rollback will", "error", derr)
 			}

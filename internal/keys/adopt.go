@@ -348,13 +348,24 @@ type Missing struct {
 	Label   string `json:"label"`
 }
 
+// Untrusted is an object where the engine would make one itself (a version's HMAC secret, made on first use) that
+// the token cannot show it generated: it is never used, and an operator removes it.
+type Untrusted struct {
+	Key     string `json:"key"`
+	Version int    `json:"version"`
+	Label   string `json:"label"`
+	HSMID   string `json:"hsm_id"`
+	Reason  string `json:"reason"`
+}
+
 // Reconciliation compares storage with the token for a key, or a mount.
 type Reconciliation struct {
-	Keys         int       `json:"keys"`
-	Objects      int       `json:"objects"`
-	Unreferenced []Orphan  `json:"unreferenced_objects"`
-	Missing      []Missing `json:"missing_objects"`
-	Adopted      []Missing `json:"adopted"`
+	Keys         int         `json:"keys"`
+	Objects      int         `json:"objects"`
+	Unreferenced []Orphan    `json:"unreferenced_objects"`
+	Missing      []Missing   `json:"missing_objects"`
+	Adopted      []Missing   `json:"adopted"`
+	Untrusted    []Untrusted `json:"untrusted_objects"`
 }
 
 // Reconcile compares what storage references with what the token holds under the mount's labels, for key name or
@@ -376,7 +387,7 @@ func (m *Manager) Reconcile(ctx context.Context, s logical.Storage, name string,
 			return nil, err
 		}
 	}
-	r := &Reconciliation{Unreferenced: []Orphan{}, Missing: []Missing{}, Adopted: []Missing{}}
+	r := &Reconciliation{Unreferenced: []Orphan{}, Missing: []Missing{}, Adopted: []Missing{}, Untrusted: []Untrusted{}}
 	var objects []hsm.ObjectInfo
 	if name == "" {
 		objects, err = tok.ListObjects(ctx, prefix)
@@ -411,13 +422,17 @@ func (m *Manager) Reconcile(ctx context.Context, s logical.Storage, name string,
 			}
 		}
 	}
-	byID := map[string]bool{}   // versions with any object on the token
-	mainID := map[string]bool{} // versions whose main object (not an HMAC secret or public half) is there
+	byID := map[string]bool{}     // versions with any object on the token
+	mainID := map[string]bool{}   // versions whose main object (not an HMAC secret or public half) is there
+	secretID := map[string]bool{} // versions with an HMAC secret on the token
 	for _, o := range objects {
 		id := strings.TrimSuffix(hex.EncodeToString(o.ID), hmacSuffixHex)
 		byID[id] = true
 		if o.Class != "public_key" && !strings.HasSuffix(o.Label, "/hmac") {
 			mainID[id] = true
+		}
+		if strings.HasSuffix(o.Label, "/hmac") {
+			secretID[id] = true
 		}
 	}
 	referenced := map[string]bool{}
@@ -442,6 +457,15 @@ func (m *Manager) Reconcile(ctx context.Context, s logical.Storage, name string,
 			referenced[ver.HSMID] = true
 			if ver.State != StateDestroyed && !mainID[ver.HSMID] && !(k.Type == TypeHMAC && byID[ver.HSMID]) {
 				r.Missing = append(r.Missing, Missing{Key: n, Version: v, HSMID: ver.HSMID, Label: ver.Label})
+			}
+			if ver.State != StateDestroyed && ver.HMACDeferred && secretID[ver.HSMID] {
+				// A secret the version's first HMAC would find instead of making one: taken only if proven.
+				var untrusted *hsm.UntrustedObjectError
+				if err := tok.CheckHMACSecret(ctx, ver.ID(), k.HMACKeyBytes()); errors.As(err, &untrusted) {
+					r.Untrusted = append(r.Untrusted, Untrusted{Key: n, Version: v, Label: untrusted.Label, HSMID: hex.EncodeToString(untrusted.ID), Reason: untrusted.Reason})
+				} else if err != nil {
+					return nil, fmt.Errorf("examine the HMAC secret of key %q version %d: %w", n, v, err)
+				}
 			}
 		}
 	}

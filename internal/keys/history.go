@@ -26,17 +26,23 @@ type Event struct {
 	Cause       string    `json:"cause,omitempty"`
 	EntityID    string    `json:"entity_id,omitempty"`
 	DisplayName string    `json:"display_name,omitempty"`
-	Accessor    string    `json:"token_accessor,omitempty"`
-	Details     string    `json:"details,omitempty"`
+	// AccessorHMAC is the token accessor's HMAC under the mount's salt (see actor.go), never the accessor.
+	AccessorHMAC string `json:"token_accessor_hmac,omitempty"`
+	// LegacyAccessor is what engines before the HMAC stored: the accessor in clear. Read only, to be sealed:
+	// History returns its HMAC in AccessorHMAC instead, and the page is stored sealed when next written.
+	LegacyAccessor string `json:"token_accessor,omitempty"`
+	Details        string `json:"details,omitempty"`
 }
 
 // Actor is who caused a lifecycle event, from the request: the entity and display name, and the token's
-// accessor (never the token itself).
+// accessor (never the token itself). Accessor is in clear and stays in memory: a change records and logs
+// AccessorHMAC in its place (Manager.sealed), and String never shows the accessor in clear.
 type Actor struct {
-	EntityID    string
-	DisplayName string
-	Accessor    string
-	RequestID   string // the Vault request, to recognise its retry
+	EntityID     string
+	DisplayName  string
+	Accessor     string
+	AccessorHMAC string
+	RequestID    string // the Vault request, to recognise its retry
 }
 
 // SchedulerActor is the cause of what the periodic function does on its own.
@@ -48,24 +54,25 @@ func (a Actor) String() string {
 		return a.DisplayName + " (entity " + a.EntityID + ")"
 	case a.EntityID != "":
 		return "entity " + a.EntityID
-	case a.Accessor != "":
-		return a.DisplayName + " (token accessor " + a.Accessor + ")"
+	case a.AccessorHMAC != "":
+		return a.DisplayName + legacyAccessorMark + a.AccessorHMAC + ")"
 	}
 	return a.DisplayName
 }
 
 func (a Actor) event(kind string, version int, cause, details string) Event {
 	return Event{Time: time.Now().UTC(), Event: kind, Version: version, Cause: cause,
-		EntityID: a.EntityID, DisplayName: a.DisplayName, Accessor: a.Accessor, Details: details}
+		EntityID: a.EntityID, DisplayName: a.DisplayName, AccessorHMAC: a.AccessorHMAC, Details: details}
 }
 
 func historyPageKey(name string, page int) string {
 	return fmt.Sprintf("%s%s/%08d", historyPrefix, name, page)
 }
 
-// appendHistory adds ev to the key's last page. The caller holds the key's lock: the read-modify-write of the
-// page is never concurrent for one key.
-func appendHistory(ctx context.Context, s logical.Storage, name string, ev Event) error {
+// appendHistory adds ev to the key's last page, whose events stored with a clear accessor (by engines before the
+// HMAC) are stored sealed with it. The caller holds the key's lock: the read-modify-write of the page is never
+// concurrent for one key.
+func (m *Manager) appendHistory(ctx context.Context, s logical.Storage, name string, ev Event) error {
 	pages, err := historyPages(ctx, s, name)
 	if err != nil {
 		return err
@@ -79,6 +86,9 @@ func appendHistory(ctx context.Context, s logical.Storage, name string, ev Event
 		}
 		if len(events) >= historyPageSize {
 			page, events = page+1, nil
+		}
+		if err := m.sealEvents(ctx, s, events); err != nil {
+			return err
 		}
 	}
 	e, err := logical.StorageEntryJSON(historyPageKey(name, page), append(events, ev))
@@ -112,7 +122,33 @@ func readHistoryPage(ctx context.Context, s logical.Storage, name string, page i
 	return events, json.Unmarshal(e.Value, &events)
 }
 
-// ReadHistory returns the key's events, oldest first, at most limit of the newest ones (0: all).
+// History returns the key's events, oldest first, at most limit of the newest ones (0: all). Events stored with a
+// clear accessor by engines before the HMAC show its HMAC, as newer events do: one token's events keep one value,
+// and no response carries an accessor in clear.
+func (m *Manager) History(ctx context.Context, s logical.Storage, name string, limit int) ([]Event, error) {
+	events, err := ReadHistory(ctx, s, name, limit)
+	if err != nil {
+		return nil, err
+	}
+	return events, m.sealEvents(ctx, s, events)
+}
+
+// sealEvents replaces the clear accessor of events stored by engines before the HMAC by its HMAC.
+func (m *Manager) sealEvents(ctx context.Context, s logical.Storage, events []Event) error {
+	for i, e := range events {
+		if e.LegacyAccessor == "" {
+			continue
+		}
+		h, err := m.AccessorHMAC(ctx, s, e.LegacyAccessor)
+		if err != nil {
+			return err
+		}
+		events[i].AccessorHMAC, events[i].LegacyAccessor = h, ""
+	}
+	return nil
+}
+
+// ReadHistory returns the key's events as stored, oldest first, at most limit of the newest ones (0: all).
 func ReadHistory(ctx context.Context, s logical.Storage, name string, limit int) ([]Event, error) {
 	pages, err := historyPages(ctx, s, name)
 	if err != nil {

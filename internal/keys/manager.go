@@ -21,11 +21,13 @@ import (
 )
 
 // HSM is what the model needs of the token: make a version's material, import it, give a version its HMAC
-// secret, destroy a version's objects, find a version's material by its label, witness its usage. *hsm.Token is one.
+// secret (or say why the one found cannot be trusted), destroy a version's objects, find a version's material by its
+// label, witness its usage. *hsm.Token is one.
 type HSM interface {
 	GenerateVersion(ctx context.Context, alg hsm.Algorithm, id []byte, label string, hmacBytes int) (crypto.PublicKey, error)
 	ImportVersion(ctx context.Context, r hsm.ImportRequest) (crypto.PublicKey, string, error)
 	EnsureHMACKey(ctx context.Context, id []byte, versionLabel string, hmacBytes int) error
+	CheckHMACSecret(ctx context.Context, id []byte, hmacBytes int) error
 	DestroyKeys(ctx context.Context, id []byte) (int, error)
 	FindVersion(ctx context.Context, alg hsm.Algorithm, label string, hmacBytes int) ([]hsm.Found, error)
 	ListObjects(ctx context.Context, labelPrefix string) ([]hsm.ObjectInfo, error)
@@ -63,7 +65,8 @@ type Manager struct {
 	sched schedule
 	usage usageTracker
 
-	absent sync.Map // name → absentMark: the token held no version after the latest (see Adopt)
+	absent sync.Map  // name → absentMark: the token held no version after the latest (see Adopt)
+	salt   mountSalt // what token accessors are recorded under (actor.go)
 }
 
 // NewManager makes the manager of a mount's keys. token connects to the mount's HSM when a change needs it.
@@ -92,12 +95,19 @@ func (m *Manager) getLocked(ctx context.Context, s logical.Storage, name string)
 	if err != nil || k == nil {
 		return nil, err
 	}
+	if err := m.sealCreatedBy(ctx, s, k); err != nil {
+		return nil, err
+	}
 	m.cache.Store(name, k)
 	return k, nil
 }
 
 // Invalidate forgets what is cached of the key a storage entry belongs to (another node changed it).
 func (m *Manager) Invalidate(storageKey string) {
+	if storageKey == saltLocation {
+		m.salt.forget()
+		return
+	}
 	name, usage, ok := NameOf(storageKey)
 	if !ok {
 		return
@@ -195,6 +205,10 @@ func (m *Manager) Create(ctx context.Context, s logical.Storage, k *Key, who Act
 }
 
 func (m *Manager) commit(ctx context.Context, s logical.Storage, who Actor, cur, next *Key, change func(tx *Tx) error) (*Key, error) {
+	who, err := m.sealed(ctx, s, who) // what the change records and logs: never the accessor in clear
+	if err != nil {
+		return nil, err
+	}
 	tx := &Tx{ctx: ctx, m: m, s: s, who: who, Cur: cur, Key: next}
 	if err := change(tx); err != nil {
 		tx.undo()
@@ -271,7 +285,7 @@ func (tx *Tx) undo() {
 // has the request either way.
 func (tx *Tx) recordEvents() {
 	for _, ev := range tx.events {
-		if err := appendHistory(tx.ctx, tx.s, tx.Key.Name, ev); err != nil {
+		if err := tx.m.appendHistory(tx.ctx, tx.s, tx.Key.Name, ev); err != nil {
 			tx.m.log.Error("could not record lifecycle event", "key", tx.Key.Name, "event", ev.Event, "error", err)
 		}
 	}
@@ -349,27 +363,55 @@ func (tx *Tx) generated() Material {
 // latest. requestID, when set, is remembered so that Vault's retry of the request adds no second version;
 // generated says that material generates the key on the token (recorded in the WAL entry). It returns the
 // version's number and the import method (empty when generated).
+//
+// A search can miss an object that is there (SoftHSM 2.6.1's object store, written by another process or under
+// parallel writes): the number adoption found free is checked once more after the material is made (putVersion).
+// If the number's original shows up then, the new material is destroyed and the original adopted, or it blocks
+// the number: a number never names two keys, whatever one search missed.
 func (tx *Tx) AddVersion(material Material, requestID string, generated bool) (int, string, error) {
-	tok, err := tx.hsm()
-	if err != nil {
+	if _, err := tx.hsm(); err != nil {
 		return 0, "", err
 	}
 	k := tx.Key
-	// Numbers whose material the token holds are adopted, never reused. One made by this very request (its
-	// earlier attempt ended before the version was stored: Vault retries a request the plugin died under) is
-	// the request's result.
-	adopted, err := tx.adoptPending(0, false)
-	if err != nil {
-		return 0, "", err
-	}
-	for n, madeBy := range adopted {
-		if tx.who.RequestID != "" && madeBy == tx.who.RequestID {
-			if requestID != "" {
-				k.LastRequestID = requestID
+	for attempt := 1; ; attempt++ {
+		// Numbers whose material the token holds are adopted, never reused. One made by this very request (its
+		// earlier attempt ended before the version was stored: Vault retries a request the plugin died under) is
+		// the request's result.
+		adopted, err := tx.adoptPending(0, false)
+		if err != nil {
+			return 0, "", err
+		}
+		for n, madeBy := range adopted {
+			if tx.who.RequestID != "" && madeBy == tx.who.RequestID {
+				if requestID != "" {
+					k.LastRequestID = requestID
+				}
+				return n, "", nil
 			}
-			return n, "", nil
+		}
+		n, method, err := tx.putVersion(material, requestID, generated)
+		if !errors.Is(err, errNumberSeenTaken) {
+			return n, method, err
+		}
+		if attempt == 2 {
+			// Two searches in a row disagreed with the one before them: the token's answers cannot be relied on now.
+			return 0, "", fmt.Errorf("key %q: %w: the token's searches disagree about which version numbers it holds; try again", k.Name, hsm.ErrUnavailable)
 		}
 	}
+}
+
+// errNumberSeenTaken: putVersion found, after making the new material, that the token already held its number's
+// label (the search before missed it); the new material is destroyed again.
+var errNumberSeenTaken = errors.New("the version's number was found taken after its material was made")
+
+// putVersion makes version LatestVersion+1 with material and adds it to the key, after checking by label that the
+// token holds nothing else under the new version's label: that one search, once per version, is what catches a
+// search that missed the number's original before the material was made. It cannot take the place of that
+// earlier search (adoption's): it is the second look, which one missed search cannot get past; and it only lists
+// what carries the label (ObjectsLabelled), leaving the examination of what it finds to adoption. What it finds besides the
+// new material (errNumberSeenTaken) makes it destroy the new material: this change made it and nothing stored it.
+func (tx *Tx) putVersion(material Material, requestID string, generated bool) (int, string, error) {
+	k, tok := tx.Key, tx.tok
 	rawID := make([]byte, 16) // an identifier, not a secret: the standard library's RNG is fine here
 	if _, err := rand.Read(rawID); err != nil {
 		return 0, "", err
@@ -380,14 +422,37 @@ func (tx *Tx) AddVersion(material Material, requestID string, generated bool) (i
 	if err != nil {
 		return 0, "", fmt.Errorf("write WAL: %w", err)
 	}
+	made := madeObject{rawID, walID}
+	tx.made = append(tx.made, made) // whatever the call leaves, undone if the change fails
 	pub, method, err := material(tx.ctx, tok, rawID, ver.Label)
 	if err != nil {
-		tx.made = append(tx.made, madeObject{rawID, walID}) // whatever the failed call left: undo
 		return 0, "", fmt.Errorf("key %q version %d in the HSM: %w", k.Name, n, err)
 	}
-	tx.made = append(tx.made, madeObject{rawID, walID})
 	if method == MethodPublicKeyOnly {
 		ver.HSMID, ver.Label = "", "" // nothing on the token
+	} else {
+		found, err := tok.ObjectsLabelled(tx.ctx, []string{ver.Label})
+		if err != nil {
+			return 0, "", fmt.Errorf("look for version %d of key %q on the token: %w", n, k.Name, err)
+		}
+		var others []string
+		for _, o := range found {
+			if id := hex.EncodeToString(o.ID); id != ver.HSMID {
+				others = append(others, id)
+			}
+		}
+		if len(others) > 0 {
+			tx.m.log.Warn("the token holds material under the new version's label that the search before missed; the new material is destroyed and the number's original looked for again",
+				"key", k.Name, "version", n, "label", ver.Label, "hsm_ids", others)
+			if _, err := tok.DestroyKeys(tx.ctx, rawID); err != nil {
+				return 0, "", fmt.Errorf("destroy the new material of key %q version %d, whose number the token already holds: %w", k.Name, n, err)
+			}
+			tx.made = tx.made[:len(tx.made)-1]
+			if err := framework.DeleteWAL(tx.ctx, tx.s, walID); err != nil {
+				tx.m.log.Warn("could not delete WAL entry; its rollback finds nothing under its CKA_ID", "error", err)
+			}
+			return 0, "", errNumberSeenTaken
+		}
 	}
 	ver.ImportMethod = method
 	ver.HMACDeferred = method == "" && k.Type != TypeHMAC

@@ -32,10 +32,22 @@ type fakeHSM struct {
 	noLocal  bool              // the token leaves CKA_LOCAL false on what it generates (NSS)
 	failGen  bool              // GenerateVersion fails
 	uses     map[string]uint64 // CKA_ID → usage witness
+	// hideOnce: labels whose objects the next search that would see them misses, as SoftHSM 2.6.1's object store
+	// hides an object from one search now and then (another process writing, parallel writes).
+	hideOnce map[string]bool
+}
+
+// hidden says whether label is hidden from this search, and forgets it for the next ones. Called under f.mu.
+func (f *fakeHSM) hidden(label string) bool {
+	if f.hideOnce[label] {
+		delete(f.hideOnce, label)
+		return true
+	}
+	return false
 }
 
 func newFakeHSM() *fakeHSM {
-	return &fakeHSM{objects: map[string]bool{}, hmac: map[string]bool{}, labels: map[string]string{}, imported: map[string]bool{}}
+	return &fakeHSM{objects: map[string]bool{}, hmac: map[string]bool{}, labels: map[string]string{}, imported: map[string]bool{}, hideOnce: map[string]bool{}}
 }
 
 func (f *fakeHSM) GenerateVersion(_ context.Context, _ hsm.Algorithm, id []byte, label string, _ int) (crypto.PublicKey, error) {
@@ -64,6 +76,8 @@ func (f *fakeHSM) EnsureHMACKey(_ context.Context, id []byte, _ string, _ int) e
 	return nil
 }
 
+func (f *fakeHSM) CheckHMACSecret(context.Context, []byte, int) error { return nil }
+
 func (f *fakeHSM) DestroyKeys(_ context.Context, id []byte) (int, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -84,6 +98,9 @@ func (f *fakeHSM) FindVersion(_ context.Context, _ hsm.Algorithm, label string, 
 	defer f.mu.Unlock()
 	f.finds++
 	var out []hsm.Found
+	if f.hidden(label) {
+		return nil, nil
+	}
 	for id, l := range f.labels {
 		if l != label {
 			continue
@@ -117,6 +134,9 @@ func (f *fakeHSM) ObjectsLabelled(_ context.Context, labels []string) ([]hsm.Obj
 	defer f.mu.Unlock()
 	var out []hsm.ObjectInfo
 	for _, want := range labels {
+		if f.hidden(want) {
+			continue
+		}
 		for id, l := range f.labels {
 			if l == want {
 				f.visited++
