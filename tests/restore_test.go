@@ -42,8 +42,18 @@ func restoreDrill(t *testing.T, n int) {
 		signatures[sig] = tag
 	}
 	issue("before the snapshot")
+	// A key with a small usage limit: the encryptions made after the snapshot must still count after the restore.
+	const limit, used = 10, 9
+	mustWrite(t, cl, "cmk/keys/budget", map[string]interface{}{"max_encryptions_per_version": limit})
+	encrypt(t, cl, mount{Path: "cmk"}, "budget", "before the snapshot")
 	snap := filepath.Join(t.TempDir(), "drill.snap")
 	c.vault(t, active.addr, "operator", "raft", "snapshot", "save", snap)
+
+	for i := 1; i < used; i++ {
+		encrypt(t, anyNode().client, mount{Path: "cmk"}, "budget", "after the snapshot")
+	}
+	// A key born after the snapshot, by an application's upsert: the restore forgets it, its material stays.
+	born := encrypt(t, anyNode().client, mount{Path: "cmk"}, "born", "a key born after the snapshot")
 
 	mustWrite(t, cl, "cmk/keys/k/rotate", nil)
 	mustWrite(t, cl, "cmk/keys/s/rotate", nil)
@@ -80,6 +90,24 @@ func restoreDrill(t *testing.T, n int) {
 		if v.Data["valid"] != true {
 			t.Fatalf("signature %s of %q does not verify after the restore", sig, msg)
 		}
+	}
+	// No version gets its budget back (issue 19, finding 2): version 1 of budget made 9 of its 10 encryptions.
+	v1 := 0
+	for i := 0; i < limit; i++ {
+		if strings.HasPrefix(encrypt(t, anyNode().client, mount{Path: "cmk"}, "budget", "after the restore"), "vault:v1:") {
+			v1++
+		}
+	}
+	if v1 > limit-used {
+		t.Fatalf("after the restore version 1 of budget made %d more encryptions; it had made %d of its %d", v1, used, limit)
+	}
+	// The key born after the snapshot, made again by the application's next upsert, adopts its material (issue 19,
+	// finding 1): what it encrypted decrypts.
+	if ct := encrypt(t, anyNode().client, mount{Path: "cmk"}, "born", "after the restore"); !strings.HasPrefix(ct, "vault:v2:") {
+		t.Fatalf("the key made again encrypts with %.9s, not a version of its own", ct)
+	}
+	if got := decrypt(t, anyNode().client, mount{Path: "cmk"}, "born", born); got != "a key born after the snapshot" {
+		t.Fatalf("the born key's ciphertext decrypts to %q", got)
 	}
 	mustWrite(t, cl, "cmk/keys/k/rotate", nil)
 	mustWrite(t, cl, "cmk/keys/s/rotate", nil)
