@@ -179,12 +179,7 @@ func (t *Token) FindVersion(ctx context.Context, alg Algorithm, label string, hm
 			}
 		}
 		if len(out) == 0 {
-			if lost, err := loginLost(c, s); err != nil || lost {
-				if err != nil {
-					return err
-				}
-				return pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN)
-			}
+			return nothingFoundBelieved(c, s)
 		}
 		return nil
 	})

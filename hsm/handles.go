@@ -127,11 +127,8 @@ func (t *Token) findKey(c pkcs11API, s session, kind keyKind, id []byte) (pkcs11
 	}
 	// Nothing found. Before calling the object gone, make sure the session can still see private objects: after
 	// a C_Logout or C_CloseAllSessions elsewhere, modules answer searches with nothing, not with an error.
-	if lost, err := loginLost(c, s); err != nil || lost {
-		if err != nil {
-			return 0, err
-		}
-		return 0, pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN)
+	if err := nothingFoundBelieved(c, s); err != nil {
+		return 0, err
 	}
 	return 0, &unseenError{kind: kind, id: id, note: func() {
 		if t.handles.noteMissing(k) {
@@ -161,6 +158,20 @@ func unseenAsMissing(err error) error {
 	}
 	u.note()
 	return fmt.Errorf("%w: %s with CKA_ID %x", ErrObjectNotFound, u.kind, u.id)
+}
+
+// nothingFoundBelieved returns nil when a search on s that found nothing can be believed: s still sees private
+// objects. After a C_Logout or C_CloseAllSessions elsewhere, modules answer searches with nothing, not an error;
+// then it is CKR_USER_NOT_LOGGED_IN, which recovery answers by logging in again.
+func nothingFoundBelieved(c pkcs11API, s session) error {
+	lost, err := loginLost(c, s)
+	if err != nil {
+		return err
+	}
+	if lost {
+		return pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN)
+	}
+	return nil
 }
 
 // loginLost reports whether session s is no longer logged in (its state is a public one).

@@ -118,12 +118,7 @@ func (t *Token) ObjectsLabelled(ctx context.Context, labels []string) ([]ObjectI
 			}
 		}
 		if len(out) == 0 {
-			if lost, err := loginLost(c, s); err != nil || lost {
-				if err != nil {
-					return err
-				}
-				return pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN)
-			}
+			return nothingFoundBelieved(c, s)
 		}
 		return nil
 	})

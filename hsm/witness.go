@@ -105,12 +105,7 @@ func (t *Token) UsageWitness(ctx context.Context, id []byte) (uint64, bool, erro
 		}
 		n, found = high, len(ws) > 0
 		if !found {
-			if lost, err := loginLost(c, s); err != nil || lost {
-				if err != nil {
-					return err
-				}
-				return pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN)
-			}
+			return nothingFoundBelieved(c, s)
 		}
 		return nil
 	})
