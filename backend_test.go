@@ -203,7 +203,15 @@ func (e *testEnv) tokenObjects() []hsm.ObjectInfo {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	return objs
+	// Usage witnesses are left out: they hold no key material, and come with the first encryption of an AES
+	// version (hsm/witness.go); they are destroyed with their version, as TestUsageWitnessOnEveryToken shows.
+	out := objs[:0]
+	for _, o := range objs {
+		if !strings.Contains(o.Label, "/uses/") {
+			out = append(out, o)
+		}
+	}
+	return out
 }
 
 // tick runs Vault's periodic function once, as the rollback manager does about once a minute.
@@ -382,8 +390,8 @@ func TestWALRollbackAdoptsOrDestroysOnlyUncommittedObjects(t *testing.T) {
 	if _, err := framework.PutWAL(ctx, e.storage, keys.WALKindVersion, &keys.WALEntry{Name: "k", Version: 1, HSMID: p.Versions[1].HSMID}); err != nil {
 		t.Fatal(err)
 	}
-	if n := len(e.tokenObjects()); n != 6 {
-		t.Fatalf("%d objects before rollback, want 6 (two orphans' keys and HMAC secrets, the committed version's key and usage witness)", n)
+	if n := len(e.tokenObjects()); n != 5 {
+		t.Fatalf("%d objects before rollback, want 5 (two orphans' keys and HMAC secrets, the committed version's key)", n)
 	}
 	resp, err := e.b.HandleRequest(ctx, &logical.Request{
 		Operation: logical.RollbackOperation, Path: "", Storage: e.storage, Data: map[string]interface{}{"immediate": true},
@@ -391,8 +399,8 @@ func TestWALRollbackAdoptsOrDestroysOnlyUncommittedObjects(t *testing.T) {
 	if err != nil || (resp != nil && resp.IsError()) {
 		t.Fatalf("rollback: %v %s", err, respText(resp))
 	}
-	if n := len(e.tokenObjects()); n != 4 {
-		t.Fatalf("%d objects after rollback, want 4 (the committed version's two, the adopted version's two)", n)
+	if n := len(e.tokenObjects()); n != 3 {
+		t.Fatalf("%d objects after rollback, want 3 (the committed version's, the adopted version's two)", n)
 	}
 	if decryptOK(t, e, "k", ct) != "kept" {
 		t.Fatal("committed version damaged by rollback")

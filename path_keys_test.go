@@ -41,7 +41,7 @@ func TestKeyCreateReadListDelete(t *testing.T) {
 	}
 	v1 := resp.Data["versions"].(map[string]interface{})["1"].(map[string]interface{})
 	if v1["state"] != "active" || len(v1["hsm_id"].(string)) != 32 ||
-		v1["label"] != "cmk/"+e.b.mountID+"/default/v1" || !strings.Contains(v1["created_by"].(string), "accessor-test") {
+		v1["label"] != "cmk/"+e.b.mountID+"/default/v1" || !strings.Contains(v1["created_by"].(string), "hmac-sha256:") || strings.Contains(v1["created_by"].(string), "accessor-test") {
 		t.Errorf("version 1: %v", v1)
 	}
 

@@ -169,8 +169,8 @@ func TestTrim(t *testing.T) {
 	if resp.Data["min_available_version"] != 3 {
 		t.Fatalf("trim: %v", resp.Data["min_available_version"])
 	}
-	if n := len(e.tokenObjects()); n != 4 { // three versions' keys and version 1's usage witness
-		t.Fatalf("trim under a 1-minute grace period left %d of 4 objects on the token", n)
+	if n := len(e.tokenObjects()); n != 3 {
+		t.Fatalf("trim under a 1-minute grace period left %d of 3 objects on the token", n)
 	}
 	for v := 1; v <= 2; v++ {
 		r := e.ok(e.read(fmt.Sprintf("keys/k/versions/%d", v)))
