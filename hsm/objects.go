@@ -25,6 +25,54 @@ func (t *Token) DestroyKeys(ctx context.Context, id []byte) (int, error) {
 	return n, err
 }
 
+// DestroyUnlessLabelled destroys the objects of version id (as DestroyKeys) that do not carry the label
+// versionLabel (or its HMAC secret's or usage witness's, which begin with it), and keeps those that do: those
+// may be the version's material. Each object's label is read in the session that destroys it, so an object a
+// search misses is never destroyed, and one that may be a version's never is. kept reports whether any was kept.
+// A search that finds nothing at all is believed only while the session is still logged in.
+func (t *Token) DestroyUnlessLabelled(ctx context.Context, id []byte, versionLabel string) (kept bool, destroyed int, err error) {
+	if len(id) == 0 || versionLabel == "" {
+		return false, 0, fmt.Errorf("%w: empty CKA_ID or label", ErrInvalidArgument)
+	}
+	err = t.doObjects(ctx, "C_DestroyObject unless labelled", func(c pkcs11API, s session) error {
+		kept, destroyed = false, 0
+		seen := 0
+		for _, oid := range [][]byte{id, hmacSecretID(id), witnessID(id)} {
+			hs, err := findObjects(c, s.h, []*pkcs11.Attribute{
+				pkcs11.NewAttribute(pkcs11.CKA_ID, oid), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 0)
+			if err != nil {
+				return err
+			}
+			seen += len(hs)
+			for _, h := range hs {
+				a, err := c.GetAttributeValue(s.h, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
+				if err != nil {
+					return err
+				}
+				if l := string(a[0].Value); l == versionLabel || strings.HasPrefix(l, versionLabel+"/") {
+					kept = true
+					continue
+				}
+				if err := c.DestroyObject(s.h, h); err != nil {
+					if rv, ok := rvOf(err); ok && (rv == pkcs11.CKR_OBJECT_HANDLE_INVALID || rv == pkcs11.CKR_KEY_HANDLE_INVALID) {
+						continue
+					}
+					return err
+				}
+				destroyed++
+			}
+		}
+		if seen == 0 {
+			return nothingFoundBelieved(c, s)
+		}
+		return nil
+	})
+	if destroyed > 0 {
+		t.handles.forget(id)
+	}
+	return kept, destroyed, err
+}
+
 // destroyAll destroys the token objects of version id.
 func destroyAll(c pkcs11API, s session, id []byte) error {
 	_, err := destroyAllCounted(c, s, id)

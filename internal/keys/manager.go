@@ -32,6 +32,7 @@ type HSM interface {
 	FindVersion(ctx context.Context, alg hsm.Algorithm, label string, hmacBytes int) ([]hsm.Found, error)
 	ListObjects(ctx context.Context, labelPrefix string) ([]hsm.ObjectInfo, error)
 	ObjectsLabelled(ctx context.Context, labels []string) ([]hsm.ObjectInfo, error)
+	DestroyUnlessLabelled(ctx context.Context, id []byte, versionLabel string) (kept bool, destroyed int, err error)
 	// UsageWitness and RaiseUsageWitness keep a version's reserved encryption count on the token (see usage.go).
 	UsageWitness(ctx context.Context, id []byte) (uint64, bool, error)
 	RaiseUsageWitness(ctx context.Context, id []byte, versionLabel string, n uint64) error
@@ -878,23 +879,19 @@ func (m *Manager) RollbackVersion(ctx context.Context, s logical.Storage, data i
 		return err
 	}
 	label := versionLabel(m.mountID, w.Name, w.Version)
-	objects, err := tok.ListObjects(ctx, label)
+	kept, n, err := tok.DestroyUnlessLabelled(ctx, id, label)
 	if err != nil {
 		return err
 	}
-	for _, o := range objects {
-		if o.Label == label && bytes.Equal(o.ID, id) {
-			if err := storeClaim(ctx, s, w); err != nil {
-				return err
-			}
-			m.log.Warn("WAL rollback left material on the token that storage does not reference: it may protect data (storage restored?); reconcile reports it",
-				"key", w.Name, "version", w.Version, "label", label)
-			return nil
+	if kept {
+		if err := storeClaim(ctx, s, w); err != nil {
+			return err
 		}
+		m.log.Warn("WAL rollback left material on the token that storage does not reference: it may protect data (storage restored?); reconcile reports it",
+			"key", w.Name, "version", w.Version, "label", label)
 	}
-	n, err := tok.DestroyKeys(ctx, id)
-	if err != nil {
-		return err
+	if n == 0 {
+		return nil
 	}
 	m.log.Info("WAL rollback destroyed HSM objects that carry no version's label", "key", w.Name, "version", w.Version, "objects", n)
 	return nil

@@ -165,6 +165,22 @@ func (f *fakeHSM) RaiseUsageWitness(_ context.Context, id []byte, _ string, n ui
 	return nil
 }
 
+func (f *fakeHSM) DestroyUnlessLabelled(_ context.Context, id []byte, versionLabel string) (bool, int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	key := hex.EncodeToString(id)
+	if !f.objects[key] {
+		return false, 0, nil
+	}
+	if l := f.labels[key]; l == versionLabel || strings.HasPrefix(l, versionLabel+"/") {
+		return true, 0, nil
+	}
+	delete(f.objects, key)
+	delete(f.hmac, key)
+	delete(f.labels, key)
+	return false, 1, nil
+}
+
 func (f *fakeHSM) has(id string) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()

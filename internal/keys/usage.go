@@ -46,7 +46,7 @@ type usageEntry struct {
 func usageKey(name string, v int) string { return name + "\x00" + strconv.Itoa(v) }
 
 // counter is version v's counter, loaded once: the higher of the stored reservation and the token's witness.
-func (u *usageTracker) counter(ctx context.Context, s logical.Storage, tok HSM, name string, v int, ver *Version) (*versionUsage, error) {
+func (u *usageTracker) counter(ctx context.Context, s logical.Storage, tok func() (HSM, error), name string, v int, ver *Version) (*versionUsage, error) {
 	if c, ok := u.versions.Load(usageKey(name, v)); ok {
 		return c.(*versionUsage), nil
 	}
@@ -59,7 +59,11 @@ func (u *usageTracker) counter(ctx context.Context, s logical.Storage, tok HSM, 
 	if err != nil {
 		return nil, err
 	}
-	witnessed, _, err := tok.UsageWitness(ctx, ver.ID())
+	t, err := tok()
+	if err != nil {
+		return nil, err
+	}
+	witnessed, _, err := t.UsageWitness(ctx, ver.ID())
 	if err != nil {
 		return nil, fmt.Errorf("read the usage witness of key %q version %d: %w", name, v, err)
 	}
@@ -96,7 +100,7 @@ func (u *usageTracker) loadLocked(ctx context.Context, s logical.Storage, name s
 
 // reserve persists a reservation that covers encryption number n: witnessed on the token first, then stored, so
 // that neither a crash nor a restore of storage ever leaves a count below what was used.
-func (u *usageTracker) reserve(ctx context.Context, s logical.Storage, tok HSM, name string, v int, ver *Version, c *versionUsage, n, limit uint64) error {
+func (u *usageTracker) reserve(ctx context.Context, s logical.Storage, tok func() (HSM, error), name string, v int, ver *Version, c *versionUsage, n, limit uint64) error {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if n <= c.reserved.Load() {
@@ -108,7 +112,11 @@ func (u *usageTracker) reserve(ctx context.Context, s logical.Storage, tok HSM, 
 	if err != nil {
 		return err
 	}
-	if err := tok.RaiseUsageWitness(ctx, ver.ID(), ver.Label, next); err != nil {
+	t, err := tok()
+	if err != nil {
+		return err
+	}
+	if err := t.RaiseUsageWitness(ctx, ver.ID(), ver.Label, next); err != nil {
 		return fmt.Errorf("witness the usage of key %q version %d on the token: %w", name, v, err)
 	}
 	updated := make(map[int]uint64, len(res)+1)
