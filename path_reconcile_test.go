@@ -232,7 +232,8 @@ func importAESVersion(t *testing.T, e *testEnv, name string) {
 // had used its max_encryptions_per_version encrypted that many again. The token's usage witness keeps the count.
 func TestRestoreGivesNoVersionItsBudgetBack(t *testing.T) {
 	e := newTestBackend(t)
-	const limit = 10
+	// 100 encryptions are reserved 16 at a time: the snapshot holds a reservation of 16.
+	const limit = 100
 	e.ok(e.write("keys/k", map[string]interface{}{"max_encryptions_per_version": limit}))
 	encryptOK(t, e, "k", "before the snapshot")
 	snap := e.snapshotStorage()

@@ -112,17 +112,20 @@ func (t *Token) UsageWitness(ctx context.Context, id []byte) (uint64, bool, erro
 	return n, found, err
 }
 
-// RaiseUsageWitness records on the token that version id (labelled versionLabel) has reserved n encryptions. It
-// never lowers a witness: one already at n or above is left as it is, so repeating it is safe.
-func (t *Token) RaiseUsageWitness(ctx context.Context, id []byte, versionLabel string, n uint64) error {
+// RaiseUsageWitness records on the token that version id (labelled versionLabel) has reserved n encryptions, and
+// returns the count the token held before (0 when none). It never lowers a witness: one already at n or above is
+// left as it is, so repeating it is safe; a caller whose own count is below what it returns is behind the token.
+func (t *Token) RaiseUsageWitness(ctx context.Context, id []byte, versionLabel string, n uint64) (uint64, error) {
 	if len(id) == 0 || versionLabel == "" {
-		return fmt.Errorf("%w: empty CKA_ID or label", ErrInvalidArgument)
+		return 0, fmt.Errorf("%w: empty CKA_ID or label", ErrInvalidArgument)
 	}
-	return t.doObjects(ctx, "raise usage witness", func(c pkcs11API, s session) error {
+	var before uint64
+	err := t.doObjects(ctx, "raise usage witness", func(c pkcs11API, s session) error {
 		ws, high, err := readWitnesses(c, s.h, id)
 		if err != nil {
 			return err
 		}
+		before = high
 		if len(ws) > 0 && high >= n {
 			return nil
 		}
@@ -148,4 +151,5 @@ func (t *Token) RaiseUsageWitness(ctx context.Context, id []byte, versionLabel s
 		}
 		return nil
 	})
+	return before, err
 }

@@ -24,9 +24,9 @@ func TestUsageWitnessOnEveryToken(t *testing.T) {
 		if n, found, err := tok.UsageWitness(ctx, id); err != nil || found || n != 0 {
 			t.Fatalf("before any: %d %v %v", n, found, err)
 		}
-		for _, step := range []struct{ raise, want uint64 }{{100, 100}, {50, 100}, {1 << 32, 1 << 32}} {
-			if err := tok.RaiseUsageWitness(ctx, id, label, step.raise); err != nil {
-				t.Fatalf("raise to %d: %v", step.raise, err)
+		for _, step := range []struct{ raise, before, want uint64 }{{100, 0, 100}, {50, 100, 100}, {1 << 32, 100, 1 << 32}} {
+			if before, err := tok.RaiseUsageWitness(ctx, id, label, step.raise); err != nil || before != step.before {
+				t.Fatalf("raise to %d: it held %d before (want %d), %v", step.raise, before, step.before, err)
 			}
 			if n, found, err := tok.UsageWitness(ctx, id); err != nil || !found || n != step.want {
 				t.Fatalf("after raising to %d: %d %v %v, want %d", step.raise, n, found, err, step.want)

@@ -35,7 +35,7 @@ type HSM interface {
 	DestroyUnlessLabelled(ctx context.Context, id []byte, versionLabel string) (kept bool, destroyed int, err error)
 	// UsageWitness and RaiseUsageWitness keep a version's reserved encryption count on the token (see usage.go).
 	UsageWitness(ctx context.Context, id []byte) (uint64, bool, error)
-	RaiseUsageWitness(ctx context.Context, id []byte, versionLabel string, n uint64) error
+	RaiseUsageWitness(ctx context.Context, id []byte, versionLabel string, n uint64) (before uint64, err error)
 }
 
 // WALKindVersion brackets the creation of a version's HSM objects until its metadata is stored.

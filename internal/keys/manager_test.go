@@ -155,14 +155,15 @@ func (f *fakeHSM) UsageWitness(_ context.Context, id []byte) (uint64, bool, erro
 	return n, ok, nil
 }
 
-func (f *fakeHSM) RaiseUsageWitness(_ context.Context, id []byte, _ string, n uint64) error {
+func (f *fakeHSM) RaiseUsageWitness(_ context.Context, id []byte, _ string, n uint64) (uint64, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.uses == nil {
 		f.uses = map[string]uint64{}
 	}
-	f.uses[hex.EncodeToString(id)] = max(f.uses[hex.EncodeToString(id)], n)
-	return nil
+	before := f.uses[hex.EncodeToString(id)]
+	f.uses[hex.EncodeToString(id)] = max(before, n)
+	return before, nil
 }
 
 func (f *fakeHSM) DestroyUnlessLabelled(_ context.Context, id []byte, versionLabel string) (bool, int, error) {

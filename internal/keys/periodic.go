@@ -117,7 +117,9 @@ func (m *Manager) CountEncryption(ctx context.Context, s logical.Storage, k *Key
 	}
 	if n > c.reserved.Load() {
 		if err := m.usage.reserve(ctx, s, tok, k.Name, v, ver, c, n, limit); err != nil {
-			c.used.Add(^uint64(0))
+			if !errors.Is(err, ErrVersionExhausted) { // an exhausted count stays at the limit
+				c.used.Add(^uint64(0))
+			}
 			return false, err
 		}
 	}

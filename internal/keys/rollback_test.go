@@ -261,3 +261,30 @@ func TestScheduleHoldsOneEntryPerKey(t *testing.T) {
 		t.Fatalf("due %v", due)
 	}
 }
+
+// Finding 2, the witness as the bound: a count loaded behind the token's witness (a search that missed it, another
+// process on the same version) is found out at the next reservation, and the version encrypts no more.
+func TestUsageBehindTheTokenEncryptsNoMore(t *testing.T) {
+	m, f, s := newManager(t)
+	ctx := context.Background()
+	k, _, err := m.Create(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96, MaxEncryptions: 1000}, who, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.CountEncryption(ctx, s, k, 1); err != nil { // reserves the first block
+		t.Fatal(err)
+	}
+	f.mu.Lock()
+	f.uses[k.Versions[1].HSMID] = 500 // what the token witnessed elsewhere
+	f.mu.Unlock()
+	var last error
+	for i := 2; i <= minReservationBlock+1 && last == nil; i++ {
+		_, last = m.CountEncryption(ctx, s, k, 1)
+	}
+	if !errors.Is(last, ErrVersionExhausted) {
+		t.Fatalf("a count behind the token's witness went on: %v", last)
+	}
+	if _, err := m.CountEncryption(ctx, s, k, 1); !errors.Is(err, ErrVersionExhausted) {
+		t.Fatalf("and after: %v", err)
+	}
+}

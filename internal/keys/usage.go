@@ -13,8 +13,10 @@ import (
 
 const (
 	usagePrefix = "usage/" // usage/<name>: reserved encryption counts per version
-	// maxReservationBlock bounds how many encryptions one storage write reserves.
+	// maxReservationBlock bounds how many encryptions one reservation covers; minReservationBlock keeps a small
+	// limit from costing a token write and a storage write per encryption.
 	maxReservationBlock = 1 << 20
+	minReservationBlock = 16
 )
 
 // ErrVersionExhausted: the version has made every encryption it may; the next one needs a new version.
@@ -27,14 +29,20 @@ var ErrVersionExhausted = errors.New("key version has reached its encryption lim
 // Each reservation is first witnessed on the token (hsm's usage witness), then stored. Storage restored from an
 // older snapshot forgets reservations made since; the token does not, and a version resumes at the higher of the
 // two, so a restore never gives a version back encryptions it has made.
+//
+// Locks: a version's own mutex covers its load and its reservations, HSM calls included, so that a slow token
+// holds up only that version's next block; the tracker's mutex covers the per-key storage entry, and is never
+// held across an HSM call.
 type usageTracker struct {
 	versions sync.Map // name + "\x00" + version → *versionUsage
 
-	mu       sync.Mutex                // guards loads and reservation writes (rare: one per block)
+	mu       sync.Mutex                // guards reserved and the usage/<name> entries' read-modify-write
 	reserved map[string]map[int]uint64 // name → persisted reservations
 }
 
 type versionUsage struct {
+	mu       sync.Mutex // its load and reservations
+	loaded   atomic.Bool
 	used     atomic.Uint64
 	reserved atomic.Uint64
 }
@@ -47,15 +55,17 @@ func usageKey(name string, v int) string { return name + "\x00" + strconv.Itoa(v
 
 // counter is version v's counter, loaded once: the higher of the stored reservation and the token's witness.
 func (u *usageTracker) counter(ctx context.Context, s logical.Storage, tok func() (HSM, error), name string, v int, ver *Version) (*versionUsage, error) {
-	if c, ok := u.versions.Load(usageKey(name, v)); ok {
-		return c.(*versionUsage), nil
+	e, _ := u.versions.LoadOrStore(usageKey(name, v), &versionUsage{})
+	c := e.(*versionUsage)
+	if c.loaded.Load() {
+		return c, nil
 	}
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	if c, ok := u.versions.Load(usageKey(name, v)); ok {
-		return c.(*versionUsage), nil
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.loaded.Load() {
+		return c, nil
 	}
-	res, err := u.loadLocked(ctx, s, name)
+	stored, err := u.stored(ctx, s, name, v)
 	if err != nil {
 		return nil, err
 	}
@@ -67,11 +77,21 @@ func (u *usageTracker) counter(ctx context.Context, s logical.Storage, tok func(
 	if err != nil {
 		return nil, fmt.Errorf("read the usage witness of key %q version %d: %w", name, v, err)
 	}
-	c := &versionUsage{}
-	c.used.Store(max(res[v], witnessed))
-	c.reserved.Store(max(res[v], witnessed))
-	u.versions.Store(usageKey(name, v), c)
+	c.used.Store(max(stored, witnessed))
+	c.reserved.Store(max(stored, witnessed))
+	c.loaded.Store(true)
 	return c, nil
+}
+
+// stored is version v's persisted reservation.
+func (u *usageTracker) stored(ctx context.Context, s logical.Storage, name string, v int) (uint64, error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	res, err := u.loadLocked(ctx, s, name)
+	if err != nil {
+		return 0, err
+	}
+	return res[v], nil
 }
 
 func (u *usageTracker) loadLocked(ctx context.Context, s logical.Storage, name string) (map[int]uint64, error) {
@@ -99,31 +119,51 @@ func (u *usageTracker) loadLocked(ctx context.Context, s logical.Storage, name s
 }
 
 // reserve persists a reservation that covers encryption number n: witnessed on the token first, then stored, so
-// that neither a crash nor a restore of storage ever leaves a count below what was used.
+// that neither a crash nor a restore of storage ever leaves a count below what was used. A token that witnessed
+// this block already (its witness was missed when the count was loaded, or another process uses the version) means
+// the count is behind what may have been used: the version encrypts no more.
 func (u *usageTracker) reserve(ctx context.Context, s logical.Storage, tok func() (HSM, error), name string, v int, ver *Version, c *versionUsage, n, limit uint64) error {
-	u.mu.Lock()
-	defer u.mu.Unlock()
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	if n <= c.reserved.Load() {
 		return nil
 	}
-	block := min(max(limit/100, 1), maxReservationBlock)
+	block := min(max(limit/100, minReservationBlock), maxReservationBlock)
 	next := min(n-1+block, limit)
-	res, err := u.loadLocked(ctx, s, name)
-	if err != nil {
-		return err
-	}
 	t, err := tok()
 	if err != nil {
 		return err
 	}
-	if err := t.RaiseUsageWitness(ctx, ver.ID(), ver.Label, next); err != nil {
+	before, err := t.RaiseUsageWitness(ctx, ver.ID(), ver.Label, next)
+	if err != nil {
 		return fmt.Errorf("witness the usage of key %q version %d on the token: %w", name, v, err)
+	}
+	if before >= n {
+		c.reserved.Store(limit)
+		c.used.Store(limit)
+		return fmt.Errorf("%w: the token witnessed %d encryptions of version %d, more than this process counted (%d): it encrypts no more",
+			ErrVersionExhausted, before, v, n-1)
+	}
+	if err := u.store(ctx, s, name, v, next); err != nil {
+		return err
+	}
+	c.reserved.Store(next)
+	return nil
+}
+
+// store writes version v's reservation into the key's usage entry.
+func (u *usageTracker) store(ctx context.Context, s logical.Storage, name string, v int, next uint64) error {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	res, err := u.loadLocked(ctx, s, name)
+	if err != nil {
+		return err
 	}
 	updated := make(map[int]uint64, len(res)+1)
 	for k, val := range res {
 		updated[k] = val
 	}
-	updated[v] = next
+	updated[v] = max(updated[v], next)
 	e, err := logical.StorageEntryJSON(usagePrefix+name, usageEntry{Reserved: updated})
 	if err != nil {
 		return err
@@ -132,14 +172,13 @@ func (u *usageTracker) reserve(ctx context.Context, s logical.Storage, tok func(
 		return err
 	}
 	u.reserved[name] = updated
-	c.reserved.Store(next)
 	return nil
 }
 
-// count returns the encryptions counted for a version, for reads (no storage access when unknown).
+// count returns the encryptions counted for a version, for reads (no storage or HSM access).
 func (u *usageTracker) count(name string, v int) (uint64, bool) {
-	if c, ok := u.versions.Load(usageKey(name, v)); ok {
-		return c.(*versionUsage).used.Load(), true
+	if e, ok := u.versions.Load(usageKey(name, v)); ok && e.(*versionUsage).loaded.Load() {
+		return e.(*versionUsage).used.Load(), true
 	}
 	u.mu.Lock()
 	defer u.mu.Unlock()
