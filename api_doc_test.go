@@ -774,7 +774,7 @@ var responseFieldDocs = map[string]string{
 	"time":                        "History event: when it happened, RFC 3339.",
 	"token":                       "`config/hsm`: what the token says of itself (`label`, `slot`, `manufacturer_id`, `model`, `serial_number`, `hardware_version`, `firmware_version`, `max_session_count`).",
 	"token_accessor_hmac":         "History event: the accessor of the request's token as an HMAC under the mount's salt (hmac-sha256:<hex>), never in clear; the same accessor gives the same value on one mount. It does not match Vault's audit hash: each audit device has a salt of its own.",
-	"untrusted_objects":           "`reconcile`: objects on the token under a version's HMAC secret CKA_ID that the token does not prove it generated; never used (the version's HMAC is a 409) until an operator removes them.",
+	"untrusted_objects":           "`reconcile`: objects on the token under a version's HMAC secret CKA_ID that the token does not prove it generated and no record of the engine vouches for; never used (the version's HMAC is a 409) until an operator removes them.",
 	"unreferenced_objects":        "`reconcile`: objects on the token under the labels compared that no stored version references, each with `adoptable`, `adoptable_by_operator` and `reason`.",
 	"valid":                       "`verify`: whether the signature or HMAC is valid.",
 	"versions":                    "Key read: per version, where it lives in the HSM and its state (the fields marked \"per version\" here).",

@@ -47,14 +47,21 @@ func TestMain(m *testing.M) {
 
 // countingStorage counts reads, to prove the hot path does none once a key is cached. Armed with a prefix, it
 // stores the next write of a key with that prefix and then reports an error, as a storage backend that timed out
-// after committing does.
+// after committing does (failAfterStoring), or fails it without storing anything (failUnstored).
 type countingStorage struct {
 	logical.Storage
 	gets  atomic.Int64
 	lists atomic.Int64
 
-	failMu     sync.Mutex
-	failStored string
+	failMu        sync.Mutex
+	failStored    string
+	failNotStored string
+}
+
+func (c *countingStorage) failUnstored(prefix string) {
+	c.failMu.Lock()
+	c.failNotStored = prefix
+	c.failMu.Unlock()
 }
 
 func (c *countingStorage) failAfterStoring(prefix string) {
@@ -64,6 +71,15 @@ func (c *countingStorage) failAfterStoring(prefix string) {
 }
 
 func (c *countingStorage) Put(ctx context.Context, e *logical.StorageEntry) error {
+	c.failMu.Lock()
+	unstored := c.failNotStored != "" && strings.HasPrefix(e.Key, c.failNotStored)
+	if unstored {
+		c.failNotStored = ""
+	}
+	c.failMu.Unlock()
+	if unstored {
+		return errors.New("storage unavailable")
+	}
 	if err := c.Storage.Put(ctx, e); err != nil {
 		return err
 	}

@@ -268,12 +268,22 @@ func TestHMACSecretMadeOnFirstUse(t *testing.T) {
 	if on := e.ok(e.read("keys/k/versions/1")).Data["hmac_secret_on_token"]; on != false {
 		t.Fatalf("hmac_secret_on_token before any HMAC: %v", on)
 	}
-	// The first HMAC fails while storage refuses writes: the secret is on the token but not recorded.
+	// The first HMAC fails while storage refuses every write: nothing is made, as the engine makes no secret
+	// before its record of making it is stored.
 	e.inmem.Underlying().FailPut(true)
 	if got := status(e.write("hmac/k", map[string]interface{}{"input": b64("x")})); got != 500 {
 		t.Fatalf("hmac with failing storage: %d", got)
 	}
 	e.inmem.Underlying().FailPut(false)
+	if n := len(e.tokenObjects()); n != 1 {
+		t.Fatalf("%d objects after an HMAC whose record could not be stored, want 1", n)
+	}
+	// The first HMAC fails at the key write, after the secret is made: the secret is on the token but not recorded
+	// (the engine's record vouches for it).
+	e.storage.failUnstored(keys.VersionsPrefix + "k/")
+	if got := status(e.write("hmac/k", map[string]interface{}{"input": b64("x")})); got != 500 {
+		t.Fatalf("hmac with failing key write: %d", got)
+	}
 	if n := len(e.tokenObjects()); n != 2 {
 		t.Fatalf("%d objects after the failed first HMAC, want 2", n)
 	}

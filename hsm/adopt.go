@@ -91,9 +91,9 @@ func (f Found) AdoptableOnWord() (bool, string) {
 }
 
 // ProvenSecret says why a secret key found where the engine would have generated one (a version's HMAC secret,
-// under CKA_ID want) cannot be taken as one it generated; "" when it can. Nothing else vouches for such a secret (no
-// WAL entry brackets it), and one planted by someone holding the PIN, with a value they know, would let them forge
-// the version's HMACs for good. What the token reports decides, per token, as found on each (hsm tests,
+// under CKA_ID want) cannot be taken as one it generated; "" when it can. It decides when no record of the engine
+// vouches for the secret (VouchedSecret decides when one does), and one planted by someone holding the PIN, with a
+// value they know, would let them forge the version's HMACs for good. What the token reports decides, per token, as found on each (hsm tests,
 // TestPlantedHMACSecretIsRefused):
 //   - SoftHSM 2.6.1 and opencryptoki 3.8.1 mark generated keys CKA_LOCAL and created ones not; opencryptoki marks
 //     a created sensitive key ALWAYS_SENSITIVE and NEVER_EXTRACTABLE as well, so CKA_LOCAL is what tells there.
@@ -119,6 +119,27 @@ func (f Found) ProvenSecret(want []byte, passwordKeyGen bool) string {
 		return fmt.Sprintf("it was generated with mechanism %#x, not CKM_GENERIC_SECRET_KEY_GEN", f.KeyGenMechanism)
 	case !f.KeyGenReported && passwordKeyGen:
 		return "the token offers password-based key generation (a secret of known value) and does not report which mechanism generated it (CKA_KEY_GEN_MECHANISM)"
+	case f.Mismatch != "":
+		return f.Mismatch
+	case f.SizeUnknown:
+		return "the token does not report its size (CKA_VALUE_LEN)"
+	}
+	return ""
+}
+
+// VouchedSecret says why a secret key found where the engine generated one (a version's HMAC secret, under CKA_ID
+// want) cannot be taken though the engine's own record vouches for it; "" when it can. The record, written before
+// the engine made the secret and kept until storage records it (internal/keys: a WAL entry, then a claim), says
+// where the secret came from, which NSS cannot show; what the token reports must still show it protected (never
+// readable or extractable), a generic secret of the version's size, and alone under its CKA_ID.
+func (f Found) VouchedSecret(want []byte) string {
+	switch {
+	case !bytes.Equal(f.ID, want):
+		return fmt.Sprintf("its CKA_ID is %x, not %x", f.ID, want)
+	case f.SharedID:
+		return "another object of its kind carries the same CKA_ID"
+	case !f.Sensitive || f.Extractable:
+		return "its material can be read or extracted (CKA_SENSITIVE false or CKA_EXTRACTABLE true)"
 	case f.Mismatch != "":
 		return f.Mismatch
 	case f.SizeUnknown:
@@ -260,7 +281,7 @@ func (t *Token) describe(c pkcs11API, sh pkcs11.SessionHandle, h pkcs11.ObjectHa
 		}
 	}
 	if kind != kindHMAC && hmacBytes > 0 {
-		_, why, err := t.examineHMACSecret(c, sh, caps, hmacSecretID(f.ID), hmacBytes, false)
+		_, why, err := t.examineHMACSecret(c, sh, caps, hmacSecretID(f.ID), hmacBytes, false, false)
 		if err != nil {
 			return Found{}, false, err
 		}
@@ -272,8 +293,9 @@ func (t *Token) describe(c pkcs11API, sh pkcs11.SessionHandle, h pkcs11.ObjectHa
 // examineHMACSecret looks for the generic secret under CKA_ID oid and says why it cannot be taken as an HMAC
 // secret of hmacBytes this engine generated ("" when it can); h is 0 when there is none, and then so is the reason.
 // besideMain: oid is also the version's main object's (the layout before hmacSecretID), which is then no other
-// object sharing it; no second generic secret may.
-func (t *Token) examineHMACSecret(c pkcs11API, sh pkcs11.SessionHandle, caps *Capabilities, oid []byte, hmacBytes int, besideMain bool) (pkcs11.ObjectHandle, string, error) {
+// object sharing it; no second generic secret may. vouched: the engine's record says it generated the secret, so
+// the token need not prove it (VouchedSecret instead of ProvenSecret).
+func (t *Token) examineHMACSecret(c pkcs11API, sh pkcs11.SessionHandle, caps *Capabilities, oid []byte, hmacBytes int, besideMain, vouched bool) (pkcs11.ObjectHandle, string, error) {
 	hs, err := findObjects(c, sh, kindHMAC.searchTemplate(oid), 2)
 	switch {
 	case err != nil:
@@ -289,6 +311,9 @@ func (t *Token) examineHMACSecret(c pkcs11API, sh pkcs11.SessionHandle, caps *Ca
 	}
 	if besideMain {
 		f.SharedID = false
+	}
+	if vouched {
+		return hs[0], f.VouchedSecret(oid), nil
 	}
 	return hs[0], f.ProvenSecret(oid, caps.passwordKeyGen()), nil
 }

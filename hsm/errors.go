@@ -43,7 +43,7 @@ type UntrustedObjectError struct {
 }
 
 func (e *UntrustedObjectError) Error() string {
-	return fmt.Sprintf("%s: the token holds a %s labelled %q with CKA_ID %x where this engine would generate one, and it cannot be shown to be generated on the token and never extractable (%s). It is never used: someone holding the token's PIN may have put a secret they know there. An operator removes it from the token (for instance pkcs11-tool --delete-object --type secrkey --id %x); the next use then makes a new one",
+	return fmt.Sprintf("%s: the token holds a %s labelled %q with CKA_ID %x where this engine would generate one, and it cannot be shown to be generated on the token and never extractable (%s). It is never used: someone holding the token's PIN may have put a secret they know there, and no record of this engine says it made it. An operator removes it from the token (for instance pkcs11-tool --delete-object --type secrkey --id %x); the next use then makes a new one, and HMACs made with the removed one no longer verify",
 		ErrUntrustedObject, e.Kind, e.Label, e.ID, e.Reason, e.ID)
 }
 

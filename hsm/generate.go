@@ -141,10 +141,12 @@ func (t *Token) GenerateVersion(ctx context.Context, alg Algorithm, id []byte, l
 
 // EnsureHMACKey gives the version with CKA_ID id its HMAC secret of hmacBytes, unless the token already holds
 // one (made by an earlier call whose caller did not get to record it, or by an earlier engine under the version's
-// own CKA_ID). One found is taken only when the token shows it generated it and never let it out (Found.ProvenSecret):
-// anything else is an *UntrustedObjectError and is never used. It searches the token, so it belongs on a
-// version's first HMAC, not on every one.
-func (t *Token) EnsureHMACKey(ctx context.Context, id []byte, versionLabel string, hmacBytes int) error {
+// own CKA_ID). One found is taken when the token shows it generated it and never let it out (Found.ProvenSecret),
+// or, when vouched (the engine's own record, written before it made the secret, says it did), when it is still
+// protected (Found.VouchedSecret): the only way where the token proves nothing (NSS). Anything else is an
+// *UntrustedObjectError and is never used. It searches the token, so it belongs on a version's first HMAC, not on
+// every one.
+func (t *Token) EnsureHMACKey(ctx context.Context, id []byte, versionLabel string, hmacBytes int, vouched bool) error {
 	if len(id) == 0 || hmacBytes < 16 || hmacBytes > 512 {
 		return fmt.Errorf("%w: CKA_ID of %d bytes, HMAC key size %d", ErrInvalidArgument, len(id), hmacBytes)
 	}
@@ -152,32 +154,35 @@ func (t *Token) EnsureHMACKey(ctx context.Context, id []byte, versionLabel strin
 	if err != nil {
 		return err
 	}
-	if found, err := t.existingHMACSecret(ctx, caps, id, hmacBytes); err != nil || found {
+	if found, err := t.existingHMACSecret(ctx, caps, id, hmacBytes, vouched); err != nil || found {
 		return err
 	}
 	return t.makeHMACSecret(ctx, caps, id, versionLabel, hmacBytes)
 }
 
 // CheckHMACSecret says whether the HMAC secret the token holds for version id, if any, would be taken by
-// EnsureHMACKey: nil when there is none or it is proven, an *UntrustedObjectError otherwise. reconcile reports
-// with it what a version's first HMAC would refuse.
-func (t *Token) CheckHMACSecret(ctx context.Context, id []byte, hmacBytes int) error {
+// EnsureHMACKey with the same vouched: nil when there is none or it would be, an *UntrustedObjectError otherwise.
+// The engine asks it before it writes its record of a secret it is about to make, and reconcile reports with it
+// what a version's first HMAC would refuse.
+func (t *Token) CheckHMACSecret(ctx context.Context, id []byte, hmacBytes int, vouched bool) error {
 	caps, err := t.Capabilities(ctx)
 	if err != nil {
 		return err
 	}
-	_, err = t.existingHMACSecret(ctx, caps, id, hmacBytes)
+	_, err = t.existingHMACSecret(ctx, caps, id, hmacBytes, vouched)
 	return err
 }
 
 // existingHMACSecret looks for version id's HMAC secret under each CKA_ID it may carry (objectIDs) and takes the
-// one found (its handle cached) only when it is proven (examineHMACSecret).
-func (t *Token) existingHMACSecret(ctx context.Context, caps *Capabilities, id []byte, hmacBytes int) (bool, error) {
+// one found (its handle cached) only when it is proven, or vouched for and protected (examineHMACSecret). A record
+// vouches for the current layout's CKA_ID only (hmacSecretID): the engine never made one under the version's own.
+func (t *Token) existingHMACSecret(ctx context.Context, caps *Capabilities, id []byte, hmacBytes int, vouched bool) (bool, error) {
 	found := false
 	err := t.do(ctx, "look for HMAC secret", func(c pkcs11API, s session) error {
 		found = false
 		for _, oid := range kindHMAC.objectIDs(id) {
-			h, why, err := t.examineHMACSecret(c, s.h, caps, oid, hmacBytes, bytes.Equal(oid, id))
+			legacy := bytes.Equal(oid, id)
+			h, why, err := t.examineHMACSecret(c, s.h, caps, oid, hmacBytes, legacy, vouched && !legacy)
 			if err != nil {
 				return err
 			}

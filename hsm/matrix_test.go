@@ -228,7 +228,7 @@ func useVersion(t *testing.T, tok *Token, caps *Capabilities, alg Algorithm, id 
 			}
 		}
 		if ok, _ := caps.Serves(HMACOnly); ok { // the HMAC secret beside the version, made on first use
-			if err := tok.EnsureHMACKey(ctx, id, "cmk/matrix/aes-hmac", 64); err != nil {
+			if err := tok.EnsureHMACKey(ctx, id, "cmk/matrix/aes-hmac", 64, false); err != nil {
 				t.Fatal(err)
 			}
 			checkHMAC(t, tok, id)

@@ -75,7 +75,7 @@ func TestPlantedHMACSecretIsRefused(t *testing.T) {
 				id := newVersion(label)
 				plantedMAC := plant(id, label)
 
-				err := tok.EnsureHMACKey(ctx, id, label, 32)
+				err := tok.EnsureHMACKey(ctx, id, label, 32, false)
 				if err == nil {
 					mac, herr := tok.HMAC(ctx, id, crypto.SHA256, []byte("data"))
 					t.Fatalf("the version's first HMAC took the planted secret (HMAC under the planted value: %v, %v)", herr == nil && hmac.Equal(mac, plantedMAC), herr)
@@ -85,7 +85,7 @@ func TestPlantedHMACSecretIsRefused(t *testing.T) {
 					t.Fatalf("EnsureHMACKey: %v, want an untrusted-object error naming %q and what to do", err, label+"/hmac")
 				}
 				t.Logf("%s: refused: %s", tk.Kind, untrusted.Reason)
-				if err := tok.CheckHMACSecret(ctx, id, 32); !errors.Is(err, ErrUntrustedObject) {
+				if err := tok.CheckHMACSecret(ctx, id, 32, false); !errors.Is(err, ErrUntrustedObject) {
 					t.Fatalf("CheckHMACSecret (reconcile's check): %v", err)
 				}
 				found, err := tok.FindVersion(ctx, alg, label, 32)
@@ -96,20 +96,106 @@ func TestPlantedHMACSecretIsRefused(t *testing.T) {
 		}
 
 		// The engine's own secret, found again by a later first use (the one that made it ended before storage
-		// recorded it), is taken where the token proves it generated it, and refused where nothing can be
-		// proven (NSS): an operator then removes it and the next HMAC makes a new one.
+		// recorded it), is taken without the engine's record only where the token proves it generated it, and
+		// refused where nothing can be proven (NSS). With the record it is taken everywhere
+		// (TestVouchedHMACSecretIsTakenOnEveryToken).
 		label := "cmk/test/own-" + string(tk.Kind) + "/v1"
 		id := newVersion(label)
-		if err := tok.EnsureHMACKey(ctx, id, label, 32); err != nil {
+		if err := tok.EnsureHMACKey(ctx, id, label, 32, false); err != nil {
 			t.Fatalf("first HMAC secret: %v", err)
 		}
-		err = tok.EnsureHMACKey(ctx, id, label, 32)
+		err = tok.EnsureHMACKey(ctx, id, label, 32, false)
 		provable := tk.Kind != tokentest.NSS
 		if provable && err != nil || !provable && !errors.Is(err, ErrUntrustedObject) {
 			t.Fatalf("the engine's own HMAC secret found again on %s: %v (proven there: %v)", tk.Kind, err, provable)
 		}
 		if found, err := tok.FindVersion(ctx, alg, label, 32); err != nil || len(found) != 1 || found[0].HMACSecret != provable {
 			t.Fatalf("adoption's view of the engine's own secret: %+v %v", found, err)
+		}
+	})
+}
+
+// The engine's own HMAC secret, found again by a first use that the engine's record vouches for (internal/keys
+// writes the record before it makes the secret: TestOwnHMACSecretSurvivesAnUnrecordedFirstUse), is taken on every
+// token, NSS included, and computes the HMACs it did. A record never makes the engine take a secret whose material
+// can be read or extracted, or one of another size.
+func TestVouchedHMACSecretIsTakenOnEveryToken(t *testing.T) {
+	onEveryToken(t, 2, func(t *testing.T, tk tokentest.Token, tok *Token) {
+		ctx := context.Background()
+		caps, err := tok.Capabilities(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ok, _ := caps.Serves(HMACOnly); !ok {
+			t.Skipf("%s holds no generic secrets (tpm2-pkcs11 has no C_GenerateKey)", tk.Kind)
+		}
+		alg := AES256
+		if ok, _ := caps.Serves(alg); !ok {
+			alg = RSA2048 // opencryptoki: no AES-GCM
+		}
+		newVersion := func(label string) []byte {
+			id := randomID(t)
+			if _, err := tok.GenerateVersion(ctx, alg, id, label, 0); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _, _ = tok.DestroyKeys(context.Background(), id) })
+			return id
+		}
+
+		label := "cmk/test/vouched-" + string(tk.Kind) + "/v1"
+		id := newVersion(label)
+		if err := tok.EnsureHMACKey(ctx, id, label, 32, true); err != nil {
+			t.Fatalf("first HMAC secret: %v", err)
+		}
+		before, err := tok.HMAC(ctx, id, crypto.SHA256, []byte("data"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := tok.CheckHMACSecret(ctx, id, 32, true); err != nil {
+			t.Fatalf("reconcile's check of a vouched-for secret on %s: %v", tk.Kind, err)
+		}
+		if err := tok.EnsureHMACKey(ctx, id, label, 32, true); err != nil {
+			t.Fatalf("the engine's own HMAC secret, vouched for, found again on %s: %v", tk.Kind, err)
+		}
+		if after, err := tok.HMAC(ctx, id, crypto.SHA256, []byte("data")); err != nil || !hmac.Equal(after, before) {
+			t.Fatalf("the HMAC after the secret was found again differs (%v)", err)
+		}
+
+		plant := func(id []byte, label string, value []byte, readable bool) {
+			err := tok.do(ctx, "plant", func(c pkcs11API, s session) error {
+				var tmpl []*pkcs11.Attribute
+				for _, a := range hmacKeyTemplate(templateOptions{allowedMechanisms: caps.AllowedMechanisms}, len(value), hmacSecretID(id), label+"/hmac") {
+					switch {
+					case a.Type == pkcs11.CKA_VALUE_LEN:
+					case readable && a.Type == pkcs11.CKA_SENSITIVE:
+						tmpl = append(tmpl, pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, false))
+					case readable && a.Type == pkcs11.CKA_EXTRACTABLE:
+						tmpl = append(tmpl, pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, true))
+					default:
+						tmpl = append(tmpl, a)
+					}
+				}
+				_, err := c.CreateObject(s.h, append(tmpl, pkcs11.NewAttribute(pkcs11.CKA_VALUE, value)))
+				return err
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		for name, p := range map[string]struct {
+			size     int
+			readable bool
+		}{"readable": {32, true}, "of-another-size": {16, false}} {
+			t.Run(name, func(t *testing.T) {
+				label := "cmk/test/vouched-" + name + "-" + string(tk.Kind) + "/v1"
+				id := newVersion(label)
+				value := make([]byte, p.size)
+				_, _ = rand.Read(value)
+				plant(id, label, value, p.readable)
+				if err := tok.EnsureHMACKey(ctx, id, label, 32, true); !errors.Is(err, ErrUntrustedObject) {
+					t.Fatalf("a vouched-for secret %s was taken on %s: %v", name, tk.Kind, err)
+				}
+			})
 		}
 	})
 }

@@ -228,7 +228,13 @@ func (tx *Tx) adopt(n int, f hsm.Found, w adoptedWAL, made, onWord bool) error {
 
 // vouchesFor: the entry records material this engine generated for version n of key name.
 func (w adoptedWAL) vouchesFor(name string, n int) bool {
-	return (w.id != "" || w.claim != "") && w.entry.Generated && w.entry.Name == name && w.entry.Version == n
+	return (w.id != "" || w.claim != "") && w.entry.Generated && !w.entry.HMACSecret && w.entry.Name == name && w.entry.Version == n
+}
+
+// vouchesForSecret: the entry records the HMAC secret this engine made for version n of key name (found by the
+// secret's CKA_ID, which names the version's).
+func (w adoptedWAL) vouchesForSecret(name string, n int) bool {
+	return (w.id != "" || w.claim != "") && w.entry.Generated && w.entry.HMACSecret && w.entry.Name == name && w.entry.Version == n
 }
 
 // versionWALs reads the WAL entries of version creations and the claims rollbacks left, by the HSM ID they name.
@@ -349,7 +355,8 @@ type Missing struct {
 }
 
 // Untrusted is an object where the engine would make one itself (a version's HMAC secret, made on first use) that
-// the token cannot show it generated: it is never used, and an operator removes it.
+// the token cannot show it generated and no record of the engine vouches for: it is never used, and an operator
+// removes it.
 type Untrusted struct {
 	Key     string `json:"key"`
 	Version int    `json:"version"`
@@ -437,6 +444,7 @@ func (m *Manager) Reconcile(ctx context.Context, s logical.Storage, name string,
 	}
 	referenced := map[string]bool{}
 	known := map[string]*Key{}
+	var records map[string]adoptedWAL // read once if a secret is to be examined
 	for _, n := range names {
 		k, err := m.Get(ctx, s, n)
 		if err != nil {
@@ -459,9 +467,17 @@ func (m *Manager) Reconcile(ctx context.Context, s logical.Storage, name string,
 				r.Missing = append(r.Missing, Missing{Key: n, Version: v, HSMID: ver.HSMID, Label: ver.Label})
 			}
 			if ver.State != StateDestroyed && ver.HMACDeferred && secretID[ver.HSMID] {
-				// A secret the version's first HMAC would find instead of making one: taken only if proven.
+				// A secret the version's first HMAC would find instead of making one: taken only if proven, or if
+				// the engine's record of making it vouches for it.
+				if records == nil {
+					if records, err = versionWALs(ctx, s); err != nil {
+						return nil, err
+					}
+				}
+				record, vouched := records[ver.HSMID+hmacSuffixHex]
+				vouched = vouched && record.vouchesForSecret(n, v)
 				var untrusted *hsm.UntrustedObjectError
-				if err := tok.CheckHMACSecret(ctx, ver.ID(), k.HMACKeyBytes()); errors.As(err, &untrusted) {
+				if err := tok.CheckHMACSecret(ctx, ver.ID(), k.HMACKeyBytes(), vouched); errors.As(err, &untrusted) {
 					r.Untrusted = append(r.Untrusted, Untrusted{Key: n, Version: v, Label: untrusted.Label, HSMID: hex.EncodeToString(untrusted.ID), Reason: untrusted.Reason})
 				} else if err != nil {
 					return nil, fmt.Errorf("examine the HMAC secret of key %q version %d: %w", n, v, err)
@@ -625,7 +641,7 @@ func (m *Manager) recreate(ctx context.Context, s logical.Storage, name string, 
 	}
 	var typ Type
 	for _, w := range records {
-		if w.entry.Name == name && w.entry.Version == 1 && w.entry.Type != "" {
+		if w.entry.Name == name && w.entry.Version == 1 && w.entry.Type != "" && !w.entry.HMACSecret {
 			typ = w.entry.Type
 		}
 	}

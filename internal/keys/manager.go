@@ -26,8 +26,8 @@ import (
 type HSM interface {
 	GenerateVersion(ctx context.Context, alg hsm.Algorithm, id []byte, label string, hmacBytes int) (crypto.PublicKey, error)
 	ImportVersion(ctx context.Context, r hsm.ImportRequest) (crypto.PublicKey, string, error)
-	EnsureHMACKey(ctx context.Context, id []byte, versionLabel string, hmacBytes int) error
-	CheckHMACSecret(ctx context.Context, id []byte, hmacBytes int) error
+	EnsureHMACKey(ctx context.Context, id []byte, versionLabel string, hmacBytes int, vouched bool) error
+	CheckHMACSecret(ctx context.Context, id []byte, hmacBytes int, vouched bool) error
 	DestroyKeys(ctx context.Context, id []byte) (int, error)
 	FindVersion(ctx context.Context, alg hsm.Algorithm, label string, hmacBytes int) ([]hsm.Found, error)
 	ListObjects(ctx context.Context, labelPrefix string) ([]hsm.ObjectInfo, error)
@@ -38,15 +38,20 @@ type HSM interface {
 	RaiseUsageWitness(ctx context.Context, id []byte, versionLabel string, n uint64) (before uint64, err error)
 }
 
-// WALKindVersion brackets the creation of a version's HSM objects until its metadata is stored.
+// WALKindVersion brackets the creation of a version's HSM objects until its metadata is stored, and the making
+// of a version's HMAC secret (on its first HMAC) until storage records that the version has it.
 const WALKindVersion = "hsm_key_version"
 
 // WALEntry names the objects a WAL entry brackets.
 type WALEntry struct {
-	Name      string `json:"name"`
-	Version   int    `json:"version"`
-	HSMID     string `json:"hsm_id"`
-	RequestID string `json:"request_id,omitempty"` // the request that made it, to recognise its retry
+	Name    string `json:"name"`
+	Version int    `json:"version"`
+	HSMID   string `json:"hsm_id"` // the CKA_ID (hex) of what it brackets
+	// HMACSecret: it brackets version Version's HMAC secret, whose CKA_ID (HSMID) is the version's own followed by
+	// "/hmac". With the entry (or the claim its rollback leaves), the engine vouches for the secret where the
+	// token cannot show it generated it (see EnsureHMACSecret).
+	HMACSecret bool   `json:"hmac_secret,omitempty"`
+	RequestID  string `json:"request_id,omitempty"` // the request that made it, to recognise its retry
 	// Generated: the material is generated on the token by this engine (not imported). With the entry, it vouches
 	// for the material's origin where the token cannot (see adopt.go).
 	Generated bool `json:"generated,omitempty"`
@@ -137,7 +142,7 @@ type Tx struct {
 
 	changed []int
 	made    []madeObject // objects made by this change, destroyed again if it fails before persisting
-	adopted []adoptedWAL // records of adopted material: forgotten once stored, never undone
+	adopted []adoptedWAL // records of material kept (adopted versions, an HMAC secret): forgotten once stored, never undone
 	events  []Event
 	dirty   bool
 	deleted bool // the key's metadata is to be removed (its deletion destroyed its objects)
@@ -796,6 +801,14 @@ func (tx *Tx) SetCertificateChain(n int, chainPEM string, subject string) error 
 
 // EnsureHMACSecret gives version n its HMAC secret, made on first use. The version's state is checked here, under
 // the key's lock: a version disabled or scheduled for destruction meanwhile never gets one.
+//
+// A secret made here may be left on the token with storage not recording it: the write below fails or the plugin
+// dies first, or storage is restored from a snapshot taken while this ran; HMACs under it may have gone out. The
+// next first use finds it, and on a token that cannot show it generated it (NSS) only the engine's own record
+// tells it from one planted by someone holding the PIN. So the record (a WAL entry naming the secret's CKA_ID,
+// kept as a claim by its rollback) is written before the secret is made, once whatever the token already holds
+// there is found proven or absent (a record written now must not vouch for what was there before); it is forgotten
+// once storage records the secret. A secret with no record is taken only where the token proves it.
 func (tx *Tx) EnsureHMACSecret(n int) error {
 	k := tx.Key
 	v := k.Versions[n]
@@ -815,13 +828,52 @@ func (tx *Tx) EnsureHMACSecret(n int) error {
 	if err != nil {
 		return err
 	}
-	if err := tok.EnsureHMACKey(tx.ctx, v.ID(), v.Label, k.HMACKeyBytes()); err != nil {
+	secretID := v.HSMID + hmacSuffixHex
+	records, err := versionWALs(tx.ctx, tx.s)
+	if err != nil {
+		return err
+	}
+	record, vouched := records[secretID]
+	if vouched = vouched && record.vouchesForSecret(k.Name, n); !vouched {
+		if err := tok.CheckHMACSecret(tx.ctx, v.ID(), k.HMACKeyBytes(), false); err != nil {
+			return fmt.Errorf("HMAC secret of key %q version %d: %w", k.Name, n, err)
+		}
+		w := WALEntry{Name: k.Name, Version: n, HSMID: secretID, RequestID: tx.who.RequestID, Generated: true, HMACSecret: true}
+		walID, err := framework.PutWAL(tx.ctx, tx.s, WALKindVersion, &w)
+		if err != nil {
+			return fmt.Errorf("write WAL: %w", err)
+		}
+		record = adoptedWAL{id: walID, entry: w}
+	}
+	if err := tok.EnsureHMACKey(tx.ctx, v.ID(), v.Label, k.HMACKeyBytes(), true); err != nil {
+		if !vouched {
+			tx.forgetUnusedRecord(record, v.Label+"/hmac")
+		}
 		return fmt.Errorf("HMAC secret of key %q version %d: %w", k.Name, n, err)
 	}
+	tx.adopted = append(tx.adopted, record) // forgotten once stored; the secret is never undone
 	k.withVersion(n, func(x *Version) { x.HMACDeferred = false })
 	tx.Changed(n)
 	tx.m.log.Info("HMAC secret created in the HSM on first use", "key", k.Name, "version", n)
 	return nil
+}
+
+// forgetUnusedRecord deletes the record just written for an HMAC secret whose making failed, when the token shows
+// that nothing was made: left, it would vouch for whatever someone put there later. When the token cannot say,
+// it stays for the rollback, which keeps it only if the secret is there.
+func (tx *Tx) forgetUnusedRecord(record adoptedWAL, label string) {
+	objects, err := tx.tok.ObjectsLabelled(tx.ctx, []string{label})
+	if err != nil {
+		return
+	}
+	for _, o := range objects {
+		if hex.EncodeToString(o.ID) == record.entry.HSMID {
+			return
+		}
+	}
+	if err := record.forget(tx.ctx, tx.s); err != nil {
+		tx.m.log.Warn("could not delete WAL entry; its rollback finds no secret and keeps nothing", "error", err)
+	}
 }
 
 // RollbackVersion is the WAL rollback of a version's creation, for a version that storage does not reference: the
@@ -840,6 +892,9 @@ func (m *Manager) RollbackVersion(ctx context.Context, s logical.Storage, data i
 	var w WALEntry
 	if err := json.Unmarshal(raw, &w); err != nil {
 		return err
+	}
+	if w.HMACSecret {
+		return m.rollbackHMACSecret(ctx, s, w)
 	}
 	id, err := hex.DecodeString(w.HSMID)
 	if err != nil || len(id) == 0 {
@@ -895,4 +950,44 @@ func (m *Manager) RollbackVersion(ctx context.Context, s logical.Storage, data i
 	}
 	m.log.Info("WAL rollback destroyed HSM objects that carry no version's label", "key", w.Name, "version", w.Version, "objects", n)
 	return nil
+}
+
+// rollbackHMACSecret is the WAL rollback of the making of a version's HMAC secret. It destroys nothing: the secret
+// may have made HMACs (storage restored to before the first HMAC was recorded, or the write after it failed). If
+// storage does not record the secret and the token holds it, a claim keeps the entry's record, which vouches for
+// it at the version's next first use (EnsureHMACSecret); reconcile reports it meanwhile as the engine's own.
+func (m *Manager) rollbackHMACSecret(ctx context.Context, s logical.Storage, w WALEntry) error {
+	l := m.lock(w.Name)
+	l.Lock()
+	defer l.Unlock()
+	m.cache.Delete(w.Name) // storage first: a failed write may have stored what the cache does not show
+	k, err := m.getLocked(ctx, s, w.Name)
+	if err != nil {
+		return err
+	}
+	if k != nil {
+		if v := k.Versions[w.Version]; v != nil && v.HSMID+hmacSuffixHex == w.HSMID && !v.HMACDeferred {
+			return nil // stored: the record has done its work
+		}
+	}
+	tok, err := m.token(ctx, s)
+	if err != nil {
+		return err
+	}
+	label := versionLabel(m.mountID, w.Name, w.Version) + "/hmac"
+	objects, err := tok.ObjectsLabelled(ctx, []string{label})
+	if err != nil {
+		return err
+	}
+	for _, o := range objects {
+		if hex.EncodeToString(o.ID) == w.HSMID {
+			if err := storeClaim(ctx, s, w); err != nil {
+				return err
+			}
+			m.log.Warn("WAL rollback kept an HMAC secret this engine made that storage does not record (storage restored, or its write failed); the version's next HMAC takes it",
+				"key", w.Name, "version", w.Version, "label", label)
+			return nil
+		}
+	}
+	return nil // nothing was made
 }

@@ -69,14 +69,14 @@ func (f *fakeHSM) ImportVersion(_ context.Context, r hsm.ImportRequest) (crypto.
 	return nil, "fake", nil
 }
 
-func (f *fakeHSM) EnsureHMACKey(_ context.Context, id []byte, _ string, _ int) error {
+func (f *fakeHSM) EnsureHMACKey(_ context.Context, id []byte, _ string, _ int, _ bool) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.hmac[hex.EncodeToString(id)] = true
 	return nil
 }
 
-func (f *fakeHSM) CheckHMACSecret(context.Context, []byte, int) error { return nil }
+func (f *fakeHSM) CheckHMACSecret(context.Context, []byte, int, bool) error { return nil }
 
 func (f *fakeHSM) DestroyKeys(_ context.Context, id []byte) (int, error) {
 	f.mu.Lock()
