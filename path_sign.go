@@ -113,7 +113,7 @@ func (b *backend) pathVerify() *framework.Path {
 			logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathVerifyWrite, "signature_context", "cmac", "mac_length"), Summary: "Check a signature or an HMAC."},
 		},
 		HelpSynopsis:    "Check a signature (with the version's public key) or an HMAC (recomputed in the HSM).",
-		HelpDescription: "Returns valid true or false. A malformed signature or HMAC, or a version below min_decryption_version, is a 400. HMACs are compared in constant time.",
+		HelpDescription: "Returns valid true or false. A malformed signature or HMAC, or a version below min_decryption_version, is a 400. HMACs are compared in constant time; an RSA key with allow_pkcs1v15_decryption=true verifies no HMAC (400).",
 	}
 }
 
@@ -137,7 +137,7 @@ func (b *backend) pathHMAC() *framework.Path {
 			logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathHMACWrite), Summary: "HMAC input with the version's HMAC secret, inside the HSM."},
 		},
 		HelpSynopsis:    "Compute an HMAC in the HSM with the key version's HMAC secret.",
-		HelpDescription: "Every version of every key has an HMAC secret in the HSM, as Transit keys do; for key types other than hmac it is generated in the HSM with the version's first HMAC (so keys never used for HMAC take one object on the token, not two). The result is vault:v<N>:<base64>.",
+		HelpDescription: "Every version of every key has an HMAC secret in the HSM, as Transit keys do; for key types other than hmac it is generated in the HSM with the version's first HMAC (so keys never used for HMAC take one object on the token, not two). The result is vault:v<N>:<base64>. An RSA key with allow_pkcs1v15_decryption=true serves no HMAC (400): its HMAC secrets derive PKCS#1 v1.5 implicit rejection.",
 	}
 }
 

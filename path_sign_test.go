@@ -529,6 +529,15 @@ func TestPKCS1v15OptInReservesTheHMACSecrets(t *testing.T) {
 		t.Fatalf("signature on an opted-in key: valid=%v", v)
 	}
 
+	// Implicit rejection makes the secret; once opted out, hmac could use it: opting in again is refused.
+	ct := e.ok(e.write("encrypt/r", map[string]interface{}{"plaintext": input, "padding_scheme": "pkcs1v15"})).Data["ciphertext"]
+	e.ok(e.write("decrypt/r", map[string]interface{}{"ciphertext": ct, "padding_scheme": "pkcs1v15"}))
+	e.ok(e.write("keys/r/config", map[string]interface{}{"allow_pkcs1v15_decryption": true})) // no change: accepted
+	e.ok(e.write("keys/r/config", map[string]interface{}{"allow_pkcs1v15_decryption": false}))
+	if resp, err := e.write("keys/r/config", map[string]interface{}{"allow_pkcs1v15_decryption": true}); status(resp, err) != 400 {
+		t.Fatalf("opting in again after opting out: %d %s", status(resp, err), respText(resp))
+	}
+
 	// A key whose version has made HMACs cannot opt in: hmac may have handed out the derivation of any ciphertext.
 	e.ok(e.write("keys/h", map[string]interface{}{"type": "rsa-2048"}))
 	e.ok(e.write("hmac/h", map[string]interface{}{"input": input}))
