@@ -45,6 +45,7 @@ type hsmToken interface {
 	SignEd25519(ctx context.Context, id, message []byte) ([]byte, error)
 	HMAC(ctx context.Context, id []byte, h crypto.Hash, data []byte) ([]byte, error)
 	DecryptRSA(ctx context.Context, id []byte, h crypto.Hash, ciphertext []byte) ([]byte, error)
+	DecryptPKCS1v15(ctx context.Context, id, ciphertext, rejection []byte) ([]byte, error)
 	GenerateWrappingKey(ctx context.Context, id []byte, label string) (*rsa.PublicKey, error)
 	GenerateRandom(ctx context.Context, n int) ([]byte, error)
 	MissingObjects(id []byte) map[string]time.Time

@@ -11,6 +11,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math/big"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -132,24 +133,31 @@ const implicitRejectionLabel = "cmk PKCS#1 v1.5 implicit rejection\x00"
 // pseudo-random message derived from the ciphertext under a secret of the version, never to an error, so that no
 // answer of decrypt or rewrap tells valid padding from invalid (Bleichenbacher's oracle). The draft derives its
 // key from the private exponent, which never leaves the HSM; here it is the version's HMAC secret, also in the
-// HSM: the derivation key is HMAC-SHA256(secret, label ‖ ciphertext), computed for every ciphertext, valid or
-// not, so that both make the same HSM calls.
+// HSM and reserved for this once the key opts in (hmacReserved): the derivation key is HMAC-SHA256(secret,
+// label ‖ ciphertext). Valid or not, every ciphertext costs the same: one HMAC, the synthetic message, one raw
+// RSA decryption, the padding removed and the message chosen in constant time (hsm's DecryptPKCS1v15).
 func (b *backend) decryptPKCS1v15(ctx context.Context, req *logical.Request, tok hsmToken, k *keys.Key, v int, ver *keys.Version, raw []byte) ([]byte, error) {
 	if !k.AllowPKCS1v15Decryption {
 		return nil, callerf("PKCS#1 v1.5 decryption is refused for key %q: the validity of its padding is an oracle (Bleichenbacher) on every ciphertext of the key, OAEP ones included; set allow_pkcs1v15_decryption=true in keys/%s/config to accept it, answered with implicit rejection", k.Name, k.Name)
 	}
-	modulus := ver.Public().(*rsa.PublicKey).Size()
+	pub := ver.Public().(*rsa.PublicKey)
+	modulus := pub.Size()
 	if len(raw) != modulus { // public: says nothing of the padding
 		return nil, callerf("invalid ciphertext: %d bytes, key %q version %d takes %d", len(raw), k.Name, v, modulus)
 	}
-	kdk, err := b.computeHMAC(ctx, req, tok, k, v, ver, "sha2-256", append([]byte(implicitRejectionLabel), raw...))
+	if new(big.Int).SetBytes(raw).Cmp(pub.N) >= 0 { // public too: no RSA ciphertext is
+		return nil, callerf("invalid ciphertext: not below the modulus of key %q version %d", k.Name, v)
+	}
+	kdk, err := b.computeHMAC(ctx, req, tok, k, v, ver, "sha2-256", append([]byte(implicitRejectionLabel), raw...), false)
 	if err != nil {
 		return nil, err
 	}
 	defer clear(kdk)
-	pt, err := tok.DecryptRSA(ctx, ver.ID(), 0, raw)
-	if errors.Is(err, hsm.ErrInvalidCiphertext) {
-		return syntheticMessage(kdk, modulus), nil
+	synthetic := syntheticMessage(kdk, modulus)
+	defer clear(synthetic)
+	pt, err := tok.DecryptPKCS1v15(ctx, ver.ID(), raw, synthetic)
+	if errors.Is(err, hsm.ErrMechanismUnsupported) { // refused at C_DecryptInit, before the token saw the data
+		return nil, callerf("PKCS#1 v1.5 decryption with key %q version %d needs raw RSA (CKM_RSA_X_509), which the token refuses for this key (%v): the engine removes the padding itself so that invalid padding costs the same as valid; versions made before the engine listed raw RSA among an RSA key's allowed mechanisms, on a token that stores them, cannot serve it: rotate the key and use a new version", k.Name, v, err)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("decrypt with key %q version %d: %w", k.Name, v, err)

@@ -110,7 +110,7 @@ func (b *backend) pathKeys() []*framework.Path {
 				},
 				"allow_pkcs1v15_decryption": {
 					Type:        framework.TypeBool,
-					Description: "RSA keys: accept decrypt and rewrap with PKCS#1 v1.5 padding (default false: refused, as a padding oracle). When true, a ciphertext with invalid padding is answered with implicit rejection: a pseudo-random message derived from it under the version's HMAC secret, never an error.",
+					Description: "RSA keys: accept decrypt and rewrap with PKCS#1 v1.5 padding (default false: refused, as a padding oracle). When true, a ciphertext with invalid padding is answered with implicit rejection: a pseudo-random message derived from it under the version's HMAC secret, never an error. The key's HMAC secrets are then reserved for this: hmac and verify with hmac are refused, and opting in is refused while a version already has an HMAC secret (hmac_secret_on_token), which hmac may have used.",
 				},
 			}),
 			Operations: map[logical.Operation]framework.OperationHandler{

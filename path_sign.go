@@ -113,7 +113,7 @@ func (b *backend) pathVerify() *framework.Path {
 			logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathVerifyWrite, "signature_context", "cmac", "mac_length"), Summary: "Check a signature or an HMAC."},
 		},
 		HelpSynopsis:    "Check a signature (with the version's public key) or an HMAC (recomputed in the HSM).",
-		HelpDescription: "Returns valid true or false. A malformed signature or HMAC, or a version below min_decryption_version, is a 400. HMACs are compared in constant time.",
+		HelpDescription: "Returns valid true or false. A malformed signature or HMAC, or a version below min_decryption_version, is a 400. HMACs are compared in constant time; an RSA key with allow_pkcs1v15_decryption=true verifies no HMAC (400).",
 	}
 }
 
@@ -137,7 +137,7 @@ func (b *backend) pathHMAC() *framework.Path {
 			logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathHMACWrite), Summary: "HMAC input with the version's HMAC secret, inside the HSM."},
 		},
 		HelpSynopsis:    "Compute an HMAC in the HSM with the key version's HMAC secret.",
-		HelpDescription: "Every version of every key has an HMAC secret in the HSM, as Transit keys do; for key types other than hmac it is generated in the HSM with the version's first HMAC (so keys never used for HMAC take one object on the token, not two). The result is vault:v<N>:<base64>.",
+		HelpDescription: "Every version of every key has an HMAC secret in the HSM, as Transit keys do; for key types other than hmac it is generated in the HSM with the version's first HMAC (so keys never used for HMAC take one object on the token, not two). The result is vault:v<N>:<base64>. An RSA key with allow_pkcs1v15_decryption=true serves no HMAC (400): its HMAC secrets derive PKCS#1 v1.5 implicit rejection.",
 	}
 }
 
@@ -367,6 +367,9 @@ func (b *backend) pathVerifyWrite(ctx context.Context, req *logical.Request, d *
 		case it.HMAC != "" && it.Signature != "":
 			return verifyResult{}, callerf("give signature or hmac, not both")
 		case it.HMAC != "":
+			if err := hmacReserved(p); err != nil {
+				return verifyResult{}, err
+			}
 			valid, ierr := b.verifyHMAC(ctx, req, tok, p, hmacHash(d), it.HMAC, input)
 			return verifyResult{Valid: valid}, ierr
 		case it.Signature == "":
@@ -437,9 +440,22 @@ func hmacHash(d *framework.FieldData) string {
 	return "sha2-256"
 }
 
+// hmacReserved refuses a caller's HMAC (hmac, verify with hmac) with a key whose HMAC secrets serve PKCS#1 v1.5
+// implicit rejection: an HMAC of label ‖ ciphertext is the derivation key of that ciphertext's synthetic message,
+// and whoever knows the synthetic message tells valid padding from invalid (the message, or its length through
+// rewrap's "message too long"), which is Bleichenbacher's oracle.
+func hmacReserved(p *keys.Key) error {
+	if p.AllowPKCS1v15Decryption {
+		return callerf("key %q serves no hmac or verify with hmac: allow_pkcs1v15_decryption=true reserves its versions' HMAC secrets for PKCS#1 v1.5 implicit rejection, whose messages an HMAC under them would predict", p.Name)
+	}
+	return nil
+}
+
 // computeHMAC computes the HMAC of input with version v's HMAC secret, making the secret first if the version
-// has none yet (under the key's lock, where the version's state is checked again).
-func (b *backend) computeHMAC(ctx context.Context, req *logical.Request, tok hsmToken, p *keys.Key, v int, ver *keys.Version, hashName string, input []byte) ([]byte, error) {
+// has none yet (under the key's lock, where the version's state is checked again). forCaller: the HMAC is a
+// caller's (hmac, verify), refused once the key reserves its secrets (hmacReserved), also when it opts in while
+// this request runs; otherwise it is the engine's own (implicit rejection).
+func (b *backend) computeHMAC(ctx context.Context, req *logical.Request, tok hsmToken, p *keys.Key, v int, ver *keys.Version, hashName string, input []byte, forCaller bool) ([]byte, error) {
 	h, ok := signHashes[hashName]
 	if !ok {
 		return nil, callerf("unsupported hash algorithm %q", hashName)
@@ -448,7 +464,14 @@ func (b *backend) computeHMAC(ctx context.Context, req *logical.Request, tok hsm
 		return nil, err
 	}
 	if ver.HMACDeferred {
-		if _, err := b.keys.Update(ctx, req.Storage, p.Name, actorOf(req), func(tx *keys.Tx) error { return tx.EnsureHMACSecret(v) }); err != nil {
+		if _, err := b.keys.Update(ctx, req.Storage, p.Name, actorOf(req), func(tx *keys.Tx) error {
+			if forCaller {
+				if err := hmacReserved(tx.Key); err != nil {
+					return err
+				}
+			}
+			return tx.EnsureHMACSecret(v)
+		}); err != nil {
 			return nil, err
 		}
 	}
@@ -465,7 +488,7 @@ func (b *backend) verifyHMAC(ctx context.Context, req *logical.Request, tok hsmT
 	if err != nil {
 		return false, err
 	}
-	want, err := b.computeHMAC(ctx, req, tok, p, v, ver, hashName, input)
+	want, err := b.computeHMAC(ctx, req, tok, p, v, ver, hashName, input, true)
 	if err != nil {
 		return false, err
 	}
@@ -481,6 +504,9 @@ func (b *backend) pathHMACWrite(ctx context.Context, req *logical.Request, d *fr
 	if err != nil {
 		return respond(err)
 	}
+	if err := hmacReserved(p); err != nil {
+		return respond(err)
+	}
 	hashName := hmacHash(d)
 	return runBatch(d, req, items, batch, tok.PoolSize(), func(i int, it *batchItem) (hmacResult, error) {
 		input, err := base64.StdEncoding.DecodeString(it.Input)
@@ -491,7 +517,7 @@ func (b *backend) pathHMACWrite(ctx context.Context, req *logical.Request, d *fr
 		if err != nil {
 			return hmacResult{}, err
 		}
-		mac, ierr := b.computeHMAC(ctx, req, tok, p, v, ver, hashName, input)
+		mac, ierr := b.computeHMAC(ctx, req, tok, p, v, ver, hashName, input, true)
 		if ierr != nil {
 			return hmacResult{}, ierr
 		}

@@ -501,3 +501,58 @@ func TestRefusedSignatureCombinationIsA400(t *testing.T) {
 		t.Fatalf("PSS with SHA3-256 on SoftHSM: %d %s", status(resp, err), respText(resp))
 	}
 }
+
+// Issue 19 item 10: an RSA key that opts in to PKCS#1 v1.5 decryption derives each invalid ciphertext's
+// synthetic message from its versions' HMAC secrets. hmac/ would let a caller compute that derivation for any
+// ciphertext, predict the synthetic message and its length, and tell valid padding from invalid through rewrap's
+// per-item "message too long": so such a key serves no hmac and no verify with hmac (single or batch), and a key
+// whose versions already have an HMAC secret (which hmac may have used) cannot opt in.
+func TestPKCS1v15OptInReservesTheHMACSecrets(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/r", map[string]interface{}{"type": "rsa-2048"}))
+	e.ok(e.write("keys/r/config", map[string]interface{}{"allow_pkcs1v15_decryption": true}))
+	refused := func(what, path string, data map[string]interface{}) {
+		t.Helper()
+		resp, err := e.write(path, data)
+		text := respText(resp)
+		if err == nil && resp != nil && !resp.IsError() {
+			if items := rawBatch(t, resp); len(items) > 0 {
+				text = fmt.Sprint(items)
+			}
+		}
+		if status(resp, err) != 400 || !strings.Contains(text, "allow_pkcs1v15_decryption") {
+			t.Fatalf("%s on an opted-in key: %d %s", what, status(resp, err), text)
+		}
+	}
+	input := b64("label and ciphertext")
+	refused("hmac", "hmac/r", map[string]interface{}{"input": input})
+	refused("hmac batch", "hmac/r/sha2-256", map[string]interface{}{"batch_input": []interface{}{map[string]interface{}{"input": input}}})
+	forged := "vault:v1:" + base64.StdEncoding.EncodeToString(make([]byte, 32))
+	refused("verify with hmac", "verify/r", map[string]interface{}{"input": input, "hmac": forged})
+	refused("verify batch with hmac", "verify/r", map[string]interface{}{"batch_input": []interface{}{map[string]interface{}{"input": input, "hmac": forged}}})
+	if read := e.ok(e.read("keys/r/versions/1")); read.Data["hmac_secret_on_token"] != false {
+		t.Fatalf("the refused requests made an HMAC secret: %v", read.Data["hmac_secret_on_token"])
+	}
+	// Signatures are not HMACs: sign and verify still work.
+	sig := e.ok(e.write("sign/r", map[string]interface{}{"input": input})).Data["signature"]
+	if v := e.ok(e.write("verify/r", map[string]interface{}{"input": input, "signature": sig})).Data["valid"]; v != true {
+		t.Fatalf("signature on an opted-in key: valid=%v", v)
+	}
+
+	// Implicit rejection makes the secret; once opted out, hmac could use it: opting in again is refused.
+	ct := e.ok(e.write("encrypt/r", map[string]interface{}{"plaintext": input, "padding_scheme": "pkcs1v15"})).Data["ciphertext"]
+	e.ok(e.write("decrypt/r", map[string]interface{}{"ciphertext": ct, "padding_scheme": "pkcs1v15"}))
+	e.ok(e.write("keys/r/config", map[string]interface{}{"allow_pkcs1v15_decryption": true})) // no change: accepted
+	e.ok(e.write("keys/r/config", map[string]interface{}{"allow_pkcs1v15_decryption": false}))
+	if resp, err := e.write("keys/r/config", map[string]interface{}{"allow_pkcs1v15_decryption": true}); status(resp, err) != 400 {
+		t.Fatalf("opting in again after opting out: %d %s", status(resp, err), respText(resp))
+	}
+
+	// A key whose version has made HMACs cannot opt in: hmac may have handed out the derivation of any ciphertext.
+	e.ok(e.write("keys/h", map[string]interface{}{"type": "rsa-2048"}))
+	e.ok(e.write("hmac/h", map[string]interface{}{"input": input}))
+	resp, err := e.write("keys/h/config", map[string]interface{}{"allow_pkcs1v15_decryption": true})
+	if status(resp, err) != 400 || !strings.Contains(respText(resp), "hmac_secret_on_token") {
+		t.Fatalf("opting in after hmac: %d %s", status(resp, err), respText(resp))
+	}
+}

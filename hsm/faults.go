@@ -240,3 +240,10 @@ func (f *faultyCalls) Sign(sh pkcs11.SessionHandle, message []byte) ([]byte, err
 	}
 	return f.pkcs11API.Sign(sh, message)
 }
+
+func (f *faultyCalls) CloseSession(sh pkcs11.SessionHandle) error {
+	if err := f.hit("CloseSession"); err != nil {
+		return err
+	}
+	return f.pkcs11API.CloseSession(sh)
+}

@@ -246,7 +246,7 @@ func (t *Token) generatePair(ctx context.Context, caps *Capabilities, alg Algori
 	templates := func(o templateOptions) (mech uint, pubT, privT []*pkcs11.Attribute) {
 		switch alg.kind() {
 		case kindRSA:
-			pubT, privT = rsaKeyTemplates(o, caps.AllowedMechanisms && !caps.OAEPSHA256, alg.rsaBits(), id, label)
+			pubT, privT = rsaKeyTemplates(o, caps.Offers(pkcs11.CKM_RSA_X_509), alg.rsaBits(), id, label)
 			return pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, pubT, privT
 		case kindEC:
 			_, params := alg.curve()

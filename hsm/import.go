@@ -89,7 +89,7 @@ func (t *Token) ImportVersion(ctx context.Context, r ImportRequest) (crypto.Publ
 	}
 	o := templateOptions{allowedMechanisms: caps.AllowedMechanisms, nssDB: t.quirks().nssDBOnUnwrappedEC,
 		omitMeaningless: pairTemplateOptions(t.pool.tokenState().pairTemplates.Load())&omitMeaningless != 0}
-	rawRSA := caps.AllowedMechanisms && !caps.OAEPSHA256
+	rawRSA := caps.Offers(pkcs11.CKM_RSA_X_509)
 	kind := r.Algorithm.kind()
 	var pub crypto.PublicKey
 	method := ImportUnwrappedInHSM

@@ -5,18 +5,16 @@ import (
 	"crypto"
 	"crypto/subtle"
 	"errors"
+	"fmt"
 	"hash"
 
 	"github.com/miekg/pkcs11"
 )
 
-// DecryptRSA decrypts with the RSA key of id: OAEP with hash h (MGF1 of the same hash, empty label), or
-// PKCS#1 v1.5 when h is 0. Tokens whose OAEP lacks the hash (SoftHSM 2.6 offers SHA-1 only) get a raw RSA
-// decryption and the padding is checked here, in constant time.
+// DecryptRSA decrypts with the RSA key of id with OAEP of hash h (MGF1 of the same hash, empty label). Tokens
+// whose OAEP lacks the hash (SoftHSM 2.6 offers SHA-1 only) get a raw RSA decryption and the padding is checked
+// here, in constant time. PKCS#1 v1.5 is DecryptPKCS1v15.
 func (t *Token) DecryptRSA(ctx context.Context, id []byte, h crypto.Hash, ciphertext []byte) ([]byte, error) {
-	if h == 0 {
-		return t.rsaDecrypt(ctx, id, pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS, nil), ciphertext)
-	}
 	info, err := lookupHash(h)
 	if err != nil {
 		return nil, err
@@ -38,6 +36,59 @@ func (t *Token) DecryptRSA(ctx context.Context, id []byte, h crypto.Hash, cipher
 	em := leftPad(raw, len(ciphertext)) // some tokens drop the leading zero bytes of the raw result
 	defer clear(em)
 	return oaepUnpad(h.New(), em)
+}
+
+// DecryptPKCS1v15 decrypts a PKCS#1 v1.5 ciphertext of the RSA key of id with implicit rejection: it returns the
+// message where the padding is valid and rejection where it is not, never an error that depends on the padding.
+// Tokens refuse bad padding with codes that also mean faults (SoftHSM 2.6 CKR_GENERAL_ERROR, opencryptoki
+// CKR_FUNCTION_FAILED), which the recovery rules ask again on another session: a second private-key operation
+// and a new session that timing shows. So the token makes one raw RSA decryption (CKM_RSA_X_509), which succeeds
+// for any ciphertext below the modulus, and the padding is removed here, in constant time. ciphertext must be as
+// long as the modulus and below it, and rejection at most 11 bytes shorter (the caller knows both publicly).
+func (t *Token) DecryptPKCS1v15(ctx context.Context, id, ciphertext, rejection []byte) ([]byte, error) {
+	if len(ciphertext) < 11 || len(rejection) > len(ciphertext)-11 {
+		return nil, fmt.Errorf("%w: a %d-byte rejection message for a %d-byte ciphertext", ErrInvalidArgument, len(rejection), len(ciphertext))
+	}
+	raw, err := t.rsaDecrypt(ctx, id, pkcs11.NewMechanism(pkcs11.CKM_RSA_X_509, nil), ciphertext)
+	if rv, ok := rvOf(err); ok && rv == pkcs11.CKR_KEY_FUNCTION_NOT_PERMITTED {
+		err = fmt.Errorf("%w: %w", ErrMechanismUnsupported, err) // the key's allowed mechanisms lack raw RSA
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer clear(raw)
+	em := leftPad(raw, len(ciphertext)) // some tokens drop the leading zero bytes of the raw result
+	defer clear(em)
+	return pkcs1v15UnpadOr(em, rejection), nil
+}
+
+// pkcs1v15UnpadOr is the message of em, the raw RSA result, where it has valid EME-PKCS1-v1_5 padding (RFC 8017
+// §7.2.2: 00 02, at least 8 non-zero bytes, 00, the message), and rejection where it has not. Neither the
+// checks nor the choice branch on em or on the verdict: both messages sit at the end of a block as long as em,
+// and the block's bytes and the message's start are taken from one or the other with constant-time selects.
+// Only the returned length depends on the choice, and the caller's answer shows that length anyway.
+func pkcs1v15UnpadOr(em, rejection []byte) []byte {
+	k := len(em)
+	firstByteIsZero := subtle.ConstantTimeByteEq(em[0], 0)
+	secondByteIsTwo := subtle.ConstantTimeByteEq(em[1], 2)
+	// The separator is the first zero after the block type.
+	lookingForIndex, index := 1, 0
+	for i := 2; i < k; i++ {
+		equals0 := subtle.ConstantTimeByteEq(em[i], 0)
+		index = subtle.ConstantTimeSelect(lookingForIndex&equals0, i, index)
+		lookingForIndex = subtle.ConstantTimeSelect(equals0, 0, lookingForIndex)
+	}
+	paddingLongEnough := subtle.ConstantTimeLessOrEq(2+8, index)
+	valid := firstByteIsZero & secondByteIsTwo & (lookingForIndex ^ 1) & paddingLongEnough
+
+	block := make([]byte, k)
+	defer clear(block)
+	copy(block[k-len(rejection):], rejection)
+	for i := range block {
+		block[i] = byte(subtle.ConstantTimeSelect(valid, int(em[i]), int(block[i])))
+	}
+	start := subtle.ConstantTimeSelect(valid, index+1, k-len(rejection))
+	return append([]byte(nil), block[start:]...)
 }
 
 func isArgumentsBad(err error) bool {

@@ -105,7 +105,7 @@ func TestRSADecryptOAEPAndPKCS1(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if pt, err := tok.DecryptRSA(ctx, id, 0, ct); err != nil || !bytes.Equal(pt, msg) {
+	if pt, err := tok.DecryptPKCS1v15(ctx, id, ct, []byte("rejected")); err != nil || !bytes.Equal(pt, msg) {
 		t.Fatalf("PKCS#1 v1.5: %q %v", pt, err)
 	}
 }

@@ -198,8 +198,10 @@ func publicKeyTemplate(o templateOptions, keyType uint, id []byte, extra ...*pkc
 	return append(t, extra...)
 }
 
-// rsaMechanisms: signing (PKCS#1 v1.5 and PSS over a digest) and decryption (OAEP); raw RSA only where the token's
-// OAEP lacks SHA-256, because Transit's RSA decryption then decodes the padding in the plugin.
+// rsaMechanisms: signing (PKCS#1 v1.5 and PSS over a digest) and decryption (OAEP), and raw RSA where the token
+// offers it: PKCS#1 v1.5 decryption, and OAEP where the token's lacks SHA-256, decode the padding in the plugin
+// (DecryptPKCS1v15, DecryptRSA). Keys made before raw RSA was listed wherever the token offers it (on a token that
+// stores allowed mechanisms and whose OAEP takes SHA-256) cannot decrypt PKCS#1 v1.5: ErrMechanismUnsupported.
 func rsaMechanisms(rawRSA bool) []uint {
 	m := []uint{pkcs11.CKM_RSA_PKCS, pkcs11.CKM_RSA_PKCS_PSS, pkcs11.CKM_RSA_PKCS_OAEP}
 	if rawRSA {

@@ -207,6 +207,11 @@ func (k *Key) Apply(c Settings) error {
 		if *c.AllowPKCS1v15Decryption && !k.Type.IsRSA() {
 			return Callerf("allow_pkcs1v15_decryption applies to RSA keys, not %s", k.Type)
 		}
+		if *c.AllowPKCS1v15Decryption && !k.AllowPKCS1v15Decryption {
+			if err := k.hmacSecretsUnused(); err != nil {
+				return err
+			}
+		}
 		k.AllowPKCS1v15Decryption = *c.AllowPKCS1v15Decryption
 	}
 	if c.NextRotation != nil {
@@ -259,4 +264,21 @@ func FormatTime(t time.Time) string {
 		return ""
 	}
 	return t.UTC().Format(time.RFC3339)
+}
+
+// hmacSecretsUnused refuses opting in to PKCS#1 v1.5 decryption while a version has an HMAC secret on the token.
+// Implicit rejection derives each invalid ciphertext's message from that secret, and hmac/ may have used it
+// before: an HMAC of label ‖ ciphertext, asked ahead (the ciphertexts of an attack's first steps follow from the
+// target alone), predicts the message and tells valid padding from invalid. Secrets made after opting in have
+// served no caller (hmac and verify are refused from then on): so the rule holds only for secrets made before,
+// including while the key was opted out.
+func (k *Key) hmacSecretsUnused() error {
+	for n := 1; n <= k.LatestVersion; n++ {
+		v := k.Versions[n]
+		if v == nil || v.State == StateDestroyed || v.HMACDeferred || v.PublicOnly() {
+			continue
+		}
+		return Callerf("allow_pkcs1v15_decryption cannot be set on key %q: version %d already has an HMAC secret on the token (hmac_secret_on_token), which hmac may have used, and PKCS#1 v1.5 implicit rejection needs secrets no caller has used; destroy the versions that have one (keys/%s/trim, or keys/%s/versions/:version), or use a new key", k.Name, n, k.Name, k.Name)
+	}
+	return nil
 }
