@@ -156,10 +156,13 @@ func TestKillDashNine(t *testing.T) {
 	}
 }
 
-// objectsLabelled2 counts m's objects whose label starts with prefix, as the token reports them.
+// objectsLabelled2 counts m's key objects whose label starts with prefix, as the token reports them: usage
+// witnesses (hsm/witness.go, one per version that encrypted) hold no key material and are left out.
 func objectsLabelled2(t *testing.T, m mount, prefix string) int {
 	t.Helper()
-	return countObjects(t, m, func(label string) bool { return strings.HasPrefix(label, prefix) })
+	return countObjects(t, m, func(label string) bool {
+		return strings.HasPrefix(label, prefix) && !strings.Contains(label, "/uses/")
+	})
 }
 
 func mustNumber(t *testing.T, v interface{}) float64 {
