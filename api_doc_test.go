@@ -706,7 +706,7 @@ var responseFieldDocs = map[string]string{
 	"import_supported":            "config/hsm key_types: whether the token can take an imported key of the type (BYOK)",
 	"import_missing":              "config/hsm key_types: why the token cannot take an imported key of the type",
 	"adoptable":                   "`reconcile`, per unreferenced object: `adopt=true` would adopt it by itself (generated on the token, never extractable, of the key's type, numbered right after the latest version).",
-	"adoptable_by_operator":       "`reconcile`, per unreferenced object: `adopt=true adopt_unverified=true` would adopt it on the operator's word (protected and of the key's type, in a row after the latest version), though the token cannot show it was generated there.",
+	"adoptable_by_operator":       "`reconcile`, per unreferenced object: the sudo path `reconcile/adopt-unverified` would adopt it on the operator's word (protected and of the key's type, in a row after the latest version), though the token cannot show it was generated there.",
 	"adopted":                     "`reconcile`: the versions this request adopted (`key`, `version`, `hsm_id`, `label`).",
 	"adopted_time":                "Key read, per version: when the version was adopted from the token after a storage restore lost it.",
 	"allowed_mechanisms_stored":   "`config/hsm`: whether the token keeps `CKA_ALLOWED_MECHANISMS` on the objects the engine makes (probed once per token).",
