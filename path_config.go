@@ -340,10 +340,29 @@ type keysConfig struct {
 	AutoRotatePeriod time.Duration `json:"auto_rotate_period"`
 	// DeletionGracePeriod delays the destruction of deleted keys and versions; 0 destroys at once.
 	DeletionGracePeriod time.Duration `json:"deletion_grace_period"`
+	// PurgeProtection, once set, is never cleared: from then on every destruction waits at least
+	// MinDeletionGracePeriod (Azure Key Vault's purge protection).
+	PurgeProtection bool `json:"purge_protection,omitempty"`
+	// MinDeletionGracePeriod is purge protection's floor; it only goes up.
+	MinDeletionGracePeriod time.Duration `json:"min_deletion_grace_period,omitempty"`
+}
+
+// destructionGrace is how long a key deletion, version destruction or trim requested now waits before HSM
+// objects are destroyed: the configured grace, and never less than the floor while purge protection is on. It is
+// the one place that decides it.
+func (c *keysConfig) destructionGrace() time.Duration {
+	if c.PurgeProtection && c.DeletionGracePeriod < c.MinDeletionGracePeriod {
+		return c.MinDeletionGracePeriod
+	}
+	return c.DeletionGracePeriod
 }
 
 // defaultDeletionGracePeriod is how long a deleted key or version can be restored, unless config/keys says.
 const defaultDeletionGracePeriod = 7 * 24 * time.Hour
+
+// minPurgeProtectionFloor is the lowest min_deletion_grace_period, and the floor purge protection starts with when
+// none is given: Azure Key Vault's shortest soft-delete retention.
+const minPurgeProtectionFloor = 7 * 24 * time.Hour
 
 // minAutoRotatePeriod is Transit's lower bound for auto_rotate_period.
 const minAutoRotatePeriod = time.Hour
@@ -390,7 +409,15 @@ func (b *backend) pathConfigKeys() *framework.Path {
 			"deletion_grace_period": {
 				Type:        framework.TypeDurationSecond,
 				Default:     int(defaultDeletionGracePeriod.Seconds()),
-				Description: "How long a deleted key, or a version whose destruction is requested, waits before its HSM objects are destroyed; it can be restored meanwhile. 0 destroys at once (as Transit). Default 7 days.",
+				Description: "How long a deleted key, or a version whose destruction is requested, waits before its HSM objects are destroyed; it can be restored meanwhile. 0 destroys at once (as Transit). Default 7 days. Under purge_protection it may not be set below min_deletion_grace_period, and destructions never wait less.",
+			},
+			"purge_protection": {
+				Type:        framework.TypeBool,
+				Description: "One-way: once true it can never be set false again. From then on no key is deleted and no version destroyed (delete, versions/N/destroy, trim) before min_deletion_grace_period has passed, whatever deletion_grace_period and the key's settings say; deletion_grace_period below the floor (0 included) is refused. Deletions and destructions scheduled before it was turned on keep their time.",
+			},
+			"min_deletion_grace_period": {
+				Type:        framework.TypeDurationSecond,
+				Description: "Purge protection's floor: the shortest wait before any destruction. Given only with purge_protection=true (in the same write or after it); at least 7 days (168h, the default when purge protection is turned on without one, as Azure Key Vault's shortest retention); it can only be raised.",
 			},
 			"max_batch_size": {
 				Type:        framework.TypeInt,
@@ -408,8 +435,8 @@ func (b *backend) pathConfigKeys() *framework.Path {
 				Summary:  "Set the mount's key defaults.",
 			},
 		},
-		HelpSynopsis:    "Mount-wide defaults for keys: upsert, batch limit, rotation period, deletion grace period.",
-		HelpDescription: "disable_upsert stops encrypt from creating missing keys; max_batch_size bounds batch_input on every path; auto_rotate_period is given to new keys; deletion_grace_period delays the destruction of deleted keys and versions.",
+		HelpSynopsis:    "Mount-wide defaults for keys: upsert, batch limit, rotation period, deletion grace period, purge protection.",
+		HelpDescription: configKeysHelp,
 	}
 }
 
@@ -423,6 +450,9 @@ func (b *backend) pathConfigKeysRead(ctx context.Context, req *logical.Request, 
 		"max_batch_size":        c.MaxBatchSize,
 		"auto_rotate_period":    int64(c.AutoRotatePeriod.Seconds()),
 		"deletion_grace_period": int64(c.DeletionGracePeriod.Seconds()),
+		"purge_protection":      c.PurgeProtection,
+		// 0 while purge protection is off: there is no floor.
+		"min_deletion_grace_period": int64(c.MinDeletionGracePeriod.Seconds()),
 	}}, nil
 }
 
@@ -441,8 +471,12 @@ func (b *backend) pathConfigKeysWrite(ctx context.Context, req *logical.Request,
 	if v, ok := d.GetOk("auto_rotate_period"); ok {
 		c.AutoRotatePeriod = time.Duration(v.(int)) * time.Second
 	}
+	graceGiven := false
 	if v, ok := d.GetOk("deletion_grace_period"); ok {
-		c.DeletionGracePeriod = time.Duration(v.(int)) * time.Second
+		c.DeletionGracePeriod, graceGiven = time.Duration(v.(int))*time.Second, true
+	}
+	if err := c.setPurgeProtection(cur, d, graceGiven); err != nil {
+		return respond(err)
 	}
 	if c.AutoRotatePeriod != 0 && c.AutoRotatePeriod < minAutoRotatePeriod {
 		return respond(callerf("auto_rotate_period must be 0 to disable or at least an hour"))
@@ -463,8 +497,66 @@ func (b *backend) pathConfigKeysWrite(ctx context.Context, req *logical.Request,
 	b.configMu.Lock()
 	b.keysConfig = &c
 	b.configMu.Unlock()
-	return b.pathConfigKeysRead(ctx, req, d)
+	// Mount settings have no history of their own (key history is per key): the log records who protected the
+	// mount, and Vault's audit devices record the request.
+	if c.PurgeProtection && (!cur.PurgeProtection || c.MinDeletionGracePeriod != cur.MinDeletionGracePeriod) {
+		b.logger.Info("purge protection set", "min_deletion_grace_period", c.MinDeletionGracePeriod.String(),
+			"turned_on", !cur.PurgeProtection, "by", actorOf(req).String())
+	}
+	resp, err := b.pathConfigKeysRead(ctx, req, d)
+	if err == nil && c.PurgeProtection && c.DeletionGracePeriod < c.MinDeletionGracePeriod {
+		resp.AddWarning(fmt.Sprintf("deletion_grace_period %s is below min_deletion_grace_period %s: destructions requested from now on wait %s", c.DeletionGracePeriod, c.MinDeletionGracePeriod, c.destructionGrace()))
+	}
+	return resp, err
 }
+
+// setPurgeProtection applies purge_protection and min_deletion_grace_period from d to c (cur is the stored
+// configuration) and refuses what would weaken it: clearing the flag, lowering the floor, a floor without purge
+// protection, or deletion_grace_period (when graceGiven) below the floor.
+func (c *keysConfig) setPurgeProtection(cur *keysConfig, d *framework.FieldData, graceGiven bool) error {
+	if v, ok := d.GetOk("purge_protection"); ok {
+		if cur.PurgeProtection && !v.(bool) {
+			return callerf("purge_protection is one-way: it is on for this mount and cannot be turned off")
+		}
+		c.PurgeProtection = v.(bool)
+	}
+	if v, ok := d.GetOk("min_deletion_grace_period"); ok {
+		floor := time.Duration(v.(int)) * time.Second
+		switch {
+		case !c.PurgeProtection:
+			return callerf("min_deletion_grace_period is purge protection's floor: give it with purge_protection=true")
+		case floor < cur.MinDeletionGracePeriod:
+			return callerf("min_deletion_grace_period can only be raised: it is %s, %s is lower", cur.MinDeletionGracePeriod, floor)
+		case floor < minPurgeProtectionFloor:
+			return callerf("min_deletion_grace_period must be at least %s", minPurgeProtectionFloor)
+		}
+		c.MinDeletionGracePeriod = floor
+	}
+	if !c.PurgeProtection {
+		return nil
+	}
+	if c.MinDeletionGracePeriod == 0 {
+		c.MinDeletionGracePeriod = minPurgeProtectionFloor
+	}
+	if graceGiven && c.DeletionGracePeriod < c.MinDeletionGracePeriod {
+		return callerf("deletion_grace_period %s is below min_deletion_grace_period %s, the floor purge protection keeps on this mount", c.DeletionGracePeriod, c.MinDeletionGracePeriod)
+	}
+	return nil
+}
+
+const configKeysHelp = `
+disable_upsert stops encrypt from creating missing keys; max_batch_size bounds batch_input on every path;
+auto_rotate_period is given to new keys; deletion_grace_period delays the destruction of deleted keys and
+versions (0 destroys at once, as Transit).
+
+purge_protection=true is one-way, as Azure Key Vault's purge protection: from then on no key is deleted and no
+version destroyed (delete, versions/N/destroy, trim) before min_deletion_grace_period has passed, whatever
+deletion_grace_period and the key's settings say, and a deletion_grace_period below the floor (0 included) is
+refused. The floor is at least 7 days (the default when purge protection is turned on without one) and can only
+be raised; it can be given only with purge protection. Deletions and destructions scheduled before purge
+protection was turned on keep their time, as Azure's soft-deleted objects keep their purge date. Restoring a
+deleted key or a version scheduled for destruction stays possible until then.
+`
 
 const configHSMHelp = `
 Names the token that holds this mount's keys (by token_label, or slot) and the user PIN to log in with. The

@@ -202,3 +202,41 @@ func TestConfigHSMWaitTellsNothing(t *testing.T) {
 	owner.ok(owner.write("config/hsm", map[string]interface{}{"pool_size": 3}))
 	owner.ok(owner.write("encrypt/k", map[string]interface{}{"plaintext": "aGk="}))
 }
+
+// Issue 20, item 5: purge protection is one-way, its floor only goes up and is at least 7 days, the floor needs
+// purge protection, and with it on no deletion_grace_period below the floor (0 included) is accepted.
+func TestPurgeProtectionConfig(t *testing.T) {
+	e := newTestBackend(t)
+	refused := func(data map[string]interface{}, want string) {
+		t.Helper()
+		resp, err := e.write("config/keys", data)
+		if status(resp, err) != 400 || !strings.Contains(respText(resp), want) {
+			t.Fatalf("%v: %d %s, want a 400 naming %q", data, status(resp, err), respText(resp), want)
+		}
+	}
+	resp := e.ok(e.read("config/keys"))
+	if resp.Data["purge_protection"] != false || resp.Data["min_deletion_grace_period"] != int64(0) {
+		t.Fatalf("defaults: %v", resp.Data)
+	}
+	refused(map[string]interface{}{"min_deletion_grace_period": "720h"}, "purge_protection=true")
+	refused(map[string]interface{}{"purge_protection": true, "min_deletion_grace_period": "24h"}, "at least 168h")
+	// Turned on without a floor: the floor is 7 days.
+	resp = e.ok(e.write("config/keys", map[string]interface{}{"purge_protection": true}))
+	if resp.Data["purge_protection"] != true || resp.Data["min_deletion_grace_period"] != int64(7*24*3600) {
+		t.Fatalf("after turning purge protection on: %v", resp.Data)
+	}
+	refused(map[string]interface{}{"purge_protection": false}, "one-way")
+	refused(map[string]interface{}{"deletion_grace_period": 0}, "min_deletion_grace_period 168h")
+	refused(map[string]interface{}{"deletion_grace_period": "1h"}, "min_deletion_grace_period 168h")
+	e.ok(e.write("config/keys", map[string]interface{}{"min_deletion_grace_period": "720h", "deletion_grace_period": "720h"}))
+	refused(map[string]interface{}{"min_deletion_grace_period": "168h"}, "can only be raised")
+	refused(map[string]interface{}{"deletion_grace_period": "168h"}, "min_deletion_grace_period 720h")
+	// Writing it true again, or other fields, changes nothing; a restart (invalidate) keeps all of it.
+	e.ok(e.write("config/keys", map[string]interface{}{"purge_protection": true, "max_batch_size": 7}))
+	e.b.invalidate(context.Background(), configKeysPath)
+	resp = e.ok(e.read("config/keys"))
+	if resp.Data["purge_protection"] != true || resp.Data["min_deletion_grace_period"] != int64(720*3600) || resp.Data["deletion_grace_period"] != int64(720*3600) {
+		t.Fatalf("after a reload: %v", resp.Data)
+	}
+	refused(map[string]interface{}{"purge_protection": false}, "one-way")
+}

@@ -386,7 +386,7 @@ func (b *backend) pathKeyDelete(ctx context.Context, req *logical.Request, d *fr
 	if err != nil {
 		return nil, err
 	}
-	k, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), func(tx *keys.Tx) error { return tx.Delete(cfg.DeletionGracePeriod) })
+	k, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), func(tx *keys.Tx) error { return tx.Delete(cfg.destructionGrace()) })
 	switch {
 	case errors.Is(err, keys.ErrNotFound):
 		return nil, nil // as Transit: deleting what is not there succeeds

@@ -125,9 +125,10 @@ func (b *backend) pathVersionAction(ctx context.Context, req *logical.Request, d
 	if err != nil {
 		return nil, err
 	}
-	at := time.Now().UTC().Add(cfg.DeletionGracePeriod)
+	grace := cfg.destructionGrace()
+	at := time.Now().UTC().Add(grace)
 	k, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), func(tx *keys.Tx) error {
-		return tx.SetVersionState(n, action, at, cfg.DeletionGracePeriod == 0)
+		return tx.SetVersionState(n, action, at, grace == 0)
 	})
 	if err != nil {
 		return respond(err)
@@ -165,9 +166,10 @@ func (b *backend) pathTrim(ctx context.Context, req *logical.Request, d *framewo
 	if err != nil {
 		return nil, err
 	}
-	at := time.Now().UTC().Add(cfg.DeletionGracePeriod)
+	grace := cfg.destructionGrace()
+	at := time.Now().UTC().Add(grace)
 	k, err := b.keys.Update(ctx, req.Storage, d.Get("name").(string), actorOf(req), func(tx *keys.Tx) error {
-		return tx.Trim(minAvail, at, cfg.DeletionGracePeriod == 0)
+		return tx.Trim(minAvail, at, grace == 0)
 	})
 	if err != nil {
 		return respond(err)

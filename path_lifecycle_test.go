@@ -238,3 +238,83 @@ func TestParallelStateChangesEachRecorded(t *testing.T) {
 		t.Fatalf("%d events for 20 parallel state changes", changes)
 	}
 }
+
+// Issue 20, item 5: under purge protection, deletion, version destruction and trim all wait for the floor even
+// when deletion_grace_period is lower (it was set before purge protection was turned on), their HSM objects stay
+// on the token until then, and the scheduler destroys nothing earlier. A destruction scheduled before purge
+// protection was turned on keeps its time.
+func TestPurgeProtectionDelaysEveryDestruction(t *testing.T) {
+	e := newTestBackend(t)
+	const floor = 7 * 24 * time.Hour
+	e.ok(e.write("config/keys", map[string]interface{}{"deletion_grace_period": "1h"}))
+	e.ok(e.write("keys/k", nil))
+	for i := 0; i < 3; i++ {
+		e.ok(e.write("keys/k/rotate", nil))
+	}
+	e.ok(e.write("keys/d", nil))
+	e.ok(e.write("keys/d/config", map[string]interface{}{"deletion_allowed": true}))
+	before := time.Now()
+	early := e.ok(e.write("keys/k/versions/1/destroy", nil)).Data["destruction_scheduled_time"].(string)
+
+	resp := e.ok(e.write("config/keys", map[string]interface{}{"purge_protection": true}))
+	if len(resp.Warnings) != 1 || !strings.Contains(resp.Warnings[0], "below min_deletion_grace_period") {
+		t.Fatalf("turning purge protection on over a 1h grace period: warnings %v", resp.Warnings)
+	}
+	atLeastFloor := func(what, at string) {
+		t.Helper()
+		when, err := time.Parse(time.RFC3339, at)
+		if err != nil || when.Before(before.Add(floor).Truncate(time.Second)) {
+			t.Fatalf("%s scheduled at %q, before the %s floor", what, at, floor)
+		}
+	}
+	state := func(name string, v int) map[string]interface{} {
+		return e.ok(e.read(fmt.Sprintf("keys/%s/versions/%d", name, v))).Data
+	}
+	r := e.ok(e.write("keys/k/versions/2/destroy", nil))
+	if r.Data["state"] != "destroy_scheduled" {
+		t.Fatalf("destroy: %v", r.Data)
+	}
+	atLeastFloor("version 2's destruction", r.Data["destruction_scheduled_time"].(string))
+	e.ok(e.write("keys/k/config", map[string]interface{}{"min_encryption_version": 4, "min_decryption_version": 4}))
+	e.ok(e.write("keys/k/trim", map[string]interface{}{"min_available_version": 4}))
+	if v3 := state("k", 3); v3["state"] != "destroy_scheduled" {
+		t.Fatalf("trimmed version 3: %v", v3)
+	} else {
+		atLeastFloor("trimmed version 3's destruction", v3["destruction_scheduled_time"].(string))
+	}
+	r = e.ok(e.request(logical.DeleteOperation, "keys/d", nil))
+	atLeastFloor("key d's deletion", r.Data["deletion_scheduled_time"].(string))
+	// Scheduled before purge protection: kept.
+	if got := state("k", 1)["destruction_scheduled_time"]; got != early {
+		t.Fatalf("version 1 scheduled at %s before purge protection, now at %v", early, got)
+	}
+
+	tick := func(at time.Time) {
+		t.Helper()
+		if err := e.b.keys.Tick(context.Background(), e.storage, at); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.tick()
+	if n := len(e.tokenObjects()); n != 5 {
+		t.Fatalf("%d of 5 objects on the token right after the requests", n)
+	}
+	tick(before.Add(2 * time.Hour))
+	if state("k", 1)["state"] != "destroyed" || len(e.tokenObjects()) != 4 {
+		t.Fatalf("version 1, scheduled before purge protection, not destroyed at its time: %v", state("k", 1))
+	}
+	tick(before.Add(floor - time.Minute))
+	if n := len(e.tokenObjects()); n != 4 {
+		t.Fatalf("%d of 4 objects left a minute before the floor", n)
+	}
+	if state("k", 2)["state"] != "destroy_scheduled" || state("k", 3)["state"] != "destroy_scheduled" {
+		t.Fatal("a version destroyed before the floor")
+	}
+	tick(time.Now().Add(floor + time.Minute))
+	if n := len(e.tokenObjects()); n != 1 {
+		t.Fatalf("after the floor %d objects remain, want 1 (k's version 4)", n)
+	}
+	if r, err := e.read("keys/d"); err != nil || r != nil {
+		t.Fatalf("key d after the floor: %v %v", r, err)
+	}
+}

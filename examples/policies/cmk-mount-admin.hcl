@@ -4,7 +4,8 @@
 # key by key), and adoption on an operator's word of material whose origin the token cannot show
 # (reconcile/adopt-unverified). config/hsm and reconcile/adopt-unverified are sudo paths: Vault refuses them
 # without sudo, whatever the other capabilities. Neither uses nor manages keys. Give it to fewer people than the key
-# administrator's policy: a grace period of 0 makes every key and version deletion immediate.
+# administrator's policy: a grace period of 0 makes every key and version deletion immediate (unless purge protection,
+# one-way, is on: then nothing is destroyed before its floor).
 path "cmk/config/keys" {
   capabilities = ["read", "update"]
 }
