@@ -193,8 +193,23 @@ func (tx *Tx) adopt(n int, f hsm.Found, w adoptedWAL, made, onWord bool) error {
 	// Only this very request's earlier attempt is known to have encrypted nothing with it: a version whose WAL
 	// entry came back with a restored snapshot may have been stored, and used, after the snapshot.
 	retry := made && w.entry.RequestID != "" && w.entry.RequestID == tx.who.RequestID
+	unknown := !retry
+	if unknown && k.Type.IsAES() {
+		// The version's usage witness on the token bounds every encryption it made (it is raised before each block
+		// is used, from the stored count on): with one, the count is known, and the version goes on to its limit.
+		// Without one (it never encrypted, or it was made before witnesses were kept) the count stays unknown.
+		tok, err := tx.hsm()
+		if err != nil {
+			return err
+		}
+		_, witnessed, err := tok.UsageWitness(tx.ctx, f.ID)
+		if err != nil {
+			return fmt.Errorf("read the usage witness of version %d of key %q: %w", n, k.Name, err)
+		}
+		unknown = !witnessed
+	}
 	ver := &Version{HSMID: f.IDHex(), Label: f.Label, CreatedAt: f.Created, AdoptedAt: now,
-		HMACDeferred: k.Type != TypeHMAC && !f.HMACSecret, EncryptionsUnknown: !retry}
+		HMACDeferred: k.Type != TypeHMAC && !f.HMACSecret, EncryptionsUnknown: unknown}
 	if ver.CreatedAt.IsZero() {
 		ver.CreatedAt = now // the token keeps no creation time: the adoption's is the earliest known
 	}

@@ -288,3 +288,34 @@ func TestUsageBehindTheTokenEncryptsNoMore(t *testing.T) {
 		t.Fatalf("and after: %v", err)
 	}
 }
+
+// A version adopted after a restore whose usage the token witnessed keeps encrypting, from the witnessed count, up
+// to its limit; one without a witness encrypts no more (TestRestoredStorageAdoptsNeverReuses).
+func TestAdoptedVersionWithAWitnessKeepsItsCount(t *testing.T) {
+	m, f, s := newManager(t)
+	ctx := context.Background()
+	if _, _, err := m.Create(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96, MaxEncryptions: 1000}, who, nil); err != nil {
+		t.Fatal(err)
+	}
+	snap := snapshot(t, s)
+	k := rotate(t, m, s, "k", "req-2")
+	for i := 0; i < 40; i++ { // three blocks of 16 witnessed: 48
+		if _, err := m.CountEncryption(ctx, s, k, 2); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m2, s2 := restored(f, snap)
+	k2, adopted, err := m2.Adopt(ctx, s2, "k", 2, who)
+	if err != nil || len(adopted) != 1 {
+		t.Fatalf("adopted %v, %v", adopted, err)
+	}
+	if k2.Versions[2].EncryptionsUnknown {
+		t.Fatal("a version whose usage the token witnessed was adopted with an unknown count")
+	}
+	if _, err := m2.CountEncryption(ctx, s2, k2, 2); err != nil {
+		t.Fatalf("the adopted version does not encrypt: %v", err)
+	}
+	if n, _ := m2.EncryptionCount("k", 2); n != 49 {
+		t.Fatalf("the adopted version resumed at %d, want 49 (after the 48 witnessed)", n)
+	}
+}
