@@ -104,13 +104,10 @@ func (f Found) AdoptableOnWord() (bool, string) {
 //   - CKA_KEY_GEN_MECHANISM, where the token reports it (SoftHSM), must be CKM_GENERIC_SECRET_KEY_GEN; where it
 //     does not, a token offering password-based key generation (passwordKeyGen) cannot prove the mechanism.
 func (f Found) ProvenSecret(want []byte, passwordKeyGen bool) string {
+	if why := f.VouchedSecret(want); why != "" {
+		return why // what a secret must be whoever vouches for it
+	}
 	switch {
-	case !bytes.Equal(f.ID, want):
-		return fmt.Sprintf("its CKA_ID is %x, not %x", f.ID, want)
-	case f.SharedID:
-		return "another object of its kind carries the same CKA_ID"
-	case !f.Sensitive || f.Extractable:
-		return "its material can be read or extracted (CKA_SENSITIVE false or CKA_EXTRACTABLE true)"
 	case !f.NeverExtractable || !f.AlwaysSensitive:
 		return "its material was extractable or readable once (CKA_NEVER_EXTRACTABLE or CKA_ALWAYS_SENSITIVE is false): created or imported, not generated on the token"
 	case !f.LocalReported || !f.Local:
@@ -119,10 +116,6 @@ func (f Found) ProvenSecret(want []byte, passwordKeyGen bool) string {
 		return fmt.Sprintf("it was generated with mechanism %#x, not CKM_GENERIC_SECRET_KEY_GEN", f.KeyGenMechanism)
 	case !f.KeyGenReported && passwordKeyGen:
 		return "the token offers password-based key generation (a secret of known value) and does not report which mechanism generated it (CKA_KEY_GEN_MECHANISM)"
-	case f.Mismatch != "":
-		return f.Mismatch
-	case f.SizeUnknown:
-		return "the token does not report its size (CKA_VALUE_LEN)"
 	}
 	return ""
 }
