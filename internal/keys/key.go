@@ -51,6 +51,10 @@ type Key struct {
 	// implicit rejection. Off, they are refused: the padding's validity is Bleichenbacher's oracle.
 	AllowPKCS1v15Decryption bool `json:"allow_pkcs1v15_decryption,omitempty"`
 
+	// Access holds the key's access conditions and grant settings (keys/:name/access); nil: none. Replaced whole
+	// on change, never modified in place (snapshots share it).
+	Access *Access `json:"access,omitempty"`
+
 	// Disabled keys serve no operation (emergency revoke).
 	Disabled bool `json:"disabled,omitempty"`
 	// DeleteAt is when a scheduled deletion destroys the key; zero when none is scheduled.
