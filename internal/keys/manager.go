@@ -73,6 +73,17 @@ type Manager struct {
 
 	absent sync.Map  // name → absentMark: the token held no version after the latest (see Adopt)
 	salt   mountSalt // what token accessors are recorded under (actor.go)
+
+	// Clock is what access conditions' hours and grants' expiry are judged by; tests set it.
+	Clock func() time.Time
+}
+
+// now is the manager's clock.
+func (m *Manager) now() time.Time {
+	if m.Clock != nil {
+		return m.Clock()
+	}
+	return time.Now()
 }
 
 // NewManager makes the manager of a mount's keys. token connects to the mount's HSM when a change needs it.
