@@ -702,6 +702,11 @@ func operationIDs(p *framework.Path, op logical.Operation, h framework.Operation
 // responseFieldDocs describes every field the engine's responses carry that is not also a request field (those are
 // described with their path above). TestResponseFieldsAreDescribed keeps it in step with the code.
 var responseFieldDocs = map[string]string{
+	"access":                      "Key read: its access conditions (`keys/:name/access`) in one line, or \"none\".",
+	"summary":                     "`keys/:name/access`: the conditions in one line, or \"none\".",
+	"denials":                     "`keys/:name/access`: uses the conditions denied since the plugin started on this node (`by_condition`, `last_denied_at`); kept in memory, so that a denied caller cannot make the engine write storage.",
+	"by_condition":                "`keys/:name/access` denials: how many uses each condition (allowed_cidrs, allowed_hours, entity, required_entity_metadata, allowed_entity_ids, allowed_groups, grants_required, grant) denied.",
+	"last_denied_at":              "`keys/:name/access` denials: when the last use was denied.",
 	"label_prefix":                "config/hsm: the prefix of the CKA_LABEL of every object of the mount, cmk/<mount uuid>/",
 	"import_supported":            "config/hsm key_types: whether the token can take an imported key of the type (BYOK)",
 	"import_missing":              "config/hsm key_types: why the token cannot take an imported key of the type",

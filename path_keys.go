@@ -342,6 +342,7 @@ func (b *backend) formatKey(k *keys.Key) *logical.Response {
 		"exportable":                  false,
 		"allow_plaintext_backup":      false,
 		"deletion_allowed":            k.DeletionAllowed,
+		"access":                      k.Access.Summary(),
 		"min_available_version":       k.MinAvailableVersion,
 		"min_decryption_version":      k.MinDecryptionVersion,
 		"min_encryption_version":      k.MinEncryptionVersion,

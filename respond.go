@@ -10,7 +10,8 @@ import (
 	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/keys"
 )
 
-// The one mapping from an error to what the caller sees, for single requests and batch items alike: 400 for what
+// The one mapping from an error to what the caller sees, for single requests and batch items alike: 403 when the
+// key's access conditions or grants refuse the use, 400 for what
 // the caller must change (a keys.CallerError, a ciphertext the key does not authenticate, an argument or mechanism
 // the HSM refuses for the caller's choice), 409 when a version number is held on the token by material that may
 // not be adopted, or where the engine would generate an object the token holds one it cannot trust (an operator
@@ -27,6 +28,9 @@ func classify(err error) (int, string) {
 	case errors.As(err, &taken), errors.Is(err, hsm.ErrUntrustedObject):
 		// Not the caller's mistake: the token holds material an operator must decide about.
 		return http.StatusConflict, err.Error()
+	case keys.IsDenied(err):
+		// The key's own access conditions or grants refuse the use: Vault's ACL admitted the path, the key did not.
+		return http.StatusForbidden, err.Error()
 	case keys.IsCaller(err):
 		return http.StatusBadRequest, err.Error()
 	case errors.Is(err, hsm.ErrInvalidCiphertext):

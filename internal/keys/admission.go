@@ -5,8 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"time"
-
-	"github.com/hashicorp/vault/sdk/logical"
 )
 
 // The one door: every use of key material — encrypt, decrypt, rewrap, datakey, sign, verify with an HMAC, hmac,
@@ -91,10 +89,4 @@ type Access struct {
 	Operations     []Operation   `json:"operations,omitempty"`
 	GrantsRequired bool          `json:"grants_required,omitempty"`
 	MaxGrantTTL    time.Duration `json:"max_grant_ttl,omitempty"`
-}
-
-// Admit decides whether caller may use k for op on items items (1 for a single request). It reads the cached
-// snapshot k, never storage, except what a grant's use count needs. A nil error admits.
-func (m *Manager) Admit(ctx context.Context, s logical.Storage, k *Key, c Caller, op Operation, items int) error {
-	return nil
 }

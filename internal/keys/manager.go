@@ -74,6 +74,8 @@ type Manager struct {
 	absent sync.Map  // name → absentMark: the token held no version after the latest (see Adopt)
 	salt   mountSalt // what token accessors are recorded under (actor.go)
 
+	denials denialCounts // uses the keys' access conditions refused (access.go)
+
 	// Clock is what access conditions' hours and grants' expiry are judged by; tests set it.
 	Clock func() time.Time
 }
