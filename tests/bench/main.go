@@ -99,6 +99,19 @@ func main() {
 	}
 	w := alternate(window(srv, 16, encryptOne(cmk.Path)), window(srv, 16, encryptOne("transit")))
 	rows = append(rows, ratioRow("single encrypt, requests/s (16 clients)", w[0], "Transit", w[1], rate, 0.35))
+
+	// The second gate's cost: the same encryption by a userpass entity, to a key under three access conditions
+	// (source network, hours, group: the group resolved through Vault's identity store) and to one without.
+	userToken := conditionedKeys(c, cmk.Path)
+	encryptAs := func(key string) func(*api.Client) error {
+		return func(cl *api.Client) error {
+			cl.SetToken(userToken)
+			_, err := cl.Logical().Write(cmk.Path+"/encrypt/"+key, map[string]interface{}{"plaintext": msg})
+			return err
+		}
+	}
+	w = alternate(window(srv, 16, encryptAs("conditioned")), window(srv, 16, encryptAs("open")))
+	rows = append(rows, ratioRow("single encrypt under 3 access conditions (CIDR, hours, group), requests/s (16 clients)", w[0], "no conditions, same entity", w[1], rate, 0.95))
 	ctCMK := read(c, cmk.Path, "encrypt/bench", msg)
 	ctTransit := read(c, "transit", "encrypt/bench", msg)
 	decryptOne := func(p, ct string) func(*api.Client) error {
@@ -241,6 +254,24 @@ type result struct {
 	rate     float64
 	p50, p99 float64 // milliseconds
 	errors   int64
+}
+
+// conditionedKeys makes, on mount, a key "conditioned" under three access conditions that the returned token (a
+// userpass entity's, in a group) meets, and a key "open" without conditions.
+func conditionedKeys(c *api.Client, mount string) string {
+	check(c.Sys().EnableAuthWithOptions("userpass-bench", &api.EnableAuthOptions{Type: "userpass"}))
+	rules := `path "` + mount + `/encrypt/*" { capabilities = ["update"] }`
+	check(c.Sys().PutPolicy("bench-app", rules))
+	write(c, "auth/userpass-bench/users/app", map[string]interface{}{"password": "bench-pw", "token_policies": "bench-app"})
+	login, err := c.Logical().Write("auth/userpass-bench/login/app", map[string]interface{}{"password": "bench-pw"})
+	check(err)
+	write(c, "identity/group", map[string]interface{}{"name": "bench-apps", "member_entity_ids": []string{login.Auth.EntityID}})
+	for _, k := range []string{"conditioned", "open"} {
+		write(c, mount+"/keys/"+k, nil)
+	}
+	write(c, mount+"/keys/conditioned/access", map[string]interface{}{
+		"allowed_cidrs": "127.0.0.0/8", "allowed_hours": "daily 00:00-24:00", "allowed_groups": "bench-apps"})
+	return login.Auth.ClientToken
 }
 
 // load runs fn from clients goroutines for the measurement duration (after a short warm-up).

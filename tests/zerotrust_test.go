@@ -1,0 +1,171 @@
+package tests
+
+import (
+	"context"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/api"
+)
+
+// people is a userpass auth method of a test's own: users log in as Vault entities, as the people and services
+// zero-trust conditions are about do.
+type people struct {
+	t    *testing.T
+	path string // the auth method's mount path
+}
+
+func newPeople(t *testing.T, m mount) *people {
+	t.Helper()
+	p := &people{t: t, path: "userpass-" + m.Path}
+	if err := dev.Client.Sys().EnableAuthWithOptions(p.path, &api.EnableAuthOptions{Type: "userpass"}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = dev.Client.Sys().DisableAuth(p.path) })
+	return p
+}
+
+// login creates user name with the policies and logs it in; it returns a client holding the user's token and the
+// entity Vault made for it.
+func (p *people) login(name string, policies ...string) (*api.Client, string) {
+	p.t.Helper()
+	mustWrite(p.t, dev.Client, "auth/"+p.path+"/users/"+name, map[string]interface{}{"password": "pw-" + name, "token_policies": strings.Join(policies, ",")})
+	c, err := dev.Client.Clone()
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	c.ClearToken()
+	s, err := c.Logical().Write("auth/"+p.path+"/login/"+name, map[string]interface{}{"password": "pw-" + name})
+	if err != nil {
+		p.t.Fatalf("login %s: %v", name, err)
+	}
+	c.SetToken(s.Auth.ClientToken)
+	if s.Auth.EntityID == "" {
+		p.t.Fatalf("login %s: no entity", name)
+	}
+	return c, s.Auth.EntityID
+}
+
+// from is c sending its requests from source address ip (another loopback address: Vault listens on 127.0.0.1).
+func from(t *testing.T, c *api.Client, ip string) *api.Client {
+	t.Helper()
+	cfg := api.DefaultConfig()
+	cfg.Address = c.Address()
+	dialer := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(ip)}, Timeout: 10 * time.Second}
+	cfg.HttpClient = &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		return dialer.DialContext(ctx, network, addr)
+	}}}
+	out, err := api.NewClient(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out.SetToken(c.Token())
+	return out
+}
+
+// appPolicy lets its holder use key name of mount m for every operation (the ACL's gate), nothing else.
+func appPolicy(t *testing.T, m mount, name string) string {
+	t.Helper()
+	policy := m.Path + "-use-" + name
+	rules := ""
+	for _, op := range []string{"encrypt", "decrypt", "rewrap", "datakey/plaintext", "datakey/wrapped", "hmac", "sign", "verify"} {
+		rules += `path "` + m.Path + "/" + op + "/" + name + `" { capabilities = ["update"] }` + "\n"
+	}
+	if err := dev.Client.Sys().PutPolicy(policy, rules); err != nil {
+		t.Fatal(err)
+	}
+	return policy
+}
+
+// denied checks a call was refused with 403 by the key's condition named.
+func denied(t *testing.T, what string, err error, condition string) {
+	t.Helper()
+	if statusOf(err) != 403 || !strings.Contains(err.Error(), condition) {
+		t.Fatalf("%s: want 403 naming %s, got %v", what, condition, err)
+	}
+}
+
+// TestAccessConditionsOnARealServer: a key bound to a network, a group and entity metadata, through Vault's real
+// userpass entities, identity groups and listener: the ACL admits all callers, the key's conditions do not.
+func TestAccessConditionsOnARealServer(t *testing.T) {
+	m := newMount(t, dev)
+	root := dev.Client
+	mustWrite(t, root, m.Path+"/keys/pay", nil)
+	p := newPeople(t, m)
+	policy := appPolicy(t, m, "pay")
+	alice, aliceID := p.login("alice", policy)
+	bob, _ := p.login("bob", policy)
+	group := m.Path + "-payments-ops"
+	mustWrite(t, root, "identity/group", map[string]interface{}{"name": group, "member_entity_ids": []string{aliceID}})
+	mustWrite(t, root, "identity/entity/id/"+aliceID, map[string]interface{}{"metadata": map[string]string{"device": "managed"}})
+
+	ct := encrypt(t, alice, m, "pay", "before any condition")
+	mustWrite(t, root, m.Path+"/keys/pay/access", map[string]interface{}{
+		"allowed_cidrs": "127.0.0.1/32", "allowed_groups": group, "required_entity_metadata": "device=managed",
+	})
+	if got := decrypt(t, alice, m, "pay", ct); got != "before any condition" {
+		t.Fatalf("alice decrypts %q", got)
+	}
+	_, err := from(t, alice, "127.0.0.2").Logical().Write(m.Path+"/decrypt/pay", map[string]interface{}{"ciphertext": ct})
+	denied(t, "alice from 127.0.0.2", err, "allowed_cidrs")
+	_, err = from(t, alice, "127.0.0.2").Logical().Write(m.Path+"/encrypt/pay", map[string]interface{}{
+		"batch_input": []interface{}{map[string]interface{}{"plaintext": b64("a")}, map[string]interface{}{"plaintext": b64("b")}}})
+	denied(t, "a batch from 127.0.0.2 (judged once)", err, "allowed_cidrs")
+	_, err = bob.Logical().Write(m.Path+"/decrypt/pay", map[string]interface{}{"ciphertext": ct})
+	denied(t, "bob, without the metadata", err, "required_entity_metadata")
+	mustWrite(t, root, "identity/entity/id/"+entityOf(t, bob), map[string]interface{}{"metadata": map[string]string{"device": "managed"}})
+	_, err = bob.Logical().Write(m.Path+"/decrypt/pay", map[string]interface{}{"ciphertext": ct})
+	denied(t, "bob, outside the group", err, "allowed_groups")
+	_, err = root.Logical().Write(m.Path+"/decrypt/pay", map[string]interface{}{"ciphertext": ct})
+	denied(t, "root, which has no entity", err, "entity")
+
+	// Hours: a window that is not now, then one that is.
+	tomorrow := strings.ToLower(time.Now().UTC().Add(24 * time.Hour).Weekday().String()[:3])
+	mustWrite(t, root, m.Path+"/keys/pay/access", map[string]interface{}{"allowed_hours": tomorrow + " 00:00-24:00", "time_zone": "UTC"})
+	_, err = alice.Logical().Write(m.Path+"/decrypt/pay", map[string]interface{}{"ciphertext": ct})
+	denied(t, "alice outside the key's hours", err, "allowed_hours")
+	mustWrite(t, root, m.Path+"/keys/pay/access", map[string]interface{}{"allowed_hours": "daily 00:00-24:00"})
+	if got := decrypt(t, alice, m, "pay", ct); got != "before any condition" {
+		t.Fatalf("alice decrypts %q", got)
+	}
+
+	// The denials are counted on the key, by condition; the key read summarises its conditions.
+	acc := mustRead(t, root, m.Path+"/keys/pay/access")
+	by := acc.Data["denials"].(map[string]interface{})["by_condition"].(map[string]interface{})
+	for _, c := range []string{"allowed_cidrs", "required_entity_metadata", "allowed_groups", "entity", "allowed_hours"} {
+		if by[c] == nil {
+			t.Errorf("denials by %s not counted: %v", c, by)
+		}
+	}
+	if s := mustRead(t, root, m.Path+"/keys/pay").Data["access"].(string); !strings.Contains(s, "allowed_cidrs=127.0.0.1/32") {
+		t.Fatalf("key read: access %q", s)
+	}
+	// Removing the conditions gives the ACL alone back.
+	if _, err := root.Logical().Delete(m.Path + "/keys/pay/access"); err != nil {
+		t.Fatal(err)
+	}
+	if got := decrypt(t, from(t, bob, "127.0.0.2"), m, "pay", ct); got != "before any condition" {
+		t.Fatalf("bob decrypts %q", got)
+	}
+}
+
+func entityOf(t *testing.T, c *api.Client) string {
+	t.Helper()
+	s, err := c.Auth().Token().LookupSelf()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s.Data["entity_id"].(string)
+}
+
+func mustRead(t *testing.T, c *api.Client, path string) *api.Secret {
+	t.Helper()
+	s, err := c.Logical().Read(path)
+	if err != nil || s == nil {
+		t.Fatalf("read %s: %v", path, err)
+	}
+	return s
+}
