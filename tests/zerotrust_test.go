@@ -2,8 +2,11 @@ package tests
 
 import (
 	"context"
+	"encoding/json"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -102,6 +105,13 @@ func TestAccessConditionsOnARealServer(t *testing.T) {
 	mustWrite(t, root, "identity/group", map[string]interface{}{"name": group, "member_entity_ids": []string{aliceID}})
 	mustWrite(t, root, "identity/entity/id/"+aliceID, map[string]interface{}{"metadata": map[string]string{"device": "managed"}})
 
+	auditLog := filepath.Join(t.TempDir(), "audit.log")
+	device := "file-" + m.Path
+	if err := root.Sys().EnableAuditWithOptions(device, &api.EnableAuditOptions{Type: "file", Options: map[string]string{"file_path": auditLog}}); err != nil {
+		t.Fatal(err)
+	}
+	defer root.Sys().DisableAudit(device)
+
 	ct := encrypt(t, alice, m, "pay", "before any condition")
 	mustWrite(t, root, m.Path+"/keys/pay/access", map[string]interface{}{
 		"allowed_cidrs": "127.0.0.1/32", "allowed_groups": group, "required_entity_metadata": "device=managed",
@@ -130,6 +140,11 @@ func TestAccessConditionsOnARealServer(t *testing.T) {
 	mustWrite(t, root, m.Path+"/keys/pay/access", map[string]interface{}{"allowed_hours": "daily 00:00-24:00"})
 	if got := decrypt(t, alice, m, "pay", ct); got != "before any condition" {
 		t.Fatalf("alice decrypts %q", got)
+	}
+
+	// Vault's audit device records the denial as the response's error, with the source address and the entity.
+	if !auditHasDenial(t, auditLog, m.Path+"/decrypt/pay", "allowed_cidrs", "127.0.0.2", aliceID) {
+		t.Fatal("the audit log has no response to alice's decrypt from 127.0.0.2 carrying the denial")
 	}
 
 	// The denials are counted on the key, by condition; the key read summarises its conditions.
@@ -168,4 +183,34 @@ func mustRead(t *testing.T, c *api.Client, path string) *api.Secret {
 		t.Fatalf("read %s: %v", path, err)
 	}
 	return s
+}
+
+// auditHasDenial says whether the audit log at path has a response entry for reqPath whose error names condition,
+// from remote address addr by entity.
+func auditHasDenial(t *testing.T, path, reqPath, condition, addr, entity string) bool {
+	t.Helper()
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(raw), "\n") {
+		var entry struct {
+			Type string `json:"type"`
+			Auth struct {
+				EntityID string `json:"entity_id"`
+			} `json:"auth"`
+			Request struct {
+				Path       string `json:"path"`
+				RemoteAddr string `json:"remote_address"`
+			} `json:"request"`
+			Error string `json:"error"`
+		}
+		if json.Unmarshal([]byte(line), &entry) != nil || entry.Type != "response" {
+			continue
+		}
+		if entry.Request.Path == reqPath && strings.Contains(entry.Error, condition) && entry.Request.RemoteAddr == addr && entry.Auth.EntityID == entity {
+			return true
+		}
+	}
+	return false
 }
