@@ -1,6 +1,7 @@
 package cmk
 
 import (
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -71,6 +72,7 @@ func TestGrantsCreateListReadRevoke(t *testing.T) {
 	if read := e.ok(e.read("keys/k/grants/" + group["id"].(string))).Data; read["state"] != "expired" {
 		t.Errorf("read after expiry: %v", read)
 	}
+	e.tick() // records the end of the grant nobody uses again
 
 	var kinds []string
 	for _, ev := range e.history("k") {
@@ -126,4 +128,36 @@ func TestGrantsRefuseWhatTheyCannotGrant(t *testing.T) {
 		t.Errorf("refused grants were stored: %v", left)
 	}
 	e.ok(e.write("keys/k/grants", map[string]interface{}{"entity_id": "e", "ttl": "1h"}))
+}
+
+// Grants' ends are recorded by the periodic function from what it keeps in memory: once every key's grants are
+// read (the first tick of a process), a tick with no grant ending reads and lists nothing of them.
+func TestGrantEndsCostNoStoragePerTick(t *testing.T) {
+	e := newTestBackend(t)
+	now := time.Date(2026, 12, 6, 9, 0, 0, 0, time.UTC)
+	for i := range 10 {
+		name := fmt.Sprintf("k%d", i)
+		e.ok(e.write("keys/"+name, nil))
+		e.ok(e.write("keys/"+name+"/grants", map[string]interface{}{"entity_id": "e", "ttl": "1h"}))
+	}
+	fresh := e.reopen()
+	fresh.b.keys.Clock = func() time.Time { return now }
+	fresh.tick() // reads every key's grants once
+	gets, lists := fresh.storage.gets.Load(), fresh.storage.lists.Load()
+	for range 5 {
+		fresh.tick()
+	}
+	if reads := fresh.storage.gets.Load() - gets; reads > 5 { // config/hsm, once a tick
+		t.Errorf("%d storage reads in 5 ticks with no grant ending", reads)
+	}
+	if n := fresh.storage.lists.Load() - lists; n != 0 {
+		t.Errorf("%d listings in 5 ticks with no grant ending", n)
+	}
+	now = now.Add(24 * time.Hour)
+	fresh.tick()
+	for i := range 10 {
+		if ended := lastEvent(fresh.history(fmt.Sprintf("k%d", i))); ended["event"] != "grant_expired" {
+			t.Errorf("k%d: last event %v, want grant_expired", i, ended)
+		}
+	}
 }

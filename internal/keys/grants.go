@@ -302,6 +302,7 @@ func (m *Manager) CreateGrant(ctx context.Context, s logical.Storage, name strin
 	set.mu.Lock()
 	set.byID[id] = lg
 	set.mu.Unlock()
+	m.ends.note(name, set, now)
 	if err := m.recordEventLocked(ctx, s, name, sealed, "grant_created", g.describe()); err != nil {
 		m.log.Error("could not record a grant's creation in the key's history", "key", name, "grant", id, "error", err)
 	}
@@ -318,19 +319,12 @@ func newGrantID() (string, error) {
 }
 
 // Grants returns the key's grants, oldest first; nil and a not-found CallerError when the key does not exist.
-// Grants found expired or used up without their history event get it now.
 func (m *Manager) Grants(ctx context.Context, s logical.Storage, name string) ([]GrantStatus, error) {
 	set, err := m.grantSet(ctx, s, name)
 	if err != nil {
 		return nil, err
 	}
-	set.mu.RLock()
-	all := make([]*liveGrant, 0, len(set.byID))
-	for _, lg := range set.byID {
-		all = append(all, lg)
-	}
-	set.mu.RUnlock()
-	m.recordGrantEnds(ctx, s, name, set, all)
+	all := set.all()
 	now := m.now()
 	out := make([]GrantStatus, len(all))
 	for i, lg := range all {
@@ -357,7 +351,6 @@ func (m *Manager) GrantByID(ctx context.Context, s logical.Storage, name, id str
 	if lg == nil {
 		return nil, nil
 	}
-	m.recordGrantEnds(ctx, s, name, set, []*liveGrant{lg})
 	st := lg.status(m.now())
 	return &st, nil
 }
@@ -459,6 +452,16 @@ func (m *Manager) admitByGrant(ctx context.Context, s logical.Storage, k *Key, c
 	}
 }
 
+func (set *grantSet) all() []*liveGrant {
+	set.mu.RLock()
+	defer set.mu.RUnlock()
+	out := make([]*liveGrant, 0, len(set.byID))
+	for _, lg := range set.byID {
+		out = append(out, lg)
+	}
+	return out
+}
+
 // covering returns the grants that name the caller and op, the soonest to expire first.
 func (set *grantSet) covering(entityID string, info *EntityInfo, op Operation) []*liveGrant {
 	type candidate struct {
@@ -545,6 +548,112 @@ func (lg *liveGrant) takeReservedLocked(now time.Time, n uint64) (t take, left u
 		return takeDone, 0, true
 	}
 	return takeNotLive, 0, false
+}
+
+// grantEnds is when each key's next grant ends with its end unrecorded: what the periodic function looks at, so
+// that a grant nobody uses again still has its end in its key's history within a tick. Built from storage once
+// per process (the first tick reads every key's grants), then kept up to date by grant creation, by loading a
+// key's grants, and by invalidations: a tick with nothing due reads no storage.
+type grantEnds struct {
+	mu    sync.Mutex
+	ready bool
+	next  map[string]time.Time // key name → the earliest end to record (zero: look at once)
+}
+
+// note sets when key name's next unrecorded end is due, from its grants at now.
+func (e *grantEnds) note(name string, set *grantSet, now time.Time) {
+	var next time.Time
+	found := false
+	for _, lg := range set.all() {
+		lg.mu.Lock()
+		st, at := lg.stateLocked(now), lg.g.ExpiresAt
+		unrecorded := lg.g.EndRecorded == "" && st != GrantRevoked
+		lg.mu.Unlock()
+		if !unrecorded {
+			continue
+		}
+		if st != GrantLive { // ended (used up, or expired) unrecorded: due now
+			at = time.Time{}
+		}
+		if !found || at.Before(next) {
+			next, found = at, true
+		}
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.next == nil {
+		e.next = map[string]time.Time{}
+	}
+	if found {
+		e.next[name] = next
+	} else {
+		delete(e.next, name)
+	}
+}
+
+// lookAgain marks key name's grants to be looked at by the next tick (not read yet, changed on another node, or
+// deleted).
+func (e *grantEnds) lookAgain(name string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.next == nil {
+		e.next = map[string]time.Time{}
+	}
+	e.next[name] = time.Time{}
+}
+
+func (e *grantEnds) drop(name string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	delete(e.next, name)
+}
+
+// due returns the keys whose next end to record is at or before now.
+func (e *grantEnds) due(now time.Time) []string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var out []string
+	for name, at := range e.next {
+		if !at.After(now) {
+			out = append(out, name)
+		}
+	}
+	return out
+}
+
+// recordEndedGrants records the end of every grant that expired or ran out unrecorded, for the periodic function
+// on the active node. Reads never record (a performance standby serves them).
+func (m *Manager) recordEndedGrants(ctx context.Context, s logical.Storage) {
+	m.ends.mu.Lock()
+	ready := m.ends.ready
+	m.ends.mu.Unlock()
+	if !ready {
+		names, err := s.List(ctx, grantsPrefix)
+		if err != nil {
+			m.log.Warn("could not list the keys with grants; their ends are recorded from the next tick", "error", err)
+			return
+		}
+		for _, dir := range names {
+			m.ends.lookAgain(strings.TrimSuffix(dir, "/"))
+		}
+		m.ends.mu.Lock()
+		m.ends.ready = true
+		m.ends.mu.Unlock()
+	}
+	now := m.now()
+	for _, name := range m.ends.due(now) {
+		set, err := m.grantSet(ctx, s, name)
+		if IsCaller(err) { // the key is deleted, and its grants with it
+			m.ends.drop(name)
+			continue
+		}
+		if err != nil {
+			m.log.Warn("could not read a key's grants; their ends are recorded at the next tick", "key", name, "error", err)
+			continue
+		}
+		m.recordGrantEnds(ctx, s, name, set, set.all())
+		m.ends.note(name, set, now)
+	}
 }
 
 // recordGrantEnds records, once, the history event of each grant of lgs found expired or used up. A failure is
@@ -641,12 +750,16 @@ func (m *Manager) grantSetLocked(ctx context.Context, s logical.Storage, name st
 		set.byID[g.ID] = &liveGrant{g: g, used: g.Reserved} // what a crash left unused of a block is lost
 	}
 	m.grants.Store(name, set)
+	m.ends.note(name, set, m.now())
 	return set, nil
 }
 
 // forgetGrants drops the key's cached grants (changed on another node, or the key deleted); the caller holds
 // the key's lock, so that no reservation is stored into a dropped set.
-func (m *Manager) forgetGrants(name string) { m.grants.Delete(name) }
+func (m *Manager) forgetGrants(name string) {
+	m.grants.Delete(name)
+	m.ends.lookAgain(name)
+}
 
 func putGrant(ctx context.Context, s logical.Storage, name string, g Grant) error {
 	e, err := logical.StorageEntryJSON(grantsKey(name, g.ID), g)

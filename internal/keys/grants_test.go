@@ -166,6 +166,7 @@ func TestGrantExpiresExactlyAtItsTime(t *testing.T) {
 		m := f.manager()
 		k := f.key(m, "k", nil)
 		g := f.grant(m, "k", GrantRequest{EntityID: "e", TTL: 2 * time.Hour})
+		idle := f.grant(m, "k", GrantRequest{EntityID: "idle", TTL: 2 * time.Hour})
 		if !g.ExpiresAt.Equal(f.clock().Add(2 * time.Hour)) {
 			t.Fatalf("expires_at %s, want the clock plus the ttl", g.ExpiresAt)
 		}
@@ -187,8 +188,20 @@ func TestGrantExpiresExactlyAtItsTime(t *testing.T) {
 		if err != nil || st == nil || st.State != GrantExpired {
 			t.Fatalf("read after expiry: %+v, %v", st, err)
 		}
-		if ev := f.events(m, "k", "grant_expired"); len(ev) != 1 || !strings.Contains(ev[0].Details, "granted by owner") {
-			t.Fatalf("grant_expired events %+v, want one naming who granted it", ev)
+		if ev := f.events(m, "k", "grant_expired"); len(ev) != 1 || !strings.Contains(ev[0].Details, "granted by owner") ||
+			!strings.Contains(ev[0].Details, "grant "+g.ID) {
+			t.Fatalf("grant_expired events %+v, want one naming the grant and who granted it", ev)
+		}
+		// The grant nobody uses again has its end recorded by the periodic function, once, in a process that
+		// has read no grant yet.
+		fresh := f.manager()
+		for range 2 {
+			if err := fresh.Tick(f.ctx, f.s, f.clock()); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if ev := f.events(m, "k", "grant_expired"); len(ev) != 2 || !strings.Contains(ev[1].Details, "grant "+idle.ID) {
+			t.Fatalf("grant_expired events after ticks %+v, want the idle grant's once", ev)
 		}
 	})
 }

@@ -73,6 +73,7 @@ type Manager struct {
 
 	absent sync.Map  // name → absentMark: the token held no version after the latest (see Adopt)
 	grants sync.Map  // name → *grantSet: the key's grants, read once (grants.go)
+	ends   grantEnds // when grants end unrecorded, for the periodic function
 	salt   mountSalt // what token accessors are recorded under (actor.go)
 
 	// Clock is what access conditions' hours and grants' expiry are judged by; tests set it.
