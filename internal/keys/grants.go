@@ -396,7 +396,7 @@ func (m *Manager) RevokeGrant(ctx context.Context, s logical.Storage, name, id s
 		return nil, err
 	}
 	lg.g = g
-	if err := m.recordEventLocked(ctx, s, name, sealed, "grant_revoked", fmt.Sprintf("%s; %d uses made", g.describe(), lg.used)); err != nil {
+	if err := m.recordEventLocked(ctx, s, name, sealed, "grant_revoked", fmt.Sprintf("%s; uses made: %d", g.describe(), lg.used)); err != nil {
 		m.log.Error("could not record a grant's revocation in the key's history", "key", name, "grant", id, "error", err)
 	}
 	m.log.Info("grant revoked", "key", name, "grant", id, "by", sealed.String())
@@ -694,7 +694,7 @@ func (m *Manager) recordGrantEndLocked(ctx context.Context, s logical.Storage, n
 	if (st != GrantExpired && st != GrantUsedUp) || lg.g.EndRecorded != "" {
 		return nil
 	}
-	if err := m.recordEventLocked(ctx, s, name, grantEndActor, "grant_"+string(st), fmt.Sprintf("%s; %d uses made", lg.g.describe(), lg.used)); err != nil {
+	if err := m.recordEventLocked(ctx, s, name, grantEndActor, "grant_"+string(st), fmt.Sprintf("%s; uses made: %d", lg.g.describe(), lg.used)); err != nil {
 		return err
 	}
 	g := lg.g

@@ -294,7 +294,7 @@ func TestGrantBatchBeyondTheUsesLeftIsRefusedWhole(t *testing.T) {
 		if ok, err := f.admit(m, k, "e", nil, OpEncrypt, 1); err != nil || ok {
 			t.Fatalf("after use-out: admitted %v, %v (want no grant, not a denial)", ok, err)
 		}
-		if ev := f.events(m, "k", "grant_used_up"); len(ev) != 1 || !strings.Contains(ev[0].Details, "5 uses made") {
+		if ev := f.events(m, "k", "grant_used_up"); len(ev) != 1 || !strings.Contains(ev[0].Details, "uses made: 5") {
 			t.Fatalf("grant_used_up events %+v, want one", ev)
 		}
 	})
@@ -398,6 +398,52 @@ func TestGrantTTLIsBounded(t *testing.T) {
 		g, err := m.CreateGrant(f.ctx, f.s, "bounded", who, GrantRequest{EntityID: "e", MaxUses: 3})
 		if err != nil || !g.ExpiresAt.Equal(f.clock().Add(2*time.Hour)) || len(g.Operations) != len(Operations) {
 			t.Fatalf("grant by max_uses only: %+v, %v", g, err)
+		}
+	})
+}
+
+// Concurrent uses of one grant, single and in batches, are admitted up to max_uses exactly, never beyond (run
+// with -race).
+func TestGrantConcurrentUsesStopAtMaxUses(t *testing.T) {
+	onGrantsFixture(t, func(t *testing.T, f *grantsFixture) {
+		m := f.manager()
+		k := f.key(m, "k", nil)
+		f.grant(m, "k", GrantRequest{EntityID: "e", MaxUses: 200, TTL: time.Hour})
+		var mu sync.Mutex
+		admitted := 0
+		var wg sync.WaitGroup
+		for w := range 8 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				items := 1 + w%3
+				for range 40 {
+					ok, err := f.admit(m, k, "e", nil, OpEncrypt, items)
+					if err != nil && !IsDenied(err) {
+						t.Error(err)
+						return
+					}
+					if ok {
+						mu.Lock()
+						admitted += items
+						mu.Unlock()
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		for { // what batches larger than the rest left
+			ok, err := f.admit(m, k, "e", nil, OpEncrypt, 1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !ok {
+				break
+			}
+			admitted++
+		}
+		if admitted != 200 {
+			t.Fatalf("%d uses admitted, want max_uses (200) exactly", admitted)
 		}
 	})
 }
