@@ -109,21 +109,15 @@ func (b *backend) pathGrantsList(ctx context.Context, req *logical.Request, d *f
 }
 
 func (b *backend) pathGrantRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	g, err := b.keys.GrantByID(ctx, req.Storage, d.Get("name").(string), d.Get("id").(string))
-	if errors.Is(err, keys.ErrNotFound) {
-		return nil, nil
-	}
-	if err != nil {
-		return respond(err)
-	}
-	if g == nil {
-		return nil, nil
-	}
-	return &logical.Response{Data: formatGrant(*g)}, nil
+	return grantResponse(b.keys.GrantByID(ctx, req.Storage, d.Get("name").(string), d.Get("id").(string)))
 }
 
 func (b *backend) pathGrantRevoke(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	g, err := b.keys.RevokeGrant(ctx, req.Storage, d.Get("name").(string), d.Get("id").(string), actorOf(req))
+	return grantResponse(b.keys.RevokeGrant(ctx, req.Storage, d.Get("name").(string), d.Get("id").(string), actorOf(req)))
+}
+
+// grantResponse answers with one grant: 404 when the key or the grant does not exist.
+func grantResponse(g *keys.GrantStatus, err error) (*logical.Response, error) {
 	if errors.Is(err, keys.ErrNotFound) {
 		return nil, nil
 	}

@@ -345,9 +345,7 @@ func (m *Manager) GrantByID(ctx context.Context, s logical.Storage, name, id str
 	if err != nil {
 		return nil, err
 	}
-	set.mu.RLock()
-	lg := set.byID[id]
-	set.mu.RUnlock()
+	lg := set.get(id)
 	if lg == nil {
 		return nil, nil
 	}
@@ -361,20 +359,11 @@ func (m *Manager) RevokeGrant(ctx context.Context, s logical.Storage, name, id s
 	l := m.lock(name)
 	l.Lock()
 	defer l.Unlock()
-	k, err := m.getLocked(ctx, s, name)
+	set, err := m.keyGrantsLocked(ctx, s, name)
 	if err != nil {
 		return nil, err
 	}
-	if k == nil {
-		return nil, notFound(name)
-	}
-	set, err := m.grantSetLocked(ctx, s, name)
-	if err != nil {
-		return nil, err
-	}
-	set.mu.RLock()
-	lg := set.byID[id]
-	set.mu.RUnlock()
+	lg := set.get(id)
 	if lg == nil {
 		return nil, nil
 	}
@@ -416,40 +405,48 @@ func (m *Manager) admitByGrant(ctx context.Context, s logical.Storage, k *Key, c
 		if err != nil {
 			return false, err
 		}
-		candidates := set.covering(c.EntityID, info, op)
-		var ended []*liveGrant
-		short := (*liveGrant)(nil)
-		var shortLeft uint64
 		outcome := takeNotLive
-		for _, lg := range candidates {
+		var looked []*liveGrant // what may have ended, for its history event
+		var shortLeft uint64
+		short := false
+	candidates:
+		for _, lg := range set.covering(c.EntityID, info, op) {
 			var left uint64
 			if outcome, left, err = m.takeUses(ctx, s, k.Name, set, lg, n); err != nil {
 				return false, err
 			}
-			if outcome == takeStale || outcome == takeDone {
-				if outcome == takeDone {
-					ended = append(ended, lg) // it may have run out with these uses
+			switch outcome {
+			case takeStale:
+				break candidates
+			case takeShort:
+				if !short || left > shortLeft {
+					short, shortLeft = true, left
 				}
+			}
+			looked = append(looked, lg)
+			if outcome == takeDone {
 				break
 			}
-			if outcome == takeShort && (short == nil || left > shortLeft) {
-				short, shortLeft = lg, left
-			}
-			ended = append(ended, lg)
 		}
 		if outcome == takeStale {
 			continue // the grants were read again meanwhile (changed on another node, or the key deleted)
 		}
-		m.recordGrantEnds(ctx, s, k.Name, set, ended)
+		m.recordGrantEnds(ctx, s, k.Name, set, looked)
 		switch {
 		case outcome == takeDone:
 			return true, nil
-		case short != nil:
+		case short:
 			return false, &DeniedError{Key: k.Name, Operation: op, Condition: "grant",
 				msg: fmt.Sprintf("the caller's grant has %d uses left, fewer than the request's %d items: the request is refused whole", shortLeft, n)}
 		}
 		return false, nil
 	}
+}
+
+func (set *grantSet) get(id string) *liveGrant {
+	set.mu.RLock()
+	defer set.mu.RUnlock()
+	return set.byID[id]
 }
 
 func (set *grantSet) all() []*liveGrant {
@@ -715,6 +712,11 @@ func (m *Manager) grantSet(ctx context.Context, s logical.Storage, name string) 
 	l := m.lock(name)
 	l.Lock()
 	defer l.Unlock()
+	return m.keyGrantsLocked(ctx, s, name)
+}
+
+// keyGrantsLocked is grantSet under the key's lock.
+func (m *Manager) keyGrantsLocked(ctx context.Context, s logical.Storage, name string) (*grantSet, error) {
 	k, err := m.getLocked(ctx, s, name)
 	if err != nil {
 		return nil, err

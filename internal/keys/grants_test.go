@@ -93,6 +93,35 @@ func (f *grantsFixture) admit(m *Manager, k *Key, entityID string, info *EntityI
 	return m.admitByGrant(f.ctx, f.s, k, Caller{Actor: Actor{EntityID: entityID}}, info, op, items)
 }
 
+// grantInUse is key k with an hour's grant to entity e, which has admitted one use.
+func (f *grantsFixture) grantInUse() (*Manager, *Key, GrantStatus) {
+	f.t.Helper()
+	m := f.manager()
+	k := f.key(m, "k", nil)
+	g := f.grant(m, "k", GrantRequest{EntityID: "e", TTL: time.Hour})
+	if ok, err := f.admit(m, k, "e", nil, OpEncrypt, 1); err != nil || !ok {
+		f.t.Fatalf("live grant: admitted %v, %v", ok, err)
+	}
+	return m, k, g
+}
+
+// useUp uses k one use at a time until no grant admits entityID, failing past most uses; it returns the uses.
+func (f *grantsFixture) useUp(m *Manager, k *Key, entityID string, op Operation, most int) int {
+	f.t.Helper()
+	for n := 0; ; n++ {
+		ok, err := f.admit(m, k, entityID, nil, op, 1)
+		if err != nil {
+			f.t.Fatal(err)
+		}
+		if !ok {
+			return n
+		}
+		if n == most {
+			f.t.Fatalf("more than %d uses admitted", most)
+		}
+	}
+}
+
 // events returns the key's history events of kind.
 func (f *grantsFixture) events(m *Manager, name, kind string) []Event {
 	f.t.Helper()
@@ -239,19 +268,7 @@ func TestGrantUsesNeverExceedMaxUsesAcrossACrash(t *testing.T) {
 		}
 		// The first process dies here, with uses reserved and unused; the next one reads the grant from storage.
 		second := f.manager()
-		for {
-			ok, err := f.admit(second, k, "e", nil, OpDecrypt, 1)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !ok {
-				break
-			}
-			admitted++
-			if admitted > 25 {
-				t.Fatal("more uses admitted than max_uses")
-			}
-		}
+		admitted += f.useUp(second, k, "e", OpDecrypt, 25)
 		if want := 25 - int(stored.Reserved-7); admitted != want {
 			t.Errorf("%d uses admitted in all, want %d (max_uses less what the crash lost)", admitted, want)
 		}
@@ -302,12 +319,7 @@ func TestGrantBatchBeyondTheUsesLeftIsRefusedWhole(t *testing.T) {
 
 func TestGrantRevokedAdmitsNothing(t *testing.T) {
 	onGrantsFixture(t, func(t *testing.T, f *grantsFixture) {
-		m := f.manager()
-		k := f.key(m, "k", nil)
-		g := f.grant(m, "k", GrantRequest{EntityID: "e", TTL: time.Hour})
-		if ok, _ := f.admit(m, k, "e", nil, OpEncrypt, 1); !ok {
-			t.Fatal("live grant not admitted")
-		}
+		m, k, g := f.grantInUse()
 		revoker := Actor{EntityID: "custodian", DisplayName: "custodian"}
 		for range 2 {
 			st, err := m.RevokeGrant(f.ctx, f.s, "k", g.ID, revoker)
@@ -334,12 +346,7 @@ func TestGrantRevokedAdmitsNothing(t *testing.T) {
 // invalidation, and the key's deletion takes its grants with it.
 func TestGrantsCachedInvalidatedAndDeletedWithTheKey(t *testing.T) {
 	onGrantsFixture(t, func(t *testing.T, f *grantsFixture) {
-		m := f.manager()
-		k := f.key(m, "k", nil)
-		g := f.grant(m, "k", GrantRequest{EntityID: "e", TTL: time.Hour})
-		if ok, _ := f.admit(m, k, "e", nil, OpEncrypt, 1); !ok {
-			t.Fatal("live grant not admitted")
-		}
+		m, k, g := f.grantInUse()
 		other := f.manager()
 		if _, err := other.RevokeGrant(f.ctx, f.s, "k", g.ID, who); err != nil {
 			t.Fatal(err)
@@ -432,16 +439,7 @@ func TestGrantConcurrentUsesStopAtMaxUses(t *testing.T) {
 			}()
 		}
 		wg.Wait()
-		for { // what batches larger than the rest left
-			ok, err := f.admit(m, k, "e", nil, OpEncrypt, 1)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !ok {
-				break
-			}
-			admitted++
-		}
+		admitted += f.useUp(m, k, "e", OpEncrypt, 200) // what batches larger than the rest left
 		if admitted != 200 {
 			t.Fatalf("%d uses admitted, want max_uses (200) exactly", admitted)
 		}
