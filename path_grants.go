@@ -28,7 +28,7 @@ func (b *backend) pathGrants() []*framework.Path {
 					"(keys/:name/access), or 30 days (720h) when the key sets none. Default: that longest ttl. ttl or max_uses (or both) is required."},
 				"max_uses": {Type: framework.TypeInt, Description: "How many uses the grant allows (a batch of n items is n uses); 0 or unset: any " +
 					"number until it expires. ttl or max_uses (or both) is required."},
-				"reason": {Type: framework.TypeString, Description: "Why the grant is given (a ticket, an incident): kept with the grant and in the key's history."},
+				"reason": {Type: framework.TypeString, Description: "Why the grant is given (a ticket, an incident), at most 1024 bytes: kept with the grant and in the key's history."},
 			},
 			Operations: map[logical.Operation]framework.OperationHandler{
 				logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathGrantCreate), Summary: "Grant an entity or a group the use of the key, for a time and/or a number of uses."},

@@ -32,6 +32,8 @@ const (
 	MaxGrantTTLCeiling = 30 * 24 * time.Hour
 	// maxGrantBlock bounds how many uses one reservation covers (unlimited grants reserve this many at a time).
 	maxGrantBlock = 1024
+	// maxGrantReason bounds a grant's reason, which every event of the grant repeats in the key's history.
+	maxGrantReason = 1024
 )
 
 // GrantState is where a grant stands.
@@ -246,6 +248,9 @@ func (m *Manager) CreateGrant(ctx context.Context, s logical.Storage, name strin
 	}
 	if r.TTL < 0 {
 		return GrantStatus{}, Callerf("ttl must not be negative")
+	}
+	if len(r.Reason) > maxGrantReason {
+		return GrantStatus{}, Callerf("reason is longer than %d bytes", maxGrantReason)
 	}
 	if r.TTL == 0 && r.MaxUses == 0 {
 		return GrantStatus{}, Callerf("a grant needs a ttl or max_uses (or both): none would be a standing permission")

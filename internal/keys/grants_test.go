@@ -392,6 +392,7 @@ func TestGrantTTLIsBounded(t *testing.T) {
 			{"free", GrantRequest{TTL: time.Hour}, "one grantee"},
 			{"free", GrantRequest{EntityID: "e", TTL: time.Hour, Operations: []Operation{"launch"}}, `unknown operation "launch"`},
 			{"missing", GrantRequest{EntityID: "e", TTL: time.Hour}, "not found"},
+			{"free", GrantRequest{EntityID: "e", TTL: time.Hour, Reason: strings.Repeat("x", maxGrantReason+1)}, "reason is longer"},
 		} {
 			_, err := m.CreateGrant(f.ctx, f.s, c.key, who, c.r)
 			switch {
