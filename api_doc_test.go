@@ -42,7 +42,8 @@ type apiSample struct {
 }
 
 // apiSamples are run in order: later ones use what earlier ones made. {ct}, {sig}, {hmac}, {csr} and
-// {public_key} stand for the last ciphertext, signature, HMAC, CSR and public key returned; {wrapped} for a fresh
+// {public_key} stand for the last ciphertext, signature, HMAC, CSR and public key returned, {grant} (in a path
+// too) for the last grant id; {wrapped} for a fresh
 // AES-256 key wrapped as `vault transit import` wraps it, with the wrapping key last read; {certificate} for a
 // chain whose leaf certifies the last CSR's key, issued by a test CA.
 var apiSamples = []apiSample{
@@ -66,6 +67,11 @@ var apiSamples = []apiSample{
 	{logical.UpdateOperation, "keys/demo/versions/1/disable", nil},
 	{logical.UpdateOperation, "keys/demo/versions/1/enable", nil},
 	{logical.ReadOperation, "keys/demo/history", map[string]interface{}{"limit": 3}},
+	{logical.UpdateOperation, "keys/demo/grants", map[string]interface{}{"entity_id": "contractor-entity-id", "operations": "decrypt", "ttl": "2h",
+		"max_uses": 100, "reason": "INC-42 data recovery"}},
+	{logical.ListOperation, "keys/demo/grants/", nil},
+	{logical.ReadOperation, "keys/demo/grants/{grant}", nil},
+	{logical.DeleteOperation, "keys/demo/grants/{grant}", nil},
 	{logical.UpdateOperation, "keys/signer", map[string]interface{}{"type": "ecdsa-p256"}},
 	{logical.UpdateOperation, "sign/signer", map[string]interface{}{"input": "aGVsbG8gd29ybGQ="}},
 	{logical.UpdateOperation, "verify/signer", map[string]interface{}{"input": "aGVsbG8gd29ybGQ=", "signature": "{sig}"}},
@@ -149,7 +155,8 @@ func apiReference(t *testing.T) string {
 			}
 			data[k] = v
 		}
-		resp, err := b.HandleRequest(context.Background(), &logical.Request{ID: fmt.Sprintf("doc-%d", i), Operation: s.op, Path: s.path,
+		path := strings.ReplaceAll(s.path, "{grant}", last["grant"])
+		resp, err := b.HandleRequest(context.Background(), &logical.Request{ID: fmt.Sprintf("doc-%d", i), Operation: s.op, Path: path,
 			Data: data, Storage: conf.StorageView, DisplayName: "token", ClientTokenAccessor: "accessor"})
 		code := status(resp, err)
 		var body interface{}
@@ -166,13 +173,13 @@ func apiReference(t *testing.T) string {
 			body = out
 		}
 		if resp != nil && resp.Data != nil {
-			for field, key := range map[string]string{"ciphertext": "ct", "signature": "sig", "hmac": "hmac", "csr": "csr", "public_key": "public_key"} {
+			for field, key := range map[string]string{"ciphertext": "ct", "signature": "sig", "hmac": "hmac", "csr": "csr", "public_key": "public_key", "id": "grant"} {
 				if v, ok := resp.Data[field].(string); ok {
 					last[key] = v
 				}
 			}
 		}
-		p := pathFor(b, s.path)
+		p := pathFor(b, path)
 		if p == nil {
 			t.Fatalf("sample %s matches no path", s.path)
 		}
@@ -356,7 +363,11 @@ func redact(key string, v interface{}) interface{} {
 	case map[string]interface{}:
 		out := map[string]interface{}{}
 		for k, val := range x {
-			out[k] = redact(k, val)
+			shown := k
+			if reHex.MatchString(k) { // an id as a map key (a list's key_info): differs from run to run
+				shown = "…"
+			}
+			out[shown] = redact(k, val)
 		}
 		return out
 	case []interface{}:
@@ -707,6 +718,12 @@ var responseFieldDocs = map[string]string{
 	"denials":                     "`keys/:name/access`: uses the conditions denied since the plugin started on this node (`by_condition`, `last_denied_at`); kept in memory, so that a denied caller cannot make the engine write storage.",
 	"by_condition":                "`keys/:name/access` denials: how many uses each condition (allowed_cidrs, allowed_hours, entity, required_entity_metadata, allowed_entity_ids, allowed_groups, grants_required, grant) denied.",
 	"last_denied_at":              "`keys/:name/access` denials: when the last use was denied.",
+	"expires_at":                  "Grant: when it ends, judged by the engine's clock (RFC 3339).",
+	"uses":                        "Grant: the uses made, including those a crash lost from a reserved block.",
+	"remaining_uses":              "Grant with max_uses: the uses it still allows.",
+	"revoked_at":                  "Grant: when it was revoked.",
+	"revoked_by":                  "Grant: who revoked it (entity_id, display_name, token_accessor_hmac).",
+	"created_at":                  "Grant: when it was created.",
 	"label_prefix":                "config/hsm: the prefix of the CKA_LABEL of every object of the mount, cmk/<mount uuid>/",
 	"import_supported":            "config/hsm key_types: whether the token can take an imported key of the type (BYOK)",
 	"import_missing":              "config/hsm key_types: why the token cannot take an imported key of the type",
@@ -721,7 +738,7 @@ var responseFieldDocs = map[string]string{
 	"class":                       "`reconcile`, per unreferenced object: its PKCS#11 class (secret key, private key, public key).",
 	"connected":                   "`config/hsm`: whether the mount is logged in to its token now.",
 	"count":                       "History: how many events the response holds.",
-	"created_by":                  "Key read, per version: who made the version (display name and token accessor of the request).",
+	"created_by":                  "Key read, per version: who made the version (display name and token accessor of the request). Grant: who granted it (entity_id, display_name, token_accessor_hmac).",
 	"creation_time":               "Key read: when the key (or, per version, the version) was made, RFC 3339.",
 	"deletion_in_progress":        "Key read: the key's deletion has begun and is being finished; the key serves nothing.",
 	"deletion_scheduled_time":     "Key read and delete: when a deleted key's objects are destroyed (after `deletion_grace_period`); until then `cancel-deletion` brings it back.",
@@ -732,7 +749,6 @@ var responseFieldDocs = map[string]string{
 	"display_name":                "History event: the display name of the request's token.",
 	"encryptions":                 "Key read, per AES version: encryptions counted so far (counted in blocks reserved in storage, so it may run ahead of the real count, never behind).",
 	"encryptions_unknown":         "Key read, per version: the version's encryption count was lost (it was adopted after a storage restore), so it encrypts no more; the next encryption rotates.",
-	"entity_id":                   "History event: the entity of the request's token.",
 	"error":                       "`config/hsm`: why the mount is not connected, or the last connection error; in `batch_results`: why that item failed.",
 	"event":                       "History event: what happened (\"created\", \"rotated\", \"version_imported\", \"version_adopted\", \"version_disabled\", \"deletion_scheduled\", …).",
 	"events":                      "History: the key's events, oldest first.",
@@ -767,9 +783,8 @@ var responseFieldDocs = map[string]string{
 	"protection_level":            "Key read: always \"hsm\".",
 	"public_key_only":             "Key read, per version: the version holds only a public key (imported with `public_key`): it verifies (RSA: also encrypts), and nothing is on the token until its private key is imported with `import_version`.",
 	"random_bytes":                "`random`: the bytes from the HSM's generator, in the requested `format`.",
-	"reason":                      "`reconcile`, per unreferenced object: why it is not adopted by itself.",
 	"serial_number":               "`config/hsm`, `token`: the token's serial number.",
-	"state":                       "Key read, per version: \"active\", \"decrypt_only\", \"disabled\", \"destroy_scheduled\" or \"destroyed\".",
+	"state":                       "Key read, per version: \"active\", \"decrypt_only\", \"disabled\", \"destroy_scheduled\" or \"destroyed\". Grant: \"live\", \"expired\", \"used_up\" or \"revoked\".",
 	"sum":                         "`hash`: the digest, in the requested `format`.",
 	"supported":                   "`config/hsm`, per entry of `key_types`: whether the token serves that key type.",
 	"supports_decryption":         "Key read, as Transit: the key type decrypts.",

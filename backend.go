@@ -131,6 +131,7 @@ func newBackend(conf *logical.BackendConfig) *backend {
 			[]*framework.Path{b.pathRotate(), b.pathWrappingKey(), b.pathImport(false), b.pathImport(true)},
 			b.pathLifecycle(),
 			[]*framework.Path{b.pathAccess()},
+			b.pathGrants(),
 			[]*framework.Path{b.pathEncrypt(), b.pathDecrypt(), b.pathRewrap(), b.pathDatakey(), b.pathRandom(), b.pathHash(),
 				b.pathSign(), b.pathVerify(), b.pathHMAC()},
 			[]*framework.Path{b.pathExport(), b.pathCSR(), b.pathSetCertificate()},

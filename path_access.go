@@ -49,7 +49,7 @@ func (b *backend) pathAccess() *framework.Path {
 			"operations": {
 				Type:          framework.TypeCommaStringSlice,
 				AllowedValues: ops,
-				Description:   "Operations the conditions govern (" + keyOperationNames() + "); empty: all of them.",
+				Description:   "Operations the conditions govern (" + keys.OperationNames() + "); empty: all of them.",
 			},
 			"grants_required": {
 				Type:        framework.TypeBool,
@@ -74,17 +74,6 @@ that fails one is answered 403 naming the condition that failed, never another's
 (denials, since the plugin started). A token without an entity (root, orphan tokens) fails every identity
 condition. Writing replaces the fields given; delete removes all.`,
 	}
-}
-
-func keyOperationNames() string {
-	s := ""
-	for i, op := range keys.Operations {
-		if i > 0 {
-			s += ", "
-		}
-		s += string(op)
-	}
-	return s
 }
 
 func (b *backend) pathAccessRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {

@@ -18,9 +18,6 @@ import (
 // call encrypt/<key> still uses the key only from the networks, at the hours and as the identities the key's
 // owner allows. Checked by Admit from the key's cached snapshot.
 
-// maxGrantCeiling bounds a grant's life where the key sets no max_grant_ttl: just-in-time access is short.
-const maxGrantCeiling = 30 * 24 * time.Hour
-
 // hourWindow is one parsed allowed_hours entry: the weekdays it starts on, and minutes from midnight
 // [from, to); to may pass midnight (22:00-06:00 runs into the next day).
 type hourWindow struct {
@@ -131,7 +128,7 @@ func (a *Access) Validate() error {
 	}
 	for _, op := range a.Operations {
 		if !slices.Contains(Operations, op) {
-			return Callerf("operations: %q is not an operation on key material; they are %s", op, operationNames())
+			return Callerf("operations: %q is not an operation on key material; they are %s", op, OperationNames())
 		}
 	}
 	slices.Sort(a.Operations)
@@ -141,18 +138,10 @@ func (a *Access) Validate() error {
 			return Callerf("required_entity_metadata: an empty key")
 		}
 	}
-	if a.MaxGrantTTL < 0 || a.MaxGrantTTL > maxGrantCeiling {
-		return Callerf("max_grant_ttl must be between 0 and %s", maxGrantCeiling)
+	if a.MaxGrantTTL < 0 || a.MaxGrantTTL > MaxGrantTTLCeiling {
+		return Callerf("max_grant_ttl must be between 0 and %s", MaxGrantTTLCeiling)
 	}
 	return nil
-}
-
-func operationNames() string {
-	names := make([]string, len(Operations))
-	for i, op := range Operations {
-		names[i] = string(op)
-	}
-	return strings.Join(names, ", ")
 }
 
 // Empty says whether the settings ask for nothing: the same as no settings.

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/vault/sdk/logical"
 )
 
 // identityStore answers for the entities a test names, as Vault's identity store would through the system view.
@@ -36,7 +37,8 @@ func admitWith(t *testing.T, a *Access, now time.Time, c Caller, op Operation) e
 	m := NewManager(hclog.NewNullLogger(), "mount", nil)
 	m.Clock = func() time.Time { return now }
 	c.Identity = testIdentities
-	return m.Admit(context.Background(), nil, &Key{Name: "k", Access: a}, c, op, 1)
+	m.grants.Store("k", &grantSet{byID: map[string]*liveGrant{}}) // the key holds no grants (grants_test.go tests them)
+	return m.Admit(context.Background(), &logical.InmemStorage{}, &Key{Name: "k", Access: a}, c, op, 1)
 }
 
 // wantDenied checks a denial names the condition and carries none of the other conditions' values.

@@ -98,6 +98,17 @@ func (m *Manager) appendHistory(ctx context.Context, s logical.Storage, name str
 	return s.Put(ctx, e)
 }
 
+// recordEventLocked adds to the key's history an event that goes with no change of the key (a grant created,
+// revoked, used up or expired): the one way to record one outside Update. who is sealed here; the caller holds
+// the key's lock, as for every append.
+func (m *Manager) recordEventLocked(ctx context.Context, s logical.Storage, name string, who Actor, kind, details string) error {
+	who, err := m.sealed(ctx, s, who)
+	if err != nil {
+		return err
+	}
+	return m.appendHistory(ctx, s, name, who.event(kind, 0, "", details))
+}
+
 func historyPages(ctx context.Context, s logical.Storage, name string) ([]int, error) {
 	keys, err := s.List(ctx, historyPrefix+name+"/")
 	if err != nil {

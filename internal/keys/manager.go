@@ -72,6 +72,8 @@ type Manager struct {
 	usage usageTracker
 
 	absent sync.Map  // name → absentMark: the token held no version after the latest (see Adopt)
+	grants sync.Map  // name → *grantSet: the key's grants, read once (grants.go)
+	ends   grantEnds // when grants end unrecorded, for the periodic function
 	salt   mountSalt // what token accessors are recorded under (actor.go)
 
 	denials denialCounts // uses the keys' access conditions refused (access.go)
@@ -125,6 +127,13 @@ func (m *Manager) getLocked(ctx context.Context, s logical.Storage, name string)
 func (m *Manager) Invalidate(storageKey string) {
 	if storageKey == saltLocation {
 		m.salt.forget()
+		return
+	}
+	if name, ok := grantKeyOf(storageKey); ok {
+		l := m.lock(name)
+		l.Lock()
+		m.forgetGrants(name)
+		l.Unlock()
 		return
 	}
 	name, usage, ok := NameOf(storageKey)
@@ -239,11 +248,13 @@ func (m *Manager) commit(ctx context.Context, s logical.Storage, who Actor, cur,
 	if tx.deleted {
 		if err := remove(ctx, s, tx.Key); err != nil {
 			m.cache.Delete(tx.Key.Name)
+			m.forgetGrants(tx.Key.Name)
 			return nil, err
 		}
 		m.cache.Delete(tx.Key.Name)
 		m.sched.remove(tx.Key.Name)
 		m.usage.forget(tx.Key.Name)
+		m.forgetGrants(tx.Key.Name)
 		tx.recordEvents()
 		return nil, nil
 	}

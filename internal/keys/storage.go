@@ -10,7 +10,8 @@ import (
 )
 
 // Storage layout. Everything that grows with a key's life has entries of bounded size: versions in chunks of
-// versionChunk, history in pages (history.go), usage reservations in one small entry per key (usage.go).
+// versionChunk, history in pages (history.go), usage reservations in one small entry per key (usage.go), grants
+// in one entry each under grants/<name>/<id> (grants.go).
 const (
 	PolicyPrefix   = "policy/"   // policy/<name>: settings, no versions
 	VersionsPrefix = "versions/" // versions/<name>/<chunk>: versions chunk*256+1 … (chunk+1)*256
@@ -125,7 +126,7 @@ func store(ctx context.Context, s logical.Storage, k *Key, changed []int) error 
 	return nil
 }
 
-// remove deletes a key's metadata and usage counts; its history stays, as evidence. The key entry, stored with
+// remove deletes a key's metadata, usage counts and grants; its history stays, as evidence. The key entry, stored with
 // Deleting set before anything was destroyed, goes last: a removal cut short leaves a key that serves nothing and
 // loads without the versions already removed, and the next attempt (the scheduler's, or a second delete) finishes.
 func remove(ctx context.Context, s logical.Storage, k *Key) error {
@@ -134,6 +135,9 @@ func remove(ctx context.Context, s logical.Storage, k *Key) error {
 	}
 	if err := s.Delete(ctx, usagePrefix+k.Name); err != nil {
 		return fmt.Errorf("remove key %q usage counts: %w", k.Name, err)
+	}
+	if err := removeGrants(ctx, s, k.Name); err != nil {
+		return fmt.Errorf("remove key %q grants: %w", k.Name, err)
 	}
 	for c := 0; k.LatestVersion > 0 && c <= chunkOf(k.LatestVersion); c++ {
 		if err := s.Delete(ctx, versionsKey(k.Name, c)); err != nil {
