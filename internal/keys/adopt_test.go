@@ -35,7 +35,7 @@ func snapshot(t *testing.T, s logical.Storage) *logical.InmemStorage {
 
 // restored is a manager on a storage snapshot and the same token, as a node restored from the snapshot is.
 func restored(f *fakeHSM, snap *logical.InmemStorage) (*Manager, logical.Storage) {
-	m := NewManager(hclog.NewNullLogger(), "mount", func(context.Context, logical.Storage) (HSM, error) { return f, nil })
+	m := NewManager(hclog.NewNullLogger(), "mount", func(context.Context, logical.Storage) (HSM, *Nonces, error) { return f, nil, nil })
 	return m, snap
 }
 

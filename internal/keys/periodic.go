@@ -104,7 +104,7 @@ func (m *Manager) CountEncryption(ctx context.Context, s logical.Storage, k *Key
 	if ver.EncryptionsUnknown {
 		return false, fmt.Errorf("%w: version %d was adopted after a storage restore and how many encryptions it made is unknown", ErrVersionExhausted, v)
 	}
-	tok := func() (HSM, error) { return m.token(ctx, s) } // only when the count is loaded or a block reserved
+	tok := func() (HSM, error) { return m.connect(ctx, s) } // only when the count is loaded or a block reserved
 	c, err := m.usage.counter(ctx, s, tok, k.Name, v, ver)
 	if err != nil {
 		return false, err
