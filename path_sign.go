@@ -240,7 +240,7 @@ func (b *backend) verifyKey(ctx context.Context, req *logical.Request, name stri
 	if err != nil {
 		return nil, nil, err
 	}
-	if err := u.AdoptNamed(ctx, newestNamed(items)); err != nil {
+	if err := u.AdoptNamed(ctx, newestNamed(items), len(items)); err != nil {
 		return nil, nil, err
 	}
 	return u.Key(), u, nil

@@ -121,7 +121,7 @@ func (b *backend) ciphertextRequest(ctx context.Context, req *logical.Request, d
 	if u, err = b.keys.Use(ctx, req.Storage, d.Get("name").(string), b.callerOf(req), op, len(items)); err != nil {
 		return nil, false, nil, err
 	}
-	return items, batch, u, u.AdoptNamed(ctx, newestNamed(items))
+	return items, batch, u, u.AdoptNamed(ctx, newestNamed(items), len(items))
 }
 
 // newestNamed is the newest version the items' ciphertexts, signatures or HMACs name: one newer than storage knows

@@ -85,7 +85,7 @@ func TestRestoredStorageAdoptsNeverReuses(t *testing.T) {
 		t.Fatalf("adopted version metadata %+v", v)
 	}
 	// Its usage before the restore is unknown: it encrypts no more, and the next encryption rotates.
-	if _, err := m2.CountEncryption(ctx, s2, k, 2); !errors.Is(err, ErrVersionExhausted) {
+	if _, err := m2.countEncryption(ctx, s2, k, 2); !errors.Is(err, ErrVersionExhausted) {
 		t.Fatalf("an adopted version counted an encryption: %v", err)
 	}
 	events, err := ReadHistory(ctx, s2, "k", 0)

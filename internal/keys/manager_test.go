@@ -357,7 +357,7 @@ func TestUsageRotationsOfOneRequest(t *testing.T) {
 	req := Actor{RequestID: "encrypt-batch"}
 	for v := 1; v <= 3; v++ {
 		for i := 0; i < 2; i++ { // twice for the same version: once
-			k, err := m.RotateForUsage(ctx, s, "k", v, req)
+			k, err := m.rotateForUsage(ctx, s, "k", v, req)
 			if err != nil || k.LatestVersion != v+1 {
 				t.Fatalf("usage rotation of version %d (call %d): latest %v, %v", v, i, k.LatestVersion, err)
 			}

@@ -44,7 +44,6 @@ type Use struct {
 	key    *Key // the snapshot the request uses (after adopting the versions it names)
 	op     Operation
 	caller Caller
-	items  int
 	tok    Crypto
 	nonces *Nonces
 }
@@ -66,7 +65,7 @@ func (m *Manager) Use(ctx context.Context, s logical.Storage, name string, c Cal
 	if err := m.Admit(ctx, s, k, c, op, items); err != nil {
 		return nil, err
 	}
-	return &Use{m: m, s: s, key: k, op: op, caller: c, items: items, tok: tok, nonces: nonces}, nil
+	return &Use{m: m, s: s, key: k, op: op, caller: c, tok: tok, nonces: nonces}, nil
 }
 
 // Usable loads key name for op and checks that it serves operations; it admits nothing and reaches no key
@@ -126,10 +125,10 @@ func (u *Use) serves(what string, ops ...Operation) error {
 	return fmt.Errorf("key %q: a use admitted for %s cannot %s", u.key.Name, u.op, what)
 }
 
-// AdoptNamed makes the use's key know version newest, the newest that the request's ciphertexts, signatures or
-// HMACs name (NamedVersion); see Manager.AdoptNamed.
-func (u *Use) AdoptNamed(ctx context.Context, newest int) error {
-	k, err := u.m.AdoptNamed(ctx, u.s, u.key, newest, u.items, u.caller.Actor)
+// AdoptNamed makes the use's key know version newest, the newest that the request's items name in their
+// ciphertexts, signatures or HMACs (NamedVersion); see Manager.AdoptNamed.
+func (u *Use) AdoptNamed(ctx context.Context, newest, items int) error {
+	k, err := u.m.AdoptNamed(ctx, u.s, u.key, newest, items, u.caller.Actor)
 	if err != nil {
 		return err
 	}
@@ -189,11 +188,11 @@ func (u *Use) encrypt(ctx context.Context, k *Key, plaintext, aad []byte, versio
 	if padding != "" {
 		return "", 0, Callerf("padding_scheme applies to RSA keys only, not %s", k.Type)
 	}
-	last, err := u.m.CountEncryption(ctx, u.s, k, v)
+	last, err := u.m.countEncryption(ctx, u.s, k, v)
 	switch {
 	case errors.Is(err, ErrVersionExhausted) && (version == 0 || version == k.LatestVersion):
 		// An earlier encryption used the version's last one: rotate (or find it rotated) and use the new version.
-		nk, err := u.m.RotateForUsage(ctx, u.s, k.Name, v, u.caller.Actor)
+		nk, err := u.m.rotateForUsage(ctx, u.s, k.Name, v, u.caller.Actor)
 		switch {
 		case err != nil:
 			return "", 0, fmt.Errorf("key %q version %d has reached its encryption limit and rotating it failed: %w", k.Name, v, err)
@@ -208,7 +207,7 @@ func (u *Use) encrypt(ctx context.Context, k *Key, plaintext, aad []byte, versio
 	}
 	if last {
 		defer func() {
-			if _, err := u.m.RotateForUsage(ctx, u.s, k.Name, v, u.caller.Actor); err != nil {
+			if _, err := u.m.rotateForUsage(ctx, u.s, k.Name, v, u.caller.Actor); err != nil {
 				u.m.log.Warn("usage rotation failed; the next encryption retries it", "key", k.Name, "version", v, "error", err)
 			}
 		}()
