@@ -3,8 +3,13 @@ package cmk
 import (
 	"context"
 	"crypto/x509"
+	"errors"
+	"fmt"
+	"net/http"
 	"strings"
 	"testing"
+
+	"github.com/hashicorp/vault/sdk/logical"
 
 	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/keys"
 )
@@ -70,4 +75,18 @@ func TestUseServesOnlyTheOperationItWasAdmittedFor(t *testing.T) {
 	}
 	_, _, err = use("s", keys.OpCSR).Sign(ctx, []byte("x"), 0, keys.SignOptions{})
 	refused("sign with a CSR use", err)
+}
+
+// A use the door refuses is a 403 with the refusal's message, as Vault answers a denied request; never a 500.
+func TestDeniedUseIs403(t *testing.T) {
+	denied := fmt.Errorf("encrypt: %w", &keys.DeniedError{Key: "k", Operation: keys.OpEncrypt, Condition: "allowed_cidrs"})
+	status, msg := classify(denied)
+	if status != http.StatusForbidden || !strings.Contains(msg, `permission denied: encrypt on key "k"`) {
+		t.Fatalf("classify: %d %q", status, msg)
+	}
+	resp, err := respond(denied)
+	var coded logical.HTTPCodedError
+	if resp != nil || !errors.As(err, &coded) || coded.Code() != http.StatusForbidden {
+		t.Fatalf("respond: %v %v", resp, err)
+	}
 }
