@@ -51,7 +51,7 @@ unit:
 
 # Short fuzzing of the ciphertext parser and of request decoding (Go's fuzzer takes one target per run).
 fuzz:
-	$(GO) test -run '^$$' -fuzz '^FuzzParseCiphertext$$' -fuzztime $(FUZZTIME) .
+	$(GO) test -run '^$$' -fuzz '^FuzzParseCiphertext$$' -fuzztime $(FUZZTIME) ./internal/keys/
 	$(GO) test -run '^$$' -fuzz '^FuzzRequestData$$' -fuzztime $(FUZZTIME) .
 
 # The end-to-end suite against real Vault servers (dev, raft, a 3-node cluster) with the built plugin.

@@ -4,7 +4,6 @@ package cmk
 
 import (
 	"context"
-	"crypto"
 	"crypto/rsa"
 	"fmt"
 	"os"
@@ -36,23 +35,12 @@ var Version = "v0.0.0-dev"
 
 // hsmToken is what the backend needs of the HSM: *hsm.Token, or a fault-injecting wrapper in unit tests.
 type hsmToken interface {
-	keys.HSM // what the key model needs: versions made, imported, found, destroyed, their usage witnessed
-	EncryptGCM(ctx context.Context, id, nonce, aad, plaintext []byte) (usedNonce, sealed []byte, err error)
-	DecryptGCM(ctx context.Context, id, nonce, aad, sealed []byte) ([]byte, error)
-	SignPKCS1v15(ctx context.Context, id []byte, h crypto.Hash, digest []byte) ([]byte, error)
-	SignPSS(ctx context.Context, id []byte, h crypto.Hash, digest []byte, saltLen int) ([]byte, error)
-	SignECDSA(ctx context.Context, id, digest []byte) ([]byte, error)
-	SignEd25519(ctx context.Context, id, message []byte) ([]byte, error)
-	HMAC(ctx context.Context, id []byte, h crypto.Hash, data []byte) ([]byte, error)
-	DecryptRSA(ctx context.Context, id []byte, h crypto.Hash, ciphertext []byte) ([]byte, error)
-	DecryptPKCS1v15(ctx context.Context, id, ciphertext, rejection []byte) ([]byte, error)
+	keys.HSM // what the key model needs: versions made, imported, found, destroyed, used, their usage witnessed
 	GenerateWrappingKey(ctx context.Context, id []byte, label string) (*rsa.PublicKey, error)
-	GenerateRandom(ctx context.Context, n int) ([]byte, error)
 	MissingObjects(id []byte) map[string]time.Time
 	Capabilities(ctx context.Context) (*hsm.Capabilities, error)
 	Info() hsm.TokenInfo
 	Status() (connected bool, lastErr error)
-	PoolSize() int
 	Close()
 }
 
@@ -68,11 +56,12 @@ type backend struct {
 
 	tokenMu     sync.Mutex
 	token       hsmToken
-	nonces      *nonceSource
+	nonces      *keys.Nonces
 	openErr     error // last failure to connect, returned without retrying until openRetryAt
 	openRetryAt time.Time
 
-	keys *keys.Manager // the mount's keys: every change goes through its Update
+	keys     *keys.Manager  // the mount's keys: every change goes through its Update, every use through its Use
+	identity *identityStore // callers' entities and groups, for the keys' access conditions
 
 	configMu   sync.RWMutex
 	keysConfig *keysConfig // nil until loaded
@@ -108,10 +97,14 @@ func newBackend(conf *logical.BackendConfig) *backend {
 	if b.mountID == "" {
 		b.mountID = "unmounted"
 	}
-	b.keys = keys.NewManager(b.logger, b.mountID, func(ctx context.Context, s logical.Storage) (keys.HSM, error) {
-		tok, _, err := b.getToken(ctx, s)
-		return tok, err
+	b.keys = keys.NewManager(b.logger, b.mountID, func(ctx context.Context, s logical.Storage) (keys.HSM, *keys.Nonces, error) {
+		tok, nonces, err := b.getToken(ctx, s)
+		if err != nil {
+			return nil, nil, err
+		}
+		return tok, nonces, nil
 	})
+	b.identity = newIdentityStore(func() logical.SystemView { return b.System() })
 	b.Backend = &framework.Backend{
 		Help:        backendHelp,
 		BackendType: logical.TypeLogical,
@@ -183,7 +176,7 @@ func (b *backend) resetToken() {
 const openRetryDelay = 2 * time.Second
 
 // getToken returns the connected token, connecting on first use from config/hsm.
-func (b *backend) getToken(ctx context.Context, s logical.Storage) (hsmToken, *nonceSource, error) {
+func (b *backend) getToken(ctx context.Context, s logical.Storage) (hsmToken, *keys.Nonces, error) {
 	b.tokenMu.Lock()
 	defer b.tokenMu.Unlock()
 	if b.token != nil {
@@ -204,7 +197,7 @@ func (b *backend) getToken(ctx context.Context, s logical.Storage) (hsmToken, *n
 		b.openErr, b.openRetryAt = fmt.Errorf("%w: %v", hsm.ErrUnavailable, err), time.Now().Add(openRetryDelay)
 		return nil, nil, b.openErr
 	}
-	b.token, b.nonces, b.openErr = tok, newNonceSource(cfg.IVSource, tok), nil
+	b.token, b.nonces, b.openErr = tok, keys.NewNonces(cfg.IVSource, tok), nil
 	return b.token, b.nonces, nil
 }
 
@@ -222,7 +215,7 @@ func (b *backend) setToken(tok hsmToken, ivSource string) {
 	if b.token != nil {
 		b.token.Close()
 	}
-	b.token, b.nonces, b.openErr = tok, newNonceSource(ivSource, tok), nil
+	b.token, b.nonces, b.openErr = tok, keys.NewNonces(ivSource, tok), nil
 }
 
 func (b *backend) tokenConfig(c *hsmConfig) hsm.Config {
@@ -270,6 +263,17 @@ func actorOf(req *logical.Request) keys.Actor {
 		return keys.Actor{}
 	}
 	return keys.Actor{EntityID: req.EntityID, DisplayName: req.DisplayName, Accessor: req.ClientTokenAccessor, RequestID: req.ID}
+}
+
+// callerOf is who uses a key, for the door every use of key material passes (keys.Manager.Use): the actor, the
+// request's source address (Vault's Connection.RemoteAddr, which honours its listener's x_forwarded_for settings)
+// and the caller's identity, resolved only if a condition needs it.
+func (b *backend) callerOf(req *logical.Request) keys.Caller {
+	c := keys.Caller{Actor: actorOf(req), Identity: b.identity}
+	if req != nil && req.Connection != nil {
+		c.RemoteAddr = req.Connection.RemoteAddr
+	}
+	return c
 }
 
 const backendHelp = `

@@ -3,16 +3,9 @@ package cmk
 import (
 	"context"
 	"crypto"
-	"crypto/ecdsa"
-	"crypto/ed25519"
-	"crypto/rand"
-	"crypto/rsa"
 	"crypto/x509"
 	"encoding/asn1"
 	"encoding/pem"
-	"errors"
-	"fmt"
-	"io"
 	"strings"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -73,10 +66,10 @@ export/certificate-chain/:name, and recorded in the key's history.`,
 	}
 }
 
-// signingVersion is the key and version a CSR or certificate is for: a signing key's version that may sign (a
-// CSR: sign's rule, keys.Key.EncryptionVersion, so nothing below min_encryption_version signs) or verify (a
-// certificate for an older version's public key: keys.Key.DecryptionVersion).
-func (b *backend) signingVersion(ctx context.Context, req *logical.Request, d *framework.FieldData, signs bool) (*keys.Key, int, error) {
+// certifiedVersion is the key and version a certificate is for: a signing key's version that may verify (a
+// certificate for an older version's public key: keys.Key.DecryptionVersion). Setting a certificate uses no key
+// material.
+func (b *backend) certifiedVersion(ctx context.Context, req *logical.Request, d *framework.FieldData) (*keys.Key, int, error) {
 	name := d.Get("name").(string)
 	k, err := b.keys.Get(ctx, req.Storage, name)
 	if err != nil {
@@ -91,13 +84,8 @@ func (b *backend) signingVersion(ctx context.Context, req *logical.Request, d *f
 	if err := k.Usable(); err != nil {
 		return nil, 0, err
 	}
-	requested, _ := d.Get("version").(int)
-	if signs {
-		n, _, err := k.EncryptionVersion(requested)
-		return k, n, err
-	}
 	n := k.LatestVersion
-	if requested != 0 {
+	if requested, _ := d.Get("version").(int); requested != 0 {
 		n = requested
 	}
 	if _, err := k.DecryptionVersion(n, "key"); err != nil {
@@ -107,11 +95,8 @@ func (b *backend) signingVersion(ctx context.Context, req *logical.Request, d *f
 }
 
 func (b *backend) pathCSRWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	k, n, err := b.signingVersion(ctx, req, d, true)
+	u, err := b.keys.Use(ctx, req.Storage, d.Get("name").(string), b.callerOf(req), keys.OpCSR, 1)
 	if err != nil {
-		return respond(err)
-	}
-	if err := k.Private(n, "sign a CSR"); err != nil {
 		return respond(err)
 	}
 	tmpl := &x509.CertificateRequest{}
@@ -132,14 +117,12 @@ func (b *backend) pathCSRWrite(ctx context.Context, req *logical.Request, d *fra
 			}
 		}
 	}
-	tok, _, err := b.getToken(ctx, req.Storage)
+	version, _ := d.Get("version").(int)
+	der, err := u.SignCSR(ctx, version, tmpl)
 	if err != nil {
 		return respond(err)
 	}
-	der, err := x509.CreateCertificateRequest(rand.Reader, tmpl, &hsmSigner{ctx: ctx, tok: tok, key: k, ver: k.Versions[n]})
-	if err != nil {
-		return respond(fmt.Errorf("CSR for key %q version %d: %w", k.Name, n, err))
-	}
+	k := u.Key()
 	return &logical.Response{Data: map[string]interface{}{
 		"name": k.Name,
 		"type": string(k.Type),
@@ -150,7 +133,7 @@ func (b *backend) pathCSRWrite(ctx context.Context, req *logical.Request, d *fra
 var oidSubjectAltName = asn1.ObjectIdentifier{2, 5, 29, 17}
 
 func (b *backend) pathSetCertificateWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	k, n, err := b.signingVersion(ctx, req, d, false)
+	k, n, err := b.certifiedVersion(ctx, req, d)
 	if err != nil {
 		return respond(err)
 	}
@@ -204,42 +187,4 @@ func parseChain(s string) ([]*x509.Certificate, error) {
 		}
 	}
 	return chain, nil
-}
-
-// hsmSigner is a key version as a crypto.Signer whose private half is used in the HSM only: what the standard
-// library needs to build a CSR around it.
-type hsmSigner struct {
-	ctx context.Context
-	tok hsmToken
-	key *keys.Key
-	ver *keys.Version
-}
-
-func (s *hsmSigner) Public() crypto.PublicKey { return s.ver.Public() }
-
-func (s *hsmSigner) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
-	id := s.ver.ID()
-	switch s.ver.Public().(type) {
-	case *rsa.PublicKey:
-		if pss, ok := opts.(*rsa.PSSOptions); ok {
-			salt := pss.SaltLength
-			if salt == rsa.PSSSaltLengthEqualsHash || salt == rsa.PSSSaltLengthAuto {
-				salt = pss.Hash.Size()
-			}
-			return s.tok.SignPSS(s.ctx, id, pss.Hash, digest, salt)
-		}
-		return s.tok.SignPKCS1v15(s.ctx, id, opts.HashFunc(), digest)
-	case *ecdsa.PublicKey:
-		raw, err := s.tok.SignECDSA(s.ctx, id, digest)
-		if err != nil {
-			return nil, err
-		}
-		return ecdsaASN1(raw)
-	case ed25519.PublicKey:
-		if opts.HashFunc() != 0 {
-			return nil, errors.New("Ed25519 signs messages, not digests")
-		}
-		return s.tok.SignEd25519(s.ctx, id, digest)
-	}
-	return nil, fmt.Errorf("key type %s cannot sign", s.key.Type)
 }

@@ -121,8 +121,8 @@ func (b *backend) pathConfigHSM() *framework.Path {
 			},
 			"iv_source": {
 				Type:          framework.TypeString,
-				Default:       ivSourceHSM,
-				AllowedValues: []interface{}{ivSourceHSM, ivSourceOS},
+				Default:       keys.IVSourceHSM,
+				AllowedValues: []interface{}{keys.IVSourceHSM, keys.IVSourceOS},
 				Description:   `Where AES-GCM nonces come from: "hsm" (the token's RNG, fetched in blocks) or "os" (the operating system's RNG).`,
 			},
 		},
@@ -159,7 +159,7 @@ func (b *backend) pathConfigHSMWrite(ctx context.Context, req *logical.Request, 
 	if err != nil {
 		return nil, err
 	}
-	c := hsmConfig{PoolSize: defaultPoolSize, IVSource: ivSourceHSM}
+	c := hsmConfig{PoolSize: defaultPoolSize, IVSource: keys.IVSourceHSM}
 	if prev != nil {
 		c = *prev
 	}
@@ -206,8 +206,8 @@ func (b *backend) pathConfigHSMWrite(ctx context.Context, req *logical.Request, 
 		return respond(callerf("pin is required"))
 	case c.PoolSize < 1 || c.PoolSize > maxPoolSize:
 		return respond(callerf("pool_size must be between 1 and %d", maxPoolSize))
-	case c.IVSource != ivSourceHSM && c.IVSource != ivSourceOS:
-		return respond(callerf("iv_source must be %q or %q", ivSourceHSM, ivSourceOS))
+	case c.IVSource != keys.IVSourceHSM && c.IVSource != keys.IVSourceOS:
+		return respond(callerf("iv_source must be %q or %q", keys.IVSourceHSM, keys.IVSourceOS))
 	}
 
 	tcfg := b.tokenConfig(&c)

@@ -6,6 +6,8 @@ import (
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/keys"
 )
 
 func (b *backend) pathDatakey() *framework.Path {
@@ -56,19 +58,15 @@ func (b *backend) pathDatakeyWrite(ctx context.Context, req *logical.Request, d 
 	if err != nil {
 		return respond(err)
 	}
-	k, tok, nonces, err := b.usableKey(ctx, req.Storage, d.Get("name").(string), "encryption")
+	u, err := b.keys.Use(ctx, req.Storage, d.Get("name").(string), b.callerOf(req), keys.OpDatakey, 1)
 	if err != nil {
 		return respond(err)
 	}
-	dataKey, err := tok.GenerateRandom(ctx, bits/8)
+	dataKey, ct, v, err := u.Datakey(ctx, bits, aad, it.KeyVersion, it.PaddingScheme)
 	if err != nil {
 		return respond(err)
 	}
 	defer clear(dataKey)
-	ct, v, err := b.encrypt(ctx, req, tok, nonces, k, &it, dataKey, aad)
-	if err != nil {
-		return respond(err)
-	}
 	data := map[string]interface{}{"ciphertext": ct, "key_version": v}
 	if form == "plaintext" {
 		data["plaintext"] = base64.StdEncoding.EncodeToString(dataKey)

@@ -1,22 +1,12 @@
 package cmk
 
 import (
-	"bytes"
 	"context"
-	"crypto"
-	"crypto/hmac"
-	"crypto/rsa"
-	"crypto/sha256"
 	"encoding/base64"
-	"encoding/binary"
-	"errors"
-	"fmt"
-	"math/big"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
 
-	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
 	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/keys"
 )
 
@@ -49,11 +39,11 @@ func (b *backend) pathDecrypt() *framework.Path {
 }
 
 func (b *backend) pathDecryptWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	items, batch, k, tok, _, err := b.ciphertextRequest(ctx, req, d)
+	items, batch, u, err := b.ciphertextRequest(ctx, req, d, keys.OpDecrypt)
 	if err != nil {
 		return respond(err)
 	}
-	return runBatch(d, req, items, batch, tok.PoolSize(), func(i int, it *batchItem) (decryptResult, error) {
+	return runBatch(d, req, items, batch, u.Sessions(), func(i int, it *batchItem) (decryptResult, error) {
 		aad, err := checkCommon(it)
 		if err != nil {
 			return decryptResult{}, err
@@ -61,136 +51,11 @@ func (b *backend) pathDecryptWrite(ctx context.Context, req *logical.Request, d 
 		if !it.hasCiphertext {
 			return decryptResult{}, callerf("batch_input[%d]: missing ciphertext to decrypt", i)
 		}
-		pt, err := b.decrypt(ctx, req, tok, k, it, aad)
+		pt, err := u.Decrypt(ctx, it.Ciphertext, aad, it.PaddingScheme)
 		if err != nil {
 			return decryptResult{}, err
 		}
 		defer clear(pt)
 		return decryptResult{Plaintext: base64.StdEncoding.EncodeToString(pt)}, nil
 	}, func(r decryptResult) map[string]interface{} { return map[string]interface{}{"plaintext": r.Plaintext} })
-}
-
-// decrypt opens a ciphertext of k in the HSM.
-func (b *backend) decrypt(ctx context.Context, req *logical.Request, tok hsmToken, k *keys.Key, it *batchItem, aad []byte) ([]byte, error) {
-	if !k.Type.Info().Encrypt {
-		return nil, k.Type.Unsupported("decryption")
-	}
-	if k.Type.IsRSA() {
-		v, raw, err := parseVersioned("ciphertext", it.Ciphertext, base64.StdEncoding)
-		if err != nil {
-			return nil, callerf("%s", err.Error())
-		}
-		ver, err := k.DecryptionVersion(v, "ciphertext")
-		if err != nil {
-			return nil, err
-		}
-		if err := k.Private(v, "decrypt"); err != nil {
-			return nil, err
-		}
-		switch it.PaddingScheme {
-		case "", "oaep":
-		case "pkcs1v15":
-			return b.decryptPKCS1v15(ctx, req, tok, k, v, ver, raw)
-		default:
-			return nil, callerf("padding_scheme must be oaep or pkcs1v15, not %q", it.PaddingScheme)
-		}
-		pt, err := tok.DecryptRSA(ctx, ver.ID(), crypto.SHA256, raw)
-		if err != nil {
-			return nil, fmt.Errorf("decrypt with key %q version %d: %w", k.Name, v, err)
-		}
-		return pt, nil
-	}
-	v, nonce, sealed, err := parseCiphertext(it.Ciphertext)
-	if err != nil {
-		return nil, callerf("%s", err.Error())
-	}
-	ver, err := k.DecryptionVersion(v, "ciphertext")
-	if err != nil {
-		return nil, err
-	}
-	pt, err := tok.DecryptGCM(ctx, ver.ID(), nonce, aad, sealed)
-	if errors.Is(err, hsm.ErrInvalidCiphertext) {
-		hint := "tampered, truncated, or made by another key"
-		if len(aad) == 0 {
-			hint += ", or encrypted with associated_data that was not given here"
-		} else {
-			hint += ", or encrypted with other associated_data"
-		}
-		return nil, callerf("invalid ciphertext: version %d of key %q does not authenticate it (%s)", v, k.Name, hint)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("decrypt with key %q version %d: %w", k.Name, v, err)
-	}
-	return pt, nil
-}
-
-// implicitRejectionLabel separates the derivation of a ciphertext's implicit-rejection key from every other use of
-// the version's HMAC secret.
-const implicitRejectionLabel = "cmk PKCS#1 v1.5 implicit rejection\x00"
-
-// decryptPKCS1v15 decrypts an RSA PKCS#1 v1.5 ciphertext, for a key that opted in, with implicit rejection (the
-// idea of draft-irtf-cfrg-rsa-implicit-rejection): a ciphertext whose padding is invalid decrypts to a
-// pseudo-random message derived from the ciphertext under a secret of the version, never to an error, so that no
-// answer of decrypt or rewrap tells valid padding from invalid (Bleichenbacher's oracle). The draft derives its
-// key from the private exponent, which never leaves the HSM; here it is the version's HMAC secret, also in the
-// HSM and reserved for this once the key opts in (hmacReserved): the derivation key is HMAC-SHA256(secret,
-// label ‖ ciphertext). Valid or not, every ciphertext costs the same: one HMAC, the synthetic message, one raw
-// RSA decryption, the padding removed and the message chosen in constant time (hsm's DecryptPKCS1v15).
-func (b *backend) decryptPKCS1v15(ctx context.Context, req *logical.Request, tok hsmToken, k *keys.Key, v int, ver *keys.Version, raw []byte) ([]byte, error) {
-	if !k.AllowPKCS1v15Decryption {
-		return nil, callerf("PKCS#1 v1.5 decryption is refused for key %q: the validity of its padding is an oracle (Bleichenbacher) on every ciphertext of the key, OAEP ones included; set allow_pkcs1v15_decryption=true in keys/%s/config to accept it, answered with implicit rejection", k.Name, k.Name)
-	}
-	pub := ver.Public().(*rsa.PublicKey)
-	modulus := pub.Size()
-	if len(raw) != modulus { // public: says nothing of the padding
-		return nil, callerf("invalid ciphertext: %d bytes, key %q version %d takes %d", len(raw), k.Name, v, modulus)
-	}
-	if new(big.Int).SetBytes(raw).Cmp(pub.N) >= 0 { // public too: no RSA ciphertext is
-		return nil, callerf("invalid ciphertext: not below the modulus of key %q version %d", k.Name, v)
-	}
-	kdk, err := b.computeHMAC(ctx, req, tok, k, v, ver, "sha2-256", append([]byte(implicitRejectionLabel), raw...), false)
-	if err != nil {
-		return nil, err
-	}
-	defer clear(kdk)
-	synthetic := syntheticMessage(kdk, modulus)
-	defer clear(synthetic)
-	pt, err := tok.DecryptPKCS1v15(ctx, ver.ID(), raw, synthetic)
-	if errors.Is(err, hsm.ErrMechanismUnsupported) { // refused at C_DecryptInit, before the token saw the data
-		return nil, callerf("PKCS#1 v1.5 decryption with key %q version %d needs raw RSA (CKM_RSA_X_509), which the token refuses for this key (%v): the engine removes the padding itself so that invalid padding costs the same as valid; versions made before the engine listed raw RSA among an RSA key's allowed mechanisms, on a token that stores them, cannot serve it: rotate the key and use a new version", k.Name, v, err)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("decrypt with key %q version %d: %w", k.Name, v, err)
-	}
-	return pt, nil
-}
-
-// syntheticMessage is the message an invalid PKCS#1 v1.5 ciphertext decrypts to: drawn from kdk exactly as the
-// message of a uniformly random block with valid padding (00 02, at least 8 non-zero bytes, a zero, the message),
-// so that its length, which rewrap can reveal (a message too long for OAEP cannot be encrypted again), has the
-// same distribution as the one a forged ciphertext with valid padding gives.
-func syntheticMessage(kdk []byte, modulus int) []byte {
-	const minPS = 8
-	stream := func(counter uint32, n int) []byte {
-		out := make([]byte, 0, n+sha256.Size)
-		for block := uint32(0); len(out) < n; block++ {
-			m := hmac.New(sha256.New, kdk)
-			var c [8]byte
-			binary.BigEndian.PutUint32(c[:4], counter)
-			binary.BigEndian.PutUint32(c[4:], block)
-			m.Write(c[:])
-			out = m.Sum(out)
-		}
-		return out[:n]
-	}
-	body := modulus - 2 // the bytes after 00 02
-	for counter := uint32(0); ; counter++ {
-		// The first 8 padding bytes (non-zero in a valid block) do not bear on the message: only where the first
-		// zero after them falls does.
-		ps := stream(counter, body)
-		if i := bytes.IndexByte(ps[minPS:], 0); i >= 0 {
-			return ps[minPS+i+1:]
-		}
-		// No separator: not a valid block; draw the next, as a valid block is a random one given that it is valid.
-	}
 }

@@ -2,12 +2,7 @@ package cmk
 
 import (
 	"context"
-	"crypto/rand"
-	"crypto/rsa"
-	"crypto/sha256"
 	"encoding/base64"
-	"errors"
-	"fmt"
 	"slices"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -71,78 +66,6 @@ func (b *backend) pathEncrypt() *framework.Path {
 	}
 }
 
-// encrypt seals plaintext under version it.KeyVersion (0 = latest) of k: AES-GCM in the HSM, or RSA with the
-// version's public key (no secret is involved, so the standard library does it; decryption is in the HSM). An AES
-// version that has made its last allowed encryption is rotated, and the next encryption uses the new version: a
-// batch may cross several rotations.
-func (b *backend) encrypt(ctx context.Context, req *logical.Request, tok hsmToken, nonces *nonceSource, k *keys.Key, it *batchItem, plaintext, aad []byte) (string, int, error) {
-	s := req.Storage
-	if !k.Type.Info().Encrypt {
-		return "", 0, k.Type.Unsupported("encryption")
-	}
-	v, ver, err := k.EncryptionVersion(it.KeyVersion)
-	if err != nil {
-		return "", 0, err
-	}
-	if k.Type.IsRSA() {
-		if len(aad) > 0 {
-			return "", 0, callerf("associated_data provided for non-AEAD key type %s", k.Type)
-		}
-		pub := ver.Public().(*rsa.PublicKey)
-		var ct []byte
-		switch it.PaddingScheme {
-		case "", "oaep":
-			ct, err = rsa.EncryptOAEP(sha256.New(), rand.Reader, pub, plaintext, nil)
-		case "pkcs1v15":
-			ct, err = rsa.EncryptPKCS1v15(rand.Reader, pub, plaintext)
-		default:
-			return "", 0, callerf("padding_scheme must be oaep or pkcs1v15, not %q", it.PaddingScheme)
-		}
-		if err != nil {
-			return "", 0, callerf("cannot encrypt with %s key %q: %v", k.Type, k.Name, err)
-		}
-		return formatVersioned(v, ct, base64.StdEncoding), v, nil
-	}
-	if it.PaddingScheme != "" {
-		return "", 0, callerf("padding_scheme applies to RSA keys only, not %s", k.Type)
-	}
-	last, err := b.keys.CountEncryption(ctx, s, k, v)
-	switch {
-	case errors.Is(err, keys.ErrVersionExhausted) && (it.KeyVersion == 0 || it.KeyVersion == k.LatestVersion):
-		// An earlier encryption used the version's last one: rotate (or find it rotated) and use the new version.
-		nk, err := b.keys.RotateForUsage(ctx, s, k.Name, v, actorOf(req))
-		switch {
-		case err != nil:
-			return "", 0, fmt.Errorf("key %q version %d has reached its encryption limit and rotating it failed: %w", k.Name, v, err)
-		case nk == nil || nk.LatestVersion == v:
-			return "", 0, callerf("key %q version %d has reached its encryption limit", k.Name, v)
-		}
-		retry := *it
-		retry.KeyVersion = 0
-		return b.encrypt(ctx, req, tok, nonces, nk, &retry, plaintext, aad)
-	case errors.Is(err, keys.ErrVersionExhausted):
-		return "", 0, callerf("key %q version %d has reached its encryption limit (%d)", k.Name, v, k.EncryptionLimit())
-	case err != nil:
-		return "", 0, err
-	}
-	if last {
-		defer func() {
-			if _, err := b.keys.RotateForUsage(ctx, s, k.Name, v, actorOf(req)); err != nil {
-				b.logger.Warn("usage rotation failed; the next encryption retries it", "key", k.Name, "version", v, "error", err)
-			}
-		}()
-	}
-	nonce, err := nonces.next(ctx)
-	if err != nil {
-		return "", 0, err
-	}
-	used, sealed, err := tok.EncryptGCM(ctx, ver.ID(), nonce, aad, plaintext)
-	if err != nil {
-		return "", 0, fmt.Errorf("encrypt with key %q version %d: %w", k.Name, v, err)
-	}
-	return formatCiphertext(v, used, sealed), v, nil
-}
-
 func (b *backend) pathEncryptWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name := d.Get("name").(string)
 	cfg, err := b.readKeysConfig(ctx, req.Storage)
@@ -166,11 +89,11 @@ func (b *backend) pathEncryptWrite(ctx context.Context, req *logical.Request, d 
 			return respond(err)
 		}
 	}
-	k, tok, nonces, err := b.usableKey(ctx, req.Storage, name, "encryption")
+	u, err := b.keys.Use(ctx, req.Storage, name, b.callerOf(req), keys.OpEncrypt, len(items))
 	if err != nil {
 		return respond(err)
 	}
-	return runBatch(d, req, items, batch, tok.PoolSize(), func(i int, it *batchItem) (encryptResult, error) {
+	return runBatch(d, req, items, batch, u.Sessions(), func(i int, it *batchItem) (encryptResult, error) {
 		aad, err := checkCommon(it)
 		if err != nil {
 			return encryptResult{}, err
@@ -183,7 +106,7 @@ func (b *backend) pathEncryptWrite(ctx context.Context, req *logical.Request, d 
 			return encryptResult{}, callerf("plaintext is not valid base64: %v", err)
 		}
 		defer clear(pt)
-		ct, v, err := b.encrypt(ctx, req, tok, nonces, k, it, pt, aad)
+		ct, v, err := u.Encrypt(ctx, pt, aad, it.KeyVersion, it.PaddingScheme)
 		return encryptResult{Ciphertext: ct, KeyVersion: v}, err
 	}, singleEncryptResult)
 }

@@ -5,6 +5,8 @@ import (
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/keys"
 )
 
 func (b *backend) pathRewrap() *framework.Path {
@@ -42,11 +44,11 @@ func (b *backend) pathRewrap() *framework.Path {
 }
 
 func (b *backend) pathRewrapWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	items, batch, k, tok, nonces, err := b.ciphertextRequest(ctx, req, d)
+	items, batch, u, err := b.ciphertextRequest(ctx, req, d, keys.OpRewrap)
 	if err != nil {
 		return respond(err)
 	}
-	return runBatch(d, req, items, batch, tok.PoolSize(), func(i int, it *batchItem) (encryptResult, error) {
+	return runBatch(d, req, items, batch, u.Sessions(), func(i int, it *batchItem) (encryptResult, error) {
 		aad, err := checkCommon(it)
 		if err != nil {
 			return encryptResult{}, err
@@ -54,19 +56,14 @@ func (b *backend) pathRewrapWrite(ctx context.Context, req *logical.Request, d *
 		if !it.hasCiphertext {
 			return encryptResult{}, callerf("batch_input[%d]: missing ciphertext to decrypt", i)
 		}
-		in, out := *it, *it // RSA keys may decrypt with one padding and encrypt with another
+		decryptPadding, encryptPadding := it.PaddingScheme, it.PaddingScheme // RSA keys may use one of each
 		if it.DecryptPadding != "" {
-			in.PaddingScheme = it.DecryptPadding
+			decryptPadding = it.DecryptPadding
 		}
 		if it.EncryptPadding != "" {
-			out.PaddingScheme = it.EncryptPadding
+			encryptPadding = it.EncryptPadding
 		}
-		pt, err := b.decrypt(ctx, req, tok, k, &in, aad)
-		if err != nil {
-			return encryptResult{}, err
-		}
-		defer clear(pt)
-		ct, v, err := b.encrypt(ctx, req, tok, nonces, k, &out, pt, aad)
+		ct, v, err := u.Rewrap(ctx, it.Ciphertext, aad, it.KeyVersion, decryptPadding, encryptPadding)
 		return encryptResult{Ciphertext: ct, KeyVersion: v}, err
 	}, singleEncryptResult)
 }

@@ -50,26 +50,6 @@ func (b *backend) keyExists(ctx context.Context, req *logical.Request, d *framew
 	return k != nil, err
 }
 
-// usableKey returns the key and the HSM for an operation on key name; role names the key in the error for a
-// missing key, as Transit does ("encryption", "signing", "HMAC").
-func (b *backend) usableKey(ctx context.Context, s logical.Storage, name, role string) (*keys.Key, hsmToken, *nonceSource, error) {
-	k, err := b.keys.Get(ctx, s, name)
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	if k == nil {
-		return nil, nil, nil, callerf("%s key %q not found", role, name)
-	}
-	if err := k.Usable(); err != nil {
-		return nil, nil, nil, err
-	}
-	tok, nonces, err := b.getToken(ctx, s)
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	return k, tok, nonces, nil
-}
-
 // singleItem reads the non-batch fields into one item.
 func singleItem(d *framework.FieldData) batchItem {
 	it := batchItem{}
@@ -120,64 +100,40 @@ func checkCommon(it *batchItem) ([]byte, error) {
 }
 
 // ciphertextRequest reads what decrypt and rewrap share: the batch, or the single request's item (which must
-// carry a ciphertext), and the key with its HSM.
-func (b *backend) ciphertextRequest(ctx context.Context, req *logical.Request, d *framework.FieldData) (
-	items []batchItem, batch bool, k *keys.Key, tok hsmToken, nonces *nonceSource, err error) {
+// carry a ciphertext), and the key's use for op, admitted once for all the items, knowing the versions they name.
+func (b *backend) ciphertextRequest(ctx context.Context, req *logical.Request, d *framework.FieldData, op keys.Operation) (
+	items []batchItem, batch bool, u *keys.Use, err error) {
 	cfg, err := b.readKeysConfig(ctx, req.Storage)
 	if err != nil {
-		return nil, false, nil, nil, nil, err
+		return nil, false, nil, err
 	}
 	if items, err = readBatch(d, cfg.MaxBatchSize); err != nil {
-		return nil, false, nil, nil, nil, err
+		return nil, false, nil, err
 	}
 	batch = items != nil
 	if !batch {
 		it := singleItem(d)
 		if !it.hasCiphertext {
-			return nil, false, nil, nil, nil, callerf("missing ciphertext to decrypt")
+			return nil, false, nil, callerf("missing ciphertext to decrypt")
 		}
 		items = []batchItem{it}
 	}
-	if k, tok, nonces, err = b.usableKey(ctx, req.Storage, d.Get("name").(string), "encryption"); err != nil {
-		return nil, false, nil, nil, nil, err
+	if u, err = b.keys.Use(ctx, req.Storage, d.Get("name").(string), b.callerOf(req), op, len(items)); err != nil {
+		return nil, false, nil, err
 	}
-	k, err = b.adoptNamed(ctx, req, k, items)
-	return items, batch, k, tok, nonces, err
+	return items, batch, u, u.AdoptNamed(ctx, newestNamed(items), len(items))
 }
 
-// adoptNamed makes k know the newest version the items' ciphertexts, signatures or HMACs name. One newer than
-// storage knows may be on the token (storage restored from an older snapshot): it is adopted if the rule allows
-// (internal/keys/adopt.go), so that what clients were given before the restore still decrypts and verifies. A
-// version that is nowhere leaves k as it is, and the item fails as naming an unknown version.
-func (b *backend) adoptNamed(ctx context.Context, req *logical.Request, k *keys.Key, items []batchItem) (*keys.Key, error) {
+// newestNamed is the newest version the items' ciphertexts, signatures or HMACs name: one newer than storage knows
+// is adopted from the token if the rule allows (keys.Manager.AdoptNamed).
+func newestNamed(items []batchItem) int {
 	newest := 0
 	for _, it := range items {
 		for _, s := range []string{it.Ciphertext, it.Signature, it.HMAC} {
-			if v, _, err := parseVersioned("", s, base64.StdEncoding); err == nil && v > newest {
-				newest = v
-			}
+			newest = max(newest, keys.NamedVersion(s))
 		}
 	}
-	if newest <= k.LatestVersion {
-		return k, nil
-	}
-	nk, adopted, err := b.keys.Adopt(ctx, req.Storage, k.Name, newest, actorOf(req))
-	if err != nil {
-		if len(items) == 1 {
-			return nil, err // the one item's answer: why its version cannot be served (409, 503)
-		}
-		// In a batch only the items naming versions after the latest fail (as unknown versions); the others
-		// are served.
-		b.logger.Warn("versions named by a batch could not be adopted from the HSM", "key", k.Name, "through", newest, "error", err)
-		if nk == nil {
-			return k, nil
-		}
-	}
-	if len(adopted) > 0 {
-		b.logger.Warn("versions adopted from the HSM: a request named them and storage did not know them (restored from an older snapshot?)",
-			"key", k.Name, "versions", adopted)
-	}
-	return nk, nil
+	return newest
 }
 
 // handle is how every operation that takes fields is registered (gcpkms's withFieldValidator): it refuses a field

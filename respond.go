@@ -15,8 +15,8 @@ import (
 // the caller must change (a keys.CallerError, a ciphertext the key does not authenticate, an argument or mechanism
 // the HSM refuses for the caller's choice), 409 when a version number is held on the token by material that may
 // not be adopted, or where the engine would generate an object the token holds one it cannot trust (an operator
-// decides), 503 while the HSM cannot be reached or is not configured, 500 for the
-// rest.
+// decides), 403 for a use of a key its access settings refuse (keys.DeniedError, from the door), 503 while the HSM
+// cannot be reached or is not configured, 500 for the rest.
 
 // errNotConfigured is returned until an operator writes config/hsm.
 var errNotConfigured = errors.New("the HSM is not configured: write config/hsm (token_label and pin) first")

@@ -22,7 +22,7 @@ func TestSearchThatMissesTheOriginalNeverReusesItsNumberOnSoftHSM(t *testing.T) 
 	ctx := context.Background()
 	tok := hsm.OpenTestToken(t)
 	manager := func() *keys.Manager {
-		return keys.NewManager(hclog.NewNullLogger(), "mount", func(context.Context, logical.Storage) (keys.HSM, error) { return tok, nil })
+		return keys.NewManager(hclog.NewNullLogger(), "mount", func(context.Context, logical.Storage) (keys.HSM, *keys.Nonces, error) { return tok, nil, nil })
 	}
 	who := func(req string) keys.Actor { return keys.Actor{DisplayName: "test", RequestID: req} }
 	rotate := func(m *keys.Manager, s logical.Storage, req string) (*keys.Key, error) {

@@ -395,7 +395,7 @@ type Reconciliation struct {
 // their latest, in a row), and with onWord also what the token cannot show it generated; otherwise it changes
 // nothing.
 func (m *Manager) Reconcile(ctx context.Context, s logical.Storage, name string, adopt, onWord bool, who Actor) (*Reconciliation, error) {
-	tok, err := m.token(ctx, s)
+	tok, err := m.connect(ctx, s)
 	if err != nil {
 		return nil, err
 	}

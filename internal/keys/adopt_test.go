@@ -35,7 +35,7 @@ func snapshot(t *testing.T, s logical.Storage) *logical.InmemStorage {
 
 // restored is a manager on a storage snapshot and the same token, as a node restored from the snapshot is.
 func restored(f *fakeHSM, snap *logical.InmemStorage) (*Manager, logical.Storage) {
-	m := NewManager(hclog.NewNullLogger(), "mount", func(context.Context, logical.Storage) (HSM, error) { return f, nil })
+	m := NewManager(hclog.NewNullLogger(), "mount", func(context.Context, logical.Storage) (HSM, *Nonces, error) { return f, nil, nil })
 	return m, snap
 }
 
@@ -85,7 +85,7 @@ func TestRestoredStorageAdoptsNeverReuses(t *testing.T) {
 		t.Fatalf("adopted version metadata %+v", v)
 	}
 	// Its usage before the restore is unknown: it encrypts no more, and the next encryption rotates.
-	if _, err := m2.CountEncryption(ctx, s2, k, 2); !errors.Is(err, ErrVersionExhausted) {
+	if _, err := m2.countEncryption(ctx, s2, k, 2); !errors.Is(err, ErrVersionExhausted) {
 		t.Fatalf("an adopted version counted an encryption: %v", err)
 	}
 	events, err := ReadHistory(ctx, s2, "k", 0)

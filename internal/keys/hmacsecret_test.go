@@ -154,7 +154,7 @@ func TestOwnHMACSecretSurvivesAnUnrecordedFirstUse(t *testing.T) {
 		ctx := context.Background()
 		mount := fmt.Sprintf("hmac-%s-%d", kind, os.Getpid())
 		managerOn := func(s logical.Storage) *Manager {
-			return NewManager(hclog.NewNullLogger(), mount, func(context.Context, logical.Storage) (HSM, error) { return tok, nil })
+			return NewManager(hclog.NewNullLogger(), mount, func(context.Context, logical.Storage) (HSM, *Nonces, error) { return tok, nil, nil })
 		}
 		newKey := func(t *testing.T, m *Manager, s logical.Storage, name string) *Key {
 			k, _, err := m.Create(ctx, s, &Key{Name: name, Type: TypeAES256GCM96, DeletionAllowed: true}, who, nil)

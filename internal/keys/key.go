@@ -1,7 +1,9 @@
 // Package keys is the engine's key model: a key, its versions and their states, the rules of its lifecycle as plain
-// methods, and the storage of keys, versions, history and usage counts. A Manager holds the keys' locks and cached
-// snapshots; its Update funnel is the only way a key changes. Key material is never here: the model reaches the
-// HSM through the small HSM interface (generate, import, destroy) and knows no PKCS#11.
+// methods, the storage of keys, versions, history and usage counts, and the use of keys in Transit's formats. A
+// Manager holds the keys' locks and cached snapshots; its Update funnel is the only way a key changes, and its Use
+// door, which admits a request's use of a key, the only way to key material. Key material is never here: the model
+// reaches the HSM through the small HSM interface (generate, import, destroy, encrypt, sign, ...) and knows no
+// PKCS#11.
 package keys
 
 import (

@@ -22,8 +22,9 @@ import (
 
 // HSM is what the model needs of the token: make a version's material, import it, give a version its HMAC
 // secret (or say why the one found cannot be trusted), destroy a version's objects, find a version's material by its
-// label, witness its usage. *hsm.Token is one.
+// label, witness its usage, and use the material (Crypto). *hsm.Token is one.
 type HSM interface {
+	Crypto
 	GenerateVersion(ctx context.Context, alg hsm.Algorithm, id []byte, label string, hmacBytes int) (crypto.PublicKey, error)
 	ImportVersion(ctx context.Context, r hsm.ImportRequest) (crypto.PublicKey, string, error)
 	EnsureHMACKey(ctx context.Context, id []byte, versionLabel string, hmacBytes int, vouched bool) error
@@ -64,7 +65,7 @@ type WALEntry struct {
 type Manager struct {
 	log     hclog.Logger
 	mountID string
-	token   func(context.Context, logical.Storage) (HSM, error)
+	token   func(context.Context, logical.Storage) (HSM, *Nonces, error)
 
 	locks []*locksutil.LockEntry
 	cache snapshots // name → *Key, an immutable snapshot of what storage holds
@@ -90,9 +91,16 @@ func (m *Manager) now() time.Time {
 	return time.Now()
 }
 
-// NewManager makes the manager of a mount's keys. token connects to the mount's HSM when a change needs it.
-func NewManager(log hclog.Logger, mountID string, token func(context.Context, logical.Storage) (HSM, error)) *Manager {
+// NewManager makes the manager of a mount's keys. token connects to the mount's HSM when a change or a use needs
+// it, and gives the connection's source of GCM nonces.
+func NewManager(log hclog.Logger, mountID string, token func(context.Context, logical.Storage) (HSM, *Nonces, error)) *Manager {
 	return &Manager{log: log, mountID: mountID, token: token, locks: locksutil.CreateLocks()}
+}
+
+// connect connects to the mount's HSM, for what needs no nonce.
+func (m *Manager) connect(ctx context.Context, s logical.Storage) (HSM, error) {
+	tok, _, err := m.token(ctx, s)
+	return tok, err
 }
 
 func (m *Manager) lock(name string) *locksutil.LockEntry { return locksutil.LockForKey(m.locks, name) }
@@ -352,7 +360,7 @@ func (tx *Tx) checkpoint() error {
 // hsm connects to the token once per change.
 func (tx *Tx) hsm() (HSM, error) {
 	if tx.tok == nil {
-		t, err := tx.m.token(tx.ctx, tx.s)
+		t, err := tx.m.connect(tx.ctx, tx.s)
 		if err != nil {
 			return nil, err
 		}
@@ -953,7 +961,7 @@ func (m *Manager) RollbackVersion(ctx context.Context, s logical.Storage, data i
 			return nil
 		}
 	}
-	tok, err := m.token(ctx, s)
+	tok, err := m.connect(ctx, s)
 	if err != nil {
 		return err
 	}
@@ -994,7 +1002,7 @@ func (m *Manager) rollbackHMACSecret(ctx context.Context, s logical.Storage, w W
 			return nil // stored: the record has done its work
 		}
 	}
-	tok, err := m.token(ctx, s)
+	tok, err := m.connect(ctx, s)
 	if err != nil {
 		return err
 	}

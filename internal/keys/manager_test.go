@@ -21,6 +21,9 @@ import (
 // fakeHSM keeps the objects the model asks for, by CKA_ID, in memory: enough to test the funnel's bookkeeping
 // without a token (the real tokens are tested in the hsm package and, through the backend, in the root package).
 type fakeHSM struct {
+	// Crypto is left nil: the bookkeeping these tests check uses no key material (the use of keys is tested on
+	// real tokens, through the backend).
+	Crypto
 	mu       sync.Mutex
 	objects  map[string]bool
 	hmac     map[string]bool
@@ -213,7 +216,7 @@ func (s *storedButFailing) Put(ctx context.Context, e *logical.StorageEntry) err
 
 func newManager(t *testing.T) (*Manager, *fakeHSM, *storedButFailing) {
 	f := newFakeHSM()
-	m := NewManager(hclog.NewNullLogger(), "mount", func(context.Context, logical.Storage) (HSM, error) { return f, nil })
+	m := NewManager(hclog.NewNullLogger(), "mount", func(context.Context, logical.Storage) (HSM, *Nonces, error) { return f, nil, nil })
 	return m, f, &storedButFailing{Storage: &logical.InmemStorage{}}
 }
 
@@ -354,7 +357,7 @@ func TestUsageRotationsOfOneRequest(t *testing.T) {
 	req := Actor{RequestID: "encrypt-batch"}
 	for v := 1; v <= 3; v++ {
 		for i := 0; i < 2; i++ { // twice for the same version: once
-			k, err := m.RotateForUsage(ctx, s, "k", v, req)
+			k, err := m.rotateForUsage(ctx, s, "k", v, req)
 			if err != nil || k.LatestVersion != v+1 {
 				t.Fatalf("usage rotation of version %d (call %d): latest %v, %v", v, i, k.LatestVersion, err)
 			}

@@ -121,7 +121,7 @@ func TestRollbackAdoptionHasUnknownUsage(t *testing.T) {
 	if !k.Versions[2].EncryptionsUnknown {
 		t.Fatal("a version adopted by the rollback got a fresh encryption budget")
 	}
-	if _, err := m.CountEncryption(ctx, s, k, 2); !errors.Is(err, ErrVersionExhausted) {
+	if _, err := m.countEncryption(ctx, s, k, 2); !errors.Is(err, ErrVersionExhausted) {
 		t.Fatalf("the adopted version encrypted: %v", err)
 	}
 }
@@ -271,7 +271,7 @@ func TestUsageBehindTheTokenEncryptsNoMore(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := m.CountEncryption(ctx, s, k, 1); err != nil { // reserves the first block
+	if _, err := m.countEncryption(ctx, s, k, 1); err != nil { // reserves the first block
 		t.Fatal(err)
 	}
 	f.mu.Lock()
@@ -279,12 +279,12 @@ func TestUsageBehindTheTokenEncryptsNoMore(t *testing.T) {
 	f.mu.Unlock()
 	var last error
 	for i := 2; i <= minReservationBlock+1 && last == nil; i++ {
-		_, last = m.CountEncryption(ctx, s, k, 1)
+		_, last = m.countEncryption(ctx, s, k, 1)
 	}
 	if !errors.Is(last, ErrVersionExhausted) {
 		t.Fatalf("a count behind the token's witness went on: %v", last)
 	}
-	if _, err := m.CountEncryption(ctx, s, k, 1); !errors.Is(err, ErrVersionExhausted) {
+	if _, err := m.countEncryption(ctx, s, k, 1); !errors.Is(err, ErrVersionExhausted) {
 		t.Fatalf("and after: %v", err)
 	}
 }
@@ -300,7 +300,7 @@ func TestAdoptedVersionWithAWitnessKeepsItsCount(t *testing.T) {
 	snap := snapshot(t, s)
 	k := rotate(t, m, s, "k", "req-2")
 	for i := 0; i < 40; i++ { // three blocks of 16 witnessed: 48
-		if _, err := m.CountEncryption(ctx, s, k, 2); err != nil {
+		if _, err := m.countEncryption(ctx, s, k, 2); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -312,7 +312,7 @@ func TestAdoptedVersionWithAWitnessKeepsItsCount(t *testing.T) {
 	if k2.Versions[2].EncryptionsUnknown {
 		t.Fatal("a version whose usage the token witnessed was adopted with an unknown count")
 	}
-	if _, err := m2.CountEncryption(ctx, s2, k2, 2); err != nil {
+	if _, err := m2.countEncryption(ctx, s2, k2, 2); err != nil {
 		t.Fatalf("the adopted version does not encrypt: %v", err)
 	}
 	if n, _ := m2.EncryptionCount("k", 2); n != 49 {

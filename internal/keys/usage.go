@@ -22,6 +22,59 @@ const (
 // ErrVersionExhausted: the version has made every encryption it may; the next one needs a new version.
 var ErrVersionExhausted = errors.New("key version has reached its encryption limit")
 
+// countEncryption counts one encryption with version v of k (Use.Encrypt). It reports whether this was the version's
+// last allowed encryption, and fails with ErrVersionExhausted once the limit is passed.
+func (m *Manager) countEncryption(ctx context.Context, s logical.Storage, k *Key, v int) (last bool, err error) {
+	if !k.Type.IsAES() {
+		return false, nil // the GCM nonce limit is what is counted
+	}
+	ver := k.Versions[v]
+	if ver == nil {
+		return false, Callerf("key %q has no version %d", k.Name, v)
+	}
+	if ver.EncryptionsUnknown {
+		return false, fmt.Errorf("%w: version %d was adopted after a storage restore and how many encryptions it made is unknown", ErrVersionExhausted, v)
+	}
+	tok := func() (HSM, error) { return m.connect(ctx, s) } // only when the count is loaded or a block reserved
+	c, err := m.usage.counter(ctx, s, tok, k.Name, v, ver)
+	if err != nil {
+		return false, err
+	}
+	limit := k.EncryptionLimit()
+	n := c.used.Add(1)
+	if n > limit {
+		c.used.Add(^uint64(0))
+		return false, ErrVersionExhausted
+	}
+	if n > c.reserved.Load() {
+		if err := m.usage.reserve(ctx, s, tok, k.Name, v, ver, c, n, limit); err != nil {
+			if !errors.Is(err, ErrVersionExhausted) { // an exhausted count stays at the limit
+				c.used.Add(^uint64(0))
+			}
+			return false, err
+		}
+	}
+	return n == limit, nil
+}
+
+// EncryptionCount returns the encryptions counted for a version, for reads (no storage access when unknown).
+func (m *Manager) EncryptionCount(name string, v int) (uint64, bool) { return m.usage.count(name, v) }
+
+// rotateForUsage rotates key name if version v is still its latest: called when v has used its last allowed
+// encryption, so that the next one uses a fresh key. who is the requester whose encryption used it up. However
+// often it is called for v (items of one batch, Vault's retry of the request), it adds one version.
+func (m *Manager) rotateForUsage(ctx context.Context, s logical.Storage, name string, v int, who Actor) (*Key, error) {
+	return m.Update(ctx, s, name, who, func(tx *Tx) error {
+		if tx.Key.LatestVersion != v {
+			return nil
+		}
+		return tx.Rotate("usage")
+	})
+}
+
+// ForgetUsage drops a key's usage counters (after invalidation by another node).
+func (m *Manager) ForgetUsage(name string) { m.usage.forget(name) }
+
 // usageTracker counts AES-GCM encryptions per key version without a storage write per request: counts are
 // reserved in blocks, and only the reservation is persisted. After a crash a version resumes at its reserved
 // count, so it may over-count by up to a block but never under-counts: the nonce limit always holds.

@@ -1,4 +1,4 @@
-package cmk
+package keys
 
 import (
 	"bytes"
