@@ -65,7 +65,7 @@ func (f *grantsFixture) setClock(t time.Time) {
 
 // manager is a new Manager of the fixture's storage: a fresh process (after a crash or on another node).
 func (f *grantsFixture) manager() *Manager {
-	m := NewManager(hclog.NewNullLogger(), f.mount, func(context.Context, logical.Storage) (HSM, error) { return f.tok, nil })
+	m := NewManager(hclog.NewNullLogger(), f.mount, func(context.Context, logical.Storage) (HSM, *Nonces, error) { return f.tok, nil, nil })
 	m.Clock = f.clock
 	return m
 }
