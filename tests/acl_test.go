@@ -87,6 +87,16 @@ func TestLeastPrivilegePolicies(t *testing.T) {
 			{"adopt on the operator's word (sudo)", "/reconcile/adopt-unverified", nil, 0},
 			{"adopt one key on the operator's word (sudo)", "/reconcile/adopt-unverified/app", nil, 0},
 		},
+		"cmk-key-owner.hcl": {
+			{"set the key's access conditions", "/keys/app/access", map[string]interface{}{"allowed_cidrs": "127.0.0.0/8"}, 0},
+			{"grant an entity decryption for an hour", "/keys/app/grants", map[string]interface{}{"entity_id": "ent-contractor", "operations": "decrypt", "ttl": "1h"}, 0},
+			{"set another key's access conditions", "/keys/other/access", map[string]interface{}{"allowed_cidrs": "127.0.0.0/8"}, 403},
+			{"grant on another key", "/keys/other/grants", map[string]interface{}{"entity_id": "ent-contractor", "ttl": "1h"}, 403},
+			{"encrypt", "/encrypt/app", pt, 403},
+			{"decrypt", "/decrypt/app", appCT, 403},
+			{"rotate", "/keys/app/rotate", nil, 403},
+			{"destroy a version", "/keys/app/versions/1/destroy", nil, 403},
+		},
 		"cmk-auditor.hcl": {
 			{"rotate", "/keys/app/rotate", nil, 403},
 			{"encrypt", "/encrypt/app", pt, 403},
