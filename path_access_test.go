@@ -1,8 +1,12 @@
 package cmk
 
 import (
+	"context"
+	"fmt"
 	"strings"
 	"testing"
+
+	"github.com/hashicorp/vault/sdk/logical"
 )
 
 func TestAccessSettingsWriteReadDelete(t *testing.T) {
@@ -45,5 +49,53 @@ func TestAccessSettingsWriteReadDelete(t *testing.T) {
 	}
 	if got := status(e.write("keys/missing/access", map[string]interface{}{"allowed_cidrs": "10.0.0.0/8"})); got != 400 {
 		t.Fatalf("access of a missing key: %d", got)
+	}
+}
+
+// A live grant stands in for the identity conditions (allowed_entity_ids, allowed_groups), never for the others;
+// with grants_required it is needed besides them, and a batch is n uses of it.
+func TestGrantsStandInForIdentityConditionsOnly(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/k", nil))
+	ct := encryptOK(t, e, "k", "granted")
+	as := func(entity, src string, data map[string]interface{}) (*logical.Response, error) {
+		req := &logical.Request{ID: fmt.Sprint("req-", requestCount.Add(1)), Operation: logical.UpdateOperation, Path: "decrypt/k",
+			Data: data, Storage: e.storage, EntityID: entity, DisplayName: "userpass-" + entity}
+		if src != "" {
+			req.Connection = &logical.Connection{RemoteAddr: src}
+		}
+		return e.b.HandleRequest(context.Background(), req)
+	}
+	one := map[string]interface{}{"ciphertext": ct}
+	e.ok(e.write("keys/k/access", map[string]interface{}{"allowed_entity_ids": "ent-staff", "allowed_cidrs": "127.0.0.0/8"}))
+	e.ok(as("ent-staff", "127.0.0.1", one))
+	if resp, err := as("ent-contractor", "127.0.0.1", one); status(resp, err) != 403 || !strings.Contains(fmt.Sprint(err), "allowed_entity_ids") {
+		t.Fatalf("contractor without a grant: %d %v", status(resp, err), err)
+	}
+	e.ok(e.write("keys/k/grants", map[string]interface{}{"entity_id": "ent-contractor", "operations": "decrypt", "ttl": "2h", "max_uses": 3}))
+	e.ok(as("ent-contractor", "127.0.0.1", one))
+	// The grant does not lift the network condition.
+	if resp, err := as("ent-contractor", "192.0.2.1", one); status(resp, err) != 403 || !strings.Contains(fmt.Sprint(err), "allowed_cidrs") {
+		t.Fatalf("contractor from outside the network: %d %v", status(resp, err), err)
+	}
+	// grants_required: staff needs a grant too now.
+	e.ok(e.write("keys/k/access", map[string]interface{}{"grants_required": true}))
+	if resp, err := as("ent-staff", "127.0.0.1", one); status(resp, err) != 403 || !strings.Contains(fmt.Sprint(err), "grants_required") {
+		t.Fatalf("staff without a grant on a grants_required key: %d %v", status(resp, err), err)
+	}
+	// Two uses left: a batch of three is refused whole, a batch of two is served.
+	items := func(n int) map[string]interface{} {
+		var in []interface{}
+		for i := 0; i < n; i++ {
+			in = append(in, map[string]interface{}{"ciphertext": ct})
+		}
+		return map[string]interface{}{"batch_input": in}
+	}
+	if resp, err := as("ent-contractor", "127.0.0.1", items(3)); status(resp, err) != 403 || !strings.Contains(fmt.Sprint(err), "uses left") {
+		t.Fatalf("a batch beyond the grant's uses: %d %v", status(resp, err), err)
+	}
+	e.ok(as("ent-contractor", "127.0.0.1", items(2)))
+	if resp, err := as("ent-contractor", "127.0.0.1", one); status(resp, err) != 403 {
+		t.Fatalf("a use beyond max_uses: %d %v", status(resp, err), err)
 	}
 }
