@@ -8,6 +8,7 @@ import (
 	"crypto/rsa"
 	"fmt"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -80,6 +81,9 @@ type backend struct {
 	wrappingMu sync.Mutex // serialises the creation of the mount's wrapping key
 
 	cacheConfigChanged atomic.Bool // another node changed cache-config
+
+	approvals *approvals       // dual control: requests held for approval (approvals.go)
+	now       func() time.Time // the clock approvals expire by; tests move it
 }
 
 // Factory builds the backend for one mount. The plugin is served multiplexed: every mount in the process shares
@@ -98,6 +102,8 @@ func newBackend(conf *logical.BackendConfig) *backend {
 		library:    os.Getenv(LibraryEnv),
 		initParams: os.Getenv(InitParamsEnv),
 		mountID:    conf.BackendUUID,
+		approvals:  newApprovals(),
+		now:        time.Now,
 		openToken: func(c hsm.Config, l hclog.Logger) (hsmToken, error) {
 			return hsm.Open(c, l)
 		},
@@ -122,8 +128,9 @@ func newBackend(conf *logical.BackendConfig) *backend {
 			// PIN every key depends on; adoption on an operator's word takes material whose origin the token
 			// cannot show. Vault matches these exactly or by prefix.
 			Root: []string{configHSMPath, adoptUnverifiedPath, adoptUnverifiedPath + "/*"},
-			// The PIN is kept in config/hsm: seal-wrap it where Vault offers seal wrapping.
-			SealWrapStorage: []string{"config/hsm"},
+			// The PIN is kept in config/hsm, and a held import_version's wrapped key in its approval: seal-wrap them
+			// where Vault offers seal wrapping.
+			SealWrapStorage: []string{"config/hsm", approvalsPrefix},
 		},
 		Paths: framework.PathAppend(
 			[]*framework.Path{b.pathConfigHSM(), b.pathConfigKeys(), b.pathCacheConfig()},
@@ -135,6 +142,7 @@ func newBackend(conf *logical.BackendConfig) *backend {
 			[]*framework.Path{b.pathExport(), b.pathCSR(), b.pathSetCertificate()},
 			b.pathRefused(),
 			b.pathReconcile(),
+			b.pathApprovals(),
 		),
 		InitializeFunc: func(ctx context.Context, req *logical.InitializationRequest) error {
 			return b.applyCacheConfig(ctx, req.Storage)
@@ -160,6 +168,10 @@ func (b *backend) invalidate(_ context.Context, key string) {
 	case configCachePath:
 		b.cacheConfigChanged.Store(true) // applied by the next periodic pass, which has storage
 	default:
+		if strings.HasPrefix(key, approvalsPrefix) {
+			b.approvals.forget()
+			return
+		}
 		b.keys.Invalidate(key)
 	}
 }
@@ -238,6 +250,9 @@ func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
 	}
 	if !b.WriteSafeReplicationState() {
 		return nil // a replica: the primary's active node manages the lifecycle
+	}
+	if err := b.tickApprovals(ctx, req.Storage); err != nil {
+		return err
 	}
 	if cfg, err := readHSMConfig(ctx, req.Storage); err != nil || cfg == nil {
 		return err // nothing can be due before the HSM is configured
