@@ -456,6 +456,11 @@ func (b *backend) decided(ctx context.Context, req *logical.Request, id string, 
 	return a, true, b.mayDecide(req, a, approving)
 }
 
+// noApproval answers a decision on an approval that does not exist (or was removed after it ended): 404.
+func noApproval(id string) error {
+	return logical.CodedError(http.StatusNotFound, fmt.Sprintf("no approval %s: it does not exist, or it ended more than approval_ttl ago (the key's history keeps its steps)", id))
+}
+
 // mayDecide refuses a caller who may not approve (approving) or reject a: a token without an entity, the
 // requester's own entity (who may withdraw, not approve), an entity outside the key's approver_groups. Vault's
 // ACL on approvals/* has already admitted the call.
@@ -495,7 +500,7 @@ func (b *backend) pathApprovalApprove(ctx context.Context, req *logical.Request,
 	a, ok, err := b.decided(ctx, req, id, true)
 	switch {
 	case !ok && err == nil:
-		return nil, nil
+		return nil, noApproval(id)
 	case err != nil:
 		return nil, err
 	case a.ended():
@@ -606,7 +611,7 @@ func (b *backend) pathApprovalReject(ctx context.Context, req *logical.Request, 
 	a, ok, err := b.decided(ctx, req, id, false)
 	switch {
 	case !ok && err == nil:
-		return nil, nil
+		return nil, noApproval(id)
 	case err != nil:
 		return nil, err
 	case a.State == approvalExecuting:

@@ -374,6 +374,9 @@ func TestDualControlRejection(t *testing.T) {
 	if got := status(e.as("dave", "", logical.UpdateOperation, "approvals/"+id+"/approve", nil)); got != 400 {
 		t.Fatalf("approving a rejected request: %d, want 400", got)
 	}
+	if got := status(e.as("dave", "", logical.UpdateOperation, "approvals/no-such-approval/approve", nil)); got != 404 {
+		t.Fatalf("approving what does not exist: %d, want 404", got)
+	}
 	if r := e.ok(e.read("keys/k")); r.Data["deletion_scheduled_time"] != "" {
 		t.Fatal("the key was deleted after a rejection")
 	}

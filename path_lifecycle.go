@@ -97,7 +97,7 @@ func (b *backend) pathLifecycle() []*framework.Path {
 			},
 			HelpSynopsis: "Lifecycle events of a key: who did what, when and why.",
 			HelpDescription: "Each event (created, rotated with cause manual/scheduled/usage, imported, config_changed, disabled, enabled, version_disabled, version_enabled, " +
-				"version_destroy_scheduled, version_destroyed, deletion_scheduled, deletion_cancelled, deleted) carries its time, cause and the requester's entity_id and display_name, and token_accessor_hmac: the HMAC-SHA256 of the requester's token accessor under a salt of this mount's own (\"hmac-sha256:<hex>\"), never the accessor itself, as Vault's audit devices record accessors. " +
+				"version_destroy_scheduled, version_destroyed, deletion_scheduled, deletion_cancelled, deleted; and dual control's approval_requested, approval_granted, approval_rejected, approval_executed, approval_failed, approval_expired, whose details name the approval and the action) carries its time, cause and the requester's entity_id and display_name, and token_accessor_hmac: the HMAC-SHA256 of the requester's token accessor under a salt of this mount's own (\"hmac-sha256:<hex>\"), never the accessor itself, as Vault's audit devices record accessors. " +
 				"One token's events carry one value on this mount, so events can be told apart by token; the value differs from an audit device's HMAC of the same accessor (each audit device has a salt of its own). Events stored in clear by earlier versions of the engine are shown the same way. History outlives the key. Vault's audit devices still record every request.",
 		},
 	}
