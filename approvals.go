@@ -44,7 +44,6 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"maps"
 	"net/http"
 	"slices"
 	"sort"
@@ -59,7 +58,13 @@ import (
 	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/keys"
 )
 
-const approvalsPrefix = "approvals/"
+// An approval is stored as two entries: what it is (approvals/<id>: small, read by list, read and the periodic
+// function) and the held request's fields (approval-requests/<id>: as large as the request, read only to execute
+// it, deleted once the approval ends).
+const (
+	approvalsPrefix        = "approvals/"
+	approvalRequestsPrefix = "approval-requests/"
+)
 
 // An approval's states.
 const (
@@ -109,9 +114,8 @@ type approval struct {
 	Action    string            `json:"action"`
 	Operation logical.Operation `json:"operation"`
 	Path      string            `json:"path"`
-	// Data is the request's fields as sent, to execute it; dropped once the approval ends. Fields is what
-	// approvers are shown: Data with the values of sensitive fields replaced by their hash and length.
-	Data           map[string]interface{} `json:"data,omitempty"`
+	// Fields is what approvers are shown of the request's fields: the values of sensitive fields, and long
+	// values, replaced by their hash and length. The fields as sent are stored apart (approvalRequestsPrefix).
 	Fields         map[string]interface{} `json:"fields"`
 	RequestedBy    approvalParty          `json:"requested_by"`
 	ExpiresAt      time.Time              `json:"expires_at"`
@@ -204,6 +208,34 @@ func storeApproval(ctx context.Context, s logical.Storage, a *approval) error {
 	return s.Put(ctx, e)
 }
 
+// readApprovalRequest returns the fields of approval id's request as sent.
+func readApprovalRequest(ctx context.Context, s logical.Storage, id string) (map[string]interface{}, error) {
+	e, err := s.Get(ctx, approvalRequestsPrefix+id)
+	if err != nil {
+		return nil, err
+	}
+	if e == nil {
+		return nil, fmt.Errorf("approval %s: the held request's fields are missing from storage", id)
+	}
+	var data map[string]interface{}
+	if err := e.DecodeJSON(&data); err != nil {
+		return nil, fmt.Errorf("decode approval %s's request: %w", id, err)
+	}
+	return data, nil
+}
+
+// endApproval stores approval a, which has ended, and deletes its request's fields: nothing runs it any more.
+func (b *backend) endApproval(ctx context.Context, s logical.Storage, a *approval) error {
+	if err := storeApproval(ctx, s, a); err != nil {
+		return err
+	}
+	if err := s.Delete(ctx, approvalRequestsPrefix+a.ID); err != nil {
+		b.logger.Warn("could not delete an ended approval's request; the periodic function removes it with the approval", "approval", a.ID, "error", err)
+	}
+	b.approvals.due(a.EndedAt)
+	return nil
+}
+
 // approvedExecution marks the context of an approved request's execution, so that the hook lets exactly that
 // request through. Only the approving handler makes it: no caller can.
 type approvedExecution struct {
@@ -292,11 +324,17 @@ func (b *backend) newApproval(ctx context.Context, req *logical.Request, id stri
 		return nil, err
 	}
 	a := &approval{
-		ID: id, Action: action, Operation: req.Operation, Path: req.Path, Data: maps.Clone(req.Data),
-		Fields: b.shownFields(req), RequestedBy: who, ExpiresAt: who.Time.Add(ttl), Required: required, State: approvalPending,
+		ID: id, Action: action, Operation: req.Operation, Path: req.Path, Fields: b.shownFields(req), RequestedBy: who, ExpiresAt: who.Time.Add(ttl), Required: required, State: approvalPending,
 	}
 	if k != nil {
 		a.Key, a.ApproverGroups = k.Name, k.ApproverGroups
+	}
+	e, err := logical.StorageEntryJSON(approvalRequestsPrefix+id, req.Data)
+	if err == nil {
+		err = req.Storage.Put(ctx, e) // first: an approval is never stored without its request
+	}
+	if err != nil {
+		return nil, err
 	}
 	if err := storeApproval(ctx, req.Storage, a); err != nil {
 		return nil, err
@@ -321,8 +359,8 @@ func (b *backend) party(ctx context.Context, req *logical.Request) (approvalPart
 }
 
 // shownFields is what approvers see of req's fields: the values of fields its path marks sensitive (an import's
-// wrapped key material) only as their SHA-256 and length, so that an approver can compare them with what they
-// were sent, and the rest as given.
+// wrapped key material), and strings longer than maxShownValue, only as their SHA-256 and length, so that an
+// approver can compare them with what they were sent; the rest as given.
 func (b *backend) shownFields(req *logical.Request) map[string]interface{} {
 	var schema map[string]*framework.FieldSchema
 	if p := b.Route(req.Path); p != nil {
@@ -330,7 +368,8 @@ func (b *backend) shownFields(req *logical.Request) map[string]interface{} {
 	}
 	out := make(map[string]interface{}, len(req.Data))
 	for name, v := range req.Data {
-		if f := schema[name]; f != nil && f.DisplayAttrs != nil && f.DisplayAttrs.Sensitive {
+		str, isString := v.(string)
+		if f := schema[name]; (f != nil && f.DisplayAttrs != nil && f.DisplayAttrs.Sensitive) || (isString && len(str) > maxShownValue) {
 			s := fmt.Sprint(v)
 			sum := sha256.Sum256([]byte(s))
 			v = map[string]interface{}{"sha256": hex.EncodeToString(sum[:]), "length": len(s)}
@@ -339,6 +378,9 @@ func (b *backend) shownFields(req *logical.Request) map[string]interface{} {
 	}
 	return out
 }
+
+// maxShownValue is the longest string value an approval shows as it is.
+const maxShownValue = 1024
 
 // recordApproval records a step of approval a on its key's history (the mount's own settings have none: the log
 // has it, and Vault's audit devices have the requests).
@@ -537,9 +579,13 @@ func (b *backend) pathApprovalApprove(ctx context.Context, req *logical.Request,
 // execute runs approved request a as its requester sent it, on the requester's behalf, through the backend's own
 // router, and records the result. The caller holds a's lock and has stored it as executing.
 func (b *backend) execute(ctx context.Context, req *logical.Request, a *approval) (*logical.Response, error) {
+	data, err := readApprovalRequest(ctx, req.Storage, a.ID)
+	if err != nil {
+		return nil, err
+	}
 	inner := &logical.Request{
 		ID:        "approval:" + a.ID, // the same on every run: the handlers recognise their retry by it
-		Operation: a.Operation, Path: a.Path, Data: maps.Clone(a.Data), Storage: req.Storage,
+		Operation: a.Operation, Path: a.Path, Data: data, Storage: req.Storage,
 		MountPoint: req.MountPoint, MountType: req.MountType, MountAccessor: req.MountAccessor,
 		EntityID: a.RequestedBy.EntityID, DisplayName: a.RequestedBy.DisplayName,
 		ClientTokenAccessor: a.RequestedBy.AccessorHMAC, // as recorded: keys.SealedAccessorPrefix
@@ -550,15 +596,14 @@ func (b *backend) execute(ctx context.Context, req *logical.Request, a *approval
 	run := context.WithValue(ctx, approvedExecutionKey{}, approvedExecution{id: a.ID, op: a.Operation, path: a.Path})
 	resp, err := b.Backend.HandleRequest(run, inner)
 	a.Result = resultOf(inner, resp, err)
-	a.State, a.EndedAt, a.Data = approvalExecuted, b.now().UTC(), nil
+	a.State, a.EndedAt = approvalExecuted, b.now().UTC()
 	if a.Result.Error != "" {
 		a.State = approvalFailed
 	}
-	if err := storeApproval(ctx, req.Storage, a); err != nil {
+	if err := b.endApproval(ctx, req.Storage, a); err != nil {
 		// Still stored as executing: the next approve call runs it again, which changes nothing more.
 		return nil, fmt.Errorf("approval %s ran; recording its result failed, and approving again records it: %w", a.ID, err)
 	}
-	b.approvals.due(a.EndedAt)
 	approver := a.Approvals[len(a.Approvals)-1]
 	names := make([]string, len(a.Approvals))
 	for i, p := range a.Approvals {
@@ -621,11 +666,10 @@ func (b *backend) pathApprovalReject(ctx context.Context, req *logical.Request, 
 	if err != nil {
 		return nil, err
 	}
-	a.State, a.RejectedBy, a.Comment, a.EndedAt, a.Data = approvalRejected, &who, d.Get("comment").(string), who.Time, nil
-	if err := storeApproval(ctx, req.Storage, a); err != nil {
+	a.State, a.RejectedBy, a.Comment, a.EndedAt = approvalRejected, &who, d.Get("comment").(string), who.Time
+	if err := b.endApproval(ctx, req.Storage, a); err != nil {
 		return nil, err
 	}
-	b.approvals.due(a.EndedAt)
 	details := fmt.Sprintf("approval %s: %s", a.ID, a.Action)
 	if a.Comment != "" {
 		details += "; comment: " + a.Comment
@@ -636,8 +680,8 @@ func (b *backend) pathApprovalReject(ctx context.Context, req *logical.Request, 
 
 // expire ends pending approval a, whose time has passed, unexecuted. The caller holds its lock.
 func (b *backend) expire(ctx context.Context, s logical.Storage, a *approval, who keys.Actor) error {
-	a.State, a.EndedAt, a.Data = approvalExpired, a.ExpiresAt, nil
-	if err := storeApproval(ctx, s, a); err != nil {
+	a.State, a.EndedAt = approvalExpired, a.ExpiresAt
+	if err := b.endApproval(ctx, s, a); err != nil {
 		return err
 	}
 	b.recordApproval(ctx, s, a, who, "approval_expired",
@@ -706,6 +750,9 @@ func (b *backend) tickApproval(ctx context.Context, s logical.Storage, id string
 		return time.Time{}, nil // the next approve call runs it (see the top of this file)
 	case now.Before(a.EndedAt.Add(keep)):
 		return a.EndedAt.Add(keep), nil
+	}
+	if err := s.Delete(ctx, approvalRequestsPrefix+id); err != nil {
+		return time.Time{}, err
 	}
 	return time.Time{}, s.Delete(ctx, approvalsPrefix+id)
 }

@@ -130,7 +130,7 @@ func newBackend(conf *logical.BackendConfig) *backend {
 			Root: []string{configHSMPath, adoptUnverifiedPath, adoptUnverifiedPath + "/*"},
 			// The PIN is kept in config/hsm, and a held import_version's wrapped key in its approval: seal-wrap them
 			// where Vault offers seal wrapping.
-			SealWrapStorage: []string{"config/hsm", approvalsPrefix},
+			SealWrapStorage: []string{"config/hsm", approvalRequestsPrefix},
 		},
 		Paths: framework.PathAppend(
 			[]*framework.Path{b.pathConfigHSM(), b.pathConfigKeys(), b.pathCacheConfig()},
