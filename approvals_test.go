@@ -446,6 +446,9 @@ func TestDualControlApproverGroups(t *testing.T) {
 		"entity-bob":   {custodians},
 		"entity-carol": {{ID: "group-id-2", Name: "auditors"}},
 	})
+	if got := status(e.write("keys/long", map[string]interface{}{"approver_groups": strings.Repeat("g", 257)})); got != 400 {
+		t.Fatalf("a group name of 257 characters: %d, want 400 (every held request carries the groups)", got)
+	}
 	e.ok(e.write("keys/k", map[string]interface{}{"approvals_required": 1, "approver_groups": "custodians,auditors"}))
 	e.ok(e.write("keys/k/config", map[string]interface{}{"deletion_allowed": true}))
 	id := e.held(e.as("alice", "", logical.UpdateOperation, "keys/k/config", map[string]interface{}{"approver_groups": "group-id-1"}))["approval_id"].(string)

@@ -178,6 +178,12 @@ type Settings struct {
 // needs more approvers than exist can never be destroyed.
 const MaxApprovalsRequired = 10
 
+// Bounds of approver_groups: every held request of the key carries it.
+const (
+	maxApproverGroups = 32
+	maxGroupName      = 256
+)
+
 // Apply changes k's settings and checks the result; on an error k is left unusable (it is a clone).
 func (k *Key) Apply(c Settings) error {
 	if c.MinDecryptionVersion != nil {
@@ -229,8 +235,14 @@ func (k *Key) Apply(c Settings) error {
 		k.ApprovalsRequired = *c.ApprovalsRequired
 	}
 	if c.ApproverGroups != nil {
+		if len(*c.ApproverGroups) > maxApproverGroups {
+			return Callerf("approver_groups names at most %d groups", maxApproverGroups)
+		}
 		groups := make([]string, 0, len(*c.ApproverGroups))
 		for _, g := range *c.ApproverGroups {
+			if len(g) > maxGroupName {
+				return Callerf("approver_groups: a group's name or id has at most %d characters", maxGroupName)
+			}
 			if g = strings.TrimSpace(g); g != "" && !slices.Contains(groups, g) {
 				groups = append(groups, g)
 			}
