@@ -475,32 +475,28 @@ func (b *backend) pathApprovalRead(ctx context.Context, req *logical.Request, d 
 	return &logical.Response{Data: a.view(b.now())}, nil
 }
 
-// decided loads approval id under its lock for a decision by req's caller: it refuses an approval that has ended
-// (expiring it first when its time has passed), and a caller who may not decide it. ok is false for an approval
-// that does not exist. An approve call on an executed or failed approval gets it back to return its result.
-func (b *backend) decided(ctx context.Context, req *logical.Request, id string, approving bool) (*approval, bool, error) {
+// decided loads approval id for a decision by req's caller; the caller holds its lock. It refuses an approval
+// that does not exist (404) or has ended (expiring it first when its time has passed), and a caller who may not
+// decide it. An approve call on an executed or failed approval gets it back, to return its result.
+func (b *backend) decided(ctx context.Context, req *logical.Request, id string, approving bool) (*approval, error) {
 	a, err := readApproval(ctx, req.Storage, id)
-	if err != nil || a == nil {
-		return nil, false, err
-	}
-	now := b.now()
-	if a.stateAt(now) == approvalExpired && a.State == approvalPending {
+	switch {
+	case err != nil:
+		return nil, err
+	case a == nil:
+		return nil, logical.CodedError(http.StatusNotFound, fmt.Sprintf("no approval %s: it does not exist, or it ended more than approval_ttl ago (the key's history keeps its steps)", id))
+	case a.stateAt(b.now()) == approvalExpired && a.State == approvalPending:
 		if err := b.expire(ctx, req.Storage, a, keys.SchedulerActor); err != nil {
-			return nil, true, err
+			return nil, err
 		}
 	}
 	switch {
 	case approving && (a.State == approvalExecuted || a.State == approvalFailed):
-		return a, true, nil
+		return a, nil
 	case a.ended():
-		return nil, true, callerf("approval %s has ended: it was %s at %s", a.ID, a.State, keys.FormatTime(a.EndedAt))
+		return nil, callerf("approval %s has ended: it was %s at %s", a.ID, a.State, keys.FormatTime(a.EndedAt))
 	}
-	return a, true, b.mayDecide(req, a, approving)
-}
-
-// noApproval answers a decision on an approval that does not exist (or was removed after it ended): 404.
-func noApproval(id string) error {
-	return logical.CodedError(http.StatusNotFound, fmt.Sprintf("no approval %s: it does not exist, or it ended more than approval_ttl ago (the key's history keeps its steps)", id))
+	return a, b.mayDecide(req, a, approving)
 }
 
 // mayDecide refuses a caller who may not approve (approving) or reject a: a token without an entity, the
@@ -539,10 +535,8 @@ func (b *backend) pathApprovalApprove(ctx context.Context, req *logical.Request,
 	l := b.approvals.lock(id)
 	l.Lock()
 	defer l.Unlock()
-	a, ok, err := b.decided(ctx, req, id, true)
+	a, err := b.decided(ctx, req, id, true)
 	switch {
-	case !ok && err == nil:
-		return nil, noApproval(id)
 	case err != nil:
 		return nil, err
 	case a.ended():
@@ -653,10 +647,8 @@ func (b *backend) pathApprovalReject(ctx context.Context, req *logical.Request, 
 	l := b.approvals.lock(id)
 	l.Lock()
 	defer l.Unlock()
-	a, ok, err := b.decided(ctx, req, id, false)
+	a, err := b.decided(ctx, req, id, false)
 	switch {
-	case !ok && err == nil:
-		return nil, noApproval(id)
 	case err != nil:
 		return nil, err
 	case a.State == approvalExecuting:

@@ -13,7 +13,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
@@ -32,25 +31,9 @@ func (v groupsView) GroupsForEntity(entityID string) ([]*logical.Group, error) {
 // clock the test moves.
 func newDualControlBackend(t *testing.T, groups map[string][]*logical.Group) (*testEnv, *time.Time) {
 	t.Helper()
-	conf := logical.TestBackendConfig()
-	conf.BackendUUID = fmt.Sprintf("mount-%d", tokenCount.Add(1))
-	conf.Logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: testWriter{t}})
-	conf.System = groupsView{StaticSystemView: logical.StaticSystemView{DefaultLeaseTTLVal: time.Hour, MaxLeaseTTLVal: time.Hour}, groups: groups}
-	inmem := &logical.InmemStorage{}
-	st := &countingStorage{Storage: inmem}
-	conf.StorageView = st
-	b := newBackend(conf)
-	if err := b.Setup(context.Background(), conf); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.clean(context.Background()) })
+	e := newTestBackendWith(t, groupsView{StaticSystemView: logical.StaticSystemView{DefaultLeaseTTLVal: time.Hour, MaxLeaseTTLVal: time.Hour}, groups: groups})
 	now := time.Now()
-	b.now = func() time.Time { return now }
-	e := &testEnv{t: t, b: b, inmem: inmem, storage: st, label: fmt.Sprintf("backend-test-%d", tokenCount.Add(1))}
-	if err := softhsm.CreateToken(e.label, testPIN); err != nil {
-		t.Fatal(err)
-	}
-	e.ok(e.write("config/hsm", map[string]interface{}{"token_label": e.label, "pin": testPIN, "pool_size": 2}))
+	e.b.now = func() time.Time { return now }
 	return e, &now
 }
 
