@@ -101,6 +101,15 @@ var apiSamples = []apiSample{
 	{logical.UpdateOperation, "keys/signer/config", map[string]interface{}{"deletion_allowed": true}},
 	{logical.DeleteOperation, "keys/signer", nil},
 	{logical.UpdateOperation, "keys/signer/cancel-deletion", nil},
+	// Dual control: the approvals are given by a custodian's entity (see apiReference).
+	{logical.UpdateOperation, "keys/guarded", map[string]interface{}{"approvals_required": 1}},
+	{logical.UpdateOperation, "keys/guarded/rotate", nil},
+	{logical.UpdateOperation, "keys/guarded/versions/1/destroy", nil},
+	{logical.ListOperation, "approvals/", nil},
+	{logical.ReadOperation, "approvals/{approval_id}", nil},
+	{logical.UpdateOperation, "approvals/{approval_id}/approve", nil},
+	{logical.UpdateOperation, "keys/guarded/config", map[string]interface{}{"approvals_required": 0}},
+	{logical.UpdateOperation, "approvals/{approval_id}/reject", map[string]interface{}{"comment": "the key stays under dual control"}},
 }
 
 func TestAPIReference(t *testing.T) {
@@ -155,10 +164,30 @@ func apiReference(t *testing.T) string {
 			}
 			data[k] = v
 		}
-		path := strings.ReplaceAll(s.path, "{grant}", last["grant"])
-		resp, err := b.HandleRequest(context.Background(), &logical.Request{ID: fmt.Sprintf("doc-%d", i), Operation: s.op, Path: path,
-			Data: data, Storage: conf.StorageView, DisplayName: "token", ClientTokenAccessor: "accessor"})
+		if strings.Contains(s.path, "{approval_id}") { // the held request's id: the same in every run
+			s.path = strings.ReplaceAll(s.path, "{approval_id}", last["approval_id"])
+		}
+		path := strings.ReplaceAll(s.path, "{grant}", last["grant"]) // random: the sample keeps {grant}
+		req := &logical.Request{ID: fmt.Sprintf("doc-%d", i), Operation: s.op, Path: path,
+			Data: data, Storage: conf.StorageView, DisplayName: "token", ClientTokenAccessor: "accessor"}
+		if strings.HasPrefix(path, "approvals/") && s.op == logical.UpdateOperation {
+			// Approvals come from another Vault entity than the requester's.
+			req.EntityID, req.DisplayName, req.ClientTokenAccessor = "custodian-entity-id", "userpass-custodian", "custodian-accessor"
+		}
+		resp, err := b.HandleRequest(context.Background(), req)
 		code := status(resp, err)
+		if raw, ok := rawBody(resp); ok && err == nil {
+			// A held request's 202: the body a client receives.
+			var held struct {
+				Data     map[string]interface{} `json:"data"`
+				Warnings []string               `json:"warnings"`
+			}
+			if err := json.Unmarshal([]byte(raw), &held); err != nil {
+				t.Fatal(err)
+			}
+			resp = &logical.Response{Data: held.Data, Warnings: held.Warnings}
+			last["approval_id"], _ = held.Data["approval_id"].(string)
+		}
 		var body interface{}
 		switch {
 		case err != nil && (resp == nil || !resp.IsError()):
@@ -310,6 +339,15 @@ func placeholder(name string, last map[string]string) (interface{}, error) {
 	return nil, fmt.Errorf("{%s} stands for nothing returned before", name)
 }
 
+// rawBody is the body of a response the engine gives whole (a held request's 202), if resp is one.
+func rawBody(resp *logical.Response) (string, bool) {
+	if resp == nil {
+		return "", false
+	}
+	raw, ok := resp.Data[logical.HTTPRawBody].(string)
+	return raw, ok
+}
+
 func pathFor(b *backend, path string) *framework.Path {
 	for _, p := range b.Backend.Paths {
 		if regexp.MustCompile("^" + p.Pattern + "$").MatchString(path) {
@@ -393,6 +431,8 @@ func redact(key string, v interface{}) interface{} {
 		return out
 	case string:
 		switch {
+		case key == "path": // a held request's path, which the base64 pattern would take for a value
+			return x
 		case reVersioned.MatchString(x):
 			return "vault:v" + reVersioned.FindStringSubmatch(x)[1] + ":…"
 		case strings.HasPrefix(x, "-----BEGIN"):
@@ -718,12 +758,27 @@ var responseFieldDocs = map[string]string{
 	"denials":                     "`keys/:name/access`: uses the conditions denied since the plugin started on this node (`by_condition`, `last_denied_at`); kept in memory, so that a denied caller cannot make the engine write storage.",
 	"by_condition":                "`keys/:name/access` denials: how many uses each condition (allowed_cidrs, allowed_hours, entity, required_entity_metadata, allowed_entity_ids, allowed_groups, grants_required, grant) denied.",
 	"last_denied_at":              "`keys/:name/access` denials: when the last use was denied.",
-	"expires_at":                  "Grant: when it ends, judged by the engine's clock (RFC 3339).",
 	"uses":                        "Grant: the uses made, including those a crash lost from a reserved block.",
 	"remaining_uses":              "Grant with max_uses: the uses it still allows.",
 	"revoked_at":                  "Grant: when it was revoked.",
 	"revoked_by":                  "Grant: who revoked it (entity_id, display_name, token_accessor_hmac).",
 	"created_at":                  "Grant: when it was created.",
+	"approval_id":                 "A request held for dual control (HTTP 202) and `approvals/:id`: the approval's id, the Vault request id of the held request.",
+	"approvals":                   "`approvals/:id`: the approvals so far, each with `entity_id`, `display_name`, `token_accessor_hmac` and `time`; in the LIST of `approvals`, per approval: how many.",
+	"data":                        "`approvals/:id`, `result`: what the executed request answered.",
+	"ended_at":                    "`approvals/:id`: when it was executed, rejected or expired.",
+	"expires_at":                  "Grant: when it ends, judged by the engine's clock (RFC 3339). `approvals/:id` and a held request's answer: when it expires unexecuted (`approval_ttl` after it was held).",
+	"fields":                      "`approvals/:id`: the held request's fields; a sensitive value (an import's wrapped key) only as its `sha256` and `length`.",
+	"length":                      "`approvals/:id`, `fields`: the length of a sensitive value that is shown only by its hash.",
+	"operation":                   "`approvals/:id`: the held request's operation (create, update, delete).",
+	"path":                        "`approvals/:id`: the held request's path in the mount.",
+	"rejected_by":                 "`approvals/:id`: who rejected (or withdrew) it, with `comment`.",
+	"requested_at":                "`approvals/:id`: when the request was held.",
+	"requested_by":                "`approvals/:id`: who sent the held request (`entity_id`, `display_name`, `token_accessor_hmac`).",
+	"result":                      "`approvals/:id`, once executed: the request's HTTP `status` and its `data` and `warnings`, or its `error`.",
+	"sha256":                      "`approvals/:id`, `fields`: the SHA-256 (hex) of a sensitive value as sent, to compare with what the approver was given.",
+	"status":                      "`approvals/:id`, `result`: the HTTP status the executed request answered.",
+	"warnings":                    "`approvals/:id`, `result`: the warnings the executed request answered.",
 	"label_prefix":                "config/hsm: the prefix of the CKA_LABEL of every object of the mount, cmk/<mount uuid>/",
 	"import_supported":            "config/hsm key_types: whether the token can take an imported key of the type (BYOK)",
 	"import_missing":              "config/hsm key_types: why the token cannot take an imported key of the type",
@@ -746,11 +801,11 @@ var responseFieldDocs = map[string]string{
 	"destruction_scheduled_time":  "Key read, per version: when a version in state `destroy_scheduled` is destroyed.",
 	"details":                     "History event: what else the event records (for example the import method).",
 	"disabled":                    "Key read: the whole key is disabled and serves no operation until enabled.",
-	"display_name":                "History event: the display name of the request's token.",
+	"display_name":                "History event (and an approval's parties): the display name of the request's token.",
 	"encryptions":                 "Key read, per AES version: encryptions counted so far (counted in blocks reserved in storage, so it may run ahead of the real count, never behind).",
 	"encryptions_unknown":         "Key read, per version: the version's encryption count was lost (it was adopted after a storage restore), so it encrypts no more; the next encryption rotates.",
-	"error":                       "`config/hsm`: why the mount is not connected, or the last connection error; in `batch_results`: why that item failed.",
-	"event":                       "History event: what happened (\"created\", \"rotated\", \"version_imported\", \"version_adopted\", \"version_disabled\", \"deletion_scheduled\", …).",
+	"error":                       "`config/hsm`: why the mount is not connected, or the last connection error; in `batch_results`: why that item failed; in an approval's `result`: why the executed request failed.",
+	"event":                       "History event: what happened (\"created\", \"rotated\", \"version_imported\", \"version_adopted\", \"version_disabled\", \"deletion_scheduled\", \"approval_requested\", \"approval_granted\", \"approval_executed\", …).",
 	"events":                      "History: the key's events, oldest first.",
 	"firmware_version":            "`config/hsm`, `token`: the token's firmware version.",
 	"hardware_version":            "`config/hsm`, `token`: the token's hardware version.",
@@ -760,7 +815,7 @@ var responseFieldDocs = map[string]string{
 	"import_method":               "Key read, per imported version: how the material was unwrapped: `hsm-unwrap` (both unwraps in the HSM) or `raw-rsa-oaep-decoded-in-plugin` (the operator's `raw_rsa_oaep_fallback`).",
 	"imported_key":                "Key read: the key's material was imported (BYOK), not generated on the token.",
 	"imported_key_allow_rotation": "Key read, imported keys: whether `rotate` may generate new versions in the HSM.",
-	"key":                         "`reconcile`, per object or version: the key it belongs to.",
+	"key":                         "`reconcile`, per object or version: the key it belongs to; `approvals/:id`: the key the held request is about (empty for the mount's own settings).",
 	"key_type":                    "`reconcile`, per unreferenced object: its key type as the token reports it.",
 	"key_types":                   "`config/hsm`: per key type, whether the token can serve it (`supported`) and, if not, which mechanisms it lacks (`missing`).",
 	"key_wrap_mechanism_in_use":   "`config/hsm`: the key-wrap mechanism imports use on this token (the configured one, or the one chosen from the token's list).",
@@ -784,14 +839,14 @@ var responseFieldDocs = map[string]string{
 	"public_key_only":             "Key read, per version: the version holds only a public key (imported with `public_key`): it verifies (RSA: also encrypts), and nothing is on the token until its private key is imported with `import_version`.",
 	"random_bytes":                "`random`: the bytes from the HSM's generator, in the requested `format`.",
 	"serial_number":               "`config/hsm`, `token`: the token's serial number.",
-	"state":                       "Key read, per version: \"active\", \"decrypt_only\", \"disabled\", \"destroy_scheduled\" or \"destroyed\". Grant: \"live\", \"expired\", \"used_up\" or \"revoked\".",
+	"state":                       "Key read, per version: \"active\", \"decrypt_only\", \"disabled\", \"destroy_scheduled\" or \"destroyed\". Grant: \"live\", \"expired\", \"used_up\" or \"revoked\". `approvals/:id`: \"pending\", \"executing\", \"executed\", \"failed\", \"rejected\" or \"expired\".",
 	"sum":                         "`hash`: the digest, in the requested `format`.",
 	"supported":                   "`config/hsm`, per entry of `key_types`: whether the token serves that key type.",
 	"supports_decryption":         "Key read, as Transit: the key type decrypts.",
 	"supports_derivation":         "Key read, as Transit: always false (derived keys are refused).",
 	"supports_encryption":         "Key read, as Transit: the key type encrypts.",
 	"supports_signing":            "Key read, as Transit: the key type signs.",
-	"time":                        "History event: when it happened, RFC 3339.",
+	"time":                        "History event (and each of an approval's `approvals`): when it happened, RFC 3339.",
 	"token":                       "`config/hsm`: what the token says of itself (`label`, `slot`, `manufacturer_id`, `model`, `serial_number`, `hardware_version`, `firmware_version`, `max_session_count`).",
 	"token_accessor_hmac":         "History event: the accessor of the request's token as an HMAC under the mount's salt (hmac-sha256:<hex>), never in clear; the same accessor gives the same value on one mount. It does not match Vault's audit hash: each audit device has a salt of its own.",
 	"untrusted_objects":           "`reconcile`: objects on the token under a version's HMAC secret CKA_ID that the token does not prove it generated and no record of the engine vouches for; never used (the version's HMAC is a 409) until an operator removes them.",

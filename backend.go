@@ -7,6 +7,7 @@ import (
 	"crypto/rsa"
 	"fmt"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -69,6 +70,9 @@ type backend struct {
 	wrappingMu sync.Mutex // serialises the creation of the mount's wrapping key
 
 	cacheConfigChanged atomic.Bool // another node changed cache-config
+
+	approvals *approvals       // dual control: requests held for approval (approvals.go)
+	now       func() time.Time // the clock approvals expire by; tests move it
 }
 
 // Factory builds the backend for one mount. The plugin is served multiplexed: every mount in the process shares
@@ -87,6 +91,8 @@ func newBackend(conf *logical.BackendConfig) *backend {
 		library:    os.Getenv(LibraryEnv),
 		initParams: os.Getenv(InitParamsEnv),
 		mountID:    conf.BackendUUID,
+		approvals:  newApprovals(),
+		now:        time.Now,
 		openToken: func(c hsm.Config, l hclog.Logger) (hsmToken, error) {
 			return hsm.Open(c, l)
 		},
@@ -115,8 +121,9 @@ func newBackend(conf *logical.BackendConfig) *backend {
 			// PIN every key depends on; adoption on an operator's word takes material whose origin the token
 			// cannot show. Vault matches these exactly or by prefix.
 			Root: []string{configHSMPath, adoptUnverifiedPath, adoptUnverifiedPath + "/*"},
-			// The PIN is kept in config/hsm: seal-wrap it where Vault offers seal wrapping.
-			SealWrapStorage: []string{"config/hsm"},
+			// The PIN is kept in config/hsm, and a held import_version's wrapped key in its approval: seal-wrap them
+			// where Vault offers seal wrapping.
+			SealWrapStorage: []string{"config/hsm", approvalRequestsPrefix},
 		},
 		Paths: framework.PathAppend(
 			[]*framework.Path{b.pathConfigHSM(), b.pathConfigKeys(), b.pathCacheConfig()},
@@ -130,6 +137,7 @@ func newBackend(conf *logical.BackendConfig) *backend {
 			[]*framework.Path{b.pathExport(), b.pathCSR(), b.pathSetCertificate()},
 			b.pathRefused(),
 			b.pathReconcile(),
+			b.pathApprovals(),
 		),
 		InitializeFunc: func(ctx context.Context, req *logical.InitializationRequest) error {
 			return b.applyCacheConfig(ctx, req.Storage)
@@ -155,6 +163,10 @@ func (b *backend) invalidate(_ context.Context, key string) {
 	case configCachePath:
 		b.cacheConfigChanged.Store(true) // applied by the next periodic pass, which has storage
 	default:
+		if strings.HasPrefix(key, approvalsPrefix) {
+			b.approvals.forget()
+			return
+		}
 		b.keys.Invalidate(key)
 	}
 }
@@ -233,6 +245,9 @@ func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
 	}
 	if !b.WriteSafeReplicationState() {
 		return nil // a replica: the primary's active node manages the lifecycle
+	}
+	if err := b.tickApprovals(ctx, req.Storage); err != nil {
+		return err
 	}
 	if cfg, err := readHSMConfig(ctx, req.Storage); err != nil || cfg == nil {
 		return err // nothing can be due before the HSM is configured

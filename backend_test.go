@@ -116,7 +116,13 @@ type testEnv struct {
 // newTestBackend mounts a backend on a token of its own and writes config/hsm.
 func newTestBackend(t testing.TB) *testEnv {
 	t.Helper()
-	e := newUnconfiguredBackend(t)
+	return newTestBackendWith(t, nil)
+}
+
+// newTestBackendWith is newTestBackend with Vault's system view sys (nil: logical.TestBackendConfig's).
+func newTestBackendWith(t testing.TB, sys logical.SystemView) *testEnv {
+	t.Helper()
+	e := newUnconfiguredBackendWith(t, sys)
 	e.label = fmt.Sprintf("backend-test-%d", tokenCount.Add(1))
 	if err := softhsm.CreateToken(e.label, testPIN); err != nil {
 		t.Fatal(err)
@@ -136,7 +142,15 @@ func newImportBackend(t testing.TB) *testEnv {
 
 func newUnconfiguredBackend(t testing.TB) *testEnv {
 	t.Helper()
+	return newUnconfiguredBackendWith(t, nil)
+}
+
+func newUnconfiguredBackendWith(t testing.TB, sys logical.SystemView) *testEnv {
+	t.Helper()
 	conf := logical.TestBackendConfig()
+	if sys != nil {
+		conf.System = sys
+	}
 	conf.BackendUUID = fmt.Sprintf("mount-%d", tokenCount.Add(1))
 	conf.Logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: testWriter{t}})
 	inmem := &logical.InmemStorage{}

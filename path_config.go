@@ -345,7 +345,36 @@ type keysConfig struct {
 	PurgeProtection bool `json:"purge_protection,omitempty"`
 	// MinDeletionGracePeriod is purge protection's floor; it only goes up.
 	MinDeletionGracePeriod time.Duration `json:"min_deletion_grace_period,omitempty"`
+	// DefaultApprovalsRequired is given to keys created without approvals_required; MinApprovalsRequired is the
+	// mount's floor of dual control (it only goes up): every key needs at least that many approvals, and so do
+	// held changes of the mount's own settings. ApprovalTTL bounds how long a held request waits (0: the default).
+	DefaultApprovalsRequired int           `json:"default_approvals_required,omitempty"`
+	MinApprovalsRequired     int           `json:"min_approvals_required,omitempty"`
+	ApprovalTTL              time.Duration `json:"approval_ttl,omitempty"`
 }
+
+// approvalsRequired is how many approvals a held request on key k needs: the key's own requirement, never less
+// than the mount's floor; for the mount's own settings (k nil), the floor. It is the one place that decides it.
+func (c *keysConfig) approvalsRequired(k *keys.Key) int {
+	if k == nil {
+		return c.MinApprovalsRequired
+	}
+	return max(k.ApprovalsRequired, c.MinApprovalsRequired)
+}
+
+// approvalTTL is how long a request held for approval waits before it expires unexecuted.
+func (c *keysConfig) approvalTTL() time.Duration {
+	if c.ApprovalTTL <= 0 {
+		return defaultApprovalTTL
+	}
+	return c.ApprovalTTL
+}
+
+// defaultApprovalTTL is how long a held request waits unless config/keys says: a working day's round of custodians.
+const defaultApprovalTTL = 24 * time.Hour
+
+// maxApprovalTTL bounds approval_ttl: a request that waits longer is no longer the requester's current intent.
+const maxApprovalTTL = 30 * 24 * time.Hour
 
 // destructionGrace is how long a key deletion, version destruction or trim requested now waits before HSM
 // objects are destroyed: the configured grace, and never less than the floor while purge protection is on. It is
@@ -419,6 +448,19 @@ func (b *backend) pathConfigKeys() *framework.Path {
 				Type:        framework.TypeDurationSecond,
 				Description: "Purge protection's floor: the shortest wait before any destruction. Given only with purge_protection=true (in the same write or after it); at least 7 days (168h, the default when purge protection is turned on without one, as Azure Key Vault's shortest retention); it can only be raised.",
 			},
+			"default_approvals_required": {
+				Type:        framework.TypeInt,
+				Description: fmt.Sprintf("approvals_required given to keys created without one (0 to %d; default 0: no dual control unless min_approvals_required asks for it).", keys.MaxApprovalsRequired),
+			},
+			"min_approvals_required": {
+				Type:        framework.TypeInt,
+				Description: fmt.Sprintf("The mount's floor of dual control (0 to %d): every key's requests that cannot be undone need at least this many approvals by other Vault entities, whatever the key's approvals_required, and so does lowering deletion_grace_period here. It can only be raised.", keys.MaxApprovalsRequired),
+			},
+			"approval_ttl": {
+				Type:        framework.TypeDurationSecond,
+				Default:     int(defaultApprovalTTL.Seconds()),
+				Description: "How long a request held for approval waits for its approvals before it expires unexecuted (default 24h, at most 720h). Applies to requests held from then on.",
+			},
 			"max_batch_size": {
 				Type:        framework.TypeInt,
 				Default:     defaultMaxBatchSize,
@@ -435,7 +477,7 @@ func (b *backend) pathConfigKeys() *framework.Path {
 				Summary:  "Set the mount's key defaults.",
 			},
 		},
-		HelpSynopsis:    "Mount-wide defaults for keys: upsert, batch limit, rotation period, deletion grace period, purge protection.",
+		HelpSynopsis:    "Mount-wide defaults for keys: upsert, batch limit, rotation period, deletion grace period, purge protection, dual control.",
 		HelpDescription: configKeysHelp,
 	}
 }
@@ -452,7 +494,10 @@ func (b *backend) pathConfigKeysRead(ctx context.Context, req *logical.Request, 
 		"deletion_grace_period": int64(c.DeletionGracePeriod.Seconds()),
 		"purge_protection":      c.PurgeProtection,
 		// 0 while purge protection is off: there is no floor.
-		"min_deletion_grace_period": int64(c.MinDeletionGracePeriod.Seconds()),
+		"min_deletion_grace_period":  int64(c.MinDeletionGracePeriod.Seconds()),
+		"default_approvals_required": c.DefaultApprovalsRequired,
+		"min_approvals_required":     c.MinApprovalsRequired,
+		"approval_ttl":               int64(c.approvalTTL().Seconds()),
 	}}, nil
 }
 
@@ -478,6 +523,9 @@ func (b *backend) pathConfigKeysWrite(ctx context.Context, req *logical.Request,
 	if err := c.setPurgeProtection(cur, d, graceGiven); err != nil {
 		return respond(err)
 	}
+	if err := c.setDualControl(cur, d); err != nil {
+		return respond(err)
+	}
 	if c.AutoRotatePeriod != 0 && c.AutoRotatePeriod < minAutoRotatePeriod {
 		return respond(callerf("auto_rotate_period must be 0 to disable or at least an hour"))
 	}
@@ -486,6 +534,12 @@ func (b *backend) pathConfigKeysWrite(ctx context.Context, req *logical.Request,
 	}
 	if c.MaxBatchSize < 1 || c.MaxBatchSize > maxMaxBatchSize {
 		return respond(callerf("max_batch_size must be between 1 and %d: Vault's listener refuses a JSON array of more than %d elements (its max_json_array_element_count) with a 500 before the request reaches the plugin", maxMaxBatchSize, listenerMaxJSONArray))
+	}
+	if c.DeletionGracePeriod < cur.DeletionGracePeriod {
+		// A shorter grace period shortens every destruction requested from now on: held under the mount's floor.
+		if resp, err := b.holdForApproval(ctx, req, nil, fmt.Sprintf("lower the mount's deletion_grace_period from %s to %s", cur.DeletionGracePeriod, c.DeletionGracePeriod)); resp != nil || err != nil {
+			return resp, err
+		}
 	}
 	e, err := logical.StorageEntryJSON(configKeysPath, &c)
 	if err != nil {
@@ -502,6 +556,9 @@ func (b *backend) pathConfigKeysWrite(ctx context.Context, req *logical.Request,
 	if c.PurgeProtection && (!cur.PurgeProtection || c.MinDeletionGracePeriod != cur.MinDeletionGracePeriod) {
 		b.logger.Info("purge protection set", "min_deletion_grace_period", c.MinDeletionGracePeriod.String(),
 			"turned_on", !cur.PurgeProtection, "by", actorOf(req).String())
+	}
+	if c.MinApprovalsRequired != cur.MinApprovalsRequired {
+		b.logger.Info("dual control floor raised", "min_approvals_required", c.MinApprovalsRequired, "by", actorOf(req).String())
 	}
 	resp, err := b.pathConfigKeysRead(ctx, req, d)
 	if err == nil && c.PurgeProtection && c.DeletionGracePeriod < c.MinDeletionGracePeriod {
@@ -544,6 +601,34 @@ func (c *keysConfig) setPurgeProtection(cur *keysConfig, d *framework.FieldData,
 	return nil
 }
 
+// setDualControl applies default_approvals_required, min_approvals_required and approval_ttl from d to c (cur is
+// the stored configuration), refusing a floor that goes down.
+func (c *keysConfig) setDualControl(cur *keysConfig, d *framework.FieldData) error {
+	if v, ok := d.GetOk("default_approvals_required"); ok {
+		if n := v.(int); n < 0 || n > keys.MaxApprovalsRequired {
+			return callerf("default_approvals_required must be between 0 and %d", keys.MaxApprovalsRequired)
+		}
+		c.DefaultApprovalsRequired = v.(int)
+	}
+	if v, ok := d.GetOk("min_approvals_required"); ok {
+		switch n := v.(int); {
+		case n < cur.MinApprovalsRequired:
+			return callerf("min_approvals_required can only be raised: it is %d, %d is lower", cur.MinApprovalsRequired, n)
+		case n > keys.MaxApprovalsRequired:
+			return callerf("min_approvals_required must be at most %d", keys.MaxApprovalsRequired)
+		}
+		c.MinApprovalsRequired = v.(int)
+	}
+	if v, ok := d.GetOk("approval_ttl"); ok {
+		ttl := time.Duration(v.(int)) * time.Second
+		if ttl < time.Minute || ttl > maxApprovalTTL {
+			return callerf("approval_ttl must be between 1m and %s", maxApprovalTTL)
+		}
+		c.ApprovalTTL = ttl
+	}
+	return nil
+}
+
 const configKeysHelp = `
 disable_upsert stops encrypt from creating missing keys; max_batch_size bounds batch_input on every path;
 auto_rotate_period is given to new keys; deletion_grace_period delays the destruction of deleted keys and
@@ -556,6 +641,11 @@ refused. The floor is at least 7 days (the default when purge protection is turn
 be raised; it can be given only with purge protection. Deletions and destructions scheduled before purge
 protection was turned on keep their time, as Azure's soft-deleted objects keep their purge date. Restoring a
 deleted key or a version scheduled for destruction stays possible until then.
+
+Dual control: default_approvals_required is given to new keys; min_approvals_required is the mount's floor,
+which every key's requirement is raised to and which can only be raised. With a requirement of 1 or more, the
+requests that cannot be undone (see approvals/) answer 202 with an approval_id and wait, for at most
+approval_ttl, for approvals by other Vault entities. Lowering deletion_grace_period here is held under the floor.
 `
 
 const configHSMHelp = `

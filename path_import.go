@@ -151,8 +151,13 @@ var oaepHashes = map[string]crypto.Hash{
 
 func (b *backend) pathImport(version bool) *framework.Path {
 	fields := map[string]*framework.FieldSchema{
-		"name":       fieldName,
-		"ciphertext": {Type: framework.TypeString, Description: "Base64 of RSA-OAEP(wrapping key, ephemeral AES-256 key) ‖ AES-KWP(ephemeral key, key to import): what `vault transit import` sends."},
+		"name": fieldName,
+		"ciphertext": {
+			Type:        framework.TypeString,
+			Description: "Base64 of RSA-OAEP(wrapping key, ephemeral AES-256 key) ‖ AES-KWP(ephemeral key, key to import): what `vault transit import` sends.",
+			// Wrapped key material: an import_version held for approval shows approvers only its hash and length.
+			DisplayAttrs: &framework.DisplayAttributes{Sensitive: true},
+		},
 		"hash_function": {
 			Type:          framework.TypeString,
 			Default:       "SHA256",
@@ -250,6 +255,9 @@ func (b *backend) importKey(ctx context.Context, req *logical.Request, d *framew
 	}
 	who := actorOf(req)
 	if version {
+		if resp, err := b.holdImportVersion(ctx, req, name); resp != nil || err != nil {
+			return resp, err
+		}
 		target, _ := d.Get("version").(int)
 		_, err := b.keys.Update(ctx, req.Storage, name, who, func(tx *keys.Tx) error { return tx.ImportVersion(material(tx.Key), false, target) })
 		if errors.Is(err, keys.ErrNotFound) {
@@ -262,6 +270,17 @@ func (b *backend) importKey(ctx context.Context, req *logical.Request, d *framew
 		return nil, err
 	}
 	return b.createImported(ctx, req, k, material(k))
+}
+
+// holdImportVersion holds an import_version into key name: material from outside joins the key only with the
+// approvals it asks for. Requests that fail anyway (no such key, a key not imported) and Vault's retry of an import
+// that completed are not held.
+func (b *backend) holdImportVersion(ctx context.Context, req *logical.Request, name string) (*logical.Response, error) {
+	k, err := b.keys.Get(ctx, req.Storage, name)
+	if err != nil || k == nil || !k.Imported || (req.ID != "" && k.LastRequestID == req.ID) {
+		return nil, err
+	}
+	return b.holdForApproval(ctx, req, k, "import a version")
 }
 
 // importedKey reads the settings of a key being imported.
@@ -315,6 +334,9 @@ func (b *backend) importPublicKey(ctx context.Context, req *logical.Request, d *
 	if version {
 		if v, _ := d.Get("version").(int); v != 0 {
 			return nil, callerf("version names a public-key-only version whose private key to import: give ciphertext, not public_key")
+		}
+		if resp, err := b.holdImportVersion(ctx, req, name); resp != nil || err != nil {
+			return resp, err
 		}
 		_, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), func(tx *keys.Tx) error {
 			pub, err := parse(tx.Key.Type)

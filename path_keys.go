@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -146,6 +147,14 @@ func withKeyOptions(fields map[string]*framework.FieldSchema) map[string]*framew
 		Type:        framework.TypeInt,
 		Description: "Rotate after this many encryptions with one version (AES keys). 0 means the AES-GCM random-nonce limit of 2^32, which always applies.",
 	}
+	fields["approvals_required"] = &framework.FieldSchema{
+		Type:        framework.TypeInt,
+		Description: fmt.Sprintf("Dual control: how many other Vault entities must approve the key's requests that cannot be undone (0 to %d; see approvals/). The mount's min_approvals_required may require more. Defaults to config/keys' default_approvals_required. Lowering it is itself held.", keys.MaxApprovalsRequired),
+	}
+	fields["approver_groups"] = &framework.FieldSchema{
+		Type:        framework.TypeCommaStringSlice,
+		Description: "Dual control: only members of these Vault groups (names or ids) may approve the key's held requests; empty: any entity Vault's ACL lets call approvals/. Changing it is held.",
+	}
 	return fields
 }
 
@@ -200,6 +209,14 @@ func settingsFrom(d *framework.FieldData) (keys.Settings, error) {
 		allow := v.(bool)
 		c.AllowPKCS1v15Decryption = &allow
 	}
+	if v, ok := d.GetOk("approvals_required"); ok {
+		n := v.(int)
+		c.ApprovalsRequired = &n
+	}
+	if v, ok := d.GetOk("approver_groups"); ok {
+		groups := v.([]string)
+		c.ApproverGroups = &groups
+	}
 	if v, ok := d.GetOk("next_rotation_time"); ok {
 		var t time.Time
 		if raw := v.(string); raw != "" {
@@ -236,7 +253,7 @@ func (b *backend) pathKeyWrite(ctx context.Context, req *logical.Request, d *fra
 	if err != nil {
 		return nil, err
 	}
-	k := &keys.Key{Name: name, Type: typ, HMACKeySize: hmacSize, AutoRotatePeriod: cfg.AutoRotatePeriod}
+	k := &keys.Key{Name: name, Type: typ, HMACKeySize: hmacSize, AutoRotatePeriod: cfg.AutoRotatePeriod, ApprovalsRequired: cfg.DefaultApprovalsRequired}
 	settings, err := settingsFrom(d)
 	if err == nil {
 		err = k.Apply(settings)
@@ -362,6 +379,8 @@ func (b *backend) formatKey(k *keys.Key) *logical.Response {
 		"protection_level":            "hsm",
 		"versions":                    versions,
 		"creation_time":               k.CreatedAt.Format(time.RFC3339Nano),
+		"approvals_required":          k.ApprovalsRequired,
+		"approver_groups":             append([]string{}, k.ApproverGroups...),
 	}
 	if k.Deleting {
 		data["deletion_in_progress"] = true
@@ -387,6 +406,14 @@ func (b *backend) pathKeyDelete(ctx context.Context, req *logical.Request, d *fr
 	if err != nil {
 		return nil, err
 	}
+	if cur, err := b.keys.Get(ctx, req.Storage, name); err != nil {
+		return nil, err
+	} else if cur != nil && cur.DeletionAllowed && cur.DeleteAt.IsZero() && !cur.Deleting {
+		// A deletion already scheduled, or one cut short, is finished without asking again.
+		if resp, err := b.holdForApproval(ctx, req, cur, "delete the key"); resp != nil || err != nil {
+			return resp, err
+		}
+	}
 	k, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), func(tx *keys.Tx) error { return tx.Delete(cfg.destructionGrace()) })
 	switch {
 	case errors.Is(err, keys.ErrNotFound):
@@ -411,6 +438,9 @@ func (b *backend) pathKeyConfigWrite(ctx context.Context, req *logical.Request, 
 	if err != nil {
 		return respond(err)
 	}
+	if resp, err := b.holdWeakerDualControl(ctx, req, d.Get("name").(string), settings); resp != nil || err != nil {
+		return resp, err
+	}
 	k, err := b.keys.Update(ctx, req.Storage, d.Get("name").(string), actorOf(req), func(tx *keys.Tx) error { return tx.Configure(settings) })
 	if err != nil {
 		return respond(err)
@@ -423,6 +453,33 @@ func (b *backend) pathKeyConfigWrite(ctx context.Context, req *logical.Request, 
 		resp.AddWarning(fmt.Sprintf("next_rotation_time %s is in the past: the key is rotated at the next periodic run (within about a minute)", keys.FormatTime(*settings.NextRotation)))
 	}
 	return resp, nil
+}
+
+// holdWeakerDualControl holds a configuration that lowers the key's approvals_required or changes its
+// approver_groups: dual control is weakened only with the approvals it asks for.
+func (b *backend) holdWeakerDualControl(ctx context.Context, req *logical.Request, name string, settings keys.Settings) (*logical.Response, error) {
+	if settings.ApprovalsRequired == nil && settings.ApproverGroups == nil {
+		return nil, nil
+	}
+	cur, err := b.keys.Get(ctx, req.Storage, name)
+	if err != nil || cur == nil {
+		return nil, err
+	}
+	next := cur.Clone()
+	if err := next.Apply(settings); err != nil {
+		return respond(err)
+	}
+	var changes []string
+	if next.ApprovalsRequired < cur.ApprovalsRequired {
+		changes = append(changes, fmt.Sprintf("lower approvals_required from %d to %d", cur.ApprovalsRequired, next.ApprovalsRequired))
+	}
+	if !slices.Equal(next.ApproverGroups, cur.ApproverGroups) {
+		changes = append(changes, fmt.Sprintf("change approver_groups from [%s] to [%s]", strings.Join(cur.ApproverGroups, ", "), strings.Join(next.ApproverGroups, ", ")))
+	}
+	if len(changes) == 0 {
+		return nil, nil
+	}
+	return b.holdForApproval(ctx, req, cur, strings.Join(changes, "; "))
 }
 
 // pathRefused answers Transit's paths that would reveal key material with a 400 that says why.

@@ -2,6 +2,7 @@ package cmk
 
 import (
 	"context"
+	"fmt"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -96,7 +97,7 @@ func (b *backend) pathLifecycle() []*framework.Path {
 			},
 			HelpSynopsis: "Lifecycle events of a key: who did what, when and why.",
 			HelpDescription: "Each event (created, rotated with cause manual/scheduled/usage, imported, config_changed, disabled, enabled, version_disabled, version_enabled, " +
-				"version_destroy_scheduled, version_destroyed, deletion_scheduled, deletion_cancelled, deleted, and grant_created, grant_revoked, grant_used_up, grant_expired for keys/:name/grants, whose details name the grant and who granted it) carries its time, cause and the requester's entity_id and display_name, and token_accessor_hmac: the HMAC-SHA256 of the requester's token accessor under a salt of this mount's own (\"hmac-sha256:<hex>\"), never the accessor itself, as Vault's audit devices record accessors. " +
+				"version_destroy_scheduled, version_destroyed, deletion_scheduled, deletion_cancelled, deleted; grant_created, grant_revoked, grant_used_up, grant_expired for keys/:name/grants, whose details name the grant and who granted it; access_changed, access_removed for keys/:name/access; and dual control's approval_requested, approval_granted, approval_rejected, approval_executed, approval_failed, approval_expired, whose details name the approval and the action) carries its time, cause and the requester's entity_id and display_name, and token_accessor_hmac: the HMAC-SHA256 of the requester's token accessor under a salt of this mount's own (\"hmac-sha256:<hex>\"), never the accessor itself, as Vault's audit devices record accessors. " +
 				"One token's events carry one value on this mount, so events can be told apart by token; the value differs from an audit device's HMAC of the same accessor (each audit device has a salt of its own). Events stored in clear by earlier versions of the engine are shown the same way. History outlives the key. Vault's audit devices still record every request.",
 		},
 	}
@@ -127,6 +128,9 @@ func (b *backend) pathVersionAction(ctx context.Context, req *logical.Request, d
 	}
 	grace := cfg.destructionGrace()
 	at := time.Now().UTC().Add(grace)
+	if resp, err := b.holdVersionAction(ctx, req, name, n, action, at); resp != nil || err != nil {
+		return resp, err
+	}
 	k, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), func(tx *keys.Tx) error {
 		return tx.SetVersionState(n, action, at, grace == 0)
 	})
@@ -137,8 +141,46 @@ func (b *backend) pathVersionAction(ctx context.Context, req *logical.Request, d
 	return &logical.Response{Data: b.formatVersion(k, n)}, nil
 }
 
+// holdVersionAction holds a version's destruction, and its enabling when it serves nothing (disabled, or
+// scheduled for destruction: enabling cancels that), if they would change it; a disable is never held. A request
+// the lifecycle refuses is refused at once, not held.
+func (b *backend) holdVersionAction(ctx context.Context, req *logical.Request, name string, n int, action string, at time.Time) (*logical.Response, error) {
+	k, err := b.keys.Get(ctx, req.Storage, name)
+	if err != nil || k == nil || action == "disable" {
+		return nil, err
+	}
+	var changed bool
+	switch trial := k.Clone(); action {
+	case "destroy":
+		changed, err = trial.ScheduleVersionDestruction(n, at)
+	case "enable":
+		changed, _, err = trial.EnableVersion(n)
+	}
+	if err != nil {
+		return respond(err)
+	}
+	if !changed {
+		return nil, nil
+	}
+	what := fmt.Sprintf("destroy version %d", n)
+	if action == "enable" {
+		what = fmt.Sprintf("enable version %d (%s)", n, k.VersionState(n))
+	}
+	return b.holdForApproval(ctx, req, k, what)
+}
+
 func (b *backend) pathKeyAction(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name, action := d.Get("name").(string), d.Get("action").(string)
+	if action == "enable" {
+		// Disabling is an emergency stop and never waits; returning a disabled key to use is held.
+		if k, err := b.keys.Get(ctx, req.Storage, name); err != nil {
+			return nil, err
+		} else if k != nil && k.Disabled {
+			if resp, err := b.holdForApproval(ctx, req, k, "enable the disabled key"); resp != nil || err != nil {
+				return resp, err
+			}
+		}
+	}
 	k, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), func(tx *keys.Tx) error {
 		tx.SetDisabled(action == "disable")
 		return nil
@@ -152,6 +194,14 @@ func (b *backend) pathKeyAction(ctx context.Context, req *logical.Request, d *fr
 
 func (b *backend) pathCancelDeletion(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name := d.Get("name").(string)
+	// Cancelling a deletion returns the key to use, as enabling it does: held alike.
+	if k, err := b.keys.Get(ctx, req.Storage, name); err != nil {
+		return nil, err
+	} else if k != nil && !k.DeleteAt.IsZero() && !k.Deleting {
+		if resp, err := b.holdForApproval(ctx, req, k, "cancel the key's scheduled deletion"); resp != nil || err != nil {
+			return resp, err
+		}
+	}
 	k, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), func(tx *keys.Tx) error { return tx.CancelDeletion() })
 	if err != nil {
 		return respond(err)
@@ -168,6 +218,16 @@ func (b *backend) pathTrim(ctx context.Context, req *logical.Request, d *framewo
 	}
 	grace := cfg.destructionGrace()
 	at := time.Now().UTC().Add(grace)
+	if cur, err := b.keys.Get(ctx, req.Storage, d.Get("name").(string)); err != nil {
+		return nil, err
+	} else if cur != nil && minAvail > cur.MinAvailableVersion {
+		if err := cur.Clone().Trim(minAvail); err != nil {
+			return respond(err)
+		}
+		if resp, err := b.holdForApproval(ctx, req, cur, fmt.Sprintf("trim: destroy the versions below %d", minAvail)); resp != nil || err != nil {
+			return resp, err
+		}
+	}
 	k, err := b.keys.Update(ctx, req.Storage, d.Get("name").(string), actorOf(req), func(tx *keys.Tx) error {
 		return tx.Trim(minAvail, at, grace == 0)
 	})

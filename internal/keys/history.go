@@ -65,6 +65,20 @@ func (a Actor) event(kind string, version int, cause, details string) Event {
 		EntityID: a.EntityID, DisplayName: a.DisplayName, AccessorHMAC: a.AccessorHMAC, Details: details}
 }
 
+// RecordEvent adds an event about key name that changes nothing of the key (a dual-control approval's steps),
+// under the key's lock so that it never interleaves with a change's events. The key need not exist any more:
+// history outlives it.
+func (m *Manager) RecordEvent(ctx context.Context, s logical.Storage, name string, who Actor, kind string, version int, details string) error {
+	l := m.lock(name)
+	l.Lock()
+	defer l.Unlock()
+	who, err := m.sealed(ctx, s, who)
+	if err != nil {
+		return err
+	}
+	return m.appendHistory(ctx, s, name, who.event(kind, version, "", details))
+}
+
 func historyPageKey(name string, page int) string {
 	return fmt.Sprintf("%s%s/%08d", historyPrefix, name, page)
 }

@@ -57,6 +57,12 @@ type Key struct {
 	// on change, never modified in place (snapshots share it).
 	Access *Access `json:"access,omitempty"`
 
+	// ApprovalsRequired is how many other Vault entities must approve a request that cannot be undone (dual
+	// control, see approvals.go in the backend); the mount's floor may require more. ApproverGroups, when set,
+	// restricts approvers to members of these Vault groups (names or ids).
+	ApprovalsRequired int      `json:"approvals_required,omitempty"`
+	ApproverGroups    []string `json:"approver_groups,omitempty"`
+
 	// Disabled keys serve no operation (emergency revoke).
 	Disabled bool `json:"disabled,omitempty"`
 	// DeleteAt is when a scheduled deletion destroys the key; zero when none is scheduled.

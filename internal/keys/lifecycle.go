@@ -2,6 +2,7 @@ package keys
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 )
@@ -168,7 +169,20 @@ type Settings struct {
 	NextRotation *time.Time
 	// AllowPKCS1v15Decryption: RSA keys only.
 	AllowPKCS1v15Decryption *bool
+	// ApprovalsRequired (0 to MaxApprovalsRequired) and ApproverGroups (empty: any entity) set dual control.
+	ApprovalsRequired *int
+	ApproverGroups    *[]string
 }
+
+// MaxApprovalsRequired bounds approvals_required: more distinct custodians than this is a typo, and a key that
+// needs more approvers than exist can never be destroyed.
+const MaxApprovalsRequired = 10
+
+// Bounds of approver_groups: every held request of the key carries it.
+const (
+	maxApproverGroups = 32
+	maxGroupName      = 256
+)
 
 // Apply changes k's settings and checks the result; on an error k is left unusable (it is a clone).
 func (k *Key) Apply(c Settings) error {
@@ -214,6 +228,31 @@ func (k *Key) Apply(c Settings) error {
 		}
 		k.AllowPKCS1v15Decryption = *c.AllowPKCS1v15Decryption
 	}
+	if c.ApprovalsRequired != nil {
+		if *c.ApprovalsRequired < 0 || *c.ApprovalsRequired > MaxApprovalsRequired {
+			return Callerf("approvals_required must be between 0 and %d", MaxApprovalsRequired)
+		}
+		k.ApprovalsRequired = *c.ApprovalsRequired
+	}
+	if c.ApproverGroups != nil {
+		if len(*c.ApproverGroups) > maxApproverGroups {
+			return Callerf("approver_groups names at most %d groups", maxApproverGroups)
+		}
+		groups := make([]string, 0, len(*c.ApproverGroups))
+		for _, g := range *c.ApproverGroups {
+			if len(g) > maxGroupName {
+				return Callerf("approver_groups: a group's name or id has at most %d characters", maxGroupName)
+			}
+			if g = strings.TrimSpace(g); g != "" && !slices.Contains(groups, g) {
+				groups = append(groups, g)
+			}
+		}
+		slices.Sort(groups)
+		k.ApproverGroups = groups
+		if len(groups) == 0 {
+			k.ApproverGroups = nil
+		}
+	}
 	if c.NextRotation != nil {
 		k.NextRotation = c.NextRotation.UTC()
 		if c.NextRotation.IsZero() {
@@ -252,6 +291,8 @@ func settingsChanges(a, b *Key) string {
 	add("next_rotation_time", FormatTime(a.NextRotation), FormatTime(b.NextRotation))
 	add("max_encryptions_per_version", a.EncryptionLimit(), b.EncryptionLimit())
 	add("allow_pkcs1v15_decryption", a.AllowPKCS1v15Decryption, b.AllowPKCS1v15Decryption)
+	add("approvals_required", a.ApprovalsRequired, b.ApprovalsRequired)
+	add("approver_groups", a.ApproverGroups, b.ApproverGroups)
 	if len(out) == 0 {
 		return "no change"
 	}
