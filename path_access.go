@@ -125,44 +125,67 @@ func nonNil(s []string) []string {
 	return s
 }
 
+// accessFrom is cur with the fields the request gives replaced (a write changes only what it names).
+func accessFrom(cur *keys.Access, d *framework.FieldData) *keys.Access {
+	a := &keys.Access{}
+	if cur != nil {
+		*a = *cur
+	}
+	if v, ok := d.GetOk("allowed_cidrs"); ok {
+		a.AllowedCIDRs = v.([]string)
+	}
+	if v, ok := d.GetOk("allowed_hours"); ok {
+		a.AllowedHours = v.([]string)
+	}
+	if v, ok := d.GetOk("time_zone"); ok {
+		a.TimeZone = v.(string)
+	}
+	if v, ok := d.GetOk("allowed_entity_ids"); ok {
+		a.AllowedEntityIDs = v.([]string)
+	}
+	if v, ok := d.GetOk("allowed_groups"); ok {
+		a.AllowedGroups = v.([]string)
+	}
+	if v, ok := d.GetOk("required_entity_metadata"); ok {
+		a.RequiredEntityMetadata = v.(map[string]string)
+	}
+	if v, ok := d.GetOk("operations"); ok {
+		a.Operations = nil
+		for _, op := range v.([]string) {
+			a.Operations = append(a.Operations, keys.Operation(op))
+		}
+	}
+	if v, ok := d.GetOk("grants_required"); ok {
+		a.GrantsRequired = v.(bool)
+	}
+	if v, ok := d.GetOk("max_grant_ttl"); ok {
+		a.MaxGrantTTL = time.Duration(v.(int)) * time.Second
+	}
+	return a
+}
+
 func (b *backend) pathAccessWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name := d.Get("name").(string)
-	k, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), func(tx *keys.Tx) error {
-		a := &keys.Access{}
-		if cur := tx.Key.Access; cur != nil {
-			*a = *cur
-		}
-		if v, ok := d.GetOk("allowed_cidrs"); ok {
-			a.AllowedCIDRs = v.([]string)
-		}
-		if v, ok := d.GetOk("allowed_hours"); ok {
-			a.AllowedHours = v.([]string)
-		}
-		if v, ok := d.GetOk("time_zone"); ok {
-			a.TimeZone = v.(string)
-		}
-		if v, ok := d.GetOk("allowed_entity_ids"); ok {
-			a.AllowedEntityIDs = v.([]string)
-		}
-		if v, ok := d.GetOk("allowed_groups"); ok {
-			a.AllowedGroups = v.([]string)
-		}
-		if v, ok := d.GetOk("required_entity_metadata"); ok {
-			a.RequiredEntityMetadata = v.(map[string]string)
-		}
-		if v, ok := d.GetOk("operations"); ok {
-			a.Operations = nil
-			for _, op := range v.([]string) {
-				a.Operations = append(a.Operations, keys.Operation(op))
-			}
-		}
-		if v, ok := d.GetOk("grants_required"); ok {
-			a.GrantsRequired = v.(bool)
-		}
-		if v, ok := d.GetOk("max_grant_ttl"); ok {
-			a.MaxGrantTTL = time.Duration(v.(int)) * time.Second
-		}
-		return tx.SetAccess(a)
+	k, err := b.keys.Get(ctx, req.Storage, name)
+	if err != nil {
+		return nil, err
+	}
+	if k == nil {
+		return respond(callerf("key %q not found", name))
+	}
+	// Valid and a change, or answered now: no one approves a request that fails anyway or does nothing.
+	next := accessFrom(k.Access, d)
+	if err := next.Validate(); err != nil {
+		return respond(err)
+	}
+	if next.Summary() == k.Access.Summary() {
+		return &logical.Response{Data: b.formatAccess(k)}, nil
+	}
+	if resp, err := b.holdForApproval(ctx, req, k, "set the key's access conditions to: "+next.Summary()); resp != nil || err != nil {
+		return resp, err
+	}
+	k, err = b.keys.Update(ctx, req.Storage, name, actorOf(req), func(tx *keys.Tx) error {
+		return tx.SetAccess(accessFrom(tx.Key.Access, d))
 	})
 	if err != nil {
 		return respond(err)
@@ -171,8 +194,15 @@ func (b *backend) pathAccessWrite(ctx context.Context, req *logical.Request, d *
 }
 
 func (b *backend) pathAccessDelete(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	_, err := b.keys.Update(ctx, req.Storage, d.Get("name").(string), actorOf(req), func(tx *keys.Tx) error { return tx.SetAccess(nil) })
-	if err != nil {
+	name := d.Get("name").(string)
+	k, err := b.keys.Get(ctx, req.Storage, name)
+	if err != nil || k == nil || k.Access == nil {
+		return nil, err // nothing to remove
+	}
+	if resp, err := b.holdForApproval(ctx, req, k, "remove the key's access conditions ("+k.Access.Summary()+")"); resp != nil || err != nil {
+		return resp, err
+	}
+	if _, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), func(tx *keys.Tx) error { return tx.SetAccess(nil) }); err != nil {
 		return respond(err)
 	}
 	return nil, nil

@@ -99,3 +99,46 @@ func TestGrantsStandInForIdentityConditionsOnly(t *testing.T) {
 		t.Fatalf("a use beyond max_uses: %d %v", status(resp, err), err)
 	}
 }
+
+// Under dual control, changing or removing a key's access conditions and granting on a grants_required key are
+// held; approved by another entity, each runs once (a grant's creation run again makes no second grant).
+func TestAccessChangesAndGrantsAreHeldForDualControl(t *testing.T) {
+	e, _ := newDualControlBackend(t, nil)
+	e.ok(e.write("keys/k", map[string]interface{}{"approvals_required": 1}))
+	approve := func(held map[string]interface{}) *logical.Response {
+		t.Helper()
+		return e.ok(e.as("bob", "", logical.UpdateOperation, "approvals/"+held["approval_id"].(string)+"/approve", nil))
+	}
+	h := e.held(e.as("alice", "", logical.UpdateOperation, "keys/k/access", map[string]interface{}{"allowed_cidrs": "10.0.0.0/8", "grants_required": true}))
+	if r := e.ok(e.read("keys/k/access")); r.Data["summary"] != "none" {
+		t.Fatalf("a held change took effect: %v", r.Data)
+	}
+	approve(h)
+	if r := e.ok(e.read("keys/k/access")); r.Data["summary"] != "allowed_cidrs=10.0.0.0/8 grants_required=true" {
+		t.Fatalf("after approval: %v", r.Data["summary"])
+	}
+	// Writing what is already set does nothing and is not held.
+	e.ok(e.as("alice", "", logical.UpdateOperation, "keys/k/access", map[string]interface{}{"allowed_cidrs": "10.0.0.0/8"}))
+
+	h = e.held(e.as("alice", "", logical.UpdateOperation, "keys/k/grants", map[string]interface{}{"entity_id": "ent-c", "ttl": "1h"}))
+	if list := e.ok(e.request(logical.ListOperation, "keys/k/grants/", nil)); list.Data["keys"] != nil {
+		t.Fatalf("a held grant exists: %v", list.Data)
+	}
+	approve(h)
+	// The approval's execution run again (as after a crash in it) finds the grant its first run made.
+	ctx := context.WithValue(context.Background(), approvedExecutionKey{}, approvedExecution{op: logical.UpdateOperation, path: "keys/k/grants"})
+	again := &logical.Request{ID: "approval:" + h["approval_id"].(string), Operation: logical.UpdateOperation, Path: "keys/k/grants",
+		Data: map[string]interface{}{"entity_id": "ent-c", "ttl": "1h"}, Storage: e.storage, EntityID: "entity-alice"}
+	if resp, err := e.b.HandleRequest(ctx, again); err != nil || resp.IsError() {
+		t.Fatalf("the execution run again: %v %v", err, respText(resp))
+	}
+	if n := len(e.ok(e.request(logical.ListOperation, "keys/k/grants/", nil)).Data["keys"].([]string)); n != 1 {
+		t.Fatalf("%d grants after the approved creation ran twice, want 1", n)
+	}
+
+	h = e.held(e.as("alice", "", logical.DeleteOperation, "keys/k/access", nil))
+	approve(h)
+	if r := e.ok(e.read("keys/k/access")); r.Data["summary"] != "none" {
+		t.Fatalf("after the approved removal: %v", r.Data["summary"])
+	}
+}

@@ -3,6 +3,7 @@ package cmk
 import (
 	"context"
 	"errors"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -83,7 +84,16 @@ func (b *backend) pathGrantCreate(ctx context.Context, req *logical.Request, d *
 	}
 	r := keys.GrantRequest{EntityID: d.Get("entity_id").(string), Group: d.Get("group").(string), Operations: ops,
 		TTL: time.Duration(d.Get("ttl").(int)) * time.Second, MaxUses: uint64(maxUses), Reason: d.Get("reason").(string)}
-	// dual control: held by holdForApproval (issue 20 §4) once merged
+	k, err := b.keys.Get(ctx, req.Storage, name)
+	if err != nil {
+		return nil, err
+	}
+	if k != nil && k.Access != nil && k.Access.GrantsRequired {
+		// On a key that only grants open, a grant is the key's use given away: dual control holds it.
+		if resp, err := b.holdForApproval(ctx, req, k, "grant "+grantee(r)+" "+grantedOps(ops)); resp != nil || err != nil {
+			return resp, err
+		}
+	}
 	g, err := b.keys.CreateGrant(ctx, req.Storage, name, actorOf(req), r)
 	if err != nil {
 		return nil, err
@@ -175,4 +185,24 @@ func formatRecorder(r keys.Recorder) map[string]interface{} {
 		}
 	}
 	return out
+}
+
+// grantee names a grant request's grantee for an approval's action.
+func grantee(r keys.GrantRequest) string {
+	if r.EntityID != "" {
+		return "entity " + r.EntityID
+	}
+	return "group " + r.Group
+}
+
+// grantedOps names the operations of a grant request for an approval's action.
+func grantedOps(ops []keys.Operation) string {
+	if len(ops) == 0 {
+		return "every operation"
+	}
+	names := make([]string, len(ops))
+	for i, op := range ops {
+		names[i] = string(op)
+	}
+	return strings.Join(names, ", ")
 }

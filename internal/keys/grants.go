@@ -70,6 +70,9 @@ type Grant struct {
 	Reason     string      `json:"reason,omitempty"`
 	CreatedAt  time.Time   `json:"created_at"`
 	CreatedBy  Recorder    `json:"created_by"`
+	// RequestID is the Vault request that created the grant: its retry (Vault's after a plugin crash, or an
+	// approved execution run again) finds the grant instead of making a second.
+	RequestID string `json:"request_id,omitempty"`
 	// Reserved is how many uses were reserved, each block stored before its first use: after a restart the
 	// grant counts as having made them all.
 	Reserved  uint64     `json:"reserved,omitempty"`
@@ -290,17 +293,20 @@ func (m *Manager) CreateGrant(ctx context.Context, s logical.Storage, name strin
 	if err != nil {
 		return GrantStatus{}, err
 	}
-	id, err := newGrantID()
-	if err != nil {
-		return GrantStatus{}, err
-	}
 	now := m.now().UTC()
-	g := Grant{ID: id, EntityID: r.EntityID, Group: r.Group, Operations: ops, ExpiresAt: now.Add(ttl), MaxUses: r.MaxUses,
-		Reason: r.Reason, CreatedAt: now, CreatedBy: recorderOf(sealed)}
 	set, err := m.grantSetLocked(ctx, s, name)
 	if err != nil {
 		return GrantStatus{}, err
 	}
+	if made := set.madeBy(who.RequestID); made != nil {
+		return made.status(now), nil // a retry of the request that made it
+	}
+	id, err := newGrantID()
+	if err != nil {
+		return GrantStatus{}, err
+	}
+	g := Grant{ID: id, EntityID: r.EntityID, Group: r.Group, Operations: ops, ExpiresAt: now.Add(ttl), MaxUses: r.MaxUses,
+		Reason: r.Reason, CreatedAt: now, CreatedBy: recorderOf(sealed), RequestID: who.RequestID}
 	if err := putGrant(ctx, s, name, g); err != nil {
 		return GrantStatus{}, err
 	}
@@ -314,6 +320,24 @@ func (m *Manager) CreateGrant(ctx context.Context, s logical.Storage, name strin
 	}
 	m.log.Info("grant created", "key", name, "grant", id, "grantee", g.grantee(), "by", sealed.String())
 	return lg.status(now), nil
+}
+
+// madeBy is the grant request id made, nil if none (or no id).
+func (set *grantSet) madeBy(requestID string) *liveGrant {
+	if requestID == "" {
+		return nil
+	}
+	set.mu.Lock()
+	defer set.mu.Unlock()
+	for _, lg := range set.byID {
+		lg.mu.Lock()
+		made := lg.g.RequestID == requestID
+		lg.mu.Unlock()
+		if made {
+			return lg
+		}
+	}
+	return nil
 }
 
 func newGrantID() (string, error) {
