@@ -226,10 +226,11 @@ func auditHasDenial(t *testing.T, path, reqPath, condition, addr, entity string)
 	return false
 }
 
-// TestGrantAcrossAPluginKill: a contractor holds a 2-hour, 100-use grant on a key that needs one. The plugin is
-// killed (SIGKILL) while the grant is in use: afterwards its uses go on from where storage knew them, never
-// giving more than 100 in all, and the 101st is refused 403 naming the grant.
-func TestGrantAcrossAPluginKill(t *testing.T) {
+// TestGrantAndApprovalAcrossAPluginKill: a contractor holds a 2-hour, 100-use grant on a key that needs one, and a
+// version's destruction waits for a custodian. The plugin is killed (SIGKILL) while the grant is in use:
+// afterwards its uses go on from where storage knew them, never giving more than 100 in all, and the 101st is
+// refused 403 naming the grant; the pending destruction survives and, approved, runs once.
+func TestGrantAndApprovalAcrossAPluginKill(t *testing.T) {
 	t.Parallel()
 	srv, err := vaulttest.StartDev(filepath.Join(t.TempDir(), "grants"), vaultBin, pluginBin, softhsm)
 	if err != nil {
@@ -252,6 +253,11 @@ func TestGrantAcrossAPluginKill(t *testing.T) {
 	if _, err := carol.Logical().Write(m.Path+"/encrypt/vendor", map[string]interface{}{"plaintext": b64("x")}); statusOf(err) != 403 {
 		t.Fatalf("carol encrypts with a decrypt-only grant: %v", err)
 	}
+	custodian, _ := p.login("dave", custodianPolicy(t, srv, m))
+	mustWrite(t, root, m.Path+"/keys/payroll", map[string]interface{}{"approvals_required": 1})
+	mustWrite(t, root, m.Path+"/keys/payroll/rotate", nil)
+	approval := heldRequest(t, root, m.Path+"/keys/payroll/versions/1/destroy")
+
 	used := 0
 	for ; used < 3; used++ {
 		if got := decrypt(t, carol, m, "vendor", ct); got != "contract data" {
@@ -288,4 +294,63 @@ func TestGrantAcrossAPluginKill(t *testing.T) {
 		t.Fatalf("grant after its last use: %v", read.Data)
 	}
 	t.Logf("%d uses served of a 100-use grant across a plugin kill", used)
+
+	// The destruction held before the kill is still pending; approved now, it runs once.
+	if st := mustRead(t, root, m.Path+"/approvals/"+approval).Data["state"]; st != "pending" {
+		t.Fatalf("approval after the plugin kill: %v", st)
+	}
+	mustWrite(t, custodian, m.Path+"/approvals/"+approval+"/approve", nil)
+	if st := mustRead(t, root, m.Path+"/keys/payroll/versions/1").Data["state"]; st != "destroy_scheduled" {
+		t.Fatalf("version 1 after the approval: %v", st)
+	}
+	if n := historyCount(t, root, m.Path+"/keys/payroll/history", "approval_executed"); n != 1 {
+		t.Fatalf("%d executions recorded, want 1", n)
+	}
+}
+
+// heldRequest writes path and checks it was held for dual control (HTTP 202); it returns the approval's id.
+func heldRequest(t *testing.T, c *api.Client, path string) string {
+	t.Helper()
+	raw, err := c.Logical().WriteRaw(path, nil)
+	if err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+	defer raw.Body.Close()
+	var body struct {
+		Data map[string]interface{} `json:"data"`
+	}
+	if err := json.NewDecoder(raw.Body).Decode(&body); err != nil {
+		t.Fatal(err)
+	}
+	id, _ := body.Data["approval_id"].(string)
+	if raw.StatusCode != 202 || id == "" {
+		t.Fatalf("%s answered %d %v, want 202 with an approval_id", path, raw.StatusCode, body.Data)
+	}
+	return id
+}
+
+// custodianPolicy writes examples/policies/cmk-custodian.hcl for mount m on srv and returns its name.
+func custodianPolicy(t *testing.T, srv *vaulttest.Server, m mount) string {
+	t.Helper()
+	body, err := os.ReadFile(filepath.Join("..", "examples", "policies", "cmk-custodian.hcl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := m.Path + "-custodian"
+	if err := srv.Client.Sys().PutPolicy(name, strings.ReplaceAll(string(body), `"cmk/`, `"`+m.Path+`/`)); err != nil {
+		t.Fatal(err)
+	}
+	return name
+}
+
+// historyCount counts the events of a kind in a key's history.
+func historyCount(t *testing.T, c *api.Client, path, kind string) int {
+	t.Helper()
+	n := 0
+	for _, e := range mustRead(t, c, path).Data["events"].([]interface{}) {
+		if e.(map[string]interface{})["event"] == kind {
+			n++
+		}
+	}
+	return n
 }
