@@ -3,21 +3,28 @@ package tests
 import (
 	"fmt"
 	"math/rand"
+	"os"
+	"path/filepath"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/hashicorp/vault/api"
 )
 
 // TestRaftFailover runs a three-node Vault cluster with integrated storage, built by scripts/cluster.sh (as an
 // operator would), every node's plugin on one shared SoftHSM token. Under encryption and rotation load the active
 // node is stopped: a standby takes over and serves, every ciphertext a client received decrypts, versions stay
-// contiguous, and a rotation scheduled for after the failover happens exactly once.
+// contiguous, and a rotation scheduled for after the failover happens exactly once. A grant in use and a request
+// held for dual control cross the failover: the grant never gives more uses than granted, and the request,
+// approved on the new active node, runs once.
 func TestRaftFailover(t *testing.T) {
 	t.Parallel()
 	nodes, _ := startCluster(t, 3)
 	active := activeNode(t, nodes, nil)
 	c := active.client
+	gov := governanceBeforeFailover(t, c)
 	mustWrite(t, c, "cmk/keys/k", nil)
 	mustWrite(t, c, "cmk/keys/sched", map[string]interface{}{"auto_rotate_period": "1h"})
 	due := time.Now().Add(40 * time.Second).UTC()
@@ -106,6 +113,7 @@ func TestRaftFailover(t *testing.T) {
 	}
 	t.Logf("%d ciphertexts issued across the failover all decrypt; %d versions, contiguous; requests that got no answer, by node: %v (%s was stopped)",
 		before, latest, failed, stopped.name)
+	gov.checkAfterFailover(t, c)
 
 	// The scheduled rotation falls after the failover: the new active node makes it, once.
 	deadline := due.Add(3 * time.Minute)
@@ -141,4 +149,97 @@ func TestRaftFailover(t *testing.T) {
 	if scheduled != 1 {
 		t.Fatalf("%d scheduled rotations in the history, want 1: %v", scheduled, h.Data["events"])
 	}
+}
+
+// governance is what TestRaftFailover sets up of zero-trust governance before the failover: a contractor's grant
+// in use, and a destruction held for a custodian.
+type governance struct {
+	carol, dave string // tokens: the grantee, the custodian
+	ct          string // a ciphertext of key "vendor"
+	used        int    // uses of the grant made before the failover
+	approval    string
+}
+
+const failoverGrantUses = 20
+
+func governanceBeforeFailover(t *testing.T, c *api.Client) *governance {
+	t.Helper()
+	g := &governance{}
+	custodian, err := os.ReadFile(filepath.Join("..", "examples", "policies", "cmk-custodian.hcl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Sys().PutPolicy("custodian", string(custodian)); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Sys().PutPolicy("vendor-app", `path "cmk/decrypt/vendor" { capabilities = ["update"] }`); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Sys().EnableAuthWithOptions("people", &api.EnableAuthOptions{Type: "userpass"}); err != nil {
+		t.Fatal(err)
+	}
+	login := func(user, policy string) (string, string) {
+		mustWrite(t, c, "auth/people/users/"+user, map[string]interface{}{"password": "pw-" + user, "token_policies": policy})
+		s := mustWrite(t, c, "auth/people/login/"+user, map[string]interface{}{"password": "pw-" + user})
+		return s.Auth.ClientToken, s.Auth.EntityID
+	}
+	var carolID string
+	g.carol, carolID = login("carol", "vendor-app")
+	g.dave, _ = login("dave", "custodian")
+
+	mustWrite(t, c, "cmk/keys/vendor", nil)
+	g.ct = encrypt(t, c, mount{Path: "cmk"}, "vendor", "vendor data")
+	mustWrite(t, c, "cmk/keys/vendor/access", map[string]interface{}{"grants_required": true})
+	mustWrite(t, c, "cmk/keys/vendor/grants", map[string]interface{}{"entity_id": carolID, "operations": "decrypt", "ttl": "1h", "max_uses": failoverGrantUses})
+	carol := withToken(t, c, g.carol)
+	for ; g.used < 5; g.used++ {
+		decrypt(t, carol, mount{Path: "cmk"}, "vendor", g.ct)
+	}
+	mustWrite(t, c, "cmk/keys/payroll", map[string]interface{}{"approvals_required": 1})
+	mustWrite(t, c, "cmk/keys/payroll/rotate", nil)
+	g.approval = heldRequest(t, c, "cmk/keys/payroll/versions/1/destroy")
+	return g
+}
+
+// checkAfterFailover, on the new active node's client c: the grant goes on without giving more than it granted
+// (a reserved block may be lost), and the held destruction, approved, runs once.
+func (g *governance) checkAfterFailover(t *testing.T, c *api.Client) {
+	t.Helper()
+	carol := withToken(t, c, g.carol)
+	for {
+		_, err := carol.Logical().Write("cmk/decrypt/vendor", map[string]interface{}{"ciphertext": g.ct})
+		if statusOf(err) == 403 {
+			break
+		}
+		if err != nil {
+			t.Fatalf("carol's decrypt after the failover: %v", err)
+		}
+		if g.used++; g.used > failoverGrantUses {
+			t.Fatalf("more than %d uses of a %d-use grant across the failover", failoverGrantUses, failoverGrantUses)
+		}
+	}
+	if g.used < failoverGrantUses-2 { // one reserved block of 2 at most
+		t.Fatalf("only %d uses of %d across the failover", g.used, failoverGrantUses)
+	}
+	if st := mustRead(t, c, "cmk/approvals/"+g.approval).Data["state"]; st != "pending" {
+		t.Fatalf("the held destruction after the failover: %v", st)
+	}
+	mustWrite(t, withToken(t, c, g.dave), "cmk/approvals/"+g.approval+"/approve", nil)
+	if st := mustRead(t, c, "cmk/keys/payroll/versions/1").Data["state"]; st != "destroy_scheduled" {
+		t.Fatalf("version 1 after the approval: %v", st)
+	}
+	if n := historyCount(t, c, "cmk/keys/payroll/history", "approval_executed"); n != 1 {
+		t.Fatalf("%d executions recorded, want 1", n)
+	}
+	t.Logf("across the failover: %d of %d grant uses served; the held destruction approved on the new active node ran once", g.used, failoverGrantUses)
+}
+
+func withToken(t *testing.T, c *api.Client, token string) *api.Client {
+	t.Helper()
+	out, err := c.Clone()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out.SetToken(token)
+	return out
 }
