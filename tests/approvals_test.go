@@ -1,7 +1,6 @@
 package tests
 
 import (
-	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
@@ -58,21 +57,7 @@ func TestCustodiansApproveVersionDestruction(t *testing.T) {
 	mustWrite(t, alice, m.Path+"/keys/guarded/rotate", nil)
 	ct := encrypt(t, root, m, "guarded", "under dual control")
 
-	raw, err := alice.Logical().WriteRaw(m.Path+"/keys/guarded/versions/1/destroy", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer raw.Body.Close()
-	var heldBody struct {
-		Data map[string]interface{} `json:"data"`
-	}
-	if err := json.NewDecoder(raw.Body).Decode(&heldBody); err != nil {
-		t.Fatal(err)
-	}
-	id, _ := heldBody.Data["approval_id"].(string)
-	if raw.StatusCode != 202 || id == "" || heldBody.Data["state"] != "pending" {
-		t.Fatalf("the destruction answered %d: %v", raw.StatusCode, heldBody.Data)
-	}
+	id := heldRequest(t, alice, m.Path+"/keys/guarded/versions/1/destroy")
 	version := func() string {
 		t.Helper()
 		s, err := root.Logical().Read(m.Path + "/keys/guarded/versions/1")

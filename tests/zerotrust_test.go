@@ -323,7 +323,7 @@ func heldRequest(t *testing.T, c *api.Client, path string) string {
 		t.Fatal(err)
 	}
 	id, _ := body.Data["approval_id"].(string)
-	if raw.StatusCode != 202 || id == "" {
+	if raw.StatusCode != 202 || id == "" || body.Data["state"] != "pending" {
 		t.Fatalf("%s answered %d %v, want 202 with an approval_id", path, raw.StatusCode, body.Data)
 	}
 	return id
