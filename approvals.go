@@ -127,7 +127,14 @@ type approval struct {
 	Comment        string                 `json:"comment,omitempty"`
 	EndedAt        time.Time              `json:"ended_at,omitempty"`
 	Result         *approvalResult        `json:"result,omitempty"`
+	// ExecutingSince is when the last approval stored "executing": an execution cut short is run again only
+	// within executionRetryWindow of it (Vault's retry of the approving request comes at once), never later
+	// against a key that has changed since.
+	ExecutingSince time.Time `json:"executing_since,omitempty"`
 }
+
+// executionRetryWindow bounds how long after an approval was stored as executing an approve call runs it again.
+const executionRetryWindow = 10 * time.Minute
 
 func (a *approval) ended() bool {
 	return a.State != approvalPending && a.State != approvalExecuting
@@ -278,7 +285,7 @@ func (x *approvals) forget() {
 // holdForApproval is the hook of dual control (see the top of this file): nil, nil when the request may run now,
 // else the 202 response that holds it.
 func (b *backend) holdForApproval(ctx context.Context, req *logical.Request, k *keys.Key, action string) (*logical.Response, error) {
-	if x, ok := ctx.Value(approvedExecutionKey{}).(approvedExecution); ok && x.op == req.Operation && x.path == req.Path {
+	if isApprovedExecution(ctx, req) {
 		return nil, nil
 	}
 	cfg, err := b.readKeysConfig(ctx, req.Storage)
@@ -315,6 +322,34 @@ func (b *backend) holdForApproval(ctx context.Context, req *logical.Request, k *
 	resp.AddWarning(fmt.Sprintf("held for dual control, nothing was done: %d approval(s) by other Vault entities needed (%sapprovals/%s/approve) before %s",
 		a.Required, req.MountPoint, a.ID, keys.FormatTime(a.ExpiresAt)))
 	return logical.RespondWithStatusCode(resp, req, http.StatusAccepted)
+}
+
+// isApprovedExecution says whether req is the approved execution of a held request (only the approve handler puts
+// the marker in the context, under a key type of this package's: no request can carry it).
+func isApprovedExecution(ctx context.Context, req *logical.Request) bool {
+	x, ok := ctx.Value(approvedExecutionKey{}).(approvedExecution)
+	return ok && x.op == req.Operation && x.path == req.Path
+}
+
+// onJudged runs change only on the snapshot judged, which the request was judged on for dual control. The judgment
+// reads the key outside its lock; a change that lands in between (deletion_allowed turned on, the key disabled,
+// approvals_required raised) could make the request one that needs approval, so where dual control applies to the
+// key before or after, the request is refused instead, to be sent again and judged anew. The approved execution of
+// a held request runs as it is.
+func (b *backend) onJudged(ctx context.Context, req *logical.Request, judged *keys.Key, change func(*keys.Tx) error) (func(*keys.Tx) error, error) {
+	if isApprovedExecution(ctx, req) {
+		return change, nil
+	}
+	cfg, err := b.readKeysConfig(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	return func(tx *keys.Tx) error {
+		if tx.Cur != judged && (judged == nil || cfg.approvalsRequired(judged) > 0 || cfg.approvalsRequired(tx.Cur) > 0) {
+			return keys.Callerf("key %q changed while this request was judged for dual control: send it again", tx.Key.Name)
+		}
+		return change(tx)
+	}, nil
 }
 
 // newApproval stores request req as pending approval id and records it on the key's history.
@@ -557,6 +592,7 @@ func (b *backend) pathApprovalApprove(ctx context.Context, req *logical.Request,
 		a.Approvals = append(a.Approvals, approver)
 		if len(a.Approvals) >= a.Required {
 			a.State = approvalExecuting // stored before the request runs: a crash from here on runs it again, never loses it
+			a.ExecutingSince = b.now().UTC()
 		}
 		if err := storeApproval(ctx, req.Storage, a); err != nil {
 			return nil, err
@@ -566,6 +602,16 @@ func (b *backend) pathApprovalApprove(ctx context.Context, req *logical.Request,
 		if a.State == approvalPending {
 			return &logical.Response{Data: a.view(b.now())}, nil
 		}
+	} else if a.State == approvalExecuting && b.now().Sub(a.ExecutingSince) > executionRetryWindow {
+		// Cut short long ago: what it would change may have changed since (a key disabled again in an
+		// emergency); it ends failed, and the requester asks again.
+		a.State, a.EndedAt = approvalFailed, b.now().UTC()
+		a.Result = &approvalResult{Error: fmt.Sprintf("the execution was interrupted at %s and is not run again more than %s later: send the request again", keys.FormatTime(a.ExecutingSince), executionRetryWindow)}
+		if err := b.endApproval(ctx, req.Storage, a); err != nil {
+			return nil, err
+		}
+		b.recordApproval(ctx, req.Storage, a, keys.Actor{DisplayName: "cmk approvals"}, "approval_failed", fmt.Sprintf("approval %s: %s; %s", a.ID, a.Action, a.Result.Error))
+		return &logical.Response{Data: a.view(b.now())}, nil
 	}
 	return b.execute(ctx, req, a)
 }

@@ -8,12 +8,16 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/keys"
 )
 
 // groupsView is Vault's system view with an identity store: the groups of each entity, as userpass users' entities
@@ -450,5 +454,73 @@ func TestDualControlApproverGroups(t *testing.T) {
 	}
 	if r := e.ok(e.as("bob", "", logical.UpdateOperation, "approvals/"+id+"/approve", nil)); r.Data["state"] != "executed" {
 		t.Fatalf("a member of the group named by id: %v", r.Data)
+	}
+}
+
+// The side doors a review found around dual control stay shut: lowering min_decryption_version (which returns
+// versions to use) is held; keys made by upsert take the mount's default_approvals_required; a deletion already
+// scheduled is never brought forward by deleting again under a shorter grace period; a change judged on a snapshot
+// that another change replaced before the key's lock was taken is refused, to be judged anew; an approval cut short
+// in "executing" long ago is not run again against today's key.
+func TestDualControlSideDoorsStayShut(t *testing.T) {
+	e, now := newDualControlBackend(t, nil)
+	e.ok(e.write("config/keys", map[string]interface{}{"default_approvals_required": 1, "deletion_grace_period": "1h"}))
+
+	// min_decryption_version: raised at once, lowered only with approval.
+	e.ok(e.write("keys/k", nil))
+	e.ok(e.write("keys/k/rotate", nil))
+	e.ok(e.as("alice", "", logical.UpdateOperation, "keys/k/config", map[string]interface{}{"min_decryption_version": 2}))
+	h := e.held(e.as("alice", "", logical.UpdateOperation, "keys/k/config", map[string]interface{}{"min_decryption_version": 1}))
+	if v := e.ok(e.read("keys/k")).Data["min_decryption_version"]; v != 2 {
+		t.Fatalf("min_decryption_version %v while its lowering waits", v)
+	}
+	e.ok(e.as("bob", "", logical.UpdateOperation, "approvals/"+h["approval_id"].(string)+"/approve", nil))
+	if v := e.ok(e.read("keys/k")).Data["min_decryption_version"]; v != 1 {
+		t.Fatalf("min_decryption_version %v after approval", v)
+	}
+
+	// Upsert makes keys under the mount's default.
+	e.ok(e.request(logical.CreateOperation, "encrypt/upserted", map[string]interface{}{"plaintext": b64("x")}))
+	if v := e.ok(e.read("keys/upserted")).Data["approvals_required"]; v != 1 {
+		t.Fatalf("an upserted key has approvals_required %v, want the mount default 1", v)
+	}
+
+	// A scheduled deletion keeps its time.
+	e.ok(e.write("keys/d", map[string]interface{}{"approvals_required": 0}))
+	e.ok(e.as("alice", "", logical.UpdateOperation, "keys/d/config", map[string]interface{}{"deletion_allowed": true}))
+	at := e.ok(e.request(logical.DeleteOperation, "keys/d", nil)).Data["deletion_scheduled_time"]
+	e.ok(e.write("config/keys", map[string]interface{}{"deletion_grace_period": "0s"}))
+	again := e.ok(e.request(logical.DeleteOperation, "keys/d", nil))
+	if again.Data["deletion_scheduled_time"] != at || !slices.ContainsFunc(e.tokenObjects(), func(o hsm.ObjectInfo) bool { return strings.Contains(o.Label, "/d/v1") }) {
+		t.Fatalf("deleting again with a grace period of 0: %v (was %v)", again.Data, at)
+	}
+
+	// A judgment on a replaced snapshot is refused.
+	judged, _ := e.b.keys.Get(context.Background(), e.storage, "k")
+	e.ok(e.write("keys/k/rotate", nil)) // another change lands between the judgment and the lock
+	req := &logical.Request{ID: "req-judged", Operation: logical.UpdateOperation, Path: "keys/k/versions/1/destroy", Storage: e.storage}
+	change, err := e.b.onJudged(context.Background(), req, judged, func(tx *keys.Tx) error { return tx.SetVersionState(1, "destroy", time.Now().Add(time.Hour), false) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.b.keys.Update(context.Background(), e.storage, "k", keys.Actor{}, change); err == nil || !strings.Contains(err.Error(), "send it again") {
+		t.Fatalf("a change judged on a replaced snapshot: %v", err)
+	}
+
+	// An approval left executing long ago ends failed, unrun.
+	h = e.held(e.as("alice", "", logical.UpdateOperation, "keys/k/versions/1/destroy", nil))
+	id := h["approval_id"].(string)
+	a, err := readApproval(context.Background(), e.storage, id)
+	if err != nil || a == nil {
+		t.Fatal(err)
+	}
+	a.State, a.ExecutingSince = approvalExecuting, now.Add(-time.Hour)
+	a.Approvals = append(a.Approvals, approvalParty{EntityID: "entity-bob"})
+	if err := storeApproval(context.Background(), e.storage, a); err != nil {
+		t.Fatal(err)
+	}
+	r := e.ok(e.as("carol", "", logical.UpdateOperation, "approvals/"+id+"/approve", nil))
+	if r.Data["state"] != "failed" || e.versionState("k", 1) == "destroy_scheduled" {
+		t.Fatalf("an execution cut short an hour ago was run again: %v, version 1 %s", r.Data, e.versionState("k", 1))
 	}
 }

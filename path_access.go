@@ -2,6 +2,8 @@ package cmk
 
 import (
 	"context"
+	"maps"
+	"slices"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -128,8 +130,11 @@ func nonNil(s []string) []string {
 // accessFrom is cur with the fields the request gives replaced (a write changes only what it names).
 func accessFrom(cur *keys.Access, d *framework.FieldData) *keys.Access {
 	a := &keys.Access{}
-	if cur != nil {
+	if cur != nil { // a copy: the snapshot's slices and map are shared with every reader of the key
 		*a = *cur
+		a.AllowedCIDRs, a.AllowedHours = slices.Clone(cur.AllowedCIDRs), slices.Clone(cur.AllowedHours)
+		a.AllowedEntityIDs, a.AllowedGroups = slices.Clone(cur.AllowedEntityIDs), slices.Clone(cur.AllowedGroups)
+		a.Operations, a.RequiredEntityMetadata = slices.Clone(cur.Operations), maps.Clone(cur.RequiredEntityMetadata)
 	}
 	if v, ok := d.GetOk("allowed_cidrs"); ok {
 		a.AllowedCIDRs = v.([]string)
@@ -184,9 +189,11 @@ func (b *backend) pathAccessWrite(ctx context.Context, req *logical.Request, d *
 	if resp, err := b.holdForApproval(ctx, req, k, "set the key's access conditions to: "+next.Summary()); resp != nil || err != nil {
 		return resp, err
 	}
-	k, err = b.keys.Update(ctx, req.Storage, name, actorOf(req), func(tx *keys.Tx) error {
-		return tx.SetAccess(accessFrom(tx.Key.Access, d))
-	})
+	change, err := b.onJudged(ctx, req, k, func(tx *keys.Tx) error { return tx.SetAccess(accessFrom(tx.Key.Access, d)) })
+	if err != nil {
+		return nil, err
+	}
+	k, err = b.keys.Update(ctx, req.Storage, name, actorOf(req), change)
 	if err != nil {
 		return respond(err)
 	}
@@ -202,7 +209,11 @@ func (b *backend) pathAccessDelete(ctx context.Context, req *logical.Request, d 
 	if resp, err := b.holdForApproval(ctx, req, k, "remove the key's access conditions ("+k.Access.Summary()+")"); resp != nil || err != nil {
 		return resp, err
 	}
-	if _, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), func(tx *keys.Tx) error { return tx.SetAccess(nil) }); err != nil {
+	change, err := b.onJudged(ctx, req, k, func(tx *keys.Tx) error { return tx.SetAccess(nil) })
+	if err != nil {
+		return nil, err
+	}
+	if _, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), change); err != nil {
 		return respond(err)
 	}
 	return nil, nil

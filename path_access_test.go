@@ -3,8 +3,10 @@ package cmk
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
 )
@@ -55,7 +57,7 @@ func TestAccessSettingsWriteReadDelete(t *testing.T) {
 // A live grant stands in for the identity conditions (allowed_entity_ids, allowed_groups), never for the others;
 // with grants_required it is needed besides them, and a batch is n uses of it.
 func TestGrantsStandInForIdentityConditionsOnly(t *testing.T) {
-	e := newTestBackend(t)
+	e := newTestBackendWith(t, knownEntities{StaticSystemView: logical.StaticSystemView{DefaultLeaseTTLVal: time.Hour, MaxLeaseTTLVal: time.Hour}, known: []string{"ent-staff", "ent-contractor"}})
 	e.ok(e.write("keys/k", nil))
 	ct := encryptOK(t, e, "k", "granted")
 	as := func(entity, src string, data map[string]interface{}) (*logical.Response, error) {
@@ -140,5 +142,34 @@ func TestAccessChangesAndGrantsAreHeldForDualControl(t *testing.T) {
 	approve(h)
 	if r := e.ok(e.read("keys/k/access")); r.Data["summary"] != "none" {
 		t.Fatalf("after the approved removal: %v", r.Data["summary"])
+	}
+}
+
+// knownEntities is a system view whose identity store knows the entities listed, without metadata or groups.
+type knownEntities struct {
+	logical.StaticSystemView
+	known []string
+}
+
+func (v knownEntities) EntityInfo(id string) (*logical.Entity, error) {
+	if !slices.Contains(v.known, id) {
+		return nil, nil
+	}
+	return &logical.Entity{ID: id, Name: id}, nil
+}
+
+// An entity the identity store no longer knows (deleted) uses nothing through an identity condition or a grant,
+// though its token still names it.
+func TestUnknownEntityIsDenied(t *testing.T) {
+	e := newTestBackendWith(t, knownEntities{StaticSystemView: logical.StaticSystemView{DefaultLeaseTTLVal: time.Hour, MaxLeaseTTLVal: time.Hour}, known: []string{"ent-staff"}})
+	e.ok(e.write("keys/k", nil))
+	ct := encryptOK(t, e, "k", "x")
+	e.ok(e.write("keys/k/access", map[string]interface{}{"allowed_entity_ids": "ent-staff,ent-gone"}))
+	for entity, want := range map[string]int{"ent-staff": 200, "ent-gone": 403} {
+		resp, err := e.b.HandleRequest(context.Background(), &logical.Request{ID: fmt.Sprint("req-", requestCount.Add(1)), Operation: logical.UpdateOperation,
+			Path: "decrypt/k", Data: map[string]interface{}{"ciphertext": ct}, Storage: e.storage, EntityID: entity})
+		if got := status(resp, err); got != want || (want == 403 && !strings.Contains(fmt.Sprint(err), "identity store")) {
+			t.Errorf("%s: %d %v, want %d", entity, got, err, want)
+		}
 	}
 }

@@ -128,6 +128,6 @@ func (b *backend) upsert(ctx context.Context, req *logical.Request, d *framework
 	if !slices.Contains(upsertTypes, interface{}(typ)) {
 		return callerf("type %q cannot be created by encrypt: upsert creates %s keys only; create other types with keys/%s", typ, upsertTypeNames, name)
 	}
-	_, _, err := b.keys.Create(ctx, req.Storage, &keys.Key{Name: name, Type: keys.Type(typ), AutoRotatePeriod: cfg.AutoRotatePeriod}, actorOf(req), nil)
+	_, _, err := b.keys.Create(ctx, req.Storage, &keys.Key{Name: name, Type: keys.Type(typ), AutoRotatePeriod: cfg.AutoRotatePeriod, ApprovalsRequired: cfg.DefaultApprovalsRequired}, actorOf(req), nil)
 	return err
 }

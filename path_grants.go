@@ -88,7 +88,11 @@ func (b *backend) pathGrantCreate(ctx context.Context, req *logical.Request, d *
 	if err != nil {
 		return nil, err
 	}
-	if k != nil && k.Access != nil && k.Access.GrantsRequired {
+	required := k != nil && k.Access != nil && k.Access.GrantsRequired
+	if !isApprovedExecution(ctx, req) {
+		r.GrantsRequiredJudged = &required // judged outside the key's lock: refused if it changed meanwhile
+	}
+	if required {
 		// On a key that only grants open, a grant is the key's use given away: dual control holds it.
 		if resp, err := b.holdForApproval(ctx, req, k, "grant "+grantee(r)+" "+grantedOps(ops)); resp != nil || err != nil {
 			return resp, err

@@ -310,6 +310,11 @@ func importedKey(d *framework.FieldData, name string) (*keys.Key, error) {
 // createImported creates imported key k with its first version from material.
 func (b *backend) createImported(ctx context.Context, req *logical.Request, k *keys.Key, material keys.Material) (*logical.Response, error) {
 	name := k.Name
+	cfg, err := b.readKeysConfig(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	k.ApprovalsRequired = cfg.DefaultApprovalsRequired // as every key made: dual control by default where the mount asks
 	cur, created, err := b.keys.Create(ctx, req.Storage, k, actorOf(req), material)
 	switch {
 	case err != nil:

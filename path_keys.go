@@ -406,15 +406,21 @@ func (b *backend) pathKeyDelete(ctx context.Context, req *logical.Request, d *fr
 	if err != nil {
 		return nil, err
 	}
-	if cur, err := b.keys.Get(ctx, req.Storage, name); err != nil {
+	cur, err := b.keys.Get(ctx, req.Storage, name)
+	if err != nil {
 		return nil, err
-	} else if cur != nil && cur.DeletionAllowed && cur.DeleteAt.IsZero() && !cur.Deleting {
+	}
+	if cur != nil && cur.DeletionAllowed && cur.DeleteAt.IsZero() && !cur.Deleting {
 		// A deletion already scheduled, or one cut short, is finished without asking again.
 		if resp, err := b.holdForApproval(ctx, req, cur, "delete the key"); resp != nil || err != nil {
 			return resp, err
 		}
 	}
-	k, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), func(tx *keys.Tx) error { return tx.Delete(cfg.destructionGrace()) })
+	change, err := b.onJudged(ctx, req, cur, func(tx *keys.Tx) error { return tx.Delete(cfg.destructionGrace()) })
+	if err != nil {
+		return nil, err
+	}
+	k, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), change)
 	switch {
 	case errors.Is(err, keys.ErrNotFound):
 		return nil, nil // as Transit: deleting what is not there succeeds
@@ -438,10 +444,18 @@ func (b *backend) pathKeyConfigWrite(ctx context.Context, req *logical.Request, 
 	if err != nil {
 		return respond(err)
 	}
-	if resp, err := b.holdWeakerDualControl(ctx, req, d.Get("name").(string), settings); resp != nil || err != nil {
+	judged, err := b.keys.Get(ctx, req.Storage, d.Get("name").(string))
+	if err != nil {
+		return nil, err
+	}
+	if resp, err := b.holdWeakerDualControl(ctx, req, judged, settings); resp != nil || err != nil {
 		return resp, err
 	}
-	k, err := b.keys.Update(ctx, req.Storage, d.Get("name").(string), actorOf(req), func(tx *keys.Tx) error { return tx.Configure(settings) })
+	change, err := b.onJudged(ctx, req, judged, func(tx *keys.Tx) error { return tx.Configure(settings) })
+	if err != nil {
+		return nil, err
+	}
+	k, err := b.keys.Update(ctx, req.Storage, d.Get("name").(string), actorOf(req), change)
 	if err != nil {
 		return respond(err)
 	}
@@ -455,15 +469,13 @@ func (b *backend) pathKeyConfigWrite(ctx context.Context, req *logical.Request, 
 	return resp, nil
 }
 
-// holdWeakerDualControl holds a configuration that lowers the key's approvals_required or changes its
-// approver_groups: dual control is weakened only with the approvals it asks for.
-func (b *backend) holdWeakerDualControl(ctx context.Context, req *logical.Request, name string, settings keys.Settings) (*logical.Response, error) {
-	if settings.ApprovalsRequired == nil && settings.ApproverGroups == nil {
+// holdWeakerDualControl holds a configuration of key cur that lowers its approvals_required or changes its
+// approver_groups (dual control is weakened only with the approvals it asks for), or lowers its
+// min_decryption_version (versions below it serve nothing: lowering it returns them to use, as enabling a
+// disabled version does).
+func (b *backend) holdWeakerDualControl(ctx context.Context, req *logical.Request, cur *keys.Key, settings keys.Settings) (*logical.Response, error) {
+	if cur == nil || (settings.ApprovalsRequired == nil && settings.ApproverGroups == nil && settings.MinDecryptionVersion == nil) {
 		return nil, nil
-	}
-	cur, err := b.keys.Get(ctx, req.Storage, name)
-	if err != nil || cur == nil {
-		return nil, err
 	}
 	next := cur.Clone()
 	if err := next.Apply(settings); err != nil {
@@ -472,6 +484,9 @@ func (b *backend) holdWeakerDualControl(ctx context.Context, req *logical.Reques
 	var changes []string
 	if next.ApprovalsRequired < cur.ApprovalsRequired {
 		changes = append(changes, fmt.Sprintf("lower approvals_required from %d to %d", cur.ApprovalsRequired, next.ApprovalsRequired))
+	}
+	if next.MinDecryptionVersion < cur.MinDecryptionVersion {
+		changes = append(changes, fmt.Sprintf("lower min_decryption_version from %d to %d (versions %d to %d decrypt again)", cur.MinDecryptionVersion, next.MinDecryptionVersion, max(next.MinDecryptionVersion, 1), cur.MinDecryptionVersion-1))
 	}
 	if !slices.Equal(next.ApproverGroups, cur.ApproverGroups) {
 		changes = append(changes, fmt.Sprintf("change approver_groups from [%s] to [%s]", strings.Join(cur.ApproverGroups, ", "), strings.Join(next.ApproverGroups, ", ")))

@@ -128,12 +128,20 @@ func (b *backend) pathVersionAction(ctx context.Context, req *logical.Request, d
 	}
 	grace := cfg.destructionGrace()
 	at := time.Now().UTC().Add(grace)
-	if resp, err := b.holdVersionAction(ctx, req, name, n, action, at); resp != nil || err != nil {
-		return resp, err
+	change := func(tx *keys.Tx) error { return tx.SetVersionState(n, action, at, grace == 0) }
+	if action != "disable" { // an emergency stop never waits
+		judged, err := b.keys.Get(ctx, req.Storage, name)
+		if err != nil {
+			return nil, err
+		}
+		if resp, err := b.holdVersionAction(ctx, req, judged, n, action, at); resp != nil || err != nil {
+			return resp, err
+		}
+		if change, err = b.onJudged(ctx, req, judged, change); err != nil {
+			return nil, err
+		}
 	}
-	k, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), func(tx *keys.Tx) error {
-		return tx.SetVersionState(n, action, at, grace == 0)
-	})
+	k, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), change)
 	if err != nil {
 		return respond(err)
 	}
@@ -144,12 +152,12 @@ func (b *backend) pathVersionAction(ctx context.Context, req *logical.Request, d
 // holdVersionAction holds a version's destruction, and its enabling when it serves nothing (disabled, or
 // scheduled for destruction: enabling cancels that), if they would change it; a disable is never held. A request
 // the lifecycle refuses is refused at once, not held.
-func (b *backend) holdVersionAction(ctx context.Context, req *logical.Request, name string, n int, action string, at time.Time) (*logical.Response, error) {
-	k, err := b.keys.Get(ctx, req.Storage, name)
-	if err != nil || k == nil || action == "disable" {
-		return nil, err
+func (b *backend) holdVersionAction(ctx context.Context, req *logical.Request, k *keys.Key, n int, action string, at time.Time) (*logical.Response, error) {
+	if k == nil || action == "disable" {
+		return nil, nil
 	}
 	var changed bool
+	var err error
 	switch trial := k.Clone(); action {
 	case "destroy":
 		changed, err = trial.ScheduleVersionDestruction(n, at)
@@ -171,20 +179,26 @@ func (b *backend) holdVersionAction(ctx context.Context, req *logical.Request, n
 
 func (b *backend) pathKeyAction(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name, action := d.Get("name").(string), d.Get("action").(string)
+	change := func(tx *keys.Tx) error {
+		tx.SetDisabled(action == "disable")
+		return nil
+	}
 	if action == "enable" {
 		// Disabling is an emergency stop and never waits; returning a disabled key to use is held.
-		if k, err := b.keys.Get(ctx, req.Storage, name); err != nil {
+		judged, err := b.keys.Get(ctx, req.Storage, name)
+		if err != nil {
 			return nil, err
-		} else if k != nil && k.Disabled {
-			if resp, err := b.holdForApproval(ctx, req, k, "enable the disabled key"); resp != nil || err != nil {
+		}
+		if judged != nil && judged.Disabled {
+			if resp, err := b.holdForApproval(ctx, req, judged, "enable the disabled key"); resp != nil || err != nil {
 				return resp, err
 			}
 		}
+		if change, err = b.onJudged(ctx, req, judged, change); err != nil {
+			return nil, err
+		}
 	}
-	k, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), func(tx *keys.Tx) error {
-		tx.SetDisabled(action == "disable")
-		return nil
-	})
+	k, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), change)
 	if err != nil {
 		return respond(err)
 	}
@@ -195,14 +209,20 @@ func (b *backend) pathKeyAction(ctx context.Context, req *logical.Request, d *fr
 func (b *backend) pathCancelDeletion(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name := d.Get("name").(string)
 	// Cancelling a deletion returns the key to use, as enabling it does: held alike.
-	if k, err := b.keys.Get(ctx, req.Storage, name); err != nil {
+	judged, err := b.keys.Get(ctx, req.Storage, name)
+	if err != nil {
 		return nil, err
-	} else if k != nil && !k.DeleteAt.IsZero() && !k.Deleting {
-		if resp, err := b.holdForApproval(ctx, req, k, "cancel the key's scheduled deletion"); resp != nil || err != nil {
+	}
+	if judged != nil && !judged.DeleteAt.IsZero() && !judged.Deleting {
+		if resp, err := b.holdForApproval(ctx, req, judged, "cancel the key's scheduled deletion"); resp != nil || err != nil {
 			return resp, err
 		}
 	}
-	k, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), func(tx *keys.Tx) error { return tx.CancelDeletion() })
+	change, err := b.onJudged(ctx, req, judged, func(tx *keys.Tx) error { return tx.CancelDeletion() })
+	if err != nil {
+		return nil, err
+	}
+	k, err := b.keys.Update(ctx, req.Storage, name, actorOf(req), change)
 	if err != nil {
 		return respond(err)
 	}
@@ -218,9 +238,11 @@ func (b *backend) pathTrim(ctx context.Context, req *logical.Request, d *framewo
 	}
 	grace := cfg.destructionGrace()
 	at := time.Now().UTC().Add(grace)
-	if cur, err := b.keys.Get(ctx, req.Storage, d.Get("name").(string)); err != nil {
+	cur, err := b.keys.Get(ctx, req.Storage, d.Get("name").(string))
+	if err != nil {
 		return nil, err
-	} else if cur != nil && minAvail > cur.MinAvailableVersion {
+	}
+	if cur != nil && minAvail > cur.MinAvailableVersion {
 		if err := cur.Clone().Trim(minAvail); err != nil {
 			return respond(err)
 		}
@@ -228,9 +250,11 @@ func (b *backend) pathTrim(ctx context.Context, req *logical.Request, d *framewo
 			return resp, err
 		}
 	}
-	k, err := b.keys.Update(ctx, req.Storage, d.Get("name").(string), actorOf(req), func(tx *keys.Tx) error {
-		return tx.Trim(minAvail, at, grace == 0)
-	})
+	change, err := b.onJudged(ctx, req, cur, func(tx *keys.Tx) error { return tx.Trim(minAvail, at, grace == 0) })
+	if err != nil {
+		return nil, err
+	}
+	k, err := b.keys.Update(ctx, req.Storage, d.Get("name").(string), actorOf(req), change)
 	if err != nil {
 		return respond(err)
 	}

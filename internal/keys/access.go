@@ -271,8 +271,13 @@ func (m *Manager) Admit(ctx context.Context, s logical.Storage, k *Key, c Caller
 			return fmt.Errorf("resolve the caller's entity for the access conditions of key %q: %w", k.Name, err)
 		}
 	}
+	if info == nil {
+		// The identity store does not know the entity (deleted, or not replicated here): nothing about it can be
+		// vouched for, its id included, so a token it left behind uses nothing.
+		return deny("entity", "the caller's entity is not in Vault's identity store")
+	}
 	for key, want := range a.RequiredEntityMetadata {
-		if info == nil || info.Metadata[key] != want {
+		if got, ok := info.Metadata[key]; !ok || got != want {
 			return deny("required_entity_metadata", "required_entity_metadata: the caller's entity does not carry the metadata the key requires")
 		}
 	}

@@ -131,7 +131,9 @@ func TestAdmitChecksIdentity(t *testing.T) {
 		t.Errorf("alice with managed device: %v", err)
 	}
 	wantDenied(t, admitWith(t, meta, now, bob, OpDecrypt), "required_entity_metadata", "managed")
-	wantDenied(t, admitWith(t, meta, now, Caller{Actor: Actor{EntityID: "ent-unknown"}}, OpDecrypt), "required_entity_metadata")
+	wantDenied(t, admitWith(t, meta, now, Caller{Actor: Actor{EntityID: "ent-unknown"}}, OpDecrypt), "entity") // not in the identity store
+	wantDenied(t, admitWith(t, byEntity, now, Caller{Actor: Actor{EntityID: "ent-unknown"}}, OpDecrypt), "entity")
+	wantDenied(t, admitWith(t, &Access{RequiredEntityMetadata: map[string]string{"clearance": ""}}, now, alice, OpDecrypt), "required_entity_metadata") // an empty value asks for the key
 	wantDenied(t, admitWith(t, meta, now, root, OpDecrypt), "entity")
 
 	// The identity store cannot answer: no admission (closed), and not the caller's fault.

@@ -98,6 +98,9 @@ type GrantRequest struct {
 	TTL        time.Duration
 	MaxUses    uint64
 	Reason     string
+	// GrantsRequiredJudged is the key's grants_required as the request was judged for dual control (outside the
+	// key's lock); the grant is refused if it changed since. nil: not judged (the approved execution).
+	GrantsRequiredJudged *bool
 }
 
 // liveGrant is a grant as this process counts its uses.
@@ -280,6 +283,9 @@ func (m *Manager) CreateGrant(ctx context.Context, s logical.Storage, name strin
 	}
 	if k.Deleting || !k.DeleteAt.IsZero() {
 		return GrantStatus{}, Callerf("key %q is scheduled for deletion: it takes no grants", name)
+	}
+	if j := r.GrantsRequiredJudged; j != nil && *j != (k.Access != nil && k.Access.GrantsRequired) {
+		return GrantStatus{}, Callerf("key %q changed grants_required while this grant was judged for dual control: send it again", name)
 	}
 	limit, limitName := grantTTLLimit(k)
 	ttl := r.TTL

@@ -679,6 +679,10 @@ func (tx *Tx) Delete(grace time.Duration) error {
 		_, err := k.ScheduleDeletion(time.Time{})
 		return err
 	}
+	if !k.DeleteAt.IsZero() && !k.Deleting {
+		// Scheduled already: the time announced (to custodians, in the history) is kept, never brought forward.
+		return nil
+	}
 	if grace == 0 || k.Deleting {
 		return tx.DeleteKey("deleted without grace period")
 	}
