@@ -182,6 +182,7 @@ func (b *backend) pathImport(version bool) *framework.Path {
 		}
 		fields["context"] = fieldContext
 		fields["auto_rotate_period"] = &framework.FieldSchema{Type: framework.TypeDurationSecond, Description: "Rotate automatically this often (needs allow_rotation): 0 disables, else at least 1h."}
+		withOwnership(fields)
 	}
 	verb := "import"
 	if version {
@@ -296,6 +297,11 @@ func importedKey(d *framework.FieldData, name string) (*keys.Key, error) {
 		return nil, err
 	}
 	k := &keys.Key{Name: name, Type: typ, Imported: true, AllowRotation: d.Get("allow_rotation").(bool)}
+	var ownership keys.Settings
+	ownershipFrom(d, &ownership)
+	if err := k.Apply(ownership); err != nil {
+		return nil, err
+	}
 	if v, ok := d.GetOk("auto_rotate_period"); ok && v.(int) != 0 {
 		if !k.AllowRotation {
 			return nil, callerf("allow_rotation must be set to true if auto-rotation is enabled")

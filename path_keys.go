@@ -151,11 +151,54 @@ func withKeyOptions(fields map[string]*framework.FieldSchema) map[string]*framew
 		Type:        framework.TypeInt,
 		Description: fmt.Sprintf("Dual control: how many other Vault entities must approve the key's requests that cannot be undone (0 to %d; see approvals/). The mount's min_approvals_required may require more. Defaults to config/keys' default_approvals_required. Lowering it is itself held.", keys.MaxApprovalsRequired),
 	}
+	withOwnership(fields)
 	fields["approver_groups"] = &framework.FieldSchema{
 		Type:        framework.TypeCommaStringSlice,
 		Description: "Dual control: only members of these Vault groups (names or ids) may approve the key's held requests; empty: any entity Vault's ACL lets call approvals/. Changing it is held.",
 	}
 	return fields
+}
+
+// withOwnership adds the fields that say who owns a key and what it protects: keys/<name>, keys/<name>/config and
+// the creation of an imported key.
+func withOwnership(fields map[string]*framework.FieldSchema) map[string]*framework.FieldSchema {
+	fields["owner"] = &framework.FieldSchema{
+		Type:        framework.TypeString,
+		Description: fmt.Sprintf("Who answers for the key: a Vault entity id, a group or a team name (at most %d characters; empty clears it). Listed by inventory; reports/compliance names keys without one.", keys.MaxOwner),
+	}
+	fields["description"] = &framework.FieldSchema{
+		Type:        framework.TypeString,
+		Description: fmt.Sprintf("What the key is for, in words (at most %d characters).", keys.MaxDescription),
+	}
+	fields["tags"] = &framework.FieldSchema{
+		Type:        framework.TypeKVPairs,
+		Description: fmt.Sprintf("Tags as key=value pairs (a map in JSON, or repeated key=value on the CLI): at most %d, keys up to %d characters, values up to %d. Replaces the key's tags; an empty map clears them. inventory filters on them.", keys.MaxTags, keys.MaxTagKey, keys.MaxTagValue),
+	}
+	fields["data_assets"] = &framework.FieldSchema{
+		Type:        framework.TypeCommaStringSlice,
+		Description: fmt.Sprintf("What the key protects: names of data stores, tables, buckets or systems (at most %d, each up to %d characters). Replaces the key's list; empty clears it.", keys.MaxDataAssets, keys.MaxDataAssetName),
+	}
+	return fields
+}
+
+// ownershipFrom reads the fields of withOwnership into c.
+func ownershipFrom(d *framework.FieldData, c *keys.Settings) {
+	if v, ok := d.GetOk("owner"); ok {
+		owner := v.(string)
+		c.Owner = &owner
+	}
+	if v, ok := d.GetOk("description"); ok {
+		description := v.(string)
+		c.Description = &description
+	}
+	if v, ok := d.GetOk("tags"); ok {
+		tags := v.(map[string]string)
+		c.Tags = &tags
+	}
+	if v, ok := d.GetOk("data_assets"); ok {
+		assets := v.([]string)
+		c.DataAssets = &assets
+	}
 }
 
 // Fields Transit's keys/<name> knows and this engine has no use for; they are accepted and ignored, as Transit
@@ -217,6 +260,7 @@ func settingsFrom(d *framework.FieldData) (keys.Settings, error) {
 		groups := v.([]string)
 		c.ApproverGroups = &groups
 	}
+	ownershipFrom(d, &c)
 	if v, ok := d.GetOk("next_rotation_time"); ok {
 		var t time.Time
 		if raw := v.(string); raw != "" {
@@ -381,6 +425,10 @@ func (b *backend) formatKey(k *keys.Key) *logical.Response {
 		"creation_time":               k.CreatedAt.Format(time.RFC3339Nano),
 		"approvals_required":          k.ApprovalsRequired,
 		"approver_groups":             append([]string{}, k.ApproverGroups...),
+		"owner":                       k.Owner,
+		"description":                 k.Description,
+		"tags":                        tagsView(k.Tags),
+		"data_assets":                 append([]string{}, k.DataAssets...),
 	}
 	if k.Deleting {
 		data["deletion_in_progress"] = true
@@ -398,6 +446,15 @@ func (b *backend) formatKey(k *keys.Key) *logical.Response {
 		data["imported_key_allow_rotation"] = k.AllowRotation
 	}
 	return &logical.Response{Data: data}
+}
+
+// tagsView is a key's tags for a response: a copy, never nil.
+func tagsView(tags map[string]string) map[string]string {
+	out := make(map[string]string, len(tags))
+	for k, v := range tags {
+		out[k] = v
+	}
+	return out
 }
 
 func (b *backend) pathKeyDelete(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {

@@ -63,6 +63,14 @@ type Key struct {
 	ApprovalsRequired int      `json:"approvals_required,omitempty"`
 	ApproverGroups    []string `json:"approver_groups,omitempty"`
 
+	// Ownership: who answers for the key (an entity id, a group or a team name), what it is, its tags and the
+	// data it protects, for inventory and reports/compliance. Tags and DataAssets are replaced whole on change,
+	// never modified in place (snapshots share them).
+	Owner       string            `json:"owner,omitempty"`
+	Description string            `json:"description,omitempty"`
+	Tags        map[string]string `json:"tags,omitempty"`
+	DataAssets  []string          `json:"data_assets,omitempty"`
+
 	// Disabled keys serve no operation (emergency revoke).
 	Disabled bool `json:"disabled,omitempty"`
 	// DeleteAt is when a scheduled deletion destroys the key; zero when none is scheduled.

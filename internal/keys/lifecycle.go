@@ -172,7 +172,24 @@ type Settings struct {
 	// ApprovalsRequired (0 to MaxApprovalsRequired) and ApproverGroups (empty: any entity) set dual control.
 	ApprovalsRequired *int
 	ApproverGroups    *[]string
+	// Ownership (see Key.Owner): each replaces what the key had; empty clears it.
+	Owner       *string
+	Description *string
+	Tags        *map[string]string
+	DataAssets  *[]string
 }
+
+// Bounds of a key's ownership fields: the inventory lists every key with its owner and tags, and the key read
+// shows them all.
+const (
+	MaxOwner         = 256
+	MaxDescription   = 1024
+	MaxTags          = 50
+	MaxTagKey        = 128
+	MaxTagValue      = 256
+	MaxDataAssets    = 32
+	MaxDataAssetName = 512
+)
 
 // MaxApprovalsRequired bounds approvals_required: more distinct custodians than this is a typo, and a key that
 // needs more approvers than exist can never be destroyed.
@@ -253,6 +270,9 @@ func (k *Key) Apply(c Settings) error {
 			k.ApproverGroups = nil
 		}
 	}
+	if err := k.applyOwnership(c); err != nil {
+		return err
+	}
 	if c.NextRotation != nil {
 		k.NextRotation = c.NextRotation.UTC()
 		if c.NextRotation.IsZero() {
@@ -276,6 +296,73 @@ func (k *Key) Apply(c Settings) error {
 	return nil
 }
 
+// applyOwnership sets the key's owner, description, tags and data assets, within their bounds.
+func (k *Key) applyOwnership(c Settings) error {
+	if c.Owner != nil {
+		if len(*c.Owner) > MaxOwner {
+			return Callerf("owner has at most %d characters", MaxOwner)
+		}
+		k.Owner = strings.TrimSpace(*c.Owner)
+	}
+	if c.Description != nil {
+		if len(*c.Description) > MaxDescription {
+			return Callerf("description has at most %d characters", MaxDescription)
+		}
+		k.Description = *c.Description
+	}
+	if c.Tags != nil {
+		if len(*c.Tags) > MaxTags {
+			return Callerf("tags: at most %d tags", MaxTags)
+		}
+		tags := make(map[string]string, len(*c.Tags))
+		for key, value := range *c.Tags {
+			key = strings.TrimSpace(key)
+			switch {
+			case key == "":
+				return Callerf("tags: a tag's key must not be empty (give key=value pairs)")
+			case len(key) > MaxTagKey:
+				return Callerf("tags: tag key %.32q… has more than %d characters", key, MaxTagKey)
+			case len(value) > MaxTagValue:
+				return Callerf("tags: the value of tag %q has more than %d characters", key, MaxTagValue)
+			}
+			tags[key] = value
+		}
+		k.Tags = tags
+		if len(tags) == 0 {
+			k.Tags = nil
+		}
+	}
+	if c.DataAssets != nil {
+		if len(*c.DataAssets) > MaxDataAssets {
+			return Callerf("data_assets names at most %d assets", MaxDataAssets)
+		}
+		assets := make([]string, 0, len(*c.DataAssets))
+		for _, a := range *c.DataAssets {
+			if len(a) > MaxDataAssetName {
+				return Callerf("data_assets: an asset's name has at most %d characters", MaxDataAssetName)
+			}
+			if a = strings.TrimSpace(a); a != "" && !slices.Contains(assets, a) {
+				assets = append(assets, a)
+			}
+		}
+		k.DataAssets = assets
+		if len(assets) == 0 {
+			k.DataAssets = nil
+		}
+	}
+	return nil
+}
+
+// FormatTags renders tags as sorted key=value pairs.
+func FormatTags(tags map[string]string) []string {
+	out := make([]string, 0, len(tags))
+	for key, value := range tags {
+		out = append(out, key+"="+value)
+	}
+	slices.Sort(out)
+	return out
+}
+
 // settingsChanges describes what a settings change did, for the key's history.
 func settingsChanges(a, b *Key) string {
 	var out []string
@@ -293,6 +380,10 @@ func settingsChanges(a, b *Key) string {
 	add("allow_pkcs1v15_decryption", a.AllowPKCS1v15Decryption, b.AllowPKCS1v15Decryption)
 	add("approvals_required", a.ApprovalsRequired, b.ApprovalsRequired)
 	add("approver_groups", a.ApproverGroups, b.ApproverGroups)
+	add("owner", fmt.Sprintf("%q", a.Owner), fmt.Sprintf("%q", b.Owner))
+	add("description", fmt.Sprintf("%q", a.Description), fmt.Sprintf("%q", b.Description))
+	add("tags", FormatTags(a.Tags), FormatTags(b.Tags))
+	add("data_assets", a.DataAssets, b.DataAssets)
 	if len(out) == 0 {
 		return "no change"
 	}
