@@ -753,7 +753,17 @@ func operationIDs(p *framework.Path, op logical.Operation, h framework.Operation
 // responseFieldDocs describes every field the engine's responses carry that is not also a request field (those are
 // described with their path above). TestResponseFieldsAreDescribed keeps it in step with the code.
 var responseFieldDocs = map[string]string{
-	"access":                      "Key read: its access conditions (`keys/:name/access`) in one line, or \"none\".",
+	"access":                      "Key read and `inventory`: its access conditions (`keys/:name/access`) in one line, or \"none\".",
+	"next_after":                  "`inventory`: present when more keys match: the `after` of the next page.",
+	"generated_at":                "`reports/compliance`: when the report was made (RFC 3339).",
+	"findings":                    "`reports/compliance`: how many findings the report holds, over all its lists, each finding a `key` and a `reason`.",
+	"no_owner":                    "`reports/compliance`: the keys without an owner.",
+	"old_versions_encrypting":     "`reports/compliance`: enabled AES and RSA keys whose latest version, the one that encrypts, is older than `max_version_age`, with its `version` and `creation_time`.",
+	"pending_deletions":           "`reports/compliance`: keys whose deletion is scheduled (`deletion_scheduled_time`) and versions whose destruction is (`version`, `destruction_scheduled_time`).",
+	"grants_outstanding":          "`reports/compliance`: the live grants of every key (`grant_id`, `expires_at`); each key's grants are read from storage the first time.",
+	"keys_examined":               "`reports/compliance`: how many keys the report looked at.",
+	"grant_id":                    "`reports/compliance`, `grants_outstanding`: the live grant's id.",
+	"versions_destroy_scheduled":  "`inventory`: the key's versions whose destruction is scheduled.",
 	"summary":                     "`keys/:name/access`: the conditions in one line, or \"none\".",
 	"denials":                     "`keys/:name/access`: uses the conditions denied since the plugin started on this node (`by_condition`, `last_denied_at`); kept in memory, so that a denied caller cannot make the engine write storage.",
 	"by_condition":                "`keys/:name/access` denials: how many uses each condition (allowed_cidrs, allowed_hours, entity, required_entity_metadata, allowed_entity_ids, allowed_groups, grants_required, grant) denied.",
@@ -763,11 +773,11 @@ var responseFieldDocs = map[string]string{
 	"revoked_at":                  "Grant: when it was revoked.",
 	"revoked_by":                  "Grant: who revoked it (entity_id, display_name, token_accessor_hmac).",
 	"created_at":                  "Grant: when it was created.",
-	"approval_id":                 "A request held for dual control (HTTP 202) and `approvals/:id`: the approval's id, the Vault request id of the held request.",
+	"approval_id":                 "A request held for dual control (HTTP 202) and `approvals/:id`: the approval's id, the Vault request id of the held request. `reports/compliance`, `pending_approvals`: the pending approval.",
 	"approvals":                   "`approvals/:id`: the approvals so far, each with `entity_id`, `display_name`, `token_accessor_hmac` and `time`; in the LIST of `approvals`, per approval: how many.",
 	"data":                        "`approvals/:id`, `result`: what the executed request answered.",
 	"ended_at":                    "`approvals/:id`: when it was executed, rejected or expired.",
-	"expires_at":                  "Grant: when it ends, judged by the engine's clock (RFC 3339). `approvals/:id` and a held request's answer: when it expires unexecuted (`approval_ttl` after it was held).",
+	"expires_at":                  "Grant: when it ends, judged by the engine's clock (RFC 3339). `approvals/:id` and a held request's answer: when it expires unexecuted (`approval_ttl` after it was held). `reports/compliance`: when a pending approval expires, or a live grant ends.",
 	"fields":                      "`approvals/:id`: the held request's fields; a sensitive value (an import's wrapped key) only as its `sha256` and `length`.",
 	"length":                      "`approvals/:id`, `fields`: the length of a sensitive value that is shown only by its hash.",
 	"operation":                   "`approvals/:id`: the held request's operation (create, update, delete).",
@@ -796,13 +806,13 @@ var responseFieldDocs = map[string]string{
 	"created_by":                  "Key read, per version: who made the version (display name and token accessor of the request). Grant: who granted it (entity_id, display_name, token_accessor_hmac).",
 	"creation_time":               "Key read: when the key (or, per version, the version) was made, RFC 3339.",
 	"deletion_in_progress":        "Key read: the key's deletion has begun and is being finished; the key serves nothing.",
-	"deletion_scheduled_time":     "Key read and delete: when a deleted key's objects are destroyed (after `deletion_grace_period`); until then `cancel-deletion` brings it back.",
+	"deletion_scheduled_time":     "Key read and delete: when a deleted key's objects are destroyed (after `deletion_grace_period`); until then `cancel-deletion` brings it back. `inventory` and `reports/compliance` too.",
 	"destroyed_time":              "Key read, per version: when the version's objects were destroyed on the token.",
 	"destruction_scheduled_time":  "Key read, per version: when a version in state `destroy_scheduled` is destroyed.",
 	"details":                     "History event: what else the event records (for example the import method).",
 	"disabled":                    "Key read: the whole key is disabled and serves no operation until enabled.",
 	"display_name":                "History event (and an approval's parties): the display name of the request's token.",
-	"encryptions":                 "Key read, per AES version: encryptions counted so far (counted in blocks reserved in storage, so it may run ahead of the real count, never behind).",
+	"encryptions":                 "Key read, per AES version: encryptions counted so far (counted in blocks reserved in storage, so it may run ahead of the real count, never behind). `inventory`: those of the latest version, as this node counts them (absent until the version's count is loaded by its first encryption since the node started).",
 	"encryptions_unknown":         "Key read, per version: the version's encryption count was lost (it was adopted after a storage restore), so it encrypts no more; the next encryption rotates.",
 	"error":                       "`config/hsm`: why the mount is not connected, or the last connection error; in `batch_results`: why that item failed; in an approval's `result`: why the executed request failed.",
 	"event":                       "History event: what happened (\"created\", \"rotated\", \"version_imported\", \"version_adopted\", \"version_disabled\", \"deletion_scheduled\", \"approval_requested\", \"approval_granted\", \"approval_executed\", …).",
@@ -815,15 +825,15 @@ var responseFieldDocs = map[string]string{
 	"import_method":               "Key read, per imported version: how the material was unwrapped: `hsm-unwrap` (both unwraps in the HSM) or `raw-rsa-oaep-decoded-in-plugin` (the operator's `raw_rsa_oaep_fallback`).",
 	"imported_key":                "Key read: the key's material was imported (BYOK), not generated on the token.",
 	"imported_key_allow_rotation": "Key read, imported keys: whether `rotate` may generate new versions in the HSM.",
-	"key":                         "`reconcile`, per object or version: the key it belongs to; `approvals/:id`: the key the held request is about (empty for the mount's own settings).",
+	"key":                         "`reconcile`, per object or version: the key it belongs to; `approvals/:id`: the key the held request is about (empty for the mount's own settings). `reports/compliance`: the key a finding is about (empty for the mount's own settings).",
 	"key_type":                    "`reconcile`, per unreferenced object: its key type as the token reports it.",
 	"key_types":                   "`config/hsm`: per key type, whether the token can serve it (`supported`) and, if not, which mechanisms it lacks (`missing`).",
 	"key_wrap_mechanism_in_use":   "`config/hsm`: the key-wrap mechanism imports use on this token (the configured one, or the one chosen from the token's list).",
 	"keys":                        "Key read: Transit's map of version to creation time (Unix seconds; asymmetric keys: to `name`, `public_key`, `certificate_chain`, `creation_time`); export: version to exported value; `reconcile`: how many keys were compared.",
 	"label":                       "Key read, per version (and `reconcile`): the `CKA_LABEL` of the version's objects, `cmk/<mount uuid>/<key>/v<N>`; in `config/hsm`'s `token`: the token's label.",
 	"label_search":                "`config/hsm`: whether the token finds objects by `CKA_LABEL`, which adopting versions a storage restore lost needs (probed on first need).",
-	"last_rotated":                "Key read: when the key was last rotated.",
-	"latest_version":              "Key read: the newest version's number.",
+	"last_rotated":                "Key read: when the key was last rotated. `inventory` too.",
+	"latest_version":              "Key read: the newest version's number. `inventory` too.",
 	"library":                     "`config/hsm`: the PKCS#11 module in use, read-only: it is set by the operator in the plugin's environment (`CMK_PKCS11_LIBRARY`), never through the API.",
 	"manufacturer_id":             "`config/hsm`, `token`: the token's manufacturer.",
 	"max_session_count":           "`config/hsm`, `token`: how many sessions the token allows at once.",
@@ -839,7 +849,7 @@ var responseFieldDocs = map[string]string{
 	"public_key_only":             "Key read, per version: the version holds only a public key (imported with `public_key`): it verifies (RSA: also encrypts), and nothing is on the token until its private key is imported with `import_version`.",
 	"random_bytes":                "`random`: the bytes from the HSM's generator, in the requested `format`.",
 	"serial_number":               "`config/hsm`, `token`: the token's serial number.",
-	"state":                       "Key read, per version: \"active\", \"decrypt_only\", \"disabled\", \"destroy_scheduled\" or \"destroyed\". Grant: \"live\", \"expired\", \"used_up\" or \"revoked\". `approvals/:id`: \"pending\", \"executing\", \"executed\", \"failed\", \"rejected\" or \"expired\".",
+	"state":                       "Key read, per version: \"active\", \"decrypt_only\", \"disabled\", \"destroy_scheduled\" or \"destroyed\". Grant: \"live\", \"expired\", \"used_up\" or \"revoked\". `approvals/:id`: \"pending\", \"executing\", \"executed\", \"failed\", \"rejected\" or \"expired\". `inventory`: the key's state, \"active\", \"disabled\" or \"deletion_scheduled\".",
 	"sum":                         "`hash`: the digest, in the requested `format`.",
 	"supported":                   "`config/hsm`, per entry of `key_types`: whether the token serves that key type.",
 	"supports_decryption":         "Key read, as Transit: the key type decrypts.",
@@ -855,6 +865,11 @@ var responseFieldDocs = map[string]string{
 	"versions":                    "Key read: per version, where it lives in the HSM and its state (the fields marked \"per version\" here).",
 }
 
+// alsoARequestField names the response fields described in responseFieldDocs though a path takes a request field of
+// that name meaning something else: inventory filters by state, which responses give for keys, versions, grants and
+// approvals.
+var alsoARequestField = map[string]bool{"state": true}
+
 // Every field the code puts into a response and that no path takes as a request field is described in
 // responseFieldDocs (and so in docs/API.md), and every description is of a field the code emits.
 func TestResponseFieldsAreDescribed(t *testing.T) {
@@ -869,7 +884,7 @@ func TestResponseFieldsAreDescribed(t *testing.T) {
 		switch {
 		case !emitted[name]:
 			t.Errorf("responseFieldDocs describes %s, which no response carries", name)
-		case request[name]:
+		case request[name] && !alsoARequestField[name]:
 			t.Errorf("responseFieldDocs describes %s, which is a request field, described with its path", name)
 		}
 	}

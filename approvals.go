@@ -207,12 +207,18 @@ func readApproval(ctx context.Context, s logical.Storage, id string) (*approval,
 	return &a, nil
 }
 
-func storeApproval(ctx context.Context, s logical.Storage, a *approval) error {
+// storeApproval stores approval a and notes whether it is pending, for the count per key.
+func (b *backend) storeApproval(ctx context.Context, s logical.Storage, a *approval) error {
 	e, err := logical.StorageEntryJSON(approvalsPrefix+a.ID, a)
 	if err != nil {
 		return err
 	}
-	return s.Put(ctx, e)
+	if err := s.Put(ctx, e); err != nil {
+		b.approvals.forgetPending() // stored or not: the next count reads storage
+		return err
+	}
+	b.approvals.notePending(a)
+	return nil
 }
 
 // readApprovalRequest returns the fields of approval id's request as sent.
@@ -233,7 +239,7 @@ func readApprovalRequest(ctx context.Context, s logical.Storage, id string) (map
 
 // endApproval stores approval a, which has ended, and deletes its request's fields: nothing runs it any more.
 func (b *backend) endApproval(ctx context.Context, s logical.Storage, a *approval) error {
-	if err := storeApproval(ctx, s, a); err != nil {
+	if err := b.storeApproval(ctx, s, a); err != nil {
 		return err
 	}
 	if err := s.Delete(ctx, approvalRequestsPrefix+a.ID); err != nil {
@@ -261,6 +267,20 @@ type approvals struct {
 	mu        sync.Mutex
 	dueKnown  bool      // false until a pass has listed them (or another node changed one)
 	nextDueAt time.Time // zero: nothing due
+
+	// pending holds the pending approvals per key ("" for the mount's own settings), so that inventory and
+	// reports/compliance count them without a storage read per key: read from storage once (pendingKnown), kept
+	// by storeApproval, read again after another node changed an approval. pendingChanges counts the notes, so
+	// that a reading that raced one is not kept.
+	pending        map[string]map[string]pendingApproval
+	pendingKnown   bool
+	pendingChanges uint64
+}
+
+// pendingApproval is what inventory and reports/compliance show of a pending approval.
+type pendingApproval struct {
+	Action    string
+	ExpiresAt time.Time
 }
 
 func newApprovals() *approvals { return &approvals{locks: locksutil.CreateLocks()} }
@@ -279,7 +299,88 @@ func (x *approvals) due(t time.Time) {
 func (x *approvals) forget() {
 	x.mu.Lock()
 	x.dueKnown = false
+	x.pendingKnown, x.pending = false, nil
+	x.pendingChanges++
 	x.mu.Unlock()
+}
+
+func (x *approvals) forgetPending() {
+	x.mu.Lock()
+	x.pendingKnown, x.pending = false, nil
+	x.pendingChanges++
+	x.mu.Unlock()
+}
+
+// notePending records whether approval a, just stored, is pending.
+func (x *approvals) notePending(a *approval) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	x.pendingChanges++
+	if x.pendingKnown {
+		x.pending = withPending(x.pending, a)
+	}
+}
+
+// withPending adds approval a to pending when it is pending, else removes it.
+func withPending(pending map[string]map[string]pendingApproval, a *approval) map[string]map[string]pendingApproval {
+	if pending == nil {
+		pending = map[string]map[string]pendingApproval{}
+	}
+	if a.State != approvalPending {
+		delete(pending[a.Key], a.ID)
+		if len(pending[a.Key]) == 0 {
+			delete(pending, a.Key)
+		}
+		return pending
+	}
+	if pending[a.Key] == nil {
+		pending[a.Key] = map[string]pendingApproval{}
+	}
+	pending[a.Key][a.ID] = pendingApproval{Action: a.Action, ExpiresAt: a.ExpiresAt}
+	return pending
+}
+
+// pendingApprovals returns the approvals pending at now, by key and id: from memory once storage was read.
+func (b *backend) pendingApprovals(ctx context.Context, s logical.Storage, now time.Time) (map[string]map[string]pendingApproval, error) {
+	x := b.approvals
+	x.mu.Lock()
+	pending, known, changes := x.pending, x.pendingKnown, x.pendingChanges
+	x.mu.Unlock()
+	if !known {
+		ids, err := s.List(ctx, approvalsPrefix)
+		if err != nil {
+			return nil, err
+		}
+		pending = nil
+		for _, id := range ids {
+			a, err := readApproval(ctx, s, id)
+			if err != nil {
+				return nil, err
+			}
+			if a != nil {
+				pending = withPending(pending, a)
+			}
+		}
+		x.mu.Lock()
+		if x.pendingChanges == changes { // no approval was stored meanwhile: what was read is current
+			x.pending, x.pendingKnown = pending, true
+		}
+		x.mu.Unlock()
+	}
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	out := map[string]map[string]pendingApproval{}
+	for key, byID := range pending {
+		for id, p := range byID {
+			if now.Before(p.ExpiresAt) {
+				if out[key] == nil {
+					out[key] = map[string]pendingApproval{}
+				}
+				out[key][id] = p
+			}
+		}
+	}
+	return out, nil
 }
 
 // holdForApproval is the hook of dual control (see the top of this file): nil, nil when the request may run now,
@@ -371,7 +472,7 @@ func (b *backend) newApproval(ctx context.Context, req *logical.Request, id stri
 	if err != nil {
 		return nil, err
 	}
-	if err := storeApproval(ctx, req.Storage, a); err != nil {
+	if err := b.storeApproval(ctx, req.Storage, a); err != nil {
 		return nil, err
 	}
 	b.approvals.due(a.ExpiresAt)
@@ -594,7 +695,7 @@ func (b *backend) pathApprovalApprove(ctx context.Context, req *logical.Request,
 			a.State = approvalExecuting // stored before the request runs: a crash from here on runs it again, never loses it
 			a.ExecutingSince = b.now().UTC()
 		}
-		if err := storeApproval(ctx, req.Storage, a); err != nil {
+		if err := b.storeApproval(ctx, req.Storage, a); err != nil {
 			return nil, err
 		}
 		b.recordApproval(ctx, req.Storage, a, approver.actor(), "approval_granted",

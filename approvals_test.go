@@ -516,7 +516,7 @@ func TestDualControlSideDoorsStayShut(t *testing.T) {
 	}
 	a.State, a.ExecutingSince = approvalExecuting, now.Add(-time.Hour)
 	a.Approvals = append(a.Approvals, approvalParty{EntityID: "entity-bob"})
-	if err := storeApproval(context.Background(), e.storage, a); err != nil {
+	if err := e.b.storeApproval(context.Background(), e.storage, a); err != nil {
 		t.Fatal(err)
 	}
 	r := e.ok(e.as("carol", "", logical.UpdateOperation, "approvals/"+id+"/approve", nil))

@@ -138,6 +138,7 @@ func newBackend(conf *logical.BackendConfig) *backend {
 			b.pathRefused(),
 			b.pathReconcile(),
 			b.pathApprovals(),
+			b.pathInventory(),
 		),
 		InitializeFunc: func(ctx context.Context, req *logical.InitializationRequest) error {
 			return b.applyCacheConfig(ctx, req.Storage)

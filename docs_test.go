@@ -138,6 +138,7 @@ func contains(list []string, s string) bool {
 var notFields = map[string]string{
 	"decrypt_only":                 "a version's state, a value of state",
 	"destroy_scheduled":            "a version's state, a value of state",
+	"deletion_scheduled":           "a key's state in inventory, a value of state",
 	"version_adopted":              "a history event, a value of event",
 	"plugin_directory":             "Vault's server configuration",
 	"min_encryption_versoin":       "Terraform's misspelling, accepted and ignored with a warning",

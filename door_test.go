@@ -102,6 +102,10 @@ func TestEveryUseOfKeyMaterialPassesTheDoor(t *testing.T) {
 		{logical.ReadOperation, "approvals/nosuchapproval", nil, false},
 		{logical.UpdateOperation, "approvals/nosuchapproval/approve", nil, false},
 		{logical.UpdateOperation, "approvals/nosuchapproval/reject", nil, false},
+		// Inventory and reports read the keys' metadata, never their material.
+		{logical.ListOperation, "inventory/", nil, false},
+		{logical.ReadOperation, "inventory", map[string]interface{}{"no_access_conditions": false}, false},
+		{logical.ReadOperation, "reports/compliance", nil, false},
 		// Last: what ends the keys' use.
 		{logical.UpdateOperation, "keys/k/access", map[string]interface{}{"time_zone": ""}, false},
 		{logical.DeleteOperation, "keys/k", nil, false},
