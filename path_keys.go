@@ -117,11 +117,11 @@ func (b *backend) pathKeys() []*framework.Path {
 			Operations: map[logical.Operation]framework.OperationHandler{
 				logical.UpdateOperation: &framework.PathOperation{
 					Callback: handle(b.pathKeyConfigWrite, providerConfigTypo),
-					Summary:  "Change a key's version bounds and deletion setting.",
+					Summary:  "Change a key's version bounds, deletion, rotation, usage limit, dual control and ownership settings.",
 				},
 			},
-			HelpSynopsis:    "Configure a key's version bounds, deletion, rotation schedule and usage limit.",
-			HelpDescription: "Sets min_decryption_version, min_encryption_version and deletion_allowed as Transit does, and the rotation schedule (auto_rotate_period, next_rotation_time) and max_encryptions_per_version. Settings that would expose material are refused.",
+			HelpSynopsis:    "Configure a key's version bounds, deletion, rotation schedule, usage limit, dual control and ownership.",
+			HelpDescription: "Sets min_decryption_version, min_encryption_version and deletion_allowed as Transit does, the rotation schedule (auto_rotate_period, next_rotation_time), max_encryptions_per_version, dual control (approvals_required, approver_groups) and who owns the key (owner, description, tags, data_assets: each replaces what the key had). The key's history records config_changed naming each setting that changed. Settings that would expose material are refused.",
 		},
 	}
 }
@@ -611,7 +611,8 @@ Creates a key whose first version is generated inside the HSM as sensitive, non-
 AES-GCM key or the private half of an RSA, ECDSA or Ed25519 pair (hmac keys: the HMAC secret). A version of
 another type gets the HMAC secret Transit keys carry with its first HMAC, not at creation
 (hmac_secret_on_token says whether it has one yet). Asymmetric versions show their public key as Transit does.
-Reading a key returns Transit's fields plus protection_level "hsm" and, per version, its state, HSM object ID
+Reading a key returns Transit's fields plus protection_level "hsm", who owns it and what it protects (owner,
+description, tags, data_assets: set here or on keys/<name>/config) and, per version, its state, HSM object ID
 (CKA_ID), label and creation time (the response fields are described at the end of the API reference). Deleting
 a key requires deletion_allowed and destroys its objects on the token.
 
