@@ -252,23 +252,12 @@ func (k *Key) Apply(c Settings) error {
 		k.ApprovalsRequired = *c.ApprovalsRequired
 	}
 	if c.ApproverGroups != nil {
-		if len(*c.ApproverGroups) > maxApproverGroups {
-			return Callerf("approver_groups names at most %d groups", maxApproverGroups)
-		}
-		groups := make([]string, 0, len(*c.ApproverGroups))
-		for _, g := range *c.ApproverGroups {
-			if len(g) > maxGroupName {
-				return Callerf("approver_groups: a group's name or id has at most %d characters", maxGroupName)
-			}
-			if g = strings.TrimSpace(g); g != "" && !slices.Contains(groups, g) {
-				groups = append(groups, g)
-			}
+		groups, err := nameList("approver_groups", *c.ApproverGroups, maxApproverGroups, maxGroupName, "groups", "a group's name or id")
+		if err != nil {
+			return err
 		}
 		slices.Sort(groups)
 		k.ApproverGroups = groups
-		if len(groups) == 0 {
-			k.ApproverGroups = nil
-		}
 	}
 	if err := k.applyOwnership(c); err != nil {
 		return err
@@ -333,24 +322,31 @@ func (k *Key) applyOwnership(c Settings) error {
 		}
 	}
 	if c.DataAssets != nil {
-		if len(*c.DataAssets) > MaxDataAssets {
-			return Callerf("data_assets names at most %d assets", MaxDataAssets)
-		}
-		assets := make([]string, 0, len(*c.DataAssets))
-		for _, a := range *c.DataAssets {
-			if len(a) > MaxDataAssetName {
-				return Callerf("data_assets: an asset's name has at most %d characters", MaxDataAssetName)
-			}
-			if a = strings.TrimSpace(a); a != "" && !slices.Contains(assets, a) {
-				assets = append(assets, a)
-			}
+		assets, err := nameList("data_assets", *c.DataAssets, MaxDataAssets, MaxDataAssetName, "assets", "an asset's name")
+		if err != nil {
+			return err
 		}
 		k.DataAssets = assets
-		if len(assets) == 0 {
-			k.DataAssets = nil
-		}
 	}
 	return nil
+}
+
+// nameList checks a list of names given to field (at most maxItems, each of at most maxLen characters) and returns
+// it trimmed, without empty names or repeats, in the order given; nil when none is left.
+func nameList(field string, names []string, maxItems, maxLen int, items, item string) ([]string, error) {
+	if len(names) > maxItems {
+		return nil, Callerf("%s names at most %d %s", field, maxItems, items)
+	}
+	var out []string
+	for _, name := range names {
+		if len(name) > maxLen {
+			return nil, Callerf("%s: %s has at most %d characters", field, item, maxLen)
+		}
+		if name = strings.TrimSpace(name); name != "" && !slices.Contains(out, name) {
+			out = append(out, name)
+		}
+	}
+	return out, nil
 }
 
 // FormatTags renders tags as sorted key=value pairs.
