@@ -47,7 +47,7 @@ test: deps build vault unit fuzz e2e bench-smoke soak-smoke
 # Unit tests under -race, on real SoftHSM, NSS, opencryptoki and tpm2-pkcs11 tokens (-tags cmkfaults compiles
 # the PKCS#11 fault injector the recovery tests use, never in a release build).
 unit:
-	$(GO) test -tags cmkfaults -race -count=1 -v $$($(GO) list ./... | grep -v /tests$$) 2>&1 | scripts/test-summary.sh
+	$(GO) test -tags cmkfaults -race -count=1 -timeout 25m -v $$($(GO) list ./... | grep -v /tests$$) 2>&1 | scripts/test-summary.sh
 
 # Short fuzzing of the ciphertext parser and of request decoding (Go's fuzzer takes one target per run).
 fuzz:

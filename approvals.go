@@ -537,8 +537,12 @@ func (b *backend) pathApprovals() []*framework.Path {
 		{
 			Pattern:      "approvals/?$",
 			DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationSuffix: "approvals"},
+			Fields: map[string]*framework.FieldSchema{
+				"after": {Type: framework.TypeString, Query: true, Description: "Pagination: only approvals whose id sorts after this one (the previous page's next_after)."},
+				"limit": {Type: framework.TypeInt, Query: true, Default: defaultInventoryLimit, Description: fmt.Sprintf("Pagination: at most this many approvals with their summary (1 to %d, default %d).", maxInventoryLimit, defaultInventoryLimit)},
+			},
 			Operations: map[logical.Operation]framework.OperationHandler{
-				logical.ListOperation: &framework.PathOperation{Callback: b.pathApprovalsList, Summary: "List the approvals: pending ones, and ended ones until they are removed."},
+				logical.ListOperation: &framework.PathOperation{Callback: handle(b.pathApprovalsList), Summary: "List the approvals, a page at a time: pending ones, and ended ones until they are removed."},
 			},
 			HelpSynopsis:    "List the requests held for dual control.",
 			HelpDescription: approvalsHelp,
@@ -579,11 +583,24 @@ func (b *backend) pathApprovals() []*framework.Path {
 	}
 }
 
-func (b *backend) pathApprovalsList(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
-	ids, err := req.Storage.List(ctx, approvalsPrefix)
+func (b *backend) pathApprovalsList(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	limit := d.Get("limit").(int)
+	if limit < 1 || limit > maxInventoryLimit {
+		return nil, callerf("limit must be between 1 and %d", maxInventoryLimit)
+	}
+	all, err := req.Storage.List(ctx, approvalsPrefix)
 	if err != nil {
 		return nil, err
 	}
+	// A page at a time: each listed approval is a storage read, and held requests can be many.
+	sort.Strings(all)
+	after := d.Get("after").(string)
+	ids := all[sort.SearchStrings(all, after):]
+	if len(ids) > 0 && ids[0] == after {
+		ids = ids[1:]
+	}
+	more := len(ids) > limit
+	ids = ids[:min(len(ids), limit)]
 	now := b.now()
 	info := make(map[string]interface{}, len(ids))
 	for _, id := range ids {
@@ -599,8 +616,11 @@ func (b *backend) pathApprovalsList(ctx context.Context, req *logical.Request, _
 			"approvals": len(a.Approvals), "approvals_required": a.Required, "requested_by": a.RequestedBy.view(),
 		}
 	}
-	sort.Strings(ids)
-	return logical.ListResponseWithInfo(ids, info), nil
+	resp := logical.ListResponseWithInfo(ids, info)
+	if more {
+		resp.Data["next_after"] = ids[len(ids)-1]
+	}
+	return resp, nil
 }
 
 func (b *backend) pathApprovalRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {

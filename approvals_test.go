@@ -222,6 +222,13 @@ func TestDualControlHeldRequests(t *testing.T) {
 	if n := len(list.Data["keys"].([]string)); n != 4 {
 		t.Fatalf("%d approvals listed, want 4", n)
 	}
+	// A page at a time: each listed approval is a storage read.
+	page := e.ok(e.request(logical.ListOperation, "approvals/", map[string]interface{}{"limit": 3}))
+	rest := e.ok(e.request(logical.ListOperation, "approvals/", map[string]interface{}{"limit": 3, "after": page.Data["next_after"]}))
+	if len(page.Data["keys"].([]string)) != 3 || len(rest.Data["keys"].([]string)) != 1 || rest.Data["next_after"] != nil ||
+		len(rest.Data["key_info"].(map[string]interface{})) != 1 {
+		t.Fatalf("pages of 3: %v then %v", page.Data, rest.Data)
+	}
 }
 
 // An import_version is held, its wrapped key shown to approvers only as its hash and length; approved, it imports
