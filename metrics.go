@@ -41,6 +41,7 @@ type metrics struct {
 	keysByState    *prometheus.GaugeVec
 	versions       *prometheus.GaugeVec
 	nearLimit      prometheus.Gauge
+	overdue        prometheus.Gauge
 
 	perKeyMu   sync.Mutex
 	perKey     bool
@@ -78,11 +79,13 @@ func newMetrics(token func() hsmToken) *metrics {
 			Help: "Key versions of the mount by state."}, []string{"state"}),
 		nearLimit: prometheus.NewGauge(prometheus.GaugeOpts{Name: "cmk_key_versions_near_usage_limit",
 			Help: "Encrypting versions that have made 90% or more of the encryptions they may make."}),
+		overdue: prometheus.NewGauge(prometheus.GaugeOpts{Name: "cmk_keys_rotation_overdue",
+			Help: "Keys whose scheduled rotation is more than 10 minutes late (the periodic function rotates them within about a minute)."}),
 		named:      map[string]bool{},
 		aggregated: map[string]bool{},
 	}
 	m.collectors = []prometheus.Collector{m.requests, m.keyRequests, m.keysAggregated, m.hsmCalls, m.recoveries, m.rotations,
-		m.denials, m.keysByState, m.versions, m.nearLimit,
+		m.denials, m.keysByState, m.versions, m.nearLimit, m.overdue,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "cmk_hsm_sessions_in_use",
 			Help: "HSM sessions operations hold now."}, func() float64 {
 			if t := token(); t != nil {
@@ -203,8 +206,8 @@ func (m *metrics) setPerKey(on bool, limit int) {
 
 // exposition writes the registry in Prometheus's text format (version 0.0.4), with the gauges of the mount's keys
 // taken from ks (the cached snapshots; versions near their limit from the in-memory usage counts).
-func (m *metrics) exposition(ks []*keys.Key, mgr *keys.Manager) ([]byte, error) {
-	m.setKeyGauges(ks, mgr)
+func (m *metrics) exposition(ks []*keys.Key, mgr *keys.Manager, now time.Time) ([]byte, error) {
+	m.setKeyGauges(ks, mgr, now)
 	families, err := m.registry.Gather()
 	if err != nil {
 		return nil, err
@@ -224,11 +227,14 @@ var keyStates = []string{"active", "disabled", "deletion_scheduled", "deleting"}
 
 var versionStates = []string{keys.StateActive, keys.StateDecryptOnly, keys.StateDisabled, keys.StateDestroyScheduled, keys.StateDestroyed}
 
-func (m *metrics) setKeyGauges(ks []*keys.Key, mgr *keys.Manager) {
+func (m *metrics) setKeyGauges(ks []*keys.Key, mgr *keys.Manager, now time.Time) {
 	byState := map[string]float64{}
 	versions := map[string]float64{}
-	near := 0.0
+	near, overdue := 0.0, 0.0
 	for _, k := range ks {
+		if rotationOverdue(k, now) {
+			overdue++
+		}
 		byState[keyState(k)]++
 		for n := range k.Versions {
 			versions[k.VersionState(n)]++
@@ -244,6 +250,17 @@ func (m *metrics) setKeyGauges(ks []*keys.Key, mgr *keys.Manager) {
 		m.versions.WithLabelValues(s).Set(versions[s])
 	}
 	m.nearLimit.Set(near)
+	m.overdue.Set(overdue)
+}
+
+// rotationLate is how late a scheduled rotation may be before it counts as overdue: the periodic function runs
+// about once a minute, and a rotation that fails is tried again on the next run.
+const rotationLate = 10 * time.Minute
+
+// rotationOverdue: a rotation the key's schedule asks for is late, where the periodic function would make it
+// (not for a disabled key or one whose deletion is scheduled, which it leaves alone).
+func rotationOverdue(k *keys.Key, now time.Time) bool {
+	return !k.NextRotation.IsZero() && now.Sub(k.NextRotation) > rotationLate && !k.Disabled && k.DeleteAt.IsZero() && !k.Deleting
 }
 
 func keyState(k *keys.Key) string {

@@ -6,10 +6,13 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/keys"
 )
 
 // scrape reads the metrics path as Prometheus would and parses the exposition.
@@ -194,5 +197,54 @@ func TestMetricsAreTheMounts(t *testing.T) {
 	}
 	if strings.Contains(fmt.Sprint(one.b.PathsSpecial.Unauthenticated), "metrics") {
 		t.Fatal("metrics must be governed by Vault's ACL")
+	}
+}
+
+// The key gauges an alert watches: versions near their usage limit, and scheduled rotations that are late.
+func TestMetricsGaugeUsageNearLimitAndOverdueRotations(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/k", nil))
+	e.ok(e.write("keys/k/config", map[string]interface{}{"max_encryptions_per_version": 10, "auto_rotate_period": "1h"}))
+	near := func() float64 { return e.value(e.scrape(), "cmk_key_versions_near_usage_limit", map[string]string{}) }
+	for range 8 {
+		encryptOK(t, e, "k", "x")
+	}
+	if got := near(); got != 0 {
+		t.Fatalf("8 of 10 encryptions: %v versions near the limit, want 0", got)
+	}
+	encryptOK(t, e, "k", "x")
+	if got := near(); got != 1 {
+		t.Fatalf("9 of 10 encryptions: %v versions near the limit, want 1", got)
+	}
+	encryptOK(t, e, "k", "x") // the last: the key rotates for usage, and its new version has made none
+	m := e.scrape()
+	if got := e.value(m, "cmk_key_versions_near_usage_limit", map[string]string{}); got != 0 {
+		t.Fatalf("after the rotation for usage: %v versions near the limit, want 0", got)
+	}
+	if got := e.value(m, "cmk_rotations_total", map[string]string{"cause": "usage"}); got != 1 {
+		t.Fatalf("cmk_rotations_total{cause=usage} = %v, want 1", got)
+	}
+
+	k, err := e.b.keys.Get(context.Background(), e.storage, "k")
+	if err != nil {
+		t.Fatal(err)
+	}
+	overdue := func(at time.Time) float64 {
+		body, err := e.b.metrics.exposition([]*keys.Key{k}, e.b.keys, at)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var p expfmt.TextParser
+		families, err := p.TextToMetricFamilies(bytes.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return e.value(families, "cmk_keys_rotation_overdue", map[string]string{})
+	}
+	if got := overdue(k.NextRotation.Add(time.Minute)); got != 0 {
+		t.Fatalf("a minute after the rotation was due: %v overdue, want 0", got)
+	}
+	if got := overdue(k.NextRotation.Add(rotationLate + time.Minute)); got != 1 {
+		t.Fatalf("%v after the rotation was due: %v overdue, want 1", rotationLate+time.Minute, got)
 	}
 }

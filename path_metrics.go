@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -162,7 +163,7 @@ func (b *backend) pathMetricsRead(ctx context.Context, req *logical.Request, d *
 			ks = append(ks, k)
 		}
 	}
-	body, err := b.metrics.exposition(ks, b.keys)
+	body, err := b.metrics.exposition(ks, b.keys, time.Now())
 	if err != nil {
 		return nil, fmt.Errorf("write the metrics: %w", err)
 	}
@@ -186,6 +187,7 @@ scraper needs a token whose policy grants read on <mount>/metrics.
     cmk_keys{state}                                  keys: active, disabled, deletion_scheduled, deleting
     cmk_key_versions{state}                          versions by state
     cmk_key_versions_near_usage_limit                encrypting versions at 90% or more of their encryption limit
+    cmk_keys_rotation_overdue                        keys whose scheduled rotation is more than 10 minutes late
     cmk_hsm_call_duration_seconds{operation,result}  HSM operations' time, recoveries included (histogram)
     cmk_hsm_recoveries_total{class}                  recoveries from HSM errors: session, login, handle, device, ...
     cmk_hsm_sessions_in_use, cmk_hsm_sessions        sessions operations hold now, and the pool's size
