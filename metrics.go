@@ -3,8 +3,6 @@ package cmk
 import (
 	"bytes"
 	"context"
-	"errors"
-	"net/http"
 	"strconv"
 	"sync"
 	"time"
@@ -283,29 +281,6 @@ func nearUsageLimit(k *keys.Key, mgr *keys.Manager) bool {
 	used, ok := mgr.EncryptionCount(k.Name, k.LatestVersion)
 	limit := k.EncryptionLimit()
 	return ok && limit > 0 && used >= limit-limit/10
-}
-
-// statusOf is the HTTP status Vault answers a handler's outcome with: Vault's own mapping of errors
-// (logical.RespondErrorCommon, then AdjustErrorStatusCode), a raw response's own status, 200 or 204.
-func statusOf(req *logical.Request, resp *logical.Response, err error) int {
-	if err == nil && resp != nil && resp.Data != nil {
-		if code, ok := resp.Data[logical.HTTPStatusCode].(int); ok {
-			return code
-		}
-	}
-	if err == nil && (resp == nil || !resp.IsError()) {
-		if resp == nil {
-			return http.StatusNoContent
-		}
-		return http.StatusOK
-	}
-	code, cerr := logical.RespondErrorCommon(req, resp, err)
-	logical.AdjustErrorStatusCode(&code, cerr)
-	var coded logical.HTTPCodedError
-	if code == 0 && errors.As(err, &coded) {
-		code = coded.Code()
-	}
-	return code
 }
 
 var _ hsm.Observer = (*metrics)(nil)

@@ -85,9 +85,8 @@ func TestMetricsThroughVault(t *testing.T) {
 	if _, err := scraper.Logical().Write(m.Path+"/encrypt/k", map[string]interface{}{"plaintext": b64("x")}); statusOf(err) != 403 {
 		t.Fatalf("the scraper's token encrypts: %v", err)
 	}
-	req := scraper.NewRequest(http.MethodGet, "/v1/"+m.Path+"/metrics")
-	req.Params.Set("format", "prometheus")
-	resp, err := scraper.RawRequestWithContext(context.Background(), req)
+	resp, err := scraper.Logical().ReadRawWithDataWithContext(context.Background(), m.Path+"/metrics",
+		map[string][]string{"format": {"prometheus"}})
 	if err != nil {
 		t.Fatal(err)
 	}
