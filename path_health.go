@@ -19,6 +19,10 @@ const healthPath = "health"
 // call it, and must not be able to keep the pool's sessions busy with it.
 const healthCacheFor = time.Second
 
+// healthTimeout bounds a check: a token that has not served one cheap call in that time does not serve (every
+// session busy that long counts as not serving too).
+const healthTimeout = 5 * time.Second
+
 // Why health answers 503. Each names the state and nothing of the configuration: the path needs no Vault token.
 var (
 	errHealthNotConfigured = errors.New("not configured: the mount has no HSM token configured")
@@ -77,6 +81,8 @@ func (b *backend) checkHealth(ctx context.Context, s logical.Storage) error {
 }
 
 func (b *backend) probeHealth(ctx context.Context, s logical.Storage) error {
+	ctx, cancel := context.WithTimeout(ctx, healthTimeout)
+	defer cancel()
 	tok, _, err := b.getToken(ctx, s)
 	var loginRefused bool // the connection's last attempt to log in was refused
 	if err == nil {
