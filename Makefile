@@ -11,7 +11,7 @@ SOAK_PLUGIN := .build/soak/vault-plugin-secrets-cmk
 VERSION := $(shell cat VERSION)
 VERSION_FLAG := -ldflags "-X github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk.Version=$(VERSION)"
 
-.PHONY: all help api-doc clients build deps vault dev test unit e2e fuzz bench bench-smoke reference soak soak-smoke soak-plugin cluster hsm-matrix lint fmt clean
+.PHONY: all help api-doc clients build deps vault dev test unit e2e fuzz rules bench bench-smoke reference soak soak-smoke soak-plugin cluster hsm-matrix lint fmt clean
 
 all: build
 
@@ -42,12 +42,17 @@ dev: deps build vault
 	@scripts/dev.sh
 
 # Unit tests, short fuzzing, then the end-to-end suite against a real Vault server.
-test: deps build vault unit fuzz e2e bench-smoke soak-smoke
+test: deps build vault unit fuzz e2e bench-smoke soak-smoke rules
 
 # Unit tests under -race, on real SoftHSM, NSS, opencryptoki and tpm2-pkcs11 tokens (-tags cmkfaults compiles
 # the PKCS#11 fault injector the recovery tests use, never in a release build).
 unit:
 	$(GO) test -tags cmkfaults -race -count=1 -timeout 25m -v $$($(GO) list ./... | grep -v /tests$$) 2>&1 | scripts/test-summary.sh
+
+# The example Prometheus alerting rules: valid, and each alert raised by the series that should raise it.
+rules: deps
+	promtool check rules examples/prometheus/cmk-alerts.yml
+	cd examples/prometheus && promtool test rules cmk-alerts.test.yml
 
 # Short fuzzing of the ciphertext parser and of request decoding (Go's fuzzer takes one target per run).
 fuzz:

@@ -52,10 +52,13 @@ var apiSamples = []apiSample{
 	{logical.UpdateOperation, "config/keys", map[string]interface{}{"deletion_grace_period": "168h"}},
 	{logical.ReadOperation, "config/keys", nil},
 	{logical.UpdateOperation, "cache-config", map[string]interface{}{"size": 0}},
+	{logical.UpdateOperation, "config/metrics", map[string]interface{}{"per_key_labels": true, "per_key_label_limit": 100}},
 	{logical.UpdateOperation, "keys/demo", map[string]interface{}{"type": "aes256-gcm96"}},
 	{logical.UpdateOperation, "keys/demo/config", map[string]interface{}{"deletion_allowed": true, "auto_rotate_period": "720h"}},
 	{logical.UpdateOperation, "encrypt/demo", map[string]interface{}{"plaintext": "aGVsbG8gd29ybGQ="}},
 	{logical.UpdateOperation, "decrypt/demo", map[string]interface{}{"ciphertext": "{ct}"}},
+	{logical.ReadOperation, "metrics", map[string]interface{}{"format": "prometheus"}},
+	{logical.ReadOperation, "health", nil},
 	{logical.UpdateOperation, "keys/demo/rotate", nil},
 	{logical.UpdateOperation, "rewrap/demo", map[string]interface{}{"ciphertext": "{ct}"}},
 	{logical.UpdateOperation, "encrypt/demo", map[string]interface{}{"batch_input": []interface{}{
@@ -176,6 +179,11 @@ func apiReference(t *testing.T) string {
 		}
 		resp, err := b.HandleRequest(context.Background(), req)
 		code := status(resp, err)
+		if text, ok := textBody(resp); ok && err == nil {
+			// The metrics: Prometheus's text, as a scraper receives it.
+			samples[pathFor(b, path)] = append(samples[pathFor(b, path)], renderText(s, data, code, text))
+			continue
+		}
 		if raw, ok := rawBody(resp); ok && err == nil {
 			// A held request's 202: the body a client receives.
 			var held struct {
@@ -346,6 +354,46 @@ func rawBody(resp *logical.Response) (string, bool) {
 	}
 	raw, ok := resp.Data[logical.HTTPRawBody].(string)
 	return raw, ok
+}
+
+// textBody is the body of a response the engine gives as text (the metrics), if resp is one.
+func textBody(resp *logical.Response) (string, bool) {
+	if resp == nil || resp.Data[logical.HTTPContentType] != metricsContentType {
+		return "", false
+	}
+	raw, ok := resp.Data[logical.HTTPRawBody].([]byte)
+	return string(raw), ok
+}
+
+// reTimed are the series of the exposition whose values are times or depend on them: shown as "…".
+var reTimed = regexp.MustCompile(`^(cmk_hsm_call_duration_seconds_(bucket|sum|count)\{.*\}) .*$`)
+
+// renderText renders a sample whose answer is text: the HSM latency histogram's buckets are left out but for the
+// last, and its values shown as "…".
+func renderText(s apiSample, data map[string]interface{}, code int, text string) string {
+	var b strings.Builder
+	q := make([]string, 0, len(data))
+	for k, v := range data {
+		q = append(q, fmt.Sprintf("%s=%v", k, v))
+	}
+	sort.Strings(q)
+	query := ""
+	if len(q) > 0 {
+		query = "?" + strings.Join(q, "&")
+	}
+	fmt.Fprintf(&b, "Sample: `%s /v1/cmk/%s%s`", httpMethod(s.op), s.path, query)
+	fmt.Fprintf(&b, "\n\nanswers HTTP %d (`%s`):\n\n```text\n", code, metricsContentType)
+	for _, line := range strings.Split(strings.TrimSpace(text), "\n") {
+		if m := reTimed.FindStringSubmatch(line); m != nil {
+			if m[2] == "bucket" && !strings.Contains(line, `le="+Inf"`) {
+				continue
+			}
+			line = m[1] + " …"
+		}
+		b.WriteString(line + "\n")
+	}
+	b.WriteString("```\n")
+	return b.String()
 }
 
 func pathFor(b *backend, path string) *framework.Path {
@@ -787,7 +835,7 @@ var responseFieldDocs = map[string]string{
 	"requested_by":                "`approvals/:id`: who sent the held request (`entity_id`, `display_name`, `token_accessor_hmac`).",
 	"result":                      "`approvals/:id`, once executed: the request's HTTP `status` and its `data` and `warnings`, or its `error`.",
 	"sha256":                      "`approvals/:id`, `fields`: the SHA-256 (hex) of a sensitive value as sent, to compare with what the approver was given.",
-	"status":                      "`approvals/:id`, `result`: the HTTP status the executed request answered.",
+	"status":                      "`approvals/:id`, `result`: the HTTP status the executed request answered. `health`: \"ok\" (a token that does not serve answers 503 naming why).",
 	"warnings":                    "`approvals/:id`, `result`: the warnings the executed request answered.",
 	"label_prefix":                "config/hsm: the prefix of the CKA_LABEL of every object of the mount, cmk/<mount uuid>/",
 	"import_supported":            "config/hsm key_types: whether the token can take an imported key of the type (BYOK)",

@@ -42,6 +42,8 @@ type hsmToken interface {
 	Capabilities(ctx context.Context) (*hsm.Capabilities, error)
 	Info() hsm.TokenInfo
 	Status() (connected bool, lastErr error)
+	Check(ctx context.Context) error // one cheap call: does the token serve now (health)
+	SessionsInUse() int
 	Close()
 }
 
@@ -69,7 +71,11 @@ type backend struct {
 
 	wrappingMu sync.Mutex // serialises the creation of the mount's wrapping key
 
-	cacheConfigChanged atomic.Bool // another node changed cache-config
+	cacheConfigChanged   atomic.Bool // another node changed cache-config
+	metricsConfigChanged atomic.Bool // another node changed config/metrics
+
+	metrics *metrics    // the mount's Prometheus registry (metrics.go)
+	health  healthCheck // the last answer of health, reused for a second (path_health.go)
 
 	approvals *approvals       // dual control: requests held for approval (approvals.go)
 	now       func() time.Time // the clock approvals expire by; tests move it
@@ -110,6 +116,8 @@ func newBackend(conf *logical.BackendConfig) *backend {
 		}
 		return tok, nonces, nil
 	})
+	b.metrics = newMetrics(b.connectedToken)
+	b.keys.Observer = b.metrics
 	b.identity = newIdentityStore(func() logical.SystemView { return b.System() })
 	b.Backend = &framework.Backend{
 		Help:        backendHelp,
@@ -124,9 +132,11 @@ func newBackend(conf *logical.BackendConfig) *backend {
 			// The PIN is kept in config/hsm, and a held import_version's wrapped key in its approval: seal-wrap them
 			// where Vault offers seal wrapping.
 			SealWrapStorage: []string{"config/hsm", approvalRequestsPrefix},
+			// Whether the token serves, for load balancers, as Vault's sys/health: it reveals nothing else.
+			Unauthenticated: []string{healthPath},
 		},
 		Paths: framework.PathAppend(
-			[]*framework.Path{b.pathConfigHSM(), b.pathConfigKeys(), b.pathCacheConfig()},
+			[]*framework.Path{b.pathConfigHSM(), b.pathConfigKeys(), b.pathCacheConfig(), b.pathConfigMetrics()},
 			b.pathKeys(),
 			[]*framework.Path{b.pathRotate(), b.pathWrappingKey(), b.pathImport(false), b.pathImport(true)},
 			b.pathLifecycle(),
@@ -139,8 +149,12 @@ func newBackend(conf *logical.BackendConfig) *backend {
 			b.pathReconcile(),
 			b.pathApprovals(),
 			b.pathInventory(),
+			[]*framework.Path{b.pathMetrics(), b.pathHealth()},
 		),
 		InitializeFunc: func(ctx context.Context, req *logical.InitializationRequest) error {
+			if err := b.applyMetricsConfig(ctx, req.Storage); err != nil {
+				return err
+			}
 			return b.applyCacheConfig(ctx, req.Storage)
 		},
 		PeriodicFunc:      b.periodic,
@@ -163,6 +177,8 @@ func (b *backend) invalidate(_ context.Context, key string) {
 		b.configMu.Unlock()
 	case configCachePath:
 		b.cacheConfigChanged.Store(true) // applied by the next periodic pass, which has storage
+	case configMetricsPath:
+		b.metricsConfigChanged.Store(true)
 	default:
 		if strings.HasPrefix(key, approvalsPrefix) {
 			b.approvals.forget()
@@ -207,12 +223,19 @@ func (b *backend) getToken(ctx context.Context, s logical.Storage) (hsmToken, *k
 	}
 	tok, err := b.openToken(b.tokenConfig(cfg), b.logger.Named("hsm"))
 	if err != nil {
-		b.openErr, b.openRetryAt = fmt.Errorf("%w: %v", hsm.ErrUnavailable, err), time.Now().Add(openRetryDelay)
+		b.openErr, b.openRetryAt = &openError{cause: err}, time.Now().Add(openRetryDelay)
 		return nil, nil, b.openErr
 	}
 	b.token, b.nonces, b.openErr = tok, keys.NewNonces(cfg.IVSource, tok), nil
 	return b.token, b.nonces, nil
 }
+
+// openError is a failure to connect to the token: hsm.ErrUnavailable to callers (a 503, whatever the cause: a
+// PIN the token refuses now was accepted when config/hsm was written), its cause kept for health.
+type openError struct{ cause error }
+
+func (e *openError) Error() string        { return hsm.ErrUnavailable.Error() + ": " + e.cause.Error() }
+func (e *openError) Is(target error) bool { return target == hsm.ErrUnavailable }
 
 // connectedToken is the token if this mount has connected to it, else nil; it never connects.
 func (b *backend) connectedToken() hsmToken {
@@ -233,7 +256,7 @@ func (b *backend) setToken(tok hsmToken, ivSource string) {
 
 func (b *backend) tokenConfig(c *hsmConfig) hsm.Config {
 	return hsm.Config{Library: b.library, InitParams: b.initParams, TokenLabel: c.TokenLabel, Slot: c.Slot, PIN: c.PIN,
-		PoolSize: c.PoolSize, Mount: b.mountID, RawRSAOAEPFallback: c.RawRSAOAEPFallback}
+		PoolSize: c.PoolSize, Mount: b.mountID, RawRSAOAEPFallback: c.RawRSAOAEPFallback, Observer: b.metrics}
 }
 
 // periodic is Vault's periodic function: the keys' lifecycle work that is due.
@@ -241,6 +264,12 @@ func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
 	if b.cacheConfigChanged.Swap(false) {
 		if err := b.applyCacheConfig(ctx, req.Storage); err != nil {
 			b.cacheConfigChanged.Store(true)
+			return err
+		}
+	}
+	if b.metricsConfigChanged.Swap(false) {
+		if err := b.applyMetricsConfig(ctx, req.Storage); err != nil {
+			b.metricsConfigChanged.Store(true)
 			return err
 		}
 	}

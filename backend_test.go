@@ -195,23 +195,9 @@ func (e *testEnv) ok(resp *logical.Response, err error) *logical.Response {
 	return resp
 }
 
-// status is the HTTP status a Vault server would send for this outcome: Vault's own mapping of errors
-// (logical.RespondErrorCommon, then AdjustErrorStatusCode), 200 or 204 on success.
+// status is the HTTP status a Vault server would send for this outcome (statusOf, for a write).
 func status(resp *logical.Response, err error) int {
-	if resp != nil && resp.Data != nil {
-		if c, ok := resp.Data[logical.HTTPStatusCode].(int); ok {
-			return c
-		}
-	}
-	if err == nil && (resp == nil || !resp.IsError()) {
-		if resp == nil {
-			return 204
-		}
-		return 200
-	}
-	code, err := logical.RespondErrorCommon(&logical.Request{Operation: logical.UpdateOperation}, resp, err)
-	logical.AdjustErrorStatusCode(&code, err) // as Vault's HTTP layer: coded errors keep their code
-	return code
+	return statusOf(&logical.Request{Operation: logical.UpdateOperation}, resp, err)
 }
 
 func respText(resp *logical.Response) string {

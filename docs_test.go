@@ -15,6 +15,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/vault/sdk/logical"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/keys"
 )
@@ -159,6 +160,9 @@ func TestDocsNameOnlyFieldsTheCodeHas(t *testing.T) {
 	for name := range responseFields(t) {
 		known[name] = true
 	}
+	for _, name := range metricNames() {
+		known[name] = true
+	}
 	if !known["hsm_objects_missing"] || !known["adoptable_by_operator"] || !known["token_label"] {
 		t.Fatalf("the code's field names were not all found (%d found): the collection is broken", len(known))
 	}
@@ -295,3 +299,24 @@ func jsonNames(tp reflect.Type, out map[string]bool) {
 		jsonNames(f.Type, out)
 	}
 }
+
+// metricNames are the names of the series the metrics path serves, as their collectors describe them.
+func metricNames() []string {
+	m := newMetrics(func() hsmToken { return nil })
+	ch := make(chan *prometheus.Desc, 64)
+	go func() {
+		for _, c := range m.collectors {
+			c.Describe(ch)
+		}
+		close(ch)
+	}()
+	var names []string
+	for d := range ch {
+		if f := reMetricName.FindStringSubmatch(d.String()); f != nil {
+			names = append(names, f[1])
+		}
+	}
+	return names
+}
+
+var reMetricName = regexp.MustCompile(`fqName: "([a-z_]+)"`)

@@ -141,8 +141,11 @@ func newestNamed(items []batchItem) int {
 // asociated_data) never falls back to a default or drops a protection, then runs fn and turns an error fn
 // returns as it is into the caller's response (respond). transitOnly lists the fields Transit's path knows and
 // this one does not: accepted and ignored, or refused when set if transitUnsupported names them.
+//
+// A request that asks for a key (keys.Manager.Usable, which every use passes) is counted once it is answered, by
+// operation, key type and the status Vault answers it with (metrics.go): denials and failures included.
 func handle(fn framework.OperationFunc, transitOnly ...string) framework.OperationFunc {
-	return func(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	run := func(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 		if err := refuseUnknownFields(req, d, transitOnly...); err != nil {
 			return respond(err)
 		}
@@ -151,6 +154,12 @@ func handle(fn framework.OperationFunc, transitOnly ...string) framework.Operati
 		if err != nil && resp == nil && !errors.As(err, &coded) {
 			return respond(err)
 		}
+		return resp, err
+	}
+	return func(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+		ctx, note := withRequestNote(ctx)
+		resp, err := run(ctx, req, d)
+		note.count(req, resp, err)
 		return resp, err
 	}
 }

@@ -60,3 +60,23 @@ func respond(err error) (*logical.Response, error) {
 
 // callerf is keys.Callerf, the handlers' way of naming a caller's mistake.
 var callerf = keys.Callerf
+
+// statusOf is the HTTP status Vault answers a handler's outcome with: a raw response's own status, 200 or 204 on
+// success, else Vault's own mapping of errors (logical.RespondErrorCommon, then AdjustErrorStatusCode, which keeps
+// a coded error's code). The metrics count requests by it.
+func statusOf(req *logical.Request, resp *logical.Response, err error) int {
+	if resp != nil && resp.Data != nil {
+		if code, ok := resp.Data[logical.HTTPStatusCode].(int); ok {
+			return code
+		}
+	}
+	if err == nil && (resp == nil || !resp.IsError()) {
+		if resp == nil {
+			return http.StatusNoContent
+		}
+		return http.StatusOK
+	}
+	code, cerr := logical.RespondErrorCommon(req, resp, err)
+	logical.AdjustErrorStatusCode(&code, cerr)
+	return code
+}

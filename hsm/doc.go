@@ -10,6 +10,7 @@
 //   - pool.go: a Token's connection: slot, login session, pooled sessions;
 //   - handles.go: object handles cached per key version, and objects found missing;
 //   - recovery.go: what each PKCS#11 error means and the retry that recovers from it;
+//   - observe.go: what the engine's metrics hear of every operation and recovery, and the health check;
 //   - capabilities.go: what a token can do and how it must be asked, probed, never assumed from SoftHSM;
 //   - templates.go: the attributes of every object the engine keeps;
 //   - gcm.go, sign.go, rsa.go, random.go, generate.go, import.go, objects.go: the operations.

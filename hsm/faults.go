@@ -98,7 +98,12 @@ func (f *faultyCalls) waiting(fn string) int {
 }
 
 // hit records a call of fn and returns the error it is to fail with, if any.
-func (f *faultyCalls) hit(fn string) error {
+func (f *faultyCalls) hit(fn string) error { return f.hitWith(fn, true) }
+
+// hitNamed is hit for a function the random mode leaves alone: it fails only where a test names it.
+func (f *faultyCalls) hitNamed(fn string) error { return f.hitWith(fn, false) }
+
+func (f *faultyCalls) hitWith(fn string, random bool) error {
 	f.mu.Lock()
 	if ch, ok := f.holds[fn]; ok {
 		f.held[fn]++
@@ -109,7 +114,7 @@ func (f *faultyCalls) hit(fn string) error {
 	}
 	defer f.mu.Unlock()
 	f.calls[fn]++
-	if f.rate > 0 && f.rng.Float64() < f.rate {
+	if random && f.rate > 0 && f.rng.Float64() < f.rate {
 		f.faulty++
 		return pkcs11.Error(randomFaults[f.rng.IntN(len(randomFaults))])
 	}
@@ -137,6 +142,15 @@ func (f *faultyCalls) OpenSession(slot uint, flags uint) (pkcs11.SessionHandle, 
 		return 0, err
 	}
 	return f.pkcs11API.OpenSession(slot, flags)
+}
+
+// GetSessionInfo is how a session's login is asked after (loginLost, Check); never failed at random, so that
+// the soak's fault mix stays what it was.
+func (f *faultyCalls) GetSessionInfo(sh pkcs11.SessionHandle) (pkcs11.SessionInfo, error) {
+	if err := f.hitNamed("GetSessionInfo"); err != nil {
+		return pkcs11.SessionInfo{}, err
+	}
+	return f.pkcs11API.GetSessionInfo(sh)
 }
 
 func (f *faultyCalls) Login(sh pkcs11.SessionHandle, userType uint, pin string) error {

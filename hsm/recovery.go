@@ -92,7 +92,14 @@ const maxStaleRetries = 3
 // restored, a stale handle is looked up again, a lost device is re-initialised, each at most once per call; a
 // session whose connection ended before its call is replaced without counting as a fault. fn must be safe to
 // repeat after any of those errors (they mean the operation did not happen).
-func (t *Token) do(ctx context.Context, op string, fn func(c pkcs11API, s session) error) error {
+func (t *Token) do(ctx context.Context, op string, fn func(c pkcs11API, s session) error) (err error) {
+	start := time.Now()
+	defer func() { t.observeCall(op, time.Since(start), err) }()
+	return t.doRecovering(ctx, op, fn)
+}
+
+// doRecovering is do's work, unobserved: doAside's fallback, observed there, runs it.
+func (t *Token) doRecovering(ctx context.Context, op string, fn func(c pkcs11API, s session) error) error {
 	select {
 	case t.pool.slots <- struct{}{}:
 	case <-ctx.Done():
@@ -156,6 +163,7 @@ func (t *Token) do(ctx context.Context, op string, fn func(c pkcs11API, s sessio
 			break
 		}
 		recovered[class] = true
+		t.observeRecovery(class)
 		t.log.Debug("retrying HSM operation after recoverable error", "op", op, "error", err)
 	}
 	switch classify(last) {
@@ -175,10 +183,18 @@ func (t *Token) do(ctx context.Context, op string, fn func(c pkcs11API, s sessio
 // doAside is do for long scans of the whole token: fn runs on a session opened for it and closed after, outside
 // the pool's places, so that data-plane calls never wait behind it. One scan at a time per Token; waiting honours
 // ctx. Where the module's sessions interfere (quirks.oneSession) or the token has no session to spare, it is do.
-func (t *Token) doAside(ctx context.Context, op string, fn func(c pkcs11API, s session) error) error {
+func (t *Token) doAside(ctx context.Context, op string, fn func(c pkcs11API, s session) error) (err error) {
 	if t.quirks().oneSession {
 		return t.do(ctx, op, fn)
 	}
+	start := time.Now()
+	defer func() { t.observeCall(op, time.Since(start), err) }()
+	return t.doAsideOnce(ctx, op, fn)
+}
+
+// doAsideOnce is doAside's work, unobserved.
+
+func (t *Token) doAsideOnce(ctx context.Context, op string, fn func(c pkcs11API, s session) error) error {
 	select {
 	case t.scans <- struct{}{}:
 	case <-ctx.Done():
@@ -192,7 +208,7 @@ func (t *Token) doAside(ctx context.Context, op string, fn func(c pkcs11API, s s
 		}
 		s, err := t.pool.open()
 		if rv, ok := rvOf(err); ok && rv == pkcs11.CKR_SESSION_COUNT {
-			return t.do(ctx, op, fn)
+			return t.doRecovering(ctx, op, fn)
 		}
 		if err == nil {
 			err = t.pool.run(ctx, s, fn)
@@ -207,6 +223,7 @@ func (t *Token) doAside(ctx context.Context, op string, fn func(c pkcs11API, s s
 			continue
 		case (class == classSession || class == classLogin || class == classDevice) && !recovered:
 			recovered = true
+			t.observeRecovery(class)
 			if class != classSession {
 				t.pool.markLost(s, class == classDevice, err)
 			}

@@ -27,6 +27,8 @@ type Config struct {
 	// other mounts' wrong PINs either. A PIN the caller gives is never vouched for that way, or a wait would tell
 	// the mount's writer when they guessed its PIN.
 	Succeeds *Token
+	// Observer, when set, hears of every operation and recovery (the mount's metrics).
+	Observer Observer
 }
 
 // Token is a logged-in connection to one token: a pool of sessions, a cache of object handles, and what the

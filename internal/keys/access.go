@@ -243,7 +243,7 @@ func (m *Manager) Admit(ctx context.Context, s logical.Storage, k *Key, c Caller
 		return nil
 	}
 	deny := func(condition, format string, args ...interface{}) error {
-		m.denials.record(k.Name, condition, m.now())
+		m.denied(k.Name, condition)
 		m.log.Debug("use of key denied by its access conditions", "key", k.Name, "operation", op, "condition", condition,
 			"entity_id", c.EntityID, "remote_addr", c.RemoteAddr)
 		return &DeniedError{Key: k.Name, Operation: op, Condition: condition, msg: fmt.Sprintf(format, args...)}
@@ -289,7 +289,7 @@ func (m *Manager) Admit(ctx context.Context, s logical.Storage, k *Key, c Caller
 	switch {
 	case err != nil:
 		if IsDenied(err) {
-			m.denials.record(k.Name, "grant", m.now())
+			m.denied(k.Name, "grant")
 		}
 		return err
 	case granted:

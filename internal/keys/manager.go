@@ -81,6 +81,8 @@ type Manager struct {
 
 	// Clock is what access conditions' hours and grants' expiry are judged by; tests set it.
 	Clock func() time.Time
+	// Observer, when set before the first request, hears uses, denials and rotations (the mount's metrics).
+	Observer Observer
 }
 
 // now is the manager's clock.
@@ -323,6 +325,9 @@ func (tx *Tx) undo() {
 // has the request either way.
 func (tx *Tx) recordEvents() {
 	for _, ev := range tx.events {
+		if ev.Event == "rotated" {
+			tx.m.observer().Rotated(tx.Key.Name, ev.Cause)
+		}
 		if err := tx.m.appendHistory(tx.ctx, tx.s, tx.Key.Name, ev); err != nil {
 			tx.m.log.Error("could not record lifecycle event", "key", tx.Key.Name, "event", ev.Event, "error", err)
 		}

@@ -75,6 +75,7 @@ func (m *Manager) Usable(ctx context.Context, s logical.Storage, name string, op
 	if err != nil {
 		return nil, err
 	}
+	m.observer().Judging(ctx, name, op, k)
 	if k == nil {
 		return nil, Callerf("%s key %q not found", op.role(), name) // as Transit names a missing key
 	}
