@@ -785,26 +785,24 @@ func (b *backend) execute(ctx context.Context, req *logical.Request, a *approval
 
 // resultOf records what a request answered: its data and warnings, or its error and the status Vault would give.
 func resultOf(req *logical.Request, resp *logical.Response, err error) *approvalResult {
-	if err != nil || (resp != nil && resp.IsError()) {
-		code, cerr := logical.RespondErrorCommon(req, resp, err)
-		logical.AdjustErrorStatusCode(&code, cerr)
-		msg := "request failed"
+	r := &approvalResult{Status: statusOf(req, resp, err)} // the one outcome→status mapping
+	switch {
+	case err != nil || (resp != nil && resp.IsError()):
+		_, cerr := logical.RespondErrorCommon(req, resp, err)
+		r.Error = "request failed"
 		if cerr != nil {
-			msg = cerr.Error()
+			r.Error = cerr.Error()
 		}
-		return &approvalResult{Status: code, Error: msg}
-	}
-	if resp == nil {
-		return &approvalResult{Status: http.StatusNoContent}
-	}
-	r := &approvalResult{Status: http.StatusOK, Data: resp.Data, Warnings: resp.Warnings}
-	if code, ok := resp.Data[logical.HTTPStatusCode].(int); ok { // a raw response: its body is Vault's JSON
+	case resp == nil:
+	case resp.Data[logical.HTTPStatusCode] != nil: // a raw response: its body is Vault's JSON
 		var body struct {
 			Data     map[string]interface{} `json:"data"`
 			Warnings []string               `json:"warnings"`
 		}
 		_ = json.Unmarshal([]byte(fmt.Sprint(resp.Data[logical.HTTPRawBody])), &body)
-		r.Status, r.Data, r.Warnings = code, body.Data, body.Warnings
+		r.Data, r.Warnings = body.Data, body.Warnings
+	default:
+		r.Data, r.Warnings = resp.Data, resp.Warnings
 	}
 	return r
 }
