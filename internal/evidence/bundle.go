@@ -89,6 +89,8 @@ type Checked struct {
 	SignatureErr error
 	// History is the chain re-verified from the document's events and head.
 	History Verification
+	// Vouched says, for each of the document's history events, whether the signed head vouches for it (Vouched).
+	Vouched []bool
 	// EngineAgrees is whether the engine's own verification in the document says what re-verifying found.
 	EngineAgrees bool
 }
@@ -128,6 +130,7 @@ func Check(raw []byte, keys AuditKeys) (*Checked, error) {
 		c.SignatureErr = keys.Verify(b.Signature.AuditKeyVersion, []byte(b.Document), b.Signature.Value)
 	}
 	c.History = VerifyChain(doc.Key.Name, doc.History.Events, doc.History.Head, keys)
+	c.Vouched = Vouched(doc.Key.Name, doc.History.Events, doc.History.Head, keys)
 	e := doc.History.Verification
 	c.EngineAgrees = e.Verified == c.History.Verified && e.Broken == c.History.Broken
 	return c, nil
