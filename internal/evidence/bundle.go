@@ -85,6 +85,8 @@ type History struct {
 // Checked is what verifying a bundle offline found.
 type Checked struct {
 	Document *Document
+	// SignedWith is the audit key version the bundle's signature names.
+	SignedWith int
 	// SignatureErr is why the bundle's signature does not verify; nil when it does.
 	SignatureErr error
 	// History is the chain re-verified from the document's events and head.
@@ -123,7 +125,7 @@ func Check(raw []byte, keys AuditKeys) (*Checked, error) {
 	if err := json.Unmarshal([]byte(b.Document), &doc); err != nil {
 		return nil, fmt.Errorf("the bundle's document: %w", err)
 	}
-	c := &Checked{Document: &doc}
+	c := &Checked{Document: &doc, SignedWith: b.Signature.AuditKeyVersion}
 	if b.Signature.Algorithm != SignatureAlgorithm {
 		c.SignatureErr = fmt.Errorf("signature algorithm %q is not %q", b.Signature.Algorithm, SignatureAlgorithm)
 	} else {
