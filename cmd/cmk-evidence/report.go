@@ -160,8 +160,8 @@ func versionRows(doc *evidence.Document) []versionRow {
 	return rows
 }
 
-// historyRows lays the stored events out as rows with their marks: verified when the signed head vouches for the
-// event in its place (evidence.Vouched), broken for the first event the chain check names, unverified otherwise.
+// historyRows lays the stored events out as rows with their marks: broken for the first event the chain check
+// names, verified when the signed head vouches for the event in its place (evidence.Vouched), unverified otherwise.
 func historyRows(events []json.RawMessage, c *evidence.Checked) (table, []historyRow) {
 	t := objectTable(events, []string{evidence.FieldSeq, "time", "event", "version", "cause", "display_name", "entity_id", "token_accessor_hmac", "details"})
 	// the chain fields are shown as the short hash column, not as cells
@@ -185,10 +185,10 @@ func historyRows(events []json.RawMessage, c *evidence.Checked) (table, []histor
 		}
 		mark := "unverified"
 		switch {
+		case i == c.History.Broken: // even when vouched for: a missing event before it is the break
+			mark = "broken"
 		case i < len(c.Vouched) && c.Vouched[i]:
 			mark = "verified"
-		case i == c.History.Broken:
-			mark = "broken"
 		}
 		rows[i] = historyRow{Index: i, Mark: mark, Cells: cells, Hash: f.Hash}
 	}
