@@ -2,6 +2,7 @@
 SHELL := /bin/bash
 GO    ?= go
 PLUGIN := .build/plugins/vault-plugin-secrets-cmk
+EVIDENCE := .build/bin/cmk-evidence
 VAULT  := .build/vault/vault
 FUZZTIME ?= 10s
 SOAK_DURATION ?= 10m
@@ -19,9 +20,10 @@ all: build
 help:
 	@awk '/^# / { c = (c ? c " " : "") substr($$0, 3); next } /^[a-z][a-z0-9-]*:/ { t = $$1; sub(":.*", "", t); if (c) printf "  %-12s %s\n", t, c; c = ""; next } { c = "" }' $(MAKEFILE_LIST)
 
-# The plugin binary, .build/plugins/vault-plugin-secrets-cmk.
+# The plugin binary, .build/plugins/vault-plugin-secrets-cmk, and the offline evidence verifier, .build/bin/cmk-evidence.
 build:
 	$(GO) build -trimpath $(VERSION_FLAG) -o $(PLUGIN) ./cmd/vault-plugin-secrets-cmk
+	$(GO) build -trimpath -o $(EVIDENCE) ./cmd/cmk-evidence
 
 # Debian packages the tokens and tests need (softhsm2, opensc, openssl, NSS, opencryptoki, tpm2-pkcs11 on swtpm),
 # installed when missing.
@@ -115,6 +117,6 @@ lint:
 fmt:
 	gofmt -w $$(git ls-files '*.go')
 
-# Remove the plugin build and the dev server's state (the Vault build in .build/vault is kept).
+# Remove the plugin and tool builds and the dev server's state (the Vault build in .build/vault is kept).
 clean:
-	rm -rf .build/plugins .dev
+	rm -rf .build/plugins .build/bin .dev
