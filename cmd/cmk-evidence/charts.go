@@ -229,7 +229,7 @@ func mergeSmallest(all []series) []series {
 func renderChart(title string, lines []series) (template.HTML, error) {
 	p := plot.New()
 	p.Title.Text = title
-	p.X.Tick.Marker = plot.TimeTicks{Format: "01-02 15:04"}
+	p.X.Tick.Marker = timeTicker{}
 	p.X.Label.Text = "UTC"
 	p.Y.Label.Text = "count"
 	p.Y.Min = 0
@@ -293,4 +293,32 @@ func addLine(p *plot.Plot, label string, xys plotter.XYs, col color.Color, dashe
 	p.Add(line, points)
 	p.Legend.Add(label, line)
 	return nil
+}
+
+// timeTicker puts the time axis' ticks, at most about eight, on round UTC times (whole minutes, hours or days) rather
+// than on the round numbers of seconds that plot.DefaultTicks picks.
+type timeTicker struct{}
+
+var tickSteps = []time.Duration{time.Minute, 5 * time.Minute, 15 * time.Minute, 30 * time.Minute, time.Hour,
+	3 * time.Hour, 6 * time.Hour, 12 * time.Hour, 24 * time.Hour, 7 * 24 * time.Hour, 30 * 24 * time.Hour}
+
+func (timeTicker) Ticks(min, max float64) []plot.Tick {
+	span := time.Duration(max-min) * time.Second
+	step := tickSteps[len(tickSteps)-1]
+	for _, s := range tickSteps {
+		if span/s <= 8 {
+			step = s
+			break
+		}
+	}
+	format := "01-02 15:04"
+	if step >= 24*time.Hour {
+		format = "2006-01-02"
+	}
+	secs := int64(step / time.Second)
+	var ticks []plot.Tick
+	for t := (int64(min) + secs - 1) / secs * secs; float64(t) <= max; t += secs {
+		ticks = append(ticks, plot.Tick{Value: float64(t), Label: time.Unix(t, 0).UTC().Format(format)})
+	}
+	return ticks
 }

@@ -11,6 +11,7 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/evidence"
 )
@@ -224,5 +225,34 @@ func TestManyCallersShareOneLine(t *testing.T) {
 	lines := charts[0].Lines
 	if len(lines) != maxLines || lines[0].Label != "c49" || lines[maxLines-1].Merged != 43 || lines[maxLines-1].Uses != float64(42*43/2) {
 		t.Errorf("lines: %+v", lines)
+	}
+}
+
+func TestTimeTicksAreRoundUTCTimes(t *testing.T) {
+	day := time.Date(2026, 11, 23, 0, 0, 0, 0, time.UTC)
+	for _, c := range []struct {
+		from, to time.Time
+		first    string
+		n        int
+	}{
+		{day.Add(-time.Minute), day.Add(time.Minute), "11-22 23:59", 3},                      // one bucket, the axis widened
+		{day.Add(13*time.Minute + 7*time.Second), day.Add(23 * time.Hour), "11-23 03:00", 7}, // 3-hourly
+		{day.Add(time.Hour), day.Add(6*24*time.Hour + time.Hour), "2026-11-24", 6},           // daily
+	} {
+		ticks := timeTicker{}.Ticks(float64(c.from.Unix()), float64(c.to.Unix()))
+		if len(ticks) != c.n || ticks[0].Label != c.first {
+			t.Errorf("%s to %s: %d ticks from %q, want %d from %q", c.from, c.to, len(ticks), ticks[0].Label, c.n, c.first)
+		}
+	}
+}
+
+func TestReportOfAnUnreadableBundleSaysFailed(t *testing.T) {
+	f := newFixture(t)
+	report := f.dir + "/report.html"
+	code, _, _ := runTool("report", "--audit-key", f.pemKey, "-o", report, f.write("x.json", []byte(`{"format":"cmk-evidence/v0"}`)))
+	b, _ := os.ReadFile(report)
+	if code != exitFailed || !strings.Contains(string(b), `<div class="word" id="verdict-word">FAILED</div>`) ||
+		!strings.Contains(string(b), "cannot be read: bundle format &#34;cmk-evidence/v0&#34; is not &#34;cmk-evidence/v1&#34;") {
+		t.Errorf("exit %d, report:\n%s", code, b)
 	}
 }
