@@ -71,7 +71,8 @@ func checkBundle(raw []byte, given []trustedKey) *result {
 			Detail: fmt.Sprintf("the document is signed by audit key version %d (%s)", c.SignedWith, r.keyName(c.SignedWith))})
 	} else {
 		r.Checks = append(r.Checks, check{Name: "signature",
-			Detail: "the document's signature does not verify: " + c.SignatureErr.Error() + "; nothing in the document is vouched for"})
+			Detail: "the document's signature does not verify: " + c.SignatureErr.Error() +
+				"; what the document says of the key is not vouched for (its history events only by the chain head's own signature)"})
 	}
 	r.Checks = append(r.Checks, historyCheck(c, r))
 	e := doc.History.Verification
