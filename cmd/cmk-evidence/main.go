@@ -70,8 +70,6 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	case errors.As(err, &ue):
 		fmt.Fprintf(stderr, "cmk-evidence: %v\n\n%s", err, usageText)
 		return exitUsage
-	case errors.Is(err, flag.ErrHelp):
-		return exitUsage
 	case err != nil:
 		fmt.Fprintf(stderr, "cmk-evidence: %v\n", err)
 		return exitFailed
