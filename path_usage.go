@@ -238,6 +238,7 @@ An anomaly is logged (WARN, naming key, caller and what was unusual), recorded i
 within 15 minutes is not reported again. The key's on_anomaly then acts for anomaly_action_period (default %s):
 alert does nothing more; require_grant lets the caller use the key only under a live grant (keys/:name/grants);
 block_caller denies its uses. Both answer 403 naming the condition "anomaly", are stored so that they hold across
-a failover, and end early with keys/:name/anomalies/lift. A caller under an action is not judged again until it
-lapses; callers folded into "%s" are not judged.
+a failover, and end early with keys/:name/anomalies/lift, which also excuses the caller's current use: it is not
+judged unusual again for 15 minutes. A caller under an action is not judged again until it lapses; callers folded
+into "%s" are not judged.
 `, keys.DefaultAnomalyActionPeriod, keys.OtherCallers)

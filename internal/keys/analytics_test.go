@@ -371,6 +371,15 @@ func TestBurstAboveTheBaselineBlocksTheCaller(t *testing.T) {
 		if n := len(f.historyOf(m, "k", "anomaly")); n != 1 {
 			t.Fatalf("%d anomaly events, want 1", n)
 		}
+		// The block lapsed: a new burst is judged again. Lifted, the burst is excused.
+		wantDeniedBy(t, f.use(m, "k", alice, OpEncrypt, 1600), "anomaly")
+		if n := len(f.historyOf(m, "k", "anomaly")); n != 2 {
+			t.Fatalf("%d anomaly events, want 2", n)
+		}
+		if _, err := m.LiftAnomalyAction(f.ctx, f.s, "k", "ent-alice", who); err != nil {
+			t.Fatal(err)
+		}
+		f.mustUse(m, "k", alice, OpEncrypt, 1600)
 	})
 }
 

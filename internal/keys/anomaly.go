@@ -392,7 +392,7 @@ func (m *Manager) AnomalyActions(ctx context.Context, s logical.Storage, name st
 }
 
 // LiftAnomalyAction ends the action in force on caller's use of key name before it lapses, recording who lifted
-// it; nil when none is in force.
+// it, and excuses the caller's current use (excuse); nil when none is in force.
 func (m *Manager) LiftAnomalyAction(ctx context.Context, s logical.Storage, name, caller string, who Actor) (*AnomalyAction, error) {
 	l := m.lock(name)
 	l.Lock()
@@ -426,12 +426,25 @@ func (m *Manager) LiftAnomalyAction(ctx context.Context, s logical.Storage, name
 		return nil, err
 	}
 	m.actions.Store(name, next)
+	m.excuse(ctx, s, name, caller)
 	details := fmt.Sprintf("%s on caller %s (anomaly %s) lifted before %s", lifted.Action, caller, lifted.Kind, FormatTime(lifted.Until))
 	if err := m.recordEventLocked(ctx, s, name, who, "anomaly_action_lifted", details); err != nil {
 		m.log.Error("could not record the lifting of an anomaly's action in the key's history", "key", name, "error", err)
 	}
 	m.log.Info("anomaly action lifted", "key", name, "caller", caller, "action", lifted.Action)
 	return lifted, nil
+}
+
+// excuse marks every kind of anomaly of caller on key name as just reported: an operator who lifts an action has
+// judged the use benign, and the burst that caused it is not judged an anomaly again for anomalyRepeatPeriod.
+func (m *Manager) excuse(ctx context.Context, s logical.Storage, name, caller string) {
+	ku := m.keyUsage(ctx, s, name)
+	now := m.now()
+	ku.mu.Lock()
+	defer ku.mu.Unlock()
+	for _, kind := range AnomalyKinds {
+		ku.reported[caller+"\x00"+kind] = now
+	}
 }
 
 // AnomaliesOf returns key name's recent anomalies (at most 50), newest last: what memory holds on this node, with
