@@ -71,7 +71,7 @@ func newMetrics(token func() hsmToken) *metrics {
 		rotations: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "cmk_rotations_total",
 			Help: "Key rotations stored, by cause: manual, scheduled, usage."}, []string{"cause"}),
 		denials: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "cmk_denials_total",
-			Help: "Uses of keys refused by their access conditions or grants, by the condition that refused."},
+			Help: "Uses of keys refused by their access conditions, grants or anomaly actions, by the condition that refused."},
 			[]string{"condition"}),
 		anomalies: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "cmk_anomalies_total",
 			Help: "Unusual uses of keys found, by kind: " + strings.Join(keys.AnomalyKinds, ", ") + " (repeats of one key, caller and kind within 15 minutes are not counted)."},

@@ -156,8 +156,11 @@ func opIndex(op Operation) int { return slices.Index(Operations, op) }
 
 // keyUsage is the analytics of one key. Its mutex guards everything in it.
 type keyUsage struct {
-	mu         sync.Mutex
-	loaded     bool // storage's counts are merged in (load): only then may a flush overwrite them
+	mu sync.Mutex
+	// loaded: storage's counts are merged in (load): only then may a flush overwrite them. Set under mu, read
+	// without it by every use (the fast path).
+	loaded     atomic.Bool
+	loadFailed time.Time // when the last read of storage's counts failed: tried again a minute later
 	dirty      bool
 	since      time.Time
 	callers    map[string]*callerUsage
@@ -195,10 +198,14 @@ func (m *Manager) keyUsage(ctx context.Context, s logical.Storage, name string) 
 		v, _ = m.analytics.keys.LoadOrStore(name, newKeyUsage())
 	}
 	ku := v.(*keyUsage)
+	if ku.loaded.Load() || s == nil {
+		return ku
+	}
 	ku.mu.Lock()
 	defer ku.mu.Unlock()
-	if !ku.loaded && s != nil {
+	if !ku.loaded.Load() && m.now().Sub(ku.loadFailed) >= time.Minute {
 		if err := m.loadUsageLocked(ctx, s, name, ku); err != nil {
+			ku.loadFailed = m.now()
 			m.log.Warn("could not read a key's usage counts; counting on in memory and merging them later", "key", name, "error", err)
 		}
 	}
@@ -381,7 +388,7 @@ func (m *Manager) loadUsageLocked(ctx context.Context, s logical.Storage, name s
 	if err != nil {
 		return err
 	}
-	ku.loaded = true
+	ku.loaded.Store(true)
 	if raw == nil {
 		return nil
 	}
@@ -474,7 +481,7 @@ func (m *Manager) flushKey(ctx context.Context, s logical.Storage, name string, 
 		ku.mu.Unlock()
 		return nil
 	}
-	if !ku.loaded {
+	if !ku.loaded.Load() {
 		if err := m.loadUsageLocked(ctx, s, name, ku); err != nil {
 			ku.mu.Unlock()
 			return err

@@ -230,9 +230,23 @@ func TestUsageSurvivesARestartWithinAFlush(t *testing.T) {
 		if err := restarted.FlushAnalytics(f.ctx, f.s); err != nil {
 			t.Fatal(err)
 		}
+		// Storage fails to give the stored counts: this process counts on, and its flush reads them first and adds
+		// its own, never writing its counts alone over them.
+		unreadable := &failingGets{Storage: f.s, prefix: analyticsPrefix, failing: true}
+		healthy := f.s
+		f.s = unreadable
 		again := f.manager()
-		f.mustUse(again, "k", alice, OpEncrypt, 1) // counted before the stored counts are read: merged, not replaced
-		r := again.UsageOf("k")
+		f.mustUse(again, "k", alice, OpEncrypt, 1)
+		f.s = healthy
+		if err := again.FlushAnalytics(f.ctx, unreadable); err == nil {
+			t.Fatal("a flush wrote counts it could not merge with storage's")
+		}
+		unreadable.setFailing(false)
+		if err := again.FlushAnalytics(f.ctx, unreadable); err != nil {
+			t.Fatal(err)
+		}
+		again = f.manager()
+		r := again.Usage(f.ctx, f.s, "k")
 		a := r.Operations[OpEncrypt].Callers["ent-alice"]
 		if r.Uses != 107 || a.Uses != 106 || len(a.Hours) != 2 || a.Hours[1].Uses != 6 || !a.FirstSeen.Equal(f.clock().Add(-time.Hour)) {
 			t.Fatalf("after a second restart: uses %d, alice %+v", r.Uses, a)
@@ -252,6 +266,30 @@ func TestUsageSurvivesARestartWithinAFlush(t *testing.T) {
 			t.Fatal("a flush wrote the usage of a deleted key")
 		}
 	})
+}
+
+// failingGets fails the reads of storage entries under prefix while failing.
+type failingGets struct {
+	logical.Storage
+	mu      sync.Mutex
+	prefix  string
+	failing bool
+}
+
+func (s *failingGets) setFailing(on bool) {
+	s.mu.Lock()
+	s.failing = on
+	s.mu.Unlock()
+}
+
+func (s *failingGets) Get(ctx context.Context, key string) (*logical.StorageEntry, error) {
+	s.mu.Lock()
+	failing := s.failing && strings.HasPrefix(key, s.prefix)
+	s.mu.Unlock()
+	if failing {
+		return nil, errors.New("storage unavailable")
+	}
+	return s.Storage.Get(ctx, key)
 }
 
 // TestUsageMemoryIsBoundedWhateverTheCallers: callers beyond a key's cap, and pairs beyond the mount's, are counted
