@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"maps"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -359,10 +360,10 @@ func unpackBuckets(p []byte) ([]bucket, error) {
 	return out, nil
 }
 
-// entryLocked is ku's stored form.
+// entryLocked is ku's stored form: a copy, written after ku.mu is released.
 func (ku *keyUsage) entryLocked() analyticsEntry {
 	e := analyticsEntry{Since: ku.since, Callers: make(map[string]callerRecord, len(ku.callers)), Totals: map[Operation][2]uint64{},
-		Denials: ku.denials, Folded: ku.folded, Anomalies: ku.anomalies}
+		Denials: maps.Clone(ku.denials), Folded: ku.folded, Anomalies: slices.Clone(ku.anomalies)}
 	for i, t := range ku.totals {
 		if t != [2]uint64{} {
 			e.Totals[Operations[i]] = t
