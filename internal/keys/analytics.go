@@ -144,11 +144,14 @@ func (s *series) prune(now time.Time) {
 
 func (s *series) empty() bool { return len(s.minutes) == 0 && len(s.hours) == 0 && len(s.days) == 0 }
 
+// operationCount is len(Operations), for the arrays indexed by operation (a test keeps them equal).
+const operationCount = 8
+
 // callerUsage is one caller's use of one key, per operation (indexed as Operations).
 type callerUsage struct {
 	display             string
 	firstSeen, lastSeen time.Time
-	ops                 [8]*series
+	ops                 [operationCount]*series
 	judged              judgedHour // what anomaly detection derived from the buckets this hour (anomaly.go)
 }
 
@@ -165,7 +168,7 @@ type keyUsage struct {
 	dirty      bool
 	since      time.Time
 	callers    map[string]*callerUsage
-	totals     [8][2]uint64 // per operation: uses, denials since tracking began (callers dropped included)
+	totals     [operationCount][2]uint64 // per operation: uses, denials since tracking began (callers dropped included)
 	denials    map[string]uint64
 	folded     uint64
 	foldedSeen map[uint64]bool

@@ -379,6 +379,12 @@ func TestUsageCountedWhileFlushing(t *testing.T) {
 	}
 }
 
+func TestOperationCount(t *testing.T) {
+	if len(Operations) != operationCount {
+		t.Fatalf("operationCount is %d, Operations has %d: usage per operation would lose some", operationCount, len(Operations))
+	}
+}
+
 func TestBucketsPackAndUnpack(t *testing.T) {
 	bs := []bucket{{slot: 7, uses: 1}, {slot: 9, uses: ^uint32(0), denials: 3}, {slot: 1 << 30, denials: 1}}
 	got, err := unpackBuckets(packBuckets(bs))
