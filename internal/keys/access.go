@@ -235,9 +235,8 @@ func (a *Access) hoursAllow(now time.Time) bool {
 
 // Admit decides whether caller may use k for op on items items (1 for a single request; a batch is judged once).
 // It reads the cached snapshot k, never storage, except what a grant's use count needs and the key's anomaly
-// actions (once per process); the caller's entity is
-// resolved only when a condition needs it. A nil error admits. Conditions are checked in a fixed order, and the
-// denial names the first that failed, never another's values.
+// actions (once per process); the caller's entity is resolved only when a condition needs it. A nil error admits.
+// Conditions are checked in a fixed order, and the denial names the first that failed, never another's values.
 //
 // An anomaly's action in force on the caller (anomaly.go) comes first, for every operation, with or without
 // conditions: block_caller denies, require_grant asks for a live grant of the caller's as grants_required does

@@ -265,9 +265,9 @@ func (cu *callerUsage) judgeHour(now time.Time, hr uint32) judgedHour {
 	return j
 }
 
-// actOn carries out anomaly a of caller's use of key k: the log line, the metric, the history event, and the
+// actOn carries out anomaly a of caller's use of its key: the log line, the metric, the history event, and the
 // action, stored. A failure to store is logged: the action holds in memory on this node meanwhile.
-func (m *Manager) actOn(ctx context.Context, s logical.Storage, k *Key, caller Actor, a Anomaly) {
+func (m *Manager) actOn(ctx context.Context, s logical.Storage, caller Actor, a Anomaly) {
 	m.log.Warn("unusual use of a key", "key", a.Key, "caller", a.Caller, "anomaly", a.Kind, "operation", a.Operation,
 		"details", a.Details, "action", a.Action)
 	m.observer().Anomaly(a.Key, a.Kind)

@@ -76,7 +76,7 @@ func (m *Manager) admitCounted(ctx context.Context, s logical.Storage, k *Key, c
 	counting := m.AnalyticsOn()
 	if counting {
 		for _, a := range m.judgeUse(ctx, s, k, c.Actor, op, items) {
-			m.actOn(ctx, s, k, c.Actor, a)
+			m.actOn(ctx, s, c.Actor, a)
 		}
 	}
 	err := m.Admit(ctx, s, k, c, op, items)
