@@ -71,8 +71,13 @@ type backend struct {
 
 	wrappingMu sync.Mutex // serialises the creation of the mount's wrapping key
 
-	cacheConfigChanged   atomic.Bool // another node changed cache-config
-	metricsConfigChanged atomic.Bool // another node changed config/metrics
+	cacheConfigChanged     atomic.Bool // another node changed cache-config
+	metricsConfigChanged   atomic.Bool // another node changed config/metrics
+	analyticsConfigChanged atomic.Bool // another node changed config/analytics
+
+	// storage is the mount's storage as Vault gave it at setup: what Clean flushes the usage analytics to, since
+	// Clean is given none.
+	storage logical.Storage
 
 	metrics *metrics    // the mount's Prometheus registry (metrics.go)
 	health  healthCheck // the last answer of health, reused for a second (path_health.go)
@@ -98,6 +103,7 @@ func newBackend(conf *logical.BackendConfig) *backend {
 		initParams: os.Getenv(InitParamsEnv),
 		mountID:    conf.BackendUUID,
 		approvals:  newApprovals(),
+		storage:    conf.StorageView,
 		now:        time.Now,
 		openToken: func(c hsm.Config, l hclog.Logger) (hsmToken, error) {
 			return hsm.Open(c, l)
@@ -136,12 +142,13 @@ func newBackend(conf *logical.BackendConfig) *backend {
 			Unauthenticated: []string{healthPath},
 		},
 		Paths: framework.PathAppend(
-			[]*framework.Path{b.pathConfigHSM(), b.pathConfigKeys(), b.pathCacheConfig(), b.pathConfigMetrics()},
+			[]*framework.Path{b.pathConfigHSM(), b.pathConfigKeys(), b.pathCacheConfig(), b.pathConfigMetrics(), b.pathConfigAnalytics()},
 			b.pathKeys(),
 			[]*framework.Path{b.pathRotate(), b.pathWrappingKey(), b.pathImport(false), b.pathImport(true)},
 			b.pathLifecycle(),
 			[]*framework.Path{b.pathAccess()},
 			b.pathGrants(),
+			b.pathUsage(),
 			[]*framework.Path{b.pathEncrypt(), b.pathDecrypt(), b.pathRewrap(), b.pathDatakey(), b.pathRandom(), b.pathHash(),
 				b.pathSign(), b.pathVerify(), b.pathHMAC()},
 			[]*framework.Path{b.pathExport(), b.pathCSR(), b.pathSetCertificate()},
@@ -153,6 +160,9 @@ func newBackend(conf *logical.BackendConfig) *backend {
 		),
 		InitializeFunc: func(ctx context.Context, req *logical.InitializationRequest) error {
 			if err := b.applyMetricsConfig(ctx, req.Storage); err != nil {
+				return err
+			}
+			if err := b.applyAnalyticsConfig(ctx, req.Storage); err != nil {
 				return err
 			}
 			return b.applyCacheConfig(ctx, req.Storage)
@@ -179,6 +189,8 @@ func (b *backend) invalidate(_ context.Context, key string) {
 		b.cacheConfigChanged.Store(true) // applied by the next periodic pass, which has storage
 	case configMetricsPath:
 		b.metricsConfigChanged.Store(true)
+	case configAnalyticsPath:
+		b.analyticsConfigChanged.Store(true)
 	default:
 		if strings.HasPrefix(key, approvalsPrefix) {
 			b.approvals.forget()
@@ -188,9 +200,21 @@ func (b *backend) invalidate(_ context.Context, key string) {
 	}
 }
 
-func (b *backend) clean(_ context.Context) {
+// clean runs when Vault unmounts, reloads or seals the mount: the usage counts of the last flush interval are
+// written first (on the node that may write), then the token is let go.
+func (b *backend) clean(ctx context.Context) {
+	if b.storage != nil && b.System() != nil && b.WriteSafeReplicationState() {
+		ctx, cancel := context.WithTimeout(ctx, analyticsFlushTimeout)
+		if err := b.keys.FlushAnalytics(ctx, b.storage); err != nil {
+			b.logger.Warn("could not write the usage analytics at shutdown; the counts since the last flush are lost", "error", err)
+		}
+		cancel()
+	}
 	b.resetToken()
 }
+
+// analyticsFlushTimeout bounds the flush at shutdown, which must not hold up Vault's unmount or step-down.
+const analyticsFlushTimeout = 10 * time.Second
 
 func (b *backend) resetToken() {
 	b.tokenMu.Lock()
@@ -273,8 +297,20 @@ func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
 			return err
 		}
 	}
+	if b.analyticsConfigChanged.Swap(false) {
+		if err := b.applyAnalyticsConfig(ctx, req.Storage); err != nil {
+			b.analyticsConfigChanged.Store(true)
+			return err
+		}
+	}
 	if !b.WriteSafeReplicationState() {
 		return nil // a replica: the primary's active node manages the lifecycle
+	}
+	// The usage analytics are flushed here, about once a minute on the active node, rather than by a goroutine of
+	// the backend's: Vault runs this only where storage may be written, with the storage to write to, and stops
+	// calling it on step-down; Clean flushes once more at shutdown.
+	if err := b.keys.FlushAnalytics(ctx, req.Storage); err != nil {
+		b.logger.Warn("could not write some keys' usage analytics; the next periodic run tries again", "error", err)
 	}
 	if err := b.tickApprovals(ctx, req.Storage); err != nil {
 		return err

@@ -141,6 +141,8 @@ var notFields = map[string]string{
 	"destroy_scheduled":            "a version's state, a value of state",
 	"deletion_scheduled":           "a key's state in inventory, a value of state",
 	"version_adopted":              "a history event, a value of event",
+	"require_grant":                "a value of on_anomaly",
+	"block_caller":                 "a value of on_anomaly",
 	"plugin_directory":             "Vault's server configuration",
 	"min_encryption_versoin":       "Terraform's misspelling, accepted and ignored with a warning",
 	"asociated_data":               "a misspelt field, the README's example of a typo refused",
@@ -216,7 +218,7 @@ func requestFields(t *testing.T) map[string]bool {
 
 // responseFields are the names the engine's responses carry: the string keys the package's handlers put into the
 // maps they return (map literals and m["key"] = … assignments in its non-test files), and the JSON names of the
-// reconcile report, which is returned as its JSON form.
+// reconcile report, usage report and anomalies, which are returned as their JSON form.
 func responseFields(t *testing.T) map[string]bool {
 	t.Helper()
 	out := map[string]bool{}
@@ -259,6 +261,10 @@ func responseFields(t *testing.T) map[string]bool {
 	}
 	// Whatever Manager.Reconcile returns, as path_reconcile.go answers with it.
 	jsonNames(reflect.TypeOf((*keys.Manager).Reconcile).Out(0), out)
+	// And what keys/:name/usage, keys/:name/anomalies and their lift answer with, their JSON form.
+	jsonNames(reflect.TypeOf((*keys.Manager).UsageOf).Out(0), out)
+	jsonNames(reflect.TypeOf(anomaliesView{}), out)
+	jsonNames(reflect.TypeOf(liftView{}), out)
 	return out
 }
 

@@ -106,6 +106,12 @@ func TestEveryUseOfKeyMaterialPassesTheDoor(t *testing.T) {
 		{logical.ReadOperation, "approvals/nosuchapproval", nil, false},
 		{logical.UpdateOperation, "approvals/nosuchapproval/approve", nil, false},
 		{logical.UpdateOperation, "approvals/nosuchapproval/reject", nil, false},
+		{logical.ReadOperation, "config/analytics", nil, false},
+		{logical.UpdateOperation, "config/analytics", map[string]interface{}{"enabled": true}, false},
+		// Usage and anomalies are counts the door made of the keys' uses, not uses.
+		{logical.ReadOperation, "keys/k/usage", nil, false},
+		{logical.ReadOperation, "keys/k/anomalies", nil, false},
+		{logical.UpdateOperation, "keys/k/anomalies/lift", map[string]interface{}{"caller": "token:token-test"}, false},
 		// Inventory and reports read the keys' metadata, never their material.
 		{logical.ListOperation, "inventory/", nil, false},
 		{logical.ReadOperation, "inventory", map[string]interface{}{"no_access_conditions": false}, false},

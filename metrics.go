@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -36,6 +37,7 @@ type metrics struct {
 	recoveries     *prometheus.CounterVec
 	rotations      *prometheus.CounterVec
 	denials        *prometheus.CounterVec
+	anomalies      *prometheus.CounterVec
 	keysByState    *prometheus.GaugeVec
 	versions       *prometheus.GaugeVec
 	nearLimit      prometheus.Gauge
@@ -69,8 +71,11 @@ func newMetrics(token func() hsmToken) *metrics {
 		rotations: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "cmk_rotations_total",
 			Help: "Key rotations stored, by cause: manual, scheduled, usage."}, []string{"cause"}),
 		denials: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "cmk_denials_total",
-			Help: "Uses of keys refused by their access conditions or grants, by the condition that refused."},
+			Help: "Uses of keys refused by their access conditions, grants or anomaly actions, by the condition that refused."},
 			[]string{"condition"}),
+		anomalies: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "cmk_anomalies_total",
+			Help: "Unusual uses of keys found, by kind: " + strings.Join(keys.AnomalyKinds, ", ") + " (repeats of one key, caller and kind within 15 minutes are not counted)."},
+			[]string{"kind"}),
 		keysByState: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "cmk_keys",
 			Help: "Keys of the mount by state: active, disabled, deletion_scheduled, deleting."}, []string{"state"}),
 		versions: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "cmk_key_versions",
@@ -83,7 +88,7 @@ func newMetrics(token func() hsmToken) *metrics {
 		aggregated: map[string]bool{},
 	}
 	m.collectors = []prometheus.Collector{m.requests, m.keyRequests, m.keysAggregated, m.hsmCalls, m.recoveries, m.rotations,
-		m.denials, m.keysByState, m.versions, m.nearLimit, m.overdue,
+		m.denials, m.anomalies, m.keysByState, m.versions, m.nearLimit, m.overdue,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "cmk_hsm_sessions_in_use",
 			Help: "HSM sessions operations hold now."}, func() float64 {
 			if t := token(); t != nil {
@@ -108,6 +113,9 @@ func newMetrics(token func() hsmToken) *metrics {
 			return 0
 		}),
 	}
+	for _, kind := range keys.AnomalyKinds {
+		m.anomalies.WithLabelValues(kind) // present at zero, so that an alert on its increase sees the first
+	}
 	m.registry.MustRegister(m.collectors...)
 	return m
 }
@@ -123,7 +131,7 @@ func (m *metrics) ObserveCall(op string, took time.Duration, err error) {
 
 func (m *metrics) ObserveRecovery(class string) { m.recoveries.WithLabelValues(class).Inc() }
 
-// Judging, Denied and Rotated make metrics a keys.Observer.
+// Judging, Denied, Rotated and Anomaly make metrics a keys.Observer.
 func (m *metrics) Judging(ctx context.Context, name string, op keys.Operation, k *keys.Key) {
 	n, _ := ctx.Value(requestNoteKey{}).(*requestNote)
 	if n == nil {
@@ -138,6 +146,8 @@ func (m *metrics) Judging(ctx context.Context, name string, op keys.Operation, k
 func (m *metrics) Denied(_, condition string) { m.denials.WithLabelValues(condition).Inc() }
 
 func (m *metrics) Rotated(_, cause string) { m.rotations.WithLabelValues(cause).Inc() }
+
+func (m *metrics) Anomaly(_, kind string) { m.anomalies.WithLabelValues(kind).Inc() }
 
 // requestNote is what a request's use of a key tells handle to count.
 type requestNote struct {

@@ -120,8 +120,8 @@ func (b *backend) pathKeys() []*framework.Path {
 					Summary:  "Change a key's version bounds, deletion, rotation, usage limit, dual control and ownership settings.",
 				},
 			},
-			HelpSynopsis:    "Configure a key's version bounds, deletion, rotation schedule, usage limit, dual control and ownership.",
-			HelpDescription: "Sets min_decryption_version, min_encryption_version and deletion_allowed as Transit does, the rotation schedule (auto_rotate_period, next_rotation_time), max_encryptions_per_version, dual control (approvals_required, approver_groups) and who owns the key (owner, description, tags, data_assets: each replaces what the key had). The key's history records config_changed naming each setting that changed. Settings that would expose material are refused.",
+			HelpSynopsis:    "Configure a key's version bounds, deletion, rotation schedule, usage limit, dual control, ownership and anomaly actions.",
+			HelpDescription: "Sets min_decryption_version, min_encryption_version and deletion_allowed as Transit does, the rotation schedule (auto_rotate_period, next_rotation_time), max_encryptions_per_version, dual control (approvals_required, approver_groups), who owns the key (owner, description, tags, data_assets: each replaces what the key had) and what an unusual use does (on_anomaly, anomaly_rate_limit, anomaly_action_period; see keys/:name/anomalies). The key's history records config_changed naming each setting that changed. Settings that would expose material are refused.",
 		},
 	}
 }
@@ -152,6 +152,7 @@ func withKeyOptions(fields map[string]*framework.FieldSchema) map[string]*framew
 		Description: fmt.Sprintf("Dual control: how many other Vault entities must approve the key's requests that cannot be undone (0 to %d; see approvals/). The mount's min_approvals_required may require more. Defaults to config/keys' default_approvals_required. Lowering it is itself held.", keys.MaxApprovalsRequired),
 	}
 	withOwnership(fields)
+	withAnomalySettings(fields)
 	fields["approver_groups"] = &framework.FieldSchema{
 		Type:        framework.TypeCommaStringSlice,
 		Description: "Dual control: only members of these Vault groups (names or ids) may approve the key's held requests; empty: any entity Vault's ACL lets call approvals/. Changing it is held.",
@@ -179,6 +180,43 @@ func withOwnership(fields map[string]*framework.FieldSchema) map[string]*framewo
 		Description: fmt.Sprintf("What the key protects: names of data stores, tables, buckets or systems (at most %d, each up to %d characters). Replaces the key's list; empty clears it.", keys.MaxDataAssets, keys.MaxDataAssetName),
 	}
 	return fields
+}
+
+// withAnomalySettings adds what a key does when a caller's use of it is unusual (keys/:name/anomalies).
+func withAnomalySettings(fields map[string]*framework.FieldSchema) {
+	actions := make([]interface{}, len(keys.AnomalyActionNames))
+	for i, a := range keys.AnomalyActionNames {
+		actions[i] = a
+	}
+	fields["on_anomaly"] = &framework.FieldSchema{
+		Type:          framework.TypeString,
+		AllowedValues: actions,
+		Description:   "What an anomaly of a caller's use does besides its log line, history event and metric: alert (the default: nothing more), require_grant (the caller may use the key only under a live grant until anomaly_action_period has passed) or block_caller (its uses are denied that long). See keys/:name/anomalies.",
+	}
+	fields["anomaly_rate_limit"] = &framework.FieldSchema{
+		Type:        framework.TypeInt,
+		Description: "Uses per minute (of the clock, all operations, a batch's items each) by one caller above which a use is an anomaly (rate_above_limit); 0 (default): no cap.",
+	}
+	fields["anomaly_action_period"] = &framework.FieldSchema{
+		Type:        framework.TypeDurationSecond,
+		Description: fmt.Sprintf("How long require_grant or block_caller lasts after an anomaly (0: the default, %s; at most %s).", keys.DefaultAnomalyActionPeriod, keys.MaxAnomalyActionPeriod),
+	}
+}
+
+// anomalySettingsFrom reads the fields of withAnomalySettings into c.
+func anomalySettingsFrom(d *framework.FieldData, c *keys.Settings) {
+	if v, ok := d.GetOk("on_anomaly"); ok {
+		action := v.(string)
+		c.OnAnomaly = &action
+	}
+	if v, ok := d.GetOk("anomaly_rate_limit"); ok {
+		n := v.(int)
+		c.AnomalyRateLimit = &n
+	}
+	if v, ok := d.GetOk("anomaly_action_period"); ok {
+		p := time.Duration(v.(int)) * time.Second
+		c.AnomalyActionPeriod = &p
+	}
 }
 
 // ownershipFrom reads the fields of withOwnership into c.
@@ -261,6 +299,7 @@ func settingsFrom(d *framework.FieldData) (keys.Settings, error) {
 		c.ApproverGroups = &groups
 	}
 	ownershipFrom(d, &c)
+	anomalySettingsFrom(d, &c)
 	if v, ok := d.GetOk("next_rotation_time"); ok {
 		var t time.Time
 		if raw := v.(string); raw != "" {
@@ -429,6 +468,9 @@ func (b *backend) formatKey(k *keys.Key) *logical.Response {
 		"description":                 k.Description,
 		"tags":                        tagsView(k.Tags),
 		"data_assets":                 append([]string{}, k.DataAssets...),
+		"on_anomaly":                  k.OnAnomalyAction(),
+		"anomaly_rate_limit":          k.AnomalyRateLimit,
+		"anomaly_action_period":       int64(k.ActionPeriod().Seconds()),
 	}
 	if k.Deleting {
 		data["deletion_in_progress"] = true
@@ -613,7 +655,8 @@ another type gets the HMAC secret Transit keys carry with its first HMAC, not at
 (hmac_secret_on_token says whether it has one yet). Asymmetric versions show their public key as Transit does.
 Reading a key returns Transit's fields plus protection_level "hsm", who owns it and what it protects (owner,
 description, tags, data_assets: set here or on keys/<name>/config) and, per version, its state, HSM object ID
-(CKA_ID), label and creation time (the response fields are described at the end of the API reference). Deleting
+(CKA_ID), label and creation time (the response fields are described at the end of the API reference), and what an unusual use of it does
+(on_anomaly, anomaly_rate_limit, anomaly_action_period: see keys/<name>/anomalies). Deleting
 a key requires deletion_allowed and destroys its objects on the token.
 
 Transit options that need the material outside the HSM (exportable, allow_plaintext_backup) or derived keys

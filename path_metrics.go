@@ -182,7 +182,8 @@ scraper needs a token whose policy grants read on <mount>/metrics.
     cmk_requests_total{operation,status,key_type}    requests that use a key, with the HTTP status answered
     cmk_key_requests_total{key,operation}            the same per key, only where config/metrics enables it
     cmk_metrics_keys_aggregated_total                keys counted as key="_other" beyond the per-key cap
-    cmk_denials_total{condition}                     uses the keys' access conditions or grants refused
+    cmk_denials_total{condition}                     uses the keys' access conditions, grants or anomaly actions refused
+    cmk_anomalies_total{kind}                        unusual uses found (keys/:name/anomalies): rate_above_limit, ...
     cmk_rotations_total{cause}                       rotations: manual, scheduled, usage
     cmk_keys{state}                                  keys: active, disabled, deletion_scheduled, deleting
     cmk_key_versions{state}                          versions by state

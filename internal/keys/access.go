@@ -234,19 +234,35 @@ func (a *Access) hoursAllow(now time.Time) bool {
 }
 
 // Admit decides whether caller may use k for op on items items (1 for a single request; a batch is judged once).
-// It reads the cached snapshot k, never storage, except what a grant's use count needs; the caller's entity is
-// resolved only when a condition needs it. A nil error admits. Conditions are checked in a fixed order, and the
-// denial names the first that failed, never another's values.
+// It reads the cached snapshot k, never storage, except what a grant's use count needs and the key's anomaly
+// actions (once per process); the caller's entity is resolved only when a condition needs it. A nil error admits.
+// Conditions are checked in a fixed order, and the denial names the first that failed, never another's values.
+//
+// An anomaly's action in force on the caller (anomaly.go) comes first, for every operation, with or without
+// conditions: block_caller denies, require_grant asks for a live grant of the caller's as grants_required does
+// (denied as condition "anomaly").
 func (m *Manager) Admit(ctx context.Context, s logical.Storage, k *Key, c Caller, op Operation, items int) error {
-	a := k.Access
-	if a == nil || !a.governs(op) {
-		return nil
-	}
 	deny := func(condition, format string, args ...interface{}) error {
 		m.denied(k.Name, condition)
 		m.log.Debug("use of key denied by its access conditions", "key", k.Name, "operation", op, "condition", condition,
 			"entity_id", c.EntityID, "remote_addr", c.RemoteAddr)
 		return &DeniedError{Key: k.Name, Operation: op, Condition: condition, msg: fmt.Sprintf(format, args...)}
+	}
+	acting, err := m.actionOn(ctx, s, k.Name, CallerLabel(c.Actor), m.now())
+	if err != nil {
+		return err
+	}
+	if acting != nil && acting.Action == ActionBlockCaller {
+		return deny("anomaly", "anomaly: the caller is blocked from this key until %s, its use having been unusual (%s); keys/%s/anomalies/lift lifts it",
+			FormatTime(acting.Until), acting.Kind, k.Name)
+	}
+	a := k.Access
+	governed := a != nil && a.governs(op)
+	if !governed && acting == nil {
+		return nil
+	}
+	if !governed {
+		a = &Access{} // only the anomaly's require_grant applies
 	}
 	if len(a.AllowedCIDRs) > 0 && !a.sourceAllowed(c.RemoteAddr) {
 		src := c.RemoteAddr
@@ -258,8 +274,12 @@ func (m *Manager) Admit(ctx context.Context, s logical.Storage, k *Key, c Caller
 	if len(a.AllowedHours) > 0 && !a.hoursAllow(m.now()) {
 		return deny("allowed_hours", "allowed_hours: the key may not be used at this time (%s)", m.now().UTC().Format(time.RFC3339))
 	}
-	if !a.needsIdentity() {
+	if !a.needsIdentity() && acting == nil {
 		return nil
+	}
+	if c.EntityID == "" && acting != nil {
+		return deny("anomaly", "anomaly: the caller must hold a live grant for this key until %s, its use having been unusual (%s), and a token without an entity can hold none",
+			FormatTime(acting.Until), acting.Kind)
 	}
 	if c.EntityID == "" {
 		return deny("entity", "the key admits Vault entities only, and this token has none (root and orphan tokens have no entity; log in through an auth method)")
@@ -282,7 +302,7 @@ func (m *Manager) Admit(ctx context.Context, s logical.Storage, k *Key, c Caller
 		}
 	}
 	listed := a.identityListed(c.EntityID, info)
-	if listed && !a.GrantsRequired {
+	if listed && !a.GrantsRequired && acting == nil {
 		return nil
 	}
 	granted, err := m.admitByGrant(ctx, s, k, c, info, op, items)
@@ -294,6 +314,9 @@ func (m *Manager) Admit(ctx context.Context, s logical.Storage, k *Key, c Caller
 		return err
 	case granted:
 		return nil
+	case acting != nil:
+		return deny("anomaly", "anomaly: the caller holds no live grant for %s on this key, which it needs until %s, its use having been unusual (%s)",
+			op, FormatTime(acting.Until), acting.Kind)
 	case a.GrantsRequired:
 		return deny("grants_required", "grants_required: the caller holds no live grant for %s on this key", op)
 	}

@@ -194,10 +194,11 @@ func TestDenialsAreCountedPerKeyAndCondition(t *testing.T) {
 	at := time.Date(2026, 12, 7, 3, 0, 0, 0, time.UTC)
 	m.Clock = func() time.Time { return at }
 	k := &Key{Name: "k", Access: &Access{AllowedCIDRs: []string{"10.0.0.0/8"}}}
+	s := &logical.InmemStorage{} // read once, for the key's anomaly actions
 	for i := 0; i < 3; i++ {
-		_ = m.Admit(context.Background(), nil, k, Caller{RemoteAddr: "127.0.0.1"}, OpEncrypt, 1)
+		_ = m.Admit(context.Background(), s, k, Caller{RemoteAddr: "127.0.0.1"}, OpEncrypt, 1)
 	}
-	_ = m.Admit(context.Background(), nil, k, Caller{RemoteAddr: "10.0.0.1"}, OpEncrypt, 1)
+	_ = m.Admit(context.Background(), s, k, Caller{RemoteAddr: "10.0.0.1"}, OpEncrypt, 1)
 	d := m.Denials("k")
 	if d.ByCondition["allowed_cidrs"] != 3 || !d.Last.Equal(at) || len(m.Denials("other").ByCondition) != 0 {
 		t.Fatalf("denials %+v", d)

@@ -71,6 +71,13 @@ type Key struct {
 	Tags        map[string]string `json:"tags,omitempty"`
 	DataAssets  []string          `json:"data_assets,omitempty"`
 
+	// Anomalies (anomaly.go): what the key does when a caller's use is unusual (OnAnomaly: "" is alert), the
+	// uses per minute per caller above which a use is one (0: no cap), and how long require_grant or
+	// block_caller last (0: DefaultAnomalyActionPeriod).
+	OnAnomaly           string        `json:"on_anomaly,omitempty"`
+	AnomalyRateLimit    uint64        `json:"anomaly_rate_limit,omitempty"`
+	AnomalyActionPeriod time.Duration `json:"anomaly_action_period,omitempty"`
+
 	// Disabled keys serve no operation (emergency revoke).
 	Disabled bool `json:"disabled,omitempty"`
 	// DeleteAt is when a scheduled deletion destroys the key; zero when none is scheduled.

@@ -177,6 +177,10 @@ type Settings struct {
 	Description *string
 	Tags        *map[string]string
 	DataAssets  *[]string
+	// Anomaly settings (see Key.OnAnomaly).
+	OnAnomaly           *string
+	AnomalyRateLimit    *int
+	AnomalyActionPeriod *time.Duration
 }
 
 // Bounds of a key's ownership fields: the inventory lists every key with its owner and tags, and the key read
@@ -262,6 +266,9 @@ func (k *Key) Apply(c Settings) error {
 	if err := k.applyOwnership(c); err != nil {
 		return err
 	}
+	if err := k.applyAnomalySettings(c); err != nil {
+		return err
+	}
 	if c.NextRotation != nil {
 		k.NextRotation = c.NextRotation.UTC()
 		if c.NextRotation.IsZero() {
@@ -331,6 +338,33 @@ func (k *Key) applyOwnership(c Settings) error {
 	return nil
 }
 
+// applyAnomalySettings sets what the key does on an anomaly, its rate cap and its actions' period.
+func (k *Key) applyAnomalySettings(c Settings) error {
+	if c.OnAnomaly != nil {
+		action := strings.TrimSpace(*c.OnAnomaly)
+		if action != "" && !slices.Contains(AnomalyActionNames, action) {
+			return Callerf("on_anomaly must be one of %s, not %q", strings.Join(AnomalyActionNames, ", "), action)
+		}
+		if action == ActionAlert {
+			action = ""
+		}
+		k.OnAnomaly = action
+	}
+	if c.AnomalyRateLimit != nil {
+		if *c.AnomalyRateLimit < 0 {
+			return Callerf("anomaly_rate_limit must not be negative (0: no cap)")
+		}
+		k.AnomalyRateLimit = uint64(*c.AnomalyRateLimit)
+	}
+	if c.AnomalyActionPeriod != nil {
+		if p := *c.AnomalyActionPeriod; p < 0 || p > MaxAnomalyActionPeriod {
+			return Callerf("anomaly_action_period must be between 0 (the default, %s) and %s", DefaultAnomalyActionPeriod, MaxAnomalyActionPeriod)
+		}
+		k.AnomalyActionPeriod = *c.AnomalyActionPeriod
+	}
+	return nil
+}
+
 // nameList checks a list of names given to field (at most maxItems, each of at most maxLen characters) and returns
 // it trimmed, without empty names or repeats, in the order given; nil when none is left.
 func nameList(field string, names []string, maxItems, maxLen int, items, item string) ([]string, error) {
@@ -380,6 +414,9 @@ func settingsChanges(a, b *Key) string {
 	add("description", fmt.Sprintf("%q", a.Description), fmt.Sprintf("%q", b.Description))
 	add("tags", FormatTags(a.Tags), FormatTags(b.Tags))
 	add("data_assets", a.DataAssets, b.DataAssets)
+	add("on_anomaly", a.OnAnomalyAction(), b.OnAnomalyAction())
+	add("anomaly_rate_limit", a.AnomalyRateLimit, b.AnomalyRateLimit)
+	add("anomaly_action_period", a.ActionPeriod(), b.ActionPeriod())
 	if len(out) == 0 {
 		return "no change"
 	}

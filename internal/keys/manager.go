@@ -79,6 +79,9 @@ type Manager struct {
 
 	denials denialCounts // uses the keys' access conditions refused (access.go)
 
+	analytics analytics // per key, operation and caller: uses and denials by minute, hour, day (analytics.go)
+	actions   sync.Map  // name → *actionList: anomaly actions in force, read once (anomaly.go)
+
 	// Clock is what access conditions' hours and grants' expiry are judged by; tests set it.
 	Clock func() time.Time
 	// Observer, when set before the first request, hears uses, denials and rotations (the mount's metrics).
@@ -137,6 +140,13 @@ func (m *Manager) getLocked(ctx context.Context, s logical.Storage, name string)
 func (m *Manager) Invalidate(storageKey string) {
 	if storageKey == saltLocation {
 		m.salt.forget()
+		return
+	}
+	if name, ok := actionsKeyOf(storageKey); ok {
+		l := m.lock(name)
+		l.Lock()
+		m.forgetActions(name)
+		l.Unlock()
 		return
 	}
 	if name, ok := grantKeyOf(storageKey); ok {
@@ -265,6 +275,8 @@ func (m *Manager) commit(ctx context.Context, s logical.Storage, who Actor, cur,
 		m.sched.remove(tx.Key.Name)
 		m.usage.forget(tx.Key.Name)
 		m.forgetGrants(tx.Key.Name)
+		m.forgetActions(tx.Key.Name)
+		m.forgetUsage(tx.Key.Name)
 		tx.recordEvents()
 		return nil, nil
 	}

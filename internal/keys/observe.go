@@ -10,6 +10,8 @@ type Observer interface {
 	Judging(ctx context.Context, name string, op Operation, k *Key)
 	Denied(name, condition string)
 	Rotated(name, cause string)
+	// Anomaly: a caller's use of key name was unusual (anomaly.go), of kind.
+	Anomaly(name, kind string)
 }
 
 // observer is m.Observer, or one that hears nothing.
@@ -25,6 +27,7 @@ type unobserved struct{}
 func (unobserved) Judging(context.Context, string, Operation, *Key) {}
 func (unobserved) Denied(string, string)                            {}
 func (unobserved) Rotated(string, string)                           {}
+func (unobserved) Anomaly(string, string)                           {}
 
 // denied records a use the key's access conditions refused: the key's denial record and the observer.
 func (m *Manager) denied(name, condition string) {

@@ -126,7 +126,7 @@ func store(ctx context.Context, s logical.Storage, k *Key, changed []int) error 
 	return nil
 }
 
-// remove deletes a key's metadata, usage counts and grants; its history stays, as evidence. The key entry, stored with
+// remove deletes a key's metadata, usage counts, analytics, anomaly actions and grants; its history stays, as evidence. The key entry, stored with
 // Deleting set before anything was destroyed, goes last: a removal cut short leaves a key that serves nothing and
 // loads without the versions already removed, and the next attempt (the scheduler's, or a second delete) finishes.
 func remove(ctx context.Context, s logical.Storage, k *Key) error {
@@ -135,6 +135,11 @@ func remove(ctx context.Context, s logical.Storage, k *Key) error {
 	}
 	if err := s.Delete(ctx, usagePrefix+k.Name); err != nil {
 		return fmt.Errorf("remove key %q usage counts: %w", k.Name, err)
+	}
+	for _, entry := range []string{analyticsPrefix + k.Name, anomalyActionsPrefix + k.Name} {
+		if err := s.Delete(ctx, entry); err != nil {
+			return fmt.Errorf("remove key %q usage analytics: %w", k.Name, err)
+		}
 	}
 	if err := removeGrants(ctx, s, k.Name); err != nil {
 		return fmt.Errorf("remove key %q grants: %w", k.Name, err)

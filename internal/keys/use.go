@@ -62,10 +62,33 @@ func (m *Manager) Use(ctx context.Context, s logical.Storage, name string, c Cal
 	if err := k.refuses(op); err != nil {
 		return nil, err
 	}
-	if err := m.Admit(ctx, s, k, c, op, items); err != nil {
+	if err := m.admitCounted(ctx, s, k, c, op, items); err != nil {
 		return nil, err
 	}
 	return &Use{m: m, s: s, key: k, op: op, caller: c, tok: tok, nonces: nonces}, nil
+}
+
+// admitCounted is the door with every outcome counted: the use is judged for anomalies first (anomaly.go), so
+// that the key's action applies to the request that crossed the line, then admitted or denied (Admit), and
+// counted in the key's usage analytics, items uses or denials (analytics.go). An error that is no denial (the
+// identity store or storage unreachable) is neither.
+func (m *Manager) admitCounted(ctx context.Context, s logical.Storage, k *Key, c Caller, op Operation, items int) error {
+	counting := m.AnalyticsOn()
+	if counting {
+		for _, a := range m.judgeUse(ctx, s, k, c.Actor, op, items) {
+			m.actOn(ctx, s, c.Actor, a)
+		}
+	}
+	err := m.Admit(ctx, s, k, c, op, items)
+	var denied *DeniedError
+	switch {
+	case !counting:
+	case err == nil:
+		m.record(ctx, s, k.Name, c.Actor, op, items, "")
+	case errors.As(err, &denied):
+		m.record(ctx, s, k.Name, c.Actor, op, items, denied.Condition)
+	}
+	return err
 }
 
 // Usable loads key name for op and checks that it serves operations; it admits nothing and reaches no key

@@ -1,0 +1,549 @@
+package keys
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm/tokentest"
+)
+
+// usageFixture is a mount's storage on a real token, with a clock the test moves, the log lines and the anomalies
+// the metrics would count.
+type usageFixture struct {
+	t     *testing.T
+	ctx   context.Context
+	tok   *hsm.Token
+	mount string
+	s     logical.Storage
+
+	mu        sync.Mutex
+	now       time.Time
+	log       bytes.Buffer
+	anomalies map[string]int // kind → count, as Observer.Anomaly heard them
+}
+
+func (f *usageFixture) clock() time.Time {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.now
+}
+
+func (f *usageFixture) advance(d time.Duration) {
+	f.mu.Lock()
+	f.now = f.now.Add(d)
+	f.mu.Unlock()
+}
+
+func (f *usageFixture) Write(p []byte) (int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.log.Write(p)
+}
+
+func (f *usageFixture) logged() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.log.String()
+}
+
+func (f *usageFixture) Judging(context.Context, string, Operation, *Key) {}
+func (f *usageFixture) Denied(string, string)                            {}
+func (f *usageFixture) Rotated(string, string)                           {}
+func (f *usageFixture) Anomaly(_, kind string) {
+	f.mu.Lock()
+	f.anomalies[kind]++
+	f.mu.Unlock()
+}
+
+func (f *usageFixture) anomalyCount(kind string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.anomalies[kind]
+}
+
+// manager is a new Manager of the fixture's storage: a fresh process (after a restart, or on another node).
+func (f *usageFixture) manager() *Manager {
+	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: f})
+	m := NewManager(log, f.mount, func(context.Context, logical.Storage) (HSM, *Nonces, error) { return f.tok, nil, nil })
+	m.Clock = f.clock
+	m.Observer = f
+	return m
+}
+
+func (f *usageFixture) key(m *Manager, k *Key) {
+	f.t.Helper()
+	k.Type = TypeAES256GCM96
+	k.DeletionAllowed = true
+	made, _, err := m.Create(f.ctx, f.s, k, who, nil)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	f.t.Cleanup(func() { _, _ = f.tok.DestroyKeys(context.Background(), made.Versions[1].ID()) })
+}
+
+func (f *usageFixture) use(m *Manager, name string, c Caller, op Operation, items int) error {
+	c.Identity = testIdentities
+	_, err := m.Use(f.ctx, f.s, name, c, op, items)
+	return err
+}
+
+func (f *usageFixture) mustUse(m *Manager, name string, c Caller, op Operation, items int) {
+	f.t.Helper()
+	if err := f.use(m, name, c, op, items); err != nil {
+		f.t.Fatalf("%s by %s at %s: %v", op, CallerLabel(c.Actor), f.clock().Format(time.RFC3339), err)
+	}
+}
+
+func (f *usageFixture) historyOf(m *Manager, name, kind string) []Event {
+	f.t.Helper()
+	all, err := m.History(f.ctx, f.s, name, 0)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	var out []Event
+	for _, e := range all {
+		if e.Event == kind {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+func onUsageFixture(t *testing.T, fn func(t *testing.T, f *usageFixture)) {
+	onProvingAndUnprovingTokens(t, func(t *testing.T, kind tokentest.Kind, tok *hsm.Token) {
+		f := &usageFixture{t: t, ctx: context.Background(), tok: tok, s: &logical.InmemStorage{}, anomalies: map[string]int{},
+			mount: fmt.Sprintf("usage-%s-%d-%s", kind, os.Getpid(), strings.ReplaceAll(t.Name(), "/", "-")),
+			now:   time.Date(2026, 12, 7, 0, 0, 0, 0, time.UTC)}
+		fn(t, f)
+	})
+}
+
+var (
+	alice = Caller{Actor: Actor{EntityID: "ent-alice", DisplayName: "userpass-alice", Accessor: "acc-alice"}, RemoteAddr: "10.0.0.1"}
+	bob   = Caller{Actor: Actor{EntityID: "ent-bob", DisplayName: "userpass-bob"}, RemoteAddr: "10.0.0.2"}
+	root  = Caller{Actor: Actor{DisplayName: "root", Accessor: "root-accessor"}, RemoteAddr: "10.0.0.3"}
+)
+
+func wantDeniedBy(t *testing.T, err error, condition string) {
+	t.Helper()
+	var d *DeniedError
+	if !errors.As(err, &d) || d.Condition != condition {
+		t.Fatalf("want a denial by %s, got %v", condition, err)
+	}
+}
+
+func TestUsageCountsItemsPerOperationCallerAndOutcome(t *testing.T) {
+	onUsageFixture(t, func(t *testing.T, f *usageFixture) {
+		m := f.manager()
+		f.key(m, &Key{Name: "k"})
+		f.mustUse(m, "k", alice, OpEncrypt, 100) // a batch of 100 is 100 uses
+		f.mustUse(m, "k", alice, OpDecrypt, 1)
+		f.mustUse(m, "k", root, OpEncrypt, 3)
+		if _, err := m.Update(f.ctx, f.s, "k", who, func(tx *Tx) error {
+			return tx.SetAccess(&Access{AllowedCIDRs: []string{"10.0.0.1/32"}})
+		}); err != nil {
+			t.Fatal(err)
+		}
+		wantDeniedBy(t, f.use(m, "k", bob, OpEncrypt, 5), "allowed_cidrs")
+		f.advance(2 * time.Minute)
+		f.mustUse(m, "k", alice, OpEncrypt, 1)
+
+		r := m.UsageOf("k")
+		if r.Uses != 105 || r.Denials != 5 || r.DenialsByCondition["allowed_cidrs"] != 5 {
+			t.Fatalf("totals: uses %d denials %d by condition %v", r.Uses, r.Denials, r.DenialsByCondition)
+		}
+		enc := r.Operations[OpEncrypt]
+		if enc.Uses != 104 || enc.Denials != 5 || r.Operations[OpDecrypt].Uses != 1 {
+			t.Fatalf("per operation: %+v", r.Operations)
+		}
+		a := enc.Callers["ent-alice"]
+		if a.Uses != 101 || len(a.Minutes) != 2 || a.Minutes[0].Uses != 100 || a.Minutes[1].Uses != 1 ||
+			len(a.Hours) != 1 || a.Hours[0].Uses != 101 || len(a.Days) != 1 || a.Days[0].Uses != 101 {
+			t.Fatalf("alice's encryptions: %+v", a)
+		}
+		if !a.Minutes[1].Start.Equal(f.clock().Truncate(time.Minute)) || a.DisplayName != "userpass-alice" {
+			t.Fatalf("alice's last minute starts %s, display name %q", a.Minutes[1].Start, a.DisplayName)
+		}
+		if b := enc.Callers["ent-bob"]; b.Uses != 0 || b.Denials != 5 || b.Minutes[0].Denials != 5 {
+			t.Fatalf("bob's denied encryptions: %+v", b)
+		}
+		// A token without an entity is tracked under its display name, never its accessor.
+		if enc.Callers["token:root"].Uses != 3 {
+			t.Fatalf("root's encryptions: %+v (callers %v)", enc.Callers["token:root"], enc.Callers)
+		}
+		for label := range enc.Callers {
+			if strings.Contains(label, "accessor") {
+				t.Fatalf("caller label %q carries the token's accessor", label)
+			}
+		}
+
+		m.SetAnalytics(false)
+		f.mustUse(m, "k", alice, OpEncrypt, 7)
+		if r := m.UsageOf("k"); r.Uses != 105 || r.Enabled {
+			t.Fatalf("with analytics off: uses %d, enabled %v", r.Uses, r.Enabled)
+		}
+	})
+}
+
+// TestUsageSurvivesARestartWithinAFlush: what a node counted and flushed is what the next process starts from, and
+// the counts of two processes add up; nothing is written per request.
+func TestUsageSurvivesARestartWithinAFlush(t *testing.T) {
+	onUsageFixture(t, func(t *testing.T, f *usageFixture) {
+		puts := &countingPuts{Storage: f.s, prefix: analyticsPrefix}
+		f.s = puts
+		m := f.manager()
+		f.key(m, &Key{Name: "k"})
+		for range 50 {
+			f.mustUse(m, "k", alice, OpEncrypt, 2)
+		}
+		if puts.count() != 0 {
+			t.Fatalf("%d storage writes of usage counts before a flush", puts.count())
+		}
+		if err := m.FlushAnalytics(f.ctx, f.s); err != nil {
+			t.Fatal(err)
+		}
+		if err := m.FlushAnalytics(f.ctx, f.s); err != nil { // nothing changed since: nothing written
+			t.Fatal(err)
+		}
+		if puts.count() != 1 {
+			t.Fatalf("%d writes for one key's flush, want 1", puts.count())
+		}
+
+		f.advance(time.Hour)
+		restarted := f.manager()
+		if r := restarted.Usage(f.ctx, f.s, "k"); r.Uses != 100 || r.Operations[OpEncrypt].Callers["ent-alice"].Hours[0].Uses != 100 {
+			t.Fatalf("after a restart: %+v", r)
+		}
+		f.mustUse(restarted, "k", alice, OpEncrypt, 5)
+		f.mustUse(restarted, "k", bob, OpDecrypt, 1)
+		if err := restarted.FlushAnalytics(f.ctx, f.s); err != nil {
+			t.Fatal(err)
+		}
+		// Storage fails to give the stored counts: this process counts on, and its flush reads them first and adds
+		// its own, never writing its counts alone over them.
+		unreadable := &failingGets{Storage: f.s, prefix: analyticsPrefix, failing: true}
+		healthy := f.s
+		f.s = unreadable
+		again := f.manager()
+		f.mustUse(again, "k", alice, OpEncrypt, 1)
+		f.s = healthy
+		if err := again.FlushAnalytics(f.ctx, unreadable); err == nil {
+			t.Fatal("a flush wrote counts it could not merge with storage's")
+		}
+		unreadable.setFailing(false)
+		if err := again.FlushAnalytics(f.ctx, unreadable); err != nil {
+			t.Fatal(err)
+		}
+		again = f.manager()
+		r := again.Usage(f.ctx, f.s, "k")
+		a := r.Operations[OpEncrypt].Callers["ent-alice"]
+		if r.Uses != 107 || a.Uses != 106 || len(a.Hours) != 2 || a.Hours[1].Uses != 6 || !a.FirstSeen.Equal(f.clock().Add(-time.Hour)) {
+			t.Fatalf("after a second restart: uses %d, alice %+v", r.Uses, a)
+		}
+
+		// A deleted key's usage goes with it; its history stays.
+		if _, err := again.Update(f.ctx, f.s, "k", who, func(tx *Tx) error { return tx.Delete(0) }); err != nil {
+			t.Fatal(err)
+		}
+		if e, _ := f.s.Get(f.ctx, analyticsPrefix+"k"); e != nil || again.UsageOf("k").Uses != 0 {
+			t.Fatalf("usage of a deleted key kept: entry %v, report %+v", e, again.UsageOf("k"))
+		}
+		if err := again.FlushAnalytics(f.ctx, f.s); err != nil {
+			t.Fatal(err)
+		}
+		if e, _ := f.s.Get(f.ctx, analyticsPrefix+"k"); e != nil {
+			t.Fatal("a flush wrote the usage of a deleted key")
+		}
+	})
+}
+
+// failingGets fails the reads of storage entries under prefix while failing.
+type failingGets struct {
+	logical.Storage
+	mu      sync.Mutex
+	prefix  string
+	failing bool
+}
+
+func (s *failingGets) setFailing(on bool) {
+	s.mu.Lock()
+	s.failing = on
+	s.mu.Unlock()
+}
+
+func (s *failingGets) Get(ctx context.Context, key string) (*logical.StorageEntry, error) {
+	s.mu.Lock()
+	failing := s.failing && strings.HasPrefix(key, s.prefix)
+	s.mu.Unlock()
+	if failing {
+		return nil, errors.New("storage unavailable")
+	}
+	return s.Storage.Get(ctx, key)
+}
+
+// TestUsageMemoryIsBoundedWhateverTheCallers: callers beyond a key's cap, and pairs beyond the mount's, are counted
+// under OtherCallers, and how many were folded is counted.
+func TestUsageMemoryIsBoundedWhateverTheCallers(t *testing.T) {
+	m := NewManager(hclog.NewNullLogger(), "mount", nil)
+	now := time.Date(2026, 12, 7, 9, 0, 0, 0, time.UTC)
+	m.Clock = func() time.Time { return now }
+	ctx, s := context.Background(), &logical.InmemStorage{}
+	for i := range 200 {
+		m.record(ctx, s, "busy", Actor{EntityID: fmt.Sprintf("ent-%d", i)}, OpEncrypt, 1, "")
+		m.record(ctx, s, "busy", Actor{EntityID: fmt.Sprintf("ent-%d", i)}, OpEncrypt, 1, "") // again: folded once
+	}
+	r := m.UsageOf("busy")
+	enc := r.Operations[OpEncrypt]
+	if len(enc.Callers) != MaxCallersPerKey+1 || r.CallersFolded != 200-MaxCallersPerKey ||
+		enc.Callers[OtherCallers].Uses != 2*(200-MaxCallersPerKey) || enc.Uses != 400 {
+		t.Fatalf("one key, 200 callers: %d tracked, %d folded, %d uses under %s, %d in all",
+			len(enc.Callers), r.CallersFolded, enc.Callers[OtherCallers].Uses, OtherCallers, enc.Uses)
+	}
+	// Many keys: the mount tracks at most MaxCallersTracked pairs.
+	keysNeeded := MaxCallersTracked/MaxCallersPerKey + 10
+	for k := range keysNeeded {
+		for c := range MaxCallersPerKey {
+			m.record(ctx, s, fmt.Sprintf("k%d", k), Actor{EntityID: fmt.Sprintf("ent-%d", c)}, OpDecrypt, 1, "")
+		}
+	}
+	if n := m.analytics.tracked.Load(); n != MaxCallersTracked {
+		t.Fatalf("%d (key, caller) pairs tracked, want the cap %d", n, MaxCallersTracked)
+	}
+	last := m.UsageOf(fmt.Sprintf("k%d", keysNeeded-1))
+	if cs := last.Operations[OpDecrypt].Callers; len(cs) != 1 || cs[OtherCallers].Uses != MaxCallersPerKey || last.CallersFolded != MaxCallersPerKey {
+		t.Fatalf("a key past the mount's cap: callers %v, folded %d", cs, last.CallersFolded)
+	}
+	// Old buckets go, and a caller left with none: the pairs it held are free again.
+	now = now.Add(time.Duration(DayBuckets+1) * 24 * time.Hour)
+	m.analytics.keys.Range(func(_, v any) bool {
+		ku := v.(*keyUsage)
+		ku.mu.Lock()
+		m.pruneLocked(ku, now)
+		ku.mu.Unlock()
+		return true
+	})
+	if n := m.analytics.tracked.Load(); n != 0 {
+		t.Fatalf("%d pairs still tracked after every bucket expired", n)
+	}
+}
+
+// Uses are counted while flushes write: nothing is lost or counted twice (run with -race).
+func TestUsageCountedWhileFlushing(t *testing.T) {
+	m := NewManager(hclog.NewNullLogger(), "mount", func(context.Context, logical.Storage) (HSM, *Nonces, error) { return nil, nil, nil })
+	ctx, s := context.Background(), &logical.InmemStorage{}
+	if err := store(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96}, nil); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 500 {
+				condition := ""
+				if i%5 == 0 {
+					condition = "allowed_cidrs"
+				}
+				m.record(ctx, s, "k", Actor{EntityID: fmt.Sprintf("ent-%d", w)}, OpEncrypt, 2, condition)
+			}
+		}()
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for range 50 {
+			if err := m.FlushAnalytics(ctx, s); err != nil {
+				t.Error(err)
+			}
+		}
+	}()
+	wg.Wait()
+	<-done
+	if err := m.FlushAnalytics(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	r := NewManager(hclog.NewNullLogger(), "mount", nil).Usage(ctx, s, "k")
+	if r.Uses != 4*400*2 || r.Denials != 4*100*2 || r.DenialsByCondition["allowed_cidrs"] != 4*100*2 {
+		t.Fatalf("stored after concurrent uses and flushes: %d uses, %d denials", r.Uses, r.Denials)
+	}
+}
+
+func TestOperationCount(t *testing.T) {
+	if len(Operations) != operationCount {
+		t.Fatalf("operationCount is %d, Operations has %d: usage per operation would lose some", operationCount, len(Operations))
+	}
+}
+
+func TestBucketsPackAndUnpack(t *testing.T) {
+	bs := []bucket{{slot: 7, uses: 1}, {slot: 9, uses: ^uint32(0), denials: 3}, {slot: 1 << 30, denials: 1}}
+	got, err := unpackBuckets(packBuckets(bs))
+	if err != nil || fmt.Sprint(got) != fmt.Sprint(bs) {
+		t.Fatalf("unpacked %v, %v; want %v", got, err, bs)
+	}
+	for _, bad := range [][]byte{{0x80}, {1, 1, 1, 0, 1, 1}} {
+		if _, err := unpackBuckets(bad); err == nil {
+			t.Errorf("%x unpacked", bad)
+		}
+	}
+}
+
+// steady uses key name by c at perMinute uses each minute for d, moving the clock.
+func (f *usageFixture) steady(m *Manager, name string, c Caller, perMinute int, d time.Duration) {
+	f.t.Helper()
+	for end := f.clock().Add(d); f.clock().Before(end); f.advance(time.Minute) {
+		f.mustUse(m, name, c, OpEncrypt, perMinute)
+	}
+}
+
+// TestBurstAboveTheBaselineBlocksTheCaller: steady use for hours raises nothing; a burst far above the caller's own
+// rate is an anomaly (log, history, metric), and block_caller denies that request and the caller's next ones until
+// the period lapses, also on another node; others are not blocked.
+func TestBurstAboveTheBaselineBlocksTheCaller(t *testing.T) {
+	onUsageFixture(t, func(t *testing.T, f *usageFixture) {
+		m := f.manager()
+		f.key(m, &Key{Name: "k", OnAnomaly: ActionBlockCaller, AnomalyActionPeriod: 30 * time.Minute})
+		f.steady(m, "k", alice, 150, 8*time.Hour) // above burstMinPerMinute: only the baseline tells it is usual
+		f.steady(m, "k", bob, 150, 10*time.Minute)
+		if len(m.AnomaliesOf("k")) != 0 || f.anomalyCount(AnomalyRateAboveBaseline) != 0 {
+			t.Fatalf("steady load raised %v", m.AnomaliesOf("k"))
+		}
+		f.mustUse(m, "k", alice, OpEncrypt, 150)
+		f.mustUse(m, "k", alice, OpEncrypt, 1000) // 1150 this minute: not 10 times 150
+		f.advance(time.Minute)
+		err := f.use(m, "k", alice, OpEncrypt, 1600)
+		wantDeniedBy(t, err, "anomaly")
+		got := m.AnomaliesOf("k")
+		if len(got) != 1 || got[0].Kind != AnomalyRateAboveBaseline || got[0].Caller != "ent-alice" || got[0].Action != ActionBlockCaller ||
+			got[0].Until == nil || !got[0].Until.Equal(f.clock().Add(30*time.Minute)) {
+			t.Fatalf("anomalies: %+v", got)
+		}
+		if f.anomalyCount(AnomalyRateAboveBaseline) != 1 {
+			t.Fatalf("metric: %v", f.anomalies)
+		}
+		logged := f.logged()
+		if !strings.Contains(logged, "[WARN]") || !strings.Contains(logged, "key=k") || !strings.Contains(logged, "caller=ent-alice") ||
+			!strings.Contains(logged, "anomaly="+AnomalyRateAboveBaseline) {
+			t.Fatalf("log: %s", logged)
+		}
+		ev := f.historyOf(m, "k", "anomaly")
+		if len(ev) != 1 || ev[0].EntityID != "ent-alice" || !strings.Contains(ev[0].Details, AnomalyRateAboveBaseline) ||
+			ev[0].AccessorHMAC == "" || strings.Contains(ev[0].Details, "acc-alice") {
+			t.Fatalf("history: %+v", ev)
+		}
+		f.advance(time.Minute)
+		wantDeniedBy(t, f.use(m, "k", alice, OpDecrypt, 1), "anomaly")
+		f.mustUse(m, "k", bob, OpEncrypt, 150)
+		// Another node (a failover) enforces the stored block.
+		other := f.manager()
+		wantDeniedBy(t, f.use(other, "k", alice, OpEncrypt, 1), "anomaly")
+		if r := m.UsageOf("k"); r.DenialsByCondition["anomaly"] != 1601 {
+			t.Fatalf("denials by anomaly: %v", r.DenialsByCondition)
+		}
+		f.advance(30 * time.Minute)
+		f.mustUse(m, "k", alice, OpEncrypt, 1)
+		f.mustUse(other, "k", alice, OpEncrypt, 1)
+		if n := len(f.historyOf(m, "k", "anomaly")); n != 1 {
+			t.Fatalf("%d anomaly events, want 1", n)
+		}
+		// The block lapsed: a new burst is judged again. Lifted, the burst is excused.
+		wantDeniedBy(t, f.use(m, "k", alice, OpEncrypt, 1600), "anomaly")
+		if n := len(f.historyOf(m, "k", "anomaly")); n != 2 {
+			t.Fatalf("%d anomaly events, want 2", n)
+		}
+		if _, err := m.LiftAnomalyAction(f.ctx, f.s, "k", "ent-alice", who); err != nil {
+			t.Fatal(err)
+		}
+		f.mustUse(m, "k", alice, OpEncrypt, 1600)
+	})
+}
+
+// TestRateCapRequiresAGrant: uses past anomaly_rate_limit in a minute are an anomaly; require_grant then admits the
+// caller only under a live grant, until an operator lifts it. Repeats are reported once per period.
+func TestRateCapRequiresAGrant(t *testing.T) {
+	onUsageFixture(t, func(t *testing.T, f *usageFixture) {
+		m := f.manager()
+		f.key(m, &Key{Name: "k", OnAnomaly: ActionRequireGrant, AnomalyRateLimit: 50})
+		f.mustUse(m, "k", alice, OpEncrypt, 40)
+		f.mustUse(m, "k", alice, OpDecrypt, 10) // 50: at the cap, not past it
+		wantDeniedBy(t, f.use(m, "k", alice, OpEncrypt, 1), "anomaly")
+		if got := m.AnomaliesOf("k"); len(got) != 1 || got[0].Kind != AnomalyRateAboveLimit || got[0].Action != ActionRequireGrant {
+			t.Fatalf("anomalies: %+v", got)
+		}
+		wantDeniedBy(t, f.use(m, "k", root, OpEncrypt, 51), "anomaly") // a token without an entity can hold no grant
+		f.advance(time.Minute)
+		wantDeniedBy(t, f.use(m, "k", alice, OpEncrypt, 1), "anomaly")
+		if _, err := m.CreateGrant(f.ctx, f.s, "k", who, GrantRequest{EntityID: "ent-alice", TTL: time.Hour}); err != nil {
+			t.Fatal(err)
+		}
+		f.mustUse(m, "k", alice, OpEncrypt, 1)
+		actions, err := m.AnomalyActions(f.ctx, f.s, "k")
+		if err != nil || len(actions) != 2 {
+			t.Fatalf("actions in force: %+v, %v", actions, err)
+		}
+		lifted, err := m.LiftAnomalyAction(f.ctx, f.s, "k", "token:root", Actor{EntityID: "ent-operator", DisplayName: "operator"})
+		if err != nil || lifted == nil || lifted.Action != ActionRequireGrant {
+			t.Fatalf("lift: %+v, %v", lifted, err)
+		}
+		f.advance(time.Minute)
+		f.mustUse(m, "k", root, OpEncrypt, 1)
+		if ev := f.historyOf(m, "k", "anomaly_action_lifted"); len(ev) != 1 || ev[0].EntityID != "ent-operator" {
+			t.Fatalf("lift events: %+v", ev)
+		}
+		// Alert only: a burst that goes on is reported once per repeat period.
+		f.key(m, &Key{Name: "watched", AnomalyRateLimit: 10})
+		for range 20 {
+			f.mustUse(m, "watched", bob, OpEncrypt, 11)
+			f.advance(time.Minute)
+		}
+		if got := m.AnomaliesOf("watched"); len(got) != 2 || got[0].Action != ActionAlert || got[0].Until != nil {
+			t.Fatalf("20 minutes past the cap raised %d anomalies, want 2: %+v", len(got), got)
+		}
+	})
+}
+
+// TestNewCallerAndUnusualHour: a key with the same two callers for days sees a third as new; a caller that has
+// used a key in office hours for days is unusual at 03:00.
+func TestNewCallerAndUnusualHour(t *testing.T) {
+	onUsageFixture(t, func(t *testing.T, f *usageFixture) {
+		m := f.manager()
+		f.key(m, &Key{Name: "k"})
+		for range 4 {
+			for h := 9; h <= 17; h++ {
+				f.mustUse(m, "k", alice, OpEncrypt, 1)
+				f.mustUse(m, "k", bob, OpDecrypt, 1)
+				f.advance(time.Hour)
+			}
+			f.advance(15 * time.Hour) // 09:00 the next day
+		}
+		if got := m.AnomaliesOf("k"); len(got) != 0 {
+			t.Fatalf("usual use raised %+v", got)
+		}
+		f.mustUse(m, "k", alice, OpEncrypt, 1) // 09:00: usual
+		f.mustUse(m, "k", root, OpEncrypt, 1)
+		if got := m.AnomaliesOf("k"); len(got) != 1 || got[0].Kind != AnomalyNewCaller || got[0].Caller != "token:root" {
+			t.Fatalf("a new caller: %+v", got)
+		}
+		f.mustUse(m, "k", Caller{Actor: Actor{EntityID: "ent-carol"}}, OpEncrypt, 1) // the callers changed: no longer settled
+		f.advance(18 * time.Hour)                                                    // 03:00
+		f.mustUse(m, "k", alice, OpEncrypt, 1)
+		f.mustUse(m, "k", alice, OpEncrypt, 1) // reported once an hour
+		got := m.AnomaliesOf("k")
+		if len(got) != 2 || got[1].Kind != AnomalyUnusualHour || got[1].Caller != "ent-alice" || !strings.Contains(got[1].Details, "03:00") {
+			t.Fatalf("a use at 03:00: %+v", got)
+		}
+		if f.anomalyCount(AnomalyNewCaller) != 1 || f.anomalyCount(AnomalyUnusualHour) != 1 {
+			t.Fatalf("metrics: %v", f.anomalies)
+		}
+	})
+}
