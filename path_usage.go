@@ -47,7 +47,7 @@ func (b *backend) pathConfigAnalytics() *framework.Path {
 			},
 		},
 		HelpSynopsis:    "Turn the keys' usage analytics and anomaly detection on or off (on by default).",
-		HelpDescription: "enabled=false stops counting uses (keys/:name/usage) and judging them (keys/:name/anomalies) on every key of the mount, for example to measure what they cost; counts already made are kept, and anomaly actions in force still apply. Other nodes apply a change at their next periodic run.",
+		HelpDescription: "enabled=false stops counting uses (keys/:name/usage) and judging them (keys/:name/anomalies) on every key of the mount, for example to measure what they cost; counts already made are written to storage and their memory freed (they are read again once analytics are back on and the keys used), and anomaly actions in force still apply. Other nodes apply a change at their next periodic run.",
 	}
 }
 
@@ -88,6 +88,10 @@ func (b *backend) pathConfigAnalyticsWrite(ctx context.Context, req *logical.Req
 		return nil, err
 	}
 	b.keys.SetAnalytics(!c.Disabled)
+	// Off, what was counted goes to storage and its memory is freed: analytics cost nothing while off.
+	if err := b.keys.FreeAnalytics(ctx, req.Storage); err != nil {
+		return nil, fmt.Errorf("analytics are off; some counts are not stored yet and stay in memory until the next flush: %w", err)
+	}
 	return b.pathConfigAnalyticsRead(ctx, req, d)
 }
 

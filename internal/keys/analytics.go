@@ -177,7 +177,8 @@ type keyUsage struct {
 }
 
 func newKeyUsage() *keyUsage {
-	return &keyUsage{callers: map[string]*callerUsage{}, denials: map[string]uint64{}, reported: map[string]time.Time{}}
+	// denials and reported are made when first written: most keys have neither, and a mount may hold 10,000 keys.
+	return &keyUsage{callers: make(map[string]*callerUsage, 1)}
 }
 
 // analytics is the mount's usage analytics.
@@ -190,6 +191,27 @@ type analytics struct {
 // SetAnalytics turns usage analytics and anomaly detection on or off (config/analytics). Off, uses are neither
 // counted nor judged; anomaly actions in force still apply: they are security decisions already taken.
 func (m *Manager) SetAnalytics(on bool) { m.analytics.off.Store(!on) }
+
+// FreeAnalytics writes what is counted in memory to storage and frees it, once analytics are off (config/analytics
+// enabled=false): counts kept in storage are loaded again when analytics are turned back on and keys used. A key
+// whose counts cannot be written keeps them in memory, for the next flush.
+func (m *Manager) FreeAnalytics(ctx context.Context, s logical.Storage) error {
+	if m.AnalyticsOn() {
+		return nil
+	}
+	err := m.FlushAnalytics(ctx, s)
+	m.analytics.keys.Range(func(k, v any) bool {
+		ku := v.(*keyUsage)
+		ku.mu.Lock()
+		dirty := ku.dirty
+		ku.mu.Unlock()
+		if !dirty {
+			m.forgetUsage(k.(string))
+		}
+		return true
+	})
+	return err
+}
 
 // AnalyticsOn says whether uses are counted.
 func (m *Manager) AnalyticsOn() bool { return !m.analytics.off.Load() }
@@ -237,12 +259,20 @@ func (m *Manager) record(ctx context.Context, s logical.Storage, name string, ca
 	ku.totals[i][0] += uses
 	ku.totals[i][1] += denials
 	if condition != "" {
-		ku.denials[condition] += n
+		ku.addDenials(condition, n)
 	}
 	if ku.since.IsZero() || now.Before(ku.since) {
 		ku.since = now
 	}
 	ku.dirty = true
+}
+
+// addDenials counts n denials by condition; the caller holds ku.mu.
+func (ku *keyUsage) addDenials(condition string, n uint64) {
+	if ku.denials == nil {
+		ku.denials = map[string]uint64{}
+	}
+	ku.denials[condition] += n
 }
 
 // callerLocked is the caller's entry in ku, made if new: or OtherCallers' when the key or the mount tracks as
@@ -413,7 +443,7 @@ func (m *Manager) loadUsageLocked(ctx context.Context, s logical.Storage, name s
 		}
 	}
 	for c, n := range e.Denials {
-		ku.denials[c] += n
+		ku.addDenials(c, n)
 	}
 	ku.folded += e.Folded
 	ku.anomalies = append(e.Anomalies, ku.anomalies...)

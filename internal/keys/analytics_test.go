@@ -547,3 +547,29 @@ func TestNewCallerAndUnusualHour(t *testing.T) {
 		}
 	})
 }
+
+// Turning analytics off writes the counts to storage and frees their memory; back on, a key's counts go on from
+// what was stored.
+func TestAnalyticsOffFreesTheirMemoryAndKeepsTheCounts(t *testing.T) {
+	onUsageFixture(t, func(t *testing.T, f *usageFixture) {
+		m := f.manager()
+		f.key(m, &Key{Name: "k"})
+		f.mustUse(m, "k", alice, OpEncrypt, 3)
+		f.mustUse(m, "k", bob, OpEncrypt, 1)
+		m.SetAnalytics(false)
+		if err := m.FreeAnalytics(f.ctx, f.s); err != nil {
+			t.Fatal(err)
+		}
+		held := 0
+		m.analytics.keys.Range(func(any, any) bool { held++; return true })
+		if held != 0 || m.analytics.tracked.Load() != 0 {
+			t.Fatalf("analytics off still hold %d keys' counts, %d callers tracked", held, m.analytics.tracked.Load())
+		}
+		f.mustUse(m, "k", alice, OpEncrypt, 1) // not counted
+		m.SetAnalytics(true)
+		f.mustUse(m, "k", alice, OpEncrypt, 1)
+		if r := m.UsageOf("k"); r.Uses != 5 || r.Operations[OpEncrypt].Callers["ent-alice"].Uses != 4 {
+			t.Fatalf("back on: %+v", r)
+		}
+	})
+}

@@ -145,6 +145,9 @@ func (m *Manager) judgeUse(ctx context.Context, s logical.Storage, k *Key, calle
 		if at, ok := ku.reported[mark]; ok && now.Sub(at) < anomalyRepeatPeriod && !now.Before(at) {
 			return
 		}
+		if ku.reported == nil {
+			ku.reported = map[string]time.Time{}
+		}
 		ku.reported[mark] = now
 		a := Anomaly{Time: now.UTC(), Key: k.Name, Caller: label, Kind: kind, Operation: op, Details: fmt.Sprintf(format, args...),
 			Action: k.OnAnomalyAction()}
@@ -443,6 +446,9 @@ func (m *Manager) excuse(ctx context.Context, s logical.Storage, name, caller st
 	ku.mu.Lock()
 	defer ku.mu.Unlock()
 	for _, kind := range AnomalyKinds {
+		if ku.reported == nil {
+			ku.reported = map[string]time.Time{}
+		}
 		ku.reported[caller+"\x00"+kind] = now
 	}
 }
