@@ -112,6 +112,17 @@ func main() {
 	}
 	w = alternate(window(srv, 16, encryptAs("conditioned")), window(srv, 16, encryptAs("open")))
 	rows = append(rows, ratioRow("single encrypt under 3 access conditions (CIDR, hours, group), requests/s (16 clients)", w[0], "no conditions, same entity", w[1], rate, 0.95))
+	// The cost of the evidence: usage analytics (counted per key, operation and caller; judged for anomalies) and
+	// per-key metric labels, on against off on the same mount, windows in turn.
+	evidenceOn := func(on bool, w func() result) func() result {
+		return func() result {
+			write(c, cmk.Path+"/config/analytics", map[string]interface{}{"enabled": on})
+			write(c, cmk.Path+"/config/metrics", map[string]interface{}{"per_key_labels": on})
+			return w()
+		}
+	}
+	w = alternate(evidenceOn(true, window(srv, 16, encryptOne(cmk.Path))), evidenceOn(false, window(srv, 16, encryptOne(cmk.Path))))
+	rows = append(rows, ratioRow("single encrypt with usage analytics and per-key metrics, requests/s (16 clients)", w[0], "both off", w[1], rate, 0.95))
 	ctCMK := read(c, cmk.Path, "encrypt/bench", msg)
 	ctTransit := read(c, "transit", "encrypt/bench", msg)
 	decryptOne := func(p, ct string) func(*api.Client) error {
@@ -152,6 +163,9 @@ func main() {
 	w = alternate(window(srv, 4, encryptBatch(cmk.Path)), raw, window(srv, 4, encryptBatch("transit")))
 	rows = append(rows, ratioRow("batch encrypt, items/s (1,000 × 64 B, 4 clients)", w[0], "raw HSM, 1 session", w[1], items, 0.8))
 	rows = append(rows, ratioRow("", w[0], "Transit", w[2], items, 0))
+	w = alternate(evidenceOn(true, window(srv, 4, encryptBatch(cmk.Path))), evidenceOn(false, window(srv, 4, encryptBatch(cmk.Path))))
+	rows = append(rows, ratioRow("batch encrypt with usage analytics and per-key metrics, items/s (1,000 × 64 B, 4 clients)", w[0], "both off", w[1], items, 0.95))
+	write(c, cmk.Path+"/config/analytics", map[string]interface{}{"enabled": true})
 	decBatch := func(p string) []interface{} {
 		s := write(c, p+"/encrypt/bench", map[string]interface{}{"batch_input": batch})
 		items := s.Data["batch_results"].([]interface{})
@@ -242,6 +256,29 @@ func main() {
 	rows = append(rows, row{name: "plugin RSS settled (idle up to 2.5 min after the load), MB", ours: fmt.Sprintf("%.0f", settled),
 		ref:    fmt.Sprintf("bare process holding the same token: %.0f; plugin Go heap in use %.0f, Go runtime total %.0f", tokenOnly, heap, sys),
 		target: "≤ 150", pass: &pass})
+
+	// Usage analytics' memory with every key used: the plugin's Go heap after a collection with analytics on,
+	// and again once config/analytics turned them off on every mount, which writes the counts to storage and
+	// frees them. What that frees is exactly what analytics hold; the plugin's memory without them is its RSS less
+	// that (RSS itself does not shrink at once: Go returns freed pages to the system in the background).
+	heapOn := pluginHeapAfterGC()
+	rssOn := srv.PluginRSSMB()
+	mounts, err := c.Sys().ListMounts()
+	check(err)
+	for p, m := range mounts {
+		if m.Type == vaulttest.PluginName {
+			write(c, p+"config/analytics", map[string]interface{}{"enabled": false})
+		}
+	}
+	heapOff := pluginHeapAfterGC()
+	held := heapOn - heapOff
+	memRatio := rssOn / (rssOn - held)
+	memPass := memRatio <= 1.10
+	rows = append(rows, row{name: fmt.Sprintf("plugin memory with usage analytics on, MB (%d keys each used)", *manyKeys+20),
+		ours: fmt.Sprintf("%.0f (RSS; analytics hold %.1f of Go heap)", rssOn, held), ref: fmt.Sprintf("without analytics' memory: %.0f", rssOn-held),
+		ratio: fmt.Sprintf("%.2f", memRatio), target: "≤ 1.10", pass: &memPass})
+	rows = append(rows, row{name: "plugin Go heap in use after a collection, MB: analytics on", ours: fmt.Sprintf("%.1f", heapOn),
+		ref: fmt.Sprintf("analytics off, counts stored and freed: %.1f", heapOff), ratio: fmt.Sprintf("%.2f", heapOn/heapOff)})
 
 	report := render(rows, poolRows)
 	fmt.Println(report)
@@ -513,6 +550,22 @@ func holdTokenAndReportRSS(label string) {
 	listed := time.Since(t0)
 	log.Printf("bare process: %d objects on the token", len(objs))
 	fmt.Printf("%.1f %.3f\n", vaulttest.ProcessRSSMB(os.Getpid()), listed.Seconds())
+}
+
+// pluginHeapAfterGC is the plugin's Go heap in use, in MB, right after a collection (pprof's gc=1 runs one).
+func pluginHeapAfterGC() float64 {
+	resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/heap?gc=1&debug=1", os.Getenv("CMK_BENCH_PPROF")))
+	check(err)
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	for _, line := range strings.Split(string(body), "\n") {
+		var v float64
+		if _, err := fmt.Sscanf(line, "# HeapInuse = %f", &v); err == nil {
+			return v / (1 << 20)
+		}
+	}
+	log.Fatalf("the plugin's heap profile gives no HeapInuse")
+	return 0
 }
 
 func pluginGoMemory() (heapInuse, sys float64) {
