@@ -290,3 +290,108 @@ func TestReconcileLeavesTheAuditKeyAlone(t *testing.T) {
 		t.Fatalf("signing after reconcile: %v", v)
 	}
 }
+
+// Events stored before history was chained stay as they were (their clear accessor sealed when the page is next
+// written, which no hash covers): the chain begins after them at seq 1, and verify counts them as unchained.
+func TestHistoryBeforeChainingIsCountedUnchained(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/k", nil))
+	legacy := `[{"time":"2025-01-02T03:04:05Z","event":"created","version":1,"display_name":"old","token_accessor":"clear-accessor"},` +
+		`{"time":"2025-01-03T03:04:05Z","event":"rotated","version":2,"cause":"manual","display_name":"old","token_accessor":"clear-accessor"}]`
+	if err := e.inmem.Put(context.Background(), &logical.StorageEntry{Key: "history/k/00000000", Value: []byte(legacy)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.inmem.Delete(context.Background(), "history/k/head"); err != nil {
+		t.Fatal(err)
+	}
+	if v := e.verifyHistory("k"); verified(v) || v["unchained_events"] != 2 {
+		t.Fatalf("unchained history alone: %v", v)
+	}
+	e.ok(e.write("keys/k/rotate", nil))
+	v := e.verifyHistory("k")
+	if !verified(v) || v["unchained_events"] != 2 || v["events"] != 3 || v["head_seq"] != 1 {
+		t.Fatalf("a chain begun after unchained events: %v", v)
+	}
+	raw, _, _, err := e.b.keys.VerifyHistory(context.Background(), e.storage, "k")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stored, _ := e.inmem.Get(context.Background(), "history/k/00000000")
+	for _, text := range []string{fmt.Sprint(raw), string(stored.Value)} {
+		if strings.Contains(text, "clear-accessor") {
+			t.Fatalf("a clear accessor is shown or stored: %s", text)
+		}
+	}
+}
+
+// A key created while the audit key cannot sign has no head: the process that began its chain signs the first head
+// once the HSM serves. After a restart nothing tells such a chain from one whose head was deleted: it is not signed.
+func TestHistoryWithoutHeadIsSignedOnlyByTheProcessThatBeganIt(t *testing.T) {
+	e := newTestBackend(t)
+	refuse := &atomic.Bool{}
+	e.b.resetToken()
+	e.b.openToken = func(c hsm.Config, l hclog.Logger) (hsmToken, error) {
+		tok, err := hsm.Open(c, l)
+		if err != nil {
+			return nil, err
+		}
+		return signRefusingToken{tok, refuse}, nil
+	}
+	refuse.Store(true)
+	e.ok(e.write("keys/began-here", nil))
+	e.ok(e.write("keys/restarted", nil))
+	for _, name := range []string{"began-here", "restarted"} {
+		if v := e.verifyHistory(name); verified(v) || v["head_seq"] != 0 || !strings.Contains(v["reason"].(string), "no signed head") {
+			t.Fatalf("%s without a head: %v", name, v)
+		}
+	}
+	refuse.Store(false)
+	restarted := e.reopen()
+	restarted.ok(restarted.write("keys/restarted/rotate", nil))
+	restarted.tick()
+	if v := restarted.verifyHistory("restarted"); verified(v) || v["head_seq"] != 0 || v["events"] != 2 {
+		t.Fatalf("a chain without head, after a restart: %v", v)
+	}
+	e.tick()
+	if v := e.verifyHistory("began-here"); !verified(v) || v["head_seq"] != 1 {
+		t.Fatalf("the chain this process began: %v", v)
+	}
+}
+
+// An audit key version the token made but storage never came to hold is destroyed by the WAL rollback; the one
+// storage holds is kept.
+func TestAuditKeyNeverStoredIsRolledBack(t *testing.T) {
+	e := newTestBackend(t)
+	ctx := context.Background()
+	e.ok(e.write("keys/k", nil)) // audit key version 1, stored
+	e.storage.failUnstored("audit_key")
+	if resp, err := e.write("audit_key/rotate", nil); err == nil && !resp.IsError() {
+		t.Fatalf("rotation stored: %v", respText(resp))
+	}
+	e.storage.failUnstored("")
+	audit := func() int {
+		n := 0
+		for _, o := range e.allTokenObjects() {
+			if strings.Contains(o.Label, "/audit_key:v") {
+				n++
+			}
+		}
+		return n
+	}
+	if n := audit(); n != 2 {
+		t.Fatalf("audit key objects before the rollback: %d, want 2 (version 1, and the unstored version 2)", n)
+	}
+	resp, err := e.b.HandleRequest(ctx, &logical.Request{
+		Operation: logical.RollbackOperation, Path: "", Storage: e.storage, Data: map[string]interface{}{"immediate": true},
+	})
+	if err != nil || (resp != nil && resp.IsError()) {
+		t.Fatalf("rollback: %v %s", err, respText(resp))
+	}
+	if n := audit(); n != 1 {
+		t.Fatalf("audit key objects after the rollback: %d, want 1", n)
+	}
+	e.ok(e.write("keys/k/rotate", nil))
+	if v := e.verifyHistory("k"); !verified(v) || v["head_audit_key_version"] != 1 {
+		t.Fatalf("signing after the rollback: %v", v)
+	}
+}
