@@ -115,6 +115,10 @@ var apiSamples = []apiSample{
 	{logical.UpdateOperation, "approvals/{approval_id}/approve", nil},
 	{logical.UpdateOperation, "keys/guarded/config", map[string]interface{}{"approvals_required": 0}},
 	{logical.UpdateOperation, "approvals/{approval_id}/reject", map[string]interface{}{"comment": "the key stays under dual control"}},
+	// Tamper-evident history: the chain checked against its signed head, the audit key's public keys, a rotation.
+	{logical.ReadOperation, "keys/demo/history/verify", nil},
+	{logical.ReadOperation, "audit_key", nil},
+	{logical.UpdateOperation, "audit_key/rotate", nil},
 }
 
 func TestAPIReference(t *testing.T) {
@@ -803,6 +807,18 @@ func operationIDs(p *framework.Path, op logical.Operation, h framework.Operation
 // responseFieldDocs describes every field the engine's responses carry that is not also a request field (those are
 // described with their path above). TestResponseFieldsAreDescribed keeps it in step with the code.
 var responseFieldDocs = map[string]string{
+	"seq":                         "History, per event: its place in the key's hash chain, from 1; absent in events stored before history was chained.",
+	"prev_hash":                   "History, per event: the hex SHA-256 of the event before it in the chain; absent at seq 1.",
+	"hash":                        "History, per event: the hex SHA-256 of the event's canonical JSON (members sorted, without `hash`), which covers `prev_hash` and so the whole chain before it.",
+	"verified":                    "`history/verify`: every event matches its hash and follows the one before it, and the last is the one the head signed with a version of `audit_key`.",
+	"unchained_events":            "`history/verify`: events stored before the engine chained history; listed, not vouched for.",
+	"first_broken_index":          "`history/verify`: the place (from 0, as `history` lists them) of the first event that does not verify; the number of events when what is missing is at the end; -1 when none.",
+	"first_broken_seq":            "`history/verify`: the seq of the first event that does not verify (0 when it has none, or none is broken).",
+	"head_seq":                    "`history/verify`: the seq the signed head vouches for (0: no head).",
+	"head_hash":                   "`history/verify`: the hash of the event the head vouches for.",
+	"head_signed":                 "`history/verify`: the head's signature verified with `audit_key`'s public key of `head_audit_key_version`.",
+	"head_signed_at":              "`history/verify`: when the head was signed (RFC 3339).",
+	"head_audit_key_version":      "`history/verify`: the `audit_key` version that signed the head.",
 	"access":                      "Key read and `inventory`: its access conditions (`keys/:name/access`) in one line, or \"none\".",
 	"next_after":                  "`inventory`: present when more keys match: the `after` of the next page.",
 	"generated_at":                "`reports/compliance`: when the report was made (RFC 3339).",
@@ -822,7 +838,7 @@ var responseFieldDocs = map[string]string{
 	"remaining_uses":              "Grant with max_uses: the uses it still allows.",
 	"revoked_at":                  "Grant: when it was revoked.",
 	"revoked_by":                  "Grant: who revoked it (entity_id, display_name, token_accessor_hmac).",
-	"created_at":                  "Grant: when it was created.",
+	"created_at":                  "Grant: when it was created. `audit_key`, per version: when the version was made in the HSM.",
 	"approval_id":                 "A request held for dual control (HTTP 202) and `approvals/:id`: the approval's id, the Vault request id of the held request. `reports/compliance`, `pending_approvals`: the pending approval.",
 	"approvals":                   "`approvals/:id`: the approvals so far, each with `entity_id`, `display_name`, `token_accessor_hmac` and `time`; in the LIST of `approvals`, per approval: how many.",
 	"data":                        "`approvals/:id`, `result`: what the executed request answered.",
@@ -853,7 +869,7 @@ var responseFieldDocs = map[string]string{
 	"class":                       "`reconcile`, per unreferenced object: its PKCS#11 class (secret key, private key, public key).",
 	"connected":                   "`config/hsm`: whether the mount is logged in to its token now.",
 	"count":                       "History: how many events the response holds.",
-	"created_by":                  "Key read, per version: who made the version (display name and token accessor of the request). Grant: who granted it (entity_id, display_name, token_accessor_hmac).",
+	"created_by":                  "Key read, per version: who made the version (display name and token accessor of the request). Grant: who granted it (entity_id, display_name, token_accessor_hmac). `audit_key`, per version: who rotated it in (the first version: the engine, at the mount's first history event).",
 	"creation_time":               "Key read: when the key (or, per version, the version) was made, RFC 3339.",
 	"deletion_in_progress":        "Key read: the key's deletion has begun and is being finished; the key serves nothing.",
 	"deletion_scheduled_time":     "Key read and delete: when a deleted key's objects are destroyed (after `deletion_grace_period`); until then `cancel-deletion` brings it back. `inventory` and `reports/compliance` too.",
@@ -866,7 +882,7 @@ var responseFieldDocs = map[string]string{
 	"encryptions_unknown":         "Key read, per version: the version's encryption count was lost (it was adopted after a storage restore), so it encrypts no more; the next encryption rotates.",
 	"error":                       "`config/hsm`: why the mount is not connected, or the last connection error; in `batch_results`: why that item failed; in an approval's `result`: why the executed request failed.",
 	"event":                       "History event: what happened (\"created\", \"rotated\", \"version_imported\", \"version_adopted\", \"version_disabled\", \"deletion_scheduled\", \"approval_requested\", \"approval_granted\", \"approval_executed\", …).",
-	"events":                      "History: the key's events, oldest first.",
+	"events":                      "History: the key's events, oldest first. `history/verify`: how many events the key's history holds.",
 	"firmware_version":            "`config/hsm`, `token`: the token's firmware version.",
 	"hardware_version":            "`config/hsm`, `token`: the token's hardware version.",
 	"hmac_secret_on_token":        "Key read, per version: whether the version's HMAC secret exists on the token yet; it is made with the version's first HMAC, not at creation.",
@@ -880,10 +896,10 @@ var responseFieldDocs = map[string]string{
 	"key_types":                   "`config/hsm`: per key type, whether the token can serve it (`supported`) and, if not, which mechanisms it lacks (`missing`).",
 	"key_wrap_mechanism_in_use":   "`config/hsm`: the key-wrap mechanism imports use on this token (the configured one, or the one chosen from the token's list).",
 	"keys":                        "Key read: Transit's map of version to creation time (Unix seconds; asymmetric keys: to `name`, `public_key`, `certificate_chain`, `creation_time`); export: version to exported value; `reconcile`: how many keys were compared.",
-	"label":                       "Key read, per version (and `reconcile`): the `CKA_LABEL` of the version's objects, `cmk/<mount uuid>/<key>/v<N>`; in `config/hsm`'s `token`: the token's label.",
+	"label":                       "Key read, per version (and `reconcile`): the `CKA_LABEL` of the version's objects, `cmk/<mount uuid>/<key>/v<N>`; in `config/hsm`'s `token`: the token's label. `audit_key`, per version: its private key's label, `cmk/<mount uuid>/audit_key:v<N>`.",
 	"label_search":                "`config/hsm`: whether the token finds objects by `CKA_LABEL`, which adopting versions a storage restore lost needs (probed on first need).",
 	"last_rotated":                "Key read: when the key was last rotated. `inventory` too.",
-	"latest_version":              "Key read: the newest version's number. `inventory` too.",
+	"latest_version":              "Key read: the newest version's number. `inventory` too. `audit_key`: the version that signs new heads (0 before the mount's first history event).",
 	"library":                     "`config/hsm`: the PKCS#11 module in use, read-only: it is set by the operator in the plugin's environment (`CMK_PKCS11_LIBRARY`), never through the API.",
 	"manufacturer_id":             "`config/hsm`, `token`: the token's manufacturer.",
 	"max_session_count":           "`config/hsm`, `token`: how many sessions the token allows at once.",
@@ -934,7 +950,7 @@ var responseFieldDocs = map[string]string{
 	"since":                       "`keys/:name/usage`: when the first use or denial of the key was counted (absent: none yet). An anomaly action: when it began.",
 	"start":                       "`keys/:name/usage`, per bucket: when its minute, hour or day begins (UTC).",
 	"until":                       "An anomaly and its action: when require_grant or block_caller lapses.",
-	"versions":                    "Key read: per version, where it lives in the HSM and its state (the fields marked \"per version\" here).",
+	"versions":                    "Key read: per version, where it lives in the HSM and its state (the fields marked \"per version\" here). `audit_key`: every version by number, with `public_key` (PEM, PKIX \"PUBLIC KEY\"), `created_at`, `created_by` and `label`.",
 }
 
 // alsoARequestField names the response fields described in responseFieldDocs though a path takes a request field of

@@ -157,6 +157,7 @@ func newBackend(conf *logical.BackendConfig) *backend {
 			b.pathApprovals(),
 			b.pathInventory(),
 			[]*framework.Path{b.pathMetrics(), b.pathHealth()},
+			b.pathAuditKey(),
 		),
 		InitializeFunc: func(ctx context.Context, req *logical.InitializationRequest) error {
 			if err := b.applyMetricsConfig(ctx, req.Storage); err != nil {
@@ -325,7 +326,8 @@ func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
 // it can never race a creation still in progress.
 const walRollbackMinAge = 2 * time.Minute
 
-// walRollback destroys the HSM objects of a version (or wrapping key) whose metadata never reached storage.
+// walRollback destroys the HSM objects of a version (or wrapping key, or audit key version) whose metadata never
+// reached storage.
 // Nothing that storage references is ever destroyed here.
 func (b *backend) walRollback(ctx context.Context, req *logical.Request, kind string, data interface{}) error {
 	switch kind {
@@ -333,6 +335,8 @@ func (b *backend) walRollback(ctx context.Context, req *logical.Request, kind st
 		return b.keys.RollbackVersion(ctx, req.Storage, data)
 	case walKindWrappingKey:
 		return b.rollbackWrappingKey(ctx, req.Storage, data)
+	case keys.WALKindAuditKey:
+		return b.keys.RollbackAuditKey(ctx, req.Storage, data)
 	}
 	return fmt.Errorf("unknown WAL entry kind %q", kind)
 }

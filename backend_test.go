@@ -207,8 +207,24 @@ func respText(resp *logical.Response) string {
 	return fmt.Sprintf("%v", resp.Data)
 }
 
-// tokenObjects lists this mount's objects as the token itself reports them, through a separate connection.
+// tokenObjects lists this mount's key objects as the token itself reports them, through a separate connection.
+// Usage witnesses and the audit key are left out: they hold no key's material. Witnesses come with the first
+// encryption of an AES version (hsm/witness.go) and are destroyed with their version, as
+// TestUsageWitnessOnEveryToken shows; the audit key comes with the mount's first history event (history_chain_test.go).
 func (e *testEnv) tokenObjects() []hsm.ObjectInfo {
+	e.t.Helper()
+	objs := e.allTokenObjects()
+	out := objs[:0]
+	for _, o := range objs {
+		if !strings.Contains(o.Label, "/uses/") && !strings.Contains(o.Label, "/audit_key:v") {
+			out = append(out, o)
+		}
+	}
+	return out
+}
+
+// allTokenObjects lists every object of this mount on the token, through a separate connection.
+func (e *testEnv) allTokenObjects() []hsm.ObjectInfo {
 	e.t.Helper()
 	tok, err := hsm.Open(hsm.Config{Library: softhsm.Library, TokenLabel: e.label, PIN: testPIN, PoolSize: 1}, nil)
 	if err != nil {
@@ -219,15 +235,7 @@ func (e *testEnv) tokenObjects() []hsm.ObjectInfo {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	// Usage witnesses are left out: they hold no key material, and come with the first encryption of an AES
-	// version (hsm/witness.go); they are destroyed with their version, as TestUsageWitnessOnEveryToken shows.
-	out := objs[:0]
-	for _, o := range objs {
-		if !strings.Contains(o.Label, "/uses/") {
-			out = append(out, o)
-		}
-	}
-	return out
+	return objs
 }
 
 // tick runs Vault's periodic function once, as the rollback manager does about once a minute.

@@ -85,6 +85,10 @@ func TestEveryUseOfKeyMaterialPassesTheDoor(t *testing.T) {
 		{logical.UpdateOperation, "keys/k/cancel-deletion", nil, false},
 		{logical.UpdateOperation, "keys/k/trim", map[string]interface{}{"min_available_version": 0}, false},
 		{logical.ReadOperation, "keys/k/history", nil, false},
+		// The audit key signs history heads, never with a key's material.
+		{logical.ReadOperation, "keys/k/history/verify", nil, false},
+		{logical.ReadOperation, "audit_key", nil, false},
+		{logical.UpdateOperation, "audit_key/rotate", nil, false},
 		{logical.ReadOperation, "keys/k/access", nil, false},
 		{logical.UpdateOperation, "random/16", nil, false},
 		{logical.UpdateOperation, "hash", map[string]interface{}{"input": b64("door")}, false},

@@ -98,7 +98,25 @@ func (b *backend) pathLifecycle() []*framework.Path {
 			HelpSynopsis: "Lifecycle events of a key: who did what, when and why.",
 			HelpDescription: "Each event (created, rotated with cause manual/scheduled/usage, imported, config_changed, disabled, enabled, version_disabled, version_enabled, " +
 				"version_destroy_scheduled, version_destroyed, deletion_scheduled, deletion_cancelled, deleted; grant_created, grant_revoked, grant_used_up, grant_expired for keys/:name/grants, whose details name the grant and who granted it; access_changed, access_removed for keys/:name/access; and dual control's approval_requested, approval_granted, approval_rejected, approval_executed, approval_failed, approval_expired, whose details name the approval and the action) carries its time, cause and the requester's entity_id and display_name, and token_accessor_hmac: the HMAC-SHA256 of the requester's token accessor under a salt of this mount's own (\"hmac-sha256:<hex>\"), never the accessor itself, as Vault's audit devices record accessors. " +
-				"One token's events carry one value on this mount, so events can be told apart by token; the value differs from an audit device's HMAC of the same accessor (each audit device has a salt of its own). Events stored in clear by earlier versions of the engine are shown the same way. History outlives the key. Vault's audit devices still record every request.",
+				"One token's events carry one value on this mount, so events can be told apart by token; the value differs from an audit device's HMAC of the same accessor (each audit device has a salt of its own). Events stored in clear by earlier versions of the engine are shown the same way. Each event also carries its link in the history's hash chain: seq (its place, from 1), prev_hash (the hash of the event before it; absent at seq 1) and hash; events stored before the engine chained history have none (keys/:name/history/verify). History outlives the key. Vault's audit devices still record every request.",
+		},
+		{
+			Pattern:      "keys/" + name + "/history/verify",
+			DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "verify", OperationSuffix: "key-history"},
+			Fields:       nameField,
+			Operations: map[logical.Operation]framework.OperationHandler{
+				logical.ReadOperation: &framework.PathOperation{Callback: handle(b.pathHistoryVerify), Summary: "Check the key's history chain against its head signed by the audit key."},
+			},
+			HelpSynopsis: "Verify that a key's history is as recorded: a hash chain whose head the mount's audit key signed in the HSM.",
+			HelpDescription: "Each event carries the hash of the one before it, and the chain's head (the last event's seq and hash) is signed by the mount's audit key (audit_key). " +
+				"verified is true when every event matches its hash and follows the one before it and the last is the one the head signed. Otherwise first_broken_index " +
+				"(from 0, in the order keys/:name/history lists them; the number of events when what is missing is at the end) and first_broken_seq name the first event that " +
+				"does not verify, and reason says why: an event altered, removed, added or moved in storage, or a head missing or not signed by the audit key. " +
+				"unchained_events counts the events stored before the engine chained history: listed, but nothing vouches for them. " +
+				"An event is recorded even when the audit key cannot sign (the HSM is unreachable): lifecycle evidence is never lost, and the head is left behind " +
+				"until the key's next event or, on the node that recorded it, the periodic function signs it once the HSM serves; meanwhile the events after head_seq are " +
+				"reported as not vouched for. The engine signs a head only over a chain that extends the head before it, so what is changed in storage stays reported. " +
+				"The history of a deleted key is verified alike. The check reads the public keys from storage; an auditor checks the same chain offline with audit_key's public keys.",
 		},
 	}
 }
@@ -284,7 +302,45 @@ func (b *backend) pathHistoryRead(ctx context.Context, req *logical.Request, d *
 		if e.Version != 0 {
 			m["version"] = e.Version
 		}
+		if e.Seq != 0 {
+			m["seq"], m["hash"] = e.Seq, e.Hash
+			if e.PrevHash != "" {
+				m["prev_hash"] = e.PrevHash
+			}
+		}
 		out[i] = m
 	}
 	return &logical.Response{Data: map[string]interface{}{"name": name, "events": out, "count": len(out)}}, nil
+}
+
+func (b *backend) pathHistoryVerify(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	name := d.Get("name").(string)
+	events, head, v, err := b.keys.VerifyHistory(ctx, req.Storage, name)
+	if err != nil {
+		return respond(err)
+	}
+	if len(events) == 0 && head == nil {
+		if k, err := b.keys.Get(ctx, req.Storage, name); err != nil || k == nil {
+			return nil, err
+		}
+	}
+	data := map[string]interface{}{
+		"name":                   name,
+		"verified":               v.Verified,
+		"events":                 v.Events,
+		"unchained_events":       v.Unchained,
+		"first_broken_index":     v.Broken,
+		"first_broken_seq":       v.BrokenSeq,
+		"reason":                 v.Reason,
+		"head_signed":            v.HeadSigned,
+		"head_seq":               0,
+		"head_hash":              "",
+		"head_signed_at":         "",
+		"head_audit_key_version": 0,
+	}
+	if head != nil {
+		data["head_seq"], data["head_hash"] = head.Seq, head.Hash
+		data["head_signed_at"], data["head_audit_key_version"] = head.SignedAt.UTC().Format(time.RFC3339Nano), head.AuditKeyVersion
+	}
+	return &logical.Response{Data: data}, nil
 }

@@ -86,6 +86,7 @@ func TestLeastPrivilegePolicies(t *testing.T) {
 			{"reconcile the mount and adopt", "/reconcile", map[string]interface{}{"adopt": true}, 0},
 			{"adopt on the operator's word (sudo)", "/reconcile/adopt-unverified", nil, 0},
 			{"adopt one key on the operator's word (sudo)", "/reconcile/adopt-unverified/app", nil, 0},
+			{"rotate the audit key", "/audit_key/rotate", nil, 0},
 		},
 		"cmk-key-owner.hcl": {
 			{"set the key's access conditions", "/keys/app/access", map[string]interface{}{"allowed_cidrs": "127.0.0.0/8"}, 0},
@@ -104,6 +105,7 @@ func TestLeastPrivilegePolicies(t *testing.T) {
 			{"adopt", "/keys/app/reconcile", map[string]interface{}{"adopt": true}, 403},
 			{"adopt mount-wide", "/reconcile", map[string]interface{}{"adopt": true}, 403},
 			{"reconfigure the HSM", "/config/hsm", map[string]interface{}{"pool_size": 2}, 403},
+			{"rotate the audit key", "/audit_key/rotate", nil, 403},
 		},
 	}
 	for file, calls := range cases {
@@ -130,6 +132,12 @@ func TestLeastPrivilegePolicies(t *testing.T) {
 	}
 	if _, err := auditor.Logical().List(m.Path + "/keys"); err != nil {
 		t.Fatalf("auditor lists keys: %v", err)
+	}
+	if s, err := auditor.Logical().Read(m.Path + "/keys/app/history/verify"); err != nil || s.Data["verified"] != true {
+		t.Fatalf("auditor verifies a key's history: %v %v", s, err)
+	}
+	if s, err := auditor.Logical().Read(m.Path + "/audit_key"); err != nil || s.Data["versions"] == nil {
+		t.Fatalf("auditor reads the audit key: %v", err)
 	}
 	// The key administrator can read the wrapping key, so vault transit import works with its token.
 	admin := policyToken(t, m, "cmk-key-admin.hcl")

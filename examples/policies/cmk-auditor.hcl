@@ -1,5 +1,6 @@
 # An auditor: reads key settings, versions, history and HSM metadata, the HSM connection state, and how storage
-# and the token differ (reconcile, read-only); changes and uses nothing.
+# and the token differ (reconcile, read-only); verifies each key's history chain (keys/<name>/history/verify, under
+# cmk/keys/*) and reads the audit key's public keys to verify it offline; changes and uses nothing.
 path "cmk/keys" {
   capabilities = ["list"]
 }
@@ -19,5 +20,9 @@ path "cmk/config/hsm" {
 }
 
 path "cmk/reconcile" {
+  capabilities = ["read"]
+}
+
+path "cmk/audit_key" {
   capabilities = ["read"]
 }

@@ -213,7 +213,8 @@ func VerifyChain(key string, events []json.RawMessage, head *Head, keys AuditKey
 	v.HeadSigned = true
 	switch {
 	case head.Seq > prevSeq:
-		return fail(len(events), head.Seq, "the head vouches for seq %d but the chain ends at %d: events were removed from its end", head.Seq, prevSeq)
+		// the first event missing is the one after the chain's end
+		return fail(len(events), prevSeq+1, "the head vouches for seq %d but the chain ends at %d: events were removed from its end", head.Seq, prevSeq)
 	case head.Seq < prevSeq:
 		// events after the head's seq are not vouched for; the first such is the break
 		for i, raw := range events {

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/evidence"
 )
 
 // A key's lifecycle events are kept in pages of historyPageSize under history/<name>/<page>, so that no storage
@@ -32,6 +34,12 @@ type Event struct {
 	// History returns its HMAC in AccessorHMAC instead, and the page is stored sealed when next written.
 	LegacyAccessor string `json:"token_accessor,omitempty"`
 	Details        string `json:"details,omitempty"`
+	// The event's link in the key's hash chain (internal/evidence): its place (from 1), the hash of the event before
+	// it (absent at seq 1) and its own, over its stored JSON without "hash". Absent in events stored before the
+	// engine chained history: those are listed as unchained, and nothing vouches for them.
+	Seq      int    `json:"seq,omitempty"`
+	PrevHash string `json:"prev_hash,omitempty"`
+	Hash     string `json:"hash,omitempty"`
 }
 
 // Actor is who caused a lifecycle event, from the request: the entity and display name, and the token's
@@ -83,33 +91,87 @@ func historyPageKey(name string, page int) string {
 	return fmt.Sprintf("%s%s/%08d", historyPrefix, name, page)
 }
 
-// appendHistory adds ev to the key's last page, whose events stored with a clear accessor (by engines before the
-// HMAC) are stored sealed with it. The caller holds the key's lock: the read-modify-write of the page is never
-// concurrent for one key.
-func (m *Manager) appendHistory(ctx context.Context, s logical.Storage, name string, ev Event) error {
+// appendHistory adds evs to the key's history, chained: each event carries its place, the previous event's hash and
+// its own. Stored events are kept byte for byte; only events stored by engines before the chain with a clear
+// accessor are stored sealed (they are not hashed: sealing one breaks nothing). The head is then signed (vouch).
+// The caller holds the key's lock: the read-modify-write of the page is never concurrent for one key.
+func (m *Manager) appendHistory(ctx context.Context, s logical.Storage, name string, evs ...Event) error {
+	if len(evs) == 0 {
+		return nil
+	}
 	pages, err := historyPages(ctx, s, name)
 	if err != nil {
 		return err
 	}
 	page := 0
-	var events []Event
+	var events []json.RawMessage
+	var end chainLink
 	if len(pages) > 0 {
 		page = pages[len(pages)-1]
-		if events, err = readHistoryPage(ctx, s, name, page); err != nil {
+		if events, err = readRawPage(ctx, s, name, page); err != nil {
 			return err
+		}
+		if len(events) > 0 {
+			if end, err = linkOf(events[len(events)-1]); err != nil {
+				return fmt.Errorf("history of key %q: %w", name, err)
+			}
 		}
 		if len(events) >= historyPageSize {
 			page, events = page+1, nil
-		}
-		if err := m.sealEvents(ctx, s, events); err != nil {
+		} else if err := m.sealLegacy(ctx, s, events); err != nil {
 			return err
 		}
 	}
-	e, err := logical.StorageEntryJSON(historyPageKey(name, page), append(events, ev))
+	started := end.seq == 0 // the chain begins with this append
+	for _, ev := range evs {
+		ev.Seq, ev.PrevHash, ev.Hash = end.seq+1, end.hash, ""
+		unhashed, err := json.Marshal(ev)
+		if err != nil {
+			return err
+		}
+		if ev.Hash, err = evidence.EventHash(unhashed); err != nil {
+			return err
+		}
+		raw, err := json.Marshal(ev)
+		if err != nil {
+			return err
+		}
+		events = append(events, raw)
+		end = chainLink{seq: ev.Seq, hash: ev.Hash}
+	}
+	e, err := logical.StorageEntryJSON(historyPageKey(name, page), events)
 	if err != nil {
 		return err
 	}
-	return s.Put(ctx, e)
+	if err := s.Put(ctx, e); err != nil {
+		return err
+	}
+	m.vouch(ctx, s, name, started)
+	return nil
+}
+
+// sealLegacy stores sealed the clear accessor of unchained events (engines before the HMAC). A chained event is
+// never altered once hashed.
+func (m *Manager) sealLegacy(ctx context.Context, s logical.Storage, events []json.RawMessage) error {
+	for i, raw := range events {
+		var ev Event
+		if err := json.Unmarshal(raw, &ev); err != nil {
+			return err
+		}
+		if ev.Seq != 0 || ev.LegacyAccessor == "" {
+			continue
+		}
+		one := []Event{ev}
+		if err := m.sealEvents(ctx, s, one); err != nil {
+			return err
+		}
+		b, err := json.Marshal(one[0])
+		if err != nil {
+			return err
+		}
+		events[i] = b
+	}
+	return nil
 }
 
 // recordEventLocked adds to the key's history an event that goes with no change of the key (a grant created,
@@ -136,6 +198,18 @@ func historyPages(ctx context.Context, s logical.Storage, name string) ([]int, e
 	}
 	sort.Ints(pages)
 	return pages, nil
+}
+
+func readRawPage(ctx context.Context, s logical.Storage, name string, page int) ([]json.RawMessage, error) {
+	e, err := s.Get(ctx, historyPageKey(name, page))
+	if err != nil || e == nil {
+		return nil, err
+	}
+	var events []json.RawMessage
+	if err := json.Unmarshal(e.Value, &events); err != nil {
+		return nil, fmt.Errorf("history page %d of key %q: %w", page, name, err)
+	}
+	return events, nil
 }
 
 func readHistoryPage(ctx context.Context, s logical.Storage, name string, page int) ([]Event, error) {

@@ -79,8 +79,10 @@ type Manager struct {
 
 	denials denialCounts // uses the keys' access conditions refused (access.go)
 
-	analytics analytics // per key, operation and caller: uses and denials by minute, hour, day (analytics.go)
-	actions   sync.Map  // name → *actionList: anomaly actions in force, read once (anomaly.go)
+	analytics analytics  // per key, operation and caller: uses and denials by minute, hour, day (analytics.go)
+	actions   sync.Map   // name → *actionList: anomaly actions in force, read once (anomaly.go)
+	auditMu   sync.Mutex // serialises the making of audit key versions (audit.go)
+	unsigned  sync.Map   // name → bool: heads left behind while the audit key could not sign; true: no head yet, chain begun here (chain.go)
 
 	// Clock is what access conditions' hours and grants' expiry are judged by; tests set it.
 	Clock func() time.Time
@@ -333,14 +335,16 @@ func (tx *Tx) undo() {
 }
 
 // recordEvents appends the change's events to the key's history, still under the key's lock, so that no
-// concurrent change's event is lost. A failure is logged: the change it records is made, and Vault's audit device
-// has the request either way.
+// concurrent change's event is lost; the chain's head is signed once for them all. A failure is logged: the change
+// it records is made, and Vault's audit device has the request either way.
 func (tx *Tx) recordEvents() {
 	for _, ev := range tx.events {
 		if ev.Event == "rotated" {
 			tx.m.observer().Rotated(tx.Key.Name, ev.Cause)
 		}
-		if err := tx.m.appendHistory(tx.ctx, tx.s, tx.Key.Name, ev); err != nil {
+	}
+	if err := tx.m.appendHistory(tx.ctx, tx.s, tx.Key.Name, tx.events...); err != nil {
+		for _, ev := range tx.events {
 			tx.m.log.Error("could not record lifecycle event", "key", tx.Key.Name, "event", ev.Event, "error", err)
 		}
 	}

@@ -9,7 +9,8 @@ import (
 )
 
 // Tick runs what the schedule says is due: deletions, version destructions, rotations; and records the end of
-// grants that expired or ran out since (grants.go). Vault calls the periodic
+// grants that expired or ran out since (grants.go); and signs the history heads left behind while the audit key
+// could not sign (chain.go). Vault calls the periodic
 // function about once a minute on the active node; the schedule is built from storage once per process (and again
 // after another node changed keys), then kept up to date by every change, so a tick's cost grows with the due keys,
 // not with all keys.
@@ -29,6 +30,7 @@ func (m *Manager) Tick(ctx context.Context, s logical.Storage, now time.Time) er
 		}
 	}
 	m.recordEndedGrants(ctx, s)
+	m.signHeadsLeftBehind(ctx, s)
 	return nil
 }
 

@@ -45,6 +45,9 @@ type Server struct {
 	// LogLevel is Vault's -log-level when set. At debug, Vault's log keeps the plugin's stderr, and so its crash
 	// traces.
 	LogLevel string
+	// RawStorage starts the dev server with raw_storage_endpoint = true: sys/raw reads and writes its storage as
+	// someone with access to Vault's storage could (the tamper tests of history).
+	RawStorage bool
 
 	cmd  *exec.Cmd
 	done chan struct{}
@@ -102,6 +105,14 @@ func StartDev(dir, vaultBin, pluginBin string, env *softhsmtest.Env) (*Server, e
 func (s *Server) StartDevMode(rootToken string) error {
 	s.RootToken = rootToken
 	s.Args = []string{"server", "-dev", "-dev-root-token-id=" + s.RootToken, "-dev-listen-address=" + s.Addr, "-dev-plugin-dir=" + s.PluginDir}
+	if s.RawStorage {
+		// Vault merges a -config file into the dev server's configuration.
+		conf := filepath.Join(s.Dir, "raw-storage.hcl")
+		if err := os.WriteFile(conf, []byte("raw_storage_endpoint = true\n"), 0o600); err != nil {
+			return err
+		}
+		s.Args = append(s.Args, "-config="+conf)
+	}
 	if s.LogLevel != "" {
 		s.Args = append(s.Args, "-log-level="+s.LogLevel)
 	}

@@ -1,0 +1,397 @@
+package cmk
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/evidence"
+)
+
+func (e *testEnv) verifyHistory(name string) map[string]interface{} {
+	e.t.Helper()
+	return e.ok(e.read("keys/" + name + "/history/verify")).Data
+}
+
+func verified(v map[string]interface{}) bool { return v["verified"] == true }
+
+// A key's whole life is one chain: every event carries its seq, the previous event's hash and its own, and the
+// head the audit key signed vouches for the last one, after the key is deleted too.
+func TestHistoryChainVerifiesAfterALifeOfEvents(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("config/keys", map[string]interface{}{"deletion_grace_period": 0}))
+	e.ok(e.write("keys/k", nil))
+	e.ok(e.write("keys/k/rotate", nil))
+	e.ok(e.write("keys/k/config", map[string]interface{}{"min_decryption_version": 1, "deletion_allowed": true, "owner": "team-a"}))
+	grant := e.ok(e.write("keys/k/grants", map[string]interface{}{"entity_id": "ent-1", "ttl": "1h"})).Data["id"].(string)
+	e.ok(e.request(logical.DeleteOperation, "keys/k/grants/"+grant, nil))
+	e.ok(e.write("keys/k/disable", nil))
+	e.ok(e.write("keys/k/enable", nil))
+	e.ok(e.write("keys/k/versions/1/disable", nil))
+
+	events := e.history("k")
+	if len(events) < 8 {
+		t.Fatalf("history: %v", events)
+	}
+	for i, ev := range events {
+		if ev["seq"] != i+1 || ev["hash"] == nil || (i > 0) != (ev["prev_hash"] != nil) {
+			t.Fatalf("event %d carries no chain link: %v", i, ev)
+		}
+		if i > 0 && ev["prev_hash"] != events[i-1]["hash"] {
+			t.Fatalf("event %d does not follow event %d: %v", i, i-1, ev)
+		}
+	}
+	v := e.verifyHistory("k")
+	if !verified(v) || v["events"] != len(events) || v["first_broken_index"] != -1 || v["head_seq"] != len(events) ||
+		v["head_signed"] != true || v["head_audit_key_version"] != 1 || v["head_hash"] != lastEvent(events)["hash"] {
+		t.Fatalf("verify after a life of events: %v", v)
+	}
+
+	e.ok(e.request(logical.DeleteOperation, "keys/k", nil))
+	v = e.verifyHistory("k")
+	if !verified(v) || v["events"] != len(events)+1 {
+		t.Fatalf("verify the deleted key's history: %v", v)
+	}
+	if resp, err := e.read("keys/nokey/history/verify"); err != nil || resp != nil {
+		t.Fatalf("a key that never was: %v %v", resp, err)
+	}
+
+	// What the lead's evidence path uses: the events as stored, the head, and the audit key's public keys verify
+	// offline, with internal/evidence alone.
+	raw, head, ver, err := e.b.keys.VerifyHistory(context.Background(), e.storage, "k")
+	if err != nil || !ver.Verified || head == nil {
+		t.Fatalf("VerifyHistory: %v %+v %v", err, ver, head)
+	}
+	pems, err := e.b.keys.AuditPublicKeys(context.Background(), e.storage)
+	if err != nil {
+		t.Fatal(err)
+	}
+	offline := evidence.AuditKeys{}
+	for n, p := range pems {
+		if offline[n], err = evidence.ParseAuditKey(p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := evidence.VerifyChain("k", raw, head, offline); !got.Verified {
+		t.Fatalf("offline verification: %+v", got)
+	}
+	n, sig, err := e.b.keys.AuditSign(context.Background(), e.storage, []byte("a document"))
+	if err != nil || offline.Verify(n, []byte("a document"), sig) != nil {
+		t.Fatalf("AuditSign: version %d, %v", n, err)
+	}
+}
+
+// An event changed in storage is named, and stays named after the key's next event: the head the engine signs then
+// extends the one before it, whose hash pins every event before it.
+func TestHistoryAlteredInStorageIsNamedAndNeverSignedAgain(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/k", nil))
+	e.ok(e.write("keys/k/rotate", nil))
+	e.ok(e.write("keys/k/rotate", nil))
+	page, err := e.inmem.Get(context.Background(), "history/k/00000000")
+	if err != nil || page == nil {
+		t.Fatalf("page: %v %v", page, err)
+	}
+	var events []map[string]interface{}
+	if err := json.Unmarshal(page.Value, &events); err != nil {
+		t.Fatal(err)
+	}
+	events[1]["cause"] = "scheduled" // was manual
+	altered, _ := json.Marshal(events)
+	if err := e.inmem.Put(context.Background(), &logical.StorageEntry{Key: page.Key, Value: altered}); err != nil {
+		t.Fatal(err)
+	}
+	v := e.verifyHistory("k")
+	if verified(v) || v["first_broken_index"] != 1 || v["first_broken_seq"] != 2 || !strings.Contains(v["reason"].(string), "altered") {
+		t.Fatalf("verify an altered event: %v", v)
+	}
+	e.ok(e.write("keys/k/rotate", nil))
+	v = e.verifyHistory("k")
+	if verified(v) || v["first_broken_index"] != 1 || v["first_broken_seq"] != 2 {
+		t.Fatalf("after the next event the altered event is no longer named: %v", v)
+	}
+	// Rehashed from the altered event on, the chain no longer ends at the signed head: the next event is recorded,
+	// and no head is signed over it.
+	rehashed := e.rehashHistory("k", 1)
+	v = e.verifyHistory("k")
+	if verified(v) || v["head_signed"] != true || !strings.Contains(v["reason"].(string), "not the one the head signed") {
+		t.Fatalf("verify a rehashed chain: %v", v)
+	}
+	e.ok(e.write("keys/k/rotate", nil))
+	v = e.verifyHistory("k")
+	if verified(v) || v["events"] != rehashed+1 || v["head_seq"] != 4 {
+		t.Fatalf("after an event on a rehashed chain: %v", v)
+	}
+}
+
+// rehashHistory recomputes the chain of key name's first history page from event from on, as someone with write
+// access to storage would after altering it, and returns how many events the page holds.
+func (e *testEnv) rehashHistory(name string, from int) int {
+	e.t.Helper()
+	page, err := e.inmem.Get(context.Background(), "history/"+name+"/00000000")
+	if err != nil || page == nil {
+		e.t.Fatalf("page: %v %v", page, err)
+	}
+	var events []map[string]interface{}
+	d := json.NewDecoder(strings.NewReader(string(page.Value)))
+	d.UseNumber()
+	if err := d.Decode(&events); err != nil {
+		e.t.Fatal(err)
+	}
+	for i := from; i < len(events); i++ {
+		if i > 0 {
+			events[i]["prev_hash"] = events[i-1]["hash"]
+		}
+		delete(events[i], "hash")
+		b, _ := json.Marshal(events[i])
+		h, err := evidence.EventHash(b)
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		events[i]["hash"] = h
+	}
+	b, _ := json.Marshal(events)
+	if err := e.inmem.Put(context.Background(), &logical.StorageEntry{Key: page.Key, Value: b}); err != nil {
+		e.t.Fatal(err)
+	}
+	return len(events)
+}
+
+// signRefusingToken is the real token whose ECDSA signatures fail as an unreachable HSM's do, while refuse is set.
+type signRefusingToken struct {
+	hsmToken
+	refuse *atomic.Bool
+}
+
+func (t signRefusingToken) SignECDSA(ctx context.Context, id, digest []byte) ([]byte, error) {
+	if t.refuse.Load() {
+		return nil, fmt.Errorf("%w: injected", hsm.ErrUnavailable)
+	}
+	return t.hsmToken.SignECDSA(ctx, id, digest)
+}
+
+// An event is recorded while the audit key cannot sign; verification says the tail is not vouched for, and the
+// periodic function signs the head once the HSM serves.
+func TestHistoryHeadLeftBehindIsSignedWhenTheHSMServes(t *testing.T) {
+	e := newTestBackend(t)
+	refuse := &atomic.Bool{}
+	e.b.resetToken()
+	e.b.openToken = func(c hsm.Config, l hclog.Logger) (hsmToken, error) {
+		tok, err := hsm.Open(c, l)
+		if err != nil {
+			return nil, err
+		}
+		return signRefusingToken{tok, refuse}, nil
+	}
+	e.ok(e.write("keys/k", nil))
+	refuse.Store(true)
+	e.ok(e.write("keys/k/grants", map[string]interface{}{"entity_id": "ent-1", "ttl": "1h"}))
+	if ev := lastEvent(e.history("k")); ev["event"] != "grant_created" || ev["seq"] != 2 {
+		t.Fatalf("the event was not recorded: %v", ev)
+	}
+	v := e.verifyHistory("k")
+	if verified(v) || v["head_seq"] != 1 || v["first_broken_index"] != 1 || v["first_broken_seq"] != 2 {
+		t.Fatalf("verify with the head left behind: %v", v)
+	}
+	e.tick()
+	if v := e.verifyHistory("k"); verified(v) {
+		t.Fatalf("signed while the HSM cannot sign: %v", v)
+	}
+	refuse.Store(false)
+	e.tick()
+	if v := e.verifyHistory("k"); !verified(v) || v["head_seq"] != 2 {
+		t.Fatalf("after the HSM serves again: %v", v)
+	}
+}
+
+// Rotating the audit key keeps every version: heads signed by the old one go on verifying, new heads use the new.
+func TestAuditKeyRotationKeepsOldHeadsVerifying(t *testing.T) {
+	e := newTestBackend(t)
+	if a := e.ok(e.read("audit_key")).Data; a["latest_version"] != 0 || len(a["versions"].(map[string]interface{})) != 0 {
+		t.Fatalf("audit key before any event: %v", a)
+	}
+	e.ok(e.write("keys/a", nil))
+	first := e.ok(e.read("audit_key")).Data
+	if first["latest_version"] != 1 || first["algorithm"] != "ecdsa-p256-sha256" {
+		t.Fatalf("audit key after the first event: %v", first)
+	}
+	rotated := e.ok(e.write("audit_key/rotate", nil)).Data
+	versions := rotated["versions"].(map[string]interface{})
+	if rotated["latest_version"] != 2 || len(versions) != 2 {
+		t.Fatalf("rotate: %v", rotated)
+	}
+	v2 := versions["2"].(map[string]interface{})
+	if !strings.HasPrefix(v2["created_by"].(string), "token-test") || v2["label"] != "cmk/"+e.b.mountID+"/audit_key:v2" {
+		t.Fatalf("version 2: %v", v2)
+	}
+	if _, err := evidence.ParseAuditKey(v2["public_key"].(string)); err != nil {
+		t.Fatalf("version 2's public key: %v", err)
+	}
+	if versions["1"].(map[string]interface{})["public_key"] != first["versions"].(map[string]interface{})["1"].(map[string]interface{})["public_key"] {
+		t.Fatal("rotation changed version 1")
+	}
+	e.ok(e.write("keys/b", nil))
+	if v := e.verifyHistory("a"); !verified(v) || v["head_audit_key_version"] != 1 {
+		t.Fatalf("a head signed before the rotation: %v", v)
+	}
+	if v := e.verifyHistory("b"); !verified(v) || v["head_audit_key_version"] != 2 {
+		t.Fatalf("a head signed after the rotation: %v", v)
+	}
+	e.ok(e.write("keys/a/rotate", nil))
+	if v := e.verifyHistory("a"); !verified(v) || v["head_audit_key_version"] != 2 {
+		t.Fatalf("a's head signed again after the rotation: %v", v)
+	}
+}
+
+// The audit key's objects are no key's: reconcile (with adopt) does not report or take them, and a key whose name
+// is the audit key's label's does not destroy them with itself.
+func TestReconcileLeavesTheAuditKeyAlone(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("config/keys", map[string]interface{}{"deletion_grace_period": 0}))
+	e.ok(e.write("keys/k", nil))
+	e.ok(e.write("audit_key/rotate", nil))
+	auditObjects := func() int {
+		n := 0
+		for _, o := range e.allTokenObjects() {
+			if strings.Contains(o.Label, "/audit_key:v") {
+				n++
+			}
+		}
+		return n
+	}
+	if n := auditObjects(); n != 2 {
+		t.Fatalf("audit key objects on the token: %d, want 2 (two versions' private keys)", n)
+	}
+	for _, path := range []string{"reconcile", "keys/k/reconcile"} {
+		r := e.ok(e.write(path, map[string]interface{}{"adopt": true})).Data
+		if len(r["unreferenced_objects"].([]interface{})) != 0 || len(r["adopted"].([]interface{})) != 0 || len(r["missing_objects"].([]interface{})) != 0 {
+			t.Fatalf("%s with adopt: %v", path, r)
+		}
+	}
+	for _, name := range []string{"audit_key", "audit_key:v1", "audit_key:v2"} {
+		if resp, err := e.write("keys/"+name, nil); err != nil || resp.IsError() {
+			continue // not a key name
+		}
+		e.ok(e.write("keys/"+name+"/config", map[string]interface{}{"deletion_allowed": true}))
+		e.ok(e.request(logical.DeleteOperation, "keys/"+name, nil))
+	}
+	if n := auditObjects(); n != 2 {
+		t.Fatalf("audit key objects after reconcile and deleting key audit_key: %d", n)
+	}
+	e.ok(e.write("keys/k/rotate", nil))
+	if v := e.verifyHistory("k"); !verified(v) || v["head_audit_key_version"] != 2 {
+		t.Fatalf("signing after reconcile: %v", v)
+	}
+}
+
+// Events stored before history was chained stay as they were (their clear accessor sealed when the page is next
+// written, which no hash covers): the chain begins after them at seq 1, and verify counts them as unchained.
+func TestHistoryBeforeChainingIsCountedUnchained(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/k", nil))
+	legacy := `[{"time":"2025-01-02T03:04:05Z","event":"created","version":1,"display_name":"old","token_accessor":"clear-accessor"},` +
+		`{"time":"2025-01-03T03:04:05Z","event":"rotated","version":2,"cause":"manual","display_name":"old","token_accessor":"clear-accessor"}]`
+	if err := e.inmem.Put(context.Background(), &logical.StorageEntry{Key: "history/k/00000000", Value: []byte(legacy)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.inmem.Delete(context.Background(), "history/k/head"); err != nil {
+		t.Fatal(err)
+	}
+	if v := e.verifyHistory("k"); verified(v) || v["unchained_events"] != 2 {
+		t.Fatalf("unchained history alone: %v", v)
+	}
+	e.ok(e.write("keys/k/rotate", nil))
+	v := e.verifyHistory("k")
+	if !verified(v) || v["unchained_events"] != 2 || v["events"] != 3 || v["head_seq"] != 1 {
+		t.Fatalf("a chain begun after unchained events: %v", v)
+	}
+	raw, _, _, err := e.b.keys.VerifyHistory(context.Background(), e.storage, "k")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stored, _ := e.inmem.Get(context.Background(), "history/k/00000000")
+	for _, text := range []string{fmt.Sprint(raw), string(stored.Value)} {
+		if strings.Contains(text, "clear-accessor") {
+			t.Fatalf("a clear accessor is shown or stored: %s", text)
+		}
+	}
+}
+
+// A key created while the audit key cannot sign has no head: the process that began its chain signs the first head
+// once the HSM serves. After a restart nothing tells such a chain from one whose head was deleted: it is not signed.
+func TestHistoryWithoutHeadIsSignedOnlyByTheProcessThatBeganIt(t *testing.T) {
+	e := newTestBackend(t)
+	refuse := &atomic.Bool{}
+	e.b.resetToken()
+	e.b.openToken = func(c hsm.Config, l hclog.Logger) (hsmToken, error) {
+		tok, err := hsm.Open(c, l)
+		if err != nil {
+			return nil, err
+		}
+		return signRefusingToken{tok, refuse}, nil
+	}
+	refuse.Store(true)
+	e.ok(e.write("keys/began-here", nil))
+	e.ok(e.write("keys/restarted", nil))
+	for _, name := range []string{"began-here", "restarted"} {
+		if v := e.verifyHistory(name); verified(v) || v["head_seq"] != 0 || !strings.Contains(v["reason"].(string), "no signed head") {
+			t.Fatalf("%s without a head: %v", name, v)
+		}
+	}
+	refuse.Store(false)
+	restarted := e.reopen()
+	restarted.ok(restarted.write("keys/restarted/rotate", nil))
+	restarted.tick()
+	if v := restarted.verifyHistory("restarted"); verified(v) || v["head_seq"] != 0 || v["events"] != 2 {
+		t.Fatalf("a chain without head, after a restart: %v", v)
+	}
+	e.tick()
+	if v := e.verifyHistory("began-here"); !verified(v) || v["head_seq"] != 1 {
+		t.Fatalf("the chain this process began: %v", v)
+	}
+}
+
+// An audit key version the token made but storage never came to hold is destroyed by the WAL rollback; the one
+// storage holds is kept.
+func TestAuditKeyNeverStoredIsRolledBack(t *testing.T) {
+	e := newTestBackend(t)
+	ctx := context.Background()
+	e.ok(e.write("keys/k", nil)) // audit key version 1, stored
+	e.storage.failUnstored("audit_key")
+	if resp, err := e.write("audit_key/rotate", nil); err == nil && !resp.IsError() {
+		t.Fatalf("rotation stored: %v", respText(resp))
+	}
+	e.storage.failUnstored("")
+	audit := func() int {
+		n := 0
+		for _, o := range e.allTokenObjects() {
+			if strings.Contains(o.Label, "/audit_key:v") {
+				n++
+			}
+		}
+		return n
+	}
+	if n := audit(); n != 2 {
+		t.Fatalf("audit key objects before the rollback: %d, want 2 (version 1, and the unstored version 2)", n)
+	}
+	resp, err := e.b.HandleRequest(ctx, &logical.Request{
+		Operation: logical.RollbackOperation, Path: "", Storage: e.storage, Data: map[string]interface{}{"immediate": true},
+	})
+	if err != nil || (resp != nil && resp.IsError()) {
+		t.Fatalf("rollback: %v %s", err, respText(resp))
+	}
+	if n := audit(); n != 1 {
+		t.Fatalf("audit key objects after the rollback: %d, want 1", n)
+	}
+	e.ok(e.write("keys/k/rotate", nil))
+	if v := e.verifyHistory("k"); !verified(v) || v["head_audit_key_version"] != 1 {
+		t.Fatalf("signing after the rollback: %v", v)
+	}
+}

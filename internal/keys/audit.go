@@ -1,0 +1,283 @@
+package keys
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/hsm"
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/evidence"
+)
+
+// The mount's audit key signs what an auditor checks offline: the heads of the keys' history chains and evidence
+// bundles. It is an ECDSA P-256 key generated in the HSM; every version is kept (its public key in storage, its
+// private key on the token), so that heads signed before a rotation keep verifying.
+const (
+	auditKeyPath = "audit_key"
+	// WALKindAuditKey brackets the creation of an audit key version's HSM objects until storage holds it.
+	WALKindAuditKey = "hsm_audit_key"
+)
+
+// AuditKeyVersion is one version of the audit key: where its private key is on the token, and its public key.
+type AuditKeyVersion struct {
+	HSMID     string    `json:"hsm_id"`
+	Label     string    `json:"label"`
+	PublicKey string    `json:"public_key"` // PEM "PUBLIC KEY" (PKIX), evidence.MarshalAuditKey
+	CreatedAt time.Time `json:"created_at"`
+	CreatedBy string    `json:"created_by,omitempty"`
+}
+
+// AuditKey is the mount's audit key as stored: every version, the latest signing.
+type AuditKey struct {
+	LatestVersion int                      `json:"latest_version"`
+	Versions      map[int]*AuditKeyVersion `json:"versions"`
+}
+
+// auditKeyLabel is the CKA_LABEL of an audit key version. It is not a version label (no "/v<N>" after a key name,
+// and no "/" after the mount's prefix that a key's name could end at): reconcile, adoption and a key's deletion,
+// which find a key's objects by "cmk/<mount>/<key>/", never take it for a key's.
+func auditKeyLabel(mountID string, n int) string {
+	return fmt.Sprintf("%saudit_key:v%d", LabelPrefix(mountID), n)
+}
+
+func readAuditKey(ctx context.Context, s logical.Storage) (*AuditKey, error) {
+	e, err := s.Get(ctx, auditKeyPath)
+	if err != nil || e == nil {
+		return nil, err
+	}
+	var a AuditKey
+	if err := e.DecodeJSON(&a); err != nil {
+		return nil, fmt.Errorf("read the audit key: %w", err)
+	}
+	return &a, nil
+}
+
+// AuditKey returns the mount's audit key, nil if none was made yet.
+func (m *Manager) AuditKey(ctx context.Context, s logical.Storage) (*AuditKey, error) {
+	return readAuditKey(ctx, s)
+}
+
+// auditKeyForSigning returns the audit key, making its first version in the HSM when the mount has none.
+func (m *Manager) auditKeyForSigning(ctx context.Context, s logical.Storage) (*AuditKey, error) {
+	if a, err := readAuditKey(ctx, s); err != nil || a != nil {
+		return a, err
+	}
+	m.auditMu.Lock()
+	defer m.auditMu.Unlock()
+	if a, err := readAuditKey(ctx, s); err != nil || a != nil {
+		return a, err
+	}
+	return m.addAuditKeyVersion(ctx, s, nil, Actor{DisplayName: "cmk (first signature of the mount)"})
+}
+
+// RotateAuditKey makes a new audit key version in the HSM; new heads and bundles are signed with it, and the
+// earlier versions stay to verify what they signed.
+func (m *Manager) RotateAuditKey(ctx context.Context, s logical.Storage, who Actor) (*AuditKey, error) {
+	who, err := m.sealed(ctx, s, who)
+	if err != nil {
+		return nil, err
+	}
+	m.auditMu.Lock()
+	defer m.auditMu.Unlock()
+	cur, err := readAuditKey(ctx, s)
+	if err != nil {
+		return nil, err
+	}
+	return m.addAuditKeyVersion(ctx, s, cur, who)
+}
+
+// addAuditKeyVersion generates the next version of the audit key (the first when cur is nil) under a WAL entry:
+// if storage never comes to hold it, the rollback destroys it. Called under auditMu.
+func (m *Manager) addAuditKeyVersion(ctx context.Context, s logical.Storage, cur *AuditKey, who Actor) (*AuditKey, error) {
+	tok, err := m.connect(ctx, s)
+	if err != nil {
+		return nil, err
+	}
+	next := &AuditKey{Versions: map[int]*AuditKeyVersion{}}
+	if cur != nil {
+		next.LatestVersion = cur.LatestVersion
+		for n, v := range cur.Versions {
+			next.Versions[n] = v
+		}
+	}
+	n := next.LatestVersion + 1
+	id := make([]byte, 16) // an identifier, not a secret
+	if _, err := rand.Read(id); err != nil {
+		return nil, err
+	}
+	walID, err := framework.PutWAL(ctx, s, WALKindAuditKey, &WALEntry{Version: n, HSMID: hex.EncodeToString(id)})
+	if err != nil {
+		return nil, fmt.Errorf("write WAL: %w", err)
+	}
+	label := auditKeyLabel(m.mountID, n)
+	undo := func() {
+		if _, err := tok.DestroyKeys(ctx, id); err == nil { // nothing was stored: what the call left can go
+			_ = framework.DeleteWAL(ctx, s, walID)
+		}
+	}
+	pub, err := tok.GenerateVersion(ctx, hsm.ECDSAP256, id, label, 0)
+	if err != nil {
+		undo()
+		return nil, fmt.Errorf("create audit key version %d in the HSM: %w", n, err)
+	}
+	ec, ok := pub.(*ecdsa.PublicKey)
+	if !ok || ec.Curve.Params().Name != "P-256" {
+		undo()
+		return nil, fmt.Errorf("create audit key version %d in the HSM: the token returned no P-256 public key", n)
+	}
+	pemText, err := evidence.MarshalAuditKey(ec)
+	if err != nil {
+		undo()
+		return nil, err
+	}
+	next.Versions[n] = &AuditKeyVersion{HSMID: hex.EncodeToString(id), Label: label, PublicKey: pemText, CreatedAt: time.Now().UTC(), CreatedBy: who.String()}
+	next.LatestVersion = n
+	e, err := logical.StorageEntryJSON(auditKeyPath, next)
+	if err == nil {
+		err = s.Put(ctx, e)
+	}
+	if err != nil {
+		return nil, err // the WAL rollback decides, from storage, whether the version is to go
+	}
+	if err := framework.DeleteWAL(ctx, s, walID); err != nil {
+		m.log.Warn("could not delete WAL entry; its rollback finds the audit key version stored and destroys nothing", "error", err)
+	}
+	// The audit key's history is this log line and the versions' created_by: it belongs to no key.
+	m.log.Info("audit key version created in the HSM", "version", n, "label", label, "by", who.String())
+	return next, nil
+}
+
+// RollbackAuditKey is the WAL rollback of an audit key version's creation: its objects go unless storage holds
+// the version. Nothing any head depends on is lost: a version storage never held signed nothing that verifies.
+func (m *Manager) RollbackAuditKey(ctx context.Context, s logical.Storage, data interface{}) error {
+	raw, err := json.Marshal(data)
+	if err != nil {
+		return err
+	}
+	var w WALEntry
+	if err := json.Unmarshal(raw, &w); err != nil {
+		return err
+	}
+	id, err := hex.DecodeString(w.HSMID)
+	if err != nil || len(id) == 0 {
+		return nil
+	}
+	m.auditMu.Lock()
+	defer m.auditMu.Unlock()
+	a, err := readAuditKey(ctx, s)
+	if err != nil {
+		return err
+	}
+	if a != nil {
+		for _, v := range a.Versions {
+			if v.HSMID == w.HSMID {
+				return nil
+			}
+		}
+	}
+	tok, err := m.connect(ctx, s)
+	if err != nil {
+		return err
+	}
+	n, err := tok.DestroyKeys(ctx, id)
+	if err == nil && n > 0 {
+		m.log.Info("WAL rollback destroyed an unstored audit key version", "version", w.Version, "objects", n)
+	}
+	return err
+}
+
+// AuditSign signs SHA-256(msg) with the latest audit key version in the HSM (making the first version if the mount
+// has none) and returns the version and the base64 of the ASN.1 DER signature, as evidence.AuditKeys.Verify checks.
+func (m *Manager) AuditSign(ctx context.Context, s logical.Storage, msg []byte) (int, string, error) {
+	a, err := m.auditKeyForSigning(ctx, s)
+	if err != nil {
+		return 0, "", err
+	}
+	v := a.Versions[a.LatestVersion]
+	if v == nil {
+		return 0, "", fmt.Errorf("the audit key has no version %d", a.LatestVersion)
+	}
+	pub, err := evidence.ParseAuditKey(v.PublicKey)
+	if err != nil {
+		return 0, "", err
+	}
+	id, err := hex.DecodeString(v.HSMID)
+	if err != nil {
+		return 0, "", fmt.Errorf("audit key version %d: %w", a.LatestVersion, err)
+	}
+	tok, err := m.connect(ctx, s)
+	if err != nil {
+		return 0, "", err
+	}
+	digest := sha256.Sum256(msg)
+	raw, err := tok.SignECDSA(ctx, id, digest[:])
+	if err != nil {
+		return 0, "", fmt.Errorf("sign with audit key version %d: %w", a.LatestVersion, err)
+	}
+	der, err := ecdsaASN1(raw)
+	if err != nil {
+		return 0, "", err
+	}
+	// Checked here, so that a signature the token got wrong is never stored as evidence.
+	if !ecdsa.VerifyASN1(pub, digest[:], der) {
+		return 0, "", fmt.Errorf("the token's signature with audit key version %d does not verify with its public key", a.LatestVersion)
+	}
+	return a.LatestVersion, base64.StdEncoding.EncodeToString(der), nil
+}
+
+// AuditPublicKeys returns the audit key's public keys (PEM) by version; empty when the mount has none yet.
+func (m *Manager) AuditPublicKeys(ctx context.Context, s logical.Storage) (map[int]string, error) {
+	a, err := readAuditKey(ctx, s)
+	if err != nil {
+		return nil, err
+	}
+	out := map[int]string{}
+	if a != nil {
+		for n, v := range a.Versions {
+			out[n] = v.PublicKey
+		}
+	}
+	return out, nil
+}
+
+// auditKeys are the audit key's public keys parsed, for verification.
+func (m *Manager) auditKeys(ctx context.Context, s logical.Storage) (evidence.AuditKeys, error) {
+	pems, err := m.AuditPublicKeys(ctx, s)
+	if err != nil {
+		return nil, err
+	}
+	keys := evidence.AuditKeys{}
+	for n, p := range pems {
+		pub, err := evidence.ParseAuditKey(p)
+		if err != nil {
+			return nil, fmt.Errorf("audit key version %d: %w", n, err)
+		}
+		keys[n] = pub
+	}
+	return keys, nil
+}
+
+// SortedVersions lists the audit key's version numbers in order.
+func (a *AuditKey) SortedVersions() []int {
+	var out []int
+	for n := range a.Versions {
+		out = append(out, n)
+	}
+	sort.Ints(out)
+	return out
+}
+
+// errNotVouchable: the history as stored does not extend what the signed head vouched for (or nothing vouched for
+// it and this process did not begin it): the engine does not sign a head over it.
+var errNotVouchable = errors.New("the history as stored does not extend its signed head")

@@ -1,0 +1,245 @@
+package keys
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/evidence"
+)
+
+// A key's history is a hash chain (internal/evidence) whose head, history/<name>/head beside the pages, is signed
+// by the mount's audit key. The engine signs a head only over a chain that extends the head before it (whose
+// signature it checks first): that head's hash pins every event before it, so a change someone with write access
+// to storage makes stays reported by verification, whatever the engine records after it.
+//
+// When the audit key cannot sign (the HSM is unreachable), the event is recorded all the same and the head is
+// left behind: lifecycle evidence is never lost, and a change that the HSM allowed is never refused for want of a
+// signature. Until the head is signed again (by the key's next event, or by the periodic function on the node that
+// recorded it, once the HSM serves), verification reports the events after the head as not vouched for.
+//
+// A chain with no head at all (its first events were recorded while the audit key could not sign) is signed only
+// by the process that began it: after a restart nothing tells such a chain from one whose head was deleted, so it
+// stays reported as not vouched for.
+
+const headName = "head"
+
+func historyHeadKey(name string) string { return historyPrefix + name + "/" + headName }
+
+// chainLink is a chained event's place and hash; zero for none.
+type chainLink struct {
+	seq  int
+	hash string
+}
+
+// linkOf reads a stored event's place and hash; zero for an event stored before history was chained.
+func linkOf(raw json.RawMessage) (chainLink, error) {
+	var f struct {
+		Seq  int    `json:"seq"`
+		Hash string `json:"hash"`
+	}
+	if err := json.Unmarshal(raw, &f); err != nil {
+		return chainLink{}, fmt.Errorf("an event is not a JSON object: %w", err)
+	}
+	return chainLink{seq: f.Seq, hash: f.Hash}, nil
+}
+
+func readHead(ctx context.Context, s logical.Storage, name string) (*evidence.Head, error) {
+	e, err := s.Get(ctx, historyHeadKey(name))
+	if err != nil || e == nil {
+		return nil, err
+	}
+	var h evidence.Head
+	if err := e.DecodeJSON(&h); err != nil {
+		return nil, fmt.Errorf("history head of key %q: %w", name, err)
+	}
+	return &h, nil
+}
+
+// vouch signs the key's head after an append, or leaves it behind for the periodic function (see above). started:
+// this append began the chain. Called under the key's lock.
+func (m *Manager) vouch(ctx context.Context, s logical.Storage, name string, started bool) {
+	headless := started
+	if v, ok := m.unsigned.Load(name); ok {
+		headless = headless || v.(bool)
+	}
+	err := m.signHead(ctx, s, name, headless)
+	switch {
+	case err == nil:
+		m.unsigned.Delete(name)
+	case errors.Is(err, errNotVouchable):
+		m.unsigned.Delete(name)
+		m.log.Error("history is not what its signed head vouches for: the head is not signed again, and history/verify reports the break",
+			"key", name, "error", err)
+	default:
+		m.unsigned.Store(name, headless)
+		m.log.Warn("event recorded, but the audit key could not sign the history's head: signed again once the HSM serves",
+			"key", name, "error", err)
+	}
+}
+
+// signHead signs a head over the key's chain as stored, if the chain extends the signed head (or, with headless,
+// if there is none and the chain is whole from seq 1). Nothing is written when the head is up to date.
+func (m *Manager) signHead(ctx context.Context, s logical.Storage, name string, headless bool) error {
+	head, err := readHead(ctx, s, name)
+	if err != nil {
+		return err
+	}
+	from := chainLink{seq: 1}
+	if head != nil {
+		keys, err := m.auditKeys(ctx, s)
+		if err != nil {
+			return err
+		}
+		if head.Key != name {
+			return fmt.Errorf("%w: the head is for key %q", errNotVouchable, head.Key)
+		}
+		if err := keys.Verify(head.AuditKeyVersion, head.SignedBytes(), head.Signature); err != nil {
+			return fmt.Errorf("%w: head: %v", errNotVouchable, err)
+		}
+		from = chainLink{seq: head.Seq, hash: head.Hash}
+	} else if !headless {
+		return fmt.Errorf("%w: no signed head vouches for the chain's beginning", errNotVouchable)
+	}
+	tail, err := readTail(ctx, s, name, from.seq)
+	if err != nil {
+		return err
+	}
+	end, err := extends(tail, from)
+	if err != nil {
+		return err
+	}
+	if head != nil && end == from {
+		return nil
+	}
+	next := evidence.Head{Key: name, Seq: end.seq, Hash: end.hash, SignedAt: m.now().UTC()}
+	if next.AuditKeyVersion, next.Signature, err = m.AuditSign(ctx, s, next.SignedBytes()); err != nil {
+		return err
+	}
+	e, err := logical.StorageEntryJSON(historyHeadKey(name), next)
+	if err != nil {
+		return err
+	}
+	return s.Put(ctx, e)
+}
+
+// readTail reads the key's events from the newest back to the page that holds seq (or an unchained event); all of
+// them when seq is 0.
+func readTail(ctx context.Context, s logical.Storage, name string, seq int) ([]json.RawMessage, error) {
+	pages, err := historyPages(ctx, s, name)
+	if err != nil {
+		return nil, err
+	}
+	var out []json.RawMessage
+	for i := len(pages) - 1; i >= 0; i-- {
+		events, err := readRawPage(ctx, s, name, pages[i])
+		if err != nil {
+			return nil, err
+		}
+		out = append(events, out...)
+		for _, raw := range events {
+			if l, err := linkOf(raw); seq > 0 && (err != nil || l.seq <= seq) {
+				return out, nil // the page reaches back to seq, or to what came before the chain
+			}
+		}
+	}
+	return out, nil
+}
+
+// extends checks that events, oldest first, carry the chained event from (the last of that seq; with no hash: the
+// chain's first event) and after it only events that follow one another, each matching its hash; it returns the
+// last one's link.
+func extends(events []json.RawMessage, from chainLink) (chainLink, error) {
+	start := -1
+	for i := len(events) - 1; i >= 0 && start < 0; i-- {
+		if l, err := linkOf(events[i]); err == nil && l.seq == from.seq {
+			start = i
+		}
+	}
+	if start < 0 {
+		return chainLink{}, fmt.Errorf("%w: the event of seq %d is missing", errNotVouchable, from.seq)
+	}
+	var prev chainLink
+	for i := start; i < len(events); i++ {
+		var f struct {
+			Seq  *int   `json:"seq"`
+			Prev string `json:"prev_hash"`
+			Hash string `json:"hash"`
+		}
+		if err := json.Unmarshal(events[i], &f); err != nil {
+			return chainLink{}, fmt.Errorf("%w: %v", errNotVouchable, err)
+		}
+		h, err := evidence.EventHash(events[i])
+		if err != nil {
+			return chainLink{}, fmt.Errorf("%w: %v", errNotVouchable, err)
+		}
+		switch {
+		case f.Seq == nil:
+			return chainLink{}, fmt.Errorf("%w: an unchained event follows chained ones", errNotVouchable)
+		case i == start && from.hash != "" && h != from.hash:
+			return chainLink{}, fmt.Errorf("%w: the event of seq %d is not the one the head signed", errNotVouchable, from.seq)
+		case i == start && from.hash == "" && f.Prev != "":
+			return chainLink{}, fmt.Errorf("%w: the chain's first event follows one that is missing", errNotVouchable)
+		case i > start && (*f.Seq != prev.seq+1 || f.Prev != prev.hash):
+			return chainLink{}, fmt.Errorf("%w: the event of seq %d does not follow the one before it", errNotVouchable, *f.Seq)
+		case h != f.Hash:
+			return chainLink{}, fmt.Errorf("%w: the event of seq %d does not match its hash", errNotVouchable, *f.Seq)
+		}
+		prev = chainLink{seq: *f.Seq, hash: h}
+	}
+	return prev, nil
+}
+
+// signHeadsLeftBehind signs the heads that appends left behind while the audit key could not sign; the periodic
+// function calls it. A head that still cannot be signed waits for the next tick.
+func (m *Manager) signHeadsLeftBehind(ctx context.Context, s logical.Storage) {
+	m.unsigned.Range(func(k, v interface{}) bool {
+		name := k.(string)
+		l := m.lock(name)
+		l.Lock()
+		defer l.Unlock()
+		if v, ok := m.unsigned.Load(name); ok { // not signed meanwhile by an append
+			if err := m.signHead(ctx, s, name, v.(bool)); err == nil || errors.Is(err, errNotVouchable) {
+				m.unsigned.Delete(name)
+				if err != nil {
+					m.log.Error("history is not what its signed head vouches for: the head is not signed again, and history/verify reports the break",
+						"key", name, "error", err)
+				} else {
+					m.log.Info("history head signed after the audit key could not sign it", "key", name)
+				}
+			}
+		}
+		return ctx.Err() == nil
+	})
+}
+
+// VerifyHistory checks key name's history chain against its signed head with the audit key's public keys, under
+// the key's lock (so that it never sees an append half done). It returns the events as stored, oldest first (the
+// clear accessor of unchained events stored by engines before the HMAC shown sealed: no response carries one), the
+// head (nil if none) and what the check found. A deleted key's history is verified alike.
+func (m *Manager) VerifyHistory(ctx context.Context, s logical.Storage, name string) ([]json.RawMessage, *evidence.Head, evidence.Verification, error) {
+	l := m.lock(name)
+	l.RLock()
+	defer l.RUnlock()
+	events, err := readTail(ctx, s, name, 0)
+	if err != nil {
+		return nil, nil, evidence.Verification{}, err
+	}
+	head, err := readHead(ctx, s, name)
+	if err != nil {
+		return nil, nil, evidence.Verification{}, err
+	}
+	keys, err := m.auditKeys(ctx, s)
+	if err != nil {
+		return nil, nil, evidence.Verification{}, err
+	}
+	v := evidence.VerifyChain(name, events, head, keys)
+	shown := append([]json.RawMessage(nil), events...)
+	if err := m.sealLegacy(ctx, s, shown); err != nil {
+		return nil, nil, evidence.Verification{}, err
+	}
+	return shown, head, v, nil
+}
