@@ -158,6 +158,7 @@ func newBackend(conf *logical.BackendConfig) *backend {
 			b.pathInventory(),
 			[]*framework.Path{b.pathMetrics(), b.pathHealth()},
 			b.pathAuditKey(),
+			[]*framework.Path{b.pathEvidence()},
 		),
 		InitializeFunc: func(ctx context.Context, req *logical.InitializationRequest) error {
 			if err := b.applyMetricsConfig(ctx, req.Storage); err != nil {

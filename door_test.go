@@ -88,6 +88,7 @@ func TestEveryUseOfKeyMaterialPassesTheDoor(t *testing.T) {
 		// The audit key signs history heads, never with a key's material.
 		{logical.ReadOperation, "keys/k/history/verify", nil, false},
 		{logical.ReadOperation, "audit_key", nil, false},
+		{logical.ReadOperation, "keys/k/evidence", nil, false}, // signed by the mount's audit key, not the key
 		{logical.UpdateOperation, "audit_key/rotate", nil, false},
 		{logical.ReadOperation, "keys/k/access", nil, false},
 		{logical.UpdateOperation, "random/16", nil, false},
