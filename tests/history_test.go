@@ -132,7 +132,13 @@ func TestHistoryTamperedInStorageIsNamed(t *testing.T) {
 
 func readPage(t *testing.T, c *api.Client, uuid string, page int) *historyPage {
 	t.Helper()
-	p := &historyPage{path: fmt.Sprintf("sys/raw/logical/%s/history/k/%08d", uuid, page)}
+	return readPageOf(t, c, uuid, "k", page)
+}
+
+// readPageOf reads page of key name's history through sys/raw.
+func readPageOf(t *testing.T, c *api.Client, uuid, name string, page int) *historyPage {
+	t.Helper()
+	p := &historyPage{path: fmt.Sprintf("sys/raw/logical/%s/history/%s/%08d", uuid, name, page)}
 	sec, err := c.Logical().Read(p.path)
 	if err != nil || sec == nil {
 		t.Fatalf("read %s: %v %v", p.path, sec, err)
