@@ -155,6 +155,7 @@ func TestRaftFailover(t *testing.T) {
 // in use, and a destruction held for a custodian.
 type governance struct {
 	carol, dave string // tokens: the grantee, the custodian
+	carolID     string
 	ct          string // a ciphertext of key "vendor"
 	used        int    // uses of the grant made before the failover
 	approval    string
@@ -183,14 +184,13 @@ func governanceBeforeFailover(t *testing.T, c *api.Client) *governance {
 		s := mustWrite(t, c, "auth/people/login/"+user, map[string]interface{}{"password": "pw-" + user})
 		return s.Auth.ClientToken, s.Auth.EntityID
 	}
-	var carolID string
-	g.carol, carolID = login("carol", "vendor-app")
+	g.carol, g.carolID = login("carol", "vendor-app")
 	g.dave, _ = login("dave", "custodian")
 
 	mustWrite(t, c, "cmk/keys/vendor", nil)
 	g.ct = encrypt(t, c, mount{Path: "cmk"}, "vendor", "vendor data")
 	mustWrite(t, c, "cmk/keys/vendor/access", map[string]interface{}{"grants_required": true})
-	mustWrite(t, c, "cmk/keys/vendor/grants", map[string]interface{}{"entity_id": carolID, "operations": "decrypt", "ttl": "1h", "max_uses": failoverGrantUses})
+	mustWrite(t, c, "cmk/keys/vendor/grants", map[string]interface{}{"entity_id": g.carolID, "operations": "decrypt", "ttl": "1h", "max_uses": failoverGrantUses})
 	carol := withToken(t, c, g.carol)
 	for ; g.used < 5; g.used++ {
 		decrypt(t, carol, mount{Path: "cmk"}, "vendor", g.ct)
@@ -205,6 +205,10 @@ func governanceBeforeFailover(t *testing.T, c *api.Client) *governance {
 // (a reserved block may be lost), and the held destruction, approved, runs once.
 func (g *governance) checkAfterFailover(t *testing.T, c *api.Client) {
 	t.Helper()
+	// Usage counts cross the failover: the stopped node's plugin wrote them to storage as Vault unmounted it.
+	if uses, _ := usesOf(t, c, mount{Path: "cmk"}, "vendor", "decrypt", g.carolID); uses != fmt.Sprint(g.used) {
+		t.Fatalf("carol's decryptions counted after the failover: %s, want %d", uses, g.used)
+	}
 	carol := withToken(t, c, g.carol)
 	for {
 		_, err := carol.Logical().Write("cmk/decrypt/vendor", map[string]interface{}{"ciphertext": g.ct})
@@ -230,6 +234,10 @@ func (g *governance) checkAfterFailover(t *testing.T, c *api.Client) {
 	}
 	if n := historyCount(t, c, "cmk/keys/payroll/history", "approval_executed"); n != 1 {
 		t.Fatalf("%d executions recorded, want 1", n)
+	}
+	// The history chain goes on across nodes: heads signed before and after the failover by the one audit key.
+	if v := mustRead(t, c, "cmk/keys/payroll/history/verify").Data; v["verified"] != true {
+		t.Fatalf("payroll's history after the failover: %v", v)
 	}
 	t.Logf("across the failover: %d of %d grant uses served; the held destruction approved on the new active node ran once", g.used, failoverGrantUses)
 }
