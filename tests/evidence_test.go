@@ -80,12 +80,30 @@ func TestEvidenceTakenWithTheCLIAndCheckedOffline(t *testing.T) {
 		t.Fatalf("the report of an untouched bundle does not say VERIFIED with the key's owner")
 	}
 
-	// The history altered in storage: the next bundle is signed, and what it says of the history fails.
+	// Storage rolled back (the history page and its signed head together) after an auditor kept a bundle: the
+	// next bundle fails against the one kept.
 	mounts, err := c.Sys().ListMounts()
 	if err != nil {
 		t.Fatal(err)
 	}
-	page := readPageOf(t, c, mounts[m.Path+"/"].UUID, "pay", 0)
+	uuid := mounts[m.Path+"/"].UUID
+	headPath := "sys/raw/logical/" + uuid + "/history/pay/head"
+	oldPage := readPageOf(t, c, uuid, "pay", 0)
+	oldHead := mustRead(t, c, headPath).Data["value"]
+	mustWrite(t, c, m.Path+"/keys/pay/rotate", nil)
+	kept := vaultRead(m.Path+"/keys/pay/evidence", "pay-kept.json")
+	if out, code := run("verify", "--audit-key", auditKey, "--previous", bundle, kept); code != 0 || !strings.Contains(out, "ok     continuity") {
+		t.Fatalf("a bundle whose history goes on from the earlier one: exit %d\n%s", code, out)
+	}
+	writePage(t, c, oldPage)
+	mustWrite(t, c, headPath, map[string]interface{}{"value": oldHead})
+	rolledBack := vaultRead(m.Path+"/keys/pay/evidence", "pay-rolled-back.json")
+	if out, code := run("verify", "--audit-key", auditKey, "--previous", kept, rolledBack); code != 1 || !strings.Contains(out, "history rolled back") {
+		t.Fatalf("a bundle after storage was rolled back, against the one kept: exit %d\n%s", code, out)
+	}
+
+	// The history altered in storage: the next bundle is signed, and what it says of the history fails.
+	page := readPageOf(t, c, uuid, "pay", 0)
 	page.events[1] = json.RawMessage(strings.Replace(string(page.events[1]), `"rotated"`, `"created"`, 1))
 	writePage(t, c, page)
 	tampered := vaultRead(m.Path+"/keys/pay/evidence", "pay-tampered.json")

@@ -2,8 +2,8 @@
 // public key alone, and writes a self-contained HTML report of it for an auditor. It needs no Vault, no HSM and no
 // network: what it trusts is the audit public key it is given, never the keys the bundle lists.
 //
-//	cmk-evidence verify --audit-key audit.pem bundle.json
-//	cmk-evidence report --audit-key audit.pem -o report.html bundle.json
+//	cmk-evidence verify --audit-key audit.pem [--previous earlier.json] bundle.json
+//	cmk-evidence report --audit-key audit.pem [--previous earlier.json] -o report.html bundle.json
 //
 // Exit status: 0 when the bundle verifies whole, 1 when it does not (report still writes the report), 2 on a
 // usage error (a missing flag or file, an unreadable audit key).
@@ -34,12 +34,14 @@ func usageErrorf(format string, args ...interface{}) error {
 }
 
 const usageText = `usage:
-  cmk-evidence verify --audit-key KEY[,KEY...] BUNDLE
-  cmk-evidence report --audit-key KEY[,KEY...] -o REPORT.html BUNDLE
+  cmk-evidence verify --audit-key KEY[,KEY...] [--previous EARLIER] BUNDLE
+  cmk-evidence report --audit-key KEY[,KEY...] [--previous EARLIER] -o REPORT.html BUNDLE
 
 BUNDLE is keys/:name/evidence as the engine returns it, bare or as "vault read -format=json" writes it; "-" reads
 it from standard input. KEY is a PEM public key file ("N=file.pem" says it is audit key version N) or the JSON
-"vault read -format=json cmk/audit_key" writes. Exit status: 0 verified, 1 not verified, 2 usage error.
+"vault read -format=json cmk/audit_key" writes. EARLIER is a bundle of the same key kept from before: the history
+must go on from it (a rollback of the engine's storage to an older signed head verifies alone, not against it).
+Exit status: 0 verified, 1 not verified, 2 usage error.
 `
 
 func main() {
@@ -84,6 +86,7 @@ type commandFlags struct {
 	auditKeys []string
 	output    string
 	bundle    string
+	previous  string // an earlier bundle of the same key, that this one's history must go on from
 }
 
 type listFlag struct{ values *[]string }
@@ -102,6 +105,7 @@ func parseFlags(name string, args []string, withOutput bool) (*commandFlags, err
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.Var(listFlag{&f.auditKeys}, "audit-key", "audit public key: PEM file (N=file.pem for version N) or audit_key's JSON; repeat or comma-separate")
+	fs.StringVar(&f.previous, "previous", "", "an earlier bundle of the same key: the history must go on from it")
 	if withOutput {
 		fs.StringVar(&f.output, "o", "", "the HTML report to write")
 	}
@@ -143,6 +147,18 @@ func readBundle(path string, stdin io.Reader) ([]byte, error) {
 	return raw, nil
 }
 
+// readPrevious reads the earlier bundle --previous names; nil when none is named.
+func readPrevious(path string) ([]byte, error) {
+	if path == "" {
+		return nil, nil
+	}
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, usageErrorf("--previous: %v", err)
+	}
+	return raw, nil
+}
+
 func verifyCommand(args []string, stdin io.Reader, stdout io.Writer) (bool, error) {
 	f, err := parseFlags("verify", args, false)
 	if err != nil {
@@ -156,7 +172,11 @@ func verifyCommand(args []string, stdin io.Reader, stdout io.Writer) (bool, erro
 	if err != nil {
 		return false, err
 	}
-	r := checkBundle(raw, keys)
+	prev, err := readPrevious(f.previous)
+	if err != nil {
+		return false, err
+	}
+	r := checkBundle(raw, keys, prev)
 	r.writeText(stdout)
 	return r.OK, nil
 }
@@ -174,7 +194,11 @@ func reportCommand(args []string, stdin io.Reader, stdout io.Writer) (bool, erro
 	if err != nil {
 		return false, err
 	}
-	r := checkBundle(raw, keys)
+	prev, err := readPrevious(f.previous)
+	if err != nil {
+		return false, err
+	}
+	r := checkBundle(raw, keys, prev)
 	out, err := os.Create(f.output)
 	if err != nil {
 		return false, usageErrorf("-o: %v", err)

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -254,5 +255,43 @@ func TestReportOfAnUnreadableBundleSaysFailed(t *testing.T) {
 	if code != exitFailed || !strings.Contains(string(b), `<div class="word" id="verdict-word">FAILED</div>`) ||
 		!strings.Contains(string(b), "cannot be read: bundle format &#34;cmk-evidence/v0&#34; is not &#34;cmk-evidence/v1&#34;") {
 		t.Errorf("exit %d, report:\n%s", code, b)
+	}
+}
+
+// --previous: a bundle whose history goes on from an earlier one's head verifies; a later bundle whose storage was
+// rolled back to that earlier head, which verifies alone, fails against the bundle kept from in between.
+func TestVerifyAgainstAnEarlierBundle(t *testing.T) {
+	f := newFixture(t)
+	full := f.bundle("full.json", f.document(f.events))
+	all := f.events
+	f.events = all[:3]
+	early := f.document(f.events)
+	early.GeneratedAt = f.now.Add(-time.Hour)
+	earlier := f.bundle("earlier.json", early)
+	rolled := f.document(f.events)
+	rolled.GeneratedAt = f.now.Add(time.Hour)
+	rolledBack := f.bundle("rolled-back.json", rolled)
+	f.events = all
+
+	if code, out, _ := runTool("verify", "--audit-key", f.pemKey, "--previous", earlier, full); code != exitVerified ||
+		!strings.Contains(out, "ok     continuity with the earlier bundle: the history goes on from the earlier bundle's head (seq 3") {
+		t.Fatalf("a history that goes on: exit %d\n%s", code, out)
+	}
+	if code, out, _ := runTool("verify", "--audit-key", f.pemKey, rolledBack); code != exitVerified {
+		t.Fatalf("the rolled-back bundle alone should verify: exit %d\n%s", code, out)
+	}
+	if code, out, _ := runTool("verify", "--audit-key", f.pemKey, "--previous", full, rolledBack); code != exitFailed ||
+		!strings.Contains(out, "FAILED continuity with the earlier bundle: history rolled back: the earlier bundle's head was signed at seq 5, this one's is at seq 3") {
+		t.Fatalf("a rollback: exit %d\n%s", code, out)
+	}
+	report := filepath.Join(f.dir, "r.html")
+	if code, _, _ := runTool("report", "--audit-key", f.pemKey, "--previous", full, "-o", report, rolledBack); code != exitFailed {
+		t.Fatalf("report of a rollback: exit %d", code)
+	}
+	if html, _ := os.ReadFile(report); !strings.Contains(string(html), "history rolled back") {
+		t.Fatal("the report of a rollback does not say so")
+	}
+	if code, _, _ := runTool("verify", "--audit-key", f.pemKey, "--previous", filepath.Join(f.dir, "missing.json"), full); code != exitUsage {
+		t.Fatalf("a missing earlier bundle: exit %d", code)
 	}
 }

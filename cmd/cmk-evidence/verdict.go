@@ -34,9 +34,10 @@ func (r *result) Document() *evidence.Document {
 	return r.Checked.Document
 }
 
-// checkBundle verifies raw with the given keys. The document is read once without keys to learn which audit key
+// checkBundle verifies raw with the given keys, and, given an earlier bundle of the key (previous, nil when none),
+// that its history goes on from that one's. The document is read once without keys to learn which audit key
 // versions the bundle names, then checked with the trusted keys mapped to them (auditKeysFor).
-func checkBundle(raw []byte, given []trustedKey) *result {
+func checkBundle(raw []byte, given []trustedKey, previous []byte) *result {
 	r := &result{Given: given, UsedKeys: map[int]trustedKey{}}
 	peek, err := evidence.Check(raw, evidence.AuditKeys{})
 	if err != nil {
@@ -85,7 +86,38 @@ func checkBundle(raw []byte, given []trustedKey) *result {
 				e.Verified, brokenName(e.Broken), c.History.Verified, brokenName(c.History.Broken))})
 	}
 	r.OK = c.OK()
+	if previous != nil {
+		cont := continuityCheck(previous, given, doc)
+		r.Checks = append(r.Checks, cont)
+		r.OK = r.OK && cont.Holds
+	}
 	return r
+}
+
+// continuityCheck checks that doc's history goes on from the earlier bundle's, which must itself be signed by a
+// trusted audit key (its history is what an auditor saw and kept).
+func continuityCheck(previous []byte, given []trustedKey, doc *evidence.Document) check {
+	const name = "continuity with the earlier bundle"
+	prev := checkBundle(previous, given, nil)
+	if prev.Checked == nil || prev.Checked.SignatureErr != nil || !prev.Checked.History.Verified {
+		return check{Name: name, Detail: "the earlier bundle does not verify itself, so it proves nothing: " + firstFailure(prev)}
+	}
+	pd := prev.Checked.Document
+	if err := evidence.Extends(pd, doc); err != nil {
+		return check{Name: name, Detail: err.Error()}
+	}
+	return check{Name: name, Holds: true, Detail: fmt.Sprintf("the history goes on from the earlier bundle's head (seq %d, generated %s)",
+		pd.History.Head.Seq, pd.GeneratedAt.UTC().Format("2006-01-02 15:04:05 UTC"))}
+}
+
+// firstFailure is the first check of r that does not hold.
+func firstFailure(r *result) string {
+	for _, c := range r.Checks {
+		if !c.Holds {
+			return c.Name + ": " + c.Detail
+		}
+	}
+	return "it does not verify"
 }
 
 func historyCheck(c *evidence.Checked, r *result) check {

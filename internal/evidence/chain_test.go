@@ -103,3 +103,49 @@ func TestCheckBundle(t *testing.T) {
 		t.Fatalf("a bundle as vault read writes it does not check: %v %+v", err, c)
 	}
 }
+
+// A later bundle must hold the event an earlier one's head signed, at its place: a rollback of head and pages
+// together, which verifies alone, does not.
+func TestExtendsCatchesARollbackBetweenBundles(t *testing.T) {
+	priv, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	events, head := chain(t, "k", 5, priv)
+	_, oldHead := chain(t, "k", 3, priv)
+	at := func(s int64) time.Time { return time.Unix(s, 0) }
+	prev := &Document{GeneratedAt: at(10), Key: KeyMetadata{Name: "k"}, History: History{Events: events[:3], Head: oldHead}}
+	cur := &Document{GeneratedAt: at(20), Key: KeyMetadata{Name: "k"}, History: History{Events: events, Head: head}}
+	if err := Extends(prev, cur); err != nil {
+		t.Fatalf("a history that goes on: %v", err)
+	}
+	if err := Extends(cur, &Document{GeneratedAt: at(30), Key: KeyMetadata{Name: "k"}, History: History{Events: events[:3], Head: oldHead}}); err == nil || !strings.Contains(err.Error(), "rolled back") {
+		t.Fatalf("a rollback to an older head: %v", err)
+	}
+	// Rewritten from seq 2 on with every hash recomputed and a head signed over it (as if by a stolen signature).
+	other := append([]json.RawMessage(nil), events...)
+	prevHash := ""
+	for i := range other {
+		var ev map[string]interface{}
+		_ = json.Unmarshal(other[i], &ev)
+		if i == 1 {
+			ev["event"] = "created"
+		}
+		if prevHash != "" {
+			ev[FieldPrev] = prevHash
+		}
+		delete(ev, FieldHash)
+		b, _ := json.Marshal(ev)
+		prevHash, _ = EventHash(b)
+		ev[FieldHash] = prevHash
+		other[i], _ = json.Marshal(ev)
+	}
+	otherHead := &Head{Key: "k", Seq: 5, Hash: prevHash, SignedAt: time.Unix(200, 0), AuditKeyVersion: 1}
+	otherHead.Signature = sign(t, priv, otherHead.SignedBytes())
+	if v := VerifyChain("k", other, otherHead, AuditKeys{1: &priv.PublicKey}); !v.Verified {
+		t.Fatalf("the rewritten chain should verify alone: %+v", v)
+	}
+	if err := Extends(prev, &Document{GeneratedAt: at(30), Key: KeyMetadata{Name: "k"}, History: History{Events: other, Head: otherHead}}); err == nil || !strings.Contains(err.Error(), "rewritten") {
+		t.Fatal("a rewritten history extends the earlier bundle")
+	}
+	if err := Extends(cur, prev); err == nil {
+		t.Fatal("bundles given in the wrong order pass")
+	}
+}
