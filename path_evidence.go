@@ -55,7 +55,7 @@ func (b *backend) pathEvidenceRead(ctx context.Context, req *logical.Request, d 
 	}
 	doc := evidence.Document{
 		GeneratedAt: time.Now().UTC(),
-		Mount:       fmt.Sprintf("%s (accessor %s)", req.MountPoint, req.MountAccessor),
+		Mount:       mountOf(req),
 		Key:         evidence.KeyMetadata{Name: name, State: "deleted"},
 		History:     evidence.History{Events: events, Head: head, Verification: verification},
 	}
@@ -108,6 +108,14 @@ func (b *backend) pathEvidenceRead(ctx context.Context, req *logical.Request, d 
 			"algorithm": evidence.SignatureAlgorithm, "audit_key_version": version, "value": sig,
 		},
 	}}, nil
+}
+
+// mountOf names the mount a request reached: its path, and its accessor where Vault gives it.
+func mountOf(req *logical.Request) string {
+	if req.MountAccessor == "" {
+		return req.MountPoint
+	}
+	return fmt.Sprintf("%s (accessor %s)", req.MountPoint, req.MountAccessor)
 }
 
 // evidenceKey is the key's metadata as a bundle carries it.
