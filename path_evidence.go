@@ -37,7 +37,7 @@ const evidenceHelp = `Returns {format, document, signature}. document is the JSO
 	`ECDSA P-256 signature (SHA-256, ASN.1 DER, base64) over the document's bytes, made in the HSM, with the audit key ` +
 	`version that made it. A key that was deleted still has evidence: its history, state "deleted". ` +
 	`cmk-evidence (cmd/cmk-evidence) verifies a bundle offline with the audit public keys alone, read from audit_key ` +
-	`beforehand and kept by the auditor, and writes an HTML report. Reading evidence makes no change and records no ` +
+	`beforehand and kept by the auditor, and writes an HTML report; kept bundles let it check that a later bundle's history goes on from an earlier one's (cmk-evidence verify --previous), which a rollback of storage to an older signed head does not. Reading evidence makes no change and records no ` +
 	`event; it signs in the HSM, so it answers 503 while the HSM is unreachable.`
 
 func (b *backend) pathEvidenceRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
