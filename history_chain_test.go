@@ -2,11 +2,18 @@ package cmk
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -393,5 +400,106 @@ func TestAuditKeyNeverStoredIsRolledBack(t *testing.T) {
 	e.ok(e.write("keys/k/rotate", nil))
 	if v := e.verifyHistory("k"); !verified(v) || v["head_audit_key_version"] != 1 {
 		t.Fatalf("signing after the rollback: %v", v)
+	}
+}
+
+// forgeHistoryWithStoredKey is what someone with write access to storage (and not to the token) does to make key
+// name's history say what he wants: he adds his own public key to audit_key as version 7 (or, with asV1, puts it
+// in version 1's place), keeps only the first event, and signs a head over it with his key. It returns his version.
+func (e *testEnv) forgeHistoryWithStoredKey(name string, asV1 bool) int {
+	e.t.Helper()
+	ctx := context.Background()
+	priv, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	pemText, _ := evidence.MarshalAuditKey(&priv.PublicKey)
+	stored, _ := e.inmem.Get(ctx, "audit_key")
+	var a map[string]interface{}
+	if err := json.Unmarshal(stored.Value, &a); err != nil {
+		e.t.Fatal(err)
+	}
+	versions := a["versions"].(map[string]interface{})
+	version := 7
+	if asV1 {
+		version = 1
+		versions["1"].(map[string]interface{})["public_key"] = pemText
+	} else {
+		versions["7"] = map[string]interface{}{"hsm_id": versions["1"].(map[string]interface{})["hsm_id"],
+			"label": "cmk/" + e.b.mountID + "/audit_key:v7", "public_key": pemText, "created_at": time.Now()}
+	}
+	e.put("audit_key", a)
+	page, _ := e.inmem.Get(ctx, "history/"+name+"/00000000")
+	var events []json.RawMessage
+	if err := json.Unmarshal(page.Value, &events); err != nil {
+		e.t.Fatal(err)
+	}
+	e.put(page.Key, events[:1])
+	h, _ := evidence.EventHash(events[0])
+	head := evidence.Head{Key: name, Seq: 1, Hash: h, SignedAt: time.Now().UTC(), AuditKeyVersion: version}
+	d := sha256.Sum256(head.SignedBytes())
+	sig, _ := ecdsa.SignASN1(rand.Reader, priv, d[:])
+	head.Signature = base64.StdEncoding.EncodeToString(sig)
+	e.put("history/"+name+"/head", head)
+	return version
+}
+
+func (e *testEnv) put(key string, v interface{}) {
+	e.t.Helper()
+	b, err := json.Marshal(v)
+	if err == nil {
+		err = e.inmem.Put(context.Background(), &logical.StorageEntry{Key: key, Value: b})
+	}
+	if err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// A public key written to storage vouches for nothing: a version's key is the token's. History forged and signed
+// with a key added to audit_key (or put in version 1's place) is not verified, before and after the key's next
+// event, which the engine does not sign over; audit_key's read names the version and serves only the token's keys;
+// and a bundle taken after it does not verify offline with the audit key the auditor trusts.
+func TestHistoryForgedWithAPublicKeyInStorageIsNotVerified(t *testing.T) {
+	for _, asV1 := range []bool{false, true} {
+		t.Run(fmt.Sprintf("in version 1's place %v", asV1), func(t *testing.T) {
+			e := newTestBackend(t)
+			e.ok(e.write("keys/k", nil))
+			e.ok(e.write("keys/k/rotate", nil))
+			trusted := e.ok(e.read("audit_key")).Data["versions"].(map[string]interface{})["1"].(map[string]interface{})["public_key"].(string)
+			forged := e.forgeHistoryWithStoredKey("k", asV1)
+			for i, env := range []*testEnv{e, e.reopen()} {
+				v := env.verifyHistory("k")
+				if verified(v) || !strings.Contains(v["reason"].(string), fmt.Sprintf("audit key version %d", forged)) {
+					t.Fatalf("process %d: forged history: %v", i, v)
+				}
+				env.ok(env.write("keys/k/config", map[string]interface{}{"owner": "x"}))
+				v = env.verifyHistory("k")
+				if verified(v) || v["head_audit_key_version"] != forged || v["head_seq"] != 1 {
+					t.Fatalf("process %d: the engine signed over the forged history: %v", i, v)
+				}
+				a := env.ok(env.read("audit_key")).Data
+				versions := a["versions"].(map[string]interface{})
+				if _, served := versions["7"]; served || (asV1 && versions["1"] != nil) {
+					t.Fatalf("process %d: audit_key serves a key the token does not hold: %v", i, versions)
+				}
+				if why, _ := a["unvouched_versions"].(map[string]interface{})[strconv.Itoa(forged)].(string); why == "" {
+					t.Fatalf("process %d: audit_key does not name version %d: %v", i, forged, a)
+				}
+			}
+			if asV1 {
+				return
+			}
+			// An auditor holding version 1's key (taken before the forgery) checks a bundle taken after it.
+			trustedKey, err := evidence.ParseAuditKey(trusted)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp := e.ok(e.read("keys/k/evidence"))
+			doc, _ := json.Marshal(resp.Data)
+			c, err := evidence.Check(doc, evidence.AuditKeys{1: trustedKey})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.History.Verified {
+				t.Fatalf("offline, the forged history verifies: %+v", c.History)
+			}
+		})
 	}
 }

@@ -90,7 +90,7 @@ func (m *Manager) signHead(ctx context.Context, s logical.Storage, name string, 
 	}
 	from := chainLink{seq: 1}
 	if head != nil {
-		keys, err := m.auditKeys(ctx, s)
+		keys, unvouched, err := m.auditKeys(ctx, s)
 		if err != nil {
 			return err
 		}
@@ -98,7 +98,7 @@ func (m *Manager) signHead(ctx context.Context, s logical.Storage, name string, 
 			return fmt.Errorf("%w: the head is for key %q", errNotVouchable, head.Key)
 		}
 		if err := keys.Verify(head.AuditKeyVersion, head.SignedBytes(), head.Signature); err != nil {
-			return fmt.Errorf("%w: head: %v", errNotVouchable, err)
+			return fmt.Errorf("%w: head: %v", errNotVouchable, withUnvouched(err, head.AuditKeyVersion, unvouched))
 		}
 		from = chainLink{seq: head.Seq, hash: head.Hash}
 	} else if !headless {
@@ -217,7 +217,8 @@ func (m *Manager) signHeadsLeftBehind(ctx context.Context, s logical.Storage) {
 }
 
 // VerifyHistory checks key name's history chain against its signed head with the audit key's public keys, under
-// the key's lock (so that it never sees an append half done). It returns the events as stored, oldest first (the
+// the key's lock (so that it never sees an append half done). The public keys are those of storage that the token
+// vouches for (AuditKey). It returns the events as stored, oldest first (the
 // clear accessor of unchained events stored by engines before the HMAC shown sealed: no response carries one), the
 // head (nil if none) and what the check found. A deleted key's history is verified alike.
 func (m *Manager) VerifyHistory(ctx context.Context, s logical.Storage, name string) ([]json.RawMessage, *evidence.Head, evidence.Verification, error) {
@@ -232,14 +233,26 @@ func (m *Manager) VerifyHistory(ctx context.Context, s logical.Storage, name str
 	if err != nil {
 		return nil, nil, evidence.Verification{}, err
 	}
-	keys, err := m.auditKeys(ctx, s)
+	keys, unvouched, err := m.auditKeys(ctx, s)
 	if err != nil {
 		return nil, nil, evidence.Verification{}, err
 	}
 	v := evidence.VerifyChain(name, events, head, keys)
+	if head != nil && !v.HeadSigned && unvouched[head.AuditKeyVersion] != "" {
+		v.Reason = withUnvouched(errors.New(v.Reason), head.AuditKeyVersion, unvouched).Error()
+	}
 	shown := append([]json.RawMessage(nil), events...)
 	if err := m.sealLegacy(ctx, s, shown); err != nil {
 		return nil, nil, evidence.Verification{}, err
 	}
 	return shown, head, v, nil
+}
+
+// withUnvouched adds to err, about a head signed with audit key version n, why the token does not vouch for that
+// version, if it does not.
+func withUnvouched(err error, n int, unvouched map[int]string) error {
+	if why := unvouched[n]; why != "" {
+		return fmt.Errorf("%v: audit key version %d in storage is not the token's: %s", err, n, why)
+	}
+	return err
 }
