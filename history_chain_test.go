@@ -298,8 +298,8 @@ func TestReconcileLeavesTheAuditKeyAlone(t *testing.T) {
 	}
 }
 
-// Events stored before history was chained stay as they were (their clear accessor sealed when the page is next
-// written, which no hash covers): the chain begins after them at seq 1, and verify counts them as unchained.
+// Events stored before history was chained stay as they were (their clear accessor sealed when the chain begins):
+// the chain begins after them at seq 1, which pins them as stored, and verify counts them as unchained.
 func TestHistoryBeforeChainingIsCountedUnchained(t *testing.T) {
 	e := newTestBackend(t)
 	e.ok(e.write("keys/k", nil))
@@ -328,6 +328,19 @@ func TestHistoryBeforeChainingIsCountedUnchained(t *testing.T) {
 		if strings.Contains(text, "clear-accessor") {
 			t.Fatalf("a clear accessor is shown or stored: %s", text)
 		}
+	}
+	// seq 1 pins the unchained events as stored (sealed): one changed afterwards is reported.
+	var events []map[string]interface{}
+	if err := json.Unmarshal(stored.Value, &events); err != nil {
+		t.Fatal(err)
+	}
+	if pin, err := evidence.UnchainedPin(raw[:2]); err != nil || events[2]["prev_hash"] != pin {
+		t.Fatalf("seq 1 does not pin the unchained events: %v %v", events[2], err)
+	}
+	events[0]["display_name"] = "someone else"
+	e.put(stored.Key, events)
+	if v := e.verifyHistory("k"); verified(v) || v["first_broken_index"] != 2 || !strings.Contains(v["reason"].(string), "unchained events") {
+		t.Fatalf("an unchained event changed after the chain pinned it: %v", v)
 	}
 }
 
@@ -501,5 +514,42 @@ func TestHistoryForgedWithAPublicKeyInStorageIsNotVerified(t *testing.T) {
 				t.Fatalf("offline, the forged history verifies: %+v", c.History)
 			}
 		})
+	}
+}
+
+// A key's history deleted whole (pages and head) is missing, not verified; the engine does not begin a new chain
+// over it with the key's next event, in this process or after a restart.
+func TestHistoryDeletedWholeIsMissing(t *testing.T) {
+	e := newTestBackend(t)
+	ctx := context.Background()
+	e.ok(e.write("keys/k", nil))
+	e.ok(e.write("keys/k/rotate", nil))
+	e.ok(e.write("keys/k/rotate", nil))
+	wipe := func() {
+		entries, _ := e.inmem.List(ctx, "history/k/")
+		for _, k := range entries {
+			if err := e.inmem.Delete(ctx, "history/k/"+k); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	wipe()
+	if v := e.verifyHistory("k"); verified(v) || !strings.Contains(v["reason"].(string), "history missing") {
+		t.Fatalf("no history for a key that exists: %v", v)
+	}
+	e.ok(e.write("keys/k/rotate", nil))
+	if v := e.verifyHistory("k"); verified(v) || v["head_seq"] != 0 {
+		t.Fatalf("a chain begun over a deleted history: %v", v)
+	}
+	wipe()
+	restarted := e.reopen()
+	if v := restarted.verifyHistory("k"); verified(v) || !strings.Contains(v["reason"].(string), "history missing") {
+		t.Fatalf("after a restart, no history for a key that exists: %v", v)
+	}
+	restarted.ok(restarted.write("keys/k/rotate", nil))
+	restarted.tick()
+	v := restarted.verifyHistory("k")
+	if verified(v) || v["head_seq"] != 0 || !strings.Contains(v["reason"].(string), "does not begin at the key's creation") {
+		t.Fatalf("after a restart, a chain begun over a deleted history: %v", v)
 	}
 }

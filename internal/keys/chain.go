@@ -104,9 +104,18 @@ func (m *Manager) signHead(ctx context.Context, s logical.Storage, name string, 
 	} else if !headless {
 		return fmt.Errorf("%w: no signed head vouches for the chain's beginning", errNotVouchable)
 	}
-	tail, err := readTail(ctx, s, name, from.seq)
+	back := from.seq
+	if head == nil {
+		back = 0 // the whole history, whose beginning is checked
+	}
+	tail, err := readTail(ctx, s, name, back)
 	if err != nil {
 		return err
+	}
+	if head == nil {
+		if why := evidence.CheckBeginning(tail); why != nil {
+			return fmt.Errorf("%w: %v", errNotVouchable, why)
+		}
 	}
 	end, err := extends(tail, from)
 	if err != nil {
@@ -150,8 +159,8 @@ func readTail(ctx context.Context, s logical.Storage, name string, seq int) ([]j
 }
 
 // extends checks that events, oldest first, carry the chained event from (the last of that seq; with no hash: the
-// chain's first event) and after it only events that follow one another, each matching its hash; it returns the
-// last one's link.
+// chain's first event, whose beginning the caller checked with evidence.CheckBeginning) and after it only events
+// that follow one another, each matching its hash; it returns the last one's link.
 func extends(events []json.RawMessage, from chainLink) (chainLink, error) {
 	start := -1
 	for i := len(events) - 1; i >= 0 && start < 0; i-- {
@@ -181,8 +190,6 @@ func extends(events []json.RawMessage, from chainLink) (chainLink, error) {
 			return chainLink{}, fmt.Errorf("%w: an unchained event follows chained ones", errNotVouchable)
 		case i == start && from.hash != "" && h != from.hash:
 			return chainLink{}, fmt.Errorf("%w: the event of seq %d is not the one the head signed", errNotVouchable, from.seq)
-		case i == start && from.hash == "" && f.Prev != "":
-			return chainLink{}, fmt.Errorf("%w: the chain's first event follows one that is missing", errNotVouchable)
 		case i > start && (*f.Seq != prev.seq+1 || f.Prev != prev.hash):
 			return chainLink{}, fmt.Errorf("%w: the event of seq %d does not follow the one before it", errNotVouchable, *f.Seq)
 		case h != f.Hash:
