@@ -311,6 +311,7 @@ func TestHistoryBeforeChainingIsCountedUnchained(t *testing.T) {
 	if err := e.inmem.Delete(context.Background(), "history/k/head"); err != nil {
 		t.Fatal(err)
 	}
+	e = e.reopen() // the engine that chains history starts on storage an earlier one wrote
 	if v := e.verifyHistory("k"); verified(v) || v["unchained_events"] != 2 {
 		t.Fatalf("unchained history alone: %v", v)
 	}
@@ -551,5 +552,32 @@ func TestHistoryDeletedWholeIsMissing(t *testing.T) {
 	v := restarted.verifyHistory("k")
 	if verified(v) || v["head_seq"] != 0 || !strings.Contains(v["reason"].(string), "does not begin at the key's creation") {
 		t.Fatalf("after a restart, a chain begun over a deleted history: %v", v)
+	}
+}
+
+// A head and a page put back as they were earlier (an older head with the events it signed) are reported as rolled
+// back by the process that signed the newer head, and the engine does not sign over them.
+func TestHistoryRolledBackIsReported(t *testing.T) {
+	e := newTestBackend(t)
+	ctx := context.Background()
+	e.ok(e.write("keys/k", nil))
+	e.ok(e.write("keys/k/rotate", nil))
+	oldHead, _ := e.inmem.Get(ctx, "history/k/head")
+	oldPage, _ := e.inmem.Get(ctx, "history/k/00000000")
+	e.ok(e.write("keys/k/versions/1/disable", nil))
+	e.ok(e.write("keys/k/rotate", nil))
+	for _, entry := range []*logical.StorageEntry{oldHead, oldPage} {
+		if err := e.inmem.Put(ctx, entry); err != nil {
+			t.Fatal(err)
+		}
+	}
+	v := e.verifyHistory("k")
+	if verified(v) || !strings.Contains(v["reason"].(string), "history rolled back: seq 4 was signed") {
+		t.Fatalf("a rolled back history: %v", v)
+	}
+	e.ok(e.write("keys/k/rotate", nil))
+	v = e.verifyHistory("k")
+	if verified(v) || v["head_seq"] != 2 || v["events"] != 3 || !strings.Contains(v["reason"].(string), "history rolled back") {
+		t.Fatalf("after an event on a rolled back history: %v", v)
 	}
 }

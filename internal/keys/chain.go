@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
+	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
 
@@ -24,6 +26,12 @@ import (
 // A chain with no head at all (its first events were recorded while the audit key could not sign) is signed only
 // by the process that began it: after a restart nothing tells such a chain from one whose head was deleted, so it
 // stays reported as not vouched for.
+//
+// Storage put back whole as it was earlier (an older head with the events it signed) verifies by itself. Each
+// process remembers the highest head it signed or saw signed per key (signedHeads): a head behind it, or another
+// event at its seq, is reported as rolled back and never signed over; the event that finds it is recorded all the
+// same. A process started after the rollback remembers nothing of before it: that is caught only by comparing with an
+// evidence bundle taken earlier (cmk-evidence verify --previous).
 
 const headName = "head"
 
@@ -104,6 +112,12 @@ func (m *Manager) signHead(ctx context.Context, s logical.Storage, name string, 
 	} else if !headless {
 		return fmt.Errorf("%w: no signed head vouches for the chain's beginning", errNotVouchable)
 	}
+	if why := m.signedHeads.rolledBack(name, head, nil); why != "" {
+		return fmt.Errorf("%w: %s", errNotVouchable, why)
+	}
+	if head != nil {
+		m.signedHeads.saw(name, *head)
+	}
 	back := from.seq
 	if head == nil {
 		back = 0 // the whole history, whose beginning is checked
@@ -132,7 +146,62 @@ func (m *Manager) signHead(ctx context.Context, s logical.Storage, name string, 
 	if err != nil {
 		return err
 	}
-	return s.Put(ctx, e)
+	if err := s.Put(ctx, e); err != nil {
+		return err
+	}
+	m.signedHeads.saw(name, next)
+	return nil
+}
+
+// signedHeads is, per key, the highest head this process signed or saw signed (its signature verified with a
+// version the token holds): what storage cannot go back from unnoticed while the process lives.
+type signedHeads struct {
+	mu    sync.Mutex
+	heads map[string]evidence.Head
+}
+
+// saw remembers head h of key name if it is higher than the one remembered.
+func (sh *signedHeads) saw(name string, h evidence.Head) {
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if sh.heads == nil {
+		sh.heads = map[string]evidence.Head{}
+	}
+	if was, ok := sh.heads[name]; !ok || h.Seq > was.Seq {
+		sh.heads[name] = h
+	}
+}
+
+// rolledBack says how key name's head (nil: none) and events as stored (nil: not checked) went back from the
+// highest head remembered; "" when they did not.
+func (sh *signedHeads) rolledBack(name string, head *evidence.Head, events []json.RawMessage) string {
+	sh.mu.Lock()
+	was, ok := sh.heads[name]
+	sh.mu.Unlock()
+	if !ok {
+		return ""
+	}
+	signed := fmt.Sprintf("history rolled back: seq %d was signed at %s", was.Seq, was.SignedAt.UTC().Format(time.RFC3339Nano))
+	switch {
+	case head == nil:
+		return signed + ", and storage holds no head"
+	case head.Seq < was.Seq:
+		return fmt.Sprintf("%s, and the head in storage is at seq %d", signed, head.Seq)
+	case head.Seq == was.Seq && head.Hash != was.Hash:
+		return signed + " over another event than the head in storage vouches for"
+	}
+	if events == nil {
+		return ""
+	}
+	for i := len(events) - 1; i >= 0; i-- {
+		if l, err := linkOf(events[i]); err == nil && l.seq == was.Seq {
+			if h, err := evidence.EventHash(events[i]); err != nil || h != was.Hash {
+				return signed + " over another event than the one stored at that seq"
+			}
+			return ""
+		}
+	}
+	return fmt.Sprintf("%s, and storage holds no event of seq %d", signed, was.Seq)
 }
 
 // readTail reads the key's events from the newest back to the page that holds seq (or an unchained event); all of
@@ -247,6 +316,15 @@ func (m *Manager) VerifyHistory(ctx context.Context, s logical.Storage, name str
 	v := evidence.VerifyChain(name, events, head, keys)
 	if head != nil && !v.HeadSigned && unvouched[head.AuditKeyVersion] != "" {
 		v.Reason = withUnvouched(errors.New(v.Reason), head.AuditKeyVersion, unvouched).Error()
+	}
+	if why := m.signedHeads.rolledBack(name, head, events); why != "" {
+		if v.Verified {
+			v.Verified, v.Broken, v.BrokenSeq, v.Reason = false, len(events), 0, why
+		} else {
+			v.Reason += "; " + why
+		}
+	} else if v.HeadSigned {
+		m.signedHeads.saw(name, *head)
 	}
 	shown := append([]json.RawMessage(nil), events...)
 	if err := m.sealLegacy(ctx, s, shown); err != nil {

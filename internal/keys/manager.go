@@ -85,6 +85,7 @@ type Manager struct {
 	unsigned  sync.Map   // name → bool: heads left behind while the audit key could not sign; true: no head yet, chain begun here (chain.go)
 
 	tokenAuditKeys tokenAuditKeys // the audit key versions the token was found to hold (audit.go)
+	signedHeads    signedHeads    // per key, the highest history head signed or seen signed (chain.go)
 
 	// Clock is what access conditions' hours and grants' expiry are judged by; tests set it.
 	Clock func() time.Time
