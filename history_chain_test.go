@@ -2,6 +2,7 @@ package cmk
 
 import (
 	"context"
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -579,5 +580,54 @@ func TestHistoryRolledBackIsReported(t *testing.T) {
 	v = e.verifyHistory("k")
 	if verified(v) || v["head_seq"] != 2 || v["events"] != 3 || !strings.Contains(v["reason"].(string), "history rolled back") {
 		t.Fatalf("after an event on a rolled back history: %v", v)
+	}
+}
+
+// ecdsaRefusingToken is the real token on which ECDSA P-256 keys cannot be generated, as on a token without them;
+// it counts the attempts.
+type ecdsaRefusingToken struct {
+	hsmToken
+	attempts *atomic.Int32
+}
+
+func (t ecdsaRefusingToken) GenerateVersion(ctx context.Context, alg hsm.Algorithm, id []byte, label string, hmacBytes int) (crypto.PublicKey, error) {
+	if alg == hsm.ECDSAP256 {
+		t.attempts.Add(1)
+		return nil, fmt.Errorf("%w: injected: no ECDSA P-256 on this token", hsm.ErrMechanismUnsupported)
+	}
+	return t.hsmToken.GenerateVersion(ctx, alg, id, label, hmacBytes)
+}
+
+// When the audit key cannot be made, events are recorded and the engine tries again only after a while, not at
+// every event and every tick of every key.
+func TestAuditKeyThatCannotBeMadeIsTriedAgainOnlyAfterAWhile(t *testing.T) {
+	e := newTestBackend(t)
+	attempts := &atomic.Int32{}
+	e.b.resetToken()
+	e.b.openToken = func(c hsm.Config, l hclog.Logger) (hsmToken, error) {
+		tok, err := hsm.Open(c, l)
+		if err != nil {
+			return nil, err
+		}
+		return ecdsaRefusingToken{tok, attempts}, nil
+	}
+	now := time.Now()
+	e.b.keys.Clock = func() time.Time { return now }
+	e.ok(e.write("keys/a", nil))
+	e.ok(e.write("keys/b", nil))
+	e.ok(e.write("keys/a/rotate", nil))
+	e.tick()
+	e.tick()
+	if n := attempts.Load(); n != 1 {
+		t.Fatalf("attempts to make the audit key: %d, want 1", n)
+	}
+	if got := len(e.history("a")); got != 2 {
+		t.Fatalf("events recorded: %d", got)
+	}
+	now = now.Add(10 * time.Minute)
+	e.tick()
+	e.ok(e.write("keys/b/rotate", nil))
+	if n := attempts.Load(); n != 2 {
+		t.Fatalf("attempts after the backoff: %d, want 2", n)
 	}
 }

@@ -15,7 +15,8 @@ import (
 const auditKeyHelp = "The audit key is the mount's ECDSA P-256 key generated in the HSM (its private key never leaves it) that signs " +
 	"the head of every key's history chain (keys/:name/history/verify) and the evidence an auditor takes away. It is made " +
 	"at the mount's first history event; a token without ECDSA P-256 cannot make it, and history is then recorded and " +
-	"chained but not vouched for. Every version is kept: heads signed before a rotation go on verifying with their " +
+	"chained but not vouched for. After a failure to make it the engine tries again on its own at most every 5 minutes " +
+	"(logging each failure once); audit_key/rotate tries at once. Every version is kept: heads signed before a rotation go on verifying with their " +
 	"version's public key, and new heads are signed with the latest. A version's public key is the token's: storage's " +
 	"record of it is used only once the token shows it holds that key. Its HSM objects are labelled " +
 	"cmk/<mount>/audit_key:v<N>: reconcile and adoption never take them for a key's."

@@ -146,7 +146,23 @@ func (m *Manager) checkAuditKeyOnToken(ctx context.Context, tok HSM, n int, v *A
 	return "", nil
 }
 
-// auditKeyForSigning returns the audit key, making its first version in the HSM when the mount has none.
+// auditKeyRetry is how long the engine waits, after failing to make the audit key (a token without ECDSA P-256,
+// generation refused), before it tries again on its own: every event and every tick of every key would otherwise
+// write a WAL entry, ask the HSM and clean up, per key. audit_key/rotate tries at once.
+const auditKeyRetry = 5 * time.Minute
+
+// auditKeyFailure is the last failure to make the mount's first audit key version, while it stands.
+type auditKeyFailure struct {
+	at  time.Time
+	err error
+}
+
+// errAuditKeyNotMade: the mount has no audit key, and making it failed (now, or within auditKeyRetry, when it is
+// not tried again): logged once per attempt, where it is tried.
+var errAuditKeyNotMade = errors.New("the mount's audit key could not be made")
+
+// auditKeyForSigning returns the audit key, making its first version in the HSM when the mount has none, at most
+// once per auditKeyRetry after a failure.
 func (m *Manager) auditKeyForSigning(ctx context.Context, s logical.Storage) (*AuditKey, error) {
 	if a, err := readAuditKey(ctx, s); err != nil || a != nil {
 		return a, err
@@ -156,7 +172,19 @@ func (m *Manager) auditKeyForSigning(ctx context.Context, s logical.Storage) (*A
 	if a, err := readAuditKey(ctx, s); err != nil || a != nil {
 		return a, err
 	}
-	return m.addAuditKeyVersion(ctx, s, nil, Actor{DisplayName: "cmk (first signature of the mount)"})
+	if f := m.auditFailed; f.err != nil && m.now().Before(f.at.Add(auditKeyRetry)) {
+		return nil, fmt.Errorf("%w (tried again after %s, or by audit_key/rotate): %w", errAuditKeyNotMade,
+			f.at.Add(auditKeyRetry).UTC().Format(time.RFC3339), f.err)
+	}
+	a, err := m.addAuditKeyVersion(ctx, s, nil, Actor{DisplayName: "cmk (first signature of the mount)"})
+	if err != nil {
+		m.auditFailed = auditKeyFailure{at: m.now(), err: err}
+		m.log.Error("the mount's audit key could not be made: history is recorded and chained, but no head is signed; tried again later",
+			"error", err, "retry_in", auditKeyRetry.String())
+		return nil, fmt.Errorf("%w: %w", errAuditKeyNotMade, err)
+	}
+	m.auditFailed = auditKeyFailure{}
+	return a, nil
 }
 
 // RotateAuditKey makes a new audit key version in the HSM; new heads and bundles are signed with it, and the

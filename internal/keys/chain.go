@@ -84,8 +84,10 @@ func (m *Manager) vouch(ctx context.Context, s logical.Storage, name string, sta
 			"key", name, "error", err)
 	default:
 		m.unsigned.Store(name, headless)
-		m.log.Warn("event recorded, but the audit key could not sign the history's head: signed again once the HSM serves",
-			"key", name, "error", err)
+		if !errors.Is(err, errAuditKeyNotMade) { // logged where it was tried
+			m.log.Warn("event recorded, but the audit key could not sign the history's head: signed again once the HSM serves",
+				"key", name, "error", err)
+		}
 	}
 }
 
