@@ -816,7 +816,7 @@ var responseFieldDocs = map[string]string{
 	"first_broken_seq":            "`history/verify`: the seq of the first event that does not verify (0 when it has none, or none is broken).",
 	"head_seq":                    "`history/verify`: the seq the signed head vouches for (0: no head).",
 	"head_hash":                   "`history/verify`: the hash of the event the head vouches for.",
-	"head_signed":                 "`history/verify`: the head's signature verified with `audit_key`'s public key of `head_audit_key_version`.",
+	"head_signed":                 "`history/verify`: the head's signature verified with `audit_key`'s public key of `head_audit_key_version`, which the token vouches for.",
 	"head_signed_at":              "`history/verify`: when the head was signed (RFC 3339).",
 	"head_audit_key_version":      "`history/verify`: the `audit_key` version that signed the head.",
 	"access":                      "Key read and `inventory`: its access conditions (`keys/:name/access`) in one line, or \"none\".",
@@ -953,7 +953,8 @@ var responseFieldDocs = map[string]string{
 	"since":                       "`keys/:name/usage`: when the first use or denial of the key was counted (absent: none yet). An anomaly action: when it began.",
 	"start":                       "`keys/:name/usage`, per bucket: when its minute, hour or day begins (UTC).",
 	"until":                       "An anomaly and its action: when require_grant or block_caller lapses.",
-	"versions":                    "Key read: per version, where it lives in the HSM and its state (the fields marked \"per version\" here). `audit_key`: every version by number, with `public_key` (PEM, PKIX \"PUBLIC KEY\"), `created_at`, `created_by` and `label`.",
+	"versions":                    "Key read: per version, where it lives in the HSM and its state (the fields marked \"per version\" here). `audit_key`: every version the token vouches for, by number, with `public_key` (PEM, PKIX \"PUBLIC KEY\"), `created_at`, `created_by` and `label`.",
+	"unvouched_versions":          "`audit_key`: by number, the versions storage records whose key the token does not hold as recorded (not on the token, another CKA_ID or another public key), with why: never used to verify or sign.",
 }
 
 // alsoARequestField names the response fields described in responseFieldDocs though a path takes a request field of

@@ -2,11 +2,19 @@ package cmk
 
 import (
 	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -291,8 +299,8 @@ func TestReconcileLeavesTheAuditKeyAlone(t *testing.T) {
 	}
 }
 
-// Events stored before history was chained stay as they were (their clear accessor sealed when the page is next
-// written, which no hash covers): the chain begins after them at seq 1, and verify counts them as unchained.
+// Events stored before history was chained stay as they were (their clear accessor sealed when the chain begins):
+// the chain begins after them at seq 1, which pins them as stored, and verify counts them as unchained.
 func TestHistoryBeforeChainingIsCountedUnchained(t *testing.T) {
 	e := newTestBackend(t)
 	e.ok(e.write("keys/k", nil))
@@ -304,6 +312,7 @@ func TestHistoryBeforeChainingIsCountedUnchained(t *testing.T) {
 	if err := e.inmem.Delete(context.Background(), "history/k/head"); err != nil {
 		t.Fatal(err)
 	}
+	e = e.reopen() // the engine that chains history starts on storage an earlier one wrote
 	if v := e.verifyHistory("k"); verified(v) || v["unchained_events"] != 2 {
 		t.Fatalf("unchained history alone: %v", v)
 	}
@@ -321,6 +330,19 @@ func TestHistoryBeforeChainingIsCountedUnchained(t *testing.T) {
 		if strings.Contains(text, "clear-accessor") {
 			t.Fatalf("a clear accessor is shown or stored: %s", text)
 		}
+	}
+	// seq 1 pins the unchained events as stored (sealed): one changed afterwards is reported.
+	var events []map[string]interface{}
+	if err := json.Unmarshal(stored.Value, &events); err != nil {
+		t.Fatal(err)
+	}
+	if pin, err := evidence.UnchainedPin(raw[:2]); err != nil || events[2]["prev_hash"] != pin {
+		t.Fatalf("seq 1 does not pin the unchained events: %v %v", events[2], err)
+	}
+	events[0]["display_name"] = "someone else"
+	e.put(stored.Key, events)
+	if v := e.verifyHistory("k"); verified(v) || v["first_broken_index"] != 2 || !strings.Contains(v["reason"].(string), "unchained events") {
+		t.Fatalf("an unchained event changed after the chain pinned it: %v", v)
 	}
 }
 
@@ -393,5 +415,219 @@ func TestAuditKeyNeverStoredIsRolledBack(t *testing.T) {
 	e.ok(e.write("keys/k/rotate", nil))
 	if v := e.verifyHistory("k"); !verified(v) || v["head_audit_key_version"] != 1 {
 		t.Fatalf("signing after the rollback: %v", v)
+	}
+}
+
+// forgeHistoryWithStoredKey is what someone with write access to storage (and not to the token) does to make key
+// name's history say what he wants: he adds his own public key to audit_key as version 7 (or, with asV1, puts it
+// in version 1's place), keeps only the first event, and signs a head over it with his key. It returns his version.
+func (e *testEnv) forgeHistoryWithStoredKey(name string, asV1 bool) int {
+	e.t.Helper()
+	ctx := context.Background()
+	priv, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	pemText, _ := evidence.MarshalAuditKey(&priv.PublicKey)
+	stored, _ := e.inmem.Get(ctx, "audit_key")
+	var a map[string]interface{}
+	if err := json.Unmarshal(stored.Value, &a); err != nil {
+		e.t.Fatal(err)
+	}
+	versions := a["versions"].(map[string]interface{})
+	version := 7
+	if asV1 {
+		version = 1
+		versions["1"].(map[string]interface{})["public_key"] = pemText
+	} else {
+		versions["7"] = map[string]interface{}{"hsm_id": versions["1"].(map[string]interface{})["hsm_id"],
+			"label": "cmk/" + e.b.mountID + "/audit_key:v7", "public_key": pemText, "created_at": time.Now()}
+	}
+	e.put("audit_key", a)
+	page, _ := e.inmem.Get(ctx, "history/"+name+"/00000000")
+	var events []json.RawMessage
+	if err := json.Unmarshal(page.Value, &events); err != nil {
+		e.t.Fatal(err)
+	}
+	e.put(page.Key, events[:1])
+	h, _ := evidence.EventHash(events[0])
+	head := evidence.Head{Key: name, Seq: 1, Hash: h, SignedAt: time.Now().UTC(), AuditKeyVersion: version}
+	d := sha256.Sum256(head.SignedBytes())
+	sig, _ := ecdsa.SignASN1(rand.Reader, priv, d[:])
+	head.Signature = base64.StdEncoding.EncodeToString(sig)
+	e.put("history/"+name+"/head", head)
+	return version
+}
+
+func (e *testEnv) put(key string, v interface{}) {
+	e.t.Helper()
+	b, err := json.Marshal(v)
+	if err == nil {
+		err = e.inmem.Put(context.Background(), &logical.StorageEntry{Key: key, Value: b})
+	}
+	if err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// A public key written to storage vouches for nothing: a version's key is the token's. History forged and signed
+// with a key added to audit_key (or put in version 1's place) is not verified, before and after the key's next
+// event, which the engine does not sign over; audit_key's read names the version and serves only the token's keys;
+// and a bundle taken after it does not verify offline with the audit key the auditor trusts.
+func TestHistoryForgedWithAPublicKeyInStorageIsNotVerified(t *testing.T) {
+	for _, asV1 := range []bool{false, true} {
+		t.Run(fmt.Sprintf("in version 1's place %v", asV1), func(t *testing.T) {
+			e := newTestBackend(t)
+			e.ok(e.write("keys/k", nil))
+			e.ok(e.write("keys/k/rotate", nil))
+			trusted := e.ok(e.read("audit_key")).Data["versions"].(map[string]interface{})["1"].(map[string]interface{})["public_key"].(string)
+			forged := e.forgeHistoryWithStoredKey("k", asV1)
+			for i, env := range []*testEnv{e, e.reopen()} {
+				v := env.verifyHistory("k")
+				if verified(v) || !strings.Contains(v["reason"].(string), fmt.Sprintf("audit key version %d", forged)) {
+					t.Fatalf("process %d: forged history: %v", i, v)
+				}
+				env.ok(env.write("keys/k/config", map[string]interface{}{"owner": "x"}))
+				v = env.verifyHistory("k")
+				if verified(v) || v["head_audit_key_version"] != forged || v["head_seq"] != 1 {
+					t.Fatalf("process %d: the engine signed over the forged history: %v", i, v)
+				}
+				a := env.ok(env.read("audit_key")).Data
+				versions := a["versions"].(map[string]interface{})
+				if _, served := versions["7"]; served || (asV1 && versions["1"] != nil) {
+					t.Fatalf("process %d: audit_key serves a key the token does not hold: %v", i, versions)
+				}
+				if why, _ := a["unvouched_versions"].(map[string]interface{})[strconv.Itoa(forged)].(string); why == "" {
+					t.Fatalf("process %d: audit_key does not name version %d: %v", i, forged, a)
+				}
+			}
+			if asV1 {
+				return
+			}
+			// An auditor holding version 1's key (taken before the forgery) checks a bundle taken after it.
+			trustedKey, err := evidence.ParseAuditKey(trusted)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp := e.ok(e.read("keys/k/evidence"))
+			doc, _ := json.Marshal(resp.Data)
+			c, err := evidence.Check(doc, evidence.AuditKeys{1: trustedKey})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.History.Verified {
+				t.Fatalf("offline, the forged history verifies: %+v", c.History)
+			}
+		})
+	}
+}
+
+// A key's history deleted whole (pages and head) is missing, not verified; the engine does not begin a new chain
+// over it with the key's next event, in this process or after a restart.
+func TestHistoryDeletedWholeIsMissing(t *testing.T) {
+	e := newTestBackend(t)
+	ctx := context.Background()
+	e.ok(e.write("keys/k", nil))
+	e.ok(e.write("keys/k/rotate", nil))
+	e.ok(e.write("keys/k/rotate", nil))
+	wipe := func() {
+		entries, _ := e.inmem.List(ctx, "history/k/")
+		for _, k := range entries {
+			if err := e.inmem.Delete(ctx, "history/k/"+k); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	wipe()
+	if v := e.verifyHistory("k"); verified(v) || !strings.Contains(v["reason"].(string), "history missing") {
+		t.Fatalf("no history for a key that exists: %v", v)
+	}
+	e.ok(e.write("keys/k/rotate", nil))
+	if v := e.verifyHistory("k"); verified(v) || v["head_seq"] != 0 {
+		t.Fatalf("a chain begun over a deleted history: %v", v)
+	}
+	wipe()
+	restarted := e.reopen()
+	if v := restarted.verifyHistory("k"); verified(v) || !strings.Contains(v["reason"].(string), "history missing") {
+		t.Fatalf("after a restart, no history for a key that exists: %v", v)
+	}
+	restarted.ok(restarted.write("keys/k/rotate", nil))
+	restarted.tick()
+	v := restarted.verifyHistory("k")
+	if verified(v) || v["head_seq"] != 0 || !strings.Contains(v["reason"].(string), "does not begin at the key's creation") {
+		t.Fatalf("after a restart, a chain begun over a deleted history: %v", v)
+	}
+}
+
+// A head and a page put back as they were earlier (an older head with the events it signed) are reported as rolled
+// back by the process that signed the newer head, and the engine does not sign over them.
+func TestHistoryRolledBackIsReported(t *testing.T) {
+	e := newTestBackend(t)
+	ctx := context.Background()
+	e.ok(e.write("keys/k", nil))
+	e.ok(e.write("keys/k/rotate", nil))
+	oldHead, _ := e.inmem.Get(ctx, "history/k/head")
+	oldPage, _ := e.inmem.Get(ctx, "history/k/00000000")
+	e.ok(e.write("keys/k/versions/1/disable", nil))
+	e.ok(e.write("keys/k/rotate", nil))
+	for _, entry := range []*logical.StorageEntry{oldHead, oldPage} {
+		if err := e.inmem.Put(ctx, entry); err != nil {
+			t.Fatal(err)
+		}
+	}
+	v := e.verifyHistory("k")
+	if verified(v) || !strings.Contains(v["reason"].(string), "history rolled back: seq 4 was signed") {
+		t.Fatalf("a rolled back history: %v", v)
+	}
+	e.ok(e.write("keys/k/rotate", nil))
+	v = e.verifyHistory("k")
+	if verified(v) || v["head_seq"] != 2 || v["events"] != 3 || !strings.Contains(v["reason"].(string), "history rolled back") {
+		t.Fatalf("after an event on a rolled back history: %v", v)
+	}
+}
+
+// ecdsaRefusingToken is the real token on which ECDSA P-256 keys cannot be generated, as on a token without them;
+// it counts the attempts.
+type ecdsaRefusingToken struct {
+	hsmToken
+	attempts *atomic.Int32
+}
+
+func (t ecdsaRefusingToken) GenerateVersion(ctx context.Context, alg hsm.Algorithm, id []byte, label string, hmacBytes int) (crypto.PublicKey, error) {
+	if alg == hsm.ECDSAP256 {
+		t.attempts.Add(1)
+		return nil, fmt.Errorf("%w: injected: no ECDSA P-256 on this token", hsm.ErrMechanismUnsupported)
+	}
+	return t.hsmToken.GenerateVersion(ctx, alg, id, label, hmacBytes)
+}
+
+// When the audit key cannot be made, events are recorded and the engine tries again only after a while, not at
+// every event and every tick of every key.
+func TestAuditKeyThatCannotBeMadeIsTriedAgainOnlyAfterAWhile(t *testing.T) {
+	e := newTestBackend(t)
+	attempts := &atomic.Int32{}
+	e.b.resetToken()
+	e.b.openToken = func(c hsm.Config, l hclog.Logger) (hsmToken, error) {
+		tok, err := hsm.Open(c, l)
+		if err != nil {
+			return nil, err
+		}
+		return ecdsaRefusingToken{tok, attempts}, nil
+	}
+	now := time.Now()
+	e.b.keys.Clock = func() time.Time { return now }
+	e.ok(e.write("keys/a", nil))
+	e.ok(e.write("keys/b", nil))
+	e.ok(e.write("keys/a/rotate", nil))
+	e.tick()
+	e.tick()
+	if n := attempts.Load(); n != 1 {
+		t.Fatalf("attempts to make the audit key: %d, want 1", n)
+	}
+	if got := len(e.history("a")); got != 2 {
+		t.Fatalf("events recorded: %d", got)
+	}
+	now = now.Add(10 * time.Minute)
+	e.tick()
+	e.ok(e.write("keys/b/rotate", nil))
+	if n := attempts.Load(); n != 2 {
+		t.Fatalf("attempts after the backoff: %d, want 2", n)
 	}
 }

@@ -116,7 +116,15 @@ func (b *backend) pathLifecycle() []*framework.Path {
 				"An event is recorded even when the audit key cannot sign (the HSM is unreachable): lifecycle evidence is never lost, and the head is left behind " +
 				"until the key's next event or, on the node that recorded it, the periodic function signs it once the HSM serves; meanwhile the events after head_seq are " +
 				"reported as not vouched for. The engine signs a head only over a chain that extends the head before it, so what is changed in storage stays reported. " +
-				"The history of a deleted key is verified alike. The check reads the public keys from storage; an auditor checks the same chain offline with audit_key's public keys.",
+				"The chain begins at the key's creation (created, imported), or, after events stored before the engine chained history, with seq 1 pinning them (its prev_hash is " +
+				"their hash): a key with no history at all is reported as history missing, and a chain that begins otherwise (what follows a history deleted whole) " +
+				"is reported and never signed. The history of a deleted key is verified alike. The check uses the public keys of the audit key versions the token holds (audit_key); an auditor checks the same chain offline with audit_key's public keys. " +
+				"What verification cannot see alone: storage put back whole as it was earlier (an older head with the events it signed) verifies by itself. The engine " +
+				"remembers, per key and for as long as the plugin process runs, the highest head it signed or saw signed: a head behind it, or another event at its seq, is " +
+				"reported (\"history rolled back: seq N was signed at ...\") and never signed over; the events that follow are recorded all the same. After a storage " +
+				"restore made on purpose, reloading the plugin (vault plugin reload) makes it forget what it saw. A rollback " +
+				"across a restart of the plugin (or a failover) is caught only by comparing with an evidence bundle taken earlier: cmk-evidence verify --previous old-bundle.json. " +
+				"The check asks the token for the audit key versions it has not checked yet: it answers 503 while the HSM cannot be reached.",
 		},
 	}
 }

@@ -20,8 +20,9 @@ type historyPage struct {
 }
 
 // Someone with access to Vault's storage (sys/raw on a server started with raw_storage_endpoint) alters, deletes,
-// reorders and rewrites a key's history: history/verify names the first broken event each time, and a chain
-// rewritten whole with its hashes recomputed is caught by the head the HSM's audit key signed.
+// reorders and rewrites a key's history: history/verify names the first broken event each time, a chain
+// rewritten whole with its hashes recomputed is caught by the head the HSM's audit key signed, and a history deleted
+// whole is missing.
 func TestHistoryTamperedInStorageIsNamed(t *testing.T) {
 	s, err := vaulttest.NewServer(filepath.Join(workDir, "raw"), vaultBin, pluginBin, softhsm)
 	if err != nil {
@@ -117,6 +118,30 @@ func TestHistoryTamperedInStorageIsNamed(t *testing.T) {
 			restore()
 		})
 	}
+
+	// The whole history deleted, pages and head: missing, and the key's next event begins no signed chain over it.
+	headPath := fmt.Sprintf("sys/raw/logical/%s/history/k/head", uuid)
+	head, err := c.Logical().Read(headPath)
+	if err != nil || head == nil {
+		t.Fatalf("read %s: %v %v", headPath, head, err)
+	}
+	for _, p := range pages {
+		deletePage(t, c, p)
+	}
+	if _, err := c.Logical().Delete(headPath); err != nil {
+		t.Fatal(err)
+	}
+	if v := verify(); v["verified"] != false || fmt.Sprint(v["events"]) != "0" || !strings.Contains(v["reason"].(string), "history missing") {
+		t.Fatalf("the whole history deleted: %v", v)
+	}
+	mustWrite(t, c, m.Path+"/keys/k/config", map[string]interface{}{"owner": "team-after-deletion"})
+	if v := verify(); v["verified"] != false || fmt.Sprint(v["head_seq"]) != "0" || !strings.Contains(v["reason"].(string), "does not begin at the key's creation") {
+		t.Fatalf("after an event on a deleted history: %v", v)
+	}
+	if _, err := c.Logical().Write(headPath, map[string]interface{}{"value": head.Data["value"]}); err != nil {
+		t.Fatal(err)
+	}
+	restore()
 
 	// A rewritten chain stays caught after the key's next event: the engine signs no head over it.
 	pages[0].events[2] = json.RawMessage(strings.Replace(string(pages[0].events[2]), "team-2", "team-x", 1))

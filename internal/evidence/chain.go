@@ -53,6 +53,34 @@ func EventHash(event json.RawMessage) (string, error) {
 	return hex.EncodeToString(sum[:]), nil
 }
 
+// CreationEvents are the kinds of event a key's history chain begins with when no unchained events come before it:
+// the key made, generated ("created") or imported ("imported"). A chain that begins with any other event is what is
+// left of a history deleted whole, or the start of one stored after it.
+var CreationEvents = map[string]bool{"created": true, "imported": true}
+
+// UnchainedPin is the prev_hash of seq 1 when events stored before the engine chained history (unchained) come
+// before it: the hex SHA-256 over their hashes in order, so that the signed chain pins them as they were stored when
+// it began (their order, their number and their content).
+func UnchainedPin(unchained []json.RawMessage) (string, error) {
+	hashes := make([]string, len(unchained))
+	for i, raw := range unchained {
+		h, err := EventHash(raw)
+		if err != nil {
+			return "", fmt.Errorf("unchained event %d: %w", i, err)
+		}
+		hashes[i] = h
+	}
+	b, err := json.Marshal(struct {
+		Purpose string   `json:"purpose"`
+		Hashes  []string `json:"hashes"`
+	}{"cmk unchained events", hashes})
+	if err != nil {
+		return "", err
+	}
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:]), nil
+}
+
 // Head is a key's chain head: the last event's place and hash, signed by a version of the mount's audit key.
 type Head struct {
 	Key             string    `json:"key"`
@@ -139,15 +167,61 @@ type Verification struct {
 }
 
 type chainFields struct {
-	Seq  *int   `json:"seq"`
-	Prev string `json:"prev_hash"`
-	Hash string `json:"hash"`
+	Seq   *int   `json:"seq"`
+	Prev  string `json:"prev_hash"`
+	Hash  string `json:"hash"`
+	Event string `json:"event"`
+}
+
+// beginning checks the chain's first event, first (events[i]), which the events before it (all unchained) precede:
+// it is seq 1, and either pins those events (UnchainedPin) or, with none before it, is the key's creation. It
+// returns the prev_hash seq 1 must carry, or why the chain does not begin as it must.
+func beginning(before []json.RawMessage, first chainFields) (string, string) {
+	seq := *first.Seq
+	switch {
+	case seq != 1 && first.Prev != "":
+		return "", fmt.Sprintf("the chain's first event (seq %d) follows an event that is missing", seq)
+	case seq != 1:
+		return "", fmt.Sprintf("the chain starts at seq %d: its first events are missing", seq)
+	case len(before) == 0 && first.Prev == "" && !CreationEvents[first.Event]:
+		return "", fmt.Sprintf("the chain does not begin at the key's creation: its first event is %q (the history before it was deleted)", first.Event)
+	case len(before) == 0:
+		return "", ""
+	}
+	pin, err := UnchainedPin(before)
+	if err != nil {
+		return "", err.Error()
+	}
+	if first.Prev != pin {
+		return "", fmt.Sprintf("the %d unchained events before the chain are not the ones its first event pinned: altered, added or removed", len(before))
+	}
+	return pin, ""
+}
+
+// CheckBeginning says why events, oldest first, do not begin a chain as the engine begins one (seq 1 at the key's
+// creation, or pinning the unchained events before it); nil when they do, or hold no chained event.
+func CheckBeginning(events []json.RawMessage) error {
+	for i, raw := range events {
+		var f chainFields
+		if err := json.Unmarshal(raw, &f); err != nil {
+			return fmt.Errorf("event %d is not a JSON object: %w", i, err)
+		}
+		if f.Seq != nil {
+			if _, why := beginning(events[:i], f); why != "" {
+				return errors.New(why)
+			}
+			return nil
+		}
+	}
+	return nil
 }
 
 // VerifyChain checks a key's events, oldest first, against its signed head: each chained event's hash is its own,
-// follows its predecessor's hash and seq, and the last one is the head the audit key signed. Events before the
-// first chained one are counted as unchained; an unchained event after a chained one is a break (a chain is not
-// given up). A nil head, or one no given key verifies, fails: an altered chain could otherwise be rehashed whole.
+// follows its predecessor's hash and seq, and the last one is the head the audit key signed. The chain begins at
+// seq 1 with the key's creation, or, after events stored before the engine chained history (counted as unchained),
+// with seq 1 pinning them (UnchainedPin); an unchained event after a chained one is a break (a chain is not given
+// up). No history at all, a nil head, or one no given key verifies, fails: an altered chain could otherwise be
+// rehashed whole, or deleted whole.
 func VerifyChain(key string, events []json.RawMessage, head *Head, keys AuditKeys) Verification {
 	v := Verification{Events: len(events), Broken: -1}
 	fail := func(i, seq int, format string, args ...interface{}) Verification {
@@ -170,13 +244,11 @@ func VerifyChain(key string, events []json.RawMessage, head *Head, keys AuditKey
 		seq := *f.Seq
 		want := prevSeq + 1
 		if !chained {
-			want = seq // the chain starts where the engine began chaining
-			if seq != 1 && f.Prev != "" {
-				return fail(i, seq, "event %d (seq %d) follows an event that is missing", i, seq)
+			pin, why := beginning(events[:i], f)
+			if why != "" {
+				return fail(i, seq, "event %d: %s", i, why)
 			}
-			if seq != 1 {
-				return fail(i, seq, "the chain starts at seq %d: its first events are missing", seq)
-			}
+			want, prevHash = seq, pin
 		}
 		if seq != want {
 			return fail(i, seq, "event %d has seq %d where %d was expected (an event was removed, added or moved)", i, seq, want)
@@ -194,11 +266,11 @@ func VerifyChain(key string, events []json.RawMessage, head *Head, keys AuditKey
 		prevHash, prevSeq, chained = h, seq, true
 	}
 	if head == nil {
-		if !chained {
-			v.Verified = v.Unchained == 0 // no history at all verifies; unchained history alone does not
-			if !v.Verified {
-				v.Reason = "the history predates chaining and no head vouches for it"
-			}
+		switch {
+		case len(events) == 0:
+			return fail(0, 0, "history missing: no events and no signed head (a key's history begins at its creation)")
+		case !chained:
+			v.Reason = "the history predates chaining and no head vouches for it"
 			return v
 		}
 		return fail(len(events), 0, "no signed head: the chain's end is not vouched for")

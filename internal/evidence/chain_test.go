@@ -18,7 +18,11 @@ func chain(t *testing.T, k string, n int, priv *ecdsa.PrivateKey) ([]json.RawMes
 	var events []json.RawMessage
 	prev := ""
 	for i := 1; i <= n; i++ {
-		ev := map[string]interface{}{"time": time.Unix(int64(i), 0).UTC(), "event": "rotated", "version": i, FieldSeq: i}
+		kind := "rotated"
+		if i == 1 {
+			kind = "created"
+		}
+		ev := map[string]interface{}{"time": time.Unix(int64(i), 0).UTC(), "event": kind, "version": i, FieldSeq: i}
 		if prev != "" {
 			ev[FieldPrev] = prev
 		}

@@ -53,7 +53,7 @@ func TestVouchedMarksOnlyWhatTheSignedHeadVouchesFor(t *testing.T) {
 	reordered[3], reordered[4] = reordered[4], reordered[3]
 	// The first three events rewritten and chained again from genesis: forward, the chain breaks only at event 3
 	// (its prev_hash no longer follows), yet events 0-2 are forgeries that nothing vouches for.
-	forgedStart := rehashed(t, events, 3, func(ev map[string]interface{}) { ev["event"] = "forged" })
+	forgedStart := rehashed(t, events, 3, func(ev map[string]interface{}) { ev["details"] = "forged" })
 	appended, _ := chain(t, "k", 6, priv) // one event more than the head signed
 	other, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	for name, c := range map[string]struct {

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -23,6 +24,11 @@ import (
 // The mount's audit key signs what an auditor checks offline: the heads of the keys' history chains and evidence
 // bundles. It is an ECDSA P-256 key generated in the HSM; every version is kept (its public key in storage, its
 // private key on the token), so that heads signed before a rotation keep verifying.
+//
+// Storage is what the audit key defends against, so a public key read from storage vouches for nothing by itself:
+// a version is used to verify or to sign only once the token shows it holds that version's key (its object labelled
+// as the version, under the CKA_ID storage records, with the public key storage records). The check is made once
+// per process and version (tokenAuditKeys); a version that fails it is named, never used.
 const (
 	auditKeyPath = "audit_key"
 	// WALKindAuditKey brackets the creation of an audit key version's HSM objects until storage holds it.
@@ -63,12 +69,100 @@ func readAuditKey(ctx context.Context, s logical.Storage) (*AuditKey, error) {
 	return &a, nil
 }
 
-// AuditKey returns the mount's audit key, nil if none was made yet.
-func (m *Manager) AuditKey(ctx context.Context, s logical.Storage) (*AuditKey, error) {
-	return readAuditKey(ctx, s)
+// AuditKey returns the mount's audit key as the token vouches for it: only the versions whose key the token holds
+// (nil if none was made yet), and the others by version with why they are not used.
+func (m *Manager) AuditKey(ctx context.Context, s logical.Storage) (*AuditKey, map[int]string, error) {
+	a, err := readAuditKey(ctx, s)
+	if err != nil || a == nil {
+		return nil, nil, err
+	}
+	vouched := &AuditKey{LatestVersion: a.LatestVersion, Versions: map[int]*AuditKeyVersion{}}
+	unvouched := map[int]string{}
+	var tok HSM
+	for _, n := range a.SortedVersions() {
+		v := a.Versions[n]
+		if m.tokenAuditKeys.holds(n, v) {
+			vouched.Versions[n] = v
+			continue
+		}
+		if tok == nil {
+			if tok, err = m.connect(ctx, s); err != nil {
+				return nil, nil, err
+			}
+		}
+		why, err := m.checkAuditKeyOnToken(ctx, tok, n, v)
+		if err != nil {
+			return nil, nil, err
+		}
+		if why != "" {
+			unvouched[n] = why
+			continue
+		}
+		vouched.Versions[n] = v
+	}
+	return vouched, unvouched, nil
 }
 
-// auditKeyForSigning returns the audit key, making its first version in the HSM when the mount has none.
+// tokenAuditKeys are the audit key versions the token was found to hold, by version: what storage recorded of each
+// when it was checked.
+type tokenAuditKeys struct{ checked sync.Map } // version → AuditKeyVersion
+
+// holds says whether version n as stored is what the token was found to hold.
+func (c *tokenAuditKeys) holds(n int, v *AuditKeyVersion) bool {
+	was, ok := c.checked.Load(n)
+	return ok && was.(AuditKeyVersion).HSMID == v.HSMID && was.(AuditKeyVersion).PublicKey == v.PublicKey
+}
+
+// checkAuditKeyOnToken says why version n as stored is not the key the token holds as that version ("" when it is,
+// and then remembers it). The label is the version's own (never the one storage records): storage cannot point the
+// check at another object.
+func (m *Manager) checkAuditKeyOnToken(ctx context.Context, tok HSM, n int, v *AuditKeyVersion) (string, error) {
+	label := auditKeyLabel(m.mountID, n)
+	stored, err := evidence.ParseAuditKey(v.PublicKey)
+	if err != nil {
+		return fmt.Sprintf("its public key in storage cannot be read: %v", err), nil
+	}
+	found, err := tok.FindVersion(ctx, hsm.ECDSAP256, label, 0)
+	if err != nil {
+		return "", fmt.Errorf("check audit key version %d on the token: %w", n, err)
+	}
+	switch {
+	case len(found) == 0:
+		return fmt.Sprintf("the token holds no object labelled %q", label), nil
+	case len(found) > 1:
+		return fmt.Sprintf("the token holds %d objects labelled %q", len(found), label), nil
+	}
+	f := found[0]
+	if ok, why := f.AdoptableOnWord(); !ok {
+		return fmt.Sprintf("the token's object labelled %q is no audit key: %s", label, why), nil
+	}
+	if f.IDHex() != v.HSMID {
+		return fmt.Sprintf("storage records CKA_ID %s, the token's object labelled %q has %s", v.HSMID, label, f.IDHex()), nil
+	}
+	if pub, ok := f.Public.(*ecdsa.PublicKey); !ok || !pub.Equal(stored) {
+		return fmt.Sprintf("its public key in storage is not the one the token holds as %q", label), nil
+	}
+	m.tokenAuditKeys.checked.Store(n, *v)
+	return "", nil
+}
+
+// auditKeyRetry is how long the engine waits, after failing to make the audit key (a token without ECDSA P-256,
+// generation refused), before it tries again on its own: every event and every tick of every key would otherwise
+// write a WAL entry, ask the HSM and clean up, per key. audit_key/rotate tries at once.
+const auditKeyRetry = 5 * time.Minute
+
+// auditKeyFailure is the last failure to make the mount's first audit key version, while it stands.
+type auditKeyFailure struct {
+	at  time.Time
+	err error
+}
+
+// errAuditKeyNotMade: the mount has no audit key, and making it failed (now, or within auditKeyRetry, when it is
+// not tried again): logged once per attempt, where it is tried.
+var errAuditKeyNotMade = errors.New("the mount's audit key could not be made")
+
+// auditKeyForSigning returns the audit key, making its first version in the HSM when the mount has none, at most
+// once per auditKeyRetry after a failure.
 func (m *Manager) auditKeyForSigning(ctx context.Context, s logical.Storage) (*AuditKey, error) {
 	if a, err := readAuditKey(ctx, s); err != nil || a != nil {
 		return a, err
@@ -78,7 +172,19 @@ func (m *Manager) auditKeyForSigning(ctx context.Context, s logical.Storage) (*A
 	if a, err := readAuditKey(ctx, s); err != nil || a != nil {
 		return a, err
 	}
-	return m.addAuditKeyVersion(ctx, s, nil, Actor{DisplayName: "cmk (first signature of the mount)"})
+	if f := m.auditFailed; f.err != nil && m.now().Before(f.at.Add(auditKeyRetry)) {
+		return nil, fmt.Errorf("%w (tried again after %s, or by audit_key/rotate): %w", errAuditKeyNotMade,
+			f.at.Add(auditKeyRetry).UTC().Format(time.RFC3339), f.err)
+	}
+	a, err := m.addAuditKeyVersion(ctx, s, nil, Actor{DisplayName: "cmk (first signature of the mount)"})
+	if err != nil {
+		m.auditFailed = auditKeyFailure{at: m.now(), err: err}
+		m.log.Error("the mount's audit key could not be made: history is recorded and chained, but no head is signed; tried again later",
+			"error", err, "retry_in", auditKeyRetry.String())
+		return nil, fmt.Errorf("%w: %w", errAuditKeyNotMade, err)
+	}
+	m.auditFailed = auditKeyFailure{}
+	return a, nil
 }
 
 // RotateAuditKey makes a new audit key version in the HSM; new heads and bundles are signed with it, and the
@@ -150,6 +256,7 @@ func (m *Manager) addAuditKeyVersion(ctx context.Context, s logical.Storage, cur
 	if err != nil {
 		return nil, err // the WAL rollback decides, from storage, whether the version is to go
 	}
+	m.tokenAuditKeys.checked.Store(n, *next.Versions[n]) // the token just gave its public key
 	if err := framework.DeleteWAL(ctx, s, walID); err != nil {
 		m.log.Warn("could not delete WAL entry; its rollback finds the audit key version stored and destroys nothing", "error", err)
 	}
@@ -200,9 +307,15 @@ func (m *Manager) RollbackAuditKey(ctx context.Context, s logical.Storage, data 
 // AuditSign signs SHA-256(msg) with the latest audit key version in the HSM (making the first version if the mount
 // has none) and returns the version and the base64 of the ASN.1 DER signature, as evidence.AuditKeys.Verify checks.
 func (m *Manager) AuditSign(ctx context.Context, s logical.Storage, msg []byte) (int, string, error) {
-	a, err := m.auditKeyForSigning(ctx, s)
+	if _, err := m.auditKeyForSigning(ctx, s); err != nil {
+		return 0, "", err
+	}
+	a, unvouched, err := m.AuditKey(ctx, s)
 	if err != nil {
 		return 0, "", err
+	}
+	if why := unvouched[a.LatestVersion]; why != "" {
+		return 0, "", fmt.Errorf("%w: audit key version %d is not signed with: %s", errAuditKeyUnvouched, a.LatestVersion, why)
 	}
 	v := a.Versions[a.LatestVersion]
 	if v == nil {
@@ -236,9 +349,10 @@ func (m *Manager) AuditSign(ctx context.Context, s logical.Storage, msg []byte) 
 	return a.LatestVersion, base64.StdEncoding.EncodeToString(der), nil
 }
 
-// AuditPublicKeys returns the audit key's public keys (PEM) by version; empty when the mount has none yet.
+// AuditPublicKeys returns the public keys (PEM) by version of the audit key versions the token holds; empty when
+// the mount has none yet.
 func (m *Manager) AuditPublicKeys(ctx context.Context, s logical.Storage) (map[int]string, error) {
-	a, err := readAuditKey(ctx, s)
+	a, _, err := m.AuditKey(ctx, s)
 	if err != nil {
 		return nil, err
 	}
@@ -251,21 +365,24 @@ func (m *Manager) AuditPublicKeys(ctx context.Context, s logical.Storage) (map[i
 	return out, nil
 }
 
-// auditKeys are the audit key's public keys parsed, for verification.
-func (m *Manager) auditKeys(ctx context.Context, s logical.Storage) (evidence.AuditKeys, error) {
-	pems, err := m.AuditPublicKeys(ctx, s)
+// auditKeys are the public keys, parsed for verification, of the audit key versions the token holds, and the other
+// versions with why they are not used.
+func (m *Manager) auditKeys(ctx context.Context, s logical.Storage) (evidence.AuditKeys, map[int]string, error) {
+	a, unvouched, err := m.AuditKey(ctx, s)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	keys := evidence.AuditKeys{}
-	for n, p := range pems {
-		pub, err := evidence.ParseAuditKey(p)
-		if err != nil {
-			return nil, fmt.Errorf("audit key version %d: %w", n, err)
+	if a != nil {
+		for n, v := range a.Versions {
+			pub, err := evidence.ParseAuditKey(v.PublicKey)
+			if err != nil {
+				return nil, nil, fmt.Errorf("audit key version %d: %w", n, err)
+			}
+			keys[n] = pub
 		}
-		keys[n] = pub
 	}
-	return keys, nil
+	return keys, unvouched, nil
 }
 
 // SortedVersions lists the audit key's version numbers in order.
@@ -277,6 +394,9 @@ func (a *AuditKey) SortedVersions() []int {
 	sort.Ints(out)
 	return out
 }
+
+// errAuditKeyUnvouched: the audit key version storage names is not one the token holds: nothing is signed with it.
+var errAuditKeyUnvouched = errors.New("the audit key version in storage is not the token's")
 
 // errNotVouchable: the history as stored does not extend what the signed head vouched for (or nothing vouched for
 // it and this process did not begin it): the engine does not sign a head over it.

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
+	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
 
@@ -24,6 +26,12 @@ import (
 // A chain with no head at all (its first events were recorded while the audit key could not sign) is signed only
 // by the process that began it: after a restart nothing tells such a chain from one whose head was deleted, so it
 // stays reported as not vouched for.
+//
+// Storage put back whole as it was earlier (an older head with the events it signed) verifies by itself. Each
+// process remembers the highest head it signed or saw signed per key (signedHeads): a head behind it, or another
+// event at its seq, is reported as rolled back and never signed over; the event that finds it is recorded all the
+// same. A process started after the rollback remembers nothing of before it: that is caught only by comparing with an
+// evidence bundle taken earlier (cmk-evidence verify --previous).
 
 const headName = "head"
 
@@ -76,8 +84,10 @@ func (m *Manager) vouch(ctx context.Context, s logical.Storage, name string, sta
 			"key", name, "error", err)
 	default:
 		m.unsigned.Store(name, headless)
-		m.log.Warn("event recorded, but the audit key could not sign the history's head: signed again once the HSM serves",
-			"key", name, "error", err)
+		if !errors.Is(err, errAuditKeyNotMade) { // logged where it was tried
+			m.log.Warn("event recorded, but the audit key could not sign the history's head: signed again once the HSM serves",
+				"key", name, "error", err)
+		}
 	}
 }
 
@@ -90,7 +100,7 @@ func (m *Manager) signHead(ctx context.Context, s logical.Storage, name string, 
 	}
 	from := chainLink{seq: 1}
 	if head != nil {
-		keys, err := m.auditKeys(ctx, s)
+		keys, unvouched, err := m.auditKeys(ctx, s)
 		if err != nil {
 			return err
 		}
@@ -98,15 +108,30 @@ func (m *Manager) signHead(ctx context.Context, s logical.Storage, name string, 
 			return fmt.Errorf("%w: the head is for key %q", errNotVouchable, head.Key)
 		}
 		if err := keys.Verify(head.AuditKeyVersion, head.SignedBytes(), head.Signature); err != nil {
-			return fmt.Errorf("%w: head: %v", errNotVouchable, err)
+			return fmt.Errorf("%w: head: %v", errNotVouchable, withUnvouched(err, head.AuditKeyVersion, unvouched))
 		}
 		from = chainLink{seq: head.Seq, hash: head.Hash}
 	} else if !headless {
 		return fmt.Errorf("%w: no signed head vouches for the chain's beginning", errNotVouchable)
 	}
-	tail, err := readTail(ctx, s, name, from.seq)
+	if why := m.signedHeads.rolledBack(name, head, nil); why != "" {
+		return fmt.Errorf("%w: %s", errNotVouchable, why)
+	}
+	if head != nil {
+		m.signedHeads.saw(name, *head)
+	}
+	back := from.seq
+	if head == nil {
+		back = 0 // the whole history, whose beginning is checked
+	}
+	tail, err := readTail(ctx, s, name, back)
 	if err != nil {
 		return err
+	}
+	if head == nil {
+		if why := evidence.CheckBeginning(tail); why != nil {
+			return fmt.Errorf("%w: %v", errNotVouchable, why)
+		}
 	}
 	end, err := extends(tail, from)
 	if err != nil {
@@ -123,7 +148,62 @@ func (m *Manager) signHead(ctx context.Context, s logical.Storage, name string, 
 	if err != nil {
 		return err
 	}
-	return s.Put(ctx, e)
+	if err := s.Put(ctx, e); err != nil {
+		return err
+	}
+	m.signedHeads.saw(name, next)
+	return nil
+}
+
+// signedHeads is, per key, the highest head this process signed or saw signed (its signature verified with a
+// version the token holds): what storage cannot go back from unnoticed while the process lives.
+type signedHeads struct {
+	mu    sync.Mutex
+	heads map[string]evidence.Head
+}
+
+// saw remembers head h of key name if it is higher than the one remembered.
+func (sh *signedHeads) saw(name string, h evidence.Head) {
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if sh.heads == nil {
+		sh.heads = map[string]evidence.Head{}
+	}
+	if was, ok := sh.heads[name]; !ok || h.Seq > was.Seq {
+		sh.heads[name] = h
+	}
+}
+
+// rolledBack says how key name's head (nil: none) and events as stored (nil: not checked) went back from the
+// highest head remembered; "" when they did not.
+func (sh *signedHeads) rolledBack(name string, head *evidence.Head, events []json.RawMessage) string {
+	sh.mu.Lock()
+	was, ok := sh.heads[name]
+	sh.mu.Unlock()
+	if !ok {
+		return ""
+	}
+	signed := fmt.Sprintf("history rolled back: seq %d was signed at %s", was.Seq, was.SignedAt.UTC().Format(time.RFC3339Nano))
+	switch {
+	case head == nil:
+		return signed + ", and storage holds no head"
+	case head.Seq < was.Seq:
+		return fmt.Sprintf("%s, and the head in storage is at seq %d", signed, head.Seq)
+	case head.Seq == was.Seq && head.Hash != was.Hash:
+		return signed + " over another event than the head in storage vouches for"
+	}
+	if events == nil {
+		return ""
+	}
+	for i := len(events) - 1; i >= 0; i-- {
+		if l, err := linkOf(events[i]); err == nil && l.seq == was.Seq {
+			if h, err := evidence.EventHash(events[i]); err != nil || h != was.Hash {
+				return signed + " over another event than the one stored at that seq"
+			}
+			return ""
+		}
+	}
+	return fmt.Sprintf("%s, and storage holds no event of seq %d", signed, was.Seq)
 }
 
 // readTail reads the key's events from the newest back to the page that holds seq (or an unchained event); all of
@@ -150,8 +230,8 @@ func readTail(ctx context.Context, s logical.Storage, name string, seq int) ([]j
 }
 
 // extends checks that events, oldest first, carry the chained event from (the last of that seq; with no hash: the
-// chain's first event) and after it only events that follow one another, each matching its hash; it returns the
-// last one's link.
+// chain's first event, whose beginning the caller checked with evidence.CheckBeginning) and after it only events
+// that follow one another, each matching its hash; it returns the last one's link.
 func extends(events []json.RawMessage, from chainLink) (chainLink, error) {
 	start := -1
 	for i := len(events) - 1; i >= 0 && start < 0; i-- {
@@ -181,8 +261,6 @@ func extends(events []json.RawMessage, from chainLink) (chainLink, error) {
 			return chainLink{}, fmt.Errorf("%w: an unchained event follows chained ones", errNotVouchable)
 		case i == start && from.hash != "" && h != from.hash:
 			return chainLink{}, fmt.Errorf("%w: the event of seq %d is not the one the head signed", errNotVouchable, from.seq)
-		case i == start && from.hash == "" && f.Prev != "":
-			return chainLink{}, fmt.Errorf("%w: the chain's first event follows one that is missing", errNotVouchable)
 		case i > start && (*f.Seq != prev.seq+1 || f.Prev != prev.hash):
 			return chainLink{}, fmt.Errorf("%w: the event of seq %d does not follow the one before it", errNotVouchable, *f.Seq)
 		case h != f.Hash:
@@ -217,7 +295,8 @@ func (m *Manager) signHeadsLeftBehind(ctx context.Context, s logical.Storage) {
 }
 
 // VerifyHistory checks key name's history chain against its signed head with the audit key's public keys, under
-// the key's lock (so that it never sees an append half done). It returns the events as stored, oldest first (the
+// the key's lock (so that it never sees an append half done). The public keys are those of storage that the token
+// vouches for (AuditKey). It returns the events as stored, oldest first (the
 // clear accessor of unchained events stored by engines before the HMAC shown sealed: no response carries one), the
 // head (nil if none) and what the check found. A deleted key's history is verified alike.
 func (m *Manager) VerifyHistory(ctx context.Context, s logical.Storage, name string) ([]json.RawMessage, *evidence.Head, evidence.Verification, error) {
@@ -232,14 +311,35 @@ func (m *Manager) VerifyHistory(ctx context.Context, s logical.Storage, name str
 	if err != nil {
 		return nil, nil, evidence.Verification{}, err
 	}
-	keys, err := m.auditKeys(ctx, s)
+	keys, unvouched, err := m.auditKeys(ctx, s)
 	if err != nil {
 		return nil, nil, evidence.Verification{}, err
 	}
 	v := evidence.VerifyChain(name, events, head, keys)
+	if head != nil && !v.HeadSigned && unvouched[head.AuditKeyVersion] != "" {
+		v.Reason = withUnvouched(errors.New(v.Reason), head.AuditKeyVersion, unvouched).Error()
+	}
+	if why := m.signedHeads.rolledBack(name, head, events); why != "" {
+		if v.Verified {
+			v.Verified, v.Broken, v.BrokenSeq, v.Reason = false, len(events), 0, why
+		} else {
+			v.Reason += "; " + why
+		}
+	} else if v.HeadSigned {
+		m.signedHeads.saw(name, *head)
+	}
 	shown := append([]json.RawMessage(nil), events...)
 	if err := m.sealLegacy(ctx, s, shown); err != nil {
 		return nil, nil, evidence.Verification{}, err
 	}
 	return shown, head, v, nil
+}
+
+// withUnvouched adds to err, about a head signed with audit key version n, why the token does not vouch for that
+// version, if it does not.
+func withUnvouched(err error, n int, unvouched map[int]string) error {
+	if why := unvouched[n]; why != "" {
+		return fmt.Errorf("%v: audit key version %d in storage is not the token's: %s", err, n, why)
+	}
+	return err
 }

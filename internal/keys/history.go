@@ -1,6 +1,7 @@
 package keys
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -93,7 +94,9 @@ func historyPageKey(name string, page int) string {
 
 // appendHistory adds evs to the key's history, chained: each event carries its place, the previous event's hash and
 // its own. Stored events are kept byte for byte; only events stored by engines before the chain with a clear
-// accessor are stored sealed (they are not hashed: sealing one breaks nothing). The head is then signed (vouch).
+// accessor are stored sealed, before the chain begins: seq 1's prev_hash pins them as they are then stored
+// (evidence.UnchainedPin). The head is then signed (vouch); a chain that begins neither at the key's creation nor
+// over unchained events (what follows a history deleted whole) is recorded and never signed.
 // The caller holds the key's lock: the read-modify-write of the page is never concurrent for one key.
 func (m *Manager) appendHistory(ctx context.Context, s logical.Storage, name string, evs ...Event) error {
 	if len(evs) == 0 {
@@ -116,13 +119,28 @@ func (m *Manager) appendHistory(ctx context.Context, s logical.Storage, name str
 				return fmt.Errorf("history of key %q: %w", name, err)
 			}
 		}
-		if len(events) >= historyPageSize {
-			page, events = page+1, nil
-		} else if err := m.sealLegacy(ctx, s, events); err != nil {
+	}
+	started := end.seq == 0 // the chain begins with this append
+	if started && len(pages) > 0 {
+		// seq 1 pins the unchained events before it, as stored from now on: sealed first.
+		unchained, err := m.sealPages(ctx, s, name, pages)
+		if err != nil {
+			return err
+		}
+		if len(unchained) > 0 {
+			if end.hash, err = evidence.UnchainedPin(unchained); err != nil {
+				return fmt.Errorf("history of key %q: %w", name, err)
+			}
+		}
+		if events, err = readRawPage(ctx, s, name, page); err != nil {
 			return err
 		}
 	}
-	started := end.seq == 0 // the chain begins with this append
+	if len(events) >= historyPageSize {
+		page, events = page+1, nil
+	} else if err := m.sealLegacy(ctx, s, events); err != nil {
+		return err
+	}
 	for _, ev := range evs {
 		ev.Seq, ev.PrevHash, ev.Hash = end.seq+1, end.hash, ""
 		unhashed, err := json.Marshal(ev)
@@ -148,6 +166,37 @@ func (m *Manager) appendHistory(ctx context.Context, s logical.Storage, name str
 	}
 	m.vouch(ctx, s, name, started)
 	return nil
+}
+
+// sealPages stores sealed the clear accessors of the key's unchained events, page by page, before a chain pins
+// them, and returns every event as stored then, oldest first.
+func (m *Manager) sealPages(ctx context.Context, s logical.Storage, name string, pages []int) ([]json.RawMessage, error) {
+	var all []json.RawMessage
+	for _, page := range pages {
+		events, err := readRawPage(ctx, s, name, page)
+		if err != nil {
+			return nil, err
+		}
+		sealed := append([]json.RawMessage(nil), events...)
+		if err := m.sealLegacy(ctx, s, sealed); err != nil {
+			return nil, err
+		}
+		changed := false
+		for i := range events {
+			changed = changed || !bytes.Equal(sealed[i], events[i])
+		}
+		if changed {
+			e, err := logical.StorageEntryJSON(historyPageKey(name, page), sealed)
+			if err == nil {
+				err = s.Put(ctx, e)
+			}
+			if err != nil {
+				return nil, err
+			}
+		}
+		all = append(all, sealed...)
+	}
+	return all, nil
 }
 
 // sealLegacy stores sealed the clear accessor of unchained events (engines before the HMAC). A chained event is

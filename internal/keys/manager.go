@@ -84,6 +84,10 @@ type Manager struct {
 	auditMu   sync.Mutex // serialises the making of audit key versions (audit.go)
 	unsigned  sync.Map   // name → bool: heads left behind while the audit key could not sign; true: no head yet, chain begun here (chain.go)
 
+	tokenAuditKeys tokenAuditKeys  // the audit key versions the token was found to hold (audit.go)
+	signedHeads    signedHeads     // per key, the highest history head signed or seen signed (chain.go)
+	auditFailed    auditKeyFailure // the last failure to make the audit key, under auditMu (audit.go)
+
 	// Clock is what access conditions' hours and grants' expiry are judged by; tests set it.
 	Clock func() time.Time
 	// Observer, when set before the first request, hears uses, denials and rotations (the mount's metrics).
