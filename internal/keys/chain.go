@@ -122,7 +122,12 @@ func (m *Manager) signHead(ctx context.Context, s logical.Storage, name string, 
 	}
 	back := from.seq
 	if head == nil {
-		back = 0 // the whole history, whose beginning is checked
+		// The whole history is read and its beginning checked: not while no audit key can sign it (one that
+		// could not be made is tried again only after a while), or every event would read every event before it.
+		if _, err := m.auditKeyForSigning(ctx, s); err != nil {
+			return err
+		}
+		back = 0
 	}
 	tail, err := readTail(ctx, s, name, back)
 	if err != nil {
