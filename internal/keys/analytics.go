@@ -41,20 +41,26 @@ const (
 	// maxFoldedSeen bounds the distinct folded callers a key remembers to count them; beyond, each new fold
 	// may count a caller again.
 	maxFoldedSeen = 1024
-	// maxFoldedPerMinute bounds the folded callers a key counts one by one in a minute, to judge each against
+	// MaxFoldedPerMinute bounds the folded callers a key counts one by one in a minute, to judge each against
 	// anomaly_rate_limit; beyond, the others are judged as one group, OtherCallers.
-	maxFoldedPerMinute = 256
+	MaxFoldedPerMinute = 256
 	// maxRecentAnomalies per key are kept for keys/:name/anomalies and the evidence bundle.
 	maxRecentAnomalies = 50
 
 	analyticsPrefix = "analytics/" // analytics/<name>: the key's usage counts, written by the flush
 )
 
-// CallerLabel is the name a caller's use is tracked under: its entity id, or for a token without an entity (root,
-// orphan tokens) "token:<display name>", which no entity id can be. Never a token or its accessor.
+// CallerLabel is the name a caller's use is tracked, judged and acted on under: its entity id, or for a token
+// without an entity (root, orphan tokens) "token:" and its accessor's HMAC under the mount's salt, as history
+// records it ("token:hmac-sha256:<hex>"), which no entity id can be: each such token is a caller of its own,
+// whatever its display name (kept for display). Never a token or its clear accessor. The door seals the accessor
+// first (withAccessorHMAC); an actor with no accessor at all is named by its display name.
 func CallerLabel(a Actor) string {
-	if a.EntityID != "" {
+	switch {
+	case a.EntityID != "":
 		return a.EntityID
+	case a.AccessorHMAC != "":
+		return "token:" + a.AccessorHMAC
 	}
 	return "token:" + a.DisplayName
 }
@@ -184,7 +190,7 @@ type keyUsage struct {
 	foldedNow *foldedMinute
 }
 
-// foldedMinute is one minute's uses and denials per folded caller, at most maxFoldedPerMinute callers.
+// foldedMinute is one minute's uses and denials per folded caller, at most MaxFoldedPerMinute callers.
 type foldedMinute struct {
 	slot   uint32
 	counts map[string]uint64
@@ -196,7 +202,7 @@ func (ku *keyUsage) countFolded(label string, slot uint32, n uint64) {
 	if ku.foldedNow == nil || ku.foldedNow.slot != slot {
 		ku.foldedNow = &foldedMinute{slot: slot, counts: map[string]uint64{}} // a new minute: the last one's go
 	}
-	if _, ok := ku.foldedNow.counts[label]; ok || len(ku.foldedNow.counts) < maxFoldedPerMinute {
+	if _, ok := ku.foldedNow.counts[label]; ok || len(ku.foldedNow.counts) < MaxFoldedPerMinute {
 		ku.foldedNow.counts[label] += n
 	}
 }
@@ -208,7 +214,7 @@ func (ku *keyUsage) foldedUses(label string, slot uint32) (n uint64, own bool) {
 	if f == nil || f.slot != slot {
 		return 0, true
 	}
-	if n, ok := f.counts[label]; ok || len(f.counts) < maxFoldedPerMinute {
+	if n, ok := f.counts[label]; ok || len(f.counts) < MaxFoldedPerMinute {
 		return n, true
 	}
 	if cu := ku.callers[OtherCallers]; cu != nil {

@@ -102,8 +102,18 @@ func (f *usageFixture) use(m *Manager, name string, c Caller, op Operation, item
 func (f *usageFixture) mustUse(m *Manager, name string, c Caller, op Operation, items int) {
 	f.t.Helper()
 	if err := f.use(m, name, c, op, items); err != nil {
-		f.t.Fatalf("%s by %s at %s: %v", op, CallerLabel(c.Actor), f.clock().Format(time.RFC3339), err)
+		f.t.Fatalf("%s by %s at %s: %v", op, f.label(m, c), f.clock().Format(time.RFC3339), err)
 	}
+}
+
+// label is what c's uses are tracked under: for a token without an entity, its accessor's HMAC.
+func (f *usageFixture) label(m *Manager, c Caller) string {
+	f.t.Helper()
+	a, err := m.withAccessorHMAC(f.ctx, f.s, c.Actor)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return CallerLabel(a)
 }
 
 func (f *usageFixture) historyOf(m *Manager, name, kind string) []Event {
@@ -492,7 +502,7 @@ func TestRateCapRequiresAGrant(t *testing.T) {
 		if err != nil || len(actions) != 2 {
 			t.Fatalf("actions in force: %+v, %v", actions, err)
 		}
-		lifted, err := m.LiftAnomalyAction(f.ctx, f.s, "k", "token:root", Actor{EntityID: "ent-operator", DisplayName: "operator"})
+		lifted, err := m.LiftAnomalyAction(f.ctx, f.s, "k", f.label(m, root), Actor{EntityID: "ent-operator", DisplayName: "operator"})
 		if err != nil || lifted == nil || lifted.Action != ActionRequireGrant {
 			t.Fatalf("lift: %+v, %v", lifted, err)
 		}
@@ -532,7 +542,7 @@ func TestNewCallerAndUnusualHour(t *testing.T) {
 		}
 		f.mustUse(m, "k", alice, OpEncrypt, 1) // 09:00: usual
 		f.mustUse(m, "k", root, OpEncrypt, 1)
-		if got := m.AnomaliesOf("k"); len(got) != 1 || got[0].Kind != AnomalyNewCaller || got[0].Caller != "token:root" {
+		if got := m.AnomaliesOf("k"); len(got) != 1 || got[0].Kind != AnomalyNewCaller || got[0].Caller != f.label(m, root) {
 			t.Fatalf("a new caller: %+v", got)
 		}
 		f.mustUse(m, "k", Caller{Actor: Actor{EntityID: "ent-carol"}}, OpEncrypt, 1) // the callers changed: no longer settled
@@ -600,7 +610,7 @@ func TestFoldedCallersAreJudgedAgainstTheRateCap(t *testing.T) {
 		}
 		// A crowd of folded callers in one minute: past what the key counts one by one, the group is judged.
 		f.advance(time.Minute)
-		for i := range maxFoldedPerMinute {
+		for i := range MaxFoldedPerMinute {
 			f.mustUse(m, "k", Caller{Actor: Actor{EntityID: fmt.Sprintf("crowd-%d", i)}}, OpEncrypt, 1)
 		}
 		wantDeniedBy(t, f.use(m, "k", Caller{Actor: Actor{EntityID: "crowd-last"}}, OpEncrypt, 1), "anomaly")
@@ -629,6 +639,70 @@ func TestNewCallerJudgedWhenTheMountTracksItsCap(t *testing.T) {
 		f.mustUse(m, "k", Caller{Actor: Actor{EntityID: "ent-carol"}}, OpEncrypt, 1)
 		if got := m.AnomaliesOf("k"); len(got) != 1 || got[0].Kind != AnomalyNewCaller || got[0].Caller != "ent-carol" {
 			t.Fatalf("a new caller while the mount tracks its cap: %+v", got)
+		}
+	})
+}
+
+// countingGets counts the reads of entries under prefix.
+type countingGets struct {
+	logical.Storage
+	mu     sync.Mutex
+	prefix string
+	gets   int
+}
+
+func (s *countingGets) Get(ctx context.Context, key string) (*logical.StorageEntry, error) {
+	s.mu.Lock()
+	if strings.HasPrefix(key, s.prefix) {
+		s.gets++
+	}
+	s.mu.Unlock()
+	return s.Storage.Get(ctx, key)
+}
+
+// TestTokensWithoutAnEntityAreCallersEach: two tokens without an entity and with the same display name (two root
+// tokens) are two callers, named by their accessor's HMAC: blocking one leaves the other; the salt is read once.
+func TestTokensWithoutAnEntityAreCallersEach(t *testing.T) {
+	onUsageFixture(t, func(t *testing.T, f *usageFixture) {
+		salts := &countingGets{Storage: f.s, prefix: saltLocation}
+		f.s = salts
+		m := f.manager()
+		f.key(m, &Key{Name: "k", OnAnomaly: ActionBlockCaller, AnomalyRateLimit: 5})
+		otherRoot := Caller{Actor: Actor{DisplayName: "root", Accessor: "root-accessor-2"}}
+		f.mustUse(m, "k", root, OpEncrypt, 5)
+		wantDeniedBy(t, f.use(m, "k", root, OpEncrypt, 1), "anomaly")
+		f.mustUse(m, "k", otherRoot, OpEncrypt, 5) // another token: not blocked, its own count
+		h, err := m.AccessorHMAC(f.ctx, f.s, "root-accessor")
+		if err != nil {
+			t.Fatal(err)
+		}
+		label := "token:" + h
+		if f.label(m, root) != label {
+			t.Fatalf("root's label %q, want %q", f.label(m, root), label)
+		}
+		got := m.AnomaliesOf("k")
+		if len(got) != 1 || got[0].Caller != label {
+			t.Fatalf("anomalies: %+v, want one by %s", got, label)
+		}
+		enc := m.UsageOf("k").Operations[OpEncrypt]
+		if len(enc.Callers) != 2 || enc.Callers[label].DisplayName != "root" || enc.Callers[label].Uses != 5 {
+			t.Fatalf("callers: %+v", enc.Callers)
+		}
+		for c := range enc.Callers {
+			if strings.Contains(c, "root-accessor") {
+				t.Fatalf("a caller label shows the accessor: %q", c)
+			}
+		}
+		if _, err := m.LiftAnomalyAction(f.ctx, f.s, "k", label, who); err != nil {
+			t.Fatal(err)
+		}
+		before := salts.gets
+		f.advance(time.Minute)
+		for range 3 {
+			f.mustUse(m, "k", root, OpEncrypt, 1)
+		}
+		if salts.gets != before {
+			t.Fatalf("%d reads of the salt for 3 uses", salts.gets-before)
 		}
 	})
 }

@@ -30,7 +30,7 @@ import (
 // Actions are stored (anomaly_actions/<key>), so that they hold across a failover, and an operator may lift one
 // early. A caller under an action is not judged again until it lapses. A caller folded into OtherCallers has no
 // baseline of its own: it is judged new or not, and against anomaly_rate_limit on its own uses in the minute, counted
-// for at most maxFoldedPerMinute folded callers a minute; beyond, on all the folded callers' uses, and the anomaly
+// for at most MaxFoldedPerMinute folded callers a minute; beyond, on all the folded callers' uses, and the anomaly
 // says so. Its action applies to it alone, as to a tracked caller.
 
 // Kinds of anomaly.
@@ -173,7 +173,7 @@ func (m *Manager) judgeUse(ctx context.Context, s logical.Storage, k *Key, calle
 				len(callers), strings.Join(callers, ", "), newCallerSettledFor)
 		}
 		// A caller folded into OtherCallers has no baseline of its own, but is judged against the cap on its own
-		// uses in the minute (or its group's, past maxFoldedPerMinute callers).
+		// uses in the minute (or its group's, past MaxFoldedPerMinute callers).
 		minute, own := n, true
 		if m.foldsLocked(ku, label) {
 			minute, own = ku.foldedUses(label, mn)
@@ -185,7 +185,7 @@ func (m *Manager) judgeUse(ctx context.Context, s logical.Storage, k *Key, calle
 			note(AnomalyRateAboveLimit, "%d uses in this minute, above the key's anomaly_rate_limit of %d per minute per caller", minute, limit)
 		default:
 			note(AnomalyRateAboveLimit, "%d uses in this minute by the callers counted under %s, judged as one (more of them than the %d the key counts one by one), above the key's anomaly_rate_limit of %d per minute per caller",
-				minute, OtherCallers, maxFoldedPerMinute, limit)
+				minute, OtherCallers, MaxFoldedPerMinute, limit)
 		}
 		return found
 	}
