@@ -184,7 +184,8 @@ func (m *Manager) judgeUse(ctx context.Context, s logical.Storage, k *Key, calle
 		case own:
 			note(AnomalyRateAboveLimit, "%d uses in this minute, above the key's anomaly_rate_limit of %d per minute per caller", minute, limit)
 		default:
-			note(AnomalyRateAboveLimit, "%d uses in this minute by the callers counted under %s, judged as one (more of them than the %d the key counts one by one), above the key's anomaly_rate_limit of %d per minute per caller",
+			note(AnomalyRateAboveLimit, "%d uses in this minute by the callers counted under %s, judged as one (more of them "+
+				"than the %d the key counts one by one), above the key's anomaly_rate_limit of %d per minute per caller",
 				minute, OtherCallers, MaxFoldedPerMinute, limit)
 		}
 		return found
