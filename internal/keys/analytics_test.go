@@ -189,9 +189,9 @@ func TestUsageCountsItemsPerOperationCallerAndOutcome(t *testing.T) {
 		if b := enc.Callers["ent-bob"]; b.Uses != 0 || b.Denials != 5 || b.Minutes[0].Denials != 5 {
 			t.Fatalf("bob's denied encryptions: %+v", b)
 		}
-		// A token without an entity is tracked under its display name, never its accessor.
-		if enc.Callers["token:root"].Uses != 3 {
-			t.Fatalf("root's encryptions: %+v (callers %v)", enc.Callers["token:root"], enc.Callers)
+		// A token without an entity is tracked under its accessor's HMAC, never its accessor.
+		if r := enc.Callers[f.label(m, root)]; r.Uses != 3 || r.DisplayName != "root" {
+			t.Fatalf("root's encryptions: %+v (callers %v)", r, enc.Callers)
 		}
 		for label := range enc.Callers {
 			if strings.Contains(label, "accessor") {
