@@ -935,7 +935,7 @@ var responseFieldDocs = map[string]string{
 	"analytics_enabled":           "`keys/:name/usage`: whether `config/analytics` counts uses now.",
 	"anomalies":                   "`keys/:name/anomalies`: the key's recent anomalies (the last 50), oldest first, each with `time`, `caller`, `kind`, `operation`, `details`, `action` and, for require_grant and block_caller, `until`.",
 	"bounds":                      "`keys/:name/usage`: what analytics keep: `minute_buckets`, `hour_buckets`, `day_buckets`, `max_callers_per_key`, `max_callers_tracked`.",
-	"callers":                     "`keys/:name/usage`, per operation: per caller (an entity id, `token:<display name>` for a token without an entity, `_other` for the callers beyond the caps), its totals and buckets.",
+	"callers":                     "`keys/:name/usage`, per operation: per caller (an entity id, `token:hmac-sha256:<hex>` (its accessor's HMAC) for a token without an entity, `_other` for the callers beyond the caps), its totals and buckets.",
 	"callers_folded":              "`keys/:name/usage`: how many callers were counted under `_other`, beyond the callers a key or the mount tracks (counted once each while the key remembers 1024 of them).",
 	"day_buckets":                 "`keys/:name/usage`, `bounds`: days kept per caller and operation.",
 	"days":                        "`keys/:name/usage`, per caller: the same per day over the last 35 days.",

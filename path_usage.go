@@ -131,7 +131,7 @@ func (b *backend) pathUsage() []*framework.Path {
 				"caller": {
 					Type:        framework.TypeString,
 					Required:    true,
-					Description: `The caller whose action to end, as keys/:name/anomalies names it: an entity id, or "token:<display name>" for a token without an entity.`,
+					Description: `The caller whose action to end, as keys/:name/anomalies names it: an entity id, or "token:hmac-sha256:<hex>" (its token accessor's HMAC, as the key's history records it) for a token without an entity.`,
 				},
 			},
 			Operations: map[logical.Operation]framework.OperationHandler{
@@ -183,7 +183,7 @@ type liftView struct {
 func (b *backend) pathAnomalyLift(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name, caller := d.Get("name").(string), strings.TrimSpace(d.Get("caller").(string))
 	if caller == "" {
-		return respond(callerf("caller is required: the entity id, or token:<display name>, that keys/%s/anomalies names", name))
+		return respond(callerf("caller is required: the entity id, or token:hmac-sha256:<hex>, that keys/%s/anomalies names", name))
 	}
 	lifted, err := b.keys.LiftAnomalyAction(ctx, req.Storage, name, caller, actorOf(req))
 	if err != nil {
@@ -211,8 +211,9 @@ func jsonResponse(v interface{}) (*logical.Response, error) {
 var usageHelp = fmt.Sprintf(`
 Every use of the key's material (encrypt, decrypt, rewrap, datakey, sign, verify of an HMAC, hmac, csr) and every
 denial of one passes the engine's door, which counts it per operation and per caller: a batch of N items is N
-uses (or N denials). A caller is its Vault entity id, or "token:<display name>" for a token without an entity
-(root, orphan tokens); never a token or its accessor.
+uses (or N denials). A caller is its Vault entity id, or for a token without an entity (root, orphan tokens)
+"token:hmac-sha256:<hex>", its accessor's HMAC under the mount's salt as the key's history records it: each such
+token is a caller of its own, whatever its display name (shown as display_name). Never a token or its accessor.
 
 The response gives the totals (uses, denials, denials_by_condition) since counting began (since) and, per
 operation and caller, the totals and the buckets with a use: minutes (the last %d), hours (the last %d, a week)
@@ -243,6 +244,12 @@ within 15 minutes is not reported again. The key's on_anomaly then acts for anom
 alert does nothing more; require_grant lets the caller use the key only under a live grant (keys/:name/grants);
 block_caller denies its uses. Both answer 403 naming the condition "anomaly", are stored so that they hold across
 a failover, and end early with keys/:name/anomalies/lift, which also excuses the caller's current use: it is not
-judged unusual again for 15 minutes. A caller under an action is not judged again until it lapses; callers folded
-into "%s" are not judged.
-`, keys.DefaultAnomalyActionPeriod, keys.OtherCallers)
+judged unusual again for 15 minutes. A caller under an action is not judged again until it lapses. An action on a
+token without an entity holds for that token only: a child token, or another token of the same display name, is
+another caller.
+
+A caller counted under "%s" (past the callers tracked per key or per mount) has no baseline of its own: it is
+judged as a new caller, and against anomaly_rate_limit on its own uses in the minute, counted for up to %d such
+callers a minute per key; beyond, on the uses of all the callers under "%s" in the minute, and the anomaly says
+so. The action applies to the caller alone, as to any other.
+`, keys.DefaultAnomalyActionPeriod, keys.OtherCallers, keys.MaxFoldedPerMinute, keys.OtherCallers)

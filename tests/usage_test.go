@@ -3,6 +3,7 @@ package tests
 import (
 	"context"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -131,5 +132,40 @@ func TestAnomalyActionsAndUsageAcrossAReload(t *testing.T) {
 	}
 	if s := mustRead(t, root, m.Path+"/keys/k").Data; s["on_anomaly"] != "block_caller" || fmt.Sprint(s["anomaly_rate_limit"]) != "5" {
 		t.Fatalf("key read: on_anomaly %v, anomaly_rate_limit %v", s["on_anomaly"], s["anomaly_rate_limit"])
+	}
+
+	// Two orphan tokens (no entity, both of display name "token") are two callers, each named by its accessor's
+	// HMAC: blocking one leaves the other.
+	policy := appPolicy(t, dev, m, "k")
+	orphan := func() *api.Client {
+		secret, err := root.Auth().Token().CreateOrphan(&api.TokenCreateRequest{Policies: []string{policy}, TTL: "1h"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := root.Clone()
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetToken(secret.Auth.ClientToken)
+		return c
+	}
+	one, two := orphan(), orphan()
+	denied(t, "an orphan token's batch past the cap", batchOf(one, m, "k", 6), "anomaly")
+	encrypt(t, two, m, "k", "another orphan token is not blocked")
+	an = mustRead(t, root, m.Path+"/keys/k/anomalies").Data
+	acts, _ := an["actions"].([]interface{})
+	if len(acts) != 1 || !strings.HasPrefix(fmt.Sprint(acts[0].(map[string]interface{})["caller"]), "token:hmac-sha256:") {
+		t.Fatalf("actions in force on k: %v", an)
+	}
+	ops, _ := mustRead(t, root, m.Path+"/keys/k/usage").Data["operations"].(map[string]interface{})
+	callers, _ := ops["encrypt"].(map[string]interface{})["callers"].(map[string]interface{})
+	tokens := 0
+	for label, c := range callers {
+		if strings.HasPrefix(label, "token:hmac-sha256:") && c.(map[string]interface{})["display_name"] == "token" {
+			tokens++
+		}
+	}
+	if tokens != 2 {
+		t.Fatalf("want the two orphan tokens as two callers: %v", callers)
 	}
 }

@@ -3,8 +3,10 @@ package keys
 import (
 	"context"
 	"crypto/sha256"
+	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/hashicorp/vault/sdk/helper/salt"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -20,28 +22,45 @@ import (
 // saltLocation is the mount's storage entry holding the salt.
 const saltLocation = salt.DefaultLocation
 
-// mountSalt is the mount's salt, read (or made) once and kept until another node's write invalidates it.
+// mountSalt is the mount's salt, read (or made) once and kept until another node's write invalidates it, with
+// the HMACs of the accessors it last served. Read without a lock once known: every use by a token without an
+// entity names it by its accessor's HMAC (CallerLabel).
 type mountSalt struct {
-	mu   sync.Mutex
-	salt *salt.Salt
+	mu    sync.Mutex // taken to read or make it, and to forget it
+	known atomic.Pointer[saltedAccessors]
 }
 
-func (m *mountSalt) get(ctx context.Context, s logical.Storage) (*salt.Salt, error) {
+// saltedAccessors is a salt and the HMACs it gave, for at most maxCachedAccessorHMACs accessors (the cache starts
+// again when full): a token's every use would otherwise compute its HMAC again.
+type saltedAccessors struct {
+	salt   *salt.Salt
+	hmacs  sync.Map // accessor → its identified HMAC
+	cached atomic.Int64
+}
+
+const maxCachedAccessorHMACs = 1024
+
+func (m *mountSalt) get(ctx context.Context, s logical.Storage) (*saltedAccessors, error) {
+	if st := m.known.Load(); st != nil {
+		return st, nil
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.salt == nil {
-		st, err := salt.NewSalt(ctx, s, &salt.Config{HashFunc: salt.SHA256Hash, HMAC: sha256.New, HMACType: "hmac-sha256", Location: saltLocation})
-		if err != nil {
-			return nil, err
-		}
-		m.salt = st
+	if st := m.known.Load(); st != nil {
+		return st, nil
 	}
-	return m.salt, nil
+	st, err := salt.NewSalt(ctx, s, &salt.Config{HashFunc: salt.SHA256Hash, HMAC: sha256.New, HMACType: "hmac-sha256", Location: saltLocation})
+	if err != nil {
+		return nil, err
+	}
+	known := &saltedAccessors{salt: st}
+	m.known.Store(known)
+	return known, nil
 }
 
 func (m *mountSalt) forget() {
 	m.mu.Lock()
-	m.salt = nil
+	m.known.Store(nil)
 	m.mu.Unlock()
 }
 
@@ -51,7 +70,34 @@ func (m *Manager) AccessorHMAC(ctx context.Context, s logical.Storage, accessor 
 	if err != nil {
 		return "", err
 	}
-	return st.GetIdentifiedHMAC(accessor), nil
+	if h, ok := st.hmacs.Load(accessor); ok {
+		return h.(string), nil
+	}
+	h := st.salt.GetIdentifiedHMAC(accessor)
+	if st.cached.Add(1) > maxCachedAccessorHMACs {
+		st.hmacs.Clear()
+		st.cached.Store(1)
+	}
+	st.hmacs.Store(accessor, h)
+	return h, nil
+}
+
+// withAccessorHMAC is a with its accessor's HMAC beside it when it has no entity, for CallerLabel: the salt is read
+// once per process and a token's HMAC kept, so that naming a caller costs no storage read and mostly no HMAC.
+func (m *Manager) withAccessorHMAC(ctx context.Context, s logical.Storage, a Actor) (Actor, error) {
+	if a.EntityID != "" || a.AccessorHMAC != "" || a.Accessor == "" {
+		return a, nil
+	}
+	if strings.HasPrefix(a.Accessor, SealedAccessorPrefix) {
+		a.AccessorHMAC = a.Accessor
+		return a, nil
+	}
+	h, err := m.AccessorHMAC(ctx, s, a.Accessor)
+	if err != nil {
+		return a, fmt.Errorf("name the caller by its token accessor's HMAC: %w", err)
+	}
+	a.AccessorHMAC = h
+	return a, nil
 }
 
 // SealedAccessorPrefix begins an accessor already in its recorded form. A request the engine makes itself on

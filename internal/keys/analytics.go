@@ -41,17 +41,26 @@ const (
 	// maxFoldedSeen bounds the distinct folded callers a key remembers to count them; beyond, each new fold
 	// may count a caller again.
 	maxFoldedSeen = 1024
+	// MaxFoldedPerMinute bounds the folded callers a key counts one by one in a minute, to judge each against
+	// anomaly_rate_limit; beyond, the others are judged as one group, OtherCallers.
+	MaxFoldedPerMinute = 256
 	// maxRecentAnomalies per key are kept for keys/:name/anomalies and the evidence bundle.
 	maxRecentAnomalies = 50
 
 	analyticsPrefix = "analytics/" // analytics/<name>: the key's usage counts, written by the flush
 )
 
-// CallerLabel is the name a caller's use is tracked under: its entity id, or for a token without an entity (root,
-// orphan tokens) "token:<display name>", which no entity id can be. Never a token or its accessor.
+// CallerLabel is the name a caller's use is tracked, judged and acted on under: its entity id, or for a token
+// without an entity (root, orphan tokens) "token:" and its accessor's HMAC under the mount's salt, as history
+// records it ("token:hmac-sha256:<hex>"), which no entity id can be: each such token is a caller of its own,
+// whatever its display name (kept for display). Never a token or its clear accessor. The door seals the accessor
+// first (withAccessorHMAC); an actor with no accessor at all is named by its display name.
 func CallerLabel(a Actor) string {
-	if a.EntityID != "" {
+	switch {
+	case a.EntityID != "":
 		return a.EntityID
+	case a.AccessorHMAC != "":
+		return "token:" + a.AccessorHMAC
 	}
 	return "token:" + a.DisplayName
 }
@@ -174,6 +183,56 @@ type keyUsage struct {
 	foldedSeen map[uint64]bool
 	anomalies  []Anomaly
 	reported   map[string]time.Time // caller + "\x00" + kind → when last reported (anomaly.go)
+	// dead: freed (key deleted, analytics off) and out of the map; a use that took it before counts in the live
+	// entry instead (lockLive), so that no count is lost and no caller is tracked where no one sees it.
+	dead bool
+	// foldedNow counts this minute's uses and denials of each caller folded into OtherCallers (anomaly.go).
+	foldedNow *foldedMinute
+}
+
+// foldedMinute is one minute's uses and denials per folded caller, at most MaxFoldedPerMinute callers.
+type foldedMinute struct {
+	slot   uint32
+	counts map[string]uint64
+}
+
+// countFolded counts n uses or denials of folded caller label in minute slot; a caller beyond the minute's bound
+// is counted in OtherCallers' buckets only.
+func (ku *keyUsage) countFolded(label string, slot uint32, n uint64) {
+	if ku.foldedNow == nil || ku.foldedNow.slot != slot {
+		ku.foldedNow = &foldedMinute{slot: slot, counts: map[string]uint64{}} // a new minute: the last one's go
+	}
+	if _, ok := ku.foldedNow.counts[label]; ok || len(ku.foldedNow.counts) < MaxFoldedPerMinute {
+		ku.foldedNow.counts[label] += n
+	}
+}
+
+// foldedUses is folded caller label's uses and denials in minute slot, own true; or, when the key counts as
+// many other folded callers in the minute as it may, those of all the callers folded into OtherCallers, own false.
+func (ku *keyUsage) foldedUses(label string, slot uint32) (n uint64, own bool) {
+	f := ku.foldedNow
+	if f == nil || f.slot != slot {
+		return 0, true
+	}
+	if n, ok := f.counts[label]; ok || len(f.counts) < MaxFoldedPerMinute {
+		return n, true
+	}
+	if cu := ku.callers[OtherCallers]; cu != nil {
+		n = cu.minuteUses(slot)
+	}
+	return n, false
+}
+
+// minuteUses is the caller's uses and denials of every operation in minute slot.
+func (cu *callerUsage) minuteUses(slot uint32) uint64 {
+	var n uint64
+	for _, sr := range cu.ops {
+		if sr != nil && len(sr.minutes) > 0 && sr.minutes[len(sr.minutes)-1].slot == slot {
+			b := sr.minutes[len(sr.minutes)-1]
+			n += uint64(b.uses) + uint64(b.denials)
+		}
+	}
+	return n
 }
 
 func newKeyUsage() *keyUsage {
@@ -203,11 +262,10 @@ func (m *Manager) FreeAnalytics(ctx context.Context, s logical.Storage) error {
 	m.analytics.keys.Range(func(k, v any) bool {
 		ku := v.(*keyUsage)
 		ku.mu.Lock()
-		dirty := ku.dirty
-		ku.mu.Unlock()
-		if !dirty {
-			m.forgetUsage(k.(string))
+		if !ku.dirty { // checked and freed under one lock: a use counted meanwhile keeps the entry
+			m.freeLocked(k.(string), ku)
 		}
+		ku.mu.Unlock()
 		return true
 	})
 	return err
@@ -229,11 +287,21 @@ func (m *Manager) keyUsage(ctx context.Context, s logical.Storage, name string) 
 	}
 	ku.mu.Lock()
 	defer ku.mu.Unlock()
-	if !ku.loaded.Load() && m.now().Sub(ku.loadFailed) >= time.Minute {
+	if !ku.dead && !ku.loaded.Load() && m.now().Sub(ku.loadFailed) >= time.Minute {
 		if err := m.loadUsageLocked(ctx, s, name, ku); err != nil {
 			ku.loadFailed = m.now()
 			m.log.Warn("could not read a key's usage counts; counting on in memory and merging them later", "key", name, "error", err)
 		}
+	}
+	return ku
+}
+
+// lockLive locks ku, key name's entry as taken from keyUsage; if it was freed since (forgetUsage), it locks the
+// live one instead. The caller unlocks the entry returned.
+func (m *Manager) lockLive(ctx context.Context, s logical.Storage, name string, ku *keyUsage) *keyUsage {
+	for ku.mu.Lock(); ku.dead; ku.mu.Lock() {
+		ku.mu.Unlock()
+		ku = m.keyUsage(ctx, s, name)
 	}
 	return ku
 }
@@ -248,9 +316,14 @@ func (m *Manager) record(ctx context.Context, s logical.Storage, name string, ca
 		uses, denials = 0, n
 	}
 	i := opIndex(op)
-	ku.mu.Lock()
+	ku = m.lockLive(ctx, s, name, ku)
 	defer ku.mu.Unlock()
-	cu := m.callerLocked(ku, CallerLabel(caller), caller.DisplayName, now)
+	label := CallerLabel(caller)
+	cu, folded := m.callerLocked(ku, label, caller.DisplayName, now)
+	if folded {
+		mn, _, _ := slots(now)
+		ku.countFolded(label, mn, n)
+	}
 	if cu.ops[i] == nil {
 		cu.ops[i] = &series{}
 	}
@@ -275,27 +348,33 @@ func (ku *keyUsage) addDenials(condition string, n uint64) {
 	ku.denials[condition] += n
 }
 
-// callerLocked is the caller's entry in ku, made if new: or OtherCallers' when the key or the mount tracks as
-// many callers as it may.
-func (m *Manager) callerLocked(ku *keyUsage, label, display string, now time.Time) *callerUsage {
+// callerLocked is the caller's entry in ku, made if new: or OtherCallers' (folded true) when the key or the mount
+// tracks as many callers as it may.
+func (m *Manager) callerLocked(ku *keyUsage, label, display string, now time.Time) (cu *callerUsage, folded bool) {
 	if cu := ku.callers[label]; cu != nil {
 		if display != "" {
 			cu.display = display
 		}
-		return cu
+		return cu, false
 	}
-	if label != OtherCallers && (len(ku.callers) >= MaxCallersPerKey || m.analytics.tracked.Load() >= MaxCallersTracked) {
+	if m.foldsLocked(ku, label) {
 		m.foldLocked(ku, label)
-		label, display = OtherCallers, ""
+		label, display, folded = OtherCallers, "", true
 		if cu := ku.callers[label]; cu != nil {
-			return cu
+			return cu, true
 		}
 	} else if label != OtherCallers {
 		m.analytics.tracked.Add(1)
 	}
-	cu := &callerUsage{display: display, firstSeen: now, lastSeen: now}
+	cu = &callerUsage{display: display, firstSeen: now, lastSeen: now}
 	ku.callers[label] = cu
-	return cu
+	return cu, folded
+}
+
+// foldsLocked says whether a caller label that ku does not track is folded into OtherCallers: the key or the
+// mount tracks as many callers as it may.
+func (m *Manager) foldsLocked(ku *keyUsage, label string) bool {
+	return label != OtherCallers && (len(ku.callers) >= MaxCallersPerKey || m.analytics.tracked.Load() >= MaxCallersTracked)
 }
 
 // foldLocked counts a caller folded into OtherCallers, once per caller while the key remembers maxFoldedSeen.
@@ -317,13 +396,24 @@ func (m *Manager) foldLocked(ku *keyUsage, label string) {
 
 // forgetUsage drops a key's analytics (deleted): its usage is not kept, its history is.
 func (m *Manager) forgetUsage(name string) {
-	v, ok := m.analytics.keys.LoadAndDelete(name)
+	v, ok := m.analytics.keys.Load(name)
 	if !ok {
 		return
 	}
 	ku := v.(*keyUsage)
 	ku.mu.Lock()
 	defer ku.mu.Unlock()
+	m.freeLocked(name, ku)
+}
+
+// freeLocked marks ku dead and takes it out of the map, under ku.mu: a use that took it before counts in the next
+// entry (lockLive), and its callers are no longer tracked.
+func (m *Manager) freeLocked(name string, ku *keyUsage) {
+	if ku.dead {
+		return
+	}
+	ku.dead = true
+	m.analytics.keys.CompareAndDelete(name, ku)
 	for label := range ku.callers {
 		if label != OtherCallers {
 			m.analytics.tracked.Add(-1)
@@ -511,7 +601,7 @@ func (m *Manager) FlushAnalytics(ctx context.Context, s logical.Storage) error {
 
 func (m *Manager) flushKey(ctx context.Context, s logical.Storage, name string, ku *keyUsage) error {
 	ku.mu.Lock()
-	if !ku.dirty {
+	if !ku.dirty || ku.dead {
 		ku.mu.Unlock()
 		return nil
 	}
@@ -537,12 +627,32 @@ func (m *Manager) flushKey(ctx context.Context, s logical.Storage, name string, 
 			err = s.Put(ctx, entry)
 		}
 	}
+	if err == nil {
+		err = m.dropIfDeletedSince(ctx, s, name, k, ku)
+	}
 	if err != nil {
 		ku.mu.Lock()
 		ku.dirty = true // the next flush writes it
 		ku.mu.Unlock()
 	}
 	return err
+}
+
+// dropIfDeletedSince deletes the counts ku just wrote for key k if k was deleted (or deleted and made anew) since
+// it was read: the deletion removed the entry before the write. Checked under the key's lock, which a deletion
+// holds until it is done: one begun later removes the entry itself.
+func (m *Manager) dropIfDeletedSince(ctx context.Context, s logical.Storage, name string, k *Key, ku *keyUsage) error {
+	l := m.lock(name)
+	l.Lock()
+	now, err := m.getLocked(ctx, s, name)
+	l.Unlock()
+	if err != nil || (now != nil && now.CreatedAt.Equal(k.CreatedAt)) {
+		return err
+	}
+	ku.mu.Lock()
+	m.freeLocked(name, ku)
+	ku.mu.Unlock()
+	return s.Delete(ctx, analyticsPrefix+name)
 }
 
 // pruneLocked drops buckets past their retention, callers left with none, and repeat marks past their period.

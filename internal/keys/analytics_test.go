@@ -8,6 +8,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -101,8 +102,18 @@ func (f *usageFixture) use(m *Manager, name string, c Caller, op Operation, item
 func (f *usageFixture) mustUse(m *Manager, name string, c Caller, op Operation, items int) {
 	f.t.Helper()
 	if err := f.use(m, name, c, op, items); err != nil {
-		f.t.Fatalf("%s by %s at %s: %v", op, CallerLabel(c.Actor), f.clock().Format(time.RFC3339), err)
+		f.t.Fatalf("%s by %s at %s: %v", op, f.label(m, c), f.clock().Format(time.RFC3339), err)
 	}
+}
+
+// label is what c's uses are tracked under: for a token without an entity, its accessor's HMAC.
+func (f *usageFixture) label(m *Manager, c Caller) string {
+	f.t.Helper()
+	a, err := m.withAccessorHMAC(f.ctx, f.s, c.Actor)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return CallerLabel(a)
 }
 
 func (f *usageFixture) historyOf(m *Manager, name, kind string) []Event {
@@ -178,9 +189,9 @@ func TestUsageCountsItemsPerOperationCallerAndOutcome(t *testing.T) {
 		if b := enc.Callers["ent-bob"]; b.Uses != 0 || b.Denials != 5 || b.Minutes[0].Denials != 5 {
 			t.Fatalf("bob's denied encryptions: %+v", b)
 		}
-		// A token without an entity is tracked under its display name, never its accessor.
-		if enc.Callers["token:root"].Uses != 3 {
-			t.Fatalf("root's encryptions: %+v (callers %v)", enc.Callers["token:root"], enc.Callers)
+		// A token without an entity is tracked under its accessor's HMAC, never its accessor.
+		if r := enc.Callers[f.label(m, root)]; r.Uses != 3 || r.DisplayName != "root" {
+			t.Fatalf("root's encryptions: %+v (callers %v)", r, enc.Callers)
 		}
 		for label := range enc.Callers {
 			if strings.Contains(label, "accessor") {
@@ -491,7 +502,7 @@ func TestRateCapRequiresAGrant(t *testing.T) {
 		if err != nil || len(actions) != 2 {
 			t.Fatalf("actions in force: %+v, %v", actions, err)
 		}
-		lifted, err := m.LiftAnomalyAction(f.ctx, f.s, "k", "token:root", Actor{EntityID: "ent-operator", DisplayName: "operator"})
+		lifted, err := m.LiftAnomalyAction(f.ctx, f.s, "k", f.label(m, root), Actor{EntityID: "ent-operator", DisplayName: "operator"})
 		if err != nil || lifted == nil || lifted.Action != ActionRequireGrant {
 			t.Fatalf("lift: %+v, %v", lifted, err)
 		}
@@ -531,7 +542,7 @@ func TestNewCallerAndUnusualHour(t *testing.T) {
 		}
 		f.mustUse(m, "k", alice, OpEncrypt, 1) // 09:00: usual
 		f.mustUse(m, "k", root, OpEncrypt, 1)
-		if got := m.AnomaliesOf("k"); len(got) != 1 || got[0].Kind != AnomalyNewCaller || got[0].Caller != "token:root" {
+		if got := m.AnomaliesOf("k"); len(got) != 1 || got[0].Kind != AnomalyNewCaller || got[0].Caller != f.label(m, root) {
 			t.Fatalf("a new caller: %+v", got)
 		}
 		f.mustUse(m, "k", Caller{Actor: Actor{EntityID: "ent-carol"}}, OpEncrypt, 1) // the callers changed: no longer settled
@@ -572,4 +583,214 @@ func TestAnalyticsOffFreesTheirMemoryAndKeepsTheCounts(t *testing.T) {
 			t.Fatalf("back on: %+v", r)
 		}
 	})
+}
+
+// TestFoldedCallersAreJudgedAgainstTheRateCap: a caller folded into OtherCallers (the key tracks as many callers as
+// it may) is still judged against anomaly_rate_limit, on its own uses in the minute, and the key's action applies
+// to it alone; when the key counts as many folded callers in a minute as it may, the whole group is judged, and the
+// anomaly says so.
+func TestFoldedCallersAreJudgedAgainstTheRateCap(t *testing.T) {
+	onUsageFixture(t, func(t *testing.T, f *usageFixture) {
+		m := f.manager()
+		f.key(m, &Key{Name: "k", OnAnomaly: ActionBlockCaller, AnomalyRateLimit: 5})
+		for i := range MaxCallersPerKey {
+			f.mustUse(m, "k", Caller{Actor: Actor{EntityID: fmt.Sprintf("ent-%d", i)}}, OpEncrypt, 1)
+		}
+		late, later := Caller{Actor: Actor{EntityID: "ent-late"}}, Caller{Actor: Actor{EntityID: "ent-later"}}
+		f.mustUse(m, "k", late, OpEncrypt, 3)
+		f.mustUse(m, "k", later, OpEncrypt, 3)
+		wantDeniedBy(t, f.use(m, "k", late, OpEncrypt, 3), "anomaly") // 6 this minute, past the cap of 5
+		f.mustUse(m, "k", later, OpEncrypt, 2)                        // 5: its own count, at the cap
+		got := m.AnomaliesOf("k")
+		if len(got) != 1 || got[0].Kind != AnomalyRateAboveLimit || got[0].Caller != "ent-late" || got[0].Action != ActionBlockCaller {
+			t.Fatalf("anomalies: %+v", got)
+		}
+		if r := m.UsageOf("k"); r.Operations[OpEncrypt].Callers["ent-late"].Uses != 0 || r.CallersFolded != 2 {
+			t.Fatalf("the late callers are tracked: %+v", r.Operations[OpEncrypt].Callers["ent-late"])
+		}
+		// A crowd of folded callers in one minute: past what the key counts one by one, the group is judged.
+		f.advance(time.Minute)
+		for i := range MaxFoldedPerMinute {
+			f.mustUse(m, "k", Caller{Actor: Actor{EntityID: fmt.Sprintf("crowd-%d", i)}}, OpEncrypt, 1)
+		}
+		wantDeniedBy(t, f.use(m, "k", Caller{Actor: Actor{EntityID: "crowd-last"}}, OpEncrypt, 1), "anomaly")
+		got = m.AnomaliesOf("k")
+		if last := got[len(got)-1]; last.Caller != "crowd-last" || !strings.Contains(last.Details, OtherCallers) {
+			t.Fatalf("the crowd's anomaly: %+v", last)
+		}
+		f.mustUse(m, "k", Caller{Actor: Actor{EntityID: "crowd-0"}}, OpEncrypt, 1) // counted on its own: 2
+	})
+}
+
+// TestNewCallerJudgedWhenTheMountTracksItsCap: a new caller on a key with settled callers is an anomaly even when
+// the mount tracks as many (key, caller) pairs as it may, and the newcomer is folded.
+func TestNewCallerJudgedWhenTheMountTracksItsCap(t *testing.T) {
+	onUsageFixture(t, func(t *testing.T, f *usageFixture) {
+		m := f.manager()
+		f.key(m, &Key{Name: "k"})
+		f.mustUse(m, "k", alice, OpEncrypt, 1)
+		f.mustUse(m, "k", bob, OpEncrypt, 1)
+		f.advance(newCallerSettledFor + time.Hour)
+		for k := 0; m.analytics.tracked.Load() < MaxCallersTracked; k++ {
+			for c := range MaxCallersPerKey {
+				m.record(f.ctx, f.s, fmt.Sprintf("filler-%d", k), Actor{EntityID: fmt.Sprintf("ent-%d", c)}, OpEncrypt, 1, "")
+			}
+		}
+		f.mustUse(m, "k", Caller{Actor: Actor{EntityID: "ent-carol"}}, OpEncrypt, 1)
+		if got := m.AnomaliesOf("k"); len(got) != 1 || got[0].Kind != AnomalyNewCaller || got[0].Caller != "ent-carol" {
+			t.Fatalf("a new caller while the mount tracks its cap: %+v", got)
+		}
+	})
+}
+
+// countingGets counts the reads of entries under prefix.
+type countingGets struct {
+	logical.Storage
+	mu     sync.Mutex
+	prefix string
+	gets   int
+}
+
+func (s *countingGets) Get(ctx context.Context, key string) (*logical.StorageEntry, error) {
+	s.mu.Lock()
+	if strings.HasPrefix(key, s.prefix) {
+		s.gets++
+	}
+	s.mu.Unlock()
+	return s.Storage.Get(ctx, key)
+}
+
+// TestTokensWithoutAnEntityAreCallersEach: two tokens without an entity and with the same display name (two root
+// tokens) are two callers, named by their accessor's HMAC: blocking one leaves the other; the salt is read once.
+func TestTokensWithoutAnEntityAreCallersEach(t *testing.T) {
+	onUsageFixture(t, func(t *testing.T, f *usageFixture) {
+		salts := &countingGets{Storage: f.s, prefix: saltLocation}
+		f.s = salts
+		m := f.manager()
+		f.key(m, &Key{Name: "k", OnAnomaly: ActionBlockCaller, AnomalyRateLimit: 5})
+		otherRoot := Caller{Actor: Actor{DisplayName: "root", Accessor: "root-accessor-2"}}
+		f.mustUse(m, "k", root, OpEncrypt, 5)
+		wantDeniedBy(t, f.use(m, "k", root, OpEncrypt, 1), "anomaly")
+		f.mustUse(m, "k", otherRoot, OpEncrypt, 5) // another token: not blocked, its own count
+		h, err := m.AccessorHMAC(f.ctx, f.s, "root-accessor")
+		if err != nil {
+			t.Fatal(err)
+		}
+		label := "token:" + h
+		if f.label(m, root) != label {
+			t.Fatalf("root's label %q, want %q", f.label(m, root), label)
+		}
+		got := m.AnomaliesOf("k")
+		if len(got) != 1 || got[0].Caller != label {
+			t.Fatalf("anomalies: %+v, want one by %s", got, label)
+		}
+		enc := m.UsageOf("k").Operations[OpEncrypt]
+		if len(enc.Callers) != 2 || enc.Callers[label].DisplayName != "root" || enc.Callers[label].Uses != 5 {
+			t.Fatalf("callers: %+v", enc.Callers)
+		}
+		for c := range enc.Callers {
+			if strings.Contains(c, "root-accessor") {
+				t.Fatalf("a caller label shows the accessor: %q", c)
+			}
+		}
+		if _, err := m.LiftAnomalyAction(f.ctx, f.s, "k", label, who); err != nil {
+			t.Fatal(err)
+		}
+		before := salts.gets
+		f.advance(time.Minute)
+		for range 3 {
+			f.mustUse(m, "k", root, OpEncrypt, 1)
+		}
+		if salts.gets != before {
+			t.Fatalf("%d reads of the salt for 3 uses", salts.gets-before)
+		}
+	})
+}
+
+// deletingOnPut deletes key name (through m) when the first write of its usage counts begins: a deletion between
+// the flush's check that the key exists and its write.
+type deletingOnPut struct {
+	logical.Storage
+	t    *testing.T
+	m    *Manager
+	name string
+	once sync.Once
+}
+
+func (s *deletingOnPut) Put(ctx context.Context, e *logical.StorageEntry) error {
+	if e.Key == analyticsPrefix+s.name {
+		s.once.Do(func() {
+			if _, err := s.m.Update(ctx, s.Storage, s.name, who, func(tx *Tx) error { return tx.Delete(0) }); err != nil {
+				s.t.Error(err)
+			}
+		})
+	}
+	return s.Storage.Put(ctx, e)
+}
+
+// TestFlushRacingADeletionLeavesNoCounts: a key deleted while its counts are being flushed leaves no counts in
+// storage, and a new key of the same name starts with no callers.
+func TestFlushRacingADeletionLeavesNoCounts(t *testing.T) {
+	onUsageFixture(t, func(t *testing.T, f *usageFixture) {
+		m := f.manager()
+		f.key(m, &Key{Name: "k"})
+		f.mustUse(m, "k", alice, OpEncrypt, 1)
+		if err := m.FlushAnalytics(f.ctx, &deletingOnPut{Storage: f.s, t: t, m: m, name: "k"}); err != nil {
+			t.Fatal(err)
+		}
+		if k, err := m.Get(f.ctx, f.s, "k"); err != nil || k != nil {
+			t.Fatalf("the key was not deleted: %v %v", k, err)
+		}
+		if e, err := f.s.Get(f.ctx, analyticsPrefix+"k"); err != nil || e != nil {
+			t.Fatalf("a deleted key's counts are in storage (%v): %v", e != nil, err)
+		}
+		f.key(m, &Key{Name: "k"})
+		if r := m.Usage(f.ctx, f.s, "k"); r.Uses != 0 || len(r.Operations) != 0 {
+			t.Fatalf("a new key of the same name inherits: %+v", r)
+		}
+	})
+}
+
+// TestUseCountedWhileItsKeyCountsAreFreed: a use that holds a key's counts while they are freed (analytics turned
+// off, or the key deleted) counts into a live entry: nothing lost, and the callers tracked are those held.
+func TestUseCountedWhileItsKeyCountsAreFreed(t *testing.T) {
+	for _, free := range []string{"analytics off", "key deleted"} {
+		t.Run(free, func(t *testing.T) {
+			ctx, s := context.Background(), &logical.InmemStorage{}
+			m := NewManager(hclog.NewNullLogger(), "mount", nil)
+			if err := store(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96}, nil); err != nil {
+				t.Fatal(err)
+			}
+			var armed atomic.Bool
+			m.Clock = func() time.Time {
+				if armed.CompareAndSwap(true, false) { // in record, between taking the entry and locking it
+					if free == "analytics off" {
+						m.SetAnalytics(false)
+						if err := m.FreeAnalytics(ctx, s); err != nil {
+							t.Error(err)
+						}
+					} else {
+						m.forgetUsage("k")
+					}
+				}
+				return time.Date(2026, 12, 7, 9, 0, 0, 0, time.UTC)
+			}
+			m.record(ctx, s, "k", Actor{EntityID: "ent-alice"}, OpEncrypt, 1, "")
+			armed.Store(true)
+			m.record(ctx, s, "k", Actor{EntityID: "ent-carol"}, OpEncrypt, 1, "")
+			held := int64(0)
+			m.analytics.keys.Range(func(_, v any) bool {
+				held += int64(len(v.(*keyUsage).callers))
+				return true
+			})
+			if n := m.analytics.tracked.Load(); n != held {
+				t.Fatalf("%d callers tracked, %d held", n, held)
+			}
+			r := m.Usage(ctx, s, "k")
+			want := map[string]uint64{"analytics off": 2, "key deleted": 1}[free]
+			if r.Uses != want || r.Operations[OpEncrypt].Callers["ent-carol"].Uses != 1 {
+				t.Fatalf("after the entry was freed under a use: %d uses, %+v", r.Uses, r.Operations[OpEncrypt].Callers)
+			}
+		})
+	}
 }

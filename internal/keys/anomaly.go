@@ -28,8 +28,10 @@ import (
 // anomalyRepeatPeriod. The key's on_anomaly then acts: alert (nothing more), require_grant (the caller must hold a
 // live grant for the key until the action lapses) or block_caller (its uses are denied, condition "anomaly").
 // Actions are stored (anomaly_actions/<key>), so that they hold across a failover, and an operator may lift one
-// early. A caller under an action is not judged again until it lapses. Callers folded into OtherCallers are not
-// judged: they have no baseline of their own.
+// early. A caller under an action is not judged again until it lapses. A caller folded into OtherCallers has no
+// baseline of its own: it is judged new or not, and against anomaly_rate_limit on its own uses in the minute, counted
+// for at most MaxFoldedPerMinute folded callers a minute; beyond, on all the folded callers' uses, and the anomaly
+// says so. Its action applies to it alone, as to a tracked caller.
 
 // Kinds of anomaly.
 const (
@@ -135,9 +137,8 @@ func (m *Manager) judgeUse(ctx context.Context, s logical.Storage, k *Key, calle
 	if a, err := m.actionOn(ctx, s, k.Name, label, now); err != nil || a != nil {
 		return nil // acting already (or the door fails on the same read)
 	}
-	ku := m.keyUsage(ctx, s, k.Name)
 	n := uint64(max(items, 1))
-	ku.mu.Lock()
+	ku := m.lockLive(ctx, s, k.Name, m.keyUsage(ctx, s, k.Name))
 	defer ku.mu.Unlock()
 	var found []Anomaly
 	note := func(kind, format string, args ...interface{}) {
@@ -163,28 +164,33 @@ func (m *Manager) judgeUse(ctx context.Context, s logical.Storage, k *Key, calle
 		found = append(found, a)
 	}
 	limit := k.AnomalyRateLimit
+	mn, hr, _ := slots(now)
 	cu := ku.callers[label]
 	if cu == nil {
-		if label == OtherCallers || len(ku.callers) >= MaxCallersPerKey || m.analytics.tracked.Load() >= MaxCallersTracked {
-			return nil // folded: no baseline of its own
-		}
+		// New to the key: judged so whether it will be tracked or folded (the check needs no tracking of it).
 		if settled, callers := settledCallers(ku, now); settled {
 			note(AnomalyNewCaller, "first use by this caller; the key's %d callers (%s) have been the same for %s or more",
 				len(callers), strings.Join(callers, ", "), newCallerSettledFor)
 		}
-		if limit > 0 && n > limit {
-			note(AnomalyRateAboveLimit, "%d uses in this minute, above the key's anomaly_rate_limit of %d per minute per caller", n, limit)
+		// A caller folded into OtherCallers has no baseline of its own, but is judged against the cap on its own
+		// uses in the minute (or its group's, past MaxFoldedPerMinute callers).
+		minute, own := n, true
+		if m.foldsLocked(ku, label) {
+			minute, own = ku.foldedUses(label, mn)
+			minute += n
+		}
+		switch {
+		case limit == 0 || minute <= limit:
+		case own:
+			note(AnomalyRateAboveLimit, "%d uses in this minute, above the key's anomaly_rate_limit of %d per minute per caller", minute, limit)
+		default:
+			note(AnomalyRateAboveLimit, "%d uses in this minute by the callers counted under %s, judged as one (more of them "+
+				"than the %d the key counts one by one), above the key's anomaly_rate_limit of %d per minute per caller",
+				minute, OtherCallers, MaxFoldedPerMinute, limit)
 		}
 		return found
 	}
-	mn, hr, _ := slots(now)
-	minute := n
-	for _, sr := range cu.ops {
-		if sr != nil && len(sr.minutes) > 0 && sr.minutes[len(sr.minutes)-1].slot == mn {
-			b := sr.minutes[len(sr.minutes)-1]
-			minute += uint64(b.uses) + uint64(b.denials)
-		}
-	}
+	minute := n + cu.minuteUses(mn)
 	if limit > 0 && minute > limit {
 		note(AnomalyRateAboveLimit, "%d uses in this minute, above the key's anomaly_rate_limit of %d per minute per caller", minute, limit)
 	}
@@ -441,9 +447,8 @@ func (m *Manager) LiftAnomalyAction(ctx context.Context, s logical.Storage, name
 // excuse marks every kind of anomaly of caller on key name as just reported: an operator who lifts an action has
 // judged the use benign, and the burst that caused it is not judged an anomaly again for anomalyRepeatPeriod.
 func (m *Manager) excuse(ctx context.Context, s logical.Storage, name, caller string) {
-	ku := m.keyUsage(ctx, s, name)
 	now := m.now()
-	ku.mu.Lock()
+	ku := m.lockLive(ctx, s, name, m.keyUsage(ctx, s, name))
 	defer ku.mu.Unlock()
 	for _, kind := range AnomalyKinds {
 		if ku.reported == nil {

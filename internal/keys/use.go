@@ -62,6 +62,9 @@ func (m *Manager) Use(ctx context.Context, s logical.Storage, name string, c Cal
 	if err := k.refuses(op); err != nil {
 		return nil, err
 	}
+	if c.Actor, err = m.withAccessorHMAC(ctx, s, c.Actor); err != nil {
+		return nil, err
+	}
 	if err := m.admitCounted(ctx, s, k, c, op, items); err != nil {
 		return nil, err
 	}
