@@ -128,18 +128,23 @@ func TestTwoMountsOnOneToken(t *testing.T) {
 		t.Fatal(err)
 	}
 	prefixes := map[string]int{}
-	versions := 0
+	versions, audit := 0, 0
 	for _, o := range objs {
 		prefixes[strings.Join(strings.SplitN(o.Label, "/", 3)[:2], "/")]++
 		if !o.Sensitive || o.Extractable || !o.NeverExtractable {
 			t.Errorf("%s is not protected: %+v", o.Label, o)
 		}
-		if !strings.Contains(o.Label, "/uses/") { // an encrypted version's usage witness (hsm/witness.go)
+		switch {
+		case strings.Contains(o.Label, "/uses/"): // an encrypted version's usage witness (hsm/witness.go)
+		case strings.Contains(o.Label, "/audit_key:"): // the mount's audit key, which signs its keys' history heads
+			audit++
+		default:
 			versions++
 		}
 	}
-	if len(prefixes) != 2 || versions != 3 { // one per version: no HMAC secret is made until a first HMAC
-		t.Fatalf("objects by mount: %v (%d objects, %d of them versions' keys)", prefixes, len(objs), versions)
+	// one per version (no HMAC secret is made until a first HMAC), and one audit key per mount
+	if len(prefixes) != 2 || versions != 3 || audit != 2 {
+		t.Fatalf("objects by mount: %v (%d objects, %d of them versions' keys, %d audit keys)", prefixes, len(objs), versions, audit)
 	}
 
 	// A third mount naming the same token with a wrong PIN is refused, although the plugin process is logged in.
