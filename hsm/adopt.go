@@ -145,14 +145,33 @@ func (f Found) VouchedSecret(want []byte) string {
 func (f Found) IDHex() string { return hex.EncodeToString(f.ID) }
 
 // FindVersion looks on the token for the main objects labelled label (a version's CKA_LABEL) and describes each
-// as a version of algorithm alg whose HMAC secret, if any, has hmacBytes. It searches by label where the token can
-// (probed, see labelSearch), else reads every object's label. A search that finds nothing is believed only while
-// the session is still logged in: modules answer searches with nothing, not an error, once a C_Logout elsewhere
-// has made private objects invisible.
+// as a version of algorithm alg whose HMAC secret, if any, has hmacBytes. A label the token's object index does
+// not know is answered with nothing, without a PKCS#11 call (objectIndex); one it knows is looked for on the
+// token, by label where the token can search so (probed, see labelSearch), else by reading every object's label.
+// A search that finds nothing is believed only while the session is still logged in (modules answer searches with
+// nothing, not an error, once a C_Logout elsewhere has made private objects invisible), and only when a second
+// search agrees: one SoftHSM search can miss an object another process is writing. Two that agree mean the
+// index held an object since gone, which it then forgets.
 func (t *Token) FindVersion(ctx context.Context, alg Algorithm, label string, hmacBytes int) ([]Found, error) {
 	if label == "" {
 		return nil, fmt.Errorf("%w: empty label", ErrInvalidArgument)
 	}
+	ids, err := t.LabelledIDs(ctx, label)
+	if err != nil || len(ids) == 0 {
+		return nil, err
+	}
+	for range 2 {
+		found, err := t.findVersion(ctx, alg, label, hmacBytes)
+		if err != nil || len(found) > 0 {
+			return found, err
+		}
+	}
+	t.forgetLabel(ctx, label)
+	return nil, nil
+}
+
+// findVersion is FindVersion's search on the token.
+func (t *Token) findVersion(ctx context.Context, alg Algorithm, label string, hmacBytes int) ([]Found, error) {
 	caps, err := t.Capabilities(ctx)
 	if err != nil {
 		return nil, err

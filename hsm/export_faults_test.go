@@ -17,3 +17,9 @@ func OpenTestToken(t *testing.T) *Token {
 func HideFromSearches(t *testing.T, tok *Token, n int) {
 	injectFaults(t, tok).hideFromSearches(n)
 }
+
+// OpenTestTokenConfig opens a fresh SoftHSM token of the test run and returns its configuration too, for a test
+// that opens the token again (a restart) or hands it to another process.
+func OpenTestTokenConfig(t *testing.T) (*Token, Config) {
+	return newToken(t, 2)
+}

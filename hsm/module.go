@@ -274,6 +274,9 @@ type tokenState struct {
 	// store is the token's storeGuard lock, on modules whose object store needs one.
 	store *semaphore.Weighted
 
+	// objects is what the process knows of the token's objects' labels and CKA_IDs (objectIndex).
+	objects objectIndex
+
 	// pairTemplates is what the token was found to need in key-pair templates (pairTemplateOptions), learnt at
 	// the first key pair.
 	pairTemplates atomic.Uint32

@@ -5,6 +5,9 @@ package hsm_test
 import (
 	"context"
 	"encoding/hex"
+	"errors"
+	"fmt"
+	"os/exec"
 	"testing"
 
 	"github.com/hashicorp/go-hclog"
@@ -64,6 +67,100 @@ func TestSearchThatMissesTheOriginalNeverReusesItsNumberOnSoftHSM(t *testing.T) 
 	}
 	if ids := byLabel["cmk/mount/k/v2"]; len(ids) != 1 || ids[0] != original {
 		t.Fatalf("under v2 the token holds %v, not the original %s", ids, original)
+	}
+}
+
+// The token's object index (learnt once per connection, then kept current by the process's own creations and
+// destructions) must not let a number be reused whose object another process made, or this engine made before a
+// restart that storage forgot. On a real SoftHSM token: version 2's label is taken by another process (OpenSC's
+// pkcs11-tool) while the engine runs, then the engine restarts (a new connection) and rotates; and version 3 is
+// made by the engine, storage restored to before it, the engine restarted and the key rotated again. Each time
+// the token must hold one object under each label, and the engine's versions must be those objects.
+func TestObjectMadeElsewhereOrBeforeARestartKeepsItsNumber(t *testing.T) {
+	ctx := context.Background()
+	tok, cfg := hsm.OpenTestTokenConfig(t)
+	manager := func(tok *hsm.Token) *keys.Manager {
+		return keys.NewManager(hclog.NewNullLogger(), "mount", func(context.Context, logical.Storage) (keys.HSM, *keys.Nonces, error) { return tok, nil, nil })
+	}
+	restart := func(old *hsm.Token) *hsm.Token {
+		old.Close()
+		tok, err := hsm.Open(cfg, hclog.NewNullLogger())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(tok.Close)
+		return tok
+	}
+	who := func(req string) keys.Actor { return keys.Actor{DisplayName: "test", RequestID: req} }
+	rotate := func(m *keys.Manager, s logical.Storage, req string) (*keys.Key, error) {
+		return m.Update(ctx, s, "k", who(req), func(tx *keys.Tx) error { return tx.Rotate("manual") })
+	}
+	labelled := func(tok *hsm.Token) map[string][]string {
+		objects, err := tok.ListObjects(ctx, "cmk/mount/k/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		byLabel := map[string][]string{}
+		for _, o := range objects {
+			byLabel[o.Label] = append(byLabel[o.Label], hex.EncodeToString(o.ID))
+		}
+		for label, ids := range byLabel {
+			if len(ids) > 1 {
+				t.Errorf("%d objects labelled %s: %v", len(ids), label, ids)
+			}
+		}
+		return byLabel
+	}
+
+	s := &logical.InmemStorage{}
+	if _, _, err := manager(tok).Create(ctx, s, &keys.Key{Name: "k", Type: keys.TypeAES256GCM96}, who("req-1"), nil); err != nil {
+		t.Fatal(err)
+	}
+	// Another process takes version 2's label while this one runs (its index learnt, by the creation above).
+	foreign := "00112233445566778899aabbccddeeff"
+	cmd := exec.Command("pkcs11-tool", "--module", cfg.Library, "--token-label", cfg.TokenLabel, "--login", "--pin", cfg.PIN,
+		"--keygen", "--key-type", "AES:32", "--label", "cmk/mount/k/v2", "--id", foreign, "--sensitive")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("pkcs11-tool: %v\n%s", err, out)
+	}
+	tok = restart(tok)
+	k, err := rotate(manager(tok), s, "req-2")
+	var taken *keys.NumberTakenError
+	switch {
+	case errors.As(err, &taken):
+		if taken.Version != 2 {
+			t.Fatalf("refused for version %d, not 2: %v", taken.Version, err)
+		}
+	case err != nil:
+		t.Fatal(err)
+	case k.Versions[2] == nil || k.Versions[2].HSMID != foreign:
+		t.Fatalf("version 2 is %+v, not the object another process made under its label (%s)", k.Versions[2], foreign)
+	}
+	if ids := labelled(tok)["cmk/mount/k/v2"]; len(ids) != 1 || ids[0] != foreign {
+		t.Fatalf("under v2 the token holds %v, not only the object another process made (%s)", ids, foreign)
+	}
+	if err != nil {
+		return // the engine refused the number: nothing more to rotate
+	}
+
+	// The engine makes the next version; storage is restored to before it; the engine restarts.
+	snap := copyStorage(t, s)
+	k, err = rotate(manager(tok), s, "req-3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := k.LatestVersion
+	original := k.Versions[next].HSMID
+	tok = restart(tok)
+	if k, err = rotate(manager(tok), snap, "req-4"); err != nil {
+		t.Fatal(err)
+	}
+	if k.Versions[next] == nil || k.Versions[next].HSMID != original || k.LatestVersion != next+1 {
+		t.Fatalf("version %d is %+v, the original %s; latest %d", next, k.Versions[next], original, k.LatestVersion)
+	}
+	label := fmt.Sprintf("cmk/mount/k/v%d", next)
+	if ids := labelled(tok)[label]; len(ids) != 1 || ids[0] != original {
+		t.Fatalf("under %s the token holds %v, not the original %s", label, ids, original)
 	}
 }
 

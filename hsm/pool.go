@@ -193,7 +193,10 @@ func (p *pool) reconnectLocked(first bool) error {
 	p.slot, p.gen, p.loginSession, p.connected = slot, gen, sh, true
 	p.provenFor = slotKey(p.cfg.Library, ti)
 	info := tokenInfoFrom(slot, ti)
-	p.found.Store(&foundToken{info: info, state: p.mod.token(slotKey(p.cfg.Library, ti))})
+	state := p.mod.token(slotKey(p.cfg.Library, ti))
+	// Another process may have changed the token while this one was not connected to it.
+	state.objects.forget()
+	p.found.Store(&foundToken{info: info, state: state})
 	p.lastErr, p.backoff = nil, 0
 	if !first {
 		p.log.Warn("reconnected to the HSM token", "token", info.Label, "slot", slot)
@@ -377,11 +380,15 @@ func (p *pool) open() (session, error) {
 }
 
 // run makes fn's calls on session s, if s still belongs to the current connection. On modules whose object store
-// races, the calls pass the token's store guard, which gives up waiting when ctx ends.
+// races, the calls pass the token's store guard, which gives up waiting when ctx ends; on every module, the
+// objects they create or destroy are recorded in the token's object index.
 func (p *pool) run(ctx context.Context, s session, fn func(c pkcs11API, s session) error) error {
 	return p.enterCurrent(s, func(c pkcs11API) error {
-		if state := p.tokenState(); p.mod.storeRaces && state != nil {
-			c = storeGuard{pkcs11API: c, ctx: ctx, lock: state.store}
+		if state := p.tokenState(); state != nil {
+			if p.mod.storeRaces {
+				c = storeGuard{pkcs11API: c, ctx: ctx, lock: state.store}
+			}
+			c = indexedCalls{pkcs11API: c, x: &state.objects}
 		}
 		return fn(c, s)
 	})

@@ -96,6 +96,10 @@ func (t *Token) UsageWitness(ctx context.Context, id []byte) (uint64, bool, erro
 	if len(id) == 0 {
 		return 0, false, fmt.Errorf("%w: empty CKA_ID", ErrInvalidArgument)
 	}
+	// A version that never reserved an encryption has no witness: the object index answers that without a search.
+	if held, err := t.holdsID(ctx, witnessID(id)); err != nil || !held {
+		return 0, false, err
+	}
 	var n uint64
 	var found bool
 	err := t.do(ctx, "read usage witness", func(c pkcs11API, s session) error {
@@ -119,11 +123,19 @@ func (t *Token) RaiseUsageWitness(ctx context.Context, id []byte, versionLabel s
 	if len(id) == 0 || versionLabel == "" {
 		return 0, fmt.Errorf("%w: empty CKA_ID or label", ErrInvalidArgument)
 	}
+	held, err := t.holdsID(ctx, witnessID(id))
+	if err != nil {
+		return 0, err
+	}
 	var before uint64
-	err := t.doObjects(ctx, "raise usage witness", func(c pkcs11API, s session) error {
-		ws, high, err := readWitnesses(c, s.h, id)
-		if err != nil {
-			return err
+	err = t.doObjects(ctx, "raise usage witness", func(c pkcs11API, s session) error {
+		var ws map[pkcs11.ObjectHandle]uint64
+		var high uint64
+		var err error
+		if held { // else the object index knows of none: the first witness is written without a search
+			if ws, high, err = readWitnesses(c, s.h, id); err != nil {
+				return err
+			}
 		}
 		before = high
 		if len(ws) > 0 && high >= n {
@@ -132,6 +144,9 @@ func (t *Token) RaiseUsageWitness(ctx context.Context, id []byte, versionLabel s
 		if _, err := c.GenerateKey(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_GENERIC_SECRET_KEY_GEN, nil)},
 			witnessTemplate(id, witnessLabel(versionLabel, n))); err != nil {
 			return err
+		}
+		if len(ws) == 0 {
+			return nil // no lower witness to destroy
 		}
 		// Read again rather than trust the old handles: a token that keeps one key per CKA_ID (NSS) has replaced
 		// the old witness with the new one.

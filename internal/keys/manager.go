@@ -33,6 +33,8 @@ type HSM interface {
 	FindVersion(ctx context.Context, alg hsm.Algorithm, label string, hmacBytes int) ([]hsm.Found, error)
 	ListObjects(ctx context.Context, labelPrefix string) ([]hsm.ObjectInfo, error)
 	ObjectsLabelled(ctx context.Context, labels []string) ([]hsm.ObjectInfo, error)
+	// LabelledIDs answers from what the process knows of the token's objects, without a search (hsm.objectIndex).
+	LabelledIDs(ctx context.Context, label string) ([][]byte, error)
 	DestroyUnlessLabelled(ctx context.Context, id []byte, versionLabel string) (kept bool, destroyed int, err error)
 	// UsageWitness and RaiseUsageWitness keep a version's reserved encryption count on the token (see usage.go).
 	UsageWitness(ctx context.Context, id []byte) (uint64, bool, error)
@@ -467,12 +469,13 @@ func (tx *Tx) AddVersion(material Material, requestID string, generated bool) (i
 // label (the search before missed it); the new material is destroyed again.
 var errNumberSeenTaken = errors.New("the version's number was found taken after its material was made")
 
-// putVersion makes version LatestVersion+1 with material and adds it to the key, after checking by label that the
-// token holds nothing else under the new version's label: that one search, once per version, is what catches a
-// search that missed the number's original before the material was made. It cannot take the place of that
-// earlier search (adoption's): it is the second look, which one missed search cannot get past; and it only lists
-// what carries the label (ObjectsLabelled), leaving the examination of what it finds to adoption. What it finds besides the
-// new material (errNumberSeenTaken) makes it destroy the new material: this change made it and nothing stored it.
+// putVersion makes version LatestVersion+1 with material and adds it to the key, after checking that the token
+// holds nothing else under the new version's label, as the token's object index knows it (hsm.LabelledIDs: learnt
+// from the token once per connection, kept current by every object the process makes or destroys, so no search):
+// an object made under the number while the material was (by another mount of this process), or one that
+// adoption's search missed where the index did not. It only lists what carries the label, leaving the examination
+// of what it finds to adoption. What it finds besides the new material (errNumberSeenTaken) makes it destroy the
+// new material: this change made it and nothing stored it.
 func (tx *Tx) putVersion(material Material, requestID string, generated bool) (int, string, error) {
 	k, tok := tx.Key, tx.tok
 	rawID := make([]byte, 16) // an identifier, not a secret: the standard library's RNG is fine here
@@ -494,13 +497,13 @@ func (tx *Tx) putVersion(material Material, requestID string, generated bool) (i
 	if method == MethodPublicKeyOnly {
 		ver.HSMID, ver.Label = "", "" // nothing on the token
 	} else {
-		found, err := tok.ObjectsLabelled(tx.ctx, []string{ver.Label})
+		ids, err := tok.LabelledIDs(tx.ctx, ver.Label)
 		if err != nil {
 			return 0, "", fmt.Errorf("look for version %d of key %q on the token: %w", n, k.Name, err)
 		}
 		var others []string
-		for _, o := range found {
-			if id := hex.EncodeToString(o.ID); id != ver.HSMID {
+		for _, raw := range ids {
+			if id := hex.EncodeToString(raw); id != ver.HSMID {
 				others = append(others, id)
 			}
 		}

@@ -151,6 +151,20 @@ func (f *fakeHSM) ObjectsLabelled(_ context.Context, labels []string) ([]hsm.Obj
 	return out, nil
 }
 
+// LabelledIDs is the token's object index: it sees every object, hidden from searches or not.
+func (f *fakeHSM) LabelledIDs(_ context.Context, label string) ([][]byte, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out [][]byte
+	for id, l := range f.labels {
+		if l == label {
+			raw, _ := hex.DecodeString(id)
+			out = append(out, raw)
+		}
+	}
+	return out, nil
+}
+
 func (f *fakeHSM) UsageWitness(_ context.Context, id []byte) (uint64, bool, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()

@@ -1,0 +1,365 @@
+package hsm
+
+import (
+	"context"
+	"fmt"
+	"sync"
+
+	"github.com/miekg/pkcs11"
+)
+
+// The object index is what the process knows of the labels and CKA_IDs of a token's objects: learnt by reading
+// every object once per connection, then kept current by every object this process creates or destroys on the
+// token (indexedCalls sees each such call, whichever mount makes it). It answers "does the token hold anything
+// under this label, or this CKA_ID?" with no PKCS#11 call, which is what a version's creation and a usage witness's
+// first read ask: on SoftHSM, whose file store reads every object file per search, those searches made creating
+// 10,000 keys take over an hour.
+//
+// Only absence is answered from the index; what it says is there is then looked at on the token (FindVersion,
+// UsageWitness), so an object gone behind the process's back costs a search, never a wrong answer. What the index
+// cannot see is an object another process makes on the token after the index was learnt: it is learnt again at
+// every connection (a mount's start, a node taking over as active, a reconnection after a fault), so material a
+// previous process or node left is always seen; two processes writing the same mount's labels at once (two active
+// nodes) is what Vault's HA rules out.
+//
+// One learning reads every object twice and takes the union: SoftHSM 2.6.1's store can hide an object from one
+// search while another process writes (the second look a version's creation used to make per version).
+type objectIndex struct {
+	mu       sync.Mutex
+	ready    bool
+	learning bool
+	learnt   chan struct{}             // closed when the learning under way ends
+	gen      uint64                    // counts forgets: a learning that a forget overtook is not kept
+	pending  map[indexedObject]int     // objects created while a learning is under way
+	objects  map[indexedObject]int     // token objects by label and CKA_ID (a key pair's halves share both)
+	byLabel  map[string]map[string]int // label → CKA_ID → objects
+	byID     map[string]int            // CKA_ID → objects
+}
+
+type indexedObject struct{ label, id string }
+
+// forget drops what the index knows; the next question learns it again.
+func (x *objectIndex) forget() {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	x.gen++
+	x.ready, x.objects, x.byLabel, x.byID, x.pending = false, nil, nil, nil, nil
+}
+
+// record applies an object's creation (add) or destruction by this process.
+func (x *objectIndex) record(add bool, objs ...indexedObject) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	for _, o := range objs {
+		switch {
+		case x.learning && add:
+			x.pending[o]++
+		case x.ready:
+			x.changeLocked(o, add)
+		}
+	}
+}
+
+func (x *objectIndex) changeLocked(o indexedObject, add bool) {
+	d := 1
+	if !add {
+		if x.objects[o] == 0 {
+			return
+		}
+		d = -1
+	}
+	x.objects[o] += d
+	if x.byLabel[o.label] == nil {
+		x.byLabel[o.label] = map[string]int{}
+	}
+	x.byLabel[o.label][o.id] += d
+	x.byID[o.id] += d
+	if x.objects[o] == 0 {
+		delete(x.objects, o)
+		if delete(x.byLabel[o.label], o.id); len(x.byLabel[o.label]) == 0 {
+			delete(x.byLabel, o.label)
+		}
+	}
+	if x.byID[o.id] == 0 {
+		delete(x.byID, o.id)
+	}
+}
+
+// lookup runs fn on a ready index and returns true; otherwise it returns the learning to wait for, or starts one
+// (wait and gen for the caller to learn under).
+func (x *objectIndex) lookup(fn func()) (ok bool, wait chan struct{}, gen uint64) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if x.ready {
+		fn()
+		return true, nil, 0
+	}
+	if x.learning {
+		return false, x.learnt, 0
+	}
+	x.learning, x.learnt, x.pending = true, make(chan struct{}), map[indexedObject]int{}
+	return false, nil, x.gen
+}
+
+// finish ends the learning started at gen: seen is what the readings of the token found (nil if they failed).
+// Objects created while they ran count whether the readings saw them or not, and destructions made meanwhile are
+// not applied: the index may then hold an object that is gone, which costs a search (only absence is answered
+// from it), never one too few.
+func (x *objectIndex) finish(gen uint64, seen map[indexedObject]int) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	x.learning = false
+	close(x.learnt)
+	pending := x.pending
+	x.pending = nil
+	if seen == nil || gen != x.gen {
+		return
+	}
+	x.ready = true
+	x.objects, x.byLabel, x.byID = map[indexedObject]int{}, map[string]map[string]int{}, map[string]int{}
+	for o, n := range pending {
+		seen[o] = max(seen[o], n)
+	}
+	for o, n := range seen {
+		for range n {
+			x.changeLocked(o, true)
+		}
+	}
+}
+
+// index runs fn against the token's object index, learning it first if it must.
+func (t *Token) index(ctx context.Context, fn func(x *objectIndex)) error {
+	state := t.pool.tokenState()
+	if state == nil {
+		if err := t.pool.ensure(); err != nil {
+			return err
+		}
+		if state = t.pool.tokenState(); state == nil {
+			return fmt.Errorf("%w: not connected to the token", ErrUnavailable)
+		}
+	}
+	x := &state.objects
+	for {
+		ok, wait, gen := x.lookup(func() { fn(x) })
+		if ok {
+			return nil
+		}
+		if wait != nil {
+			select {
+			case <-wait:
+				continue
+			case <-ctx.Done():
+				return fmt.Errorf("%w: waiting for the token's objects to be read: %v", ErrUnavailable, ctx.Err())
+			}
+		}
+		seen, err := t.readIndex(ctx)
+		x.finish(gen, seen)
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// readIndex reads every token object's label and CKA_ID, twice, and returns the union.
+func (t *Token) readIndex(ctx context.Context) (map[indexedObject]int, error) {
+	union := map[indexedObject]int{}
+	for range 2 {
+		var seen map[indexedObject]int
+		err := t.doAside(ctx, "read the token's object labels", func(c pkcs11API, s session) error {
+			seen = map[indexedObject]int{}
+			hs, err := findObjects(c, s.h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 0)
+			if err != nil {
+				return err
+			}
+			for _, h := range hs {
+				o, err := describeForIndex(c, s.h, h)
+				if rv, ok := rvOf(err); ok && (rv == pkcs11.CKR_OBJECT_HANDLE_INVALID || rv == pkcs11.CKR_KEY_HANDLE_INVALID) {
+					continue // destroyed since the search: its destruction is recorded
+				}
+				if err != nil {
+					return err
+				}
+				seen[o]++
+			}
+			if len(hs) == 0 {
+				return nothingFoundBelieved(c, s)
+			}
+			// A module that lost the login answers searches without the private objects, and no error.
+			if lost, err := loginLost(c, s); err != nil || lost {
+				if err == nil {
+					err = pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN)
+				}
+				return err
+			}
+			return nil
+		})
+		if err != nil {
+			return nil, err
+		}
+		for o, n := range seen {
+			union[o] = max(union[o], n)
+		}
+	}
+	return union, nil
+}
+
+// describeForIndex reads the label and CKA_ID of object h. Objects without a CKA_ID (data objects) are indexed
+// by label alone.
+func describeForIndex(c pkcs11API, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle) (indexedObject, error) {
+	a, err := c.GetAttributeValue(sh, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
+	if err != nil {
+		return indexedObject{}, err
+	}
+	o := indexedObject{label: string(a[0].Value)}
+	id, err := c.GetAttributeValue(sh, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_ID, nil)})
+	if rv, ok := rvOf(err); ok && (rv == pkcs11.CKR_ATTRIBUTE_TYPE_INVALID || rv == pkcs11.CKR_ATTRIBUTE_SENSITIVE) {
+		return o, nil
+	}
+	if err != nil {
+		return indexedObject{}, err
+	}
+	o.id = string(id[0].Value)
+	return o, nil
+}
+
+// LabelledIDs returns the CKA_IDs of the token objects labelled label, as the process's object index knows them
+// (see objectIndex): no PKCS#11 call once the index is learnt. An ID appears once per object carrying it.
+func (t *Token) LabelledIDs(ctx context.Context, label string) ([][]byte, error) {
+	var out [][]byte
+	err := t.index(ctx, func(x *objectIndex) {
+		for id, n := range x.byLabel[label] {
+			for range n {
+				out = append(out, []byte(id))
+			}
+		}
+	})
+	return out, err
+}
+
+// forgetLabel drops from the object index the objects it holds under label, which two searches of the token
+// agreed are gone (destroyed by another process, or while the index was being learnt).
+func (t *Token) forgetLabel(ctx context.Context, label string) {
+	_ = t.index(ctx, func(x *objectIndex) {
+		for id, n := range x.byLabel[label] {
+			for range n {
+				x.changeLocked(indexedObject{label, id}, false)
+			}
+		}
+	})
+}
+
+// holdsID says whether the object index knows an object with CKA_ID id on the token.
+func (t *Token) holdsID(ctx context.Context, id []byte) (bool, error) {
+	var held bool
+	err := t.index(ctx, func(x *objectIndex) { held = x.byID[string(id)] > 0 })
+	return held, err
+}
+
+// indexedCalls keeps the token's object index current with every object created or destroyed through it. A
+// creation or destruction that fails in a way that may have changed the token anyway (a device error, a lost
+// session, a timeout) makes the index learnt again; one the module refused outright (a template or mechanism it
+// rejects) changed nothing.
+type indexedCalls struct {
+	pkcs11API
+	x *objectIndex
+}
+
+func (c indexedCalls) created(err error, templates ...[]*pkcs11.Attribute) {
+	if err != nil {
+		if !refusedOutright(err) {
+			c.x.forget()
+		}
+		return
+	}
+	var objs []indexedObject
+	for _, tmpl := range templates {
+		if o, ok := tokenObjectOf(tmpl); ok {
+			objs = append(objs, o)
+		}
+	}
+	c.x.record(true, objs...)
+}
+
+func (c indexedCalls) GenerateKey(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, temp []*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
+	h, err := c.pkcs11API.GenerateKey(sh, m, temp)
+	c.created(err, temp)
+	return h, err
+}
+
+func (c indexedCalls) GenerateKeyPair(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, public, private []*pkcs11.Attribute) (pkcs11.ObjectHandle, pkcs11.ObjectHandle, error) {
+	pub, priv, err := c.pkcs11API.GenerateKeyPair(sh, m, public, private)
+	c.created(err, public, private)
+	return pub, priv, err
+}
+
+func (c indexedCalls) CreateObject(sh pkcs11.SessionHandle, temp []*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
+	h, err := c.pkcs11API.CreateObject(sh, temp)
+	c.created(err, temp)
+	return h, err
+}
+
+func (c indexedCalls) UnwrapKey(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, unwrappingKey pkcs11.ObjectHandle, wrappedKey []byte, a []*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
+	h, err := c.pkcs11API.UnwrapKey(sh, m, unwrappingKey, wrappedKey, a)
+	c.created(err, a)
+	return h, err
+}
+
+func (c indexedCalls) DestroyObject(sh pkcs11.SessionHandle, oh pkcs11.ObjectHandle) error {
+	tok, err := c.pkcs11API.GetAttributeValue(sh, oh, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_TOKEN, nil)})
+	onToken := err == nil && boolean(tok[0].Value)
+	var o indexedObject
+	if onToken {
+		o, err = describeForIndex(c.pkcs11API, sh, oh)
+	}
+	derr := c.pkcs11API.DestroyObject(sh, oh)
+	switch {
+	case derr != nil:
+		if rv, ok := rvOf(derr); !refusedOutright(derr) && !(ok && (rv == pkcs11.CKR_OBJECT_HANDLE_INVALID || rv == pkcs11.CKR_KEY_HANDLE_INVALID)) {
+			c.x.forget()
+		}
+	case err != nil:
+		c.x.forget() // destroyed, but what it was is not known
+	case onToken:
+		c.x.record(false, o)
+	}
+	return derr
+}
+
+// tokenObjectOf is the label and CKA_ID a creation template gives a token object; ok is false for a session
+// object (CKA_TOKEN absent or false).
+func tokenObjectOf(tmpl []*pkcs11.Attribute) (indexedObject, bool) {
+	var o indexedObject
+	onToken := false
+	for _, a := range tmpl {
+		switch a.Type {
+		case pkcs11.CKA_TOKEN:
+			onToken = boolean(a.Value)
+		case pkcs11.CKA_LABEL:
+			o.label = string(a.Value)
+		case pkcs11.CKA_ID:
+			o.id = string(a.Value)
+		}
+	}
+	return o, onToken
+}
+
+// refusedOutright says whether a creation or destruction failed with an answer that means the module did nothing:
+// it rejected the template, the mechanism or the arguments before touching the token.
+func refusedOutright(err error) bool {
+	rv, ok := rvOf(err)
+	if !ok {
+		return false
+	}
+	switch rv {
+	case pkcs11.CKR_ARGUMENTS_BAD, pkcs11.CKR_ATTRIBUTE_READ_ONLY, pkcs11.CKR_ATTRIBUTE_TYPE_INVALID,
+		pkcs11.CKR_ATTRIBUTE_VALUE_INVALID, pkcs11.CKR_TEMPLATE_INCOMPLETE, pkcs11.CKR_TEMPLATE_INCONSISTENT,
+		pkcs11.CKR_MECHANISM_INVALID, pkcs11.CKR_MECHANISM_PARAM_INVALID, pkcs11.CKR_KEY_SIZE_RANGE,
+		pkcs11.CKR_KEY_TYPE_INCONSISTENT, pkcs11.CKR_DOMAIN_PARAMS_INVALID, pkcs11.CKR_CURVE_NOT_SUPPORTED,
+		pkcs11.CKR_FUNCTION_NOT_SUPPORTED, pkcs11.CKR_WRAPPED_KEY_INVALID, pkcs11.CKR_WRAPPED_KEY_LEN_RANGE,
+		pkcs11.CKR_UNWRAPPING_KEY_HANDLE_INVALID, pkcs11.CKR_UNWRAPPING_KEY_SIZE_RANGE,
+		pkcs11.CKR_UNWRAPPING_KEY_TYPE_INCONSISTENT, pkcs11.CKR_ACTION_PROHIBITED, pkcs11.CKR_USER_NOT_LOGGED_IN,
+		pkcs11.CKR_SESSION_READ_ONLY, pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_KEY_HANDLE_INVALID:
+		return true
+	}
+	return false
+}

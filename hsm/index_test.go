@@ -1,0 +1,95 @@
+//go:build cmkfaults
+
+package hsm
+
+import (
+	"bytes"
+	"context"
+	"maps"
+	"testing"
+
+	"github.com/miekg/pkcs11"
+)
+
+// On a real SoftHSM token: once the object index is learnt, a version's label and a usage witness that are not on
+// the token are answered with no search; creations and destructions keep it current; a creation that fails in a
+// way that may have changed the token makes it learnt again.
+func TestObjectIndexAnswersAbsenceWithoutASearch(t *testing.T) {
+	ctx := context.Background()
+	tok, _ := newToken(t, 2)
+	f := injectFaults(t, tok)
+	id := newVersion(t, tok, 256)
+	if ids, err := tok.LabelledIDs(ctx, "cmk/test/key/v1"); err != nil || len(ids) != 1 || !bytes.Equal(ids[0], id) {
+		t.Fatalf("v1 holds %x, %v; want %x", ids, err, id)
+	}
+	searches := f.count("FindObjectsInit")
+	if found, err := tok.FindVersion(ctx, AES256, "cmk/test/key/v2", HMACKeySize); err != nil || len(found) != 0 {
+		t.Fatalf("found %v, %v under a label nothing carries", found, err)
+	}
+	if _, held, err := tok.UsageWitness(ctx, id); err != nil || held {
+		t.Fatalf("a witness for a version that never reserved: %v, %v", held, err)
+	}
+	if _, err := tok.RaiseUsageWitness(ctx, id, "cmk/test/key/v1", 100); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.count("FindObjectsInit") - searches; got != 0 {
+		t.Fatalf("%d searches for what the index knows is absent", got)
+	}
+	if n, held, err := tok.UsageWitness(ctx, id); err != nil || !held || n != 100 {
+		t.Fatalf("the witness just written reads %d, %v, %v", n, held, err)
+	}
+	if _, err := tok.DestroyKeys(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	if ids, err := tok.LabelledIDs(ctx, "cmk/test/key/v1"); err != nil || len(ids) != 0 {
+		t.Fatalf("v1 still holds %x, %v after its destruction", ids, err)
+	}
+
+	// A creation the module failed with a device error may have made its object: the index is read again.
+	f.fail(pkcs11.CKR_GENERAL_ERROR, 1, "GenerateKey")
+	id2 := randomID(t)
+	if _, err := tok.GenerateVersion(ctx, AES256, id2, "cmk/test/key/v3", HMACKeySize); err != nil {
+		t.Fatal(err) // SoftHSM's CKR_GENERAL_ERROR is repeated (doObjects)
+	}
+	searches = f.count("FindObjectsInit")
+	if ids, err := tok.LabelledIDs(ctx, "cmk/test/key/v3"); err != nil || len(ids) != 1 || !bytes.Equal(ids[0], id2) {
+		t.Fatalf("v3 holds %x, %v; want %x", ids, err, id2)
+	}
+	if got := f.count("FindObjectsInit") - searches; got != 2 {
+		t.Fatalf("%d searches after a failed creation; want the two readings of a new learning", got)
+	}
+}
+
+// Objects created while the index is being learnt, after the readings listed the token, are in the index all the
+// same; one destroyed meanwhile may stay (absence is what the index answers, so that costs a search, never a
+// wrong answer); and a forget during a learning discards what that learning read.
+func TestObjectIndexLearningMergesChangesMadeMeanwhile(t *testing.T) {
+	var x objectIndex
+	a, b, c := indexedObject{"a", "1"}, indexedObject{"b", "2"}, indexedObject{"c", "3"}
+	ok, wait, gen := x.lookup(func() {})
+	if ok || wait != nil {
+		t.Fatal("an empty index answered, or had a learning under way")
+	}
+	x.record(true, b)  // made after the readings listed the token
+	x.record(false, a) // destroyed after the readings saw it
+	x.finish(gen, map[indexedObject]int{a: 1, c: 1})
+	var got map[string]int
+	if ok, _, _ := x.lookup(func() { got = maps.Clone(x.byID) }); !ok {
+		t.Fatal("not ready after a learning")
+	}
+	if got["1"] != 1 || got["2"] != 1 || got["3"] != 1 {
+		t.Fatalf("index by CKA_ID %v; want a (may be gone), b (made meanwhile) and c", got)
+	}
+	x.record(false, a, c)
+	if ok, _, _ := x.lookup(func() { got = maps.Clone(x.byID) }); !ok || len(got) != 1 || got["2"] != 1 {
+		t.Fatalf("after two destructions the index is %v", got)
+	}
+
+	x.forget()
+	_, _, gen = x.lookup(func() {})
+	x.forget() // a fault while the learning reads: what it read may be out of date
+	x.finish(gen, map[indexedObject]int{a: 1})
+	if ok, _, _ := x.lookup(func() {}); ok {
+		t.Fatal("a learning overtaken by a forget was kept")
+	}
+}
