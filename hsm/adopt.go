@@ -161,28 +161,27 @@ func (t *Token) FindVersion(ctx context.Context, alg Algorithm, label string, hm
 		return nil, err
 	}
 	for range 2 {
-		found, err := t.findVersion(ctx, alg, label, hmacBytes)
-		if err != nil || len(found) > 0 {
-			return found, err
+		found, labelled, err := t.findVersion(ctx, alg, label, hmacBytes)
+		if err != nil || labelled {
+			return found, err // objects under the label that are no version's main object are not one
 		}
 	}
 	t.forgetLabel(ctx, label)
 	return nil, nil
 }
 
-// findVersion is FindVersion's search on the token.
-func (t *Token) findVersion(ctx context.Context, alg Algorithm, label string, hmacBytes int) ([]Found, error) {
+// findVersion is FindVersion's search on the token; labelled says whether it found any object under the label.
+func (t *Token) findVersion(ctx context.Context, alg Algorithm, label string, hmacBytes int) (out []Found, labelled bool, err error) {
 	caps, err := t.Capabilities(ctx)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	bySearch, err := t.labelSearch(ctx)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
-	var out []Found
 	err = t.do(ctx, "find key version by label", func(c pkcs11API, s session) error {
-		out = out[:0]
+		out, labelled = out[:0], false
 		var hs []pkcs11.ObjectHandle
 		if bySearch {
 			if hs, err = findObjects(c, s.h, []*pkcs11.Attribute{
@@ -201,6 +200,7 @@ func (t *Token) findVersion(ctx context.Context, alg Algorithm, label string, hm
 				}
 			}
 		}
+		labelled = len(hs) > 0
 		for _, h := range hs {
 			f, keep, err := t.describe(c, s.h, h, caps, alg, hmacBytes)
 			if err != nil {
@@ -211,12 +211,12 @@ func (t *Token) findVersion(ctx context.Context, alg Algorithm, label string, hm
 				out = append(out, f)
 			}
 		}
-		if len(out) == 0 {
+		if len(out) == 0 { // a search without the login finds public objects only
 			return nothingFoundBelieved(c, s)
 		}
 		return nil
 	})
-	return out, err
+	return out, labelled, err
 }
 
 // describe reads what decides adoption from object h; keep is false for objects that are not a version's main

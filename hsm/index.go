@@ -3,6 +3,7 @@ package hsm
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 
 	"github.com/miekg/pkcs11"
@@ -28,12 +29,11 @@ type objectIndex struct {
 	mu       sync.Mutex
 	ready    bool
 	learning bool
-	learnt   chan struct{}             // closed when the learning under way ends
-	gen      uint64                    // counts forgets: a learning that a forget overtook is not kept
-	pending  map[indexedObject]int     // objects created while a learning is under way
-	objects  map[indexedObject]int     // token objects by label and CKA_ID (a key pair's halves share both)
-	byLabel  map[string]map[string]int // label → CKA_ID → objects
-	byID     map[string]int            // CKA_ID → objects
+	learnt   chan struct{}         // closed when the learning under way ends
+	gen      uint64                // counts forgets: a learning that a forget overtook is not kept
+	pending  map[indexedObject]int // objects created while a learning is under way
+	byLabel  map[string][]string   // label → the CKA_ID of each object under it (a key pair's halves: twice)
+	byID     map[string]int        // CKA_ID → objects carrying it
 }
 
 type indexedObject struct{ label, id string }
@@ -43,7 +43,7 @@ func (x *objectIndex) forget() {
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	x.gen++
-	x.ready, x.objects, x.byLabel, x.byID, x.pending = false, nil, nil, nil, nil
+	x.ready, x.byLabel, x.byID, x.pending = false, nil, nil, nil
 }
 
 // record applies an object's creation (add) or destruction by this process.
@@ -61,26 +61,22 @@ func (x *objectIndex) record(add bool, objs ...indexedObject) {
 }
 
 func (x *objectIndex) changeLocked(o indexedObject, add bool) {
-	d := 1
-	if !add {
-		if x.objects[o] == 0 {
-			return
-		}
-		d = -1
+	ids := x.byLabel[o.label]
+	if add {
+		x.byLabel[o.label] = append(ids, o.id)
+		x.byID[o.id]++
+		return
 	}
-	x.objects[o] += d
-	if x.byLabel[o.label] == nil {
-		x.byLabel[o.label] = map[string]int{}
+	i := slices.Index(ids, o.id)
+	if i < 0 {
+		return
 	}
-	x.byLabel[o.label][o.id] += d
-	x.byID[o.id] += d
-	if x.objects[o] == 0 {
-		delete(x.objects, o)
-		if delete(x.byLabel[o.label], o.id); len(x.byLabel[o.label]) == 0 {
-			delete(x.byLabel, o.label)
-		}
+	if ids = slices.Delete(ids, i, i+1); len(ids) == 0 {
+		delete(x.byLabel, o.label)
+	} else {
+		x.byLabel[o.label] = ids
 	}
-	if x.byID[o.id] == 0 {
+	if x.byID[o.id]--; x.byID[o.id] <= 0 {
 		delete(x.byID, o.id)
 	}
 }
@@ -116,7 +112,7 @@ func (x *objectIndex) finish(gen uint64, seen map[indexedObject]int) {
 		return
 	}
 	x.ready = true
-	x.objects, x.byLabel, x.byID = map[indexedObject]int{}, map[string]map[string]int{}, map[string]int{}
+	x.byLabel, x.byID = make(map[string][]string, len(seen)), make(map[string]int, len(seen))
 	for o, n := range pending {
 		seen[o] = max(seen[o], n)
 	}
@@ -227,10 +223,8 @@ func describeForIndex(c pkcs11API, sh pkcs11.SessionHandle, h pkcs11.ObjectHandl
 func (t *Token) LabelledIDs(ctx context.Context, label string) ([][]byte, error) {
 	var out [][]byte
 	err := t.index(ctx, func(x *objectIndex) {
-		for id, n := range x.byLabel[label] {
-			for range n {
-				out = append(out, []byte(id))
-			}
+		for _, id := range x.byLabel[label] {
+			out = append(out, []byte(id))
 		}
 	})
 	return out, err
@@ -240,10 +234,8 @@ func (t *Token) LabelledIDs(ctx context.Context, label string) ([][]byte, error)
 // agreed are gone (destroyed by another process, or while the index was being learnt).
 func (t *Token) forgetLabel(ctx context.Context, label string) {
 	_ = t.index(ctx, func(x *objectIndex) {
-		for id, n := range x.byLabel[label] {
-			for range n {
-				x.changeLocked(indexedObject{label, id}, false)
-			}
+		for _, id := range slices.Clone(x.byLabel[label]) {
+			x.changeLocked(indexedObject{label, id}, false)
 		}
 	})
 }
