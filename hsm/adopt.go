@@ -151,7 +151,7 @@ func (f Found) IDHex() string { return hex.EncodeToString(f.ID) }
 // A search that finds nothing is believed only while the session is still logged in (modules answer searches with
 // nothing, not an error, once a C_Logout elsewhere has made private objects invisible), and only when a second
 // search agrees: one SoftHSM search can miss an object another process is writing. Two that agree mean the
-// index held an object since gone, which it then forgets.
+// index held an object since gone, which it then forgets unless a search by its CKA_ID still finds it.
 func (t *Token) FindVersion(ctx context.Context, alg Algorithm, label string, hmacBytes int) ([]Found, error) {
 	if label == "" {
 		return nil, fmt.Errorf("%w: empty label", ErrInvalidArgument)
@@ -166,8 +166,7 @@ func (t *Token) FindVersion(ctx context.Context, alg Algorithm, label string, hm
 			return found, err // objects under the label that are no version's main object are not one
 		}
 	}
-	t.forgetLabel(ctx, label)
-	return nil, nil
+	return nil, t.forgetLabel(ctx, label, ids)
 }
 
 // findVersion is FindVersion's search on the token; labelled says whether it found any object under the label.

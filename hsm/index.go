@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/miekg/pkcs11"
 )
@@ -26,24 +27,32 @@ import (
 // One learning reads every object twice and takes the union: SoftHSM 2.6.1's store can hide an object from one
 // search while another process writes (the second look a version's creation used to make per version).
 type objectIndex struct {
-	mu       sync.Mutex
-	ready    bool
-	learning bool
-	learnt   chan struct{}         // closed when the learning under way ends
-	gen      uint64                // counts forgets: a learning that a forget overtook is not kept
-	pending  map[indexedObject]int // objects created while a learning is under way
-	byLabel  map[string][]string   // label → the CKA_ID of each object under it (a key pair's halves: twice)
-	byID     map[string]int        // CKA_ID → objects carrying it
+	mu      sync.Mutex
+	ready   bool
+	current *learning             // the learning under way, if any
+	gen     uint64                // counts forgets: a learning that a forget overtook is not kept
+	pending map[indexedObject]int // objects created while a learning is under way
+	byLabel map[string][]string   // label → the CKA_ID of each object under it (a key pair's halves: twice)
+	byID    map[string]int        // CKA_ID → objects carrying it
 }
 
 type indexedObject struct{ label, id string }
 
-// forget drops what the index knows; the next question learns it again.
+// learning is one reading of the token into the index; askers wait for done, then read err.
+type learning struct {
+	done chan struct{}
+	err  error
+}
+
+// forget drops what the index knows; the next question learns it again, and a learning under way is not kept.
 func (x *objectIndex) forget() {
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	x.gen++
-	x.ready, x.byLabel, x.byID, x.pending = false, nil, nil, nil
+	x.ready, x.byLabel, x.byID = false, nil, nil
+	if x.current != nil {
+		x.pending = map[indexedObject]int{}
+	}
 }
 
 // record applies an object's creation (add) or destruction by this process.
@@ -52,7 +61,7 @@ func (x *objectIndex) record(add bool, objs ...indexedObject) {
 	defer x.mu.Unlock()
 	for _, o := range objs {
 		switch {
-		case x.learning && add:
+		case x.current != nil && add:
 			x.pending[o]++
 		case x.ready:
 			x.changeLocked(o, add)
@@ -81,40 +90,41 @@ func (x *objectIndex) changeLocked(o indexedObject, add bool) {
 	}
 }
 
-// lookup runs fn on a ready index and returns true; otherwise it returns the learning to wait for, or starts one
-// (wait and gen for the caller to learn under).
-func (x *objectIndex) lookup(fn func()) (ok bool, wait chan struct{}, gen uint64) {
+// lookup runs fn on a ready index and returns nil; otherwise it returns the learning to wait for, and start says
+// that the caller is to run it (under gen).
+func (x *objectIndex) lookup(fn func()) (wait *learning, start bool, gen uint64) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	if x.ready {
 		fn()
-		return true, nil, 0
+		return nil, false, 0
 	}
-	if x.learning {
-		return false, x.learnt, 0
+	if x.current != nil {
+		return x.current, false, 0
 	}
-	x.learning, x.learnt, x.pending = true, make(chan struct{}), map[indexedObject]int{}
-	return false, nil, x.gen
+	x.current, x.pending = &learning{done: make(chan struct{})}, map[indexedObject]int{}
+	return x.current, true, x.gen
 }
 
-// finish ends the learning started at gen: seen is what the readings of the token found (nil if they failed).
-// Objects created while they ran count whether the readings saw them or not, and destructions made meanwhile are
-// not applied: the index may then hold an object that is gone, which costs a search (only absence is answered
-// from it), never one too few.
-func (x *objectIndex) finish(gen uint64, seen map[indexedObject]int) {
+// finish ends the learning started at gen: seen is what the readings of the token found, err why they failed.
+// Objects created while they ran are added to what they found, and destructions made meanwhile are not applied:
+// the index may then hold an object that is gone, or count one twice, which costs a search (only absence is
+// answered from it), never one too few.
+func (x *objectIndex) finish(gen uint64, seen map[indexedObject]int, err error) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
-	x.learning = false
-	close(x.learnt)
+	l := x.current
+	x.current, l.err = nil, err
+	close(l.done)
 	pending := x.pending
 	x.pending = nil
-	if seen == nil || gen != x.gen {
+	if err != nil || gen != x.gen {
 		return
 	}
 	x.ready = true
 	x.byLabel, x.byID = make(map[string][]string, len(seen)), make(map[string]int, len(seen))
 	for o, n := range pending {
-		seen[o] = max(seen[o], n)
+		seen[o] += n
 	}
 	for o, n := range seen {
 		for range n {
@@ -123,7 +133,11 @@ func (x *objectIndex) finish(gen uint64, seen map[indexedObject]int) {
 	}
 }
 
-// index runs fn against the token's object index, learning it first if it must.
+// learnTimeout bounds one learning, which runs for every asker and so not under any one request's deadline.
+const learnTimeout = 10 * time.Minute
+
+// index runs fn against the token's object index, learning it first if it must. The learning runs apart from
+// the asking request: a request that gives up stops waiting, not the learning others wait for.
 func (t *Token) index(ctx context.Context, fn func(x *objectIndex)) error {
 	state := t.pool.tokenState()
 	if state == nil {
@@ -135,23 +149,29 @@ func (t *Token) index(ctx context.Context, fn func(x *objectIndex)) error {
 		}
 	}
 	x := &state.objects
-	for {
-		ok, wait, gen := x.lookup(func() { fn(x) })
-		if ok {
+	for tries := 0; ; tries++ {
+		wait, start, gen := x.lookup(func() { fn(x) })
+		if wait == nil {
 			return nil
 		}
-		if wait != nil {
-			select {
-			case <-wait:
-				continue
-			case <-ctx.Done():
-				return fmt.Errorf("%w: waiting for the token's objects to be read: %v", ErrUnavailable, ctx.Err())
-			}
+		if tries == 3 {
+			return fmt.Errorf("%w: the token's objects were read three times, and each reading was overtaken by a reconnection or a fault", ErrUnavailable)
 		}
-		seen, err := t.readIndex(ctx)
-		x.finish(gen, seen)
-		if err != nil {
-			return err
+		if start {
+			go func() {
+				lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), learnTimeout)
+				defer cancel()
+				seen, err := t.readIndex(lctx)
+				x.finish(gen, seen, err)
+			}()
+		}
+		select {
+		case <-wait.done:
+			if wait.err != nil {
+				return wait.err
+			}
+		case <-ctx.Done():
+			return fmt.Errorf("%w: waiting for the token's objects to be read: %v", ErrUnavailable, ctx.Err())
 		}
 	}
 }
@@ -193,20 +213,25 @@ func (t *Token) readIndex(ctx context.Context) (map[indexedObject]int, error) {
 			return nil, err
 		}
 		for o, n := range seen {
-			union[o] = max(union[o], n)
+			union[o] = max(union[o], n) // an object seen by either reading is there
 		}
 	}
 	return union, nil
 }
 
 // describeForIndex reads the label and CKA_ID of object h. Objects without a CKA_ID (data objects) are indexed
-// by label alone.
+// by label alone, objects without a label by CKA_ID alone.
 func describeForIndex(c pkcs11API, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle) (indexedObject, error) {
+	var o indexedObject
 	a, err := c.GetAttributeValue(sh, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
-	if err != nil {
+	switch rv, ok := rvOf(err); {
+	case ok && (rv == pkcs11.CKR_ATTRIBUTE_TYPE_INVALID || rv == pkcs11.CKR_ATTRIBUTE_SENSITIVE):
+		// no label (another application's object): no label search can find it either
+	case err != nil:
 		return indexedObject{}, err
+	default:
+		o.label = string(a[0].Value)
 	}
-	o := indexedObject{label: string(a[0].Value)}
 	id, err := c.GetAttributeValue(sh, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_ID, nil)})
 	if rv, ok := rvOf(err); ok && (rv == pkcs11.CKR_ATTRIBUTE_TYPE_INVALID || rv == pkcs11.CKR_ATTRIBUTE_SENSITIVE) {
 		return o, nil
@@ -230,12 +255,37 @@ func (t *Token) LabelledIDs(ctx context.Context, label string) ([][]byte, error)
 	return out, err
 }
 
-// forgetLabel drops from the object index the objects it holds under label, which two searches of the token
-// agreed are gone (destroyed by another process, or while the index was being learnt).
-func (t *Token) forgetLabel(ctx context.Context, label string) {
-	_ = t.index(ctx, func(x *objectIndex) {
-		for _, id := range slices.Clone(x.byLabel[label]) {
-			x.changeLocked(indexedObject{label, id}, false)
+// forgetLabel drops from the object index the objects ids under label, which two searches by label found gone
+// (destroyed by another process, or while the index was being learnt, or recorded by a creation that failed),
+// unless a search by CKA_ID, another question to the token, still finds one.
+func (t *Token) forgetLabel(ctx context.Context, label string, ids [][]byte) error {
+	var gone []indexedObject
+	err := t.do(ctx, "find objects by CKA_ID", func(c pkcs11API, s session) error {
+		gone = gone[:0]
+		for _, id := range ids {
+			if len(id) > 0 {
+				hs, err := findObjects(c, s.h, []*pkcs11.Attribute{
+					pkcs11.NewAttribute(pkcs11.CKA_ID, id), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}, 1)
+				if err != nil {
+					return err
+				}
+				if len(hs) > 0 {
+					continue
+				}
+			}
+			gone = append(gone, indexedObject{label, string(id)})
+		}
+		if len(gone) == len(ids) {
+			return nothingFoundBelieved(c, s)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	return t.index(ctx, func(x *objectIndex) {
+		for _, o := range gone {
+			x.changeLocked(o, false)
 		}
 	})
 }
@@ -248,21 +298,15 @@ func (t *Token) holdsID(ctx context.Context, id []byte) (bool, error) {
 }
 
 // indexedCalls keeps the token's object index current with every object created or destroyed through it. A
-// creation or destruction that fails in a way that may have changed the token anyway (a device error, a lost
-// session, a timeout) makes the index learnt again; one the module refused outright (a template or mechanism it
-// rejects) changed nothing.
+// creation that failed is recorded as made all the same (a device error, a lost session or SoftHSM's store race
+// can leave the object behind), and a destruction that failed, or whose object could not be read first, is not
+// recorded: either way the index may hold an object that is not there, which costs a search, never a number.
 type indexedCalls struct {
 	pkcs11API
 	x *objectIndex
 }
 
-func (c indexedCalls) created(err error, templates ...[]*pkcs11.Attribute) {
-	if err != nil {
-		if !refusedOutright(err) {
-			c.x.forget()
-		}
-		return
-	}
+func (c indexedCalls) created(templates ...[]*pkcs11.Attribute) {
 	var objs []indexedObject
 	for _, tmpl := range templates {
 		if o, ok := tokenObjectOf(tmpl); ok {
@@ -274,25 +318,25 @@ func (c indexedCalls) created(err error, templates ...[]*pkcs11.Attribute) {
 
 func (c indexedCalls) GenerateKey(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, temp []*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
 	h, err := c.pkcs11API.GenerateKey(sh, m, temp)
-	c.created(err, temp)
+	c.created(temp)
 	return h, err
 }
 
 func (c indexedCalls) GenerateKeyPair(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, public, private []*pkcs11.Attribute) (pkcs11.ObjectHandle, pkcs11.ObjectHandle, error) {
 	pub, priv, err := c.pkcs11API.GenerateKeyPair(sh, m, public, private)
-	c.created(err, public, private)
+	c.created(public, private)
 	return pub, priv, err
 }
 
 func (c indexedCalls) CreateObject(sh pkcs11.SessionHandle, temp []*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
 	h, err := c.pkcs11API.CreateObject(sh, temp)
-	c.created(err, temp)
+	c.created(temp)
 	return h, err
 }
 
 func (c indexedCalls) UnwrapKey(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, unwrappingKey pkcs11.ObjectHandle, wrappedKey []byte, a []*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
 	h, err := c.pkcs11API.UnwrapKey(sh, m, unwrappingKey, wrappedKey, a)
-	c.created(err, a)
+	c.created(a)
 	return h, err
 }
 
@@ -304,14 +348,7 @@ func (c indexedCalls) DestroyObject(sh pkcs11.SessionHandle, oh pkcs11.ObjectHan
 		o, err = describeForIndex(c.pkcs11API, sh, oh)
 	}
 	derr := c.pkcs11API.DestroyObject(sh, oh)
-	switch {
-	case derr != nil:
-		if rv, ok := rvOf(derr); !refusedOutright(derr) && !(ok && (rv == pkcs11.CKR_OBJECT_HANDLE_INVALID || rv == pkcs11.CKR_KEY_HANDLE_INVALID)) {
-			c.x.forget()
-		}
-	case err != nil:
-		c.x.forget() // destroyed, but what it was is not known
-	case onToken:
+	if derr == nil && err == nil && onToken {
 		c.x.record(false, o)
 	}
 	return derr
@@ -333,25 +370,4 @@ func tokenObjectOf(tmpl []*pkcs11.Attribute) (indexedObject, bool) {
 		}
 	}
 	return o, onToken
-}
-
-// refusedOutright says whether a creation or destruction failed with an answer that means the module did nothing:
-// it rejected the template, the mechanism or the arguments before touching the token.
-func refusedOutright(err error) bool {
-	rv, ok := rvOf(err)
-	if !ok {
-		return false
-	}
-	switch rv {
-	case pkcs11.CKR_ARGUMENTS_BAD, pkcs11.CKR_ATTRIBUTE_READ_ONLY, pkcs11.CKR_ATTRIBUTE_TYPE_INVALID,
-		pkcs11.CKR_ATTRIBUTE_VALUE_INVALID, pkcs11.CKR_TEMPLATE_INCOMPLETE, pkcs11.CKR_TEMPLATE_INCONSISTENT,
-		pkcs11.CKR_MECHANISM_INVALID, pkcs11.CKR_MECHANISM_PARAM_INVALID, pkcs11.CKR_KEY_SIZE_RANGE,
-		pkcs11.CKR_KEY_TYPE_INCONSISTENT, pkcs11.CKR_DOMAIN_PARAMS_INVALID, pkcs11.CKR_CURVE_NOT_SUPPORTED,
-		pkcs11.CKR_FUNCTION_NOT_SUPPORTED, pkcs11.CKR_WRAPPED_KEY_INVALID, pkcs11.CKR_WRAPPED_KEY_LEN_RANGE,
-		pkcs11.CKR_UNWRAPPING_KEY_HANDLE_INVALID, pkcs11.CKR_UNWRAPPING_KEY_SIZE_RANGE,
-		pkcs11.CKR_UNWRAPPING_KEY_TYPE_INCONSISTENT, pkcs11.CKR_ACTION_PROHIBITED, pkcs11.CKR_USER_NOT_LOGGED_IN,
-		pkcs11.CKR_SESSION_READ_ONLY, pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_KEY_HANDLE_INVALID:
-		return true
-	}
-	return false
 }

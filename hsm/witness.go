@@ -128,11 +128,14 @@ func (t *Token) RaiseUsageWitness(ctx context.Context, id []byte, versionLabel s
 		return 0, err
 	}
 	var before uint64
+	attempts := 0
 	err = t.doObjects(ctx, "raise usage witness", func(c pkcs11API, s session) error {
 		var ws map[pkcs11.ObjectHandle]uint64
 		var high uint64
 		var err error
-		if held { // else the object index knows of none: the first witness is written without a search
+		// Where the object index knows of no witness, the first is written without a search; a repeated attempt
+		// looks, since the one before may have written it.
+		if attempts++; held || attempts > 1 {
 			if ws, high, err = readWitnesses(c, s.h, id); err != nil {
 				return err
 			}

@@ -472,9 +472,9 @@ var errNumberSeenTaken = errors.New("the version's number was found taken after 
 // putVersion makes version LatestVersion+1 with material and adds it to the key, after checking that the token
 // holds nothing else under the new version's label, as the token's object index knows it (hsm.LabelledIDs: learnt
 // from the token once per connection, kept current by every object the process makes or destroys, so no search):
-// an object made under the number while the material was (by another mount of this process), or one that
-// adoption's search missed where the index did not. It only lists what carries the label, leaving the examination
-// of what it finds to adoption. What it finds besides the new material (errNumberSeenTaken) makes it destroy the
+// an object made under the number by this process while the material was made, or one the index holds that
+// adoption's two searches did not find but a search by its CKA_ID did. It only lists what carries the label,
+// leaving the examination of what it finds to adoption. What it finds besides the new material (errNumberSeenTaken) makes it destroy the
 // new material: this change made it and nothing stored it.
 func (tx *Tx) putVersion(material Material, requestID string, generated bool) (int, string, error) {
 	k, tok := tx.Key, tx.tok
