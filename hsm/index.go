@@ -11,7 +11,7 @@ import (
 )
 
 // The object index is what the process knows of the labels and CKA_IDs of a token's objects: learnt by reading
-// every object once per connection, then kept current by every object this process creates or destroys on the
+// every object when a mount opens the token, then kept current by every object this process creates or destroys on the
 // token (indexedCalls sees each such call, whichever mount makes it). It answers "does the token hold anything
 // under this label, or this CKA_ID?" with no PKCS#11 call, which is what a version's creation and a usage witness's
 // first read ask: on SoftHSM, whose file store reads every object file per search, those searches made creating
@@ -20,7 +20,8 @@ import (
 // Only absence is answered from the index; what it says is there is then looked at on the token (FindVersion,
 // UsageWitness), so an object gone behind the process's back costs a search, never a wrong answer. What the index
 // cannot see is an object another process makes on the token after the index was learnt: it is learnt again at
-// every connection (a mount's start, a node taking over as active, a reconnection after a fault), so material a
+// every opening of the token by a mount (its start or reconfiguration, a node taking over as active; not a
+// reconnection after a fault, during which this process made nothing), so material a
 // previous process or node left is always seen; two processes writing the same mount's labels at once (two active
 // nodes) is what Vault's HA rules out.
 //

@@ -69,7 +69,7 @@ func TestSearchThatMissesTheOriginalNeverReusesItsNumberOnSoftHSM(t *testing.T) 
 	}
 }
 
-// The token's object index (learnt once per connection, then kept current by the process's own creations and
+// The token's object index (learnt when a mount opens the token, then kept current by the process's own creations and
 // destructions) must not let a number be reused whose object another process made, or this engine made before a
 // restart that storage forgot. On a real SoftHSM token: version 2's label is taken by another process (OpenSC's
 // pkcs11-tool) while the engine runs, then the engine restarts (a new connection) and rotates; and version 2 of

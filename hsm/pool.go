@@ -87,7 +87,15 @@ func (p *pool) current(s session) bool { return s.epoch == p.epoch.Load() }
 func (p *pool) connect() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.reconnectLocked(true)
+	if err := p.reconnectLocked(true); err != nil {
+		return err
+	}
+	// A mount configured, or set up on a node taking over as active: another process (the node active before)
+	// may have made objects since this one read the token's. A reconnection after a fault, or a re-initialisation
+	// of the module, forgets nothing: this process made nothing meanwhile unseen, and under a flaky HSM that
+	// reconnects often, reading the token whole after each would make every rotation pay for it.
+	p.tokenState().objects.forget()
+	return nil
 }
 
 // close ends the connection for good: the epoch ends under calls, so calls of this Token still in flight finish
@@ -193,10 +201,7 @@ func (p *pool) reconnectLocked(first bool) error {
 	p.slot, p.gen, p.loginSession, p.connected = slot, gen, sh, true
 	p.provenFor = slotKey(p.cfg.Library, ti)
 	info := tokenInfoFrom(slot, ti)
-	state := p.mod.token(slotKey(p.cfg.Library, ti))
-	// Another process may have changed the token while this one was not connected to it.
-	state.objects.forget()
-	p.found.Store(&foundToken{info: info, state: state})
+	p.found.Store(&foundToken{info: info, state: p.mod.token(slotKey(p.cfg.Library, ti))})
 	p.lastErr, p.backoff = nil, 0
 	if !first {
 		p.log.Warn("reconnected to the HSM token", "token", info.Label, "slot", slot)

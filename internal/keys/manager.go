@@ -471,7 +471,7 @@ var errNumberSeenTaken = errors.New("the version's number was found taken after 
 
 // putVersion makes version LatestVersion+1 with material and adds it to the key, after checking that the token
 // holds nothing else under the new version's label, as the token's object index knows it (hsm.LabelledIDs: learnt
-// from the token once per connection, kept current by every object the process makes or destroys, so no search):
+// from the token when a mount opens it, kept current by every object the process makes or destroys, so no search):
 // an object made under the number by this process while the material was made, or one the index holds that
 // adoption's two searches did not find but a search by its CKA_ID did. It only lists what carries the label,
 // leaving the examination of what it finds to adoption. What it finds besides the new material (errNumberSeenTaken) makes it destroy the

@@ -176,7 +176,7 @@ func (u *usageTracker) loadLocked(ctx context.Context, s logical.Storage, name s
 // this block already (another process raised the witness since this one read it: a second active node) means the
 // count is behind what may have been used: the version encrypts no more. Whether the token holds a witness at all
 // is answered from its object index (hsm.objectIndex), which sees another process's witness from this process's
-// next connection to the token on.
+// next opening of the token on.
 func (u *usageTracker) reserve(ctx context.Context, s logical.Storage, tok func() (HSM, error), name string, v int, ver *Version, c *versionUsage, n, limit uint64) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
