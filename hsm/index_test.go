@@ -8,6 +8,7 @@ import (
 	"maps"
 	"testing"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/miekg/pkcs11"
 )
 
@@ -103,5 +104,46 @@ func TestObjectIndexLearningMergesChangesMadeMeanwhile(t *testing.T) {
 	x.finish(gen, map[indexedObject]int{a: 1}, nil)
 	if wait, _, _ := x.lookup(func() {}); wait == nil {
 		t.Fatal("a learning overtaken by a forget was kept")
+	}
+}
+
+// A reconnection after a fault (here a device error, which re-initialises the module) keeps the index: the
+// process made nothing unseen meanwhile, and under a flaky HSM reading the token whole after each reconnection
+// made every rotation pay for it (the soak: 16 rotations in two minutes, one unanswered). Opening the token
+// again, as a mount's start or a node taking over does, reads it again.
+func TestReconnectionKeepsTheObjectIndex(t *testing.T) {
+	ctx := context.Background()
+	tok, cfg := newToken(t, 1)
+	id := newVersion(t, tok, 256)
+	f := injectFaults(t, tok)
+	if _, err := tok.LabelledIDs(ctx, "cmk/test/key/v1"); err != nil {
+		t.Fatal(err)
+	}
+	gen := tok.mod.generation.Load()
+	f.fail(pkcs11.CKR_DEVICE_ERROR, 1, "EncryptInit")
+	if _, _, err := tok.EncryptGCM(ctx, id, make([]byte, 12), nil, []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	if tok.mod.generation.Load() == gen {
+		t.Fatal("the device error re-initialised nothing")
+	}
+	searches := f.count("FindObjectsInit")
+	if ids, err := tok.LabelledIDs(ctx, "cmk/test/key/v1"); err != nil || len(ids) != 1 {
+		t.Fatalf("v1 holds %x, %v", ids, err)
+	}
+	if got := f.count("FindObjectsInit") - searches; got != 0 {
+		t.Fatalf("%d searches after a reconnection: the index was read again", got)
+	}
+
+	again, err := Open(cfg, hclog.NewNullLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer again.Close()
+	if _, err := again.LabelledIDs(ctx, "cmk/test/key/v1"); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.count("FindObjectsInit") - searches; got != 2 {
+		t.Fatalf("%d searches after the token was opened again; want the two readings of a learning", got)
 	}
 }

@@ -794,3 +794,30 @@ func TestUseCountedWhileItsKeyCountsAreFreed(t *testing.T) {
 		})
 	}
 }
+
+// The door's own cost of usage analytics (counting and anomaly judging) per use, against analytics off: 16
+// callers' worth of parallel uses of one key, with the fake HSM, so that only the engine's code is measured.
+// `go test -run '^$' -bench BenchmarkUse -cpu 2 ./internal/keys/`
+func BenchmarkUseWithAnalytics(b *testing.B)    { benchmarkUse(b, true) }
+func BenchmarkUseWithoutAnalytics(b *testing.B) { benchmarkUse(b, false) }
+
+func benchmarkUse(b *testing.B, analytics bool) {
+	f := newFakeHSM()
+	m := NewManager(hclog.NewNullLogger(), "mount", func(context.Context, logical.Storage) (HSM, *Nonces, error) { return f, nil, nil })
+	s := &logical.InmemStorage{}
+	ctx := context.Background()
+	if _, _, err := m.Create(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96}, who, nil); err != nil {
+		b.Fatal(err)
+	}
+	m.SetAnalytics(analytics)
+	c := Caller{Actor: Actor{DisplayName: "root", Accessor: "accessor"}}
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if _, err := m.Use(ctx, s, "k", c, OpEncrypt, 1); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+}

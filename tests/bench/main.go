@@ -43,6 +43,7 @@ var (
 	cpuProfile = flag.String("cpuprofile", "", "write a CPU profile of the plugin under load to this file")
 	profLoad   = flag.String("profile-load", "batch", "load to profile: single or batch encryption")
 	rounds     = flag.Int("rounds", 3, "windows per figure, taken in turn with the reference's; rows report medians")
+	firstRows  = flag.Bool("single-only", false, "stop after the single-request rows (to repeat them with more -rounds); writes no file")
 	holdToken  = flag.String("token-rss", "", "internal: open the token with this label, read every object, print this process's RSS in MB")
 )
 
@@ -123,6 +124,10 @@ func main() {
 	}
 	w = alternate(evidenceOn(true, window(srv, 16, encryptOne(cmk.Path))), evidenceOn(false, window(srv, 16, encryptOne(cmk.Path))))
 	rows = append(rows, ratioRow("single encrypt with usage analytics and per-key metrics, requests/s (16 clients)", w[0], "both off", w[1], rate, 0.95))
+	if *firstRows {
+		fmt.Println(render(rows, nil))
+		return
+	}
 	ctCMK := read(c, cmk.Path, "encrypt/bench", msg)
 	ctTransit := read(c, "transit", "encrypt/bench", msg)
 	decryptOne := func(p, ct string) func(*api.Client) error {
@@ -491,6 +496,9 @@ func render(rows []row, poolRows []string) string {
 			}
 		}
 		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s%s |\n", r.name, r.ours, r.ref, r.ratio, r.target, mark)
+	}
+	if len(poolRows) == 0 {
+		return b.String()
 	}
 	b.WriteString("\nBatch encryption by session pool size (items/s, 1,000 × 64 B, 4 clients):\n\n| pool_size | items/s |\n|---|---|\n")
 	b.WriteString(strings.Join(poolRows, "\n") + "\n")
