@@ -156,7 +156,7 @@ func (t *Token) index(ctx context.Context, fn func(x *objectIndex)) error {
 			return nil
 		}
 		if tries == 3 {
-			return fmt.Errorf("%w: the token's objects were read three times, and each reading was overtaken by a reconnection or a fault", ErrUnavailable)
+			return fmt.Errorf("%w: the token's objects were read three times, and each reading was overtaken by a mount opening the token", ErrUnavailable)
 		}
 		if start {
 			go func() {

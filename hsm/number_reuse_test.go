@@ -48,19 +48,7 @@ func TestSearchThatMissesTheOriginalNeverReusesItsNumberOnSoftHSM(t *testing.T) 
 	if err != nil {
 		t.Fatal(err)
 	}
-	objects, err := tok.ListObjects(ctx, "cmk/mount/k/")
-	if err != nil {
-		t.Fatal(err)
-	}
-	byLabel := map[string][]string{}
-	for _, o := range objects {
-		byLabel[o.Label] = append(byLabel[o.Label], hex.EncodeToString(o.ID))
-	}
-	for label, ids := range byLabel {
-		if len(ids) > 1 {
-			t.Errorf("%d objects labelled %s: %v", len(ids), label, ids)
-		}
-	}
+	byLabel := objectsByLabel(t, tok, "cmk/mount/k/")
 	if k.Versions[2] == nil || k.Versions[2].HSMID != original || k.LatestVersion != 3 {
 		t.Fatalf("version 2 is %+v, the original %s; latest %d", k.Versions[2], original, k.LatestVersion)
 	}
@@ -94,22 +82,6 @@ func TestObjectMadeElsewhereOrBeforeARestartKeepsItsNumber(t *testing.T) {
 	rotate := func(m *keys.Manager, s logical.Storage, req string) (*keys.Key, error) {
 		return m.Update(ctx, s, "k", who(req), func(tx *keys.Tx) error { return tx.Rotate("manual") })
 	}
-	labelled := func(tok *hsm.Token) map[string][]string {
-		objects, err := tok.ListObjects(ctx, "cmk/mount/k/")
-		if err != nil {
-			t.Fatal(err)
-		}
-		byLabel := map[string][]string{}
-		for _, o := range objects {
-			byLabel[o.Label] = append(byLabel[o.Label], hex.EncodeToString(o.ID))
-		}
-		for label, ids := range byLabel {
-			if len(ids) > 1 {
-				t.Errorf("%d objects labelled %s: %v", len(ids), label, ids)
-			}
-		}
-		return byLabel
-	}
 
 	s := &logical.InmemStorage{}
 	if _, _, err := manager(tok).Create(ctx, s, &keys.Key{Name: "k", Type: keys.TypeAES256GCM96}, who("req-1"), nil); err != nil {
@@ -135,7 +107,7 @@ func TestObjectMadeElsewhereOrBeforeARestartKeepsItsNumber(t *testing.T) {
 	case k.Versions[2] == nil || k.Versions[2].HSMID != foreign:
 		t.Fatalf("version 2 is %+v, not the object another process made under its label (%s)", k.Versions[2], foreign)
 	}
-	if ids := labelled(tok)["cmk/mount/k/v2"]; len(ids) != 1 || ids[0] != foreign {
+	if ids := objectsByLabel(t, tok, "cmk/mount/k/")["cmk/mount/k/v2"]; len(ids) != 1 || ids[0] != foreign {
 		t.Fatalf("under v2 the token holds %v, not only the object another process made (%s)", ids, foreign)
 	}
 	t.Logf("version 2 made by another process: adopted %v (else refused: %v)", err == nil, err)
@@ -167,6 +139,26 @@ func TestObjectMadeElsewhereOrBeforeARestartKeepsItsNumber(t *testing.T) {
 	if len(objects) != 1 || hex.EncodeToString(objects[0].ID) != original {
 		t.Fatalf("under cmk/mount/r/v2 the token holds %v, not only the original %s", objects, original)
 	}
+}
+
+// objectsByLabel lists the CKA_IDs (hex) of the token's objects under labels beginning with prefix, by label, and
+// reports any label that more than one object carries: a number given to two keys.
+func objectsByLabel(t *testing.T, tok *hsm.Token, prefix string) map[string][]string {
+	t.Helper()
+	objects, err := tok.ListObjects(context.Background(), prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	byLabel := map[string][]string{}
+	for _, o := range objects {
+		byLabel[o.Label] = append(byLabel[o.Label], hex.EncodeToString(o.ID))
+	}
+	for label, ids := range byLabel {
+		if len(ids) > 1 {
+			t.Errorf("%d objects labelled %s: %v", len(ids), label, ids)
+		}
+	}
+	return byLabel
 }
 
 func copyStorage(t *testing.T, s logical.Storage) *logical.InmemStorage {
