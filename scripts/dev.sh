@@ -27,7 +27,8 @@ softhsm2-util --init-token --free --label "$TOKEN_LABEL" --pin "$PIN" --so-pin "
 PORT=$(free_port)
 export VAULT_ADDR="http://127.0.0.1:$PORT"
 export VAULT_TOKEN="$ROOT_TOKEN"
-"$VAULT_BIN" server -dev -dev-root-token-id="$ROOT_TOKEN" -dev-listen-address="127.0.0.1:$PORT" \
+# -dev-no-store-token: .dev/env carries the token; the user's own ~/.vault-token is left as it was.
+"$VAULT_BIN" server -dev -dev-no-store-token -dev-root-token-id="$ROOT_TOKEN" -dev-listen-address="127.0.0.1:$PORT" \
   -dev-plugin-dir="$PLUGIN_DIR" >"$DEV/vault.log" 2>&1 &
 VAULT_PID=$!
 stop() {

@@ -104,7 +104,9 @@ func StartDev(dir, vaultBin, pluginBin string, env *softhsmtest.Env) (*Server, e
 // registered (callers that register it with more environment do so themselves).
 func (s *Server) StartDevMode(rootToken string) error {
 	s.RootToken = rootToken
-	s.Args = []string{"server", "-dev", "-dev-root-token-id=" + s.RootToken, "-dev-listen-address=" + s.Addr, "-dev-plugin-dir=" + s.PluginDir}
+	// -dev-no-store-token: a dev server otherwise writes its root token through ~/.vault-token.tmp, a name every
+	// server of a parallel run shares; one server's rename then loses to another's and Vault exits at start.
+	s.Args = []string{"server", "-dev", "-dev-no-store-token", "-dev-root-token-id=" + s.RootToken, "-dev-listen-address=" + s.Addr, "-dev-plugin-dir=" + s.PluginDir}
 	if s.RawStorage {
 		// Vault merges a -config file into the dev server's configuration.
 		conf := filepath.Join(s.Dir, "raw-storage.hcl")
