@@ -7,12 +7,12 @@ VAULT  := .build/vault/vault
 FUZZTIME ?= 10s
 SOAK_DURATION ?= 10m
 SOAK_FAULT_RATE ?= 0.01
-SOAK_PLUGIN := .build/soak/vault-plugin-secrets-cmk
+FAULTS_PLUGIN := .build/faults/vault-plugin-secrets-cmk
 # The version the plugin reports to Vault (VERSION file); registration under another -version is refused by Vault.
 VERSION := $(shell cat VERSION)
 VERSION_FLAG := -ldflags "-X github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk.Version=$(VERSION)"
 
-.PHONY: all help api-doc clients build deps vault dev test unit e2e fuzz rules bench bench-smoke reference soak soak-smoke soak-plugin cluster hsm-matrix lint fmt clean
+.PHONY: all help api-doc clients build deps vault dev test unit e2e fuzz rules bench bench-smoke reference soak soak-smoke faults-plugin cluster hsm-matrix lint fmt clean
 
 all: build
 
@@ -72,25 +72,26 @@ reference:
 	  -o ../../.build/reference/vault-plugin-secrets-kv github.com/hashicorp/vault-plugin-secrets-kv/cmd/vault-plugin-secrets-kv)
 
 # Side-by-side measurements (not part of make test); results go to docs/BENCHMARKS.md.
-bench: deps build vault reference
+bench: deps build vault reference faults-plugin
 	$(GO) run ./tests/bench -out docs/BENCHMARKS.md $(BENCH_FLAGS)
 
 # The benchmark with tiny counts: checks that it runs, measures nothing.
-bench-smoke: deps build vault
+bench-smoke: deps build vault faults-plugin
 	$(GO) run ./tests/bench -quick -kv-plugin=/nonexistent
 
-# The plugin with PKCS#11 failpoints compiled in (-tags cmkfaults): for the soak only, never a release.
-soak-plugin:
-	$(GO) build -trimpath -tags cmkfaults -o $(SOAK_PLUGIN) ./cmd/vault-plugin-secrets-cmk
+# The plugin with PKCS#11 failpoints compiled in (-tags cmkfaults), never a release: the soak's random faults
+# (CMK_FAULT_RATE_FILE) and the benchmark's network-HSM model (CMK_HSM_LATENCY, a delay per call).
+faults-plugin:
+	$(GO) build -trimpath -tags cmkfaults -o $(FAULTS_PLUGIN) ./cmd/vault-plugin-secrets-cmk
 
 # Mixed load with injected PKCS#11 faults (1% of calls) and a plugin kill; reports errors by class, lost
 # ciphertexts, 400s on valid ones, unexplained 500s and plugin crashes (each must be 0).
-soak: deps vault soak-plugin
-	$(GO) run ./tests/soak -plugin $(SOAK_PLUGIN) -duration $(SOAK_DURATION) -fault-rate $(SOAK_FAULT_RATE)
+soak: deps vault faults-plugin
+	$(GO) run ./tests/soak -plugin $(FAULTS_PLUGIN) -duration $(SOAK_DURATION) -fault-rate $(SOAK_FAULT_RATE)
 
 # The soak, shorter: part of make test (2 minutes at 1%).
-soak-smoke: deps vault soak-plugin
-	$(GO) run ./tests/soak -plugin $(SOAK_PLUGIN) -duration 2m -fault-rate 0.01
+soak-smoke: deps vault faults-plugin
+	$(GO) run ./tests/soak -plugin $(FAULTS_PLUGIN) -duration 2m -fault-rate 0.01
 
 # A 3-node Vault cluster with raft storage on loopback, the engine on one shared SoftHSM token (.cluster/).
 cluster: deps build vault

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"math"
 	"net/http"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -254,7 +253,8 @@ const minItemsPerWorker = 64
 // runBatch applies fn to every item, each failing alone, and answers as Transit does: a single request gets
 // single(result), or its failure's status; a batch gets batch_results, in input order, under one status.
 // Items are spread over up to workers goroutines (the HSM session pool), so that a batch keeps several sessions
-// busy where the token scales.
+// busy where the token scales. The pool, not the CPUs, bounds them: a network HSM's call is a round trip spent
+// waiting, and a batch capped at one goroutine per core would keep two calls in flight on a 64-session pool.
 func runBatch[R any, P interface {
 	*R
 	batchResult
@@ -275,7 +275,7 @@ func runBatch[R any, P interface {
 		}
 		P(&results[i]).setOutcome(it.Reference, msg)
 	}
-	workers = min(workers, runtime.GOMAXPROCS(0), len(items)/minItemsPerWorker)
+	workers = min(workers, len(items)/minItemsPerWorker)
 	if workers <= 1 {
 		for i := range items {
 			run(i)

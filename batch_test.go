@@ -1,11 +1,16 @@
 package cmk
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
+	"runtime"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
+	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
@@ -107,5 +112,48 @@ func TestBatchPerItemErrors(t *testing.T) {
 	}})
 	if status(resp, err) != 400 || !strings.Contains(respText(resp), "max_batch_size") {
 		t.Fatalf("oversized batch: %d %s", status(resp, err), respText(resp))
+	}
+}
+
+// A batch keeps as many items in flight as the HSM session pool allows, not one per CPU: on a network HSM each
+// item is round trips spent waiting, and a batch spread over two goroutines on a two-core host would keep two
+// calls in flight on a 16-session pool.
+func TestBatchSpreadsOverThePoolNotTheCPUs(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(2))
+	const pool = 8
+	items := make([]batchItem, pool*minItemsPerWorker)
+	var mu sync.Mutex
+	inFlight, most := 0, 0
+	all := make(chan struct{})
+	giveUp, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	fn := func(i int, it *batchItem) (encryptResult, error) {
+		mu.Lock()
+		inFlight++
+		most = max(most, inFlight)
+		if inFlight == pool && most == pool && giveUp.Err() == nil {
+			select {
+			case <-all:
+			default:
+				close(all)
+			}
+		}
+		mu.Unlock()
+		select { // as an HSM round trip: wait until the whole pool is busy, or give up
+		case <-all:
+		case <-giveUp.Done():
+		}
+		mu.Lock()
+		inFlight--
+		mu.Unlock()
+		return encryptResult{KeyVersion: 1}, nil
+	}
+	d := &framework.FieldData{Raw: map[string]interface{}{}, Schema: batchFields()}
+	resp, err := runBatch(d, &logical.Request{}, items, true, pool, fn, func(r encryptResult) map[string]interface{} { return nil })
+	if err != nil || resp == nil {
+		t.Fatalf("batch: %v", err)
+	}
+	if most != pool {
+		t.Fatalf("at most %d items in flight on a pool of %d (GOMAXPROCS 2)", most, pool)
 	}
 }

@@ -3,22 +3,40 @@
 package hsm
 
 import (
+	"fmt"
 	"os"
 	"strconv"
 	"strings"
 	"time"
 )
 
-// A plugin built with -tags cmkfaults (the soak test's, never a release) fails PKCS#11 calls at random with the
-// errors the recovery rules cover, to prove recovery under load on a real server. The rate (0…1) is read every
-// half second from the file named by CMK_FAULT_RATE_FILE, so that the soak can stop the faults, as a real HSM
-// comes back, before it checks that nothing was lost.
+// A plugin built with -tags cmkfaults (the soak's and the benchmark's, never a release) can be made to behave as
+// a worse HSM than the one it has, through its environment:
+//   - CMK_FAULT_RATE_FILE names a file holding a rate (0…1), read every half second, at which PKCS#11 calls fail
+//     at random with the errors the recovery rules cover: the soak proves recovery under load on a real server,
+//     and stops the faults, as a real HSM comes back, before it checks that nothing was lost;
+//   - CMK_HSM_LATENCY (a Go duration, such as 1ms) delays every call by that much, as a network HSM's round trip:
+//     the benchmark's network-HSM model.
 func init() {
 	path := os.Getenv("CMK_FAULT_RATE_FILE")
-	if path == "" {
+	var delay time.Duration
+	if v := os.Getenv("CMK_HSM_LATENCY"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < 0 {
+			panic(fmt.Sprintf("CMK_HSM_LATENCY=%q: not a duration", v))
+		}
+		delay = d
+	}
+	if path == "" && delay == 0 {
 		return
 	}
 	wrapCalls = func(c pkcs11API) pkcs11API {
+		if delay > 0 {
+			c = latentCalls{pkcs11API: c, delay: delay}
+		}
+		if path == "" {
+			return c
+		}
 		f := newFaultyCalls(c)
 		go func() {
 			for ; ; time.Sleep(500 * time.Millisecond) {

@@ -20,9 +20,14 @@ type Token struct {
 	slot uint
 	sh   pkcs11.SessionHandle
 	key  pkcs11.ObjectHandle
+	// Delay is waited before every call MeasureGCM makes, as the plugin's network-HSM model waits (a build with
+	// -tags cmkfaults and CMK_HSM_LATENCY): the same token seen through the same round trip.
+	Delay time.Duration
 }
 
-// Open loads the module, logs in to the token labelled label and makes a throwaway AES-256 token key.
+// Open loads the module, logs in to the token labelled label and makes a throwaway AES-256 token key. One Token
+// at a time per process: the module is initialised by Open and finalised by Close (SoftHSM sees tokens made
+// since only at its next initialisation).
 func Open(library, label, pin string) (*Token, error) {
 	ctx := pkcs11.New(library)
 	if ctx == nil {
@@ -101,8 +106,10 @@ func (t *Token) MeasureGCM(msg []byte, n, sessions int) (float64, error) {
 			defer wg.Done()
 			for j := 0; j < count; j++ {
 				params := pkcs11.NewGCMParams(iv, nil, 128)
+				time.Sleep(t.Delay)
 				err := t.ctx.EncryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, t.key)
 				if err == nil {
+					time.Sleep(t.Delay)
 					_, err = t.ctx.Encrypt(sh, msg)
 				}
 				params.Free()
@@ -120,6 +127,37 @@ func (t *Token) MeasureGCM(msg []byte, n, sessions int) (float64, error) {
 		return 0, err
 	}
 	return float64(n) / elapsed.Seconds(), nil
+}
+
+// MeasureCreation generates n AES-256 token keys one after another, each under a label and CKA_ID of its own as
+// the engine makes a key version's (no search before or after: the bare token's cost of making a key), and returns
+// the time they took. The keys are destroyed afterwards, outside the measurement.
+func (t *Token) MeasureCreation(n int) (time.Duration, error) {
+	made := make([]pkcs11.ObjectHandle, 0, n)
+	defer func() {
+		for _, h := range made {
+			_ = t.ctx.DestroyObject(t.sh, h)
+		}
+	}()
+	mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)}
+	start := time.Now()
+	for i := 0; i < n; i++ {
+		id := make([]byte, 16)
+		_, _ = rand.Read(id)
+		h, err := t.ctx.GenerateKey(t.sh, mech, []*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY), pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
+			pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, 32), pkcs11.NewAttribute(pkcs11.CKA_ID, id),
+			pkcs11.NewAttribute(pkcs11.CKA_LABEL, fmt.Sprintf("bench/created/k%05d:v1", i)), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+			pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true), pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
+			pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false), pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
+			pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
+		})
+		if err != nil {
+			return 0, err
+		}
+		made = append(made, h)
+	}
+	return time.Since(start), nil
 }
 
 // Close destroys the throwaway key and unloads the module.

@@ -44,6 +44,10 @@ var (
 	profLoad   = flag.String("profile-load", "batch", "load to profile: single or batch encryption")
 	rounds     = flag.Int("rounds", 3, "windows per figure, taken in turn with the reference's; rows report medians")
 	firstRows  = flag.Bool("single-only", false, "stop after the single-request rows (to repeat them with more -rounds); writes no file")
+	netPlugin  = flag.String("network-plugin", ".build/faults/vault-plugin-secrets-cmk", "the plugin built with -tags cmkfaults, for the network-HSM model")
+	netDelay   = flag.Duration("hsm-latency", time.Millisecond, "the network-HSM model's delay per PKCS#11 call")
+	netPools   = flag.String("network-pool-sizes", "4,16,64", "pool sizes measured under the network-HSM model")
+	netOnly    = flag.Bool("network-only", false, "only the network-HSM rows (to repeat them); writes no file")
 	holdToken  = flag.String("token-rss", "", "internal: open the token with this label, read every object, print this process's RSS in MB")
 )
 
@@ -60,7 +64,7 @@ func main() {
 		return
 	}
 	if *quick {
-		*duration, *manyKeys, *poolSizes, *rounds = 300*time.Millisecond, 30, "1,2", 1
+		*duration, *manyKeys, *poolSizes, *rounds, *netPools = 300*time.Millisecond, 30, "1,2", 1, "4"
 	}
 	dir, err := os.MkdirTemp("", "cmk-bench-")
 	check(err)
@@ -87,6 +91,10 @@ func main() {
 
 	var rows []row
 	msg := base64.StdEncoding.EncodeToString(make([]byte, 64))
+	if *netOnly {
+		fmt.Println(render(networkHSM(srv, abs(*netPlugin), *netDelay, sizesOf(*netPools), cmk), nil))
+		return
+	}
 
 	// Single requests, 16 clients.
 	encryptOne := func(p string) func(*api.Client) error {
@@ -146,7 +154,6 @@ func main() {
 	if *quick {
 		rawOps = 200
 	}
-	defer rawTok.Close()
 	raw := func() result {
 		ops, err := rawTok.MeasureGCM(make([]byte, 64), rawOps, 1)
 		check(err)
@@ -189,12 +196,11 @@ func main() {
 	w = alternate(window(srv, 4, decryptBatch(cmk.Path, decBatch(cmk.Path))), raw, window(srv, 4, decryptBatch("transit", decBatch("transit"))))
 	rows = append(rows, ratioRow("batch decrypt, items/s (1,000 × 64 B, 4 clients)", w[0], "raw HSM, 1 session", w[1], items, 0))
 	rows = append(rows, ratioRow("", w[0], "Transit", w[2], items, 0))
+	rawTok.Close() // one raw token at a time: the module is initialised again for the next one's token
 
 	// Pool size: batch encryption at each size.
 	var poolRows []string
-	for _, f := range strings.Split(*poolSizes, ",") {
-		n, err := strconv.Atoi(strings.TrimSpace(f))
-		check(err)
+	for _, n := range sizesOf(*poolSizes) {
 		write(c, cmk.Path+"/config/hsm", map[string]interface{}{"pool_size": n})
 		r := load(srv, 4, encryptBatch(cmk.Path))
 		poolRows = append(poolRows, fmt.Sprintf("| %d | %.0f |", n, r.rate*1000))
@@ -211,6 +217,9 @@ func main() {
 	w = alternate(window(srv, 16, signOne(cmk.Path)), window(srv, 16, signOne("transit")))
 	rows = append(rows, ratioRow("sign ecdsa-p256, requests/s (16 clients)", w[0], "Transit", w[1], rate, 0))
 
+	// A network HSM's shape: every call delayed as by a round trip, at each pool size.
+	rows = append(rows, networkHSM(srv, abs(*netPlugin), *netDelay, sizesOf(*netPools), cmk)...)
+
 	// Vault's plugin transport: external KV plugin against the built-in KV.
 	if kvPath := abs(*kvBin); fileExists(kvPath) {
 		check(srv.RegisterPlugin(kvPath, "", "vault-plugin-secrets-kv"))
@@ -226,8 +235,13 @@ func main() {
 	}
 
 	// Latency with 10 keys and with many keys on the token (all warmed: handles cached).
-	few, _ := latency(srv, "few", 10, msg)
-	many, manyMount := latency(srv, "many", *manyKeys, msg)
+	few, _, _ := latency(srv, "few", 10, msg, false)
+	many, manyMount, creation := latency(srv, "many", *manyKeys, msg, true)
+	creationRatio := creation[0].Seconds() / creation[1].Seconds()
+	creationPass := creationRatio <= 1.2
+	rows = append(rows, row{name: fmt.Sprintf("%d keys created one after another, s", *manyKeys), ours: fmt.Sprintf("%.1f", creation[0].Seconds()),
+		ref: fmt.Sprintf("same loop of C_GenerateKey on the bare token, nothing searched: %.1f", creation[1].Seconds()),
+		ratio: fmt.Sprintf("%.2f", creationRatio), target: "≤ 1.2", pass: &creationPass})
 	w = alternate(many, few)
 	rows = append(rows, ratioRow(fmt.Sprintf("encrypt p50 latency, ms: %d keys", *manyKeys), w[0], "10 keys", w[1], p50, -1.25))
 	rows = append(rows, ratioRow(fmt.Sprintf("encrypt p99 latency, ms: %d keys", *manyKeys), w[0], "10 keys", w[1], p99, 0))
@@ -360,13 +374,29 @@ func load(srv *vaulttest.Server, clients int, fn func(*api.Client) error) result
 	return r
 }
 
-// latency creates n keys on a mount of their own, uses each once, and returns a measurement window of encryptions
-// spread over all of them.
-func latency(srv *vaulttest.Server, name string, n int, msg string) (func() result, vaulttest.Mount) {
+// latency creates n keys on a mount of their own, one after another, uses each once, and returns a measurement
+// window of encryptions spread over all of them. With compare, it first times the same loop of creations against
+// the bare token (rawhsm.MeasureCreation on the mount's token, nothing searched) and returns both times.
+func latency(srv *vaulttest.Server, name string, n int, msg string, compare bool) (func() result, vaulttest.Mount, [2]time.Duration) {
 	m, err := srv.NewMount("lat" + name)
 	check(err)
-	c := srv.Client
+	var took [2]time.Duration
+	if compare {
+		raw, err := rawhsm.Open(srv.SoftHSM.Library, m.Label, m.PIN)
+		check(err)
+		took[1], err = raw.MeasureCreation(n)
+		check(err)
+		raw.Close()
+	}
 	names := make([]string, n)
+	cl := newClient(srv)
+	created := time.Now()
+	for i := range names {
+		names[i] = fmt.Sprintf("k%05d", i)
+		_, err := cl.Logical().Write(m.Path+"/keys/"+names[i], nil)
+		check(err)
+	}
+	took[0] = time.Since(created)
 	var wg sync.WaitGroup
 	work := make(chan int)
 	for w := 0; w < 8; w++ {
@@ -375,28 +405,24 @@ func latency(srv *vaulttest.Server, name string, n int, msg string) (func() resu
 			defer wg.Done()
 			cl := newClient(srv)
 			for i := range work {
-				names[i] = fmt.Sprintf("k%05d", i)
-				_, err := cl.Logical().Write(m.Path+"/keys/"+names[i], nil)
-				check(err)
-				_, err = cl.Logical().Write(m.Path+"/encrypt/"+names[i], map[string]interface{}{"plaintext": msg})
+				_, err := cl.Logical().Write(m.Path+"/encrypt/"+names[i], map[string]interface{}{"plaintext": msg})
 				check(err)
 			}
 		}()
 	}
-	created := time.Now()
 	for i := 0; i < n; i++ {
 		work <- i
 	}
 	close(work)
 	wg.Wait()
-	log.Printf("%d keys created and warmed in %s", n, time.Since(created).Round(time.Second))
-	_ = c
+	log.Printf("%d keys created one after another in %s, then each used once (8 clients) in %s", n, took[0].Round(time.Second),
+		(time.Since(created) - took[0]).Round(time.Second))
 	var next atomic.Uint64
 	return window(srv, 4, func(cl *api.Client) error {
 		i := next.Add(7919) % uint64(n)
 		_, err := cl.Logical().Write(m.Path+"/encrypt/"+names[i], map[string]interface{}{"plaintext": msg})
 		return err
-	}), m
+	}), m, took
 }
 
 // window is one measurement window of load, to be taken in turn with others by alternate.
@@ -423,6 +449,17 @@ func rate(r result) float64  { return r.rate }
 func items(r result) float64 { return r.rate * 1000 }
 func p50(r result) float64   { return r.p50 }
 func p99(r result) float64   { return r.p99 }
+
+// sizesOf reads a comma-separated list of pool sizes.
+func sizesOf(list string) []int {
+	var sizes []int
+	for _, f := range strings.Split(list, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		check(err)
+		sizes = append(sizes, n)
+	}
+	return sizes
+}
 
 func newClient(srv *vaulttest.Server) *api.Client {
 	cfg := api.DefaultConfig()

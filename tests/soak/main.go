@@ -33,7 +33,7 @@ import (
 
 var (
 	vaultBin  = flag.String("vault", ".build/vault/vault", "vault binary")
-	pluginBin = flag.String("plugin", ".build/soak/vault-plugin-secrets-cmk", "plugin binary built with -tags cmkfaults")
+	pluginBin = flag.String("plugin", ".build/faults/vault-plugin-secrets-cmk", "plugin binary built with -tags cmkfaults")
 	duration  = flag.Duration("duration", 10*time.Minute, "how long the load runs")
 	faultRate = flag.Float64("fault-rate", 0.01, "chance that a PKCS#11 call in the plugin fails with a recoverable error")
 	keepLog   = flag.String("keep-log", "", "copy Vault's log (with the plugin's) to this file at the end")
