@@ -240,7 +240,7 @@ func main() {
 	creationRatio := creation[0].Seconds() / creation[1].Seconds()
 	creationPass := creationRatio <= 1.2
 	rows = append(rows, row{name: fmt.Sprintf("%d keys created one after another, s", *manyKeys), ours: fmt.Sprintf("%.1f", creation[0].Seconds()),
-		ref: fmt.Sprintf("same loop of C_GenerateKey on the bare token, nothing searched: %.1f", creation[1].Seconds()),
+		ref:   fmt.Sprintf("same loop of C_GenerateKey on the bare token, nothing searched: %.1f", creation[1].Seconds()),
 		ratio: fmt.Sprintf("%.2f", creationRatio), target: "≤ 1.2", pass: &creationPass})
 	w = alternate(many, few)
 	rows = append(rows, ratioRow(fmt.Sprintf("encrypt p50 latency, ms: %d keys", *manyKeys), w[0], "10 keys", w[1], p50, -1.25))

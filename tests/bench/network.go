@@ -137,7 +137,7 @@ func networkHSM(srv *vaulttest.Server, bin string, delay time.Duration, sizes []
 	floor := callsPerOperation * trip
 	ok := lat/floor <= 1.5
 	rows = append(rows, row{name: fmt.Sprintf("%s per call: single encrypt p50 latency, ms (1 client)", delay), ours: format(lat),
-		ref: fmt.Sprintf("two round trips (C_EncryptInit + C_Encrypt, raw HSM through the same delay): %s; no delay: %s", format(floor), format(median(bare))),
+		ref:   fmt.Sprintf("two round trips (C_EncryptInit + C_Encrypt, raw HSM through the same delay): %s; no delay: %s", format(floor), format(median(bare))),
 		ratio: fmt.Sprintf("%.2f", lat/floor), target: "≤ 1.50", pass: &ok})
 	return rows
 }
