@@ -25,7 +25,7 @@ func (l latentCalls) wait() {
 		l.sleep(l.delay)
 		return
 	}
-	l.wait()
+	time.Sleep(l.delay)
 }
 
 func (l latentCalls) GetSlotList(present bool) ([]uint, error) {
