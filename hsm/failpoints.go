@@ -30,12 +30,17 @@ func init() {
 	if path == "" && delay == 0 {
 		return
 	}
+	// The delay is outermost: a fault injected in front of the module still costs its round trip, as a real
+	// HSM's error does.
 	wrapCalls = func(c pkcs11API) pkcs11API {
-		if delay > 0 {
-			c = latentCalls{pkcs11API: c, delay: delay}
+		latent := func(c pkcs11API) pkcs11API {
+			if delay > 0 {
+				return latentCalls{pkcs11API: c, delay: delay}
+			}
+			return c
 		}
 		if path == "" {
-			return c
+			return latent(c)
 		}
 		f := newFaultyCalls(c)
 		go func() {
@@ -50,6 +55,6 @@ func init() {
 				f.mu.Unlock()
 			}
 		}()
-		return f
+		return latent(f)
 	}
 }

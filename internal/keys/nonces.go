@@ -3,6 +3,7 @@ package keys
 import (
 	"context"
 	"crypto/rand"
+	"fmt"
 	"sync"
 	"time"
 
@@ -56,7 +57,7 @@ func (n *Nonces) next(ctx context.Context) ([]byte, error) {
 		select {
 		case <-done:
 		case <-ctx.Done():
-			return nil, ctx.Err()
+			return nil, fmt.Errorf("GCM nonce: %w: %v", hsm.ErrUnavailable, ctx.Err())
 		}
 		n.mu.Lock()
 		if err := n.fetchErr; err != nil && len(n.buf) < hsm.GCMNonceSize {

@@ -24,8 +24,13 @@ func (r *heldRNG) GenerateRandom(ctx context.Context, n int) ([]byte, error) {
 	r.calls++
 	r.mu.Unlock()
 	r.asked <- struct{}{}
-	if err := <-r.gate; err != nil {
-		return nil, err
+	select {
+	case err := <-r.gate:
+		if err != nil {
+			return nil, err
+		}
+	case <-ctx.Done():
+		return nil, ctx.Err()
 	}
 	b := make([]byte, n)
 	_, _ = rand.Read(b)
@@ -43,7 +48,8 @@ func (r *heldRNG) count() int {
 func TestNoncesFetchAheadWithoutHoldingDraws(t *testing.T) {
 	rng := &heldRNG{gate: make(chan error, 8), asked: make(chan struct{}, 8)}
 	n := &Nonces{source: IVSourceHSM, rng: rng}
-	ctx := context.Background()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second) // a draw that waits wrongly fails
+	defer cancel()
 	rng.gate <- nil // the first block
 	seen := map[string]bool{}
 	perBlock := nonceBlock / hsm.GCMNonceSize
@@ -82,13 +88,15 @@ func TestNoncesFetchAheadWithoutHoldingDraws(t *testing.T) {
 func TestNoncesFetchFailureIsReportedAndRetried(t *testing.T) {
 	rng := &heldRNG{gate: make(chan error, 8), asked: make(chan struct{}, 8)}
 	n := &Nonces{source: IVSourceHSM, rng: rng}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
 	broken := errors.New("device error")
 	rng.gate <- broken
-	if _, err := n.next(context.Background()); !errors.Is(err, broken) {
+	if _, err := n.next(ctx); !errors.Is(err, broken) {
 		t.Fatalf("draw after a failed fetch: %v", err)
 	}
 	rng.gate <- nil
-	if _, err := n.next(context.Background()); err != nil {
+	if _, err := n.next(ctx); err != nil {
 		t.Fatalf("draw after the HSM came back: %v", err)
 	}
 	if rng.count() < 2 {

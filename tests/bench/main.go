@@ -269,10 +269,20 @@ func main() {
 	rows = append(rows, row{name: fmt.Sprintf("mount-wide reconcile, s (%d keys, %v objects)", *manyKeys, rec.Data["objects"]),
 		ours: fmt.Sprintf("%.1f", reconcile.Seconds()), ref: fmt.Sprintf("raw listing of the token's objects, bare process: %.1f", rawList.Seconds())})
 
+	pluginKeys := 0 // on every mount the measured plugin process serves
+	mounted, err := c.Sys().ListMounts()
+	check(err)
+	for p, m := range mounted {
+		if m.Type == vaulttest.PluginName {
+			if l, err := c.Logical().List(p + "keys"); err == nil && l != nil {
+				pluginKeys += len(l.Data["keys"].([]interface{}))
+			}
+		}
+	}
 	rss := srv.PluginRSSMB()
 	heap, sys := pluginGoMemory()
 	tokenOnly, _ := tokenRSS(env, cmk.Label, cmk.PIN)
-	rows = append(rows, row{name: fmt.Sprintf("plugin RSS right after the load, MB (%d keys)", *manyKeys+20), ours: fmt.Sprintf("%.0f", rss),
+	rows = append(rows, row{name: fmt.Sprintf("plugin RSS right after the load, MB (%d keys)", pluginKeys), ours: fmt.Sprintf("%.0f", rss),
 		ref: fmt.Sprintf("bare process holding the same token: %.0f; plugin Go heap in use %.0f, Go runtime total %.0f", tokenOnly, heap, sys)})
 	settled := rss
 	if !*quick {
@@ -306,7 +316,7 @@ func main() {
 	held := heapOn - heapOff
 	memRatio := rssOn / (rssOn - held)
 	memPass := memRatio <= 1.10
-	rows = append(rows, row{name: fmt.Sprintf("plugin memory with usage analytics on, MB (%d keys each used)", *manyKeys+20),
+	rows = append(rows, row{name: fmt.Sprintf("plugin memory with usage analytics on, MB (%d keys, each used)", pluginKeys),
 		ours: fmt.Sprintf("%.0f (RSS; analytics hold %.1f of Go heap)", rssOn, held), ref: fmt.Sprintf("without analytics' memory: %.0f", rssOn-held),
 		ratio: fmt.Sprintf("%.2f", memRatio), target: "≤ 1.10", pass: &memPass})
 	rows = append(rows, row{name: "plugin Go heap in use after a collection, MB: analytics on", ours: fmt.Sprintf("%.1f", heapOn),

@@ -41,6 +41,7 @@ func networkHSM(srv *vaulttest.Server, bin string, delay time.Duration, sizes []
 	raw, err := rawhsm.Open(srv.SoftHSM.Library, m.Label, m.PIN)
 	check(err)
 	defer raw.Close()
+	defer func() { check(c.Sys().Unmount(m.Path)) }() // its plugin process ends with it
 	raw.Delay = delay
 
 	msg := base64.StdEncoding.EncodeToString(make([]byte, 64))
