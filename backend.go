@@ -44,6 +44,7 @@ type hsmToken interface {
 	Status() (connected bool, lastErr error)
 	Check(ctx context.Context) error // one cheap call: does the token serve now (health)
 	SessionsInUse() int
+	WorkingCopiesHeld() int
 	Close()
 }
 
@@ -282,7 +283,8 @@ func (b *backend) setToken(tok hsmToken, ivSource string) {
 
 func (b *backend) tokenConfig(c *hsmConfig) hsm.Config {
 	return hsm.Config{Library: b.library, InitParams: b.initParams, TokenLabel: c.TokenLabel, Slot: c.Slot, PIN: c.PIN,
-		PoolSize: c.PoolSize, Mount: b.mountID, RawRSAOAEPFallback: c.RawRSAOAEPFallback, Observer: b.metrics}
+		PoolSize: c.PoolSize, Mount: b.mountID, RawRSAOAEPFallback: c.RawRSAOAEPFallback, Observer: b.metrics,
+		WorkingCopies: c.workingCopies()}
 }
 
 // periodic is Vault's periodic function: the keys' lifecycle work that is due.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"strconv"
 	"strings"
 	"time"
@@ -26,7 +27,9 @@ const (
 	// it reaches the plugin, so a larger max_batch_size could never be used.
 	listenerMaxJSONArray = 10000
 	defaultMaxBatchSize  = listenerMaxJSONArray
-	maxMaxBatchSize      = listenerMaxJSONArray
+	// maxWorkingCopies bounds working_copies: each copy is an object in the token's memory.
+	maxWorkingCopies = 100000
+	maxMaxBatchSize  = listenerMaxJSONArray
 )
 
 // hsmConfig selects the token. The library path is not here: it comes from the plugin's environment only.
@@ -43,6 +46,16 @@ type hsmConfig struct {
 	// RawRSAOAEPFallback is the operator's choice to let imports wrapped with an RSA-OAEP hash the token lacks
 	// recover the ephemeral key with raw RSA in the HSM and decode OAEP in the plugin (SoftHSM 2.6 and SHA-256).
 	RawRSAOAEPFallback bool `json:"raw_rsa_oaep_fallback,omitempty"`
+	// WorkingCopies bounds the session-object copies of hot AES keys kept on the token (nil: the default; 0: none).
+	WorkingCopies *int `json:"working_copies,omitempty"`
+}
+
+// workingCopies is the configured bound on working copies.
+func (c *hsmConfig) workingCopies() int {
+	if c == nil || c.WorkingCopies == nil {
+		return hsm.DefaultWorkingCopies
+	}
+	return *c.WorkingCopies
 }
 
 // Names of the key-wrap-with-padding mechanism codes, for config/hsm.
@@ -119,6 +132,13 @@ func (b *backend) pathConfigHSM() *framework.Path {
 				Default:     false,
 				Description: "Let imports wrapped with an RSA-OAEP hash the token's OAEP lacks (SoftHSM 2.6 offers only SHA-1; vault transit import uses SHA-256) recover the ephemeral AES key by raw RSA in the HSM and decode the OAEP padding in the plugin. The ephemeral key is then in plugin memory for a moment (the imported key itself never is). Off by default. Takes effect for wrapping keys created after it is set.",
 			},
+			"working_copies": {
+				Type:    framework.TypeInt,
+				Default: hsm.DefaultWorkingCopies,
+				Description: fmt.Sprintf("Most session-object working copies of hot AES keys kept on the token (0 to %d; 0 turns them off). "+
+					"A copy is made inside the token with C_CopyObject, stays sensitive and non-extractable, and is destroyed with its version's disable or destruction; "+
+					"copies are used only where the token's probe measured them faster than its token objects (working_copies_probe).", maxWorkingCopies),
+			},
 			"iv_source": {
 				Type:          framework.TypeString,
 				Default:       keys.IVSourceHSM,
@@ -181,6 +201,10 @@ func (b *backend) pathConfigHSMWrite(ctx context.Context, req *logical.Request, 
 	if v, ok := d.GetOk("iv_source"); ok {
 		c.IVSource = v.(string)
 	}
+	if v, ok := d.GetOk("working_copies"); ok {
+		n := v.(int)
+		c.WorkingCopies = &n
+	}
 	if v, ok := d.GetOk("raw_rsa_oaep_fallback"); ok {
 		c.RawRSAOAEPFallback = v.(bool)
 	}
@@ -206,6 +230,8 @@ func (b *backend) pathConfigHSMWrite(ctx context.Context, req *logical.Request, 
 		return respond(callerf("pin is required"))
 	case c.PoolSize < 1 || c.PoolSize > maxPoolSize:
 		return respond(callerf("pool_size must be between 1 and %d", maxPoolSize))
+	case c.workingCopies() < 0 || c.workingCopies() > maxWorkingCopies:
+		return respond(callerf("working_copies must be between 0 and %d", maxWorkingCopies))
 	case c.IVSource != keys.IVSourceHSM && c.IVSource != keys.IVSourceOS:
 		return respond(callerf("iv_source must be %q or %q", keys.IVSourceHSM, keys.IVSourceOS))
 	}
@@ -262,6 +288,7 @@ func (b *backend) pathConfigHSMRead(ctx context.Context, req *logical.Request, _
 		"pin_set":               c.PIN != "",
 		"key_wrap_mechanism":    keyWrapMechanismName(c.keyWrapMechanism()),
 		"raw_rsa_oaep_fallback": c.RawRSAOAEPFallback,
+		"working_copies":        c.workingCopies(),
 		"library":               b.library,
 		// Every object of this mount on the token is labelled under it (cmk/<mount's backend UUID>/<key>/v<N>):
 		// the UUID `vault secrets list -detailed` does not show, needed to find the mount's objects with the
@@ -306,6 +333,12 @@ func (b *backend) pathConfigHSMRead(ctx context.Context, req *logical.Request, _
 	// Whether versions a storage restore lost can be found on the token by label and adopted (see reconcile).
 	data["label_search"] = caps.LabelSearch()
 	data["oaep_sha256"] = caps.OAEPSHA256
+	data["working_copies_probe"] = map[string]interface{}{
+		"speedup": math.Round(caps.WorkingCopies.Speedup*100) / 100,
+		"faster":  caps.WorkingCopies.Faster(),
+		"refused": caps.WorkingCopies.Refused,
+	}
+	data["working_copies_held"] = tok.WorkingCopiesHeld()
 	wrap := c.keyWrapMechanism()
 	if wrap == 0 {
 		wrap = caps.KeyWrap
@@ -656,4 +689,11 @@ refused. After three wrong PINs in a row for a token, writes that give a PIN wai
 minutes) and are refused alike whether the PIN is right or wrong; a write that keeps the stored PIN, and mounts
 already connected, go on. Reading shows the connection state, what the token says of itself and which of the
 mechanisms the engine uses it offers; the PIN is never returned.
+
+Hot AES keys may be served from working copies: session objects made inside the token from the version's token
+object with C_CopyObject, as sensitive and non-extractable as their originals, at most working_copies of them (least
+recently used first out). A version gets one at its second use; its copy is destroyed when the version is disabled,
+scheduled for destruction or destroyed, when its key is disabled or deleted, and with the connection. They are used
+only where the token's probe (working_copies_probe) measured them faster than token objects: SoftHSM re-reads a token
+object's file per use, while a network HSM serves both alike. working_copies=0 turns them off.
 `

@@ -33,6 +33,7 @@ type pkcs11API interface {
 	CreateObject(sh pkcs11.SessionHandle, temp []*pkcs11.Attribute) (pkcs11.ObjectHandle, error)
 	UnwrapKey(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, unwrappingKey pkcs11.ObjectHandle, wrappedKey []byte, a []*pkcs11.Attribute) (pkcs11.ObjectHandle, error)
 	DestroyObject(sh pkcs11.SessionHandle, oh pkcs11.ObjectHandle) error
+	CopyObject(sh pkcs11.SessionHandle, o pkcs11.ObjectHandle, temp []*pkcs11.Attribute) (pkcs11.ObjectHandle, error)
 
 	EncryptInit(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, o pkcs11.ObjectHandle) error
 	Encrypt(sh pkcs11.SessionHandle, message []byte) ([]byte, error)
@@ -95,6 +96,17 @@ func (g storeGuard) GetAttributeValue(sh pkcs11.SessionHandle, o pkcs11.ObjectHa
 	}
 	defer leave()
 	return g.pkcs11API.GetAttributeValue(sh, o, a)
+}
+
+// CopyObject makes a session object (a working copy): it reads the original from the store, as an attribute
+// read does, and writes nothing there.
+func (g storeGuard) CopyObject(sh pkcs11.SessionHandle, o pkcs11.ObjectHandle, temp []*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
+	leave, err := g.enter(1)
+	if err != nil {
+		return 0, err
+	}
+	defer leave()
+	return g.pkcs11API.CopyObject(sh, o, temp)
 }
 
 func (g storeGuard) GenerateKey(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, temp []*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {

@@ -174,6 +174,13 @@ func (f *faultyCalls) GenerateKey(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism
 	return f.pkcs11API.GenerateKey(sh, m, tmpl)
 }
 
+func (f *faultyCalls) CopyObject(sh pkcs11.SessionHandle, o pkcs11.ObjectHandle, tmpl []*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
+	if err := f.hit("CopyObject"); err != nil {
+		return 0, err
+	}
+	return f.pkcs11API.CopyObject(sh, o, tmpl)
+}
+
 func (f *faultyCalls) EncryptInit(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, o pkcs11.ObjectHandle) error {
 	if err := f.hit("EncryptInit"); err != nil {
 		return err

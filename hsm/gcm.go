@@ -24,10 +24,11 @@ func (t *Token) EncryptGCM(ctx context.Context, id, nonce, aad, plaintext []byte
 		return nil, nil, fmt.Errorf("%w: GCM nonce must be %d bytes", ErrInvalidArgument, GCMNonceSize)
 	}
 	err = t.do(ctx, "AES-GCM encrypt", func(c pkcs11API, s session) error {
-		h, err := t.findKey(c, s, kindAES, id)
+		h, release, err := t.aesKey(c, s, id)
 		if err != nil {
 			return err
 		}
+		defer release()
 		params := pkcs11.NewGCMParams(nonce, nonEmpty(aad), GCMTagSize*8)
 		defer params.Free()
 		if err := c.EncryptInit(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, h); err != nil {
@@ -65,10 +66,11 @@ func (t *Token) DecryptGCM(ctx context.Context, id, nonce, aad, sealed []byte) (
 	}
 	var plaintext []byte
 	err := t.do(ctx, "AES-GCM decrypt", func(c pkcs11API, s session) error {
-		h, err := t.findKey(c, s, kindAES, id)
+		h, release, err := t.aesKey(c, s, id)
 		if err != nil {
 			return err
 		}
+		defer release()
 		params := pkcs11.NewGCMParams(nonce, nonEmpty(aad), GCMTagSize*8)
 		defer params.Free()
 		if err := c.DecryptInit(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, h); err != nil {

@@ -113,6 +113,11 @@ func (l latentCalls) DestroyObject(sh pkcs11.SessionHandle, o pkcs11.ObjectHandl
 	return l.pkcs11API.DestroyObject(sh, o)
 }
 
+func (l latentCalls) CopyObject(sh pkcs11.SessionHandle, o pkcs11.ObjectHandle, tmpl []*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
+	l.wait()
+	return l.pkcs11API.CopyObject(sh, o, tmpl)
+}
+
 func (l latentCalls) EncryptInit(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, o pkcs11.ObjectHandle) error {
 	l.wait()
 	return l.pkcs11API.EncryptInit(sh, m, o)

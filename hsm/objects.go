@@ -15,6 +15,7 @@ func (t *Token) DestroyKeys(ctx context.Context, id []byte) (int, error) {
 	if len(id) == 0 {
 		return 0, fmt.Errorf("%w: empty CKA_ID", ErrInvalidArgument)
 	}
+	t.forgetCopy(id, true)
 	n := 0
 	err := t.doObjects(ctx, "C_DestroyObject", func(c pkcs11API, s session) error {
 		var err error
@@ -34,6 +35,7 @@ func (t *Token) DestroyUnlessLabelled(ctx context.Context, id []byte, versionLab
 	if len(id) == 0 || versionLabel == "" {
 		return false, 0, fmt.Errorf("%w: empty CKA_ID or label", ErrInvalidArgument)
 	}
+	t.forgetCopy(id, false)
 	err = t.doObjects(ctx, "C_DestroyObject unless labelled", func(c pkcs11API, s session) error {
 		kept, destroyed = false, 0
 		seen := 0

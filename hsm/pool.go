@@ -67,10 +67,13 @@ type pool struct {
 	gen          uint64 // module generation of the current connection
 	slot         uint
 	loginSession pkcs11.SessionHandle
-	idle         []session
-	lastErr      error
-	retryAt      time.Time
-	backoff      time.Duration
+	// copyOwner holds the connection's working copies (copies.go), opened on first need: session objects live
+	// as long as the session that made them, so closing it, as the epoch's end does, destroys every copy.
+	copyOwner session
+	idle      []session
+	lastErr   error
+	retryAt   time.Time
+	backoff   time.Duration
 }
 
 // foundToken is what a connection learnt of its token.
@@ -115,8 +118,8 @@ func (p *pool) close() {
 // sessions if the library still knows them. Sessions handed out and not yet returned are closed when they come
 // back (put).
 func (p *pool) endEpochLocked(reinit bool) error {
-	idle, login, gen := p.idle, p.loginSession, p.gen
-	p.idle, p.loginSession, p.connected = nil, 0, false
+	idle, login, owner, gen := p.idle, p.loginSession, p.copyOwner, p.gen
+	p.idle, p.loginSession, p.copyOwner, p.connected = nil, 0, session{}, false
 	var rerr error
 	if reinit {
 		err := p.mod.exclusive(func() error {
@@ -135,6 +138,9 @@ func (p *pool) endEpochLocked(reinit bool) error {
 	_ = p.mod.enter(gen, func(c pkcs11API) error { // only if the generation is still live
 		for _, s := range idle {
 			_ = c.CloseSession(s.h)
+		}
+		if owner.h != 0 && owner.gen == gen {
+			_ = c.CloseSession(owner.h)
 		}
 		if login != 0 {
 			_ = c.CloseSession(login)
@@ -410,6 +416,43 @@ func (p *pool) enterCurrent(s session, fn func(c pkcs11API) error) error {
 		}
 		return fn(c)
 	})
+}
+
+// copyOwnerSession returns the session that holds the current connection's working copies, opening it if
+// needed. Its caller holds the copies' owner lock (workingCopies.owner): one opening at a time.
+func (p *pool) copyOwnerSession() (session, error) {
+	p.mu.Lock()
+	if s := p.copyOwner; s.h != 0 && p.current(s) && p.connected {
+		p.mu.Unlock()
+		return s, nil
+	}
+	p.mu.Unlock()
+	s, err := p.open()
+	if err != nil {
+		return s, err
+	}
+	p.mu.Lock()
+	if !p.current(s) || !p.connected || p.closed {
+		p.mu.Unlock()
+		p.discard(s)
+		return s, errStale
+	}
+	p.copyOwner = s
+	p.mu.Unlock()
+	return s, nil
+}
+
+// closeCopyOwner closes the session holding working copies, and with it every copy it holds, if it is still s.
+func (p *pool) closeCopyOwner(s session) {
+	p.mu.Lock()
+	mine := p.copyOwner == s
+	if mine {
+		p.copyOwner = session{}
+	}
+	p.mu.Unlock()
+	if mine {
+		p.discard(s)
+	}
 }
 
 // put returns a session after a call that left it usable.

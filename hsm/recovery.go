@@ -140,6 +140,7 @@ func (t *Token) doRecovering(ctx context.Context, op string, fn func(c pkcs11API
 			t.pool.markLost(s, false, err)
 		case classHandle:
 			t.handles.clear()
+			t.dropCopies()
 			t.pool.put(s)
 		case classDevice:
 			t.pool.markLost(s, true, err)

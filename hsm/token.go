@@ -29,6 +29,9 @@ type Config struct {
 	Succeeds *Token
 	// Observer, when set, hears of every operation and recovery (the mount's metrics).
 	Observer Observer
+	// WorkingCopies bounds the session-object copies of hot AES keys kept on the token (copies.go); 0 for none.
+	// They are made only where the token's probe found them faster.
+	WorkingCopies int
 }
 
 // Token is a logged-in connection to one token: a pool of sessions, a cache of object handles, and what the
@@ -40,6 +43,7 @@ type Token struct {
 	mod     *module
 	pool    *pool
 	handles handleCache
+	copies  workingCopies
 	// scans is the one place for a session of its own outside the pool (doAside): whole-token scans run there, one
 	// at a time, so that they never hold a session the data plane is waiting for.
 	scans chan struct{}
@@ -90,7 +94,9 @@ func Open(cfg Config, log hclog.Logger) (*Token, error) {
 		cfg.PoolSize, p.cfg.PoolSize = 1, 1
 	}
 	p.slots = make(chan struct{}, cfg.PoolSize)
-	return &Token{cfg: cfg, log: log, mod: mod, pool: p, scans: make(chan struct{}, 1)}, nil
+	t := &Token{cfg: cfg, log: log, mod: mod, pool: p, scans: make(chan struct{}, 1)}
+	t.copies.limit = max(cfg.WorkingCopies, 0)
+	return t, nil
 }
 
 // Close ends the connection: calls of this Token still inside the library finish first, later ones fail with

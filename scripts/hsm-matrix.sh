@@ -4,7 +4,7 @@
 source "$(dirname "$0")/lib.sh"
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
-CMK_MATRIX_OUT="$out" go test -tags cmkfaults -count=1 -run 'TestEveryAlgorithmOnEveryToken|TestImportOnEveryToken' ./hsm/
+CMK_MATRIX_OUT="$out" go test -tags cmkfaults -count=1 -run 'TestEveryAlgorithmOnEveryToken|TestImportOnEveryToken|TestWorkingCopyProbeOnEveryToken' ./hsm/
 doc=docs/HSMS.md
 python3 - "$doc" "$out" <<'PY'
 import sys

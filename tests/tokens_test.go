@@ -7,10 +7,12 @@ import (
 	"crypto/rsa"
 	"crypto/x509"
 	"encoding/base64"
+	"encoding/json"
 	"fmt"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/vault/api"
 
@@ -82,6 +84,7 @@ func TestEveryOperationOnEveryToken(t *testing.T) {
 			if served["aes256-gcm96"] {
 				t.Run("aes", func(t *testing.T) { aesOperations(t, m) })
 				t.Run("byok-aes", func(t *testing.T) { importOnToken(t, m, "aes256-gcm96", cfg.Data["key_wrap_mechanism_in_use"] != nil) })
+				t.Run("working-copies", func(t *testing.T) { workingCopies(t, m, kind) })
 			}
 			if served["hmac"] {
 				t.Run("hmac", func(t *testing.T) { hmacOperations(t, m) })
@@ -103,6 +106,67 @@ func TestEveryOperationOnEveryToken(t *testing.T) {
 				t.Fatalf("random: %v", r.Data)
 			}
 		})
+	}
+}
+
+// workingCopies: where the token's probe found session-object copies faster (NSS softokn decrypts a token key from
+// its database per use), a hot version gets one; its disable and its key's disable destroy it before the write
+// returns, the disabled version serves nothing, and working_copies=0 leaves none.
+func workingCopies(t *testing.T, m mount, kind tokentest.Kind) {
+	c := dev.Client
+	probe := mustRead(t, c, m.Path+"/config/hsm").Data["working_copies_probe"].(map[string]interface{})
+	if probe["faster"] != true {
+		if kind == tokentest.NSS {
+			t.Fatalf("NSS softokn serves session-object copies many times faster than its token objects; the probe says %v", probe)
+		}
+		t.Skipf("copies are not used on %s: %v", kind, probe)
+	}
+	held := func() int {
+		n, _ := mustRead(t, c, m.Path+"/config/hsm").Data["working_copies_held"].(json.Number).Int64()
+		return int(n)
+	}
+	heldAtLeast := func(n int) {
+		t.Helper()
+		for deadline := time.Now().Add(20 * time.Second); held() < n; time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d working copies held, want at least %d", held(), n)
+			}
+		}
+	}
+	mustWrite(t, c, m.Path+"/keys/wc", nil)
+	base := held()
+	v1 := encrypt(t, c, m, "wc", "under v1")
+	encrypt(t, c, m, "wc", "under v1 again")
+	heldAtLeast(base + 1)
+	mustWrite(t, c, m.Path+"/keys/wc/rotate", nil)
+	encrypt(t, c, m, "wc", "under v2")
+	encrypt(t, c, m, "wc", "under v2 again")
+	heldAtLeast(base + 2)
+	if decrypt(t, c, m, "wc", v1) != "under v1" {
+		t.Fatal("v1 through its copy")
+	}
+	mustWrite(t, c, m.Path+"/keys/wc/versions/1/disable", nil)
+	if n := held(); n != base+1 {
+		t.Fatalf("%d copies held after version 1's disable, want %d", n, base+1)
+	}
+	if _, err := c.Logical().Write(m.Path+"/decrypt/wc", map[string]interface{}{"ciphertext": v1}); statusOf(err) != 400 {
+		t.Fatalf("decrypt under a disabled version: %v", err)
+	}
+	mustWrite(t, c, m.Path+"/keys/wc/disable", nil)
+	if n := held(); n != base {
+		t.Fatalf("%d copies held after the key's disable, want %d", n, base)
+	}
+	mustWrite(t, c, m.Path+"/keys/wc/enable", nil)
+	mustWrite(t, c, m.Path+"/keys/wc/versions/1/enable", nil)
+	if decrypt(t, c, m, "wc", v1) != "under v1" {
+		t.Fatal("v1 after its enable")
+	}
+	mustWrite(t, c, m.Path+"/config/hsm", map[string]interface{}{"working_copies": 0})
+	defer mustWrite(t, c, m.Path+"/config/hsm", map[string]interface{}{"working_copies": 1024})
+	encrypt(t, c, m, "wc", "no copies")
+	encrypt(t, c, m, "wc", "no copies")
+	if n := held(); n != 0 {
+		t.Fatalf("%d copies held with working_copies 0", n)
 	}
 }
 

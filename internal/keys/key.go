@@ -186,6 +186,16 @@ func (k *Key) VersionState(n int) string {
 	return StateActive
 }
 
+// serves reports whether version n may serve any operation now: the key is neither disabled nor being deleted,
+// and the version is active or decrypt-only.
+func (k *Key) serves(n int) bool {
+	if k.Disabled || k.Deleting || !k.DeleteAt.IsZero() {
+		return false
+	}
+	s := k.VersionState(n)
+	return s == StateActive || s == StateDecryptOnly
+}
+
 // EncryptionVersion resolves a requested key_version (0 = latest) for encryption, signing and HMAC.
 func (k *Key) EncryptionVersion(requested int) (int, *Version, error) {
 	v := requested

@@ -39,6 +39,9 @@ type HSM interface {
 	// UsageWitness and RaiseUsageWitness keep a version's reserved encryption count on the token (see usage.go).
 	UsageWitness(ctx context.Context, id []byte) (uint64, bool, error)
 	RaiseUsageWitness(ctx context.Context, id []byte, versionLabel string, n uint64) (before uint64, err error)
+	// WorkingCopiesAllowed destroys and bars (or allows again) the session-object copies the token keeps of a
+	// version's key (hsm/copies.go): a version that stops serving keeps none.
+	WorkingCopiesAllowed(id []byte, allowed bool)
 }
 
 // WALKindVersion brackets the creation of a version's HSM objects until its metadata is stored, and the making
@@ -301,6 +304,7 @@ func (m *Manager) commit(ctx context.Context, s logical.Storage, who Actor, cur,
 	}
 	m.cache.Store(tx.Key.Name, tx.Key)
 	m.sched.update(tx.Key)
+	tx.settleWorkingCopies()
 	for n, v := range tx.Key.Versions {
 		if v.State == StateDestroyed && (cur == nil || cur.Versions[n] == nil || cur.Versions[n].State != StateDestroyed) {
 			m.usage.forgetVersion(tx.Key.Name, n)
@@ -308,6 +312,38 @@ func (m *Manager) commit(ctx context.Context, s logical.Storage, who Actor, cur,
 	}
 	tx.recordEvents()
 	return tx.Key, nil
+}
+
+// settleWorkingCopies tells the token, once a change is stored, which versions stopped serving (their working
+// copies are destroyed and barred) and which serve again. Versions that keep serving, or keep not serving, are not
+// mentioned: the calls happen only when a version's state changes.
+func (tx *Tx) settleWorkingCopies() {
+	var changes []func(HSM)
+	for n, v := range tx.Key.Versions {
+		if v.PublicOnly() {
+			continue
+		}
+		now, before := tx.Key.serves(n), true // a new version may have copies, as any serving one
+		if tx.Cur != nil && tx.Cur.Versions[n] != nil {
+			before = tx.Cur.serves(n)
+		}
+		if now != before && v.State != StateDestroyed { // destruction took the copies with the objects (DestroyKeys)
+			id := v.ID()
+			changes = append(changes, func(tok HSM) { tok.WorkingCopiesAllowed(id, now) })
+		}
+	}
+	if len(changes) == 0 {
+		return
+	}
+	tok, err := tx.hsm()
+	if err != nil {
+		// No connection, no copies: a connection made later starts with none.
+		tx.m.log.Debug("working copies not settled: no connection to the token", "key", tx.Key.Name, "error", err)
+		return
+	}
+	for _, change := range changes {
+		change(tok)
+	}
 }
 
 // madeObject is material a change put on the token, with the WAL entry that brackets it.

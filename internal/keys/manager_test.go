@@ -35,6 +35,8 @@ type fakeHSM struct {
 	noLocal  bool              // the token leaves CKA_LOCAL false on what it generates (NSS)
 	failGen  bool              // GenerateVersion fails
 	uses     map[string]uint64 // CKA_ID → usage witness
+	// copiesBarred: CKA_ID → whether the model last barred (true) or allowed (false) the version's working copies
+	copiesBarred map[string]bool
 	// hideOnce: labels whose objects the next search that would see them misses, as SoftHSM 2.6.1's object store
 	// hides an object from one search now and then (another process writing, parallel writes).
 	hideOnce map[string]bool
@@ -163,6 +165,15 @@ func (f *fakeHSM) LabelledIDs(_ context.Context, label string) ([][]byte, error)
 		}
 	}
 	return out, nil
+}
+
+func (f *fakeHSM) WorkingCopiesAllowed(id []byte, allowed bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.copiesBarred == nil {
+		f.copiesBarred = map[string]bool{}
+	}
+	f.copiesBarred[hex.EncodeToString(id)] = !allowed
 }
 
 func (f *fakeHSM) UsageWitness(_ context.Context, id []byte) (uint64, bool, error) {
@@ -405,5 +416,72 @@ func TestFailedChangeDestroysItsMaterial(t *testing.T) {
 	}
 	if k, _ := m.Get(ctx, s, "k"); k.LatestVersion != 1 {
 		t.Fatalf("latest %d after a failed change", k.LatestVersion)
+	}
+}
+
+// The token hears of every version that stops serving (its working copies are destroyed and barred) and of every
+// one that serves again, once per change of state: a version's disable and enable, a raised min_decryption_version,
+// the key's disable and re-enable, a scheduled deletion and its cancellation.
+func TestWorkingCopiesFollowWhatServes(t *testing.T) {
+	m, f, s := newManager(t)
+	ctx := context.Background()
+	if _, _, err := m.Create(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96, DeletionAllowed: true}, who, nil); err != nil {
+		t.Fatal(err)
+	}
+	requests := 1
+	update := func(change func(tx *Tx) error) *Key {
+		t.Helper()
+		requests++
+		k, err := m.Update(ctx, s, "k", Actor{DisplayName: "test", RequestID: fmt.Sprintf("req-%d", requests)}, change)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	k := update(func(tx *Tx) error { return tx.Rotate("manual") })
+	v1, v2 := k.Versions[1].HSMID, k.Versions[2].HSMID
+	barred := func(id string) (bool, bool) {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		b, told := f.copiesBarred[id]
+		return b, told
+	}
+	if _, told := barred(v2); told {
+		t.Fatal("a new version's copies were mentioned: they are allowed as any serving version's")
+	}
+	update(func(tx *Tx) error { return tx.SetVersionState(1, "disable", time.Time{}, false) })
+	if b, _ := barred(v1); !b {
+		t.Fatal("a disabled version's copies are not barred")
+	}
+	if _, told := barred(v2); told {
+		t.Fatal("version 2, still serving, was mentioned")
+	}
+	update(func(tx *Tx) error { return tx.SetVersionState(1, "enable", time.Time{}, false) })
+	if b, told := barred(v1); b || !told {
+		t.Fatal("a re-enabled version's copies are not allowed again")
+	}
+	two := 2
+	update(func(tx *Tx) error { return tx.Configure(Settings{MinDecryptionVersion: &two}) })
+	if b, _ := barred(v1); !b {
+		t.Fatal("a version below min_decryption_version keeps its copies")
+	}
+	update(func(tx *Tx) error { tx.SetDisabled(true); return nil })
+	if b, _ := barred(v2); !b {
+		t.Fatal("a disabled key's versions keep their copies")
+	}
+	update(func(tx *Tx) error { tx.SetDisabled(false); return nil })
+	if b, _ := barred(v2); b {
+		t.Fatal("a re-enabled key's version stays barred")
+	}
+	update(func(tx *Tx) error { return tx.Delete(time.Hour) })
+	if b, _ := barred(v2); !b {
+		t.Fatal("a key scheduled for deletion keeps its copies")
+	}
+	update(func(tx *Tx) error { return tx.CancelDeletion() })
+	if b, _ := barred(v2); b {
+		t.Fatal("a key whose deletion was cancelled stays barred")
+	}
+	if b, _ := barred(v1); !b {
+		t.Fatal("version 1, still below min_decryption_version, was allowed with its key")
 	}
 }
