@@ -45,6 +45,7 @@ type hsmToken interface {
 	Check(ctx context.Context) error // one cheap call: does the token serve now (health)
 	SessionsInUse() int
 	WorkingCopiesHeld() int
+	WorkingCopies(ctx context.Context) (hsm.WorkingCopyProbe, error)
 	Close()
 }
 
@@ -125,6 +126,12 @@ func newBackend(conf *logical.BackendConfig) *backend {
 	})
 	b.metrics = newMetrics(b.connectedToken)
 	b.keys.Observer = b.metrics
+	b.keys.Connected = func() keys.HSM {
+		if tok := b.connectedToken(); tok != nil {
+			return tok
+		}
+		return nil // not a nil *hsm.Token in a non-nil interface
+	}
 	b.identity = newIdentityStore(func() logical.SystemView { return b.System() })
 	b.Backend = &framework.Backend{
 		Help:        backendHelp,

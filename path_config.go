@@ -333,10 +333,16 @@ func (b *backend) pathConfigHSMRead(ctx context.Context, req *logical.Request, _
 	// Whether versions a storage restore lost can be found on the token by label and adopted (see reconcile).
 	data["label_search"] = caps.LabelSearch()
 	data["oaep_sha256"] = caps.OAEPSHA256
+	probe := hsm.WorkingCopyProbe{Refused: "working_copies is 0: not probed"}
+	if c.workingCopies() > 0 {
+		if probe, err = tok.WorkingCopies(ctx); err != nil {
+			probe = hsm.WorkingCopyProbe{Refused: "not probed: " + err.Error()}
+		}
+	}
 	data["working_copies_probe"] = map[string]interface{}{
-		"speedup": math.Round(caps.WorkingCopies.Speedup*100) / 100,
-		"faster":  caps.WorkingCopies.Faster(),
-		"refused": caps.WorkingCopies.Refused,
+		"speedup": math.Round(probe.Speedup*100) / 100,
+		"faster":  probe.Faster(),
+		"refused": probe.Refused,
 	}
 	data["working_copies_held"] = tok.WorkingCopiesHeld()
 	wrap := c.keyWrapMechanism()

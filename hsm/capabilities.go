@@ -26,8 +26,6 @@ type Capabilities struct {
 	OAEPSHA256 bool
 	// KeyWrap is the mechanism that unwraps RFC 5649 (AES key wrap with padding), 0 if none.
 	KeyWrap uint
-	// WorkingCopies: whether session-object copies of AES keys serve faster than their token objects here.
-	WorkingCopies WorkingCopyProbe
 
 	quirks quirks
 
@@ -273,16 +271,12 @@ func (t *Token) probe(ctx context.Context) (*Capabilities, error) {
 			c.importRefused[Ed25519] = why
 		}
 	}
-	if c.WorkingCopies, err = t.probeWorkingCopies(ctx, c); err != nil {
-		return nil, err
-	}
 	wrap := "none"
 	if c.KeyWrap != 0 {
 		wrap = mechanismName(c.KeyWrap)
 	}
 	t.log.Info("HSM token capabilities", "token", t.Info().Label, "allowed_mechanisms", c.AllowedMechanisms,
-		"oaep_sha256", c.OAEPSHA256, "key_wrap", wrap, "working_copy_speedup", fmt.Sprintf("%.2f", c.WorkingCopies.Speedup),
-		"working_copies_refused", c.WorkingCopies.Refused)
+		"oaep_sha256", c.OAEPSHA256, "key_wrap", wrap)
 	return c, nil
 }
 

@@ -20,7 +20,7 @@ import (
 //
 // A copy is a cache and never outlives what it copies may serve: the key model bars a version's copies when the
 // version stops serving (disable, scheduled destruction, the key's disable or deletion: WorkingCopiesAllowed),
-// DestroyKeys destroys them with the version, and every copy dies with the session that holds it (copyOwner),
+// DestroyKeys destroys them first and bars the version for good, and every copy dies with the session that holds it (copyOwner),
 // which closes at every reconnection and at Close. A copy is destroyed only once no call uses it, and only after
 // the token confirms, in the same session, that the handle still names a session object under the version's
 // CKA_ID: a handle number the module gave to another object since is never destroyed, a token object never.
@@ -30,7 +30,7 @@ type workingCopies struct {
 	mu     sync.RWMutex
 	byID   map[string]*workingCopy // by the original's CKA_ID
 	seen   map[string]struct{}     // versions used once without a copy: the next use makes one
-	barred map[string]struct{}     // versions whose copies the model forbade (they serve nothing now)
+	barred map[string]struct{}     // versions that serve nothing now (the model said so), or destroyed
 	making bool                    // a copy is being made: one at a time
 	tick   atomic.Uint64           // use counter, for least-recently-used eviction
 
@@ -69,7 +69,8 @@ const (
 // copyTemplate makes a copy a session object. It keeps its original's CKA_ID and label (tokens refuse changing
 // them on the unmodifiable objects the engine makes: SoftHSM answers CKR_ATTRIBUTE_READ_ONLY), and every search the
 // engine makes names CKA_TOKEN=true, so none meets a copy. Sensitivity, extractability and usage are the original's:
-// C_CopyObject keeps them, and a copy is checked for them before use (checkCopy).
+// C_CopyObject keeps them; a copy is checked to be a sensitive, non-extractable session object under the version's
+// CKA_ID before use (checkCopy).
 func copyTemplate() []*pkcs11.Attribute {
 	return []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false)}
 }
@@ -148,11 +149,11 @@ func (t *Token) makeCopy(id []byte) {
 	}()
 	ctx, cancel := context.WithTimeout(context.Background(), copyTimeout)
 	defer cancel()
-	caps, err := t.Capabilities(ctx)
+	probe, err := t.WorkingCopies(ctx)
 	if err != nil {
 		return // asked again at the version's next uses
 	}
-	if !caps.WorkingCopies.Faster() {
+	if !probe.Faster() {
 		w.off.Store(true)
 		return
 	}
@@ -168,19 +169,24 @@ func (t *Token) makeCopy(id []byte) {
 	}
 	var h pkcs11.ObjectHandle
 	var refused error // the token refused the copy itself: none is made again
+	leftover := false // a copy unfit for use that could not be destroyed
 	err = t.pool.run(ctx, owner, func(c pkcs11API, s session) error {
 		orig, err := t.findKey(c, s, kindAES, id)
 		if err != nil {
 			return err
 		}
 		if h, err = c.CopyObject(s.h, orig, copyTemplate()); err != nil {
-			if classify(err) == classOther {
+			h = 0
+			if refusesCopies(err) {
 				refused = err
 			}
 			return err
 		}
-		if err := checkCopy(c, s, h); err != nil {
-			_ = c.DestroyObject(s.h, h)
+		if err := checkCopy(c, s, h, id); err != nil {
+			if derr := c.DestroyObject(s.h, h); derr != nil {
+				leftover = true
+			}
+			h = 0
 			if errors.Is(err, errNotACopy) {
 				refused = err
 			}
@@ -188,6 +194,10 @@ func (t *Token) makeCopy(id []byte) {
 		}
 		return nil
 	})
+	if leftover {
+		t.log.Warn("a copy unfit for use could not be destroyed: closing the session holding the copies")
+		t.dropAllCopiesLocked(owner)
+	}
 	if err != nil {
 		if refused != nil {
 			t.log.Warn("a working copy could not be made: none are made on this token", "error", refused)
@@ -237,11 +247,12 @@ func (t *Token) makeCopy(id []byte) {
 }
 
 // checkCopy refuses a copy that is not what a working copy must be: a session object, sensitive, not
-// extractable (a token whose C_CopyObject dropped either would leave the key readable).
-func checkCopy(c pkcs11API, s session, h pkcs11.ObjectHandle) error {
+// extractable (a token whose C_CopyObject dropped either would leave the key readable), under the version's CKA_ID
+// (a handle the module gave to another object meanwhile is never taken for the version's key).
+func checkCopy(c pkcs11API, s session, h pkcs11.ObjectHandle, id []byte) error {
 	a, err := c.GetAttributeValue(s.h, h, []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, nil), pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, nil),
-		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, nil), pkcs11.NewAttribute(pkcs11.CKA_ID, nil),
 	})
 	if err != nil {
 		return err
@@ -249,7 +260,25 @@ func checkCopy(c pkcs11API, s session, h pkcs11.ObjectHandle) error {
 	if boolean(a[0].Value) || !boolean(a[1].Value) || boolean(a[2].Value) {
 		return fmt.Errorf("%w: the token's copy is not a sensitive, non-extractable session object", errNotACopy)
 	}
+	if !bytes.Equal(a[3].Value, id) {
+		return fmt.Errorf("%w: the copy does not carry the version's CKA_ID", errNotACopy)
+	}
 	return nil
+}
+
+// refusesCopies: answers to C_CopyObject that say the token will not make such a copy, whatever the key: copies
+// are then turned off. Other failures (a fault, a full memory) skip this copy only.
+func refusesCopies(err error) bool {
+	rv, ok := rvOf(err)
+	if !ok {
+		return false
+	}
+	switch rv {
+	case pkcs11.CKR_FUNCTION_NOT_SUPPORTED, pkcs11.CKR_ATTRIBUTE_READ_ONLY, pkcs11.CKR_ACTION_PROHIBITED,
+		pkcs11.CKR_TEMPLATE_INCONSISTENT, pkcs11.CKR_ATTRIBUTE_TYPE_INVALID, pkcs11.CKR_ATTRIBUTE_VALUE_INVALID:
+		return true
+	}
+	return false
 }
 
 var errNotACopy = errors.New("not a working copy")
@@ -318,47 +347,48 @@ func (t *Token) dropCopies() {
 // version that stops serving (its disable, its scheduled destruction, its key's disable or deletion), so that no
 // copy outlives that. Calls made with a snapshot from before the bar may still use the token object.
 func (t *Token) WorkingCopiesAllowed(id []byte, allowed bool) {
+	if t.copies.limit == 0 {
+		return
+	}
+	if allowed {
+		t.copies.mu.Lock()
+		delete(t.copies.barred, string(id))
+		t.copies.mu.Unlock()
+		return
+	}
+	t.barCopies(id)
+}
+
+// barCopies bars version id's copies and destroys the one there is, waiting for a copy being made (the owner lock).
+func (t *Token) barCopies(id []byte) {
 	w := &t.copies
 	if w.limit == 0 {
 		return
 	}
 	k := string(id)
 	w.mu.Lock()
-	if allowed {
-		delete(w.barred, k)
-		w.mu.Unlock()
-		return
-	}
 	if w.barred == nil {
 		w.barred = map[string]struct{}{}
 	}
 	w.barred[k] = struct{}{}
 	delete(w.seen, k)
+	wc := w.byID[k] // out of the table at once: no call takes it from now on
+	delete(w.byID, k)
 	w.mu.Unlock()
-	t.forgetCopy(id, false)
-}
-
-// forgetCopy destroys version id's copy, if any; unbar also lifts its bar (the version's objects are destroyed:
-// there is nothing left to copy). A copy being made meanwhile is waited for (the owner lock).
-func (t *Token) forgetCopy(id []byte, unbar bool) {
-	w := &t.copies
-	if w.limit == 0 {
-		return
-	}
 	w.owner.Lock()
 	defer w.owner.Unlock()
-	w.mu.Lock()
-	wc := w.byID[string(id)]
-	delete(w.byID, string(id))
-	if unbar {
-		delete(w.barred, string(id))
-	}
-	w.mu.Unlock()
 	if wc != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), copyTimeout)
 		defer cancel()
 		t.retireCopy(ctx, wc)
 	}
+}
+
+// unbarCopies lifts the bar barCopies set while a version's objects were looked at and kept.
+func (t *Token) unbarCopies(id []byte) {
+	t.copies.mu.Lock()
+	delete(t.copies.barred, string(id))
+	t.copies.mu.Unlock()
 }
 
 // WorkingCopiesHeld is the number of working copies in use now.
@@ -385,6 +415,27 @@ type WorkingCopyProbe struct {
 
 // Faster reports whether copies are worth using on this token.
 func (p WorkingCopyProbe) Faster() bool { return p.Refused == "" && p.Speedup >= workingCopyMinSpeedup }
+
+// WorkingCopies returns what the token's working-copy probe measured, probing it on first need (once per token
+// and process).
+func (t *Token) WorkingCopies(ctx context.Context) (WorkingCopyProbe, error) {
+	caps, err := t.Capabilities(ctx)
+	if err != nil {
+		return WorkingCopyProbe{}, err
+	}
+	state := t.pool.tokenState()
+	state.copyProbeMu.Lock()
+	defer state.copyProbeMu.Unlock()
+	if state.copyProbe == nil {
+		p, err := t.probeWorkingCopies(ctx, caps)
+		if err != nil {
+			return WorkingCopyProbe{}, err // asked again next time
+		}
+		state.copyProbe = &p
+		t.log.Info("HSM token working copies", "token", t.Info().Label, "speedup", fmt.Sprintf("%.2f", p.Speedup), "refused", p.Refused)
+	}
+	return *state.copyProbe, nil
+}
 
 // probeWorkingCopies makes a throwaway AES token key and its copy, checks the copy is what a working copy must be,
 // and times AES-GCM encryptions with each in the same session, taking each one's best of a few rounds.
@@ -416,10 +467,13 @@ func (t *Token) probeWorkingCopies(ctx context.Context, c *Capabilities) (Workin
 				return err
 			}
 			probe.Refused = fmt.Sprintf("C_CopyObject: %v", err)
+			if !refusesCopies(err) {
+				probe.Refused += " (taken as a refusal: asked once per token and process)"
+			}
 			return nil
 		}
 		defer func() { _ = p.DestroyObject(s.h, cp) }()
-		if err := checkCopy(p, s, cp); err != nil {
+		if err := checkCopy(p, s, cp, id); err != nil {
 			if errors.Is(err, errNotACopy) {
 				probe.Refused = err.Error()
 				return nil

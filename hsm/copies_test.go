@@ -28,14 +28,17 @@ func onCopyingTokens(t *testing.T, limit int, fn func(t *testing.T, tk tokentest
 			t.Fatal(err)
 		}
 		t.Cleanup(tok.Close)
-		caps, err := tok.Capabilities(context.Background())
+		probe, err := tok.WorkingCopies(context.Background())
 		if err != nil {
 			t.Fatal(err)
 		}
-		if caps.WorkingCopies.Refused != "" {
-			t.Skipf("this token makes no working copies: %s", caps.WorkingCopies.Refused)
+		if probe.Refused != "" {
+			t.Skipf("this token makes no working copies: %s", probe.Refused)
 		}
-		caps.WorkingCopies.Speedup = max(caps.WorkingCopies.Speedup, 2*workingCopyMinSpeedup)
+		state := tok.pool.tokenState()
+		state.copyProbeMu.Lock()
+		state.copyProbe.Speedup = max(state.copyProbe.Speedup, 2*workingCopyMinSpeedup)
+		state.copyProbeMu.Unlock()
 		ran = true
 		fn(t, tk, tok)
 	})
@@ -147,7 +150,7 @@ func TestWorkingCopyServesAHotVersion(t *testing.T) {
 		if plain.WorkingCopiesHeld() != 0 {
 			t.Fatal("a connection with working_copies 0 holds copies")
 		}
-		err = tok.do(context.Background(), "test: read the copy", func(c pkcs11API, s session) error { return checkCopy(c, s, wc.h) })
+		err = tok.do(context.Background(), "test: read the copy", func(c pkcs11API, s session) error { return checkCopy(c, s, wc.h, id) })
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -290,11 +293,10 @@ func TestWorkingCopyProbeOnEveryToken(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer tok.Close()
-		caps, err := tok.Capabilities(context.Background())
+		p, err := tok.WorkingCopies(context.Background())
 		if err != nil {
 			t.Fatal(err)
 		}
-		p := caps.WorkingCopies
 		switch {
 		case p.Refused != "":
 			record(tk.Kind, "working copies (C_CopyObject session objects)", "no: "+p.Refused)
@@ -319,6 +321,49 @@ func TestWorkingCopyProbeOnEveryToken(t *testing.T) {
 		settled(t, tok)
 		if n := sessionCopies(t, tok, id); n != 0 || tok.WorkingCopiesHeld() != 0 || !tok.copies.off.Load() {
 			t.Fatalf("a token that refuses copies has %d (held %d, off %v)", n, tok.WorkingCopiesHeld(), tok.copies.off.Load())
+		}
+	})
+}
+
+// A version destroyed while calls keep using it (a destruction without grace, a deletion) keeps no copy: none
+// survives the destruction, and none is made from it afterwards.
+func TestNoCopySurvivesADestructionUnderLoad(t *testing.T) {
+	onCopyingTokens(t, 8, func(t *testing.T, _ tokentest.Token, tok *Token) {
+		for round := 0; round < 5; round++ {
+			id := newVersion(t, tok, 256)
+			encryptTimes(t, tok, id, 2)
+			settled(t, tok)
+			stop := make(chan struct{})
+			done := make(chan struct{})
+			for i := 0; i < 4; i++ {
+				go func() {
+					defer func() { done <- struct{}{} }()
+					for {
+						select {
+						case <-stop:
+							return
+						default:
+						}
+						_, _, _ = tok.EncryptGCM(context.Background(), id, make([]byte, GCMNonceSize), nil, []byte("x"))
+					}
+				}()
+			}
+			time.Sleep(10 * time.Millisecond)
+			if _, err := tok.DestroyKeys(context.Background(), id); err != nil {
+				t.Fatal(err)
+			}
+			if n := sessionCopies(t, tok, id); n != 0 {
+				t.Fatalf("round %d: %d copies right after the destruction", round, n)
+			}
+			time.Sleep(10 * time.Millisecond)
+			close(stop)
+			for i := 0; i < 4; i++ {
+				<-done
+			}
+			settled(t, tok)
+			if n := sessionCopies(t, tok, id); n != 0 || hasCopy(tok, id) {
+				t.Fatalf("round %d: %d copies after the destruction", round, n)
+			}
 		}
 	})
 }

@@ -266,6 +266,10 @@ type tokenState struct {
 	capsMu sync.Mutex // held while the token is probed: one probe per token
 	caps   *Capabilities
 
+	// copyProbe is what the working-copy probe measured (copies.go), once per token, on first need.
+	copyProbeMu sync.Mutex
+	copyProbe   *WorkingCopyProbe
+
 	// objectWrites serialises the creation and destruction of objects on tokens whose object store fails under
 	// parallel writes (SoftHSM's file store answers CKR_GENERAL_ERROR). A channel, so that waiting honours
 	// cancellation; per token, so that one token's slow key generation never holds up another's.

@@ -15,7 +15,9 @@ func (t *Token) DestroyKeys(ctx context.Context, id []byte) (int, error) {
 	if len(id) == 0 {
 		return 0, fmt.Errorf("%w: empty CKA_ID", ErrInvalidArgument)
 	}
-	t.forgetCopy(id, true)
+	// Barred for good: a copy being made from the object while it is destroyed is never kept (CKA_IDs are never
+	// reused, and a destroyed version's tombstone stays in its key's snapshot anyway).
+	t.barCopies(id)
 	n := 0
 	err := t.doObjects(ctx, "C_DestroyObject", func(c pkcs11API, s session) error {
 		var err error
@@ -35,7 +37,7 @@ func (t *Token) DestroyUnlessLabelled(ctx context.Context, id []byte, versionLab
 	if len(id) == 0 || versionLabel == "" {
 		return false, 0, fmt.Errorf("%w: empty CKA_ID or label", ErrInvalidArgument)
 	}
-	t.forgetCopy(id, false)
+	t.barCopies(id)
 	err = t.doObjects(ctx, "C_DestroyObject unless labelled", func(c pkcs11API, s session) error {
 		kept, destroyed = false, 0
 		seen := 0
@@ -71,6 +73,9 @@ func (t *Token) DestroyUnlessLabelled(ctx context.Context, id []byte, versionLab
 	})
 	if destroyed > 0 {
 		t.handles.forget(id)
+	}
+	if err == nil && kept {
+		t.unbarCopies(id) // what is kept may be a version's material: the model bars it if it does not serve
 	}
 	return kept, destroyed, err
 }

@@ -450,8 +450,14 @@ func (p *pool) closeCopyOwner(s session) {
 		p.copyOwner = session{}
 	}
 	p.mu.Unlock()
-	if mine {
-		p.discard(s)
+	if !mine || s.h == 0 {
+		return
+	}
+	err := p.mod.enter(s.gen, func(c pkcs11API) error { return c.CloseSession(s.h) })
+	if err != nil && !errors.Is(err, errStale) {
+		// The session, and the copies it holds, may live on: the connection is made again, on a re-initialised
+		// module, which ends every session of the process's.
+		p.markLost(s, true, fmt.Errorf("closing the session holding working copies: %w", err))
 	}
 }
 

@@ -97,6 +97,9 @@ type Manager struct {
 	Clock func() time.Time
 	// Observer, when set before the first request, hears uses, denials and rotations (the mount's metrics).
 	Observer Observer
+	// Connected, when set, gives the mount's open connection to the token, never opening one (nil when none is
+	// open): working copies (hsm/copies.go) exist only in an open connection, so settling them needs no other.
+	Connected func() HSM
 }
 
 // now is the manager's clock.
@@ -143,6 +146,7 @@ func (m *Manager) getLocked(ctx context.Context, s logical.Storage, name string)
 	if err := m.sealCreatedBy(ctx, s, k); err != nil {
 		return nil, err
 	}
+	m.copiesAllowedServing(k) // lifts what an invalidation barred, for what serves as storage says
 	m.cache.Store(name, k)
 	return k, nil
 }
@@ -177,6 +181,9 @@ func (m *Manager) Invalidate(storageKey string) {
 	}
 	l := m.lock(name)
 	l.Lock()
+	if old, ok := m.cache.Load(name); ok {
+		m.copiesBarredAll(old) // the change may have disabled, destroyed or deleted what a copy serves
+	}
 	m.cache.Delete(name)
 	l.Unlock()
 	m.sched.invalidate()
@@ -335,14 +342,47 @@ func (tx *Tx) settleWorkingCopies() {
 	if len(changes) == 0 {
 		return
 	}
-	tok, err := tx.hsm()
-	if err != nil {
-		// No connection, no copies: a connection made later starts with none.
-		tx.m.log.Debug("working copies not settled: no connection to the token", "key", tx.Key.Name, "error", err)
-		return
+	tok := tx.m.connected()
+	if tok == nil {
+		return // no connection, no copies: a connection made later starts with none
 	}
 	for _, change := range changes {
 		change(tok)
+	}
+}
+
+// connected is the mount's open connection to the token, or nil.
+func (m *Manager) connected() HSM {
+	if m.Connected == nil {
+		return nil
+	}
+	return m.Connected()
+}
+
+// copiesBarredAll bars the working copies of every version of k: another node changed the key in storage, and what
+// serves now is known only once it is read again (copiesAllowedServing).
+func (m *Manager) copiesBarredAll(k *Key) {
+	tok := m.connected()
+	if tok == nil {
+		return
+	}
+	for _, v := range k.Versions {
+		if !v.PublicOnly() {
+			tok.WorkingCopiesAllowed(v.ID(), false)
+		}
+	}
+}
+
+// copiesAllowedServing allows the working copies of every version of k, read from storage, that serves.
+func (m *Manager) copiesAllowedServing(k *Key) {
+	tok := m.connected()
+	if tok == nil {
+		return
+	}
+	for n, v := range k.Versions {
+		if !v.PublicOnly() && k.serves(n) {
+			tok.WorkingCopiesAllowed(v.ID(), true)
+		}
 	}
 }
 

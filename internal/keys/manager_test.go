@@ -242,6 +242,7 @@ func (s *storedButFailing) Put(ctx context.Context, e *logical.StorageEntry) err
 func newManager(t *testing.T) (*Manager, *fakeHSM, *storedButFailing) {
 	f := newFakeHSM()
 	m := NewManager(hclog.NewNullLogger(), "mount", func(context.Context, logical.Storage) (HSM, *Nonces, error) { return f, nil, nil })
+	m.Connected = func() HSM { return f }
 	return m, f, &storedButFailing{Storage: &logical.InmemStorage{}}
 }
 
@@ -483,5 +484,41 @@ func TestWorkingCopiesFollowWhatServes(t *testing.T) {
 	}
 	if b, _ := barred(v1); !b {
 		t.Fatal("version 1, still below min_decryption_version, was allowed with its key")
+	}
+}
+
+// A change made by another node (storage changed underneath, Invalidate) bars every version's working copies on
+// this one; reading the key again allows them for the versions that serve as storage says.
+func TestInvalidationBarsCopiesUntilTheKeyIsReadAgain(t *testing.T) {
+	m, f, s := newManager(t)
+	ctx := context.Background()
+	k, _, err := m.Create(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96}, who, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err = m.Update(ctx, s, "k", Actor{RequestID: "req-2"}, func(tx *Tx) error { return tx.Rotate("manual") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Another node disabled version 1: storage says so, and this node's cache does not know yet.
+	changed := k.Clone()
+	changed.withVersion(1, func(v *Version) { v.State = StateDisabled })
+	if err := store(ctx, s, changed, []int{1}); err != nil {
+		t.Fatal(err)
+	}
+	m.Invalidate(PolicyPrefix + "k")
+	barred := func(n int) bool {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		return f.copiesBarred[k.Versions[n].HSMID]
+	}
+	if !barred(1) || !barred(2) {
+		t.Fatal("an invalidated key's versions keep their copies")
+	}
+	if _, err := m.Get(ctx, s, "k"); err != nil {
+		t.Fatal(err)
+	}
+	if !barred(1) || barred(2) {
+		t.Fatalf("after reading the key again: version 1 barred %v (disabled: want true), version 2 barred %v (want false)", barred(1), barred(2))
 	}
 }

@@ -40,7 +40,7 @@ var (
 	quick      = flag.Bool("quick", false, "smoke run: tiny durations and counts (checks the benchmark works, measures nothing)")
 	out        = flag.String("out", "", "write the results as Markdown to this file")
 	poolSizes  = flag.String("pool-sizes", "1,2,4,8", "session pool sizes to compare for batch encryption")
-	cpuProfile = flag.String("cpuprofile", "", "write a CPU profile of the plugin under load to this file")
+	cpuProfile = flag.String("cpuprofile", "", "write a CPU profile of the plugin under load to this file (a batch profile stops the run after the batch rows, writing no file)")
 	heapProf   = flag.String("heapprofile", "", "write a heap profile of the plugin, taken once it has settled after the many-keys load, to this file")
 	profLoad   = flag.String("profile-load", "batch", "load to profile: single or batch encryption")
 	rounds     = flag.Int("rounds", 3, "windows per figure, taken in turn with the reference's; rows report medians")
@@ -207,6 +207,10 @@ func main() {
 	rows = append(rows, ratioRow("batch decrypt, items/s (1,000 × 64 B, 4 clients)", w[0], "raw HSM, 1 session", w[1], items, 0))
 	rows = append(rows, ratioRow("", w[0], "Transit", w[2], items, 0))
 	rawTok.Close() // one raw token at a time: the module is initialised again for the next one's token
+	if *cpuProfile != "" && *profLoad == "batch" {
+		fmt.Println(render(rows, nil)) // a profiling run: the rows up to the profiled load, no file
+		return
+	}
 
 	// Pool size: batch encryption at each size.
 	var poolRows []string
@@ -314,10 +318,14 @@ func main() {
 	if *heapProf != "" {
 		fetchProfile("heap?gc=1", *heapProf)
 	}
-	pass := settled > 0 && settled <= 150
 	rows = append(rows, row{name: "plugin RSS settled (idle up to 2.5 min after the load), MB", ours: fmt.Sprintf("%.0f", settled),
-		ref:    fmt.Sprintf("bare process holding the same token: %.0f; plugin Go heap in use %.0f, Go runtime total %.0f", tokenOnly, heap, sys),
-		target: "≤ 150", pass: &pass})
+		ref: fmt.Sprintf("bare process holding the same token: %.0f; plugin Go heap in use %.0f, Go runtime total %.0f", tokenOnly, heap, sys)})
+	// The plugin's own share: its RSS less what a bare process holding the same token takes (SoftHSM keeps every
+	// object of the token in the process that uses it).
+	own := settled - tokenOnly
+	pass := settled > 0 && own <= 60
+	rows = append(rows, row{name: "plugin's own share settled (its RSS less the bare process's), MB", ours: fmt.Sprintf("%.0f", own),
+		ref: "", target: "≤ 60", pass: &pass})
 
 	// Usage analytics' memory with every key used: the plugin's Go heap after a collection with analytics on,
 	// and again once config/analytics turned them off on every mount, which writes the counts to storage and

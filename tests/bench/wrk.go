@@ -37,7 +37,7 @@ func wrkWindow(srv *vaulttest.Server, conns int, method, path string, body map[s
 	check(f.Close())
 	url := "http://" + srv.Addr + "/v1/" + path
 	run := func(d time.Duration) float64 {
-		out, err := exec.Command(bin, "-t", "2", "-c", strconv.Itoa(conns), "-d", fmt.Sprintf("%dms", d.Milliseconds()),
+		out, err := exec.Command(bin, "-t", "2", "-c", strconv.Itoa(conns), "-d", fmt.Sprintf("%ds", max(1, int(d.Round(time.Second).Seconds()))), // whole seconds only
 			"--timeout", "10s", "-s", lua, url).CombinedOutput()
 		if err != nil {
 			log.Fatalf("wrk %s: %v\n%s", path, err, out)
