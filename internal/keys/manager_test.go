@@ -492,11 +492,11 @@ func TestWorkingCopiesFollowWhatServes(t *testing.T) {
 func TestInvalidationBarsCopiesUntilTheKeyIsReadAgain(t *testing.T) {
 	m, f, s := newManager(t)
 	ctx := context.Background()
-	k, _, err := m.Create(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96}, who, nil)
+	_, _, err := m.Create(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96}, who, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	k, err = m.Update(ctx, s, "k", Actor{RequestID: "req-2"}, func(tx *Tx) error { return tx.Rotate("manual") })
+	k, err := m.Update(ctx, s, "k", Actor{RequestID: "req-2"}, func(tx *Tx) error { return tx.Rotate("manual") })
 	if err != nil {
 		t.Fatal(err)
 	}
