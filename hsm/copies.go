@@ -467,6 +467,10 @@ func (t *Token) probeWorkingCopies(ctx context.Context, c *Capabilities) (Workin
 				return err
 			}
 			probe.Refused = fmt.Sprintf("C_CopyObject: %v", err)
+			if rv, _ := rvOf(err); rv == pkcs11.CKR_ATTRIBUTE_READ_ONLY {
+				// SoftHSM 2.6: nothing of an unmodifiable object may change in a copy, CKA_TOKEN included.
+				probe.Refused = fmt.Sprintf("the token copies no attribute change into an unmodifiable key, as the engine makes every key (C_CopyObject: %v)", err)
+			}
 			if !refusesCopies(err) {
 				probe.Refused += " (taken as a refusal: asked once per token and process)"
 			}
