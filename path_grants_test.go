@@ -134,7 +134,9 @@ func TestGrantsRefuseWhatTheyCannotGrant(t *testing.T) {
 // read (the first tick of a process), a tick with no grant ending reads and lists nothing of them.
 func TestGrantEndsCostNoStoragePerTick(t *testing.T) {
 	e := newTestBackend(t)
-	now := time.Date(2026, 12, 6, 9, 0, 0, 0, time.UTC)
+	// The grants below end an hour from the wall clock's now: a fixed date would make the test depend on the day
+	// it runs (one of 2026-12-06 failed between 08:00 and 09:00 on 2026-12-07, a day later than its grants' end).
+	now := time.Now().UTC()
 	for i := range 10 {
 		name := fmt.Sprintf("k%d", i)
 		e.ok(e.write("keys/"+name, nil))

@@ -73,10 +73,12 @@ func (p *Provider) setupOpenCryptoki() error {
 	if err != nil {
 		return err
 	}
-	removeOpenCryptokiToken() // only a token an earlier run made and marked
+	// A running daemon first: it may be another run's, alive, whose marked token must not be removed under it (a
+	// second test process did that once, failing every opencryptoki test of a CI run in progress).
 	if pid, running := slotDaemonRunning(); running {
 		return fmt.Errorf("a pkcsslotd this run did not start is running (pid %d): stop it, or set CMK_TOKENS without opencryptoki", pid)
 	}
+	removeOpenCryptokiToken() // only a token an earlier run made, marked, and left when it died
 	shmBefore, _ := filepath.Glob("/dev/shm/var.lib.opencryptoki.*")
 	d, err := startDaemon(nil, filepath.Join(p.dir, "pkcsslotd.log"), "pkcsslotd", "-f")
 	if err != nil {
