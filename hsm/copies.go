@@ -290,13 +290,9 @@ func (t *Token) retireCopy(ctx context.Context, wc *workingCopy) {
 	wc.gone = true
 	wc.use.Unlock()
 	err := t.pool.run(ctx, wc.owner, func(c pkcs11API, s session) error {
-		a, err := c.GetAttributeValue(s.h, wc.h, []*pkcs11.Attribute{
-			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, nil), pkcs11.NewAttribute(pkcs11.CKA_ID, nil)})
-		if err != nil {
+		// What passed checkCopy when it was made passes it still, unless the handle now names another object.
+		if err := checkCopy(c, s, wc.h, []byte(wc.id)); err != nil {
 			return err
-		}
-		if boolean(a[0].Value) || !bytes.Equal(a[1].Value, []byte(wc.id)) {
-			return fmt.Errorf("%w: handle %d now names another object", errNotACopy, wc.h)
 		}
 		return c.DestroyObject(s.h, wc.h)
 	})
