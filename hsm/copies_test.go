@@ -82,6 +82,16 @@ func encryptTimes(t *testing.T, tok *Token, id []byte, n int) {
 	}
 }
 
+// warmUp uses version id until it has its copy, and fails with why unless exactly one is on the token.
+func warmUp(t *testing.T, tok *Token, id []byte, why string) {
+	t.Helper()
+	encryptTimes(t, tok, id, 2)
+	settled(t, tok)
+	if n := sessionCopies(t, tok, id); n != 1 {
+		t.Fatalf("%s: %d copies on the token", why, n)
+	}
+}
+
 // settled waits until no copy is being made.
 func settled(t *testing.T, tok *Token) {
 	t.Helper()
@@ -162,11 +172,7 @@ func TestWorkingCopyServesAHotVersion(t *testing.T) {
 func TestNoWorkingCopyOutlivesItsVersionsBar(t *testing.T) {
 	onCopyingTokens(t, 8, func(t *testing.T, _ tokentest.Token, tok *Token) {
 		id := newVersion(t, tok, 256)
-		encryptTimes(t, tok, id, 2)
-		settled(t, tok)
-		if sessionCopies(t, tok, id) != 1 {
-			t.Fatal("no copy to bar")
-		}
+		warmUp(t, tok, id, "no copy to bar")
 		tok.WorkingCopiesAllowed(id, false)
 		if n := sessionCopies(t, tok, id); n != 0 || hasCopy(tok, id) {
 			t.Fatalf("%d copies on the token after the bar", n)
@@ -177,11 +183,7 @@ func TestNoWorkingCopyOutlivesItsVersionsBar(t *testing.T) {
 			t.Fatalf("a barred version got %d copies", n)
 		}
 		tok.WorkingCopiesAllowed(id, true)
-		encryptTimes(t, tok, id, 2)
-		settled(t, tok)
-		if sessionCopies(t, tok, id) != 1 {
-			t.Fatal("no copy once allowed again")
-		}
+		warmUp(t, tok, id, "no copy once allowed again")
 	})
 }
 
@@ -208,11 +210,7 @@ func TestBarDuringACopysMakingLeavesNone(t *testing.T) {
 func TestDestroyKeysDestroysTheCopy(t *testing.T) {
 	onCopyingTokens(t, 8, func(t *testing.T, _ tokentest.Token, tok *Token) {
 		id := newVersion(t, tok, 256)
-		encryptTimes(t, tok, id, 2)
-		settled(t, tok)
-		if sessionCopies(t, tok, id) != 1 {
-			t.Fatal("no copy")
-		}
+		warmUp(t, tok, id, "no copy")
 		if _, err := tok.DestroyKeys(context.Background(), id); err != nil {
 			t.Fatal(err)
 		}
@@ -250,11 +248,7 @@ func TestWorkingCopiesLeastRecentlyUsedFirstOut(t *testing.T) {
 func TestWorkingCopiesDieWithTheConnection(t *testing.T) {
 	onCopyingTokens(t, 8, func(t *testing.T, tk tokentest.Token, tok *Token) {
 		id := newVersion(t, tok, 256)
-		encryptTimes(t, tok, id, 2)
-		settled(t, tok)
-		if sessionCopies(t, tok, id) != 1 {
-			t.Fatal("no copy")
-		}
+		warmUp(t, tok, id, "no copy")
 		tok.pool.mu.Lock()
 		err := tok.pool.reconnectLocked(false)
 		tok.pool.mu.Unlock()
