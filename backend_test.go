@@ -47,7 +47,8 @@ func TestMain(m *testing.M) {
 
 // countingStorage counts reads, to prove the hot path does none once a key is cached. Armed with a prefix, it
 // stores the next write of a key with that prefix and then reports an error, as a storage backend that timed out
-// after committing does (failAfterStoring), or fails it without storing anything (failUnstored).
+// after committing does (failAfterStoring), or fails it without storing anything (failUnstored). While journaling,
+// it records every operation ("get k", "put k", "list k", "delete k").
 type countingStorage struct {
 	logical.Storage
 	gets  atomic.Int64
@@ -56,6 +57,38 @@ type countingStorage struct {
 	failMu        sync.Mutex
 	failStored    string
 	failNotStored string
+
+	journalMu  sync.Mutex
+	journaling bool
+	journal    []string
+}
+
+// startJournal begins recording operations afresh.
+func (c *countingStorage) startJournal() {
+	c.journalMu.Lock()
+	defer c.journalMu.Unlock()
+	c.journaling, c.journal = true, nil
+}
+
+// stopJournal stops recording and returns what was recorded.
+func (c *countingStorage) stopJournal() []string {
+	c.journalMu.Lock()
+	defer c.journalMu.Unlock()
+	c.journaling = false
+	return c.journal
+}
+
+func (c *countingStorage) record(op, key string) {
+	c.journalMu.Lock()
+	defer c.journalMu.Unlock()
+	if c.journaling {
+		c.journal = append(c.journal, op+" "+key)
+	}
+}
+
+func (c *countingStorage) Delete(ctx context.Context, key string) error {
+	c.record("delete", key)
+	return c.Storage.Delete(ctx, key)
 }
 
 func (c *countingStorage) failUnstored(prefix string) {
@@ -71,6 +104,7 @@ func (c *countingStorage) failAfterStoring(prefix string) {
 }
 
 func (c *countingStorage) Put(ctx context.Context, e *logical.StorageEntry) error {
+	c.record("put", e.Key)
 	c.failMu.Lock()
 	unstored := c.failNotStored != "" && strings.HasPrefix(e.Key, c.failNotStored)
 	if unstored {
@@ -94,11 +128,13 @@ func (c *countingStorage) Put(ctx context.Context, e *logical.StorageEntry) erro
 
 func (c *countingStorage) List(ctx context.Context, prefix string) ([]string, error) {
 	c.lists.Add(1)
+	c.record("list", prefix)
 	return c.Storage.List(ctx, prefix)
 }
 
 func (c *countingStorage) Get(ctx context.Context, key string) (*logical.StorageEntry, error) {
 	c.gets.Add(1)
+	c.record("get", key)
 	return c.Storage.Get(ctx, key)
 }
 

@@ -76,6 +76,12 @@ func (m *Manager) AuditKey(ctx context.Context, s logical.Storage) (*AuditKey, m
 	if err != nil || a == nil {
 		return nil, nil, err
 	}
+	return m.vouchedAuditKey(ctx, s, a)
+}
+
+// vouchedAuditKey is AuditKey for the audit key a as read from storage (not nil).
+func (m *Manager) vouchedAuditKey(ctx context.Context, s logical.Storage, a *AuditKey) (*AuditKey, map[int]string, error) {
+	var err error
 	vouched := &AuditKey{LatestVersion: a.LatestVersion, Versions: map[int]*AuditKeyVersion{}}
 	unvouched := map[int]string{}
 	var tok HSM
@@ -307,13 +313,20 @@ func (m *Manager) RollbackAuditKey(ctx context.Context, s logical.Storage, data 
 // AuditSign signs SHA-256(msg) with the latest audit key version in the HSM (making the first version if the mount
 // has none) and returns the version and the base64 of the ASN.1 DER signature, as evidence.AuditKeys.Verify checks.
 func (m *Manager) AuditSign(ctx context.Context, s logical.Storage, msg []byte) (int, string, error) {
-	if _, err := m.auditKeyForSigning(ctx, s); err != nil {
-		return 0, "", err
-	}
-	a, unvouched, err := m.AuditKey(ctx, s)
+	stored, err := m.auditKeyForSigning(ctx, s)
 	if err != nil {
 		return 0, "", err
 	}
+	a, unvouched, err := m.vouchedAuditKey(ctx, s, stored)
+	if err != nil {
+		return 0, "", err
+	}
+	return m.auditSignWith(ctx, s, a, unvouched, msg)
+}
+
+// auditSignWith is AuditSign with the audit key as vouchedAuditKey returned it, read once by a caller that also
+// verifies with it.
+func (m *Manager) auditSignWith(ctx context.Context, s logical.Storage, a *AuditKey, unvouched map[int]string, msg []byte) (int, string, error) {
 	if why := unvouched[a.LatestVersion]; why != "" {
 		return 0, "", fmt.Errorf("%w: audit key version %d is not signed with: %s", errAuditKeyUnvouched, a.LatestVersion, why)
 	}
@@ -372,17 +385,23 @@ func (m *Manager) auditKeys(ctx context.Context, s logical.Storage) (evidence.Au
 	if err != nil {
 		return nil, nil, err
 	}
+	keys, err := auditPublicKeys(a)
+	return keys, unvouched, err
+}
+
+// auditPublicKeys parses the public keys of a's versions (a as vouchedAuditKey returns it; nil: none).
+func auditPublicKeys(a *AuditKey) (evidence.AuditKeys, error) {
 	keys := evidence.AuditKeys{}
 	if a != nil {
 		for n, v := range a.Versions {
 			pub, err := evidence.ParseAuditKey(v.PublicKey)
 			if err != nil {
-				return nil, nil, fmt.Errorf("audit key version %d: %w", n, err)
+				return nil, fmt.Errorf("audit key version %d: %w", n, err)
 			}
 			keys[n] = pub
 		}
 	}
-	return keys, unvouched, nil
+	return keys, nil
 }
 
 // SortedVersions lists the audit key's version numbers in order.

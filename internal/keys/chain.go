@@ -69,12 +69,15 @@ func readHead(ctx context.Context, s logical.Storage, name string) (*evidence.He
 
 // vouch signs the key's head after an append, or leaves it behind for the periodic function (see above). started:
 // this append began the chain. Called under the key's lock.
-func (m *Manager) vouch(ctx context.Context, s logical.Storage, name string, started bool) {
+func (m *Manager) vouch(ctx context.Context, s logical.Storage, name string, started bool, just *appended) {
 	headless := started
 	if v, ok := m.unsigned.Load(name); ok {
 		headless = headless || v.(bool)
 	}
-	err := m.signHead(ctx, s, name, headless)
+	err := m.signHead(ctx, s, name, headless, just)
+	if just.pageStored() != nil {
+		return // nothing was recorded: the append reports it, and nothing is left to sign
+	}
 	switch {
 	case err == nil:
 		m.unsigned.Delete(name)
@@ -91,17 +94,82 @@ func (m *Manager) vouch(ctx context.Context, s logical.Storage, name string, sta
 	}
 }
 
-// signHead signs a head over the key's chain as stored, if the chain extends the signed head (or, with headless,
-// if there is none and the chain is whole from seq 1). Nothing is written when the head is up to date.
-func (m *Manager) signHead(ctx context.Context, s logical.Storage, name string, headless bool) error {
-	head, err := readHead(ctx, s, name)
-	if err != nil {
-		return err
+// appended is what an append, under the key's lock, has just read and written of the key's history: the head's
+// signing that follows reads none of it back.
+type appended struct {
+	events []json.RawMessage // the newest events as stored, oldest first: the page written (after the page before it, when the append began a new page)
+	whole  bool              // events are the whole history
+	noHead bool              // the listing held no head
+	audit  *AuditKey         // the audit key as read before the append (nil: read it)
+	// put is the page's write under way, its outcome received once into putErr: the head is stored only after
+	// the page. Used by the appending goroutine only.
+	put    chan error
+	putErr error
+	waited bool
+}
+
+// pageStored waits for the page's write, if one is under way, and returns its outcome.
+func (a *appended) pageStored() error {
+	if a == nil || a.put == nil {
+		return nil
 	}
+	if !a.waited {
+		a.putErr, a.waited = <-a.put, true
+	}
+	return a.putErr
+}
+
+// tail is the key's events as readTail(seq) reads them, from what was just written when that reaches back far
+// enough.
+func (a *appended) tail(ctx context.Context, s logical.Storage, name string, seq int) ([]json.RawMessage, error) {
+	if a != nil && a.whole {
+		return a.events, nil
+	}
+	if a != nil && seq > 0 {
+		for _, raw := range a.events {
+			if l, err := linkOf(raw); err != nil || l.seq <= seq {
+				return a.events, nil
+			}
+		}
+	}
+	return readTail(ctx, s, name, seq)
+}
+
+// auditKey is the audit key as read before the append, or as read by read.
+func (a *appended) auditKey(ctx context.Context, s logical.Storage, read func(context.Context, logical.Storage) (*AuditKey, error)) (*AuditKey, error) {
+	if a != nil && a.audit != nil {
+		return a.audit, nil
+	}
+	return read(ctx, s)
+}
+
+// signHead signs a head over the key's chain as stored, if the chain extends the signed head (or, with headless,
+// if there is none and the chain is whole from seq 1). Nothing is written when the head is up to date. just is
+// what an append has just written (nil: read everything from storage).
+func (m *Manager) signHead(ctx context.Context, s logical.Storage, name string, headless bool, just *appended) error {
+	var head *evidence.Head
+	if just == nil || !just.noHead {
+		var err error
+		if head, err = readHead(ctx, s, name); err != nil {
+			return err
+		}
+	}
+	// The audit key is read once: the head is verified and the next one signed with the versions read here.
+	var signer *AuditKey
+	var unvouched map[int]string
 	from := chainLink{seq: 1}
 	if head != nil {
-		keys, unvouched, err := m.auditKeys(ctx, s)
+		stored, err := just.auditKey(ctx, s, readAuditKey)
 		if err != nil {
+			return err
+		}
+		var keys evidence.AuditKeys
+		if stored != nil {
+			if signer, unvouched, err = m.vouchedAuditKey(ctx, s, stored); err != nil {
+				return err
+			}
+		}
+		if keys, err = auditPublicKeys(signer); err != nil {
 			return err
 		}
 		if head.Key != name {
@@ -124,12 +192,16 @@ func (m *Manager) signHead(ctx context.Context, s logical.Storage, name string, 
 	if head == nil {
 		// The whole history is read and its beginning checked: not while no audit key can sign it (one that
 		// could not be made is tried again only after a while), or every event would read every event before it.
-		if _, err := m.auditKeyForSigning(ctx, s); err != nil {
+		stored, err := just.auditKey(ctx, s, m.auditKeyForSigning)
+		if err != nil {
+			return err
+		}
+		if signer, unvouched, err = m.vouchedAuditKey(ctx, s, stored); err != nil {
 			return err
 		}
 		back = 0
 	}
-	tail, err := readTail(ctx, s, name, back)
+	tail, err := just.tail(ctx, s, name, back)
 	if err != nil {
 		return err
 	}
@@ -146,11 +218,17 @@ func (m *Manager) signHead(ctx context.Context, s logical.Storage, name string, 
 		return nil
 	}
 	next := evidence.Head{Key: name, Seq: end.seq, Hash: end.hash, SignedAt: m.now().UTC()}
-	if next.AuditKeyVersion, next.Signature, err = m.AuditSign(ctx, s, next.SignedBytes()); err != nil {
+	if signer == nil {
+		return errors.New("the mount has no audit key to sign the head with")
+	}
+	if next.AuditKeyVersion, next.Signature, err = m.auditSignWith(ctx, s, signer, unvouched, next.SignedBytes()); err != nil {
 		return err
 	}
 	e, err := logical.StorageEntryJSON(historyHeadKey(name), next)
 	if err != nil {
+		return err
+	}
+	if err := just.pageStored(); err != nil {
 		return err
 	}
 	if err := s.Put(ctx, e); err != nil {
@@ -285,7 +363,7 @@ func (m *Manager) signHeadsLeftBehind(ctx context.Context, s logical.Storage) {
 		l.Lock()
 		defer l.Unlock()
 		if v, ok := m.unsigned.Load(name); ok { // not signed meanwhile by an append
-			if err := m.signHead(ctx, s, name, v.(bool)); err == nil || errors.Is(err, errNotVouchable) {
+			if err := m.signHead(ctx, s, name, v.(bool), nil); err == nil || errors.Is(err, errNotVouchable) {
 				m.unsigned.Delete(name)
 				if err != nil {
 					m.log.Error("history is not what its signed head vouches for: the head is not signed again, and history/verify reports the break",

@@ -85,7 +85,7 @@ func (m *Manager) RecordEvent(ctx context.Context, s logical.Storage, name strin
 	if err != nil {
 		return err
 	}
-	return m.appendHistory(ctx, s, name, who.event(kind, version, "", details))
+	return m.appendHistory(ctx, s, name, nil, who.event(kind, version, "", details))
 }
 
 func historyPageKey(name string, page int) string {
@@ -97,12 +97,13 @@ func historyPageKey(name string, page int) string {
 // accessor are stored sealed, before the chain begins: seq 1's prev_hash pins them as they are then stored
 // (evidence.UnchainedPin). The head is then signed (vouch); a chain that begins neither at the key's creation nor
 // over unchained events (what follows a history deleted whole) is recorded and never signed.
-// The caller holds the key's lock: the read-modify-write of the page is never concurrent for one key.
-func (m *Manager) appendHistory(ctx context.Context, s logical.Storage, name string, evs ...Event) error {
+// The caller holds the key's lock: the read-modify-write of the page is never concurrent for one key. ahead is
+// what was read ahead of the append under that lock (nil: nothing).
+func (m *Manager) appendHistory(ctx context.Context, s logical.Storage, name string, ahead *historyAhead, evs ...Event) error {
 	if len(evs) == 0 {
 		return nil
 	}
-	pages, err := historyPages(ctx, s, name)
+	pages, hasHead, audit, err := ahead.listing(ctx, s, name)
 	if err != nil {
 		return err
 	}
@@ -136,8 +137,9 @@ func (m *Manager) appendHistory(ctx context.Context, s logical.Storage, name str
 			return err
 		}
 	}
+	var before []json.RawMessage // the page before the one written, when this append begins a page
 	if len(events) >= historyPageSize {
-		page, events = page+1, nil
+		before, page, events = events, page+1, nil
 	} else if err := m.sealLegacy(ctx, s, events); err != nil {
 		return err
 	}
@@ -161,11 +163,13 @@ func (m *Manager) appendHistory(ctx context.Context, s logical.Storage, name str
 	if err != nil {
 		return err
 	}
-	if err := s.Put(ctx, e); err != nil {
-		return err
-	}
-	m.vouch(ctx, s, name, started)
-	return nil
+	// The head is signed while the page is written (the HSM's signature and the storage write take as long as
+	// each other), and stored only once the page is.
+	put := make(chan error, 1)
+	go func() { put <- s.Put(ctx, e) }()
+	just := &appended{events: append(before, events...), whole: len(pages) <= 1, noHead: !hasHead, audit: audit, put: put}
+	m.vouch(ctx, s, name, started, just)
+	return just.pageStored()
 }
 
 // sealPages stores sealed the clear accessors of the key's unchained events, page by page, before a chain pins
@@ -231,22 +235,73 @@ func (m *Manager) recordEventLocked(ctx context.Context, s logical.Storage, name
 	if err != nil {
 		return err
 	}
-	return m.appendHistory(ctx, s, name, who.event(kind, 0, "", details))
+	return m.appendHistory(ctx, s, name, nil, who.event(kind, 0, "", details))
 }
 
 func historyPages(ctx context.Context, s logical.Storage, name string) ([]int, error) {
+	pages, _, err := historyListing(ctx, s, name)
+	return pages, err
+}
+
+// historyAhead is what recording a change's events reads before it writes (the key's history listing, the audit
+// key), read while the change itself is stored: storage round trips a key's creation would otherwise wait for one
+// after another. Read under the key's lock, which every writer of the key's history holds; the audit key may be
+// rotated meanwhile, and a head signed with the version before stays verifiable.
+type historyAhead struct {
+	done    chan struct{}
+	pages   []int
+	hasHead bool
+	audit   *AuditKey
+	err     error
+}
+
+// readHistoryAhead begins reading what appending to key name's history reads first.
+func readHistoryAhead(ctx context.Context, s logical.Storage, name string) *historyAhead {
+	a := &historyAhead{done: make(chan struct{})}
+	go func() {
+		defer close(a.done)
+		if a.pages, a.hasHead, a.err = historyListing(ctx, s, name); a.err == nil {
+			a.audit, a.err = readAuditKey(ctx, s)
+		}
+	}()
+	return a
+}
+
+// wait returns once the reads are done.
+func (a *historyAhead) wait() {
+	if a != nil {
+		<-a.done
+	}
+}
+
+// listing is the key's history listing and the audit key as read ahead, or (nil, or a read that failed) as read
+// now; the audit key is nil when not read ahead.
+func (a *historyAhead) listing(ctx context.Context, s logical.Storage, name string) ([]int, bool, *AuditKey, error) {
+	if a != nil {
+		if a.wait(); a.err == nil {
+			return a.pages, a.hasHead, a.audit, nil
+		}
+	}
+	pages, hasHead, err := historyListing(ctx, s, name)
+	return pages, hasHead, nil, err
+}
+
+// historyListing lists the key's history pages, in order, and says whether a head is stored beside them.
+func historyListing(ctx context.Context, s logical.Storage, name string) ([]int, bool, error) {
 	keys, err := s.List(ctx, historyPrefix+name+"/")
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	var pages []int
+	hasHead := false
 	for _, k := range keys {
 		if n, err := strconv.Atoi(k); err == nil {
 			pages = append(pages, n)
 		}
+		hasHead = hasHead || k == headName
 	}
 	sort.Ints(pages)
-	return pages, nil
+	return pages, hasHead, nil
 }
 
 func readRawPage(ctx context.Context, s logical.Storage, name string, page int) ([]json.RawMessage, error) {

@@ -295,8 +295,13 @@ func (m *Manager) commit(ctx context.Context, s logical.Storage, who Actor, cur,
 		m.forgetGrants(tx.Key.Name)
 		m.forgetActions(tx.Key.Name)
 		m.forgetUsage(tx.Key.Name)
-		tx.recordEvents()
+		tx.recordEvents(nil)
 		return nil, nil
+	}
+	var ahead *historyAhead
+	if len(tx.events) > 0 {
+		ahead = readHistoryAhead(ctx, s, tx.Key.Name)
+		defer ahead.wait()
 	}
 	if err := store(ctx, s, tx.Key, tx.changed); err != nil {
 		m.cache.Delete(tx.Key.Name) // storage may hold the change or not: read it again
@@ -304,11 +309,18 @@ func (m *Manager) commit(ctx context.Context, s logical.Storage, who Actor, cur,
 			"key", tx.Key.Name, "error", err)
 		return nil, err
 	}
-	for _, w := range tx.records() {
-		if err := w.forget(ctx, s); err != nil {
-			m.log.Warn("could not delete WAL entry; the rollback finds the version stored and destroys nothing", "error", err)
+	// The WAL entries go while the history is written: once the change is stored, the rollback finds it stored
+	// and destroys nothing, whichever is written first.
+	forgotten, records := make(chan struct{}), tx.records()
+	go func() {
+		defer close(forgotten)
+		for _, w := range records {
+			if err := w.forget(ctx, s); err != nil {
+				m.log.Warn("could not delete WAL entry; the rollback finds the version stored and destroys nothing", "error", err)
+			}
 		}
-	}
+	}()
+	defer func() { <-forgotten }()
 	m.cache.Store(tx.Key.Name, tx.Key)
 	m.sched.update(tx.Key)
 	tx.settleWorkingCopies()
@@ -317,7 +329,7 @@ func (m *Manager) commit(ctx context.Context, s logical.Storage, who Actor, cur,
 			m.usage.forgetVersion(tx.Key.Name, n)
 		}
 	}
-	tx.recordEvents()
+	tx.recordEvents(ahead)
 	return tx.Key, nil
 }
 
@@ -419,13 +431,13 @@ func (tx *Tx) undo() {
 // recordEvents appends the change's events to the key's history, still under the key's lock, so that no
 // concurrent change's event is lost; the chain's head is signed once for them all. A failure is logged: the change
 // it records is made, and Vault's audit device has the request either way.
-func (tx *Tx) recordEvents() {
+func (tx *Tx) recordEvents(ahead *historyAhead) {
 	for _, ev := range tx.events {
 		if ev.Event == "rotated" {
 			tx.m.observer().Rotated(tx.Key.Name, ev.Cause)
 		}
 	}
-	if err := tx.m.appendHistory(tx.ctx, tx.s, tx.Key.Name, tx.events...); err != nil {
+	if err := tx.m.appendHistory(tx.ctx, tx.s, tx.Key.Name, ahead, tx.events...); err != nil {
 		for _, ev := range tx.events {
 			tx.m.log.Error("could not record lifecycle event", "key", tx.Key.Name, "event", ev.Event, "error", err)
 		}

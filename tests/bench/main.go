@@ -42,9 +42,10 @@ var (
 	poolSizes  = flag.String("pool-sizes", "1,2,4,8", "session pool sizes to compare for batch encryption")
 	cpuProfile = flag.String("cpuprofile", "", "write a CPU profile of the plugin under load to this file (a batch profile stops the run after the batch rows, writing no file)")
 	heapProf   = flag.String("heapprofile", "", "write a heap profile of the plugin, taken once it has settled after the many-keys load, to this file")
-	profLoad   = flag.String("profile-load", "batch", "load to profile: single or batch encryption")
+	profLoad   = flag.String("profile-load", "batch", "load to profile: single or batch encryption, or create (keys created one after another on a mount of their own; the run stops after it)")
 	rounds     = flag.Int("rounds", 3, "windows per figure, taken in turn with the reference's; rows report medians")
 	firstRows  = flag.Bool("single-only", false, "stop after the single-request rows (to repeat them with more -rounds); writes no file")
+	createOnly = flag.Bool("many-keys-only", false, "only the rows of the many-keys load: -keys keys created one after another, and the plugin's memory after it (to repeat them); writes no file")
 	netPlugin  = flag.String("network-plugin", ".build/faults/vault-plugin-secrets-cmk", "the plugin built with -tags cmkfaults, for the network-HSM model")
 	netDelay   = flag.Duration("hsm-latency", time.Millisecond, "the network-HSM model's delay per PKCS#11 call")
 	netPools   = flag.String("network-pool-sizes", "4,16,64", "pool sizes measured under the network-HSM model")
@@ -92,6 +93,12 @@ func main() {
 
 	var rows []row
 	msg := base64.StdEncoding.EncodeToString(make([]byte, 64))
+	if *createOnly {
+		_, _, creation := latency(srv, "many", *manyKeys, msg, true, mountKV(srv))
+		memRows, _ := memoryRows(srv, env, cmk)
+		fmt.Println(render(append(creationRows(creation, creation[2] > 0), memRows...), nil))
+		return
+	}
 	if *netOnly {
 		fmt.Println(render(networkHSM(srv, abs(*netPlugin), *netDelay, sizesOf(*netPools), cmk), nil))
 		return
@@ -106,6 +113,17 @@ func main() {
 	}
 	if *cpuProfile != "" && *profLoad == "single" {
 		profile(srv, 16, encryptOne(cmk.Path))
+	}
+	if *cpuProfile != "" && *profLoad == "create" {
+		m, err := srv.NewMount("profcreate")
+		check(err)
+		var n atomic.Uint64
+		profile(srv, 1, func(cl *api.Client) error {
+			_, err := cl.Logical().Write(fmt.Sprintf("%s/keys/k%06d", m.Path, n.Add(1)), nil)
+			return err
+		})
+		log.Printf("%d keys created while profiling", n.Load())
+		return
 	}
 	w := alternate(window(srv, 16, encryptOne(cmk.Path)), window(srv, 16, encryptOne("transit")))
 	rows = append(rows, ratioRow("single encrypt, requests/s (16 clients)", w[0], "Transit", w[1], rate, 0.35))
@@ -235,14 +253,8 @@ func main() {
 	rows = append(rows, networkHSM(srv, abs(*netPlugin), *netDelay, sizesOf(*netPools), cmk)...)
 
 	// Vault's plugin transport: external KV plugin against the built-in KV.
-	kvMount := ""
-	if kvPath := abs(*kvBin); fileExists(kvPath) {
-		kvMount = "kvext"
-		check(srv.RegisterPlugin(kvPath, "", "vault-plugin-secrets-kv"))
-		check(c.Sys().Mount("kvext", &api.MountInput{Type: "vault-plugin-secrets-kv"}))
-		check(c.Sys().Mount("kvbuiltin", &api.MountInput{Type: "kv"}))
-		write(c, "kvext/bench", map[string]interface{}{"v": "x"})
-		write(c, "kvbuiltin/bench", map[string]interface{}{"v": "x"})
+	kvMount := mountKV(srv)
+	if kvMount != "" {
 		readKV := func(p string) func(*api.Client) error {
 			return func(cl *api.Client) error { _, err := cl.Logical().Read(p + "/bench"); return err }
 		}
@@ -264,18 +276,7 @@ func main() {
 	// Latency with 10 keys and with many keys on the token (all warmed: handles cached).
 	few, _, _ := latency(srv, "few", 10, msg, false, "")
 	many, manyMount, creation := latency(srv, "many", *manyKeys, msg, true, kvMount)
-	rows = append(rows, row{name: fmt.Sprintf("%d keys created one after another, s", *manyKeys), ours: fmt.Sprintf("%.1f", creation[0].Seconds()),
-		ref:   fmt.Sprintf("same number of C_GenerateKey on the bare token, nothing searched: %.1f", creation[1].Seconds()),
-		ratio: fmt.Sprintf("%.2f", creation[0].Seconds()/creation[1].Seconds())})
-	if kvMount != "" {
-		floor := creation[1] + creation[2]
-		creationRatio := creation[0].Seconds() / floor.Seconds()
-		creationPass := creationRatio <= 1.2
-		rows = append(rows, row{name: "", ours: fmt.Sprintf("%.1f", creation[0].Seconds()),
-			ref: fmt.Sprintf("those generations plus as many writes one after another through the external KV plugin (%.1f): %.1f",
-				creation[2].Seconds(), floor.Seconds()),
-			ratio: fmt.Sprintf("%.2f", creationRatio), target: "≤ 1.2", pass: &creationPass})
-	}
+	rows = append(rows, creationRows(creation, kvMount != "")...)
 	w = alternate(many, few)
 	rows = append(rows, ratioRow(fmt.Sprintf("encrypt p50 latency, ms: %d keys", *manyKeys), w[0], "10 keys", w[1], p50, -1.25))
 	rows = append(rows, ratioRow(fmt.Sprintf("encrypt p99 latency, ms: %d keys", *manyKeys), w[0], "10 keys", w[1], p99, 0))
@@ -293,39 +294,8 @@ func main() {
 	rows = append(rows, row{name: fmt.Sprintf("mount-wide reconcile, s (%d keys, %v objects)", *manyKeys, rec.Data["objects"]),
 		ours: fmt.Sprintf("%.1f", reconcile.Seconds()), ref: fmt.Sprintf("raw listing of the token's objects, bare process: %.1f", rawList.Seconds())})
 
-	pluginKeys := 0 // on every mount the measured plugin process serves
-	mounted, err := c.Sys().ListMounts()
-	check(err)
-	for p, m := range mounted {
-		if m.Type == vaulttest.PluginName {
-			if l, err := c.Logical().List(p + "keys"); err == nil && l != nil {
-				pluginKeys += len(l.Data["keys"].([]interface{}))
-			}
-		}
-	}
-	rss := srv.PluginRSSMB()
-	heap, sys := pluginGoMemory()
-	tokenOnly, _ := tokenRSS(env, cmk.Label, cmk.PIN)
-	rows = append(rows, row{name: fmt.Sprintf("plugin RSS right after the load, MB (%d keys)", pluginKeys), ours: fmt.Sprintf("%.0f", rss),
-		ref: fmt.Sprintf("bare process holding the same token: %.0f; plugin Go heap in use %.0f, Go runtime total %.0f", tokenOnly, heap, sys)})
-	settled := rss
-	if !*quick {
-		for end := time.Now().Add(150 * time.Second); time.Now().Before(end); time.Sleep(10 * time.Second) {
-			settled = min(settled, srv.PluginRSSMB())
-		}
-	}
-	heap, sys = pluginGoMemory()
-	if *heapProf != "" {
-		fetchProfile("heap?gc=1", *heapProf)
-	}
-	rows = append(rows, row{name: "plugin RSS settled (idle up to 2.5 min after the load), MB", ours: fmt.Sprintf("%.0f", settled),
-		ref: fmt.Sprintf("bare process holding the same token: %.0f; plugin Go heap in use %.0f, Go runtime total %.0f", tokenOnly, heap, sys)})
-	// The plugin's own share: its RSS less what a bare process holding the same token takes (SoftHSM keeps every
-	// object of the token in the process that uses it).
-	own := settled - tokenOnly
-	pass := settled > 0 && own <= 60
-	rows = append(rows, row{name: "plugin's own share settled (its RSS less the bare process's), MB", ours: fmt.Sprintf("%.0f", own),
-		ref: "", target: "≤ 60", pass: &pass})
+	memRows, pluginKeys := memoryRows(srv, env, cmk)
+	rows = append(rows, memRows...)
 
 	// Usage analytics' memory with every key used: the plugin's Go heap after a collection with analytics on,
 	// and again once config/analytics turned them off on every mount, which writes the counts to storage and
@@ -425,40 +395,123 @@ func load(srv *vaulttest.Server, clients int, fn func(*api.Client) error) result
 	return r
 }
 
+// memoryRows reports the plugin's memory right after the many-keys load and once settled, beside a bare process
+// holding the same token, and the number of keys the plugin holds over its mounts; with -heapprofile, it writes a
+// heap profile of the settled plugin.
+func memoryRows(srv *vaulttest.Server, env *softhsmtest.Env, cmk vaulttest.Mount) ([]row, int) {
+	c := srv.Client
+	var rows []row
+	pluginKeys := 0 // on every mount the measured plugin process serves
+	mounted, err := c.Sys().ListMounts()
+	check(err)
+	for p, m := range mounted {
+		if m.Type == vaulttest.PluginName {
+			if l, err := c.Logical().List(p + "keys"); err == nil && l != nil {
+				pluginKeys += len(l.Data["keys"].([]interface{}))
+			}
+		}
+	}
+	rss := srv.PluginRSSMB()
+	heap, sys := pluginGoMemory()
+	tokenOnly, _ := tokenRSS(env, cmk.Label, cmk.PIN)
+	rows = append(rows, row{name: fmt.Sprintf("plugin RSS right after the load, MB (%d keys)", pluginKeys), ours: fmt.Sprintf("%.0f", rss),
+		ref: fmt.Sprintf("bare process holding the same token: %.0f; plugin Go heap in use %.0f, Go runtime total %.0f", tokenOnly, heap, sys)})
+	settled := rss
+	if !*quick {
+		for end := time.Now().Add(150 * time.Second); time.Now().Before(end); time.Sleep(10 * time.Second) {
+			settled = min(settled, srv.PluginRSSMB())
+		}
+	}
+	heap, sys = pluginGoMemory()
+	if *heapProf != "" {
+		fetchProfile("heap?gc=1", *heapProf)
+	}
+	rows = append(rows, row{name: "plugin RSS settled (idle up to 2.5 min after the load), MB", ours: fmt.Sprintf("%.0f", settled),
+		ref: fmt.Sprintf("bare process holding the same token: %.0f; plugin Go heap in use %.0f, Go runtime total %.0f", tokenOnly, heap, sys)})
+	// The plugin's own share: its RSS less what a bare process holding the same token takes (SoftHSM keeps every
+	// object of the token in the process that uses it).
+	own := settled - tokenOnly
+	pass := settled > 0 && own <= 60
+	rows = append(rows, row{name: "plugin's own share settled (its RSS less the bare process's), MB", ours: fmt.Sprintf("%.0f", own),
+		ref: "", target: "≤ 60", pass: &pass})
+
+	return rows, pluginKeys
+}
+
+// creationRows reports the time to create the many keys beside the bare token's generations and, withKV, beside
+// those plus as many writes through the external KV plugin.
+func creationRows(creation [3]time.Duration, withKV bool) []row {
+	rows := []row{{name: fmt.Sprintf("%d keys created one after another, s", *manyKeys), ours: fmt.Sprintf("%.1f", creation[0].Seconds()),
+		ref:   fmt.Sprintf("same number of C_GenerateKey on the bare token, nothing searched: %.1f", creation[1].Seconds()),
+		ratio: fmt.Sprintf("%.2f", creation[0].Seconds()/creation[1].Seconds())}}
+	if withKV {
+		floor := creation[1] + creation[2]
+		creationRatio := creation[0].Seconds() / floor.Seconds()
+		creationPass := creationRatio <= 1.2
+		rows = append(rows, row{name: "", ours: fmt.Sprintf("%.1f", creation[0].Seconds()),
+			ref: fmt.Sprintf("those generations plus as many writes one after another through the external KV plugin (%.1f): %.1f",
+				creation[2].Seconds(), floor.Seconds()),
+			ratio: fmt.Sprintf("%.2f", creationRatio), target: "≤ 1.2", pass: &creationPass})
+	}
+	return rows
+}
+
 // latency creates n keys on a mount of their own, one after another, uses each once, and returns a measurement
-// window of encryptions spread over all of them. With compare, it first times what such a loop cannot go below:
+// window of encryptions spread over all of them. With compare, it also times what such a loop cannot go below:
 // the same number of key generations on the bare token (rawhsm.MeasureCreation on the mount's token, nothing
 // searched) and, when kvMount is mounted, as many writes one after another through HashiCorp's external KV plugin
-// (a plugin request that writes storage); took holds the loop's time, then those two.
+// (a plugin request that writes storage); took holds the loop's time, then those two. The three are taken in turn,
+// creationChunk at a time in a rotating order: SoftHSM's cost of a creation grows with the objects on the token and
+// this machine's speed drifts, and each then meets both alike.
 func latency(srv *vaulttest.Server, name string, n int, msg string, compare bool, kvMount string) (func() result, vaulttest.Mount, [3]time.Duration) {
 	m, err := srv.NewMount("lat" + name)
 	check(err)
 	var took [3]time.Duration
-	if compare {
-		raw, err := rawhsm.Open(srv.SoftHSM.Library, m.Label, m.PIN)
-		check(err)
-		took[1], err = raw.MeasureCreation(n)
-		check(err)
-		raw.Close()
-		if kvMount != "" {
-			cl := newClient(srv)
-			start := time.Now()
-			for i := 0; i < n; i++ {
-				_, err := cl.Logical().Write(fmt.Sprintf("%s/created/k%05d", kvMount, i), map[string]interface{}{"v": "x"})
-				check(err)
-			}
-			took[2] = time.Since(start)
-		}
-	}
 	names := make([]string, n)
-	cl := newClient(srv)
-	created := time.Now()
 	for i := range names {
 		names[i] = fmt.Sprintf("k%05d", i)
-		_, err := cl.Logical().Write(m.Path+"/keys/"+names[i], nil)
-		check(err)
 	}
-	took[0] = time.Since(created)
+	cl := newClient(srv)
+	timed := func(i int, f func()) {
+		start := time.Now()
+		f()
+		took[i] += time.Since(start)
+	}
+	for from, round := 0, 0; from < n; from, round = from+creationChunk, round+1 {
+		to := min(from+creationChunk, n)
+		steps := []func(){func() {
+			timed(0, func() {
+				for _, key := range names[from:to] {
+					_, err := cl.Logical().Write(m.Path+"/keys/"+key, nil)
+					check(err)
+				}
+			})
+		}}
+		if compare {
+			steps = append(steps, func() {
+				raw, err := rawhsm.Open(srv.SoftHSM.Library, m.Label, m.PIN)
+				check(err)
+				d, err := raw.MeasureCreation(to - from)
+				check(err)
+				took[1] += d
+				raw.Close()
+			})
+		}
+		if compare && kvMount != "" {
+			steps = append(steps, func() {
+				timed(2, func() {
+					for i := from; i < to; i++ {
+						_, err := cl.Logical().Write(fmt.Sprintf("%s/created/k%05d", kvMount, i), map[string]interface{}{"v": "x"})
+						check(err)
+					}
+				})
+			})
+		}
+		for k := range steps {
+			steps[(k+round)%len(steps)]()
+		}
+	}
+	used := time.Now()
 	var wg sync.WaitGroup
 	work := make(chan int)
 	for w := 0; w < 8; w++ {
@@ -478,7 +531,7 @@ func latency(srv *vaulttest.Server, name string, n int, msg string, compare bool
 	close(work)
 	wg.Wait()
 	log.Printf("%d keys created one after another in %s, then each used once (8 clients) in %s", n, took[0].Round(time.Second),
-		(time.Since(created) - took[0]).Round(time.Second))
+		time.Since(used).Round(time.Second))
 	var next atomic.Uint64
 	return window(srv, 4, func(cl *api.Client) error {
 		i := next.Add(7919) % uint64(n)
@@ -486,6 +539,24 @@ func latency(srv *vaulttest.Server, name string, n int, msg string, compare bool
 		return err
 	}), m, took
 }
+
+// mountKV mounts HashiCorp's external KV plugin at kvext and the built-in KV at kvbuiltin, each with one secret at
+// bench, and returns "kvext"; "" when the external plugin was not built.
+func mountKV(srv *vaulttest.Server) string {
+	kvPath := abs(*kvBin)
+	if !fileExists(kvPath) {
+		return ""
+	}
+	check(srv.RegisterPlugin(kvPath, "", "vault-plugin-secrets-kv"))
+	check(srv.Client.Sys().Mount("kvext", &api.MountInput{Type: "vault-plugin-secrets-kv"}))
+	check(srv.Client.Sys().Mount("kvbuiltin", &api.MountInput{Type: "kv"}))
+	write(srv.Client, "kvext/bench", map[string]interface{}{"v": "x"})
+	write(srv.Client, "kvbuiltin/bench", map[string]interface{}{"v": "x"})
+	return "kvext"
+}
+
+// creationChunk is how many creations of each kind latency takes in turn.
+const creationChunk = 500
 
 // window is one measurement window of load, to be taken in turn with others by alternate.
 func window(srv *vaulttest.Server, clients int, fn func(*api.Client) error) func() result {
