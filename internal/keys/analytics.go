@@ -242,9 +242,11 @@ func newKeyUsage() *keyUsage {
 
 // analytics is the mount's usage analytics.
 type analytics struct {
-	off     atomic.Bool  // config/analytics enabled=false
-	keys    sync.Map     // name → *keyUsage
-	tracked atomic.Int64 // (key, caller) pairs tracked, OtherCallers excluded
+	off      atomic.Bool  // config/analytics enabled=false
+	keys     sync.Map     // name → *keyUsage
+	tracked  atomic.Int64 // (key, caller) pairs tracked, OtherCallers excluded
+	names    sync.Map     // caller label or display name → the one copy held (intern)
+	interned atomic.Int64
 }
 
 // SetAnalytics turns usage analytics and anomaly detection on or off (config/analytics). Off, uses are neither
@@ -352,8 +354,8 @@ func (ku *keyUsage) addDenials(condition string, n uint64) {
 // tracks as many callers as it may.
 func (m *Manager) callerLocked(ku *keyUsage, label, display string, now time.Time) (cu *callerUsage, folded bool) {
 	if cu := ku.callers[label]; cu != nil {
-		if display != "" {
-			cu.display = display
+		if display != "" && display != cu.display {
+			cu.display = m.analytics.intern(display)
 		}
 		return cu, false
 	}
@@ -366,9 +368,25 @@ func (m *Manager) callerLocked(ku *keyUsage, label, display string, now time.Tim
 	} else if label != OtherCallers {
 		m.analytics.tracked.Add(1)
 	}
-	cu = &callerUsage{display: display, firstSeen: now, lastSeen: now}
-	ku.callers[label] = cu
+	cu = &callerUsage{display: m.analytics.intern(display), firstSeen: now, lastSeen: now}
+	ku.callers[m.analytics.intern(label)] = cu
 	return cu, folded
+}
+
+// intern returns one shared copy of a caller's label or display name: a caller of many keys is held once, not
+// once per key. Bounded as the callers tracked are; beyond, s itself is returned.
+func (a *analytics) intern(s string) string {
+	if v, ok := a.names.Load(s); ok {
+		return v.(string)
+	}
+	if a.interned.Load() >= MaxCallersTracked*2 {
+		return s
+	}
+	v, loaded := a.names.LoadOrStore(s, s)
+	if !loaded {
+		a.interned.Add(1)
+	}
+	return v.(string)
 }
 
 // foldsLocked says whether a caller label that ku does not track is folded into OtherCallers: the key or the
@@ -543,8 +561,8 @@ func (m *Manager) loadUsageLocked(ctx context.Context, s logical.Storage, name s
 	for label, ce := range e.Callers {
 		cu := ku.callers[label]
 		if cu == nil {
-			cu = &callerUsage{display: ce.DisplayName, firstSeen: ce.FirstSeen, lastSeen: ce.LastSeen}
-			ku.callers[label] = cu
+			cu = &callerUsage{display: m.analytics.intern(ce.DisplayName), firstSeen: ce.FirstSeen, lastSeen: ce.LastSeen}
+			ku.callers[m.analytics.intern(label)] = cu
 			if label != OtherCallers {
 				m.analytics.tracked.Add(1)
 			}
@@ -587,10 +605,17 @@ func (m *Manager) loadUsageLocked(ctx context.Context, s logical.Storage, name s
 // key: for the active node's periodic function, and on a clean shutdown. A key whose stored counts could not be
 // read yet is read (and merged) first, never overwritten unread; a key deleted meanwhile has its counts dropped.
 // Buckets past their retention, and callers left with none, are dropped.
+//
+// A key not used since the flush before (its counts are as storage holds them) is released from memory
+// (releaseIdle): memory follows the keys in use, not every key the mount holds, and the key's next use reads its
+// counts again, once.
 func (m *Manager) FlushAnalytics(ctx context.Context, s logical.Storage) error {
 	var errs []error
 	m.analytics.keys.Range(func(k, v any) bool {
 		name, ku := k.(string), v.(*keyUsage)
+		if m.releaseIdle(name, ku) {
+			return ctx.Err() == nil
+		}
 		if err := m.flushKey(ctx, s, name, ku); err != nil {
 			errs = append(errs, fmt.Errorf("key %q: %w", name, err))
 		}
@@ -636,6 +661,22 @@ func (m *Manager) flushKey(ctx context.Context, s logical.Storage, name string, 
 		ku.mu.Unlock()
 	}
 	return err
+}
+
+// releaseIdle frees key name's analytics if nothing in them is missing from storage: no use since they were
+// stored or read, and nothing kept in memory only (an anomaly's repeat mark, folded callers remembered, this
+// minute's folded counts). It says whether it freed them.
+func (m *Manager) releaseIdle(name string, ku *keyUsage) bool {
+	ku.mu.Lock()
+	defer ku.mu.Unlock()
+	if ku.dirty || ku.dead || !ku.loaded.Load() || len(ku.reported) > 0 || len(ku.foldedSeen) > 0 {
+		return false
+	}
+	if mn, _, _ := slots(m.now()); ku.foldedNow != nil && ku.foldedNow.slot == mn {
+		return false
+	}
+	m.freeLocked(name, ku)
+	return true
 }
 
 // dropIfDeletedSince deletes the counts ku just wrote for key k if k was deleted (or deleted and made anew) since

@@ -821,3 +821,48 @@ func benchmarkUse(b *testing.B, analytics bool) {
 		}
 	})
 }
+
+// A key not used for a whole flush interval has its analytics released from memory once storage holds them; its
+// next use reads them again, and nothing counted is lost. A key with something kept in memory only (an anomaly's
+// repeat mark) stays.
+func TestIdleKeysAnalyticsAreReleasedAndReadAgain(t *testing.T) {
+	onUsageFixture(t, func(t *testing.T, f *usageFixture) {
+		m := f.manager()
+		f.key(m, &Key{Name: "idle"})
+		f.key(m, &Key{Name: "busy"})
+		f.mustUse(m, "idle", alice, OpEncrypt, 3)
+		held := func(name string) bool { _, ok := m.analytics.keys.Load(name); return ok }
+		flush := func() {
+			t.Helper()
+			if err := m.FlushAnalytics(f.ctx, f.s); err != nil {
+				t.Fatal(err)
+			}
+		}
+		flush() // stores idle's counts; it was used in this interval
+		if !held("idle") {
+			t.Fatal("a key used since the last flush was released")
+		}
+		f.mustUse(m, "busy", bob, OpEncrypt, 1)
+		flush() // idle: unused for a whole interval, stored: released; busy: used, stored, kept
+		if held("idle") || !held("busy") || m.analytics.tracked.Load() != 1 {
+			t.Fatalf("after an idle interval: idle held %v, busy held %v, %d callers tracked", held("idle"), held("busy"), m.analytics.tracked.Load())
+		}
+		f.mustUse(m, "idle", alice, OpEncrypt, 2)
+		if r := m.UsageOf("idle"); r.Uses != 5 || r.Operations[OpEncrypt].Callers["ent-alice"].Uses != 5 {
+			t.Fatalf("released, then used again: %+v", r)
+		}
+		flush()
+		flush()
+		if r := m.Usage(f.ctx, f.s, "idle"); r.Uses != 5 {
+			t.Fatalf("read again after a second release: %+v", r)
+		}
+
+		// A repeat mark lives in memory only: the key is kept while it stands.
+		m.excuse(f.ctx, f.s, "busy", "ent-bob")
+		flush()
+		flush()
+		if !held("busy") {
+			t.Fatal("a key with an anomaly's repeat mark was released")
+		}
+	})
+}
