@@ -61,6 +61,8 @@ type countingStorage struct {
 	journalMu  sync.Mutex
 	journaling bool
 	journal    []string
+
+	slowPrefix atomic.Value // string: writes of keys with this prefix wait a moment before storing, as a slow backend's
 }
 
 // startJournal begins recording operations afresh.
@@ -105,6 +107,9 @@ func (c *countingStorage) failAfterStoring(prefix string) {
 
 func (c *countingStorage) Put(ctx context.Context, e *logical.StorageEntry) error {
 	c.record("put", e.Key)
+	if p, _ := c.slowPrefix.Load().(string); p != "" && strings.HasPrefix(e.Key, p) {
+		time.Sleep(50 * time.Millisecond)
+	}
 	c.failMu.Lock()
 	unstored := c.failNotStored != "" && strings.HasPrefix(e.Key, c.failNotStored)
 	if unstored {

@@ -716,3 +716,29 @@ func TestHeadIsNeverStoredOverAPageStorageRefused(t *testing.T) {
 		t.Fatalf("history after the next change: %v", v)
 	}
 }
+
+// Unchained events over two pages: the chain's first append reads the whole history from storage to sign over it,
+// and must read it once its own page is written, however slowly storage writes it.
+func TestChainBegunOverPagesOfUnchainedEventsIsSignedWithASlowStorage(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/k", nil))
+	page := func(n int) []map[string]interface{} {
+		var events []map[string]interface{}
+		for i := 0; i < n; i++ {
+			events = append(events, map[string]interface{}{"time": "2025-01-02T03:04:05Z", "event": "rotated", "version": 1, "display_name": "old"})
+		}
+		return events
+	}
+	e.put("history/k/00000000", page(100))
+	e.put("history/k/00000001", page(50))
+	if err := e.inmem.Delete(context.Background(), "history/k/head"); err != nil {
+		t.Fatal(err)
+	}
+	e = e.reopen()
+	e.storage.slowPrefix.Store("history/k/0")
+	e.ok(e.write("keys/k/config", map[string]interface{}{"owner": "team-a"}))
+	e.storage.slowPrefix.Store("")
+	if v := e.verifyHistory("k"); !verified(v) || v["unchained_events"] != 150 || v["head_seq"] != 1 {
+		t.Fatalf("a chain begun over two pages of unchained events: %v", v)
+	}
+}

@@ -83,7 +83,7 @@ func (b *backend) pathEvidenceRead(ctx context.Context, req *logical.Request, d 
 	if doc.Usage, err = json.Marshal(b.keys.Usage(ctx, req.Storage, name)); err != nil {
 		return nil, err
 	}
-	for _, a := range b.keys.AnomaliesOf(name) {
+	for _, a := range b.keys.Anomalies(ctx, req.Storage, name) {
 		raw, err := json.Marshal(a)
 		if err != nil {
 			return nil, err

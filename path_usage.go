@@ -165,8 +165,7 @@ func (b *backend) pathAnomaliesRead(ctx context.Context, req *logical.Request, d
 	if err != nil {
 		return respond(err)
 	}
-	b.keys.Usage(ctx, req.Storage, name) // the recent anomalies are stored with the usage counts
-	return jsonResponse(anomaliesView{b.keys.AnomaliesOf(name), actions})
+	return jsonResponse(anomaliesView{b.keys.Anomalies(ctx, req.Storage, name), actions}) // stored with the usage counts
 }
 
 // anomaliesView is keys/:name/anomalies' answer.

@@ -183,7 +183,9 @@ type keyUsage struct {
 	foldedSeen map[uint64]bool
 	anomalies  []Anomaly
 	reported   map[string]time.Time // caller + "\x00" + kind → when last reported (anomaly.go)
-	// dead: freed (key deleted, analytics off) and out of the map; a use that took it before counts in the live
+	// flushing: a flush is writing the counts; the entry is not released until it is done.
+	flushing bool
+	// dead: freed (key deleted, analytics off, idle) and out of the map; a use that took it before counts in the live
 	// entry instead (lockLive), so that no count is lost and no caller is tracked where no one sees it.
 	dead bool
 	// foldedNow counts this minute's uses and denials of each caller folded into OtherCallers (anomaly.go).
@@ -638,8 +640,13 @@ func (m *Manager) flushKey(ctx context.Context, s logical.Storage, name string, 
 	}
 	m.pruneLocked(ku, m.now())
 	e := ku.entryLocked()
-	ku.dirty = false
+	ku.dirty, ku.flushing = false, true // not released (releaseIdle) before storage holds e
 	ku.mu.Unlock()
+	defer func() {
+		ku.mu.Lock()
+		ku.flushing = false
+		ku.mu.Unlock()
+	}()
 
 	k, err := m.Get(ctx, s, name)
 	if err == nil && k == nil {
@@ -669,11 +676,17 @@ func (m *Manager) flushKey(ctx context.Context, s logical.Storage, name string, 
 func (m *Manager) releaseIdle(name string, ku *keyUsage) bool {
 	ku.mu.Lock()
 	defer ku.mu.Unlock()
-	if ku.dirty || ku.dead || !ku.loaded.Load() || len(ku.reported) > 0 || len(ku.foldedSeen) > 0 {
+	if ku.dirty || ku.flushing || ku.dead || !ku.loaded.Load() || len(ku.reported) > 0 || len(ku.foldedSeen) > 0 {
 		return false
 	}
-	if mn, _, _ := slots(m.now()); ku.foldedNow != nil && ku.foldedNow.slot == mn {
+	mn, hr, _ := slots(m.now())
+	if ku.foldedNow != nil && ku.foldedNow.slot == mn {
 		return false
+	}
+	for _, cu := range ku.callers {
+		if cu.judged.reportedUnusual && cu.judged.hour == hr+1 {
+			return false
+		}
 	}
 	m.freeLocked(name, ku)
 	return true
@@ -797,10 +810,17 @@ func (m *Manager) UsageOf(name string) UsageReport {
 		return r
 	}
 	ku := v.(*keyUsage)
-	now := m.now()
-	mn, hr, dy := slots(now)
 	ku.mu.Lock()
 	defer ku.mu.Unlock()
+	return m.usageReportLocked(name, ku)
+}
+
+// usageReportLocked is key name's report from ku, whose mutex the caller holds.
+func (m *Manager) usageReportLocked(name string, ku *keyUsage) UsageReport {
+	r := UsageReport{Key: name, Enabled: m.AnalyticsOn(), DenialsByCondition: map[string]uint64{},
+		Operations: map[Operation]OperationUsage{}, Bounds: usageBounds}
+	now := m.now()
+	mn, hr, dy := slots(now)
 	if !ku.since.IsZero() {
 		since := ku.since.UTC()
 		r.Since = &since
@@ -832,9 +852,10 @@ func (m *Manager) UsageOf(name string) UsageReport {
 	return r
 }
 
-// Usage is UsageOf, with the key's stored counts read first if no use has touched the key since the process
-// started (one storage read per key and process).
+// Usage is UsageOf, with the key's stored counts read first if memory does not hold them (no use since the process
+// started, or released while idle: one storage read), read from the entry so loaded.
 func (m *Manager) Usage(ctx context.Context, s logical.Storage, name string) UsageReport {
-	m.keyUsage(ctx, s, name)
-	return m.UsageOf(name)
+	ku := m.lockLive(ctx, s, name, m.keyUsage(ctx, s, name))
+	defer ku.mu.Unlock()
+	return m.usageReportLocked(name, ku)
 }

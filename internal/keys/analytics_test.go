@@ -556,6 +556,18 @@ func TestNewCallerAndUnusualHour(t *testing.T) {
 		if f.anomalyCount(AnomalyNewCaller) != 1 || f.anomalyCount(AnomalyUnusualHour) != 1 {
 			t.Fatalf("metrics: %v", f.anomalies)
 		}
+		// Still reported once an hour when the key's analytics could be released while idle: the repeat marks
+		// are past their period, but the hour's report is held in memory, and keeps them there.
+		f.advance(20 * time.Minute) // 03:20
+		for range 3 {
+			if err := m.FlushAnalytics(f.ctx, f.s); err != nil {
+				t.Fatal(err)
+			}
+		}
+		f.mustUse(m, "k", alice, OpEncrypt, 1)
+		if f.anomalyCount(AnomalyUnusualHour) != 1 {
+			t.Fatalf("the hour's unusual use reported again after idle flushes: %v", f.anomalies)
+		}
 	})
 }
 

@@ -111,6 +111,9 @@ type judgedHour struct {
 	hours      uint32 // the hours the baseline spans
 	unusual    bool   // this hour of day is not one of the caller's usual hours (reported once)
 	usual      string
+	// reportedUnusual: unusual was reported this hour; held in memory only, so the key's analytics are not
+	// released while it stands (releaseIdle), or a reload would report it again within the hour.
+	reportedUnusual bool
 }
 
 // OnAnomalyAction is the key's on_anomaly, alert by default.
@@ -200,7 +203,7 @@ func (m *Manager) judgeUse(ctx context.Context, s logical.Storage, k *Key, calle
 			minute, baselineFactor, j.perMinute, j.hours)
 	}
 	if j.unusual {
-		cu.judged.unusual = false
+		cu.judged.unusual, cu.judged.reportedUnusual = false, true
 		note(AnomalyUnusualHour, "use at %02d:00 UTC; over the last week the caller used the key at %s UTC only", hr%24, j.usual)
 	}
 	return found
@@ -459,7 +462,7 @@ func (m *Manager) excuse(ctx context.Context, s logical.Storage, name, caller st
 }
 
 // AnomaliesOf returns key name's recent anomalies (at most 50), newest last: what memory holds on this node, with
-// no storage or HSM call (see Usage for a key untouched since the process started).
+// no storage or HSM call (see Anomalies for a key whose counts memory may not hold).
 func (m *Manager) AnomaliesOf(name string) []Anomaly {
 	v, ok := m.analytics.keys.Load(name)
 	if !ok {
@@ -467,6 +470,14 @@ func (m *Manager) AnomaliesOf(name string) []Anomaly {
 	}
 	ku := v.(*keyUsage)
 	ku.mu.Lock()
+	defer ku.mu.Unlock()
+	return append([]Anomaly{}, ku.anomalies...)
+}
+
+// Anomalies is AnomaliesOf with the key's stored counts read first if memory does not hold them (never used since
+// the process started, or released while idle), read from the entry so loaded.
+func (m *Manager) Anomalies(ctx context.Context, s logical.Storage, name string) []Anomaly {
+	ku := m.lockLive(ctx, s, name, m.keyUsage(ctx, s, name))
 	defer ku.mu.Unlock()
 	return append([]Anomaly{}, ku.anomalies...)
 }

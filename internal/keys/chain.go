@@ -132,6 +132,10 @@ func (a *appended) tail(ctx context.Context, s logical.Storage, name string, seq
 			}
 		}
 	}
+	// Read from storage: only once the page's write is done, or the read may miss it.
+	if err := a.pageStored(); err != nil {
+		return nil, err
+	}
 	return readTail(ctx, s, name, seq)
 }
 
