@@ -304,8 +304,8 @@ func (m *Manager) Adopt(ctx context.Context, s logical.Storage, name string, thr
 
 func (m *Manager) adopt(ctx context.Context, s logical.Storage, name string, through int, onWord bool, who Actor) (*Key, []int, error) {
 	if k, err := m.Get(ctx, s, name); err == nil && k != nil && through > k.LatestVersion {
-		if a, ok := m.absent.Load(name); ok && a.(absentMark).latest == k.LatestVersion && time.Since(a.(absentMark).at) < absentFor {
-			return k, nil, a.(absentMark).err
+		if a, ok := m.absent.Load(name); ok && a.latest == k.LatestVersion && time.Since(a.at) < absentFor {
+			return k, nil, a.err
 		}
 	}
 	var numbers []int

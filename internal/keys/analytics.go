@@ -244,8 +244,8 @@ func newKeyUsage() *keyUsage {
 
 // analytics is the mount's usage analytics.
 type analytics struct {
-	off      atomic.Bool  // config/analytics enabled=false
-	keys     sync.Map     // name → *keyUsage
+	off      atomic.Bool // config/analytics enabled=false
+	keys     perKey[*keyUsage]
 	tracked  atomic.Int64 // (key, caller) pairs tracked, OtherCallers excluded
 	names    sync.Map     // caller label or display name → the one copy held (intern)
 	interned atomic.Int64
@@ -263,11 +263,10 @@ func (m *Manager) FreeAnalytics(ctx context.Context, s logical.Storage) error {
 		return nil
 	}
 	err := m.FlushAnalytics(ctx, s)
-	m.analytics.keys.Range(func(k, v any) bool {
-		ku := v.(*keyUsage)
+	m.analytics.keys.Range(func(name string, ku *keyUsage) bool {
 		ku.mu.Lock()
 		if !ku.dirty { // checked and freed under one lock: a use counted meanwhile keeps the entry
-			m.freeLocked(k.(string), ku)
+			m.freeLocked(name, ku)
 		}
 		ku.mu.Unlock()
 		return true
@@ -281,11 +280,10 @@ func (m *Manager) AnalyticsOn() bool { return !m.analytics.off.Load() }
 // keyUsage returns key name's analytics, merged with what storage holds the first time (a failed read is tried
 // again by the next use or flush; counts made meanwhile are kept and merged then).
 func (m *Manager) keyUsage(ctx context.Context, s logical.Storage, name string) *keyUsage {
-	v, ok := m.analytics.keys.Load(name)
+	ku, ok := m.analytics.keys.Load(name)
 	if !ok {
-		v, _ = m.analytics.keys.LoadOrStore(name, newKeyUsage())
+		ku, _ = m.analytics.keys.LoadOrStore(name, newKeyUsage())
 	}
-	ku := v.(*keyUsage)
 	if ku.loaded.Load() || s == nil {
 		return ku
 	}
@@ -375,8 +373,8 @@ func (m *Manager) callerLocked(ku *keyUsage, label, display string, now time.Tim
 	return cu, folded
 }
 
-// intern returns one shared copy of a caller's label or display name: a caller of many keys is held once, not
-// once per key. Bounded as the callers tracked are; beyond, s itself is returned.
+// intern returns one shared copy of a caller's label or display name, or of a version's creator: a caller of many
+// keys is held once, not once per key. Bounded as the callers tracked are; beyond, s itself is returned.
 func (a *analytics) intern(s string) string {
 	if v, ok := a.names.Load(s); ok {
 		return v.(string)
@@ -416,11 +414,10 @@ func (m *Manager) foldLocked(ku *keyUsage, label string) {
 
 // forgetUsage drops a key's analytics (deleted): its usage is not kept, its history is.
 func (m *Manager) forgetUsage(name string) {
-	v, ok := m.analytics.keys.Load(name)
+	ku, ok := m.analytics.keys.Load(name)
 	if !ok {
 		return
 	}
-	ku := v.(*keyUsage)
 	ku.mu.Lock()
 	defer ku.mu.Unlock()
 	m.freeLocked(name, ku)
@@ -433,7 +430,7 @@ func (m *Manager) freeLocked(name string, ku *keyUsage) {
 		return
 	}
 	ku.dead = true
-	m.analytics.keys.CompareAndDelete(name, ku)
+	m.analytics.keys.DeleteIf(name, func(held *keyUsage) bool { return held == ku })
 	for label := range ku.callers {
 		if label != OtherCallers {
 			m.analytics.tracked.Add(-1)
@@ -613,8 +610,7 @@ func (m *Manager) loadUsageLocked(ctx context.Context, s logical.Storage, name s
 // counts again, once.
 func (m *Manager) FlushAnalytics(ctx context.Context, s logical.Storage) error {
 	var errs []error
-	m.analytics.keys.Range(func(k, v any) bool {
-		name, ku := k.(string), v.(*keyUsage)
+	m.analytics.keys.Range(func(name string, ku *keyUsage) bool {
 		if m.releaseIdle(name, ku) {
 			return ctx.Err() == nil
 		}
@@ -805,11 +801,10 @@ func bucketsView(bs []bucket, unit time.Duration, now, keep uint32) []Bucket {
 func (m *Manager) UsageOf(name string) UsageReport {
 	r := UsageReport{Key: name, Enabled: m.AnalyticsOn(), DenialsByCondition: map[string]uint64{},
 		Operations: map[Operation]OperationUsage{}, Bounds: usageBounds}
-	v, ok := m.analytics.keys.Load(name)
+	ku, ok := m.analytics.keys.Load(name)
 	if !ok {
 		return r
 	}
-	ku := v.(*keyUsage)
 	ku.mu.Lock()
 	defer ku.mu.Unlock()
 	return m.usageReportLocked(name, ku)

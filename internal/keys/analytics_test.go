@@ -337,8 +337,7 @@ func TestUsageMemoryIsBoundedWhateverTheCallers(t *testing.T) {
 	}
 	// Old buckets go, and a caller left with none: the pairs it held are free again.
 	now = now.Add(time.Duration(DayBuckets+1) * 24 * time.Hour)
-	m.analytics.keys.Range(func(_, v any) bool {
-		ku := v.(*keyUsage)
+	m.analytics.keys.Range(func(_ string, ku *keyUsage) bool {
 		ku.mu.Lock()
 		m.pruneLocked(ku, now)
 		ku.mu.Unlock()
@@ -583,8 +582,7 @@ func TestAnalyticsOffFreesTheirMemoryAndKeepsTheCounts(t *testing.T) {
 		if err := m.FreeAnalytics(f.ctx, f.s); err != nil {
 			t.Fatal(err)
 		}
-		held := 0
-		m.analytics.keys.Range(func(any, any) bool { held++; return true })
+		held := m.analytics.keys.Len()
 		if held != 0 || m.analytics.tracked.Load() != 0 {
 			t.Fatalf("analytics off still hold %d keys' counts, %d callers tracked", held, m.analytics.tracked.Load())
 		}
@@ -791,8 +789,8 @@ func TestUseCountedWhileItsKeyCountsAreFreed(t *testing.T) {
 			armed.Store(true)
 			m.record(ctx, s, "k", Actor{EntityID: "ent-carol"}, OpEncrypt, 1, "")
 			held := int64(0)
-			m.analytics.keys.Range(func(_, v any) bool {
-				held += int64(len(v.(*keyUsage).callers))
+			m.analytics.keys.Range(func(_ string, ku *keyUsage) bool {
+				held += int64(len(ku.callers))
 				return true
 			})
 			if n := m.analytics.tracked.Load(); n != held {

@@ -317,7 +317,7 @@ func (m *Manager) actionOn(ctx context.Context, s logical.Storage, name, caller 
 		}
 		v = list
 	}
-	for _, a := range v.(*actionList).Actions {
+	for _, a := range v.Actions {
 		if a.Caller == caller && now.Before(a.Until) {
 			return &a, nil
 		}
@@ -328,14 +328,15 @@ func (m *Manager) actionOn(ctx context.Context, s logical.Storage, name, caller 
 // actionsLocked reads the key's actions unless cached; the caller holds the key's lock.
 func (m *Manager) actionsLocked(ctx context.Context, s logical.Storage, name string) (*actionList, error) {
 	if v, ok := m.actions.Load(name); ok {
-		return v.(*actionList), nil
+		return v, nil
 	}
 	e, err := s.Get(ctx, anomalyActionsPrefix+name)
 	if err != nil {
 		return nil, err
 	}
-	list := &actionList{}
+	list := noActions // most keys have none: one list serves them all
 	if e != nil {
+		list = &actionList{}
 		if err := e.DecodeJSON(list); err != nil {
 			return nil, err
 		}
@@ -343,6 +344,9 @@ func (m *Manager) actionsLocked(ctx context.Context, s logical.Storage, name str
 	m.actions.Store(name, list)
 	return list, nil
 }
+
+// noActions is the list of a key that has none.
+var noActions = &actionList{}
 
 // putActionLocked puts act in force (in place of any other on its caller), dropping lapsed actions, and stores the
 // key's actions; the caller holds the key's lock. The action holds in memory even if storing fails.
@@ -464,11 +468,10 @@ func (m *Manager) excuse(ctx context.Context, s logical.Storage, name, caller st
 // AnomaliesOf returns key name's recent anomalies (at most 50), newest last: what memory holds on this node, with
 // no storage or HSM call (see Anomalies for a key whose counts memory may not hold).
 func (m *Manager) AnomaliesOf(name string) []Anomaly {
-	v, ok := m.analytics.keys.Load(name)
+	ku, ok := m.analytics.keys.Load(name)
 	if !ok {
 		return []Anomaly{}
 	}
-	ku := v.(*keyUsage)
 	ku.mu.Lock()
 	defer ku.mu.Unlock()
 	return append([]Anomaly{}, ku.anomalies...)

@@ -1,7 +1,6 @@
 package keys
 
 import (
-	"sync"
 	"sync/atomic"
 
 	lru "github.com/hashicorp/golang-lru"
@@ -11,7 +10,7 @@ import (
 // Unbounded by default (Transit's cache size 0); with a size, the least recently used snapshot is dropped and
 // read from storage again when next used: memory traded for storage reads, for mounts with very many keys.
 type snapshots struct {
-	all     sync.Map                  // name → *Key, when unbounded
+	all     perKey[*Key]              // when unbounded
 	bounded atomic.Pointer[lru.Cache] // set when a size is configured
 }
 
@@ -23,11 +22,7 @@ func (c *snapshots) Load(name string) (*Key, bool) {
 		}
 		return k.(*Key), true
 	}
-	k, ok := c.all.Load(name)
-	if !ok {
-		return nil, false
-	}
-	return k.(*Key), true
+	return c.all.Load(name)
 }
 
 func (c *snapshots) Store(name string, k *Key) {
@@ -50,9 +45,7 @@ func (c *snapshots) Len() int {
 	if b := c.bounded.Load(); b != nil {
 		return b.Len()
 	}
-	n := 0
-	c.all.Range(func(_, _ any) bool { n++; return true })
-	return n
+	return c.all.Len()
 }
 
 // resize bounds the cache to size snapshots (0: unbounded). What was cached is dropped: the next use of each key

@@ -72,7 +72,7 @@ func readHead(ctx context.Context, s logical.Storage, name string) (*evidence.He
 func (m *Manager) vouch(ctx context.Context, s logical.Storage, name string, started bool, just *appended) {
 	headless := started
 	if v, ok := m.unsigned.Load(name); ok {
-		headless = headless || v.(bool)
+		headless = headless || v
 	}
 	err := m.signHead(ctx, s, name, headless, just)
 	if just.pageStored() != nil {
@@ -246,7 +246,15 @@ func (m *Manager) signHead(ctx context.Context, s logical.Storage, name string, 
 // version the token holds): what storage cannot go back from unnoticed while the process lives.
 type signedHeads struct {
 	mu    sync.Mutex
-	heads map[string]evidence.Head
+	heads map[string]signedHead
+}
+
+// signedHead is what rolledBack compares a stored head with. The signature and the rest of the head are not kept:
+// a hundred bytes a key, with ten thousand keys held.
+type signedHead struct {
+	seq      int
+	hash     string
+	signedAt time.Time
 }
 
 // saw remembers head h of key name if it is higher than the one remembered.
@@ -254,10 +262,10 @@ func (sh *signedHeads) saw(name string, h evidence.Head) {
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	if sh.heads == nil {
-		sh.heads = map[string]evidence.Head{}
+		sh.heads = map[string]signedHead{}
 	}
-	if was, ok := sh.heads[name]; !ok || h.Seq > was.Seq {
-		sh.heads[name] = h
+	if was, ok := sh.heads[name]; !ok || h.Seq > was.seq {
+		sh.heads[name] = signedHead{seq: h.Seq, hash: h.Hash, signedAt: h.SignedAt}
 	}
 }
 
@@ -270,27 +278,27 @@ func (sh *signedHeads) rolledBack(name string, head *evidence.Head, events []jso
 	if !ok {
 		return ""
 	}
-	signed := fmt.Sprintf("history rolled back: seq %d was signed at %s", was.Seq, was.SignedAt.UTC().Format(time.RFC3339Nano))
+	signed := fmt.Sprintf("history rolled back: seq %d was signed at %s", was.seq, was.signedAt.UTC().Format(time.RFC3339Nano))
 	switch {
 	case head == nil:
 		return signed + ", and storage holds no head"
-	case head.Seq < was.Seq:
+	case head.Seq < was.seq:
 		return fmt.Sprintf("%s, and the head in storage is at seq %d", signed, head.Seq)
-	case head.Seq == was.Seq && head.Hash != was.Hash:
+	case head.Seq == was.seq && head.Hash != was.hash:
 		return signed + " over another event than the head in storage vouches for"
 	}
 	if events == nil {
 		return ""
 	}
 	for i := len(events) - 1; i >= 0; i-- {
-		if l, err := linkOf(events[i]); err == nil && l.seq == was.Seq {
-			if h, err := evidence.EventHash(events[i]); err != nil || h != was.Hash {
+		if l, err := linkOf(events[i]); err == nil && l.seq == was.seq {
+			if h, err := evidence.EventHash(events[i]); err != nil || h != was.hash {
 				return signed + " over another event than the one stored at that seq"
 			}
 			return ""
 		}
 	}
-	return fmt.Sprintf("%s, and storage holds no event of seq %d", signed, was.Seq)
+	return fmt.Sprintf("%s, and storage holds no event of seq %d", signed, was.seq)
 }
 
 // readTail reads the key's events from the newest back to the page that holds seq (or an unchained event); all of
@@ -361,13 +369,12 @@ func extends(events []json.RawMessage, from chainLink) (chainLink, error) {
 // signHeadsLeftBehind signs the heads that appends left behind while the audit key could not sign; the periodic
 // function calls it. A head that still cannot be signed waits for the next tick.
 func (m *Manager) signHeadsLeftBehind(ctx context.Context, s logical.Storage) {
-	m.unsigned.Range(func(k, v interface{}) bool {
-		name := k.(string)
+	m.unsigned.Range(func(name string, _ bool) bool {
 		l := m.lock(name)
 		l.Lock()
 		defer l.Unlock()
 		if v, ok := m.unsigned.Load(name); ok { // not signed meanwhile by an append
-			if err := m.signHead(ctx, s, name, v.(bool), nil); err == nil || errors.Is(err, errNotVouchable) {
+			if err := m.signHead(ctx, s, name, v, nil); err == nil || errors.Is(err, errNotVouchable) {
 				m.unsigned.Delete(name)
 				if err != nil {
 					m.log.Error("history is not what its signed head vouches for: the head is not signed again, and history/verify reports the break",

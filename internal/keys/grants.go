@@ -547,7 +547,7 @@ func (m *Manager) takeUses(ctx context.Context, s logical.Storage, name string, 
 	l := m.lock(name)
 	l.Lock()
 	defer l.Unlock()
-	if cur, ok := m.grants.Load(name); !ok || cur.(*grantSet) != set {
+	if cur, ok := m.grants.Load(name); !ok || cur != set {
 		return takeStale, 0, nil
 	}
 	lg.mu.Lock()
@@ -708,7 +708,7 @@ func (m *Manager) recordGrantEnds(ctx context.Context, s logical.Storage, name s
 	l := m.lock(name)
 	l.Lock()
 	defer l.Unlock()
-	if cur, ok := m.grants.Load(name); !ok || cur.(*grantSet) != set {
+	if cur, ok := m.grants.Load(name); !ok || cur != set {
 		return
 	}
 	for _, lg := range due {
@@ -743,7 +743,7 @@ func (m *Manager) recordGrantEndLocked(ctx context.Context, s logical.Storage, n
 // grantSet returns the key's grants, read once; a not-found CallerError when the key does not exist.
 func (m *Manager) grantSet(ctx context.Context, s logical.Storage, name string) (*grantSet, error) {
 	if set, ok := m.grants.Load(name); ok {
-		return set.(*grantSet), nil
+		return set, nil
 	}
 	l := m.lock(name)
 	l.Lock()
@@ -766,7 +766,7 @@ func (m *Manager) keyGrantsLocked(ctx context.Context, s logical.Storage, name s
 // grantSetLocked reads the key's grants unless cached; the caller holds the key's lock.
 func (m *Manager) grantSetLocked(ctx context.Context, s logical.Storage, name string) (*grantSet, error) {
 	if set, ok := m.grants.Load(name); ok {
-		return set.(*grantSet), nil
+		return set, nil
 	}
 	ids, err := s.List(ctx, grantsPrefix+name+"/")
 	if err != nil {

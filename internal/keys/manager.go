@@ -77,17 +77,17 @@ type Manager struct {
 	sched schedule
 	usage usageTracker
 
-	absent sync.Map  // name → absentMark: the token held no version after the latest (see Adopt)
-	grants sync.Map  // name → *grantSet: the key's grants, read once (grants.go)
-	ends   grantEnds // when grants end unrecorded, for the periodic function
-	salt   mountSalt // what token accessors are recorded under (actor.go)
+	absent perKey[absentMark] // the token held no version after the latest (see Adopt)
+	grants perKey[*grantSet]  // the key's grants, read once (grants.go)
+	ends   grantEnds          // when grants end unrecorded, for the periodic function
+	salt   mountSalt          // what token accessors are recorded under (actor.go)
 
 	denials denialCounts // uses the keys' access conditions refused (access.go)
 
-	analytics analytics  // per key, operation and caller: uses and denials by minute, hour, day (analytics.go)
-	actions   sync.Map   // name → *actionList: anomaly actions in force, read once (anomaly.go)
-	auditMu   sync.Mutex // serialises the making of audit key versions (audit.go)
-	unsigned  sync.Map   // name → bool: heads left behind while the audit key could not sign; true: no head yet, chain begun here (chain.go)
+	analytics analytics           // per key, operation and caller: uses and denials by minute, hour, day (analytics.go)
+	actions   perKey[*actionList] // anomaly actions in force, read once (anomaly.go)
+	auditMu   sync.Mutex          // serialises the making of audit key versions (audit.go)
+	unsigned  perKey[bool]        // heads left behind while the audit key could not sign; true: no head yet, chain begun here (chain.go)
 
 	tokenAuditKeys tokenAuditKeys  // the audit key versions the token was found to hold (audit.go)
 	signedHeads    signedHeads     // per key, the highest history head signed or seen signed (chain.go)
@@ -145,6 +145,9 @@ func (m *Manager) getLocked(ctx context.Context, s logical.Storage, name string)
 	}
 	if err := m.sealCreatedBy(ctx, s, k); err != nil {
 		return nil, err
+	}
+	for _, v := range k.Versions { // not shared yet: decoded just now
+		v.CreatedBy = m.analytics.intern(v.CreatedBy) // a few creators make most keys
 	}
 	m.copiesAllowedServing(k) // lifts what an invalidation barred, for what serves as storage says
 	m.cache.Store(name, k)
@@ -571,7 +574,8 @@ func (tx *Tx) putVersion(material Material, requestID string, generated bool) (i
 		return 0, "", err
 	}
 	n := k.LatestVersion + 1
-	ver := &Version{HSMID: hex.EncodeToString(rawID), Label: versionLabel(tx.m.mountID, k.Name, n), CreatedAt: time.Now().UTC(), CreatedBy: tx.who.String()}
+	ver := &Version{HSMID: hex.EncodeToString(rawID), Label: versionLabel(tx.m.mountID, k.Name, n), CreatedAt: time.Now().UTC(),
+		CreatedBy: tx.m.analytics.intern(tx.who.String())}
 	walID, err := framework.PutWAL(tx.ctx, tx.s, WALKindVersion, &WALEntry{Name: k.Name, Version: n, HSMID: ver.HSMID, RequestID: tx.who.RequestID, Generated: generated, Type: k.Type})
 	if err != nil {
 		return 0, "", fmt.Errorf("write WAL: %w", err)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -87,10 +88,53 @@ func (m *Manager) ForgetUsage(name string) { m.usage.forget(name) }
 // holds up only that version's next block; the tracker's mutex covers the per-key storage entry, and is never
 // held across an HSM call.
 type usageTracker struct {
-	versions sync.Map // name + "\x00" + version → *versionUsage
+	versions perKey[*versionUsage] // by usageKey
 
-	mu       sync.Mutex                // guards reserved and the usage/<name> entries' read-modify-write
-	reserved map[string]map[int]uint64 // name → persisted reservations
+	mu       sync.Mutex              // guards reserved and the usage/<name> entries' read-modify-write
+	reserved map[string]reservations // name → persisted reservations
+}
+
+// reservations are a key's persisted reservations, by version: a slice, as most keys have a version or two in
+// use, where a map of one entry costs some 200 bytes (with ten thousand keys, 2 MB).
+type reservations []reservation
+
+type reservation struct {
+	version int
+	n       uint64
+}
+
+// of is version v's reservation (0 when none).
+func (r reservations) of(v int) (uint64, bool) {
+	for _, x := range r {
+		if x.version == v {
+			return x.n, true
+		}
+	}
+	return 0, false
+}
+
+// raised is r with version v's reservation raised to n, in a new slice: r may be in use.
+func (r reservations) raised(v int, n uint64) reservations {
+	next := make(reservations, 0, len(r)+1)
+	found := false
+	for _, x := range r {
+		if x.version == v {
+			x.n, found = max(x.n, n), true
+		}
+		next = append(next, x)
+	}
+	if !found {
+		next = append(next, reservation{v, n})
+	}
+	return next
+}
+
+func (r reservations) entry() usageEntry {
+	e := usageEntry{Reserved: make(map[int]uint64, len(r))}
+	for _, x := range r {
+		e.Reserved[x.version] = x.n
+	}
+	return e
 }
 
 type versionUsage struct {
@@ -108,8 +152,7 @@ func usageKey(name string, v int) string { return name + "\x00" + strconv.Itoa(v
 
 // counter is version v's counter, loaded once: the higher of the stored reservation and the token's witness.
 func (u *usageTracker) counter(ctx context.Context, s logical.Storage, tok func() (HSM, error), name string, v int, ver *Version) (*versionUsage, error) {
-	e, _ := u.versions.LoadOrStore(usageKey(name, v), &versionUsage{})
-	c := e.(*versionUsage)
+	c, _ := u.versions.LoadOrStore(usageKey(name, v), &versionUsage{})
 	if c.loaded.Load() {
 		return c, nil
 	}
@@ -144,10 +187,11 @@ func (u *usageTracker) stored(ctx context.Context, s logical.Storage, name strin
 	if err != nil {
 		return 0, err
 	}
-	return res[v], nil
+	n, _ := res.of(v)
+	return n, nil
 }
 
-func (u *usageTracker) loadLocked(ctx context.Context, s logical.Storage, name string) (map[int]uint64, error) {
+func (u *usageTracker) loadLocked(ctx context.Context, s logical.Storage, name string) (reservations, error) {
 	if res, ok := u.reserved[name]; ok {
 		return res, nil
 	}
@@ -161,14 +205,15 @@ func (u *usageTracker) loadLocked(ctx context.Context, s logical.Storage, name s
 			return nil, err
 		}
 	}
-	if entry.Reserved == nil {
-		entry.Reserved = map[int]uint64{}
+	res := make(reservations, 0, len(entry.Reserved))
+	for v, n := range entry.Reserved {
+		res = append(res, reservation{v, n})
 	}
 	if u.reserved == nil {
-		u.reserved = map[string]map[int]uint64{}
+		u.reserved = map[string]reservations{}
 	}
-	u.reserved[name] = entry.Reserved
-	return entry.Reserved, nil
+	u.reserved[name] = res
+	return res, nil
 }
 
 // reserve persists a reservation that covers encryption number n: witnessed on the token first, then stored, so
@@ -214,12 +259,8 @@ func (u *usageTracker) store(ctx context.Context, s logical.Storage, name string
 	if err != nil {
 		return err
 	}
-	updated := make(map[int]uint64, len(res)+1)
-	for k, val := range res {
-		updated[k] = val
-	}
-	updated[v] = max(updated[v], next)
-	e, err := logical.StorageEntryJSON(usagePrefix+name, usageEntry{Reserved: updated})
+	updated := res.raised(v, next)
+	e, err := logical.StorageEntryJSON(usagePrefix+name, updated.entry())
 	if err != nil {
 		return err
 	}
@@ -232,13 +273,12 @@ func (u *usageTracker) store(ctx context.Context, s logical.Storage, name string
 
 // count returns the encryptions counted for a version, for reads (no storage or HSM access).
 func (u *usageTracker) count(name string, v int) (uint64, bool) {
-	if e, ok := u.versions.Load(usageKey(name, v)); ok && e.(*versionUsage).loaded.Load() {
-		return e.(*versionUsage).used.Load(), true
+	if c, ok := u.versions.Load(usageKey(name, v)); ok && c.loaded.Load() {
+		return c.used.Load(), true
 	}
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	n, ok := u.reserved[name][v]
-	return n, ok
+	return u.reserved[name].of(v)
 }
 
 func (u *usageTracker) forgetVersion(name string, v int) { u.versions.Delete(usageKey(name, v)) }
@@ -248,8 +288,8 @@ func (u *usageTracker) forget(name string) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	delete(u.reserved, name)
-	u.versions.Range(func(k, _ any) bool {
-		if s := k.(string); len(s) > len(name) && s[:len(name)+1] == name+"\x00" {
+	u.versions.Range(func(k string, _ *versionUsage) bool {
+		if strings.HasPrefix(k, name+"\x00") {
 			u.versions.Delete(k)
 		}
 		return true
