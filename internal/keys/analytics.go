@@ -373,8 +373,8 @@ func (m *Manager) callerLocked(ku *keyUsage, label, display string, now time.Tim
 	return cu, folded
 }
 
-// intern returns one shared copy of a caller's label or display name, or of a version's creator: a caller of many
-// keys is held once, not once per key. Bounded as the callers tracked are; beyond, s itself is returned.
+// intern returns one shared copy of a caller's label or display name: a caller of many keys is held once, not
+// once per key. Bounded as the callers tracked are; beyond, s itself is returned.
 func (a *analytics) intern(s string) string {
 	if v, ok := a.names.Load(s); ok {
 		return v.(string)

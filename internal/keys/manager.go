@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -92,6 +93,7 @@ type Manager struct {
 	tokenAuditKeys tokenAuditKeys  // the audit key versions the token was found to hold (audit.go)
 	signedHeads    signedHeads     // per key, the highest history head signed or seen signed (chain.go)
 	auditFailed    auditKeyFailure // the last failure to make the audit key, under auditMu (audit.go)
+	lastCreator    atomic.Pointer[string]
 
 	// Clock is what access conditions' hours and grants' expiry are judged by; tests set it.
 	Clock func() time.Time
@@ -147,7 +149,7 @@ func (m *Manager) getLocked(ctx context.Context, s logical.Storage, name string)
 		return nil, err
 	}
 	for _, v := range k.Versions { // not shared yet: decoded just now
-		v.CreatedBy = m.analytics.intern(v.CreatedBy) // a few creators make most keys
+		v.CreatedBy = m.creator(v.CreatedBy)
 	}
 	m.copiesAllowedServing(k) // lifts what an invalidation barred, for what serves as storage says
 	m.cache.Store(name, k)
@@ -560,6 +562,17 @@ func (tx *Tx) AddVersion(material Material, requestID string, generated bool) (i
 // label (the search before missed it); the new material is destroyed again.
 var errNumberSeenTaken = errors.New("the version's number was found taken after its material was made")
 
+// creator returns s, or the copy held for the version made or loaded before when they are equal: keys are mostly
+// made by a few callers, often one after another, and one copy then serves them all. Only the last is remembered,
+// so nothing grows with the callers (a token without an entity is a creator of its own).
+func (m *Manager) creator(s string) string {
+	if last := m.lastCreator.Load(); last != nil && *last == s {
+		return *last
+	}
+	m.lastCreator.Store(&s)
+	return s
+}
+
 // putVersion makes version LatestVersion+1 with material and adds it to the key, after checking that the token
 // holds nothing else under the new version's label, as the token's object index knows it (hsm.LabelledIDs: learnt
 // from the token when a mount opens it, kept current by every object the process makes or destroys, so no search):
@@ -575,7 +588,7 @@ func (tx *Tx) putVersion(material Material, requestID string, generated bool) (i
 	}
 	n := k.LatestVersion + 1
 	ver := &Version{HSMID: hex.EncodeToString(rawID), Label: versionLabel(tx.m.mountID, k.Name, n), CreatedAt: time.Now().UTC(),
-		CreatedBy: tx.m.analytics.intern(tx.who.String())}
+		CreatedBy: tx.m.creator(tx.who.String())}
 	walID, err := framework.PutWAL(tx.ctx, tx.s, WALKindVersion, &WALEntry{Name: k.Name, Version: n, HSMID: ver.HSMID, RequestID: tx.who.RequestID, Generated: generated, Type: k.Type})
 	if err != nil {
 		return 0, "", fmt.Errorf("write WAL: %w", err)

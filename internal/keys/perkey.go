@@ -60,8 +60,8 @@ func (p *perKey[V]) DeleteIf(name string, drop func(V) bool) {
 	}
 }
 
-// Range calls f for each name and value held when it began, until f returns false. f may change the map: it runs
-// on a copy of the names, not under the lock.
+// Range calls f for each name held when it began and still held when its turn comes, with the value held then,
+// until f returns false. f may change the map: it runs on a copy of the names, not under the lock.
 func (p *perKey[V]) Range(f func(name string, v V) bool) {
 	p.mu.RLock()
 	names := make([]string, 0, len(p.m))
