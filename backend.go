@@ -126,6 +126,20 @@ func newBackend(conf *logical.BackendConfig) *backend {
 	})
 	b.metrics = newMetrics(b.connectedToken)
 	b.keys.Observer = b.metrics
+	b.keys.TypeRule = func(ctx context.Context, s logical.Storage, t keys.Type) error {
+		c, err := b.readKeysConfig(ctx, s)
+		if err != nil {
+			return err
+		}
+		return c.refusesType(t, time.Now())
+	}
+	b.keys.Deprecated = func(ctx context.Context, s logical.Storage, t keys.Type) (time.Time, bool) {
+		c, err := b.readKeysConfig(ctx, s)
+		if err != nil {
+			return time.Time{}, false // the rule cannot be read: the use is not held up for a warning
+		}
+		return c.deprecatedSince(t, time.Now())
+	}
 	b.keys.Connected = func() keys.HSM {
 		if tok := b.connectedToken(); tok != nil {
 			return tok
@@ -157,6 +171,7 @@ func newBackend(conf *logical.BackendConfig) *backend {
 			[]*framework.Path{b.pathAccess()},
 			b.pathGrants(),
 			b.pathUsage(),
+			[]*framework.Path{b.pathMigration()},
 			[]*framework.Path{b.pathEncrypt(), b.pathDecrypt(), b.pathRewrap(), b.pathDatakey(), b.pathRandom(), b.pathHash(),
 				b.pathSign(), b.pathVerify(), b.pathHMAC()},
 			[]*framework.Path{b.pathExport(), b.pathCSR(), b.pathSetCertificate()},

@@ -141,6 +141,7 @@ var notFields = map[string]string{
 	"destroy_scheduled":            "a version's state, a value of state",
 	"deletion_scheduled":           "a key's state in inventory, a value of state",
 	"version_adopted":              "a history event, a value of event",
+	"decrypt_window_advanced":      "a history event, a value of event",
 	"require_grant":                "a value of on_anomaly",
 	"block_caller":                 "a value of on_anomaly",
 	"plugin_directory":             "Vault's server configuration",
@@ -265,6 +266,9 @@ func responseFields(t *testing.T) map[string]bool {
 	jsonNames(reflect.TypeOf((*keys.Manager).UsageOf).Out(0), out)
 	jsonNames(reflect.TypeOf(anomaliesView{}), out)
 	jsonNames(reflect.TypeOf(liftView{}), out)
+	// keys/:name/migration's and reports/compliance's per-algorithm lines.
+	jsonNames(reflect.TypeOf(migrationAlgorithm{}), out)
+	jsonNames(reflect.TypeOf(algorithmSummary{}), out)
 	return out
 }
 

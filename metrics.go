@@ -3,6 +3,9 @@ package cmk
 import (
 	"bytes"
 	"context"
+	"fmt"
+	"maps"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -38,6 +41,7 @@ type metrics struct {
 	rotations      *prometheus.CounterVec
 	denials        *prometheus.CounterVec
 	anomalies      *prometheus.CounterVec
+	deprecatedUses *prometheus.CounterVec // key_type
 	keysByState    *prometheus.GaugeVec
 	versions       *prometheus.GaugeVec
 	nearLimit      prometheus.Gauge
@@ -76,6 +80,9 @@ func newMetrics(token func() hsmToken) *metrics {
 		anomalies: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "cmk_anomalies_total",
 			Help: "Unusual uses of keys found, by kind: " + strings.Join(keys.AnomalyKinds, ", ") + " (repeats of one key, caller and kind within 15 minutes are not counted)."},
 			[]string{"kind"}),
+		deprecatedUses: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "cmk_deprecated_type_uses_total",
+			Help: "Uses of key versions whose type the mount deprecates (config/keys deprecated_types), by key type: each item of a batch counts."},
+			[]string{"key_type"}),
 		keysByState: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "cmk_keys",
 			Help: "Keys of the mount by state: active, disabled, deletion_scheduled, deleting."}, []string{"state"}),
 		versions: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "cmk_key_versions",
@@ -88,7 +95,7 @@ func newMetrics(token func() hsmToken) *metrics {
 		aggregated: map[string]bool{},
 	}
 	m.collectors = []prometheus.Collector{m.requests, m.keyRequests, m.keysAggregated, m.hsmCalls, m.recoveries, m.rotations,
-		m.denials, m.anomalies, m.keysByState, m.versions, m.nearLimit, m.overdue,
+		m.denials, m.anomalies, m.deprecatedUses, m.keysByState, m.versions, m.nearLimit, m.overdue,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "cmk_hsm_sessions_in_use",
 			Help: "HSM sessions operations hold now."}, func() float64 {
 			if t := token(); t != nil {
@@ -149,13 +156,45 @@ func (m *metrics) Rotated(_, cause string) { m.rotations.WithLabelValues(cause).
 
 func (m *metrics) Anomaly(_, kind string) { m.anomalies.WithLabelValues(kind).Inc() }
 
-// requestNote is what a request's use of a key tells handle to count.
+// requestNote is what a request's use of a key tells handle to count, and to say in the answer.
 type requestNote struct {
 	m       *metrics // nil until the request asks for a key
 	name    string
 	op      keys.Operation
 	keyType string
 	found   bool
+
+	mu         sync.Mutex              // batch items note in parallel
+	deprecated map[keys.Type]time.Time // types of the versions used that the mount deprecates, since when
+}
+
+// DeprecatedUse makes metrics a keys.Observer: counted, and noted for the request's answer (warn).
+func (m *metrics) DeprecatedUse(ctx context.Context, _ string, t keys.Type, since time.Time) {
+	m.deprecatedUses.WithLabelValues(string(t)).Inc()
+	n, _ := ctx.Value(requestNoteKey{}).(*requestNote)
+	if n == nil {
+		return
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.deprecated == nil {
+		n.deprecated = map[keys.Type]time.Time{}
+	}
+	n.deprecated[t] = since
+}
+
+// warn adds to resp a warning for each deprecated type the request used.
+func (n *requestNote) warn(resp *logical.Response) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if resp == nil || len(n.deprecated) == 0 {
+		return
+	}
+	types := slices.Sorted(maps.Keys(n.deprecated))
+	for _, t := range types {
+		resp.AddWarning(fmt.Sprintf("key type %s is deprecated on this mount since %s (config/keys deprecated_types): this request used a version of it; rotate the key to another type and rewrap or re-sign what its versions protect (keys/:name/migration)",
+			t, formatDay(n.deprecated[t])))
+	}
 }
 
 type requestNoteKey struct{}

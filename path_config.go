@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -390,6 +391,98 @@ type keysConfig struct {
 	DefaultApprovalsRequired int           `json:"default_approvals_required,omitempty"`
 	MinApprovalsRequired     int           `json:"min_approvals_required,omitempty"`
 	ApprovalTTL              time.Duration `json:"approval_ttl,omitempty"`
+	// The mount's algorithm policy. AllowedTypes, when set, are the only types new keys and versions may have.
+	// DeprecatedTypes maps a type to the day from which no key or version of it is made; nil (never set) is
+	// defaultDeprecatedTypes, an empty map none.
+	AllowedTypes    []string             `json:"allowed_types,omitempty"`
+	DeprecatedTypes map[string]time.Time `json:"deprecated_types"`
+}
+
+// defaultDeprecatedTypes follows NIST SP 800-131A Rev. 2 (and SP 800-57 Part 1 Rev. 5's strengths): 112-bit
+// security, RSA-2048 here, is acceptable for applying protection through 2030 and disallowed after it. Every other
+// type here gives at least 128 bits (AES-128 and AES-256, RSA-3072 and up, P-256 and up, Ed25519, HMAC with a
+// secret of 16 bytes or more) and is acceptable beyond 2030.
+var defaultDeprecatedTypes = map[string]time.Time{
+	string(keys.TypeRSA2048): time.Date(2031, 1, 1, 0, 0, 0, 0, time.UTC),
+}
+
+// deprecatedTypes is the mount's deprecations in force: its own, or the default when it never set any.
+func (c *keysConfig) deprecatedTypes() map[string]time.Time {
+	if c.DeprecatedTypes == nil {
+		return defaultDeprecatedTypes
+	}
+	return c.DeprecatedTypes
+}
+
+// deprecatedSince says whether type t is deprecated at now, and since when.
+func (c *keysConfig) deprecatedSince(t keys.Type, now time.Time) (time.Time, bool) {
+	since, ok := c.deprecatedTypes()[string(t)]
+	return since, ok && !now.Before(since)
+}
+
+// refusesType says why no new key or version of type t may be made at now: the mount's allowed_types does not
+// name it, or deprecated_types deprecates it. It is the one place that decides it (keys.Manager.TypeRule).
+func (c *keysConfig) refusesType(t keys.Type, now time.Time) error {
+	if len(c.AllowedTypes) > 0 && !slices.Contains(c.AllowedTypes, string(t)) {
+		return callerf("key type %s is not allowed on this mount: config/keys allowed_types is %s", t, strings.Join(c.AllowedTypes, ", "))
+	}
+	if since, ok := c.deprecatedSince(t, now); ok {
+		return callerf("key type %s is deprecated on this mount since %s (config/keys deprecated_types): no new key or version of it is made; rotate existing keys to another type (keys/:name/rotate with type)", t, formatDay(since))
+	}
+	return nil
+}
+
+// formatDay renders a deprecation date: the day alone when it begins at midnight UTC.
+func formatDay(t time.Time) string {
+	if t.Equal(t.Truncate(24 * time.Hour)) {
+		return t.UTC().Format(time.DateOnly)
+	}
+	return t.UTC().Format(time.RFC3339)
+}
+
+// setAlgorithmPolicy applies allowed_types and deprecated_types from d to c.
+func (c *keysConfig) setAlgorithmPolicy(d *framework.FieldData) error {
+	if v, ok := d.GetOk("allowed_types"); ok {
+		var allowed []string
+		for _, name := range v.([]string) {
+			t, err := keys.ParseType(strings.ToLower(strings.TrimSpace(name)))
+			if err != nil {
+				return err
+			}
+			if !slices.Contains(allowed, string(t)) {
+				allowed = append(allowed, string(t))
+			}
+		}
+		c.AllowedTypes = allowed
+	}
+	if v, ok := d.GetOk("deprecated_types"); ok {
+		deprecated := map[string]time.Time{}
+		for name, day := range v.(map[string]string) {
+			t, err := keys.ParseType(strings.ToLower(strings.TrimSpace(name)))
+			if err != nil {
+				return err
+			}
+			at, err := time.Parse(time.DateOnly, day)
+			if err != nil {
+				if at, err = time.Parse(time.RFC3339, day); err != nil {
+					return callerf("deprecated_types: %s's date must be a day (2030-12-31) or an RFC 3339 time, not %q", t, day)
+				}
+			}
+			deprecated[string(t)] = at.UTC()
+		}
+		c.DeprecatedTypes = deprecated
+	}
+	return nil
+}
+
+// algorithmPolicyView is the policy as config/keys shows it.
+func (c *keysConfig) algorithmPolicyView() (allowed []string, deprecated map[string]string) {
+	allowed = append([]string{}, c.AllowedTypes...)
+	deprecated = map[string]string{}
+	for t, since := range c.deprecatedTypes() {
+		deprecated[t] = formatDay(since)
+	}
+	return allowed, deprecated
 }
 
 // approvalsRequired is how many approvals a held request on key k needs: the key's own requirement, never less
@@ -500,6 +593,17 @@ func (b *backend) pathConfigKeys() *framework.Path {
 				Default:     int(defaultApprovalTTL.Seconds()),
 				Description: "How long a request held for approval waits for its approvals before it expires unexecuted (default 24h, at most 720h). Applies to requests held from then on.",
 			},
+			"allowed_types": {
+				Type: framework.TypeCommaStringSlice,
+				Description: "The only key types that new keys and versions (creation, import, rotation of any cause) may have; others are refused with a 400 naming these. " +
+					"Empty (the default): every type. Existing versions of other types keep serving.",
+			},
+			"deprecated_types": {
+				Type: framework.TypeKVPairs,
+				Description: "Type=date pairs (date 2030-12-31 or an RFC 3339 time): from that date no key or version of the type is made (creation, import, rotation " +
+					"of any cause). Default, after NIST SP 800-131A Rev. 2: rsa-2048=2031-01-01 (112-bit security is disallowed for applying protection after 2030). " +
+					"An empty map clears every deprecation.",
+			},
 			"max_batch_size": {
 				Type:        framework.TypeInt,
 				Default:     defaultMaxBatchSize,
@@ -516,7 +620,7 @@ func (b *backend) pathConfigKeys() *framework.Path {
 				Summary:  "Set the mount's key defaults.",
 			},
 		},
-		HelpSynopsis:    "Mount-wide defaults for keys: upsert, batch limit, rotation period, deletion grace period, purge protection, dual control.",
+		HelpSynopsis:    "Mount-wide defaults for keys: upsert, batch limit, rotation period, deletion grace period, purge protection, dual control, algorithm policy.",
 		HelpDescription: configKeysHelp,
 	}
 }
@@ -526,7 +630,10 @@ func (b *backend) pathConfigKeysRead(ctx context.Context, req *logical.Request, 
 	if err != nil {
 		return nil, err
 	}
+	allowed, deprecated := c.algorithmPolicyView()
 	return &logical.Response{Data: map[string]interface{}{
+		"allowed_types":         allowed,
+		"deprecated_types":      deprecated,
 		"disable_upsert":        c.DisableUpsert,
 		"max_batch_size":        c.MaxBatchSize,
 		"auto_rotate_period":    int64(c.AutoRotatePeriod.Seconds()),
@@ -563,6 +670,9 @@ func (b *backend) pathConfigKeysWrite(ctx context.Context, req *logical.Request,
 		return respond(err)
 	}
 	if err := c.setDualControl(cur, d); err != nil {
+		return respond(err)
+	}
+	if err := c.setAlgorithmPolicy(d); err != nil {
 		return respond(err)
 	}
 	if c.AutoRotatePeriod != 0 && c.AutoRotatePeriod < minAutoRotatePeriod {
@@ -685,6 +795,12 @@ Dual control: default_approvals_required is given to new keys; min_approvals_req
 which every key's requirement is raised to and which can only be raised. With a requirement of 1 or more, the
 requests that cannot be undone (see approvals/) answer 202 with an approval_id and wait, for at most
 approval_ttl, for approvals by other Vault entities. Lowering deletion_grace_period here is held under the floor.
+
+Algorithm policy: allowed_types, when set, names the only types new keys and versions may have (creation, import,
+and rotation of any cause, scheduled and usage rotations included); deprecated_types gives a type a date from
+which no key or version of it is made. The default deprecates rsa-2048 from 2031-01-01, after NIST SP 800-131A Rev. 2 (112-bit security is
+disallowed for applying protection after 2030); every other type gives at least 128 bits. A key whose type is
+refused rotates only to another type of its purpose (keys/:name/rotate with type, or keys/:name/config next_type).
 `
 
 const configHSMHelp = `

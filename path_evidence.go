@@ -150,12 +150,12 @@ func (b *backend) evidenceVersions(k *keys.Key) []evidence.KeyVersion {
 	out := make([]evidence.KeyVersion, 0, len(ns))
 	for _, n := range ns {
 		v := k.Versions[n]
-		kv := evidence.KeyVersion{Version: n, State: k.VersionState(n), CreatedAt: v.CreatedAt.UTC()}
+		kv := evidence.KeyVersion{Version: n, Type: string(v.Type), State: k.VersionState(n), CreatedAt: v.CreatedAt.UTC()}
 		if !v.DestroyedAt.IsZero() {
 			t := v.DestroyedAt.UTC()
 			kv.DestroyedAt = &t
 		}
-		if k.Type.IsAES() {
+		if v.Type.IsAES() {
 			if used, ok := b.keys.EncryptionCount(k.Name, n); ok {
 				limit := k.EncryptionLimit()
 				kv.Encryptions, kv.Limit = &used, &limit

@@ -317,10 +317,22 @@ func (b *backend) pathComplianceReport(ctx context.Context, req *logical.Request
 	now := b.now()
 	sections := map[string][]map[string]interface{}{}
 	add := func(section string, f map[string]interface{}) { sections[section] = append(sections[section], f) }
+	cfg, err := b.readKeysConfig(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	algorithms := map[string]*algorithmSummary{}
 	var names []string
-	err := b.eachKey(ctx, req.Storage, "", func(s keySummary) bool {
+	err = b.eachKey(ctx, req.Storage, "", func(s keySummary) bool {
 		k := s.k
 		names = append(names, k.Name)
+		if still := summarizeAlgorithms(algorithms, k, cfg, now); len(still) > 0 {
+			for _, t := range sortedKeys(still) {
+				since, _ := cfg.deprecatedSince(keys.Type(t), now)
+				add("deprecated_types_in_use", finding(k.Name, fmt.Sprintf("versions %v are %s, deprecated since %s, and still decrypt or verify: rewrap or re-sign what they protect (keys/%s/migration), then retire or raise min_decryption_version",
+					still[t], t, formatDay(since), k.Name), map[string]interface{}{"type": t, "versions": still[t]}))
+			}
+		}
 		if s.noSchedule {
 			add("no_rotation_schedule", finding(k.Name, "neither auto_rotate_period nor next_rotation_time is set: the key is rotated only by hand", nil))
 		}
@@ -403,8 +415,55 @@ func (b *backend) pathComplianceReport(ctx context.Context, req *logical.Request
 		"pending_deletions":       found("pending_deletions"),
 		"pending_approvals":       found("pending_approvals"),
 		"grants_outstanding":      found("grants_outstanding"),
+		"deprecated_types_in_use": found("deprecated_types_in_use"),
+		"algorithms":              algorithms,
 	}
 	return &logical.Response{Data: data}, nil
+}
+
+// algorithmSummary is one key type's line of the compliance report's mount-wide migration summary.
+type algorithmSummary struct {
+	Keys            int    `json:"keys"`              // keys whose current type it is
+	Versions        int    `json:"versions"`          // versions of it not destroyed
+	InDecryptWindow int    `json:"in_decrypt_window"` // of which still decrypt and verify (retired ones rewrap)
+	DeprecatedSince string `json:"deprecated_since,omitempty"`
+}
+
+// summarizeAlgorithms adds key k to the per-type summary, and returns, by deprecated type, its versions of that
+// type that still decrypt, verify or rewrap.
+func summarizeAlgorithms(sum map[string]*algorithmSummary, k *keys.Key, cfg *keysConfig, now time.Time) map[string][]int {
+	line := func(t keys.Type) *algorithmSummary {
+		a := sum[string(t)]
+		if a == nil {
+			a = &algorithmSummary{}
+			if since, ok := cfg.deprecatedSince(t, now); ok {
+				a.DeprecatedSince = formatDay(since)
+			}
+			sum[string(t)] = a
+		}
+		return a
+	}
+	line(k.Type).Keys++
+	var still map[string][]int
+	for n := 1; n <= k.LatestVersion; n++ {
+		v := k.Versions[n]
+		if v == nil || v.State == keys.StateDestroyed {
+			continue
+		}
+		a := line(v.Type)
+		a.Versions++
+		switch k.VersionState(n) {
+		case keys.StateActive, keys.StateDecryptOnly, keys.StateRetired:
+			a.InDecryptWindow++
+			if a.DeprecatedSince != "" {
+				if still == nil {
+					still = map[string][]int{}
+				}
+				still[string(v.Type)] = append(still[string(v.Type)], n)
+			}
+		}
+	}
+	return still
 }
 
 func sortedKeys[V any](m map[string]V) []string {
@@ -439,8 +498,12 @@ next_rotation_time), rotation_overdue, no_owner, old_versions_encrypting (an ena
 version, the one that encrypts, is older than max_version_age, default 365 days), near_usage_limit (the latest AES
 version has made 90% or more of its encryptions, as this node counts them), pending_deletions (a key's deletion or a
 version's destruction scheduled), pending_approvals (requests held for dual control, with their approval_id) and
-grants_outstanding (live grants, with grant_id and expires_at). findings is the total; keys_examined how many keys
-were read.
+grants_outstanding (live grants, with grant_id and expires_at) and deprecated_types_in_use (versions of a type that
+config/keys deprecated_types deprecates and that still decrypt, verify or rewrap). findings is the total;
+keys_examined how many keys were read. algorithms summarises the mount's migration between algorithms: for each key
+type, how many keys have it as their current type, how many versions of it are not destroyed, how many of those still
+decrypt and verify (or rewrap, when retired), and since when it is deprecated (keys/:name/migration gives a key's
+detail).
 
 Like inventory it calls no HSM and reads keys from their cached metadata, but grants are kept per key and read from
 storage the first time a key's grants are needed since the node started: the first report after a start lists each

@@ -111,7 +111,23 @@ func (b *backend) pathKeys() []*framework.Path {
 				},
 				"allow_pkcs1v15_decryption": {
 					Type:        framework.TypeBool,
-					Description: "RSA keys: accept decrypt and rewrap with PKCS#1 v1.5 padding (default false: refused, as a padding oracle). When true, a ciphertext with invalid padding is answered with implicit rejection: a pseudo-random message derived from it under the version's HMAC secret, never an error. The key's HMAC secrets are then reserved for this: hmac and verify with hmac are refused, and opting in is refused while a version already has an HMAC secret (hmac_secret_on_token), which hmac may have used.",
+					Description: "RSA keys (or keys with RSA versions): accept decrypt and rewrap with PKCS#1 v1.5 padding (default false: refused, as a padding oracle). When true, a ciphertext with invalid padding is answered with implicit rejection: a pseudo-random message derived from it under the version's HMAC secret, never an error. The key's HMAC secrets are then reserved for this: hmac and verify with hmac are refused, and opting in is refused while a version already has an HMAC secret (hmac_secret_on_token), which hmac may have used.",
+				},
+				"decrypt_window": {
+					Type: framework.TypeString,
+					Description: "Rolling decryption window: a number of versions (3: the latest three decrypt and verify) or a period (2160h or 90d: versions superseded " +
+						"less than that ago do). min_decryption_version then advances by itself after rotations, with a decrypt_window_advanced history event, but never past " +
+						"a version that decrypted or verified within decrypt_window_quiet_period (keys/:name/migration shows when each last did) or whose use is not counted " +
+						"(usage analytics off): raise min_decryption_version here to go further. Empty or 0 turns it off.",
+				},
+				"decrypt_window_quiet_period": {
+					Type:        framework.TypeDurationSecond,
+					Description: "How long a version must have gone without decrypting or verifying before the decrypt window passes it; 0 is the default, 7 days.",
+				},
+				"next_type": {
+					Type: framework.TypeString,
+					Description: "Type the next rotation of any cause (scheduled, usage or manual without type) gives the new version: another of the key's purpose, " +
+						"as keys/:name/rotate's type. Cleared once a version of it is made; an empty string clears it.",
 				},
 			}),
 			Operations: map[logical.Operation]framework.OperationHandler{
@@ -121,7 +137,7 @@ func (b *backend) pathKeys() []*framework.Path {
 				},
 			},
 			HelpSynopsis:    "Configure a key's version bounds, deletion, rotation schedule, usage limit, dual control, ownership and anomaly actions.",
-			HelpDescription: "Sets min_decryption_version, min_encryption_version and deletion_allowed as Transit does, the rotation schedule (auto_rotate_period, next_rotation_time), max_encryptions_per_version, dual control (approvals_required, approver_groups), who owns the key (owner, description, tags, data_assets: each replaces what the key had) and what an unusual use does (on_anomaly, anomaly_rate_limit, anomaly_action_period; see keys/:name/anomalies). The key's history records config_changed naming each setting that changed. Settings that would expose material are refused.",
+			HelpDescription: "Sets min_decryption_version, min_encryption_version and deletion_allowed as Transit does, the rotation schedule (auto_rotate_period, next_rotation_time), max_encryptions_per_version, the type of the next rotation's version (next_type), a rolling decrypt window (decrypt_window, decrypt_window_quiet_period), dual control (approvals_required, approver_groups), who owns the key (owner, description, tags, data_assets: each replaces what the key had) and what an unusual use does (on_anomaly, anomaly_rate_limit, anomaly_action_period; see keys/:name/anomalies). The key's history records config_changed naming each setting that changed. Settings that would expose material are refused.",
 		},
 	}
 }
@@ -290,6 +306,18 @@ func settingsFrom(d *framework.FieldData) (keys.Settings, error) {
 		allow := v.(bool)
 		c.AllowPKCS1v15Decryption = &allow
 	}
+	if v, ok := d.GetOk("next_type"); ok {
+		t := v.(string)
+		c.NextType = &t
+	}
+	if v, ok := d.GetOk("decrypt_window"); ok {
+		w := v.(string)
+		c.DecryptWindow = &w
+	}
+	if v, ok := d.GetOk("decrypt_window_quiet_period"); ok {
+		q := time.Duration(v.(int)) * time.Second
+		c.DecryptQuietPeriod = &q
+	}
 	if v, ok := d.GetOk("approvals_required"); ok {
 		n := v.(int)
 		c.ApprovalsRequired = &n
@@ -368,6 +396,7 @@ func (b *backend) formatVersion(k *keys.Key, n int) map[string]interface{} {
 	v := k.Versions[n]
 	info := map[string]interface{}{
 		"version":       n,
+		"type":          string(v.Type), // a rotation may have changed the key's type: each version keeps its own
 		"state":         k.VersionState(n),
 		"hsm_id":        v.HSMID,
 		"label":         v.Label,
@@ -385,6 +414,9 @@ func (b *backend) formatVersion(k *keys.Key, n int) map[string]interface{} {
 			}
 			info["hsm_objects_missing"] = m
 		}
+	}
+	if v.Type == keys.TypeHMAC {
+		info["key_size"] = v.HMACKeySize
 	}
 	if v.ImportMethod != "" {
 		info["import_method"] = v.ImportMethod
@@ -404,7 +436,7 @@ func (b *backend) formatVersion(k *keys.Key, n int) map[string]interface{} {
 	if !v.DestroyedAt.IsZero() {
 		info["destroyed_time"] = keys.FormatTime(v.DestroyedAt)
 	}
-	if k.Type.IsAES() {
+	if v.Type.IsAES() {
 		if used, ok := b.keys.EncryptionCount(k.Name, n); ok {
 			info["encryptions"] = used
 		}
@@ -421,7 +453,7 @@ func (b *backend) formatKey(k *keys.Key) *logical.Response {
 		s := strconv.Itoa(n)
 		if k.Type.Asymmetric() {
 			asymmetric[s] = map[string]interface{}{
-				"name":              k.Type.PublicKeyName(),
+				"name":              v.Type.PublicKeyName(),
 				"public_key":        v.PublicKey,
 				"certificate_chain": v.CertificateChain,
 				"creation_time":     v.CreatedAt.Format(time.RFC3339Nano),
@@ -483,6 +515,14 @@ func (b *backend) formatKey(k *keys.Key) *logical.Response {
 	}
 	if k.Type == keys.TypeHMAC {
 		data["key_size"] = k.HMACKeyBytes()
+	}
+	if k.NextType != "" {
+		data["next_type"] = string(k.NextType)
+	}
+	if k.HasDecryptWindow() {
+		data["decrypt_window"] = k.DecryptWindowView()
+		data["decrypt_window_quiet_period"] = int64(k.QuietPeriod().Seconds())
+		data["decrypt_window_next_check"] = keys.FormatTime(k.WindowCheckAt)
 	}
 	if k.Imported {
 		data["imported_key_allow_rotation"] = k.AllowRotation

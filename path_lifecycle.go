@@ -28,22 +28,26 @@ func (b *backend) pathLifecycle() []*framework.Path {
 				logical.ReadOperation: &framework.PathOperation{Callback: b.pathVersionRead, Summary: "Read one version: state, HSM object, times, encryptions."},
 			},
 			HelpSynopsis:    "Read one key version.",
-			HelpDescription: "States: active, decrypt_only (below min_encryption_version), disabled, destroy_scheduled, destroyed (the HSM objects are gone; the metadata stays as a tombstone).",
+			HelpDescription: "States: active, decrypt_only (below min_encryption_version), disabled, destroy_scheduled, destroyed (the HSM objects are gone; the metadata stays as a tombstone), retired (it serves rewrap alone). type is the version's own algorithm: a rotation may change the key's.",
 		},
 		{
-			Pattern:      "keys/" + name + "/versions/" + version + "/(?P<action>disable|enable|destroy)",
+			Pattern:      "keys/" + name + "/versions/" + version + "/(?P<action>disable|enable|destroy|retire)",
 			DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: "cmk", OperationVerb: "change-state", OperationSuffix: "key-version"},
 			Fields: map[string]*framework.FieldSchema{
 				"name":    fieldName,
 				"version": {Type: framework.TypeInt, Required: true, Description: "Key version."},
-				"action":  {Type: framework.TypeString, Required: true, AllowedValues: []interface{}{"disable", "enable", "destroy"}, Description: "disable, enable or destroy."},
+				"action":  {Type: framework.TypeString, Required: true, AllowedValues: []interface{}{"disable", "enable", "destroy", "retire"}, Description: "disable, enable, destroy or retire."},
+				"reason":  {Type: framework.TypeString, Description: "retire: why (a compromise, an algorithm withdrawn), recorded in the key's history."},
 			},
 			Operations: map[logical.Operation]framework.OperationHandler{
-				logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathVersionAction), Summary: "Disable, enable or destroy one version."},
+				logical.UpdateOperation: &framework.PathOperation{Callback: handle(b.pathVersionAction), Summary: "Disable, enable, destroy or retire one version."},
 			},
-			HelpSynopsis: "Disable, enable or destroy one key version.",
+			HelpSynopsis: "Disable, enable, destroy or retire one key version.",
 			HelpDescription: "disable: the version serves nothing until enabled. destroy: its HSM objects are destroyed after config/keys' " +
-				"deletion_grace_period (at once when 0); until then enable restores it. The latest version cannot be disabled or destroyed: rotate first.",
+				"deletion_grace_period (at once when 0); until then enable restores it. retire (a compromised version, or an algorithm withdrawn): the version " +
+				"serves rewrap alone, so that what it protects is moved onto the latest version; decrypt, encrypt, sign, verify and hmac with it are refused, it is " +
+				"never enabled again, and it is then destroyed (destroy, under the key's dual control). Retiring a disabled version returns it to rewrap and is held " +
+				"for approval as enabling is. keys/:name/migration shows what still relies on it. The latest version cannot be disabled, retired or destroyed: rotate first.",
 		},
 		{
 			Pattern:      "keys/" + name + "/(?P<action>disable|enable)",
@@ -96,8 +100,8 @@ func (b *backend) pathLifecycle() []*framework.Path {
 				logical.ReadOperation: &framework.PathOperation{Callback: b.pathHistoryRead, Summary: "The key's lifecycle events, oldest first."},
 			},
 			HelpSynopsis: "Lifecycle events of a key: who did what, when and why.",
-			HelpDescription: "Each event (created, rotated with cause manual/scheduled/usage, imported, config_changed, disabled, enabled, version_disabled, version_enabled, " +
-				"version_destroy_scheduled, version_destroyed, deletion_scheduled, deletion_cancelled, deleted; grant_created, grant_revoked, grant_used_up, grant_expired for keys/:name/grants, whose details name the grant and who granted it; access_changed, access_removed for keys/:name/access; and dual control's approval_requested, approval_granted, approval_rejected, approval_executed, approval_failed, approval_expired, whose details name the approval and the action) carries its time, cause and the requester's entity_id and display_name, and token_accessor_hmac: the HMAC-SHA256 of the requester's token accessor under a salt of this mount's own (\"hmac-sha256:<hex>\"), never the accessor itself, as Vault's audit devices record accessors. " +
+			HelpDescription: "Each event (created, rotated with cause manual/scheduled/usage and, when the rotation changed the type, details naming both, imported, config_changed, disabled, enabled, version_disabled, version_enabled, " +
+				"version_destroy_scheduled, version_destroyed, version_retired, decrypt_window_advanced, deletion_scheduled, deletion_cancelled, deleted; grant_created, grant_revoked, grant_used_up, grant_expired for keys/:name/grants, whose details name the grant and who granted it; access_changed, access_removed for keys/:name/access; and dual control's approval_requested, approval_granted, approval_rejected, approval_executed, approval_failed, approval_expired, whose details name the approval and the action) carries its time, cause and the requester's entity_id and display_name, and token_accessor_hmac: the HMAC-SHA256 of the requester's token accessor under a salt of this mount's own (\"hmac-sha256:<hex>\"), never the accessor itself, as Vault's audit devices record accessors. " +
 				"One token's events carry one value on this mount, so events can be told apart by token; the value differs from an audit device's HMAC of the same accessor (each audit device has a salt of its own). Events stored in clear by earlier versions of the engine are shown the same way. Each event also carries its link in the history's hash chain: seq (its place, from 1), prev_hash (the hash of the event before it; absent at seq 1) and hash; events stored before the engine chained history have none (keys/:name/history/verify). History outlives the key. Vault's audit devices still record every request.",
 		},
 		{
@@ -155,6 +159,10 @@ func (b *backend) pathVersionAction(ctx context.Context, req *logical.Request, d
 	grace := cfg.destructionGrace()
 	at := time.Now().UTC().Add(grace)
 	change := func(tx *keys.Tx) error { return tx.SetVersionState(n, action, at, grace == 0) }
+	if action == "retire" {
+		reason := d.Get("reason").(string)
+		change = func(tx *keys.Tx) error { return tx.RetireVersion(n, reason) }
+	}
 	if action != "disable" { // an emergency stop never waits
 		judged, err := b.keys.Get(ctx, req.Storage, name)
 		if err != nil {
@@ -189,6 +197,10 @@ func (b *backend) holdVersionAction(ctx context.Context, req *logical.Request, k
 		changed, err = trial.ScheduleVersionDestruction(n, at)
 	case "enable":
 		changed, _, err = trial.EnableVersion(n)
+	case "retire":
+		// Retiring restricts a serving version: never held. A disabled version retired serves rewrap again: held
+		// as enabling it would be.
+		changed, err = trial.RetireVersionFromDisabled(n)
 	}
 	if err != nil {
 		return respond(err)
@@ -197,8 +209,11 @@ func (b *backend) holdVersionAction(ctx context.Context, req *logical.Request, k
 		return nil, nil
 	}
 	what := fmt.Sprintf("destroy version %d", n)
-	if action == "enable" {
+	switch action {
+	case "enable":
 		what = fmt.Sprintf("enable version %d (%s)", n, k.VersionState(n))
+	case "retire":
+		what = fmt.Sprintf("retire the disabled version %d (it serves rewrap again)", n)
 	}
 	return b.holdForApproval(ctx, req, k, what)
 }

@@ -126,8 +126,8 @@ func (b *backend) pathHMAC() *framework.Path {
 	}
 }
 
-// readSignOptions reads a request's signature settings for key k.
-func readSignOptions(d *framework.FieldData, k *keys.Key) (keys.SignOptions, error) {
+// readSignOptions reads a request's signature settings (what a version's type refuses, Ed25519 with prehashed, is refused per item).
+func readSignOptions(d *framework.FieldData) (keys.SignOptions, error) {
 	o := keys.SignOptions{Prehashed: d.Get("prehashed").(bool), SaltLength: d.Get("salt_length").(string)}
 	name := d.Get("hash_algorithm").(string)
 	if v, ok := d.GetOk("algorithm"); ok {
@@ -155,9 +155,6 @@ func readSignOptions(d *framework.FieldData, k *keys.Key) (keys.SignOptions, err
 	default:
 		return o, callerf("signature_algorithm must be pss or pkcs1v15, not %q", v)
 	}
-	if k.Type == keys.TypeEd25519 && o.Prehashed {
-		return o, callerf("prehashed is not supported with ed25519: it signs the input itself")
-	}
 	return o, nil
 }
 
@@ -170,7 +167,7 @@ func (b *backend) pathSignWrite(ctx context.Context, req *logical.Request, d *fr
 	if err != nil {
 		return respond(err)
 	}
-	opts, err := readSignOptions(d, u.Key())
+	opts, err := readSignOptions(d)
 	if err != nil {
 		return respond(err)
 	}
@@ -260,7 +257,7 @@ func (b *backend) pathVerifyWrite(ctx context.Context, req *logical.Request, d *
 	var oerr error
 	for _, it := range items {
 		if it.Signature != "" && k.Type.Info().Sign {
-			opts, oerr = readSignOptions(d, k)
+			opts, oerr = readSignOptions(d)
 			break
 		}
 	}
@@ -290,7 +287,7 @@ func (b *backend) pathVerifyWrite(ctx context.Context, req *logical.Request, d *
 		if oerr != nil {
 			return verifyResult{}, oerr
 		}
-		valid, err := k.VerifySignature(it.Signature, input, opts)
+		valid, err := b.keys.VerifySignature(ctx, req.Storage, k, it.Signature, input, opts)
 		return verifyResult{Valid: valid}, err
 	}, func(r verifyResult) map[string]interface{} { return map[string]interface{}{"valid": r.Valid} })
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -21,6 +22,9 @@ const configAnalyticsPath = "config/analytics"
 // analyticsConfig is config/analytics.
 type analyticsConfig struct {
 	Disabled bool `json:"disabled"` // stored inverted, so that no entry means on
+	// EnabledAt is when analytics were last turned back on (zero: never turned off): the migration view's counts
+	// of versions made before it are incomplete.
+	EnabledAt time.Time `json:"enabled_at,omitempty"`
 }
 
 func (b *backend) pathConfigAnalytics() *framework.Path {
@@ -66,7 +70,7 @@ func (b *backend) applyAnalyticsConfig(ctx context.Context, s logical.Storage) e
 	if err != nil {
 		return err
 	}
-	b.keys.SetAnalytics(!c.Disabled)
+	b.keys.SetAnalytics(!c.Disabled, c.EnabledAt)
 	return nil
 }
 
@@ -79,7 +83,14 @@ func (b *backend) pathConfigAnalyticsRead(ctx context.Context, req *logical.Requ
 }
 
 func (b *backend) pathConfigAnalyticsWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	c := analyticsConfig{Disabled: !d.Get("enabled").(bool)}
+	cur, err := b.readAnalyticsConfig(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	c := analyticsConfig{Disabled: !d.Get("enabled").(bool), EnabledAt: cur.EnabledAt}
+	if cur.Disabled && !c.Disabled {
+		c.EnabledAt = time.Now().UTC()
+	}
 	e, err := logical.StorageEntryJSON(configAnalyticsPath, c)
 	if err != nil {
 		return nil, err
@@ -87,7 +98,7 @@ func (b *backend) pathConfigAnalyticsWrite(ctx context.Context, req *logical.Req
 	if err := req.Storage.Put(ctx, e); err != nil {
 		return nil, err
 	}
-	b.keys.SetAnalytics(!c.Disabled)
+	b.keys.SetAnalytics(!c.Disabled, c.EnabledAt)
 	// Off, what was counted goes to storage and its memory is freed: analytics cost nothing while off.
 	if err := b.keys.FreeAnalytics(ctx, req.Storage); err != nil {
 		return nil, fmt.Errorf("analytics are off; some counts are not stored yet and stay in memory until the next flush: %w", err)

@@ -159,6 +159,7 @@ func handle(fn framework.OperationFunc, transitOnly ...string) framework.Operati
 	return func(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 		ctx, note := withRequestNote(ctx)
 		resp, err := run(ctx, req, d)
+		note.warn(resp)
 		note.count(req, resp, err)
 		return resp, err
 	}

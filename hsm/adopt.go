@@ -38,8 +38,10 @@ type Found struct {
 	// Mismatch says how the object differs from the algorithm looked for (another key type or size); empty if it
 	// is one.
 	Mismatch string
-	// SizeUnknown: the token does not report the secret key's size (SoftHSM, for unwrapped keys).
+	// SizeUnknown: the token does not report the secret key's size (SoftHSM, for unwrapped keys); ValueLen is the
+	// size in bytes it reports otherwise (secret keys only).
 	SizeUnknown bool
+	ValueLen    int
 	// Public is a key pair's public half, read from the token or recovered from it; PublicErr says why not.
 	Public    crypto.PublicKey
 	PublicErr string
@@ -277,8 +279,11 @@ func (t *Token) describe(c pkcs11API, sh pkcs11.SessionHandle, h pkcs11.ObjectHa
 		switch {
 		case err != nil || len(v[0].Value) == 0 || ulong(v[0].Value) == 0: // SoftHSM: 0 on unwrapped keys
 			f.SizeUnknown = true
-		case int(ulong(v[0].Value)) != want:
-			f.Mismatch = fmt.Sprintf("it is a %d-byte key; %s versions are %d bytes", ulong(v[0].Value), alg, want)
+		default:
+			f.ValueLen = int(ulong(v[0].Value))
+			if f.ValueLen != want {
+				f.Mismatch = fmt.Sprintf("it is a %d-byte key; %s versions are %d bytes", f.ValueLen, alg, want)
+			}
 		}
 	case kindRSA, kindEC, kindEd25519:
 		f.Public, err = t.versionPublicKey(c, sh, h, f.ID, alg)

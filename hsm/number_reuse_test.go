@@ -28,7 +28,7 @@ func TestSearchThatMissesTheOriginalNeverReusesItsNumberOnSoftHSM(t *testing.T) 
 	}
 	who := func(req string) keys.Actor { return keys.Actor{DisplayName: "test", RequestID: req} }
 	rotate := func(m *keys.Manager, s logical.Storage, req string) (*keys.Key, error) {
-		return m.Update(ctx, s, "k", who(req), func(tx *keys.Tx) error { return tx.Rotate("manual") })
+		return m.Update(ctx, s, "k", who(req), func(tx *keys.Tx) error { return tx.Rotate("manual", keys.VersionType{}) })
 	}
 
 	s := &logical.InmemStorage{}
@@ -80,7 +80,7 @@ func TestObjectMadeElsewhereOrBeforeARestartKeepsItsNumber(t *testing.T) {
 	}
 	who := func(req string) keys.Actor { return keys.Actor{DisplayName: "test", RequestID: req} }
 	rotate := func(m *keys.Manager, s logical.Storage, req string) (*keys.Key, error) {
-		return m.Update(ctx, s, "k", who(req), func(tx *keys.Tx) error { return tx.Rotate("manual") })
+		return m.Update(ctx, s, "k", who(req), func(tx *keys.Tx) error { return tx.Rotate("manual", keys.VersionType{}) })
 	}
 
 	s := &logical.InmemStorage{}
@@ -117,7 +117,7 @@ func TestObjectMadeElsewhereOrBeforeARestartKeepsItsNumber(t *testing.T) {
 		t.Fatal(err)
 	}
 	rotateR := func(m *keys.Manager, s logical.Storage, req string) (*keys.Key, error) {
-		return m.Update(ctx, s, "r", who(req), func(tx *keys.Tx) error { return tx.Rotate("manual") })
+		return m.Update(ctx, s, "r", who(req), func(tx *keys.Tx) error { return tx.Rotate("manual", keys.VersionType{}) })
 	}
 	snap := copyStorage(t, s)
 	k, err = rotateR(manager(tok), s, "req-4")

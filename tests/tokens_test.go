@@ -101,6 +101,7 @@ func TestEveryOperationOnEveryToken(t *testing.T) {
 					t.Run("byok-ecdsa", func(t *testing.T) { importOnToken(t, m, "ecdsa-p256", cfg.Data["key_wrap_mechanism_in_use"] != nil) })
 				}
 			}
+			t.Run("agility", func(t *testing.T) { agilityOnToken(t, m, served) })
 			r := mustWrite(t, c, path+"/random/32", nil)
 			if b, _ := base64.StdEncoding.DecodeString(r.Data["random_bytes"].(string)); len(b) != 32 {
 				t.Fatalf("random: %v", r.Data)

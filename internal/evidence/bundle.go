@@ -67,7 +67,8 @@ type KeyMetadata struct {
 // KeyVersion is one version and its state.
 type KeyVersion struct {
 	Version     int        `json:"version"`
-	State       string     `json:"state"` // active, decrypt-only, disabled, destroyed, ...
+	Type        string     `json:"type,omitempty"` // the version's algorithm: a rotation may change the key's
+	State       string     `json:"state"`          // active, decrypt-only, disabled, destroyed, ...
 	CreatedAt   time.Time  `json:"created_at"`
 	Encryptions *uint64    `json:"encryptions,omitempty"`
 	Limit       *uint64    `json:"encryption_limit,omitempty"`

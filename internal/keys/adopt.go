@@ -98,8 +98,7 @@ func (w adoptedWAL) forget(ctx context.Context, s logical.Storage) error {
 // protected and of the key's type.
 func (tx *Tx) adoptPending(through int, onWord bool) (map[int]string, error) {
 	k := tx.Key
-	alg := k.Type.Info().Alg
-	if alg == "" {
+	if k.Type.Info().Alg == "" {
 		return nil, nil
 	}
 	tok, err := tx.hsm()
@@ -110,7 +109,7 @@ func (tx *Tx) adoptPending(through int, onWord bool) (map[int]string, error) {
 	adopted := map[int]string{}
 	for n := k.LatestVersion + 1; through <= 0 || n <= through; n++ {
 		label := versionLabel(tx.m.mountID, k.Name, n)
-		found, err := tok.FindVersion(tx.ctx, alg, label, k.HMACKeyBytes())
+		found, as, err := findVersionOfPurpose(tx.ctx, tok, k, label)
 		if err != nil {
 			return adopted, fmt.Errorf("look for version %d of key %q on the token: %w", n, k.Name, err)
 		}
@@ -147,12 +146,40 @@ func (tx *Tx) adoptPending(through int, onWord bool) (map[int]string, error) {
 			byOperator := !onWord && tx.Cur != nil && wordReason == "" && !k.referenced(fw.IDHex())
 			return adopted, &NumberTakenError{Key: k.Name, Version: n, Label: label, Reason: reason, ByOperator: byOperator}
 		}
-		if err := tx.adopt(n, f, w, made, !automatic); err != nil {
+		if err := tx.adopt(n, f, as, w, made, !automatic); err != nil {
 			return adopted, err
 		}
 		adopted[n] = w.entry.RequestID
 	}
 	return adopted, nil
+}
+
+// findVersionOfPurpose looks under label for a version of k: of the type its new versions are made as, or, when
+// the one object there is of another type of the key's purpose (a rotation that changed the type, whose metadata
+// storage lost to a restore), of that type. as is the type what it returns was examined as.
+func findVersionOfPurpose(ctx context.Context, tok HSM, k *Key, label string) ([]hsm.Found, VersionType, error) {
+	want := k.NewVersionType()
+	found, err := tok.FindVersion(ctx, want.Type.Info().Alg, label, want.hmacBytes())
+	if err != nil || len(found) != 1 || found[0].Mismatch == "" {
+		return found, want, err
+	}
+	for _, t := range TypesOf(k.Type.Purpose()) {
+		other := VersionType{Type: t}
+		switch {
+		case t == TypeHMAC && found[0].ValueLen > 0 && found[0].ValueLen != want.HMACKeySize:
+			other.HMACKeySize = found[0].ValueLen
+		case t == want.Type:
+			continue
+		}
+		again, err := tok.FindVersion(ctx, t.Info().Alg, label, other.hmacBytes())
+		if err != nil {
+			return nil, want, err
+		}
+		if len(again) == 1 && again[0].Mismatch == "" {
+			return again, other, nil
+		}
+	}
+	return found, want, nil
 }
 
 // singleID is the CKA_ID (hex) of the one object found, empty when there are several.
@@ -187,14 +214,14 @@ func adoptable(found []hsm.Found, onWord bool) (hsm.Found, string) {
 
 // adopt adds f as version n; made when a WAL entry of this engine brackets it, onWord when only an operator's
 // word vouches for it.
-func (tx *Tx) adopt(n int, f hsm.Found, w adoptedWAL, made, onWord bool) error {
+func (tx *Tx) adopt(n int, f hsm.Found, as VersionType, w adoptedWAL, made, onWord bool) error {
 	k := tx.Key
 	now := time.Now().UTC()
 	// Only this very request's earlier attempt is known to have encrypted nothing with it: a version whose WAL
 	// entry came back with a restored snapshot may have been stored, and used, after the snapshot.
 	retry := made && w.entry.RequestID != "" && w.entry.RequestID == tx.who.RequestID
 	unknown := !retry
-	if unknown && k.Type.IsAES() {
+	if unknown && as.Type.IsAES() {
 		// The version's usage witness on the token bounds every encryption it made (it is raised before each block
 		// is used, from the stored count on): with one, the count is known, and the version goes on to its limit.
 		// Without one (it never encrypted, or it was made before witnesses were kept) the count stays unknown.
@@ -208,8 +235,11 @@ func (tx *Tx) adopt(n int, f hsm.Found, w adoptedWAL, made, onWord bool) error {
 		}
 		unknown = !witnessed
 	}
-	ver := &Version{HSMID: f.IDHex(), Label: f.Label, CreatedAt: f.Created, AdoptedAt: now,
-		HMACDeferred: k.Type != TypeHMAC && !f.HMACSecret, EncryptionsUnknown: unknown}
+	ver := &Version{Type: as.Type, HSMID: f.IDHex(), Label: f.Label, CreatedAt: f.Created, AdoptedAt: now,
+		HMACDeferred: as.Type != TypeHMAC && !f.HMACSecret, EncryptionsUnknown: unknown}
+	if as.Type == TypeHMAC {
+		ver.HMACKeySize = as.HMACKeySize
+	}
 	if ver.CreatedAt.IsZero() {
 		ver.CreatedAt = now // the token keeps no creation time: the adoption's is the earliest known
 	}
@@ -220,8 +250,7 @@ func (tx *Tx) adopt(n int, f hsm.Found, w adoptedWAL, made, onWord bool) error {
 		}
 		ver.PublicKey, ver.pub = pem, f.Public
 	}
-	k.addVersion(ver)
-	tx.Changed(n)
+	tx.addVersion(ver)
 	cause, details := CauseRestore, "adopted from the HSM after a storage restore: storage did not know this version, the token held its material (generated on the token, never extractable)"
 	switch {
 	case onWord:
@@ -478,7 +507,7 @@ func (m *Manager) Reconcile(ctx context.Context, s logical.Storage, name string,
 				continue // nothing on the token
 			}
 			referenced[ver.HSMID] = true
-			if ver.State != StateDestroyed && !mainID[ver.HSMID] && !(k.Type == TypeHMAC && byID[ver.HSMID]) {
+			if ver.State != StateDestroyed && !mainID[ver.HSMID] && !(ver.Type == TypeHMAC && byID[ver.HSMID]) {
 				r.Missing = append(r.Missing, Missing{Key: n, Version: v, HSMID: ver.HSMID, Label: ver.Label})
 			}
 			if ver.State != StateDestroyed && ver.HMACDeferred && secretID[ver.HSMID] {
@@ -492,7 +521,7 @@ func (m *Manager) Reconcile(ctx context.Context, s logical.Storage, name string,
 				record, vouched := records[ver.HSMID+hmacSuffixHex]
 				vouched = vouched && record.vouchesForSecret(n, v)
 				var untrusted *hsm.UntrustedObjectError
-				if err := tok.CheckHMACSecret(ctx, ver.ID(), k.HMACKeyBytes(), vouched); errors.As(err, &untrusted) {
+				if err := tok.CheckHMACSecret(ctx, ver.ID(), ver.HMACBytes(), vouched); errors.As(err, &untrusted) {
 					r.Untrusted = append(r.Untrusted, Untrusted{Key: n, Version: v, Label: untrusted.Label, HSMID: hex.EncodeToString(untrusted.ID), Reason: untrusted.Reason})
 				} else if err != nil {
 					return nil, fmt.Errorf("examine the HMAC secret of key %q version %d: %w", n, v, err)
@@ -588,7 +617,7 @@ func (m *Manager) judge(ctx context.Context, tok HSM, k *Key, v int, o hsm.Objec
 	case v <= k.LatestVersion:
 		return false, false, fmt.Sprintf("version %d is stored with other material: a number names one key only", v)
 	}
-	found, err := tok.FindVersion(ctx, k.Type.Info().Alg, o.Label, k.HMACKeyBytes())
+	found, _, err := findVersionOfPurpose(ctx, tok, k, o.Label)
 	if err != nil {
 		return false, false, "could not be examined: " + err.Error()
 	}

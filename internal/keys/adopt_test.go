@@ -41,7 +41,7 @@ func restored(f *fakeHSM, snap *logical.InmemStorage) (*Manager, logical.Storage
 
 func rotate(t *testing.T, m *Manager, s logical.Storage, name, request string) *Key {
 	t.Helper()
-	k, err := m.Update(context.Background(), s, name, Actor{DisplayName: "test", RequestID: request}, func(tx *Tx) error { return tx.Rotate("manual") })
+	k, err := m.Update(context.Background(), s, name, Actor{DisplayName: "test", RequestID: request}, func(tx *Tx) error { return tx.Rotate("manual", VersionType{}) })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -134,7 +134,7 @@ func TestImportedMaterialIsReportedNotAdopted(t *testing.T) {
 	planted := "00112233445566778899aabbccddeeff"
 	f.objects[planted], f.labels[planted], f.imported[planted] = true, versionLabel("mount", "k", 2), true
 	before := len(f.objects)
-	_, err := m.Update(ctx, s, "k", Actor{RequestID: "req-2"}, func(tx *Tx) error { return tx.Rotate("manual") })
+	_, err := m.Update(ctx, s, "k", Actor{RequestID: "req-2"}, func(tx *Tx) error { return tx.Rotate("manual", VersionType{}) })
 	var taken *NumberTakenError
 	if !errors.As(err, &taken) || taken.Version != 2 {
 		t.Fatalf("rotation over planted material: %v", err)
@@ -356,7 +356,7 @@ func TestFailedChangeKeepsAdoptedMaterialAndItsWAL(t *testing.T) {
 	}
 	f.objects[interrupted], f.labels[interrupted] = true, versionLabel("mount", "k", 2)
 	f.failGen = true
-	if _, err := m.Update(ctx, s, "k", Actor{RequestID: "req-y"}, func(tx *Tx) error { return tx.Rotate("manual") }); err == nil {
+	if _, err := m.Update(ctx, s, "k", Actor{RequestID: "req-y"}, func(tx *Tx) error { return tx.Rotate("manual", VersionType{}) }); err == nil {
 		t.Fatal("the rotation succeeded without generating")
 	}
 	if e, err := framework.GetWAL(ctx, s, walID); err != nil || e == nil {

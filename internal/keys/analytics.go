@@ -190,6 +190,8 @@ type keyUsage struct {
 	dead bool
 	// foldedNow counts this minute's uses and denials of each caller folded into OtherCallers (anomaly.go).
 	foldedNow *foldedMinute
+	// versions: what each version did (versionuse.go); nil until one is used.
+	versions map[int]*VersionUse
 }
 
 // foldedMinute is one minute's uses and denials per folded caller, at most MaxFoldedPerMinute callers.
@@ -249,11 +251,17 @@ type analytics struct {
 	tracked  atomic.Int64 // (key, caller) pairs tracked, OtherCallers excluded
 	names    sync.Map     // caller label or display name → the one copy held (intern)
 	interned atomic.Int64
+	// since: when analytics were last turned back on (zero: never off); uses before it may not be counted.
+	since atomic.Pointer[time.Time]
 }
 
 // SetAnalytics turns usage analytics and anomaly detection on or off (config/analytics). Off, uses are neither
-// counted nor judged; anomaly actions in force still apply: they are security decisions already taken.
-func (m *Manager) SetAnalytics(on bool) { m.analytics.off.Store(!on) }
+// counted nor judged; anomaly actions in force still apply: they are security decisions already taken. since is
+// when they were last turned back on (zero: never turned off).
+func (m *Manager) SetAnalytics(on bool, since time.Time) {
+	m.analytics.off.Store(!on)
+	m.analytics.since.Store(&since)
+}
 
 // FreeAnalytics writes what is counted in memory to storage and frees it, once analytics are off (config/analytics
 // enabled=false): counts kept in storage are loaded again when analytics are turned back on and keys used. A key
@@ -448,6 +456,7 @@ type analyticsEntry struct {
 	Denials   map[string]uint64       `json:"denials_by_condition"`
 	Folded    uint64                  `json:"callers_folded"`
 	Anomalies []Anomaly               `json:"anomalies,omitempty"`
+	Versions  map[int]VersionUse      `json:"versions,omitempty"`
 }
 
 type callerRecord struct {
@@ -504,6 +513,12 @@ func unpackBuckets(p []byte) ([]bucket, error) {
 func (ku *keyUsage) entryLocked() analyticsEntry {
 	e := analyticsEntry{Since: ku.since, Callers: make(map[string]callerRecord, len(ku.callers)), Totals: map[Operation][2]uint64{},
 		Denials: maps.Clone(ku.denials), Folded: ku.folded, Anomalies: slices.Clone(ku.anomalies)}
+	if len(ku.versions) > 0 {
+		e.Versions = make(map[int]VersionUse, len(ku.versions))
+		for v, u := range ku.versions {
+			e.Versions[v] = *u
+		}
+	}
 	for i, t := range ku.totals {
 		if t != [2]uint64{} {
 			e.Totals[Operations[i]] = t
@@ -542,6 +557,15 @@ func (m *Manager) loadUsageLocked(ctx context.Context, s logical.Storage, name s
 	mn, hr, dy := slots(now)
 	if !e.Since.IsZero() && (ku.since.IsZero() || e.Since.Before(ku.since)) {
 		ku.since = e.Since
+	}
+	for v, u := range e.Versions {
+		if ku.versions == nil {
+			ku.versions = make(map[int]*VersionUse, len(e.Versions))
+		}
+		if ku.versions[v] == nil {
+			ku.versions[v] = &VersionUse{}
+		}
+		ku.versions[v].merge(u)
 	}
 	for op, t := range e.Totals {
 		if i := opIndex(op); i >= 0 {

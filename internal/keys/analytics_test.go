@@ -58,9 +58,10 @@ func (f *usageFixture) logged() string {
 	return f.log.String()
 }
 
-func (f *usageFixture) Judging(context.Context, string, Operation, *Key) {}
-func (f *usageFixture) Denied(string, string)                            {}
-func (f *usageFixture) Rotated(string, string)                           {}
+func (f *usageFixture) Judging(context.Context, string, Operation, *Key)       {}
+func (f *usageFixture) Denied(string, string)                                  {}
+func (f *usageFixture) Rotated(string, string)                                 {}
+func (f *usageFixture) DeprecatedUse(context.Context, string, Type, time.Time) {}
 func (f *usageFixture) Anomaly(_, kind string) {
 	f.mu.Lock()
 	f.anomalies[kind]++
@@ -199,7 +200,7 @@ func TestUsageCountsItemsPerOperationCallerAndOutcome(t *testing.T) {
 			}
 		}
 
-		m.SetAnalytics(false)
+		m.SetAnalytics(false, time.Time{})
 		f.mustUse(m, "k", alice, OpEncrypt, 7)
 		if r := m.UsageOf("k"); r.Uses != 105 || r.Enabled {
 			t.Fatalf("with analytics off: uses %d, enabled %v", r.Uses, r.Enabled)
@@ -578,7 +579,7 @@ func TestAnalyticsOffFreesTheirMemoryAndKeepsTheCounts(t *testing.T) {
 		f.key(m, &Key{Name: "k"})
 		f.mustUse(m, "k", alice, OpEncrypt, 3)
 		f.mustUse(m, "k", bob, OpEncrypt, 1)
-		m.SetAnalytics(false)
+		m.SetAnalytics(false, time.Time{})
 		if err := m.FreeAnalytics(f.ctx, f.s); err != nil {
 			t.Fatal(err)
 		}
@@ -587,7 +588,7 @@ func TestAnalyticsOffFreesTheirMemoryAndKeepsTheCounts(t *testing.T) {
 			t.Fatalf("analytics off still hold %d keys' counts, %d callers tracked", held, m.analytics.tracked.Load())
 		}
 		f.mustUse(m, "k", alice, OpEncrypt, 1) // not counted
-		m.SetAnalytics(true)
+		m.SetAnalytics(true, time.Time{})
 		f.mustUse(m, "k", alice, OpEncrypt, 1)
 		if r := m.UsageOf("k"); r.Uses != 5 || r.Operations[OpEncrypt].Callers["ent-alice"].Uses != 4 {
 			t.Fatalf("back on: %+v", r)
@@ -775,7 +776,7 @@ func TestUseCountedWhileItsKeyCountsAreFreed(t *testing.T) {
 			m.Clock = func() time.Time {
 				if armed.CompareAndSwap(true, false) { // in record, between taking the entry and locking it
 					if free == "analytics off" {
-						m.SetAnalytics(false)
+						m.SetAnalytics(false, time.Time{})
 						if err := m.FreeAnalytics(ctx, s); err != nil {
 							t.Error(err)
 						}
@@ -819,7 +820,7 @@ func benchmarkUse(b *testing.B, analytics bool) {
 	if _, _, err := m.Create(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96}, who, nil); err != nil {
 		b.Fatal(err)
 	}
-	m.SetAnalytics(analytics)
+	m.SetAnalytics(analytics, time.Time{})
 	c := Caller{Actor: Actor{DisplayName: "root", Accessor: "accessor"}}
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {

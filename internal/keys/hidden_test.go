@@ -48,7 +48,7 @@ func TestSearchThatMissesTheOriginalNeverReusesItsNumber(t *testing.T) {
 		f.hideOnce[label] = true
 		before := len(f.objects)
 		f.mu.Unlock()
-		_, err := m.Update(ctx, s, "k", Actor{DisplayName: "test", RequestID: "req-2"}, func(tx *Tx) error { return tx.Rotate("manual") })
+		_, err := m.Update(ctx, s, "k", Actor{DisplayName: "test", RequestID: "req-2"}, func(tx *Tx) error { return tx.Rotate("manual", VersionType{}) })
 		var taken *NumberTakenError
 		if !errors.As(err, &taken) || taken.Version != 2 {
 			t.Fatalf("rotation onto a number held by material that may not be adopted: %v", err)

@@ -23,13 +23,18 @@ const (
 	StateDisabled         = "disabled"
 	StateDestroyScheduled = "destroy_scheduled"
 	StateDestroyed        = "destroyed"
+	// StateRetired: the version is compromised or its algorithm withdrawn; it serves rewrap alone, so that data is
+	// moved off it, and is then destroyed. It is never enabled again.
+	StateRetired = "retired"
 )
 
 // Key is a key's metadata as stored in Vault: settings and versions, never material. A *Key from the Manager is a
 // snapshot that nobody modifies: changes are made on a clone inside Update, persisted, then published, so that
 // encrypt and decrypt read it without locks and never wait for a rotation.
 type Key struct {
-	Name                 string    `json:"name"`
+	Name string `json:"name"`
+	// Type is the key's current type: its latest version's, the one new versions are made with. Each version keeps
+	// its own (Version.Type): a rotation may change the type within the key's purpose (crypto-agility).
 	Type                 Type      `json:"type"`
 	LatestVersion        int       `json:"latest_version"`
 	MinDecryptionVersion int       `json:"min_decryption_version"`
@@ -37,8 +42,12 @@ type Key struct {
 	MinAvailableVersion  int       `json:"min_available_version,omitempty"`
 	DeletionAllowed      bool      `json:"deletion_allowed"`
 	CreatedAt            time.Time `json:"created_at"`
-	// HMACKeySize is the size in bytes of each version's HMAC secret (key_size for hmac keys).
+	// HMACKeySize is the size in bytes of the HMAC secret of new versions (key_size for hmac keys); each version
+	// keeps its own (Version.HMACKeySize).
 	HMACKeySize int `json:"hmac_key_size,omitempty"`
+	// NextType, when set, is the type the next rotation of any cause gives the new version, unless the rotation
+	// names one itself (keys/:name/config next_type); it is cleared once a version of it is made.
+	NextType Type `json:"next_type,omitempty"`
 	// Imported keys were brought in with import; rotation then needs AllowRotation, as in Transit.
 	Imported      bool `json:"imported,omitempty"`
 	AllowRotation bool `json:"allow_rotation,omitempty"`
@@ -86,6 +95,19 @@ type Key struct {
 	// the next attempt and the key serves nothing meanwhile.
 	Deleting bool `json:"deleting,omitempty"`
 
+	// Decrypt window (keys/:name/config decrypt_window): MinDecryptionVersion advances by itself so that only the
+	// latest DecryptWindowVersions versions, or the versions superseded less than DecryptWindowPeriod ago, decrypt
+	// and verify; never past a version that decrypted or verified within DecryptQuietPeriod (0: the default).
+	// WindowCheckAt is when the periodic function looks at the window next (zero: at the next rotation).
+	DecryptWindowVersions int           `json:"decrypt_window_versions,omitempty"`
+	DecryptWindowPeriod   time.Duration `json:"decrypt_window_period,omitempty"`
+	DecryptQuietPeriod    time.Duration `json:"decrypt_quiet_period,omitempty"`
+	WindowCheckAt         time.Time     `json:"decrypt_window_check_at,omitempty"`
+
+	// UsesCounted: usage analytics were on when the key was made, so what each version did is counted from its
+	// creation (the migration view's counts_complete), unless analytics were turned off since.
+	UsesCounted bool `json:"uses_counted,omitempty"`
+
 	// LastRequestID is the Vault request that added the latest version by rotation or import. Vault retries a
 	// request once when the plugin dies under it; a retry of one that completed must not add a second version.
 	LastRequestID string `json:"last_request_id,omitempty"`
@@ -95,6 +117,12 @@ type Key struct {
 
 // Version is one version's metadata. Its material is on the token, found by HSMID.
 type Version struct {
+	// Type is the version's algorithm. Versions stored before types could change have none in storage: they
+	// take the key's type when loaded, and a rotation that changes the type stores every version's (load, Rotate).
+	Type Type `json:"type,omitempty"`
+	// HMACKeySize is the size in bytes of an hmac version's secret (0 for other types).
+	HMACKeySize int `json:"key_size,omitempty"`
+
 	HSMID     string    `json:"hsm_id"` // hex CKA_ID of the version's objects
 	Label     string    `json:"label"`  // CKA_LABEL, for people reading the token
 	CreatedAt time.Time `json:"created_at"`
@@ -147,7 +175,16 @@ func (v *Version) ID() []byte {
 // Public is the version's public key (asymmetric types), nil for the others.
 func (v *Version) Public() crypto.PublicKey { return v.pub }
 
-// HMACKeyBytes is the size of each version's HMAC secret.
+// HMACBytes is the size of the version's HMAC secret: an hmac version's own, the default for the secret that
+// versions of other types keep beside their material.
+func (v *Version) HMACBytes() int {
+	if v.HMACKeySize > 0 {
+		return v.HMACKeySize
+	}
+	return hsm.HMACKeySize
+}
+
+// HMACKeyBytes is the size of the HMAC secret of the key's new versions.
 func (k *Key) HMACKeyBytes() int {
 	if k.HMACKeySize > 0 {
 		return k.HMACKeySize
@@ -187,13 +224,13 @@ func (k *Key) VersionState(n int) string {
 }
 
 // serves reports whether version n may serve any operation now: the key is neither disabled nor being deleted,
-// and the version is active or decrypt-only.
+// and the version is active, decrypt-only, or retired (it serves rewrap).
 func (k *Key) serves(n int) bool {
 	if k.Disabled || k.Deleting || !k.DeleteAt.IsZero() {
 		return false
 	}
 	s := k.VersionState(n)
-	return s == StateActive || s == StateDecryptOnly
+	return s == StateActive || s == StateDecryptOnly || s == StateRetired
 }
 
 // EncryptionVersion resolves a requested key_version (0 = latest) for encryption, signing and HMAC.
@@ -217,6 +254,11 @@ func (k *Key) EncryptionVersion(requested int) (int, *Version, error) {
 // DecryptionVersion checks that version v may decrypt (or verify) what names it: a "ciphertext", "signature" or
 // "hmac", named so in the messages.
 func (k *Key) DecryptionVersion(v int, what string) (*Version, error) {
+	return k.decryptionVersion(v, what, false)
+}
+
+// decryptionVersion is DecryptionVersion; forRewrap also admits a retired version, which serves rewrap alone.
+func (k *Key) decryptionVersion(v int, what string, forRewrap bool) (*Version, error) {
 	switch {
 	case v < 1 || v > k.LatestVersion:
 		return nil, Callerf("invalid %s: version %d of key %q does not exist (latest is %d)", what, v, k.Name, k.LatestVersion)
@@ -225,7 +267,11 @@ func (k *Key) DecryptionVersion(v int, what string) (*Version, error) {
 	case v < k.MinAvailableVersion:
 		return nil, Callerf("%s version %d was trimmed: below min_available_version %d of key %q", what, v, k.MinAvailableVersion, k.Name)
 	}
-	if s := k.VersionState(v); s != StateActive && s != StateDecryptOnly {
+	switch s := k.VersionState(v); {
+	case s == StateRetired && forRewrap:
+	case s == StateRetired:
+		return nil, Callerf("key version %d of key %q is retired: it serves only rewrap, to move data onto the latest version", v, k.Name)
+	case s != StateActive && s != StateDecryptOnly:
 		return nil, Callerf("key version %d of key %q is %s", v, k.Name, s)
 	}
 	return k.Versions[v], nil
@@ -279,6 +325,7 @@ func (k *Key) NextDue() time.Time {
 	}
 	if !k.Disabled && k.DeleteAt.IsZero() {
 		consider(k.NextRotation)
+		consider(k.WindowCheckAt)
 	}
 	for _, v := range k.Versions {
 		if v.State == StateDestroyScheduled {

@@ -23,6 +23,42 @@ func (k *Key) canRotate() error {
 	return nil
 }
 
+// anyVersionOf reports whether a version of k has a type of which is reports true (its older versions may be of
+// other types than its current one).
+func (k *Key) anyVersionOf(is func(Type) bool) bool {
+	for _, v := range k.Versions {
+		if is(v.Type) {
+			return true
+		}
+	}
+	return false
+}
+
+// rotationType is what a rotation's new version is made as: to when it names a type, else the pending NextType,
+// else the current type; an hmac version keeps the key's secret size unless to gives one.
+func (k *Key) rotationType(to VersionType) (VersionType, error) {
+	if to.Type == "" {
+		if to.HMACKeySize != 0 && k.Type == TypeHMAC {
+			to.Type = TypeHMAC
+		} else {
+			to.Type = k.NextType
+		}
+	}
+	if to.Type == "" {
+		return k.NewVersionType(), nil
+	}
+	if err := k.Type.ChangeTo(to.Type); err != nil {
+		return VersionType{}, err
+	}
+	switch {
+	case to.Type != TypeHMAC && to.HMACKeySize != 0:
+		return VersionType{}, Callerf("key_size applies to hmac versions only, not %s", to.Type)
+	case to.Type == TypeHMAC && to.HMACKeySize == 0:
+		to.HMACKeySize = k.HMACKeyBytes()
+	}
+	return to, nil
+}
+
 // rotated moves the schedule on after a rotation at now.
 func (k *Key) rotated(now time.Time) {
 	k.LastRotated = now
@@ -32,18 +68,30 @@ func (k *Key) rotated(now time.Time) {
 	}
 }
 
-// addVersion makes v the latest version.
-func (k *Key) addVersion(v *Version) int {
-	n := k.LatestVersion + 1
+// addVersion makes v the latest version, and its type the key's. retyped reports that the key's type (or an hmac
+// key's secret size) changed with it: then every version must be stored again, with its own type (typeLegacy).
+func (k *Key) addVersion(v *Version) (n int, retyped bool) {
+	n = k.LatestVersion + 1
 	if k.Versions == nil {
 		k.Versions = map[int]*Version{}
+	}
+	if v.Type == "" {
+		v.Type = k.Type
+	}
+	if v.Type == TypeHMAC && v.HMACKeySize == 0 {
+		v.HMACKeySize = k.HMACKeyBytes()
+	}
+	retyped = k.LatestVersion > 0 && (v.Type != k.Type || (v.Type == TypeHMAC && v.HMACKeySize != k.HMACKeyBytes()))
+	k.Type = v.Type
+	if v.Type == TypeHMAC {
+		k.HMACKeySize = v.HMACKeySize
 	}
 	k.Versions[n] = v
 	k.LatestVersion = n
 	if k.MinDecryptionVersion == 0 {
 		k.MinDecryptionVersion = 1
 	}
-	return n
+	return n, retyped
 }
 
 // DisableVersion stops version n from serving anything until it is enabled.
@@ -75,6 +123,8 @@ func (k *Key) EnableVersion(n int) (changed, cancelled bool, err error) {
 		return false, false, Callerf("version %d of key %q is destroyed: its HSM objects are gone", n, k.Name)
 	case n < k.MinAvailableVersion:
 		return false, false, Callerf("version %d of key %q was trimmed (below min_available_version %d, which never goes down): its destruction cannot be cancelled", n, k.Name, k.MinAvailableVersion)
+	case v.State == StateRetired:
+		return false, false, Callerf("version %d of key %q is retired and is never enabled again: rewrap what it protects, then destroy it", n, k.Name)
 	case v.State == "":
 		if s := k.VersionState(n); s == StateActive || s == StateDecryptOnly {
 			return false, false, nil
@@ -84,6 +134,36 @@ func (k *Key) EnableVersion(n int) (changed, cancelled bool, err error) {
 	cancelled = v.State == StateDestroyScheduled
 	k.withVersion(n, func(v *Version) { v.State, v.DestroyAt = "", time.Time{} })
 	return true, cancelled, nil
+}
+
+// RetireVersion makes version n serve rewrap alone (a compromised version, or an algorithm withdrawn): nothing
+// is encrypted, decrypted, signed or verified with it any more, while rewrap moves its data onto the latest
+// version; it is then destroyed. A disabled version may be retired (fromDisabled: it serves rewrap again).
+func (k *Key) RetireVersion(n int) (changed, fromDisabled bool, err error) {
+	v := k.Versions[n]
+	switch {
+	case v == nil:
+		return false, false, Callerf("key %q has no version %d", k.Name, n)
+	case v.State == StateRetired:
+		return false, false, nil
+	case v.State == StateDestroyed || v.State == StateDestroyScheduled:
+		return false, false, Callerf("version %d of key %q is %s", n, k.Name, v.State)
+	case n == k.LatestVersion:
+		return false, false, Callerf("version %d is the latest of key %q: rotate first (to another type, if its algorithm is what is retired)", n, k.Name)
+	case n < k.MinDecryptionVersion || n < k.MinAvailableVersion:
+		return false, false, Callerf("version %d of key %q is below the key's min_decryption_version or min_available_version: it serves nothing already", n, k.Name)
+	case v.PublicOnly():
+		return false, false, Callerf("version %d of key %q holds only a public key: there is nothing to rewrap; disable or destroy it", n, k.Name)
+	}
+	fromDisabled = v.State == StateDisabled
+	k.withVersion(n, func(v *Version) { v.State = StateRetired })
+	return true, fromDisabled, nil
+}
+
+// RetireVersionFromDisabled reports whether retiring version n would return a disabled version to service (rewrap).
+func (k *Key) RetireVersionFromDisabled(n int) (bool, error) {
+	_, fromDisabled, err := k.RetireVersion(n)
+	return fromDisabled, err
 }
 
 // ScheduleVersionDestruction schedules version n's destruction at at.
@@ -181,6 +261,12 @@ type Settings struct {
 	OnAnomaly           *string
 	AnomalyRateLimit    *int
 	AnomalyActionPeriod *time.Duration
+	// NextType: the type the next rotation makes (another of the key's purpose); empty clears it.
+	NextType *string
+	// DecryptWindow: a number of versions, or a period ("2160h", "90d"); "" or "0" clears it. DecryptQuietPeriod:
+	// 0 is the default.
+	DecryptWindow      *string
+	DecryptQuietPeriod *time.Duration
 }
 
 // Bounds of a key's ownership fields: the inventory lists every key with its owner and tags, and the key read
@@ -238,8 +324,26 @@ func (k *Key) Apply(c Settings) error {
 		}
 		k.MaxEncryptions = uint64(*c.MaxEncryptions)
 	}
+	if c.DecryptWindow != nil || c.DecryptQuietPeriod != nil {
+		if err := k.applyDecryptWindow(c); err != nil {
+			return err
+		}
+	}
+	if c.NextType != nil {
+		k.NextType = ""
+		if *c.NextType != "" {
+			t, err := ParseType(*c.NextType)
+			if err != nil {
+				return err
+			}
+			if err := k.Type.ChangeTo(t); err != nil {
+				return err
+			}
+			k.NextType = t
+		}
+	}
 	if c.AllowPKCS1v15Decryption != nil {
-		if *c.AllowPKCS1v15Decryption && !k.Type.IsRSA() {
+		if *c.AllowPKCS1v15Decryption && !k.Type.IsRSA() && !k.anyVersionOf(Type.IsRSA) {
 			return Callerf("allow_pkcs1v15_decryption applies to RSA keys, not %s", k.Type)
 		}
 		if *c.AllowPKCS1v15Decryption && !k.AllowPKCS1v15Decryption {
@@ -408,6 +512,9 @@ func settingsChanges(a, b *Key) string {
 	add("next_rotation_time", FormatTime(a.NextRotation), FormatTime(b.NextRotation))
 	add("max_encryptions_per_version", a.EncryptionLimit(), b.EncryptionLimit())
 	add("allow_pkcs1v15_decryption", a.AllowPKCS1v15Decryption, b.AllowPKCS1v15Decryption)
+	add("next_type", fmt.Sprintf("%q", a.NextType), fmt.Sprintf("%q", b.NextType))
+	add("decrypt_window", fmt.Sprintf("%q", a.DecryptWindowView()), fmt.Sprintf("%q", b.DecryptWindowView()))
+	add("decrypt_window_quiet_period", a.QuietPeriod(), b.QuietPeriod())
 	add("approvals_required", a.ApprovalsRequired, b.ApprovalsRequired)
 	add("approver_groups", a.ApproverGroups, b.ApproverGroups)
 	add("owner", fmt.Sprintf("%q", a.Owner), fmt.Sprintf("%q", b.Owner))

@@ -99,6 +99,12 @@ type Manager struct {
 	Clock func() time.Time
 	// Observer, when set before the first request, hears uses, denials and rotations (the mount's metrics).
 	Observer Observer
+	// TypeRule, when set before the first request, says why the mount refuses new versions of a type (config/keys
+	// allowed_types and deprecated_types); nil or a nil error: allowed.
+	TypeRule func(ctx context.Context, s logical.Storage, t Type) error
+	// Deprecated, when set before the first request, says whether the mount deprecates type t (config/keys
+	// deprecated_types), and since when: each use of a version of it is told to the observer.
+	Deprecated func(ctx context.Context, s logical.Storage, t Type) (since time.Time, deprecated bool)
 	// Connected, when set, gives the mount's open connection to the token, never opening one (nil when none is
 	// open): working copies (hsm/copies.go) exist only in an open connection, so settling them needs no other.
 	Connected func() HSM
@@ -116,6 +122,14 @@ func (m *Manager) now() time.Time {
 // it, and gives the connection's source of GCM nonces.
 func NewManager(log hclog.Logger, mountID string, token func(context.Context, logical.Storage) (HSM, *Nonces, error)) *Manager {
 	return &Manager{log: log, mountID: mountID, token: token, locks: locksutil.CreateLocks()}
+}
+
+// typeAllowed says why the mount refuses new versions of type t, nil when it allows them.
+func (m *Manager) typeAllowed(ctx context.Context, s logical.Storage, t Type) error {
+	if m.TypeRule == nil {
+		return nil
+	}
+	return m.TypeRule(ctx, s, t)
 }
 
 // connect connects to the mount's HSM, for what needs no nonce.
@@ -252,6 +266,7 @@ func (m *Manager) Create(ctx context.Context, s logical.Storage, k *Key, who Act
 	if k.CreatedAt.IsZero() {
 		k.CreatedAt = time.Now().UTC()
 	}
+	k.UsesCounted = m.AnalyticsOn()
 	if k.AutoRotatePeriod > 0 && k.NextRotation.IsZero() {
 		k.NextRotation = k.CreatedAt.Add(k.AutoRotatePeriod)
 	}
@@ -260,7 +275,7 @@ func (m *Manager) Create(ctx context.Context, s logical.Storage, k *Key, who Act
 		if generated {
 			material = tx.generated()
 		}
-		n, method, err := tx.AddVersion(material, "", generated)
+		n, method, err := tx.AddVersion(material, k.NewVersionType(), "", generated)
 		if err != nil {
 			return err
 		}
@@ -455,6 +470,19 @@ func (tx *Tx) Changed(versions ...int) {
 	tx.changed = append(tx.changed, versions...)
 }
 
+// addVersion adds v as the latest version (Key.addVersion); when its type is not the key's, every version is
+// stored again, so that each carries its own type from then on.
+func (tx *Tx) addVersion(v *Version) int {
+	n, retyped := tx.Key.addVersion(v)
+	if retyped {
+		for m := range tx.Key.Versions {
+			tx.Changed(m)
+		}
+	}
+	tx.Changed(n)
+	return n
+}
+
 // Record adds a lifecycle event, written with the change.
 func (tx *Tx) Record(kind string, version int, cause, details string) {
 	tx.dirty = true
@@ -506,13 +534,17 @@ func PublicKeyOnly(pub crypto.PublicKey) Material {
 // generated is the Material of a version generated in the HSM. Versions of all but hmac keys make their HMAC
 // secret on first use (EnsureHMACSecret): most keys are never used for one.
 func (tx *Tx) generated() Material {
-	k := tx.Key
+	return generatedAs(tx.Key.NewVersionType())
+}
+
+// generatedAs is the Material of a version of vt generated in the HSM.
+func generatedAs(vt VersionType) Material {
+	hmacBytes := 0
+	if vt.Type == TypeHMAC {
+		hmacBytes = vt.hmacBytes()
+	}
 	return func(ctx context.Context, tok HSM, id []byte, label string) (crypto.PublicKey, string, error) {
-		hmacBytes := 0
-		if k.Type == TypeHMAC {
-			hmacBytes = k.HMACKeyBytes()
-		}
-		pub, err := tok.GenerateVersion(ctx, k.Type.Info().Alg, id, label, hmacBytes)
+		pub, err := tok.GenerateVersion(ctx, vt.Type.Info().Alg, id, label, hmacBytes)
 		return pub, "", err
 	}
 }
@@ -526,7 +558,7 @@ func (tx *Tx) generated() Material {
 // parallel writes): the number adoption found free is checked once more after the material is made (putVersion).
 // If the number's original shows up then, the new material is destroyed and the original adopted, or it blocks
 // the number: a number never names two keys, whatever one search missed.
-func (tx *Tx) AddVersion(material Material, requestID string, generated bool) (int, string, error) {
+func (tx *Tx) AddVersion(material Material, as VersionType, requestID string, generated bool) (int, string, error) {
 	if _, err := tx.hsm(); err != nil {
 		return 0, "", err
 	}
@@ -547,7 +579,7 @@ func (tx *Tx) AddVersion(material Material, requestID string, generated bool) (i
 				return n, "", nil
 			}
 		}
-		n, method, err := tx.putVersion(material, requestID, generated)
+		n, method, err := tx.putVersion(material, as, requestID, generated)
 		if !errors.Is(err, errNumberSeenTaken) {
 			return n, method, err
 		}
@@ -580,16 +612,22 @@ func (m *Manager) creator(s string) string {
 // adoption's two searches did not find but a search by its CKA_ID did. It only lists what carries the label,
 // leaving the examination of what it finds to adoption. What it finds besides the new material (errNumberSeenTaken) makes it destroy the
 // new material: this change made it and nothing stored it.
-func (tx *Tx) putVersion(material Material, requestID string, generated bool) (int, string, error) {
+func (tx *Tx) putVersion(material Material, as VersionType, requestID string, generated bool) (int, string, error) {
 	k, tok := tx.Key, tx.tok
+	if err := tx.m.typeAllowed(tx.ctx, tx.s, as.Type); err != nil {
+		return 0, "", err // the mount's algorithm policy: checked wherever new material is made, created, rotated or imported
+	}
 	rawID := make([]byte, 16) // an identifier, not a secret: the standard library's RNG is fine here
 	if _, err := rand.Read(rawID); err != nil {
 		return 0, "", err
 	}
 	n := k.LatestVersion + 1
-	ver := &Version{HSMID: hex.EncodeToString(rawID), Label: versionLabel(tx.m.mountID, k.Name, n), CreatedAt: time.Now().UTC(),
-		CreatedBy: tx.m.creator(tx.who.String())}
-	walID, err := framework.PutWAL(tx.ctx, tx.s, WALKindVersion, &WALEntry{Name: k.Name, Version: n, HSMID: ver.HSMID, RequestID: tx.who.RequestID, Generated: generated, Type: k.Type})
+	ver := &Version{Type: as.Type, HMACKeySize: as.HMACKeySize, HSMID: hex.EncodeToString(rawID), Label: versionLabel(tx.m.mountID, k.Name, n),
+		CreatedAt: time.Now().UTC(), CreatedBy: tx.m.creator(tx.who.String())}
+	if as.Type != TypeHMAC {
+		ver.HMACKeySize = 0
+	}
+	walID, err := framework.PutWAL(tx.ctx, tx.s, WALKindVersion, &WALEntry{Name: k.Name, Version: n, HSMID: ver.HSMID, RequestID: tx.who.RequestID, Generated: generated, Type: as.Type})
 	if err != nil {
 		return 0, "", fmt.Errorf("write WAL: %w", err)
 	}
@@ -626,18 +664,17 @@ func (tx *Tx) putVersion(material Material, requestID string, generated bool) (i
 		}
 	}
 	ver.ImportMethod = method
-	ver.HMACDeferred = method == "" && k.Type != TypeHMAC
+	ver.HMACDeferred = method == "" && as.Type != TypeHMAC
 	if pub != nil {
 		if ver.PublicKey, err = FormatPublicKey(pub); err != nil {
 			return 0, "", err
 		}
 		ver.pub = pub
 	}
-	k.addVersion(ver)
+	tx.addVersion(ver)
 	if requestID != "" {
 		k.LastRequestID = requestID
 	}
-	tx.Changed(n)
 	event := "key version created in the HSM"
 	if method != "" {
 		event = "key version imported into the HSM"
@@ -648,7 +685,11 @@ func (tx *Tx) putVersion(material Material, requestID string, generated bool) (i
 
 // Rotate adds a generated version. cause is manual, scheduled or usage. A manual rotation that Vault retries
 // after the plugin died under it adds nothing the second time.
-func (tx *Tx) Rotate(cause string) error {
+//
+// to, when its Type is set, is the new version's type: another of the key's purpose (crypto-agility). Otherwise
+// the key's pending NextType is used, if any, else its current type. Old versions keep theirs: they go on
+// decrypting and verifying as they were made.
+func (tx *Tx) Rotate(cause string, to VersionType) error {
 	k := tx.Key
 	requestID := ""
 	if cause == "manual" {
@@ -660,12 +701,27 @@ func (tx *Tx) Rotate(cause string) error {
 	if err := k.canRotate(); err != nil {
 		return err
 	}
-	n, _, err := tx.AddVersion(tx.generated(), requestID, true)
+	as, err := k.rotationType(to)
+	if err != nil {
+		return err
+	}
+	from := k.NewVersionType()
+	n, _, err := tx.AddVersion(generatedAs(as), as, requestID, true)
 	if err != nil {
 		return err
 	}
 	k.rotated(time.Now().UTC())
-	tx.Record("rotated", n, cause, "")
+	if k.HasDecryptWindow() {
+		k.WindowCheckAt = time.Now().UTC() // the periodic function moves the window on
+	}
+	details := ""
+	if as != from {
+		details = fmt.Sprintf("type %s to %s", from, as)
+	}
+	if k.NextType != "" && k.NextType == as.Type {
+		k.NextType = "" // made: nothing pending any more
+	}
+	tx.Record("rotated", n, cause, details)
 	return nil
 }
 
@@ -793,6 +849,25 @@ func (tx *Tx) SetVersionState(n int, action string, at time.Time, now bool) erro
 	return err
 }
 
+// RetireVersion makes version n serve rewrap alone (Key.RetireVersion); reason, when given, is recorded.
+func (tx *Tx) RetireVersion(n int, reason string) error {
+	changed, fromDisabled, err := tx.Key.RetireVersion(n)
+	if !changed || err != nil {
+		return err
+	}
+	details := "serves rewrap alone, to move data onto the latest version"
+	if fromDisabled {
+		details += "; was disabled"
+	}
+	if reason != "" {
+		details += "; reason: " + reason
+	}
+	tx.Changed(n)
+	tx.Record("version_retired", n, "", details)
+	tx.m.log.Warn("key version retired: it serves rewrap alone", "key", tx.Key.Name, "version", n, "reason", reason)
+	return nil
+}
+
 // SetDisabled revokes or restores the whole key.
 func (tx *Tx) SetDisabled(disabled bool) {
 	if tx.Key.SetDisabled(disabled) {
@@ -893,7 +968,7 @@ func (tx *Tx) ImportVersion(material Material, publicOnly bool, version int) err
 	if version != 0 {
 		return tx.importPrivate(version, material)
 	}
-	n, method, err := tx.AddVersion(material, tx.who.RequestID, false)
+	n, method, err := tx.AddVersion(material, k.NewVersionType(), tx.who.RequestID, false)
 	if err != nil {
 		return err
 	}
@@ -918,7 +993,7 @@ func (tx *Tx) importPrivate(n int, material Material) error {
 		return err
 	}
 	label := versionLabel(tx.m.mountID, k.Name, n)
-	found, err := tok.FindVersion(tx.ctx, k.Type.Info().Alg, label, k.HMACKeyBytes())
+	found, err := tok.FindVersion(tx.ctx, v.Type.Info().Alg, label, v.HMACBytes())
 	if err != nil {
 		return err
 	}
@@ -929,7 +1004,7 @@ func (tx *Tx) importPrivate(n int, material Material) error {
 	if _, err := rand.Read(rawID); err != nil {
 		return err
 	}
-	walID, err := framework.PutWAL(tx.ctx, tx.s, WALKindVersion, &WALEntry{Name: k.Name, Version: n, HSMID: hex.EncodeToString(rawID), RequestID: tx.who.RequestID, Type: k.Type})
+	walID, err := framework.PutWAL(tx.ctx, tx.s, WALKindVersion, &WALEntry{Name: k.Name, Version: n, HSMID: hex.EncodeToString(rawID), RequestID: tx.who.RequestID, Type: v.Type})
 	if err != nil {
 		return fmt.Errorf("write WAL: %w", err)
 	}
@@ -1004,7 +1079,7 @@ func (tx *Tx) EnsureHMACSecret(n int) error {
 	}
 	record, vouched := records[secretID]
 	if vouched = vouched && record.vouchesForSecret(k.Name, n); !vouched {
-		if err := tok.CheckHMACSecret(tx.ctx, v.ID(), k.HMACKeyBytes(), false); err != nil {
+		if err := tok.CheckHMACSecret(tx.ctx, v.ID(), v.HMACBytes(), false); err != nil {
 			return fmt.Errorf("HMAC secret of key %q version %d: %w", k.Name, n, err)
 		}
 		w := WALEntry{Name: k.Name, Version: n, HSMID: secretID, RequestID: tx.who.RequestID, Generated: true, HMACSecret: true}
@@ -1014,7 +1089,7 @@ func (tx *Tx) EnsureHMACSecret(n int) error {
 		}
 		record = adoptedWAL{id: walID, entry: w}
 	}
-	if err := tok.EnsureHMACKey(tx.ctx, v.ID(), v.Label, k.HMACKeyBytes(), true); err != nil {
+	if err := tok.EnsureHMACKey(tx.ctx, v.ID(), v.Label, v.HMACBytes(), true); err != nil {
 		if !vouched {
 			tx.forgetUnusedRecord(record, v.Label+"/hmac")
 		}

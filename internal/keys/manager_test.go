@@ -258,7 +258,7 @@ func TestFailedWriteThatStoredDestroysNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.arm(PolicyPrefix + "k")
-	_, err := m.Update(ctx, s, "k", Actor{RequestID: "req-2"}, func(tx *Tx) error { return tx.Rotate("manual") })
+	_, err := m.Update(ctx, s, "k", Actor{RequestID: "req-2"}, func(tx *Tx) error { return tx.Rotate("manual", VersionType{}) })
 	if err == nil {
 		t.Fatal("the failed write was not reported")
 	}
@@ -312,7 +312,7 @@ func TestNoHistoryEventIsLost(t *testing.T) {
 		t.Fatal(err)
 	}
 	for i := 0; i < 20; i++ {
-		if _, err := m.Update(ctx, s, "k", Actor{RequestID: fmt.Sprint("rotate-", i)}, func(tx *Tx) error { return tx.Rotate("manual") }); err != nil {
+		if _, err := m.Update(ctx, s, "k", Actor{RequestID: fmt.Sprint("rotate-", i)}, func(tx *Tx) error { return tx.Rotate("manual", VersionType{}) }); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -351,7 +351,7 @@ func TestNoHMACSecretForAVersionOnItsWayOut(t *testing.T) {
 	if _, _, err := m.Create(ctx, s, &Key{Name: "k", Type: TypeAES256GCM96}, who, nil); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := m.Update(ctx, s, "k", Actor{RequestID: "r2"}, func(tx *Tx) error { return tx.Rotate("manual") }); err != nil {
+	if _, err := m.Update(ctx, s, "k", Actor{RequestID: "r2"}, func(tx *Tx) error { return tx.Rotate("manual", VersionType{}) }); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := m.Update(ctx, s, "k", who, func(tx *Tx) error {
@@ -391,7 +391,7 @@ func TestUsageRotationsOfOneRequest(t *testing.T) {
 	}
 	// A manual rotation retried by Vault (the same request ID) adds one version.
 	for i := 0; i < 2; i++ {
-		k, err := m.Update(ctx, s, "k", Actor{RequestID: "manual-1"}, func(tx *Tx) error { return tx.Rotate("manual") })
+		k, err := m.Update(ctx, s, "k", Actor{RequestID: "manual-1"}, func(tx *Tx) error { return tx.Rotate("manual", VersionType{}) })
 		if err != nil || k.LatestVersion != 5 {
 			t.Fatalf("retried manual rotation: %d, %v", k.LatestVersion, err)
 		}
@@ -407,7 +407,7 @@ func TestFailedChangeDestroysItsMaterial(t *testing.T) {
 	}
 	before := len(f.objects)
 	_, err := m.Update(ctx, s, "k", Actor{RequestID: "x"}, func(tx *Tx) error {
-		if err := tx.Rotate("manual"); err != nil {
+		if err := tx.Rotate("manual", VersionType{}); err != nil {
 			return err
 		}
 		return Callerf("changed my mind")
@@ -439,7 +439,7 @@ func TestWorkingCopiesFollowWhatServes(t *testing.T) {
 		}
 		return k
 	}
-	k := update(func(tx *Tx) error { return tx.Rotate("manual") })
+	k := update(func(tx *Tx) error { return tx.Rotate("manual", VersionType{}) })
 	v1, v2 := k.Versions[1].HSMID, k.Versions[2].HSMID
 	barred := func(id string) (bool, bool) {
 		f.mu.Lock()
@@ -496,7 +496,7 @@ func TestInvalidationBarsCopiesUntilTheKeyIsReadAgain(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	k, err := m.Update(ctx, s, "k", Actor{RequestID: "req-2"}, func(tx *Tx) error { return tx.Rotate("manual") })
+	k, err := m.Update(ctx, s, "k", Actor{RequestID: "req-2"}, func(tx *Tx) error { return tx.Rotate("manual", VersionType{}) })
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,6 +1,9 @@
 package keys
 
-import "context"
+import (
+	"context"
+	"time"
+)
 
 // Observer hears what the engine's metrics count of the keys: the key and operation each request's use asks for
 // (Usable, which every use passes, before the door judges it), every denial by the condition that refused it, and
@@ -12,6 +15,8 @@ type Observer interface {
 	Rotated(name, cause string)
 	// Anomaly: a caller's use of key name was unusual (anomaly.go), of kind.
 	Anomaly(name, kind string)
+	// DeprecatedUse: a request (ctx) used a version of key name whose type t the mount deprecates since since.
+	DeprecatedUse(ctx context.Context, name string, t Type, since time.Time)
 }
 
 // observer is m.Observer, or one that hears nothing.
@@ -24,10 +29,11 @@ func (m *Manager) observer() Observer {
 
 type unobserved struct{}
 
-func (unobserved) Judging(context.Context, string, Operation, *Key) {}
-func (unobserved) Denied(string, string)                            {}
-func (unobserved) Rotated(string, string)                           {}
-func (unobserved) Anomaly(string, string)                           {}
+func (unobserved) Judging(context.Context, string, Operation, *Key)       {}
+func (unobserved) Denied(string, string)                                  {}
+func (unobserved) Rotated(string, string)                                 {}
+func (unobserved) Anomaly(string, string)                                 {}
+func (unobserved) DeprecatedUse(context.Context, string, Type, time.Time) {}
 
 // denied records a use the key's access conditions refused: the key's denial record and the observer.
 func (m *Manager) denied(name, condition string) {

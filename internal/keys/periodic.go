@@ -60,6 +60,13 @@ func (m *Manager) buildSchedule(ctx context.Context, s logical.Storage) error {
 
 // runDue does what is due for key name at now.
 func (m *Manager) runDue(ctx context.Context, s logical.Storage, name string, now time.Time) error {
+	// What the key's versions did decides how far its decrypt window may go: read before the key's lock, as the
+	// analytics take their own.
+	var uses map[int]VersionUse
+	var countedFrom time.Time
+	if k, err := m.Get(ctx, s, name); err == nil && k != nil && windowDue(k, now) {
+		uses, countedFrom = m.VersionUses(ctx, s, k)
+	}
 	_, err := m.Update(ctx, s, name, SchedulerActor, func(tx *Tx) error {
 		k := tx.Key
 		if k.Deleting || (!k.DeleteAt.IsZero() && !now.Before(k.DeleteAt)) {
@@ -72,6 +79,12 @@ func (m *Manager) runDue(ctx context.Context, s logical.Storage, name string, no
 				}
 			}
 		}
+		if windowDue(k, now) {
+			if uses == nil { // the key gained a window since it was read
+				return nil
+			}
+			tx.advanceDecryptWindow(now, uses, countedFrom)
+		}
 		if !k.NextRotation.IsZero() && !now.Before(k.NextRotation) && !k.Disabled && k.DeleteAt.IsZero() {
 			if k.Imported && !k.AllowRotation {
 				m.log.Warn("scheduled rotation skipped: imported key without allow_rotation", "key", name)
@@ -79,7 +92,7 @@ func (m *Manager) runDue(ctx context.Context, s logical.Storage, name string, no
 				tx.Changed()
 				return nil
 			}
-			return tx.Rotate("scheduled")
+			return tx.Rotate("scheduled", VersionType{})
 		}
 		return nil
 	})
@@ -92,4 +105,9 @@ func (m *Manager) runDue(ctx context.Context, s logical.Storage, name string, no
 		}
 	}
 	return err
+}
+
+// windowDue reports whether k's decrypt window is to be looked at now.
+func windowDue(k *Key, now time.Time) bool {
+	return !k.WindowCheckAt.IsZero() && !now.Before(k.WindowCheckAt) && !k.Disabled && k.DeleteAt.IsZero() && !k.Deleting
 }

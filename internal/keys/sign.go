@@ -106,13 +106,16 @@ func (u *Use) Sign(ctx context.Context, input []byte, version int, o SignOptions
 	if err != nil {
 		return "", 0, err
 	}
+	u.m.noteVersion(ctx, u.s, k, v, ver, true)
 	return FormatVersioned(v, sig, o.encoding()), v, nil
 }
 
 // sign makes the signature bytes in the HSM.
 func (u *Use) sign(ctx context.Context, ver *Version, o SignOptions, input []byte) ([]byte, error) {
-	k := u.key
-	if k.Type == TypeEd25519 {
+	if ver.Type == TypeEd25519 {
+		if o.Prehashed {
+			return nil, errEd25519Prehashed
+		}
 		return u.tok.SignEd25519(ctx, ver.ID(), input)
 	}
 	digest, err := o.digest(input)
@@ -120,13 +123,13 @@ func (u *Use) sign(ctx context.Context, ver *Version, o SignOptions, input []byt
 		return nil, err
 	}
 	switch {
-	case k.Type.IsRSA() && o.PSS:
+	case ver.Type.IsRSA() && o.PSS:
 		salt, err := o.pssSalt(ver.Public().(*rsa.PublicKey), true)
 		if err != nil {
 			return nil, err
 		}
 		return u.tok.SignPSS(ctx, ver.ID(), o.Hash, digest, salt)
-	case k.Type.IsRSA():
+	case ver.Type.IsRSA():
 		return u.tok.SignPKCS1v15(ctx, ver.ID(), o.Hash, digest)
 	}
 	raw, err := u.tok.SignECDSA(ctx, ver.ID(), digest)
@@ -138,6 +141,9 @@ func (u *Use) sign(ctx context.Context, ver *Version, o SignOptions, input []byt
 	}
 	return ecdsaASN1(raw)
 }
+
+// errEd25519Prehashed: Ed25519 signs (and verifies) the input itself, never a digest of it.
+var errEd25519Prehashed = Callerf("prehashed is not supported with ed25519: it signs the input itself")
 
 // ecdsaASN1 turns the token's r‖s into the ASN.1 SEQUENCE Transit and X.509 use.
 func ecdsaASN1(raw []byte) ([]byte, error) {
@@ -156,7 +162,10 @@ func (k *Key) VerifySignature(signature string, input []byte, o SignOptions) (bo
 	if err != nil {
 		return false, err
 	}
-	if k.Type == TypeEd25519 {
+	if ver.Type == TypeEd25519 {
+		if o.Prehashed {
+			return false, errEd25519Prehashed
+		}
 		return ed25519.Verify(ver.Public().(ed25519.PublicKey), input, sig), nil
 	}
 	digest, err := o.digest(input)
@@ -211,6 +220,7 @@ func (u *Use) HMAC(ctx context.Context, input []byte, version int, hashName stri
 	if err != nil {
 		return "", err
 	}
+	u.m.noteVersion(ctx, u.s, u.key, v, ver, true)
 	return FormatVersioned(v, mac, base64.StdEncoding), nil
 }
 
@@ -234,6 +244,7 @@ func (u *Use) VerifyHMAC(ctx context.Context, given string, input []byte, hashNa
 	if err != nil {
 		return false, err
 	}
+	u.m.noteVersion(ctx, u.s, u.key, v, ver, false)
 	return hmac.Equal(want, mac), nil
 }
 
@@ -283,6 +294,7 @@ func (u *Use) SignCSR(ctx context.Context, version int, tmpl *x509.CertificateRe
 	if err != nil {
 		return nil, fmt.Errorf("CSR for key %q version %d: %w", k.Name, n, err)
 	}
+	u.m.noteVersion(ctx, u.s, k, n, ver, true)
 	return der, nil
 }
 
@@ -320,5 +332,5 @@ func (s *signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 		}
 		return tok.SignEd25519(s.ctx, id, digest)
 	}
-	return nil, fmt.Errorf("key type %s cannot sign", s.u.key.Type)
+	return nil, fmt.Errorf("key type %s cannot sign", s.ver.Type)
 }

@@ -87,13 +87,25 @@ func load(ctx context.Context, s logical.Storage, name string) (*Key, error) {
 		if v == nil {
 			return nil, fmt.Errorf("key %q: version %d is missing from storage", name, n)
 		}
+		k.typeLegacy(v)
 		if v.PublicKey != "" {
-			if v.pub, err = parsePublicKey(k.Type, v.PublicKey); err != nil {
+			if v.pub, err = parsePublicKey(v.Type, v.PublicKey); err != nil {
 				return nil, fmt.Errorf("key %q version %d: %w", name, n, err)
 			}
 		}
 	}
 	return &k, nil
+}
+
+// typeLegacy gives a version stored before versions kept their type the key's: until a rotation changed the type,
+// every version had it (a rotation that changes it stores every version with its own).
+func (k *Key) typeLegacy(v *Version) {
+	if v.Type == "" {
+		v.Type = k.Type
+	}
+	if v.Type == TypeHMAC && v.HMACKeySize == 0 {
+		v.HMACKeySize = k.HMACKeyBytes()
+	}
 }
 
 // store persists k, with the version chunks holding the versions listed in changed. Chunks are written before the

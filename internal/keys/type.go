@@ -62,6 +62,86 @@ func (t Type) IsECDSA() bool {
 }
 func (t Type) Asymmetric() bool { return t.IsRSA() || t.IsECDSA() || t == TypeEd25519 }
 
+// Purpose is what a type is for; a key's versions all share one, and a rotation may change the type only within it.
+type Purpose string
+
+const (
+	PurposeEncryption Purpose = "encryption" // AES-GCM
+	PurposeSigning    Purpose = "signing"    // RSA, ECDSA, Ed25519 (RSA versions also encrypt, with OAEP)
+	PurposeHMAC       Purpose = "hmac"
+)
+
+// Purpose is the type's purpose. A type added later (a post-quantum signature or KEM) names its own here: nothing
+// else assumes that a type is RSA, EC or AES.
+func (t Type) Purpose() Purpose {
+	switch {
+	case t.IsAES():
+		return PurposeEncryption
+	case t == TypeHMAC:
+		return PurposeHMAC
+	}
+	return PurposeSigning
+}
+
+// TypesOf lists the types of purpose p, in the docs' order.
+func TypesOf(p Purpose) []Type {
+	var out []Type
+	for _, name := range TypeNames {
+		if t := Type(name); t.Purpose() == p {
+			out = append(out, t)
+		}
+	}
+	return out
+}
+
+// ChangeTo says why a key of type t may not have versions of type to: another purpose.
+func (t Type) ChangeTo(to Type) error {
+	if t.Purpose() == to.Purpose() {
+		return nil
+	}
+	names := make([]string, 0, 4)
+	for _, o := range TypesOf(t.Purpose()) {
+		names = append(names, string(o))
+	}
+	return Callerf("a %s key cannot have versions of type %s (%s): a rotation may change the type only within the key's purpose (%s: %s); create another key for %s",
+		t, to, to.Purpose(), t.Purpose(), strings.Join(names, ", "), to.Purpose())
+}
+
+// VersionType is what a new version is made as: a type and, for hmac, its secret's size in bytes.
+type VersionType struct {
+	Type        Type
+	HMACKeySize int // hmac only
+}
+
+// hmacBytes is the size of the version's HMAC secret, its own (hmac) or the one kept beside other material.
+func (vt VersionType) hmacBytes() int {
+	if vt.Type == TypeHMAC && vt.HMACKeySize > 0 {
+		return vt.HMACKeySize
+	}
+	return hsm.HMACKeySize
+}
+
+func (vt VersionType) String() string {
+	if vt.Type == TypeHMAC && vt.HMACKeySize > 0 {
+		return fmt.Sprintf("%s (%d bytes)", vt.Type, vt.HMACKeySize)
+	}
+	return string(vt.Type)
+}
+
+// NewVersionType is what k's versions are made as unless a rotation says otherwise: its current type.
+func (k *Key) NewVersionType() VersionType {
+	vt := VersionType{Type: k.Type}
+	if k.Type == TypeHMAC {
+		vt.HMACKeySize = k.HMACKeyBytes()
+	}
+	return vt
+}
+
+// VersionType is what version v was made as.
+func (v *Version) VersionType() VersionType {
+	return VersionType{Type: v.Type, HMACKeySize: v.HMACKeySize}
+}
+
 // publicKeyName is the "name" Transit gives an asymmetric version's public key.
 func (t Type) PublicKeyName() string {
 	switch t {

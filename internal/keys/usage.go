@@ -26,12 +26,12 @@ var ErrVersionExhausted = errors.New("key version has reached its encryption lim
 // countEncryption counts one encryption with version v of k (Use.Encrypt). It reports whether this was the version's
 // last allowed encryption, and fails with ErrVersionExhausted once the limit is passed.
 func (m *Manager) countEncryption(ctx context.Context, s logical.Storage, k *Key, v int) (last bool, err error) {
-	if !k.Type.IsAES() {
-		return false, nil // the GCM nonce limit is what is counted
-	}
 	ver := k.Versions[v]
 	if ver == nil {
 		return false, Callerf("key %q has no version %d", k.Name, v)
+	}
+	if !ver.Type.IsAES() {
+		return false, nil // the GCM nonce limit is what is counted
 	}
 	if ver.EncryptionsUnknown {
 		return false, fmt.Errorf("%w: version %d was adopted after a storage restore and how many encryptions it made is unknown", ErrVersionExhausted, v)
@@ -69,7 +69,7 @@ func (m *Manager) rotateForUsage(ctx context.Context, s logical.Storage, name st
 		if tx.Key.LatestVersion != v {
 			return nil
 		}
-		return tx.Rotate("usage")
+		return tx.Rotate("usage", VersionType{})
 	})
 }
 

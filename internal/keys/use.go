@@ -202,18 +202,25 @@ func (u *Use) Encrypt(ctx context.Context, plaintext, aad []byte, version int, p
 }
 
 func (u *Use) encrypt(ctx context.Context, k *Key, plaintext, aad []byte, version int, padding string) (string, int, error) {
-	if !k.Type.Info().Encrypt {
+	if !k.Type.Info().Encrypt && version == 0 {
 		return "", 0, k.Type.Unsupported("encryption")
 	}
 	v, ver, err := k.EncryptionVersion(version)
 	if err != nil {
 		return "", 0, err
 	}
-	if k.Type.IsRSA() {
-		return encryptRSA(k, v, ver, plaintext, aad, padding)
+	if !ver.Type.Info().Encrypt { // an older version named by key_version, of another type than the latest's
+		return "", 0, ver.Type.Unsupported("encryption")
+	}
+	if ver.Type.IsRSA() {
+		ct, v, err := encryptRSA(k, v, ver, plaintext, aad, padding)
+		if err == nil {
+			u.m.noteVersion(ctx, u.s, k, v, ver, true)
+		}
+		return ct, v, err
 	}
 	if padding != "" {
-		return "", 0, Callerf("padding_scheme applies to RSA keys only, not %s", k.Type)
+		return "", 0, Callerf("padding_scheme applies to RSA keys only, not %s", ver.Type)
 	}
 	last, err := u.m.countEncryption(ctx, u.s, k, v)
 	switch {
@@ -247,12 +254,13 @@ func (u *Use) encrypt(ctx context.Context, k *Key, plaintext, aad []byte, versio
 	if err != nil {
 		return "", 0, fmt.Errorf("encrypt with key %q version %d: %w", k.Name, v, err)
 	}
+	u.m.noteVersion(ctx, u.s, k, v, ver, true)
 	return formatCiphertext(v, used, sealed), v, nil
 }
 
 func encryptRSA(k *Key, v int, ver *Version, plaintext, aad []byte, padding string) (string, int, error) {
 	if len(aad) > 0 {
-		return "", 0, Callerf("associated_data provided for non-AEAD key type %s", k.Type)
+		return "", 0, Callerf("associated_data provided for non-AEAD key type %s", ver.Type)
 	}
 	pub := ver.Public().(*rsa.PublicKey)
 	var ct []byte
@@ -266,7 +274,7 @@ func encryptRSA(k *Key, v int, ver *Version, plaintext, aad []byte, padding stri
 		return "", 0, Callerf("padding_scheme must be oaep or pkcs1v15, not %q", padding)
 	}
 	if err != nil {
-		return "", 0, Callerf("cannot encrypt with %s key %q: %v", k.Type, k.Name, err)
+		return "", 0, Callerf("cannot encrypt with %s key %q: %v", ver.Type, k.Name, err)
 	}
 	return FormatVersioned(v, ct, base64.StdEncoding), v, nil
 }
@@ -280,19 +288,32 @@ func (u *Use) Decrypt(ctx context.Context, ciphertext string, aad []byte, paddin
 	return u.decrypt(ctx, ciphertext, aad, padding)
 }
 
+// decrypt opens ciphertext, and counts the use of the version it names.
 func (u *Use) decrypt(ctx context.Context, ciphertext string, aad []byte, padding string) ([]byte, error) {
-	k := u.key
-	if !k.Type.Info().Encrypt {
-		return nil, k.Type.Unsupported("decryption")
+	pt, err := u.open(ctx, ciphertext, aad, padding)
+	if err == nil {
+		u.m.noteNamed(ctx, u.s, u.key, NamedVersion(ciphertext))
 	}
-	if k.Type.IsRSA() {
+	return pt, err
+}
+
+func (u *Use) open(ctx context.Context, ciphertext string, aad []byte, padding string) ([]byte, error) {
+	k := u.key
+	typ := k.Type // the named version's, when the key has it: a rotation may have changed the type
+	if ver := k.Versions[NamedVersion(ciphertext)]; ver != nil {
+		typ = ver.Type
+	}
+	if !typ.Info().Encrypt {
+		return nil, typ.Unsupported("decryption")
+	}
+	if typ.IsRSA() {
 		return u.decryptRSA(ctx, ciphertext, padding)
 	}
 	v, nonce, sealed, err := parseCiphertext(ciphertext)
 	if err != nil {
 		return nil, Callerf("%s", err.Error())
 	}
-	ver, err := k.DecryptionVersion(v, "ciphertext")
+	ver, err := k.decryptionVersion(v, "ciphertext", u.op == OpRewrap)
 	if err != nil {
 		return nil, err
 	}
@@ -318,7 +339,7 @@ func (u *Use) decryptRSA(ctx context.Context, ciphertext, padding string) ([]byt
 	if err != nil {
 		return nil, Callerf("%s", err.Error())
 	}
-	ver, err := k.DecryptionVersion(v, "ciphertext")
+	ver, err := k.decryptionVersion(v, "ciphertext", u.op == OpRewrap)
 	if err != nil {
 		return nil, err
 	}
