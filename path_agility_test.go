@@ -2,8 +2,11 @@ package cmk
 
 import (
 	"context"
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/x509"
@@ -423,6 +426,22 @@ func TestDeprecatedTypeUseIsWarnedAndCounted(t *testing.T) {
 	if algs["aes128-gcm96"].DeprecatedSince != "2020-01-01" || algs["aes256-gcm96"].DeprecatedSince != "" {
 		t.Fatalf("migration view: %v", algs)
 	}
+	// The compliance report names both keys' deprecated versions and sums the mount's algorithms.
+	report := e.ok(e.read("reports/compliance")).Data
+	found := map[string]string{}
+	for _, f := range report["deprecated_types_in_use"].([]map[string]interface{}) {
+		found[f["key"].(string)] = fmt.Sprint(f["type"], f["versions"])
+	}
+	if found["k"] != "aes128-gcm96[1]" || found["s"] != "ecdsa-p256[1]" || len(found) != 2 {
+		t.Fatalf("deprecated_types_in_use: %v", report["deprecated_types_in_use"])
+	}
+	sum := report["algorithms"].(map[string]*algorithmSummary)
+	if a := sum["aes128-gcm96"]; a == nil || a.Keys != 0 || a.Versions != 1 || a.InDecryptWindow != 1 || a.DeprecatedSince != "2020-01-01" {
+		t.Fatalf("algorithms aes128-gcm96: %+v", sum["aes128-gcm96"])
+	}
+	if a := sum["aes256-gcm96"]; a == nil || a.Keys != 1 || a.Versions != 1 {
+		t.Fatalf("algorithms aes256-gcm96: %+v", sum["aes256-gcm96"])
+	}
 }
 
 // A retired version serves rewrap alone: decrypt, encrypt with key_version, and verify are refused; rewrap moves
@@ -564,5 +583,39 @@ func TestDecryptWindowAdvancesButNotPastRecentUse(t *testing.T) {
 	resp, err = e.write("keys/k/config", map[string]interface{}{"decrypt_window": "soon"})
 	if status(resp, err) != 400 {
 		t.Fatalf("a window that is neither a number nor a period: %d", status(resp, err))
+	}
+}
+
+// An imported (BYOK) version keeps its type when the key moves on: signatures of the imported P-256 key verify as
+// version 1 after rotations to P-384, and import_version takes material of the key's current type only.
+func TestImportedVersionsKeepTheirType(t *testing.T) {
+	e := newImportBackend(t)
+	msg := []byte("signed outside")
+	digest := sha256.Sum256(msg)
+	p256, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	der, _ := x509.MarshalPKCS8PrivateKey(p256)
+	e.ok(e.write("keys/ec/import", map[string]interface{}{"type": "ecdsa-p256", "allow_rotation": true, "ciphertext": wrapFor(t, e, crypto.SHA256, der)}))
+	e.ok(e.write("keys/ec/rotate", map[string]interface{}{"type": "ecdsa-p384"}))
+	p384, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	der384, _ := x509.MarshalPKCS8PrivateKey(p384)
+	e.ok(e.write("keys/ec/import_version", map[string]interface{}{"ciphertext": wrapFor(t, e, crypto.SHA256, der384)}))
+	resp, err := e.write("keys/ec/import_version", map[string]interface{}{"ciphertext": wrapFor(t, e, crypto.SHA256, der)})
+	if status(resp, err) != 400 {
+		t.Fatalf("import_version of a P-256 key into a key now P-384: %d %s", status(resp, err), respText(resp))
+	}
+	versions := e.ok(e.read("keys/ec")).Data["versions"].(map[string]interface{})
+	for n, want := range map[string][2]string{"1": {"ecdsa-p256", "imported"}, "2": {"ecdsa-p384", ""}, "3": {"ecdsa-p384", "imported"}} {
+		v := versions[n].(map[string]interface{})
+		if v["type"] != want[0] || (want[1] != "") != (v["import_method"] != nil) {
+			t.Fatalf("version %s: type %v, import_method %v", n, v["type"], v["import_method"])
+		}
+	}
+	sig, _ := ecdsa.SignASN1(rand.Reader, p256, digest[:])
+	if !verifyOK(t, e, "ec", map[string]interface{}{"input": b64(string(msg)), "signature": "vault:v1:" + base64.StdEncoding.EncodeToString(sig)}) {
+		t.Fatal("the imported P-256 key's signature does not verify as version 1")
+	}
+	sig384, _ := ecdsa.SignASN1(rand.Reader, p384, digest[:])
+	if !verifyOK(t, e, "ec", map[string]interface{}{"input": b64(string(msg)), "signature": "vault:v3:" + base64.StdEncoding.EncodeToString(sig384)}) {
+		t.Fatal("the imported P-384 key's signature does not verify as version 3")
 	}
 }

@@ -329,7 +329,7 @@ func (b *backend) pathComplianceReport(ctx context.Context, req *logical.Request
 		if still := summarizeAlgorithms(algorithms, k, cfg, now); len(still) > 0 {
 			for _, t := range sortedKeys(still) {
 				since, _ := cfg.deprecatedSince(keys.Type(t), now)
-				add("deprecated_types_in_use", finding(k.Name, fmt.Sprintf("versions %v are %s, deprecated since %s, and still decrypt or verify: rewrap or re-sign what they protect (keys/%s/migration), then retire or raise min_decryption_version",
+				add("deprecated_types_in_use", finding(k.Name, fmt.Sprintf("versions %v are %s, deprecated since %s, and still serve (decrypt and verify, or rewrap when retired): rewrap or re-sign what they protect (keys/%s/migration), then raise min_decryption_version past them or destroy them",
 					still[t], t, formatDay(since), k.Name), map[string]interface{}{"type": t, "versions": still[t]}))
 			}
 		}

@@ -1,7 +1,11 @@
 package tests
 
 import (
+	"crypto/ecdsa"
 	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/pem"
@@ -42,6 +46,26 @@ func TestCryptoAgilityOnSoftHSM(t *testing.T) {
 	out, err := dev.CLI(dev.RootToken, "read", "-format=json", m.Path+"/keys/cli/migration")
 	if err != nil || !strings.Contains(out, `"aes128-gcm96"`) || !strings.Contains(out, `"pending_migration"`) || !strings.Contains(out, `"next_type": "aes128-gcm96"`) {
 		t.Fatalf("vault read migration: %v\n%s", err, out)
+	}
+
+	// A key brought in with vault transit import keeps its imported version's type when it moves on.
+	mustWrite(t, c, m.Path+"/config/hsm", map[string]interface{}{"raw_rsa_oaep_fallback": true}) // SoftHSM 2.6 and the CLI's OAEP-SHA-256
+	ec, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	der, _ := x509.MarshalPKCS8PrivateKey(ec)
+	if out, err := dev.CLI(dev.RootToken, "transit", "import", m.Path+"/keys/byok", base64.StdEncoding.EncodeToString(der), "type=ecdsa-p256", "allow_rotation=true"); err != nil {
+		t.Fatalf("vault transit import: %v\n%s", err, out)
+	}
+	mustWrite(t, c, m.Path+"/keys/byok/rotate", map[string]interface{}{"type": "ed25519"})
+	versions := mustRead(t, c, m.Path+"/keys/byok").Data["versions"].(map[string]interface{})
+	v1, v2 := versions["1"].(map[string]interface{}), versions["2"].(map[string]interface{})
+	if v1["type"] != "ecdsa-p256" || v1["import_method"] == nil || v2["type"] != "ed25519" || v2["import_method"] != nil {
+		t.Fatalf("imported key after a rotation to ed25519: %v / %v", v1, v2)
+	}
+	digest := sha256.Sum256([]byte("signed outside"))
+	sig, _ := ecdsa.SignASN1(rand.Reader, ec, digest[:])
+	body := map[string]interface{}{"input": b64("signed outside"), "signature": "vault:v1:" + base64.StdEncoding.EncodeToString(sig)}
+	if v := mustWrite(t, c, m.Path+"/verify/byok", body).Data["valid"]; v != true {
+		t.Fatal("the imported key's own signature does not verify as version 1 after the move to ed25519")
 	}
 }
 

@@ -10,10 +10,10 @@ import (
 )
 
 // TestSnapshotRestoreDrill is the recovery drill of the README's backup and recovery section, on Vault with
-// integrated storage (one node, and a three-node cluster) and the engine on a SoftHSM token: snapshot, rotate and
-// encrypt and sign, restore the snapshot. Every ciphertext and signature issued before and after the snapshot
+// integrated storage (one node, and a three-node cluster) and the engine on a SoftHSM token: snapshot, rotate (to
+// another algorithm) and encrypt and sign, restore the snapshot. Every ciphertext and signature issued before and after the snapshot
 // decrypts or verifies, versions stay contiguous, no version number is used twice, and the token holds no label
-// twice (read with pkcs11-tool, from outside Vault).
+// twice (read with pkcs11-tool, from outside Vault); the versions adopted keep the types they were made with.
 func TestSnapshotRestoreDrill(t *testing.T) {
 	for _, n := range []int{1, 3} {
 		t.Run(fmt.Sprintf("%d nodes", n), func(t *testing.T) {
@@ -28,7 +28,7 @@ func restoreDrill(t *testing.T, n int) {
 	active := activeNode(t, nodes, nil)
 	cl := active.client
 	anyNode := func() *clusterNode { return nodes[rand.Intn(len(nodes))] } // standbys forward to the active node
-	mustWrite(t, cl, "cmk/keys/k", nil)
+	mustWrite(t, cl, "cmk/keys/k", map[string]interface{}{"type": "aes128-gcm96"})
 	mustWrite(t, cl, "cmk/keys/s", map[string]interface{}{"type": "ecdsa-p256"})
 
 	issued := map[string]string{}     // ciphertext → plaintext
@@ -55,8 +55,9 @@ func restoreDrill(t *testing.T, n int) {
 	// A key born after the snapshot, by an application's upsert: the restore forgets it, its material stays.
 	born := encrypt(t, anyNode().client, mount{Path: "cmk"}, "born", "a key born after the snapshot")
 
-	mustWrite(t, cl, "cmk/keys/k/rotate", nil)
-	mustWrite(t, cl, "cmk/keys/s/rotate", nil)
+	// After the snapshot both keys change algorithm: the restore must adopt versions of the new types as they are.
+	mustWrite(t, cl, "cmk/keys/k/rotate", map[string]interface{}{"type": "aes256-gcm96"})
+	mustWrite(t, cl, "cmk/keys/s/rotate", map[string]interface{}{"type": "ed25519"})
 	issue("after the snapshot, v2")
 	mustWrite(t, cl, "cmk/keys/k/rotate", nil)
 	issue("after the snapshot, v3")
@@ -123,6 +124,13 @@ func restoreDrill(t *testing.T, n int) {
 		for v := 1; v <= latest; v++ {
 			if versions[fmt.Sprint(v)] == nil {
 				t.Fatalf("key %s: version %d missing", name, v)
+			}
+			want := map[string]string{"k": "aes256-gcm96", "s": "ed25519"}[name]
+			if v == 1 {
+				want = map[string]string{"k": "aes128-gcm96", "s": "ecdsa-p256"}[name]
+			}
+			if got := versions[fmt.Sprint(v)].(map[string]interface{})["type"]; got != want {
+				t.Fatalf("key %s: version %d is %v after the restore, was made as %s", name, v, got, want)
 			}
 		}
 	}

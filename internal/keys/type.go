@@ -33,21 +33,22 @@ const (
 // TypeInfo is what a key type is in the HSM and what it can do.
 type TypeInfo struct {
 	Alg     hsm.Algorithm
-	Encrypt bool // encrypt and decrypt (AES-GCM, or RSA-OAEP)
-	Sign    bool // sign and verify
+	Encrypt bool    // encrypt and decrypt (AES-GCM, or RSA-OAEP)
+	Sign    bool    // sign and verify
+	Purpose Purpose // what its keys are for: a rotation changes a key's type only within it
 }
 
 var types = map[Type]TypeInfo{
-	TypeAES256GCM96: {hsm.AES256, true, false},
-	TypeAES128GCM96: {hsm.AES128, true, false},
-	TypeHMAC:        {hsm.HMACOnly, false, false},
-	TypeRSA2048:     {hsm.RSA2048, true, true},
-	TypeRSA3072:     {hsm.RSA3072, true, true},
-	TypeRSA4096:     {hsm.RSA4096, true, true},
-	TypeECDSAP256:   {hsm.ECDSAP256, false, true},
-	TypeECDSAP384:   {hsm.ECDSAP384, false, true},
-	TypeECDSAP521:   {hsm.ECDSAP521, false, true},
-	TypeEd25519:     {hsm.Ed25519, false, true},
+	TypeAES256GCM96: {hsm.AES256, true, false, PurposeEncryption},
+	TypeAES128GCM96: {hsm.AES128, true, false, PurposeEncryption},
+	TypeHMAC:        {hsm.HMACOnly, false, false, PurposeHMAC},
+	TypeRSA2048:     {hsm.RSA2048, true, true, PurposeSigning},
+	TypeRSA3072:     {hsm.RSA3072, true, true, PurposeSigning},
+	TypeRSA4096:     {hsm.RSA4096, true, true, PurposeSigning},
+	TypeECDSAP256:   {hsm.ECDSAP256, false, true, PurposeSigning},
+	TypeECDSAP384:   {hsm.ECDSAP384, false, true, PurposeSigning},
+	TypeECDSAP521:   {hsm.ECDSAP521, false, true, PurposeSigning},
+	TypeEd25519:     {hsm.Ed25519, false, true, PurposeSigning},
 }
 
 // TypeNames lists the types in the order the docs give them.
@@ -71,17 +72,9 @@ const (
 	PurposeHMAC       Purpose = "hmac"
 )
 
-// Purpose is the type's purpose. A type added later (a post-quantum signature or KEM) names its own here: nothing
-// else assumes that a type is RSA, EC or AES.
-func (t Type) Purpose() Purpose {
-	switch {
-	case t.IsAES():
-		return PurposeEncryption
-	case t == TypeHMAC:
-		return PurposeHMAC
-	}
-	return PurposeSigning
-}
+// Purpose is the type's purpose, as the types table gives it: a type added later (a post-quantum signature, or a
+// KEM with a purpose of its own) names its purpose there, and nothing assumes that a type is RSA, EC or AES.
+func (t Type) Purpose() Purpose { return types[t].Purpose }
 
 // TypesOf lists the types of purpose p, in the docs' order.
 func TypesOf(p Purpose) []Type {
