@@ -103,11 +103,13 @@ func TestRotationRefusesAnotherPurpose(t *testing.T) {
 			t.Fatalf("%s to %s: %d %s", c.key, c.to, status(resp, err), respText(resp))
 		}
 	}
-	resp, err := e.write("keys/aes/rotate", map[string]interface{}{"type": "aes128-gcm96", "key_size": 64})
-	if status(resp, err) != 400 || !strings.Contains(respText(resp), "key_size") {
-		t.Fatalf("key_size on an aes rotation: %d %s", status(resp, err), respText(resp))
+	for _, body := range []map[string]interface{}{{"type": "aes128-gcm96", "key_size": 64}, {"key_size": 64}} {
+		resp, err := e.write("keys/aes/rotate", body)
+		if status(resp, err) != 400 || !strings.Contains(respText(resp), "key_size") {
+			t.Fatalf("key_size on an aes rotation (%v): %d %s", body, status(resp, err), respText(resp))
+		}
 	}
-	resp, err = e.write("keys/aes/config", map[string]interface{}{"next_type": "ed25519"})
+	resp, err := e.write("keys/aes/config", map[string]interface{}{"next_type": "ed25519"})
 	if status(resp, err) != 400 || !strings.Contains(respText(resp), "purpose") {
 		t.Fatalf("next_type of another purpose: %d %s", status(resp, err), respText(resp))
 	}
@@ -617,5 +619,152 @@ func TestImportedVersionsKeepTheirType(t *testing.T) {
 	sig384, _ := ecdsa.SignASN1(rand.Reader, p384, digest[:])
 	if !verifyOK(t, e, "ec", map[string]interface{}{"input": b64(string(msg)), "signature": "vault:v3:" + base64.StdEncoding.EncodeToString(sig384)}) {
 		t.Fatal("the imported P-384 key's signature does not verify as version 3")
+	}
+}
+
+// A retired version stays retired: disabling it or scheduling its destruction and enabling it again returns it to
+// serving rewrap alone, never to decrypt (review of the first change: it came back active).
+func TestARetiredVersionIsNeverEnabledAgain(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/k", nil))
+	ct := encryptOK(t, e, "k", "x")
+	e.ok(e.write("keys/k/rotate", nil))
+	e.ok(e.write("keys/k/versions/1/retire", nil))
+	for _, step := range []string{"disable", "destroy"} {
+		e.ok(e.write("keys/k/versions/1/"+step, nil))
+		if v := e.ok(e.write("keys/k/versions/1/enable", nil)).Data; v["state"] != "retired" {
+			t.Fatalf("%s then enable: %v", step, v["state"])
+		}
+		resp, err := e.write("decrypt/k", map[string]interface{}{"ciphertext": ct})
+		if status(resp, err) != 400 || !strings.Contains(respText(resp), "retired") {
+			t.Fatalf("decrypt after %s then enable: %d %s", step, status(resp, err), respText(resp))
+		}
+	}
+	// Below min_decryption_version it serves nothing, rewrap included, and is no longer to be migrated.
+	e.ok(e.write("keys/k/config", map[string]interface{}{"min_decryption_version": 2}))
+	if s := e.versionState("k", 1); s != "disabled" {
+		t.Fatalf("a retired version below the bounds: %s", s)
+	}
+	if m := e.ok(e.read("keys/k/migration")).Data; fmt.Sprint(m["pending_migration"]) != "[]" {
+		t.Fatalf("pending_migration: %v", m["pending_migration"])
+	}
+}
+
+// Rewrap off a retired RSA version with PKCS#1 v1.5 padding works: implicit rejection needs the version's HMAC
+// secret, made on first use, which a retired version may make for the engine's own use (not for a caller's hmac).
+func TestRewrapOffARetiredRSAVersionWithPKCS1v15(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/r", map[string]interface{}{"type": "rsa-2048"}))
+	e.ok(e.write("keys/r/config", map[string]interface{}{"allow_pkcs1v15_decryption": true}))
+	ct := e.ok(e.write("encrypt/r", map[string]interface{}{"plaintext": b64("old"), "padding_scheme": "pkcs1v15"})).Data["ciphertext"].(string)
+	e.ok(e.write("keys/r/rotate", nil))
+	e.ok(e.write("keys/r/versions/1/retire", nil))
+	moved := e.ok(e.write("rewrap/r", map[string]interface{}{"ciphertext": ct, "decrypt_padding_scheme": "pkcs1v15"})).Data["ciphertext"].(string)
+	if !strings.HasPrefix(moved, "vault:v2:") || decryptOK(t, e, "r", moved) != "old" {
+		t.Fatalf("rewrap: %s", moved)
+	}
+	if resp, err := e.write("hmac/r", map[string]interface{}{"input": b64("x"), "key_version": 1}); status(resp, err) != 400 {
+		t.Fatalf("a caller's hmac with the retired version: %d", status(resp, err))
+	}
+}
+
+// A scheduled rotation the mount's algorithm policy refuses is skipped and recorded; the destruction due in the
+// same run is stored all the same (review: the refusal undid its record while its objects were gone).
+func TestRefusedScheduledRotationKeepsTheDestructionsDone(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("config/keys", map[string]interface{}{"deletion_grace_period": "1h"}))
+	e.ok(e.write("keys/k", map[string]interface{}{"type": "aes128-gcm96", "auto_rotate_period": "24h"}))
+	e.ok(e.write("keys/k/rotate", nil))
+	e.ok(e.write("keys/k/versions/1/destroy", nil))
+	e.ok(e.write("config/keys", map[string]interface{}{"deprecated_types": map[string]interface{}{"aes128-gcm96": "2020-01-01"}}))
+	if err := e.b.keys.Tick(context.Background(), e.storage, time.Now().Add(25*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if s := e.versionState("k", 1); s != "destroyed" {
+		t.Fatalf("version 1 after the run: %s", s)
+	}
+	read := e.ok(e.read("keys/k")).Data
+	if fmt.Sprint(read["latest_version"]) != "2" {
+		t.Fatalf("a refused rotation made a version: %v", read["latest_version"])
+	}
+	if next, _ := time.Parse(time.RFC3339, read["next_rotation_time"].(string)); !next.After(time.Now().Add(48 * time.Hour)) {
+		t.Fatalf("the next attempt is not a period later: %v", read["next_rotation_time"])
+	}
+	if ev := e.historyOfKind("k", "rotation_skipped"); len(ev) != 1 || !strings.Contains(fmt.Sprint(ev[0]["details"]), "deprecated") {
+		t.Fatalf("history: %v", ev)
+	}
+	// next_type the policy refuses is refused when it is set.
+	resp, err := e.write("keys/k/config", map[string]interface{}{"next_type": "aes128-gcm96"})
+	if status(resp, err) != 400 || !strings.Contains(respText(resp), "deprecated") {
+		t.Fatalf("next_type of a deprecated type: %d %s", status(resp, err), respText(resp))
+	}
+}
+
+// A key from before versions' uses were counted (its analytics older, no count per version): the window does not
+// take the analytics' age for the versions' (review: it passed a version decrypted just before the upgrade).
+func TestDecryptWindowWaitsForCountingOfAKeyFromBefore(t *testing.T) {
+	e := newTestBackend(t)
+	ctx := context.Background()
+	e.ok(e.write("keys/k", nil))
+	ct := encryptOK(t, e, "k", "before the upgrade")
+	decryptOK(t, e, "k", ct)
+	e.tick() // the analytics are stored
+	// As an engine from before stored them: the key without uses_counted, its analytics a month old, no versions.
+	var key map[string]interface{}
+	entry, _ := e.inmem.Get(ctx, keys.PolicyPrefix+"k")
+	_ = json.Unmarshal(entry.Value, &key)
+	delete(key, "uses_counted")
+	e.put(keys.PolicyPrefix+"k", key)
+	var analytics map[string]interface{}
+	entry, _ = e.inmem.Get(ctx, "analytics/k")
+	_ = json.Unmarshal(entry.Value, &analytics)
+	delete(analytics, "versions")
+	delete(analytics, "versions_since")
+	analytics["since"] = time.Now().Add(-30 * 24 * time.Hour).UTC().Format(time.RFC3339)
+	e.put("analytics/k", analytics)
+
+	r := e.reopen()
+	r.ok(r.write("keys/k/config", map[string]interface{}{"decrypt_window": "1", "decrypt_window_quiet_period": "24h"}))
+	r.ok(r.write("keys/k/rotate", nil))
+	if err := r.b.keys.Tick(ctx, r.storage, time.Now().Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if got := fmt.Sprint(r.ok(r.read("keys/k")).Data["min_decryption_version"]); got != "1" {
+		t.Fatalf("the window passed a version whose uses were not counted: min_decryption_version %s", got)
+	}
+	if v1 := r.ok(r.read("keys/k/migration")).Data["versions"].(map[string]interface{})["1"].(map[string]interface{}); v1["counts_complete"] != false {
+		t.Fatalf("version 1's counts said complete: %v", v1)
+	}
+}
+
+// import_version of a public-key-only version's private key takes the version's own type after the key moved on
+// (review: it was imported as the key's current type and refused).
+func TestImportVersionIntoAnOlderPublicOnlyVersion(t *testing.T) {
+	e := newImportBackend(t)
+	customer, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	pubDER, _ := x509.MarshalPKIXPublicKey(&customer.PublicKey)
+	pubPEM := string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pubDER}))
+	wrappingPublicKey(t, e)
+	e.ok(e.write("keys/pub/import", map[string]interface{}{"public_key": pubPEM, "type": "ecdsa-p256", "allow_rotation": true}))
+	e.ok(e.write("keys/pub/rotate", map[string]interface{}{"type": "ed25519"}))
+	privDER, _ := x509.MarshalPKCS8PrivateKey(customer)
+	e.ok(e.write("keys/pub/import_version", map[string]interface{}{"ciphertext": wrapFor(t, e, crypto.SHA256, privDER), "version": 1}))
+	sig := e.ok(e.write("sign/pub", map[string]interface{}{"input": b64("x"), "key_version": 1})).Data["signature"].(string)
+	if !strings.HasPrefix(sig, "vault:v1:") || !verifyOK(t, e, "pub", map[string]interface{}{"input": b64("x"), "signature": sig}) {
+		t.Fatalf("signature by the imported private key of version 1: %s", sig)
+	}
+}
+
+// Only valid signatures and HMACs count as relying on a version: forged ones naming an old version do not keep
+// it in use for the decrypt window.
+func TestForgedSignaturesAreNotCountedAsUse(t *testing.T) {
+	e := newTestBackend(t)
+	e.ok(e.write("keys/s", map[string]interface{}{"type": "ed25519"}))
+	sig := e.ok(e.write("sign/s", map[string]interface{}{"input": b64("x")})).Data["signature"].(string)
+	e.ok(e.write("verify/s", map[string]interface{}{"input": b64("x"), "signature": sig}))
+	e.ok(e.write("verify/s", map[string]interface{}{"input": b64("forged"), "signature": sig}))
+	v1 := e.ok(e.read("keys/s/migration")).Data["versions"].(map[string]interface{})["1"].(map[string]interface{})
+	if v1["opened"] != uint64(1) {
+		t.Fatalf("verifications counted: %v, want the valid one only", v1["opened"])
 	}
 }

@@ -123,9 +123,13 @@ func (b *backend) pathCSRWrite(ctx context.Context, req *logical.Request, d *fra
 		return respond(err)
 	}
 	k := u.Key()
+	typ := k.Type // the signing version's: an older one may be of another type
+	if v := k.Versions[version]; v != nil {
+		typ = v.Type
+	}
 	return &logical.Response{Data: map[string]interface{}{
 		"name": k.Name,
-		"type": string(k.Type),
+		"type": string(typ),
 		"csr":  string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})),
 	}}, nil
 }

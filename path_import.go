@@ -242,11 +242,13 @@ func (b *backend) importKey(ctx context.Context, req *logical.Request, d *framew
 		return nil, err
 	}
 	wrappingID, _ := hex.DecodeString(w.HSMID)
-	material := func(k *keys.Key) keys.Material {
+	// The material as the version it goes to is typed (keys.Tx.ImportVersion): a new version takes the key's
+	// current type, a public-key-only version's private key its own.
+	material := func(vt keys.VersionType) keys.Material {
 		return func(ctx context.Context, tok keys.HSM, id []byte, label string) (crypto.PublicKey, string, error) {
 			pub, method, err := tok.ImportVersion(ctx, hsm.ImportRequest{
-				Algorithm: k.Type.Info().Alg, WrappingID: wrappingID, OAEPHash: h, WrappedKey: wrapped,
-				KeyWrapMech: cfg.keyWrapMechanism(), ID: id, Label: label, HMACBytes: k.HMACKeyBytes(),
+				Algorithm: vt.Type.Info().Alg, WrappingID: wrappingID, OAEPHash: h, WrappedKey: wrapped,
+				KeyWrapMech: cfg.keyWrapMechanism(), ID: id, Label: label, HMACBytes: vt.HMACBytes(),
 			})
 			if errors.Is(err, hsm.ErrInvalidArgument) || errors.Is(err, hsm.ErrMechanismUnsupported) || errors.Is(err, hsm.ErrInvalidCiphertext) {
 				err = callerf("import failed: %v", err)
@@ -260,7 +262,7 @@ func (b *backend) importKey(ctx context.Context, req *logical.Request, d *framew
 			return resp, err
 		}
 		target, _ := d.Get("version").(int)
-		_, err := b.keys.Update(ctx, req.Storage, name, who, func(tx *keys.Tx) error { return tx.ImportVersion(material(tx.Key), false, target) })
+		_, err := b.keys.Update(ctx, req.Storage, name, who, func(tx *keys.Tx) error { return tx.ImportVersion(material, false, target) })
 		if errors.Is(err, keys.ErrNotFound) {
 			return nil, callerf("no key found with name %s; to import a new key, use the import endpoint", name)
 		}
@@ -270,7 +272,7 @@ func (b *backend) importKey(ctx context.Context, req *logical.Request, d *framew
 	if err != nil {
 		return nil, err
 	}
-	return b.createImported(ctx, req, k, material(k))
+	return b.createImported(ctx, req, k, material(k.NewVersionType()))
 }
 
 // holdImportVersion holds an import_version into key name: material from outside joins the key only with the
@@ -354,7 +356,7 @@ func (b *backend) importPublicKey(ctx context.Context, req *logical.Request, d *
 			if err != nil {
 				return err
 			}
-			return tx.ImportVersion(keys.PublicKeyOnly(pub), true, 0)
+			return tx.ImportVersion(func(keys.VersionType) keys.Material { return keys.PublicKeyOnly(pub) }, true, 0)
 		})
 		if errors.Is(err, keys.ErrNotFound) {
 			return nil, callerf("no key found with name %s; to import a new key, use the import endpoint", name)

@@ -480,7 +480,7 @@ func (b *backend) formatKey(k *keys.Key) *logical.Response {
 		"min_encryption_version":      k.MinEncryptionVersion,
 		"latest_version":              k.LatestVersion,
 		"supports_encryption":         k.Type.Info().Encrypt,
-		"supports_decryption":         k.Type.Info().Encrypt,
+		"supports_decryption":         k.AnyVersionOf(func(t keys.Type) bool { return t.Info().Encrypt }), // older RSA versions of a key now ECDSA still decrypt
 		"supports_signing":            k.Type.Info().Sign,
 		"supports_derivation":         false,
 		"auto_rotate_period":          int64(k.AutoRotatePeriod.Seconds()),
@@ -510,7 +510,7 @@ func (b *backend) formatKey(k *keys.Key) *logical.Response {
 	if !k.Type.IsAES() {
 		delete(data, "max_encryptions_per_version")
 	}
-	if k.Type.IsRSA() {
+	if k.AnyVersionOf(keys.Type.IsRSA) {
 		data["allow_pkcs1v15_decryption"] = k.AllowPKCS1v15Decryption
 	}
 	if k.Type == keys.TypeHMAC {
@@ -582,6 +582,16 @@ func (b *backend) pathKeyConfigWrite(ctx context.Context, req *logical.Request, 
 	settings, err := settingsFrom(d)
 	if err != nil {
 		return respond(err)
+	}
+	if settings.NextType != nil && *settings.NextType != "" {
+		// A pending type the mount's algorithm policy refuses would only fail at the rotation: refused now.
+		cfg, err := b.readKeysConfig(ctx, req.Storage)
+		if err != nil {
+			return nil, err
+		}
+		if err := cfg.refusesType(keys.Type(strings.ToLower(*settings.NextType)), time.Now()); err != nil {
+			return respond(err)
+		}
 	}
 	judged, err := b.keys.Get(ctx, req.Storage, d.Get("name").(string))
 	if err != nil {

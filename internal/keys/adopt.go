@@ -159,7 +159,7 @@ func (tx *Tx) adoptPending(through int, onWord bool) (map[int]string, error) {
 // storage lost to a restore), of that type. as is the type what it returns was examined as.
 func findVersionOfPurpose(ctx context.Context, tok HSM, k *Key, label string) ([]hsm.Found, VersionType, error) {
 	want := k.NewVersionType()
-	found, err := tok.FindVersion(ctx, want.Type.Info().Alg, label, want.hmacBytes())
+	found, err := tok.FindVersion(ctx, want.Type.Info().Alg, label, want.HMACBytes())
 	if err != nil || len(found) != 1 || found[0].Mismatch == "" {
 		return found, want, err
 	}
@@ -171,7 +171,7 @@ func findVersionOfPurpose(ctx context.Context, tok HSM, k *Key, label string) ([
 		case t == want.Type:
 			continue
 		}
-		again, err := tok.FindVersion(ctx, t.Info().Alg, label, other.hmacBytes())
+		again, err := tok.FindVersion(ctx, t.Info().Alg, label, other.HMACBytes())
 		if err != nil {
 			return nil, want, err
 		}

@@ -190,8 +190,10 @@ type keyUsage struct {
 	dead bool
 	// foldedNow counts this minute's uses and denials of each caller folded into OtherCallers (anomaly.go).
 	foldedNow *foldedMinute
-	// versions: what each version did (versionuse.go); nil until one is used.
-	versions map[int]*VersionUse
+	// versions: what each version did (versionuse.go); nil until one is used. versionsSince: when this engine
+	// first counted a use of one of the key's versions (counting per version began then, after an upgrade).
+	versions      map[int]*VersionUse
+	versionsSince time.Time
 }
 
 // foldedMinute is one minute's uses and denials per folded caller, at most MaxFoldedPerMinute callers.
@@ -450,13 +452,14 @@ func (m *Manager) freeLocked(name string, ku *keyUsage) {
 // uses, denials), base64 in JSON, so that a key with its every caller and operation busy all week stays well
 // below a storage entry's size limit.
 type analyticsEntry struct {
-	Since     time.Time               `json:"since"`
-	Callers   map[string]callerRecord `json:"callers"`
-	Totals    map[Operation][2]uint64 `json:"totals"`
-	Denials   map[string]uint64       `json:"denials_by_condition"`
-	Folded    uint64                  `json:"callers_folded"`
-	Anomalies []Anomaly               `json:"anomalies,omitempty"`
-	Versions  map[int]VersionUse      `json:"versions,omitempty"`
+	Since         time.Time               `json:"since"`
+	Callers       map[string]callerRecord `json:"callers"`
+	Totals        map[Operation][2]uint64 `json:"totals"`
+	Denials       map[string]uint64       `json:"denials_by_condition"`
+	Folded        uint64                  `json:"callers_folded"`
+	Anomalies     []Anomaly               `json:"anomalies,omitempty"`
+	Versions      map[int]VersionUse      `json:"versions,omitempty"`
+	VersionsSince time.Time               `json:"versions_since,omitempty"`
 }
 
 type callerRecord struct {
@@ -513,6 +516,7 @@ func unpackBuckets(p []byte) ([]bucket, error) {
 func (ku *keyUsage) entryLocked() analyticsEntry {
 	e := analyticsEntry{Since: ku.since, Callers: make(map[string]callerRecord, len(ku.callers)), Totals: map[Operation][2]uint64{},
 		Denials: maps.Clone(ku.denials), Folded: ku.folded, Anomalies: slices.Clone(ku.anomalies)}
+	e.VersionsSince = ku.versionsSince
 	if len(ku.versions) > 0 {
 		e.Versions = make(map[int]VersionUse, len(ku.versions))
 		for v, u := range ku.versions {
@@ -557,6 +561,9 @@ func (m *Manager) loadUsageLocked(ctx context.Context, s logical.Storage, name s
 	mn, hr, dy := slots(now)
 	if !e.Since.IsZero() && (ku.since.IsZero() || e.Since.Before(ku.since)) {
 		ku.since = e.Since
+	}
+	if !e.VersionsSince.IsZero() && (ku.versionsSince.IsZero() || e.VersionsSince.Before(ku.versionsSince)) {
+		ku.versionsSince = e.VersionsSince
 	}
 	for v, u := range e.Versions {
 		if ku.versions == nil {

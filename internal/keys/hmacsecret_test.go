@@ -135,7 +135,7 @@ func hmacWith(m *Manager, s logical.Storage, tok *hsm.Token, name string, n int,
 		return nil, err
 	}
 	if k.Versions[n].HMACDeferred {
-		if k, err = m.Update(ctx, s, name, Actor{DisplayName: "test", RequestID: requestID}, func(tx *Tx) error { return tx.EnsureHMACSecret(n) }); err != nil {
+		if k, err = m.Update(ctx, s, name, Actor{DisplayName: "test", RequestID: requestID}, func(tx *Tx) error { return tx.EnsureHMACSecret(n, true) }); err != nil {
 			return nil, err
 		}
 	}

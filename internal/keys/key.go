@@ -144,8 +144,11 @@ type Version struct {
 	// EncryptionsUnknown: how many encryptions the version made is unknown (adopted after a storage restore), so
 	// it makes no more: the GCM nonce limit could not be kept.
 	EncryptionsUnknown bool `json:"encryptions_unknown,omitempty"`
-	// State is disabled, destroy_scheduled or destroyed; empty otherwise.
-	State       string    `json:"state,omitempty"`
+	// State is disabled, destroy_scheduled, destroyed or retired; empty otherwise.
+	State string `json:"state,omitempty"`
+	// RetiredAt: when the version was retired (versions/:v/retire). It stays when the version is disabled or its
+	// destruction scheduled, and enabling it returns it to retired, never to service.
+	RetiredAt   time.Time `json:"retired_at,omitempty"`
 	DestroyAt   time.Time `json:"destroy_at,omitempty"`
 	DestroyedAt time.Time `json:"destroyed_at,omitempty"`
 
@@ -213,10 +216,12 @@ func (k *Key) VersionState(n int) string {
 	switch {
 	case ver == nil:
 		return ""
-	case ver.State != "":
+	case ver.State != "" && ver.State != StateRetired:
 		return ver.State
 	case n < k.MinDecryptionVersion || n < k.MinAvailableVersion:
 		return StateDisabled // below the key's bounds: serves nothing until they are lowered
+	case ver.State == StateRetired:
+		return StateRetired
 	case n < k.MinEncryptionVersion:
 		return StateDecryptOnly
 	}

@@ -23,9 +23,9 @@ func (k *Key) canRotate() error {
 	return nil
 }
 
-// anyVersionOf reports whether a version of k has a type of which is reports true (its older versions may be of
+// AnyVersionOf reports whether a version of k has a type of which is reports true (its older versions may be of
 // other types than its current one).
-func (k *Key) anyVersionOf(is func(Type) bool) bool {
+func (k *Key) AnyVersionOf(is func(Type) bool) bool {
 	for _, v := range k.Versions {
 		if is(v.Type) {
 			return true
@@ -38,9 +38,12 @@ func (k *Key) anyVersionOf(is func(Type) bool) bool {
 // else the current type; an hmac version keeps the key's secret size unless to gives one.
 func (k *Key) rotationType(to VersionType) (VersionType, error) {
 	if to.Type == "" {
-		if to.HMACKeySize != 0 && k.Type == TypeHMAC {
+		switch {
+		case to.HMACKeySize != 0 && k.Type != TypeHMAC:
+			return VersionType{}, Callerf("key_size applies to hmac versions only, not %s", k.Type)
+		case to.HMACKeySize != 0:
 			to.Type = TypeHMAC
-		} else {
+		default:
 			to.Type = k.NextType
 		}
 	}
@@ -125,6 +128,11 @@ func (k *Key) EnableVersion(n int) (changed, cancelled bool, err error) {
 		return false, false, Callerf("version %d of key %q was trimmed (below min_available_version %d, which never goes down): its destruction cannot be cancelled", n, k.Name, k.MinAvailableVersion)
 	case v.State == StateRetired:
 		return false, false, Callerf("version %d of key %q is retired and is never enabled again: rewrap what it protects, then destroy it", n, k.Name)
+	case !v.RetiredAt.IsZero():
+		// A retired version disabled, or whose destruction was scheduled, goes back to serving rewrap alone.
+		cancelled = v.State == StateDestroyScheduled
+		k.withVersion(n, func(v *Version) { v.State, v.DestroyAt = StateRetired, time.Time{} })
+		return true, cancelled, nil
 	case v.State == "":
 		if s := k.VersionState(n); s == StateActive || s == StateDecryptOnly {
 			return false, false, nil
@@ -146,6 +154,8 @@ func (k *Key) RetireVersion(n int) (changed, fromDisabled bool, err error) {
 		return false, false, Callerf("key %q has no version %d", k.Name, n)
 	case v.State == StateRetired:
 		return false, false, nil
+	case !v.RetiredAt.IsZero():
+		return false, false, Callerf("version %d of key %q was retired and is %s: enable returns it to serving rewrap alone", n, k.Name, v.State)
 	case v.State == StateDestroyed || v.State == StateDestroyScheduled:
 		return false, false, Callerf("version %d of key %q is %s", n, k.Name, v.State)
 	case n == k.LatestVersion:
@@ -156,7 +166,7 @@ func (k *Key) RetireVersion(n int) (changed, fromDisabled bool, err error) {
 		return false, false, Callerf("version %d of key %q holds only a public key: there is nothing to rewrap; disable or destroy it", n, k.Name)
 	}
 	fromDisabled = v.State == StateDisabled
-	k.withVersion(n, func(v *Version) { v.State = StateRetired })
+	k.withVersion(n, func(v *Version) { v.State, v.RetiredAt = StateRetired, time.Now().UTC() })
 	return true, fromDisabled, nil
 }
 
@@ -343,7 +353,7 @@ func (k *Key) Apply(c Settings) error {
 		}
 	}
 	if c.AllowPKCS1v15Decryption != nil {
-		if *c.AllowPKCS1v15Decryption && !k.Type.IsRSA() && !k.anyVersionOf(Type.IsRSA) {
+		if *c.AllowPKCS1v15Decryption && !k.Type.IsRSA() && !k.AnyVersionOf(Type.IsRSA) {
 			return Callerf("allow_pkcs1v15_decryption applies to RSA keys, not %s", k.Type)
 		}
 		if *c.AllowPKCS1v15Decryption && !k.AllowPKCS1v15Decryption {

@@ -124,13 +124,26 @@ func NewManager(log hclog.Logger, mountID string, token func(context.Context, lo
 	return &Manager{log: log, mountID: mountID, token: token, locks: locksutil.CreateLocks()}
 }
 
-// typeAllowed says why the mount refuses new versions of type t, nil when it allows them.
+// typeAllowed says why the mount refuses new versions of type t (a *TypeRefusedError), nil when it allows them.
 func (m *Manager) typeAllowed(ctx context.Context, s logical.Storage, t Type) error {
 	if m.TypeRule == nil {
 		return nil
 	}
-	return m.TypeRule(ctx, s, t)
+	if err := m.TypeRule(ctx, s, t); err != nil {
+		return &TypeRefusedError{Type: t, Err: err}
+	}
+	return nil
 }
+
+// TypeRefusedError: the mount's algorithm policy (config/keys allowed_types, deprecated_types) refuses new
+// versions of Type. It answers as Err does (a 400 naming why).
+type TypeRefusedError struct {
+	Type Type
+	Err  error
+}
+
+func (e *TypeRefusedError) Error() string { return e.Err.Error() }
+func (e *TypeRefusedError) Unwrap() error { return e.Err }
 
 // connect connects to the mount's HSM, for what needs no nonce.
 func (m *Manager) connect(ctx context.Context, s logical.Storage) (HSM, error) {
@@ -541,7 +554,7 @@ func (tx *Tx) generated() Material {
 func generatedAs(vt VersionType) Material {
 	hmacBytes := 0
 	if vt.Type == TypeHMAC {
-		hmacBytes = vt.hmacBytes()
+		hmacBytes = vt.HMACBytes()
 	}
 	return func(ctx context.Context, tok HSM, id []byte, label string) (crypto.PublicKey, string, error) {
 		pub, err := tok.GenerateVersion(ctx, vt.Type.Info().Alg, id, label, hmacBytes)
@@ -948,7 +961,10 @@ func (tx *Tx) Trim(minAvail int, at time.Time, now bool) error {
 // ImportVersion adds an imported version to an imported key; Vault's retry of the same request adds nothing. A
 // private key (publicOnly false) for version (or, when version is 0, for a latest version that holds only a
 // public key) is imported into that version instead, as Transit's import_version does.
-func (tx *Tx) ImportVersion(material Material, publicOnly bool, version int) error {
+//
+// materialAs gives the material as the version it goes to is typed: the key's current type for a new version, the
+// version's own for a public-key-only one (the key may have moved to another type since).
+func (tx *Tx) ImportVersion(materialAs func(VersionType) Material, publicOnly bool, version int) error {
 	k := tx.Key
 	if tx.who.RequestID != "" && k.LastRequestID == tx.who.RequestID {
 		return nil
@@ -966,9 +982,13 @@ func (tx *Tx) ImportVersion(material Material, publicOnly bool, version int) err
 		version = k.LatestVersion
 	}
 	if version != 0 {
-		return tx.importPrivate(version, material)
+		v := k.Versions[version]
+		if v == nil {
+			return Callerf("key %q has no version %d", k.Name, version)
+		}
+		return tx.importPrivate(version, materialAs(v.VersionType()))
 	}
-	n, method, err := tx.AddVersion(material, k.NewVersionType(), tx.who.RequestID, false)
+	n, method, err := tx.AddVersion(materialAs(k.NewVersionType()), k.NewVersionType(), tx.who.RequestID, false)
 	if err != nil {
 		return err
 	}
@@ -1053,13 +1073,16 @@ func (tx *Tx) SetCertificateChain(n int, chainPEM string, subject string) error 
 // kept as a claim by its rollback) is written before the secret is made, once whatever the token already holds
 // there is found proven or absent (a record written now must not vouch for what was there before); it is forgotten
 // once storage records the secret. A secret with no record is taken only where the token proves it.
-func (tx *Tx) EnsureHMACSecret(n int) error {
+//
+// forCaller: the secret is for a caller's HMAC; otherwise for the engine's own use (PKCS#1 v1.5 implicit
+// rejection), which a retired version serves too, as rewrap decrypts with it.
+func (tx *Tx) EnsureHMACSecret(n int, forCaller bool) error {
 	k := tx.Key
 	v := k.Versions[n]
 	if v == nil {
 		return Callerf("key %q has no version %d", k.Name, n)
 	}
-	if s := k.VersionState(n); s != StateActive && s != StateDecryptOnly {
+	if s := k.VersionState(n); s != StateActive && s != StateDecryptOnly && (forCaller || s != StateRetired) {
 		return Callerf("key version %d of key %q is %s", n, k.Name, s)
 	}
 	if v.PublicOnly() {

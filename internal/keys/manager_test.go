@@ -359,7 +359,7 @@ func TestNoHMACSecretForAVersionOnItsWayOut(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	_, err := m.Update(ctx, s, "k", who, func(tx *Tx) error { return tx.EnsureHMACSecret(1) })
+	_, err := m.Update(ctx, s, "k", who, func(tx *Tx) error { return tx.EnsureHMACSecret(1, true) })
 	if !IsCaller(err) || !strings.Contains(err.Error(), StateDestroyScheduled) {
 		t.Fatalf("HMAC secret for a destroy-scheduled version: %v", err)
 	}

@@ -58,16 +58,24 @@ func (m *Manager) buildSchedule(ctx context.Context, s logical.Storage) error {
 	return nil
 }
 
-// runDue does what is due for key name at now.
+// runDue does what is due for key name at now: its deletion or its versions' destructions, then its decrypt
+// window, then its rotation, each stored on its own, so that what one did is never undone by the next one failing
+// (a destruction's objects are gone once it is made: its record must be stored whatever the rotation does).
 func (m *Manager) runDue(ctx context.Context, s logical.Storage, name string, now time.Time) error {
-	// What the key's versions did decides how far its decrypt window may go: read before the key's lock, as the
-	// analytics take their own.
-	var uses map[int]VersionUse
-	var countedFrom time.Time
-	if k, err := m.Get(ctx, s, name); err == nil && k != nil && windowDue(k, now) {
-		uses, countedFrom = m.VersionUses(ctx, s, k)
+	err := m.runDueSteps(ctx, s, name, now)
+	if errors.Is(err, ErrNotFound) {
+		return nil
 	}
-	_, err := m.Update(ctx, s, name, SchedulerActor, func(tx *Tx) error {
+	if err == nil {
+		if k, _ := m.Get(ctx, s, name); k != nil {
+			m.sched.update(k) // anything still pending, also when nothing changed
+		}
+	}
+	return err
+}
+
+func (m *Manager) runDueSteps(ctx context.Context, s logical.Storage, name string, now time.Time) error {
+	k, err := m.Update(ctx, s, name, SchedulerActor, func(tx *Tx) error {
 		k := tx.Key
 		if k.Deleting || (!k.DeleteAt.IsZero() && !now.Before(k.DeleteAt)) {
 			return tx.DeleteKey("deletion grace period elapsed")
@@ -79,31 +87,57 @@ func (m *Manager) runDue(ctx context.Context, s logical.Storage, name string, no
 				}
 			}
 		}
-		if windowDue(k, now) {
-			if uses == nil { // the key gained a window since it was read
-				return nil
-			}
-			tx.advanceDecryptWindow(now, uses, countedFrom)
-		}
-		if !k.NextRotation.IsZero() && !now.Before(k.NextRotation) && !k.Disabled && k.DeleteAt.IsZero() {
-			if k.Imported && !k.AllowRotation {
-				m.log.Warn("scheduled rotation skipped: imported key without allow_rotation", "key", name)
-				k.NextRotation = time.Time{}
-				tx.Changed()
-				return nil
-			}
-			return tx.Rotate("scheduled", VersionType{})
-		}
 		return nil
 	})
-	if errors.Is(err, ErrNotFound) {
-		return nil
+	if err != nil || k == nil {
+		return err // deleted: nothing else is due
 	}
-	if err == nil {
-		if k, _ := m.Get(ctx, s, name); k != nil {
-			m.sched.update(k) // anything still pending, also when nothing changed
+	if windowDue(k, now) {
+		// What the key's versions did decides how far the window may go: read before the key's lock, as the
+		// analytics take their own.
+		uses, countedFrom := m.VersionUses(ctx, s, k)
+		if k, err = m.Update(ctx, s, name, SchedulerActor, func(tx *Tx) error {
+			if windowDue(tx.Key, now) {
+				tx.advanceDecryptWindow(now, uses, countedFrom)
+			}
+			return nil
+		}); err != nil {
+			return err
 		}
 	}
+	if k.NextRotation.IsZero() || now.Before(k.NextRotation) || k.Disabled || !k.DeleteAt.IsZero() {
+		return nil
+	}
+	_, err = m.Update(ctx, s, name, SchedulerActor, func(tx *Tx) error {
+		k := tx.Key
+		if k.NextRotation.IsZero() || now.Before(k.NextRotation) {
+			return nil // rotated meanwhile
+		}
+		if k.Imported && !k.AllowRotation {
+			m.log.Warn("scheduled rotation skipped: imported key without allow_rotation", "key", name)
+			k.NextRotation = time.Time{}
+			tx.Changed()
+			return nil
+		}
+		return tx.Rotate("scheduled", VersionType{})
+	})
+	var refused *TypeRefusedError
+	if !errors.As(err, &refused) {
+		return err
+	}
+	// The mount's algorithm policy refuses the key's type: the rotation is skipped, recorded, and tried again a
+	// period later; the owner rotates the key to another type (or sets next_type) meanwhile.
+	_, err = m.Update(ctx, s, name, SchedulerActor, func(tx *Tx) error {
+		k := tx.Key
+		k.NextRotation = time.Time{}
+		if k.AutoRotatePeriod > 0 {
+			k.NextRotation = now.Add(k.AutoRotatePeriod)
+		}
+		tx.Changed()
+		tx.Record("rotation_skipped", 0, "scheduled", refused.Error()+"; next attempt "+FormatTime(k.NextRotation))
+		return nil
+	})
+	m.log.Warn("scheduled rotation refused by the mount's algorithm policy; skipped", "key", name, "error", refused)
 	return err
 }
 

@@ -244,8 +244,11 @@ func (u *Use) VerifyHMAC(ctx context.Context, given string, input []byte, hashNa
 	if err != nil {
 		return false, err
 	}
-	u.m.noteVersion(ctx, u.s, u.key, v, ver, false)
-	return hmac.Equal(want, mac), nil
+	valid := hmac.Equal(want, mac)
+	if valid { // a forged HMAC naming an old version does not keep it in use
+		u.m.noteVersion(ctx, u.s, u.key, v, ver, false)
+	}
+	return valid, nil
 }
 
 // hmac computes the HMAC of input with version v's HMAC secret, making the secret first if the version has none
@@ -268,7 +271,7 @@ func (u *Use) hmac(ctx context.Context, v int, ver *Version, hashName string, in
 					return err
 				}
 			}
-			return tx.EnsureHMACSecret(v)
+			return tx.EnsureHMACSecret(v, forCaller)
 		}); err != nil {
 			return nil, err
 		}

@@ -106,8 +106,8 @@ type VersionType struct {
 	HMACKeySize int // hmac only
 }
 
-// hmacBytes is the size of the version's HMAC secret, its own (hmac) or the one kept beside other material.
-func (vt VersionType) hmacBytes() int {
+// HMACBytes is the size of the version's HMAC secret, its own (hmac) or the one kept beside other material.
+func (vt VersionType) HMACBytes() int {
 	if vt.Type == TypeHMAC && vt.HMACKeySize > 0 {
 		return vt.HMACKeySize
 	}

@@ -14,7 +14,9 @@ import (
 //
 // Counted with the key's usage analytics (analytics.go): in memory at each use, stored with the key's analytics
 // entry by the periodic flush, so that a restart or failover loses at most one flush interval's counts, and not
-// counted while analytics are off. Each use of a version whose type the mount deprecates (config/keys
+// counted while analytics are off. A verification counts only when the signature or HMAC is valid (forged ones
+// naming an old version must not keep it in use); a decryption counts whatever it yields, as PKCS#1 v1.5's implicit
+// rejection must not be told apart from a valid padding, here or anywhere. Each use of a version whose type the mount deprecates (config/keys
 // deprecated_types) is also told to the observer, which counts it and warns in the request's answer.
 
 // VersionUse is what one version did since its key's analytics began.
@@ -74,8 +76,8 @@ func (m *Manager) noteVersion(ctx context.Context, s logical.Storage, k *Key, v 
 	}
 	now := m.now()
 	u.add(made, now)
-	if ku.since.IsZero() {
-		ku.since = now
+	if ku.versionsSince.IsZero() {
+		ku.versionsSince = now
 	}
 	ku.dirty = true
 }
@@ -92,16 +94,18 @@ func (m *Manager) noteNamed(ctx context.Context, s logical.Storage, k *Key, n in
 // analytics were on then, else from its first counted use, and never before analytics were last turned back on.
 // A version made before that may have made or opened what nobody counted.
 func (m *Manager) VersionUses(ctx context.Context, s logical.Storage, k *Key) (map[int]VersionUse, time.Time) {
+	if !m.AnalyticsOn() {
+		return map[int]VersionUse{}, time.Time{} // nothing is read into memory while analytics are off
+	}
 	ku := m.lockLive(ctx, s, k.Name, m.keyUsage(ctx, s, k.Name))
 	out := make(map[int]VersionUse, len(ku.versions))
 	for v, u := range ku.versions {
 		out[v] = *u
 	}
-	from := ku.since
+	// The caller analytics' own start (since) may predate counting per version (an engine upgraded): only when
+	// this engine first counted a version's use, or the key's creation with analytics on, says it.
+	from := ku.versionsSince
 	ku.mu.Unlock()
-	if !m.AnalyticsOn() {
-		return out, time.Time{}
-	}
 	if k.UsesCounted {
 		from = k.CreatedAt
 	}
@@ -117,10 +121,11 @@ func (k *Key) Complete(v int, countedFrom time.Time) bool {
 	return ver != nil && !countedFrom.IsZero() && !ver.CreatedAt.Before(countedFrom)
 }
 
-// VerifySignature checks a signature of k as Key.VerifySignature does, and counts the use of the version it names.
+// VerifySignature checks a signature of k as Key.VerifySignature does, and counts the use of the version it names
+// when the signature is valid: forged signatures naming an old version must not keep it in use (the decrypt window).
 func (m *Manager) VerifySignature(ctx context.Context, s logical.Storage, k *Key, signature string, input []byte, o SignOptions) (bool, error) {
 	valid, err := k.VerifySignature(signature, input, o)
-	if err == nil {
+	if err == nil && valid {
 		m.noteNamed(ctx, s, k, NamedVersion(signature))
 	}
 	return valid, err
