@@ -840,6 +840,7 @@ var responseFieldDocs = map[string]string{
 	"deprecated_since":            "`keys/:name/migration`: the day from which `config/keys` `deprecated_types` deprecates the version's (or type's) type; absent when it is not. `reports/compliance` `algorithms`: the same per type.",
 	"pending_migration":           "`keys/:name/migration`: the versions below the latest, within the decrypt window or retired, that made something or whose counts are incomplete: rewrap (or sign again) what they protect before retiring them.",
 	"decrypt_window_next_check":   "Key read, with a decrypt window: when the periodic function looks at it next (empty: at the next rotation).",
+	"rotation_held_until":         "Key read: the scheduled rotation was refused by the mount's algorithm policy (`config/keys` `allowed_types`, `deprecated_types`) and is tried again then; `next_rotation_time` stays, so the key shows as overdue.",
 	"grant_id":                    "`reports/compliance`, `grants_outstanding`: the live grant's id.",
 	"versions_destroy_scheduled":  "`inventory`: the key's versions whose destruction is scheduled.",
 	"summary":                     "`keys/:name/access`: the conditions in one line, or \"none\".",

@@ -123,6 +123,9 @@ func newMetrics(token func() hsmToken) *metrics {
 	for _, kind := range keys.AnomalyKinds {
 		m.anomalies.WithLabelValues(kind) // present at zero, so that an alert on its increase sees the first
 	}
+	for _, t := range keys.TypeNames {
+		m.deprecatedUses.WithLabelValues(t) // likewise: a deprecated type's first use after a start is an increase
+	}
 	m.registry.MustRegister(m.collectors...)
 	return m
 }

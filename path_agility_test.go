@@ -668,17 +668,22 @@ func TestRewrapOffARetiredRSAVersionWithPKCS1v15(t *testing.T) {
 	}
 }
 
-// A scheduled rotation the mount's algorithm policy refuses is skipped and recorded; the destruction due in the
-// same run is stored all the same (review: the refusal undid its record while its objects were gone).
+// A scheduled rotation the mount's algorithm policy refuses waits and is recorded once, the key showing as
+// overdue; the destruction due in the same run is stored all the same (review: the refusal undid its record while
+// its objects were gone); a next_type the policy allows lets the next run rotate.
 func TestRefusedScheduledRotationKeepsTheDestructionsDone(t *testing.T) {
 	e := newTestBackend(t)
+	ctx := context.Background()
 	e.ok(e.write("config/keys", map[string]interface{}{"deletion_grace_period": "1h"}))
 	e.ok(e.write("keys/k", map[string]interface{}{"type": "aes128-gcm96", "auto_rotate_period": "24h"}))
 	e.ok(e.write("keys/k/rotate", nil))
 	e.ok(e.write("keys/k/versions/1/destroy", nil))
 	e.ok(e.write("config/keys", map[string]interface{}{"deprecated_types": map[string]interface{}{"aes128-gcm96": "2020-01-01"}}))
-	if err := e.b.keys.Tick(context.Background(), e.storage, time.Now().Add(25*time.Hour)); err != nil {
-		t.Fatal(err)
+	later := time.Now().Add(25 * time.Hour)
+	for _, at := range []time.Time{later, later.Add(time.Minute)} { // the second run, within the hour, tries nothing
+		if err := e.b.keys.Tick(ctx, e.storage, at); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if s := e.versionState("k", 1); s != "destroyed" {
 		t.Fatalf("version 1 after the run: %s", s)
@@ -687,16 +692,27 @@ func TestRefusedScheduledRotationKeepsTheDestructionsDone(t *testing.T) {
 	if fmt.Sprint(read["latest_version"]) != "2" {
 		t.Fatalf("a refused rotation made a version: %v", read["latest_version"])
 	}
-	if next, _ := time.Parse(time.RFC3339, read["next_rotation_time"].(string)); !next.After(time.Now().Add(48 * time.Hour)) {
-		t.Fatalf("the next attempt is not a period later: %v", read["next_rotation_time"])
+	if held, _ := time.Parse(time.RFC3339, fmt.Sprint(read["rotation_held_until"])); !held.Equal(later.Add(time.Hour).Truncate(time.Second)) && !held.Equal(later.Add(time.Hour).UTC().Truncate(time.Second)) {
+		t.Fatalf("rotation_held_until %v, want an hour after the refusal", read["rotation_held_until"])
+	}
+	if next, _ := time.Parse(time.RFC3339, read["next_rotation_time"].(string)); next.After(later) {
+		t.Fatalf("next_rotation_time moved on: %v; the key must show as overdue", read["next_rotation_time"])
 	}
 	if ev := e.historyOfKind("k", "rotation_skipped"); len(ev) != 1 || !strings.Contains(fmt.Sprint(ev[0]["details"]), "deprecated") {
 		t.Fatalf("history: %v", ev)
 	}
-	// next_type the policy refuses is refused when it is set.
+	// next_type the policy refuses is refused when it is set; one it allows is made by the next run.
 	resp, err := e.write("keys/k/config", map[string]interface{}{"next_type": "aes128-gcm96"})
 	if status(resp, err) != 400 || !strings.Contains(respText(resp), "deprecated") {
 		t.Fatalf("next_type of a deprecated type: %d %s", status(resp, err), respText(resp))
+	}
+	e.ok(e.write("keys/k/config", map[string]interface{}{"next_type": "aes256-gcm96"}))
+	if err := e.b.keys.Tick(ctx, e.storage, later.Add(2*time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	read = e.ok(e.read("keys/k")).Data
+	if fmt.Sprint(read["latest_version"]) != "3" || read["type"] != "aes256-gcm96" || read["rotation_held_until"] != nil {
+		t.Fatalf("after next_type: latest %v, type %v, held %v", read["latest_version"], read["type"], read["rotation_held_until"])
 	}
 }
 

@@ -480,7 +480,7 @@ func (b *backend) formatKey(k *keys.Key) *logical.Response {
 		"min_encryption_version":      k.MinEncryptionVersion,
 		"latest_version":              k.LatestVersion,
 		"supports_encryption":         k.Type.Info().Encrypt,
-		"supports_decryption":         k.AnyVersionOf(func(t keys.Type) bool { return t.Info().Encrypt }), // older RSA versions of a key now ECDSA still decrypt
+		"supports_decryption":         decrypts(k), // older RSA versions of a key now ECDSA still decrypt
 		"supports_signing":            k.Type.Info().Sign,
 		"supports_derivation":         false,
 		"auto_rotate_period":          int64(k.AutoRotatePeriod.Seconds()),
@@ -513,6 +513,9 @@ func (b *backend) formatKey(k *keys.Key) *logical.Response {
 	if k.AnyVersionOf(keys.Type.IsRSA) {
 		data["allow_pkcs1v15_decryption"] = k.AllowPKCS1v15Decryption
 	}
+	if !k.RotationHeldUntil.IsZero() {
+		data["rotation_held_until"] = keys.FormatTime(k.RotationHeldUntil)
+	}
 	if k.Type == keys.TypeHMAC {
 		data["key_size"] = k.HMACKeyBytes()
 	}
@@ -528,6 +531,19 @@ func (b *backend) formatKey(k *keys.Key) *logical.Response {
 		data["imported_key_allow_rotation"] = k.AllowRotation
 	}
 	return &logical.Response{Data: data}
+}
+
+// decrypts reports whether a version of k that still serves decrypts: the latest's type, or an older one's.
+func decrypts(k *keys.Key) bool {
+	for n, v := range k.Versions {
+		switch k.VersionState(n) {
+		case keys.StateActive, keys.StateDecryptOnly, keys.StateRetired:
+			if v.Type.Info().Encrypt {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // tagsView is a key's tags for a response: a copy, never nil.

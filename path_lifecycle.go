@@ -45,8 +45,8 @@ func (b *backend) pathLifecycle() []*framework.Path {
 			HelpSynopsis: "Disable, enable, destroy or retire one key version.",
 			HelpDescription: "disable: the version serves nothing until enabled. destroy: its HSM objects are destroyed after config/keys' " +
 				"deletion_grace_period (at once when 0); until then enable restores it. retire (a compromised version, or an algorithm withdrawn): the version " +
-				"serves rewrap alone, so that what it protects is moved onto the latest version; decrypt, encrypt, sign, verify and hmac with it are refused, it is " +
-				"never enabled again, and it is then destroyed (destroy, under the key's dual control). Retiring a disabled version returns it to rewrap and is held " +
+				"serves rewrap alone, so that what it protects is moved onto the latest version; decrypt, encrypt, sign, verify and hmac with it are refused, it never " +
+				"serves anything else again (disabled or scheduled for destruction, enable returns it to rewrap alone), and it is then destroyed (destroy, under the key's dual control). Retiring a disabled version returns it to rewrap and is held " +
 				"for approval as enabling is. keys/:name/migration shows what still relies on it. The latest version cannot be disabled, retired or destroyed: rotate first.",
 		},
 		{

@@ -192,8 +192,9 @@ type keyUsage struct {
 	foldedNow *foldedMinute
 	// versions: what each version did (versionuse.go); nil until one is used. versionsSince: when this engine
 	// first counted a use of one of the key's versions (counting per version began then, after an upgrade).
-	versions      map[int]*VersionUse
-	versionsSince time.Time
+	versions          map[int]*VersionUse
+	versionsSince     time.Time
+	versionsRestarted bool // the counts per version were lost and began again at versionsSince
 }
 
 // foldedMinute is one minute's uses and denials per folded caller, at most MaxFoldedPerMinute callers.
@@ -459,7 +460,10 @@ type analyticsEntry struct {
 	Folded        uint64                  `json:"callers_folded"`
 	Anomalies     []Anomaly               `json:"anomalies,omitempty"`
 	Versions      map[int]VersionUse      `json:"versions,omitempty"`
-	VersionsSince time.Time               `json:"versions_since,omitempty"`
+	VersionsSince time.Time               `json:"versions_since,omitzero"`
+	// VersionsRestarted: the counts per version were lost (an entry that could not be read) and began again at
+	// VersionsSince, whatever the key's age.
+	VersionsRestarted bool `json:"versions_restarted,omitempty"`
 }
 
 type callerRecord struct {
@@ -516,7 +520,7 @@ func unpackBuckets(p []byte) ([]bucket, error) {
 func (ku *keyUsage) entryLocked() analyticsEntry {
 	e := analyticsEntry{Since: ku.since, Callers: make(map[string]callerRecord, len(ku.callers)), Totals: map[Operation][2]uint64{},
 		Denials: maps.Clone(ku.denials), Folded: ku.folded, Anomalies: slices.Clone(ku.anomalies)}
-	e.VersionsSince = ku.versionsSince
+	e.VersionsSince, e.VersionsRestarted = ku.versionsSince, ku.versionsRestarted
 	if len(ku.versions) > 0 {
 		e.Versions = make(map[int]VersionUse, len(ku.versions))
 		for v, u := range ku.versions {
@@ -555,6 +559,8 @@ func (m *Manager) loadUsageLocked(ctx context.Context, s logical.Storage, name s
 	var e analyticsEntry
 	if err := raw.DecodeJSON(&e); err != nil {
 		m.log.Warn("a key's stored usage counts cannot be read; they start again", "key", name, "error", err)
+		// What each version did is lost with them: the decrypt window counts from now, whatever the key's age.
+		ku.versionsSince, ku.versionsRestarted, ku.dirty = m.now(), true, true
 		return nil
 	}
 	now := m.now()
@@ -565,6 +571,7 @@ func (m *Manager) loadUsageLocked(ctx context.Context, s logical.Storage, name s
 	if !e.VersionsSince.IsZero() && (ku.versionsSince.IsZero() || e.VersionsSince.Before(ku.versionsSince)) {
 		ku.versionsSince = e.VersionsSince
 	}
+	ku.versionsRestarted = ku.versionsRestarted || e.VersionsRestarted
 	for v, u := range e.Versions {
 		if ku.versions == nil {
 			ku.versions = make(map[int]*VersionUse, len(e.Versions))

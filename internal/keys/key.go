@@ -102,7 +102,10 @@ type Key struct {
 	DecryptWindowVersions int           `json:"decrypt_window_versions,omitempty"`
 	DecryptWindowPeriod   time.Duration `json:"decrypt_window_period,omitempty"`
 	DecryptQuietPeriod    time.Duration `json:"decrypt_quiet_period,omitempty"`
-	WindowCheckAt         time.Time     `json:"decrypt_window_check_at,omitempty"`
+	WindowCheckAt         time.Time     `json:"decrypt_window_check_at,omitzero"`
+	// RotationHeldUntil: the mount's algorithm policy refused the scheduled rotation; it is tried again then.
+	// NextRotation stays, so that the key shows as overdue meanwhile.
+	RotationHeldUntil time.Time `json:"rotation_held_until,omitzero"`
 
 	// UsesCounted: usage analytics were on when the key was made, so what each version did is counted from its
 	// creation (the migration view's counts_complete), unless analytics were turned off since.
@@ -148,7 +151,7 @@ type Version struct {
 	State string `json:"state,omitempty"`
 	// RetiredAt: when the version was retired (versions/:v/retire). It stays when the version is disabled or its
 	// destruction scheduled, and enabling it returns it to retired, never to service.
-	RetiredAt   time.Time `json:"retired_at,omitempty"`
+	RetiredAt   time.Time `json:"retired_at,omitzero"`
 	DestroyAt   time.Time `json:"destroy_at,omitempty"`
 	DestroyedAt time.Time `json:"destroyed_at,omitempty"`
 
@@ -329,7 +332,7 @@ func (k *Key) NextDue() time.Time {
 		consider(time.Unix(0, 0)) // an interrupted deletion: finish it at once
 	}
 	if !k.Disabled && k.DeleteAt.IsZero() {
-		consider(k.NextRotation)
+		consider(k.rotationDue())
 		consider(k.WindowCheckAt)
 	}
 	for _, v := range k.Versions {
@@ -338,6 +341,15 @@ func (k *Key) NextDue() time.Time {
 		}
 	}
 	return at
+}
+
+// rotationDue is when the scheduled rotation is to be tried: NextRotation, or later while the mount's algorithm
+// policy holds it (RotationHeldUntil). Zero when none is scheduled.
+func (k *Key) rotationDue() time.Time {
+	if k.NextRotation.IsZero() || k.RotationHeldUntil.Before(k.NextRotation) {
+		return k.NextRotation
+	}
+	return k.RotationHeldUntil
 }
 
 // versionLabel is the CKA_LABEL of version n of key name on mount mountID: for people reading the token.

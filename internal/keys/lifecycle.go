@@ -65,7 +65,7 @@ func (k *Key) rotationType(to VersionType) (VersionType, error) {
 // rotated moves the schedule on after a rotation at now.
 func (k *Key) rotated(now time.Time) {
 	k.LastRotated = now
-	k.NextRotation = time.Time{}
+	k.NextRotation, k.RotationHeldUntil = time.Time{}, time.Time{}
 	if k.AutoRotatePeriod > 0 {
 		k.NextRotation = now.Add(k.AutoRotatePeriod)
 	}
@@ -112,7 +112,12 @@ func (k *Key) DisableVersion(n int) (bool, error) {
 	case v.State == StateDestroyScheduled:
 		return false, Callerf("version %d of key %q is scheduled for destruction; enable it first to cancel that", n, k.Name)
 	}
-	k.withVersion(n, func(v *Version) { v.State = StateDisabled })
+	k.withVersion(n, func(v *Version) {
+		if v.State == StateRetired && v.RetiredAt.IsZero() {
+			v.RetiredAt = time.Now().UTC() // retirement outlives the disable (enable returns it to retired)
+		}
+		v.State = StateDisabled
+	})
 	return true, nil
 }
 
@@ -187,7 +192,12 @@ func (k *Key) ScheduleVersionDestruction(n int, at time.Time) (bool, error) {
 	case n == k.LatestVersion:
 		return false, Callerf("version %d is the latest of key %q: rotate first", n, k.Name)
 	}
-	k.withVersion(n, func(v *Version) { v.State, v.DestroyAt = StateDestroyScheduled, at.UTC() })
+	k.withVersion(n, func(v *Version) {
+		if v.State == StateRetired && v.RetiredAt.IsZero() {
+			v.RetiredAt = time.Now().UTC() // retirement outlives the scheduled destruction, should enable cancel it
+		}
+		v.State, v.DestroyAt = StateDestroyScheduled, at.UTC()
+	})
 	return true, nil
 }
 
@@ -350,6 +360,7 @@ func (k *Key) Apply(c Settings) error {
 				return err
 			}
 			k.NextType = t
+			k.RotationHeldUntil = time.Time{} // a rotation the policy held may be made now
 		}
 	}
 	if c.AllowPKCS1v15Decryption != nil {

@@ -129,10 +129,11 @@ func (m *Manager) typeAllowed(ctx context.Context, s logical.Storage, t Type) er
 	if m.TypeRule == nil {
 		return nil
 	}
-	if err := m.TypeRule(ctx, s, t); err != nil {
+	err := m.TypeRule(ctx, s, t)
+	if IsCaller(err) {
 		return &TypeRefusedError{Type: t, Err: err}
 	}
-	return nil
+	return err // the rule could not be read (storage): no refusal, the caller tries again
 }
 
 // TypeRefusedError: the mount's algorithm policy (config/keys allowed_types, deprecated_types) refuses new

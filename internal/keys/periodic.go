@@ -105,13 +105,13 @@ func (m *Manager) runDueSteps(ctx context.Context, s logical.Storage, name strin
 			return err
 		}
 	}
-	if k.NextRotation.IsZero() || now.Before(k.NextRotation) || k.Disabled || !k.DeleteAt.IsZero() {
+	if !rotationDue(k, now) {
 		return nil
 	}
 	_, err = m.Update(ctx, s, name, SchedulerActor, func(tx *Tx) error {
 		k := tx.Key
-		if k.NextRotation.IsZero() || now.Before(k.NextRotation) {
-			return nil // rotated meanwhile
+		if !rotationDue(k, now) {
+			return nil // rotated, disabled or deleted meanwhile
 		}
 		if k.Imported && !k.AllowRotation {
 			m.log.Warn("scheduled rotation skipped: imported key without allow_rotation", "key", name)
@@ -125,20 +125,36 @@ func (m *Manager) runDueSteps(ctx context.Context, s logical.Storage, name strin
 	if !errors.As(err, &refused) {
 		return err
 	}
-	// The mount's algorithm policy refuses the key's type: the rotation is skipped, recorded, and tried again a
-	// period later; the owner rotates the key to another type (or sets next_type) meanwhile.
+	// The mount's algorithm policy refuses the key's type: the rotation waits, and is tried again an hour later.
+	// NextRotation stays, so that the key shows as overdue (metrics, inventory, compliance) until its owner rotates
+	// it to another type or gives it a next_type; the history records the first refusal of the run.
+	recorded := false
 	_, err = m.Update(ctx, s, name, SchedulerActor, func(tx *Tx) error {
 		k := tx.Key
-		k.NextRotation = time.Time{}
-		if k.AutoRotatePeriod > 0 {
-			k.NextRotation = now.Add(k.AutoRotatePeriod)
+		if !rotationDue(k, now) {
+			return nil
 		}
+		if k.RotationHeldUntil.IsZero() {
+			tx.Record("rotation_skipped", 0, "scheduled", refused.Error())
+			recorded = true
+		}
+		k.RotationHeldUntil = now.Add(rotationRetry)
 		tx.Changed()
-		tx.Record("rotation_skipped", 0, "scheduled", refused.Error()+"; next attempt "+FormatTime(k.NextRotation))
 		return nil
 	})
-	m.log.Warn("scheduled rotation refused by the mount's algorithm policy; skipped", "key", name, "error", refused)
+	if err == nil && recorded {
+		m.log.Warn("scheduled rotation refused by the mount's algorithm policy; tried again hourly", "key", name, "error", refused)
+	}
 	return err
+}
+
+// rotationRetry is how long a scheduled rotation the algorithm policy refused waits before it is tried again.
+const rotationRetry = time.Hour
+
+// rotationDue reports whether k's scheduled rotation is to be tried now.
+func rotationDue(k *Key, now time.Time) bool {
+	at := k.rotationDue()
+	return !at.IsZero() && !now.Before(at) && !k.Disabled && k.DeleteAt.IsZero() && !k.Deleting
 }
 
 // windowDue reports whether k's decrypt window is to be looked at now.

@@ -23,8 +23,8 @@ import (
 type VersionUse struct {
 	Made       uint64    `json:"made,omitempty"`
 	Opened     uint64    `json:"opened,omitempty"`
-	LastMade   time.Time `json:"last_made,omitempty"`
-	LastOpened time.Time `json:"last_opened,omitempty"`
+	LastMade   time.Time `json:"last_made,omitzero"`
+	LastOpened time.Time `json:"last_opened,omitzero"`
 }
 
 // add counts one use at now: made, or opened.
@@ -103,10 +103,14 @@ func (m *Manager) VersionUses(ctx context.Context, s logical.Storage, k *Key) (m
 		out[v] = *u
 	}
 	// The caller analytics' own start (since) may predate counting per version (an engine upgraded): only when
-	// this engine first counted a version's use, or the key's creation with analytics on, says it.
-	from := ku.versionsSince
+	// this engine first counted a version's use, or the key's creation with analytics on, says it; and nothing
+	// does while the stored counts could not be read.
+	loaded, from, restarted := ku.loaded.Load(), ku.versionsSince, ku.versionsRestarted
 	ku.mu.Unlock()
-	if k.UsesCounted {
+	if !loaded {
+		return out, time.Time{}
+	}
+	if k.UsesCounted && !restarted {
 		from = k.CreatedAt
 	}
 	if on := m.analytics.since.Load(); on != nil && !from.IsZero() && on.After(from) {

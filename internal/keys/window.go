@@ -11,9 +11,10 @@ import (
 
 // The decrypt window (crypto-agility's retirement of old versions): a key keeps only its latest versions, by
 // number or by age, able to decrypt and verify, and min_decryption_version advances by itself, with a history
-// event, as rotations make new versions. It never passes a version that decrypted or verified within the quiet
-// period: what still relies on a version keeps it (the migration view shows what, and rewrap moves it). An
-// operator who must go further raises min_decryption_version on keys/:name/config: that is the forced way.
+// event, as rotations make new versions. It never passes a version used within the quiet period (one that
+// decrypted or verified is relied on; one that encrypted or signed made what will be): the migration view shows
+// what, and rewrap moves it. An operator who must go further raises min_decryption_version on keys/:name/config:
+// that is the forced way.
 
 // DefaultDecryptQuietPeriod is how long a version must have gone without decrypting or verifying before the window
 // passes it, unless the key says otherwise.
@@ -98,8 +99,10 @@ func (tx *Tx) advanceDecryptWindow(now time.Time, uses map[int]VersionUse, count
 			next = earliest(next, now.Add(windowRecheck))
 			break
 		}
-		if last := uses[v].LastOpened; now.Sub(last) < quiet {
-			stop, held = v, fmt.Sprintf("version %d decrypted or verified at %s, within the quiet period (%s)", v, FormatTime(last), quiet)
+		// A version that decrypted or verified within the quiet period is relied on; one that encrypted or signed
+		// within it made data that will be (a version just replaced).
+		if last := later(uses[v].LastOpened, uses[v].LastMade); now.Sub(last) < quiet {
+			stop, held = v, fmt.Sprintf("version %d was used at %s, within the quiet period (%s)", v, FormatTime(last), quiet)
 			next = earliest(next, last.Add(quiet))
 			break
 		}
