@@ -972,13 +972,21 @@ var responseFieldDocs = map[string]string{
 	"start":                       "`keys/:name/usage`, per bucket: when its minute, hour or day begins (UTC).",
 	"until":                       "An anomaly and its action: when require_grant or block_caller lapses.",
 	"versions":                    "Key read: per version, where it lives in the HSM and its state (the fields marked \"per version\" here). `audit_key`: every version the token vouches for, by number, with `public_key` (PEM, PKIX \"PUBLIC KEY\"), `created_at`, `created_by` and `label`.",
+	"uri_path":                    "`xks/stores/:store`, `xks/stores/:store/credentials`: the store's XksProxyUriPath (path_prefix + /kms/xks/v1), what AWS KMS is given.",
+	"access_key_ids":              "`xks/stores/:store`: the access key ids of the store's SigV4 credentials (never their secrets).",
+	"external_keys":               "`xks/stores/:store`: how many keys the store exposes to AWS KMS.",
+	"kms_console_file":            "`xks/stores/:store/credentials` (write): the JSON file the AWS KMS console accepts for the key store (URI path and the credential, secret included).",
+	"kms_request_id":              "`xks/request`: the AWS KMS request id (CloudTrail's) the XKS request carried.",
+	"kms_operation":               "`xks/request`: the AWS KMS call that led to the XKS request (Encrypt, GenerateDataKey, Decrypt, DescribeKey, KmsHealthCheck, ...).",
+	"aws_principal_arn":           "`xks/request`: the AWS principal that called AWS KMS.",
+	"error_name":                  "`xks/request`: the XKS error name answered (empty on success).",
 	"unvouched_versions":          "`audit_key`: by number, the versions storage records whose key the token does not hold as recorded (not on the token, another CKA_ID or another public key), with why: never used to verify or sign.",
 }
 
 // alsoARequestField names the response fields described in responseFieldDocs though a path takes a request field of
 // that name meaning something else: inventory filters by state, which responses give for keys, versions, grants and
-// approvals.
-var alsoARequestField = map[string]bool{"state": true}
+// approvals; xks/request takes the path of the HTTP request it forwards, and an XKS external key the key it exposes.
+var alsoARequestField = map[string]bool{"state": true, "path": true, "key": true}
 
 // Every field the code puts into a response and that no path takes as a request field is described in
 // responseFieldDocs (and so in docs/API.md), and every description is of a field the code emits.

@@ -84,6 +84,8 @@ type backend struct {
 	metrics *metrics    // the mount's Prometheus registry (metrics.go)
 	health  healthCheck // the last answer of health, reused for a second (path_health.go)
 
+	xks xksState // AWS External Key Store: configuration cache, throttles, health (xks.go)
+
 	approvals *approvals       // dual control: requests held for approval (approvals.go)
 	now       func() time.Time // the clock approvals expire by; tests move it
 }
@@ -157,9 +159,10 @@ func newBackend(conf *logical.BackendConfig) *backend {
 			// PIN every key depends on; adoption on an operator's word takes material whose origin the token
 			// cannot show. Vault matches these exactly or by prefix.
 			Root: []string{configHSMPath, adoptUnverifiedPath, adoptUnverifiedPath + "/*"},
-			// The PIN is kept in config/hsm, and a held import_version's wrapped key in its approval: seal-wrap them
+			// The PIN is kept in config/hsm, a held import_version's wrapped key in its approval, and the XKS stores'
+			// SigV4 secrets under xks/credentials/: seal-wrap them
 			// where Vault offers seal wrapping.
-			SealWrapStorage: []string{"config/hsm", approvalRequestsPrefix},
+			SealWrapStorage: []string{"config/hsm", approvalRequestsPrefix, xksCredentialsPrefix},
 			// Whether the token serves, for load balancers, as Vault's sys/health: it reveals nothing else.
 			Unauthenticated: []string{healthPath},
 		},
@@ -182,6 +185,7 @@ func newBackend(conf *logical.BackendConfig) *backend {
 			[]*framework.Path{b.pathMetrics(), b.pathHealth()},
 			b.pathAuditKey(),
 			[]*framework.Path{b.pathEvidence()},
+			b.pathXKS(),
 		),
 		InitializeFunc: func(ctx context.Context, req *logical.InitializationRequest) error {
 			if err := b.applyMetricsConfig(ctx, req.Storage); err != nil {
@@ -219,6 +223,10 @@ func (b *backend) invalidate(_ context.Context, key string) {
 	default:
 		if strings.HasPrefix(key, approvalsPrefix) {
 			b.approvals.forget()
+			return
+		}
+		if strings.HasPrefix(key, "xks/") {
+			b.xks.drop()
 			return
 		}
 		b.keys.Invalidate(key)

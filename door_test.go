@@ -10,10 +10,12 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/keys"
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/xks/xkstest"
 )
 
 // doorCall is one request of TestEveryUseOfKeyMaterialPassesTheDoor: a path of the backend's, with its operation,
@@ -36,6 +38,12 @@ func TestEveryUseOfKeyMaterialPassesTheDoor(t *testing.T) {
 	mac := e.ok(e.write("hmac/k", map[string]interface{}{"input": b64("door")})).Data["hmac"].(string)
 	sig := e.ok(e.write("sign/s", map[string]interface{}{"input": b64("door")})).Data["signature"].(string)
 	dk := e.ok(e.write("datakey/wrapped/k", nil)).Data["ciphertext"].(string)
+	// AWS's External Key Store: an encryption with k, signed as AWS KMS signs it.
+	xc := newXKSStore(t, e, "door", nil)
+	e.ok(e.write("xks/stores/door/keys/ext", map[string]interface{}{"key": "k"}))
+	xksEncrypt := xksRequestData(xkstest.NewRequest("xks.example.com", xc.uriPath+"/keys/ext/encrypt",
+		[]byte(`{"requestMetadata":{"awsPrincipalArn":"a","kmsKeyArn":"k","kmsOperation":"Encrypt","kmsRequestId":"r"},"plaintext":"AAAA","encryptionAlgorithm":"AES_GCM"}`),
+		xc.akid, xc.key, "us-east-1", time.Now()))
 	for _, k := range []string{"k", "s"} {
 		e.ok(e.write("keys/"+k+"/access", map[string]interface{}{"allowed_cidrs": "10.0.0.0/8"}))
 	}
@@ -55,6 +63,7 @@ func TestEveryUseOfKeyMaterialPassesTheDoor(t *testing.T) {
 		{logical.UpdateOperation, "hmac/k", map[string]interface{}{"input": b64("door")}, true},
 		{logical.UpdateOperation, "verify/k", map[string]interface{}{"input": b64("door"), "hmac": mac}, true},
 		{logical.UpdateOperation, "keys/s/csr", nil, true},
+		{logical.UpdateOperation, "xks/request", xksEncrypt, true}, // its answer's status, 403, is the XKS status
 
 		// A signature is verified with the public key: no material, no condition.
 		{logical.UpdateOperation, "verify/s", map[string]interface{}{"input": b64("door"), "signature": sig}, false},
@@ -122,6 +131,21 @@ func TestEveryUseOfKeyMaterialPassesTheDoor(t *testing.T) {
 		{logical.ListOperation, "inventory/", nil, false},
 		{logical.ReadOperation, "inventory", map[string]interface{}{"no_access_conditions": false}, false},
 		{logical.ReadOperation, "reports/compliance", nil, false},
+		// AWS External Key Store settings: stores, credentials, which keys AWS may use.
+		{logical.ListOperation, "xks/stores/", nil, false},
+		{logical.CreateOperation, "xks/stores/door2", nil, false},
+		{logical.UpdateOperation, "xks/stores/door", map[string]interface{}{"requests_per_second": 100}, false},
+		{logical.ReadOperation, "xks/stores/door", nil, false},
+		{logical.UpdateOperation, "xks/stores/door2/credentials", nil, false},
+		{logical.ListOperation, "xks/stores/door/credentials/", nil, false},
+		{logical.ReadOperation, "xks/stores/door/credentials/" + xc.akid, nil, false},
+		{logical.ListOperation, "xks/stores/door/keys/", nil, false},
+		{logical.CreateOperation, "xks/stores/door2/keys/x2", map[string]interface{}{"key": "k"}, false},
+		{logical.UpdateOperation, "xks/stores/door/keys/ext", map[string]interface{}{"key_usage": "ENCRYPT"}, false},
+		{logical.ReadOperation, "xks/stores/door/keys/ext", nil, false},
+		{logical.DeleteOperation, "xks/stores/door/keys/ext", nil, false},
+		{logical.DeleteOperation, "xks/stores/door/credentials/" + xc.akid, nil, false},
+		{logical.DeleteOperation, "xks/stores/door2", nil, false},
 		// Last: what ends the keys' use.
 		{logical.UpdateOperation, "keys/k/access", map[string]interface{}{"time_zone": ""}, false},
 		{logical.DeleteOperation, "keys/k", nil, false},
@@ -142,6 +166,10 @@ func TestEveryUseOfKeyMaterialPassesTheDoor(t *testing.T) {
 			DisplayName: "token-test", ClientTokenAccessor: "accessor-test",
 		})
 		got := status(resp, err)
+		if c.path == "xks/request" && resp != nil && resp.Data["status"] != nil {
+			xksStatus, _ := resp.Data["status"].(int)
+			got = xksStatus
+		}
 		switch {
 		case c.material && (got != 403 || !strings.Contains(fmt.Sprint(err, respText(resp)), "allowed_cidrs")):
 			t.Errorf("%s %s uses key material and passed the door: %d %v %s", c.op, c.path, got, err, respText(resp))

@@ -46,6 +46,8 @@ type metrics struct {
 	versions       *prometheus.GaugeVec
 	nearLimit      prometheus.Gauge
 	overdue        prometheus.Gauge
+	xksRequests    *prometheus.CounterVec   // operation, error
+	xksDuration    *prometheus.HistogramVec // operation
 
 	perKeyMu   sync.Mutex
 	perKey     bool
@@ -91,11 +93,18 @@ func newMetrics(token func() hsmToken) *metrics {
 			Help: "Encrypting versions that have made 90% or more of the encryptions they may make."}),
 		overdue: prometheus.NewGauge(prometheus.GaugeOpts{Name: "cmk_keys_rotation_overdue",
 			Help: "Keys whose scheduled rotation is more than 10 minutes late (the periodic function rotates them within about a minute)."}),
+		xksRequests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "cmk_xks_requests_total",
+			Help: "AWS External Key Store requests, by operation (metadata, encrypt, decrypt, health; unknown before the path is read) and the XKS error name answered (\"\" for success)."},
+			[]string{"operation", "error"}),
+		xksDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "cmk_xks_request_duration_seconds",
+			Help:    "Time the engine takes to serve an AWS External Key Store request, by operation (AWS KMS gives up after 250 ms, the front end's and network's time included).",
+			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1}},
+			[]string{"operation"}),
 		named:      map[string]bool{},
 		aggregated: map[string]bool{},
 	}
 	m.collectors = []prometheus.Collector{m.requests, m.keyRequests, m.keysAggregated, m.hsmCalls, m.recoveries, m.rotations,
-		m.denials, m.anomalies, m.deprecatedUses, m.keysByState, m.versions, m.nearLimit, m.overdue,
+		m.denials, m.anomalies, m.deprecatedUses, m.keysByState, m.versions, m.nearLimit, m.overdue, m.xksRequests, m.xksDuration,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "cmk_hsm_sessions_in_use",
 			Help: "HSM sessions operations hold now."}, func() float64 {
 			if t := token(); t != nil {
@@ -151,6 +160,13 @@ func (m *metrics) Judging(ctx context.Context, name string, op keys.Operation, k
 	if k != nil {
 		n.keyType, n.found = string(k.Type), true
 	}
+}
+
+// xksServed counts an XKS request the engine answered.
+func (m *metrics) xksServed(op, errorName interface{}, took time.Duration) {
+	o, e := fmt.Sprint(op), fmt.Sprint(errorName)
+	m.xksRequests.WithLabelValues(o, e).Inc()
+	m.xksDuration.WithLabelValues(o).Observe(took.Seconds())
 }
 
 func (m *metrics) Denied(_, condition string) { m.denials.WithLabelValues(condition).Inc() }

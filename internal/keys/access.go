@@ -256,6 +256,11 @@ func (m *Manager) Admit(ctx context.Context, s logical.Storage, k *Key, c Caller
 		return deny("anomaly", "anomaly: the caller is blocked from this key until %s, its use having been unusual (%s); keys/%s/anomalies/lift lifts it",
 			FormatTime(acting.Until), acting.Kind, k.Name)
 	}
+	if c.Protocol != nil {
+		if condition, why := c.Protocol(k); condition != "" {
+			return deny(condition, "%s", why)
+		}
+	}
 	a := k.Access
 	governed := a != nil && a.governs(op)
 	if !governed && acting == nil {

@@ -54,6 +54,10 @@ type Caller struct {
 	Actor             // entity, display name, token accessor, request id
 	RemoteAddr string // the request's source address (Vault's Connection.RemoteAddr)
 	Identity   Identity
+	// Protocol is what a protocol the engine serves besides Vault's API judges of the use, beside the key's own
+	// conditions (AWS's External Key Store: its store's and external key's rules on the AWS principal, VPC
+	// endpoint and KMS key): the condition that refuses it and why, "" when it admits it. Nil for Vault's requests.
+	Protocol func(k *Key) (condition, reason string)
 }
 
 // DeniedError is a use of a key its access settings refuse: HTTP 403, its message naming the condition that

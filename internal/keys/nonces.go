@@ -44,6 +44,9 @@ func NewNonces(source string, tok Crypto) *Nonces {
 	return &Nonces{source: source, rng: tok}
 }
 
+// Next is the next nonce for an AES-GCM encryption with the token, for a use outside a key's (a health check).
+func (n *Nonces) Next(ctx context.Context) ([]byte, error) { return n.next(ctx) }
+
 func (n *Nonces) next(ctx context.Context) ([]byte, error) {
 	nonce := make([]byte, hsm.GCMNonceSize)
 	if n.source == IVSourceOS {

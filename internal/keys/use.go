@@ -1,6 +1,7 @@
 package keys
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/rand"
@@ -222,6 +223,34 @@ func (u *Use) encrypt(ctx context.Context, k *Key, plaintext, aad []byte, versio
 	if padding != "" {
 		return "", 0, Callerf("padding_scheme applies to RSA keys only, not %s", ver.Type)
 	}
+	v, nonce, sealed, err := u.sealGCM(ctx, k, v, ver, version, plaintext, func(int) []byte { return aad }, "")
+	if err != nil {
+		return "", 0, err
+	}
+	return formatCiphertext(v, nonce, sealed), v, nil
+}
+
+// SealGCM encrypts plaintext in the HSM with the key's latest version, which must be of type want, and returns the
+// version used, the nonce and ciphertext‖tag; aadFor gives the AAD the HSM authenticates for the version used (a
+// protocol that binds the version into its AAD, as AWS's XKS does). It counts and rotates as Encrypt does.
+func (u *Use) SealGCM(ctx context.Context, plaintext []byte, aadFor func(version int) []byte, want Type) (int, []byte, []byte, error) {
+	if err := u.serves("encrypt", OpEncrypt); err != nil {
+		return 0, nil, nil, err
+	}
+	v, ver, err := u.key.EncryptionVersion(0)
+	if err != nil {
+		return 0, nil, nil, err
+	}
+	if ver.Type != want {
+		return 0, nil, nil, Callerf("key %q version %d is %s, not %s", u.key.Name, v, ver.Type, want)
+	}
+	return u.sealGCM(ctx, u.key, v, ver, 0, plaintext, aadFor, want)
+}
+
+// sealGCM is AES-GCM encryption with version v (ver) of k, asked for as version (0 = latest): the encryption is
+// counted first, and a version that has made its last allowed one is rotated, the next encryption using the new
+// version (a batch may cross several rotations): of any AES type, or of type want if want is set.
+func (u *Use) sealGCM(ctx context.Context, k *Key, v int, ver *Version, version int, plaintext []byte, aadFor func(int) []byte, want Type) (int, []byte, []byte, error) {
 	last, err := u.m.countEncryption(ctx, u.s, k, v)
 	switch {
 	case errors.Is(err, ErrVersionExhausted) && (version == 0 || version == k.LatestVersion):
@@ -229,15 +258,22 @@ func (u *Use) encrypt(ctx context.Context, k *Key, plaintext, aad []byte, versio
 		nk, err := u.m.rotateForUsage(ctx, u.s, k.Name, v, u.caller.Actor)
 		switch {
 		case err != nil:
-			return "", 0, fmt.Errorf("key %q version %d has reached its encryption limit and rotating it failed: %w", k.Name, v, err)
+			return 0, nil, nil, fmt.Errorf("key %q version %d has reached its encryption limit and rotating it failed: %w", k.Name, v, err)
 		case nk == nil || nk.LatestVersion == v:
-			return "", 0, Callerf("key %q version %d has reached its encryption limit", k.Name, v)
+			return 0, nil, nil, Callerf("key %q version %d has reached its encryption limit", k.Name, v)
 		}
-		return u.encrypt(ctx, nk, plaintext, aad, 0, padding)
+		nv, nver, err := nk.EncryptionVersion(0)
+		if err != nil {
+			return 0, nil, nil, err
+		}
+		if !nver.Type.Info().Encrypt || nver.Type.IsRSA() || (want != "" && nver.Type != want) {
+			return 0, nil, nil, Callerf("key %q was rotated at its encryption limit to a %s version, which cannot serve this encryption", k.Name, nver.Type)
+		}
+		return u.sealGCM(ctx, nk, nv, nver, 0, plaintext, aadFor, want)
 	case errors.Is(err, ErrVersionExhausted):
-		return "", 0, Callerf("key %q version %d has reached its encryption limit (%d)", k.Name, v, k.EncryptionLimit())
+		return 0, nil, nil, Callerf("key %q version %d has reached its encryption limit (%d)", k.Name, v, k.EncryptionLimit())
 	case err != nil:
-		return "", 0, err
+		return 0, nil, nil, err
 	}
 	if last {
 		defer func() {
@@ -248,14 +284,14 @@ func (u *Use) encrypt(ctx context.Context, k *Key, plaintext, aad []byte, versio
 	}
 	nonce, err := u.nonces.next(ctx)
 	if err != nil {
-		return "", 0, err
+		return 0, nil, nil, err
 	}
-	used, sealed, err := u.tok.EncryptGCM(ctx, ver.ID(), nonce, aad, plaintext)
+	used, sealed, err := u.tok.EncryptGCM(ctx, ver.ID(), nonce, aadFor(v), plaintext)
 	if err != nil {
-		return "", 0, fmt.Errorf("encrypt with key %q version %d: %w", k.Name, v, err)
+		return 0, nil, nil, fmt.Errorf("encrypt with key %q version %d: %w", k.Name, v, err)
 	}
 	u.m.noteVersion(ctx, u.s, k, v, ver, true)
-	return formatCiphertext(v, used, sealed), v, nil
+	return v, used, sealed, nil
 }
 
 func encryptRSA(k *Key, v int, ver *Version, plaintext, aad []byte, padding string) (string, int, error) {
@@ -330,6 +366,55 @@ func (u *Use) open(ctx context.Context, ciphertext string, aad []byte, padding s
 	if err != nil {
 		return nil, fmt.Errorf("decrypt with key %q version %d: %w", k.Name, v, err)
 	}
+	return pt, nil
+}
+
+// CheckSealed decrypts what SealGCM returned, in the HSM, and compares it with the plaintext: a protocol's check
+// (AWS XKS's ciphertext data integrity value) that its answer will decrypt, done within the encryption's use and
+// counted as no decryption.
+func (u *Use) CheckSealed(ctx context.Context, v int, nonce, aad, sealed, plaintext []byte) error {
+	if err := u.serves("check its encryption", OpEncrypt); err != nil {
+		return err
+	}
+	ver := u.key.Versions[v]
+	if ver == nil {
+		if k, err := u.m.Get(ctx, u.s, u.key.Name); err == nil && k != nil { // a usage rotation made v
+			ver = k.Versions[v]
+		}
+	}
+	if ver == nil {
+		return fmt.Errorf("key %q has no version %d", u.key.Name, v)
+	}
+	pt, err := u.tok.DecryptGCM(ctx, ver.ID(), nonce, aad, sealed)
+	if err != nil {
+		return err
+	}
+	defer clear(pt)
+	if !bytes.Equal(pt, plaintext) {
+		return fmt.Errorf("key %q version %d decrypted its encryption to other bytes", u.key.Name, v)
+	}
+	return nil
+}
+
+// OpenGCM decrypts ciphertext‖tag (sealed) that version v made with nonce, authenticating aad, in the HSM: the
+// counterpart of SealGCM. The version must serve decryption (it exists, is not below min_decryption_version, not
+// retired, not destroyed) and be of an AES type; hsm.ErrInvalidCiphertext when it does not authenticate the input.
+func (u *Use) OpenGCM(ctx context.Context, v int, nonce, aad, sealed []byte) ([]byte, error) {
+	if err := u.serves("decrypt", OpDecrypt); err != nil {
+		return nil, err
+	}
+	ver, err := u.key.decryptionVersion(v, "ciphertext", false)
+	if err != nil {
+		return nil, err
+	}
+	if !ver.Type.Info().Encrypt || ver.Type.IsRSA() {
+		return nil, Callerf("version %d of key %q is %s, not AES-GCM", v, u.key.Name, ver.Type)
+	}
+	pt, err := u.tok.DecryptGCM(ctx, ver.ID(), nonce, aad, sealed)
+	if err != nil {
+		return nil, fmt.Errorf("decrypt with key %q version %d: %w", u.key.Name, v, err)
+	}
+	u.m.noteNamed(ctx, u.s, u.key, v)
 	return pt, nil
 }
 
