@@ -3,6 +3,7 @@ SHELL := /bin/bash
 GO    ?= go
 PLUGIN := .build/plugins/vault-plugin-secrets-cmk
 EVIDENCE := .build/bin/cmk-evidence
+XKS_PROXY := .build/bin/cmk-xks-proxy
 VAULT  := .build/vault/vault
 FUZZTIME ?= 10s
 SOAK_DURATION ?= 10m
@@ -20,10 +21,12 @@ all: build
 help:
 	@awk '/^# / { c = (c ? c " " : "") substr($$0, 3); next } /^[a-z][a-z0-9-]*:/ { t = $$1; sub(":.*", "", t); if (c) printf "  %-12s %s\n", t, c; c = ""; next } { c = "" }' $(MAKEFILE_LIST)
 
-# The plugin binary, .build/plugins/vault-plugin-secrets-cmk, and the offline evidence verifier, .build/bin/cmk-evidence.
+# The plugin binary, .build/plugins/vault-plugin-secrets-cmk, the offline evidence verifier, .build/bin/cmk-evidence,
+# and the AWS External Key Store front end, .build/bin/cmk-xks-proxy.
 build:
 	$(GO) build -trimpath $(VERSION_FLAG) -o $(PLUGIN) ./cmd/vault-plugin-secrets-cmk
 	$(GO) build -trimpath -o $(EVIDENCE) ./cmd/cmk-evidence
+	$(GO) build -trimpath -o $(XKS_PROXY) ./cmd/cmk-xks-proxy
 
 # Debian packages the tokens and tests need (softhsm2, opensc, openssl, NSS, opencryptoki, tpm2-pkcs11 on swtpm),
 # installed when missing.

@@ -985,8 +985,9 @@ var responseFieldDocs = map[string]string{
 
 // alsoARequestField names the response fields described in responseFieldDocs though a path takes a request field of
 // that name meaning something else: inventory filters by state, which responses give for keys, versions, grants and
-// approvals; xks/request takes the path of the HTTP request it forwards, and an XKS external key the key it exposes.
-var alsoARequestField = map[string]bool{"state": true, "path": true, "key": true}
+// approvals; xks/request takes the path of the HTTP request it forwards, an XKS external key the key it exposes, and
+// XKS stores and external keys a disabled switch of their own.
+var alsoARequestField = map[string]bool{"state": true, "path": true, "key": true, "disabled": true}
 
 // Every field the code puts into a response and that no path takes as a request field is described in
 // responseFieldDocs (and so in docs/API.md), and every description is of a field the code emits.

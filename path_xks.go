@@ -37,6 +37,7 @@ type xksStore struct {
 	xksRules
 	RequestsPerSecond int       `json:"requests_per_second,omitempty"` // 0: no throttle
 	Burst             int       `json:"burst,omitempty"`
+	Disabled          bool      `json:"disabled,omitempty"` // the store's kill switch: InvalidStateException to every request
 	CreatedAt         time.Time `json:"created_at"`
 }
 
@@ -61,8 +62,12 @@ type xksCredential struct {
 
 // xksKey is an external key of a store: an AES-256 key of the mount, exposed to AWS under its external key id.
 type xksKey struct {
-	Key      string   `json:"key"`
-	KeyUsage []string `json:"key_usage"` // ENCRYPT, DECRYPT
+	Key string `json:"key"`
+	// KeyCreatedAt tells the key exposed from one made later under its name, after a deletion: AWS's ciphertexts
+	// were made with the first one's material.
+	KeyCreatedAt time.Time `json:"key_created_at"`
+	KeyUsage     []string  `json:"key_usage"` // ENCRYPT, DECRYPT
+	Disabled     bool      `json:"disabled,omitempty"`
 	xksRules
 }
 
@@ -124,6 +129,8 @@ func (b *backend) pathXKS() []*framework.Path {
 					"path_prefix + /kms/xks/v1, at most 128 characters of a-z, A-Z, 0-9, /, - and _. Default: /<store>."},
 				"requests_per_second": {Type: framework.TypeInt, Description: "The store's throttle, requests per second on each node (ThrottlingException past it); 0: none."},
 				"burst":               {Type: framework.TypeInt, Description: "Requests the throttle lets through at once; default requests_per_second."},
+				"disabled": {Type: framework.TypeBool, Description: "The store's kill switch: while true every request to it, health included, " +
+					"is InvalidStateException, and AWS KMS reports its keys unusable. Vault's own use of the keys goes on."},
 			}),
 			ExistenceCheck: b.xksStoreExists,
 			Operations: map[logical.Operation]framework.OperationHandler{
@@ -194,6 +201,8 @@ func (b *backend) pathXKS() []*framework.Path {
 				"key":             {Type: framework.TypeString, Description: "The mount's key to expose: an aes256-gcm96 key, exposed by no other external key. Fixed once set."},
 				"key_usage": {Type: framework.TypeCommaStringSlice, Description: "What AWS may do with it: ENCRYPT, DECRYPT or both (default). " +
 					"A request for another is InvalidKeyUsageException."},
+				"disabled": {Type: framework.TypeBool, Description: "This external key's kill switch: while true GetKeyMetadata reports DISABLED and " +
+					"encrypt and decrypt are InvalidStateException; the key itself, and Vault's own use of it, are untouched."},
 			}),
 			ExistenceCheck: b.xksKeyExists,
 			Operations: map[logical.Operation]framework.OperationHandler{
@@ -207,8 +216,9 @@ func (b *backend) pathXKS() []*framework.Path {
 				"--xks-key-id). Every version of the key serves: the ciphertext metadata AWS keeps with each ciphertext names the " +
 				"version, so rotation (manual, scheduled or for usage) is invisible to AWS and older ciphertexts keep decrypting " +
 				"while their version serves decryption. Disabling the key (keys/:name/disable) stops AWS's use at once: " +
-				"GetKeyMetadata reports DISABLED and encrypt and decrypt fail with InvalidStateException. The rules here apply " +
-				"besides the store's.",
+				"GetKeyMetadata reports DISABLED and encrypt and decrypt fail with InvalidStateException; disabled=true here does the " +
+				"same for AWS alone. A key deleted (and one made again under its name) is KeyNotFoundException: its material is " +
+				"not what AWS's ciphertexts were made with. The rules here apply besides the store's.",
 		},
 		b.pathXKSRequest(),
 	}
@@ -312,6 +322,9 @@ func (b *backend) pathXKSStoreWrite(ctx context.Context, req *logical.Request, d
 	if v, ok := d.GetOk("burst"); ok {
 		st.Burst = v.(int)
 	}
+	if v, ok := d.GetOk("disabled"); ok {
+		st.Disabled = v.(bool)
+	}
 	if st.RequestsPerSecond < 0 || st.Burst < 0 {
 		return respond(callerf("requests_per_second and burst cannot be negative"))
 	}
@@ -383,6 +396,7 @@ func (b *backend) pathXKSStoreRead(ctx context.Context, req *logical.Request, d 
 		"name": st.Name, "path_prefix": st.PathPrefix, "uri_path": st.uriPath(),
 		"requests_per_second": st.RequestsPerSecond, "burst": burst,
 		"access_key_ids": nonNil(creds), "external_keys": len(ks), "created_at": st.CreatedAt.Format(time.RFC3339),
+		"disabled": st.Disabled,
 	}
 	rulesInto(data, st.xksRules)
 	return &logical.Response{Data: data}, nil
@@ -569,7 +583,7 @@ func (b *backend) pathXKSKeyWrite(ctx context.Context, req *logical.Request, d *
 		} else if other != "" {
 			return respond(callerf("key %q is already exposed as %s: one key, one external key id", name, other))
 		}
-		xk = &xksKey{Key: name, KeyUsage: xksUsages}
+		xk = &xksKey{Key: name, KeyCreatedAt: k.CreatedAt, KeyUsage: xksUsages}
 	} else if name != "" && name != xk.Key {
 		return respond(callerf("external key %q exposes key %q, fixed once set: AWS's ciphertexts under it need that key", id, xk.Key))
 	}
@@ -590,6 +604,9 @@ func (b *backend) pathXKSKeyWrite(ctx context.Context, req *logical.Request, d *
 		xk.KeyUsage = usage
 	}
 	readRules(d, &xk.xksRules)
+	if v, ok := d.GetOk("disabled"); ok {
+		xk.Disabled = v.(bool)
+	}
 	if err := putJSON(ctx, req.Storage, path, xk); err != nil {
 		return nil, err
 	}
@@ -627,7 +644,7 @@ func (b *backend) pathXKSKeyRead(ctx context.Context, req *logical.Request, d *f
 	if err != nil || xk == nil {
 		return nil, err
 	}
-	data := map[string]interface{}{"store": store, "external_key_id": id, "key": xk.Key, "key_usage": xk.KeyUsage}
+	data := map[string]interface{}{"store": store, "external_key_id": id, "key": xk.Key, "key_usage": xk.KeyUsage, "disabled": xk.Disabled}
 	rulesInto(data, xk.xksRules)
 	return &logical.Response{Data: data}, nil
 }

@@ -37,9 +37,10 @@ const xksRequestPath = "xks/request"
 type xksState struct {
 	writeMu sync.Mutex // serialises configuration writes
 
-	mu       sync.Mutex
-	cfg      *xksConfig
-	limiters map[string]*rate.Limiter // by store
+	mu         sync.Mutex
+	cfg        *xksConfig
+	generation uint64                   // counts drops: a snapshot read across one is not kept
+	limiters   map[string]*rate.Limiter // by store
 
 	healthMu sync.Mutex
 	healthAt time.Time
@@ -55,13 +56,16 @@ type xksConfig struct {
 func (x *xksState) drop() {
 	x.mu.Lock()
 	x.cfg = nil
+	x.generation++
 	x.mu.Unlock()
 }
 
-// config returns the cached configuration, reading it from storage if another change dropped it.
+// config returns the cached configuration, reading it from storage if a change dropped it. A read that a change
+// overtook is used for its own request but not kept: the next request reads again, so a deleted credential or a
+// tightened rule holds from the change on.
 func (x *xksState) config(ctx context.Context, s logical.Storage) (*xksConfig, error) {
 	x.mu.Lock()
-	cfg := x.cfg
+	cfg, gen := x.cfg, x.generation
 	x.mu.Unlock()
 	if cfg != nil {
 		return cfg, nil
@@ -110,6 +114,9 @@ func (x *xksState) config(ctx context.Context, s logical.Storage) (*xksConfig, e
 	}
 	x.mu.Lock()
 	defer x.mu.Unlock()
+	if x.generation != gen {
+		return cfg, nil
+	}
 	if x.limiters == nil {
 		x.limiters = map[string]*rate.Limiter{}
 	}
@@ -189,6 +196,9 @@ func (b *backend) pathXKSRequestWrite(ctx context.Context, req *logical.Request,
 	r := &xks.Request{Method: d.Get("method").(string), Path: d.Get("path").(string), Query: d.Get("query").(string),
 		Host: d.Get("host").(string), Header: http.Header{}}
 	for name, v := range d.Get("headers").(map[string]interface{}) {
+		if _, dup := r.Header[http.CanonicalHeaderKey(name)]; dup {
+			return respond(callerf("headers: %s is given twice, in different cases", name))
+		}
 		switch v := v.(type) {
 		case string:
 			r.Header.Add(name, v)
@@ -215,8 +225,9 @@ func (b *backend) pathXKSRequestWrite(ctx context.Context, req *logical.Request,
 }
 
 // serveXKS answers one request, in the order the specification implies: the method, the signature (nothing else
-// is looked at for a request that does not verify), the path under the credential's store, the store's throttle,
-// the body, then the operation.
+// is looked at for a request that does not verify, and the caller learns only that it did not), the path under the
+// credential's store, the store's throttle, the body, then the operation. Inputs are read whole before the door, so
+// that what it admits and counts is a use that reaches the HSM.
 func (b *backend) serveXKS(ctx context.Context, req *logical.Request, r *xks.Request) *xksAnswer {
 	a := &xksAnswer{info: map[string]interface{}{"operation": "unknown", "error_name": ""}}
 	if r.Method != http.MethodPost {
@@ -226,7 +237,7 @@ func (b *backend) serveXKS(ctx context.Context, req *logical.Request, r *xks.Req
 	}
 	cfg, err := b.xks.config(ctx, req.Storage)
 	if err != nil {
-		return a.fail(xks.Errorf(xks.InternalException, "the key stores cannot be read"))
+		return a.fail(xksError(err))
 	}
 	auth, err := xks.Verify(r, func(id string) (string, bool) {
 		c := cfg.credentials[id]
@@ -237,8 +248,9 @@ func (b *backend) serveXKS(ctx context.Context, req *logical.Request, r *xks.Req
 	}, time.Now())
 	var authErr *xks.AuthError
 	if errors.As(err, &authErr) {
+		// Why stays here: telling the caller would let it find access key ids, or the engine's clock.
 		b.logger.Warn("XKS request refused: its signature does not verify", "reason", authErr.Reason, "path", r.Path)
-		return a.fail(xks.Errorf(xks.AuthenticationFailedException, "%s", authErr.Reason))
+		return a.fail(xks.Errorf(xks.AuthenticationFailedException, "the request's SigV4 signature does not verify"))
 	}
 	store := cfg.stores[cfg.credentials[auth.AccessKeyID].Store]
 	if store == nil {
@@ -260,6 +272,9 @@ func (b *backend) serveXKS(ctx context.Context, req *logical.Request, r *xks.Req
 	md := body.RequestMetadata
 	a.info["kms_request_id"] = md.KMSRequestID
 	a.info["kms_operation"] = md.KMSOperation
+	if store.Disabled {
+		return a.fail(xks.Errorf(xks.InvalidStateException, "key store %s is disabled", store.Name))
+	}
 	if op == xks.OpHealth {
 		return a.ok(b.xksHealth(ctx, req.Storage))
 	}
@@ -274,30 +289,37 @@ func (b *backend) serveXKS(ctx context.Context, req *logical.Request, r *xks.Req
 	switch {
 	case err != nil:
 		return a.fail(xksError(err))
-	case k == nil:
+	case k == nil || !k.CreatedAt.Equal(xk.KeyCreatedAt):
+		// Deleted, or deleted and made again under the name: not the material AWS's ciphertexts were made with.
 		return a.fail(xks.Errorf(xks.KeyNotFoundException, "external key %s's key %s is no longer on the mount", id, xk.Key))
 	}
 	judge := func(*keys.Key) (string, string) { return xksJudge(store, xk, md, op) }
-	switch op {
-	case xks.OpMetadata:
+	if op == xks.OpMetadata {
 		// Reads no key material, so it does not pass the door; the rules on the request's metadata apply.
 		if cond, why := judge(k); cond != "" {
 			b.xksDenied(ctx, req, k.Name, md, op, id, why)
 			return a.fail(xks.Errorf(xks.AccessDeniedException, "%s", why))
 		}
 		status := "ENABLED"
-		if k.Usable() != nil {
+		if k.Usable() != nil || xk.Disabled {
 			status = "DISABLED"
 		}
 		return a.ok(xks.KeyMetadata{KeySpec: "AES_256", KeyUsage: xk.KeyUsage, KeyStatus: status})
-	case xks.OpEncrypt, xks.OpDecrypt:
-		if !slices.Contains(xk.KeyUsage, strings.ToUpper(string(op))) {
-			return a.fail(xks.Errorf(xks.InvalidKeyUsageException, "external key %s does not allow %s (key_usage %s)", id, op, strings.Join(xk.KeyUsage, ",")))
-		}
-		if err := k.Usable(); err != nil {
-			return a.fail(xks.Errorf(xks.InvalidStateException, "%v", err))
-		}
 	}
+	if !slices.Contains(xk.KeyUsage, strings.ToUpper(string(op))) {
+		return a.fail(xks.Errorf(xks.InvalidKeyUsageException, "external key %s does not allow %s (key_usage %s)", id, op, strings.Join(xk.KeyUsage, ",")))
+	}
+	if xk.Disabled {
+		return a.fail(xks.Errorf(xks.InvalidStateException, "external key %s is disabled", id))
+	}
+	if err := k.Usable(); err != nil {
+		return a.fail(xks.Errorf(xks.InvalidStateException, "%v", err))
+	}
+	in, xerr := readCrypto(op, body)
+	if xerr != nil {
+		return a.fail(xerr)
+	}
+	defer clear(in.plaintext)
 	c := b.callerOf(req)
 	c.Protocol = judge
 	kop := keys.OpEncrypt
@@ -307,35 +329,72 @@ func (b *backend) serveXKS(ctx context.Context, req *logical.Request, r *xks.Req
 	u, err := b.keys.Use(ctx, req.Storage, k.Name, c, kop, 1)
 	if err != nil {
 		var denied *keys.DeniedError
-		if errors.As(err, &denied) {
+		switch {
+		case errors.As(err, &denied):
 			b.xksDenied(ctx, req, k.Name, md, op, id, err.Error())
 			return a.fail(xks.Errorf(xks.AccessDeniedException, "%v", err))
-		}
-		if keys.IsCaller(err) { // disabled or scheduled for deletion since the read above
+		case keys.IsCaller(err): // deleted, disabled or scheduled for deletion since the read above
+			if now, _ := b.keys.Get(ctx, req.Storage, k.Name); now == nil {
+				return a.fail(xks.Errorf(xks.KeyNotFoundException, "external key %s's key %s is no longer on the mount", id, xk.Key))
+			}
 			return a.fail(xks.Errorf(xks.InvalidStateException, "%v", err))
 		}
 		return a.fail(xksError(err))
 	}
 	if op == xks.OpEncrypt {
-		return b.xksEncrypt(ctx, u, body, a)
+		return b.xksEncrypt(ctx, u, in, a)
 	}
-	return b.xksDecrypt(ctx, u, body, a)
+	return b.xksDecrypt(ctx, u, in, a)
 }
 
-func (b *backend) xksEncrypt(ctx context.Context, u *keys.Use, body *xks.Body, a *xksAnswer) *xksAnswer {
-	pt, xerr := xks.Decode("plaintext", body.Plaintext, xks.MaxPlaintext)
-	if xerr != nil {
-		return a.fail(xerr)
+// xksCrypto is an encrypt or decrypt request's inputs, decoded and checked.
+type xksCrypto struct {
+	plaintext, aad, ciphertext, iv, tag, metadata []byte
+	version                                       int
+	cdiv                                          bool
+}
+
+func readCrypto(op xks.Operation, body *xks.Body) (*xksCrypto, *xks.Error) {
+	in := &xksCrypto{cdiv: body.CDIVAlgorithm != nil}
+	var xerr *xks.Error
+	if in.aad, xerr = xks.Decode("additionalAuthenticatedData", body.AAD, xks.MaxAAD); xerr != nil {
+		return nil, xerr
 	}
-	defer clear(pt)
-	aad, xerr := xks.Decode("additionalAuthenticatedData", body.AAD, xks.MaxAAD)
-	if xerr != nil {
-		return a.fail(xerr)
+	if op == xks.OpEncrypt {
+		in.plaintext, xerr = xks.Decode("plaintext", body.Plaintext, xks.MaxPlaintext)
+		return in, xerr
 	}
-	v, iv, sealed, err := u.SealGCM(ctx, pt, func(v int) []byte { return xks.HSMAAD(aad, xks.Metadata(v)) }, keys.TypeAES256GCM96)
+	for _, f := range []struct {
+		name string
+		v    *string
+		max  int
+		dst  *[]byte
+	}{
+		{"ciphertext", body.Ciphertext, xks.MaxPlaintext, &in.ciphertext},
+		{"initializationVector", body.IV, 16, &in.iv},
+		{"authenticationTag", body.Tag, 16, &in.tag},
+		{"ciphertextMetadata", body.Metadata, xks.MaxMetadata, &in.metadata},
+	} {
+		if *f.dst, xerr = xks.Decode(f.name, f.v, f.max); xerr != nil {
+			return nil, xerr
+		}
+	}
+	if len(in.iv) != 12 || len(in.tag) != 16 {
+		return nil, xks.Errorf(xks.InvalidCiphertextException, "the initialization vector (%d bytes) or authentication tag (%d bytes) is not one this engine made (12 and 16)", len(in.iv), len(in.tag))
+	}
+	v, ok := xks.VersionOf(in.metadata)
+	if !ok {
+		return nil, xks.Errorf(xks.InvalidCiphertextException, "the ciphertext metadata is missing or not this engine's")
+	}
+	in.version = v
+	return in, nil
+}
+
+func (b *backend) xksEncrypt(ctx context.Context, u *keys.Use, in *xksCrypto, a *xksAnswer) *xksAnswer {
+	v, iv, sealed, err := u.SealGCM(ctx, in.plaintext, func(v int) []byte { return xks.HSMAAD(in.aad, xks.Metadata(v)) }, keys.TypeAES256GCM96)
 	if err != nil {
-		if keys.IsCaller(err) {
-			return a.fail(xks.Errorf(xks.InvalidKeyUsageException, "%v", err))
+		if keys.IsCaller(err) { // the version's encryption limit, or a rotation to another type
+			return a.fail(xks.Errorf(xks.InvalidStateException, "%v", err))
 		}
 		return a.fail(xksError(err))
 	}
@@ -343,53 +402,29 @@ func (b *backend) xksEncrypt(ctx context.Context, u *keys.Use, body *xks.Body, a
 	md := xks.Metadata(v)
 	ct, tag := xks.Sealed(sealed)
 	out := xks.EncryptResponse{Ciphertext: base64Of(ct), Metadata: base64Of(md), IV: base64Of(iv), Tag: base64Of(tag)}
-	if body.CDIVAlgorithm != nil {
+	if in.cdiv {
 		// Appendix C: the value first, over what is returned, then a decryption of exactly that in the HSM, so that
 		// a corruption after the encryption is caught rather than vouched for.
-		out.CDIV = base64Of(xks.CDIV(aad, md, iv, ct, tag))
-		if err := u.CheckSealed(ctx, v, iv, xks.HSMAAD(aad, md), xks.Join(ct, tag), pt); err != nil {
+		out.CDIV = base64Of(xks.CDIV(in.aad, md, iv, ct, tag))
+		if err := u.CheckSealed(ctx, v, iv, xks.HSMAAD(in.aad, md), xks.Join(ct, tag), in.plaintext); err != nil {
 			return a.fail(xks.Errorf(xks.InternalException, "the ciphertext did not decrypt to the plaintext in the HSM: %v", err))
 		}
 	}
 	return a.ok(out)
 }
 
-func (b *backend) xksDecrypt(ctx context.Context, u *keys.Use, body *xks.Body, a *xksAnswer) *xksAnswer {
+func (b *backend) xksDecrypt(ctx context.Context, u *keys.Use, in *xksCrypto, a *xksAnswer) *xksAnswer {
+	a.info["key_version"] = in.version
 	invalid := func(format string, args ...interface{}) *xksAnswer {
 		return a.fail(xks.Errorf(xks.InvalidCiphertextException, format, args...))
 	}
-	ct, xerr := xks.Decode("ciphertext", body.Ciphertext, xks.MaxPlaintext)
-	if xerr != nil {
-		return a.fail(xerr)
-	}
-	aad, xerr := xks.Decode("additionalAuthenticatedData", body.AAD, xks.MaxAAD)
-	if xerr != nil {
-		return a.fail(xerr)
-	}
-	iv, xerr := xks.Decode("initializationVector", body.IV, 16)
-	if xerr != nil {
-		return a.fail(xerr)
-	}
-	tag, xerr := xks.Decode("authenticationTag", body.Tag, 16)
-	if xerr != nil {
-		return a.fail(xerr)
-	}
-	md, xerr := xks.Decode("ciphertextMetadata", body.Metadata, xks.MaxMetadata)
-	if xerr != nil {
-		return a.fail(xerr)
-	}
-	if len(iv) != 12 || len(tag) != 16 {
-		return invalid("the initialization vector (%d bytes) or authentication tag (%d bytes) is not one this engine made (12 and 16)", len(iv), len(tag))
-	}
-	v, ok := xks.VersionOf(md)
-	if !ok {
-		return invalid("the ciphertext metadata is missing or not this engine's")
-	}
-	a.info["key_version"] = v
-	if err := u.AdoptNamed(ctx, v, 1); err != nil {
+	if err := u.AdoptNamed(ctx, in.version, 1); err != nil {
+		if keys.IsCaller(err) {
+			return invalid("%v", err)
+		}
 		return a.fail(xksError(err))
 	}
-	pt, err := u.OpenGCM(ctx, v, iv, xks.HSMAAD(aad, md), xks.Join(ct, tag))
+	pt, err := u.OpenGCM(ctx, in.version, in.iv, xks.HSMAAD(in.aad, in.metadata), xks.Join(in.ciphertext, in.tag))
 	switch {
 	case errors.Is(err, hsm.ErrInvalidCiphertext):
 		return invalid("the key does not authenticate the ciphertext, AAD, metadata, initialization vector and tag given: one is altered, missing or another's")
@@ -404,10 +439,10 @@ func (b *backend) xksDecrypt(ctx context.Context, u *keys.Use, body *xks.Body, a
 
 func base64Of(p []byte) string { return base64.StdEncoding.EncodeToString(p) }
 
-// xksError maps what is not the caller's doing: the HSM unreachable is DependencyTimeoutException (AWS retries),
-// anything else InternalException.
+// xksError maps what is not the caller's doing: the HSM unreachable or out of time is DependencyTimeoutException
+// (AWS retries), anything else InternalException.
 func xksError(err error) *xks.Error {
-	if errors.Is(err, hsm.ErrUnavailable) || errors.Is(err, errNotConfigured) {
+	if errors.Is(err, hsm.ErrUnavailable) || errors.Is(err, errNotConfigured) || errors.Is(err, context.DeadlineExceeded) {
 		return xks.Errorf(xks.DependencyTimeoutException, "the HSM cannot be reached: %v", err)
 	}
 	return xks.Errorf(xks.InternalException, "%v", err)
@@ -485,18 +520,30 @@ const xksHealthTTL = 30 * time.Second
 
 const xksHealthKeyPath = "xks/health_key"
 
+// xksHealthTimeout bounds one deep check: the request that runs it may be given up (AWS KMS waits 250 ms), the
+// check is not, and its outcome serves the requests after it.
+const xksHealthTimeout = 10 * time.Second
+
 func (b *backend) xksHealth(ctx context.Context, s logical.Storage) xks.Health {
 	x := &b.xks
 	x.healthMu.Lock()
-	if x.healthAt.IsZero() || time.Since(x.healthAt) > xksHealthTTL {
-		x.healthOK = b.xksDeepCheck(ctx, s)
-		x.healthAt = time.Now()
-		if x.healthOK != nil {
-			b.logger.Warn("XKS health check failed: AWS KMS is told the HSM is UNAVAILABLE", "error", x.healthOK)
-		}
+	stale := x.healthAt.IsZero() || time.Since(x.healthAt) > xksHealthTTL
+	if stale {
+		x.healthAt = time.Now() // one check at a time: the requests meanwhile take the last outcome
 	}
 	checkErr := x.healthOK
 	x.healthMu.Unlock()
+	if stale {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), xksHealthTimeout)
+		checkErr = b.xksDeepCheck(cctx, s)
+		cancel()
+		if checkErr != nil {
+			b.logger.Warn("XKS health check failed: AWS KMS is told the HSM is UNAVAILABLE", "error", checkErr)
+		}
+		x.healthMu.Lock()
+		x.healthOK, x.healthAt = checkErr, time.Now()
+		x.healthMu.Unlock()
+	}
 	status := "ACTIVE"
 	if checkErr != nil {
 		status = "UNAVAILABLE"
@@ -523,7 +570,7 @@ func (b *backend) xksDeepCheck(ctx context.Context, s logical.Storage) error {
 	if err != nil {
 		return err
 	}
-	id, err := b.xksHealthKey(ctx, s, tok)
+	id, err := b.xksHealthKey(ctx, s, tok, false)
 	if err != nil {
 		return err
 	}
@@ -536,6 +583,13 @@ func (b *backend) xksDeepCheck(ctx context.Context, s logical.Storage) error {
 		return err
 	}
 	used, sealed, err := tok.EncryptGCM(ctx, id, nonce, []byte("xks health"), probe)
+	if errors.Is(err, hsm.ErrObjectNotFound) {
+		// The token no longer holds the key (storage restored, or another token): a new one, once.
+		if id, err = b.xksHealthKey(ctx, s, tok, true); err != nil {
+			return err
+		}
+		used, sealed, err = tok.EncryptGCM(ctx, id, nonce, []byte("xks health"), probe)
+	}
 	if err != nil {
 		return err
 	}
@@ -549,10 +603,11 @@ func (b *backend) xksDeepCheck(ctx context.Context, s logical.Storage) error {
 	return nil
 }
 
-// xksHealthKey is the CKA_ID of the health check's AES-256 key, generated on first use. Its label is the mount's,
-// without a version: reconcile and adoption never take it for a key's. A generation whose id storage never
-// recorded is found again by its label, so a crash between the two leaves nothing behind.
-func (b *backend) xksHealthKey(ctx context.Context, s logical.Storage, tok hsmToken) ([]byte, error) {
+// xksHealthKey is the CKA_ID of the health check's AES-256 key, generated on first use (or, fresh, because the
+// token lost it). Its label is the mount's, without a version: reconcile and adoption never take it for a key's. A
+// generation whose id storage never recorded is found again by its label, so a crash between the two leaves
+// nothing behind.
+func (b *backend) xksHealthKey(ctx context.Context, s logical.Storage, tok hsmToken, fresh bool) ([]byte, error) {
 	type healthKey struct {
 		HSMID string `json:"hsm_id"`
 	}
@@ -560,15 +615,17 @@ func (b *backend) xksHealthKey(ctx context.Context, s logical.Storage, tok hsmTo
 	if err != nil {
 		return nil, err
 	}
-	if hk != nil {
+	if hk != nil && !fresh {
 		return hex.DecodeString(hk.HSMID)
 	}
 	b.xks.writeMu.Lock()
 	defer b.xks.writeMu.Unlock()
 	label := keys.LabelPrefix(b.mountID) + "xks_health_key"
-	ids, err := tok.LabelledIDs(ctx, label)
-	if err != nil {
-		return nil, err
+	var ids [][]byte
+	if !fresh {
+		if ids, err = tok.LabelledIDs(ctx, label); err != nil {
+			return nil, err
+		}
 	}
 	var id []byte
 	if len(ids) > 0 {

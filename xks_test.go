@@ -1,6 +1,7 @@
 package cmk
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
@@ -54,8 +55,12 @@ func (c *xksClient) send(method, path string, body []byte) (int, map[string]inte
 // xksRequestData is what cmk-xks-proxy writes to xks/request for r.
 func xksRequestData(r *xks.Request) map[string]interface{} {
 	headers := map[string]interface{}{}
-	for k, v := range r.Header {
-		headers[k] = []interface{}{v[0]}
+	for k, vs := range r.Header {
+		var list []interface{}
+		for _, v := range vs {
+			list = append(list, v)
+		}
+		headers[k] = list
 	}
 	return map[string]interface{}{"method": r.Method, "path": r.Path, "host": r.Host, "headers": headers,
 		"body": base64.StdEncoding.EncodeToString(r.Body)}
@@ -321,6 +326,22 @@ func TestXKSRotationIsInvisibleToAWSAndDisableStopsIt(t *testing.T) {
 	status, body := c.call("decrypt", "ext-1", decryptOf(before, []byte("ctx")))
 	wantXKSError(t, status, body, 400, "InvalidCiphertextException")
 
+	// The external key's and the store's own kill switches stop AWS alone.
+	e.ok(e.write("xks/stores/acct/keys/ext-1", map[string]interface{}{"disabled": true}))
+	if _, md := c.call("metadata", "ext-1", nil); md["keyStatus"] != "DISABLED" {
+		t.Fatalf("metadata of a disabled external key: %v", md)
+	}
+	status, body = c.encrypt("ext-1", []byte("x"), nil, false)
+	wantXKSError(t, status, body, 400, "InvalidStateException")
+	encryptOK(t, e, "k", "Vault's own use goes on")
+	e.ok(e.write("xks/stores/acct/keys/ext-1", map[string]interface{}{"disabled": false}))
+	e.ok(e.write("xks/stores/acct", map[string]interface{}{"disabled": true}))
+	status, body = c.send(http.MethodPost, "/health", []byte(`{"requestMetadata":{"kmsRequestId":"h","kmsOperation":"KmsHealthCheck"}}`))
+	wantXKSError(t, status, body, 400, "InvalidStateException")
+	status, body = c.call("decrypt", "ext-1", decryptOf(after, []byte("ctx")))
+	wantXKSError(t, status, body, 400, "InvalidStateException")
+	e.ok(e.write("xks/stores/acct", map[string]interface{}{"disabled": false}))
+
 	// The customer's kill switch: disabling the key stops AWS's use at once.
 	e.ok(e.write("keys/k/disable", nil))
 	if _, md := c.call("metadata", "ext-1", nil); md["keyStatus"] != "DISABLED" {
@@ -334,6 +355,41 @@ func TestXKSRotationIsInvisibleToAWSAndDisableStopsIt(t *testing.T) {
 	if status, _ := c.call("decrypt", "ext-1", decryptOf(after, []byte("ctx"))); status != 200 {
 		t.Fatalf("after enable: %d", status)
 	}
+
+	// What the HSM authenticated is the specification's AAD: lengths, AAD, metadata, as HSMAAD makes it.
+	tok, _, err := e.b.getToken(t.Context(), e.storage)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, _ := e.b.keys.Get(t.Context(), e.storage, "k")
+	d := func(f string) []byte { b, _ := base64.StdEncoding.DecodeString(after[f].(string)); return b }
+	md := d("ciphertextMetadata")
+	sealed := append(d("ciphertext"), d("authenticationTag")...)
+	if _, err := tok.DecryptGCM(t.Context(), k.Versions[2].ID(), d("initializationVector"), xks.HSMAAD([]byte("ctx"), md), sealed); err != nil {
+		t.Fatalf("the HSM does not authenticate the specification's AAD: %v", err)
+	}
+	if _, err := tok.DecryptGCM(t.Context(), k.Versions[2].ID(), d("initializationVector"), append([]byte("ctx"), md...), sealed); err == nil {
+		t.Fatal("the HSM authenticated the AAD without its lengths")
+	}
+
+	// A key scheduled for deletion serves AWS nothing; one made again under its name (here: the external key's
+	// record of which key it exposes is of another) is not the material AWS's ciphertexts need.
+	e.ok(e.write("keys/k/config", map[string]interface{}{"deletion_allowed": true}))
+	e.ok(e.request("delete", "keys/k", nil))
+	status, body = c.encrypt("ext-1", []byte("x"), nil, false)
+	wantXKSError(t, status, body, 400, "InvalidStateException")
+	e.ok(e.write("keys/k/cancel-deletion", nil))
+	xk, err := getJSON[xksKey](t.Context(), e.storage, xksKeysPrefix+"acct/ext-1")
+	if err != nil || xk == nil {
+		t.Fatal(err)
+	}
+	xk.KeyCreatedAt = xk.KeyCreatedAt.Add(-time.Hour)
+	if err := putJSON(t.Context(), e.storage, xksKeysPrefix+"acct/ext-1", xk); err != nil {
+		t.Fatal(err)
+	}
+	e.b.invalidate(t.Context(), xksKeysPrefix+"acct/ext-1")
+	status, body = c.encrypt("ext-1", []byte("x"), nil, false)
+	wantXKSError(t, status, body, 404, "KeyNotFoundException")
 }
 
 func TestXKSRulesRefuseAndAreRecorded(t *testing.T) {
@@ -464,5 +520,47 @@ func TestXKSConfiguration(t *testing.T) {
 	e.ok(e.request("delete", "xks/stores/s1", nil))
 	if list, _ := e.inmem.List(t.Context(), xksCredentialsPrefix); len(list) != 0 {
 		t.Fatalf("credentials left after the store: %v", list)
+	}
+}
+
+// dropDuring is storage that drops the XKS configuration cache, as a change landing mid-read does, on its first
+// list of the credentials.
+type dropDuring struct {
+	*countingStorage
+	x       *xksState
+	dropped bool
+}
+
+func (s *dropDuring) List(ctx context.Context, prefix string) ([]string, error) {
+	if prefix == xksCredentialsPrefix && !s.dropped {
+		s.dropped = true
+		s.x.drop()
+	}
+	return s.countingStorage.List(ctx, prefix)
+}
+
+// A configuration read that a change overtook serves its own request but is not kept: the next request reads
+// again, so a deleted credential stops verifying from its deletion on.
+func TestXKSConfigReadOvertakenByAChangeIsNotKept(t *testing.T) {
+	e := newTestBackend(t)
+	newXKSStore(t, e, "s", nil)
+	s := &dropDuring{countingStorage: e.storage, x: &e.b.xks}
+	if _, err := e.b.xks.config(t.Context(), s); err != nil {
+		t.Fatal(err)
+	}
+	if !s.dropped {
+		t.Fatal("the read did not list the credentials")
+	}
+	e.b.xks.mu.Lock()
+	kept := e.b.xks.cfg
+	e.b.xks.mu.Unlock()
+	if kept != nil {
+		t.Fatal("a snapshot read across a change was kept")
+	}
+	if _, err := e.b.xks.config(t.Context(), e.storage); err != nil {
+		t.Fatal(err)
+	}
+	if e.b.xks.cfg == nil {
+		t.Fatal("a read no change overtook was not kept")
 	}
 }

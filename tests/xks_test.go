@@ -311,6 +311,12 @@ func TestXKSThroughTheFrontEndWithCurl(t *testing.T) {
 			t.Fatalf("a client without AWS's certificate (%q) got through: %s", who.cert, out)
 		}
 	}
+	// A load balancer's check: no token, no signature.
+	_, port, _ := net.SplitHostPort(addr)
+	if out, err := exec.Command("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", x.ca, "--cert", x.clientCert, "--key", x.key,
+		"--resolve", xksHost+":"+port+":127.0.0.1", "https://"+xksHost+":"+port+"/healthz").CombinedOutput(); err != nil || string(out) != "200" {
+		t.Fatalf("/healthz: %s %v", out, err)
+	}
 	// The customer's kill switch.
 	mustWrite(t, root, m.Path+"/keys/s3-bucket-key/disable", nil)
 	if status, e := x.call("decrypt", "bucket-key-1", dec); status != 400 || e["errorName"] != "InvalidStateException" {

@@ -27,6 +27,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -35,7 +36,12 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/vault/api"
+
+	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/xks"
 )
+
+// xksShaped is the form of an XKS path; the engine judges the rest (the store's prefix, the key id).
+var xksShaped = regexp.MustCompile(`^(/[A-Za-z0-9_-]+)*/kms/xks/v1/(health|keys/[A-Za-z0-9._-]+/(metadata|encrypt|decrypt))$`)
 
 // maxBody bounds a request: the specification's largest (4,300 bytes of plaintext, 8,192 of AAD, Base64, and ARNs
 // of 2,048 characters) is about 25 KB; the engine's own limits are higher.
@@ -43,8 +49,8 @@ const maxBody = 256 << 10
 
 type config struct {
 	listen, certFile, keyFile, clientCA, vaultAddr, vaultCACert, tokenFile, mount string
-	clientCNs                                                                   []string
-	timeout                                                                     time.Duration
+	clientCNs                                                                     []string
+	timeout                                                                       time.Duration
 }
 
 func main() {
@@ -120,7 +126,7 @@ func serverTLS(c config) (*tls.Config, error) {
 		Certificates: []tls.Certificate{cert},
 		CipherSuites: []uint16{tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384, tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
 			tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256},
-		NextProtos:   []string{"h2", "http/1.1"},
+		NextProtos: []string{"h2", "http/1.1"},
 	}
 	if c.clientCA == "" {
 		return cfg, nil
@@ -158,10 +164,15 @@ func newProxy(c config, log hclog.Logger) (*proxy, error) {
 	vc.Address = c.vaultAddr
 	vc.MaxRetries = 0 // AWS KMS retries; a retry here would outlast its 250 ms
 	vc.Timeout = c.timeout
-	if c.vaultCACert != "" {
-		if err := vc.ConfigureTLS(&api.TLSConfig{CACert: c.vaultCACert}); err != nil {
-			return nil, err
-		}
+	// AWS KMS keeps many requests in flight: keep as many connections to Vault open (Vault's default pool keeps
+	// GOMAXPROCS+1 idle, and opens and closes the rest per request).
+	if t, ok := vc.HttpClient.Transport.(*http.Transport); ok {
+		t.MaxIdleConnsPerHost = 256
+	}
+	// Always verified: VAULT_SKIP_VERIFY, which DefaultConfig honours, would send the token and AWS's data keys to
+	// whoever answers.
+	if err := vc.ConfigureTLS(&api.TLSConfig{CACert: c.vaultCACert, Insecure: false}); err != nil {
+		return nil, err
 	}
 	client, err := api.NewClient(vc)
 	if err != nil {
@@ -205,17 +216,28 @@ func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	started := time.Now()
+	// What is refused without asking Vault: every other request costs a Vault request under the proxy's token.
+	switch {
+	case r.Method != http.MethodPost:
+		p.answer(w, r, started, http.StatusMethodNotAllowed, xksError("ValidationException", "XKS requests are POSTs"), nil)
+		return
+	case !xksShaped.MatchString(r.URL.EscapedPath()):
+		p.answer(w, r, started, http.StatusNotFound, xksError("InvalidUriPathException", "no XKS operation at this path"), nil)
+		return
+	case !strings.HasPrefix(r.Header.Get("Authorization"), "AWS4-HMAC-SHA256 "):
+		p.answer(w, r, started, http.StatusUnauthorized, xksError("AuthenticationFailedException", "the request is not signed with SigV4"), nil)
+		return
+	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
 	if err != nil {
 		p.answer(w, r, started, http.StatusRequestEntityTooLarge, xksError("ValidationException", "the body is over %d bytes", maxBody), nil)
 		return
 	}
-	headers := map[string]interface{}{}
-	for name, vs := range r.Header {
-		headers[name] = vs
+	data := map[string]interface{}{"method": r.Method, "path": r.URL.EscapedPath(), "host": r.Host,
+		"headers": signedHeaders(r.Header), "body": base64.StdEncoding.EncodeToString(body)}
+	if r.URL.RawQuery != "" {
+		data["query"] = r.URL.RawQuery
 	}
-	data := map[string]interface{}{"method": r.Method, "path": r.URL.EscapedPath(), "query": r.URL.RawQuery, "host": r.Host,
-		"headers": headers, "body": base64.StdEncoding.EncodeToString(body)}
 	if err := p.loadToken(false); err != nil {
 		p.log.Error("no Vault token", "error", err)
 		p.answer(w, r, started, http.StatusInternalServerError, xksError("InternalException", "the proxy has no Vault token"), nil)
@@ -252,6 +274,25 @@ func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	p.answer(w, r, started, int(code), []byte(answer), secret.Data)
 }
 
+// signedHeaders is what the engine needs of the headers to verify the signature: Authorization, X-Amz-Date and
+// those the signature covers (host travels apart). The rest stay here, sparing three hops a few hundred bytes.
+func signedHeaders(h http.Header) map[string]interface{} {
+	out := map[string]interface{}{}
+	keep := func(name string) {
+		if vs, ok := h[http.CanonicalHeaderKey(name)]; ok {
+			out[http.CanonicalHeaderKey(name)] = vs
+		}
+	}
+	keep("Authorization")
+	keep("X-Amz-Date")
+	if a, err := xks.ParseAuthorization(h.Get("Authorization")); err == nil {
+		for _, name := range a.SignedHeaders {
+			keep(name)
+		}
+	}
+	return out
+}
+
 // vaultFailure maps Vault's refusal to what AWS KMS understands: throttled, a dependency not answering (Vault
 // sealed, a standby, a timeout), or internal (the front end's token refused, which is its operator's to mend).
 func vaultFailure(err error) (int, []byte) {
@@ -261,9 +302,10 @@ func vaultFailure(err error) (int, []byte) {
 		return http.StatusTooManyRequests, xksError("ThrottlingException", "Vault is rate limiting the proxy")
 	case errors.As(err, &re) && re.StatusCode == http.StatusForbidden:
 		return http.StatusInternalServerError, xksError("InternalException", "Vault refused the proxy's token")
-	case errors.As(err, &re) && re.StatusCode < 500:
+	case errors.As(err, &re) && re.StatusCode != http.StatusServiceUnavailable && re.StatusCode != http.StatusBadGateway && re.StatusCode != http.StatusGatewayTimeout:
 		return http.StatusInternalServerError, xksError("InternalException", "Vault refused the forwarded request (%d)", re.StatusCode)
 	}
+	// Sealed, a standby without an active node, a timeout, no connection: AWS KMS may retry.
 	return http.StatusServiceUnavailable, xksError("DependencyTimeoutException", "Vault did not answer in time")
 }
 
@@ -287,10 +329,20 @@ func (p *proxy) answer(w http.ResponseWriter, r *http.Request, started time.Time
 	p.log.Info("request", fields...)
 }
 
-// serveHealthz asks the engine's unauthenticated health path: whether its HSM token serves, nothing else.
+// serveHealthz answers a load balancer: 200 while the proxy's token is good and the engine's HSM token serves (its
+// unauthenticated health path), 503 otherwise.
 func (p *proxy) serveHealthz(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), p.cfg.timeout)
 	defer cancel()
+	if err := p.loadToken(false); err != nil {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		return
+	}
+	if _, err := p.client.Auth().Token().LookupSelfWithContext(ctx); err != nil {
+		p.log.Warn("the proxy's Vault token does not look itself up", "error", err)
+		w.WriteHeader(http.StatusServiceUnavailable)
+		return
+	}
 	resp, err := p.client.Logical().ReadRawWithContext(ctx, strings.Trim(p.cfg.mount, "/")+"/health")
 	status := http.StatusServiceUnavailable
 	if err == nil {

@@ -17,7 +17,7 @@ auto_auth {
   sink "file" {
     config = {
       path = "/run/cmk-xks-proxy/token"
-      mode = 0640
+      mode = 0600
     }
   }
 }

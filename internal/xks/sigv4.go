@@ -138,7 +138,7 @@ func sign(r *Request, a *Authorization, secret string, at time.Time) (string, er
 		case "host", "x-amz-date": // the signer sets both: host from the request, the date from at
 		case "content-length":
 			n, err := strconv.ParseInt(r.Header.Get("Content-Length"), 10, 64)
-			if err != nil || n <= 0 {
+			if err != nil || n <= 0 || n != int64(len(r.Body)) {
 				return "", fmt.Errorf("signed content-length is not the body's length")
 			}
 			req.ContentLength = n

@@ -53,11 +53,15 @@ func TestVerifyRefuses(t *testing.T) {
 		now     time.Time
 		reason  string
 	}{
-		"body changed":         {change: func(r *xks.Request) { r.Body[len(r.Body)-3] = 'X' }, reason: "does not match"},
-		"path changed":         {change: func(r *xks.Request) { r.Path = "/tenant2/kms/xks/v1/health" }, reason: "does not match"},
-		"host changed":         {change: func(r *xks.Request) { r.Host = "127.0.0.1:18778" }, reason: "does not match"},
-		"method changed":       {change: func(r *xks.Request) { r.Method = "PUT" }, reason: "does not match"},
-		"signed header gone":   {change: func(r *xks.Request) { r.Header.Del("Content-Type") }, reason: "missing"},
+		"body changed":       {change: func(r *xks.Request) { r.Body[len(r.Body)-3] = 'X' }, reason: "does not match"},
+		"path changed":       {change: func(r *xks.Request) { r.Path = "/tenant2/kms/xks/v1/health" }, reason: "does not match"},
+		"host changed":       {change: func(r *xks.Request) { r.Host = "127.0.0.1:18778" }, reason: "does not match"},
+		"method changed":     {change: func(r *xks.Request) { r.Method = "PUT" }, reason: "does not match"},
+		"signed header gone": {change: func(r *xks.Request) { r.Header.Del("Content-Type") }, reason: "missing"},
+		"content-length not the body's": {change: func(r *xks.Request) {
+			r.Header.Set("Authorization", strings.Replace(r.Header.Get("Authorization"), "content-type;", "content-length;content-type;", 1))
+			r.Header.Set("Content-Length", "78")
+		}, reason: "content-length"},
 		"signed header edited": {change: func(r *xks.Request) { r.Header.Set("Content-Type", "text/plain") }, reason: "does not match"},
 		"wrong secret":         {secrets: secrets(map[string]string{"AKIAI2SFODNN7EXAMPLE": "Invalid" + curlSecret}), reason: "does not match"},
 		"unknown access key":   {secrets: secrets(map[string]string{"InvalidAKIAI2SFODNN7EXAMPLE": curlSecret}), reason: "unknown access key"},

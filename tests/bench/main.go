@@ -42,7 +42,7 @@ var (
 	poolSizes  = flag.String("pool-sizes", "1,2,4,8", "session pool sizes to compare for batch encryption")
 	cpuProfile = flag.String("cpuprofile", "", "write a CPU profile of the plugin under load to this file (a batch profile stops the run after the batch rows, writing no file)")
 	heapProf   = flag.String("heapprofile", "", "write a heap profile of the plugin, taken once it has settled after the many-keys load, to this file")
-	profLoad   = flag.String("profile-load", "batch", "load to profile: single or batch encryption, or create (keys created one after another on a mount of their own; the run stops after it)")
+	profLoad   = flag.String("profile-load", "batch", "load to profile: single or batch encryption, xks (AWS External Key Store encryptions, with -xks-only), or create (keys created one after another on a mount of their own; the run stops after it)")
 	rounds     = flag.Int("rounds", 3, "windows per figure, taken in turn with the reference's; rows report medians")
 	firstRows  = flag.Bool("single-only", false, "stop after the single-request rows (to repeat them with more -rounds); writes no file")
 	createOnly = flag.Bool("many-keys-only", false, "only the rows of the many-keys load: -keys keys created one after another, each used once, encryptions over all of them, then the plugin's memory, unbounded and with cache-config size=1000 (to repeat them); writes no file")
@@ -50,6 +50,8 @@ var (
 	netDelay   = flag.Duration("hsm-latency", time.Millisecond, "the network-HSM model's delay per PKCS#11 call")
 	netPools   = flag.String("network-pool-sizes", "4,16,64", "pool sizes measured under the network-HSM model")
 	netOnly    = flag.Bool("network-only", false, "only the network-HSM rows (to repeat them); writes no file")
+	xksProxy   = flag.String("xks-proxy", ".build/bin/cmk-xks-proxy", "the AWS External Key Store front end (make build)")
+	xksOnly    = flag.Bool("xks-only", false, "only the AWS External Key Store rows (to repeat them); writes no file")
 	holdToken  = flag.String("token-rss", "", "internal: open the token with this label, read every object, print this process's RSS in MB")
 )
 
@@ -114,6 +116,10 @@ func main() {
 			return err
 		}
 	}
+	if *xksOnly {
+		fmt.Println(render(xksRows(srv, abs(*xksProxy), dir, cmk, encryptOne(cmk.Path)), nil))
+		return
+	}
 	if *cpuProfile != "" && *profLoad == "single" {
 		profile(srv, 16, encryptOne(cmk.Path))
 	}
@@ -168,6 +174,7 @@ func main() {
 	}
 	w = alternate(window(srv, 16, decryptOne(cmk.Path, ctCMK)), window(srv, 16, decryptOne("transit", ctTransit)))
 	rows = append(rows, ratioRow("single decrypt, requests/s (16 clients)", w[0], "Transit", w[1], rate, 0))
+	rows = append(rows, xksRows(srv, abs(*xksProxy), dir, cmk, encryptOne(cmk.Path))...)
 
 	// Batches of 1,000 × 64-byte items, 4 clients; the raw HSM ceiling on the same token.
 	rawTok, err := rawhsm.Open(env.Library, cmk.Label, cmk.PIN)
