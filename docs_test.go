@@ -142,6 +142,7 @@ var notFields = map[string]string{
 	"deletion_scheduled":           "a key's state in inventory, a value of state",
 	"version_adopted":              "a history event, a value of event",
 	"decrypt_window_advanced":      "a history event, a value of event",
+	"xks_denied":                   "a history event, a value of event",
 	"rotation_skipped":             "a history event, a value of event",
 	"require_grant":                "a value of on_anomaly",
 	"block_caller":                 "a value of on_anomaly",

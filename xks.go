@@ -549,20 +549,17 @@ func (b *backend) xksHealth(ctx context.Context, s logical.Storage) xks.Health {
 		status = "UNAVAILABLE"
 	}
 	detail := xks.FleetDetails{ID: "unknown", Model: "PKCS#11 token", HealthStatus: status}
+	vendor := "unknown"
 	if tok := b.connectedToken(); tok != nil {
 		info := tok.Info()
 		detail.ID = strings.TrimSpace(info.Label + " " + info.SerialNumber)
 		detail.Model = strings.TrimSpace(fmt.Sprintf("%s %s (firmware %s)", info.ManufacturerID, info.Model, info.FirmwareVersion))
+		if m := strings.TrimSpace(info.ManufacturerID); m != "" {
+			vendor = m
+		}
 	}
 	return xks.Health{FleetSize: 1, ProxyVendor: "vault-plugin-secrets-cmk", ProxyModel: "cmk-xks-proxy " + Version,
-		EKMVendor: ekmVendor(detail.Model), FleetDetails: []xks.FleetDetails{detail}}
-}
-
-func ekmVendor(model string) string {
-	if f := strings.Fields(model); len(f) > 0 {
-		return f[0]
-	}
-	return "unknown"
+		EKMVendor: vendor, FleetDetails: []xks.FleetDetails{detail}}
 }
 
 func (b *backend) xksDeepCheck(ctx context.Context, s logical.Storage) error {

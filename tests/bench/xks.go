@@ -133,7 +133,8 @@ func xksRows(srv *vaulttest.Server, proxyBin, dir string, cmk vaulttest.Mount, e
 	for _, l := range []struct {
 		name string
 		r    []result
-	}{{"XKS encrypt", one[0]}, {"XKS decrypt", one[1]}, {"XKS encrypt, 16 clients", w[0]}, {"XKS decrypt, 16 clients", w[1]}} {
+	}{{"XKS encrypt latency %s, ms (1 client)", one[0]}, {"XKS decrypt latency %s, ms (1 client)", one[1]},
+		{"XKS encrypt latency %s, ms (16 clients)", w[0]}, {"XKS decrypt latency %s, ms (16 clients)", w[1]}} {
 		for _, q := range []struct {
 			name string
 			f    func(result) float64
@@ -142,7 +143,7 @@ func xksRows(srv *vaulttest.Server, proxyBin, dir string, cmk vaulttest.Mount, e
 			for i := range ref {
 				ref[i] = timeout[0]
 			}
-			rows = append(rows, ratioRow(fmt.Sprintf("%s latency %s, ms (1 client unless said)", l.name, q.name), l.r, "AWS KMS's timeout", ref, q.f, -1))
+			rows = append(rows, ratioRow(fmt.Sprintf(l.name, q.name), l.r, "AWS KMS's timeout", ref, q.f, -1))
 		}
 	}
 	return rows
