@@ -289,8 +289,19 @@ func TestXKSAsAWSsTestClientSeesIt(t *testing.T) {
 		_, enc := c.encrypt("enc-only", pt, nil, false)
 		status, body := c.call("decrypt", "enc-only", decryptOf(enc, nil))
 		wantXKSError(t, status, body, 400, "InvalidKeyUsageException")
-		status, body = c.encrypt("dec-only", pt, nil, false)
-		wantXKSError(t, status, body, 400, "InvalidKeyUsageException")
+		for _, v := range []struct {
+			aad  []byte
+			cdiv bool
+		}{{aad, false}, {nil, false}, {aad, true}, {nil, true}} {
+			status, body = c.encrypt("dec-only", pt, v.aad, v.cdiv)
+			wantXKSError(t, status, body, 400, "InvalidKeyUsageException")
+		}
+	})
+	t.Run("metadata without or with empty requestMetadata", func(t *testing.T) {
+		for _, raw := range []string{`{}`, `{"requestMetadata":{}}`} {
+			status, body := c.send(http.MethodPost, "/keys/payments-key/metadata", []byte(raw))
+			wantXKSError(t, status, body, 400, "ValidationException")
+		}
 	})
 	t.Run("an unknown kmsOperation is accepted", func(t *testing.T) {
 		raw := fmt.Sprintf(`{"requestMetadata":{"awsPrincipalArn":%q,"kmsKeyArn":%q,"kmsOperation":"BulkEncrypt","kmsRequestId":"x1","newField":1},"plaintext":"AAAA","encryptionAlgorithm":"AES_GCM"}`,

@@ -2,10 +2,18 @@ package tests
 
 import (
 	"bufio"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
+	"math/big"
 	"net"
 	"os"
 	"os/exec"
@@ -119,6 +127,49 @@ func testCA(t *testing.T, dir, cn string) {
 		openssl(t, dir, "x509", "-req", "-in", c.name+".csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
 			"-days", "1", "-extfile", c.name+".ext", "-out", c.name+".pem")
 	}
+}
+
+// bogusClientCerts writes two client certificates with subject CN cn that mutual TLS must refuse: one issued by
+// the test CA but expired, and one self-signed.
+func bogusClientCerts(t *testing.T, dir, cn string) (expired, selfSigned struct{ cert, key string }) {
+	t.Helper()
+	caPair, err := tls.LoadX509KeyPair(filepath.Join(dir, "ca.pem"), filepath.Join(dir, "ca.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	caCert, err := x509.ParseCertificate(caPair.Certificate[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	make1 := func(name string, notAfter time.Time, parent *x509.Certificate, parentKey interface{}) struct{ cert, key string } {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: cn},
+			NotBefore: notAfter.Add(-48 * time.Hour), NotAfter: notAfter, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+			KeyUsage: x509.KeyUsageDigitalSignature}
+		if parent == nil {
+			parent, parentKey = tmpl, key
+		}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, &key.PublicKey, parentKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		keyDER, err := x509.MarshalECPrivateKey(key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := struct{ cert, key string }{filepath.Join(dir, name+".pem"), filepath.Join(dir, name+".key")}
+		for file, block := range map[string]*pem.Block{out.cert: {Type: "CERTIFICATE", Bytes: der}, out.key: {Type: "EC PRIVATE KEY", Bytes: keyDER}} {
+			if err := os.WriteFile(file, pem.EncodeToMemory(block), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return out
+	}
+	return make1("expired", time.Now().Add(-24*time.Hour), caCert, caPair.PrivateKey),
+		make1("selfsigned", time.Now().Add(24*time.Hour), nil, nil)
 }
 
 // startAgent runs Vault Agent with AppRole auto-auth for a role holding policy, and returns the sink file once
@@ -291,6 +342,15 @@ func TestXKSThroughTheFrontEndWithCurl(t *testing.T) {
 	if status, e := x.curl("POST", "/health", `{"requestMetadata":{"kmsRequestId":"h","kmsOperation":"KmsHealthCheck"}}`, x.akid, "Invalid"+x.secret); status != 401 || e["errorName"] != "AuthenticationFailedException" {
 		t.Fatalf("wrong secret: %d %v", status, e)
 	}
+	// curl signs with the X-Amz-Date it is given: six minutes ago is past the replay window.
+	old := time.Now().UTC().Add(-6 * time.Minute).Format("20060102T150405Z")
+	if status, e := x.curl("POST", "/health", `{"requestMetadata":{"kmsRequestId":"h","kmsOperation":"KmsHealthCheck"}}`, x.akid, x.secret, "-H", "X-Amz-Date: "+old); status != 401 || e["errorName"] != "AuthenticationFailedException" {
+		t.Fatalf("a request signed six minutes ago: %d %v", status, e)
+	}
+	recent := time.Now().UTC().Add(-2 * time.Minute).Format("20060102T150405Z")
+	if status, e := x.curl("POST", "/health", `{"requestMetadata":{"kmsRequestId":"h","kmsOperation":"KmsHealthCheck"}}`, x.akid, x.secret, "-H", "X-Amz-Date: "+recent); status != 200 {
+		t.Fatalf("a request signed two minutes ago: %d %v", status, e)
+	}
 	bad := *x
 	bad.uriPath = "/keystores/acct1/invalid/kms/xks/v1"
 	if status, e := bad.curl("POST", "/health", `{"requestMetadata":{"kmsRequestId":"h","kmsOperation":"KmsHealthCheck"}}`, x.akid, x.secret); status != 404 || e["errorName"] != "InvalidUriPathException" {
@@ -299,8 +359,11 @@ func TestXKSThroughTheFrontEndWithCurl(t *testing.T) {
 	if status, _ := x.curl("GET", "/health", "", x.akid, x.secret); status != 405 {
 		t.Fatalf("GET: %d", status)
 	}
-	// Mutual TLS: no client certificate, or one with another subject, ends the handshake.
-	for _, who := range []struct{ cert, key string }{{"", ""}, {filepath.Join(dir, "stranger.pem"), filepath.Join(dir, "stranger.key")}} {
+	// Mutual TLS: no client certificate, one with another subject, an expired one or a self-signed one with AWS's
+	// subject (the test client's bogus-mtls cases) ends the handshake.
+	expired, selfSigned := bogusClientCerts(t, dir, awsCN)
+	for _, who := range []struct{ cert, key string }{{"", ""}, {filepath.Join(dir, "stranger.pem"), filepath.Join(dir, "stranger.key")},
+		expired, selfSigned} {
 		anon := *x
 		anon.clientCert, anon.key = who.cert, who.key
 		args := []string{"-sS", "--cacert", x.ca, "--resolve", xksHost + ":" + strings.Split(addr, ":")[1] + ":127.0.0.1", "-o", "/dev/null"}
