@@ -497,9 +497,23 @@ func TestXKSConfiguration(t *testing.T) {
 			t.Fatalf("credential %s: %d", cl.akid, status)
 		}
 	}
+	if status, _ := c.call("metadata", "x", nil); status != 200 { // the last verification: c's key derived
+		t.Fatalf("credential %s: %d", c.akid, status)
+	}
 	e.ok(e.request("delete", "xks/stores/s1/credentials/"+c.akid, nil))
 	status, body := c.call("metadata", "x", nil)
 	wantXKSError(t, status, body, 401, "AuthenticationFailedException")
+	// The access key id again, with another secret: the old secret verifies nothing (AWS's signer caches derived
+	// keys by access key id, not by secret, so the engine never shares one).
+	e.ok(e.write("xks/stores/s1/credentials", map[string]interface{}{"access_key_id": c.akid, "secret_access_key": "bmV3c2VjcmV0bmV3c2VjcmV0bmV3c2VjcmV0bmV3c2VjcmV0MTIzNA=="}))
+	status, body = c.call("metadata", "x", nil)
+	wantXKSError(t, status, body, 401, "AuthenticationFailedException")
+	renewed := *c
+	renewed.key = "bmV3c2VjcmV0bmV3c2VjcmV0bmV3c2VjcmV0bmV3c2VjcmV0MTIzNA=="
+	if status, _ := renewed.call("metadata", "x", nil); status != 200 {
+		t.Fatalf("the new secret: %d", status)
+	}
+	e.ok(e.request("delete", "xks/stores/s1/credentials/"+c.akid, nil))
 	for i := 0; i < 3; i++ {
 		e.ok(e.write("xks/stores/s1/credentials", nil))
 	}

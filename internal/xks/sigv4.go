@@ -153,6 +153,8 @@ func sign(r *Request, a *Authorization, secret string, at time.Time) (string, er
 		}
 	}
 	sum := sha256.Sum256(r.Body)
+	// A signer per verification: a signer caches the keys it derives by access key id, region and service, not by
+	// secret, so a shared one would go on verifying a replaced secret under a reused access key id for the day.
 	signer := v4.NewSigner()
 	creds := aws.Credentials{AccessKeyID: a.AccessKeyID, SecretAccessKey: secret}
 	if err := signer.SignHTTP(context.Background(), creds, req, hex.EncodeToString(sum[:]), a.Service, a.Region, at); err != nil {
