@@ -42,9 +42,11 @@ type xksState struct {
 	generation uint64                   // counts drops: a snapshot read across one is not kept
 	limiters   map[string]*rate.Limiter // by store
 
-	healthMu sync.Mutex
-	healthAt time.Time
-	healthOK error // the last deep check's outcome
+	healthMu      sync.Mutex
+	healthAt      time.Time // when the last deep check completed (zero: none has)
+	healthOK      error     // its outcome
+	healthRunning bool      // a check is under way
+	healthKeyMu   sync.Mutex
 }
 
 type xksConfig struct {
@@ -334,7 +336,11 @@ func (b *backend) serveXKS(ctx context.Context, req *logical.Request, r *xks.Req
 			b.xksDenied(ctx, req, k.Name, md, op, id, err.Error())
 			return a.fail(xks.Errorf(xks.AccessDeniedException, "%v", err))
 		case keys.IsCaller(err): // deleted, disabled or scheduled for deletion since the read above
-			if now, _ := b.keys.Get(ctx, req.Storage, k.Name); now == nil {
+			now, gerr := b.keys.Get(ctx, req.Storage, k.Name)
+			switch {
+			case gerr != nil:
+				return a.fail(xksError(gerr))
+			case now == nil || !now.CreatedAt.Equal(xk.KeyCreatedAt):
 				return a.fail(xks.Errorf(xks.KeyNotFoundException, "external key %s's key %s is no longer on the mount", id, xk.Key))
 			}
 			return a.fail(xks.Errorf(xks.InvalidStateException, "%v", err))
@@ -524,16 +530,23 @@ const xksHealthKeyPath = "xks/health_key"
 // check is not, and its outcome serves the requests after it.
 const xksHealthTimeout = 10 * time.Second
 
+// xksHealthMaxAge is the oldest outcome a health answer may give (the specification's one minute).
+const xksHealthMaxAge = time.Minute
+
 func (b *backend) xksHealth(ctx context.Context, s logical.Storage) xks.Health {
 	x := &b.xks
 	x.healthMu.Lock()
-	stale := x.healthAt.IsZero() || time.Since(x.healthAt) > xksHealthTTL
-	if stale {
-		x.healthAt = time.Now() // one check at a time: the requests meanwhile take the last outcome
+	run := !x.healthRunning && (x.healthAt.IsZero() || time.Since(x.healthAt) > xksHealthTTL)
+	if run {
+		x.healthRunning = true // one check at a time: the requests meanwhile take the last outcome
 	}
 	checkErr := x.healthOK
+	if x.healthAt.IsZero() || time.Since(x.healthAt) > xksHealthMaxAge {
+		// No outcome yet, or one older than the specification lets a cached answer be (a check hanging in the HSM).
+		checkErr = errors.New("no deep health check has completed within the last minute")
+	}
 	x.healthMu.Unlock()
-	if stale {
+	if run {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), xksHealthTimeout)
 		checkErr = b.xksDeepCheck(cctx, s)
 		cancel()
@@ -541,7 +554,7 @@ func (b *backend) xksHealth(ctx context.Context, s logical.Storage) xks.Health {
 			b.logger.Warn("XKS health check failed: AWS KMS is told the HSM is UNAVAILABLE", "error", checkErr)
 		}
 		x.healthMu.Lock()
-		x.healthOK, x.healthAt = checkErr, time.Now()
+		x.healthOK, x.healthAt, x.healthRunning = checkErr, time.Now(), false
 		x.healthMu.Unlock()
 	}
 	status := "ACTIVE"
@@ -567,7 +580,7 @@ func (b *backend) xksDeepCheck(ctx context.Context, s logical.Storage) error {
 	if err != nil {
 		return err
 	}
-	id, err := b.xksHealthKey(ctx, s, tok, false)
+	id, err := b.xksHealthKey(ctx, s, tok, nil)
 	if err != nil {
 		return err
 	}
@@ -582,7 +595,7 @@ func (b *backend) xksDeepCheck(ctx context.Context, s logical.Storage) error {
 	used, sealed, err := tok.EncryptGCM(ctx, id, nonce, []byte("xks health"), probe)
 	if errors.Is(err, hsm.ErrObjectNotFound) {
 		// The token no longer holds the key (storage restored, or another token): a new one, once.
-		if id, err = b.xksHealthKey(ctx, s, tok, true); err != nil {
+		if id, err = b.xksHealthKey(ctx, s, tok, id); err != nil {
 			return err
 		}
 		used, sealed, err = tok.EncryptGCM(ctx, id, nonce, []byte("xks health"), probe)
@@ -600,26 +613,37 @@ func (b *backend) xksDeepCheck(ctx context.Context, s logical.Storage) error {
 	return nil
 }
 
-// xksHealthKey is the CKA_ID of the health check's AES-256 key, generated on first use (or, fresh, because the
-// token lost it). Its label is the mount's, without a version: reconcile and adoption never take it for a key's. A
-// generation whose id storage never recorded is found again by its label, so a crash between the two leaves
-// nothing behind.
-func (b *backend) xksHealthKey(ctx context.Context, s logical.Storage, tok hsmToken, fresh bool) ([]byte, error) {
+// xksHealthKey is the CKA_ID of the health check's AES-256 key, generated on first use, or again when the token
+// lost the one with CKA_ID lost. Its label is the mount's, without a version: reconcile and adoption never take it
+// for a key's. A generation whose id storage never recorded is found again by its label, so a crash between the
+// two leaves nothing behind.
+func (b *backend) xksHealthKey(ctx context.Context, s logical.Storage, tok hsmToken, lost []byte) ([]byte, error) {
 	type healthKey struct {
 		HSMID string `json:"hsm_id"`
 	}
-	hk, err := getJSON[healthKey](ctx, s, xksHealthKeyPath)
-	if err != nil {
-		return nil, err
+	stored := func() ([]byte, error) {
+		hk, err := getJSON[healthKey](ctx, s, xksHealthKeyPath)
+		if err != nil || hk == nil {
+			return nil, err
+		}
+		id, err := hex.DecodeString(hk.HSMID)
+		if err != nil || bytes.Equal(id, lost) {
+			return nil, err
+		}
+		return id, nil
 	}
-	if hk != nil && !fresh {
-		return hex.DecodeString(hk.HSMID)
+	if id, err := stored(); err != nil || id != nil {
+		return id, err
 	}
-	b.xks.writeMu.Lock()
-	defer b.xks.writeMu.Unlock()
+	b.xks.healthKeyMu.Lock() // one generation at a time; never the configuration's lock, held across an HSM call
+	defer b.xks.healthKeyMu.Unlock()
+	if id, err := stored(); err != nil || id != nil { // another check made it meanwhile
+		return id, err
+	}
 	label := keys.LabelPrefix(b.mountID) + "xks_health_key"
 	var ids [][]byte
-	if !fresh {
+	var err error
+	if lost == nil {
 		if ids, err = tok.LabelledIDs(ctx, label); err != nil {
 			return nil, err
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -587,5 +588,54 @@ func TestXKSConfigReadOvertakenByAChangeIsNotKept(t *testing.T) {
 	}
 	if e.b.xks.cfg == nil {
 		t.Fatal("a read no change overtook was not kept")
+	}
+}
+
+// The deep health check: a health key the token lost is made again, and while no check has completed (the first
+// one still under way) the HSM is reported UNAVAILABLE, never ACTIVE on no evidence.
+func TestXKSHealthKeyLostIsMadeAgainAndNoCheckIsNoHealth(t *testing.T) {
+	e := newTestBackend(t)
+	c := newXKSStore(t, e, "s", nil)
+	health := func() string {
+		t.Helper()
+		status, h := c.send(http.MethodPost, "/health", []byte(`{"requestMetadata":{"kmsRequestId":"h","kmsOperation":"KmsHealthCheck"}}`))
+		if status != 200 {
+			t.Fatalf("health: %d %v", status, h)
+		}
+		return h["ekmFleetDetails"].([]interface{})[0].(map[string]interface{})["healthStatus"].(string)
+	}
+	if got := health(); got != "ACTIVE" {
+		t.Fatalf("first check: %s", got)
+	}
+	type healthKey struct {
+		HSMID string `json:"hsm_id"`
+	}
+	before, err := getJSON[healthKey](t.Context(), e.storage, xksHealthKeyPath)
+	if err != nil || before == nil {
+		t.Fatal(err)
+	}
+	tok, _, err := e.b.getToken(t.Context(), e.storage)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := hex.DecodeString(before.HSMID)
+	if n, err := tok.DestroyKeys(t.Context(), id); err != nil || n == 0 {
+		t.Fatalf("destroy the health key: %d %v", n, err)
+	}
+	e.b.xks.healthMu.Lock()
+	e.b.xks.healthAt = time.Time{} // due again
+	e.b.xks.healthMu.Unlock()
+	if got := health(); got != "ACTIVE" {
+		t.Fatalf("after the token lost the health key: %s", got)
+	}
+	after, err := getJSON[healthKey](t.Context(), e.storage, xksHealthKeyPath)
+	if err != nil || after == nil || after.HSMID == before.HSMID {
+		t.Fatalf("health key %v, was %s", after, before.HSMID)
+	}
+	e.b.xks.healthMu.Lock()
+	e.b.xks.healthAt, e.b.xks.healthRunning = time.Time{}, true // a first check under way elsewhere
+	e.b.xks.healthMu.Unlock()
+	if got := health(); got != "UNAVAILABLE" {
+		t.Fatalf("with no check completed: %s", got)
 	}
 }

@@ -10,7 +10,8 @@
 //	    -vault-addr https://vault:8200 -token-file /run/vault-agent/token [-mount cmk] \
 //	    [-client-ca aws-ca.pem -client-cn cks.kms.us-east-1.amazonaws.com]
 //
-// GET /healthz (no authentication, for load balancers) answers 200 while the engine's HSM serves and 503 when not.
+// GET /healthz (no authentication, for load balancers; on -health-listen in plain HTTP when mutual TLS is on) answers
+// 200 while the proxy's token is good and the engine's HSM serves, 503 when not.
 package main
 
 import (
@@ -48,15 +49,16 @@ var xksShaped = regexp.MustCompile(`^(/[A-Za-z0-9_-]+)*/kms/xks/v1/(health|keys/
 const maxBody = 256 << 10
 
 type config struct {
-	listen, certFile, keyFile, clientCA, vaultAddr, vaultCACert, tokenFile, mount string
-	clientCNs                                                                     []string
-	timeout                                                                       time.Duration
+	listen, healthListen, certFile, keyFile, clientCA, vaultAddr, vaultCACert, tokenFile, mount string
+	clientCNs                                                                                   []string
+	timeout                                                                                     time.Duration
 }
 
 func main() {
 	var c config
 	var cns string
 	flag.StringVar(&c.listen, "listen", "127.0.0.1:8443", "address to serve HTTPS on")
+	flag.StringVar(&c.healthListen, "health-listen", "", "address to serve GET /healthz on in plain HTTP, for a load balancer that cannot present AWS's client certificate (with mutual TLS); empty: /healthz on -listen")
 	flag.StringVar(&c.certFile, "tls-cert", "", "TLS certificate (PEM, with its chain) for the name AWS KMS calls (required)")
 	flag.StringVar(&c.keyFile, "tls-key", "", "its private key (PEM, required)")
 	flag.StringVar(&c.clientCA, "client-ca", "", "mutual TLS: CA certificates (PEM) a client certificate must chain to")
@@ -106,6 +108,22 @@ func run(c config, log hclog.Logger) error {
 		defer cancel()
 		_ = srv.Shutdown(ctx)
 	}()
+	if c.healthListen != "" {
+		hl, err := net.Listen("tcp", c.healthListen)
+		if err != nil {
+			return err
+		}
+		hsrv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path != "/healthz" || r.Method != http.MethodGet {
+				http.NotFound(w, r)
+				return
+			}
+			p.serveHealthz(w, r)
+		}), ReadHeaderTimeout: 5 * time.Second}
+		go func() { _ = hsrv.Serve(hl) }()
+		defer hsrv.Close()
+		log.Info("serving /healthz", "address", hl.Addr().String())
+	}
 	log.Info("serving", "address", ln.Addr().String(), "mutual_tls", c.clientCA != "", "vault", c.vaultAddr, "mount", c.mount)
 	if err := srv.ServeTLS(ln, "", ""); !errors.Is(err, http.ErrServerClosed) {
 		return err
@@ -161,19 +179,26 @@ type proxy struct {
 
 func newProxy(c config, log hclog.Logger) (*proxy, error) {
 	vc := api.DefaultConfig()
-	vc.Address = c.vaultAddr
-	vc.MaxRetries = 0 // AWS KMS retries; a retry here would outlast its 250 ms
-	vc.Timeout = c.timeout
-	// AWS KMS keeps many requests in flight: keep as many connections to Vault open (Vault's default pool keeps
-	// GOMAXPROCS+1 idle, and opens and closes the rest per request).
-	if t, ok := vc.HttpClient.Transport.(*http.Transport); ok {
-		t.MaxIdleConnsPerHost = 256
+	if vc.Error != nil {
+		return nil, vc.Error
 	}
-	// Always verified: VAULT_SKIP_VERIFY, which DefaultConfig honours, would send the token and AWS's data keys to
-	// whoever answers.
-	if err := vc.ConfigureTLS(&api.TLSConfig{CACert: c.vaultCACert, Insecure: false}); err != nil {
+	vc.Address = c.vaultAddr
+	vc.AgentAddress = "" // -vault-addr, never VAULT_AGENT_ADDR's
+	vc.MaxRetries = 0    // AWS KMS retries; a retry here would outlast its 250 ms
+	vc.Timeout = c.timeout
+	if err := vc.ConfigureTLS(&api.TLSConfig{CACert: c.vaultCACert}); err != nil {
 		return nil, err
 	}
+	// Always verified: VAULT_SKIP_VERIFY, which DefaultConfig honours (and ConfigureTLS can only turn on), would send
+	// the token and AWS's data keys to whoever answers.
+	transport, ok := vc.HttpClient.Transport.(*http.Transport)
+	if !ok || transport.TLSClientConfig == nil {
+		return nil, errors.New("the Vault client's transport is not the one this proxy configures")
+	}
+	transport.TLSClientConfig.InsecureSkipVerify = false
+	// AWS KMS keeps many requests in flight: keep as many connections to Vault open over HTTP/1.1 (Vault's default
+	// pool keeps GOMAXPROCS+1 idle, and opens and closes the rest per request).
+	transport.MaxIdleConns, transport.MaxIdleConnsPerHost = 256, 256
 	client, err := api.NewClient(vc)
 	if err != nil {
 		return nil, err
