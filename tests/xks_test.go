@@ -280,8 +280,12 @@ func TestXKSThroughTheFrontEndWithCurl(t *testing.T) {
 	sink := startAgent(t, root, dir, m.Path+"-xks-proxy")
 	const awsCN = "cks.kms.us-east-1.amazonaws.com"
 	testCA(t, dir, awsCN)
+	healthAddr, err := vaulttest.FreeAddr()
+	if err != nil {
+		t.Fatal(err)
+	}
 	addr := startProxy(t, dir, "-tls-cert", filepath.Join(dir, "server.pem"), "-tls-key", filepath.Join(dir, "server.key"),
-		"-client-ca", filepath.Join(dir, "ca.pem"), "-client-cn", awsCN,
+		"-client-ca", filepath.Join(dir, "ca.pem"), "-client-cn", awsCN, "-health-listen", healthAddr,
 		"-vault-addr", root.Address(), "-token-file", sink, "-mount", m.Path)
 	x := &xksE2E{t: t, dir: dir, addr: addr, akid: cred.Data["access_key_id"].(string), secret: cred.Data["secret_access_key"].(string),
 		uriPath: st.Data["uri_path"].(string), ca: filepath.Join(dir, "ca.pem"),
@@ -374,11 +378,14 @@ func TestXKSThroughTheFrontEndWithCurl(t *testing.T) {
 			t.Fatalf("a client without AWS's certificate (%q) got through: %s", who.cert, out)
 		}
 	}
-	// A load balancer's check: no token, no signature.
+	// A load balancer's check: no token, no signature, and (on -health-listen) no client certificate.
 	_, port, _ := net.SplitHostPort(addr)
 	if out, err := exec.Command("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", x.ca, "--cert", x.clientCert, "--key", x.key,
 		"--resolve", xksHost+":"+port+":127.0.0.1", "https://"+xksHost+":"+port+"/healthz").CombinedOutput(); err != nil || string(out) != "200" {
 		t.Fatalf("/healthz: %s %v", out, err)
+	}
+	if out, err := exec.Command("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "http://"+healthAddr+"/healthz").CombinedOutput(); err != nil || string(out) != "200" {
+		t.Fatalf("/healthz on -health-listen: %s %v", out, err)
 	}
 	// The customer's kill switch.
 	mustWrite(t, root, m.Path+"/keys/s3-bucket-key/disable", nil)
