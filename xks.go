@@ -10,7 +10,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -485,21 +484,33 @@ func matchesAny(patterns []string, v string) bool {
 		return false
 	}
 	for _, p := range patterns {
-		if !strings.Contains(p, "*") {
-			if p == v {
-				return true
-			}
-			continue
-		}
-		parts := strings.Split(p, "*")
-		for i := range parts {
-			parts[i] = regexp.QuoteMeta(parts[i])
-		}
-		if regexp.MustCompile("^" + strings.Join(parts, ".*") + "$").MatchString(v) {
+		if wildcardMatch(p, v) {
 			return true
 		}
 	}
 	return false
+}
+
+// wildcardMatch matches v against p, whose '*' match any run of characters: the pieces between them in order, the
+// first at the start and the last at the end. No regular expression is compiled on the request path.
+func wildcardMatch(p, v string) bool {
+	pieces := strings.Split(p, "*")
+	if len(pieces) == 1 {
+		return p == v
+	}
+	first, last := pieces[0], pieces[len(pieces)-1]
+	if !strings.HasPrefix(v, first) || len(v) < len(first)+len(last) || !strings.HasSuffix(v, last) {
+		return false
+	}
+	rest := v[len(first) : len(v)-len(last)]
+	for _, piece := range pieces[1 : len(pieces)-1] {
+		i := strings.Index(rest, piece)
+		if i < 0 {
+			return false
+		}
+		rest = rest[i+len(piece):]
+	}
+	return true
 }
 
 // xksDenied records a refused request in the key's history, with the ids that join it to CloudTrail, and logs it.

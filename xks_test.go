@@ -639,3 +639,29 @@ func TestXKSHealthKeyLostIsMadeAgainAndNoCheckIsNoHealth(t *testing.T) {
 		t.Fatalf("with no check completed: %s", got)
 	}
 }
+
+func TestXKSWildcards(t *testing.T) {
+	for _, c := range []struct {
+		p, v string
+		want bool
+	}{
+		{"arn:aws:iam::1111:*", "arn:aws:iam::1111:role/a", true},
+		{"arn:aws:iam::1111:*", "arn:aws:iam::2222:role/a", false},
+		{"*", "anything", true},
+		{"a*b*c", "abc", true},
+		{"a*b*c", "aXbYc", true},
+		{"a*b*c", "acb", false},
+		{"ab*ba", "aba", false},
+		{"vpce-0abc*", "vpce-0abc1234", true},
+		{"s3.amazonaws.com", "s3.amazonaws.com", true},
+		{"s3.amazonaws.com", "s3xamazonaws.com", false},
+		{"a.*", "aX", false}, // '.' is a dot, not any character
+	} {
+		if got := wildcardMatch(c.p, c.v); got != c.want {
+			t.Errorf("%q ~ %q: %v", c.p, c.v, got)
+		}
+	}
+	if matchesAny([]string{"*"}, "") {
+		t.Error("an absent value matched")
+	}
+}
