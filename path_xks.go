@@ -303,11 +303,11 @@ func (b *backend) pathXKSStoreWrite(ctx context.Context, req *logical.Request, d
 		if err := xks.CheckURIPath(st.uriPath()); err != nil {
 			return respond(callerf("path_prefix: %v", err))
 		}
-		others, err := b.xksStores(ctx, req.Storage)
+		cfg, err := b.xks.config(ctx, req.Storage) // current: every write drops it, under writeMu
 		if err != nil {
 			return nil, err
 		}
-		for _, o := range others {
+		for _, o := range cfg.stores {
 			if o.uriPath() == st.uriPath() {
 				return respond(callerf("key store %q already serves %s", o.Name, o.uriPath()))
 			}
@@ -333,25 +333,6 @@ func (b *backend) pathXKSStoreWrite(ctx context.Context, req *logical.Request, d
 	}
 	b.xks.drop()
 	return b.pathXKSStoreRead(ctx, req, d)
-}
-
-// xksStores reads every store.
-func (b *backend) xksStores(ctx context.Context, s logical.Storage) ([]*xksStore, error) {
-	names, err := s.List(ctx, xksStoresPrefix)
-	if err != nil {
-		return nil, err
-	}
-	var out []*xksStore
-	for _, n := range names {
-		st, err := getJSON[xksStore](ctx, s, xksStoresPrefix+n)
-		if err != nil {
-			return nil, err
-		}
-		if st != nil {
-			out = append(out, st)
-		}
-	}
-	return out, nil
 }
 
 // xksCredentialsOf lists the access key ids of store's credentials.
