@@ -26,6 +26,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	_ "net/http/pprof" // served only when CMK_PPROF_ADDR is set
 	"os"
 	"os/signal"
 	"regexp"
@@ -73,6 +74,10 @@ func main() {
 		c.clientCNs = strings.Split(cns, ",")
 	}
 	log := hclog.New(&hclog.LoggerOptions{Name: "cmk-xks-proxy", Output: os.Stderr, JSONFormat: true})
+	// Profiling for benchmarks, as the plugin's: only when CMK_PPROF_ADDR is set, only on loopback.
+	if addr := os.Getenv("CMK_PPROF_ADDR"); strings.HasPrefix(addr, "127.0.0.1:") {
+		go func() { _ = http.ListenAndServe(addr, nil) }()
+	}
 	if err := run(c, log); err != nil {
 		log.Error("exiting", "error", err)
 		os.Exit(1)

@@ -215,6 +215,14 @@ func (s *Server) Stop() {
 	}
 }
 
+// PID is the server's process id, 0 before it starts.
+func (s *Server) PID() int {
+	if s.cmd == nil || s.cmd.Process == nil {
+		return 0
+	}
+	return s.cmd.Process.Pid
+}
+
 // PluginPIDs lists the running processes of this server's plugins (children whose binary is in its plugin
 // directory), for memory figures.
 func (s *Server) PluginPIDs() []int {

@@ -40,9 +40,9 @@ var (
 	quick      = flag.Bool("quick", false, "smoke run: tiny durations and counts (checks the benchmark works, measures nothing)")
 	out        = flag.String("out", "", "write the results as Markdown to this file")
 	poolSizes  = flag.String("pool-sizes", "1,2,4,8", "session pool sizes to compare for batch encryption")
-	cpuProfile = flag.String("cpuprofile", "", "write a CPU profile of the plugin under load to this file (a batch profile stops the run after the batch rows, writing no file)")
+	cpuProfile = flag.String("cpuprofile", "", "write a CPU profile of the plugin under load to this file, and one of Vault to the file with .vault appended (a batch profile stops the run after the batch rows, writing no file)")
 	heapProf   = flag.String("heapprofile", "", "write a heap profile of the plugin, taken once it has settled after the many-keys load, to this file")
-	profLoad   = flag.String("profile-load", "batch", "load to profile: single or batch encryption, xks (AWS External Key Store encryptions, with -xks-only), or create (keys created one after another on a mount of their own; the run stops after it)")
+	profLoad   = flag.String("profile-load", "batch", "load to profile: single or batch encryption, xks (AWS External Key Store encryptions, with -xks-only; the front end is profiled too, then the engine's own encrypt to files with .engine appended), or create (keys created one after another on a mount of their own; the run stops after it)")
 	rounds     = flag.Int("rounds", 3, "windows per figure, taken in turn with the reference's; rows report medians")
 	firstRows  = flag.Bool("single-only", false, "stop after the single-request rows (to repeat them with more -rounds); writes no file")
 	createOnly = flag.Bool("many-keys-only", false, "only the rows of the many-keys load: -keys keys created one after another, each used once, encryptions over all of them, then the plugin's memory, unbounded and with cache-config size=1000 (to repeat them); writes no file")
@@ -838,20 +838,41 @@ func registerWithProfiler(srv *vaulttest.Server) error {
 	})
 }
 
-// profile takes a CPU profile of the plugin while fn runs under load.
+// profile takes a CPU profile of the plugin, and one of Vault (-cpuprofile with ".vault" appended), while fn runs
+// under load: the request's cost is split between the two processes.
 func profile(srv *vaulttest.Server, clients int, fn func(*api.Client) error) {
-	done := make(chan struct{})
+	var done sync.WaitGroup
+	done.Add(2)
 	go func() {
-		defer close(done)
+		defer done.Done()
 		fetchProfile(fmt.Sprintf("profile?seconds=%d", int(duration.Seconds())), *cpuProfile)
 	}()
-	load(srv, clients, fn)
-	<-done
+	go func() {
+		defer done.Done()
+		raw, err := srv.Client.Logical().ReadRawWithDataWithContext(context.Background(), "sys/pprof/profile",
+			map[string][]string{"seconds": {strconv.Itoa(int(duration.Seconds()))}})
+		if err != nil {
+			log.Printf("Vault's profile: %v", err)
+			return
+		}
+		defer raw.Body.Close()
+		f, err := os.Create(*cpuProfile + ".vault")
+		check(err)
+		_, _ = io.Copy(f, raw.Body)
+		check(f.Close())
+		log.Printf("profile of Vault written to %s.vault", *cpuProfile)
+	}()
+	r := load(srv, clients, fn)
+	done.Wait()
+	log.Printf("%.0f requests in the profiled load", r.rate*duration.Seconds())
 }
 
 // fetchProfile writes the plugin's pprof profile of the given kind (a path under /debug/pprof/) to file.
-func fetchProfile(kind, file string) {
-	resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/%s", os.Getenv("CMK_BENCH_PPROF"), kind))
+func fetchProfile(kind, file string) { fetchFrom(os.Getenv("CMK_BENCH_PPROF"), kind, file) }
+
+// fetchFrom writes the pprof profile of the given kind served at addr to file.
+func fetchFrom(addr, kind, file string) {
+	resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/%s", addr, kind))
 	if err != nil {
 		log.Printf("profile: %v", err)
 		return
@@ -861,7 +882,7 @@ func fetchProfile(kind, file string) {
 	check(err)
 	_, _ = io.Copy(f, resp.Body)
 	check(f.Close())
-	log.Printf("profile of the plugin (%s) written to %s", kind, file)
+	log.Printf("profile (%s) written to %s", kind, file)
 }
 
 func write(c *api.Client, path string, data map[string]interface{}) *api.Secret {

@@ -13,16 +13,20 @@ import (
 	"encoding/pem"
 	"fmt"
 	"io"
+	"log"
 	"math/big"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/vault/api"
+	"golang.org/x/sys/unix"
 
 	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/vaulttest"
 	"github.com/vault-plugin-secrets-cmk/vault-plugin-secrets-cmk/internal/xks/xkstest"
@@ -58,6 +62,9 @@ func xksRows(srv *vaulttest.Server, proxyBin, dir string, cmk vaulttest.Mount, e
 	cmd := exec.Command(proxyBin, "-listen", addr, "-tls-cert", certFile, "-tls-key", keyFile, "-vault-addr", "http://"+srv.Addr,
 		"-token-file", tokenFile, "-mount", cmk.Path)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
+	proxyPprof, err := vaulttest.FreeAddr()
+	check(err)
+	cmd.Env = append(os.Environ(), "CMK_PPROF_ADDR="+proxyPprof)
 	check(cmd.Start())
 	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait(); logFile.Close() }()
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
@@ -120,14 +127,64 @@ func xksRows(srv *vaulttest.Server, proxyBin, dir string, cmk vaulttest.Mount, e
 		return err
 	}
 	if *cpuProfile != "" && *profLoad == "xks" {
+		// The front end's profile beside the plugin's and Vault's; then the three again under the engine's own
+		// encrypt (".engine" appended), to set one against the other.
+		proxyDone := make(chan struct{})
+		go func() {
+			defer close(proxyDone)
+			fetchFrom(proxyPprof, fmt.Sprintf("profile?seconds=%d", int(duration.Seconds())), *cpuProfile+".proxy")
+		}()
 		profile(srv, 16, xksEncrypt)
+		<-proxyDone
+		*cpuProfile += ".engine"
+		profile(srv, 16, engineEncrypt)
 		return nil
 	}
-	w := alternate(window(srv, 16, xksEncrypt), window(srv, 16, xksDecrypt), window(srv, 16, engineEncrypt))
+	// Each process's CPU time per request, read in the same windows: where an XKS request's cost goes.
+	procs := map[string][]int{"Vault": {srv.PID()}, "the plugin": srv.PluginPIDs(), "cmk-xks-proxy": {cmd.Process.Pid},
+		"the load generator": {os.Getpid()}}
+	var xksCPU, engineCPU []map[string]float64
+	w := alternate(cpuWindow(srv, 16, xksEncrypt, procs, &xksCPU), window(srv, 16, xksDecrypt), cpuWindow(srv, 16, engineEncrypt, procs, &engineCPU))
 	rows := []row{
 		ratioRow("XKS encrypt through cmk-xks-proxy (TLS, SigV4), requests/s (16 clients)", w[0], "the engine's single encrypt", w[2], rate, 0.7),
 		ratioRow("XKS decrypt through cmk-xks-proxy (TLS, SigV4), requests/s (16 clients)", w[1], "the engine's single encrypt", w[2], rate, 0.7),
 	}
+	for _, name := range []string{"Vault", "the plugin", "cmk-xks-proxy", "the load generator", "all"} {
+		rows = append(rows, cpuRow("CPU time per XKS encrypt, "+name+", ms", name, xksCPU, engineCPU))
+	}
+	// As deployed, the front end runs beside AWS's load balancer, not on the Vault node. Here: Vault and its plugins
+	// on one of this process's CPUs, the front end and the load generator on another, for these windows alone.
+	var cpus unix.CPUSet
+	check(unix.SchedGetaffinity(0, &cpus))
+	var mine []string
+	for i := 0; i < 1024 && len(mine) < cpus.Count(); i++ {
+		if cpus.IsSet(i) {
+			mine = append(mine, strconv.Itoa(i))
+		}
+	}
+	if len(mine) < 2 {
+		log.Printf("one CPU: no figures with Vault on a core of its own")
+		return append(rows, latencyRows(srv, xksEncrypt, xksDecrypt, w)...)
+	}
+	pin := func(vaultCPUs, otherCPUs string) {
+		for _, pid := range append([]int{srv.PID()}, srv.PluginPIDs()...) {
+			taskset(vaultCPUs, pid)
+		}
+		taskset(otherCPUs, cmd.Process.Pid)
+		taskset(otherCPUs, os.Getpid())
+	}
+	pin(mine[0], mine[1])
+	p := alternate(window(srv, 16, xksEncrypt), window(srv, 16, xksDecrypt), window(srv, 16, engineEncrypt))
+	pin(strings.Join(mine, ","), strings.Join(mine, ","))
+	rows = append(rows,
+		ratioRow("XKS encrypt, Vault on one core, the front end and the clients on another, requests/s (16 clients)", p[0], "the engine's single encrypt, alike", p[2], rate, 0),
+		ratioRow("XKS decrypt, alike", p[1], "the engine's single encrypt, alike", p[2], rate, 0))
+	return append(rows, latencyRows(srv, xksEncrypt, xksDecrypt, w)...)
+}
+
+// latencyRows are the XKS latencies against AWS KMS's timeout: with one client, and with 16 (the windows w).
+func latencyRows(srv *vaulttest.Server, xksEncrypt, xksDecrypt func(*api.Client) error, w [][]result) []row {
+	var rows []row
 	one := alternate(window(srv, 1, xksEncrypt), window(srv, 1, xksDecrypt))
 	timeout := []result{{p50: 250, p99: 250}}
 	for _, l := range []struct {
@@ -169,3 +226,59 @@ func selfSigned(dir string) (certFile, keyFile string, pool *x509.CertPool) {
 	check(os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600))
 	return certFile, keyFile, pool
 }
+
+// taskset sets the CPUs every thread of a process may run on.
+func taskset(cpus string, pid int) {
+	if out, err := exec.Command("taskset", "-a", "-c", "-p", cpus, fmt.Sprint(pid)).CombinedOutput(); err != nil {
+		check(fmt.Errorf("taskset %s %d: %v: %s", cpus, pid, err, out))
+	}
+}
+
+// cpuWindow is window, adding to *perRequest each process's CPU time per request in that window, in ms (and
+// their sum as "all").
+func cpuWindow(srv *vaulttest.Server, clients int, fn func(*api.Client) error, procs map[string][]int, perRequest *[]map[string]float64) func() result {
+	return func() result {
+		before := map[string]float64{}
+		for name, pids := range procs {
+			before[name] = cpuSeconds(pids)
+		}
+		r := load(srv, clients, fn)
+		m := map[string]float64{}
+		for name, pids := range procs {
+			m[name] = (cpuSeconds(pids) - before[name]) * 1000 / (r.rate * duration.Seconds())
+			m["all"] += m[name]
+		}
+		*perRequest = append(*perRequest, m)
+		return r
+	}
+}
+
+// cpuRow is the median of one process's CPU time per request under XKS against under the engine's encrypt.
+func cpuRow(name, proc string, xksCPU, engineCPU []map[string]float64) row {
+	var o, rf []float64
+	for i := range xksCPU {
+		o, rf = append(o, xksCPU[i][proc]), append(rf, engineCPU[i][proc])
+	}
+	r := row{name: name, ours: fmt.Sprintf("%.3f", median(o)), ref: fmt.Sprintf("the engine's single encrypt: %.3f", median(rf))}
+	if median(rf) > 0 {
+		r.ratio = fmt.Sprintf("%.2f", median(o)/median(rf))
+	}
+	return r
+}
+
+// cpuSeconds is the CPU time (user and system) the processes have used, from /proc/<pid>/stat.
+func cpuSeconds(pids []int) float64 {
+	var total float64
+	for _, pid := range pids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		check(err)
+		f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+2:]))
+		utime, _ := strconv.ParseFloat(f[11], 64)
+		stime, _ := strconv.ParseFloat(f[12], 64)
+		total += utime + stime
+	}
+	return total / clockTicks
+}
+
+// clockTicks is USER_HZ, the unit of /proc's CPU times: 100 on every Linux architecture Go runs on.
+const clockTicks = 100
