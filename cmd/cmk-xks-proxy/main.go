@@ -12,6 +12,9 @@
 //
 // GET /healthz (no authentication, for load balancers; on -health-listen in plain HTTP when mutual TLS is on) answers
 // 200 while the proxy's token is good and the engine's HSM serves, 503 when not.
+//
+// CMK_PPROF_ADDR=127.0.0.1:<port> serves Go's profiler there, for benchmarks (tests/bench); nothing else listens on it,
+// and an address off loopback is ignored.
 package main
 
 import (
@@ -76,7 +79,7 @@ func main() {
 	log := hclog.New(&hclog.LoggerOptions{Name: "cmk-xks-proxy", Output: os.Stderr, JSONFormat: true})
 	// Profiling for benchmarks, as the plugin's: only when CMK_PPROF_ADDR is set, only on loopback.
 	if addr := os.Getenv("CMK_PPROF_ADDR"); strings.HasPrefix(addr, "127.0.0.1:") {
-		go func() { _ = http.ListenAndServe(addr, nil) }()
+		go func() { log.Warn("pprof listener ended", "error", http.ListenAndServe(addr, nil)) }()
 	}
 	if err := run(c, log); err != nil {
 		log.Error("exiting", "error", err)

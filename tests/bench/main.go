@@ -42,7 +42,7 @@ var (
 	poolSizes  = flag.String("pool-sizes", "1,2,4,8", "session pool sizes to compare for batch encryption")
 	cpuProfile = flag.String("cpuprofile", "", "write a CPU profile of the plugin under load to this file, and one of Vault to the file with .vault appended (a batch profile stops the run after the batch rows, writing no file)")
 	heapProf   = flag.String("heapprofile", "", "write a heap profile of the plugin, taken once it has settled after the many-keys load, to this file")
-	profLoad   = flag.String("profile-load", "batch", "load to profile: single or batch encryption, xks (AWS External Key Store encryptions, with -xks-only; the front end is profiled too, then the engine's own encrypt to files with .engine appended), or create (keys created one after another on a mount of their own; the run stops after it)")
+	profLoad   = flag.String("profile-load", "batch", "load to profile: single or batch encryption, xks (AWS External Key Store encryptions, with -xks-only; the front end is profiled too, to the file with .proxy appended; then the plugin and Vault again under the engine's own encrypt, to the file with .engine and .engine.vault appended), or create (keys created one after another on a mount of their own; the run stops after it)")
 	rounds     = flag.Int("rounds", 3, "windows per figure, taken in turn with the reference's; rows report medians")
 	firstRows  = flag.Bool("single-only", false, "stop after the single-request rows (to repeat them with more -rounds); writes no file")
 	createOnly = flag.Bool("many-keys-only", false, "only the rows of the many-keys load: -keys keys created one after another, each used once, encryptions over all of them, then the plugin's memory, unbounded and with cache-config size=1000 (to repeat them); writes no file")
@@ -121,13 +121,13 @@ func main() {
 		return
 	}
 	if *cpuProfile != "" && *profLoad == "single" {
-		profile(srv, 16, encryptOne(cmk.Path))
+		profile(srv, *cpuProfile, 16, encryptOne(cmk.Path))
 	}
 	if *cpuProfile != "" && *profLoad == "create" {
 		m, err := srv.NewMount("profcreate")
 		check(err)
 		var n atomic.Uint64
-		profile(srv, 1, func(cl *api.Client) error {
+		profile(srv, *cpuProfile, 1, func(cl *api.Client) error {
 			_, err := cl.Logical().Write(fmt.Sprintf("%s/keys/k%06d", m.Path, n.Add(1)), nil)
 			return err
 		})
@@ -199,7 +199,7 @@ func main() {
 		}
 	}
 	if *cpuProfile != "" && *profLoad == "batch" {
-		profile(srv, 4, encryptBatch(cmk.Path))
+		profile(srv, *cpuProfile, 4, encryptBatch(cmk.Path))
 	}
 	// The token's other ceiling: the same loop on a session-object copy of the key, which SoftHSM does not re-read
 	// from its file store per use. The engine reaches it only through working copies, which SoftHSM refuses to
@@ -347,6 +347,7 @@ func main() {
 type result struct {
 	rate     float64
 	p50, p99 float64 // milliseconds
+	ops      int64   // requests that succeeded
 	errors   int64
 }
 
@@ -404,7 +405,7 @@ func load(srv *vaulttest.Server, clients int, fn func(*api.Client) error) result
 	}
 	wg.Wait()
 	elapsed := time.Since(start)
-	r := result{rate: float64(ops.Load()) / elapsed.Seconds(), errors: errs.Load()}
+	r := result{rate: float64(ops.Load()) / elapsed.Seconds(), ops: ops.Load(), errors: errs.Load()}
 	r.p50, r.p99 = percentile(lat, 0.5), percentile(lat, 0.99)
 	if r.errors > 0 {
 		log.Printf("%d errors in a measurement", r.errors)
@@ -838,34 +839,43 @@ func registerWithProfiler(srv *vaulttest.Server) error {
 	})
 }
 
-// profile takes a CPU profile of the plugin, and one of Vault (-cpuprofile with ".vault" appended), while fn runs
+// profile takes a CPU profile of the plugin (to file), and one of Vault (file with ".vault" appended), while fn runs
 // under load: the request's cost is split between the two processes.
-func profile(srv *vaulttest.Server, clients int, fn func(*api.Client) error) {
+func profile(srv *vaulttest.Server, file string, clients int, fn func(*api.Client) error) {
 	var done sync.WaitGroup
 	done.Add(2)
 	go func() {
 		defer done.Done()
-		fetchProfile(fmt.Sprintf("profile?seconds=%d", int(duration.Seconds())), *cpuProfile)
+		fetchProfile(fmt.Sprintf("profile?seconds=%d", profileSeconds()), file)
 	}()
 	go func() {
 		defer done.Done()
-		raw, err := srv.Client.Logical().ReadRawWithDataWithContext(context.Background(), "sys/pprof/profile",
-			map[string][]string{"seconds": {strconv.Itoa(int(duration.Seconds()))}})
+		vc, err := srv.Client.Clone()
+		check(err)
+		vc.SetToken(srv.Client.Token())
+		vc.SetClientTimeout(time.Duration(profileSeconds())*time.Second + 30*time.Second)
+		raw, err := vc.Logical().ReadRawWithDataWithContext(context.Background(), "sys/pprof/profile",
+			map[string][]string{"seconds": {strconv.Itoa(profileSeconds())}})
+		if raw != nil {
+			defer raw.Body.Close()
+		}
 		if err != nil {
 			log.Printf("Vault's profile: %v", err)
 			return
 		}
-		defer raw.Body.Close()
-		f, err := os.Create(*cpuProfile + ".vault")
+		f, err := os.Create(file + ".vault")
 		check(err)
 		_, _ = io.Copy(f, raw.Body)
 		check(f.Close())
-		log.Printf("profile of Vault written to %s.vault", *cpuProfile)
+		log.Printf("profile of Vault written to %s.vault", file)
 	}()
 	r := load(srv, clients, fn)
 	done.Wait()
-	log.Printf("%.0f requests in the profiled load", r.rate*duration.Seconds())
+	log.Printf("%d requests in the profiled load", r.ops)
 }
+
+// profileSeconds is the length of a profile: the load's, in whole seconds (pprof takes 0 for its default, 30).
+func profileSeconds() int { return max(1, int(math.Ceil(duration.Seconds()))) }
 
 // fetchProfile writes the plugin's pprof profile of the given kind (a path under /debug/pprof/) to file.
 func fetchProfile(kind, file string) { fetchFrom(os.Getenv("CMK_BENCH_PPROF"), kind, file) }
@@ -878,6 +888,11 @@ func fetchFrom(addr, kind, file string) {
 		return
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		log.Printf("profile from %s: %s: %s", addr, resp.Status, msg)
+		return
+	}
 	f, err := os.Create(file)
 	check(err)
 	_, _ = io.Copy(f, resp.Body)

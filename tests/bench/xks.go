@@ -11,6 +11,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"io"
 	"log"
@@ -20,9 +21,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/vault/api"
@@ -65,6 +68,7 @@ func xksRows(srv *vaulttest.Server, proxyBin, dir string, cmk vaulttest.Mount, e
 	proxyPprof, err := vaulttest.FreeAddr()
 	check(err)
 	cmd.Env = append(os.Environ(), "CMK_PPROF_ADDR="+proxyPprof)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM} // gone with this process, even on a fatal error
 	check(cmd.Start())
 	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait(); logFile.Close() }()
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
@@ -127,59 +131,107 @@ func xksRows(srv *vaulttest.Server, proxyBin, dir string, cmk vaulttest.Mount, e
 		return err
 	}
 	if *cpuProfile != "" && *profLoad == "xks" {
-		// The front end's profile beside the plugin's and Vault's; then the three again under the engine's own
-		// encrypt (".engine" appended), to set one against the other.
+		// The front end's profile beside the plugin's and Vault's; then the plugin's and Vault's again under the
+		// engine's own encrypt, to set one against the other.
 		proxyDone := make(chan struct{})
 		go func() {
 			defer close(proxyDone)
-			fetchFrom(proxyPprof, fmt.Sprintf("profile?seconds=%d", int(duration.Seconds())), *cpuProfile+".proxy")
+			fetchFrom(proxyPprof, fmt.Sprintf("profile?seconds=%d", profileSeconds()), *cpuProfile+".proxy")
 		}()
-		profile(srv, 16, xksEncrypt)
+		profile(srv, *cpuProfile, 16, xksEncrypt)
 		<-proxyDone
-		*cpuProfile += ".engine"
-		profile(srv, 16, engineEncrypt)
+		profile(srv, *cpuProfile+".engine", 16, engineEncrypt)
 		return nil
 	}
+	// A second reference, with the front end's kind of token: the engine's encrypt under a policy, not the root
+	// token, whose requests Vault checks against no policy.
+	check(c.Sys().PutPolicy("bench-encrypt", `path "`+cmk.Path+`/encrypt/bench" { capabilities = ["update"] }`))
+	appTok, err := c.Auth().Token().Create(&api.TokenCreateRequest{Policies: []string{"bench-encrypt"}, NoDefaultPolicy: true})
+	check(err)
+	engineAsApp := func(cl *api.Client) error {
+		cl.SetToken(appTok.Auth.ClientToken)
+		return engineEncrypt(cl)
+	}
 	// Each process's CPU time per request, read in the same windows: where an XKS request's cost goes.
-	procs := map[string][]int{"Vault": {srv.PID()}, "the plugin": srv.PluginPIDs(), "cmk-xks-proxy": {cmd.Process.Pid},
-		"the load generator": {os.Getpid()}}
+	procs := func() map[string][]int {
+		return map[string][]int{"Vault": {srv.PID()}, "the plugin": cmkPluginPIDs(srv), "cmk-xks-proxy": {cmd.Process.Pid},
+			"the load generator": {os.Getpid()}}
+	}
 	var xksCPU, engineCPU []map[string]float64
-	w := alternate(cpuWindow(srv, 16, xksEncrypt, procs, &xksCPU), window(srv, 16, xksDecrypt), cpuWindow(srv, 16, engineEncrypt, procs, &engineCPU))
+	w := alternate(cpuWindow(srv, 16, xksEncrypt, procs, &xksCPU), window(srv, 16, xksDecrypt),
+		cpuWindow(srv, 16, engineEncrypt, procs, &engineCPU), window(srv, 16, engineAsApp))
 	rows := []row{
 		ratioRow("XKS encrypt through cmk-xks-proxy (TLS, SigV4), requests/s (16 clients)", w[0], "the engine's single encrypt", w[2], rate, 0.7),
+		ratioRow("", w[0], "the engine's single encrypt under a policy token", w[3], rate, 0),
 		ratioRow("XKS decrypt through cmk-xks-proxy (TLS, SigV4), requests/s (16 clients)", w[1], "the engine's single encrypt", w[2], rate, 0.7),
+		ratioRow("", w[1], "the engine's single encrypt under a policy token", w[3], rate, 0),
 	}
-	for _, name := range []string{"Vault", "the plugin", "cmk-xks-proxy", "the load generator", "all"} {
-		rows = append(rows, cpuRow("CPU time per XKS encrypt, "+name+", ms", name, xksCPU, engineCPU))
+	for _, name := range []string{"Vault", "the plugin", "Vault and the plugin", "cmk-xks-proxy", "the load generator", "all"} {
+		rows = append(rows, cpuRow("CPU time per XKS encrypt, "+name+", ms", name, xksCPU, engineCPU, name != "cmk-xks-proxy"))
 	}
-	// As deployed, the front end runs beside AWS's load balancer, not on the Vault node. Here: Vault and its plugins
-	// on one of this process's CPUs, the front end and the load generator on another, for these windows alone.
-	var cpus unix.CPUSet
-	check(unix.SchedGetaffinity(0, &cpus))
-	var mine []string
-	for i := 0; i < 1024 && len(mine) < cpus.Count(); i++ {
-		if cpus.IsSet(i) {
-			mine = append(mine, strconv.Itoa(i))
-		}
-	}
-	if len(mine) < 2 {
-		log.Printf("one CPU: no figures with Vault on a core of its own")
-		return append(rows, latencyRows(srv, xksEncrypt, xksDecrypt, w)...)
-	}
-	pin := func(vaultCPUs, otherCPUs string) {
-		for _, pid := range append([]int{srv.PID()}, srv.PluginPIDs()...) {
-			taskset(vaultCPUs, pid)
-		}
-		taskset(otherCPUs, cmd.Process.Pid)
-		taskset(otherCPUs, os.Getpid())
-	}
-	pin(mine[0], mine[1])
-	p := alternate(window(srv, 16, xksEncrypt), window(srv, 16, xksDecrypt), window(srv, 16, engineEncrypt))
-	pin(strings.Join(mine, ","), strings.Join(mine, ","))
-	rows = append(rows,
-		ratioRow("XKS encrypt, Vault on one core, the front end and the clients on another, requests/s (16 clients)", p[0], "the engine's single encrypt, alike", p[2], rate, 0),
-		ratioRow("XKS decrypt, alike", p[1], "the engine's single encrypt, alike", p[2], rate, 0))
+	rows = append(rows, pinnedRows(srv, cmd.Process.Pid, procs, xksEncrypt, xksDecrypt, engineEncrypt, engineAsApp)...)
 	return append(rows, latencyRows(srv, xksEncrypt, xksDecrypt, w)...)
+}
+
+// pinnedRows take the throughput again with Vault and its plugins on one of this process's CPUs and the front end
+// and the load generator on another, for these windows alone: deployed, the front end runs beside AWS's load
+// balancer, not on the Vault node. Go's runtime follows a process's CPU affinity within about a second (GOMAXPROCS
+// becomes 1 for the pinned ones), so each change is given that long before a window. Informational: with one CPU,
+// or if the affinity cannot be set, there are none.
+func pinnedRows(srv *vaulttest.Server, proxyPID int, procs func() map[string][]int, xksEncrypt, xksDecrypt, engineEncrypt, engineAsApp func(*api.Client) error) []row {
+	var set unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &set); err != nil {
+		log.Printf("no figures with Vault on a CPU of its own: %v", err)
+		return nil
+	}
+	var cpus []string
+	for i := 0; i < 1024 && len(cpus) < set.Count(); i++ {
+		if set.IsSet(i) {
+			cpus = append(cpus, strconv.Itoa(i))
+		}
+	}
+	if len(cpus) < 2 {
+		log.Printf("no figures with Vault on a CPU of its own: this process has one CPU")
+		return nil
+	}
+	pin := func(vaultCPUs, otherCPUs string) error {
+		for _, pid := range append([]int{srv.PID()}, srv.PluginPIDs()...) {
+			if err := taskset(vaultCPUs, pid); err != nil {
+				return err
+			}
+		}
+		for _, pid := range []int{proxyPID, os.Getpid()} {
+			if err := taskset(otherCPUs, pid); err != nil {
+				return err
+			}
+		}
+		time.Sleep(1500 * time.Millisecond)
+		return nil
+	}
+	defer func() {
+		// Every process back on all of this process's CPUs, which they inherited from it; twice, since a thread
+		// started while taskset walked a process's threads keeps the mask it was cloned with.
+		all := strings.Join(cpus, ",")
+		for i := 0; i < 2; i++ {
+			if err := pin(all, all); err != nil {
+				log.Printf("restoring the CPU affinity: %v", err)
+			}
+		}
+	}()
+	if err := pin(cpus[0], cpus[1]); err != nil {
+		log.Printf("no figures with Vault on a CPU of its own: %v", err)
+		return nil
+	}
+	var xksCPU, engineCPU []map[string]float64
+	p := alternate(cpuWindow(srv, 16, xksEncrypt, procs, &xksCPU), window(srv, 16, xksDecrypt),
+		cpuWindow(srv, 16, engineEncrypt, procs, &engineCPU), window(srv, 16, engineAsApp))
+	return []row{
+		ratioRow("XKS encrypt, Vault on one CPU, the front end and the clients on another, requests/s (16 clients)", p[0], "the engine's single encrypt, alike", p[2], rate, 0),
+		ratioRow("", p[0], "the engine's single encrypt under a policy token, alike", p[3], rate, 0),
+		ratioRow("XKS decrypt, alike", p[1], "the engine's single encrypt, alike", p[2], rate, 0),
+		ratioRow("", p[1], "the engine's single encrypt under a policy token, alike", p[3], rate, 0),
+		cpuRow("CPU time per XKS encrypt, Vault and the plugin, ms, alike", "Vault and the plugin", xksCPU, engineCPU, true),
+	}
 }
 
 // latencyRows are the XKS latencies against AWS KMS's timeout: with one client, and with 16 (the windows w).
@@ -227,58 +279,91 @@ func selfSigned(dir string) (certFile, keyFile string, pool *x509.CertPool) {
 	return certFile, keyFile, pool
 }
 
-// taskset sets the CPUs every thread of a process may run on.
-func taskset(cpus string, pid int) {
-	if out, err := exec.Command("taskset", "-a", "-c", "-p", cpus, fmt.Sprint(pid)).CombinedOutput(); err != nil {
-		check(fmt.Errorf("taskset %s %d: %v: %s", cpus, pid, err, out))
-	}
-}
-
-// cpuWindow is window, adding to *perRequest each process's CPU time per request in that window, in ms (and
-// their sum as "all").
-func cpuWindow(srv *vaulttest.Server, clients int, fn func(*api.Client) error, procs map[string][]int, perRequest *[]map[string]float64) func() result {
+// cpuWindow is window, adding to *perRequest each process's CPU time per successful request in that window, in ms,
+// with "Vault and the plugin" and "all" summed; a window in which a process came or went adds nothing.
+func cpuWindow(srv *vaulttest.Server, clients int, fn func(*api.Client) error, procs func() map[string][]int, perRequest *[]map[string]float64) func() result {
 	return func() result {
-		before := map[string]float64{}
-		for name, pids := range procs {
-			before[name] = cpuSeconds(pids)
-		}
+		at := procs()
+		before, err := cpuTimes(at)
 		r := load(srv, clients, fn)
-		m := map[string]float64{}
-		for name, pids := range procs {
-			m[name] = (cpuSeconds(pids) - before[name]) * 1000 / (r.rate * duration.Seconds())
-			m["all"] += m[name]
+		after, err2 := cpuTimes(at)
+		switch {
+		case err != nil || err2 != nil:
+			log.Printf("CPU time per request: %v", errors.Join(err, err2))
+		case !reflect.DeepEqual(at, procs()):
+			log.Printf("CPU time per request: the processes changed during a window")
+		case r.ops > 0:
+			m := map[string]float64{}
+			for name := range at {
+				m[name] = (after[name] - before[name]) * 1000 / float64(r.ops)
+				m["all"] += m[name]
+			}
+			m["Vault and the plugin"] = m["Vault"] + m["the plugin"]
+			*perRequest = append(*perRequest, m)
 		}
-		*perRequest = append(*perRequest, m)
 		return r
 	}
 }
 
-// cpuRow is the median of one process's CPU time per request under XKS against under the engine's encrypt.
-func cpuRow(name, proc string, xksCPU, engineCPU []map[string]float64) row {
+// cpuRow is one process's median CPU time per request under XKS, against the engine's encrypt (withRef), as the
+// ratio of the two medians.
+func cpuRow(name, proc string, xksCPU, engineCPU []map[string]float64, withRef bool) row {
 	var o, rf []float64
-	for i := range xksCPU {
-		o, rf = append(o, xksCPU[i][proc]), append(rf, engineCPU[i][proc])
+	for _, m := range xksCPU {
+		o = append(o, m[proc])
 	}
-	r := row{name: name, ours: fmt.Sprintf("%.3f", median(o)), ref: fmt.Sprintf("the engine's single encrypt: %.3f", median(rf))}
-	if median(rf) > 0 {
-		r.ratio = fmt.Sprintf("%.2f", median(o)/median(rf))
+	for _, m := range engineCPU {
+		rf = append(rf, m[proc])
+	}
+	if len(o) == 0 {
+		return row{name: name, ours: "–"}
+	}
+	r := row{name: name, ours: fmt.Sprintf("%.3f", median(o))}
+	if withRef && len(rf) > 0 && median(rf) > 0 {
+		r.ref, r.ratio = fmt.Sprintf("the engine's single encrypt: %.3f", median(rf)), fmt.Sprintf("%.2f", median(o)/median(rf))
 	}
 	return r
 }
 
-// cpuSeconds is the CPU time (user and system) the processes have used, from /proc/<pid>/stat.
-func cpuSeconds(pids []int) float64 {
-	var total float64
-	for _, pid := range pids {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-		check(err)
-		f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+2:]))
-		utime, _ := strconv.ParseFloat(f[11], 64)
-		stime, _ := strconv.ParseFloat(f[12], 64)
-		total += utime + stime
+// cpuTimes is each named group's CPU time (user and system, in seconds) from /proc/<pid>/stat.
+func cpuTimes(procs map[string][]int) (map[string]float64, error) {
+	out := map[string]float64{}
+	for name, pids := range procs {
+		if len(pids) == 0 {
+			return nil, fmt.Errorf("no process for %s", name)
+		}
+		for _, pid := range pids {
+			b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+			if err != nil {
+				return nil, err
+			}
+			f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+2:]))
+			utime, _ := strconv.ParseFloat(f[11], 64)
+			stime, _ := strconv.ParseFloat(f[12], 64)
+			out[name] += (utime + stime) / clockTicks
+		}
 	}
-	return total / clockTicks
+	return out, nil
 }
 
 // clockTicks is USER_HZ, the unit of /proc's CPU times: 100 on every Linux architecture Go runs on.
 const clockTicks = 100
+
+// cmkPluginPIDs are the server's processes of this engine's plugin (not the other plugins a run mounts).
+func cmkPluginPIDs(srv *vaulttest.Server) []int {
+	var pids []int
+	for _, pid := range srv.PluginPIDs() {
+		if exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid)); strings.HasSuffix(exe, vaulttest.PluginName) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// taskset sets the CPUs every thread of a process may run on.
+func taskset(cpus string, pid int) error {
+	if out, err := exec.Command("taskset", "-a", "-c", "-p", cpus, strconv.Itoa(pid)).CombinedOutput(); err != nil {
+		return fmt.Errorf("taskset %s %d: %v: %s", cpus, pid, err, bytes.TrimSpace(out))
+	}
+	return nil
+}
