@@ -252,13 +252,22 @@ func (s *Server) PluginPIDs() []int {
 	return pids
 }
 
+// CMKPluginPIDs are the server's processes of this engine's plugin, not of the other plugins a run mounts.
+func (s *Server) CMKPluginPIDs() []int {
+	var pids []int
+	for _, pid := range s.PluginPIDs() {
+		if exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid)); strings.HasSuffix(exe, PluginName) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
 // PluginRSSMB is the resident memory of this server's cmk plugin processes, in MB.
 func (s *Server) PluginRSSMB() float64 {
 	var total float64
-	for _, pid := range s.PluginPIDs() {
-		if exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid)); strings.HasSuffix(exe, PluginName) {
-			total += ProcessRSSMB(pid)
-		}
+	for _, pid := range s.CMKPluginPIDs() {
+		total += ProcessRSSMB(pid)
 	}
 	return total
 }

@@ -154,7 +154,7 @@ func xksRows(srv *vaulttest.Server, proxyBin, dir string, cmk vaulttest.Mount, e
 	}
 	// Each process's CPU time per request, read in the same windows: where an XKS request's cost goes.
 	procs := func() map[string][]int {
-		return map[string][]int{"Vault": {srv.PID()}, "the plugin": cmkPluginPIDs(srv), "cmk-xks-proxy": {cmd.Process.Pid},
+		return map[string][]int{"Vault": {srv.PID()}, "the plugin": srv.CMKPluginPIDs(), "cmk-xks-proxy": {cmd.Process.Pid},
 			"the load generator": {os.Getpid()}}
 	}
 	var xksCPU, engineCPU []map[string]float64
@@ -348,17 +348,6 @@ func cpuTimes(procs map[string][]int) (map[string]float64, error) {
 
 // clockTicks is USER_HZ, the unit of /proc's CPU times: 100 on every Linux architecture Go runs on.
 const clockTicks = 100
-
-// cmkPluginPIDs are the server's processes of this engine's plugin (not the other plugins a run mounts).
-func cmkPluginPIDs(srv *vaulttest.Server) []int {
-	var pids []int
-	for _, pid := range srv.PluginPIDs() {
-		if exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid)); strings.HasSuffix(exe, vaulttest.PluginName) {
-			pids = append(pids, pid)
-		}
-	}
-	return pids
-}
 
 // taskset sets the CPUs every thread of a process may run on.
 func taskset(cpus string, pid int) error {
